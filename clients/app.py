@@ -1,0 +1,84 @@
+"""Flower ClientApp (``clients.app:app``): one institution's node.
+
+Thin wiring: find the site (simulation: ``partition-id``; deployment:
+``--node-config 'site-dir="..."'``), hand the round to ``fedmeta.site.Site``,
+turn its answer into a reply every strategy can handle (same metric keys on
+every reply, declines included).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmeta.config import RunConfig
+from fedmeta.offline import no_call_home
+from fedmeta.site import Site, SiteReply, simulation_site_dir
+
+no_call_home()
+SERVER_KEYS = {"server-round", "run-id", "beta"}
+_SITES: dict[tuple[str, str], Site] = {}
+
+
+def site_identity(context: Context, cfg_out_dir: str) -> tuple[str, int, Path]:
+    """(site id, index of its bundled-data partition, state directory)."""
+    nc = context.node_config
+    if "site-dir" in nc:
+        site_dir = Path(str(nc["site-dir"]))
+        return str(nc.get("site-id", site_dir.name)), int(nc.get("site-index", 0)), site_dir
+    index = int(nc["partition-id"])
+    return f"site-{index}", index, simulation_site_dir(cfg_out_dir, index)
+
+
+def get_site(context: Context, cfg: RunConfig) -> Site:
+    site_id, index, site_dir = site_identity(context, cfg.out_dir)
+    key = (str(site_dir), cfg.model_dump_json())
+    if key not in _SITES:
+        _SITES[key] = Site(site_id, index, site_dir, cfg)
+    return _SITES[key]
+
+
+def reply_record(reply: SiteReply) -> RecordDict:
+    metrics = MetricRecord({
+        "num-examples": reply.num_examples,
+        "declined": int(reply.declined),
+        "steps": reply.steps,
+        "train-loss": float(reply.train_loss),
+        "epsilon-round": float(reply.epsilon_round),
+        "epsilon-total": float(reply.epsilon_total),
+        "dp": int(reply.dp),
+        "excluded": int(sum(reply.excluded.values())),
+    })
+    arrays = ArrayRecord(reply.state) if reply.state is not None else ArrayRecord()
+    info = ConfigRecord({"site-id": reply.site_id, "reason": reply.reason})
+    return RecordDict({"arrays": arrays, "metrics": metrics, "info": info})
+
+
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """A ClientApp; ``cfg`` fixes the run config (simulate), else it comes with each message."""
+    app = ClientApp()
+
+    @app.query()
+    def identify(msg: Message, context: Context) -> Message:
+        site_id, index, _ = site_identity(context, cfg.out_dir if cfg else "")
+        record = RecordDict({"site": ConfigRecord({"site-id": site_id, "site-index": index})})
+        return Message(record, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        sent = msg.content["config"]
+        run_cfg = cfg or RunConfig.from_flat(
+            {k: v for k, v in sent.items() if k not in SERVER_KEYS}, source="round config")
+        site = get_site(context, run_cfg)
+        theta = msg.content["arrays"].to_torch_state_dict()
+        reply = site.train_round(theta, str(sent["run-id"]), int(sent["server-round"]))
+        return Message(reply_record(reply), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

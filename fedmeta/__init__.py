@@ -1,0 +1,1 @@
+"""fedmeta: privacy-preserving federated meta-learning."""

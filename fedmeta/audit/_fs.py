@@ -1,0 +1,39 @@
+"""Small durable-file helpers shared by the key store and the log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a file just created or renamed in it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a regular file may take a short write)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - os.write raises instead on real errors
+            raise OSError("write returned 0 bytes")
+        view = view[n:]
+
+
+def write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (must not exist) with ``mode`` from the start, write, fsync, close.
+
+    The mode is given to ``os.open`` so the file never exists with wider permissions
+    (the umask can only narrow it); there is no chmod after writing.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

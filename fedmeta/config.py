@@ -1,0 +1,152 @@
+"""Run configuration: one flat, validated pydantic model.
+
+The same keys appear in three places, spelled with dashes: the
+``[tool.flwr.app.config]`` table of ``pyproject.toml`` (so ``flwr run .`` works),
+the ``ConfigRecord`` the server sends to sites each round, and ``config.json``
+in a run directory. ``fedmeta simulate`` options map onto the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line naming the key."""
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """Everything that determines a run (with the seed, it fixes the run's metrics)."""
+
+    model_config = ConfigDict(
+        alias_generator=_dash, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    # what and how
+    task: str = "digits-fewshot"
+    strategy: Literal["reptile", "fedavg"] = "reptile"
+    sites: int = Field(10, ge=1, le=1000, description="training sites (simulated nodes)")
+    rounds: int = Field(30, ge=1, le=100_000)
+    seed: int = Field(1, ge=0)
+    out_dir: str = "runs/demo"
+
+    # sampling of sites per round
+    fraction_train: float = Field(0.5, gt=0.0, le=1.0)
+    min_sites: int = Field(2, ge=1, description="minimum sites per round (else the run stops)")
+    node_wait_s: float = Field(60.0, gt=0.0, description="bound on waiting for nodes to connect")
+    round_timeout_s: float = Field(600.0, gt=0.0)
+    max_update_norm: float = Field(100.0, gt=0.0, description="L2 bound on phi - theta")
+
+    # inner loop at each site
+    n_way: int = Field(5, ge=2, le=40)
+    pool_per_class: int = Field(40, ge=2, description="records per class in a round's episode pool")
+    inner_steps: int = Field(8, ge=1, le=10_000)
+    inner_lr: float = Field(0.0, ge=0.0, description="0 = the task's default")
+    batch_size: int = Field(10, ge=1, description="expected Poisson batch size")
+
+    # Reptile meta-step at the server: beta anneals linearly from meta_lr to meta_lr_final
+    meta_lr: float = Field(1.0, gt=0.0, le=2.0)
+    meta_lr_final: float = Field(0.25, ge=0.0, le=2.0)
+
+    # differential privacy at each site (sample-level)
+    dp: bool = True
+    noise_multiplier: float = Field(1.0, ge=0.0, description="sigma; ignored if target-epsilon > 0")
+    target_epsilon: float = Field(0.0, ge=0.0, description="> 0: pick sigma for this epsilon")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["prv", "rdp", "gdp"] = "prv"
+    epsilon_max: float = Field(10.0, gt=0.0, description="default per-site budget")
+    secure_rng: bool = False
+    grad_sample_mode: Literal["auto", "hooks", "ew", "functorch", "ghost"] = "auto"
+
+    # meta-evaluation on held-out classes / tasks (server side)
+    eval_every: int = Field(5, ge=0, description="0 = only at the end")
+    eval_episodes: int = Field(20, ge=1)
+    eval_shots: int = Field(5, ge=1)
+    eval_query: int = Field(15, ge=1)
+    adapt_steps: int = Field(20, ge=0)
+    adapt_lr: float = Field(0.0, ge=0.0, description="0 = the task's default")
+
+    device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.min_sites > self.sites:
+            raise ValueError(f"min-sites ({self.min_sites}) exceeds sites ({self.sites})")
+        if self.dp and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
+            raise ValueError("dp needs noise-multiplier > 0 or target-epsilon > 0")
+        return self
+
+    # ---- conversions -----------------------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        """Dash-keyed flat dict (Flower run config / ConfigRecord / config.json)."""
+        return self.model_dump(by_alias=True)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], source: str = "config") -> RunConfig:
+        """Build from dash- or underscore-keyed values; one-line ConfigError on failure."""
+        clean = {str(k).replace("_", "-"): v for k, v in values.items()}
+        try:
+            return cls.model_validate(clean)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc, source)) from None
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return RunConfig.from_flat({**self.to_flat(), **{_dash(k): v for k, v in changes.items()}})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_flat(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read run config ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: run config must be a JSON object")
+        return cls.from_flat(data, source=str(path))
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+    msg = err["msg"].replace("Value error, ", "")
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: option '{loc}': {msg}{more}"
+
+
+def resolve_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; other values pass through."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"option 'device': {name!r} requested but CUDA is not available")
+    return name
+
+
+def build_task(cfg: RunConfig):  # -> fedmeta.data.tasks.Task (import kept lazy: torch)
+    """The run's task object, with the run's N-way and pool size."""
+    from fedmeta.data.tasks import get_task
+
+    return get_task(cfg.task, n_way=cfg.n_way, pool_per_class=cfg.pool_per_class,
+                    num_sites=cfg.sites)
+
+
+def inner_lr(cfg: RunConfig, task) -> float:
+    return cfg.inner_lr or task.default_inner_lr
+
+
+def adapt_lr(cfg: RunConfig, task) -> float:
+    return cfg.adapt_lr or task.default_adapt_lr

@@ -1,0 +1,101 @@
+"""The task interface: what a site trains on and how a model is judged.
+
+A task knows how to split its bundled data over sites (non-IID), how to draw
+a round's training pool at a site (an N-way episode for Reptile, all records
+with fixed labels for the FedAvg baseline) and how to draw evaluation episodes
+(support + query) from held-out classes or sites.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from torch import nn
+
+from fedmeta.data.records import Records
+
+Kind = Literal["classification", "regression"]
+Split = Literal["val", "test"]
+
+
+class TaskError(ValueError):
+    """A task cannot be built with the given settings (one line, names the setting)."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The records a site trains on in one round (labels possibly re-assigned)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A few-shot problem: adapt on the support set, measure on the query set."""
+
+    support_x: np.ndarray
+    support_y: np.ndarray
+    query_x: np.ndarray
+    query_y: np.ndarray
+
+
+class Task(ABC):
+    """One bundled learning problem; subclasses are registered in ``registry``."""
+
+    name: str
+    kind: Kind
+    #: default inner-loop and adaptation learning rates (SGD)
+    default_inner_lr: float = 0.1
+    default_adapt_lr: float = 0.1
+
+    def __init__(self, n_way: int = 5, pool_per_class: int = 40, num_sites: int = 10) -> None:
+        self.n_way = n_way
+        self.pool_per_class = pool_per_class
+        self.num_sites = num_sites
+
+    # --- models -----------------------------------------------------------
+    @abstractmethod
+    def build_model(self, out_dim: int) -> nn.Module:
+        """The site model with ``out_dim`` outputs (last layer named ``head``)."""
+
+    def meta_out_dim(self) -> int:
+        """Output size of the meta-learned (Reptile) model."""
+        return self.n_way if self.kind == "classification" else 1
+
+    def supervised_out_dim(self) -> int:
+        """Output size of the FedAvg baseline's model (fixed global labels)."""
+        return self.meta_out_dim()
+
+    def out_dim(self, strategy: str) -> int:
+        return self.meta_out_dim() if strategy == "reptile" else self.supervised_out_dim()
+
+    # --- data -------------------------------------------------------------
+    @abstractmethod
+    def site_records(self, site: int) -> Records:
+        """The records held by training site ``site`` (0-based) of ``self.num_sites``."""
+
+    @abstractmethod
+    def episode_pool(self, records: Records, rng: np.random.Generator) -> Pool:
+        """A round's Reptile training pool: one episode, labels re-assigned per episode."""
+
+    def supervised_pool(self, records: Records) -> Pool:
+        """The FedAvg baseline's pool: all records with their fixed global labels."""
+        return Pool(records.x, records.y)
+
+    @abstractmethod
+    def eval_episode(
+        self, split: Split, rng: np.random.Generator, shots: int, query: int
+    ) -> Episode:
+        """An evaluation episode from held-out classes / tasks / sites."""
+
+    # --- judging ------------------------------------------------------------
+    def loss_fn(self) -> nn.Module:
+        return nn.CrossEntropyLoss() if self.kind == "classification" else nn.MSELoss()
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy" if self.kind == "classification" else "mse"

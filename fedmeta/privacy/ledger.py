@@ -1,0 +1,196 @@
+"""The durable privacy ledger of one site.
+
+File: ``<site-dir>/privacy-ledger.jsonl``, one JSON object per line, each line
+fsync'd before the call returns::
+
+    {"kind": "header", "site": ..., "epsilon_max": ..., "delta": ..., "accountant": ..., "created": ...}
+    {"kind": "charge", "run": ..., "round": ..., "noise_multiplier": ..., "sample_rate": ...,
+     "steps": ..., "delta": ..., "accountant": ..., "epsilon_after": ..., "time": ...}
+    {"kind": "budget", "epsilon_max": ..., "time": ...}          # the site changed its budget
+
+The cumulative epsilon is always recomputed by Opacus's accountant from *all*
+charges (every run the site ever joined), so a new run or a restarted process
+can never reset it. A site directory that has a ``site.json`` marker but no
+ledger, or a ledger that does not parse, is an error: the site refuses to train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedmeta.privacy.budget import Step, epsilon
+
+LEDGER_FILE = "privacy-ledger.jsonl"
+MARKER_FILE = "site.json"
+
+
+class LedgerError(RuntimeError):
+    """The ledger is missing, unreadable or inconsistent (one line, names the file)."""
+
+
+@dataclass(frozen=True)
+class Charge:
+    run: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    epsilon_after: float
+    time: str
+
+    @property
+    def step(self) -> Step:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _append_line(path: Path, obj: dict[str, Any]) -> None:
+    line = json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class PrivacyLedger:
+    """Append-only record of every DP release of one site."""
+
+    def __init__(self, path: Path, header: dict[str, Any], charges: list[Charge],
+                 epsilon_max: float) -> None:
+        self.path = path
+        self.site: str = header["site"]
+        self.delta: float = float(header["delta"])
+        self.accountant: str = header["accountant"]
+        self.epsilon_max = epsilon_max
+        self.charges = charges
+
+    # ---- opening ---------------------------------------------------------
+    @classmethod
+    def open(cls, site_dir: Path, *, site: str, epsilon_max: float, delta: float,
+             accountant: str) -> PrivacyLedger:
+        """Open the site's ledger, creating it (and the site marker) on first use."""
+        site_dir = Path(site_dir)
+        path = site_dir / LEDGER_FILE
+        marker = site_dir / MARKER_FILE
+        if not path.exists():
+            if marker.exists():
+                raise LedgerError(
+                    f"{path}: privacy ledger missing but {marker.name} says this site has "
+                    "trained before; restore the ledger from backup — refusing to train"
+                )
+            site_dir.mkdir(parents=True, exist_ok=True)
+            header = {"kind": "header", "site": site, "epsilon_max": epsilon_max,
+                      "delta": delta, "accountant": accountant, "created": _now()}
+            _append_line(path, header)
+            marker.write_text(json.dumps({"site": site, "ledger": LEDGER_FILE}) + "\n")
+            _fsync_dir(site_dir)
+        ledger = cls.read(path)
+        if ledger.delta != delta or ledger.accountant != accountant:
+            raise LedgerError(
+                f"{path}: ledger is kept at delta={ledger.delta} with the "
+                f"{ledger.accountant!r} accountant; this run asks delta={delta}, "
+                f"{accountant!r}: use the ledger's values"
+            )
+        if ledger.epsilon_max != epsilon_max:
+            _append_line(path, {"kind": "budget", "epsilon_max": epsilon_max, "time": _now()})
+            ledger.epsilon_max = epsilon_max
+        return ledger
+
+    @classmethod
+    def read(cls, path: Path) -> PrivacyLedger:
+        """Parse a ledger file; LedgerError naming file and line on any problem."""
+        path = Path(path)
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LedgerError(f"{path}: cannot read privacy ledger ({exc}); refusing to train") from None
+        header: dict[str, Any] | None = None
+        charges: list[Charge] = []
+        epsilon_max = None
+        lines = raw.split("\n")
+        if lines[-1] != "":
+            raise LedgerError(f"{path} line {len(lines)}: incomplete last line (interrupted "
+                              "write?); inspect the file — refusing to train")
+        for no, line in enumerate(lines[:-1], start=1):
+            try:
+                obj = json.loads(line)
+                kind = obj["kind"]
+                if no == 1:
+                    if kind != "header":
+                        raise ValueError("first line must be the header")
+                    header = obj
+                    epsilon_max = float(obj["epsilon_max"])
+                    str(obj["site"]), float(obj["delta"]), str(obj["accountant"])
+                elif kind == "charge":
+                    fields = {k: obj[k] for k in Charge.__dataclass_fields__}
+                    charge = Charge(**fields)
+                    if charge.steps < 0 or not 0 < charge.sample_rate <= 1:
+                        raise ValueError("steps/sample_rate out of range")
+                    charges.append(charge)
+                elif kind == "budget":
+                    epsilon_max = float(obj["epsilon_max"])
+                else:
+                    raise ValueError(f"unknown kind {kind!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise LedgerError(f"{path} line {no}: unreadable ledger entry ({exc}); "
+                                  "refusing to train") from None
+        if header is None or epsilon_max is None:
+            raise LedgerError(f"{path}: empty privacy ledger; refusing to train")
+        return cls(path, header, charges, epsilon_max)
+
+    # ---- accounting --------------------------------------------------------
+    @property
+    def history(self) -> list[Step]:
+        return [c.step for c in self.charges]
+
+    def epsilon(self, extra: list[Step] | None = None) -> float:
+        """Cumulative epsilon over every charge (plus ``extra`` if given)."""
+        return epsilon(self.history + list(extra or []), self.delta, self.accountant)
+
+    def would_exceed(self, step: Step) -> tuple[bool, float]:
+        """(True if charging ``step`` would pass epsilon_max, epsilon after it)."""
+        after = self.epsilon([step])
+        return after > self.epsilon_max, after
+
+    def charge(self, run: str, round: int, step: Step) -> Charge:
+        """Durably record one round's DP release; returns the entry."""
+        sigma, q, steps = step
+        c = Charge(run=run, round=round, noise_multiplier=float(sigma), sample_rate=float(q),
+                   steps=int(steps), delta=self.delta, accountant=self.accountant,
+                   epsilon_after=self.epsilon([step]), time=_now())
+        _append_line(self.path, {"kind": "charge", **asdict(c)})
+        self.charges.append(c)
+        return c
+
+    def summary(self) -> dict[str, Any]:
+        """The document `fedmeta ledger show --json` prints."""
+        return {
+            "site": self.site,
+            "epsilon_max": self.epsilon_max,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "epsilon": self.epsilon(),
+            "entries": [
+                {k: getattr(c, k) for k in ("run", "round", "noise_multiplier", "sample_rate",
+                                             "steps", "epsilon_after")}
+                for c in self.charges
+            ],
+        }

@@ -1,0 +1,413 @@
+"""What a run and a site declare about themselves, loaded from TOML.
+
+- :class:`RunDeclaration` is written by the controller(s) of a run and held by
+  the server: purpose, lawful basis, Art. 9(2) condition, controllers, where the
+  server is, the privacy guarantee offered, retention, minimum sites per round.
+- :class:`SiteManifest` is written by one institution and held by its node:
+  who it is, its country and role, what data about whom it holds, which purposes
+  it approves, its lawful basis or DPDP ground, retention, transfer safeguards,
+  its privacy limits and which law packs apply to it.
+
+Both are frozen pydantic models. Load them with :func:`load_run_declaration`
+and :func:`load_site_manifest`; anything wrong raises :class:`DeclarationError`
+with one line that names the file, the field and what to do, e.g.::
+
+    site.toml: field 'lawful_basis': must be one of a, b, c, d, e, f (got 'g')
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
+
+from policies.countries import iso_countries
+from policies.purposes import PURPOSES
+
+
+class DeclarationError(ValueError):
+    """A run declaration or site manifest that cannot be used; the message is one line."""
+
+
+# ---- vocabulary -------------------------------------------------------------
+
+GdprBasis = Literal["a", "b", "c", "d", "e", "f"]
+"""GDPR Art. 6(1): (a) consent, (b) contract, (c) legal obligation, (d) vital
+interests, (e) public task, (f) legitimate interests."""
+
+GDPR_BASIS_NAMES: dict[str, str] = {
+    "a": "consent",
+    "b": "contract",
+    "c": "legal obligation",
+    "d": "vital interests",
+    "e": "public task",
+    "f": "legitimate interests",
+}
+
+Art9Condition = Literal["a", "h", "i", "j"]
+"""GDPR Art. 9(2): (a) explicit consent, (h) medicine and care, (i) public
+interest in public health, (j) research under Art. 89(1)."""
+
+ART9_NAMES: dict[str, str] = {
+    "a": "explicit consent",
+    "h": "preventive medicine, diagnosis, care or treatment",
+    "i": "public interest in public health",
+    "j": "scientific research (Art. 89(1))",
+}
+
+DpdpGround = Literal[
+    "consent", "7(a)", "7(b)", "7(c)", "7(d)", "7(e)", "7(f)", "7(g)", "7(h)", "7(i)", "17(2)(b)"
+]
+"""DPDP Act 2023: consent (s.6), a legitimate use listed in s.7, or the research
+exemption of s.17(2)(b). There is no "legitimate interests" ground."""
+
+DPDP_GROUND_NAMES: dict[str, str] = {
+    "consent": "consent (s.6)",
+    "7(a)": "voluntarily provided for a specified purpose (s.7(a))",
+    "7(b)": "State subsidy, benefit, service, certificate, licence or permit (s.7(b))",
+    "7(c)": "State function under law (s.7(c))",
+    "7(d)": "legal duty to disclose to the State (s.7(d))",
+    "7(e)": "compliance with a judgment, decree or order (s.7(e))",
+    "7(f)": "medical emergency (s.7(f))",
+    "7(g)": "medical treatment or health services during an epidemic or threat to public "
+    "health (s.7(g))",
+    "7(h)": "disaster or breakdown of public order (s.7(h))",
+    "7(i)": "employment (s.7(i))",
+    "17(2)(b)": "research, archiving or statistics exemption (s.17(2)(b))",
+}
+
+Role = Literal["controller", "joint-controller", "processor"]
+LawPack = Literal["gdpr", "dpdp"]
+DataCategory = Literal[
+    "health",
+    "genetic",
+    "biometric",
+    "racial-or-ethnic-origin",
+    "political-opinions",
+    "religious-beliefs",
+    "trade-union-membership",
+    "sex-life-or-orientation",
+    "demographic",
+    "contact",
+    "administrative",
+    "location",
+    "behavioural",
+]
+SPECIAL_CATEGORIES: frozenset[str] = frozenset(
+    {
+        "health",
+        "genetic",
+        "biometric",
+        "racial-or-ethnic-origin",
+        "political-opinions",
+        "religious-beliefs",
+        "trade-union-membership",
+        "sex-life-or-orientation",
+    }
+)
+"""The special categories of GDPR Art. 9(1)."""
+
+DataSubject = Literal[
+    "patients", "minors", "staff", "research-participants", "relatives", "healthy-volunteers"
+]
+
+SCC_PATTERN = re.compile(r"^SCC-2021/914-(C2C|C2P|P2P|P2C)$")
+"""A reference to the Standard Contractual Clauses of Decision (EU) 2021/914 and
+the module used: controller-to-controller, controller-to-processor, ..."""
+
+
+# ---- field types ------------------------------------------------------------
+
+
+def _country(value: str) -> str:
+    code = value.strip().upper()
+    if code == "UK":
+        raise ValueError("'UK' is not an ISO 3166 code: use GB for the United Kingdom")
+    if code == "EL":
+        raise ValueError("'EL' is the EU's code: use the ISO 3166 code GR for Greece")
+    if code not in iso_countries():
+        raise ValueError(f"must be an ISO 3166 alpha-2 country code such as DE or IN (got {value!r})")
+    return code
+
+
+def _purpose(value: str) -> str:
+    if value not in PURPOSES:
+        raise ValueError(f"must be one of {', '.join(PURPOSES)} (got {value!r})")
+    return value
+
+
+def _scc(value: str) -> str:
+    if not SCC_PATTERN.match(value):
+        raise ValueError(
+            f"must be an SCC reference like SCC-2021/914-C2C (modules C2C, C2P, P2P, P2C) "
+            f"(got {value!r})"
+        )
+    return value
+
+
+def _safeguard(value: str) -> str:
+    if value == "adequacy":
+        return value
+    if not SCC_PATTERN.match(value):
+        raise ValueError(
+            "must be 'adequacy' or an SCC reference like SCC-2021/914-C2C "
+            f"(modules C2C, C2P, P2P, P2C) (got {value!r})"
+        )
+    return value
+
+
+def _email(value: str) -> str:
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", value):
+        raise ValueError(f"must be an e-mail address (got {value!r})")
+    return value
+
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+Country = Annotated[str, AfterValidator(_country)]
+PurposeId = Annotated[str, AfterValidator(_purpose)]
+SccReference = Annotated[str, AfterValidator(_scc)]
+Safeguard = Annotated[str, AfterValidator(_safeguard)]
+Email = Annotated[str, AfterValidator(_email)]
+Days = Annotated[StrictInt, Field(gt=0, le=36500)]
+Delta = Annotated[StrictFloat, Field(gt=0.0, lt=1.0)]
+SiteId = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+]
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Party(_Model):
+    """A controller or joint controller (GDPR Art. 26, Art. 30(1)(a))."""
+
+    name: Text
+    contact_email: Email
+    country: Country
+    dpo_contact: Text | None = None
+
+
+# ---- run declaration --------------------------------------------------------
+
+
+class RunDeclaration(_Model):
+    """What a run declares, held by the server (one per run)."""
+
+    run_id: Text | None = None
+    purpose: PurposeId
+    lawful_basis: GdprBasis | None = None
+    legitimate_interests_assessment: Text | None = None
+    """Reference to the balancing test, needed when lawful_basis is (f)."""
+    special_category_condition: Art9Condition | None = None
+    special_category_law: Text | None = None
+    """The Union or Member State law relied on for Art. 9(2)(i) or (j)."""
+    controller: Party
+    joint_controllers: tuple[Party, ...] = ()
+    server_country: Country
+    dp_enabled: StrictBool = True
+    epsilon: Annotated[StrictFloat, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    """Sample-level epsilon each site spends over the whole run."""
+    delta: Delta | None = None
+    allow_non_private: StrictBool = False
+    """Must be set, and is then reported, to run without differential privacy."""
+    model_retention_days: Days
+    log_retention_days: Days
+    min_sites_per_round: Annotated[StrictInt, Field(ge=1, le=100000)] = 2
+    scc_reference: SccReference | None = None
+    dpia_id: Text | None = None
+
+    @model_validator(mode="after")
+    def _dp_parameters(self) -> RunDeclaration:
+        if self.dp_enabled and self.epsilon is None:
+            raise ValueError("epsilon: is required when dp_enabled is true: add it")
+        if self.dp_enabled and self.delta is None:
+            raise ValueError("delta: is required when dp_enabled is true: add it")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical JSON-ready form."""
+        return self.model_dump(mode="json")
+
+
+# ---- site manifest ----------------------------------------------------------
+
+
+class SiteManifest(_Model):
+    """What one institution declares about itself and its data, held by its node."""
+
+    site_id: SiteId
+    """A pseudonymous id: it appears in messages, logs and reports."""
+    institution: Text
+    country: Country
+    role: Role
+    data_categories: frozenset[DataCategory]
+    data_subjects: frozenset[DataSubject]
+    approved_purposes: frozenset[PurposeId]
+    lawful_basis: GdprBasis | None = None
+    dpdp_ground: DpdpGround | None = None
+    retention_days: Days
+    """How long records may be used after they were collected."""
+    log_retention_days: Days
+    """How long the site keeps logs (its GDPR maximum where GDPR applies)."""
+    transfer_safeguards: tuple[Safeguard, ...] = ()
+    epsilon_max: Annotated[StrictFloat, Field(gt=0.0)]
+    """Largest epsilon the site accepts for a run; inf accepts non-private runs."""
+    delta: Delta
+    """Largest delta the site accepts."""
+    law_packs: tuple[LawPack, ...]
+    gdpr_child_age: Annotated[StrictInt, Field(ge=13, le=16)] = 16
+    restricted_countries: frozenset[Country] = frozenset()
+    """Countries notified under DPDP s.16(1); none is notified, so empty by default."""
+    min_cohort_size: Annotated[StrictInt, Field(ge=1, le=1000)] = 5
+    feature_columns: tuple[Text, ...] = ()
+    """The feature columns the site allows a trainer to read (GDPR Art. 5(1)(c))."""
+    dpo_contact: Text | None = None
+
+    @model_validator(mode="after")
+    def _packs(self) -> SiteManifest:
+        if not self.law_packs:
+            raise ValueError("law_packs: must name at least one of gdpr, dpdp")
+        if len(set(self.law_packs)) != len(self.law_packs):
+            raise ValueError("law_packs: lists a pack twice: remove the repeat")
+        if math.isnan(self.epsilon_max):
+            raise ValueError("epsilon_max: must be a number")
+        return self
+
+    @field_serializer("data_categories", "data_subjects", "approved_purposes", "restricted_countries")
+    def _sorted(self, value: frozenset[str]) -> list[str]:
+        return sorted(value)
+
+    @property
+    def special_categories(self) -> frozenset[str]:
+        """The GDPR Art. 9(1) categories among the site's data."""
+        return self.data_categories & SPECIAL_CATEGORIES
+
+    @property
+    def has_minors(self) -> bool:
+        return "minors" in self.data_subjects
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical JSON-ready form (sets as sorted lists)."""
+        return self.model_dump(mode="json")
+
+
+# ---- loading ----------------------------------------------------------------
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, str]:
+    """(field path, what is wrong and what to do) for one pydantic error."""
+    kind = error["type"]
+    loc = tuple(error["loc"])
+    # drop the validator names pydantic inserts for Annotated unions and the like
+    loc = tuple(p for p in loc if not (isinstance(p, str) and "[" in p and "]" in p))
+    msg = str(error["msg"])
+    got = error.get("input")
+    got_text = _one_line(repr(got), 60)
+    if kind == "missing":
+        return _field_path(loc), "is required: add it"
+    if kind == "extra_forbidden":
+        hint = ""
+        if len(loc) == 1:
+            hint = f" (known fields: {', '.join(model.model_fields)})"
+        return _field_path(loc), f"is not a known field: remove it or fix its spelling{hint}"
+    if kind in {"literal_error", "enum"}:
+        expected = str(error.get("ctx", {}).get("expected", ""))
+        expected = expected.replace("'", "").replace(" or ", ", ")
+        return _field_path(loc), f"must be one of {expected} (got {got_text})"
+    if kind in {"model_type", "model_attributes_type", "dict_type"}:
+        return _field_path(loc), f"must be a table (got {got_text})"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        if not loc:
+            m = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg)
+            if m:
+                return m.group(1), m.group(2)
+        return _field_path(loc), msg
+    msg = re.sub(r"^(Input|String|Value|List|Tuple|Set|Frozenset) should ", "must ", msg)
+    return _field_path(loc), f"{msg} (got {got_text})"
+
+
+def _parse(model: type[_M], data: Any, source: str) -> _M:
+    if not isinstance(data, Mapping):
+        raise DeclarationError(f"{source}: must be a TOML table of fields, got {type(data).__name__}")
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        errors = exc.errors()
+        path, what = _describe(errors[0], model)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        where = f"field '{path}'" if path else "declaration"
+        raise DeclarationError(_one_line(f"{source}: {where}: {what}{more}", 500)) from None
+
+
+def _read_toml(path: str | Path) -> tuple[dict[str, Any], str]:
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f), source
+    except FileNotFoundError:
+        raise DeclarationError(f"{source}: file not found: check the path") from None
+    except IsADirectoryError:
+        raise DeclarationError(f"{source}: is a directory, not a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DeclarationError(_one_line(f"{source}: not valid TOML: {exc}: fix the syntax")) from None
+    except UnicodeDecodeError:
+        raise DeclarationError(f"{source}: not valid TOML: the file must be UTF-8 text") from None
+
+
+def parse_run_declaration(data: Mapping[str, Any], source: str = "<run declaration>") -> RunDeclaration:
+    """A run declaration from already-parsed TOML; DeclarationError names ``source``."""
+    return _parse(RunDeclaration, data, source)
+
+
+def parse_site_manifest(data: Mapping[str, Any], source: str = "<site manifest>") -> SiteManifest:
+    """A site manifest from already-parsed TOML; DeclarationError names ``source``."""
+    return _parse(SiteManifest, data, source)
+
+
+def load_run_declaration(path: str | Path) -> RunDeclaration:
+    """Read and check a run declaration TOML file."""
+    data, source = _read_toml(path)
+    return parse_run_declaration(data, source)
+
+
+def load_site_manifest(path: str | Path) -> SiteManifest:
+    """Read and check a site manifest TOML file."""
+    data, source = _read_toml(path)
+    return parse_site_manifest(data, source)
