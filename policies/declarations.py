@@ -17,6 +17,7 @@ with one line that names the file, the field and what to do, e.g.::
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import tomllib
@@ -143,7 +144,9 @@ def _country(value: str) -> str:
     if code == "EL":
         raise ValueError("'EL' is the EU's code: use the ISO 3166 code GR for Greece")
     if code not in iso_countries():
-        raise ValueError(f"must be an ISO 3166 alpha-2 country code such as DE or IN (got {value!r})")
+        raise ValueError(
+            f"must be an ISO 3166 alpha-2 country code such as DE or IN (got {value!r})"
+        )
     return code
 
 
@@ -173,6 +176,15 @@ def _safeguard(value: str) -> str:
     return value
 
 
+def _site_id(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(
+            "must be a pseudonymous id of at most 64 letters, digits, '.', '_' or '-' "
+            f"such as site-de-01 (got {value!r})"
+        )
+    return value
+
+
 def _email(value: str) -> str:
     if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", value):
         raise ValueError(f"must be an e-mail address (got {value!r})")
@@ -187,9 +199,7 @@ Safeguard = Annotated[str, AfterValidator(_safeguard)]
 Email = Annotated[str, AfterValidator(_email)]
 Days = Annotated[StrictInt, Field(gt=0, le=36500)]
 Delta = Annotated[StrictFloat, Field(gt=0.0, lt=1.0)]
-SiteId = Annotated[
-    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-]
+SiteId = Annotated[str, AfterValidator(_site_id)]
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -294,7 +304,9 @@ class SiteManifest(_Model):
             raise ValueError("epsilon_max: must be a number")
         return self
 
-    @field_serializer("data_categories", "data_subjects", "approved_purposes", "restricted_countries")
+    @field_serializer(
+        "data_categories", "data_subjects", "approved_purposes", "restricted_countries"
+    )
     def _sorted(self, value: frozenset[str]) -> list[str]:
         return sorted(value)
 
@@ -344,7 +356,13 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, st
     if kind == "extra_forbidden":
         hint = ""
         if len(loc) == 1:
-            hint = f" (known fields: {', '.join(model.model_fields)})"
+            close = difflib.get_close_matches(str(loc[0]), list(model.model_fields), n=1)
+            known = (
+                f"did you mean '{close[0]}'?"
+                if close
+                else "known: " + ", ".join(model.model_fields)
+            )
+            hint = f" ({known})"
         return _field_path(loc), f"is not a known field: remove it or fix its spelling{hint}"
     if kind in {"literal_error", "enum"}:
         expected = str(error.get("ctx", {}).get("expected", ""))
@@ -352,6 +370,8 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, st
         return _field_path(loc), f"must be one of {expected} (got {got_text})"
     if kind in {"model_type", "model_attributes_type", "dict_type"}:
         return _field_path(loc), f"must be a table (got {got_text})"
+    if kind in {"list_type", "tuple_type", "set_type", "frozen_set_type", "iterable_type"}:
+        return _field_path(loc), f"must be a list (got {got_text})"
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
         if not loc:
@@ -365,7 +385,9 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, st
 
 def _parse(model: type[_M], data: Any, source: str) -> _M:
     if not isinstance(data, Mapping):
-        raise DeclarationError(f"{source}: must be a TOML table of fields, got {type(data).__name__}")
+        raise DeclarationError(
+            f"{source}: must be a TOML table of fields, got {type(data).__name__}"
+        )
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
@@ -386,12 +408,16 @@ def _read_toml(path: str | Path) -> tuple[dict[str, Any], str]:
     except IsADirectoryError:
         raise DeclarationError(f"{source}: is a directory, not a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise DeclarationError(_one_line(f"{source}: not valid TOML: {exc}: fix the syntax")) from None
+        raise DeclarationError(
+            _one_line(f"{source}: not valid TOML: {exc}: fix the syntax")
+        ) from None
     except UnicodeDecodeError:
         raise DeclarationError(f"{source}: not valid TOML: the file must be UTF-8 text") from None
 
 
-def parse_run_declaration(data: Mapping[str, Any], source: str = "<run declaration>") -> RunDeclaration:
+def parse_run_declaration(
+    data: Mapping[str, Any], source: str = "<run declaration>"
+) -> RunDeclaration:
     """A run declaration from already-parsed TOML; DeclarationError names ``source``."""
     return _parse(RunDeclaration, data, source)
 

@@ -67,8 +67,7 @@ PURPOSES: dict[str, Purpose] = {
         ),
         Purpose(
             id="profiling.behavioural",
-            description="Building profiles of how individuals behave, to predict or "
-            "influence it.",
+            description="Building profiles of how individuals behave, to predict or influence it.",
             is_tracking_or_profiling=True,
         ),
         Purpose(
@@ -86,6 +85,4 @@ def get_purpose(purpose_id: str) -> Purpose:
     try:
         return PURPOSES[purpose_id]
     except KeyError:
-        raise KeyError(
-            f"unknown purpose {purpose_id!r}; known: {', '.join(PURPOSES)}"
-        ) from None
+        raise KeyError(f"unknown purpose {purpose_id!r}; known: {', '.join(PURPOSES)}") from None

@@ -45,7 +45,9 @@ def _purposes(value: Any) -> frozenset[str]:
         return frozenset(p.strip() for p in value.split(";") if p.strip())
     if isinstance(value, Iterable):
         return frozenset(str(p) for p in value)
-    raise TypeError(f"consented_purposes: expected a set of purpose ids, got {type(value).__name__}")
+    raise TypeError(
+        f"consented_purposes: expected a set of purpose ids, got {type(value).__name__}"
+    )
 
 
 def _age(value: Any) -> int | None:
@@ -152,4 +154,7 @@ def records_from_columns(columns: Mapping[str, Sequence[Any]]) -> list[RecordMet
         if len(col) != n:
             raise ValueError(f"column {name!r} has {len(col)} values, record_id has {n}")
     names = list(columns)
-    return [RecordMeta(**dict(zip(names, row, strict=True))) for row in zip(*columns.values(), strict=True)]
+    return [
+        RecordMeta(**dict(zip(names, row, strict=True)))
+        for row in zip(*columns.values(), strict=True)
+    ]

@@ -15,6 +15,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(directory: Path, mode: int = 0o777) -> None:
+    """mkdir -p, then fsync the parent of every directory it created (durable entries)."""
+    missing = []
+    d = Path(directory)
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    if missing:
+        Path(directory).mkdir(mode=mode, parents=True, exist_ok=True)
+        for m in reversed(missing):
+            fsync_dir(m.parent)
+
+
 def write_all(fd: int, data: bytes) -> None:
     """os.write until every byte is written (a regular file may take a short write)."""
     view = memoryview(data)

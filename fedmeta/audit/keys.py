@@ -26,7 +26,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedmeta.audit._fs import fsync_dir, write_new_file
+from fedmeta.audit._fs import fsync_dir, make_dirs, write_new_file
 from fedmeta.audit.errors import KeyFileError
 
 PRIVATE_KEY_MODE = 0o600
@@ -95,7 +95,7 @@ def _write_public(private_path: Path, key: Ed25519PrivateKey) -> Path:
 def create_key(path: Path) -> Ed25519PrivateKey:
     """Generate a new key at ``path`` (+ its ``.pub.pem``); fail if ``path`` exists."""
     path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(path.parent, mode=0o700)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -29,7 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedmeta.audit._fs import fsync_dir, write_all, write_new_file
+from fedmeta.audit._fs import fsync_dir, make_dirs, write_all, write_new_file
 from fedmeta.audit.entry import (
     FORMAT,
     GENESIS_PREV,
@@ -91,7 +91,7 @@ class AuditLog:
         path = Path(path)
         validate_actor(actor)
         key = load_or_create_key(Path(key_path))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
@@ -107,7 +107,13 @@ class AuditLog:
                 if os.fstat(fd).st_size == 0:
                     log._write_genesis()
                 else:
-                    log._tail()
+                    try:
+                        log._tail()
+                    except PartialTailError:
+                        raise
+                    except LogStateError:
+                        log._check_owner()  # a wrong key/actor is the clearer message
+                        raise
                     log._check_owner()
         except BaseException:
             log.close()

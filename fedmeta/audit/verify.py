@@ -88,7 +88,8 @@ class VerifyResult:
         if self.ok:
             return f"OK {self.path}: {self.entries} entries, {head}, {key}{receipts}"
         return (
-            f"BAD {self.path}: {self.problem} [{self.entries} valid entries before it, "
+            f"BAD {self.path}: {self.problem} [{self.entries} valid "
+            f"{'entry' if self.entries == 1 else 'entries'} before it, "
             f"{head}, {key}{receipts}]"
         )
 

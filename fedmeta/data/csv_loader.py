@@ -134,7 +134,11 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What ``load_csv`` read, ignored and dropped. Holds counts and names only, no values."""
+    """What ``load_csv`` read, ignored and dropped.
+
+    Holds counts and column names, plus the class names and the group column's
+    distinct values (``group_names``); no record values.
+    """
 
     source: str
     rows_read: int
@@ -610,7 +614,8 @@ def _load(
                         line,
                         ds.label,
                     )
-                label = int(cell)
+                # (length first: int() refuses strings of more than 4300 digits)
+                label = int(cell) if len(cell) <= 12 else -1
                 if not 0 <= label < MAX_IMPLICIT_CLASSES:
                     raise err(
                         f"label {_short(cell)} is out of range 0..{MAX_IMPLICIT_CLASSES - 1}; "

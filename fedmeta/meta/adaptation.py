@@ -44,7 +44,7 @@ def adapt(model: nn.Module, task: Task, episode: Episode, steps: int, lr: float,
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         out = model(x)
-        loss = loss_fn(out, y.view_as(out) if y.dtype.is_floating_point else y)
+        loss = loss_fn(out, y)
         loss.backward()
         opt.step()
     return model

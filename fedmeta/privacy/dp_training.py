@@ -118,10 +118,7 @@ def train_steps(
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
             if len(xb):
-                out = net(xb)
-                if out.shape != yb.shape and yb.dtype.is_floating_point:
-                    yb = yb.view_as(out)
-                loss = criterion(out, yb)
+                loss = criterion(net(xb), yb)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 n_loss += 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedmeta.data.records import Records
@@ -41,6 +42,25 @@ class Episode:
     support_y: np.ndarray
     query_x: np.ndarray
     query_y: np.ndarray
+
+
+class SampleMSELoss(nn.Module):
+    """Mean squared error with one loss value per sample before reduction.
+
+    ``nn.MSELoss(reduction="none")`` keeps the output's shape ([B, 1]), which
+    Opacus's ghost clipping would broadcast against its per-sample [B]
+    clipping coefficients; this loss averages each sample's outputs first.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = ((output - target.view_as(output)) ** 2).reshape(len(output), -1).mean(1)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
 
 class Task(ABC):
@@ -94,7 +114,7 @@ class Task(ABC):
 
     # --- judging ------------------------------------------------------------
     def loss_fn(self) -> nn.Module:
-        return nn.CrossEntropyLoss() if self.kind == "classification" else nn.MSELoss()
+        return nn.CrossEntropyLoss() if self.kind == "classification" else SampleMSELoss()
 
     @property
     def metric_name(self) -> str:

@@ -1,0 +1,36 @@
+# fedmeta — set up, run, test.
+#   make run    set up a virtual environment and run the default simulation (+ report)
+#   make test   set up and run the whole test suite (slow tests included) and ruff
+#
+# torch is installed first, on its own, so the build is an install-time choice:
+#   TORCH_SPEC=torch==2.13.0  (default) on a CPU-only machine whose pip finds the local
+#                             CPU wheel; from PyPI on Linux the same pin is a CUDA build
+#   make run TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu126"
+#                             to pick a CUDA build explicitly on a GPU machine
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedmeta-installed
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/fedmeta simulate --out runs/demo --overwrite
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,321 @@
+"""GDPR (Regulation (EU) 2016/679) rules.
+
+Each class is one rule; ``policies/registry.py`` lists them in evaluation order.
+Row ids (G01, ...) and confidence tags refer to COMPLIANCE-NOTES.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from policies.countries import adequacy_list, country_name, is_eea
+from policies.declarations import (
+    ART9_NAMES,
+    GDPR_BASIS_NAMES,
+    SCC_PATTERN,
+    RunDeclaration,
+    SiteManifest,
+)
+from policies.purposes import get_purpose
+from policies.records import RecordMeta
+from policies.rule import Columns, Decision, RecordRule, RunRule, SiteRule
+
+
+def transfer_ground(country: str, safeguards: Iterable[str]) -> tuple[str | None, str]:
+    """Why personal data may go to ``country`` under GDPR Chapter V, or (None, why not).
+
+    Allowed when the country is in the EEA (no third-country transfer), has a
+    full adequacy decision (Art. 45), has a partial one and the sender confirms
+    the recipient is within its scope ("adequacy" among the safeguards), or an
+    SCC module of Decision 2021/914 is in place (Art. 46(2)(c)).
+    """
+    safeguards = tuple(safeguards)
+    sccs = [s for s in safeguards if SCC_PATTERN.match(s)]
+    name = f"{country_name(country)} ({country})"
+    if is_eea(country):
+        return "in the EEA (no third-country transfer)", ""
+    adequacy = adequacy_list().countries.get(country)
+    if adequacy is not None and not adequacy.partial:
+        return f"{name} has an adequacy decision (Art. 45), list as of {adequacy_list().as_of}", ""
+    if adequacy is not None and "adequacy" in safeguards:
+        return (
+            f"{name} adequacy decision, recipient confirmed within its scope ({adequacy.scope})",
+            "",
+        )
+    if sccs:
+        return f"standard contractual clauses {sccs[0]} (Art. 46(2)(c))", ""
+    if adequacy is not None:
+        return None, (
+            f"{name}'s adequacy decision covers only {adequacy.scope}: confirm the recipient is "
+            "in scope (transfer_safeguards = ['adequacy']) or declare an SCC reference"
+        )
+    return None, (
+        f"{name} is neither in the EEA nor on the adequacy list "
+        f"(as of {adequacy_list().as_of}) and no SCC reference is declared"
+    )
+
+
+# ---- run level --------------------------------------------------------------
+
+
+class ModelTransfer(RunRule):
+    id = "GDPR-44-MODEL"
+    pack = "gdpr"
+    references = ("GDPR Art. 44", "GDPR Art. 45", "GDPR Art. 46(2)(c)")
+    checklist = ("G18", "finding 0.1")
+    confidence = "V/S (U: treating the model as personal data, per EDPB Opinion 28/2024)"
+    description = (
+        "The global model is trained in part on data of sites under GDPR and is not presumed "
+        "anonymous (EDPB Opinion 28/2024), so sending it to a site in a third country is a "
+        "transfer: that site must be in the EEA, in an adequate country, or covered by SCCs it "
+        "declares. (interpretation)"
+    )
+
+    def evaluate(self, run: RunDeclaration, sites: Sequence[SiteManifest]) -> list[Decision]:
+        gdpr_sites = [s.site_id for s in sites if "gdpr" in s.law_packs]
+        if not gdpr_sites:
+            return [self.allow("no site under GDPR takes part: the model carries no GDPR data")]
+        decisions = []
+        for site in sites:
+            ground, why_not = transfer_ground(site.country, site.transfer_safeguards)
+            if ground is None:
+                decisions.append(self.deny(f"model to site: {why_not}", site))
+            else:
+                decisions.append(self.allow(f"model to site: {ground}", site))
+        return decisions
+
+
+# ---- site level -------------------------------------------------------------
+
+
+class LawfulBasis(SiteRule):
+    id = "GDPR-6"
+    pack = "gdpr"
+    references = ("GDPR Art. 6(1)",)
+    checklist = ("G01",)
+    confidence = "V/K"
+    description = (
+        "The run declares one lawful basis of Art. 6(1) (a) to (f). If the site declares its own "
+        "basis, it must be the same. Legitimate interests (f) needs a reference to the balancing "
+        "test."
+    )
+
+    def evaluate(
+        self, run: RunDeclaration, site: SiteManifest, columns: Columns | None = None
+    ) -> Decision:
+        basis = run.lawful_basis
+        if basis is None:
+            return self.deny("the run declares no lawful basis (Art. 6(1)(a)-(f))", site)
+        if site.lawful_basis is not None and site.lawful_basis != basis:
+            return self.deny(
+                f"the run relies on Art. 6(1)({basis}) but the site relies on "
+                f"Art. 6(1)({site.lawful_basis})",
+                site,
+            )
+        if basis == "f" and run.legitimate_interests_assessment is None:
+            return self.deny(
+                "Art. 6(1)(f) legitimate interests needs legitimate_interests_assessment "
+                "(the balancing test) in the run declaration",
+                site,
+            )
+        return self.allow(f"Art. 6(1)({basis}) {GDPR_BASIS_NAMES[basis]}", site)
+
+
+class SpecialCategories(SiteRule):
+    id = "GDPR-9-2"
+    pack = "gdpr"
+    references = ("GDPR Art. 9(1)", "GDPR Art. 9(2)", "GDPR Art. 89(1)")
+    checklist = ("G02",)
+    confidence = "V/S (U: which conditions fit which purpose)"
+    description = (
+        "Health, genetic, biometric and other Art. 9(1) data need an Art. 9(2) condition: "
+        "(a) explicit consent, (h) care, (i) public health or (j) research. (i) and (j) must cite "
+        "the Union or Member State law relied on. The condition must fit the run's purpose "
+        "(e.g. (h) is for care, not research) (interpretation)."
+    )
+
+    def evaluate(
+        self, run: RunDeclaration, site: SiteManifest, columns: Columns | None = None
+    ) -> Decision:
+        special = sorted(site.special_categories)
+        if not special:
+            return self.allow("no special-category data at this site", site)
+        condition = run.special_category_condition
+        what = ", ".join(special)
+        if condition is None:
+            return self.deny(
+                f"site holds {what} data but the run declares no Art. 9(2) condition", site
+            )
+        if condition in ("i", "j") and run.special_category_law is None:
+            return self.deny(
+                f"Art. 9(2)({condition}) requires the Union or Member State law relied on: "
+                "set special_category_law",
+                site,
+            )
+        purpose = get_purpose(run.purpose)
+        if condition not in purpose.art9_conditions:
+            fits = ", ".join(f"({c})" for c in purpose.art9_conditions)
+            return self.deny(
+                f"Art. 9(2)({condition}) does not fit purpose {purpose.id} (fits: {fits})", site
+            )
+        law = f", law: {run.special_category_law}" if run.special_category_law else ""
+        return self.allow(
+            f"{what} data under Art. 9(2)({condition}) {ART9_NAMES[condition]}{law}", site
+        )
+
+
+class PurposeLimitation(SiteRule):
+    id = "GDPR-5-1-b"
+    pack = "gdpr"
+    references = ("GDPR Art. 5(1)(b)",)
+    checklist = ("G03",)
+    confidence = "S"
+    description = "The run's purpose must be one the site has approved."
+
+    def evaluate(
+        self, run: RunDeclaration, site: SiteManifest, columns: Columns | None = None
+    ) -> Decision:
+        if run.purpose in site.approved_purposes:
+            return self.allow(f"purpose {run.purpose} is approved by the site", site)
+        return self.deny(f"purpose {run.purpose} is not among the site's approved purposes", site)
+
+
+class DataMinimisation(SiteRule):
+    id = "GDPR-5-1-c"
+    pack = "gdpr"
+    references = ("GDPR Art. 5(1)(c)", "GDPR Art. 25(2)")
+    checklist = ("G04",)
+    confidence = "V"
+    description = (
+        "The trainer may read only the feature columns the site declares; any other column "
+        "denies the site. Checked at the node, which knows what the trainer will read."
+    )
+
+    def evaluate(
+        self, run: RunDeclaration, site: SiteManifest, columns: Columns | None = None
+    ) -> Decision | None:
+        if columns is None:
+            return None
+        if not columns.declared:
+            return self.deny(
+                "the site declares no feature columns: list them in feature_columns", site
+            )
+        extra = sorted(set(columns.read) - set(columns.declared))
+        if extra:
+            return self.deny(f"reads undeclared columns: {', '.join(extra)}", site)
+        return self.allow(f"reads {len(set(columns.read))} declared column(s) only", site)
+
+
+class Transfers(SiteRule):
+    id = "GDPR-44"
+    pack = "gdpr"
+    references = ("GDPR Art. 44", "GDPR Art. 45", "GDPR Art. 46(2)(c)")
+    checklist = ("G18",)
+    confidence = "V/S"
+    description = (
+        "The site's model updates go to the server's country: allowed if it is in the EEA, has "
+        "an adequacy decision (policies/data/adequacy.toml), or an SCC reference is declared "
+        "(by the run or the site); denied otherwise."
+    )
+
+    def evaluate(
+        self, run: RunDeclaration, site: SiteManifest, columns: Columns | None = None
+    ) -> Decision:
+        safeguards = tuple(site.transfer_safeguards)
+        if run.scc_reference is not None:
+            safeguards += (run.scc_reference,)
+        ground, why_not = transfer_ground(run.server_country, safeguards)
+        if ground is None:
+            return self.deny(f"updates to server: {why_not}", site)
+        return self.allow(f"updates to server: {ground}", site)
+
+
+# ---- record level (in registry order: erasure, consent, children, storage) ---
+
+
+def consent_is_the_basis(run: RunDeclaration, site: SiteManifest) -> bool:
+    """Art. 6(1)(a) is the basis, or Art. 9(2)(a) covers the site's special-category data."""
+    basis = site.lawful_basis or run.lawful_basis
+    explicit = run.special_category_condition == "a" and bool(site.special_categories)
+    return basis == "a" or explicit
+
+
+class Erasure(RecordRule):
+    id = "GDPR-17"
+    pack = "gdpr"
+    references = ("GDPR Art. 17(1)",)
+    checklist = ("G10",)
+    confidence = "V (U: effect on models already trained)"
+    description = (
+        "A record whose data subject asked for erasure is left out of every round from the "
+        "request on, and counted. Models trained before the request are not unlearned: the "
+        "report must record that (Art. 17(3)(d) or retraining). (interpretation)"
+    )
+    excluded_because = "erasure requested"
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.erasure_due(at)
+
+
+class Consent(RecordRule):
+    id = "GDPR-7-3"
+    pack = "gdpr"
+    references = ("GDPR Art. 6(1)(a)", "GDPR Art. 7(1)", "GDPR Art. 7(3)", "GDPR Art. 9(2)(a)")
+    checklist = ("G08",)
+    confidence = "V"
+    description = (
+        "When the basis is consent, a record is used only if its data subject consented to this "
+        "purpose and has not withdrawn; a withdrawal at or before the round time excludes the "
+        "record from that round and all later ones (earlier processing stays lawful)."
+    )
+    applies_when = "the lawful basis is consent (Art. 6(1)(a) or 9(2)(a))"
+    excluded_because = "no consent for this purpose, or consent withdrawn"
+
+    def applies(self, run: RunDeclaration, site: SiteManifest) -> bool:
+        return consent_is_the_basis(run, site)
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return run.purpose not in record.consented_purposes or record.withdrawn_by(at)
+
+
+class Children(RecordRule):
+    id = "GDPR-8"
+    pack = "gdpr"
+    references = ("GDPR Art. 8(1)",)
+    checklist = ("G09",)
+    confidence = "V (U: applied beyond information-society services)"
+    description = (
+        "Records of data subjects under the site's age limit (gdpr_child_age, 16 unless the "
+        "Member State set 13-15) are left out unless a parent or guardian consented. Art. 8 "
+        "strictly covers consent to information-society services offered directly to a child; "
+        "fedmeta applies it to every record as a conservative interpretation. (interpretation)"
+    )
+    excluded_because = "child under the site's age limit without guardian consent"
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.is_child(site.gdpr_child_age) and not record.guardian_consent
+
+
+class StorageLimitation(RecordRule):
+    id = "GDPR-5-1-e"
+    pack = "gdpr"
+    references = ("GDPR Art. 5(1)(e)",)
+    checklist = ("G05",)
+    confidence = "V"
+    description = (
+        "Records collected longer ago than the site's retention limit (retention_days) are left "
+        "out. Records with no collection date are kept (the site must record it)."
+    )
+    excluded_because = "older than the site's retention limit"
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.older_than(site.retention_days, at)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedmeta.privacy.budget import compact, epsilon
+from fedmeta.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+
+
+def open_ledger(site_dir, eps_max=10.0, accountant="prv"):
+    return PrivacyLedger.open(site_dir, site="site-x", epsilon_max=eps_max, delta=1e-5,
+                              accountant=accountant)
+
+
+def test_composes_across_process_restarts_like_one_opacus_accountant(tmp_path):
+    steps = [(1.0, 0.05, 8), (1.2, 0.04, 8), (1.0, 0.05, 8)]
+    for rnd, step in enumerate(steps, start=1):
+        open_ledger(tmp_path).charge("run-a", rnd, step)  # a fresh object each round
+    for rnd, step in enumerate(steps, start=1):
+        open_ledger(tmp_path).charge("run-b", rnd, step)  # a new run reusing the site dir
+    ledger = PrivacyLedger.read(tmp_path / LEDGER_FILE)
+    acc = PRVAccountant()
+    for sigma, q, n in steps * 2:
+        acc.history.append((sigma, q, n))
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6)
+    assert [c.run for c in ledger.charges] == ["run-a"] * 3 + ["run-b"] * 3
+    eps = [c.epsilon_after for c in ledger.charges]
+    assert eps == sorted(eps) and eps[0] < eps[-1]  # epsilon grows with rounds
+
+
+def test_rdp_ledger_matches_opacus_rdp():
+    hist = [(1.1, 0.02, 10)] * 4
+    acc = RDPAccountant()
+    acc.history = list(hist)
+    assert epsilon(hist, 1e-5, "rdp") == pytest.approx(acc.get_epsilon(delta=1e-5))
+    assert compact(hist) == [(1.1, 0.02, 40)]
+
+
+def test_declines_over_budget(tmp_path):
+    ledger = open_ledger(tmp_path, eps_max=2.0)
+    step = (1.0, 0.05, 8)
+    exceed, after = ledger.would_exceed(step)
+    assert not exceed and after < 2.0
+    ledger.charge("r", 1, step)
+    ledger.charge("r", 2, step)
+    exceed, after = ledger.would_exceed(step)
+    assert exceed and after > 2.0
+
+
+def test_refuses_corrupt_ledger(tmp_path):
+    ledger = open_ledger(tmp_path)
+    ledger.charge("r", 1, (1.0, 0.05, 8))
+    path = tmp_path / LEDGER_FILE
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace('"steps":8', '"steps":"eight"')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LedgerError, match="line 2"):
+        open_ledger(tmp_path)
+
+
+def test_refuses_truncated_last_line(tmp_path):
+    open_ledger(tmp_path).charge("r", 1, (1.0, 0.05, 8))
+    path = tmp_path / LEDGER_FILE
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(LedgerError, match="incomplete last line"):
+        open_ledger(tmp_path)
+
+
+def test_refuses_missing_but_expected_ledger(tmp_path):
+    open_ledger(tmp_path).charge("r", 1, (1.0, 0.05, 8))
+    (tmp_path / LEDGER_FILE).unlink()
+    with pytest.raises(LedgerError, match="missing"):
+        open_ledger(tmp_path)
+
+
+def test_delta_cannot_change_silently(tmp_path):
+    open_ledger(tmp_path)
+    with pytest.raises(LedgerError, match="delta"):
+        PrivacyLedger.open(tmp_path, site="site-x", epsilon_max=10, delta=1e-6, accountant="prv")
+
+
+def test_budget_change_is_recorded_not_rewritten(tmp_path):
+    open_ledger(tmp_path, eps_max=10.0)
+    ledger = open_ledger(tmp_path, eps_max=4.0)
+    assert ledger.epsilon_max == 4.0
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / LEDGER_FILE).read_text().splitlines()]
+    assert kinds == ["header", "budget"]
+    assert PrivacyLedger.read(tmp_path / LEDGER_FILE).epsilon_max == 4.0
+
+
+def test_summary_document_shape(tmp_path):
+    ledger = open_ledger(tmp_path)
+    ledger.charge("run-1", 3, (1.0, 0.05, 8))
+    doc = ledger.summary()
+    assert set(doc) >= {"site", "epsilon_max", "delta", "accountant", "entries"}
+    assert set(doc["entries"][0]) == {"run", "round", "noise_multiplier", "sample_rate", "steps",
+                                      "epsilon_after"}
