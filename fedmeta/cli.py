@@ -74,7 +74,8 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- simulate
 @app.command()
 def simulate(
-    task: Annotated[str | None, typer.Option(help="digits-fewshot | sine | breast-cancer-sites")] = None,
+    task: Annotated[str | None, typer.Option(
+        help="digits-fewshot | sine | breast-cancer-sites")] = None,
     strategy: Annotated[str | None, typer.Option(help="reptile | fedavg (baseline)")] = None,
     sites: Annotated[int | None, typer.Option(help="number of simulated sites")] = None,
     rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
@@ -110,7 +111,8 @@ def simulate(
         from fedmeta.config import build_task
 
         build_task(cfg).site_records(0)  # fail fast on impossible task settings
-        from fedmeta.simulation import prepare_run_dir, simulate as run_sim
+        from fedmeta.simulation import prepare_run_dir
+        from fedmeta.simulation import simulate as run_sim
 
         prepare_run_dir(cfg, overwrite)
     except _user_errors() as exc:
@@ -142,7 +144,8 @@ def simulate(
             stop.wait(0.3)
 
     with progress:
-        bar = progress.add_task(f"{cfg.strategy} on {cfg.task}", total=cfg.rounds, status="starting")
+        bar = progress.add_task(f"{cfg.strategy} on {cfg.task}", total=cfg.rounds,
+                                status="starting")
         watcher = threading.Thread(target=follow, args=(bar,), daemon=True)
         watcher.start()
         try:
@@ -199,7 +202,8 @@ def evaluate(
         if not shot_list or min(shot_list) < 1 or not grid:
             raise ValueError
     except ValueError:
-        raise fail("options '--shots'/'--lr-grid': expected comma-separated positive numbers") from None
+        raise fail("options '--shots'/'--lr-grid': expected comma-separated positive "
+                   "numbers") from None
     try:
         curve = shots_curve(run_dirs, shot_list, episodes=episodes, steps=steps, lr_grid=grid,
                             seed=seed)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
 import os
 from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.config import RunConfig
 from fedmeta.offline import quiet_flower
 from server.run import RoundCallback, run_server
-
 
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"  # set by `fedmeta simulate` (fedmeta.simulation)
 

@@ -91,14 +91,17 @@ class AuditLog:
         path = Path(path)
         validate_actor(actor)
         key = load_or_create_key(Path(key_path))
-        make_dirs(path.parent)
         flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
-            created = True
-        except FileExistsError:
-            fd = os.open(path, flags)
-            created = False
+            make_dirs(path.parent)
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
+                created = True
+            except FileExistsError:
+                fd = os.open(path, flags)
+                created = False
+        except OSError as e:
+            raise LogStateError(f"cannot open audit log {path}: {e.strerror or e}") from e
         log = cls(path, fd, key, actor)
         try:
             if created:

@@ -3,7 +3,8 @@
 File: ``<site-dir>/privacy-ledger.jsonl``, one JSON object per line, each line
 fsync'd before the call returns::
 
-    {"kind": "header", "site": ..., "epsilon_max": ..., "delta": ..., "accountant": ..., "created": ...}
+    {"kind": "header", "site": ..., "epsilon_max": ..., "delta": ..., "accountant": ...,
+     "created": ...}
     {"kind": "charge", "run": ..., "round": ..., "noise_multiplier": ..., "sample_rate": ...,
      "steps": ..., "delta": ..., "accountant": ..., "epsilon_after": ..., "time": ...}
     {"kind": "budget", "epsilon_max": ..., "time": ...}          # the site changed its budget
@@ -121,7 +122,8 @@ class PrivacyLedger:
         try:
             raw = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise LedgerError(f"{path}: cannot read privacy ledger ({exc}); refusing to train") from None
+            raise LedgerError(
+                f"{path}: cannot read privacy ledger ({exc}); refusing to train") from None
         header: dict[str, Any] | None = None
         charges: list[Charge] = []
         epsilon_max = None

@@ -159,6 +159,8 @@ class SiteAwareMixin:
             if site not in seen:
                 log_.lost.setdefault(site, "no reply before the round timeout")
         log_.used.sort()
+        # a fixed order makes the weighted sum (and so the run) bit-for-bit reproducible
+        usable.sort(key=lambda m: self.site_of_node.get(m.metadata.src_node_id, ""))
         if usable:
             losses = [float(next(iter(m.content.metric_records.values()))["train-loss"])
                       for m in usable]

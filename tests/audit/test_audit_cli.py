@@ -7,7 +7,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import LogFixture
+from audit_helpers import LogFixture
 from typer.testing import CliRunner
 
 from fedmeta.audit import verify_log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 from collections.abc import Iterator
@@ -122,7 +123,5 @@ def test_bad_key_files(tmp_path: Path) -> None:
 def test_public_key_forms(tmp_path: Path) -> None:
     key = create_key(tmp_path / "k.pem")
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    import base64
-
     for src in (public_key_path(tmp_path / "k.pem"), public_pem(key), base64.b64encode(raw)):
         assert fingerprint(load_public_key(src)) == fingerprint(key)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import LogFixture, fill_log
+from audit_helpers import LogFixture, fill_log
 
 import fedmeta.audit._fs as fs
 import fedmeta.audit.log as log_module
@@ -204,6 +204,12 @@ def test_repair_refuses_when_there_is_nothing_to_repair_or_other_damage(
         AuditLog.repair_partial_tail(fx.path, fx.key_path, fx.actor)
     assert fx.path.read_bytes() == before
     assert not fx.path.with_name(fx.path.name + ".partial").exists()
+
+
+def test_unopenable_log_path_is_an_audit_error(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("x")
+    with pytest.raises(LogStateError, match="cannot open audit log"):
+        AuditLog.open(tmp_path / "not-a-dir" / "log.jsonl", tmp_path / "k.pem", "site-1")
 
 
 def test_closed_log_refuses_appends(make_log: MakeLog) -> None:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import LogFixture, forge
+from audit_helpers import LogFixture, forge
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmeta.audit import AuditLog, AuditReadError, Entry, KeyFileError, Receipt, verify_log

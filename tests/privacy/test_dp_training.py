@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from fedmeta.data.tasks import get_task
-from fedmeta.data.tasks.base import SampleMSELoss
-from fedmeta.data.tasks.base import Pool
+from fedmeta.data.tasks.base import Pool, SampleMSELoss
 from fedmeta.privacy.budget import poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, pick_grad_sample_mode, train_steps
 

@@ -19,5 +19,6 @@ def get_task(name: str, n_way: int = 5, pool_per_class: int = 40, num_sites: int
     try:
         cls = TASKS[name]
     except KeyError:
-        raise TaskError(f"option 'task': unknown task {name!r}; choose from {sorted(TASKS)}") from None
+        raise TaskError(
+            f"option 'task': unknown task {name!r}; choose from {sorted(TASKS)}") from None
     return cls(n_way=n_way, pool_per_class=pool_per_class, num_sites=num_sites)
