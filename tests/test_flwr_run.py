@@ -1,0 +1,66 @@
+"""`flwr run .`: the same ServerApp/ClientApp through Flower's own CLI and local SuperLink."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, loopback_only
+
+from fedmeta.offline import OFFLINE_ENV
+
+pytestmark = pytest.mark.slow
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{key}={value}".encode() in env:
+            found.append(int(pid))
+    return found
+
+
+def test_flwr_run_local_simulation(tmp_path):
+    app = tmp_path / "app"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (app / name).parent.mkdir(parents=True, exist_ok=True)
+            (app / name).write_bytes(src.read_bytes())
+    flwr_home = str(tmp_path / "flwr-home")
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": flwr_home,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [*loopback_only(), "flwr", "run", ".", "--stream", "--run-config",
+           'rounds=2 eval-episodes=5 task="breast-cancer-sites"']
+    try:
+        res = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=400)
+        deadline = time.monotonic() + 60
+        summary = app / "runs" / "flwr" / "summary.json"
+        while not summary.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        # the local SuperLink that `flwr run` started outlives the command: stop it by PID
+        for pid in processes_with_env("FLWR_HOME", flwr_home):
+            os.kill(pid, signal.SIGTERM)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    data = json.loads(summary.read_text())
+    assert data["task"] == "breast-cancer-sites" and data["rounds"] == 2
+    assert data["sites"] == ["site-0", "site-1"] and data["dp"] is True
+    assert set(data["epsilon"]) == {"site-0", "site-1"}
+    lines = (app / "runs" / "flwr" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert (app / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
