@@ -1,0 +1,96 @@
+"""Cost of differential privacy per site round: DP round time / non-private round time.
+
+One "round" is what a site does per federated round: build the model from
+theta, wrap it (Opacus), run k optimizer steps on the round's pool. Timed side
+by side in one process for the default site model (digits CNN) and a ~1M
+parameter Linear model, for every Opacus grad-sample mode that supports the
+model, and for fedmeta's own choice (`grad-sample-mode = auto`).
+
+    python benchmarks/dp_overhead.py [--reps 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc import machine, write_section  # noqa: E402
+
+from fedmeta.data.tasks import get_task  # noqa: E402
+from fedmeta.data.tasks.base import Pool  # noqa: E402
+from fedmeta.meta.models import MLP  # noqa: E402
+from fedmeta.privacy.dp_training import DPSettings, pick_grad_sample_mode, train_steps  # noqa: E402
+
+MODES = ("hooks", "ew", "functorch", "ghost")
+
+
+def cases():
+    task = get_task("digits-fewshot")
+    pool = task.episode_pool(task.site_records(0), np.random.default_rng(0))
+    yield ("digits CNN (default site model)", lambda: task.build_model(5), pool, task.loss_fn(),
+           10, 8)
+    rng = np.random.default_rng(0)
+    big = Pool(rng.normal(size=(4096, 512)).astype(np.float32),
+               rng.integers(0, 10, size=4096).astype(np.int64))
+    yield ("MLP 512-1024-512-10 (1.05M params)", lambda: MLP(512, (1024, 512), 10), big,
+           nn.CrossEntropyLoss(), 256, 8)
+
+
+def time_round(build, pool, loss, batch, steps, dp, reps) -> float:
+    times = []
+    for r in range(reps + 1):
+        torch.manual_seed(r)
+        model = build()
+        t0 = time.perf_counter()
+        train_steps(model, pool, loss_fn=loss, steps=steps, lr=0.05, batch_size=batch, dp=dp,
+                    seed=r)
+        if r:  # first repetition warms up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    lines = ["## DP cost per site round (`benchmarks/dp_overhead.py`)", "",
+             f"Machine: {machine()}; one thread; median of {args.reps} rounds, each round = "
+             "model built from theta, Opacus wrapping, k steps with Poisson sampling.", "",
+             "| model | params | batch, steps | non-private round | " +
+             " | ".join(MODES) + " | fedmeta auto |", "|---" * (5 + len(MODES)) + "|"]
+    for name, build, pool, loss, batch, steps in cases():
+        n_params = sum(p.numel() for p in build().parameters())
+        base = time_round(build, pool, loss, batch, steps, None, args.reps)
+        cells = []
+        for mode in MODES:
+            try:
+                t = time_round(build, pool, loss, batch, steps,
+                               DPSettings(1.0, 1.0, grad_sample_mode=mode), args.reps)
+                cells.append(f"{t / base:.2f}x")
+            except Exception as exc:  # a mode that does not support the model
+                cells.append(f"n/a ({type(exc).__name__})")
+        auto = pick_grad_sample_mode(build())
+        t = time_round(build, pool, loss, batch, steps, DPSettings(1.0, 1.0), args.reps)
+        lines.append(f"| {name} | {n_params:,} | {batch}, {steps} | {1000 * base:.1f} ms | "
+                     + " | ".join(cells) + f" | {t / base:.2f}x ({auto}) |")
+        print(lines[-1], flush=True)
+    lines += ["", "Ratios are DP round time / non-private round time, measured side by side in "
+              "one run. Target: <= 2x, never worse than Opacus's best mode."]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("dp-overhead", body)
+
+
+if __name__ == "__main__":
+    main()
