@@ -8,6 +8,7 @@ every reply, declines included).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,10 +17,11 @@ from flwr.clientapp import ClientApp
 
 from fedmeta.config import RunConfig
 from fedmeta.offline import no_call_home
-from fedmeta.site import Site, SiteReply, simulation_site_dir
+from fedmeta.site import Site, SiteReply, load_manifest, simulation_site_dir
+from policies import RunDeclaration
 
 no_call_home()
-SERVER_KEYS = {"server-round", "run-id", "beta"}
+SERVER_KEYS = {"server-round", "run-id", "beta", "declaration-json", "server-head"}
 _SITES: dict[tuple[str, str], Site] = {}
 
 
@@ -53,7 +55,9 @@ def reply_record(reply: SiteReply) -> RecordDict:
         "excluded": int(sum(reply.excluded.values())),
     })
     arrays = ArrayRecord(reply.state) if reply.state is not None else ArrayRecord()
-    info = ConfigRecord({"site-id": reply.site_id, "reason": reply.reason})
+    info = ConfigRecord({"site-id": reply.site_id, "reason": reply.reason,
+                         "exclusions": json.dumps(reply.excluded, sort_keys=True),
+                         "receipt": reply.receipt})
     return RecordDict({"arrays": arrays, "metrics": metrics, "info": info})
 
 
@@ -61,21 +65,33 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     """A ClientApp; ``cfg`` fixes the run config (simulate), else it comes with each message."""
     app = ClientApp()
 
+    def run_config(msg: Message) -> RunConfig:
+        sent = msg.content["config"]
+        return cfg or RunConfig.from_flat(
+            {k: v for k, v in sent.items() if k not in SERVER_KEYS}, source="round config")
+
     @app.query()
     def identify(msg: Message, context: Context) -> Message:
-        site_id, index, _ = site_identity(context, cfg.out_dir if cfg else "")
-        record = RecordDict({"site": ConfigRecord({"site-id": site_id, "site-index": index})})
+        """Who this site is and its (public) manifest, for the server's run-level rules."""
+        run_cfg = run_config(msg)
+        site_id, index, site_dir = site_identity(context, run_cfg.out_dir)
+        manifest = load_manifest(site_dir, site_id, run_cfg)
+        record = RecordDict({"site": ConfigRecord({
+            "site-id": site_id, "site-index": index,
+            "manifest-json": manifest.model_dump_json()})})
         return Message(record, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         sent = msg.content["config"]
-        run_cfg = cfg or RunConfig.from_flat(
-            {k: v for k, v in sent.items() if k not in SERVER_KEYS}, source="round config")
-        site = get_site(context, run_cfg)
+        site = get_site(context, run_config(msg))
+        declaration = None
+        if sent.get("declaration-json"):
+            declaration = RunDeclaration.model_validate_json(str(sent["declaration-json"]))
         theta = msg.content["arrays"].to_torch_state_dict()
-        reply = site.train_round(theta, str(sent["run-id"]), int(sent["server-round"]))
+        reply = site.train_round(theta, str(sent["run-id"]), int(sent["server-round"]),
+                                 declaration, str(sent.get("server-head", "")))
         return Message(reply_record(reply), reply_to=msg)
 
     return app

@@ -78,6 +78,11 @@ class RunConfig(BaseModel):
 
     device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N")
 
+    # policies and evidence
+    declaration: str = Field("", description="run declaration TOML ('' = bundled example)")
+    site_country: str = Field("DE", min_length=2, max_length=2,
+                              description="country of simulated sites without a manifest")
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.min_sites > self.sites:

@@ -1,14 +1,19 @@
 """The server's side of a run, round by round (DESIGN.md "One round, as data flows").
 
-1. learn which sites are connected (a ``query`` message: site ids, nothing else),
-2. build theta from the task's model and the seed,
-3. hand over to the strategy (Reptile or the FedAvg baseline) for ``rounds`` rounds,
-   evaluating theta on held-out classes/tasks and writing one metrics line per round,
-4. save the final model and a summary.
+1. open the server's audit log and record the run's start (config and declaration hashes),
+2. learn which sites are connected and their public manifests (a ``query`` message),
+3. evaluate the run-level rules (lawful basis, Art. 9, transfers per site, DP offered,
+   minimum sites); every decision is audited, denied sites are never sampled,
+4. hand over to the strategy (Reptile or the FedAvg baseline) for ``rounds`` rounds;
+   the strategy audits each round's start, the sites' receipts and its end and closes
+   it with a signed checkpoint, whose head the next round sends to the sites,
+5. evaluate theta on held-out classes/tasks, one metrics line per round,
+6. save the final model and a summary.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -22,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedmeta.audit import AuditLog
 from fedmeta.config import RunConfig, adapt_lr, build_task
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
@@ -33,37 +39,75 @@ from fedmeta.metrics import (
     save_model,
     write_json,
 )
+from policies import (
+    RunDeclaration,
+    SiteManifest,
+    check_min_sites,
+    eligible_sites,
+    evaluate_run,
+    example_run_declaration,
+    load_run_declaration,
+)
 from server.strategy.fedavg import FedAvgBaseline
 from server.strategy.reptile import Reptile
 from server.strategy.sites import RoundLog
 
 RoundCallback = Callable[[dict[str, Any]], None]
 EVAL_SEED_OFFSET = 10_007
+SERVER_AUDIT_LOG = Path("audit") / "server-audit-log.jsonl"
+SERVER_AUDIT_KEY = Path("keys") / "server-audit-signing.pem"
+DECISIONS_FILE = "policy-decisions.json"
 
 
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def discover_sites(grid: Grid, cfg: RunConfig, run_id: str) -> dict[int, str]:
-    """node id -> site id for the connected nodes (bounded wait for ``cfg.sites``)."""
+def load_declaration(cfg: RunConfig) -> RunDeclaration:
+    return load_run_declaration(Path(cfg.declaration)) if cfg.declaration else \
+        example_run_declaration()
+
+
+def discover_sites(grid: Grid, cfg: RunConfig, config: ConfigRecord
+                   ) -> tuple[dict[int, str], dict[str, SiteManifest], dict[str, str]]:
+    """(node id -> site id, site id -> manifest, node/site -> why unusable)."""
     deadline = time.monotonic() + cfg.node_wait_s
     while len(list(grid.get_node_ids())) < cfg.sites and time.monotonic() < deadline:
         time.sleep(0.5)
     nodes = list(grid.get_node_ids())
-    msgs = [Message(RecordDict({"config": ConfigRecord({"run-id": run_id})}),
-                    message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    msgs = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY,
+                    dst_node_id=n) for n in nodes]
     sites: dict[int, str] = {}
+    manifests: dict[str, SiteManifest] = {}
+    problems: dict[str, str] = {}
     for reply in grid.send_and_receive(msgs, timeout=cfg.node_wait_s):
+        node = reply.metadata.src_node_id
         if reply.has_error() or "site" not in reply.content.config_records:
-            log(WARNING, "node %s did not identify itself", reply.metadata.src_node_id)
+            reason = reply.error.reason if reply.has_error() else "no site record"
+            problems[f"node-{node}"] = f"did not identify itself ({reason})"[:300]
+            log(WARNING, "node %s did not identify itself", node)
             continue
-        sites[reply.metadata.src_node_id] = str(reply.content["site"]["site-id"])
-    return sites
+        info = reply.content["site"]
+        site_id = str(info["site-id"])
+        try:
+            manifest = SiteManifest.model_validate_json(str(info.get("manifest-json", "")))
+        except ValueError as exc:
+            problems[site_id] = f"unreadable manifest ({str(exc).splitlines()[0]})"[:300]
+            continue
+        if manifest.site_id != site_id or site_id in manifests:
+            problems[site_id] = "manifest site id differs from the node's or is duplicated"
+            continue
+        sites[node] = site_id
+        manifests[site_id] = manifest
+    return sites, manifests, problems
 
 
 def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return arrays.to_torch_state_dict()
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None) -> dict:
@@ -76,20 +120,53 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     started = time.time()
     task = build_task(cfg)
     out_dim = task.out_dim(cfg.strategy)
+    declaration = load_declaration(cfg)
+    declaration_json = declaration.model_dump_json()
+    audit = AuditLog.open(out / SERVER_AUDIT_LOG, out / SERVER_AUDIT_KEY, actor="server")
+    audit.append("run.start", run_id=run_id, details={
+        "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
+        "purpose": declaration.purpose, "config_sha256": _sha(cfg.model_dump_json()),
+        "declaration_sha256": _sha(declaration_json), "transport": "simulation"})
+    round_config = ConfigRecord({**cfg.to_flat(), "run-id": run_id,
+                                 "declaration-json": declaration_json})
 
-    sites = discover_sites(grid, cfg, run_id)
+    sites, manifests, problems = discover_sites(grid, cfg, round_config)
+    for name, reason in sorted(problems.items()):
+        audit.append("site.unusable", run_id=run_id, decision="deny",
+                     details={"site": name, "reason": reason})
+    decisions = evaluate_run(declaration, list(manifests.values())) if manifests else []
+    for d in decisions:
+        audit.append("policy.run", run_id=run_id, decision=d.outcome.value,
+                     rule_ids=[d.rule_id], details={
+                         "site": d.site_id, "reason": d.reason[:500],
+                         "references": "; ".join(d.references)[:500],
+                         "conflict": d.conflict})
+    eligible = {m.site_id for m in eligible_sites(decisions, list(manifests.values()))}
+    denied = {d.site_id: f"{d.rule_id}: {d.reason}" for d in decisions
+              if d.denied and d.site_id and d.site_id not in eligible}
+    min_sites = max(cfg.min_sites, declaration.min_sites_per_round)
+    write_json(out / DECISIONS_FILE, {
+        "run": run_id, "declaration": declaration.model_dump(mode="json"),
+        "manifests": {k: m.model_dump(mode="json") for k, m in manifests.items()},
+        "decisions": [d.to_dict() for d in decisions], "unusable": problems,
+        "eligible": sorted(eligible)})
+
     if cfg.strategy == "reptile":
         strategy: Reptile | FedAvgBaseline = Reptile(
             beta0=cfg.meta_lr, beta_final=cfg.meta_lr_final, num_rounds=cfg.rounds,
             fraction_train=cfg.fraction_train)
     else:
         strategy = FedAvgBaseline(fraction_train=cfg.fraction_train)
-    strategy.setup_sites(sites=sites, seed=cfg.seed, min_sites=cfg.min_sites,
-                         node_wait_s=cfg.node_wait_s, max_update_norm=cfg.max_update_norm)
-    if len(sites) < cfg.min_sites:
-        strategy.stopped = (f"{len(sites)} site(s) identified, fewer than the declared minimum "
-                            f"of {cfg.min_sites}; the run was not started")
+    strategy.setup_sites(sites={n: s for n, s in sites.items() if s in eligible}, seed=cfg.seed,
+                         min_sites=min_sites, node_wait_s=cfg.node_wait_s,
+                         max_update_norm=cfg.max_update_norm, audit=audit, run_id=run_id)
+    gate = check_min_sites(declaration, len(eligible))
+    if len(eligible) < min_sites:
+        strategy.stopped = (f"{len(eligible)} eligible site(s), fewer than the declared minimum "
+                            f"of {min_sites}; the run was not started ({gate.rule_id})")
         log(WARNING, strategy.stopped)
+        audit.append("run.stop", run_id=run_id, decision="deny", rule_ids=[gate.rule_id],
+                     details={"reason": strategy.stopped[:500]})
 
     torch.manual_seed(cfg.seed)
     model = task.build_model(out_dim)
@@ -103,6 +180,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
                                     {k: a.numpy() for k, a in arrays.items()})}
         if server_round > 0:
             line.update({k: v for k, v in vars(rl).items() if k != "round"})
+        else:
+            line.update({"eligible": sorted(eligible), "denied": denied,
+                         "unusable": problems})
         due = (server_round == 0 or server_round == cfg.rounds
                or (cfg.eval_every and server_round % cfg.eval_every == 0))
         metrics = None
@@ -124,26 +204,34 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
             on_round(line)
         return metrics
 
-    result = strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=cfg.rounds, timeout=cfg.round_timeout_s,
-        train_config=ConfigRecord({**cfg.to_flat(), "run-id": run_id}),
-        evaluate_fn=evaluate,
-    )
-    final = result.arrays if len(result.arrays) else initial
-    save_model(out, _state(final), task=cfg.task, strategy=cfg.strategy, out_dim=out_dim,
-               run=run_id)
-    epsilon: dict[str, float] = {}
-    declined: dict[str, int] = {}
-    for rl in strategy.rounds.values():
-        epsilon.update(rl.epsilon)
-        for site in rl.declined:
-            declined[site] = declined.get(site, 0) + 1
-    summary = {
-        "run": run_id, "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds,
-        "sites": sorted(sites.values()), "epsilon": epsilon, "declined_rounds": declined,
-        "dp": cfg.dp, "eval": last_eval, "stopped": strategy.stopped,
-        "model_sha256": model_digest({k: a.numpy() for k, a in final.items()}),
-        "wall_s": round(time.time() - started, 2),
-    }
-    write_json(out / SUMMARY_FILE, summary)
-    return summary
+    try:
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds,
+                                timeout=cfg.round_timeout_s, train_config=round_config,
+                                evaluate_fn=evaluate)
+        final = result.arrays if len(result.arrays) else initial
+        save_model(out, _state(final), task=cfg.task, strategy=cfg.strategy, out_dim=out_dim,
+                   run=run_id)
+        epsilon: dict[str, float] = {}
+        declined: dict[str, int] = {}
+        exclusions: dict[str, dict[str, int]] = {}
+        for rl in strategy.rounds.values():
+            epsilon.update(rl.epsilon)
+            exclusions.update(rl.exclusions)
+            for site in rl.declined:
+                declined[site] = declined.get(site, 0) + 1
+        summary = {
+            "run": run_id, "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds,
+            "sites": sorted(sites.values()), "eligible": sorted(eligible), "denied": denied,
+            "epsilon": epsilon, "declined_rounds": declined, "exclusions": exclusions,
+            "dp": cfg.dp, "eval": last_eval, "stopped": strategy.stopped,
+            "model_sha256": model_digest({k: a.numpy() for k, a in final.items()}),
+            "wall_s": round(time.time() - started, 2),
+        }
+        audit.append("run.end", run_id=run_id, decision="allow" if not strategy.stopped
+                     else "deny", model_out=summary["model_sha256"],
+                     details={"stopped": (strategy.stopped or "")[:500] or None})
+        summary["audit_head"] = str(audit.checkpoint(run_id, None))
+        write_json(out / SUMMARY_FILE, summary)
+        return summary
+    finally:
+        audit.close()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterable
@@ -21,7 +22,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedmeta.meta.updates import check_update
+from fedmeta.audit import AuditLog
+from fedmeta.meta.updates import check_update, model_digest
+
+
+def digest(arrays: ArrayRecord) -> str:
+    return model_digest({k: a.numpy() for k, a in arrays.items()})
 
 
 @dataclass
@@ -41,6 +47,8 @@ class RoundLog:
     dp: dict[str, bool] = field(default_factory=dict)
     beta: float | None = None
     stopped: str | None = None
+    exclusions: dict[str, dict[str, int]] = field(default_factory=dict)
+    receipts: dict[str, str] = field(default_factory=dict)
 
 
 class RunStopped(RuntimeError):
@@ -51,7 +59,11 @@ class SiteAwareMixin:
     """Mixed in front of a Flower strategy (``class X(SiteAwareMixin, FedAvg)``)."""
 
     def setup_sites(self, *, sites: dict[int, str], seed: int, min_sites: int,
-                    node_wait_s: float, max_update_norm: float) -> None:
+                    node_wait_s: float, max_update_norm: float,
+                    audit: AuditLog | None = None, run_id: str = "-") -> None:
+        self.audit = audit
+        self.run_id = run_id
+        self.server_head = ""
         self.site_of_node = dict(sites)
         self.sample_seed = seed
         self.min_sites = min_sites
@@ -96,10 +108,21 @@ class SiteAwareMixin:
             self.stopped = str(exc)
             log_.stopped = self.stopped
             log(WARNING, self.stopped)
+            if self.audit:
+                self.audit.append("run.stop", run_id=self.run_id, round=server_round,
+                                  decision="deny", rule_ids=["PRIV-MIN-SITES"],
+                                  details={"reason": self.stopped[:500]})
             return []
         log_.sampled = [self.site_of_node[n] for n in nodes]
         self.before_send(server_round, arrays, config)
+        if self.audit:  # durable before the messages leave
+            self.audit.append("round.start", run_id=self.run_id, round=server_round,
+                              decision="allow", model_out=digest(arrays),
+                              counts={"sampled": len(nodes)},
+                              details={"sites": ",".join(log_.sampled)[:500],
+                                       "beta": log_.beta})
         config["server-round"] = server_round
+        config["server-head"] = self.server_head
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         self._out = [(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n),
                       self.site_of_node[n]) for n in nodes]
@@ -130,8 +153,10 @@ class SiteAwareMixin:
             if metrics is None or len(content.metric_records) != 1:
                 log_.dropped[site] = "reply has no (or several) metric records"
                 continue
+            info = content.config_records.get("info")
+            if info is not None:
+                self._note_evidence(log_, site, info)
             if int(metrics.get("declined", 0)):
-                info = content.config_records.get("info")
                 log_.declined[site] = str(info.get("reason", "declined")) if info else "declined"
                 self._note_privacy(log_, site, metrics)
                 continue
@@ -174,6 +199,19 @@ class SiteAwareMixin:
         return sent.get(msg.metadata.reply_to_message_id, default)
 
     @staticmethod
+    def _note_evidence(log_: RoundLog, site: str, info) -> None:
+        """Exclusion counts by rule and the site's audit head (receipt), if sent."""
+        try:
+            counts = json.loads(str(info.get("exclusions", "{}")))
+            if isinstance(counts, dict) and counts:
+                log_.exclusions[site] = {str(k): int(v) for k, v in counts.items()}
+        except (ValueError, TypeError):
+            log(WARNING, "site %s sent unreadable exclusion counts", site)
+        receipt = str(info.get("receipt", ""))
+        if receipt:
+            log_.receipts[site] = receipt[:100]
+
+    @staticmethod
     def _note_privacy(log_: RoundLog, site: str, metrics) -> None:
         dp = bool(int(metrics.get("dp", 1)))
         log_.dp[site] = dp
@@ -183,6 +221,26 @@ class SiteAwareMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         usable = self.classify(server_round, list(replies))
-        if not usable:
-            return None, None
-        return super().aggregate_train(server_round, usable)
+        log_ = self.rounds[server_round]
+        arrays, metrics = None, None
+        if len(usable) < self.min_sites and usable:
+            log_.stopped = (f"round {server_round}: {len(usable)} usable replies, fewer than "
+                            f"the minimum of {self.min_sites}; not aggregated")
+            log(WARNING, log_.stopped)
+        elif usable:
+            arrays, metrics = super().aggregate_train(server_round, usable)
+        if self.audit:
+            for site, receipt in sorted(log_.receipts.items()):
+                self.audit.append("round.receipt", run_id=self.run_id, round=server_round,
+                                  details={"site": site, "receipt": receipt})
+            self.audit.append(
+                "round.end", run_id=self.run_id, round=server_round,
+                decision="allow" if arrays is not None else "deny",
+                model_in=digest(self.theta) if self.theta else None,
+                model_out=digest(arrays) if arrays is not None else None,
+                counts={"used": len(log_.used), "declined": len(log_.declined),
+                        "dropped": len(log_.dropped), "lost": len(log_.lost),
+                        "examples": log_.examples},
+                details={f"declined:{s}": r[:200] for s, r in sorted(log_.declined.items())[:8]})
+            self.server_head = str(self.audit.checkpoint(self.run_id, server_round))
+        return arrays, metrics
