@@ -1,0 +1,145 @@
+"""Policies and audit log wired into real simulated rounds."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from helpers import fedmeta
+
+from fedmeta.audit import Receipt, verify_log
+from fedmeta.data.tasks import get_task
+from policies import EXAMPLE_RUN
+
+pytestmark = pytest.mark.slow
+
+NOW = datetime.now(UTC)
+PURPOSE = "research.model-training"
+CONSTRUCTED = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-8": 4, "GDPR-5-1-e": 6}
+
+
+def consent_declaration(tmp_path):
+    text = EXAMPLE_RUN.read_text()
+    text = text.replace('lawful_basis = "e"', 'lawful_basis = "a"')
+    text = text.replace('special_category_condition = "j"', 'special_category_condition = "a"')
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def manifest(site_id, country="DE", basis="a", safeguards="[]"):
+    return f"""
+site_id = "{site_id}"
+institution = "Hospital {site_id}"
+country = "{country}"
+role = "joint-controller"
+data_categories = ["health"]
+data_subjects = ["patients", "minors"]
+approved_purposes = ["{PURPOSE}"]
+lawful_basis = "{basis}"
+retention_days = 3650
+log_retention_days = 730
+transfer_safeguards = {safeguards}
+epsilon_max = 10.0
+delta = 1e-5
+law_packs = ["gdpr"]
+"""
+
+
+def write_site(root, index, country="DE", constructed=False, num_sites=3):
+    site_dir = root / "sites" / f"site-{index}"
+    site_dir.mkdir(parents=True)
+    (site_dir / "manifest.toml").write_text(manifest(f"site-{index}", country))
+    ids = get_task("digits-fewshot", num_sites=num_sites).site_records(index).record_ids
+    rows = ["record_id,consented_purposes,consent_withdrawn_at,age,guardian_consent,"
+            "collected_at,erasure_requested"]
+    old = (NOW - timedelta(days=20 * 365)).date().isoformat()
+    recent = (NOW - timedelta(days=300)).date().isoformat()
+    withdrawn = (NOW - timedelta(days=3)).date().isoformat()
+    plan = []
+    if constructed:
+        for rule, n in CONSTRUCTED.items():
+            plan += [rule] * n
+    for i, rid in enumerate(ids):
+        kind = plan[i] if i < len(plan) else None
+        rows.append(",".join([
+            rid, PURPOSE, withdrawn if kind == "GDPR-7-3" else "",
+            "12" if kind == "GDPR-8" else "40", "false",
+            old if kind == "GDPR-5-1-e" else recent, "true" if kind == "GDPR-17" else "false"]))
+    (site_dir / "records-meta.csv").write_text("\n".join(rows) + "\n")
+    return site_dir
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_exclusions_denials_and_receipts_in_a_real_run(tmp_path):
+    out = tmp_path / "run"
+    for i in range(3):
+        write_site(out, i, constructed=(i == 0), num_sites=4)
+    write_site(out, 3, country="CN", num_sites=4)  # non-adequate, no SCC
+    res = fedmeta("simulate", "--sites", "4", "--rounds", "2", "--out", str(out),
+                  "--set", "fraction-train=1.0", "--set", "eval-every=0",
+                  "--set", "eval-episodes=3",
+                  "--set", f"declaration={consent_declaration(tmp_path)}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = metrics(out)
+    assert lines[0]["eligible"] == ["site-0", "site-1", "site-2"]
+    assert "GDPR-44" in lines[0]["denied"]["site-3"]
+    for line in lines[1:]:
+        assert line["sampled"] == ["site-0", "site-1", "site-2"]  # site-3 never sampled
+        assert line["exclusions"]["site-0"] == CONSTRUCTED
+        assert "site-1" not in line["exclusions"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exclusions"]["site-0"] == CONSTRUCTED
+
+    # the site's own signed log holds the same counts, and the server's copy of its
+    # receipts verifies against it
+    site_log = out / "sites" / "site-0" / "audit" / "audit-log.jsonl"
+    entries = [json.loads(x) for x in site_log.read_text().splitlines()]
+    records = [e for e in entries if e["action"] == "policy.records"]
+    assert [e["counts"] for e in records] == [CONSTRUCTED, CONSTRUCTED]
+    assert records[0]["decision"] == "allow-with-exclusions"
+    assert all(set(e) >= {"seq", "prev", "sig"} for e in entries)
+    server_log = out / "audit" / "server-audit-log.jsonl"
+    server = [json.loads(x) for x in server_log.read_text().splitlines()]
+    receipts = [Receipt.parse(e["details"]["receipt"]) for e in server
+                if e["action"] == "round.receipt" and e["details"]["site"] == "site-0"]
+    assert len(receipts) == 2
+    result = verify_log(site_log, receipts=receipts)
+    assert result.ok and all(ok for _, ok in result.receipts_checked)
+    assert verify_log(server_log).ok
+    denials = {e["rule_ids"][0] for e in server
+               if e["action"] == "policy.run" and e["decision"] == "deny"}
+    assert denials == {"GDPR-44-MODEL"}  # the model may not go to a CN site without SCC
+    # the site logged the server's checkpoint head it received in round 2
+    trains = [e for e in entries if e["action"] == "round.train"]
+    assert trains[0]["details"]["server_head"] is None
+    checkpoint = next(e for e in server if e["action"] == "checkpoint" and e["round"] == 1)
+    assert trains[1]["details"]["server_head"].startswith(f"{checkpoint['seq']}:")
+    # nothing but counts and pseudonymous ids left the site: no record id in the server's log
+    site_ids = set(get_task("digits-fewshot", num_sites=4).site_records(0).record_ids)
+    assert not any(rid in server_log.read_text() for rid in list(site_ids)[:50])
+    # CLI verification of the site log with a receipt
+    cli = fedmeta("audit", "verify", str(site_log), "--receipt", str(receipts[-1]),
+                  isolate=False)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def test_run_with_too_few_eligible_sites_is_not_started(tmp_path):
+    out = tmp_path / "run"
+    write_site(out, 0, num_sites=2)
+    write_site(out, 1, country="CN", num_sites=2)
+    res = fedmeta("simulate", "--sites", "2", "--rounds", "2", "--out", str(out),
+                  "--set", "eval-episodes=3",
+                  "--set", f"declaration={consent_declaration(tmp_path)}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "fewer than the declared minimum" in summary["stopped"]
+    assert "stopped" in res.stdout
+    server = [json.loads(x) for x in
+              (out / "audit" / "server-audit-log.jsonl").read_text().splitlines()]
+    assert any(e["action"] == "run.stop" for e in server)
+    assert not (out / "sites" / "site-0" / "privacy-ledger.jsonl").exists()  # nobody trained
