@@ -80,7 +80,8 @@ def discover_sites(grid: Grid, cfg: RunConfig, config: ConfigRecord
     sites: dict[int, str] = {}
     manifests: dict[str, SiteManifest] = {}
     problems: dict[str, str] = {}
-    for reply in grid.send_and_receive(msgs, timeout=cfg.node_wait_s):
+    # replies come as soon as every node answered; a cold node may need long to start
+    for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout_s):
         node = reply.metadata.src_node_id
         if reply.has_error() or "site" not in reply.content.config_records:
             reason = reply.error.reason if reply.has_error() else "no site record"

@@ -1,0 +1,76 @@
+"""A site's round on real objects: policies, ledger, audit log, Opacus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedmeta.audit import verify_log
+from fedmeta.config import RunConfig, build_task
+from fedmeta.data.record_meta import RecordMetaError
+from fedmeta.site import AUDIT_LOG, Site
+from policies import default_site_manifest, example_run_declaration
+
+CFG = RunConfig(sites=3, inner_steps=2, n_way=5)
+
+
+def theta():
+    return build_task(CFG).build_model(5).state_dict()
+
+
+def entries(site_dir):
+    return [json.loads(x) for x in (site_dir / AUDIT_LOG).read_text().splitlines()]
+
+
+def test_a_site_denied_by_policy_declines_with_rule_and_reference(tmp_path):
+    manifest = default_site_manifest("site-0").model_copy(
+        update={"approved_purposes": frozenset({"care.treatment"})})
+    site = Site("site-0", 0, tmp_path, CFG, manifest=manifest)
+    reply = site.train_round(theta(), "run-1", 1, example_run_declaration())
+    assert reply.declined and reply.state is None
+    assert "GDPR-5-1-b" in reply.reason and "Art. 5(1)(b)" in reply.reason
+    assert not (tmp_path / "privacy-ledger.jsonl").exists()  # nothing was trained or charged
+    last = entries(tmp_path)[-1]
+    assert last["action"] == "policy.site" and last["decision"] == "deny"
+    assert verify_log(tmp_path / AUDIT_LOG).ok
+
+
+def test_an_allowed_round_is_audited_before_and_after_training(tmp_path):
+    site = Site("site-1", 1, tmp_path, CFG)
+    reply = site.train_round(theta(), "run-1", 1, example_run_declaration(), "7:" + "a" * 64)
+    assert not reply.declined and reply.epsilon_total > 0
+    actions = [e["action"] for e in entries(tmp_path)]
+    assert actions == ["log.created", "policy.site", "policy.records", "round.train",
+                       "round.reply"]
+    train = entries(tmp_path)[3]
+    assert train["details"]["server_head"] == "7:" + "a" * 64 and train["model_in"]
+    seq, digest = reply.receipt.split(":")
+    assert int(seq) == 4 and len(digest) == 64
+
+
+def test_all_records_excluded_declines(tmp_path):
+    site_dir = tmp_path / "s"
+    site_dir.mkdir()
+    ids = build_task(CFG).site_records(0).record_ids
+    rows = ["record_id,erasure_requested"] + [f"{r},true" for r in ids]
+    (site_dir / "records-meta.csv").write_text("\n".join(rows) + "\n")
+    site = Site("site-0", 0, site_dir, CFG)
+    reply = site.train_round(theta(), "run-1", 1, example_run_declaration())
+    assert reply.declined and "usable records" in reply.reason
+    assert reply.excluded == {"GDPR-17": len(ids)}
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("record_id,shoe_size\nx,3\n", "line 1"),
+    ("record_id,age\nnot-a-record,30\n", "line 2, column 'record_id'"),
+    ("record_id,age\n{rid},old\n", "line 2"),
+    ("record_id,guardian_consent\n{rid},maybe\n", "line 2"),
+])
+def test_malformed_record_metadata_is_a_one_line_error(tmp_path, content, needle):
+    rid = build_task(CFG).site_records(0).record_ids[0]
+    (tmp_path / "records-meta.csv").write_text(content.format(rid=rid))
+    with pytest.raises(RecordMetaError) as err:
+        Site("site-0", 0, tmp_path, CFG)
+    assert needle in str(err.value) and "records-meta.csv" in str(err.value)
+    assert "\n" not in str(err.value)
