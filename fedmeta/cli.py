@@ -42,8 +42,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedmeta.meta.curve import CurveError
     from fedmeta.privacy.ledger import LedgerError
     from fedmeta.simulation import RunDirError
+    from policies import DeclarationError
 
-    return (ConfigError, TaskError, RunDirError, LedgerError, CurveError, FileNotFoundError)
+    return (ConfigError, TaskError, RunDirError, LedgerError, CurveError, DeclarationError,
+            FileNotFoundError)
 
 
 def _parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -108,9 +110,10 @@ def simulate(
         values["dp"] = False
     try:
         cfg = RunConfig.from_flat(values, source="fedmeta simulate")
-        from fedmeta.config import build_task
+        from fedmeta.config import build_task, run_declaration
 
         build_task(cfg).site_records(0)  # fail fast on impossible task settings
+        run_declaration(cfg)
         from fedmeta.simulation import prepare_run_dir
         from fedmeta.simulation import simulate as run_sim
 

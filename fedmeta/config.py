@@ -155,3 +155,25 @@ def inner_lr(cfg: RunConfig, task) -> float:
 
 def adapt_lr(cfg: RunConfig, task) -> float:
     return cfg.adapt_lr or task.default_adapt_lr
+
+
+def run_declaration(cfg: RunConfig):  # -> policies.RunDeclaration
+    """The run's declaration, stating what this run really does about DP.
+
+    ``--no-dp`` is an explicit request: the declaration then says no DP and
+    allow_non_private, so sites (policy PRIV-DP) and the report see it. A run
+    config that would spend more than the declaration promises is refused.
+    """
+    from policies import example_run_declaration, load_run_declaration
+
+    declared = (load_run_declaration(Path(cfg.declaration)) if cfg.declaration
+                else example_run_declaration())
+    if not cfg.dp:
+        return declared.model_copy(update={"dp_enabled": False, "allow_non_private": True})
+    if not declared.dp_enabled:
+        raise ConfigError("option 'dp': the run declaration offers no DP; run with --no-dp "
+                          "or declare dp_enabled = true")
+    if declared.epsilon is not None and cfg.target_epsilon > declared.epsilon:
+        raise ConfigError(f"option 'target-epsilon': {cfg.target_epsilon:g} exceeds the "
+                          f"declared epsilon {declared.epsilon:g}")
+    return declared

@@ -80,8 +80,11 @@ def load_manifest(site_dir: Path, site_id: str, cfg: RunConfig) -> SiteManifest:
     path = Path(site_dir) / MANIFEST_FILE
     if path.exists():
         return load_site_manifest(path)
+    # a simulated site on bundled public data accepts what the run config asks for,
+    # a non-private run (--no-dp) included: it is then declared and reported as such
+    budget = float(cfg.epsilon_max) if cfg.dp else math.inf
     return default_site_manifest(site_id, country=cfg.site_country).model_copy(
-        update={"epsilon_max": float(cfg.epsilon_max), "delta": float(cfg.delta)})
+        update={"epsilon_max": budget, "delta": float(cfg.delta)})
 
 
 class Site:

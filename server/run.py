@@ -28,7 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
-from fedmeta.config import RunConfig, adapt_lr, build_task
+from fedmeta.config import RunConfig, adapt_lr, build_task, run_declaration
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
 from fedmeta.metrics import (
@@ -40,13 +40,10 @@ from fedmeta.metrics import (
     write_json,
 )
 from policies import (
-    RunDeclaration,
     SiteManifest,
     check_min_sites,
     eligible_sites,
     evaluate_run,
-    example_run_declaration,
-    load_run_declaration,
 )
 from server.strategy.fedavg import FedAvgBaseline
 from server.strategy.reptile import Reptile
@@ -61,11 +58,6 @@ DECISIONS_FILE = "policy-decisions.json"
 
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def load_declaration(cfg: RunConfig) -> RunDeclaration:
-    return load_run_declaration(Path(cfg.declaration)) if cfg.declaration else \
-        example_run_declaration()
 
 
 def discover_sites(grid: Grid, cfg: RunConfig, config: ConfigRecord
@@ -121,7 +113,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     started = time.time()
     task = build_task(cfg)
     out_dim = task.out_dim(cfg.strategy)
-    declaration = load_declaration(cfg)
+    declaration = run_declaration(cfg)
     declaration_json = declaration.model_dump_json()
     audit = AuditLog.open(out / SERVER_AUDIT_LOG, out / SERVER_AUDIT_KEY, actor="server")
     audit.append("run.start", run_id=run_id, details={

@@ -46,3 +46,19 @@ def test_arbitrary_values_either_validate_or_raise_config_error(values):
         assert "\n" not in str(exc)
     else:
         json.dumps(cfg.to_flat())
+
+
+def test_declaration_states_what_the_run_does_about_dp(tmp_path):
+    from fedmeta.config import run_declaration
+
+    assert run_declaration(RunConfig()).dp_enabled is True
+    off = run_declaration(RunConfig(dp=False))
+    assert off.dp_enabled is False and off.allow_non_private is True
+    with pytest.raises(ConfigError, match="target-epsilon"):
+        run_declaration(RunConfig(target_epsilon=50.0))
+    bad = tmp_path / "run.toml"
+    bad.write_text('purpose = "nonsense"\n')
+    from policies import DeclarationError
+
+    with pytest.raises(DeclarationError, match="run.toml"):
+        run_declaration(RunConfig(declaration=str(bad)))

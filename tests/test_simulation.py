@@ -138,6 +138,8 @@ def test_sine_without_dp_is_explicit_and_reported(tmp_path):
     (["--set", "inner-steps=abc"], "inner-steps"),
     (["--set", "nonsense"], "KEY=VALUE"),
     (["--strategy", "fedprox"], "strategy"),
+    (["--set", "target-epsilon=50"], "declared epsilon"),
+    (["--set", "declaration=/no/such/run.toml"], "run.toml"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, needle):
     res = fedmeta("simulate", "--out", str(tmp_path / "x"), *args, isolate=False)

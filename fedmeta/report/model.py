@@ -1,0 +1,385 @@
+"""The compliance report as data: one pydantic model, one canonical JSON.
+
+Everything the renderers show is in :class:`Report`; the templates only lay it
+out. ``schema.json`` beside this file is ``Report.model_json_schema()`` (a test
+keeps it in step), so a machine can validate a report without fedmeta.
+
+Counts about people (records excluded, erasure requests ...) are :data:`Count`:
+an int, or ``"<k"`` when the count is between 1 and the site's minimum cohort
+size minus one (``policies.suppress_small_counts``), or ``"withheld"`` when
+showing it would reveal a suppressed count (a total whose parts are suppressed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "fedmeta.report/1"
+
+Count = int | str
+"""A count of records or people; ``"<k"`` or ``"withheld"`` when suppressed."""
+
+Status = Literal["on", "off", "partial", "not applicable", "not recorded"]
+Severity = Literal["error", "warning", "info"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Scope(_Model):
+    kind: Literal["federation", "site"]
+    site_id: str | None = None
+    """For a site report: the only site whose data it holds."""
+
+
+class Finding(_Model):
+    """Something a data protection officer should look at, in one line."""
+
+    severity: Severity
+    section: str
+    message: str
+
+
+class RunSummary(_Model):
+    run_id: str
+    purpose: str
+    purpose_description: str
+    task: str
+    strategy: str
+    rounds_planned: int
+    rounds_run: int
+    sites_configured: int
+    sites_eligible: int | None = None
+    sites_denied: int | None = None
+    started_at: str | None
+    ended_at: str | None
+    model_sha256: str | None
+    dp: bool
+    stopped: str | None
+    transport: str
+    config_sha256: str | None
+    declaration_sha256: str | None
+    declaration_id: str | None
+    dpia_id: str | None
+
+
+class Party(_Model):
+    name: str
+    role: str
+    country: str
+    contact: str | None = None
+    dpo: str | None = None
+    site_id: str | None = None
+    source: str
+    """Where fedmeta learned of the party: the run declaration or a site manifest."""
+
+
+# ---- GDPR Art. 30 ---------------------------------------------------------------------
+
+
+class DataCategory(_Model):
+    category: str
+    special: bool
+    """A special category of GDPR Art. 9(1)."""
+
+
+class Transfer(_Model):
+    data: str
+    origin: str
+    destination: str
+    ground: str
+    decision: str
+    rule_id: str | None = None
+
+
+class Retention(_Model):
+    item: str
+    days: int | None
+    held_by: str
+    source: str
+
+
+class Measure(_Model):
+    measure: str
+    status: Status
+    detail: str
+
+
+class ProcessingRecord(_Model):
+    """One record of processing: GDPR Art. 30(1) (controller) or 30(2) (processor)."""
+
+    article: Literal["30(1)", "30(2)"]
+    party: Party
+    joint_controllers: list[str]
+    representative: str
+    purposes: list[str]
+    legal_basis: list[str]
+    data_subjects: list[str]
+    data_categories: list[DataCategory]
+    recipients: list[str]
+    transfers: list[Transfer]
+    retention: list[Retention]
+    measures: list[Measure]
+    controllers_served: list[str] = Field(default_factory=list)
+    """Art. 30(2)(a): the controllers a processor acts for."""
+    processing_categories: list[str] = Field(default_factory=list)
+    """Art. 30(2)(b): the categories of processing carried out for them."""
+
+
+# ---- DPIA (Art. 35(7)) -------------------------------------------------------------------
+
+
+class RiskCriterion(_Model):
+    criterion: str
+    source: str
+    applies: Literal["yes", "no", "unknown"]
+    evidence: str
+
+
+class Risk(_Model):
+    risk: str
+    description: str
+    mitigations: list[str]
+    residual: str
+    references: list[str]
+
+
+class Dpia(_Model):
+    dpia_id: str | None
+    required: str
+    description: list[str]
+    """Art. 35(7)(a): systematic description of the processing and its purposes."""
+    necessity: list[str]
+    """Art. 35(7)(b): necessity and proportionality."""
+    criteria: list[RiskCriterion]
+    """WP248 rev.01 criteria and Art. 35(3)(b), as they apply to this run."""
+    risks: list[Risk]
+    """Art. 35(7)(c)-(d): risks and the measures this run had against them."""
+    to_complete: list[str]
+    """What the data cannot tell: for the controller and the DPO to fill in."""
+
+
+# ---- privacy statements -----------------------------------------------------------------
+
+
+class LedgerPoint(_Model):
+    run: str
+    round: int
+    epsilon_after: float
+    this_run: bool
+
+
+class SitePrivacy(_Model):
+    site_id: str
+    dp: bool
+    privacy_unit: str
+    accountant: str | None
+    delta: float | None
+    epsilon_run: float | None
+    """Epsilon of this run's releases alone (composed over its rounds)."""
+    epsilon_total: float | None
+    """Epsilon over every release the site ever made (all runs), from its ledger."""
+    epsilon_max: float | None
+    budget_left: float | None
+    noise_multipliers: list[float]
+    sample_rates: list[float]
+    steps_per_round: list[int]
+    steps_total: int
+    clip_norm: float | None
+    rounds_joined: list[int]
+    rounds_declined: list[int]
+    earlier_charges: int
+    """Ledger entries from earlier runs (they count towards epsilon_total)."""
+    statement: str
+    points: list[LedgerPoint]
+
+
+# ---- policy decisions ----------------------------------------------------------------------
+
+
+class DecisionRow(_Model):
+    rule_id: str
+    outcome: str
+    level: str
+    site_id: str | None
+    references: list[str]
+    reason: str
+    flags: list[str]
+    source: str
+    rounds: list[int] = Field(default_factory=list)
+
+
+class ExclusionRow(_Model):
+    site_id: str
+    rule_id: str
+    references: list[str]
+    description: str
+    count: Count
+    """Records excluded by this rule in the last round the site evaluated."""
+    first_round: int
+    rounds: list[int]
+
+
+class ExclusionTotal(_Model):
+    rule_id: str
+    references: list[str]
+    count: Count
+
+
+class RightsHandling(_Model):
+    """Erasure requests and consent (missing or withdrawn) handled at one site."""
+
+    site_id: str
+    kind: Literal["erasure", "consent"]
+    rule_id: str
+    references: list[str]
+    count: Count
+    excluded_from_round: int
+    note: str
+
+
+class Decline(_Model):
+    site_id: str
+    round: int
+    action: str
+    rule_ids: list[str]
+    reason: str
+
+
+class PolicySection(_Model):
+    min_cohort_size: dict[str, int]
+    run_decisions: list[DecisionRow]
+    site_decisions: list[DecisionRow]
+    exclusions: list[ExclusionRow]
+    exclusion_totals: list[ExclusionTotal]
+    records_evaluated: dict[str, Count]
+    rights: list[RightsHandling]
+    declines: list[Decline]
+    denied_sites: dict[str, str]
+
+
+# ---- DPDP --------------------------------------------------------------------------------------
+
+
+class DpdpSite(_Model):
+    site_id: str
+    ground: str
+    legitimate_use: str
+    research_exemption: str | None
+    children: str
+    children_excluded: Count
+    transfers: str
+    site_log_retention_days: int
+    server_log_retention_days: int
+    required_log_retention_days: int
+    log_retention_conflict: bool
+    log_retention: str
+    decisions: list[DecisionRow]
+
+
+class DpdpSection(_Model):
+    in_force: str
+    sites: list[DpdpSite]
+
+
+# ---- learning ----------------------------------------------------------------------------------
+
+
+class EvalPoint(_Model):
+    round: int
+    adapted: float | None
+    adapted_ci95: float | None
+    unadapted: float | None
+    episodes: int | None
+    shots: int | None
+    n_way: int | None
+
+
+class RoundRow(_Model):
+    round: int
+    model_sha256: str | None
+    beta: float | None
+    sampled: int | None = None
+    used: int | None = None
+    declined: int | None = None
+    dropped: int | None = None
+    lost: int | None = None
+    site_status: str | None = None
+    """For a site report: what this site did in the round."""
+
+
+class LearningSection(_Model):
+    metric: str | None
+    task: str
+    strategy: str
+    points: list[EvalPoint]
+    baseline_run_id: str | None
+    baseline_strategy: str | None
+    baseline_points: list[EvalPoint]
+    rounds: list[RoundRow]
+
+
+# ---- audit ---------------------------------------------------------------------------------------
+
+
+class ReceiptCheck(_Model):
+    receipt: str
+    ok: bool
+    source: str
+
+
+class LogCheck(_Model):
+    log: str
+    party: str
+    status: Literal["verified", "failed", "missing"]
+    ok: bool
+    entries: int
+    head: str | None
+    last_checkpoint: str | None
+    key_pinned: bool
+    key_file: str | None
+    key_fingerprint: str | None
+    receipts: list[ReceiptCheck]
+    problem: str | None
+
+
+class CrossCheck(_Model):
+    check: str
+    ok: bool
+    detail: str
+
+
+class AuditSection(_Model):
+    all_verified: bool
+    logs: list[LogCheck]
+    cross_checks: list[CrossCheck]
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+
+class Report(_Model):
+    """A run's compliance report for a data protection officer."""
+
+    schema_version: Literal["fedmeta.report/1"] = SCHEMA_VERSION
+    generated_at: str
+    generator: str
+    run_dir: str
+    scope: Scope
+    verified: bool
+    """True only if every audit log verified and every cross-check agreed."""
+    unverified_warning: str | None
+    run: RunSummary
+    parties: list[Party]
+    records_of_processing: list[ProcessingRecord]
+    dpia: Dpia
+    privacy: list[SitePrivacy]
+    policy: PolicySection
+    dpdp: DpdpSection | None
+    learning: LearningSection
+    audit: AuditSection
+    findings: list[Finding]
+    disclaimer: str
