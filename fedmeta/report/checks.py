@@ -1,0 +1,182 @@
+"""Audit section: each log's verification and the cross-checks between the run's files.
+
+The logs are signed; ``metrics.jsonl``, ``summary.json``,
+``policy-decisions.json`` and ``config.json`` are not. Each cross-check
+compares what an unsigned file says with what a signed log or a site's ledger
+says, so that every number the report shows from an unsigned file is backed
+by evidence (or the report says it is not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from typing import Any
+
+from fedmeta.report.collect import LogRead, RunFiles, SiteFiles
+from fedmeta.report.model import AuditSection, CrossCheck, LogCheck, ReceiptCheck
+
+
+def log_check(files: RunFiles, log: LogRead) -> LogCheck:
+    result = log.result
+    receipts: list[ReceiptCheck] = []
+    if result is not None:
+        for receipt, good in result.receipts_checked:
+            for source in log.receipt_sources.get(str(receipt), ["?"]):
+                receipts.append(ReceiptCheck(receipt=str(receipt), ok=good, source=source))
+    receipts += [ReceiptCheck(receipt=text[:100], ok=False, source=f"{src} (malformed)")
+                 for text, src in log.bad_receipts]
+    if not log.exists:
+        status = "failed" if log.needed else "missing"
+        problem = ("log missing although the server holds receipts of it" if log.needed
+                   else "no audit log (the site never trained)")
+    else:
+        status = "verified" if log.ok else "failed"
+        problem = log.error or (result.problem if result is not None else None)
+        if problem is None and log.bad_receipts:
+            problem = f"{len(log.bad_receipts)} malformed receipt(s) held by other parties"
+    return LogCheck(
+        log=files.rel(log.path), party=log.party, status=status, ok=log.ok,
+        entries=result.entries if result else 0,
+        head=str(result.head) if result and result.head else None,
+        last_checkpoint=str(result.last_checkpoint) if result and result.last_checkpoint
+        else None,
+        key_pinned=log.key_pinned and log.exists,
+        key_file=files.rel(log.key_path) if log.key_pinned else None,
+        key_fingerprint=result.key_fingerprint if result else None,
+        receipts=receipts, problem=problem)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run_start(files: RunFiles) -> dict[str, Any]:
+    for e in files.server_log.entries:
+        if e.action == "run.start":
+            return dict(e.details)
+    return {}
+
+
+def _hashes(files: RunFiles) -> list[CrossCheck]:
+    start = _run_start(files)
+    out = []
+    for name, want, got in (
+        ("config.json is the configuration the signed run.start entry names",
+         start.get("config_sha256"), _sha(files.config.model_dump_json())),
+        ("the declaration in policy-decisions.json is the one the signed run.start entry names",
+         start.get("declaration_sha256"), _sha(files.declaration.model_dump_json())),
+    ):
+        ok = want == got
+        out.append(CrossCheck(check=name, ok=ok, detail=(
+            f"sha256 {got[:16]}..." if ok else
+            f"file hashes to {got[:16]}..., the log names {str(want)[:16]}...")))
+    return out
+
+
+def _decisions(files: RunFiles, site: str | None) -> CrossCheck:
+    def mine(s: Any) -> bool:
+        return site is None or s in (None, site)
+
+    logged = Counter((e.rule_ids[0] if e.rule_ids else "", e.details.get("site"), e.decision)
+                     for e in files.server_log.entries
+                     if e.action == "policy.run" and mine(e.details.get("site")))
+    stated = Counter((d.rule_id, d.site_id, d.outcome.value) for d in files.decisions
+                     if mine(d.site_id))
+    ok = logged == stated
+    return CrossCheck(
+        check="run-level decisions in policy-decisions.json equal the server log's "
+              "policy.run entries",
+        ok=ok, detail=f"{sum(stated.values())} decision(s)" if ok else
+        f"{sum(stated.values())} in the file, {sum(logged.values())} in the log, or they differ")
+
+
+def _model(files: RunFiles) -> CrossCheck:
+    logged = next((e.model_out for e in files.server_log.entries if e.action == "run.end"), None)
+    values = {"server log run.end": logged,
+              "summary.json": (files.summary or {}).get("model_sha256"),
+              "metrics.jsonl (last round)": files.metrics[-1].get("model_sha256")
+              if files.metrics else None}
+    present = {k: v for k, v in values.items() if v}
+    ok = logged is not None and len(set(present.values())) == 1
+    return CrossCheck(check="final model hash agrees across the server log, summary and metrics",
+                      ok=ok, detail=(f"sha256 {logged[:16]}..." if ok and logged else
+                                     "; ".join(f"{k}: {str(v)[:16]}" for k, v in values.items())))
+
+
+def _used_rounds(files: RunFiles, site_id: str) -> list[int]:
+    return [m["round"] for m in files.round_lines if site_id in (m.get("used") or [])]
+
+
+def _replied_rounds(files: RunFiles, site_id: str) -> list[int]:
+    return [m["round"] for m in files.round_lines
+            if site_id in (m.get("used") or []) or site_id in (m.get("declined") or {})
+            or site_id in (m.get("dropped") or {})]
+
+
+def _epsilon(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
+    if site.ledger is None:
+        return None
+    charges = {c.round: c.epsilon_after for c in site.ledger.charges if c.run == files.run_id}
+    logged = {e.round: e.epsilon for e in site.log.entries
+              if e.action == "round.train" and e.run_id == files.run_id and e.epsilon is not None}
+    bad = []
+    for r in _used_rounds(files, site.site_id):
+        reported = next(m for m in files.round_lines if m["round"] == r).get(
+            "epsilon", {}).get(site.site_id)
+        if reported is None or r not in charges or not math.isclose(
+                reported, charges[r], rel_tol=1e-9, abs_tol=1e-12):
+            bad.append(f"round {r}: metrics {reported}, ledger {charges.get(r)}")
+        elif r in logged and not math.isclose(logged[r], charges[r], rel_tol=1e-9):
+            bad.append(f"round {r}: site log {logged[r]}, ledger {charges[r]}")
+    return CrossCheck(
+        check=f"{site.site_id}: epsilon reported to the server equals its ledger and its log",
+        ok=not bad, detail="; ".join(bad) or f"{len(_used_rounds(files, site.site_id))} round(s)")
+
+
+def _exclusions(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
+    logged = {e.round: dict(e.counts) for e in site.log.entries
+              if e.action == "policy.records" and e.run_id == files.run_id}
+    if not logged:
+        return None
+    bad = []
+    for r in _replied_rounds(files, site.site_id):
+        line = next(m for m in files.round_lines if m["round"] == r)
+        reported = (line.get("exclusions") or {}).get(site.site_id, {})
+        if r in logged and reported != logged[r]:
+            bad.append(f"round {r}")
+    return CrossCheck(
+        check=f"{site.site_id}: exclusion counts the server received equal the site's signed "
+              "policy.records entries",
+        ok=not bad, detail=("differ in " + ", ".join(bad)) if bad else f"{len(logged)} round(s)")
+
+
+def _receipts(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
+    in_metrics = {(m["round"], v) for m in files.round_lines
+                  for s, v in (m.get("receipts") or {}).items() if s == site.site_id}
+    in_log = {(e.round, str(e.details.get("receipt"))) for e in files.server_log.entries
+              if e.action == "round.receipt" and e.details.get("site") == site.site_id}
+    if not in_metrics and not in_log:
+        return None
+    ok = in_metrics == in_log
+    return CrossCheck(
+        check=f"{site.site_id}: receipts in metrics.jsonl equal the server log's round.receipt "
+              "entries", ok=ok,
+        detail=f"{len(in_log)} receipt(s)" if ok else
+        f"{len(in_metrics)} in metrics, {len(in_log)} in the log, or they differ")
+
+
+def audit_section(files: RunFiles, site: str | None) -> AuditSection:
+    logs = [log_check(files, files.server_log)]
+    logs += [log_check(files, s.log) for s in files.sites.values()]
+    checks = [*_hashes(files), _decisions(files, site), _model(files)]
+    for s in files.sites.values():
+        for check in (_epsilon(files, s), _exclusions(files, s), _receipts(files, s)):
+            if check is not None:
+                checks.append(check)
+        if s.ledger_error:
+            checks.append(CrossCheck(check=f"{s.site_id}: privacy ledger readable", ok=False,
+                                     detail=s.ledger_error[:300]))
+    all_ok = all(lg.status != "failed" for lg in logs) and all(c.ok for c in checks)
+    return AuditSection(all_verified=all_ok, logs=logs, cross_checks=checks)

@@ -1,0 +1,84 @@
+"""Privacy statement per site: its (epsilon, delta) from its durable ledger, in words and numbers."""
+
+from __future__ import annotations
+
+from fedmeta.report.collect import RunFiles, SiteFiles
+from fedmeta.report.model import LedgerPoint, SitePrivacy
+
+PRIVACY_UNIT = "one record (sample-level differential privacy)"
+
+
+def _distinct(values: list) -> list:
+    return sorted(set(values))
+
+
+def _fmt_list(values: list, fmt: str = "{:g}") -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(values[0])} to {fmt.format(values[-1])}"
+
+
+def _declined_rounds(files: RunFiles, site_id: str) -> list[int]:
+    return [m["round"] for m in files.round_lines if site_id in (m.get("declined") or {})]
+
+
+def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
+    ledger = site.ledger
+    declined = _declined_rounds(files, site.site_id)
+    clip = files.config.max_grad_norm
+    if ledger is None or not files.config.dp:
+        joined = [m["round"] for m in files.round_lines if site.site_id in (m.get("used") or [])]
+        why = ("trained WITHOUT differential privacy in this run (dp off): no (epsilon, delta) "
+               "bound holds for the updates it released" if not files.config.dp else
+               "has no privacy ledger in this run directory: it released nothing under DP "
+               "here" + (" (ledger unreadable)" if site.ledger_error else ""))
+        return SitePrivacy(
+            site_id=site.site_id, dp=bool(files.config.dp and ledger is not None),
+            privacy_unit=PRIVACY_UNIT, accountant=None, delta=None, epsilon_run=None,
+            epsilon_total=None, epsilon_max=None, budget_left=None, noise_multipliers=[],
+            sample_rates=[], steps_per_round=[], steps_total=0, clip_norm=None,
+            rounds_joined=joined, rounds_declined=declined, earlier_charges=0,
+            statement=f"{site.site_id} {why}.", points=[])
+    mine = [c for c in ledger.charges if c.run == files.run_id]
+    earlier = [c for c in ledger.charges if c.run != files.run_id]
+    total = float(ledger.epsilon())
+    if not earlier:
+        run_eps = mine[-1].epsilon_after if mine else 0.0
+    else:  # compose this run's releases alone (Opacus's accountant, same as the ledger)
+        from fedmeta.privacy.budget import epsilon
+
+        run_eps = float(epsilon([c.step for c in mine], ledger.delta, ledger.accountant))
+    sigmas = _distinct([c.noise_multiplier for c in mine])
+    rates = _distinct([c.sample_rate for c in mine])
+    steps = _distinct([c.steps for c in mine])
+    left = max(0.0, ledger.epsilon_max - total)
+    rounds = [c.round for c in mine]
+    statement = (
+        f"For {site.site_id}, one record is the privacy unit: what the site released in run "
+        f"{files.run_id} is ({run_eps:.3g}, {ledger.delta:g})-differentially private for "
+        f"each of its records ({ledger.accountant.upper()} accountant; noise multiplier "
+        f"{_fmt_list(sigmas)}, sampling rate {_fmt_list(rates, '{:.4g}')}, "
+        f"{_fmt_list(steps, '{:d}')} DP-SGD steps in each of {len(mine)} round(s)); over every "
+        f"run it ever joined it has spent epsilon {total:.3g} of its budget of "
+        f"{ledger.epsilon_max:g}, leaving {left:.3g}."
+    )
+    if declined:
+        statement += (f" It declined {len(declined)} round(s) "
+                      f"({', '.join(map(str, declined))}).")
+    points = [LedgerPoint(run=c.run, round=c.round, epsilon_after=c.epsilon_after,
+                          this_run=c.run == files.run_id) for c in ledger.charges]
+    return SitePrivacy(
+        site_id=site.site_id, dp=True, privacy_unit=PRIVACY_UNIT,
+        accountant=ledger.accountant, delta=ledger.delta, epsilon_run=run_eps,
+        epsilon_total=total, epsilon_max=ledger.epsilon_max, budget_left=left,
+        noise_multipliers=sigmas, sample_rates=rates, steps_per_round=steps,
+        steps_total=sum(c.steps for c in mine), clip_norm=clip, rounds_joined=rounds,
+        rounds_declined=declined, earlier_charges=len(earlier), statement=statement,
+        points=points)
+
+
+def privacy_section(files: RunFiles) -> list[SitePrivacy]:
+    return [site_privacy(files, s) for s in files.sites.values()
+            if s.ledger is not None or s.log.exists]
