@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmeta-installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test browser clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,14 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/fedmeta simulate --out runs/demo --overwrite
 
-test: setup
+# the report tests open the HTML report in headless Chromium (Debian's package)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core; \
+	  else echo "install Debian's chromium package (sudo apt-get install chromium) for the report tests"; exit 1; fi; }
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

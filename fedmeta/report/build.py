@@ -1,0 +1,171 @@
+"""Assemble the :class:`~fedmeta.report.model.Report` of a run (federation or one site)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from fedmeta.report.checks import audit_section
+from fedmeta.report.collect import RunFiles, model_file_encrypted, read_run
+from fedmeta.report.dpia import dpia
+from fedmeta.report.learning import learning_section
+from fedmeta.report.model import (
+    AuditSection,
+    Finding,
+    PolicySection,
+    Report,
+    RunSummary,
+    Scope,
+    SitePrivacy,
+)
+from fedmeta.report.policy import dpdp_section, policy_section
+from fedmeta.report.privacy import privacy_section
+from fedmeta.report.records import parties, records_of_processing, transport
+from policies import get_purpose
+
+DISCLAIMER = ("Generated from the run's signed audit logs, privacy ledgers and files. An "
+              "engineering aid for the controller and the DPO, not legal advice; rules marked "
+              "(interpretation) are fedmeta's reading of the law.")
+
+
+class UnverifiedRunError(RuntimeError):
+    """An audit log failed verification or the evidence disagrees (one line, names it)."""
+
+
+def _generator() -> str:
+    try:
+        return f"fedmeta {version('fedmeta')}"
+    except PackageNotFoundError:  # pragma: no cover - the package is installed in practice
+        return "fedmeta"
+
+
+def _entry_time(files: RunFiles, action: str) -> str | None:
+    return next((e.time for e in files.server_log.entries if e.action == action), None)
+
+
+def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
+    decl = files.declaration
+    start = next((dict(e.details) for e in files.server_log.entries
+                  if e.action == "run.start"), {})
+    summary = files.summary or {}
+    purpose = get_purpose(decl.purpose)
+    denied = {d.site_id for d in files.decisions if d.denied and d.site_id}
+    return RunSummary(
+        run_id=files.run_id, purpose=purpose.id, purpose_description=purpose.description,
+        task=files.config.task, strategy=files.config.strategy,
+        rounds_planned=files.config.rounds,
+        rounds_run=sum(1 for m in files.round_lines if m.get("used")),
+        sites_configured=files.config.sites,
+        sites_eligible=len(files.eligible) if scope is None else None,
+        sites_denied=len(denied) if scope is None else None,
+        started_at=_entry_time(files, "run.start"), ended_at=_entry_time(files, "run.end"),
+        model_sha256=summary.get("model_sha256") or next(
+            (e.model_out for e in files.server_log.entries if e.action == "run.end"), None),
+        dp=files.config.dp, stopped=summary.get("stopped"), transport=transport(files),
+        config_sha256=start.get("config_sha256"),
+        declaration_sha256=start.get("declaration_sha256"),
+        declaration_id=decl.run_id, dpia_id=decl.dpia_id)
+
+
+def verification_problem(audit: AuditSection) -> str | None:
+    """One line naming the first log that failed (or the first disagreeing evidence)."""
+    for log in audit.logs:
+        if log.status == "failed":
+            return f"audit log {log.log} failed verification: {log.problem}"
+    bad = [c for c in audit.cross_checks if not c.ok]
+    if bad:
+        return f"evidence does not agree: {bad[0].check} ({bad[0].detail})"
+    return None
+
+
+def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: PolicySection,
+             privacy: list[SitePrivacy]) -> list[Finding]:
+    out: list[Finding] = []
+
+    def add(severity: str, section: str, message: str) -> None:
+        out.append(Finding(severity=severity, section=section, message=message))  # type: ignore[arg-type]
+
+    for log in audit.logs:
+        if log.status == "failed":
+            add("error", "audit", f"{log.log}: {log.problem}")
+        elif log.status == "verified" and not log.key_pinned:
+            add("warning", "audit", f"{log.log} verified with the key embedded in the log "
+                                    "(trust on first use): no public key file to pin")
+    for c in audit.cross_checks:
+        if not c.ok:
+            add("error", "audit", f"{c.check}: {c.detail}")
+    add("info", "audit", "public keys are read from the run directory beside the logs: for "
+                         "independent assurance compare their fingerprints with keys registered "
+                         "out of band")
+    if not files.config.dp:
+        add("error", "privacy", "differential privacy was OFF in this run: no (epsilon, delta) "
+                                "bound holds for what the sites released")
+    for p in privacy:
+        if p.dp and p.budget_left is not None and p.epsilon_run and \
+                p.budget_left < p.epsilon_run:
+            add("info", "privacy", f"{p.site_id} has epsilon {p.budget_left:.3g} left, less "
+                                   "than this run spent: it would decline part of a similar run")
+    for row in policy.run_decisions:
+        if "conflict" in row.flags:
+            add("warning", "policy", f"{row.rule_id} at {row.site_id}: {row.reason}")
+        if "non-private" in row.flags:
+            add("warning", "policy", f"{row.rule_id} at {row.site_id}: non-private run")
+    for site_id, why in policy.denied_sites.items():
+        add("info", "policy", f"{site_id} was denied and never sampled: {why}")
+    for r in policy.rights:
+        if r.kind == "erasure":
+            add("warning", "policy", f"{r.site_id}: erasure requests handled ({r.count}) from "
+                                     f"round {r.excluded_from_round}; models trained before "
+                                     "them are not unlearned: record Art. 17(3)(d) or retrain")
+    if scope is None:
+        for d in policy.declines:
+            add("info", "policy", f"{d.site_id} declined round {d.round}: {d.reason}")
+    decl = files.declaration
+    names = {decl.controller.name} | {p.name for p in decl.joint_controllers}
+    for s in files.sites.values():
+        m = s.manifest
+        if m is None or (scope is None and s.site_id not in files.eligible):
+            continue
+        if m.role != "processor" and m.institution not in names:
+            add("warning", "records", f"{m.site_id} ({m.institution}) is a {m.role} but not "
+                                      "named among the run's controllers: check the Art. 26 "
+                                      "arrangement")
+    if not decl.dpia_id:
+        add("warning", "dpia", "no DPIA id is declared for this run")
+    if scope is None and model_file_encrypted(files.model_path) is False:
+        add("info", "records", "final_model.pt is stored unencrypted at the server")
+    stopped = (files.summary or {}).get("stopped")
+    if stopped:
+        add("warning", "run", f"the run stopped early: {stopped}")
+    return out
+
+
+def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool = False,
+                 baseline: Path | None = None) -> Report:
+    """Read, verify and summarise a run; raise UnverifiedRunError unless it verifies."""
+    files = read_run(Path(run_dir), site)
+    audit = audit_section(files, site)
+    problem = verification_problem(audit)
+    if problem and not allow_unverified:
+        raise UnverifiedRunError(f"{problem}; no report written (--allow-unverified writes "
+                                 "one with a warning banner)")
+    policy = policy_section(files, site)
+    privacy = privacy_section(files)
+    warning = None
+    if problem:
+        n = sum(lg.status == "failed" for lg in audit.logs) + sum(
+            not c.ok for c in audit.cross_checks)
+        warning = (f"UNVERIFIED: {n} audit check(s) failed, first: {problem}. Only the entries "
+                   "before a log's first bad entry were used. Do not rely on this report.")
+    return Report(
+        generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        generator=_generator(), run_dir=str(Path(run_dir).resolve()),
+        scope=Scope(kind="site" if site else "federation", site_id=site),
+        verified=problem is None, unverified_warning=warning,
+        run=run_summary(files, site), parties=parties(files, site),
+        records_of_processing=records_of_processing(files, audit.all_verified, site),
+        dpia=dpia(files, site, policy, privacy), privacy=privacy, policy=policy,
+        dpdp=dpdp_section(files), learning=learning_section(files, site, baseline),
+        audit=audit, findings=findings(files, site, audit, policy, privacy),
+        disclaimer=DISCLAIMER)

@@ -1,0 +1,298 @@
+"""Parties and the records of processing (GDPR Art. 30(1) per controller, 30(2) per processor).
+
+A site's record covers the processing at that institution for this run; the
+coordinating controller's record (federation report only) covers the
+aggregation server. The technical and organisational measures are the ones
+actually in force in the run (read from its config, ledgers, logs and the
+server's run.start entry), not the ones the software could offer.
+"""
+
+from __future__ import annotations
+
+from fedmeta.report.collect import RunFiles, SiteFiles, model_file_encrypted
+from fedmeta.report.model import (
+    DataCategory,
+    Measure,
+    Party,
+    ProcessingRecord,
+    Retention,
+    Transfer,
+)
+from policies import SPECIAL_CATEGORIES, Decision, SiteManifest, get_purpose
+from policies.countries import country_name, is_eea
+from policies.declarations import ART9_NAMES, DPDP_GROUND_NAMES, GDPR_BASIS_NAMES
+
+SIMULATION = "not applicable: simulation on one machine (no network link between parties)"
+COORDINATOR_ROLE = "controller (coordinating; operates the aggregation server)"
+UPDATES = "model updates (phi) trained on the site's records, treated as personal data " \
+          "(EDPB Opinion 28/2024)"
+
+
+def transport(files: RunFiles) -> str:
+    for e in files.server_log.entries:
+        if e.action == "run.start":
+            return str(e.details.get("transport") or "not recorded")
+    return "not recorded"
+
+
+def _where(code: str) -> str:
+    return f"{country_name(code)} ({code})"
+
+
+def parties(files: RunFiles, site: str | None) -> list[Party]:
+    decl = files.declaration
+    out = [Party(name=decl.controller.name, role=COORDINATOR_ROLE,
+                 country=decl.controller.country, contact=decl.controller.contact_email,
+                 dpo=decl.controller.dpo_contact, source="run declaration")]
+    out += [Party(name=p.name, role="joint controller", country=p.country,
+                  contact=p.contact_email, dpo=p.dpo_contact, source="run declaration")
+            for p in decl.joint_controllers]
+    for s in files.sites.values():
+        m = s.manifest
+        if m is None or (site is None and s.site_id not in files.eligible):
+            continue
+        out.append(Party(name=m.institution, role=m.role, country=m.country, dpo=m.dpo_contact,
+                         site_id=m.site_id, source=f"site manifest ({s.site_id})"))
+    return out
+
+
+def legal_basis(files: RunFiles, m: SiteManifest | None) -> list[str]:
+    decl = files.declaration
+    out = []
+    basis = (m.lawful_basis if m and m.lawful_basis else None) or decl.lawful_basis
+    if m is None or "gdpr" in m.law_packs:
+        if basis:
+            out.append(f"GDPR Art. 6(1)({basis}) {GDPR_BASIS_NAMES[basis]}")
+        cond = decl.special_category_condition
+        if cond and (m is None or m.special_categories):
+            law = f"; law relied on: {decl.special_category_law}" if \
+                decl.special_category_law else ""
+            out.append(f"GDPR Art. 9(2)({cond}) {ART9_NAMES[cond]}{law}")
+    if m is not None and "dpdp" in m.law_packs:
+        ground = m.dpdp_ground
+        out.append(f"DPDP Act 2023: {DPDP_GROUND_NAMES.get(ground or '', 'no ground declared')}")
+    return out or ["none declared"]
+
+
+def _categories(cats: set[str]) -> list[DataCategory]:
+    return [DataCategory(category=c, special=c in SPECIAL_CATEGORIES) for c in sorted(cats)]
+
+
+def _decision(files: RunFiles, rule_id: str, site_id: str) -> Decision | None:
+    return next((d for d in files.decisions if d.rule_id == rule_id and d.site_id == site_id),
+                None)
+
+
+def _transfer(d: Decision | None, data: str, origin: str, dest: str) -> Transfer:
+    if d is None:
+        return Transfer(data=data, origin=origin, destination=dest,
+                        ground="not evaluated (no GDPR rule applies)", decision="-")
+    return Transfer(data=data, origin=origin, destination=dest, ground=d.reason,
+                    decision=d.outcome.value, rule_id=d.rule_id)
+
+
+def _dp_detail(files: RunFiles, site: SiteFiles | None) -> tuple[str, str]:
+    cfg = files.config
+    if not cfg.dp:
+        return "off", "differential privacy was turned OFF for this run (--no-dp)"
+    if site is not None and site.ledger is not None:
+        mine = [c for c in site.ledger.charges if c.run == files.run_id]
+        if mine:
+            sig = sorted({c.noise_multiplier for c in mine})
+            q = sorted({c.sample_rate for c in mine})
+            return "on", (
+                f"DP-SGD (Opacus) at the site: sample-level, epsilon {mine[-1].epsilon_after:.3g} "
+                f"cumulative after this run (delta {site.ledger.delta:g}, "
+                f"{site.ledger.accountant.upper()} accountant), noise multiplier "
+                f"{', '.join(f'{s:g}' for s in sig)}, per-sample clipping norm "
+                f"{cfg.max_grad_norm:g}, Poisson sampling rate {', '.join(f'{x:.4g}' for x in q)}, "
+                f"{cfg.inner_steps} steps per round; budget epsilon_max "
+                f"{site.ledger.epsilon_max:g}")
+    decl = files.declaration
+    return "on", (f"DP-SGD at every site: sample-level; the run offers epsilon {decl.epsilon:g}, "
+                  f"delta {decl.delta:g} per site; noise multiplier {cfg.noise_multiplier:g}, "
+                  f"clipping norm {cfg.max_grad_norm:g}, {cfg.accountant.upper()} accountant")
+
+
+def measures(files: RunFiles, site: SiteFiles | None, audit_ok: bool) -> list[Measure]:
+    """Art. 32(1) / Art. 25 measures in force in this run, at a site or at the server."""
+    cfg = files.config
+    sim = transport(files) == "simulation"
+    dp_status, dp_text = _dp_detail(files, site)
+    out = [
+        Measure(measure="Differential privacy (sample level)", status=dp_status,  # type: ignore[arg-type]
+                detail=dp_text),
+        Measure(measure="Client-level differential privacy at the server", status="off",
+                detail="no server-side DP wrapper: the aggregate is protected only by each "
+                       "site's sample-level DP"),
+        Measure(measure="Secure aggregation", status="off",
+                detail="the server sees each site's update in the clear before aggregating"),
+        Measure(measure="Transport encryption (TLS)",
+                status="not applicable" if sim else "not recorded",
+                detail=SIMULATION if sim else "the run does not record its transport security"),
+        Measure(measure="Node authentication",
+                status="not applicable" if sim else "not recorded",
+                detail=SIMULATION if sim else "the run does not record node authentication"),
+        Measure(measure="Tamper-evident audit log", status="on",
+                detail="append-only, hash-chained, Ed25519-signed logs at the server and each "
+                       "site, entries durable before the action; re-verified for this report: "
+                       + ("all verified" if audit_ok else "VERIFICATION FAILED")),
+    ]
+    if site is None:
+        enc = model_file_encrypted(files.model_path)
+        out += [
+            Measure(measure="Validation of site updates", status="on",
+                    detail=f"shapes, finite values and L2 norm <= {cfg.max_update_norm:g} "
+                           "checked before aggregation; failing replies are dropped and audited"),
+            Measure(measure="Minimum sites per round", status="on",
+                    detail=f"at least {max(cfg.min_sites, files.declaration.min_sites_per_round)} "
+                           "sites per round, else the round is not aggregated"),
+            Measure(measure="Encryption at rest of the model file",
+                    status="not recorded" if enc is None else ("on" if enc else "off"),
+                    detail="no final model file" if enc is None else (
+                        "final_model.pt is not a plain PyTorch file" if enc else
+                        "final_model.pt is stored unencrypted")),
+        ]
+        return out
+    m = site.manifest
+    cols = list(m.feature_columns) if m else []
+    out += [
+        Measure(measure="Policy rules before every round", status="on",
+                detail="site-level rules may decline the round; record-level rules (erasure, "
+                       "consent, children, retention) leave records out before training; only "
+                       "counts by rule leave the site"),
+        Measure(measure="Privacy budget", status="on" if site.ledger is not None else "off",
+                detail="a durable ledger written before each reply; a round that would pass "
+                       "epsilon_max is declined" if site.ledger is not None else
+                       "no privacy ledger in this run directory"),
+        Measure(measure="Data minimisation", status="on" if cols else "partial",
+                detail="only model updates, counts by rule and audit receipts leave the site; "
+                       "records and record ids never do; "
+                       + (f"feature columns allowed: {', '.join(cols)}" if cols else
+                          "no feature-column allow-list declared, so GDPR-5-1-c was not "
+                          "checked")),
+        Measure(measure="Pseudonymisation", status="on",
+                detail="parties appear by pseudonymous site id; record metadata used by the "
+                       "rules is pseudonymous and stays at the site"),
+    ]
+    return out
+
+
+def site_record(files: RunFiles, site: SiteFiles, audit_ok: bool, scope: str | None
+                ) -> ProcessingRecord | None:
+    m = site.manifest
+    if m is None:
+        return None
+    decl = files.declaration
+    purpose = get_purpose(decl.purpose)
+    names = [decl.controller.name] + [p.name for p in decl.joint_controllers]
+    joint = [n for n in names if n != m.institution] if m.role != "processor" else []
+    server = f"{decl.controller.name}, aggregation server in {_where(decl.server_country)}"
+    recipients = [
+        f"{server}: {UPDATES}; counts of excluded records by rule; audit receipts",
+        "every participating institution: the global model, trained in part on this site's "
+        "data",
+    ]
+    transfers = [_transfer(_decision(files, "GDPR-44", m.site_id), UPDATES,
+                           _where(m.country), _where(decl.server_country))]
+    model = _decision(files, "GDPR-44-MODEL", m.site_id)
+    if model is not None:
+        transfers.append(_transfer(model, "global model (trained on all sites' data)",
+                                   _where(decl.server_country), _where(m.country)))
+    if scope is None:
+        for other in files.sites.values():
+            om = other.manifest
+            if om is None or om.site_id == m.site_id or om.site_id not in files.eligible:
+                continue
+            if not is_eea(om.country) or not is_eea(m.country):
+                d = _decision(files, "GDPR-44-MODEL", om.site_id)
+                transfers.append(_transfer(
+                    d, "global model (trained in part on this site's data)",
+                    _where(decl.server_country), f"{om.site_id}, {_where(om.country)}"))
+    else:
+        countries = sorted({p.country for p in decl.joint_controllers} - {m.country})
+        if countries:
+            recipients.append("joint controllers in " + ", ".join(_where(c) for c in countries)
+                              + " (run declaration) receive the global model")
+    retention = [Retention(item=f"records ({c})", days=m.retention_days, held_by=m.site_id,
+                           source="site manifest retention_days")
+                 for c in sorted(m.data_categories)]
+    retention += [
+        Retention(item="site audit log", days=m.log_retention_days, held_by=m.site_id,
+                  source="site manifest log_retention_days"),
+        Retention(item="privacy ledger", days=None, held_by=m.site_id,
+                  source="kept for as long as the site takes part in runs (composition over "
+                         "all runs needs it); not declared"),
+        Retention(item="global model", days=decl.model_retention_days,
+                  held_by=decl.controller.name, source="run declaration model_retention_days"),
+    ]
+    processor = m.role == "processor"
+    return ProcessingRecord(
+        article="30(2)" if processor else "30(1)",
+        party=Party(name=m.institution, role=m.role, country=m.country, dpo=m.dpo_contact,
+                    site_id=m.site_id, source=f"site manifest ({m.site_id})"),
+        joint_controllers=joint,
+        representative="not declared (Art. 27: needed only for a controller outside the EU)",
+        purposes=[f"{purpose.id}: {purpose.description}"],
+        legal_basis=legal_basis(files, m),
+        data_subjects=sorted(m.data_subjects),
+        data_categories=_categories(set(m.data_categories)),
+        recipients=recipients, transfers=transfers, retention=retention,
+        measures=measures(files, site, audit_ok),
+        controllers_served=names if processor else [],
+        processing_categories=[
+            f"local training with differential privacy for {purpose.id}",
+            "applying the run's record-level policy rules", "keeping the audit log and privacy "
+            "ledger"] if processor else [])
+
+
+def server_record(files: RunFiles, audit_ok: bool) -> ProcessingRecord:
+    decl = files.declaration
+    purpose = get_purpose(decl.purpose)
+    manifests = [s.manifest for s in files.sites.values()
+                 if s.manifest is not None and s.site_id in files.eligible]
+    subjects = sorted({x for m in manifests for x in m.data_subjects})
+    cats = {x for m in manifests for x in m.data_categories}
+    transfers = []
+    for m in manifests:
+        if not is_eea(m.country):
+            transfers.append(_transfer(_decision(files, "GDPR-44-MODEL", m.site_id),
+                                       "global model", _where(decl.server_country),
+                                       f"{m.site_id}, {_where(m.country)}"))
+    return ProcessingRecord(
+        article="30(1)",
+        party=Party(name=decl.controller.name, role=COORDINATOR_ROLE,
+                    country=decl.controller.country, contact=decl.controller.contact_email,
+                    dpo=decl.controller.dpo_contact, source="run declaration"),
+        joint_controllers=[p.name for p in decl.joint_controllers],
+        representative="not declared (Art. 27: needed only for a controller outside the EU)",
+        purposes=[f"{purpose.id}: {purpose.description}"],
+        legal_basis=legal_basis(files, None),
+        data_subjects=subjects,
+        data_categories=_categories(cats),
+        recipients=[f"{len(manifests)} participating institution(s) in "
+                    + ", ".join(sorted({_where(m.country) for m in manifests}))
+                    + ": the global model each round"],
+        transfers=transfers,
+        retention=[
+            Retention(item="global model and checkpoints", days=decl.model_retention_days,
+                      held_by=decl.controller.name, source="run declaration"),
+            Retention(item="server audit log, metrics and policy decisions",
+                      days=decl.log_retention_days, held_by=decl.controller.name,
+                      source="run declaration log_retention_days"),
+            Retention(item="site updates (phi)", days=0, held_by=decl.controller.name,
+                      source="held in memory for the round's aggregation only"),
+        ],
+        measures=measures(files, None, audit_ok))
+
+
+def records_of_processing(files: RunFiles, audit_ok: bool, scope: str | None
+                          ) -> list[ProcessingRecord]:
+    out = [] if scope is not None else [server_record(files, audit_ok)]
+    for s in files.sites.values():
+        if scope is None and s.site_id not in files.eligible:
+            continue
+        rec = site_record(files, s, audit_ok, scope)
+        if rec is not None:
+            out.append(rec)
+    return out
