@@ -1,4 +1,4 @@
-"""The ``fedmeta`` command: simulate, evaluate, ledger, audit, keys.
+"""The ``fedmeta`` command: simulate, evaluate, ledger, audit, keys, report.
 
 Every user error (bad option, bad config value, unreadable ledger or run
 directory) ends with one red line naming what is wrong and exit code 2, never
@@ -112,7 +112,9 @@ def simulate(
         cfg = RunConfig.from_flat(values, source="fedmeta simulate")
         from fedmeta.config import build_task, run_declaration
 
-        build_task(cfg).site_records(0)  # fail fast on impossible task settings
+        task_obj = build_task(cfg)
+        if task_obj.server_eval:
+            task_obj.site_records(0)  # fail fast on impossible task settings
         run_declaration(cfg)
         from fedmeta.simulation import prepare_run_dir
         from fedmeta.simulation import simulate as run_sim
@@ -269,6 +271,15 @@ def _mount_audit() -> None:
 
 
 _mount_audit()
+
+
+def _mount_report() -> None:
+    from fedmeta.report.cli import report_command
+
+    app.command("report")(report_command)
+
+
+_mount_report()
 
 
 def main() -> None:

@@ -39,6 +39,10 @@ class RunConfig(BaseModel):
     seed: int = Field(1, ge=0)
     out_dir: str = "runs/demo"
 
+    # tabular-csv only: the shape the federation agreed on (sites hold data.csv + schema.toml)
+    features: int = Field(0, ge=0, le=100_000, description="feature columns (tabular-csv)")
+    classes: int = Field(2, ge=2, le=10_000, description="classes (tabular-csv)")
+
     # sampling of sites per round
     fraction_train: float = Field(0.5, gt=0.0, le=1.0)
     min_sites: int = Field(2, ge=1, description="minimum sites per round (else the run stops)")
@@ -146,7 +150,7 @@ def build_task(cfg: RunConfig):  # -> fedmeta.data.tasks.Task (import kept lazy:
     from fedmeta.data.tasks import get_task
 
     return get_task(cfg.task, n_way=cfg.n_way, pool_per_class=cfg.pool_per_class,
-                    num_sites=cfg.sites)
+                    num_sites=cfg.sites, num_features=cfg.features, num_classes=cfg.classes)
 
 
 def inner_lr(cfg: RunConfig, task) -> float:

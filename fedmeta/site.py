@@ -25,9 +25,11 @@ import torch
 
 from fedmeta.audit import AuditLog
 from fedmeta.config import RunConfig, build_task, inner_lr, resolve_device
+from fedmeta.data.csv_loader import load_csv, load_schema
 from fedmeta.data.record_meta import load_record_meta
 from fedmeta.data.records import Records
 from fedmeta.data.tasks.base import Pool, Task
+from fedmeta.data.tasks.tabular import DATA_FILE, SCHEMA_FILE, TabularCsv
 from fedmeta.meta.updates import model_digest
 from fedmeta.privacy.budget import noise_for_target, poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
@@ -97,9 +99,21 @@ class Site:
         self.site_dir = Path(site_dir)
         self.cfg = cfg
         self.task: Task = build_task(cfg)
+        self.read_columns: tuple[str, ...] | None = None
+        if records is None and (self.site_dir / DATA_FILE).exists():
+            records = self._load_csv()
         self.records = records if records is not None else self.task.site_records(site_index)
         self.manifest = manifest or load_manifest(self.site_dir, site_id, cfg)
         self.record_meta: list[RecordMeta] = load_record_meta(self.site_dir, self.records)
+
+    def _load_csv(self) -> Records:
+        """The institution's own data: ``data.csv`` described by ``schema.toml``."""
+        schema = load_schema(self.site_dir / SCHEMA_FILE)
+        records, _report = load_csv(self.site_dir / DATA_FILE, schema)
+        if isinstance(self.task, TabularCsv):
+            self.task.check(records)
+        self.read_columns = tuple(schema.dataset.features)
+        return records
 
     # ---- state -----------------------------------------------------------------
     def ledger(self) -> PrivacyLedger:
@@ -147,7 +161,7 @@ class Site:
         excluded: dict[str, int] = {}
         if declaration is not None:
             # 1. site-level rules
-            decisions = evaluate_site(declaration, self.manifest)
+            decisions = evaluate_site(declaration, self.manifest, read_columns=self.read_columns)
             denied = [d for d in decisions if d.denied]
             if denied:
                 d = denied[0]

@@ -179,7 +179,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         due = (server_round == 0 or server_round == cfg.rounds
                or (cfg.eval_every and server_round % cfg.eval_every == 0))
         metrics = None
-        if due and not (strategy.stopped and server_round not in (0, cfg.rounds)):
+        if due and task.server_eval and not (strategy.stopped
+                                             and server_round not in (0, cfg.rounds)):
             res = meta_evaluate(task, _state(arrays), out_dim, split="test",
                                 episodes=cfg.eval_episodes, shots=cfg.eval_shots,
                                 query=cfg.eval_query, steps=cfg.adapt_steps,

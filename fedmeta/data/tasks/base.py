@@ -71,6 +71,8 @@ class Task(ABC):
     #: default inner-loop and adaptation learning rates (SGD)
     default_inner_lr: float = 0.1
     default_adapt_lr: float = 0.1
+    #: whether the server holds held-out data to evaluate theta on
+    server_eval: bool = True
 
     def __init__(self, n_way: int = 5, pool_per_class: int = 40, num_sites: int = 10) -> None:
         self.n_way = n_way
