@@ -41,6 +41,12 @@ class PkiError(ValueError):
 
 
 # ---- files -------------------------------------------------------------------------
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret: mode 0600 from creation, fsync, atomic rename (replaces ``path``)."""
     path = Path(path)
@@ -50,9 +56,7 @@ def write_private(path: Path, data: bytes) -> None:
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -68,7 +72,7 @@ def write_public(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        os.write(fd, data)
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

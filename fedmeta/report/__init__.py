@@ -30,7 +30,7 @@ from fedmeta.report.model import Report
 from fedmeta.report.render import FORMATS, render
 
 __all__ = ["FORMATS", "Report", "ReportError", "UnverifiedRunError", "build_report",
-           "default_path", "write_report"]
+           "default_path", "generate", "write_report"]
 
 SUFFIX = {"html": ".html", "json": ".json", "md": ".md"}
 
@@ -39,6 +39,20 @@ def default_path(run_dir: Path, fmt: str, site: str | None = None) -> Path:
     """``RUN_DIR/report.<ext>``, or ``RUN_DIR/report-<site>.<ext>`` for a site report."""
     name = f"report-{site}" if site else "report"
     return Path(run_dir) / f"{name}{SUFFIX[fmt]}"
+
+
+def generate(run_dir: Path, fmt: str = "html", out: Path | None = None,
+             site: str | None = None, allow_unverified: bool = False,
+             baseline: Path | None = None) -> tuple[Path, Report]:
+    """Like :func:`write_report`, also returning the :class:`Report` written."""
+    if fmt not in FORMATS:
+        raise ReportError(f"option '--format': {fmt!r} is not one of {', '.join(FORMATS)}")
+    if baseline is not None and not (Path(baseline) / "metrics.jsonl").is_file():
+        raise ReportError(f"option '--baseline': {baseline}: not a run directory "
+                          "(no metrics.jsonl)")
+    report = build_report(Path(run_dir), site=site, allow_unverified=allow_unverified,
+                          baseline=baseline)
+    return render(report, fmt, out or default_path(run_dir, fmt, site)), report
 
 
 def write_report(run_dir: Path, fmt: str = "html", out: Path | None = None,
@@ -50,10 +64,4 @@ def write_report(run_dir: Path, fmt: str = "html", out: Path | None = None,
     :class:`UnverifiedRunError` (a log failed verification, unless
     ``allow_unverified``).
     """
-    if fmt not in FORMATS:
-        raise ReportError(f"option '--format': {fmt!r} is not one of {', '.join(FORMATS)}")
-    if baseline is not None and not Path(baseline).is_dir():
-        raise ReportError(f"option '--baseline': {baseline}: not a run directory")
-    report = build_report(Path(run_dir), site=site, allow_unverified=allow_unverified,
-                          baseline=baseline)
-    return render(report, fmt, out or default_path(run_dir, fmt, site))
+    return generate(run_dir, fmt, out, site, allow_unverified, baseline)[0]

@@ -62,7 +62,9 @@ def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
         started_at=_entry_time(files, "run.start"), ended_at=_entry_time(files, "run.end"),
         model_sha256=summary.get("model_sha256") or next(
             (e.model_out for e in files.server_log.entries if e.action == "run.end"), None),
-        dp=files.config.dp, stopped=summary.get("stopped"), transport=transport(files),
+        dp=files.config.dp,
+        declared_epsilon=decl.epsilon if decl.dp_enabled else None,
+        declared_delta=decl.delta if decl.dp_enabled else None, stopped=summary.get("stopped"), transport=transport(files),
         config_sha256=start.get("config_sha256"),
         declaration_sha256=start.get("declaration_sha256"),
         declaration_id=decl.run_id, dpia_id=decl.dpia_id)
@@ -73,7 +75,7 @@ def verification_problem(audit: AuditSection) -> str | None:
     for log in audit.logs:
         if log.status == "failed":
             return f"audit log {log.log} failed verification: {log.problem}"
-    bad = [c for c in audit.cross_checks if not c.ok]
+    bad = [c for c in audit.cross_checks if not c.ok and c.blocking]
     if bad:
         return f"evidence does not agree: {bad[0].check} ({bad[0].detail})"
     return None
@@ -94,7 +96,7 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
                                     "(trust on first use): no public key file to pin")
     for c in audit.cross_checks:
         if not c.ok:
-            add("error", "audit", f"{c.check}: {c.detail}")
+            add("error" if c.blocking else "warning", "audit", f"{c.check}: {c.detail}")
     add("info", "audit", "public keys are read from the run directory beside the logs: for "
                          "independent assurance compare their fingerprints with keys registered "
                          "out of band")
@@ -138,7 +140,8 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     stopped = (files.summary or {}).get("stopped")
     if stopped:
         add("warning", "run", f"the run stopped early: {stopped}")
-    return out
+    order = {"error": 0, "warning": 1, "info": 2}
+    return sorted(out, key=lambda f: order[f.severity])
 
 
 def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool = False,
@@ -155,7 +158,7 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
     warning = None
     if problem:
         n = sum(lg.status == "failed" for lg in audit.logs) + sum(
-            not c.ok for c in audit.cross_checks)
+            not c.ok and c.blocking for c in audit.cross_checks)
         warning = (f"UNVERIFIED: {n} audit check(s) failed, first: {problem}. Only the entries "
                    "before a log's first bad entry were used. Do not rely on this report.")
     return Report(

@@ -91,9 +91,11 @@ class RunFiles:
     run_dir: Path
     run_id: str
     config: RunConfig
+    config_raw: dict[str, Any]
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
     declaration: RunDeclaration
+    declaration_raw: dict[str, Any]
     manifests: dict[str, SiteManifest]
     decisions: list[Decision]
     eligible: list[str]
@@ -263,8 +265,9 @@ def read_run(run_dir: Path, site: str | None = None) -> RunFiles:
                  or (metrics[0].get("run") if metrics else "") or "unknown")
     server_path = run_dir / SERVER_LOG
     files = RunFiles(
-        run_dir=run_dir, run_id=run_id, config=config, metrics=metrics, summary=summary,
-        declaration=declaration, manifests=manifests, decisions=decisions,
+        run_dir=run_dir, run_id=run_id, config=config,
+        config_raw=_json(run_dir / CONFIG_FILE), metrics=metrics, summary=summary,
+        declaration=declaration, declaration_raw=dict(doc["declaration"]), manifests=manifests, decisions=decisions,
         eligible=list(doc.get("eligible") or []), unusable=dict(doc.get("unusable") or {}),
         server_log=LogRead("server", server_path, run_dir / SERVER_PUBKEY, server_path.exists()),
         sites={i: _read_site(run_dir, i, manifests) for i in ids},

@@ -58,6 +58,9 @@ class RunSummary(_Model):
     ended_at: str | None
     model_sha256: str | None
     dp: bool
+    declared_epsilon: float | None
+    """The sample-level epsilon the run declares each site spends over the run."""
+    declared_delta: float | None
     stopped: str | None
     transport: str
     config_sha256: str | None
@@ -350,6 +353,9 @@ class CrossCheck(_Model):
     check: str
     ok: bool
     detail: str
+    blocking: bool = True
+    """A failed blocking check makes the report unverified; a non-blocking one is a warning
+    (e.g. a hash that a different fedmeta version may compute differently)."""
 
 
 class AuditSection(_Model):

@@ -7,6 +7,7 @@ import io
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedmeta.report.model import EvalPoint, Report
 
@@ -29,20 +30,33 @@ def epsilon_plot(report: Report) -> bytes | None:
         return None
     fig = Figure(figsize=(7.5, 3.8))
     ax = fig.add_subplot()
-    colors = [f"C{i % 10}" for i in range(len(sites))]
-    for p, color in zip(sites, colors, strict=True):
+    markers = "osD^vP*Xh<>"
+    budgets: dict[float, list[str]] = {}
+    for i, p in enumerate(sites):
         mine = [pt for pt in p.points if pt.this_run]
         before = [pt.epsilon_after for pt in p.points if not pt.this_run]
         xs = [0] + [pt.round for pt in mine]
         ys = [before[-1] if before else 0.0] + [pt.epsilon_after for pt in mine]
-        ax.plot(xs, ys, marker="o", color=color, label=p.site_id)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], color=f"C{i % 10}", label=p.site_id,
+                markersize=8 - 4 * i / max(1, len(sites) - 1), alpha=0.85)
         if p.epsilon_max is not None and p.epsilon_max != float("inf"):
-            ax.axhline(p.epsilon_max, color=color, linestyle="--", linewidth=1, alpha=0.7)
-    declared = {p.epsilon_max for p in sites if p.epsilon_max is not None}
+            budgets.setdefault(p.epsilon_max, []).append(p.site_id)
+    for j, (budget, ids) in enumerate(sorted(budgets.items())):
+        ax.axhline(budget, color="C3", linestyle="--", linewidth=1.2, alpha=0.8 - 0.1 * j)
+        ax.annotate(f"budget {budget:g} ({', '.join(ids) if len(budgets) > 1 else 'all sites'})",
+                    (0, budget), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                    color="C3")
+    if report.run.dp and report.run.declared_epsilon is not None:
+        ax.axhline(report.run.declared_epsilon, color="0.4", linestyle=":", linewidth=1.2)
+        ax.annotate(f"declared for the run: {report.run.declared_epsilon:g}",
+                    (0, report.run.declared_epsilon), textcoords="offset points", xytext=(4, -12),
+                    fontsize=8, color="0.3")
+    declared = set(budgets)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative epsilon (all runs)")
-    ax.set_title("Privacy spent per site; dashed: the site's budget "
-                 + (f"(epsilon_max {', '.join(f'{e:g}' for e in sorted(declared))})"
+    ax.set_title("Cumulative epsilon per site (its ledger) against its budget"
+                 + (f" (epsilon_max {', '.join(f'{e:g}' for e in sorted(declared))})"
                     if declared else ""), fontsize=10)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -81,6 +95,7 @@ def learning_plot(report: Report) -> bytes | None:
     shots = next((p for p in lr.points if p.shots), None)
     what = f"{shots.n_way}-way {shots.shots}-shot " if shots else ""
     ax.set_title(f"{what}{lr.metric or 'metric'} on held-out data ({lr.task})", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(lr.metric or "metric")
     ax.grid(alpha=0.3)

@@ -193,10 +193,11 @@ def site_record(files: RunFiles, site: SiteFiles, audit_ok: bool, scope: str | N
         "every participating institution: the global model, trained in part on this site's "
         "data",
     ]
-    transfers = [_transfer(_decision(files, "GDPR-44", m.site_id), UPDATES,
-                           _where(m.country), _where(decl.server_country))]
-    model = _decision(files, "GDPR-44-MODEL", m.site_id)
-    if model is not None:
+    transfers = []
+    if not (is_eea(m.country) and is_eea(decl.server_country)):
+        transfers.append(_transfer(_decision(files, "GDPR-44", m.site_id), UPDATES,
+                                   _where(m.country), _where(decl.server_country)))
+        model = _decision(files, "GDPR-44-MODEL", m.site_id)
         transfers.append(_transfer(model, "global model (trained on all sites' data)",
                                    _where(decl.server_country), _where(m.country)))
     if scope is None:
@@ -204,7 +205,7 @@ def site_record(files: RunFiles, site: SiteFiles, audit_ok: bool, scope: str | N
             om = other.manifest
             if om is None or om.site_id == m.site_id or om.site_id not in files.eligible:
                 continue
-            if not is_eea(om.country) or not is_eea(m.country):
+            if not is_eea(om.country):
                 d = _decision(files, "GDPR-44-MODEL", om.site_id)
                 transfers.append(_transfer(
                     d, "global model (trained in part on this site's data)",

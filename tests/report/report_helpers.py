@@ -95,7 +95,8 @@ def build_run(out: Path, declaration_dir: Path) -> subprocess.CompletedProcess[s
                                 'dpdp_ground = "consent"', log_days=200), SITE2)
     write_site(out, 3, manifest("site-3", "CN"))
     decl = consent_declaration(declaration_dir / "run.toml")
-    sys.path.insert(0, str(ROOT / "tests"))
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
     from helpers import fedmeta
 
     return fedmeta("simulate", "--sites", "4", "--rounds", "2", "--out", str(out),
