@@ -78,7 +78,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         manifest = load_manifest(site_dir, site_id, run_cfg)
         record = RecordDict({"site": ConfigRecord({
             "site-id": site_id, "site-index": index,
-            "manifest-json": manifest.model_dump_json()})})
+            # json.dumps keeps an unlimited budget (epsilon_max = inf) as Infinity
+            "manifest-json": json.dumps(manifest.model_dump(mode="json"))})})
         return Message(record, reply_to=msg)
 
     @app.train()

@@ -282,6 +282,16 @@ def _mount_report() -> None:
 _mount_report()
 
 
+def _mount_deploy() -> None:
+    from fedmeta.deploy.cli import node_app, provision
+
+    app.command("provision")(provision)
+    app.add_typer(node_app, name="node")
+
+
+_mount_deploy()
+
+
 def main() -> None:
     app()
 

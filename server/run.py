@@ -118,7 +118,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     audit = AuditLog.open(out / SERVER_AUDIT_LOG, out / SERVER_AUDIT_KEY, actor="server")
     audit.append("run.start", run_id=run_id, details={
         "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
-        "purpose": declaration.purpose, "config_sha256": _sha(cfg.model_dump_json()),
+        "purpose": declaration.purpose, "config_sha256": _sha((out / CONFIG_FILE).read_text()),
         "declaration_sha256": _sha(declaration_json), "transport": "simulation"})
     round_config = ConfigRecord({**cfg.to_flat(), "run-id": run_id,
                                  "declaration-json": declaration_json})

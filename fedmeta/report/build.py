@@ -17,6 +17,7 @@ from fedmeta.report.model import (
     Report,
     RunSummary,
     Scope,
+    Severity,
     SitePrivacy,
 )
 from fedmeta.report.policy import dpdp_section, policy_section
@@ -41,12 +42,12 @@ def _generator() -> str:
 
 
 def _entry_time(files: RunFiles, action: str) -> str | None:
-    return next((e.time for e in files.server_log.entries if e.action == action), None)
+    return next((e.time for e in files.server_entries if e.action == action), None)
 
 
 def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
     decl = files.declaration
-    start = next((dict(e.details) for e in files.server_log.entries
+    start = next((dict(e.details) for e in files.server_entries
                   if e.action == "run.start"), {})
     summary = files.summary or {}
     purpose = get_purpose(decl.purpose)
@@ -61,10 +62,11 @@ def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
         sites_denied=len(denied) if scope is None else None,
         started_at=_entry_time(files, "run.start"), ended_at=_entry_time(files, "run.end"),
         model_sha256=summary.get("model_sha256") or next(
-            (e.model_out for e in files.server_log.entries if e.action == "run.end"), None),
+            (e.model_out for e in files.server_entries if e.action == "run.end"), None),
         dp=files.config.dp,
         declared_epsilon=decl.epsilon if decl.dp_enabled else None,
-        declared_delta=decl.delta if decl.dp_enabled else None, stopped=summary.get("stopped"), transport=transport(files),
+        declared_delta=decl.delta if decl.dp_enabled else None,
+        stopped=summary.get("stopped"), transport=transport(files),
         config_sha256=start.get("config_sha256"),
         declaration_sha256=start.get("declaration_sha256"),
         declaration_id=decl.run_id, dpia_id=decl.dpia_id)
@@ -85,8 +87,8 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
              privacy: list[SitePrivacy]) -> list[Finding]:
     out: list[Finding] = []
 
-    def add(severity: str, section: str, message: str) -> None:
-        out.append(Finding(severity=severity, section=section, message=message))  # type: ignore[arg-type]
+    def add(severity: Severity, section: str, message: str) -> None:
+        out.append(Finding(severity=severity, section=section, message=message))
 
     for log in audit.logs:
         if log.status == "failed":
@@ -113,6 +115,8 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
             add("warning", "policy", f"{row.rule_id} at {row.site_id}: {row.reason}")
         if "non-private" in row.flags:
             add("warning", "policy", f"{row.rule_id} at {row.site_id}: non-private run")
+    for site_id, why in policy.unusable_sites.items():
+        add("warning", "policy", f"{site_id} could not take part: {why}")
     for site_id, why in policy.denied_sites.items():
         add("info", "policy", f"{site_id} was denied and never sampled: {why}")
     for r in policy.rights:
@@ -120,9 +124,13 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
             add("warning", "policy", f"{r.site_id}: erasure requests handled ({r.count}) from "
                                      f"round {r.excluded_from_round}; models trained before "
                                      "them are not unlearned: record Art. 17(3)(d) or retrain")
-    if scope is None:
-        for d in policy.declines:
-            add("info", "policy", f"{d.site_id} declined round {d.round}: {d.reason}")
+    declined: dict[str, list] = {}
+    for d in policy.declines:
+        declined.setdefault(d.site_id, []).append(d)
+    for site_id, ds in declined.items():
+        rounds = ", ".join(str(d.round) for d in ds)
+        add("info", "policy", f"{site_id} declined {len(ds)} round(s) ({rounds}); first: "
+                              f"{ds[0].reason}")
     decl = files.declaration
     names = {decl.controller.name} | {p.name for p in decl.joint_controllers}
     for s in files.sites.values():

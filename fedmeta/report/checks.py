@@ -53,7 +53,7 @@ def _sha(text: str) -> str:
 
 
 def _run_start(files: RunFiles) -> dict[str, Any]:
-    for e in files.server_log.entries:
+    for e in files.server_entries:
         if e.action == "run.start":
             return dict(e.details)
     return {}
@@ -75,7 +75,7 @@ def _hashes(files: RunFiles) -> list[CrossCheck]:
     out = []
     for name, want, got in (
         ("config.json is the configuration the signed run.start entry names",
-         start.get("config_sha256"), _sha(_dump(files.config, files.config_raw))),
+         start.get("config_sha256"), _sha((files.run_dir / "config.json").read_text())),
         ("the declaration in policy-decisions.json is the one the signed run.start entry names",
          start.get("declaration_sha256"),
          _sha(_dump(files.declaration, files.declaration_raw))),
@@ -93,7 +93,7 @@ def _decisions(files: RunFiles, site: str | None) -> CrossCheck:
         return site is None or s in (None, site)
 
     logged = Counter((e.rule_ids[0] if e.rule_ids else "", e.details.get("site"), e.decision)
-                     for e in files.server_log.entries
+                     for e in files.server_entries
                      if e.action == "policy.run" and mine(e.details.get("site")))
     stated = Counter((d.rule_id, d.site_id, d.outcome.value) for d in files.decisions
                      if mine(d.site_id))
@@ -106,7 +106,7 @@ def _decisions(files: RunFiles, site: str | None) -> CrossCheck:
 
 
 def _model(files: RunFiles) -> CrossCheck:
-    logged = next((e.model_out for e in files.server_log.entries if e.action == "run.end"), None)
+    logged = next((e.model_out for e in files.server_entries if e.action == "run.end"), None)
     values = {"server log run.end": logged,
               "summary.json": (files.summary or {}).get("model_sha256"),
               "metrics.jsonl (last round)": files.metrics[-1].get("model_sha256")
@@ -168,7 +168,7 @@ def _exclusions(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
 def _receipts(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
     in_metrics = {(m["round"], v) for m in files.round_lines
                   for s, v in (m.get("receipts") or {}).items() if s == site.site_id}
-    in_log = {(e.round, str(e.details.get("receipt"))) for e in files.server_log.entries
+    in_log = {(e.round, str(e.details.get("receipt"))) for e in files.server_entries
               if e.action == "round.receipt" and e.details.get("site") == site.site_id}
     if not in_metrics and not in_log:
         return None

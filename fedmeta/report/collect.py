@@ -111,6 +111,12 @@ class RunFiles:
             return str(path)
 
     @property
+    def server_entries(self) -> list[Entry]:
+        """The server log's verified entries of this run (a reused run directory's log
+        also holds earlier runs)."""
+        return [e for e in self.server_log.entries if e.run_id == self.run_id]
+
+    @property
     def round_lines(self) -> list[dict[str, Any]]:
         return [m for m in self.metrics if m.get("round", 0) > 0]
 
@@ -267,7 +273,8 @@ def read_run(run_dir: Path, site: str | None = None) -> RunFiles:
     files = RunFiles(
         run_dir=run_dir, run_id=run_id, config=config,
         config_raw=_json(run_dir / CONFIG_FILE), metrics=metrics, summary=summary,
-        declaration=declaration, declaration_raw=dict(doc["declaration"]), manifests=manifests, decisions=decisions,
+        declaration=declaration, declaration_raw=dict(doc["declaration"]),
+        manifests=manifests, decisions=decisions,
         eligible=list(doc.get("eligible") or []), unusable=dict(doc.get("unusable") or {}),
         server_log=LogRead("server", server_path, run_dir / SERVER_PUBKEY, server_path.exists()),
         sites={i: _read_site(run_dir, i, manifests) for i in ids},

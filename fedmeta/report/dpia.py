@@ -17,7 +17,7 @@ from fedmeta.report.model import (
     SitePrivacy,
 )
 from fedmeta.report.policy import CHILD_RULES, CONSENT_RULES, ERASURE_RULES
-from fedmeta.report.records import transport
+from fedmeta.report.records import link_measures
 from policies import get_purpose
 from policies.countries import is_eea
 
@@ -95,7 +95,7 @@ def risks(files: RunFiles, scope: str | None, policy: PolicySection,
           privacy: list[SitePrivacy]) -> list[Risk]:
     cfg = files.config
     decl = files.declaration
-    sim = transport(files) == "simulation"
+    auth = link_measures(files)[1]
     dp = _eps_text(privacy)
     manifests = _manifests(files, scope)
     excl = {r.rule_id for r in policy.exclusions}
@@ -104,6 +104,7 @@ def risks(files: RunFiles, scope: str | None, policy: PolicySection,
     third = [c for c in countries if not is_eea(c)]
     dropped = sum(len(m.get("dropped") or {}) for m in files.round_lines)
     conflicts = [r for r in policy.run_decisions if "conflict" in r.flags]
+    rights_rules = ", ".join(sorted(excl & set(ERASURE_RULES + CONSENT_RULES))) or "none triggered"
     return [
         Risk(risk="Leakage from model updates; membership inference",
              description="updates and models can reveal whether a record was used, or "
@@ -120,8 +121,7 @@ def risks(files: RunFiles, scope: str | None, policy: PolicySection,
                           f"{cfg.max_update_norm:g} ({dropped} reply(ies) dropped)",
                           f"at least {max(cfg.min_sites, decl.min_sites_per_round)} sites per "
                           "round", "signed, hash-chained audit logs with cross-party receipts"],
-             residual="no robust aggregation; node authentication "
-                      + ("not applicable (simulation)" if sim else "not recorded in the run"),
+             residual=f"no robust aggregation; node authentication: {auth.status}",
              references=["GDPR Art. 32(1)(b)"]),
         Risk(risk="Re-identification from the released model",
              description="a model trained on personal data is not anonymous in all cases "
@@ -135,8 +135,7 @@ def risks(files: RunFiles, scope: str | None, policy: PolicySection,
              description="a data subject's erasure or withdrawal cannot be applied to a model "
                          "already trained",
              mitigations=[f"records with erasure requests or without valid consent are left "
-                          f"out from the next round on (rules applied: "
-                          f"{', '.join(sorted(excl & set(ERASURE_RULES + CONSENT_RULES))) or 'none triggered'})",
+                          f"out from the next round on (rules applied: {rights_rules})",
                           "DP bounds each record's influence on every released model"],
              residual=(f"{len(erasures)} site(s) handled erasure requests in this run: models "
                        "from earlier rounds and runs are not unlearned; record the Art. 17(3)(d) "

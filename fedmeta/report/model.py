@@ -262,6 +262,8 @@ class PolicySection(_Model):
     rights: list[RightsHandling]
     declines: list[Decline]
     denied_sites: dict[str, str]
+    unusable_sites: dict[str, str]
+    """Nodes the server could not use (no identity or an unreadable manifest)."""
 
 
 # ---- DPDP --------------------------------------------------------------------------------------

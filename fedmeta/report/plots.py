@@ -58,7 +58,9 @@ def epsilon_plot(report: Report) -> bytes | None:
     ax.set_title("Cumulative epsilon per site (its ledger) against its budget"
                  + (f" (epsilon_max {', '.join(f'{e:g}' for e in sorted(declared))})"
                     if declared else ""), fontsize=10)
-    ax.set_ylim(bottom=0)
+    top = max([*budgets, *(pt.epsilon_after for p in sites for pt in p.points),
+               report.run.declared_epsilon or 0.0])
+    ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center right")
     return _png(fig)

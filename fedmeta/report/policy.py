@@ -207,7 +207,9 @@ def policy_section(files: RunFiles, site: str | None) -> PolicySection:
         records_evaluated=records,
         rights=[r for s in sites for r in rights(files, s)],
         declines=[d for s in sites for d in declines(files, s)],
-        denied_sites=dict(sorted(denied.items())))
+        denied_sites=dict(sorted(denied.items())),
+        unusable_sites={k: v for k, v in sorted(files.unusable.items())
+                        if site is None or k == site})
 
 
 # ---- DPDP ------------------------------------------------------------------------------------

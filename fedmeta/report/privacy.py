@@ -1,4 +1,4 @@
-"""Privacy statement per site: its (epsilon, delta) from its durable ledger, in words and numbers."""
+"""Privacy statement per site: (epsilon, delta) from its durable ledger, in words and numbers."""
 
 from __future__ import annotations
 
@@ -55,13 +55,18 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
     steps = _distinct([c.steps for c in mine])
     left = max(0.0, ledger.epsilon_max - total)
     rounds = [c.round for c in mine]
+    if mine:
+        released = (
+            f"what the site released in run {files.run_id} is ({run_eps:.3g}, "
+            f"{ledger.delta:g})-differentially private for each of its records "
+            f"({ledger.accountant.upper()} accountant; noise multiplier {_fmt_list(sigmas)}, "
+            f"sampling rate {_fmt_list(rates, '{:.4g}')}, {_fmt_list(steps, '{:d}')} DP-SGD "
+            f"steps in each of {len(mine)} round(s))")
+    else:
+        released = f"the site released nothing in run {files.run_id}, which cost it no privacy"
     statement = (
-        f"For {site.site_id}, one record is the privacy unit: what the site released in run "
-        f"{files.run_id} is ({run_eps:.3g}, {ledger.delta:g})-differentially private for "
-        f"each of its records ({ledger.accountant.upper()} accountant; noise multiplier "
-        f"{_fmt_list(sigmas)}, sampling rate {_fmt_list(rates, '{:.4g}')}, "
-        f"{_fmt_list(steps, '{:d}')} DP-SGD steps in each of {len(mine)} round(s)); over every "
-        f"run it ever joined it has spent epsilon {total:.3g} of its budget of "
+        f"For {site.site_id}, one record is the privacy unit: {released}; over every run it "
+        f"ever joined it has spent epsilon {total:.3g} of its budget of "
         f"{ledger.epsilon_max:g}, leaving {left:.3g}."
     )
     if declined:

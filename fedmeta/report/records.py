@@ -16,6 +16,7 @@ from fedmeta.report.model import (
     Party,
     ProcessingRecord,
     Retention,
+    Status,
     Transfer,
 )
 from policies import SPECIAL_CATEGORIES, Decision, SiteManifest, get_purpose
@@ -29,10 +30,35 @@ UPDATES = "model updates (phi) trained on the site's records, treated as persona
 
 
 def transport(files: RunFiles) -> str:
-    for e in files.server_log.entries:
+    for e in files.server_entries:
         if e.action == "run.start":
             return str(e.details.get("transport") or "not recorded")
     return "not recorded"
+
+
+def link_measures(files: RunFiles) -> list[Measure]:
+    """TLS and node authentication, from the transport the server's run.start entry names.
+
+    ``simulation`` (one machine), ``tls+supernode-auth`` (a deployment, secure by
+    default) or ``insecure`` (asked for by name).
+    """
+    mode = transport(files)
+    out = []
+    for name, token in (("Transport encryption (TLS)", "tls"),
+                        ("Node authentication", "supernode-auth")):
+        if mode == "simulation":
+            out.append(Measure(measure=name, status="not applicable", detail=SIMULATION))
+        elif mode == "insecure":
+            out.append(Measure(measure=name, status="off", detail=(
+                "insecure mode was asked for by name and recorded in the server's run.start "
+                "entry")))
+        elif token in mode.split("+"):
+            out.append(Measure(measure=name, status="on",
+                               detail=f"transport {mode!r} (server's run.start entry)"))
+        else:
+            out.append(Measure(measure=name, status="not recorded",
+                               detail=f"the run records transport {mode!r}"))
+    return out
 
 
 def _where(code: str) -> str:
@@ -91,7 +117,7 @@ def _transfer(d: Decision | None, data: str, origin: str, dest: str) -> Transfer
                     decision=d.outcome.value, rule_id=d.rule_id)
 
 
-def _dp_detail(files: RunFiles, site: SiteFiles | None) -> tuple[str, str]:
+def _dp_detail(files: RunFiles, site: SiteFiles | None) -> tuple[Status, str]:
     cfg = files.config
     if not cfg.dp:
         return "off", "differential privacy was turned OFF for this run (--no-dp)"
@@ -117,22 +143,15 @@ def _dp_detail(files: RunFiles, site: SiteFiles | None) -> tuple[str, str]:
 def measures(files: RunFiles, site: SiteFiles | None, audit_ok: bool) -> list[Measure]:
     """Art. 32(1) / Art. 25 measures in force in this run, at a site or at the server."""
     cfg = files.config
-    sim = transport(files) == "simulation"
     dp_status, dp_text = _dp_detail(files, site)
     out = [
-        Measure(measure="Differential privacy (sample level)", status=dp_status,  # type: ignore[arg-type]
-                detail=dp_text),
+        Measure(measure="Differential privacy (sample level)", status=dp_status, detail=dp_text),
         Measure(measure="Client-level differential privacy at the server", status="off",
                 detail="no server-side DP wrapper: the aggregate is protected only by each "
                        "site's sample-level DP"),
         Measure(measure="Secure aggregation", status="off",
                 detail="the server sees each site's update in the clear before aggregating"),
-        Measure(measure="Transport encryption (TLS)",
-                status="not applicable" if sim else "not recorded",
-                detail=SIMULATION if sim else "the run does not record its transport security"),
-        Measure(measure="Node authentication",
-                status="not applicable" if sim else "not recorded",
-                detail=SIMULATION if sim else "the run does not record node authentication"),
+        *link_measures(files),
         Measure(measure="Tamper-evident audit log", status="on",
                 detail="append-only, hash-chained, Ed25519-signed logs at the server and each "
                        "site, entries durable before the action; re-verified for this report: "

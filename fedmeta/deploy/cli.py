@@ -1,0 +1,129 @@
+"""Command line: ``fedmeta provision`` and ``fedmeta node init|check`` (mounted by fedmeta/cli.py).
+
+User errors end with one red line and exit code 2. ``node check`` exits 0 when
+every check passes and 1 otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+node_app = typer.Typer(help="Set up and check one institution's node (site directory).",
+                       no_args_is_help=True)
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"error: {message}", style="bold red", markup=False)
+    return typer.Exit(code)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from fedmeta.audit import AuditError
+    from fedmeta.deploy.federation import FederationError
+    from fedmeta.deploy.kits import ProvisionError
+    from fedmeta.deploy.node import NodeError
+    from fedmeta.deploy.pki import PkiError
+
+    return FederationError, ProvisionError, NodeError, PkiError, AuditError
+
+
+def provision(
+    federation: Annotated[Path, typer.Argument(help="federation TOML file (sites, SuperLink "
+                                               "address, certificate names)")],
+    out: Annotated[Path, typer.Option("--out", help="where the CA and the kits go")] = Path(
+        "kits"),
+    force: Annotated[bool, typer.Option("--force", help="replace existing keys, the CA and "
+                                        "manifests (every party needs its new kit)")] = False,
+) -> None:
+    """Create the federation CA, the SuperLink certificate, and one kit per site and for
+    the coordinator. Existing keys are kept unless --force."""
+    from fedmeta.deploy.kits import provision as run
+
+    try:
+        report = run(federation, out, force=force)
+    except (*_errors(), OSError) as exc:
+        raise _fail(" ".join(str(exc).split())) from None
+    con = _console()
+    for name in report.created:
+        con.print(f"[green]created[/] {name}")
+    for name in report.kept:
+        con.print(f"[dim]kept[/]    {name}")
+    for note in report.notes:
+        con.print(f"[yellow]note:[/] {note}")
+    con.print(f"kits in {out}/: send sites/<id>/ to each site and coordinator/ to the "
+              f"coordinator over a channel you trust; keep {out}/ca/ offline.")
+
+
+@node_app.command("init")
+def node_init(
+    site_dir: Annotated[Path, typer.Argument(help="the site's state directory")],
+    kit: Annotated[Path | None, typer.Option("--kit", help="the site's kit from `fedmeta "
+                                             "provision` (omit if unpacked in SITE_DIR)")] = None,
+    new_auth_key: Annotated[bool, typer.Option(
+        "--new-auth-key", help="rotate: retire the SuperNode key, create a new one")] = False,
+) -> None:
+    """Lay out a site directory: keys (0600), manifest from the kit's template, node
+    config and start script. The privacy ledger is created by the first round."""
+    from fedmeta.deploy.node import init_site
+
+    try:
+        report = init_site(site_dir, kit, new_auth_key=new_auth_key)
+    except (*_errors(), OSError) as exc:
+        raise _fail(" ".join(str(exc).split())) from None
+    con = _console()
+    for name in report.copied:
+        con.print(f"[green]copied[/] {name}")
+    for name in report.kept:
+        con.print(f"[dim]kept[/]   {name}")
+    for note in report.notes:
+        con.print(f"[yellow]note:[/] {note}")
+    if report.new_public_key:
+        con.print(f"new public key: {report.new_public_key}")
+    con.print(f"site directory ready: {report.site_dir}. Fill in manifest.toml, then run "
+              f"`fedmeta node check {site_dir}`.")
+
+
+@node_app.command("check")
+def node_check(
+    site_dir: Annotated[Path, typer.Argument(help="the site's state directory")],
+    superlink: Annotated[str | None, typer.Option(
+        "--superlink", help="HOST:PORT (default: node.toml's)")] = None,
+    root_cert: Annotated[Path | None, typer.Option(
+        "--root-cert", help="CA certificate (default: SITE_DIR/ca.pem)")] = None,
+    no_connect: Annotated[bool, typer.Option(
+        "--no-connect", help="skip the SuperLink reachability check")] = False,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="only test TCP reachability, no TLS (insecure deployments)")] = False,
+) -> None:
+    """Check a site directory: manifest, keys, ledger, audit log, and a TLS handshake with
+    the SuperLink. Exit 0 when all pass, 1 otherwise."""
+    from fedmeta.deploy.node import check_site
+
+    if not site_dir.is_dir():
+        raise _fail(f"{site_dir}: not a directory")
+    checks = check_site(site_dir, superlink=superlink, root_cert=root_cert,
+                        connect=not no_connect, insecure=insecure)
+    table = Table(title=f"node check: {site_dir}", show_lines=False)
+    table.add_column("", width=4)
+    table.add_column("check")
+    table.add_column("result", overflow="fold")
+    for c in checks:
+        mark = "[red]FAIL[/]" if not c.ok else ("[yellow]WARN[/]" if c.warning else "[green]ok[/]")
+        table.add_row(mark, c.name, c.detail, style=None)
+    con = _console()
+    con.print(table)
+    bad = [c.name for c in checks if not c.ok]
+    if bad:
+        con.print(f"[bold red]{len(bad)} check(s) failed:[/] {', '.join(bad)}")
+        raise typer.Exit(1)
+    con.print("[bold green]all checks passed[/]")

@@ -1,0 +1,299 @@
+"""A site's node directory: ``fedmeta node init`` lays it out, ``fedmeta node check`` checks it.
+
+A site directory is where one institution's node keeps its state::
+
+    <site-dir>/ca.pem  node.toml  start-node.sh  README.md  manifest.toml
+    <site-dir>/keys/supernode-auth.key (0600) + .pub, audit-signing.pem (0600) + .pub.pem
+    <site-dir>/keys/retired/          former SuperNode keys (after a rotation)
+    <site-dir>/audit/audit-log.jsonl  the site's signed audit log (first round creates it)
+    <site-dir>/privacy-ledger.jsonl   the durable privacy ledger (first round creates it)
+    <site-dir>/flwr-home/             Flower's own files (apps received), safe to delete
+
+It is the kit plus state: ``init`` copies a kit into it (or completes a kit
+unpacked in place) and never overwrites a key or a manifest that is there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import ssl
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmeta.audit import AuditError, verify_log
+from fedmeta.audit.keys import load_private_key, load_public_key, public_key_path, public_raw_b64
+from fedmeta.deploy import pki
+from fedmeta.deploy.kits import AUDIT_KEY, NODE_KEY, NODE_PUB, SCRIPT_MODE
+from fedmeta.deploy.templates import TODO
+from policies import DeclarationError, load_site_manifest
+
+AUDIT_LOG = Path("audit") / "audit-log.jsonl"  # = fedmeta.site.AUDIT_LOG
+# = fedmeta.privacy.ledger.LEDGER_FILE / MARKER_FILE (that module imports opacus: slow to load,
+# so it is imported only when there is a ledger to read)
+LEDGER_FILE, MARKER_FILE = "privacy-ledger.jsonl", "site.json"
+MANIFEST = "manifest.toml"
+NODE_TOML = "node.toml"
+KIT_FILES = ("ca.pem", NODE_TOML, "start-node.sh", "README.md")
+
+
+class NodeError(ValueError):
+    """The site directory or kit cannot be used; one line naming the file."""
+
+
+# ---- init ----------------------------------------------------------------------------
+@dataclass
+class InitReport:
+    site_dir: Path
+    copied: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    new_public_key: Path | None = None
+
+
+def _copy_private(src: Path, dst: Path, report: InitReport) -> None:
+    data = pki.read_private(src)
+    if dst.exists():
+        if pki.read_private(dst) != data:
+            report.notes.append(f"kept {dst.name} already in the site directory (it differs "
+                                "from the kit's)")
+        report.kept.append(str(dst.relative_to(report.site_dir)))
+        return
+    pki.write_private(dst, data)
+    report.copied.append(str(dst.relative_to(report.site_dir)))
+
+
+def rotate_node_key(site_dir: Path, site_id: str) -> Path:
+    """Retire the SuperNode key (to keys/retired/) and create a new one; returns the new .pub."""
+    key, pub = site_dir / NODE_KEY, site_dir / NODE_PUB
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    retired = site_dir / "keys" / "retired"
+    retired.mkdir(mode=0o700, exist_ok=True)
+    if key.exists():
+        pki.write_private(retired / f"supernode-auth-{stamp}.key", pki.read_private(key))
+    if pub.exists():
+        pki.write_public(retired / f"supernode-auth-{stamp}.pub", pub.read_bytes())
+    new = pki.new_node_key()
+    pki.write_private(key, pki.node_private_openssh(new))
+    pki.write_public(pub, pki.node_public_openssh(new, site_id))
+    return pub
+
+
+def read_node_toml(site_dir: Path) -> dict:
+    path = Path(site_dir) / NODE_TOML
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NodeError(f"{path}: not found: is {site_dir} a site kit or an initialised "
+                        "site directory? (fedmeta node init SITE_DIR --kit KIT)") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise NodeError(f"{path}: cannot read the node config ({exc})") from None
+    for key, kind in (("site_id", str), ("site_index", int), ("superlink", str),
+                      ("runtime_port", int)):
+        if not isinstance(data.get(key), kind):
+            raise NodeError(f"{path}: field '{key}': missing or not a {kind.__name__}")
+    return data
+
+
+def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = False
+              ) -> InitReport:
+    """Lay out ``site_dir`` from ``kit`` (or complete a kit unpacked in ``site_dir``)."""
+    site_dir = Path(site_dir).absolute()
+    if any(c in str(site_dir) for c in "\"\\'"):
+        raise NodeError(f"{site_dir}: the site directory path must not contain quotes or "
+                        "backslashes (it is passed in --node-config)")
+    report = InitReport(site_dir=site_dir)
+    if kit is not None:
+        kit = Path(kit)
+        read_node_toml(kit)  # is it a site kit?
+        site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (site_dir / "keys").mkdir(mode=0o700, exist_ok=True)
+        if kit.absolute() != site_dir:
+            for name in KIT_FILES:
+                mode = SCRIPT_MODE if name.endswith(".sh") else pki.PUBLIC_MODE
+                pki.write_public(site_dir / name, (kit / name).read_bytes(), mode)
+                report.copied.append(name)
+            for private in (NODE_KEY, AUDIT_KEY):
+                _copy_private(kit / private, site_dir / private, report)
+            for public in (NODE_PUB, public_key_path(AUDIT_KEY)):
+                if not (site_dir / public).exists():
+                    pki.write_public(site_dir / public, (kit / public).read_bytes())
+            if (site_dir / MANIFEST).exists():
+                report.kept.append(MANIFEST)
+            else:
+                pki.write_public(site_dir / MANIFEST, (kit / MANIFEST).read_bytes())
+                report.copied.append(MANIFEST)
+    node = read_node_toml(site_dir)
+    for needed in ("ca.pem", "start-node.sh", MANIFEST, str(NODE_KEY), str(AUDIT_KEY)):
+        if not (site_dir / needed).exists():
+            raise NodeError(f"{site_dir / needed}: missing; copy the site's kit again "
+                            "(fedmeta node init SITE_DIR --kit KIT)")
+    (site_dir / "keys").chmod(0o700)
+    (site_dir / "audit").mkdir(mode=0o700, exist_ok=True)
+    if new_auth_key:
+        report.new_public_key = rotate_node_key(site_dir, str(node["site_id"]))
+        report.notes.append("new SuperNode key: send keys/supernode-auth.pub to the "
+                            "coordinator; the old one is in keys/retired/")
+    if (site_dir / MARKER_FILE).exists() and not (site_dir / LEDGER_FILE).exists():
+        report.notes.append(f"{MARKER_FILE} says this site trained before but "
+                            f"{LEDGER_FILE} is missing: restore it from backup")
+    return report
+
+
+# ---- check ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    warning: bool = False  # passed, but someone should look
+
+
+def _check(name: str, fn) -> Check:
+    try:
+        detail, warning = fn()
+    except (NodeError, pki.PkiError, AuditError, DeclarationError, OSError, ValueError,
+            RuntimeError) as exc:  # LedgerError is a RuntimeError
+        return Check(name, False, " ".join(str(exc).split()))
+    return Check(name, True, detail, warning)
+
+
+def _mode_ok(path: Path) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise NodeError(f"{path}: mode {mode:04o}, must be 0600 ('chmod 600 {path}')")
+
+
+def tls_probe(host: str, port: int, cafile: Path, timeout: float = 5.0) -> str:
+    """TLS handshake with ``host:port``, verifying the chain against ``cafile`` and the
+    certificate's names against ``host`` (SNI sent). Returns a one-line description."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection((host, port), timeout=timeout) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        der = tls.getpeercert(binary_form=True)
+        version = tls.version()
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    return (f"{host}:{port} {version}, certificate for {', '.join(pki.cert_names(cert))} "
+            f"valid {pki.days_left(cert):.0f} more days")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise NodeError(f"SuperLink address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | None = None,
+               connect: bool = True, insecure: bool = False) -> list[Check]:
+    """Every check of ``fedmeta node check``, in order; all ``ok`` means ready to start."""
+    site_dir = Path(site_dir)
+    checks: list[Check] = []
+    node: dict = {}
+
+    def node_config():
+        node.update(read_node_toml(site_dir))
+        script = site_dir / "start-node.sh"
+        if not script.exists() or not os.access(script, os.X_OK):
+            raise NodeError(f"{script}: missing or not executable")
+        return (f"site {node['site_id']} (index {node['site_index']}), SuperLink "
+                f"{node['superlink']}, local port {node['runtime_port']}"), False
+    checks.append(_check("node config", node_config))
+
+    def manifest():
+        m = load_site_manifest(site_dir / MANIFEST)
+        todo = [k for k, v in m.model_dump().items() if isinstance(v, str) and TODO in v]
+        if todo:
+            raise NodeError(f"{site_dir / MANIFEST}: fill in the TODO placeholders "
+                            f"({', '.join(todo)})")
+        if node and m.site_id != node["site_id"]:
+            raise NodeError(f"{site_dir / MANIFEST}: site_id {m.site_id!r} differs from "
+                            f"node.toml's {node['site_id']!r}")
+        return (f"{m.site_id}: {m.institution} ({m.country}), packs "
+                f"{', '.join(m.law_packs)}, epsilon_max {m.epsilon_max:g}"), False
+    checks.append(_check("manifest", manifest))
+
+    ca_path = Path(root_cert) if root_cert else site_dir / "ca.pem"
+
+    def ca():
+        from cryptography import x509
+
+        cert = pki.load_cert(ca_path)
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not bc.ca:
+            raise NodeError(f"{ca_path}: not a CA certificate")
+        left = pki.days_left(cert)
+        if left <= 0:
+            raise NodeError(f"{ca_path}: expired {-left:.0f} days ago")
+        return f"{cert.subject.rfc4514_string()}, valid {left:.0f} more days", left < 60
+    checks.append(_check("CA certificate", ca))
+
+    def node_key():
+        key_path = site_dir / NODE_KEY
+        _mode_ok(key_path)
+        key = pki.load_node_private(key_path)
+        pub = pki.load_node_public(site_dir / NODE_PUB)
+        if not pki.same_public_key(key.public_key(), pub):
+            raise NodeError(f"{site_dir / NODE_PUB}: is not the public half of {key_path}")
+        return (f"ECDSA {key.curve.name}, {pki.node_fingerprint(pub)} (the coordinator "
+                "registers keys/supernode-auth.pub)"), False
+    checks.append(_check("SuperNode key", node_key))
+
+    def audit_key():
+        key_path = site_dir / AUDIT_KEY
+        _mode_ok(key_path)
+        key = load_private_key(key_path)
+        pub_path = public_key_path(key_path)
+        if pub_path.exists() and public_raw_b64(load_public_key(pub_path)) != public_raw_b64(key):
+            raise NodeError(f"{pub_path}: is not the public half of {key_path}")
+        return "Ed25519, mode 0600", False
+    checks.append(_check("audit signing key", audit_key))
+
+    def ledger():
+        path = site_dir / LEDGER_FILE
+        if not path.exists():
+            if (site_dir / MARKER_FILE).exists():
+                raise NodeError(f"{path}: missing but {MARKER_FILE} says this site trained "
+                                "before; restore it from backup (the node refuses to train)")
+            return "not created yet (the first round creates it)", False
+        from fedmeta.privacy.ledger import PrivacyLedger
+
+        led = PrivacyLedger.read(path)
+        return (f"{len(led.charges)} charge(s), epsilon {led.epsilon():.3f} of "
+                f"{led.epsilon_max:g}"), False
+    checks.append(_check("privacy ledger", ledger))
+
+    def audit_log():
+        path = site_dir / AUDIT_LOG
+        if not path.exists():
+            return "not created yet (the first round creates it)", False
+        pub = public_key_path(site_dir / AUDIT_KEY)
+        result = verify_log(path, public_key=pub if pub.exists() else None)
+        if not result.ok:
+            raise NodeError(f"{path}: {result.problem}")
+        return result.summary(), False
+    checks.append(_check("audit log", audit_log))
+
+    if connect:
+        def reach():
+            address = superlink or node.get("superlink")
+            if not address:
+                raise NodeError("no SuperLink address: give --superlink HOST:PORT")
+            host, port = split_address(str(address))
+            try:
+                if insecure:
+                    with socket.create_connection((host, port), timeout=5.0):
+                        pass
+                    return f"{host}:{port} reachable over TCP; TLS NOT checked (--insecure)", True
+                return tls_probe(host, port, ca_path), False
+            except OSError as exc:  # refused, unreachable, timeout, TLS verification failed
+                raise NodeError(f"{host}:{port}: {exc}") from None
+        checks.append(_check("SuperLink reachable (TLS)", reach))
+    return checks
+

@@ -1,0 +1,55 @@
+"""``fedmeta report RUN_DIR``: the command, mounted by ``fedmeta/cli.py``.
+
+Exit codes: 0 written; 1 an audit log failed verification (or the evidence
+disagrees) and ``--allow-unverified`` was not given; 2 a user error (run
+directory, option). Errors are one red line, never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    _err().print(f"error: {message}", style="bold red", markup=False)
+    return typer.Exit(code)
+
+
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (fedmeta simulate --out)")],
+    site: Annotated[str | None, typer.Option(
+        help="a site-level report: only this site's data and what the federation shared "
+             "with it")] = None,
+    format_: Annotated[str, typer.Option("--format", help="html | json | md")] = "html",
+    out: Annotated[Path | None, typer.Option(
+        help="output file (default RUN_DIR/report[-SITE].html|json|md)")] = None,
+    baseline: Annotated[Path | None, typer.Option(
+        help="a baseline run directory (e.g. FedAvg) to plot beside this run")] = None,
+    allow_unverified: Annotated[bool, typer.Option(
+        "--allow-unverified", help="write the report even if an audit log fails "
+                                   "verification (with a red banner)")] = False,
+) -> None:
+    """Compliance report for a data protection officer: Art. 30 record, DPIA summary,
+    privacy per site, policy decisions, DPDP, learning results and audit verification."""
+    from fedmeta.report import ReportError, UnverifiedRunError, generate
+
+    try:
+        path, report = generate(run_dir, format_, out=out, site=site,
+                                allow_unverified=allow_unverified, baseline=baseline)
+    except ReportError as exc:
+        raise _fail(str(exc), 2) from None
+    except UnverifiedRunError as exc:
+        raise _fail(str(exc), 1) from None
+    except OSError as exc:
+        raise _fail(f"cannot write the report: {exc}", 2) from None
+    if not report.verified:
+        _err().print(f"warning: {report.unverified_warning}", style="bold red", markup=False)
+    Console(highlight=False, soft_wrap=True).print(f"wrote {path}", markup=False)

@@ -1,0 +1,8 @@
+"""Make ``deploy_helpers`` importable from the deployment tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
