@@ -1,5 +1,5 @@
 # fedmeta — set up, run, test.
-#   make run    set up a virtual environment and run the default simulation (+ report)
+#   make run    set up a virtual environment, run the default simulation, write its report
 #   make test   set up and run the whole test suite (slow tests included) and ruff
 #
 # torch is installed first, on its own, so the build is an install-time choice:
@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 
 run: setup
 	$(BIN)/fedmeta simulate --out runs/demo --overwrite
+	$(BIN)/fedmeta report runs/demo --format html --out runs/demo/report.html
 
 # the report tests open the HTML report in headless Chromium (Debian's package)
 browser:
