@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,7 @@ from policies import (
 )
 
 MANIFEST_FILE = "manifest.toml"
+TRANSPORT_ENV = "FEDMETA_TRANSPORT"  # exported by fedmeta's start-node.sh
 AUDIT_LOG = Path("audit") / "audit-log.jsonl"
 AUDIT_KEY = Path("keys") / "audit-signing.pem"
 
@@ -157,6 +159,10 @@ class Site:
     def _round(self, log: AuditLog, theta, run_id: str, server_round: int,
                declaration: RunDeclaration | None, server_head: str) -> SiteReply:
         cfg = self.cfg
+        transport = os.environ.get(TRANSPORT_ENV, "simulation")
+        if transport == "insecure":
+            log.append("security.insecure", run_id=run_id, round=server_round, decision="allow",
+                       details={"transport": "insecure", "tls": False, "supernode_auth": False})
         records = self.records
         excluded: dict[str, int] = {}
         if declaration is not None:
@@ -218,6 +224,7 @@ class Site:
                    model_in=_digest(theta), epsilon=eps_total if dp else None,
                    counts={"examples": len(pool.x), "steps": cfg.inner_steps},
                    details={"server_head": server_head or None, "dp": dp is not None,
+                            "transport": transport,
                             "noise_multiplier": dp.noise_multiplier if dp else None,
                             "sample_rate": q if dp else None})
         model = self.task.build_model(self.task.out_dim(cfg.strategy))

@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -54,10 +56,19 @@ EVAL_SEED_OFFSET = 10_007
 SERVER_AUDIT_LOG = Path("audit") / "server-audit-log.jsonl"
 SERVER_AUDIT_KEY = Path("keys") / "server-audit-signing.pem"
 DECISIONS_FILE = "policy-decisions.json"
+TRANSPORT_ENV = "FEDMETA_TRANSPORT"
 
 
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def transport_mode(grid: Grid) -> str:
+    """How sites are reached: set by fedmeta's start scripts (``FEDMETA_TRANSPORT``:
+    ``tls+supernode-auth`` or ``insecure``); an in-memory grid is a simulation."""
+    if type(grid).__name__ == "InMemoryGrid":
+        return "simulation"
+    return os.environ.get(TRANSPORT_ENV, "not recorded")
 
 
 def discover_sites(grid: Grid, cfg: RunConfig, config: ConfigRecord
@@ -116,10 +127,17 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     declaration = run_declaration(cfg)
     declaration_json = declaration.model_dump_json()
     audit = AuditLog.open(out / SERVER_AUDIT_LOG, out / SERVER_AUDIT_KEY, actor="server")
+    transport = transport_mode(grid)
     audit.append("run.start", run_id=run_id, details={
         "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
         "purpose": declaration.purpose, "config_sha256": _sha((out / CONFIG_FILE).read_text()),
-        "declaration_sha256": _sha(declaration_json), "transport": "simulation"})
+        "declaration_sha256": _sha(declaration_json), "transport": transport,
+        "serverapp_tls": None if transport == "simulation" else "--insecure" not in sys.argv})
+    if transport == "insecure":  # durable before any message leaves
+        log(WARNING, "INSECURE deployment: no TLS, no node authentication (asked for by name)")
+        audit.append("security.insecure", run_id=run_id, decision="allow", details={
+            "transport": "insecure", "tls": False, "supernode_auth": False,
+            "requested_by": "start-superlink.sh --insecure"})
     round_config = ConfigRecord({**cfg.to_flat(), "run-id": run_id,
                                  "declaration-json": declaration_json})
 

@@ -45,8 +45,10 @@ def provision(
     force: Annotated[bool, typer.Option("--force", help="replace existing keys, the CA and "
                                         "manifests (every party needs its new kit)")] = False,
 ) -> None:
-    """Create the federation CA, the SuperLink certificate, and one kit per site and for
-    the coordinator. Existing keys are kept unless --force."""
+    """Create the federation CA, the SuperLink certificate and the kits (keys kept unless --force).
+
+    One kit per site and one for the coordinator; the CA key stays in OUT/ca/.
+    """
     from fedmeta.deploy.kits import provision as run
 
     try:
@@ -72,8 +74,10 @@ def node_init(
     new_auth_key: Annotated[bool, typer.Option(
         "--new-auth-key", help="rotate: retire the SuperNode key, create a new one")] = False,
 ) -> None:
-    """Lay out a site directory: keys (0600), manifest from the kit's template, node
-    config and start script. The privacy ledger is created by the first round."""
+    """Lay out a site directory from its kit: keys (0600), manifest, node config, start script.
+
+    The privacy ledger and audit log are created by the first round.
+    """
     from fedmeta.deploy.node import init_site
 
     try:
@@ -105,8 +109,10 @@ def node_check(
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="only test TCP reachability, no TLS (insecure deployments)")] = False,
 ) -> None:
-    """Check a site directory: manifest, keys, ledger, audit log, and a TLS handshake with
-    the SuperLink. Exit 0 when all pass, 1 otherwise."""
+    """Check a site directory: manifest, keys, ledger, audit log, TLS to the SuperLink.
+
+    Exit 0 when every check passes, 1 otherwise.
+    """
     from fedmeta.deploy.node import check_site
 
     if not site_dir.is_dir():

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from deploy_helpers import DOC, doc_commands
+from deploy_helpers import DOC, doc_block, doc_commands
 from typer.testing import CliRunner
 
 from fedmeta.cli import app
@@ -303,3 +303,16 @@ def test_every_documented_command_is_in_the_deployment_test():
     source = source.replace('" "', "")  # implicit string concatenation
     missing = [c for c in commands if c not in source]
     assert not missing, missing
+
+
+def test_the_guides_toml_examples_are_valid():
+    import tomllib
+
+    from fedmeta.config import RunConfig
+    from fedmeta.deploy.federation import parse_federation
+
+    text = DOC.read_text()
+    fed = parse_federation(tomllib.loads(doc_block(text, "toml", "federation.toml")))
+    assert [s.id for s in fed.sites] == ["site-de-01", "site-in-01"]
+    run = tomllib.loads(doc_block(text, "toml", "run.toml"))
+    assert RunConfig.from_flat(run).dp is True

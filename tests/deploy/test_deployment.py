@@ -83,6 +83,13 @@ def env_of(pid: int) -> dict[str, str]:
     return dict(x.decode(errors="replace").split("=", 1) for x in raw if b"=" in x)
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def children(pid: int) -> list[int]:
     out = []
     for p in os.listdir("/proc"):
@@ -229,6 +236,11 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     wait_for(lambda: no_ca.poll() is not None, 60, "the node without the CA")
     assert no_ca.returncode != 0
     assert "CERTIFICATE_VERIFY_FAILED" in d.log("node-no-ca"), d.log("node-no-ca")[-2000:]
+    for site, _ in SITES:  # inherited by the node's SuperExec, hence by every ClientApp
+        node_pid = d.procs[f"node-{site}"].pid
+        assert env_of(node_pid)["FEDMETA_TRANSPORT"] == "tls+supernode-auth"
+        assert all(env_of(c)["FEDMETA_TRANSPORT"] == "tls+supernode-auth"
+                   for c in children(node_pid))
     addresses = d.listening()
     assert addresses and all(a.startswith(("127.0.0.1:", "::1:")) for a in addresses), addresses
     d.timings["superlink+register+nodes"] = round(time.monotonic() - t, 1)
@@ -264,6 +276,10 @@ def _scenario(d: Deployment, tmp: Path) -> None:
                     app, record=False, federation=FED)
     wait_for(lambda: any(m["round"] == 1 for m in metrics(out_b)), 300, "run B's round 1",
              every=0.2)
+    # the ServerApp's process shows how it reaches the SuperLink: TLS, never --insecure
+    serverapp = [cmdline(p) for p in d.tagged_pids() if "flwr-serverapp" in cmdline(p)]
+    assert serverapp and all("--root-certificates" in c and "--insecure" not in c
+                             for c in serverapp), serverapp
     d.procs[f"node-{LOST}"].send_signal(signal.SIGKILL)  # a crash, not a goodbye
     t_add = time.monotonic()  # meanwhile (the SuperLink notices the loss after ~40 s):
     add_and_remove_site(d, prov, port, runtime)
