@@ -8,6 +8,8 @@ import subprocess
 import pytest
 from helpers import fedmeta
 
+from policies import EXAMPLE_RUN
+
 pytestmark = pytest.mark.slow
 
 COMMON = ["--task", "digits-fewshot", "--sites", "3", "--rounds", "3", "--seed", "5",
@@ -25,7 +27,10 @@ def metrics(run_dir):
 
 
 def stable(lines):
-    return [{k: v for k, v in line.items() if k not in ("run", "elapsed_s")} for line in lines]
+    """Metrics without what legitimately differs: run id, timing, and audit receipts
+    (hashes of log entries, which carry their time)."""
+    return [{k: v for k, v in line.items() if k not in ("run", "elapsed_s", "receipts")}
+            for line in lines]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +104,12 @@ def test_evaluate_draws_the_shots_curve(runs):
 
 def test_budget_declines_and_is_never_reset_by_a_new_run(tmp_path):
     out = tmp_path / "tight"
+    # the run declares epsilon 2 (policy PRIV-DP: within the sites' budget of 2); the
+    # ledger then enforces the budget round by round: 1.58, 1.88, then 2.10 > 2
+    declaration = tmp_path / "run.toml"
+    declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 2.0"))
     args = ["simulate", *COMMON, "--set", "fraction-train=1.0", "--set", "epsilon-max=2.0",
-            "--out", str(out)]
+            "--set", f"declaration={declaration}", "--out", str(out)]
     res = fedmeta(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = metrics(out)
