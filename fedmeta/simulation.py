@@ -11,6 +11,7 @@ every round's message.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 def simulate(cfg: RunConfig, *, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run ``cfg`` to completion in Flower's simulation engine; returns the run summary."""
     no_call_home()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU tip
+    if not verbose:  # Flower's deprecation notice for run_simulation is not the user's concern
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     out = prepare_run_dir(cfg, overwrite)
     os.environ[RUN_CONFIG_ENV] = str((out / CONFIG_FILE).resolve())
     from flwr.simulation import run_simulation

@@ -3,72 +3,16 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import fedmeta
+from helpers import consent_declaration, fedmeta, manifest, write_site
 
 from fedmeta.audit import Receipt, verify_log
 from fedmeta.data.tasks import get_task
-from policies import EXAMPLE_RUN
 
 pytestmark = pytest.mark.slow
 
-NOW = datetime.now(UTC)
-PURPOSE = "research.model-training"
 CONSTRUCTED = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-8": 4, "GDPR-5-1-e": 6}
-
-
-def consent_declaration(tmp_path):
-    text = EXAMPLE_RUN.read_text()
-    text = text.replace('lawful_basis = "e"', 'lawful_basis = "a"')
-    text = text.replace('special_category_condition = "j"', 'special_category_condition = "a"')
-    path = tmp_path / "run.toml"
-    path.write_text(text)
-    return path
-
-
-def manifest(site_id, country="DE", basis="a", safeguards="[]"):
-    return f"""
-site_id = "{site_id}"
-institution = "Hospital {site_id}"
-country = "{country}"
-role = "joint-controller"
-data_categories = ["health"]
-data_subjects = ["patients", "minors"]
-approved_purposes = ["{PURPOSE}"]
-lawful_basis = "{basis}"
-retention_days = 3650
-log_retention_days = 730
-transfer_safeguards = {safeguards}
-epsilon_max = 10.0
-delta = 1e-5
-law_packs = ["gdpr"]
-"""
-
-
-def write_site(root, index, country="DE", constructed=False, num_sites=3):
-    site_dir = root / "sites" / f"site-{index}"
-    site_dir.mkdir(parents=True)
-    (site_dir / "manifest.toml").write_text(manifest(f"site-{index}", country))
-    ids = get_task("digits-fewshot", num_sites=num_sites).site_records(index).record_ids
-    rows = ["record_id,consented_purposes,consent_withdrawn_at,age,guardian_consent,"
-            "collected_at,erasure_requested"]
-    old = (NOW - timedelta(days=20 * 365)).date().isoformat()
-    recent = (NOW - timedelta(days=300)).date().isoformat()
-    withdrawn = (NOW - timedelta(days=3)).date().isoformat()
-    plan = []
-    if constructed:
-        for rule, n in CONSTRUCTED.items():
-            plan += [rule] * n
-    for i, rid in enumerate(ids):
-        kind = plan[i] if i < len(plan) else None
-        rows.append(",".join([
-            rid, PURPOSE, withdrawn if kind == "GDPR-7-3" else "",
-            "12" if kind == "GDPR-8" else "40", "false",
-            old if kind == "GDPR-5-1-e" else recent, "true" if kind == "GDPR-17" else "false"]))
-    (site_dir / "records-meta.csv").write_text("\n".join(rows) + "\n")
-    return site_dir
 
 
 def metrics(run_dir):
@@ -78,12 +22,12 @@ def metrics(run_dir):
 def test_exclusions_denials_and_receipts_in_a_real_run(tmp_path):
     out = tmp_path / "run"
     for i in range(3):
-        write_site(out, i, constructed=(i == 0), num_sites=4)
-    write_site(out, 3, country="CN", num_sites=4)  # non-adequate, no SCC
+        write_site(out, i, manifest(f"site-{i}"), CONSTRUCTED if i == 0 else None, num_sites=4)
+    write_site(out, 3, manifest("site-3", "CN"), num_sites=4)  # non-adequate, no SCC
     res = fedmeta("simulate", "--sites", "4", "--rounds", "2", "--out", str(out),
                   "--set", "fraction-train=1.0", "--set", "eval-every=0",
                   "--set", "eval-episodes=3",
-                  "--set", f"declaration={consent_declaration(tmp_path)}")
+                  "--set", f"declaration={consent_declaration(tmp_path / 'run.toml')}")
     assert res.returncode == 0, res.stderr[-3000:]
     lines = metrics(out)
     assert lines[0]["eligible"] == ["site-0", "site-1", "site-2"]
@@ -130,11 +74,11 @@ def test_exclusions_denials_and_receipts_in_a_real_run(tmp_path):
 
 def test_run_with_too_few_eligible_sites_is_not_started(tmp_path):
     out = tmp_path / "run"
-    write_site(out, 0, num_sites=2)
-    write_site(out, 1, country="CN", num_sites=2)
+    write_site(out, 0, manifest("site-0"), num_sites=2)
+    write_site(out, 1, manifest("site-1", "CN"), num_sites=2)
     res = fedmeta("simulate", "--sites", "2", "--rounds", "2", "--out", str(out),
                   "--set", "eval-episodes=3",
-                  "--set", f"declaration={consent_declaration(tmp_path)}")
+                  "--set", f"declaration={consent_declaration(tmp_path / 'run.toml')}")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert "fewer than the declared minimum" in summary["stopped"]

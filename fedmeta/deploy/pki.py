@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmeta.audit._fs import write_new_file
 from fedmeta.deploy.federation import is_ip
 
 PRIVATE_MODE = 0o600
@@ -41,43 +42,27 @@ class PkiError(ValueError):
 
 
 # ---- files -------------------------------------------------------------------------
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _replace(path: Path, data: bytes, mode: int, widen: bool = False) -> None:
+    """Write ``data`` to a fresh temp file created with ``mode``, fsync, rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    write_new_file(tmp, data, mode)
+    if widen:
+        os.chmod(tmp, mode)  # the umask may have narrowed it; public files may be wider
+    os.replace(tmp, path)
 
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret: mode 0600 from creation, fsync, atomic rename (replaces ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    _replace(path, data, PRIVATE_MODE)
 
 
 def write_public(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
     """Write a non-secret file (certificate, public key, script) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)  # the umask may have narrowed it; public files may be wider
-    os.replace(tmp, path)
+    _replace(path, data, mode, widen=True)
 
 
 def read_private(path: Path) -> bytes:

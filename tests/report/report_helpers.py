@@ -18,73 +18,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NOW = datetime.now(UTC)
-PURPOSE = "research.model-training"
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+from helpers import consent_declaration, manifest, write_site  # noqa: E402
 
 SITE0 = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-8": 4, "GDPR-5-1-e": 6}
 SITE2 = {"GDPR-17": 3, "GDPR-7-3": 6, "DPDP-9-1": 5}
-AGE = {"GDPR-8": "12", "DPDP-9-1": "17"}
-
-
-def consent_declaration(path: Path) -> Path:
-    from policies import EXAMPLE_RUN
-
-    text = EXAMPLE_RUN.read_text()
-    text = text.replace('lawful_basis = "e"', 'lawful_basis = "a"')
-    text = text.replace('special_category_condition = "j"', 'special_category_condition = "a"')
-    path.write_text(text)
-    return path
-
-
-def manifest(site_id: str, country: str = "DE", safeguards: str = "[]",
-             packs: str = '["gdpr"]', extra: str = "", log_days: int = 730) -> str:
-    return f"""
-site_id = "{site_id}"
-institution = "Hospital {site_id}"
-country = "{country}"
-role = "joint-controller"
-data_categories = ["health"]
-data_subjects = ["patients", "minors"]
-approved_purposes = ["{PURPOSE}"]
-lawful_basis = "a"
-retention_days = 3650
-log_retention_days = {log_days}
-transfer_safeguards = {safeguards}
-epsilon_max = 10.0
-delta = 1e-5
-law_packs = {packs}
-{extra}
-"""
-
-
-def write_site(root: Path, index: int, text: str, plan: dict[str, int] | None = None,
-               num_sites: int = 4) -> Path:
-    from fedmeta.data.tasks import get_task
-
-    site_dir = root / "sites" / f"site-{index}"
-    site_dir.mkdir(parents=True)
-    (site_dir / "manifest.toml").write_text(text)
-    ids = get_task("digits-fewshot", num_sites=num_sites).site_records(index).record_ids
-    rows = ["record_id,consented_purposes,consent_withdrawn_at,age,guardian_consent,"
-            "collected_at,erasure_requested"]
-    old = (NOW - timedelta(days=20 * 365)).date().isoformat()
-    recent = (NOW - timedelta(days=300)).date().isoformat()
-    withdrawn = (NOW - timedelta(days=3)).date().isoformat()
-    kinds: list[str] = []
-    for rule, n in (plan or {}).items():
-        kinds += [rule] * n
-    for i, rid in enumerate(ids):
-        kind = kinds[i] if i < len(kinds) else None
-        rows.append(",".join([
-            rid, PURPOSE, withdrawn if kind == "GDPR-7-3" else "", AGE.get(kind or "", "40"),
-            "false", old if kind == "GDPR-5-1-e" else recent,
-            "true" if kind == "GDPR-17" else "false"]))
-    (site_dir / "records-meta.csv").write_text("\n".join(rows) + "\n")
-    return site_dir
 
 
 def build_run(out: Path, declaration_dir: Path) -> subprocess.CompletedProcess[str]:
