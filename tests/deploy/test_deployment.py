@@ -298,6 +298,16 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     for out in (out_a, out_b):
         d.run("fedmeta audit verify <out-dir>/audit/server-audit-log.jsonl", tmp,
               **{"out-dir": out})
+    # the transport the start scripts declared is on record at both ends
+    start = next(json.loads(x) for x in (out_a / "audit" / "server-audit-log.jsonl")
+                 .read_text().splitlines() if json.loads(x)["action"] == "run.start")
+    assert start["details"]["transport"] == "tls+supernode-auth", start["details"]
+    assert start["details"]["serverapp_tls"] is True
+    for site, _ in SITES:
+        trains = [json.loads(x) for x in (site_dirs[site] / "audit" / "audit-log.jsonl")
+                  .read_text().splitlines() if '"round.train"' in x]
+        assert trains and all(e["details"]["transport"] == "tls+supernode-auth"
+                              for e in trains), site
     for site, _ in SITES:
         ledger = PrivacyLedger.read(site_dirs[site] / "privacy-ledger.jsonl")
         # the lost site trained in run B's round 1, maybe started round 2 before the crash
