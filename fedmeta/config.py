@@ -109,9 +109,6 @@ class RunConfig(BaseModel):
         except ValidationError as exc:
             raise ConfigError(_one_line(exc, source)) from None
 
-    def replace(self, **changes: Any) -> RunConfig:
-        return RunConfig.from_flat({**self.to_flat(), **{_dash(k): v for k, v in changes.items()}})
-
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_flat(), indent=2, sort_keys=True) + "\n")
 

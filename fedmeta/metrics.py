@@ -34,17 +34,6 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    out = []
-    for no, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} line {no}: not JSON ({exc.msg})") from None
-    return out
-
-
 def save_model(run_dir: Path, state: dict[str, torch.Tensor], **meta: Any) -> Path:
     path = Path(run_dir) / MODEL_FILE
     torch.save({"state_dict": state, **meta}, path)

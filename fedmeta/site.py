@@ -14,7 +14,6 @@ Flow (DESIGN.md, steps 2-3), each decision written to the site's audit log
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -255,7 +254,3 @@ def _with(reply: SiteReply, **changes) -> SiteReply:
 
 def simulation_site_dir(out_dir: str | Path, site_index: int) -> Path:
     return Path(out_dir) / "sites" / f"site-{site_index}"
-
-
-def read_site_marker(site_dir: Path) -> dict:
-    return json.loads((Path(site_dir) / "site.json").read_text())
