@@ -34,6 +34,18 @@ def fedmeta(*args: str, timeout: float = 600, cwd: Path | None = None,
                           cwd=cwd or ROOT, env=env)
 
 
+def copy_project(dest: Path) -> Path:
+    """Copy the project's files (tracked + untracked, not ignored) to ``dest`` for `flwr run`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(src.read_bytes())
+    return dest
+
+
 # ---- sites with manifests and record metadata (policy tests, report tests) --------------
 NOW = datetime.now(UTC)
 PURPOSE = "research.model-training"

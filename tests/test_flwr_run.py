@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, loopback_only
+from helpers import ROOT, copy_project, loopback_only
 
 from fedmeta.offline import OFFLINE_ENV
 
@@ -33,14 +33,7 @@ def processes_with_env(key: str, value: str) -> list[int]:
 
 
 def test_flwr_run_local_simulation(tmp_path):
-    app = tmp_path / "app"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        src = ROOT / name
-        if src.is_file():
-            (app / name).parent.mkdir(parents=True, exist_ok=True)
-            (app / name).write_bytes(src.read_bytes())
+    app = copy_project(tmp_path / "app")
     flwr_home = str(tmp_path / "flwr-home")
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": flwr_home,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

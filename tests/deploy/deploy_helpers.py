@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from helpers import copy_project as copy_tree
+
 from fedmeta.offline import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,13 +221,7 @@ def _address(hex_addr: str, v6: bool) -> str:
 def copy_project(dest: Path, extra_config: dict[str, object]) -> Path:
     """Copy the project (tracked + untracked, not ignored) like tests/test_flwr_run.py, and
     add run-config keys the app's [tool.flwr.app.config] lacks (flwr refuses unknown keys)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            (dest / name).write_bytes(src.read_bytes())
+    copy_tree(dest)
     pyproject = dest / "pyproject.toml"
     text = pyproject.read_text()
     import tomllib
