@@ -4,7 +4,8 @@ One "round" is what a site does per federated round: build the model from
 theta, wrap it (Opacus), run k optimizer steps on the round's pool. Timed side
 by side in one process for the default site model (digits CNN) and a ~1M
 parameter Linear model, for every Opacus grad-sample mode that supports the
-model, and for fedmeta's own choice (`grad-sample-mode = auto`).
+model, fedmeta's book-keeping clipping (`bk`) and fedmeta's own choice
+(`grad-sample-mode = auto`).
 
     python benchmarks/dp_overhead.py [--reps 15]
 """
@@ -29,7 +30,7 @@ from fedmeta.data.tasks.base import Pool  # noqa: E402
 from fedmeta.meta.models import MLP  # noqa: E402
 from fedmeta.privacy.dp_training import DPSettings, pick_grad_sample_mode, train_steps  # noqa: E402
 
-MODES = ("hooks", "ew", "functorch", "ghost")
+MODES = ("hooks", "ew", "functorch", "ghost", "bk")
 
 
 def cases():
@@ -44,17 +45,27 @@ def cases():
            nn.CrossEntropyLoss(), 256, 8)
 
 
-def time_round(build, pool, loss, batch, steps, dp, reps) -> float:
-    times = []
+def time_rounds(build, pool, loss, batch, steps, settings: dict, reps: int) -> dict:
+    """Median round time per setting; settings are interleaved round by round so that
+    anything else running on the machine slows them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in settings}
     for r in range(reps + 1):
-        torch.manual_seed(r)
-        model = build()
-        t0 = time.perf_counter()
-        train_steps(model, pool, loss_fn=loss, steps=steps, lr=0.05, batch_size=batch, dp=dp,
-                    seed=r)
-        if r:  # first repetition warms up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, dp in settings.items():
+            if name not in times:
+                continue
+            torch.manual_seed(r)
+            model = build()
+            t0 = time.perf_counter()
+            try:
+                train_steps(model, pool, loss_fn=loss, steps=steps, lr=0.05, batch_size=batch,
+                            dp=dp, seed=r)
+            except Exception as exc:  # a mode that does not support the model
+                times.pop(name)
+                settings[name] = f"n/a ({type(exc).__name__})"
+                continue
+            if r:  # the first repetition warms up
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -65,24 +76,22 @@ def main() -> None:
     torch.set_num_threads(1)
     lines = ["## DP cost per site round (`benchmarks/dp_overhead.py`)", "",
              f"Machine: {machine()}; one thread; median of {args.reps} rounds, each round = "
-             "model built from theta, Opacus wrapping, k steps with Poisson sampling.", "",
+             "model built from theta, DP wrapping, k steps with Poisson sampling; all settings "
+             "interleaved round by round. bk = fedmeta's book-keeping clipping "
+             "(fedmeta/privacy/bookkeeping.py) with Opacus's loader, noise and accountant; "
+             "the others are Opacus's grad-sample modes.", "",
              "| model | params | batch, steps | non-private round | " +
              " | ".join(MODES) + " | fedmeta auto |", "|---" * (5 + len(MODES)) + "|"]
     for name, build, pool, loss, batch, steps in cases():
         n_params = sum(p.numel() for p in build().parameters())
-        base = time_round(build, pool, loss, batch, steps, None, args.reps)
-        cells = []
-        for mode in MODES:
-            try:
-                t = time_round(build, pool, loss, batch, steps,
-                               DPSettings(1.0, 1.0, grad_sample_mode=mode), args.reps)
-                cells.append(f"{t / base:.2f}x")
-            except Exception as exc:  # a mode that does not support the model
-                cells.append(f"n/a ({type(exc).__name__})")
+        settings: dict = {"none": None, "auto": DPSettings(1.0, 1.0)}
+        settings.update({m: DPSettings(1.0, 1.0, grad_sample_mode=m) for m in MODES})
+        t = time_rounds(build, pool, loss, batch, steps, settings, args.reps)
+        base = t["none"]
+        cells = [f"{t[m] / base:.2f}x" if m in t else settings[m] for m in MODES]
         auto = pick_grad_sample_mode(build())
-        t = time_round(build, pool, loss, batch, steps, DPSettings(1.0, 1.0), args.reps)
         lines.append(f"| {name} | {n_params:,} | {batch}, {steps} | {1000 * base:.1f} ms | "
-                     + " | ".join(cells) + f" | {t / base:.2f}x ({auto}) |")
+                     + " | ".join(cells) + f" | {t['auto'] / base:.2f}x ({auto}) |")
         print(lines[-1], flush=True)
     lines += ["", "Ratios are DP round time / non-private round time, measured side by side in "
               "one run. Target: <= 2x, never worse than Opacus's best mode."]

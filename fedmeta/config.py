@@ -70,7 +70,7 @@ class RunConfig(BaseModel):
     accountant: Literal["prv", "rdp", "gdp"] = "prv"
     epsilon_max: float = Field(10.0, gt=0.0, description="default per-site budget")
     secure_rng: bool = False
-    grad_sample_mode: Literal["auto", "hooks", "ew", "functorch", "ghost"] = "auto"
+    grad_sample_mode: Literal["auto", "bk", "hooks", "ew", "functorch", "ghost"] = "auto"
 
     # meta-evaluation on held-out classes / tasks (server side)
     eval_every: int = Field(5, ge=0, description="0 = only at the end")
