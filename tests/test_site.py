@@ -9,7 +9,7 @@ import pytest
 from fedmeta.audit import verify_log
 from fedmeta.config import RunConfig, build_task
 from fedmeta.data.record_meta import RecordMetaError
-from fedmeta.site import AUDIT_LOG, Site
+from fedmeta.site import AUDIT_LOG, Site, planned_rounds
 from policies import default_site_manifest, example_run_declaration
 
 CFG = RunConfig(sites=3, inner_steps=2, n_way=5)
@@ -74,3 +74,19 @@ def test_malformed_record_metadata_is_a_one_line_error(tmp_path, content, needle
         Site("site-0", 0, tmp_path, CFG)
     assert needle in str(err.value) and "records-meta.csv" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_target_epsilon_is_planned_over_expected_participation_and_capped(tmp_path):
+    """A site sampled every round spends the target by its planned round, then declines."""
+    cfg = RunConfig(sites=4, fraction_train=0.5, min_sites=2, rounds=40, inner_steps=2,
+                    target_epsilon=8.0, epsilon_max=8.0)  # what the example declaration offers
+    planned = planned_rounds(cfg)
+    assert planned == 30  # 20 expected + 3 standard deviations (sqrt(10)), not all 40
+    assert planned_rounds(cfg.model_copy(update={"fraction_train": 1.0})) == 40
+    site = Site("site-0", 0, tmp_path, cfg)
+    replies = [site.train_round(theta(), "run-1", r, example_run_declaration())
+               for r in range(1, 41)]
+    trained = [r for r in replies if not r.declined]
+    assert planned - 1 <= len(trained) <= planned
+    assert 0.95 * 8.0 <= trained[-1].epsilon_total <= 8.0
+    assert all("privacy budget" in r.reason for r in replies[len(trained):])
