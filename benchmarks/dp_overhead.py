@@ -75,7 +75,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     lines = ["## DP cost per site round (`benchmarks/dp_overhead.py`)", "",
-             f"Machine: {machine()}; one thread; median of {args.reps} rounds, each round = "
+             f"Machine: {machine()}; one thread; median of {4 * args.reps} (CNN) / {args.reps} "
+             "(MLP) rounds, each round = "
              "model built from theta, DP wrapping, k steps with Poisson sampling; all settings "
              "interleaved round by round. bk = fedmeta's book-keeping clipping "
              "(fedmeta/privacy/bookkeeping.py) with Opacus's loader, noise and accountant; "
@@ -86,7 +87,10 @@ def main() -> None:
         n_params = sum(p.numel() for p in build().parameters())
         settings: dict = {"none": None, "auto": DPSettings(1.0, 1.0)}
         settings.update({m: DPSettings(1.0, 1.0, grad_sample_mode=m) for m in MODES})
-        t = time_rounds(build, pool, loss, batch, steps, settings, args.reps)
+        # a CNN round takes milliseconds: measure it 4x as often (the MLP's slow modes
+        # take minutes and set the run's length)
+        reps = 4 * args.reps if n_params < 100_000 else args.reps
+        t = time_rounds(build, pool, loss, batch, steps, settings, reps)
         base = t["none"]
         cells = [f"{t[m] / base:.2f}x" if m in t else settings[m] for m in MODES]
         auto = pick_grad_sample_mode(build())

@@ -98,7 +98,7 @@ def main() -> None:
              f"Machine: {machine()}. 10 sites, {args.rounds} rounds, 5 sites/round, seed 1; "
              f"5-way, 20 adaptation steps, {args.episodes} test episodes per cell (mean ± 95% CI); "
              "each method's adaptation lr picked on validation classes from "
-             "{0.01, 0.03, 0.1, 0.3}. Wall time "
+             "{0.01, 0.03, 0.1, 0.3, 1}. Wall time "
              f"{(time.time() - started) / 60:.0f} min.", ""]
     for privacy in ("private", "dp"):
         title = ("non-private (sites: inner lr 0.3, batch 50, 8 steps)" if privacy == "private"

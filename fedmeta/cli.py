@@ -194,7 +194,7 @@ def evaluate(
     episodes: Annotated[int, typer.Option(help="test episodes per point")] = 100,
     steps: Annotated[int | None, typer.Option(help="adaptation steps (default: run's)")] = None,
     lr_grid: Annotated[str, typer.Option(help="adaptation learning rates tried on validation "
-                                         "classes, per method")] = "0.01,0.03,0.1,0.3",
+                                         "classes, per method")] = "0.01,0.03,0.1,0.3,1",
     out: Annotated[Path | None, typer.Option(help="output prefix (writes .json and .png)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:

@@ -72,7 +72,7 @@ def shots_curve(
     episodes: int = 100,
     val_episodes: int = 25,
     steps: int | None = None,
-    lr_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3),
+    lr_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
     query: int = 15,
     seed: int = 0,
 ) -> dict[str, Any]:
