@@ -79,6 +79,7 @@ def main() -> None:
     started = time.time()
     shots = [1, 5, 10]
     results: dict[str, dict] = {}
+    walls: list[str] = []
     budget = {"private": ["--no-dp"],
               "dp": ["--set", f"target-epsilon={args.epsilon}",
                      "--set", f"epsilon-max={args.epsilon}"]}
@@ -89,6 +90,7 @@ def main() -> None:
         results[privacy] = evaluate(runs, work / f"curve-digits-{privacy}",
                                     ",".join(map(str, shots)), args.episodes, 20)
         results[privacy]["epsilon"] = {s["strategy"]: s["epsilon"] for s in summaries}
+        walls += [f"{s['strategy']} {privacy} {s['wall_s']:.0f} s" for s in summaries]
     sine_runs = [work / f"sine-{s}" for s in ("reptile", "fedavg")]
     for r, s in zip(sine_runs, ("reptile", "fedavg"), strict=True):
         train(r, "sine", s, args.rounds, ["--no-dp"], [])
@@ -98,7 +100,8 @@ def main() -> None:
              f"Machine: {machine()}. 10 sites, {args.rounds} rounds, 5 sites/round, seed 1; "
              f"5-way, 20 adaptation steps, {args.episodes} test episodes per cell (mean ± 95% CI); "
              "each method's adaptation lr picked on validation classes from "
-             "{0.01, 0.03, 0.1, 0.3, 1}. Wall time "
+             "{0.01, 0.03, 0.1, 0.3, 1}. Simulation wall time per run: "
+             + ", ".join(walls) + f"; this script (runs already trained are reused) "
              f"{(time.time() - started) / 60:.0f} min.", ""]
     for privacy in ("private", "dp"):
         title = ("non-private (sites: inner lr 0.3, batch 50, 8 steps)" if privacy == "private"
