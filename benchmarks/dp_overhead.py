@@ -45,13 +45,16 @@ def cases():
            nn.CrossEntropyLoss(), 256, 8)
 
 
-def time_rounds(build, pool, loss, batch, steps, settings: dict, reps: int) -> dict:
-    """Median round time per setting; settings are interleaved round by round so that
-    anything else running on the machine slows them all alike."""
+def time_rounds(build, pool, loss, batch, steps, settings: dict, reps: int):
+    """(median round time per setting, failure per setting that cannot run this model).
+
+    Settings are interleaved round by round so that anything else running on the
+    machine slows them all alike."""
     times: dict[str, list[float]] = {name: [] for name in settings}
+    failed: dict[str, str] = {}
     for r in range(reps + 1):
         for name, dp in settings.items():
-            if name not in times:
+            if name in failed:
                 continue
             torch.manual_seed(r)
             model = build()
@@ -60,12 +63,11 @@ def time_rounds(build, pool, loss, batch, steps, settings: dict, reps: int) -> d
                 train_steps(model, pool, loss_fn=loss, steps=steps, lr=0.05, batch_size=batch,
                             dp=dp, seed=r)
             except Exception as exc:  # a mode that does not support the model
-                times.pop(name)
-                settings[name] = f"n/a ({type(exc).__name__})"
+                failed[name] = f"n/a ({type(exc).__name__})"
                 continue
             if r:  # the first repetition warms up
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {n: statistics.median(t) for n, t in times.items() if n not in failed}, failed
 
 
 def main() -> None:
@@ -90,9 +92,9 @@ def main() -> None:
         # a CNN round takes milliseconds: measure it 4x as often (the MLP's slow modes
         # take minutes and set the run's length)
         reps = 4 * args.reps if n_params < 100_000 else args.reps
-        t = time_rounds(build, pool, loss, batch, steps, settings, reps)
+        t, failed = time_rounds(build, pool, loss, batch, steps, settings, reps)
         base = t["none"]
-        cells = [f"{t[m] / base:.2f}x" if m in t else settings[m] for m in MODES]
+        cells = [f"{t[m] / base:.2f}x" if m in t else failed[m] for m in MODES]
         auto = pick_grad_sample_mode(build())
         lines.append(f"| {name} | {n_params:,} | {batch}, {steps} | {1000 * base:.1f} ms | "
                      + " | ".join(cells) + f" | {t['auto'] / base:.2f}x ({auto}) |")

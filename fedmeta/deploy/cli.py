@@ -21,6 +21,15 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
+def _show(*groups: tuple[str, list]) -> Console:
+    """Print each item of each (label, items) group on its own line; return the console."""
+    con = _console()
+    for label, items in groups:
+        for item in items:
+            con.print(f"{label} {item}")
+    return con
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"error: {message}", style="bold red", markup=False)
@@ -55,13 +64,8 @@ def provision(
         report = run(federation, out, force=force)
     except (*_errors(), OSError) as exc:
         raise _fail(" ".join(str(exc).split())) from None
-    con = _console()
-    for name in report.created:
-        con.print(f"[green]created[/] {name}")
-    for name in report.kept:
-        con.print(f"[dim]kept[/]    {name}")
-    for note in report.notes:
-        con.print(f"[yellow]note:[/] {note}")
+    con = _show(("[green]created[/]", report.created), ("[dim]kept[/]   ", report.kept),
+                ("[yellow]note:[/]", report.notes))
     con.print(f"kits in {out}/: send sites/<id>/ to each site and coordinator/ to the "
               f"coordinator over a channel you trust; keep {out}/ca/ offline.")
 
@@ -84,13 +88,8 @@ def node_init(
         report = init_site(site_dir, kit, new_auth_key=new_auth_key)
     except (*_errors(), OSError) as exc:
         raise _fail(" ".join(str(exc).split())) from None
-    con = _console()
-    for name in report.copied:
-        con.print(f"[green]copied[/] {name}")
-    for name in report.kept:
-        con.print(f"[dim]kept[/]   {name}")
-    for note in report.notes:
-        con.print(f"[yellow]note:[/] {note}")
+    con = _show(("[green]copied[/]", report.copied), ("[dim]kept[/]  ", report.kept),
+                ("[yellow]note:[/]", report.notes))
     if report.new_public_key:
         con.print(f"new public key: {report.new_public_key}")
     con.print(f"site directory ready: {report.site_dir}. Fill in manifest.toml, then run "

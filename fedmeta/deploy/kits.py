@@ -59,6 +59,18 @@ def _rel(report: ProvisionReport, path: Path) -> str:
         return str(path)
 
 
+def _kept_or_new_key(path: Path, force: bool, report: ProvisionReport, load, new, private_bytes):
+    """The private key at ``path`` (kept unless ``force``), or a new one written 0600."""
+    if path.exists() and not force:
+        key = load(path)
+        report.kept.append(_rel(report, path))
+        return key
+    key = new()
+    pki.write_private(path, private_bytes(key))
+    report.created.append(_rel(report, path))
+    return key
+
+
 def _private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
@@ -91,13 +103,8 @@ def _ca(fed: Federation, out: Path, force: bool, report: ProvisionReport):
 def _server_cert(fed: Federation, kit: Path, ca_key, ca_cert, force: bool,
                  report: ProvisionReport) -> None:
     key_path, cert_path = kit / "superlink.key", kit / "superlink.pem"
-    if key_path.exists() and not force:
-        key = pki.load_ec_private_pem(key_path)
-        report.kept.append(_rel(report, key_path))
-    else:
-        key = pki.new_tls_key()
-        pki.write_private(key_path, pki.key_pem(key))
-        report.created.append(_rel(report, key_path))
+    key = _kept_or_new_key(key_path, force, report, pki.load_ec_private_pem, pki.new_tls_key,
+                           pki.key_pem)
     names = fed.superlink.certificate_names()
     reason = "new" if force or not cert_path.exists() else ""
     if not reason:
@@ -159,13 +166,8 @@ def _coordinator(fed: Federation, federation_file: Path, out: Path, ca_key, ca_c
 # ---- sites ---------------------------------------------------------------------------
 def _node_key(kit: Path, site_id: str, force: bool, report: ProvisionReport) -> None:
     key_path, pub_path = kit / NODE_KEY, kit / NODE_PUB
-    if key_path.exists() and not force:
-        key = pki.load_node_private(key_path)
-        report.kept.append(_rel(report, key_path))
-    else:
-        key = pki.new_node_key()
-        pki.write_private(key_path, pki.node_private_openssh(key))
-        report.created.append(_rel(report, key_path))
+    key = _kept_or_new_key(key_path, force, report, pki.load_node_private, pki.new_node_key,
+                           pki.node_private_openssh)
     pki.write_public(pub_path, pki.node_public_openssh(key, site_id))
 
 

@@ -100,11 +100,11 @@ class BookKeepingClipper:
         self._seen.clear()
         grads_out = torch.autograd.grad(loss_sum, [z for _, z in kept])
         sq_norms: torch.Tensor | None = None
-        parts = []
+        sums = []
         for module, (a, _), dz in zip(layers, kept, grads_out, strict=True):
-            part = _layer_part(module, a, dz)
-            sq_norms = part[0] if sq_norms is None else sq_norms + part[0]
-            parts.append((module, part))
+            sq, clipped_sum = _layer_grads(module, a, dz)
+            sq_norms = sq if sq_norms is None else sq_norms + sq
+            sums.append((module, clipped_sum))
         for m in self.layers:  # a layer unused in this forward pass gets a zero gradient
             if m not in layers:
                 for p in m.parameters(recurse=False):
@@ -112,17 +112,11 @@ class BookKeepingClipper:
         if sq_norms is None:
             return
         factor = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
-        for module, (_, kind, x, dz_flat, bias_rows) in parts:
-            if kind == "rank1":  # x = a [B, in], dz_flat [B, out]
-                scaled = dz_flat * factor[:, None]
-                module.weight.grad = (scaled.t() @ x).view_as(module.weight)
-                if module.bias is not None:
-                    module.bias.grad = scaled.sum(0)
-            else:  # x = per-sample weight gradients [B, out, fan_in]
-                module.weight.grad = torch.einsum("b,bok->ok", factor, x).reshape(
-                    module.weight.shape)
-                if module.bias is not None:
-                    module.bias.grad = factor @ bias_rows
+        for module, clipped_sum in sums:
+            weight_grad, bias_grad = clipped_sum(factor)
+            module.weight.grad = weight_grad.reshape(module.weight.shape)
+            if module.bias is not None:
+                module.bias.grad = bias_grad
 
 
 class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
@@ -156,15 +150,20 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             _mark_as_processed(p.summed_grad)
 
 
-def _layer_part(module: nn.Module, a: torch.Tensor, dz: torch.Tensor):
-    """(per-sample squared norm [B], kind, x, dz_flat, bias_rows) for one layer."""
+def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor):
+    """(per-sample squared gradient norms [B], factor -> (clipped weight sum, bias sum))."""
     batch = a.shape[0]
     has_bias = module.bias is not None
+    if isinstance(module, nn.Linear) and a.dim() == 2:  # rank-one per-sample gradients
+        dz_sq = (dz * dz).sum(1)
+        sq = dz_sq * (a * a).sum(1) + (dz_sq if has_bias else 0.0)
+
+        def rank_one_sum(factor: torch.Tensor):
+            scaled = dz * factor[:, None]
+            return scaled.t() @ a, scaled.sum(0)
+
+        return sq, rank_one_sum
     if isinstance(module, nn.Linear):
-        if a.dim() == 2:
-            dz_sq = (dz * dz).sum(1)
-            sq = dz_sq * (a * a).sum(1) + (dz_sq if has_bias else 0.0)
-            return sq, "rank1", a, dz, None
         a3 = a.reshape(batch, -1, a.shape[-1])  # [B, T, in]
         dz3 = dz.reshape(batch, -1, dz.shape[-1])  # [B, T, out]
         per_sample = torch.bmm(dz3.transpose(1, 2), a3)  # [B, out, in]
@@ -178,4 +177,8 @@ def _layer_part(module: nn.Module, a: torch.Tensor, dz: torch.Tensor):
     sq = per_sample.reshape(batch, -1).pow(2).sum(1)
     if has_bias:
         sq = sq + (bias_rows * bias_rows).sum(1)
-    return sq, "materialised", per_sample, None, bias_rows
+
+    def materialised_sum(factor: torch.Tensor):
+        return torch.einsum("b,bok->ok", factor, per_sample), factor @ bias_rows
+
+    return sq, materialised_sum
