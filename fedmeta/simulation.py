@@ -10,11 +10,16 @@ every round's message.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from fedmeta.config import RunConfig, resolve_device
 from fedmeta.metrics import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -23,6 +28,8 @@ from fedmeta.offline import no_call_home
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"
+RAY_EXIT_GRACE_S = 10.0  # how long Ray's processes get to exit after ray.shutdown()
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 class RunDirError(ValueError):
@@ -71,19 +78,36 @@ def simulate(cfg: RunConfig, *, overwrite: bool = False, verbose: bool = False) 
 
     server_app = load_app(SERVER_APP, ValueError)
     client_app = load_app(CLIENT_APP, ValueError)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    _adopt_orphans()
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.sites,
                        backend_config=backend_config(cfg), verbose_logging=verbose)
     finally:
         os.environ.pop(RUN_CONFIG_ENV, None)
-        _stop_ray()
+        _stop_ray(before)
     summary_path = out / SUMMARY_FILE
     if not summary_path.exists():
         raise RuntimeError(f"{out}: the simulation ended without a summary; see the log above")
     return json.loads(summary_path.read_text())
 
 
-def _stop_ray() -> None:
+def _adopt_orphans() -> None:
+    """Linux: become a child subreaper, so a Ray worker orphaned when its raylet is
+    killed is re-parented to this process (not to init) and `_stop_ray` can wait for it."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _stop_ray(keep: set[int]) -> None:
+    """Shut Ray down and wait until every process the simulation started has exited.
+
+    ``ray.shutdown()`` SIGKILLs a raylet that outlives SIGTERM by a second without
+    waiting for it, and its workers leave only once they notice it is gone; without
+    this wait `fedmeta simulate` could return while Ray processes are still exiting.
+    Processes that were children before the run (``keep``) are left alone; the
+    others get a grace period, then are killed.
+    """
     try:
         import ray
 
@@ -91,3 +115,10 @@ def _stop_ray() -> None:
             ray.shutdown()
     except ImportError:  # pragma: no cover - ray ships with flwr[simulation]
         pass
+    started = [child for child in psutil.Process().children(recursive=True)
+               if child.pid not in keep]
+    _, alive = psutil.wait_procs(started, timeout=RAY_EXIT_GRACE_S)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=RAY_EXIT_GRACE_S)

@@ -16,10 +16,11 @@ COMMON = ["--task", "digits-fewshot", "--sites", "3", "--rounds", "3", "--seed",
           "--set", "eval-every=0", "--set", "eval-episodes=5", "--set", "adapt-steps=5"]
 
 
-def ray_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True,
+def ray_processes() -> dict[int, str]:
+    """Ray processes on this machine: pid -> command line."""
+    out = subprocess.run(["pgrep", "-af", "ray::|raylet|gcs_server"], capture_output=True,
                          text=True).stdout
-    return {int(p) for p in out.split()}
+    return {int(pid): cmd for pid, _, cmd in (line.partition(" ") for line in out.splitlines())}
 
 
 def metrics(run_dir):
@@ -36,14 +37,14 @@ def stable(lines):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
-    before = ray_pids()
+    before = ray_processes()
     done = {}
     for name, strategy in (("reptile", "reptile"), ("reptile-again", "reptile"),
                            ("fedavg", "fedavg")):
         res = fedmeta("simulate", *COMMON, "--strategy", strategy, "--out", str(base / name))
         assert res.returncode == 0, res.stderr[-3000:]
         done[name] = res
-    done["leftover"] = ray_pids() - before
+    done["leftover"] = {pid: cmd for pid, cmd in ray_processes().items() if pid not in before}
     return base, done
 
 
@@ -65,7 +66,7 @@ def test_simulate_writes_a_complete_run_directory(runs):
 
 
 def test_no_process_left_running(runs):
-    assert runs[1]["leftover"] == set()
+    assert runs[1]["leftover"] == {}
 
 
 def test_same_seed_same_metrics(runs):
