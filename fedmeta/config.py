@@ -131,6 +131,12 @@ def _one_line(exc: ValidationError, source: str) -> str:
     return f"{source}: option '{loc}': {msg}{more}"
 
 
+def sites_per_round(known_sites: int, fraction: float, min_sites: int) -> int:
+    """How many sites the server samples a round: the one rule the server samples by
+    and a site plans its privacy budget with."""
+    return max(min_sites, int(round(known_sites * fraction)))
+
+
 def resolve_device(name: str = "auto") -> str:
     """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; other values pass through."""
     import torch

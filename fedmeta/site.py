@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fedmeta.audit import AuditLog
-from fedmeta.config import RunConfig, build_task, inner_lr, resolve_device
+from fedmeta.config import RunConfig, build_task, inner_lr, resolve_device, sites_per_round
 from fedmeta.data.csv_loader import load_csv, load_schema
 from fedmeta.data.record_meta import load_record_meta
 from fedmeta.data.records import Records
@@ -84,7 +84,7 @@ def planned_rounds(cfg: RunConfig) -> int:
     spends nearly all of it. The rare site sampled even more often is stopped by
     the ledger's epsilon-max check, which declines the round instead.
     """
-    k = max(cfg.min_sites, int(round(cfg.sites * cfg.fraction_train)))
+    k = sites_per_round(cfg.sites, cfg.fraction_train, cfg.min_sites)
     p = min(1.0, k / cfg.sites)
     r = cfg.rounds
     return min(r, math.ceil(p * r + 3.0 * math.sqrt(r * p * (1.0 - p))))

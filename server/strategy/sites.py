@@ -23,6 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
+from fedmeta.config import sites_per_round
 from fedmeta.meta.updates import check_update, model_digest
 
 
@@ -85,7 +86,7 @@ class SiteAwareMixin:
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         n_known = len(self.site_of_node)
-        wanted = max(self.min_sites, int(round(n_known * self.fraction_train)))
+        wanted = sites_per_round(n_known, self.fraction_train, self.min_sites)
         nodes = self.available_nodes(grid, min(wanted, n_known))
         if len(nodes) < self.min_sites:
             raise RunStopped(f"round {server_round}: {len(nodes)} site(s) connected, fewer than "
