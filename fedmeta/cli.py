@@ -91,10 +91,19 @@ def simulate(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     overwrite: Annotated[bool, typer.Option(help="reuse a run directory")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's own logging")] = False,
+    backend: Annotated[str, typer.Option(help="ray: Flower's simulation engine, one Ray actor "
+                                         "per site | inline: every site in this process, no "
+                                         "Ray (fast; same metrics for the same seed)")] = "ray",
 ) -> None:
-    """Run a federation on this machine with Flower's simulation engine."""
+    """Run a federation on this machine (Flower's simulation engine, or in-process)."""
     from fedmeta.config import RunConfig
+    from fedmeta.logs import configure
     from fedmeta.metrics import METRICS_FILE
+    from fedmeta.simulation import BACKENDS
+
+    configure(verbose)
+    if backend not in BACKENDS:
+        raise fail(f"option '--backend': expected one of {' | '.join(BACKENDS)}, got {backend!r}")
 
     values: dict[str, Any] = {}
     if config:
@@ -154,7 +163,7 @@ def simulate(
         watcher = threading.Thread(target=follow, args=(bar,), daemon=True)
         watcher.start()
         try:
-            summary = run_sim(cfg, overwrite=True, verbose=verbose)
+            summary = run_sim(cfg, overwrite=True, backend=backend)
         except _user_errors() as exc:
             raise fail(str(exc)) from None
         finally:

@@ -25,8 +25,12 @@ def no_call_home() -> None:
 
 
 def quiet_flower(level: int = logging.WARNING) -> None:
-    """Keep Flower's per-round INFO logging off the console (fedmeta prints its own)."""
-    logging.getLogger("flwr").setLevel(level)
+    """Keep Flower's per-round INFO logging off the console (fedmeta prints its own),
+    unless a fedmeta command already chose what is shown (``fedmeta.logs.configure``)."""
+    from fedmeta.logs import configured
+
+    if not configured():
+        logging.getLogger("flwr").setLevel(level)
 
 
 no_call_home()

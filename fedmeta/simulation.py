@@ -1,21 +1,29 @@
-"""Run a whole federation on one machine with Flower's simulation engine.
+"""Run a whole federation on one machine.
 
-The ServerApp and ClientApp are the same objects ``flwr run .`` uses
+Two backends run the same ServerApp and ClientApp objects ``flwr run .`` uses
 (``server.app:app``, ``clients.app:app``, loaded by name: ``fedmeta`` never
-imports them). The run config reaches the ServerApp through the run
-directory's ``config.json`` (named by ``FEDMETA_RUN_CONFIG``) because Flower's
-in-process simulation API passes an empty run config; sites receive it with
-every round's message.
+imports them):
+
+* ``ray`` (default): Flower's simulation engine; every site is a Ray actor.
+* ``inline``: ``fedmeta.inline_grid``; every site is called in this process,
+  one after the other. No Ray start-up, so a small run takes seconds; the
+  same seed gives the same metrics as with ``ray``.
+
+The run config reaches the ServerApp through the run directory's
+``config.json`` (named by ``FEDMETA_RUN_CONFIG``) because Flower's in-process
+simulation API passes an empty run config; sites receive it with every
+round's message. ``FEDMETA_TRANSPORT`` says the sites are simulated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import json
-import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,8 @@ from fedmeta.offline import no_call_home
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"
+TRANSPORT_ENV = "FEDMETA_TRANSPORT"
+BACKENDS = ("ray", "inline")
 RAY_EXIT_GRACE_S = 10.0  # how long Ray's processes get to exit after ray.shutdown()
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
@@ -65,14 +75,43 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: RunConfig, *, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` to completion in Flower's simulation engine; returns the run summary."""
+def simulate(cfg: RunConfig, *, overwrite: bool = False, backend: str = "ray"
+             ) -> dict[str, Any]:
+    """Run ``cfg`` to completion on ``backend`` (``ray`` or ``inline``); returns the run
+    summary. What is printed is set by ``fedmeta.logs.configure``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     no_call_home()
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU tip
-    if not verbose:  # Flower's deprecation notice for run_simulation is not the user's concern
-        logging.getLogger("flwr").setLevel(logging.ERROR)
     out = prepare_run_dir(cfg, overwrite)
+    with _run_env(out):
+        if backend == "ray":
+            _simulate_ray(cfg)
+        else:
+            _simulate_inline(cfg)
+    summary_path = out / SUMMARY_FILE
+    if not summary_path.exists():
+        raise RuntimeError(f"{out}: the simulation ended without a summary; see the log above")
+    return json.loads(summary_path.read_text())
+
+
+@contextlib.contextmanager
+def _run_env(out: Path) -> Iterator[None]:
+    """The run's config file and transport, for the ServerApp; restored afterwards."""
+    saved = {k: os.environ.get(k) for k in (RUN_CONFIG_ENV, TRANSPORT_ENV)}
     os.environ[RUN_CONFIG_ENV] = str((out / CONFIG_FILE).resolve())
+    os.environ[TRANSPORT_ENV] = "simulation"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _simulate_ray(cfg: RunConfig) -> None:
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU tip
     from flwr.simulation import run_simulation
     from flwr.supercore.object_ref import load_app
 
@@ -82,14 +121,29 @@ def simulate(cfg: RunConfig, *, overwrite: bool = False, verbose: bool = False) 
     _adopt_orphans()
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.sites,
-                       backend_config=backend_config(cfg), verbose_logging=verbose)
+                       backend_config=backend_config(cfg))
     finally:
-        os.environ.pop(RUN_CONFIG_ENV, None)
         _stop_ray(before)
-    summary_path = out / SUMMARY_FILE
-    if not summary_path.exists():
-        raise RuntimeError(f"{out}: the simulation ended without a summary; see the log above")
-    return json.loads(summary_path.read_text())
+
+
+def _simulate_inline(cfg: RunConfig) -> None:
+    from flwr.supercore.object_ref import load_app
+
+    from fedmeta.inline_grid import run_inline
+
+    server_app = load_app(SERVER_APP, ValueError)
+    run_inline(server_app, _fresh_app(CLIENT_APP), cfg.sites)
+
+
+def _fresh_app(ref: str) -> Any:
+    """Load ``module:attribute`` from a fresh import of its module: the ClientApp's
+    module-level state lives for one run, as in a SuperNode's or Ray actor's process."""
+    from flwr.supercore.object_ref import load_app
+
+    module = ref.partition(":")[0]
+    if module in sys.modules:
+        importlib.reload(sys.modules[module])
+    return load_app(ref, ValueError)
 
 
 def _adopt_orphans() -> None:

@@ -20,13 +20,12 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from logging import WARNING
+from logging import WARNING, getLogger
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
@@ -51,6 +50,7 @@ from server.strategy.fedavg import FedAvgBaseline
 from server.strategy.reptile import Reptile
 from server.strategy.sites import RoundLog
 
+log = getLogger(__name__).log
 RoundCallback = Callable[[dict[str, Any]], None]
 EVAL_SEED_OFFSET = 10_007
 SERVER_AUDIT_LOG = Path("audit") / "server-audit-log.jsonl"

@@ -16,15 +16,16 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import INFO, WARNING, getLogger
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
 from fedmeta.config import sites_per_round
 from fedmeta.meta.updates import check_update, model_digest
+
+log = getLogger(__name__).log
 
 
 def digest(arrays: ArrayRecord) -> str:
