@@ -1,4 +1,6 @@
-"""Shared test helpers: run the real ``fedmeta`` CLI in a subprocess.
+"""Shared test helpers: run the real ``fedmeta`` CLI in a subprocess, or a whole
+federation in this process (``run_inline``: the real ServerApp and ClientApp on
+``fedmeta.inline_grid``, no Ray).
 
 Ray binds its services on all interfaces; when we are root and ``unshare``
 exists, simulations run in a fresh network namespace that has only the
@@ -13,6 +15,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDMETA = [sys.executable, "-m", "fedmeta.cli"]
@@ -32,6 +35,16 @@ def fedmeta(*args: str, timeout: float = 600, cwd: Path | None = None,
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           cwd=cwd or ROOT, env=env)
+
+
+def run_inline(out: Path, overwrite: bool = False, **settings: Any) -> dict[str, Any]:
+    """Simulate in this process with the inline backend; ``settings`` are config keys
+    (``fraction_train=1.0`` or ``**{"fraction-train": 1.0}``). Returns the summary."""
+    from fedmeta.config import RunConfig
+    from fedmeta.simulation import simulate
+
+    cfg = RunConfig.from_flat({**settings, "out-dir": str(out)}, source="test")
+    return simulate(cfg, overwrite=overwrite, backend="inline")
 
 
 def copy_project(dest: Path) -> Path:

@@ -1,26 +1,39 @@
-"""End to end: the real `fedmeta` CLI running real Flower simulations (Ray) with Opacus."""
+"""End to end: whole federations with the real ServerApp, ClientApp and Opacus.
+
+The round logic runs on the in-process grid (``backend="inline"``, no Ray); one
+real Ray simulation through the CLI checks the run directory, the console
+output, that no process outlives the run, and that both backends give the same
+metrics for the same seed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
-import subprocess
+import os
+import sys
+from pathlib import Path
 
+import psutil
 import pytest
-from helpers import fedmeta
+from helpers import fedmeta, run_inline
 
 from policies import EXAMPLE_RUN
 
-pytestmark = pytest.mark.slow
+COMMON = {"task": "digits-fewshot", "sites": 3, "rounds": 3, "seed": 5, "eval-every": 0,
+          "eval-episodes": 5, "adapt-steps": 5}
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
-COMMON = ["--task", "digits-fewshot", "--sites", "3", "--rounds", "3", "--seed", "5",
-          "--set", "eval-every=0", "--set", "eval-episodes=5", "--set", "adapt-steps=5"]
 
-
-def ray_processes() -> dict[int, str]:
-    """Ray processes on this machine: pid -> command line."""
-    out = subprocess.run(["pgrep", "-af", "ray::|raylet|gcs_server"], capture_output=True,
-                         text=True).stdout
-    return {int(pid): cmd for pid, _, cmd in (line.partition(" ") for line in out.splitlines())}
+def cli_args(settings: dict) -> list[str]:
+    args: list[str] = []
+    for key, value in settings.items():
+        if key in ("task", "sites", "rounds", "seed", "strategy"):
+            args += [f"--{key}", str(value)]
+        else:
+            args += ["--set", f"{key}={value}"]
+    return args
 
 
 def metrics(run_dir):
@@ -34,23 +47,58 @@ def stable(lines):
             for line in lines]
 
 
+@contextlib.contextmanager
+def adopting_orphans():
+    """Linux: while inside, a process orphaned below this one is re-parented to it (not
+    to init), so ``own_processes`` still sees what a finished command left behind."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+    if prctl:
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        if prctl:
+            prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def own_processes() -> dict[int, str]:
+    """Live processes below this test process: pid -> command line (zombies reaped)."""
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(proc.pid, os.WNOHANG)
+                continue
+            found[proc.pid] = " ".join(proc.cmdline())[:200]
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory):
+    """The one real Ray simulation of this module, through the CLI."""
+    out = tmp_path_factory.mktemp("ray") / "reptile"
+    with adopting_orphans():
+        before = own_processes()
+        res = fedmeta("simulate", *cli_args(COMMON), "--strategy", "reptile", "--out", str(out))
+        leftover = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res, leftover
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Inline runs that tests only read."""
     base = tmp_path_factory.mktemp("runs")
-    before = ray_processes()
-    done = {}
     for name, strategy in (("reptile", "reptile"), ("reptile-again", "reptile"),
                            ("fedavg", "fedavg")):
-        res = fedmeta("simulate", *COMMON, "--strategy", strategy, "--out", str(base / name))
-        assert res.returncode == 0, res.stderr[-3000:]
-        done[name] = res
-    done["leftover"] = {pid: cmd for pid, cmd in ray_processes().items() if pid not in before}
-    return base, done
+        run_inline(base / name, strategy=strategy, **COMMON)
+    return base
 
 
-def test_simulate_writes_a_complete_run_directory(runs):
-    base, done = runs
-    run = base / "reptile"
+@pytest.mark.slow
+def test_ray_simulation_writes_a_complete_run_directory(ray_run):
+    run, res, _ = ray_run
     assert {"config.json", "metrics.jsonl", "final_model.pt", "summary.json"} <= {
         p.name for p in run.iterdir()}
     lines = metrics(run)
@@ -61,44 +109,75 @@ def test_simulate_writes_a_complete_run_directory(runs):
         assert all(0 < e < 10 for e in line["epsilon"].values())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sites"] == ["site-0", "site-1", "site-2"] and summary["dp"] is True
-    out = done["reptile"].stdout
-    assert "epsilon spent" in out and "site-2" in out and "adapted" in out
+    assert "epsilon spent" in res.stdout and "site-2" in res.stdout and "adapted" in res.stdout
+    server = [json.loads(x) for x in
+              (run / "audit" / "server-audit-log.jsonl").read_text().splitlines()]
+    assert server[0]["details"]["transport"] == "simulation"
 
 
-def test_no_process_left_running(runs):
-    assert runs[1]["leftover"] == {}
+@pytest.mark.slow
+def test_no_process_of_the_run_is_left_running(ray_run):
+    assert ray_run[2] == {}
+
+
+@pytest.mark.slow
+def test_ray_and_inline_backends_give_the_same_metrics(ray_run, runs):
+    ray_lines, inline_lines = stable(metrics(ray_run[0])), stable(metrics(runs / "reptile"))
+    assert len(ray_lines) == 4 and all(x["used"] for x in ray_lines[1:])
+    assert ray_lines == inline_lines  # model digests and epsilons included
 
 
 def test_same_seed_same_metrics(runs):
-    base, _ = runs
-    assert stable(metrics(base / "reptile")) == stable(metrics(base / "reptile-again"))
+    assert stable(metrics(runs / "reptile")) == stable(metrics(runs / "reptile-again"))
+    models = {name: [x["model_sha256"] for x in metrics(runs / name)]
+              for name in ("reptile", "fedavg")}
+    assert not set(models["reptile"][1:]) & set(models["fedavg"][1:])
+
+
+def test_inline_run_is_recorded_as_a_simulation(runs):
+    server = [json.loads(x) for x in
+              (runs / "reptile" / "audit" / "server-audit-log.jsonl").read_text().splitlines()]
+    start = next(e for e in server if e["action"] == "run.start")
+    assert start["details"]["transport"] == "simulation"
+    assert start["details"]["serverapp_tls"] is None
+    assert "FEDMETA_TRANSPORT" not in os.environ and "FEDMETA_RUN_CONFIG" not in os.environ
 
 
 def test_ledger_show_json_matches_metrics(runs):
-    base, _ = runs
-    site_dir = base / "reptile" / "sites" / "site-1"
+    site_dir = runs / "reptile" / "sites" / "site-1"
     res = fedmeta("ledger", "show", str(site_dir), "--json", isolate=False)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["site"] == "site-1" and doc["accountant"] == "prv" and doc["delta"] == 1e-5
-    joined = [x["round"] for x in metrics(base / "reptile")[1:] if "site-1" in x["used"]]
-    assert [e["round"] for e in doc["entries"]] == joined
-    last = [x for x in metrics(base / "reptile") if "site-1" in x.get("epsilon", {})][-1]
+    joined = [x["round"] for x in metrics(runs / "reptile")[1:] if "site-1" in x["used"]]
+    assert joined and [e["round"] for e in doc["entries"]] == joined
+    last = [x for x in metrics(runs / "reptile") if "site-1" in x.get("epsilon", {})][-1]
     assert doc["entries"][-1]["epsilon_after"] == pytest.approx(last["epsilon"]["site-1"])
     assert set(doc["entries"][0]) == {"run", "round", "noise_multiplier", "sample_rate", "steps",
                                       "epsilon_after"}
 
 
-def test_evaluate_draws_the_shots_curve(runs):
-    base, _ = runs
-    res = fedmeta("evaluate", str(base / "reptile"), str(base / "fedavg"), "--shots", "1,5",
-                  "--episodes", "8", "--lr-grid", "0.1", "--steps", "5",
+def test_evaluate_draws_the_shots_curve_and_reptile_beats_chance_and_scratch(
+        runs, tmp_path_factory):
+    # a trained Reptile initialisation (12 rounds, every site, no DP) against the
+    # 3-round FedAvg run; all evaluation episodes are seeded, so the numbers are fixed
+    trained = tmp_path_factory.mktemp("trained") / "reptile"
+    run_inline(trained, **{**COMMON, "rounds": 12, "fraction-train": 1.0, "dp": False,
+                           "strategy": "reptile"})
+    base = runs.parent
+    res = fedmeta("evaluate", str(trained), str(runs / "fedavg"), "--shots", "1,5",
+                  "--episodes", "30", "--lr-grid", "0.1", "--steps", "5",
                   "--out", str(base / "curve"), isolate=False)
     assert res.returncode == 0, res.stderr
     curve = json.loads((base / "curve.json").read_text())
-    assert {(p["method"], p["shots"]) for p in curve["points"]} == {
-        (m, k) for m in ("scratch", "transfer", "meta") for k in (1, 5)}
+    points = {(p["method"], p["shots"]): p for p in curve["points"]}
+    assert set(points) == {(m, k) for m in ("scratch", "transfer", "meta") for k in (1, 5)}
     assert all(0.0 <= p["mean"] <= 1.0 for p in curve["points"])
+    chance = 1 / curve["n_way"]
+    for k in (1, 5):
+        meta, scratch = points[("meta", k)], points[("scratch", k)]
+        assert meta["mean"] - meta["ci95"] > chance, meta
+        assert meta["mean"] - meta["ci95"] > scratch["mean"] + scratch["ci95"], (meta, scratch)
     assert (base / "curve.png").stat().st_size > 10_000
     assert "Reptile (meta-learning)" in res.stdout
 
@@ -109,31 +188,29 @@ def test_budget_declines_and_is_never_reset_by_a_new_run(tmp_path):
     # ledger then enforces the budget round by round: 1.58, 1.88, then 2.10 > 2
     declaration = tmp_path / "run.toml"
     declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 2.0"))
-    args = ["simulate", *COMMON, "--set", "fraction-train=1.0", "--set", "epsilon-max=2.0",
-            "--set", f"declaration={declaration}", "--out", str(out)]
-    res = fedmeta(*args)
-    assert res.returncode == 0, res.stderr[-3000:]
+    settings = {**COMMON, "fraction-train": 1.0, "epsilon-max": 2.0,
+                "declaration": str(declaration)}
+    summary = run_inline(out, **settings)
     lines = metrics(out)
     assert lines[1]["used"] == ["site-0", "site-1", "site-2"]
     assert set(lines[3]["declined"]) == {"site-0", "site-1", "site-2"}
     assert all("privacy budget" in r for r in lines[3]["declined"].values())
     assert lines[3]["model_sha256"] == lines[2]["model_sha256"]  # nothing to aggregate
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["declined_rounds"] == {"site-0": 1, "site-1": 1, "site-2": 1}
     # the same run directory again: refused without --overwrite, one line, exit 2
-    again = fedmeta(*args, isolate=False)
+    again = fedmeta("simulate", *cli_args(settings), "--out", str(out), isolate=False)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     # with --overwrite the ledgers are kept: every site declines from round 1
-    res = fedmeta(*args, "--overwrite")
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_inline(out, overwrite=True, **settings)
     assert all(set(x["declined"]) == {"site-0", "site-1", "site-2"} for x in metrics(out)[1:])
 
 
 def test_sine_without_dp_is_explicit_and_reported(tmp_path):
     out = tmp_path / "sine"
-    res = fedmeta("simulate", "--task", "sine", "--sites", "2", "--rounds", "2", "--no-dp",
-                  "--set", "eval-episodes=5", "--out", str(out))
+    res = fedmeta("simulate", "--backend", "inline", "--task", "sine", "--sites", "2",
+                  "--rounds", "2", "--no-dp", "--set", "eval-episodes=5", "--out", str(out),
+                  isolate=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "differential privacy is OFF" in res.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -150,9 +227,19 @@ def test_sine_without_dp_is_explicit_and_reported(tmp_path):
     (["--strategy", "fedprox"], "strategy"),
     (["--set", "target-epsilon=50"], "declared epsilon"),
     (["--set", "declaration=/no/such/run.toml"], "run.toml"),
+    (["--backend", "threads"], "--backend"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, needle):
     res = fedmeta("simulate", "--out", str(tmp_path / "x"), *args, isolate=False)
     assert res.returncode == 2
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_backend_is_refused_by_the_api(tmp_path):
+    from fedmeta.config import RunConfig
+    from fedmeta.simulation import simulate
+
+    with pytest.raises(ValueError, match="backend"):
+        simulate(RunConfig(out_dir=str(tmp_path / "x")), backend="threads")
+    assert not Path(tmp_path / "x").exists()
