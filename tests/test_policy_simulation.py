@@ -1,16 +1,14 @@
-"""Policies and audit log wired into real simulated rounds."""
+"""Policies and audit log wired into real simulated rounds (in-process grid, real
+ServerApp and ClientApp)."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
-from helpers import consent_declaration, fedmeta, manifest, write_site
+from helpers import consent_declaration, fedmeta, manifest, run_inline, write_site
 
 from fedmeta.audit import Receipt, verify_log
 from fedmeta.data.tasks import get_task
-
-pytestmark = pytest.mark.slow
 
 CONSTRUCTED = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-8": 4, "GDPR-5-1-e": 6}
 
@@ -24,11 +22,8 @@ def test_exclusions_denials_and_receipts_in_a_real_run(tmp_path):
     for i in range(3):
         write_site(out, i, manifest(f"site-{i}"), CONSTRUCTED if i == 0 else None, num_sites=4)
     write_site(out, 3, manifest("site-3", "CN"), num_sites=4)  # non-adequate, no SCC
-    res = fedmeta("simulate", "--sites", "4", "--rounds", "2", "--out", str(out),
-                  "--set", "fraction-train=1.0", "--set", "eval-every=0",
-                  "--set", "eval-episodes=3",
-                  "--set", f"declaration={consent_declaration(tmp_path / 'run.toml')}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_inline(out, sites=4, rounds=2, fraction_train=1.0, eval_every=0, eval_episodes=3,
+               declaration=str(consent_declaration(tmp_path / "run.toml")))
     lines = metrics(out)
     assert lines[0]["eligible"] == ["site-0", "site-1", "site-2"]
     assert "GDPR-44" in lines[0]["denied"]["site-3"]
@@ -76,9 +71,10 @@ def test_run_with_too_few_eligible_sites_is_not_started(tmp_path):
     out = tmp_path / "run"
     write_site(out, 0, manifest("site-0"), num_sites=2)
     write_site(out, 1, manifest("site-1", "CN"), num_sites=2)
-    res = fedmeta("simulate", "--sites", "2", "--rounds", "2", "--out", str(out),
-                  "--set", "eval-episodes=3",
-                  "--set", f"declaration={consent_declaration(tmp_path / 'run.toml')}")
+    res = fedmeta("simulate", "--backend", "inline", "--sites", "2", "--rounds", "2",
+                  "--out", str(out), "--set", "eval-episodes=3",
+                  "--set", f"declaration={consent_declaration(tmp_path / 'run.toml')}",
+                  isolate=False)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert "fewer than the declared minimum" in summary["stopped"]

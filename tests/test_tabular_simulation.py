@@ -1,4 +1,5 @@
-"""An institution's own CSV data in a real simulated federation (task tabular-csv)."""
+"""An institution's own CSV data in a real simulated federation (task tabular-csv; the
+in-process grid with the real ServerApp and ClientApp)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import fedmeta
+from helpers import run_inline
 
 from fedmeta.data.csv_loader import load_csv
 from fedmeta.data.tasks import TaskError, get_task
 from fedmeta.site import Site
-
-pytestmark = pytest.mark.slow
 
 EXAMPLES = __import__("fedmeta.data", fromlist=["x"]).__path__[0] + "/examples"
 FEATURES = '["age_band", "bmi", "glucose"]'
@@ -39,54 +38,61 @@ feature_columns = {features}
 """
 
 
-def expected_exclusions(rows):
-    """Counted by hand from the CSV: erasure first, then children, then retention."""
+HEADER = ["pid", "ward", "age", "age_band", "bmi", "glucose", "diagnosis", "consent",
+          "withdrawn", "guardian_ok", "collected", "erasure", "note"]
+
+
+def constructed_rows(site: int, plan: dict[str, int], normal: int = 20, dropped: int = 3
+                     ) -> list[dict[str, str]]:
+    """Rows built to trigger exactly ``plan`` (rule id -> count): erasure requests
+    (GDPR-17), children without a guardian's consent (GDPR-8), records older than the
+    10-year retention (GDPR-5-1-e), plus ``normal`` rows that pass and ``dropped`` rows
+    with an empty feature, which the loader drops before any rule (they carry an
+    erasure request that must not be counted)."""
     now = datetime.now(UTC)
-    out = {}
-    for row in rows:
-        if not all(row[c] for c in ("age_band", "bmi", "glucose")):
-            continue  # dropped by the loader (missing = "drop-row"), never seen by the rules
-        if row["erasure"].strip().lower() not in ("", "false", "0", "no"):
-            rule = "GDPR-17"
-        elif (row["age"] and int(row["age"]) < 16
-              and row["guardian_ok"].strip().lower() not in ("true", "1", "yes", "y")):
-            rule = "GDPR-8"
-        elif row["collected"] and (now - datetime.fromisoformat(row["collected"]).replace(
-                tzinfo=UTC)) > timedelta(days=3650):
-            rule = "GDPR-5-1-e"
-        else:
-            continue
-        out[rule] = out.get(rule, 0) + 1
-    return out
+    recent = (now - timedelta(days=200)).date().isoformat()
+    old = (now - timedelta(days=11 * 365)).date().isoformat()
+    kinds = ([None] * normal + ["GDPR-17"] * plan.get("GDPR-17", 0)
+             + ["GDPR-8"] * plan.get("GDPR-8", 0) + ["GDPR-5-1-e"] * plan.get("GDPR-5-1-e", 0)
+             + ["dropped"] * dropped)
+    rows = []
+    for i, kind in enumerate(kinds):
+        child = kind == "GDPR-8"
+        rows.append({
+            "pid": f"S{site}-{i:03d}", "ward": ("general", "cardiology")[i % 2],
+            "age": "12" if child else str(30 + i), "age_band": "1" if child else str(3 + i % 5),
+            "bmi": "" if kind == "dropped" else f"{20 + (i % 9) * 1.5:.1f}",
+            "glucose": f"{4.5 + (i % 7) * 0.4:.2f}",
+            "diagnosis": ("benign", "malignant")[i % 2], "consent": "research",
+            "withdrawn": "", "guardian_ok": "false" if child else "",
+            "collected": old if kind == "GDPR-5-1-e" else recent,
+            "erasure": "true" if kind in ("GDPR-17", "dropped") else "", "note": kind or ""})
+    return rows
+
+
+PLANS = [{"GDPR-17": 2, "GDPR-8": 3, "GDPR-5-1-e": 1}, {"GDPR-5-1-e": 4}, {"GDPR-17": 1}]
 
 
 def test_sites_train_on_their_own_csv_and_minimisation_is_enforced(tmp_path):
-    with open(f"{EXAMPLES}/cohort.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        header, rows = reader.fieldnames, list(reader)
     out = tmp_path / "run"
-    parts = [rows[0:20], rows[20:40], rows[40:60]]
-    for i, part in enumerate(parts):
+    for i, plan in enumerate(PLANS):
         site = out / "sites" / f"site-{i}"
         site.mkdir(parents=True)
         with open(site / "data.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=header)
+            writer = csv.DictWriter(fh, fieldnames=HEADER)
             writer.writeheader()
-            writer.writerows(part)
+            writer.writerows(constructed_rows(i, plan))
         (site / "schema.toml").write_text(Path(f"{EXAMPLES}/cohort.schema.toml").read_text())
         declared = FEATURES if i < 2 else '["age_band", "bmi"]'  # site-2 reads more than declared
         (site / "manifest.toml").write_text(manifest(f"site-{i}", declared))
-    res = fedmeta("simulate", "--task", "tabular-csv", "--sites", "3", "--rounds", "2",
-                  "--out", str(out), "--set", "features=3", "--set", "classes=2",
-                  "--set", "fraction-train=1.0", "--set", "epsilon-max=20")
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_inline(out, task="tabular-csv", sites=3, rounds=2, features=3, classes=2,
+               fraction_train=1.0, epsilon_max=20)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for line in lines[1:]:
         assert line["used"] == ["site-0", "site-1"]
         assert "GDPR-5-1-c" in line["declined"]["site-2"]
         for i in (0, 1):
-            assert line["exclusions"].get(f"site-{i}", {}) == expected_exclusions(parts[i])
-    assert sum(sum(v.values()) for v in lines[1]["exclusions"].values()) > 0
+            assert line["exclusions"].get(f"site-{i}", {}) == PLANS[i]
     assert "eval" not in lines[-1]  # the server holds no data of a CSV federation
 
 
