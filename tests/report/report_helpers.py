@@ -30,7 +30,8 @@ SITE2 = {"GDPR-17": 3, "GDPR-7-3": 6, "DPDP-9-1": 5}
 
 
 def build_run(out: Path, declaration_dir: Path) -> subprocess.CompletedProcess[str]:
-    """Write the sites' manifests and metadata, then simulate 2 rounds with the real CLI."""
+    """Write the sites' manifests and metadata, then simulate 2 rounds with the real CLI
+    (in-process backend: the report reads a run's files, not how sites were reached)."""
     write_site(out, 0, manifest("site-0"), SITE0)
     write_site(out, 1, manifest("site-1"))
     write_site(out, 2, manifest("site-2", "IN", '["SCC-2021/914-C2C"]', '["gdpr", "dpdp"]',
@@ -43,7 +44,8 @@ def build_run(out: Path, declaration_dir: Path) -> subprocess.CompletedProcess[s
 
     return fedmeta("simulate", "--sites", "4", "--rounds", "2", "--out", str(out),
                    "--set", "fraction-train=1.0", "--set", "eval-every=1",
-                   "--set", "eval-episodes=3", "--set", f"declaration={decl}")
+                   "--set", "eval-episodes=3", "--set", f"declaration={decl}",
+                   "--backend", "inline", isolate=False)
 
 
 if __name__ == "__main__":
