@@ -12,10 +12,12 @@ N = 25
 
 def _worker(path: str, key: str, worker: int, barrier: mp.synchronize.Barrier) -> None:
     barrier.wait(timeout=30)
-    # both processes race to create the key and the log, then interleave appends
+    # both processes race to create the key and the log, then race for every append:
+    # the barrier lets neither run ahead, so the two writers overlap throughout
     with AuditLog.open(Path(path), Path(key), "server") as log:
         for i in range(N):
             log.append("round.train", run_id="run-1", details={"worker": worker, "i": i})
+            barrier.wait(timeout=30)
 
 
 def test_concurrent_appends_from_two_processes(tmp_path: Path) -> None:
@@ -35,3 +37,7 @@ def test_concurrent_appends_from_two_processes(tmp_path: Path) -> None:
     for w in (0, 1):
         seen = [e.details["i"] for e in entries[1:] if e.details["worker"] == w]
         assert seen == list(range(N))
+    # interleaved: every pair of consecutive appends holds one entry of each writer
+    for k in range(N):
+        pair = entries[1 + 2 * k: 3 + 2 * k]
+        assert {(e.details["worker"], e.details["i"]) for e in pair} == {(0, k), (1, k)}
