@@ -45,6 +45,8 @@ def deployed_site(tmp: Path, privacy: str = "") -> Path:
     site_dir = tmp / SITE
     site_dir.mkdir()
     text = (EXAMPLES_DIR / "site.toml").read_text()
+    if privacy:  # the site's own [privacy] table instead of the example's
+        text = text.split("\n[privacy]\n")[0]
     (site_dir / "manifest.toml").write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
     approve(site_dir, run_declaration(CFG))
     return site_dir

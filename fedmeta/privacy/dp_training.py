@@ -4,7 +4,9 @@
 runs exactly ``steps`` optimizer steps: DP-SGD through Opacus's
 ``PrivacyEngine`` (per-sample clipping to C, Gaussian noise sigma*C, Poisson
 sampling at q = 1/ceil(n/B)), or plain mini-batch SGD when DP was explicitly
-turned off. It returns what the ledger must record, read back from the
+turned off. Noise and sampling come from the site's CSPRNG
+(``DPSettings.randomness``, fedmeta.privacy.noise) or, in simulations, from
+torch generators seeded with ``seed``. It returns what the ledger must record, read back from the
 engine's own accountant so the ledger and Opacus can never disagree.
 """
 
@@ -140,7 +142,10 @@ def train_steps(
     net: nn.Module = model
     if dp is not None:
         mode = pick_grad_sample_mode(model, dp.grad_sample_mode)
-        engine = PrivacyEngine(accountant=dp.accountant)
+        with warnings.catch_warnings():
+            if dp.randomness is not None:  # Opacus's "secure RNG off" is about its own RNG
+                warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            engine = PrivacyEngine(accountant=dp.accountant)
         noise_gen = None
         if dp.randomness is None:
             noise_gen = torch.Generator(device=device).manual_seed(seed + 1)

@@ -86,10 +86,10 @@ class KeyStream:
     def normals(self, n: int) -> np.ndarray:
         """``n`` standard normals (Box-Muller, float64)."""
         m = (n + 1) // 2
-        u = self.uniforms(2 * m)
-        r = np.sqrt(-2.0 * np.log(u[:m]))
-        theta = _TWO_PI * u[m:]
-        return np.concatenate((r * np.cos(theta), r * np.sin(theta)))[:n]
+        u = self.uniforms(2 * m).reshape(m, 2)  # consecutive pairs: prefix-stable
+        r = np.sqrt(-2.0 * np.log(u[:, 0]))
+        theta = _TWO_PI * u[:, 1]
+        return np.stack((r * np.cos(theta), r * np.sin(theta)), axis=1).reshape(-1)[:n]
 
 
 def derive_key(secret: bytes, run_id: str, server_round: int, purpose: str) -> bytes:
