@@ -5,8 +5,9 @@ stored mode 0600 at ``<site-dir>/keys/noise-secret``. For every (run, round)
 and purpose ("noise", "sampling") it derives a fresh 256-bit key with HKDF-SHA256
 and expands it with the ChaCha20 stream cipher (both from ``cryptography``):
 
-* uniforms: 64-bit words of the keystream, top 53 bits, shifted into (0, 1);
-* Gaussians: Box-Muller on pairs of those uniforms;
+* uniforms: 64-bit words of the keystream, 52 bits each, as doubles in (0, 1];
+* Gaussians: Box-Muller on consecutive pairs of those uniforms (on the
+  training device);
 * Poisson sampling: record i joins a step's batch iff its uniform is < q.
 
 Nothing the server sends or receives enters the derivation except the run id
@@ -75,21 +76,34 @@ class KeyStream:
             raise ValueError("ChaCha20 needs a 32-byte key")
         self._enc = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
 
-    def raw(self, n: int) -> bytes:
-        return self._enc.update(bytes(n))
+    def raw(self, n: int) -> bytearray:
+        """The next ``n`` keystream bytes (ChaCha20 of zeros), in a writable buffer."""
+        buf = bytearray(n + 63)
+        written = self._enc.update_into(bytes(n), buf)
+        assert written == n
+        return buf
 
     def uniforms(self, n: int) -> np.ndarray:
-        """``n`` float64 uniforms in the open interval (0, 1), 53 bits each."""
-        words = np.frombuffer(self.raw(8 * n), dtype="<u8")
-        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+        """``n`` float64 uniforms in (0, 1], 52 random bits each (one 64-bit word each)."""
+        words = np.frombuffer(self.raw(8 * n), dtype="<u8", count=n)
+        words >>= np.uint64(12)  # 52 mantissa bits ...
+        words |= np.uint64(0x3FF0000000000000)  # ... of a double in [1, 2)
+        u = words.view(np.float64)
+        np.subtract(2.0, u, out=u)  # (0, 1]: never 0, so log(u) is finite
+        return u
 
-    def normals(self, n: int) -> np.ndarray:
-        """``n`` standard normals (Box-Muller, float64)."""
+    def normals(self, n: int, dtype: torch.dtype = torch.float64,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+        """``n`` standard normals by Box-Muller on consecutive pairs of uniforms.
+
+        The radius sqrt(-2 ln u1) is computed in float64 (tails to ~8.5 sigma), then
+        both factors in ``dtype`` on ``device``; the stream is prefix-stable.
+        """
         m = (n + 1) // 2
-        u = self.uniforms(2 * m).reshape(m, 2)  # consecutive pairs: prefix-stable
-        r = np.sqrt(-2.0 * np.log(u[:, 0]))
-        theta = _TWO_PI * u[:, 1]
-        return np.stack((r * np.cos(theta), r * np.sin(theta)), axis=1).reshape(-1)[:n]
+        u = torch.from_numpy(self.uniforms(2 * m)).to(device).view(m, 2)
+        r = torch.sqrt(-2.0 * torch.log(u[:, 0])).to(dtype)
+        theta = (_TWO_PI * u[:, 1]).to(dtype)
+        return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=1).reshape(-1)[:n]
 
 
 def derive_key(secret: bytes, run_id: str, server_round: int, purpose: str) -> bytes:
@@ -111,8 +125,8 @@ class SiteRandomness:
         """Noise N(0, std^2) shaped like ``reference`` (its device and dtype)."""
         if std == 0:
             return torch.zeros_like(reference)
-        z = self.noise.normals(reference.numel()).reshape(tuple(reference.shape))
-        return torch.from_numpy(z).to(device=reference.device, dtype=reference.dtype) * std
+        z = self.noise.normals(reference.numel(), reference.dtype, reference.device)
+        return z.view(reference.shape).mul_(std)
 
 
 class PoissonSampler(Sampler[list[int]]):
