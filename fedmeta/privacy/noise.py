@@ -183,3 +183,13 @@ def use_site_noise(optimizer, randomness: SiteRandomness) -> None:
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = add_noise
+
+
+def noise_statement(noise_source: str, transport: str) -> str:
+    """What a run's summary says about where its DP noise came from."""
+    if transport == "simulation" and noise_source != SITE_CSPRNG:
+        return ("seeded from the run seed at simulated sites: reproducible, for experiments "
+                "only; it gives no guarantee against the coordinator (a site with its own "
+                "manifest.toml always uses its CSPRNG)")
+    return ("site-csprng: each site's own secret (HKDF-SHA256 + ChaCha20); the coordinator "
+            "cannot regenerate the noise")
