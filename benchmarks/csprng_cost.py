@@ -96,9 +96,10 @@ def main() -> None:
             f"{1000 * extra:+.1f} ms ({100 * extra / t['seeded']:+.0f}%) | "
             f"{1000 * ns:.1f} / {1000 * nc:.1f} ms |")
         print(lines[-1], flush=True)
-    lines += ["", "The extra cost is the keystream and Box-Muller in float64 (8 bytes of "
-              "ChaCha20 per Gaussian, 8 per record per step for sampling), on the CPU even when "
-              "training runs on a GPU (then copied to the device)."]
+    lines += ["", "The extra cost is the keystream (8 bytes of ChaCha20 per Gaussian and per "
+              "record per step for sampling, drawn on the CPU) and Box-Muller (radius in "
+              "float64, on the training device). Measured on a shared machine (other jobs "
+              "running): compare the columns of one row, not with other sections."]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
