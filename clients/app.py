@@ -44,15 +44,21 @@ def get_site(context: Context, cfg: RunConfig) -> Site:
 
 
 def reply_record(reply: SiteReply) -> RecordDict:
+    """Every field that leaves the site (docs/threat-model.md says why each is safe).
+
+    No un-noised statistic of the private batch: the training loss stays in the
+    site's own log, exclusion counts are already suppressed below the site's
+    minimum cohort size ("<k"), and the total counts only released counts.
+    """
+    released = sum(v for v in reply.excluded.values() if isinstance(v, int))
     metrics = MetricRecord({
         "num-examples": reply.num_examples,
         "declined": int(reply.declined),
         "steps": reply.steps,
-        "train-loss": float(reply.train_loss),
         "epsilon-round": float(reply.epsilon_round),
         "epsilon-total": float(reply.epsilon_total),
         "dp": int(reply.dp),
-        "excluded": int(sum(reply.excluded.values())),
+        "excluded": int(released),
     })
     arrays = ArrayRecord(reply.state) if reply.state is not None else ArrayRecord()
     info = ConfigRecord({"site-id": reply.site_id, "reason": reply.reason,

@@ -134,6 +134,10 @@ def simulate(
     if not cfg.dp:
         err_console.print("warning: differential privacy is OFF for this run (--no-dp); "
                           "the run's metrics and summary record it", style="yellow")
+    elif cfg.noise_source != "site-csprng":
+        err_console.print("note: DP noise is seeded from the run seed (same seed, same "
+                          "metrics): for experiments only, no guarantee against the "
+                          "coordinator; deployed sites use their own CSPRNG", style="yellow")
     metrics_path = Path(cfg.out_dir) / METRICS_FILE
     stop = threading.Event()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -69,7 +69,11 @@ class RunConfig(BaseModel):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     accountant: Literal["prv", "rdp", "gdp"] = "prv"
     epsilon_max: float = Field(10.0, gt=0.0, description="default per-site budget")
-    secure_rng: bool = False
+    noise_source: Literal["auto", "seeded", "site-csprng"] = Field(
+        "auto", description="auto: a deployed site (own manifest.toml) always draws DP noise "
+        "and sampling from its own CSPRNG; a simulated site uses seeded noise (same seed, "
+        "same metrics: for experiments only, no protection against the coordinator); "
+        "site-csprng: simulated sites too")
     grad_sample_mode: Literal["auto", "bk", "hooks", "ew", "functorch", "ghost"] = "auto"
 
     # meta-evaluation on held-out classes / tasks (server side)
@@ -86,6 +90,14 @@ class RunConfig(BaseModel):
     declaration: str = Field("", description="run declaration TOML ('' = bundled example)")
     site_country: str = Field("DE", min_length=2, max_length=2,
                               description="country of simulated sites without a manifest")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and ("secure-rng" in data or "secure_rng" in data):
+            raise ValueError("secure-rng was removed: a deployed site always draws its DP "
+                             "noise from its own CSPRNG (see noise-source); drop the option")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -1,19 +1,27 @@
 """One institution's node: what happens at a site in a training round.
 
-Flow (DESIGN.md, steps 2-3), each decision written to the site's audit log
-*before* the action it allows:
+Everything that protects the site's data is decided here, from the site's own
+files; nothing in the round config can weaken it (docs/threat-model.md). Each
+decision is written to the site's audit log *before* the action it allows:
 
-1. site-level rules (purpose, lawful basis, transfers, DP ...) for this run's
+0. the site's privacy policy (manifest ``[privacy]``) against what the round
+   asks: DP on, accountant, delta, sigma, clipping norm, steps, batch;
+1. the run declaration must be one the site approved (``fedmeta node approve``);
+2. site-level rules (purpose, lawful basis, transfers, DP ...) for that
    declaration; a denial declines the round with the rule and its reference;
-2. record-level rules (consent, withdrawal, erasure, children, retention):
-   excluded records never reach the trainer, only counts by rule leave;
-3. the privacy budget: if this round would pass epsilon_max, decline;
-4. charge the durable ledger, then run the inner loop (DP-SGD with Opacus)
-   from theta, and reply phi with metrics and the audit log's head (receipt).
+3. record-level rules (consent, withdrawal, erasure, children, retention) on
+   record metadata re-read this round: excluded records never reach the
+   trainer, only counts by rule leave (suppressed below the minimum cohort);
+4. the sampling rate and planned sigma against the policy, then, under the
+   ledger's lock: a replayed round, epsilon_max, the per-run and per-round caps;
+5. charge the durable ledger, then run the inner loop (DP-SGD with Opacus, noise
+   and sampling from the site's CSPRNG when deployed) from theta, and reply phi
+   with privatised metrics only and the audit log's head (receipt).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,8 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedmeta.approvals import approved
 from fedmeta.audit import AuditLog
-from fedmeta.config import RunConfig, build_task, inner_lr, resolve_device, sites_per_round
+from fedmeta.config import (
+    RunConfig,
+    build_task,
+    inner_lr,
+    resolve_device,
+    run_declaration,
+    sites_per_round,
+)
 from fedmeta.data.csv_loader import load_csv, load_schema
 from fedmeta.data.record_meta import load_record_meta
 from fedmeta.data.records import Records
@@ -34,6 +50,7 @@ from fedmeta.meta.updates import model_digest
 from fedmeta.privacy.budget import noise_for_target, poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
+from fedmeta.privacy.noise import SEEDED, SITE_CSPRNG, SiteRandomness, load_or_create_secret
 from policies import (
     RecordMeta,
     RunDeclaration,
@@ -42,6 +59,14 @@ from policies import (
     evaluate_records,
     evaluate_site,
     load_site_manifest,
+)
+from policies.engine import suppress_small_counts
+from policies.site_policy import (
+    Refusal,
+    RoundRequest,
+    SitePrivacyPolicy,
+    canonical_json,
+    check_round,
 )
 
 MANIFEST_FILE = "manifest.toml"
@@ -60,12 +85,12 @@ class SiteReply:
     state: dict[str, torch.Tensor] | None = None
     num_examples: int = 0
     steps: int = 0
-    train_loss: float = 0.0
     epsilon_round: float = 0.0
     epsilon_total: float = 0.0
     epsilon_max: float = 0.0
     dp: bool = True
-    excluded: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, int | str] = field(default_factory=dict)
+    """Exclusion counts by rule as released: 1..k-1 read "<k" (k = min_cohort_size)."""
     receipt: str = ""
 
 
@@ -103,11 +128,48 @@ def load_manifest(site_dir: Path, site_id: str, cfg: RunConfig) -> SiteManifest:
     # a non-private run (--no-dp) included: it is then declared and reported as such
     budget = float(cfg.epsilon_max) if cfg.dp else math.inf
     return default_site_manifest(site_id, country=cfg.site_country).model_copy(
-        update={"epsilon_max": budget, "delta": float(cfg.delta)})
+        update={"epsilon_max": budget, "delta": float(cfg.delta),
+                "privacy": simulated_policy(cfg)})
+
+
+def simulated_policy(cfg: RunConfig) -> SitePrivacyPolicy:
+    """A simulated site's own privacy policy, fixed when it is set up from the run config.
+
+    It accepts exactly the run it was built for (so simulations keep working) and
+    nothing weaker: a later round asking for less noise, a larger clipping norm,
+    more steps, a larger batch or another accountant is declined like anywhere else.
+    """
+    accountants = (cfg.accountant,) if cfg.accountant in ("prv", "rdp") else ("prv", "rdp")
+    sigma = cfg.noise_multiplier if cfg.target_epsilon <= 0 else 0.0
+    return SitePrivacyPolicy(
+        dp_required=cfg.dp, accountants=accountants, min_noise_multiplier=float(sigma),
+        max_grad_norm=float(cfg.max_grad_norm), max_inner_steps=cfg.inner_steps,
+        max_batch_size=cfg.batch_size, max_sample_rate=1.0,
+        run_epsilon_max=float(cfg.target_epsilon) if cfg.target_epsilon > 0 else None)
+
+
+def _manifest_sha256(site_dir: Path, manifest: SiteManifest, from_file: bool) -> str:
+    if from_file:
+        return hashlib.sha256((Path(site_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
+    return hashlib.sha256(canonical_json(manifest.to_dict())).hexdigest()
+
+
+def release_counts(excluded: dict[str, int], min_cohort: int) -> dict[str, int | str]:
+    """Exclusion counts as they may leave the site: 1..k-1 become "<k" (k = min cohort)."""
+    return {k: v for k, v in suppress_small_counts(excluded, min_cohort).items() if v}
 
 
 class Site:
-    """A training site bound to its state directory."""
+    """A training site bound to its state directory.
+
+    A site with its own ``manifest.toml`` is a deployed site: its manifest (and
+    the ``[privacy]`` policy in it), its approved declarations and its record
+    metadata are re-read every round, and its DP noise and sampling come from
+    its own CSPRNG (fedmeta.privacy.noise). Without one it is a simulated site:
+    its manifest and policy are built from the run config and its run's
+    declaration is approved when it is set up; its noise is seeded unless the
+    run asks for ``noise-source = "site-csprng"``.
+    """
 
     def __init__(self, site_id: str, site_index: int, site_dir: Path, cfg: RunConfig,
                  records: Records | None = None, manifest: SiteManifest | None = None) -> None:
@@ -120,8 +182,15 @@ class Site:
         if records is None and (self.site_dir / DATA_FILE).exists():
             records = self._load_csv()
         self.records = records if records is not None else self.task.site_records(site_index)
+        self.deployed = manifest is None and (self.site_dir / MANIFEST_FILE).exists()
         self.manifest = manifest or load_manifest(self.site_dir, site_id, cfg)
         self.record_meta: list[RecordMeta] = load_record_meta(self.site_dir, self.records)
+        # a simulated site approves its own run's declaration at set-up
+        self._setup_approvals: set[str] = set()
+        if not self.deployed:
+            self._setup_approvals.add(run_declaration(cfg).sha256())
+        self.noise_source = (SITE_CSPRNG if self.deployed or cfg.noise_source == SITE_CSPRNG
+                             else SEEDED)
 
     def _load_csv(self) -> Records:
         """The institution's own data: ``data.csv`` described by ``schema.toml``."""
@@ -133,11 +202,30 @@ class Site:
         return records
 
     # ---- state -----------------------------------------------------------------
-    def ledger(self) -> PrivacyLedger:
+    def refresh(self) -> None:
+        """Re-read what the site's people may change during a run: the manifest (and
+        its privacy policy) and the record metadata (withdrawals, erasure requests)."""
+        if self.deployed:
+            self.manifest = load_site_manifest(self.site_dir / MANIFEST_FILE)
+        self.record_meta = load_record_meta(self.site_dir, self.records)
+
+    @property
+    def policy(self) -> SitePrivacyPolicy:
+        return self.manifest.privacy
+
+    def approved_declarations(self) -> set[str]:
+        return self._setup_approvals | set(approved(self.site_dir))
+
+    def ledger(self, accountant: str | None = None) -> PrivacyLedger:
         return PrivacyLedger.open(self.site_dir, site=self.site_id,
                                   epsilon_max=float(self.manifest.epsilon_max),
                                   delta=float(self.manifest.delta),
-                                  accountant=self.cfg.accountant)
+                                  accountant=accountant or self.ledger_accountant())
+
+    def ledger_accountant(self) -> str:
+        """The ledger's accountant once it exists, else the round's (if the site allows it)."""
+        kept = PrivacyLedger.kept_accountant(self.site_dir)
+        return kept or self.cfg.accountant
 
     def audit_log(self) -> AuditLog:
         return AuditLog.open(self.site_dir / AUDIT_LOG, self.site_dir / AUDIT_KEY,
@@ -148,11 +236,23 @@ class Site:
             return self.task.episode_pool(records, rng)
         return self.task.supervised_pool(records)
 
-    def noise_multiplier(self, q: float) -> float:
+    def run_cap(self, declaration: RunDeclaration) -> float | None:
+        """Most epsilon this site spends in one run: its policy's and the run's declared."""
+        caps = [c for c in (self.policy.run_epsilon_max, declaration.epsilon) if c is not None]
+        return float(min(caps)) if caps else None
+
+    def noise_multiplier(self, q: float, declaration: RunDeclaration | None = None,
+                         accountant: str | None = None) -> float:
+        """The round's sigma. A target epsilon is planned by the site: at most its own
+        per-run cap, at its own delta and accountant, and never below its minimum sigma."""
         cfg = self.cfg
         if cfg.target_epsilon > 0:
-            return noise_for_target(cfg.target_epsilon, float(self.manifest.delta), q,
-                                    cfg.inner_steps * planned_rounds(cfg), cfg.accountant)
+            cap = self.run_cap(declaration) if declaration is not None else None
+            target = min(cfg.target_epsilon, cap) if cap is not None else cfg.target_epsilon
+            sigma = noise_for_target(target, float(self.manifest.delta), q,
+                                     cfg.inner_steps * planned_rounds(cfg),
+                                     accountant or self.ledger_accountant())
+            return max(sigma, float(self.policy.min_noise_multiplier))
         return cfg.noise_multiplier
 
     # ---- one round -------------------------------------------------------------
@@ -170,6 +270,17 @@ class Site:
                    rule_ids=rule_ids, details={"reason": reason[:500]})
         return SiteReply(self.site_id, declined=True, reason=reason, dp=self.cfg.dp, **kw)
 
+    def _refuse(self, log: AuditLog, run_id: str, server_round: int, refusal: Refusal,
+                **kw) -> SiteReply:
+        return self._decline(log, run_id, server_round, "privacy.decline",
+                             f"site privacy policy: {refusal.reason}", (refusal.rule_id,), **kw)
+
+    def _request(self, sigma: float | None, q: float | None) -> RoundRequest:
+        cfg = self.cfg
+        return RoundRequest(dp=cfg.dp, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+                            inner_steps=cfg.inner_steps, batch_size=cfg.batch_size,
+                            sample_rate=q, accountant=cfg.accountant, delta=cfg.delta)
+
     def _round(self, log: AuditLog, theta, run_id: str, server_round: int,
                declaration: RunDeclaration | None, server_head: str) -> SiteReply:
         cfg = self.cfg
@@ -177,70 +288,131 @@ class Site:
         if transport == "insecure":
             log.append("security.insecure", run_id=run_id, round=server_round, decision="allow",
                        details={"transport": "insecure", "tls": False, "supernode_auth": False})
+        self.refresh()
+        policy, delta = self.policy, float(self.manifest.delta)
+        # 0. the site's own privacy policy, on what the round asks (before anything else)
+        fixed_sigma = None if cfg.target_epsilon > 0 else cfg.noise_multiplier
+        refusal = check_round(policy, self._request(fixed_sigma, None), delta)
+        if refusal is not None:
+            return self._refuse(log, run_id, server_round, refusal)
+        # 1. the site trains only for a run declaration it approved
+        if declaration is None:
+            return self._decline(
+                log, run_id, server_round, "policy.site", "the round carries no run "
+                "declaration; this site trains only for a declaration it approved "
+                "(fedmeta node approve)", ("SITE-APPROVAL",))
+        declaration_sha = declaration.sha256()
+        if declaration_sha not in self.approved_declarations():
+            return self._decline(
+                log, run_id, server_round, "policy.site", f"the round's run declaration "
+                f"(sha256 {declaration_sha[:16]}...) is not one this site approved; approve "
+                "it with `fedmeta node approve` if the site's DPO accepts it",
+                ("SITE-APPROVAL",))
+        # 2. site-level rules
+        decisions = evaluate_site(declaration, self.manifest, read_columns=self.read_columns)
+        denied = [d for d in decisions if d.denied]
+        if denied:
+            d = denied[0]
+            reason = f"policy {d.rule_id} ({'; '.join(d.references)}): {d.reason}"
+            return self._decline(log, run_id, server_round, "policy.site", reason,
+                                 tuple(x.rule_id for x in denied))
+        log.append("policy.site", run_id=run_id, round=server_round, decision="allow",
+                   rule_ids=[d.rule_id for d in decisions],
+                   details={"conflicts": ",".join(d.rule_id for d in decisions
+                                                  if d.conflict) or None,
+                            "declaration_sha256": declaration_sha})
+        # 3. record-level rules: excluded records never reach the trainer
         records = self.records
-        excluded: dict[str, int] = {}
-        if declaration is not None:
-            # 1. site-level rules
-            decisions = evaluate_site(declaration, self.manifest, read_columns=self.read_columns)
-            denied = [d for d in decisions if d.denied]
-            if denied:
-                d = denied[0]
-                reason = f"policy {d.rule_id} ({'; '.join(d.references)}): {d.reason}"
-                return self._decline(log, run_id, server_round, "policy.site", reason,
-                                     tuple(x.rule_id for x in denied))
-            log.append("policy.site", run_id=run_id, round=server_round, decision="allow",
-                       rule_ids=[d.rule_id for d in decisions],
-                       details={"conflicts": ",".join(d.rule_id for d in decisions
-                                                      if d.conflict) or None})
-            # 2. record-level rules: excluded records never reach the trainer
-            verdict = evaluate_records(declaration, self.manifest, self.record_meta,
-                                       at=datetime.now(UTC))
-            excluded = {k: v for k, v in verdict.excluded_by_rule.items() if v}
-            log.append("policy.records", run_id=run_id, round=server_round,
-                       decision="allow-with-exclusions" if excluded else "allow",
-                       rule_ids=sorted(excluded), counts=excluded,
-                       details={"records": verdict.n_total, "allowed": verdict.n_allowed})
-            if verdict.n_excluded:
-                records = records.subset(np.asarray(verdict.allowed_mask, dtype=bool))
+        verdict = evaluate_records(declaration, self.manifest, self.record_meta,
+                                   at=datetime.now(UTC))
+        excluded = {k: v for k, v in verdict.excluded_by_rule.items() if v}
+        released = release_counts(excluded, self.manifest.min_cohort_size)
+        log.append("policy.records", run_id=run_id, round=server_round,
+                   decision="allow-with-exclusions" if excluded else "allow",
+                   rule_ids=sorted(excluded), counts=excluded,
+                   details={"records": verdict.n_total, "allowed": verdict.n_allowed})
+        if verdict.n_excluded:
+            records = records.subset(np.asarray(verdict.allowed_mask, dtype=bool))
         seed = round_seed(cfg.seed, server_round, self.site_index)
         rng = np.random.default_rng(seed)
         try:
             pool = self.pool(records, rng)
-        except ValueError as exc:  # too few usable records left after exclusions
+        except ValueError:  # too few usable records left after exclusions
             return self._decline(log, run_id, server_round, "round.decline",
-                                 f"not enough usable records: {exc}", excluded=excluded)
+                                 "not enough usable records for a round after the site's "
+                                 "record rules", ("SITE-RECORDS",), excluded=released)
         batch = min(cfg.batch_size, len(pool.x))
-        ledger = self.ledger() if cfg.dp else None
         dp: DPSettings | None = None
         eps_round = eps_total = 0.0
         q = 1.0
-        if ledger is not None:
-            # 3. the privacy budget
+        details: dict = {"dp": cfg.dp}
+        if cfg.dp:
+            accountant = self.ledger_accountant()
             q = poisson_rate(len(pool.x), batch)
-            sigma = self.noise_multiplier(q)
+            sigma = self.noise_multiplier(q, declaration, accountant)
+            refusal = check_round(policy, self._request(sigma, q), delta)
+            if refusal is not None:
+                return self._refuse(log, run_id, server_round, refusal, excluded=released)
             step = (sigma, q, cfg.inner_steps)
-            exceed, after = ledger.would_exceed(step)
-            if exceed:
-                return self._decline(
-                    log, run_id, server_round, "privacy.decline",
-                    f"privacy budget: this round would bring epsilon to {after:.3f} > "
-                    f"epsilon_max {ledger.epsilon_max:g}", ("PRIV-BUDGET",),
-                    epsilon_total=ledger.epsilon(), epsilon_max=ledger.epsilon_max,
-                    excluded=excluded)
-            eps_before = ledger.epsilon()
-            # 4. durable before training and before the reply leaves
-            charge = ledger.charge(run_id, server_round, step)
+            ledger = self.ledger(accountant)
+            run_cap = self.run_cap(declaration)
+            # 4. the privacy budget, checked and charged under the ledger's lock
+            with ledger.locked():
+                if ledger.charged(run_id, server_round):
+                    return self._decline(
+                        log, run_id, server_round, "round.decline", f"run {run_id} round "
+                        f"{server_round} was already trained here; a round is trained once",
+                        ("SITE-REPLAY",), excluded=released)
+                eps_before = ledger.epsilon()
+                exceed, after = ledger.would_exceed(step)
+                if exceed:
+                    return self._decline(
+                        log, run_id, server_round, "privacy.decline",
+                        f"privacy budget: this round would bring epsilon to {after:.3f} > "
+                        f"epsilon_max {ledger.epsilon_max:g}", ("PRIV-BUDGET",),
+                        epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
+                        excluded=released)
+                if run_cap is not None:
+                    run_after = ledger.run_epsilon(run_id, [step])
+                    if run_after > run_cap:
+                        return self._refuse(log, run_id, server_round, Refusal(
+                            "run_epsilon_max", f"this round would bring the run's epsilon to "
+                            f"{run_after:.3f} > {run_cap:g} (the smaller of "
+                            "privacy.run_epsilon_max and the run's declared epsilon)"),
+                            epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
+                            excluded=released)
+                if (policy.round_epsilon_max is not None
+                        and after - eps_before > policy.round_epsilon_max):
+                    return self._refuse(log, run_id, server_round, Refusal(
+                        "round_epsilon_max", f"this round would spend epsilon "
+                        f"{after - eps_before:.3f} > {policy.round_epsilon_max:g} "
+                        "(privacy.round_epsilon_max)"), epsilon_total=eps_before,
+                        epsilon_max=ledger.epsilon_max, excluded=released)
+                # durable before training and before the reply leaves
+                charge = ledger.charge(run_id, server_round, step)
             eps_total = charge.epsilon_after
             eps_round = eps_total - eps_before
-            dp = DPSettings(sigma, cfg.max_grad_norm, float(self.manifest.delta),
-                            cfg.accountant, cfg.secure_rng, cfg.grad_sample_mode)
+            randomness = None
+            if self.noise_source == SITE_CSPRNG:
+                randomness = SiteRandomness(load_or_create_secret(self.site_dir), run_id,
+                                            server_round)
+            dp = DPSettings(sigma, cfg.max_grad_norm, delta, accountant, randomness,
+                            cfg.grad_sample_mode)
+            details.update({
+                "noise_multiplier": sigma, "sample_rate": q, "steps": cfg.inner_steps,
+                "delta": delta, "accountant": accountant,
+                "epsilon_max": _finite(ledger.epsilon_max), "epsilon_round": eps_round,
+                "run_epsilon_max": run_cap, "noise_source": self.noise_source})
+        details.update({
+            "declaration_sha256": declaration_sha,
+            "manifest_sha256": _manifest_sha256(self.site_dir, self.manifest, self.deployed),
+            "site_policy_sha256": policy.sha256(float(self.manifest.epsilon_max), delta),
+            "transport": transport, "server_head": server_head or None,
+            "privacy_unit": "record"})
         log.append("round.train", run_id=run_id, round=server_round, decision="allow",
                    model_in=_digest(theta), epsilon=eps_total if dp else None,
                    counts={"examples": len(pool.x), "steps": cfg.inner_steps},
-                   details={"server_head": server_head or None, "dp": dp is not None,
-                            "transport": transport,
-                            "noise_multiplier": dp.noise_multiplier if dp else None,
-                            "sample_rate": q if dp else None})
+                   details=details)
         model = self.task.build_model(self.task.out_dim(cfg.strategy))
         model.load_state_dict(theta)
         result = train_steps(model, pool, loss_fn=self.task.loss_fn(), steps=cfg.inner_steps,
@@ -250,15 +422,24 @@ class Site:
             raise RuntimeError(f"Opacus recorded {result.dp_step}, ledger charged "
                                f"{(dp.noise_multiplier, q, cfg.inner_steps)}")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # the training loss is an un-noised statistic of the private batch: it stays here
         log.append("round.reply", run_id=run_id, round=server_round, model_out=_digest(state),
                    epsilon=eps_total if dp else None,
-                   counts={"examples": len(pool.x), "excluded": sum(excluded.values())})
+                   counts={"examples": len(pool.x), "excluded": sum(excluded.values())},
+                   details={"train_loss": round(result.mean_loss, 6)})
+        # what leaves: a DP round reports its declared work (batch x steps), not the
+        # size of the private pool
+        examples = batch * cfg.inner_steps if dp is not None else len(pool.x)
         return SiteReply(
-            self.site_id, declined=False, state=state, num_examples=len(pool.x),
-            steps=result.steps, train_loss=result.mean_loss, epsilon_round=eps_round,
-            epsilon_total=eps_total, epsilon_max=ledger.epsilon_max if ledger else math.inf,
-            dp=dp is not None, excluded=excluded,
+            self.site_id, declined=False, state=state, num_examples=examples,
+            steps=result.steps, epsilon_round=eps_round, epsilon_total=eps_total,
+            epsilon_max=float(self.manifest.epsilon_max) if dp else math.inf,
+            dp=dp is not None, excluded=released,
         )
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 def _with(reply: SiteReply, **changes) -> SiteReply:

@@ -18,6 +18,7 @@ with one line that names the file, the field and what to do, e.g.::
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import re
 import tomllib
@@ -41,6 +42,7 @@ from pydantic import (
 
 from policies.countries import iso_countries
 from policies.purposes import PURPOSES
+from policies.site_policy import SitePrivacyPolicy, canonical_json
 
 
 class DeclarationError(ValueError):
@@ -259,6 +261,10 @@ class RunDeclaration(_Model):
         """Canonical JSON-ready form."""
         return self.model_dump(mode="json")
 
+    def sha256(self) -> str:
+        """Hash of the canonical JSON form: what a site approves and pins."""
+        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
+
 
 # ---- site manifest ----------------------------------------------------------
 
@@ -293,6 +299,8 @@ class SiteManifest(_Model):
     feature_columns: tuple[Text, ...] = ()
     """The feature columns the site allows a trainer to read (GDPR Art. 5(1)(c))."""
     dpo_contact: Text | None = None
+    privacy: SitePrivacyPolicy = SitePrivacyPolicy()
+    """The site's own privacy policy (``[privacy]`` table), enforced at the site every round."""
 
     @model_validator(mode="after")
     def _packs(self) -> SiteManifest:

@@ -40,6 +40,7 @@ from fedmeta.metrics import (
     save_model,
     write_json,
 )
+from fedmeta.privacy.noise import noise_statement
 from policies import (
     SiteManifest,
     check_min_sites,
@@ -236,6 +237,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
             "sites": sorted(sites.values()), "eligible": sorted(eligible), "denied": denied,
             "epsilon": epsilon, "declined_rounds": declined, "exclusions": exclusions,
             "dp": cfg.dp, "eval": last_eval, "stopped": strategy.stopped,
+            "noise": noise_statement(cfg.noise_source, transport) if cfg.dp else None,
             "model_sha256": model_digest({k: a.numpy() for k, a in final.items()}),
             "wall_s": round(time.time() - started, 2),
         }

@@ -1,4 +1,4 @@
-"""Command line: ``fedmeta provision`` and ``fedmeta node init|check`` (mounted by fedmeta/cli.py).
+"""Command line: ``fedmeta provision``, ``fedmeta node init|approve|check`` (via fedmeta/cli.py).
 
 User errors end with one red line and exit code 2. ``node check`` exits 0 when
 every check passes and 1 otherwise.
@@ -94,6 +94,28 @@ def node_init(
         con.print(f"new public key: {report.new_public_key}")
     con.print(f"site directory ready: {report.site_dir}. Fill in manifest.toml, then run "
               f"`fedmeta node check {site_dir}`.")
+
+
+@node_app.command("approve")
+def node_approve(
+    site_dir: Annotated[Path, typer.Argument(help="the site's state directory")],
+    declaration: Annotated[Path, typer.Argument(help="the run declaration (TOML) the site's "
+                                                "DPO accepted")],
+) -> None:
+    """Approve a run declaration: the site trains only for rounds that carry one it approved.
+
+    Records the declaration's SHA-256 in SITE_DIR/approved-declarations.jsonl.
+    """
+    from fedmeta.approvals import ApprovalError, approve_file
+    from policies import DeclarationError
+
+    if not site_dir.is_dir():
+        raise _fail(f"{site_dir}: not a directory (run `fedmeta node init` first)")
+    try:
+        digest = approve_file(site_dir, declaration)
+    except (DeclarationError, ApprovalError, OSError) as exc:
+        raise _fail(" ".join(str(exc).split())) from None
+    _console().print(f"approved {declaration} (sha256 {digest}) for {site_dir}")
 
 
 @node_app.command("check")

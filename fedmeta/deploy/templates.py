@@ -253,6 +253,7 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
              "# `fedmeta provision`. Your DPO decides every value; replace each TODO.",
              "# Fields: policies/declarations.py (SiteManifest); example: "
              "policies/examples/site.toml.", ""]
+    privacy = data.pop("privacy", {})
     order = list(FIELD_NOTES) + [k for k in data if k not in FIELD_NOTES]
     for key in order:
         if key not in data:
@@ -260,4 +261,9 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
         if key in FIELD_NOTES:
             lines.append(f"# {FIELD_NOTES[key]}")
         lines.append(f"{key} = {_toml_value(data[key])}")
+    lines += ["", "# The site's own privacy policy, enforced at this site every round whatever",
+              "# the coordinator asks (docs/threat-model.md; fields: policies/site_policy.py).",
+              "[privacy]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in privacy.items()
+              if value is not None]
     return "\n".join(lines) + "\n"

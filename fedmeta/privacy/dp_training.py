@@ -4,7 +4,9 @@
 runs exactly ``steps`` optimizer steps: DP-SGD through Opacus's
 ``PrivacyEngine`` (per-sample clipping to C, Gaussian noise sigma*C, Poisson
 sampling at q = 1/ceil(n/B)), or plain mini-batch SGD when DP was explicitly
-turned off. It returns what the ledger must record, read back from the
+turned off. Noise and sampling come from the site's CSPRNG
+(``DPSettings.randomness``, fedmeta.privacy.noise) or, in simulations, from
+torch generators seeded with ``seed``. It returns what the ledger must record, read back from the
 engine's own accountant so the ledger and Opacus can never disagree.
 """
 
@@ -28,6 +30,7 @@ from fedmeta.privacy.bookkeeping import (
     unsupported_reason,
 )
 from fedmeta.privacy.budget import Step, poisson_rate
+from fedmeta.privacy.noise import SiteRandomness, poisson_loader, use_site_noise
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ class DPSettings:
     max_grad_norm: float
     delta: float = 1e-5
     accountant: str = "prv"
-    secure_rng: bool = False
+    randomness: SiteRandomness | None = None
+    """The site's CSPRNG streams for noise and sampling; None: seeded from ``seed``
+    (simulations only: whoever knows the seed can regenerate the noise)."""
     grad_sample_mode: str = "auto"
 
 
@@ -87,11 +92,14 @@ def _make_private_bookkeeping(engine: PrivacyEngine, model: nn.Module, optimizer
                                "(reduction='mean')")
     clipper = BookKeepingClipper(model, dp.max_grad_norm)
     dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
+    if dp.randomness is not None:
+        dp_loader = poisson_loader(loader.dataset, dp_loader.sample_rate, dp.randomness.sampling)
     expected_batch = int(len(dp_loader.dataset) * dp_loader.sample_rate)
     dp_optimizer = BookKeepingDPOptimizer(
         optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=expected_batch, loss_reduction="mean",
-        generator=engine.secure_rng if dp.secure_rng else noise_gen, secure_mode=dp.secure_rng)
+        expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
+    if dp.randomness is not None:
+        use_site_noise(dp_optimizer, dp.randomness)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(dp_loader.sample_rate))
     return clipper, dp_optimizer, dp_loader
 
@@ -134,9 +142,12 @@ def train_steps(
     net: nn.Module = model
     if dp is not None:
         mode = pick_grad_sample_mode(model, dp.grad_sample_mode)
-        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_rng)
+        with warnings.catch_warnings():
+            if dp.randomness is not None:  # Opacus's "secure RNG off" is about its own RNG
+                warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            engine = PrivacyEngine(accountant=dp.accountant)
         noise_gen = None
-        if not dp.secure_rng:
+        if dp.randomness is None:
             noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         if mode == "bk":
             clipper, optimizer, loader = _make_private_bookkeeping(
@@ -144,6 +155,9 @@ def train_steps(
         else:
             net, optimizer, criterion, loader = _make_private_opacus(
                 engine, model, optimizer, loss_fn, loader, dp, mode, noise_gen)
+            if dp.randomness is not None:
+                loader = poisson_loader(dataset, loader.sample_rate, dp.randomness.sampling)
+                use_site_noise(optimizer, dp.randomness)
         expected_q = poisson_rate(len(dataset), min(batch_size, len(dataset)))
         assert abs(loader.sample_rate - expected_q) < 1e-12, (loader.sample_rate, expected_q)
 

@@ -13,12 +13,20 @@ The cumulative epsilon is always recomputed by Opacus's accountant from *all*
 charges (every run the site ever joined), so a new run or a restarted process
 can never reset it. A site directory that has a ``site.json`` marker but no
 ledger, or a ledger that does not parse, is an error: the site refuses to train.
+
+Check-and-charge is one transaction: :meth:`PrivacyLedger.locked` holds an
+exclusive ``flock`` on the ledger file (the same mechanism the audit log uses
+for its appends) and re-reads every charge before the budget is checked, so two
+processes charging one site cannot both pass the check.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,6 +123,14 @@ class PrivacyLedger:
             ledger.epsilon_max = epsilon_max
         return ledger
 
+    @staticmethod
+    def kept_accountant(site_dir: Path) -> str | None:
+        """The accountant an existing ledger is kept with (None when there is no ledger)."""
+        path = Path(site_dir) / LEDGER_FILE
+        if not path.exists():
+            return None
+        return PrivacyLedger.read(path).accountant
+
     @classmethod
     def read(cls, path: Path) -> PrivacyLedger:
         """Parse a ledger file; LedgerError naming file and line on any problem."""
@@ -158,7 +174,33 @@ class PrivacyLedger:
             raise LedgerError(f"{path}: empty privacy ledger; refusing to train")
         return cls(path, header, charges, epsilon_max)
 
+    @contextmanager
+    def locked(self) -> Iterator[PrivacyLedger]:
+        """Exclusive lock on the ledger file, charges re-read from disk inside it.
+
+        Hold it across :meth:`would_exceed` and :meth:`charge`: another process
+        (or thread) charging the same site waits until the lock is released.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            fresh = PrivacyLedger.read(self.path)
+            self.charges = fresh.charges
+            yield self
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
     # ---- accounting --------------------------------------------------------
+    def run_epsilon(self, run: str, extra: list[Step] | None = None) -> float:
+        """Epsilon spent in one run (plus ``extra``), by the same accountant."""
+        steps = [c.step for c in self.charges if c.run == run]
+        return epsilon(steps + list(extra or []), self.delta, self.accountant)
+
+    def charged(self, run: str, round: int) -> bool:
+        """Whether this run's round has been charged already (a replayed round)."""
+        return any(c.run == run and c.round == round for c in self.charges)
+
     @property
     def history(self) -> list[Step]:
         return [c.step for c in self.charges]

@@ -43,13 +43,12 @@ class RoundLog:
     dropped: dict[str, str] = field(default_factory=dict)
     lost: dict[str, str] = field(default_factory=dict)
     examples: int = 0
-    train_loss: float | None = None
     epsilon: dict[str, float] = field(default_factory=dict)
     epsilon_round: dict[str, float] = field(default_factory=dict)
     dp: dict[str, bool] = field(default_factory=dict)
     beta: float | None = None
     stopped: str | None = None
-    exclusions: dict[str, dict[str, int]] = field(default_factory=dict)
+    exclusions: dict[str, dict[str, int | str]] = field(default_factory=dict)
     receipts: dict[str, str] = field(default_factory=dict)
 
 
@@ -188,10 +187,6 @@ class SiteAwareMixin:
         log_.used.sort()
         # a fixed order makes the weighted sum (and so the run) bit-for-bit reproducible
         usable.sort(key=lambda m: self.site_of_node.get(m.metadata.src_node_id, ""))
-        if usable:
-            losses = [float(next(iter(m.content.metric_records.values()))["train-loss"])
-                      for m in usable]
-            log_.train_loss = sum(losses) / len(losses)
         log(INFO, "round %s: used %s, declined %s, dropped %s, lost %s", server_round,
             len(log_.used), len(log_.declined), len(log_.dropped), len(log_.lost))
         return usable
@@ -206,7 +201,9 @@ class SiteAwareMixin:
         try:
             counts = json.loads(str(info.get("exclusions", "{}")))
             if isinstance(counts, dict) and counts:
-                log_.exclusions[site] = {str(k): int(v) for k, v in counts.items()}
+                # a site sends counts below its minimum cohort size as "<k"
+                log_.exclusions[site] = {str(k): v if isinstance(v, str) else int(v)
+                                         for k, v in counts.items()}
         except (ValueError, TypeError):
             log(WARNING, "site %s sent unreadable exclusion counts", site)
         receipt = str(info.get("receipt", ""))

@@ -37,6 +37,7 @@ from fedmeta.audit import Receipt, verify_log
 from fedmeta.deploy import pki
 from fedmeta.deploy.node import tls_probe
 from fedmeta.privacy.ledger import PrivacyLedger
+from policies.defaults import EXAMPLE_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -167,6 +168,9 @@ def _scenario(d: Deployment, tmp: Path) -> None:
                     **{"site-dir": site_dirs[site]})
         assert "TODO placeholders" in res.stdout  # the template must be filled in first
         fill_manifest(site_dirs[site], site)
+        # the site's DPO accepts the run declaration the coordinator will send
+        d.run("fedmeta node approve <site-dir> <declaration>", tmp, **{
+            "site-dir": site_dirs[site], "declaration": EXAMPLE_RUN})
     d.timings["provision+init"] = round(time.monotonic() - t, 1)
 
     # ---- 3. insecure mode, asked for by name ----------------------------------------------

@@ -31,8 +31,9 @@ def arrays(values):
                                                                                strict=True)})
 
 
-def metrics(n, declined=0, loss=0.5, eps=1.0):
-    return MetricRecord({"num-examples": n, "declined": declined, "steps": 4, "train-loss": loss,
+def metrics(n, declined=0, eps=1.0):
+    # what a site sends (clients/app.py reply_record): no train-loss, an un-noised statistic
+    return MetricRecord({"num-examples": n, "declined": declined, "steps": 4,
                          "epsilon-round": eps / 2, "epsilon-total": eps, "dp": 1, "excluded": 0})
 
 
