@@ -67,3 +67,19 @@ def poisson_rate(n_records: int, batch_size: int) -> float:
     if n_records <= 0:
         raise ValueError("no records to sample from")
     return 1.0 / math.ceil(n_records / batch_size)
+
+
+def expected_batch_size(n_records: int, batch_size: int) -> int:
+    """E[B] = n * q for Opacus's q = 1 / ceil(n / B), in integer arithmetic (>= 1).
+
+    The DP optimizer divides the noisy clipped sum by it; ``int(n * q)`` in
+    floating point can be 0 (n = 49, B = 1 gives 0.999...), which made NaN weights.
+    """
+    if n_records <= 0 or batch_size <= 0:
+        raise ValueError(f"expected batch size: {n_records} records at batch size {batch_size}; "
+                         "a DP round needs at least one record and batch-size >= 1")
+    expected = n_records // math.ceil(n_records / batch_size)
+    if expected < 1:  # pragma: no cover - n // ceil(n / B) >= 1 whenever n, B >= 1
+        raise ValueError(f"expected batch size {expected} < 1 for {n_records} records; "
+                         "raise batch-size")
+    return expected
