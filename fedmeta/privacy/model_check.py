@@ -57,9 +57,11 @@ def check_dp_model(model: nn.Module, loss_fn: nn.Module, requested_mode: str,
 
     ``example_input`` is one batch (or one record with its batch dimension)
     of the model's input; only its shape and dtype are used. The verdict is
-    remembered per architecture (module types and settings, parameter shapes
-    and trainable flags, buffers, loss, mode, input shape): a site checks its
-    model once per process, not once per round.
+    remembered per architecture (module types and their public plain-valued
+    attributes, parameter shapes and trainable flags, buffers, loss, mode,
+    input shape): a site checks its model once per process, not once per
+    round. A custom module whose forward depends on anything else (globals,
+    tensors held outside parameters and buffers) is outside this key.
     """
     example_input = torch.as_tensor(example_input)
     key = _structure_key(model, loss_fn, requested_mode, example_input)
@@ -81,17 +83,22 @@ _VERDICTS: dict[tuple, str | DPModelError] = {}
 
 def _structure_key(model: nn.Module, loss_fn: nn.Module, mode: str,
                    example: torch.Tensor) -> tuple:
-    modules = tuple((n, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr(),
-                     m.training) for n, m in model.named_modules())
+    modules = tuple((n, f"{type(m).__module__}.{type(m).__qualname__}", _settings(m))
+                    for n, m in model.named_modules())
     params = tuple((n, tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
                    for n, p in model.named_parameters())
     buffers = tuple((n, tuple(b.shape)) for n, b in model.named_buffers())
-    loss = (f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}", repr(loss_fn),
-            tuple(sorted((k, repr(v)) for k, v in vars(loss_fn).items()
-                         if not k.startswith("_"))),
+    loss = (f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}", _settings(loss_fn),
             getattr(loss_fn, "weight", None) is not None)
     return (id(type(model)), modules, params, buffers, loss, mode, tuple(example.shape[1:]),
             example.dtype)
+
+
+def _settings(obj: object) -> tuple:
+    """An object's public plain-valued attributes (a layer's settings, a custom flag)."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return tuple(sorted((k, repr(v)) for k, v in vars(obj).items()
+                        if not k.startswith("_") and isinstance(v, plain)))
 
 
 def _check(model: nn.Module, loss_fn: nn.Module, requested_mode: str,

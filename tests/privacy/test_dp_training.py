@@ -103,7 +103,8 @@ def test_modes_compute_the_same_clipped_update():
 
 
 def test_grad_sample_mode_choice():
-    def pick(model, mode="auto", x=torch.zeros(1, 2)):
+    def pick(model, mode="auto", x=None):
+        x = torch.zeros(1, 2) if x is None else x
         return check_dp_model(model, nn.CrossEntropyLoss(), mode, x)
 
     assert pick(get_task("sine").build_model(1), x=torch.zeros(1, 1)) == "bk"
