@@ -28,7 +28,8 @@ from doc import machine, write_section  # noqa: E402
 from fedmeta.data.tasks import get_task  # noqa: E402
 from fedmeta.data.tasks.base import Pool  # noqa: E402
 from fedmeta.meta.models import MLP  # noqa: E402
-from fedmeta.privacy.dp_training import DPSettings, pick_grad_sample_mode, train_steps  # noqa: E402
+from fedmeta.privacy.dp_training import DPSettings, train_steps  # noqa: E402
+from fedmeta.privacy.model_check import check_dp_model  # noqa: E402
 
 MODES = ("hooks", "ew", "functorch", "ghost", "bk")
 
@@ -95,7 +96,7 @@ def main() -> None:
         t, failed = time_rounds(build, pool, loss, batch, steps, settings, reps)
         base = t["none"]
         cells = [f"{t[m] / base:.2f}x" if m in t else failed[m] for m in MODES]
-        auto = pick_grad_sample_mode(build())
+        auto = check_dp_model(build(), loss, "auto", torch.from_numpy(pool.x[:1]))
         lines.append(f"| {name} | {n_params:,} | {batch}, {steps} | {1000 * base:.1f} ms | "
                      + " | ".join(cells) + f" | {t['auto'] / base:.2f}x ({auto}) |")
         print(lines[-1], flush=True)

@@ -40,28 +40,49 @@ class BookKeepingError(ValueError):
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
-    """Why ``model`` cannot use book-keeping clipping, or None when it can."""
+    """Why ``model`` cannot use book-keeping clipping (structure only), or None when it can.
+
+    Book-keeping derives every trainable tensor's per-sample gradient from a
+    layer's input and output gradient, so every trainable tensor must be the
+    ``weight`` or ``bias`` of a plain ``nn.Linear`` / ungrouped ``nn.Conv2d``
+    (subclasses may change ``forward`` or add parameters), owned by one layer.
+    What only a forward pass shows (a layer run twice, an in-place operation on
+    a kept activation) is checked by ``fedmeta.privacy.model_check``'s probe and,
+    at every step, by ``BookKeepingClipper``.
+    """
     seen: set[int] = set()
     for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return f"layer {name!r} ({type(module).__name__}) mixes samples in a batch"
         if not own:
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                return f"layer {name!r} ({type(module).__name__}) mixes samples in a batch"
             continue
-        if not isinstance(module, SUPPORTED):
-            return f"layer {name!r} ({type(module).__name__}) has trainable parameters"
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or
-                                              module.padding_mode != "zeros"):
-            return f"layer {name!r}: grouped or non-zero-padded Conv2d"
-        for p in own:
+        label = f"layer {name or '<model>'!r} ({type(module).__name__})"
+        if type(module) not in SUPPORTED:
+            kind = "a subclass of Linear/Conv2d" if isinstance(module, SUPPORTED) else (
+                "a module with child modules" if list(module.children()) else "a layer")
+            return f"{label} is {kind} with trainable parameters"
+        if any(n not in ("weight", "bias") for n, _ in own):
+            return f"{label} has parameters other than weight and bias"
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            return f"{label}: grouped Conv2d (groups={module.groups})"
+        for _, p in own:
             if id(p) in seen:
-                return f"layer {name!r} shares a parameter with another layer"
+                return f"{label} shares a parameter with another layer"
             seen.add(id(p))
     return None
 
 
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
 class BookKeepingClipper:
-    """Hooks on a model's Linear/Conv2d layers; ``backward`` writes clipped sums to p.grad."""
+    """Hooks on a model's Linear/Conv2d layers; ``backward`` writes clipped sums to p.grad.
+
+    Only trainable tensors get a gradient and count in the per-sample norm: a
+    frozen weight or bias is left untouched (``.grad`` stays None).
+    """
 
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
         reason = unsupported_reason(model)
@@ -69,9 +90,8 @@ class BookKeepingClipper:
             raise BookKeepingError(f"book-keeping clipping: {reason}; use grad-sample-mode "
                                    "hooks or ew")
         self.max_grad_norm = float(max_grad_norm)
-        self.layers = [m for m in model.modules() if isinstance(m, SUPPORTED)
-                       and any(p.requires_grad for p in m.parameters(recurse=False))]
-        self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layers = [m for m in model.modules() if isinstance(m, SUPPORTED) and _trainable(m)]
+        self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self._handles = [m.register_forward_hook(self._keep) for m in self.layers]
 
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
@@ -81,7 +101,7 @@ class BookKeepingClipper:
             self._seen.clear()
             raise BookKeepingError("book-keeping clipping: a layer ran twice in one forward "
                                    "pass; use grad-sample-mode hooks")
-        self._seen[module] = (inputs[0].detach(), output)
+        self._seen[module] = (inputs[0].detach(), output, inputs[0]._version, output._version)
 
     def close(self) -> None:
         for h in self._handles:
@@ -89,34 +109,45 @@ class BookKeepingClipper:
         self._handles = []
         self._seen.clear()
 
-    def backward(self, loss_sum: torch.Tensor) -> None:
+    def backward(self, loss_sum: torch.Tensor) -> torch.Tensor | None:
         """Set ``p.grad`` = sum over samples of clipped per-sample gradients.
 
         ``loss_sum`` must be the *sum* of per-sample losses of the batch that
-        was just forwarded (not the mean).
+        was just forwarded (not the mean). Returns the per-sample gradient
+        norms (before clipping), or None when no trainable layer ran.
         """
         layers = [m for m in self.layers if m in self._seen]
         kept = [self._seen[m] for m in layers]
         self._seen.clear()
-        grads_out = torch.autograd.grad(loss_sum, [z for _, z in kept])
+        for m, (a, z, va, vz) in zip(layers, kept, strict=True):
+            if a._version != va or z._version != vz:
+                raise BookKeepingError(
+                    f"book-keeping clipping: an in-place operation changed the input or "
+                    f"output of a {type(m).__name__} layer after it ran (e.g. "
+                    "ReLU(inplace=True)); make it out-of-place or use grad-sample-mode hooks")
+        grads_out = torch.autograd.grad(loss_sum, [z for _, z, _, _ in kept])
         sq_norms: torch.Tensor | None = None
         sums = []
-        for module, (a, _), dz in zip(layers, kept, grads_out, strict=True):
+        for module, (a, _, _, _), dz in zip(layers, kept, grads_out, strict=True):
             sq, clipped_sum = _layer_grads(module, a, dz)
             sq_norms = sq if sq_norms is None else sq_norms + sq
             sums.append((module, clipped_sum))
         for m in self.layers:  # a layer unused in this forward pass gets a zero gradient
             if m not in layers:
                 for p in m.parameters(recurse=False):
-                    p.grad = torch.zeros_like(p)
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
         if sq_norms is None:
-            return
-        factor = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+            return None
+        norms = sq_norms.sqrt()
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for module, clipped_sum in sums:
             weight_grad, bias_grad = clipped_sum(factor)
-            module.weight.grad = weight_grad.reshape(module.weight.shape)
-            if module.bias is not None:
+            if weight_grad is not None:
+                module.weight.grad = weight_grad.reshape(module.weight.shape)
+            if bias_grad is not None:
                 module.bias.grad = bias_grad
+        return norms
 
 
 class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
@@ -151,34 +182,45 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
 
 
 def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor):
-    """(per-sample squared gradient norms [B], factor -> (clipped weight sum, bias sum))."""
+    """(per-sample squared gradient norms [B], factor -> (clipped weight sum, bias sum)).
+
+    Only trainable tensors enter the norm; a frozen one's sum is None.
+    """
     batch = a.shape[0]
-    has_bias = module.bias is not None
+    w_on = module.weight.requires_grad
+    b_on = module.bias is not None and module.bias.requires_grad
     if isinstance(module, nn.Linear) and a.dim() == 2:  # rank-one per-sample gradients
         dz_sq = (dz * dz).sum(1)
-        sq = dz_sq * (a * a).sum(1) + (dz_sq if has_bias else 0.0)
+        sq = (dz_sq * (a * a).sum(1) if w_on else torch.zeros_like(dz_sq)) + (
+            dz_sq if b_on else 0.0)
 
         def rank_one_sum(factor: torch.Tensor):
             scaled = dz * factor[:, None]
-            return scaled.t() @ a, scaled.sum(0)
+            return (scaled.t() @ a if w_on else None), (scaled.sum(0) if b_on else None)
 
         return sq, rank_one_sum
     if isinstance(module, nn.Linear):
         a3 = a.reshape(batch, -1, a.shape[-1])  # [B, T, in]
         dz3 = dz.reshape(batch, -1, dz.shape[-1])  # [B, T, out]
-        per_sample = torch.bmm(dz3.transpose(1, 2), a3)  # [B, out, in]
+        per_sample = torch.bmm(dz3.transpose(1, 2), a3) if w_on else None  # [B, out, in]
         bias_rows = dz3.sum(1)
     else:
-        unfolded = F.unfold(a, module.kernel_size, module.dilation, module.padding,
-                            module.stride)  # [B, in*k*k, P]
         dz3 = dz.reshape(batch, dz.shape[1], -1)  # [B, out, P]
-        per_sample = torch.bmm(dz3, unfolded.transpose(1, 2))  # [B, out, in*k*k]
+        per_sample = None
+        if w_on:
+            # the padding Conv2d itself applies (numbers, 'same'/'valid', any padding_mode)
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            padded = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
+            unfolded = F.unfold(padded, module.kernel_size, module.dilation, 0,
+                                module.stride)  # [B, in*k*k, P]
+            per_sample = torch.bmm(dz3, unfolded.transpose(1, 2))  # [B, out, in*k*k]
         bias_rows = dz3.sum(2)
-    sq = per_sample.reshape(batch, -1).pow(2).sum(1)
-    if has_bias:
+    sq = per_sample.reshape(batch, -1).pow(2).sum(1) if w_on else dz.new_zeros(batch)
+    if b_on:
         sq = sq + (bias_rows * bias_rows).sum(1)
 
     def materialised_sum(factor: torch.Tensor):
-        return torch.einsum("b,bok->ok", factor, per_sample), factor @ bias_rows
+        return (torch.einsum("b,bok->ok", factor, per_sample) if w_on else None,
+                factor @ bias_rows if b_on else None)
 
     return sq, materialised_sum

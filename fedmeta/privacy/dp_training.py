@@ -27,9 +27,9 @@ from fedmeta.privacy.bookkeeping import (
     BookKeepingClipper,
     BookKeepingDPOptimizer,
     BookKeepingError,
-    unsupported_reason,
 )
-from fedmeta.privacy.budget import Step, poisson_rate
+from fedmeta.privacy.budget import Step, expected_batch_size, poisson_rate
+from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SiteRandomness, poisson_loader, use_site_noise
 
 
@@ -53,31 +53,6 @@ class StepsResult:
     dp_step: Step | None  # (sigma, q, steps) as Opacus's accountant recorded it
 
 
-EW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm,
-             nn.GroupNorm)
-
-
-def pick_grad_sample_mode(model: nn.Module, requested: str = "auto") -> str:
-    """'auto': the fastest correct clipping route for this model (docs/benchmarks.md).
-
-    * trainable layers all Linear / Conv2d: book-keeping clipping ("bk",
-      fedmeta/privacy/bookkeeping.py), one backward pass, no per-sample
-      gradients for Linear layers: the fastest on both benchmark models;
-    * only standard layers (conv, linear, norms): Opacus expanded weights
-      ("ew"), ~10% faster than hooks on the digits CNN;
-    * anything else (custom layers, which "ew" cannot handle): Opacus hooks.
-    """
-    if requested != "auto":
-        return requested
-    leaves = [m for m in model.modules() if not list(m.children())]
-    trainable = [m for m in leaves if any(p.requires_grad for p in m.parameters(recurse=False))]
-    if trainable and unsupported_reason(model) is None:
-        return "bk"
-    if trainable and all(isinstance(m, EW_LAYERS) for m in trainable):
-        return "ew"
-    return "hooks"
-
-
 def _make_private_bookkeeping(engine: PrivacyEngine, model: nn.Module, optimizer, loss_fn,
                               loader, dp: DPSettings, noise_gen):
     """Opacus's Poisson loader, noise, optimizer and accountant around book-keeping clipping.
@@ -94,7 +69,7 @@ def _make_private_bookkeeping(engine: PrivacyEngine, model: nn.Module, optimizer
     dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
     if dp.randomness is not None:
         dp_loader = poisson_loader(loader.dataset, dp_loader.sample_rate, dp.randomness.sampling)
-    expected_batch = int(len(dp_loader.dataset) * dp_loader.sample_rate)
+    expected_batch = expected_batch_size(len(dp_loader.dataset), loader.batch_size)
     dp_optimizer = BookKeepingDPOptimizer(
         optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
         expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
@@ -126,9 +101,18 @@ def train_steps(
     device: str = "cpu",
     seed: int = 0,
 ) -> StepsResult:
-    """Run ``steps`` optimizer steps on ``pool``; updates ``model`` in place."""
+    """Run ``steps`` optimizer steps on ``pool``; updates ``model`` in place.
+
+    Under DP the model, loss and mode are validated first (``check_dp_model``)
+    and the expected batch size must be at least one record.
+    """
     torch.manual_seed(seed)
     model.to(device).train()
+    mode = "none"
+    if dp is not None:  # before anything is built: refusals are one-line errors
+        example = torch.from_numpy(np.ascontiguousarray(pool.x[:1])).to(device)
+        mode = check_dp_model(model, loss_fn, dp.grad_sample_mode, example)
+        expected_batch_size(len(pool.x), min(batch_size, len(pool.x)))
     dataset = TensorDataset(torch.from_numpy(np.ascontiguousarray(pool.x)),
                             torch.from_numpy(np.ascontiguousarray(pool.y)))
     gen = torch.Generator().manual_seed(seed)
@@ -138,10 +122,8 @@ def train_steps(
     criterion = loss_fn
     engine = None
     clipper: BookKeepingClipper | None = None
-    mode = "none"
     net: nn.Module = model
     if dp is not None:
-        mode = pick_grad_sample_mode(model, dp.grad_sample_mode)
         with warnings.catch_warnings():
             if dp.randomness is not None:  # Opacus's "secure RNG off" is about its own RNG
                 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -178,7 +160,7 @@ def train_steps(
                 n_loss += 1
             elif engine is not None:
                 # an empty Poisson batch: Opacus still adds noise; no gradient to compute
-                for p in model.parameters():
+                for p in (p for p in model.parameters() if p.requires_grad):
                     if mode in ("ghost", "bk"):
                         p.grad = torch.zeros_like(p)
                     else:
@@ -211,6 +193,8 @@ def _make_private_opacus(engine: PrivacyEngine, model: nn.Module, optimizer, los
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True, noise_generator=noise_gen, grad_sample_mode=mode,
         )
+    # E[B] by integer arithmetic (Opacus's int(n * q) can round 49 * (1/49) down to 0)
+    wrapped[1].expected_batch_size = expected_batch_size(len(loader.dataset), loader.batch_size)
     if mode == "ghost":
         return wrapped
     net, optimizer, loader = wrapped

@@ -30,17 +30,40 @@ def test_digits_sites_are_non_iid_and_disjoint():
     assert len({frozenset(c) for c in class_sets}) > 1
 
 
-def test_digits_episode_relabels_and_has_constant_pool_size():
-    task = get_task("digits-fewshot", n_way=5, pool_per_class=20)
+def test_digits_episode_is_every_record_of_n_classes_relabelled():
+    task = get_task("digits-fewshot", n_way=5)
     r = task.site_records(0)
     rng = np.random.default_rng(0)
-    sizes = set()
     for _ in range(5):
         pool = task.episode_pool(r, rng)
         labels, counts = np.unique(pool.y, return_counts=True)
-        assert labels.tolist() == [0, 1, 2, 3, 4] and set(counts) == {20}
-        sizes.add(len(pool.y))
-    assert sizes == {100}  # same q every round: the ledger composes few distinct entries
+        assert labels.tolist() == [0, 1, 2, 3, 4]
+        # each episode label is one site class, with all of that class's records
+        per_class = dict(zip(*np.unique(r.groups, return_counts=True), strict=True))
+        assert sorted(counts.tolist()) in [sorted(c) for c in _class_count_sets(per_class)]
+
+
+def _class_count_sets(per_class):
+    from itertools import combinations
+
+    return [[int(per_class[c]) for c in combo] for combo in combinations(per_class, 5)]
+
+
+@pytest.mark.parametrize("name", ["digits-fewshot", "sine", "breast-cancer-sites"])
+def test_removing_a_record_changes_no_other_records_membership(name):
+    """The neighbouring relation the accountant assumes: D and D minus one record give the
+    same pool minus that record (same round seed), for every record tried."""
+    task = get_task(name, num_sites=6)
+    r = task.site_records(1)
+    ids = np.arange(len(r))
+    probe = np.random.default_rng(5).choice(len(r), size=8, replace=False)
+    for seed in range(3):
+        full = task.episode_pool(r, np.random.default_rng(seed))
+        full_keys = {x.tobytes() for x in full.x}
+        for j in probe:
+            keep = ids != j
+            smaller = task.episode_pool(r.subset(keep), np.random.default_rng(seed))
+            assert {x.tobytes() for x in smaller.x} == full_keys - {r.x[j].tobytes()}
 
 
 def test_digits_eval_uses_only_held_out_classes():

@@ -9,6 +9,7 @@ from torch import nn
 from fedmeta.data.tasks.base import Pool
 from fedmeta.privacy.bookkeeping import BookKeepingClipper, BookKeepingError, unsupported_reason
 from fedmeta.privacy.dp_training import DPSettings, train_steps
+from fedmeta.privacy.model_check import DPModelError
 
 
 class TokenModel(nn.Module):
@@ -101,7 +102,7 @@ def test_a_layer_run_twice_is_refused():
 
 def test_train_steps_requires_a_mean_loss():
     pool = Pool(np.zeros((8, 2), np.float32), np.zeros(8, np.int64))
-    with pytest.raises(BookKeepingError, match="reduction"):
+    with pytest.raises(DPModelError, match="reduction"):
         train_steps(nn.Linear(2, 2), pool, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
                     steps=1, lr=0.1, batch_size=4, dp=DPSettings(1.0, 1.0, grad_sample_mode="bk"))
 

@@ -102,7 +102,14 @@ class Task(ABC):
 
     @abstractmethod
     def episode_pool(self, records: Records, rng: np.random.Generator) -> Pool:
-        """A round's Reptile training pool: one episode, labels re-assigned per episode."""
+        """A round's Reptile training pool: one episode, labels re-assigned per episode.
+
+        The pool is every record of the episode's groups (classes, functions),
+        the groups drawn from the site's group labels alone: a record's
+        presence must never change which *other* records enter the pool, or
+        the Poisson accountant's add/remove relation no longer describes the
+        round (docs/privacy-accounting.md). Sub-sampling is the DP trainer's.
+        """
 
     def supervised_pool(self, records: Records) -> Pool:
         """The FedAvg baseline's pool: all records with their fixed global labels."""

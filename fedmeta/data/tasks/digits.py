@@ -3,8 +3,9 @@
 Classes are split once (fixed split seed) into 24 meta-training, 6 validation
 and 10 test classes. Each training class is held by a few sites (non-IID:
 every site sees only a subset of classes, records of a class are divided
-between its holders). A Reptile round draws an N-way episode from the site's
-classes with labels re-assigned per episode; evaluation draws N-way K-shot
+between its holders). A Reptile round draws N of the site's classes and
+trains on all their records (labels re-assigned per episode; the DP trainer's
+Poisson sampling picks each step's batch); evaluation draws N-way K-shot
 episodes from the held-out classes.
 """
 
@@ -94,26 +95,27 @@ class DigitsFewShot(Task):
             record_ids=np.array([f"digit-{i}" for i in sel]),
         )
 
-    def _per_class(self, records: Records) -> int:
-        counts = np.unique(records.groups, return_counts=True)[1]
-        m = int(min(self.pool_per_class, counts.min()))
-        if m < 2:
-            raise TaskError("a class at this site has fewer than 2 usable records")
-        return m
-
     def episode_pool(self, records: Records, rng: np.random.Generator) -> Pool:
-        classes = np.unique(records.groups)
+        """Every record of ``n_way`` classes drawn from the site's classes.
+
+        No record is sub-sampled here: which records a step trains on is
+        decided by the DP trainer's Poisson sampling over this pool, so a
+        record's presence never changes which other records are used (the
+        neighbouring relation the privacy accountant assumes; see
+        docs/privacy-accounting.md). The classes are drawn from the site's
+        label set alone, not from its records.
+        """
+        classes, counts = np.unique(records.groups, return_counts=True)
         if len(classes) < self.n_way:
             raise TaskError(f"only {len(classes)} classes usable here, n-way={self.n_way}")
-        m = self._per_class(records)
+        if counts.min() < 2:
+            raise TaskError("a class at this site has fewer than 2 usable records")
         chosen = rng.choice(classes, size=self.n_way, replace=False)
-        xs, ys = [], []
-        for label, cls in enumerate(chosen):
-            members = np.flatnonzero(records.groups == cls)
-            pick = rng.choice(members, size=m, replace=False)
-            xs.append(records.x[pick])
-            ys.append(np.full(m, label, dtype=np.int64))
-        return Pool(np.concatenate(xs), np.concatenate(ys))
+        label = np.full(len(records), -1, dtype=np.int64)
+        for i, cls in enumerate(chosen):
+            label[records.groups == cls] = i
+        members = np.flatnonzero(label >= 0)
+        return Pool(records.x[members], label[members])
 
     def supervised_pool(self, records: Records) -> Pool:
         index = {c: i for i, c in enumerate(class_split()["train"])}

@@ -3,7 +3,7 @@
 A task is y = A sin(x + phi), A ~ U[0.1, 5], phi ~ U[0, pi], x ~ U[-5, 5];
 model 1-64-64-1. Each site has its own task distribution (its own amplitude
 band) and holds a few sinusoids with a fixed number of points each; one
-sinusoid is one episode. Evaluation draws fresh sinusoids from the full range.
+sinusoid (all its points) is one episode. Evaluation draws fresh sinusoids from the full range.
 """
 
 from __future__ import annotations
@@ -60,10 +60,13 @@ class Sine(Task):
         )
 
     def episode_pool(self, records: Records, rng: np.random.Generator) -> Pool:
-        groups, counts = np.unique(records.groups, return_counts=True)
-        m = int(counts.min())
-        g = rng.choice(groups)
-        members = rng.choice(np.flatnonzero(records.groups == g), size=m, replace=False)
+        """Every point of one of the site's sinusoids (chosen from the site's groups alone).
+
+        No point is sub-sampled: each step's batch is the DP trainer's Poisson
+        sample of this pool (docs/privacy-accounting.md).
+        """
+        g = rng.choice(np.unique(records.groups))
+        members = np.flatnonzero(records.groups == g)
         return Pool(records.x[members], records.y[members])
 
     def eval_episode(
