@@ -101,11 +101,13 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     for c in audit.cross_checks:
         if not c.ok:
             add("error" if c.blocking else "warning", "audit", f"{c.check}: {c.detail}")
-    if files.private_keys:
-        add("warning", "audit", f"{len(files.private_keys)} private signing key(s) are inside "
-                                f"the run directory ({', '.join(files.private_keys[:3])}"
-                                f"{', ...' if len(files.private_keys) > 3 else ''}): whoever "
-                                "holds this directory can re-sign every such log")
+    keys = [k for k in files.private_keys
+            if scope is None or not k.startswith("sites/") or k.startswith(f"sites/{scope}/")]
+    if keys:
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        add("warning", "audit", f"{len(keys)} private signing key(s) are inside the run "
+                                f"directory ({shown}): whoever holds this directory can "
+                                "re-sign every such log")
     for p in privacy:
         if p.unsigned_fields:
             add("warning", "privacy", f"{p.site_id}: ledger {', '.join(p.unsigned_fields)} "

@@ -143,7 +143,7 @@ def _dp_detail(files: RunFiles, site: SiteFiles | None) -> tuple[Status, str]:
 def pseudonymisation(files: RunFiles) -> str:
     """What pseudonymisation there is, as it is (records never leave; parties are named)."""
     sim = transport(files) == "simulation"
-    ids = ("site ids are generated labels (site-0, site-1, ...)" if sim else
+    ids = ("site ids are generated labels (site-N)" if sim else
            "site ids are the labels chosen in the federation file, which the coordinator "
            "maps to institutions")
     return (f"records and record ids never leave the site; the record metadata the rules use "

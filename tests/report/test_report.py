@@ -33,20 +33,36 @@ def site_log(run: Path, site: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def trust(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The parties' public keys registered out of band: a directory laid out like the
+    coordinator kit's site-audit-keys/ (plus the server's key)."""
+    keys = tmp_path_factory.mktemp("registered-keys")
+    shutil.copyfile(run_dir / "keys" / "server-audit-signing.pub.pem",
+                    keys / "server-audit-signing.pub.pem")
+    for site in SITES:
+        shutil.copyfile(run_dir / "sites" / site / "keys" / "audit-signing.pub.pem",
+                        keys / f"{site}.pub.pem")
+    return str(keys)
+
+
+@pytest.fixture(scope="module")
+def report(run_dir: Path, trust: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("json") / "report.json"
-    write_report(run_dir, "json", out=out, baseline=run_dir)
+    write_report(run_dir, "json", out=out, baseline=run_dir, trust=[trust])
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def html(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_report(run_dir, "html", out=tmp_path_factory.mktemp("html") / "report.html")
+def html(run_dir: Path, trust: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(run_dir, "html", out=tmp_path_factory.mktemp("html") / "report.html",
+                        trust=[trust])
 
 
 def test_json_follows_the_schema_kept_in_the_repo(report):
     jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text())).validate(report)
     assert report["verified"] is True and report["unverified_warning"] is None
+    assert report["keys_trusted"] and report["evidence_basis"].startswith("EVIDENCE: every log")
+    assert "SIMULATION" in report["evidence_basis"]
     assert report["scope"] == {"kind": "federation", "site_id": None}
 
 
@@ -181,13 +197,14 @@ def test_site_report_holds_no_other_site(run_dir, tmp_path):
     assert doc["scope"] == {"kind": "site", "site_id": "site-2"}
     assert [p["site_id"] for p in doc["privacy"]] == ["site-2"]
     assert {lg["party"] for lg in doc["audit"]["logs"]} == {"server", "site-2"}
-    assert doc["verified"] is True
+    assert doc["checks_passed"] is True and doc["verified"] is False  # no --trust
 
 
 def test_markdown_links_its_plots(run_dir, tmp_path):
     path = write_report(run_dir, "md", out=tmp_path / "r.md")
     text = path.read_text()
-    assert text.startswith("# Compliance report")
+    assert text.startswith("**SELF-ASSERTED EVIDENCE")  # no --trust: said on line 1
+    assert "\n# Compliance report" in text
     for name in ("r-epsilon.png", "r-learning.png"):
         assert f"]({name})" in text and (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "| site-0 | `GDPR-8` | GDPR Art. 8(1) | <5 |" in text
@@ -215,7 +232,8 @@ def test_html_is_one_self_contained_file_that_chromium_renders(html, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     for needle in ("Record of processing (GDPR Art. 30)", "DPIA-ready summary",
                    "Privacy statement per site", "India: DPDP Act 2023",
-                   "Audit log verification", "all logs verified", "&lt;5", "GDPR-8"):
+                   "Audit log verification", "all logs verified against trusted keys",
+                   "&lt;5", "GDPR-8"):
         assert needle in dom.stdout, needle
     assert 'id="unverified-banner"' not in dom.stdout
     png = tmp_path / "shot.png"
@@ -248,13 +266,15 @@ def test_tampered_log_refuses_and_allow_unverified_shows_the_banner(run_dir, tmp
     assert not list(run.glob("report*"))
     text = write_report(run, "html", allow_unverified=True).read_text()
     body = text[text.index("<body>"):]
-    assert re.match(r'<body>\s*<div class="banner" id="unverified-banner"', body)
+    assert re.match(r'<body>\s*<p class="banner" id="evidence-basis">SELF-ASSERTED[^<]*</p>\s*'
+                    r'<div class="banner" id="unverified-banner"', body)
     assert "sites/site-1/audit/audit-log.jsonl" in body[:2000]
     for fmt in ("json", "md"):
         write_report(run, fmt, out=tmp_path / f"u.{fmt}", allow_unverified=True)
     doc = json.loads((tmp_path / "u.json").read_text())
     assert doc["verified"] is False and "UNVERIFIED" in doc["unverified_warning"]
-    assert (tmp_path / "u.md").read_text().startswith("> **UNVERIFIED")
+    md = (tmp_path / "u.md").read_text().splitlines()
+    assert md[0].startswith("**SELF-ASSERTED") and md[2].startswith("> **UNVERIFIED")
 
 
 def test_user_errors_are_one_line_with_exit_2(run_dir, tmp_path):
