@@ -138,7 +138,9 @@ def _model_file(files: RunFiles) -> CrossCheck | None:
     ev = model_evidence(files)
     if ev is None:
         return None
-    return CrossCheck(check=MODEL_CHECK, ok=ev.ok, detail=ev.detail, fatal=ev.fatal)
+    # fatal only when the server's log itself is sound (else that failure comes first)
+    return CrossCheck(check=MODEL_CHECK, ok=ev.ok, detail=ev.detail,
+                      fatal=ev.fatal and files.server_log.ok)
 
 
 def _site_set(files: RunFiles) -> list[CrossCheck]:
@@ -201,6 +203,15 @@ def _manifest(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
         return None
     shown = manifest_hashes(files, site)
     ok = signed <= shown
+    received = files.manifests.get(site.site_id)
+    path = site.dir / "manifest.toml"
+    if ok and received is not None and path.is_file():
+        from policies import load_site_manifest
+
+        try:  # the file the site signed and the manifest the report shows must agree
+            ok = load_site_manifest(path) == received
+        except ValueError:
+            ok = False
     return CrossCheck(
         check=f"{site.site_id}: the manifest shown is the one the site signed it applied",
         ok=ok, detail=f"manifest_sha256 {', '.join(sorted(signed))}" if ok else
