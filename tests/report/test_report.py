@@ -100,8 +100,49 @@ def test_exclusion_counts_equal_the_site_logs_with_small_counts_suppressed(run_d
     assert rows[("site-2", "GDPR-17")]["count"] == "<5"  # 3 records
     totals = {t["rule_id"]: t["count"] for t in report["policy"]["exclusion_totals"]}
     assert totals["GDPR-7-3"] == 13 and totals["GDPR-5-1-e"] == 6
-    assert totals["GDPR-8"] == "<5"
+    assert totals["GDPR-8"] == "withheld"  # 4 + 3: both parts suppressed
     assert totals["GDPR-17"] == "withheld"  # 5 + 3 would give the suppressed 3 away
+
+
+def _ints(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def test_no_suppressed_count_can_be_recovered_by_arithmetic(report):
+    """Every derived sum is shown only when all its parts are: no figure minus shown
+    figures gives a suppressed count back (the DPDP children total in particular)."""
+    rows = {(r["site_id"], r["rule_id"]): r["count"] for r in report["policy"]["exclusions"]}
+    totals = {t["rule_id"]: t["count"] for t in report["policy"]["exclusion_totals"]}
+    derived: list[tuple[object, list[object]]] = []
+    for rule, total in totals.items():
+        derived.append((total, [c for (_, r), c in rows.items() if r == rule]))
+    for d in report["dpdp"]["sites"]:
+        parts = [rows.get((d["site_id"], r), 0) for r in ("GDPR-8", "DPDP-9-1")]
+        derived.append((d["children_excluded"], parts))
+    hidden = {3, 4}  # the suppressed counts of this run (site-2 GDPR-8/GDPR-17, site-0 GDPR-8)
+    for figure, parts in derived:
+        if _ints(figure):
+            assert all(_ints(p) for p in parts), (figure, parts)
+            shown = [p for p in parts if _ints(p)]
+            for i in range(1 << len(shown)):  # figure minus any subset of the shown parts
+                rest = figure - sum(p for b, p in enumerate(shown) if i >> b & 1)
+                assert rest not in hidden or not any(isinstance(p, str) for p in parts)
+    site2 = next(d for d in report["dpdp"]["sites"] if d["site_id"] == "site-2")
+    assert rows[("site-2", "GDPR-8")] == "<5" and rows[("site-2", "DPDP-9-1")] == 5
+    assert site2["children_excluded"] == "withheld"  # 8 would give 8 - 5 = 3 away
+
+
+def test_min_cohort_below_5_is_a_warning(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*"))
+    path = run / "policy-decisions.json"
+    doc = json.loads(path.read_text())
+    doc["manifests"]["site-1"]["min_cohort_size"] = 1
+    path.write_text(json.dumps(doc))
+    out = write_report(run, "json", out=tmp_path / "r.json")
+    findings = json.loads(out.read_text())["findings"]
+    assert any(f["severity"] == "warning" and "site-1 sets min_cohort_size 1" in f["message"]
+               for f in findings)
 
 
 def test_rights_and_declines(report):
@@ -173,7 +214,8 @@ def test_records_of_processing_dpia_and_dpdp(report):
     dpdp = report["dpdp"]["sites"]
     assert [d["site_id"] for d in dpdp] == ["site-2"]
     assert dpdp[0]["ground"] == "consent" and dpdp[0]["log_retention_conflict"] is True
-    assert dpdp[0]["children_excluded"] == 5  # DPDP-9-1: 17-year-olds without guardian consent
+    # DPDP-9-1 (5 17-year-olds) + GDPR-8 (3 under-16s, "<5"): the sum is withheld
+    assert dpdp[0]["children_excluded"] == "withheld"
 
 
 def test_learning_results_with_baseline(run_dir, report):
