@@ -115,6 +115,10 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _file_sha(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None) -> dict:
     """Run the whole federation from the server's side; returns the summary dict."""
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to sites
@@ -222,8 +226,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
                                 timeout=cfg.round_timeout_s, train_config=round_config,
                                 evaluate_fn=evaluate)
         final = result.arrays if len(result.arrays) else initial
-        save_model(out, _state(final), task=cfg.task, strategy=cfg.strategy, out_dim=out_dim,
-                   run=run_id)
+        model_path = save_model(out, _state(final), task=cfg.task, strategy=cfg.strategy,
+                                out_dim=out_dim, run=run_id)
         epsilon: dict[str, float] = {}
         declined: dict[str, int] = {}
         exclusions: dict[str, dict[str, int]] = {}
@@ -243,7 +247,10 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         }
         audit.append("run.end", run_id=run_id, decision="allow" if not strategy.stopped
                      else "deny", model_out=summary["model_sha256"],
-                     details={"stopped": (strategy.stopped or "")[:500] or None})
+                     details={"stopped": (strategy.stopped or "")[:500] or None,
+                              # the files the report shows, bound to this signed entry
+                              "model_file_sha256": _file_sha(model_path),
+                              "metrics_sha256": _file_sha(out / METRICS_FILE)})
         summary["audit_head"] = str(audit.checkpoint(run_id, None))
         write_json(out / SUMMARY_FILE, summary)
         return summary

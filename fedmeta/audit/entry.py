@@ -47,6 +47,42 @@ result to equal the stored bytes exactly, so *any* change to a line (even
 whitespace, key order, number spelling or a base64 padding bit) is detected,
 not only changes that alter the parsed values.
 
+Exactly, for a verifier in another language:
+
+* keys in ascending order of their UTF-8 bytes (all keys are ASCII), at every level;
+* no whitespace anywhere: ``,`` between members, ``:`` between key and value;
+* strings: UTF-8, not ``\\u``-escaped except ``"`` -> ``\\"``, ``\\`` -> ``\\\\`` (control
+  characters never occur: they are refused in every string);
+* integers in decimal, ``-`` for a negative one, no ``+`` or leading zeros;
+* floats as Python's ``repr``: the shortest decimal that reads back as the same
+  IEEE-754 double; positional with at least one digit after the point (``0.5``,
+  ``1.0``, ``1.582410624684387``) when the decimal exponent is in [-4, 16), else
+  ``d.ddde±XX`` with a signed exponent of at least two digits (``1e-05``,
+  ``1e+16``); never ``NaN``/``Infinity``; ``epsilon`` is always a float (``1.0``);
+* ``true``, ``false``, ``null`` for booleans and absent values.
+
+The signature is Ed25519 (RFC 8032, pure, no pre-hash) over the body bytes; the
+public key is the raw 32 bytes base64-encoded in ``log.created`` (and, as PEM
+SubjectPublicKeyInfo, in the party's ``.pub.pem`` file). Its fingerprint is
+``sha256:`` + the lowercase hex SHA-256 of those 32 raw bytes.
+
+Test vector (``tests/audit/test_audit_vector.py`` checks it, and verifies it with
+``openssl pkeyutl -verify -rawin`` where openssl is installed). Private key seed
+(32 bytes, hex) ``000102...1f`` (the bytes 0 to 31); public key (raw, base64)
+``A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=``. Body bytes (one line, no newline)::
+
+    {"action":"round.train","actor":"site-3","counts":{"examples":200},"decision":"allow",
+    "details":{"dp":true,"noise_multiplier":1.1},"epsilon":0.5,"model_in":"cdcd...cd",
+    "model_out":null,"prev":"abab...ab","round":2,"rule_ids":["GDPR-6"],"run_id":"run-1",
+    "seq":1,"time":"2026-01-02T03:04:05.000006Z"}
+
+(wrapped here; ``model_in`` is ``cd`` 32 times, ``prev`` is ``ab`` 32 times).
+``sig`` (base64, split here) = ``hCNGyYbEJwFI7vLrGHkBOoMej5POzwbaf/BwFJTihPlm1lqYBzkI4B``
+``/BGkb/2mr83OFQIoAbFRRhWT2sOokfDA==``;
+line bytes = the body with ``,"sig":"<sig>"`` inserted between ``"seq":1`` and
+``,"time"`` (``sig`` sorts after ``seq``); ``hash`` =
+``fbd8a63dbb222c3d4ece54ddb937cd2558e7b6d53bb64e24a394476f1c060d77``.
+
 Entry 0 has action ``log.created`` and run_id ``-``; its details hold
 ``format`` (``fedmeta.audit/1``) and ``public_key`` (the party's raw 32-byte
 Ed25519 public key, base64). Entry ``checkpoint`` details hold ``head_seq`` and

@@ -66,9 +66,16 @@ def public_key_from_raw_b64(text: str) -> Ed25519PublicKey:
 
 
 def fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
-    """Short, human-comparable id of a public key: ``sha256:`` + 16 hex digits of its raw bytes."""
+    """Id of a public key for out-of-band comparison: ``sha256:`` + the full 64 lowercase hex
+    digits of the SHA-256 of its raw 32 bytes (never shortened: a prefix can be forged)."""
     raw = base64.b64decode(public_raw_b64(key))
-    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def grouped(fp: str) -> str:
+    """A fingerprint for reading aloud: the same 64 digits in groups of 8."""
+    hexpart = fp.removeprefix("sha256:")
+    return "sha256:" + " ".join(hexpart[i:i + 8] for i in range(0, len(hexpart), 8))
 
 
 def _write_public(private_path: Path, key: Ed25519PrivateKey) -> Path:

@@ -326,6 +326,11 @@ class AuditLog:
         try:
             entry = Entry.from_line(data[cut + 1 : -1])
         except UnparsableLineError as e:
+            if data[cut + 1 : -1].strip(b"\x00"):  # a complete line that does not parse
+                raise LogStateError(
+                    f"{self._path}: the last line was edited, it is not a JSON entry ({e}); "
+                    f"{_verify_hint(self._path)}"
+                ) from e
             raise PartialTailError(
                 f"{self._path}: the last line is not a JSON entry ({e}), probably a crash "
                 f"during an append; {_verify_hint(self._path)}, then 'fedmeta audit repair'"

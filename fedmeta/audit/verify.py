@@ -21,17 +21,27 @@ only visible against something kept elsewhere: a receipt ``SEQ:HASH`` (e.g.
 the one :meth:`AuditLog.checkpoint` returned and a peer recorded) fails when
 ``SEQ`` is beyond the end or the entry there has another hash.
 
-Incomplete tail. If the file does not end with a newline, or its last line is
-not even JSON (a crash in the middle of an append), the complete entries before
-it are still verified and counted; the result then has ``partial_tail=True``
+Incomplete tail. If the last line is *torn* (a crash in the middle of an append:
+a prefix of a canonical entry without its newline, a valid entry missing only its
+newline, or zero fill), the complete entries before it are still verified and
+counted; the result then has ``partial_tail=True``
 and ``ok=False`` with a problem saying so. ``ok`` is False because the bytes
 are not a valid log until someone acknowledges them: ``fedmeta audit repair``
 (:meth:`AuditLog.repair_partial_tail`) moves them to a ``.partial`` side file
-and records a signed ``log.repaired`` entry, after which the log verifies.
+and records a signed ``log.repaired`` entry, after which the log verifies. A last
+line that was *edited* (it has its newline but does not parse, or it is not the
+start of an entry) is an ordinary bad entry: ``partial_tail`` stays False and
+``repair`` refuses to touch it.
+
+Input. Only a regular file is read (a FIFO or device is refused without
+blocking), line by line; a line longer than the longest possible entry stops the
+reading there, so no input can make the verifier hang or exhaust memory.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedmeta.audit.entry import (
     FORMAT,
     GENESIS_PREV,
+    MAX_LINE_BYTES,
     Entry,
     InvalidEntryError,
     UnparsableLineError,
@@ -182,24 +193,58 @@ def _check_entry(
     return None
 
 
+_CANONICAL_START = b'{"action":"'
+
+
+def is_torn(tail: bytes) -> bool:
+    """Whether ``tail`` (a last line, newline excluded) looks like an interrupted append.
+
+    An append writes one canonical line, which always starts with ``{"action":"``; a crash
+    leaves a *prefix* of it, possibly followed by zero bytes (a block the file system
+    allocated but never filled). Anything else in the last line (a complete-looking line
+    that no longer parses, bytes that are not the start of an entry) was edited, not torn.
+    """
+    body = tail.rstrip(b"\x00")
+    if not body:
+        return bool(tail)
+    if b"\x00" in body or b"\n" in body:
+        return False
+    n = min(len(body), len(_CANONICAL_START))
+    if body[:n] != _CANONICAL_START[:n]:
+        return False
+    try:
+        parse_json_object(body)
+    except UnparsableLineError:
+        return True  # an unfinished JSON object: the end of the line was never written
+    return False  # complete JSON: checked as an entry (see scan_log)
+
+
 def scan_log(data: bytes, pinned: Ed25519PublicKey | None = None) -> Scan:
-    """Check the bytes of a log; stop at the first bad complete line."""
+    """Check the bytes of a log; stop at the first bad complete line.
+
+    The last line counts as *torn* (``partial_tail``; repairable) only when
+    :func:`is_torn` says it is an interrupted append: a prefix of a canonical entry
+    without its newline, or zero fill. A last line that was edited (it ends with its
+    newline but no longer parses, or it is not the start of an entry) is a problem like
+    any other bad entry, never a crash to repair.
+    """
     scan = Scan()
+    missing_newline = False
     lines = data.split(b"\n")
     tail = lines.pop()  # bytes after the last newline; b"" when the file ends with one
-    if tail:
+    if tail and is_torn(tail):
         scan.partial_tail = True
         scan.partial_problem = (
             f"incomplete last line ({len(tail)} bytes without a trailing newline), "
             "e.g. a crash during an append"
         )
-    elif lines:
-        try:
-            parse_json_object(lines[-1])
-        except UnparsableLineError as e:
-            lines.pop()
-            scan.partial_tail = True
-            scan.partial_problem = f"unparsable last line ({e}), e.g. a crash during an append"
+    elif tail:
+        lines.append(tail)  # checked like any line: an edited (or complete) last line
+        missing_newline = True
+    elif lines and lines[-1] and not lines[-1].strip(b"\x00"):
+        lines.pop()
+        scan.partial_tail = True
+        scan.partial_problem = "zero-filled last line, e.g. a crash during an append"
     scan.complete_lines = len(lines)
     prev = GENESIS_PREV
     for i, line in enumerate(lines):
@@ -218,6 +263,17 @@ def scan_log(data: bytes, pinned: Ed25519PublicKey | None = None) -> Scan:
         scan.valid_bytes += len(line) + 1
         if e.action == "checkpoint":
             scan.last_checkpoint = Receipt(i, prev)
+    if missing_newline:  # a valid last entry whose newline was never written: torn
+        scan.partial_tail = True
+        scan.partial_problem = "the last entry lacks its newline, e.g. a crash during an append"
+        scan.complete_lines -= 1
+        scan.entries.pop()
+        scan.hashes.pop()
+        scan.valid_bytes -= len(lines[-1]) + 1
+        if scan.entries and scan.entries[-1].action == "checkpoint":
+            scan.last_checkpoint = Receipt(len(scan.entries) - 1, scan.hashes[-1])
+        elif scan.last_checkpoint is not None and scan.last_checkpoint.seq >= len(scan.entries):
+            scan.last_checkpoint = None
     return scan
 
 
@@ -247,19 +303,51 @@ def _check_receipts(
     return checked, problems
 
 
+def read_log_bytes(path: Path) -> tuple[bytes, int | None]:
+    """The bytes of a log file, refusing anything but a regular file.
+
+    Reads line by line and stops at the first line longer than the longest entry
+    (:data:`MAX_LINE_BYTES`): returns (the complete lines before it, its index), so a
+    huge or endless file is never held in memory. A FIFO, device or directory raises
+    :class:`AuditReadError` without blocking (the file is opened non-blocking).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise AuditReadError(f"cannot read audit log {path}: {e.strerror or e}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AuditReadError(f"{path}: not a regular file (a FIFO, device or directory); "
+                                 "give the path of the log file itself")
+        os.set_blocking(fd, True)
+        parts: list[bytes] = []
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            for index, line in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b"")):
+                if len(line) > MAX_LINE_BYTES:
+                    return b"".join(parts), index
+                parts.append(line)
+    except OSError as e:
+        raise AuditReadError(f"cannot read audit log {path}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    return b"".join(parts), None
+
+
 def read_log(
     path: Path, public_key: Path | bytes | None = None, receipts: Sequence[Receipt] = ()
 ) -> tuple[list[Entry], VerifyResult]:
     """The verified entries of a log (the valid prefix) and its :class:`VerifyResult`."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise AuditReadError(f"cannot read audit log {path}: {e.strerror or e}") from e
+    data, overlong = read_log_bytes(path)
     pinned = None if public_key is None else load_public_key(public_key)
     receipts = [r if isinstance(r, Receipt) else Receipt.parse(r) for r in receipts]
     scan = scan_log(data, pinned)
     candidates: list[tuple[int, int, str]] = []
+    if overlong is not None and scan.problem is None:
+        scan.partial_tail = False
+        scan.first_bad_seq = overlong
+        scan.problem = (f"{_where(overlong)}: longer than {MAX_LINE_BYTES} bytes, not an audit "
+                        "entry (reading stopped there)")
     if scan.problem is not None and scan.first_bad_seq is not None:
         candidates.append((scan.first_bad_seq, 0, scan.problem))
     elif not data:

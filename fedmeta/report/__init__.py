@@ -11,6 +11,13 @@ The report re-verifies every audit log of the run and refuses
 (:class:`UnverifiedRunError`) when one fails, unless ``allow_unverified``; it then
 carries a red banner (and ``"verified": false`` in JSON).
 
+Keys: ``trust`` (``--trust``, :mod:`fedmeta.report.trust`) gives the parties'
+public keys from outside the run directory. Without it every log is checked
+only against keys found in the run directory: the report then says on its
+first line, in every format, that its evidence is self-asserted, and
+``"verified"`` stays false (``"checks_passed"`` says whether the logs are
+intact and agree).
+
 Modules, one concept each: ``model`` (the report's data, one canonical JSON;
 ``schema.json`` is its JSON Schema), ``collect`` (the only place that knows the
 run directory's files; verifies the logs), ``checks`` (verification results and
@@ -43,25 +50,32 @@ def default_path(run_dir: Path, fmt: str, site: str | None = None) -> Path:
 
 def generate(run_dir: Path, fmt: str = "html", out: Path | None = None,
              site: str | None = None, allow_unverified: bool = False,
-             baseline: Path | None = None) -> tuple[Path, Report]:
+             baseline: Path | None = None,
+             trust: list[str] | tuple[str, ...] = ()) -> tuple[Path, Report]:
     """Like :func:`write_report`, also returning the :class:`Report` written."""
+    from fedmeta.report.trust import TrustError, load_trust
+
+    try:
+        anchors = load_trust(trust)
+    except TrustError as exc:
+        raise ReportError(str(exc)) from None
     if fmt not in FORMATS:
         raise ReportError(f"option '--format': {fmt!r} is not one of {', '.join(FORMATS)}")
     if baseline is not None and not (Path(baseline) / "metrics.jsonl").is_file():
         raise ReportError(f"option '--baseline': {baseline}: not a run directory "
                           "(no metrics.jsonl)")
     report = build_report(Path(run_dir), site=site, allow_unverified=allow_unverified,
-                          baseline=baseline)
+                          baseline=baseline, trust=anchors)
     return render(report, fmt, out or default_path(run_dir, fmt, site)), report
 
 
 def write_report(run_dir: Path, fmt: str = "html", out: Path | None = None,
                  site: str | None = None, allow_unverified: bool = False,
-                 baseline: Path | None = None) -> Path:
+                 baseline: Path | None = None, trust: list[str] | tuple[str, ...] = ()) -> Path:
     """Build the report of ``run_dir`` and write it as ``fmt``; returns the file written.
 
     Raises :class:`ReportError` (unusable run directory or option) and
     :class:`UnverifiedRunError` (a log failed verification, unless
     ``allow_unverified``).
     """
-    return generate(run_dir, fmt, out, site, allow_unverified, baseline)[0]
+    return generate(run_dir, fmt, out, site, allow_unverified, baseline, trust)[0]

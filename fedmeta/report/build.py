@@ -23,6 +23,7 @@ from fedmeta.report.model import (
 from fedmeta.report.policy import dpdp_section, policy_section
 from fedmeta.report.privacy import privacy_section
 from fedmeta.report.records import parties, records_of_processing, transport
+from fedmeta.report.trust import Anchor
 from policies import get_purpose
 
 DISCLAIMER = ("Generated from the run's signed audit logs, privacy ledgers and files. An "
@@ -61,8 +62,7 @@ def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
         sites_eligible=len(files.eligible) if scope is None else None,
         sites_denied=len(denied) if scope is None else None,
         started_at=_entry_time(files, "run.start"), ended_at=_entry_time(files, "run.end"),
-        model_sha256=summary.get("model_sha256") or next(
-            (e.model_out for e in files.server_entries if e.action == "run.end"), None),
+        model_sha256=files.run_end.model_out if files.run_end is not None else None,
         dp=files.config.dp,
         declared_epsilon=decl.epsilon if decl.dp_enabled else None,
         declared_delta=decl.delta if decl.dp_enabled else None,
@@ -93,15 +93,30 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     for log in audit.logs:
         if log.status == "failed":
             add("error", "audit", f"{log.log}: {log.problem}")
-        elif log.status == "verified" and not log.key_pinned:
-            add("warning", "audit", f"{log.log} verified with the key embedded in the log "
-                                    "(trust on first use): no public key file to pin")
+        elif log.status == "self-asserted":
+            add("warning", "audit", f"{log.log} ({log.party}) is intact only under a key "
+                                    f"taken from the run directory ({log.key_source}, "
+                                    f"{log.key_fingerprint}): compare it with the party's key "
+                                    "registered out of band, or pass it with --trust")
     for c in audit.cross_checks:
         if not c.ok:
             add("error" if c.blocking else "warning", "audit", f"{c.check}: {c.detail}")
-    add("info", "audit", "public keys are read from the run directory beside the logs: for "
-                         "independent assurance compare their fingerprints with keys registered "
-                         "out of band")
+    keys = [k for k in files.private_keys
+            if scope is None or not k.startswith("sites/") or k.startswith(f"sites/{scope}/")]
+    if keys:
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        add("warning", "audit", f"{len(keys)} private signing key(s) are inside the run "
+                                f"directory ({shown}): whoever holds this directory can "
+                                "re-sign every such log")
+    for p in privacy:
+        if p.unsigned_fields:
+            add("warning", "privacy", f"{p.site_id}: ledger {', '.join(p.unsigned_fields)} "
+                                      "are not in the site's signed log: shown unsigned")
+    for s in files.sites.values():
+        if s.manifest is not None and s.manifest.min_cohort_size < 5:
+            add("warning", "policy", f"{s.site_id} sets min_cohort_size "
+                                     f"{s.manifest.min_cohort_size} (< 5): counts that small "
+                                     "can identify people; use at least 5")
     if not files.config.dp:
         add("error", "privacy", "differential privacy was OFF in this run: no (epsilon, delta) "
                                 "bound holds for what the sites released")
@@ -145,6 +160,10 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
         add("warning", "dpia", "no DPIA id is declared for this run")
     if scope is None and model_file_encrypted(files.model_path) is False:
         add("info", "records", "final_model.pt is stored unencrypted at the server")
+    if scope is None and files.run_end is not None and \
+            files.run_end.details.get("metrics_sha256") is None:
+        add("warning", "learning", "the learning results come from metrics.jsonl, which this "
+                                   "server log does not sign: shown unsigned")
     stopped = (files.summary or {}).get("stopped")
     if stopped:
         add("warning", "run", f"the run stopped early: {stopped}")
@@ -152,11 +171,44 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     return sorted(out, key=lambda f: order[f.severity])
 
 
+def evidence_basis(files: RunFiles, audit: AuditSection) -> tuple[str, bool]:
+    """(the report's first line, whether every log was checked under a trusted key)."""
+    present = [lg for lg in audit.logs if lg.status != "missing"]
+    untrusted = [lg.party for lg in present if lg.key_source != "trusted"]
+    sim = transport(files) == "simulation"
+    if not untrusted:
+        line = (f"EVIDENCE: every log was checked against a key given from outside the run "
+                f"directory (--trust, {len(present)} part{'y' if len(present) == 1 else 'ies'})")
+    elif len(untrusted) == len(present):
+        line = ("SELF-ASSERTED EVIDENCE: every key was taken from the run directory itself, so "
+                "the logs prove only that they are consistent with keys whoever holds this "
+                "directory could have replaced; give the parties' keys with --trust")
+    else:
+        line = (f"PARTLY SELF-ASSERTED EVIDENCE: the keys of {', '.join(untrusted)} were taken "
+                "from the run directory itself (not given with --trust); their logs are "
+                "self-asserted")
+    if sim:
+        line += ("; SIMULATION: one machine held every party's private key, so no log is "
+                 "independent evidence of another party")
+    elif files.private_keys:
+        line += "; private signing keys are inside the run directory"
+    return line + ".", not untrusted
+
+
 def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool = False,
-                 baseline: Path | None = None) -> Report:
-    """Read, verify and summarise a run; raise UnverifiedRunError unless it verifies."""
-    files = read_run(Path(run_dir), site)
+                 baseline: Path | None = None,
+                 trust: dict[str, Anchor] | None = None) -> Report:
+    """Read, verify and summarise a run; raise UnverifiedRunError unless it verifies.
+
+    ``trust``: party -> key given from outside the run (:func:`fedmeta.report.trust.
+    load_trust`). A final model file that is not the signed one stops the report even
+    with ``allow_unverified``.
+    """
+    files = read_run(Path(run_dir), site, trust)
     audit = audit_section(files, site)
+    fatal = next((c for c in audit.cross_checks if c.fatal and not c.ok), None)
+    if fatal is not None:
+        raise UnverifiedRunError(f"{fatal.check}: FAILED ({fatal.detail}); no report written")
     problem = verification_problem(audit)
     if problem and not allow_unverified:
         raise UnverifiedRunError(f"{problem}; no report written (--allow-unverified writes "
@@ -169,11 +221,14 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
             not c.ok and c.blocking for c in audit.cross_checks)
         warning = (f"UNVERIFIED: {n} audit check(s) failed, first: {problem}. Only the entries "
                    "before a log's first bad entry were used. Do not rely on this report.")
+    basis, trusted = evidence_basis(files, audit)
     return Report(
+        evidence_basis=basis, keys_trusted=trusted,
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         generator=_generator(), run_dir=str(Path(run_dir).resolve()),
         scope=Scope(kind="site" if site else "federation", site_id=site),
-        verified=problem is None, unverified_warning=warning,
+        checks_passed=problem is None, verified=problem is None and trusted,
+        unverified_warning=warning,
         run=run_summary(files, site), parties=parties(files, site),
         records_of_processing=records_of_processing(files, audit.all_verified, site),
         dpia=dpia(files, site, policy, privacy), privacy=privacy, policy=policy,

@@ -14,8 +14,17 @@ import math
 from collections import Counter
 from typing import Any
 
-from fedmeta.report.collect import LogRead, RunFiles, SiteFiles
+from fedmeta.report.collect import SITES_DIR, LogRead, RunFiles, SiteFiles
+from fedmeta.report.evidence import (
+    ledger_evidence,
+    manifest_hashes,
+    metrics_signed,
+    model_evidence,
+    signed_manifest_hashes,
+)
 from fedmeta.report.model import AuditSection, CrossCheck, LogCheck, ReceiptCheck
+
+MODEL_CHECK = "the final model file is the model the server signed in run.end"
 
 
 def log_check(files: RunFiles, log: LogRead) -> LogCheck:
@@ -32,7 +41,9 @@ def log_check(files: RunFiles, log: LogRead) -> LogCheck:
         problem = ("log missing although the server holds receipts of it" if log.needed
                    else "no audit log (the site never trained)")
     else:
-        status = "verified" if log.ok else "failed"
+        # "verified" only against a key from outside the run directory
+        status = ("verified" if log.key_source == "trusted" else "self-asserted") \
+            if log.ok else "failed"
         problem = log.error or (result.problem if result is not None else None)
         if problem is None and log.bad_receipts:
             problem = f"{len(log.bad_receipts)} malformed receipt(s) held by other parties"
@@ -42,8 +53,9 @@ def log_check(files: RunFiles, log: LogRead) -> LogCheck:
         head=str(result.head) if result and result.head else None,
         last_checkpoint=str(result.last_checkpoint) if result and result.last_checkpoint
         else None,
-        key_pinned=log.key_pinned and log.exists,
-        key_file=files.rel(log.key_path) if log.key_pinned else None,
+        key_pinned=log.key_pinned and log.exists, key_source=log.key_source,
+        key_file=(log.anchor.source if log.anchor is not None else
+                  files.rel(log.key_path) if log.key_path.exists() else None),
         key_fingerprint=result.key_fingerprint if result else None,
         receipts=receipts, problem=problem)
 
@@ -75,16 +87,17 @@ def _hashes(files: RunFiles) -> list[CrossCheck]:
     out = []
     for name, want, got in (
         ("config.json is the configuration the signed run.start entry names",
-         start.get("config_sha256"), _sha((files.run_dir / "config.json").read_text())),
+         start.get("config_sha256"),
+         _sha((files.run_dir / "config.json").read_text(encoding="utf-8"))),
         ("the declaration in policy-decisions.json is the one the signed run.start entry names",
          start.get("declaration_sha256"),
          _sha(_dump(files.declaration, files.declaration_raw))),
     ):
         ok = want == got
-        out.append(CrossCheck(check=name, ok=ok, blocking=False, detail=(
-            f"sha256 {got[:16]}..." if ok else
-            f"file hashes to {got[:16]}..., the log names {str(want)[:16]}... (edited, or "
-            "written by another fedmeta version)")))
+        out.append(CrossCheck(check=name, ok=ok, detail=(
+            f"sha256 {got}" if ok else
+            f"file hashes to {got}, the signed log names {want} (edited, or written by "
+            "another fedmeta version)")))
     return out
 
 
@@ -92,21 +105,24 @@ def _decisions(files: RunFiles, site: str | None) -> CrossCheck:
     def mine(s: Any) -> bool:
         return site is None or s in (None, site)
 
-    logged = Counter((e.rule_ids[0] if e.rule_ids else "", e.details.get("site"), e.decision)
+    logged = Counter((e.rule_ids[0] if e.rule_ids else "", e.details.get("site"), e.decision,
+                      str(e.details.get("reason") or ""), str(e.details.get("references") or ""))
                      for e in files.server_entries
                      if e.action == "policy.run" and mine(e.details.get("site")))
-    stated = Counter((d.rule_id, d.site_id, d.outcome.value) for d in files.decisions
+    stated = Counter((d.rule_id, d.site_id, d.outcome.value, d.reason[:500],
+                      "; ".join(d.references)[:500]) for d in files.decisions
                      if mine(d.site_id))
     ok = logged == stated
     return CrossCheck(
-        check="run-level decisions in policy-decisions.json equal the server log's "
-              "policy.run entries",
+        check="run-level decisions in policy-decisions.json (outcome, reason and legal "
+              "references) equal the server log's signed policy.run entries",
         ok=ok, detail=f"{sum(stated.values())} decision(s)" if ok else
-        f"{sum(stated.values())} in the file, {sum(logged.values())} in the log, or they differ")
+        f"{sum(stated.values())} in the file, {sum(logged.values())} in the log, or their "
+        "outcome, reason or references differ")
 
 
 def _model(files: RunFiles) -> CrossCheck:
-    logged = next((e.model_out for e in files.server_entries if e.action == "run.end"), None)
+    logged = files.run_end.model_out if files.run_end is not None else None
     values = {"server log run.end": logged,
               "summary.json": (files.summary or {}).get("model_sha256"),
               "metrics.jsonl (last round)": files.metrics[-1].get("model_sha256")
@@ -114,8 +130,117 @@ def _model(files: RunFiles) -> CrossCheck:
     present = {k: v for k, v in values.items() if v}
     ok = logged is not None and len(set(present.values())) == 1
     return CrossCheck(check="final model hash agrees across the server log, summary and metrics",
-                      ok=ok, detail=(f"sha256 {logged[:16]}..." if ok and logged else
-                                     "; ".join(f"{k}: {str(v)[:16]}" for k, v in values.items())))
+                      ok=ok, detail=(f"sha256 {logged}" if ok and logged else
+                                     "; ".join(f"{k}: {v}" for k, v in values.items())))
+
+
+def _model_file(files: RunFiles) -> CrossCheck | None:
+    ev = model_evidence(files)
+    if ev is None:
+        return None
+    # fatal only when the server's log itself is sound (else that failure comes first)
+    return CrossCheck(check=MODEL_CHECK, ok=ev.ok, detail=ev.detail,
+                      fatal=ev.fatal and files.server_log.ok)
+
+
+def _site_set(files: RunFiles) -> list[CrossCheck]:
+    """The sites are the ones the server's signed log names; no more, no fewer."""
+    named = files.named_sites()
+    sites_dir = files.run_dir / SITES_DIR
+    dirs = {p.name for p in sites_dir.iterdir() if p.is_dir()} if sites_dir.is_dir() else set()
+    unsigned = set(files.manifests) | set(files.eligible)
+    for m in files.metrics:
+        unsigned.update(x for x in m.get("sampled") or [] if isinstance(x, str))
+        unsigned.update(x for x in m.get("used") or [] if isinstance(x, str))
+        for key in ("declined", "dropped", "lost", "receipts"):
+            unsigned.update((m.get(key) or {}).keys())
+    unsigned.update(x for x in (files.summary or {}).get("sites") or [] if isinstance(x, str))
+    unsigned = {x for x in unsigned if not x.startswith("node-")}
+    out = []
+    phantom = sorted(dirs - set(named))
+    out.append(CrossCheck(
+        check="every site directory is a site the server's signed log names",
+        ok=not phantom, detail=("not named by the server: " + ", ".join(phantom)) if phantom
+        else f"{len(dirs)} director{'y' if len(dirs) == 1 else 'ies'}"))
+    extra = sorted(unsigned - set(named))
+    out.append(CrossCheck(
+        check="the sites in metrics.jsonl, summary.json and policy-decisions.json are the "
+              "ones the server's signed log names",
+        ok=not extra, detail=("named only in unsigned files: " + ", ".join(extra)) if extra
+        else f"{len(named)} site(s) named by the server"))
+    trained = sorted(s for s, how in named.items() if how & {"sampled", "receipt"}
+                     and s not in dirs)
+    out.append(CrossCheck(
+        check="every site the server sampled has its files in the run directory",
+        ok=not trained, detail=("missing: " + ", ".join(trained)) if trained else
+        f"{sum(1 for how in named.values() if how & {'sampled', 'receipt'})} sampled site(s)"))
+    quiet = sorted(s for s, how in named.items() if not how & {"sampled", "receipt"}
+                   and s not in dirs)
+    if quiet:
+        out.append(CrossCheck(
+            check="every site the server's log names (never sampled) has a directory",
+            ok=False, blocking=False, detail="no files for " + ", ".join(quiet)))
+    return out
+
+
+def _ledger(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
+    if site.ledger is None or not site.log.exists or site.log.error:
+        return None
+    ev = ledger_evidence(files, site)
+    unsigned = sorted(ev.unsigned)
+    detail = "; ".join(ev.problems[:4]) if ev.problems else (
+        f"{ev.rounds} charge(s) equal the signed round.train entries"
+        + (f"; NOT SIGNED by this site's log (shown unsigned): {', '.join(unsigned)}"
+           if unsigned else ""))
+    return CrossCheck(
+        check=f"{site.site_id}: each privacy ledger charge equals what the site signed for "
+              "that round", ok=ev.ok, detail=detail)
+
+
+def _manifest(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
+    signed = signed_manifest_hashes(files, site)
+    if not signed:
+        return None
+    shown = manifest_hashes(files, site)
+    ok = signed <= shown
+    received = files.manifests.get(site.site_id)
+    path = site.dir / "manifest.toml"
+    if ok and received is not None and path.is_file():
+        from policies import load_site_manifest
+
+        try:  # the file the site signed and the manifest the report shows must agree
+            ok = load_site_manifest(path) == received
+        except ValueError:
+            ok = False
+    return CrossCheck(
+        check=f"{site.site_id}: the manifest shown is the one the site signed it applied",
+        ok=ok, detail=f"manifest_sha256 {', '.join(sorted(signed))}" if ok else
+        f"the site signed manifest_sha256 {', '.join(sorted(signed - shown))}; the manifest "
+        "in the run directory hashes differently (edited)")
+
+
+def _site_declaration(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
+    want = _run_start(files).get("declaration_sha256")
+    signed = {str(e.details["declaration_sha256"]) for e in site.log.entries
+              if e.action == "round.train" and e.run_id == files.run_id
+              and e.details.get("declaration_sha256")}
+    if not signed or want is None:
+        return None
+    ok = signed == {want}
+    return CrossCheck(
+        check=f"{site.site_id}: the declaration the site signed is the server's",
+        ok=ok, detail=f"sha256 {want}" if ok else
+        f"the site signed {', '.join(sorted(signed))}, the server {want}")
+
+
+def _metrics_file(files: RunFiles) -> CrossCheck | None:
+    signed = metrics_signed(files)
+    if signed is None:
+        return None
+    return CrossCheck(
+        check="metrics.jsonl (learning results, per-round figures) is the file the server "
+              "signed in run.end", ok=signed,
+        detail="sha256 matches" if signed else "the file was changed after the run")
 
 
 def _used_rounds(files: RunFiles, site_id: str) -> list[int]:
@@ -184,8 +309,14 @@ def audit_section(files: RunFiles, site: str | None) -> AuditSection:
     logs = [log_check(files, files.server_log)]
     logs += [log_check(files, s.log) for s in files.sites.values()]
     checks = [*_hashes(files), _decisions(files, site), _model(files)]
+    for extra in (_model_file(files) if site is None else None, _metrics_file(files)):
+        if extra is not None:
+            checks.append(extra)
+    if site is None:
+        checks += _site_set(files)
     for s in files.sites.values():
-        for check in (_epsilon(files, s), _exclusions(files, s), _receipts(files, s)):
+        for check in (_epsilon(files, s), _ledger(files, s), _exclusions(files, s),
+                      _receipts(files, s), _manifest(files, s), _site_declaration(files, s)):
             if check is not None:
                 checks.append(check)
         if s.ledger_error:

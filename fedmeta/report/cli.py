@@ -33,6 +33,11 @@ def report_command(
         help="output file (default RUN_DIR/report[-SITE].html|json|md)")] = None,
     baseline: Annotated[Path | None, typer.Option(
         help="a baseline run directory (e.g. FedAvg) to plot beside this run")] = None,
+    trust: Annotated[list[str] | None, typer.Option(
+        "--trust", help="the parties' public keys from outside the run directory "
+                        "(repeatable): a directory of <party>.pub.pem (the coordinator "
+                        "kit's site-audit-keys/), a key file, a trust file of "
+                        "'PARTY = KEY-OR-SHA256-FINGERPRINT' lines, or PARTY=VALUE")] = None,
     allow_unverified: Annotated[bool, typer.Option(
         "--allow-unverified", help="write the report even if an audit log fails "
                                    "verification (with a red banner)")] = False,
@@ -43,13 +48,16 @@ def report_command(
 
     try:
         path, report = generate(run_dir, format_, out=out, site=site,
-                                allow_unverified=allow_unverified, baseline=baseline)
+                                allow_unverified=allow_unverified, baseline=baseline,
+                                trust=tuple(trust or ()))
     except ReportError as exc:
         raise _fail(str(exc), 2) from None
     except UnverifiedRunError as exc:
         raise _fail(str(exc), 1) from None
     except OSError as exc:
         raise _fail(f"cannot write the report: {exc}", 2) from None
-    if not report.verified:
+    if not report.checks_passed:
         _err().print(f"warning: {report.unverified_warning}", style="bold red", markup=False)
+    elif not report.keys_trusted:
+        _err().print(f"note: {report.evidence_basis}", style="yellow", markup=False)
     Console(highlight=False, soft_wrap=True).print(f"wrote {path}", markup=False)

@@ -14,6 +14,14 @@ receipts the other parties hold: the server's ``round.receipt`` entries for a
 site's log, the ``server_head`` each site logged (and the head in
 ``summary.json``) for the server's log. Only the verified prefix of a log is
 used for the report's content.
+
+Keys: a party named in ``--trust`` (:mod:`fedmeta.report.trust`) is checked
+against the key given from outside the run; any other party only against the
+public key file in the run directory (self-asserted evidence: whoever holds
+the directory could have replaced key and log together). A log whose key or
+actor is not the party's contributes no content. Every unsigned file is read
+defensively: a non-UTF-8, truncated or wrongly typed file is a one-line
+:class:`ReportError` naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 
 from fedmeta.audit import AuditError, Entry, Receipt, VerifyResult, read_log
 from fedmeta.config import ConfigError, RunConfig
+from fedmeta.report.trust import Anchor
 from policies import Decision, DeclarationError, RunDeclaration, SiteManifest, load_site_manifest
 
 CONFIG_FILE = "config.json"
@@ -58,10 +67,19 @@ class LogRead:
     error: str | None = None  # unreadable log or key
     receipt_sources: dict[str, list[str]] = field(default_factory=dict)
     bad_receipts: list[tuple[str, str]] = field(default_factory=list)  # (text, source)
+    anchor: Anchor | None = None  # the party's key as given from outside the run (--trust)
 
     @property
     def key_pinned(self) -> bool:
-        return self.key_path.exists()
+        return self.anchor is not None or self.key_path.exists()
+
+    @property
+    def key_source(self) -> str:
+        """``trusted`` (--trust), ``run directory`` (a key file beside the log) or
+        ``embedded`` (the key the log's first entry names)."""
+        if self.anchor is not None:
+            return "trusted"
+        return "run directory" if self.key_path.exists() else "embedded"
 
     @property
     def needed(self) -> bool:
@@ -103,6 +121,8 @@ class RunFiles:
     server_log: LogRead
     sites: dict[str, SiteFiles]
     model_path: Path
+    trust: dict[str, Anchor] = field(default_factory=dict)
+    private_keys: list[str] = field(default_factory=list)  # private key files in the run dir
 
     def rel(self, path: Path) -> str:
         try:
@@ -120,29 +140,85 @@ class RunFiles:
     def round_lines(self) -> list[dict[str, Any]]:
         return [m for m in self.metrics if m.get("round", 0) > 0]
 
+    @property
+    def run_end(self) -> Entry | None:
+        return next((e for e in self.server_entries if e.action == "run.end"), None)
 
-def _json(path: Path, required: bool = True) -> Any:
+    def named_sites(self) -> dict[str, set[str]]:
+        """Site -> how the server's signed log names it: ``decided`` (run-level rules),
+        ``unusable``, ``sampled``, ``receipt``, ``declined``."""
+        out: dict[str, set[str]] = {}
+
+        def add(site: Any, how: str) -> None:
+            if isinstance(site, str) and site and not site.startswith("node-"):
+                out.setdefault(site, set()).add(how)
+
+        for e in self.server_entries:
+            if e.action == "policy.run":
+                add(e.details.get("site"), "decided")
+            elif e.action == "site.unusable":
+                add(e.details.get("site"), "unusable")
+            elif e.action == "round.start":
+                for s in str(e.details.get("sites") or "").split(","):
+                    add(s.strip(), "sampled")
+            elif e.action == "round.receipt":
+                add(e.details.get("site"), "receipt")
+            elif e.action == "round.end":
+                for k in e.details:
+                    if k.startswith("declined:"):
+                        add(k.split(":", 1)[1], "declined")
+        return out
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"{path}: not UTF-8 text (byte {exc.start}); restore the file "
+                          "written by the run") from None
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _json(path: Path, required: bool = True, kind: type = dict) -> Any:
     if not path.exists():
         if required:
             raise ReportError(f"{path}: missing; is this a fedmeta run directory?")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path}: cannot read ({exc})") from None
+        data = json.loads(_text(path))
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}; truncated?)"
+                          ) from None
+    except RecursionError:
+        raise ReportError(f"{path}: not JSON (nested too deeply)") from None
+    if not isinstance(data, kind):
+        raise ReportError(f"{path}: expected a JSON {kind.__name__}, found "
+                          f"{type(data).__name__}")
+    return data
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise ReportError(f"{path}: missing; is this a fedmeta run directory?")
     out = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for no, line in enumerate(_text(path).splitlines(), start=1):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ReportError(f"{path} line {no}: not JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("round"), int):
+        except RecursionError:
+            raise ReportError(f"{path} line {no}: not JSON (nested too deeply)") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("round"), int) \
+                or isinstance(rec.get("round"), bool):
             raise ReportError(f"{path} line {no}: not a metrics line (no round)")
+        for key, kind in (("sampled", list), ("used", list), ("eligible", list),
+                          ("declined", dict), ("dropped", dict), ("lost", dict),
+                          ("denied", dict), ("epsilon", dict), ("exclusions", dict),
+                          ("receipts", dict), ("eval", dict)):
+            if rec.get(key) is not None and not isinstance(rec[key], kind):
+                raise ReportError(f"{path} line {no}: field '{key}' must be a JSON "
+                                  f"{kind.__name__}, found {type(rec[key]).__name__}")
         out.append(rec)
     return out
 
@@ -156,43 +232,62 @@ def _site_ids(run_dir: Path, metrics: list[dict], manifests: dict, summary: dict
         for key in ("declined", "dropped", "lost", "denied"):
             ids.update((m.get(key) or {}).keys())
         ids.update(m.get("eligible") or [])
-    ids.update((summary or {}).get("sites") or [])
+    listed = (summary or {}).get("sites") or []
+    ids.update(listed if isinstance(listed, list) else [])
+    ids = {i for i in ids if isinstance(i, str) and i}
     sites_dir = run_dir / SITES_DIR
     if sites_dir.is_dir():
         ids.update(p.name for p in sites_dir.iterdir() if p.is_dir())
     return sorted(i for i in ids if not i.startswith("node-"))
 
 
-def _read_site(run_dir: Path, site_id: str, manifests: dict[str, SiteManifest]) -> SiteFiles:
+def _read_site(run_dir: Path, site_id: str, manifests: dict[str, SiteManifest],
+               anchor: Anchor | None = None) -> SiteFiles:
     site_dir = run_dir / SITES_DIR / site_id
     manifest = manifests.get(site_id)
     if manifest is None and (site_dir / SITE_MANIFEST).exists():
         try:
             manifest = load_site_manifest(site_dir / SITE_MANIFEST)
-        except DeclarationError as exc:
-            raise ReportError(str(exc)) from None
+        except (DeclarationError, ValueError, OSError) as exc:
+            raise ReportError(f"{site_dir / SITE_MANIFEST}: unreadable site manifest "
+                              f"({str(exc).splitlines()[0][:200]})") from None
     ledger, ledger_error = None, None
     if (site_dir / LEDGER_FILE).exists():
         from fedmeta.privacy.ledger import LedgerError, PrivacyLedger
 
         try:
             ledger = PrivacyLedger.read(site_dir / LEDGER_FILE)
-        except LedgerError as exc:
-            ledger_error = str(exc)
+        except (LedgerError, ValueError, TypeError, KeyError) as exc:
+            ledger_error = str(exc).splitlines()[0] if str(exc) else repr(exc)
     log_path = site_dir / SITE_LOG
-    log = LogRead(site_id, log_path, site_dir / SITE_PUBKEY, log_path.exists())
+    log = LogRead(site_id, log_path, site_dir / SITE_PUBKEY, log_path.exists(), anchor=anchor)
     return SiteFiles(site_id, site_dir, manifest, ledger, ledger_error, log)
+
+
+def _read(log: LogRead, receipts: list[Receipt]) -> None:
+    try:
+        key = None if log.anchor is not None else (
+            log.key_path if log.key_path.exists() else None)
+        log.entries, log.result = read_log(log.path, public_key=key, receipts=receipts)
+    except AuditError as exc:
+        log.error = str(exc)
+        return
+    result = log.result
+    if log.anchor is not None and result.key_fingerprint not in (None, log.anchor.fingerprint):
+        log.error = (f"the log was created with key {result.key_fingerprint}, not the key "
+                     f"given for {log.party} by --trust ({log.anchor.fingerprint}, "
+                     f"{log.anchor.source}): key substituted and the log re-signed")
+    elif result.actor is not None and result.actor != log.party:
+        log.error = (f"the log's actor is {result.actor!r} but it is filed as "
+                     f"{log.party!r} (a copied or misfiled log)")
+    if log.error is not None:
+        log.entries = []  # a log of the wrong key or party contributes nothing
 
 
 def _first_pass(log: LogRead) -> None:
     """Read the entries (the valid prefix) without receipts."""
-    if not log.exists:
-        return
-    try:
-        key = log.key_path if log.key_pinned else None
-        log.entries, log.result = read_log(log.path, public_key=key)
-    except AuditError as exc:
-        log.error = str(exc)
+    if log.exists:
+        _read(log, [])
 
 
 def _add_receipt(log: LogRead, text: Any, source: str) -> None:
@@ -208,12 +303,7 @@ def _second_pass(log: LogRead) -> None:
     """Verify again, now against the receipts the other parties hold."""
     if not log.exists or log.error is not None:
         return
-    try:
-        key = log.key_path if log.key_pinned else None
-        receipts = [Receipt.parse(r) for r in log.receipt_sources]
-        log.entries, log.result = read_log(log.path, public_key=key, receipts=receipts)
-    except AuditError as exc:
-        log.error = str(exc)
+    _read(log, [Receipt.parse(r) for r in log.receipt_sources])
 
 
 def verify_logs(files: RunFiles) -> None:
@@ -241,15 +331,28 @@ def verify_logs(files: RunFiles) -> None:
         _second_pass(site.log)
 
 
-def read_run(run_dir: Path, site: str | None = None) -> RunFiles:
-    """Load a run directory (and only ``site``'s files when given) and verify its logs."""
+def _private_keys(run_dir: Path) -> list[str]:
+    found = [run_dir / SERVER_PUBKEY.with_name("server-audit-signing.pem")]
+    sites_dir = run_dir / SITES_DIR
+    if sites_dir.is_dir():
+        found += sorted(d / SITE_PUBKEY.with_name("audit-signing.pem")
+                        for d in sites_dir.iterdir() if d.is_dir())
+    return [str(f.relative_to(run_dir)) for f in found if f.is_file()]
+
+
+def read_run(run_dir: Path, site: str | None = None,
+             trust: dict[str, Anchor] | None = None) -> RunFiles:
+    """Load a run directory (and only ``site``'s files when given) and verify its logs,
+    each against the key ``trust`` gives for its party where it gives one."""
     run_dir = Path(run_dir)
+    trust = dict(trust or {})
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a directory")
+    config_raw = _json(run_dir / CONFIG_FILE)
     try:
-        config = RunConfig.load(run_dir / CONFIG_FILE)
-    except ConfigError as exc:
-        raise ReportError(str(exc)) from None
+        config = RunConfig.from_flat(config_raw, source=str(run_dir / CONFIG_FILE))
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise ReportError(str(exc).splitlines()[0]) from None
     metrics = _metrics(run_dir / METRICS_FILE)
     summary = _json(run_dir / SUMMARY_FILE, required=False)
     doc = _json(run_dir / DECISIONS_FILE)
@@ -258,8 +361,10 @@ def read_run(run_dir: Path, site: str | None = None) -> RunFiles:
         manifests = {k: SiteManifest.model_validate(v)
                      for k, v in (doc.get("manifests") or {}).items()}
         decisions = [Decision.from_dict(d) for d in doc.get("decisions") or []]
-    except (KeyError, TypeError, ValueError) as exc:
-        first = str(exc).splitlines()[0]
+        eligible = [str(x) for x in doc.get("eligible") or []]
+        unusable = {str(k): str(v) for k, v in dict(doc.get("unusable") or {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        first = (str(exc).splitlines() or [repr(exc)])[0]
         raise ReportError(f"{run_dir / DECISIONS_FILE}: unreadable ({first})") from None
     ids = _site_ids(run_dir, metrics, manifests, summary)
     if site is not None:
@@ -272,16 +377,21 @@ def read_run(run_dir: Path, site: str | None = None) -> RunFiles:
     server_path = run_dir / SERVER_LOG
     files = RunFiles(
         run_dir=run_dir, run_id=run_id, config=config,
-        config_raw=_json(run_dir / CONFIG_FILE), metrics=metrics, summary=summary,
+        config_raw=config_raw, metrics=metrics, summary=summary,
         declaration=declaration, declaration_raw=dict(doc["declaration"]),
-        manifests=manifests, decisions=decisions,
-        eligible=list(doc.get("eligible") or []), unusable=dict(doc.get("unusable") or {}),
-        server_log=LogRead("server", server_path, run_dir / SERVER_PUBKEY, server_path.exists()),
-        sites={i: _read_site(run_dir, i, manifests) for i in ids},
-        model_path=run_dir / MODEL_FILE,
+        manifests=manifests, decisions=decisions, eligible=eligible, unusable=unusable,
+        server_log=LogRead("server", server_path, run_dir / SERVER_PUBKEY, server_path.exists(),
+                           anchor=trust.get("server")),
+        sites={i: _read_site(run_dir, i, manifests, trust.get(i)) for i in ids},
+        model_path=run_dir / MODEL_FILE, trust=trust, private_keys=_private_keys(run_dir),
     )
     if not files.server_log.exists:
         raise ReportError(f"{server_path}: missing; the run has no server audit log")
+    if site is None:  # a site the signed server log names but no file does: read it too
+        _first_pass(files.server_log)
+        for missing in sorted(set(files.named_sites()) - set(files.sites)):
+            files.sites[missing] = _read_site(run_dir, missing, manifests, trust.get(missing))
+        files.sites = dict(sorted(files.sites.items()))
     verify_logs(files)
     return files
 

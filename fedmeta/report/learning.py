@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.report.collect import RunFiles, read_baseline
+from fedmeta.report.evidence import metrics_signed
 from fedmeta.report.model import EvalPoint, LearningSection, RoundRow
 
 
@@ -59,4 +60,6 @@ def learning_section(files: RunFiles, site: str | None, baseline: Path | None
     return LearningSection(metric=metric, task=files.config.task,
                            strategy=files.config.strategy, points=points,
                            baseline_run_id=base_id, baseline_strategy=base_strategy,
-                           baseline_points=base_points, rounds=rounds(files, site))
+                           baseline_points=base_points, rounds=rounds(files, site),
+                           evidence="signed by the server" if metrics_signed(files)
+                           else "unsigned")

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "fedmeta.report/1"
+SCHEMA_VERSION = "fedmeta.report/2"
 
 Count = int | str
 """A count of records or people; ``"<k"`` or ``"withheld"`` when suppressed."""
@@ -198,6 +198,8 @@ class SitePrivacy(_Model):
     """Ledger entries from earlier runs (they count towards epsilon_total)."""
     statement: str
     points: list[LedgerPoint]
+    unsigned_fields: list[str] = []
+    """Ledger figures this site's signed log does not hold (shown, but not verified)."""
 
 
 # ---- policy decisions ----------------------------------------------------------------------
@@ -325,6 +327,9 @@ class LearningSection(_Model):
     baseline_strategy: str | None
     baseline_points: list[EvalPoint]
     rounds: list[RoundRow]
+    evidence: str = "unsigned"
+    """``signed by the server`` when metrics.jsonl is the file the server's run.end
+    signed, else ``unsigned`` (the figures are what an unsigned file says)."""
 
 
 # ---- audit ---------------------------------------------------------------------------------------
@@ -339,12 +344,16 @@ class ReceiptCheck(_Model):
 class LogCheck(_Model):
     log: str
     party: str
-    status: Literal["verified", "failed", "missing"]
+    status: Literal["verified", "self-asserted", "failed", "missing"]
+    """``verified``: intact under a key given from outside the run (``--trust``);
+    ``self-asserted``: intact under a key taken from the run directory itself, which
+    whoever holds the directory could have replaced along with the log."""
     ok: bool
     entries: int
     head: str | None
     last_checkpoint: str | None
     key_pinned: bool
+    key_source: Literal["trusted", "run directory", "embedded"] = "embedded"
     key_file: str | None
     key_fingerprint: str | None
     receipts: list[ReceiptCheck]
@@ -356,8 +365,10 @@ class CrossCheck(_Model):
     ok: bool
     detail: str
     blocking: bool = True
-    """A failed blocking check makes the report unverified; a non-blocking one is a warning
-    (e.g. a hash that a different fedmeta version may compute differently)."""
+    """A failed blocking check makes the report unverified; a non-blocking one is a warning."""
+    fatal: bool = False
+    """A failed fatal check stops the report even with ``--allow-unverified`` (the final
+    model file is not the model the server signed)."""
 
 
 class AuditSection(_Model):
@@ -372,13 +383,19 @@ class AuditSection(_Model):
 class Report(_Model):
     """A run's compliance report for a data protection officer."""
 
-    schema_version: Literal["fedmeta.report/1"] = SCHEMA_VERSION
+    evidence_basis: str
+    """One line, first in every format: where the keys came from and what that means."""
+    keys_trusted: bool
+    """Every log present was checked against a key given from outside the run (--trust)."""
+    schema_version: Literal["fedmeta.report/2"] = SCHEMA_VERSION
     generated_at: str
     generator: str
     run_dir: str
     scope: Scope
+    checks_passed: bool
+    """Every audit log is intact and every cross-check agreed (under whatever keys)."""
     verified: bool
-    """True only if every audit log verified and every cross-check agreed."""
+    """``checks_passed`` and ``keys_trusted``: never true for self-asserted evidence."""
     unverified_warning: str | None
     run: RunSummary
     parties: list[Party]

@@ -233,8 +233,11 @@ def dpdp_site(files: RunFiles, site: SiteFiles) -> DpdpSite | None:
                     "Schedule standards (DPDP Rules 2025 r.16) must be evidenced: not recorded "
                     "in the run")
     last = last_counts(files, site)
-    children_n = sum(last.get(r, 0) for r in CHILD_RULES if r in RULES and
-                     RULES[r].pack in m.law_packs)
+    k = min_cohort(site)
+    # a derived sum: withheld when one of its parts is suppressed, else "<5" + shown part
+    # would give the suppressed count away (secondary suppression)
+    children_n = total([(last.get(r, 0), k) for r in CHILD_RULES if r in RULES and
+                        RULES[r].pack in m.law_packs], k)
     minors = "declares minors among its data subjects" if m.has_minors else \
         "declares no minors among its data subjects"
     children = (f"The site {minors}. Records of children (under 18, DPDP s.2(f)) without "
@@ -263,7 +266,7 @@ def dpdp_site(files: RunFiles, site: SiteFiles) -> DpdpSite | None:
         site_id=site.site_id, ground=ground,
         legitimate_use=DPDP_GROUND_NAMES.get(ground, "no DPDP ground declared"),
         research_exemption=research, children=children,
-        children_excluded=suppress(children_n, min_cohort(site)), transfers=transfers,
+        children_excluded=children_n, transfers=transfers,
         site_log_retention_days=m.log_retention_days, server_log_retention_days=server_days,
         required_log_retention_days=DPDP_LOG_MIN_DAYS, log_retention_conflict=conflict,
         log_retention=text, decisions=decisions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fedmeta.report.collect import RunFiles, SiteFiles
+from fedmeta.report.evidence import ledger_evidence
 from fedmeta.report.model import LedgerPoint, SitePrivacy
 
 PRIVACY_UNIT = "one record (sample-level differential privacy)"
@@ -74,7 +75,12 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
                       f"({', '.join(map(str, declined))}).")
     points = [LedgerPoint(run=c.run, round=c.round, epsilon_after=c.epsilon_after,
                           this_run=c.run == files.run_id) for c in ledger.charges]
+    unsigned = sorted(ledger_evidence(files, site).unsigned)
+    if unsigned:
+        statement += (f" UNSIGNED: {', '.join(unsigned)} come from the site's ledger file only; "
+                      "its signed log does not hold them, so they are not verified.")
     return SitePrivacy(
+        unsigned_fields=unsigned,
         site_id=site.site_id, dp=True, privacy_unit=PRIVACY_UNIT,
         accountant=ledger.accountant, delta=ledger.delta, epsilon_run=run_eps,
         epsilon_total=total, epsilon_max=ledger.epsilon_max, budget_left=left,

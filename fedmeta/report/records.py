@@ -140,6 +140,29 @@ def _dp_detail(files: RunFiles, site: SiteFiles | None) -> tuple[Status, str]:
                   f"clipping norm {cfg.max_grad_norm:g}, {cfg.accountant.upper()} accountant")
 
 
+def pseudonymisation(files: RunFiles) -> str:
+    """What pseudonymisation there is, as it is (records never leave; parties are named)."""
+    sim = transport(files) == "simulation"
+    ids = ("site ids are generated labels (site-N)" if sim else
+           "site ids are the labels chosen in the federation file, which the coordinator "
+           "maps to institutions")
+    return (f"records and record ids never leave the site; the record metadata the rules use "
+            f"stays at the site. Parties are NOT pseudonymous to the controller: {ids}, and "
+            "each site's manifest (institution, country) is shared with the server and shown "
+            "in this report")
+
+
+def update_retention(files: RunFiles) -> str:
+    """Where the sites' updates (phi) are held, as it is in simulation and in deployment."""
+    if transport(files) == "simulation":
+        return ("simulation: held in the memory of the one simulation process for the "
+                "round's aggregation; not written to disk by fedmeta")
+    return ("deployment: each update passes through the SuperLink, which stores messages in "
+            "its state database (start-superlink.sh: --database $STATE/superlink.db) until "
+            "Flower deletes them; fedmeta sets no retention period for that database, and the "
+            "server holds the updates in memory for the round's aggregation")
+
+
 def measures(files: RunFiles, site: SiteFiles | None, audit_ok: bool) -> list[Measure]:
     """Art. 32(1) / Art. 25 measures in force in this run, at a site or at the server."""
     cfg = files.config
@@ -167,10 +190,11 @@ def measures(files: RunFiles, site: SiteFiles | None, audit_ok: bool) -> list[Me
                     detail=f"at least {max(cfg.min_sites, files.declaration.min_sites_per_round)} "
                            "sites per round, else the round is not aggregated"),
             Measure(measure="Encryption at rest of the model file",
-                    status="not recorded" if enc is None else ("on" if enc else "off"),
+                    status="not recorded" if enc is None else "off",
                     detail="no final model file" if enc is None else (
-                        "final_model.pt is not a plain PyTorch file" if enc else
-                        "final_model.pt is stored unencrypted")),
+                        "fedmeta does not encrypt final_model.pt: it is a plain file at the "
+                        "server, protected only by the host's file permissions and disk "
+                        "encryption (if any)")),
         ]
         return out
     m = site.manifest
@@ -190,9 +214,7 @@ def measures(files: RunFiles, site: SiteFiles | None, audit_ok: bool) -> list[Me
                        + (f"feature columns allowed: {', '.join(cols)}" if cols else
                           "no feature-column allow-list declared, so GDPR-5-1-c was not "
                           "checked")),
-        Measure(measure="Pseudonymisation", status="on",
-                detail="parties appear by pseudonymous site id; record metadata used by the "
-                       "rules is pseudonymous and stays at the site"),
+        Measure(measure="Pseudonymisation", status="partial", detail=pseudonymisation(files)),
     ]
     return out
 
@@ -300,8 +322,8 @@ def server_record(files: RunFiles, audit_ok: bool) -> ProcessingRecord:
             Retention(item="server audit log, metrics and policy decisions",
                       days=decl.log_retention_days, held_by=decl.controller.name,
                       source="run declaration log_retention_days"),
-            Retention(item="site updates (phi)", days=0, held_by=decl.controller.name,
-                      source="held in memory for the round's aggregation only"),
+            Retention(item="site updates (phi)", days=None, held_by=decl.controller.name,
+                      source=update_retention(files)),
         ],
         measures=measures(files, None, audit_ok))
 

@@ -198,7 +198,7 @@ def test_repair_refuses_when_there_is_nothing_to_repair_or_other_damage(
         AuditLog.repair_partial_tail(fx.path, fx.key_path, fx.actor)
     lines = fx.lines()
     del lines[1]
-    fx.write_lines([*lines, b'{"seq":'])
+    fx.write_lines([*lines, b'{"action":"ro'])  # a torn append after an earlier deletion
     before = fx.path.read_bytes()
     with pytest.raises(LogStateError, match="besides its incomplete tail"):
         AuditLog.repair_partial_tail(fx.path, fx.key_path, fx.actor)

@@ -192,7 +192,7 @@ def test_problem_earlier_than_partial_tail_is_reported_first(make_log: MakeLog) 
     fx = make_log(4)
     lines = fx.lines()
     del lines[1]
-    fx.write_lines(lines + [b'{"seq":'])
+    fx.write_lines(lines + [b'{"action":"pol'])
     r = verify_log(fx.path)
     assert r.partial_tail and r.first_bad_seq == 1
 

@@ -6,8 +6,9 @@ Four sites, two rounds, a consent-based run declaration:
   minimum cohort size (``GDPR-8``: 4 records, shown as "<5");
 * ``site-1`` (DE, GDPR) has none;
 * ``site-2`` (IN, GDPR + DPDP, SCC) keeps logs 200 days: the GDPR/DPDP
-  log-retention conflict; it has erasure requests, withdrawals and 17-year-olds
-  (DPDP children);
+  log-retention conflict; it has erasure requests, withdrawals, 17-year-olds
+  (DPDP children: 5) and 3 under-16s (GDPR-8, shown "<5"): the children total
+  8 must be withheld, else 8 - 5 gives the suppressed 3 away;
 * ``site-3`` (CN, no SCC) is denied at run level (never trained).
 
 Usable as a script too: ``python tests/report/report_helpers.py OUT_DIR``.
@@ -26,7 +27,7 @@ if str(ROOT / "tests") not in sys.path:
 from helpers import consent_declaration, manifest, write_site  # noqa: E402
 
 SITE0 = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-8": 4, "GDPR-5-1-e": 6}
-SITE2 = {"GDPR-17": 3, "GDPR-7-3": 6, "DPDP-9-1": 5}
+SITE2 = {"GDPR-17": 3, "GDPR-7-3": 6, "DPDP-9-1": 5, "GDPR-8": 3}
 
 
 def build_run(out: Path, declaration_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -33,20 +33,36 @@ def site_log(run: Path, site: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def trust(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The parties' public keys registered out of band: a directory laid out like the
+    coordinator kit's site-audit-keys/ (plus the server's key)."""
+    keys = tmp_path_factory.mktemp("registered-keys")
+    shutil.copyfile(run_dir / "keys" / "server-audit-signing.pub.pem",
+                    keys / "server-audit-signing.pub.pem")
+    for site in SITES:
+        shutil.copyfile(run_dir / "sites" / site / "keys" / "audit-signing.pub.pem",
+                        keys / f"{site}.pub.pem")
+    return str(keys)
+
+
+@pytest.fixture(scope="module")
+def report(run_dir: Path, trust: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("json") / "report.json"
-    write_report(run_dir, "json", out=out, baseline=run_dir)
+    write_report(run_dir, "json", out=out, baseline=run_dir, trust=[trust])
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def html(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_report(run_dir, "html", out=tmp_path_factory.mktemp("html") / "report.html")
+def html(run_dir: Path, trust: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(run_dir, "html", out=tmp_path_factory.mktemp("html") / "report.html",
+                        trust=[trust])
 
 
 def test_json_follows_the_schema_kept_in_the_repo(report):
     jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text())).validate(report)
     assert report["verified"] is True and report["unverified_warning"] is None
+    assert report["keys_trusted"] and report["evidence_basis"].startswith("EVIDENCE: every log")
+    assert "SIMULATION" in report["evidence_basis"]
     assert report["scope"] == {"kind": "federation", "site_id": None}
 
 
@@ -84,8 +100,49 @@ def test_exclusion_counts_equal_the_site_logs_with_small_counts_suppressed(run_d
     assert rows[("site-2", "GDPR-17")]["count"] == "<5"  # 3 records
     totals = {t["rule_id"]: t["count"] for t in report["policy"]["exclusion_totals"]}
     assert totals["GDPR-7-3"] == 13 and totals["GDPR-5-1-e"] == 6
-    assert totals["GDPR-8"] == "<5"
+    assert totals["GDPR-8"] == "withheld"  # 4 + 3: both parts suppressed
     assert totals["GDPR-17"] == "withheld"  # 5 + 3 would give the suppressed 3 away
+
+
+def _ints(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def test_no_suppressed_count_can_be_recovered_by_arithmetic(report):
+    """Every derived sum is shown only when all its parts are: no figure minus shown
+    figures gives a suppressed count back (the DPDP children total in particular)."""
+    rows = {(r["site_id"], r["rule_id"]): r["count"] for r in report["policy"]["exclusions"]}
+    totals = {t["rule_id"]: t["count"] for t in report["policy"]["exclusion_totals"]}
+    derived: list[tuple[object, list[object]]] = []
+    for rule, total in totals.items():
+        derived.append((total, [c for (_, r), c in rows.items() if r == rule]))
+    for d in report["dpdp"]["sites"]:
+        parts = [rows.get((d["site_id"], r), 0) for r in ("GDPR-8", "DPDP-9-1")]
+        derived.append((d["children_excluded"], parts))
+    hidden = {3, 4}  # the suppressed counts of this run (site-2 GDPR-8/GDPR-17, site-0 GDPR-8)
+    for figure, parts in derived:
+        if _ints(figure):
+            assert all(_ints(p) for p in parts), (figure, parts)
+            shown = [p for p in parts if _ints(p)]
+            for i in range(1 << len(shown)):  # figure minus any subset of the shown parts
+                rest = figure - sum(p for b, p in enumerate(shown) if i >> b & 1)
+                assert rest not in hidden or not any(isinstance(p, str) for p in parts)
+    site2 = next(d for d in report["dpdp"]["sites"] if d["site_id"] == "site-2")
+    assert rows[("site-2", "GDPR-8")] == "<5" and rows[("site-2", "DPDP-9-1")] == 5
+    assert site2["children_excluded"] == "withheld"  # 8 would give 8 - 5 = 3 away
+
+
+def test_min_cohort_below_5_is_a_warning(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*"))
+    path = run / "policy-decisions.json"
+    doc = json.loads(path.read_text())
+    doc["manifests"]["site-1"]["min_cohort_size"] = 1
+    path.write_text(json.dumps(doc))
+    out = write_report(run, "json", out=tmp_path / "r.json")
+    findings = json.loads(out.read_text())["findings"]
+    assert any(f["severity"] == "warning" and "site-1 sets min_cohort_size 1" in f["message"]
+               for f in findings)
 
 
 def test_rights_and_declines(report):
@@ -157,7 +214,8 @@ def test_records_of_processing_dpia_and_dpdp(report):
     dpdp = report["dpdp"]["sites"]
     assert [d["site_id"] for d in dpdp] == ["site-2"]
     assert dpdp[0]["ground"] == "consent" and dpdp[0]["log_retention_conflict"] is True
-    assert dpdp[0]["children_excluded"] == 5  # DPDP-9-1: 17-year-olds without guardian consent
+    # DPDP-9-1 (5 17-year-olds) + GDPR-8 (3 under-16s, "<5"): the sum is withheld
+    assert dpdp[0]["children_excluded"] == "withheld"
 
 
 def test_learning_results_with_baseline(run_dir, report):
@@ -181,13 +239,14 @@ def test_site_report_holds_no_other_site(run_dir, tmp_path):
     assert doc["scope"] == {"kind": "site", "site_id": "site-2"}
     assert [p["site_id"] for p in doc["privacy"]] == ["site-2"]
     assert {lg["party"] for lg in doc["audit"]["logs"]} == {"server", "site-2"}
-    assert doc["verified"] is True
+    assert doc["checks_passed"] is True and doc["verified"] is False  # no --trust
 
 
 def test_markdown_links_its_plots(run_dir, tmp_path):
     path = write_report(run_dir, "md", out=tmp_path / "r.md")
     text = path.read_text()
-    assert text.startswith("# Compliance report")
+    assert text.startswith("**SELF-ASSERTED EVIDENCE")  # no --trust: said on line 1
+    assert "\n# Compliance report" in text
     for name in ("r-epsilon.png", "r-learning.png"):
         assert f"]({name})" in text and (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "| site-0 | `GDPR-8` | GDPR Art. 8(1) | <5 |" in text
@@ -215,7 +274,8 @@ def test_html_is_one_self_contained_file_that_chromium_renders(html, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     for needle in ("Record of processing (GDPR Art. 30)", "DPIA-ready summary",
                    "Privacy statement per site", "India: DPDP Act 2023",
-                   "Audit log verification", "all logs verified", "&lt;5", "GDPR-8"):
+                   "Audit log verification", "all logs verified against trusted keys",
+                   "&lt;5", "GDPR-8"):
         assert needle in dom.stdout, needle
     assert 'id="unverified-banner"' not in dom.stdout
     png = tmp_path / "shot.png"
@@ -248,13 +308,15 @@ def test_tampered_log_refuses_and_allow_unverified_shows_the_banner(run_dir, tmp
     assert not list(run.glob("report*"))
     text = write_report(run, "html", allow_unverified=True).read_text()
     body = text[text.index("<body>"):]
-    assert re.match(r'<body>\s*<div class="banner" id="unverified-banner"', body)
+    assert re.match(r'<body>\s*<p class="banner" id="evidence-basis">SELF-ASSERTED[^<]*</p>\s*'
+                    r'<div class="banner" id="unverified-banner"', body)
     assert "sites/site-1/audit/audit-log.jsonl" in body[:2000]
     for fmt in ("json", "md"):
         write_report(run, fmt, out=tmp_path / f"u.{fmt}", allow_unverified=True)
     doc = json.loads((tmp_path / "u.json").read_text())
     assert doc["verified"] is False and "UNVERIFIED" in doc["unverified_warning"]
-    assert (tmp_path / "u.md").read_text().startswith("> **UNVERIFIED")
+    md = (tmp_path / "u.md").read_text().splitlines()
+    assert md[0].startswith("**SELF-ASSERTED") and md[2].startswith("> **UNVERIFIED")
 
 
 def test_user_errors_are_one_line_with_exit_2(run_dir, tmp_path):
