@@ -30,6 +30,9 @@ data_categories = ["health"]
 data_subjects = ["patients", "minors"]
 approved_purposes = ["research.model-training"]
 lawful_basis = "e"
+art6_3_law = "DE: Land hospital act, research provision (test)"
+art9_condition = "j"
+art9_law = "DE: Land hospital act, research provision (test)"
 retention_days = 3650
 log_retention_days = 730
 epsilon_max = 20.0
@@ -40,7 +43,8 @@ feature_columns = {features}
 
 
 def expected_exclusions(rows):
-    """Counted by hand from the CSV: erasure first, then children, then retention."""
+    """Counted by hand from the CSV: erasure first, then minors (under 18, the site's national
+    rule), then retention; the bundled cohort has no row of unknown age or collection date."""
     now = datetime.now(UTC)
     out = {}
     for row in rows:
@@ -48,9 +52,9 @@ def expected_exclusions(rows):
             continue  # dropped by the loader (missing = "drop-row"), never seen by the rules
         if row["erasure"].strip().lower() not in ("", "false", "0", "no"):
             rule = "GDPR-17"
-        elif (row["age"] and int(row["age"]) < 16
+        elif (row["age"] and int(row["age"]) < 18
               and row["guardian_ok"].strip().lower() not in ("true", "1", "yes", "y")):
-            rule = "GDPR-8"
+            rule = "GDPR-MINORS"
         elif row["collected"] and (now - datetime.fromisoformat(row["collected"]).replace(
                 tzinfo=UTC)) > timedelta(days=3650):
             rule = "GDPR-5-1-e"

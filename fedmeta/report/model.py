@@ -213,6 +213,9 @@ class DecisionRow(_Model):
     flags: list[str]
     source: str
     rounds: list[int] = Field(default_factory=list)
+    legal_status: str = "binding"
+    """On the report's date: binding, readiness (the provisions apply later) or partly
+    in force, with the date the rest applies from (policies/data/commencement.toml)."""
 
 
 class ExclusionRow(_Model):

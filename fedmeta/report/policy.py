@@ -11,6 +11,7 @@ subtracted back.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from fedmeta.report.collect import RunFiles, SiteFiles
 from fedmeta.report.model import (
@@ -24,7 +25,7 @@ from fedmeta.report.model import (
     PolicySection,
     RightsHandling,
 )
-from policies import RULES, Decision, suppress_small_counts
+from policies import RULES, Decision, legal_status, suppress_small_counts
 from policies.declarations import DPDP_GROUND_NAMES
 
 DEFAULT_MIN_COHORT = 5
@@ -36,11 +37,33 @@ EXTRA_RULES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 ERASURE_RULES = ("GDPR-17", "DPDP-12-3")
 CONSENT_RULES = ("GDPR-7-3", "DPDP-6-4")
-CHILD_RULES = ("DPDP-9-1", "GDPR-8")
+CHILD_RULES = ("DPDP-9-1", "GDPR-8", "GDPR-MINORS")
 DPDP_LOG_MIN_DAYS = 365
-DPDP_IN_FORCE = ("DPDP Act 2023 with the DPDP Rules 2025 (notified 13 Nov 2025): rules 1, 2 "
-                 "and 17-21 apply since notification, rule 4 from 13 Nov 2026, rules 3, 5-16, "
-                 "22 and 23 from 13 May 2027 (secondary sources).")
+DPDP_COMMENCEMENT = ("DPDP Act 2023 with the DPDP Rules 2025 (notified 13 Nov 2025): the Act's "
+                     "s.1(2), s.2, ss.18-26, s.35, ss.38-43 and Rules 1, 2 and 17-21 apply "
+                     "since notification; s.6(9), s.27(1)(d) and Rule 4 (Consent Managers) from "
+                     "13 Nov 2026; the Data Fiduciaries' duties (ss.3-17) and Rules 3, 5-16, 22 "
+                     "and 23 from 13 May 2027.")
+
+
+def report_date() -> datetime:
+    return datetime.now(UTC)
+
+
+def status_on_report_date(refs: Iterable[str]) -> str:
+    """``binding``, ``readiness (applies from ...)`` or ``partly in force (...)``."""
+    return legal_status(tuple(refs), report_date().date()).describe()
+
+
+def dpdp_in_force() -> str:
+    """The DPDP commencement note, with what it means on the report's date."""
+    today = report_date().date()
+    duties = legal_status(("DPDP Act 2023 s.8(1)",), today)
+    now = ("the Data Fiduciaries' duties the DPDP rules check are binding"
+           if duties.status == "binding" else
+           "the Data Fiduciaries' duties the DPDP rules check are NOT yet in force: DPDP "
+           "decisions are readiness, not binding law")
+    return f"On {today.isoformat()}, {now}. {DPDP_COMMENCEMENT}"
 
 
 def references(rule_id: str) -> list[str]:
@@ -66,7 +89,8 @@ def suppress(value: int, k: int) -> Count:
 def _row(d: Decision, source: str) -> DecisionRow:
     return DecisionRow(rule_id=d.rule_id, outcome=d.outcome.value, level=d.level.value,
                        site_id=d.site_id, references=list(d.references), reason=d.reason,
-                       flags=list(d.flags), source=source)
+                       flags=list(d.flags), source=source,
+                       legal_status=status_on_report_date(d.references))
 
 
 def run_decisions(files: RunFiles, site: str | None) -> list[DecisionRow]:
@@ -105,7 +129,8 @@ def site_decisions(files: RunFiles, site: SiteFiles) -> list[DecisionRow]:
         rows.append(DecisionRow(
             rule_id=rule_id, outcome=outcome, level=level, site_id=site.site_id,
             references=references(rule_id), reason=reason, flags=list(flags),
-            source=f"{site.site_id} audit log", rounds=sorted(set(rounds))))
+            source=f"{site.site_id} audit log", rounds=sorted(set(rounds)),
+            legal_status=status_on_report_date(references(rule_id))))
     return rows
 
 
@@ -168,7 +193,7 @@ def rights(files: RunFiles, site: SiteFiles) -> list[RightsHandling]:
         elif row.rule_id in CONSENT_RULES:
             note = (f"records without consent to this purpose, or whose consent was withdrawn, "
                     f"were left out from round {row.first_round} on; processing before a "
-                    "withdrawal stays lawful (GDPR Art. 7(3), DPDP s.6(4)); the count does not "
+                    "withdrawal stays lawful (GDPR Art. 7(3), DPDP s.6(5)); the count does not "
                     "separate missing from withdrawn consent")
             kind = "consent"
         else:
@@ -238,8 +263,9 @@ def dpdp_site(files: RunFiles, site: SiteFiles) -> DpdpSite | None:
     minors = "declares minors among its data subjects" if m.has_minors else \
         "declares no minors among its data subjects"
     children = (f"The site {minors}. Records of children (under 18, DPDP s.2(f)) without "
-                "verifiable parental consent are left out of every round (DPDP-9-1; GDPR-8 counts "
-                "under-16s first where GDPR also applies); no tracking, behavioural monitoring or "
+                "verifiable parental consent are left out of every round (DPDP-9-1; GDPR-MINORS "
+                "counts them first where GDPR also applies, and PRIV-AGE-UNKNOWN counts records "
+                "of unknown age apart); no tracking, behavioural monitoring or "
                 "targeted advertising (s.9(3)). The Fourth-Schedule exemption for clinical "
                 "establishments is not applied to model training. (interpretation)")
     transfer = _decision(files, "DPDP-16", site.site_id)
@@ -271,4 +297,4 @@ def dpdp_site(files: RunFiles, site: SiteFiles) -> DpdpSite | None:
 
 def dpdp_section(files: RunFiles) -> DpdpSection | None:
     sites = [d for s in files.sites.values() if (d := dpdp_site(files, s)) is not None]
-    return DpdpSection(in_force=DPDP_IN_FORCE, sites=sites) if sites else None
+    return DpdpSection(in_force=dpdp_in_force(), sites=sites) if sites else None

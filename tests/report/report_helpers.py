@@ -3,7 +3,7 @@
 Four sites, two rounds, a consent-based run declaration:
 
 * ``site-0`` (DE, GDPR) has constructed exclusions, one of them below the
-  minimum cohort size (``GDPR-8``: 4 records, shown as "<5");
+  minimum cohort size (``GDPR-MINORS``: 4 records, shown as "<5");
 * ``site-1`` (DE, GDPR) has none;
 * ``site-2`` (IN, GDPR + DPDP, SCC) keeps logs 200 days: the GDPR/DPDP
   log-retention conflict; it has erasure requests, withdrawals and 17-year-olds
@@ -25,7 +25,7 @@ if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 from helpers import consent_declaration, manifest, write_site  # noqa: E402
 
-SITE0 = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-8": 4, "GDPR-5-1-e": 6}
+SITE0 = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-MINORS": 4, "GDPR-5-1-e": 6}
 SITE2 = {"GDPR-17": 3, "GDPR-7-3": 6, "DPDP-9-1": 5}
 
 

@@ -80,11 +80,11 @@ def test_exclusion_counts_equal_the_site_logs_with_small_counts_suppressed(run_d
             assert row["first_round"] == 1 and row["rounds"] == [1, 2]
             assert row["references"]
     assert not any(site == "site-1" for site, _ in rows)
-    assert rows[("site-0", "GDPR-8")]["count"] == "<5"  # 4 records: below the cohort of 5
+    assert rows[("site-0", "GDPR-MINORS")]["count"] == "<5"  # 4 records: below the cohort of 5
     assert rows[("site-2", "GDPR-17")]["count"] == "<5"  # 3 records
     totals = {t["rule_id"]: t["count"] for t in report["policy"]["exclusion_totals"]}
     assert totals["GDPR-7-3"] == 13 and totals["GDPR-5-1-e"] == 6
-    assert totals["GDPR-8"] == "<5"
+    assert totals["GDPR-MINORS"] == "<5"
     assert totals["GDPR-17"] == "withheld"  # 5 + 3 would give the suppressed 3 away
 
 
@@ -190,7 +190,7 @@ def test_markdown_links_its_plots(run_dir, tmp_path):
     assert text.startswith("# Compliance report")
     for name in ("r-epsilon.png", "r-learning.png"):
         assert f"]({name})" in text and (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    assert "| site-0 | `GDPR-8` | GDPR Art. 8(1) | <5 |" in text
+    assert "| site-0 | `GDPR-MINORS` | GDPR Art. 9(4); GDPR Art. 89(1) | <5 |" in text
 
 
 def _chromium() -> str:
@@ -215,7 +215,7 @@ def test_html_is_one_self_contained_file_that_chromium_renders(html, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     for needle in ("Record of processing (GDPR Art. 30)", "DPIA-ready summary",
                    "Privacy statement per site", "India: DPDP Act 2023",
-                   "Audit log verification", "all logs verified", "&lt;5", "GDPR-8"):
+                   "Audit log verification", "all logs verified", "&lt;5", "GDPR-MINORS"):
         assert needle in dom.stdout, needle
     assert 'id="unverified-banner"' not in dom.stdout
     png = tmp_path / "shot.png"
