@@ -65,3 +65,14 @@ def test_corrected_citations():
     assert "DPDP Act 2023 s.6(5)" in RULES["DPDP-6-4"].references
     assert "DPDP Act 2023 s.8(7)(b)" not in RULES["DPDP-8-7"].references
     assert all("r.8(1)" not in ref for rule in RULES.values() for ref in rule.references)
+
+
+def test_compliance_doc_lists_every_rule_with_its_references():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "compliance.md").read_text(encoding="utf-8")
+    for rule in RULES.values():
+        line = next((ln for ln in text.splitlines() if ln.startswith(f"| `{rule.id}` |")), None)
+        assert line is not None, f"docs/compliance.md has no row for {rule.id}"
+        assert "; ".join(rule.references) in line, rule.id
+        assert legal_status(rule.references, BEFORE_DPDP).describe() in line, rule.id

@@ -34,7 +34,7 @@ def build_run(out: Path, declaration_dir: Path) -> subprocess.CompletedProcess[s
     write_site(out, 0, manifest("site-0"), SITE0)
     write_site(out, 1, manifest("site-1"))
     write_site(out, 2, manifest("site-2", "IN", '["SCC-2021/914-C2C"]', '["gdpr", "dpdp"]',
-                                'dpdp_ground = "consent"', log_days=200), SITE2)
+                                'dpdp_ground = "consent"\nminor_age = 16', log_days=200), SITE2)
     write_site(out, 3, manifest("site-3", "CN"))
     decl = consent_declaration(declaration_dir / "run.toml")
     if str(ROOT / "tests") not in sys.path:
