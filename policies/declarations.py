@@ -347,6 +347,9 @@ class SiteManifest(_Model):
     """The national law on processing minors' data for research that the site follows."""
     minors_need_guardian_consent: StrictBool = True
     """Whether that law needs a parent's or guardian's consent for a minor's record."""
+    opt_out_scheme: NationalLaw | None = None
+    """The national opt-out scheme the site applies ("XX: <scheme>"), if any; records
+    flagged opted_out_at are left out whether or not a scheme is named."""
     collection_dates_recorded: StrictBool = True
     """Whether the site records when each record was collected; if so, a record without
     a collection date is left out (its retention cannot be checked) and counted."""

@@ -304,6 +304,71 @@ class Erasure(RecordRule):
         return record.erasure_due(at)
 
 
+class Objection(RecordRule):
+    id = "GDPR-21"
+    pack = "gdpr"
+    references = ("GDPR Art. 21(1)", "GDPR Art. 21(6)")
+    checklist = ("G11",)
+    confidence = "V (U: the record field holds objections the site upheld)"
+    description = (
+        "Where the site relies on public task (e) or legitimate interests (f) (Art. 21(1)), or "
+        "the purpose is research (Art. 21(6)), a data subject may object. A record whose "
+        "objection the site upheld (objected_at) is left out from the objection on. An "
+        "objection the site refuses on compelling grounds or public-interest necessity is "
+        "recorded with its ground in the site's rights register, not in objected_at. "
+        "(interpretation)"
+    )
+    applies_when = "the basis is (e) or (f), or the purpose is research"
+    excluded_because = "the data subject objected (upheld)"
+
+    def applies(self, run: RunDeclaration, site: SiteManifest) -> bool:
+        basis = site.lawful_basis or run.lawful_basis
+        return basis in ("e", "f") or get_purpose(run.purpose).is_research
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.objected_by(at)
+
+
+class Restriction(RecordRule):
+    id = "GDPR-18"
+    pack = "gdpr"
+    references = ("GDPR Art. 18(1)", "GDPR Art. 18(2)")
+    checklist = ("G12",)
+    confidence = "V"
+    description = (
+        "While processing of a record is restricted (restricted_at; lifting the restriction "
+        "clears it), the record may only be stored: it is left out of training."
+    )
+    excluded_because = "processing restricted"
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.restricted_by(at)
+
+
+class NationalOptOut(RecordRule):
+    id = "GDPR-OPT-OUT"
+    pack = "gdpr"
+    references = ("GDPR Art. 9(4)",)
+    checklist = ("G13",)
+    confidence = "S (U: which schemes cover model training)"
+    description = (
+        "A record whose data subject opted out under a national opt-out scheme (opted_out_at; "
+        "the scheme the site applies is its opt_out_scheme, e.g. a national data opt-out or, "
+        "from 2029, the European Health Data Space opt-out from secondary use) is left out "
+        "from the opt-out on. (interpretation)"
+    )
+    excluded_because = "opted out under a national scheme"
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.opted_out_by(at)
+
+
 class Consent(RecordRule):
     id = "GDPR-7-3"
     pack = "gdpr"

@@ -54,6 +54,9 @@ def test_constructed_numbers_gdpr(n, m, k, r):
     verdict = evaluate_records(run, site, recs, AT)
     assert verdict.excluded_by_rule == {
         "GDPR-17": m,
+        "GDPR-21": 0,
+        "GDPR-18": 0,
+        "GDPR-OPT-OUT": 0,
         "GDPR-7-3": n,
         "GDPR-MINORS": k,
         "PRIV-AGE-UNKNOWN": 1,
@@ -102,6 +105,9 @@ def test_each_record_counted_once_under_the_first_rule():
     verdict = evaluate_records(run, make_site(**CONSENT_SITE), [both, record()], AT)
     assert verdict.excluded_by_rule == {
         "GDPR-17": 1,
+        "GDPR-21": 0,
+        "GDPR-18": 0,
+        "GDPR-OPT-OUT": 0,
         "GDPR-7-3": 0,
         "GDPR-MINORS": 0,
         "PRIV-AGE-UNKNOWN": 0,
@@ -216,6 +222,31 @@ def test_unknown_collection_date_is_counted_not_silently_kept():
     assert d.reason.startswith("not applicable") and "collection dates" in d.reason
 
 
+def test_objection_restriction_and_opt_out_exclude_from_their_date_on():
+    run = make_run()  # public task (e), research: Art. 21(1) and 21(6) both open
+    site = make_site()
+    recs = [
+        record(objected_at=AT - timedelta(days=1)),
+        record(objected_at=AT + timedelta(days=1)),  # objects after this round
+        record(restricted_at=AT - timedelta(days=2)),
+        record(opted_out_at=AT),
+        record(),
+    ]
+    verdict = evaluate_records(run, site, recs, AT)
+    assert verdict.allowed_mask == (False, True, False, False, True)
+    counts = verdict.excluded_by_rule
+    assert (counts["GDPR-21"], counts["GDPR-18"], counts["GDPR-OPT-OUT"]) == (1, 1, 1)
+    # on consent (a) there is no Art. 21(1) objection outside research: withdrawal instead
+    care = make_run(purpose="care.treatment", lawful_basis="a", special_category_condition="a")
+    consent_site = make_site(lawful_basis="a", art9_condition="a")
+    verdict = evaluate_records(care, consent_site, [record(objected_at=AT)], AT)
+    assert "GDPR-21" not in verdict.excluded_by_rule
+    # the columns round-trip through the columnar reader
+    (rec,) = records_from_columns({"record_id": ["x"], "objected_at": ["2026-05-01"],
+                                   "restricted_at": [None], "opted_out_at": [""]})
+    assert rec.objected_at == datetime(2026, 5, 1, tzinfo=UTC) and rec.restricted_at is None
+
+
 def test_dpdp_voluntary_use_honours_withdrawal_only():
     site = make_site("site-in", dpdp_ground="7(a)", approved_purposes={"care.treatment"})
     run = make_run(purpose="care.treatment", special_category_condition="a")
@@ -248,6 +279,9 @@ def test_verdict_serialises_counts_never_masks_or_ids():
         assert "excluded_mask" not in d.to_dict()
     assert suppress_small_counts(verdict.excluded_by_rule, 5) == {
         "GDPR-17": "<5",
+        "GDPR-21": 0,
+        "GDPR-18": 0,
+        "GDPR-OPT-OUT": 0,
         "GDPR-7-3": 0,
         "GDPR-MINORS": 0,
         "PRIV-AGE-UNKNOWN": 0,

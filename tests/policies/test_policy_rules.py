@@ -74,6 +74,18 @@ CASES: dict[str, tuple[Case, Case]] = {
             "GDPR-7-3", make_run(), _de(**CONSENT_SITE), records=[record(**WITHDRAWN)]
         ),
     ),
+    "GDPR-21": (
+        lambda: decide("GDPR-21", make_run(), _de(), records=[record()]),
+        lambda: decide("GDPR-21", make_run(), _de(), records=[record(objected_at=AT)]),
+    ),
+    "GDPR-18": (
+        lambda: decide("GDPR-18", make_run(), _de(), records=[record()]),
+        lambda: decide("GDPR-18", make_run(), _de(), records=[record(restricted_at=AT)]),
+    ),
+    "GDPR-OPT-OUT": (
+        lambda: decide("GDPR-OPT-OUT", make_run(), _de(), records=[record()]),
+        lambda: decide("GDPR-OPT-OUT", make_run(), _de(), records=[record(opted_out_at=AT)]),
+    ),
     "GDPR-8": (
         lambda: decide("GDPR-8", make_run(**ISS_RUN), _de(), records=[record(age=16)]),
         lambda: decide("GDPR-8", make_run(**ISS_RUN), _de(), records=[record(**CHILD)]),
