@@ -118,6 +118,10 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
             add("warning", "policy", f"{row.rule_id} at {row.site_id}: non-private run")
     for site_id, why in policy.unusable_sites.items():
         add("warning", "policy", f"{site_id} could not take part: {why}")
+    for site_id, late in policy.rights_overdue.items():
+        if late != 0:
+            add("warning", "policy", f"{site_id}: {late} data-subject request(s) answered late "
+                                     "or overdue (GDPR Art. 12(3); DPDP Rules r.14(3))")
     stale = adequacy_staleness(datetime.now(UTC).date())
     if stale:
         add("warning", "policy", stale)

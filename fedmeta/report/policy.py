@@ -24,7 +24,9 @@ from fedmeta.report.model import (
     ExclusionTotal,
     PolicySection,
     RightsHandling,
+    RightsRegisterRow,
 )
+from fedmeta.report.rights import register_rows
 from policies import RULES, Decision, legal_status, suppress_small_counts
 from policies.declarations import DPDP_GROUND_NAMES
 
@@ -37,6 +39,7 @@ EXTRA_RULES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 ERASURE_RULES = ("GDPR-17", "DPDP-12-3")
 CONSENT_RULES = ("GDPR-7-3", "DPDP-6-4")
+OTHER_RIGHTS = {"GDPR-21": "objection", "GDPR-18": "restriction", "GDPR-OPT-OUT": "opt-out"}
 CHILD_RULES = ("DPDP-9-1", "GDPR-8", "GDPR-MINORS")
 DPDP_LOG_MIN_DAYS = 365
 DPDP_COMMENCEMENT = ("DPDP Act 2023 with the DPDP Rules 2025 (notified 13 Nov 2025): the Act's "
@@ -183,12 +186,18 @@ def exclusion_totals(files: RunFiles) -> list[ExclusionTotal]:
 
 def rights(files: RunFiles, site: SiteFiles) -> list[RightsHandling]:
     out = []
+    _, register = register_rows(site.site_id, site.dir, min_cohort(site), report_date().date())
     for row in exclusions(files, site):
         if row.rule_id in ERASURE_RULES:
-            note = (f"records whose data subject asked for erasure were left out of round "
-                    f"{row.first_round} and every later round of this run; models trained "
-                    "before the request are not unlearned: record the Art. 17(3)(d) exemption "
-                    "or retrain")
+            if register is not None and register.erased_at_source:
+                source = (f"erasure at source: the site's register records "
+                          f"{register.erased_at_source} of {register.erasure_requests} erasure "
+                          "request(s) as erased at source (unsigned)")
+            else:
+                source = "erasure at source: not evidenced (the site records none)"
+            note = (f"excluded from training from round {row.first_round} on; {source}; "
+                    "models trained before the request are not unlearned: record the Art. "
+                    "17(3)(d) exemption or retrain")
             kind = "erasure"
         elif row.rule_id in CONSENT_RULES:
             note = (f"records without consent to this purpose, or whose consent was withdrawn, "
@@ -196,12 +205,27 @@ def rights(files: RunFiles, site: SiteFiles) -> list[RightsHandling]:
                     "withdrawal stays lawful (GDPR Art. 7(3), DPDP s.6(5)); the count does not "
                     "separate missing from withdrawn consent")
             kind = "consent"
+        elif row.rule_id in OTHER_RIGHTS:
+            kind = OTHER_RIGHTS[row.rule_id]
+            note = (f"excluded from training from round {row.first_round} on; refusals and "
+                    "their grounds are in the site's rights register")
         else:
             continue
         out.append(RightsHandling(site_id=site.site_id, kind=kind, rule_id=row.rule_id,
                                   references=row.references, count=row.count,
                                   excluded_from_round=row.first_round, note=note))
     return out
+
+
+def register_section(sites: list[SiteFiles]) -> tuple[list[RightsRegisterRow], dict[str, Count]]:
+    rows: list[RightsRegisterRow] = []
+    overdue: dict[str, Count] = {}
+    for s in sites:
+        site_rows, facts = register_rows(s.site_id, s.dir, min_cohort(s), report_date().date())
+        rows += site_rows
+        if facts is not None:
+            overdue[s.site_id] = facts.overdue
+    return rows, overdue
 
 
 def declines(files: RunFiles, site: SiteFiles) -> list[Decline]:
@@ -217,6 +241,7 @@ def policy_section(files: RunFiles, site: str | None) -> PolicySection:
     denied = {d.site_id: f"{d.rule_id} ({'; '.join(d.references)}): {d.reason}"
               for d in files.decisions if d.denied and d.site_id
               and (site is None or d.site_id == site)}
+    register = register_section(sites)
     records: dict[str, Count] = {}
     for s in sites:
         entries = _records_entries(files, s)
@@ -231,6 +256,8 @@ def policy_section(files: RunFiles, site: str | None) -> PolicySection:
         exclusion_totals=exclusion_totals(files) if site is None else [],
         records_evaluated=records,
         rights=[r for s in sites for r in rights(files, s)],
+        rights_register=register[0],
+        rights_overdue=register[1],
         declines=[d for s in sites for d in declines(files, s)],
         denied_sites=dict(sorted(denied.items())),
         unusable_sites={k: v for k, v in sorted(files.unusable.items())
