@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import date
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -36,7 +37,7 @@ class AdequacyList:
     countries: dict[str, Adequacy]
 
 
-def _read(name: str) -> dict:
+def _read(name: str) -> dict[str, Any]:
     with open(DATA_DIR / name, "rb") as f:
         return tomllib.load(f)
 
