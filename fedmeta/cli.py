@@ -288,8 +288,12 @@ _mount_audit()
 
 def _mount_report() -> None:
     from fedmeta.report.cli import report_command
+    from fedmeta.report.notice import notice_command
+    from fedmeta.report.rights import rights_command
 
     app.command("report")(report_command)
+    app.command("notice")(notice_command)
+    app.command("rights")(rights_command)
 
 
 _mount_report()

@@ -38,7 +38,7 @@ Entry points::
 How to add a rule
     1. In the family's file, subclass ``SiteRule``, ``RecordRule``, ``RunRule``
        or ``RoundRule``; set ``id``, ``pack``, ``references``, ``description``,
-       ``checklist`` (COMPLIANCE-NOTES row ids) and ``confidence``; write its
+       ``checklist`` (checklist row ids, docs/compliance.md) and ``confidence``; write its
        one method (``evaluate``, or ``applies``/``excludes`` for records) using
        ``self.allow(...)``/``self.deny(...)``.
     2. Add an instance to ``_RULES`` in ``registry.py`` where it should run
@@ -48,6 +48,7 @@ How to add a rule
        ``tests/policies/``.
 """
 
+from policies.commencement import LegalStatus, in_force_from, legal_status
 from policies.declarations import (
     SPECIAL_CATEGORIES,
     DeclarationError,
@@ -94,6 +95,9 @@ from policies.rule import (
 )
 
 __all__ = [
+    "LegalStatus",
+    "in_force_from",
+    "legal_status",
     "CONFLICT",
     "EXAMPLES_DIR",
     "EXAMPLE_RUN",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import date
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -36,7 +37,7 @@ class AdequacyList:
     countries: dict[str, Adequacy]
 
 
-def _read(name: str) -> dict:
+def _read(name: str) -> dict[str, Any]:
     with open(DATA_DIR / name, "rb") as f:
         return tomllib.load(f)
 
@@ -49,9 +50,12 @@ def iso_countries() -> dict[str, str]:
 
 @cache
 def eea_countries() -> frozenset[str]:
-    """The EEA: EU Member States plus Iceland, Liechtenstein and Norway."""
+    """The EEA: EU Member States (with their territories that have ISO codes of their
+    own, such as Réunion or the Åland Islands) plus Iceland, Liechtenstein and Norway."""
     data = _read("eea.toml")
-    return frozenset(data["eu"]) | frozenset(data["efta_eea"])
+    return (
+        frozenset(data["eu"]) | frozenset(data["efta_eea"]) | frozenset(data["eu_territories"])
+    )
 
 
 @cache
@@ -69,6 +73,22 @@ def adequacy_list() -> AdequacyList:
         for code, entry in data["countries"].items()
     }
     return AdequacyList(as_of=data["as_of"], source=data["source"], countries=countries)
+
+
+ADEQUACY_STALE_DAYS = 183
+"""The report warns when the adequacy list was last checked longer ago than this."""
+
+
+def adequacy_staleness(on: date) -> str | None:
+    """A one-line warning when the adequacy list is more than six months old on ``on``."""
+    as_of = adequacy_list().as_of
+    age = (on - as_of).days
+    if age <= ADEQUACY_STALE_DAYS:
+        return None
+    return (
+        f"the adequacy list (policies/data/adequacy.toml) was last checked on {as_of}, "
+        f"{age} days before {on}: check the Commission's decisions and update it"
+    )
 
 
 def is_eea(code: str) -> bool:

@@ -64,12 +64,14 @@ GDPR_BASIS_NAMES: dict[str, str] = {
     "f": "legitimate interests",
 }
 
-Art9Condition = Literal["a", "h", "i", "j"]
-"""GDPR Art. 9(2): (a) explicit consent, (h) medicine and care, (i) public
-interest in public health, (j) research under Art. 89(1)."""
+Art9Condition = Literal["a", "g", "h", "i", "j"]
+"""GDPR Art. 9(2): (a) explicit consent, (g) substantial public interest, (h)
+medicine and care, (i) public interest in public health, (j) research under
+Art. 89(1)."""
 
 ART9_NAMES: dict[str, str] = {
     "a": "explicit consent",
+    "g": "substantial public interest",
     "h": "preventive medicine, diagnosis, care or treatment",
     "i": "public interest in public health",
     "j": "scientific research (Art. 89(1))",
@@ -152,6 +154,25 @@ def _country(value: str) -> str:
     return code
 
 
+def _national_law(value: str) -> str:
+    """``"DE: <citation>"`` or ``"EU: <citation>"``: the law and where it applies."""
+    head, sep, citation = value.partition(":")
+    code = head.strip().upper()
+    if not sep or not citation.strip():
+        raise ValueError(
+            "must name where the law applies and the law, like 'DE: <citation>' or "
+            f"'EU: <citation>' (got {value!r})"
+        )
+    if code != "EU":
+        code = _country(code)
+    return f"{code}: {' '.join(citation.split())}"
+
+
+def law_jurisdiction(law: str) -> str:
+    """The ISO country code (or "EU") a :data:`NationalLaw` value applies in."""
+    return law.partition(":")[0]
+
+
 def _purpose(value: str) -> str:
     if value not in PURPOSES:
         raise ValueError(f"must be one of {', '.join(PURPOSES)} (got {value!r})")
@@ -202,6 +223,7 @@ Email = Annotated[str, AfterValidator(_email)]
 Days = Annotated[StrictInt, Field(gt=0, le=36500)]
 Delta = Annotated[StrictFloat, Field(gt=0.0, lt=1.0)]
 SiteId = Annotated[str, AfterValidator(_site_id)]
+NationalLaw = Annotated[str, StringConstraints(max_length=500), AfterValidator(_national_law)]
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -232,8 +254,8 @@ class RunDeclaration(_Model):
     legitimate_interests_assessment: Text | None = None
     """Reference to the balancing test, needed when lawful_basis is (f)."""
     special_category_condition: Art9Condition | None = None
-    special_category_law: Text | None = None
-    """The Union or Member State law relied on for Art. 9(2)(i) or (j)."""
+    """The Art. 9(2) condition a site relies on when its manifest names none
+    (art9_condition); the law behind it is always the site's own (art9_law)."""
     controller: Party
     joint_controllers: tuple[Party, ...] = ()
     server_country: Country
@@ -248,6 +270,16 @@ class RunDeclaration(_Model):
     min_sites_per_round: Annotated[StrictInt, Field(ge=1, le=100000)] = 2
     scc_reference: SccReference | None = None
     dpia_id: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "special_category_law" in data:
+            raise ValueError(
+                "special_category_law: the law behind a site's Art. 9(2) condition belongs to "
+                "each site: move it to the site manifests as art9_law = 'XX: <citation>'"
+            )
+        return data
 
     @model_validator(mode="after")
     def _dp_parameters(self) -> RunDeclaration:
@@ -301,6 +333,34 @@ class SiteManifest(_Model):
     dpo_contact: Text | None = None
     privacy: SitePrivacyPolicy = SitePrivacyPolicy()
     """The site's own privacy policy (``[privacy]`` table), enforced at the site every round."""
+
+    # the national law behind the site's processing (GDPR), each "XX: <citation>"
+    art6_3_law: NationalLaw | None = None
+    """The Union or Member State law that lays down a basis of Art. 6(1)(c) or (e)
+    (Art. 6(3)); required for those bases."""
+    art9_condition: Art9Condition | None = None
+    """The site's own Art. 9(2) condition for its special-category data; if unset,
+    the run's special_category_condition."""
+    art9_law: NationalLaw | None = None
+    """The Union or Member State law behind Art. 9(2)(g)-(j); must apply in the site's
+    country (or be Union law)."""
+    art9_3_secrecy: Text | None = None
+    """For Art. 9(2)(h): the obligation of professional secrecy the staff who process
+    the data are under (Art. 9(3))."""
+    # minors in research: the site's national law, not GDPR Art. 8
+    minor_age: Annotated[StrictInt, Field(ge=1, le=21)] = 18
+    """Age under which the site's national law treats a data subject as a minor for this
+    processing."""
+    minors_law: NationalLaw | None = None
+    """The national law on processing minors' data for research that the site follows."""
+    minors_need_guardian_consent: StrictBool = True
+    """Whether that law needs a parent's or guardian's consent for a minor's record."""
+    opt_out_scheme: NationalLaw | None = None
+    """The national opt-out scheme the site applies ("XX: <scheme>"), if any; records
+    flagged opted_out_at are left out whether or not a scheme is named."""
+    collection_dates_recorded: StrictBool = True
+    """Whether the site records when each record was collected; if so, a record without
+    a collection date is left out (its retention cannot be checked) and counted."""
 
     @model_validator(mode="after")
     def _packs(self) -> SiteManifest:

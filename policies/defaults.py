@@ -59,6 +59,8 @@ def default_site_manifest(
         epsilon_max=10.0,
         delta=1e-5,
         feature_columns=tuple(feature_columns),
+        # bundled public data sets carry no collection dates
+        collection_dates_recorded=False,
     )
     if country == "IN":
         return SiteManifest.model_validate(
@@ -73,6 +75,15 @@ def default_site_manifest(
         country in adequacy_list().countries and not adequacy_list().countries[country].partial
     )
     safeguards = () if is_eea(country) or adequate else ("SCC-2021/914-C2C",)
+    simulated_law = f"{country}: none (a simulated site on bundled public data relies on no law)"
     return SiteManifest.model_validate(
-        {**common, "lawful_basis": "e", "law_packs": ("gdpr",), "transfer_safeguards": safeguards}
+        {
+            **common,
+            "lawful_basis": "e",
+            "art6_3_law": simulated_law,
+            "art9_condition": "j",
+            "art9_law": simulated_law,
+            "law_packs": ("gdpr",),
+            "transfer_safeguards": safeguards,
+        }
     )

@@ -1,9 +1,10 @@
 """India: Digital Personal Data Protection Act 2023 (s.) and DPDP Rules 2025 (r.).
 
 Each class is one rule; ``policies/registry.py`` lists them in evaluation order.
-Row ids (D01, ...) and confidence tags refer to COMPLIANCE-NOTES.md. Rule
-numbers are those of the final Rules notified on 13 Nov 2025 (most in force
-from 13 May 2027).
+Checklist row ids (D01, ...) and confidence tags: see docs/compliance.md. Rule
+numbers are those of the final Rules notified on 13 Nov 2025. Most provisions
+apply only from 13 May 2027 (``policies/data/commencement.toml``): until then a
+decision is "readiness", not binding law.
 """
 
 from __future__ import annotations
@@ -208,13 +209,20 @@ class ErasureRequest(RecordRule):
 class ConsentWithdrawal(RecordRule):
     id = "DPDP-6-4"
     pack = "dpdp"
-    references = ("DPDP Act 2023 s.6(1)", "DPDP Act 2023 s.6(4)", "DPDP Act 2023 s.8(7)(a)")
+    references = (
+        "DPDP Act 2023 s.6(1)",
+        "DPDP Act 2023 s.6(4)",
+        "DPDP Act 2023 s.6(5)",
+        "DPDP Act 2023 s.6(6)",
+        "DPDP Act 2023 s.8(7)(a)",
+    )
     checklist = ("D03", "D06")
     confidence = "V/S"
     description = (
         "On consent: a record is used only if its Data Principal consented to this purpose and "
-        "has not withdrawn; a withdrawal at or before the round time excludes it from that round "
-        "and all later ones. On s.7(a) (voluntarily provided): a withdrawal also excludes it."
+        "has not withdrawn (s.6(4)); a withdrawal at or before the round time excludes it from "
+        "that round and all later ones (s.6(6)), while processing before it stays lawful "
+        "(s.6(5)). On s.7(a) (voluntarily provided): a withdrawal also excludes it."
     )
     applies_when = "the DPDP ground is consent or s.7(a)"
     excluded_because = "no consent for this purpose, or consent withdrawn"
@@ -245,7 +253,8 @@ class Children(RecordRule):
         "Records of children (under 18) are left out unless a parent gave verifiable consent, "
         "and always when the purpose is tracking, behavioural monitoring or targeted advertising. "
         "The Fourth-Schedule exemption for clinical establishments covers care of the child, not "
-        "model training, so it is not applied. (interpretation)"
+        "model training, so it is not applied. Records of unknown age at a site with minors are "
+        "left out by PRIV-AGE-UNKNOWN. (interpretation)"
     )
     excluded_because = "child without verifiable parental consent, or purpose monitors children"
 
@@ -260,13 +269,13 @@ class Children(RecordRule):
 class PurposeServed(RecordRule):
     id = "DPDP-8-7"
     pack = "dpdp"
-    references = ("DPDP Act 2023 s.8(7)(b)", "DPDP Rules 2025 r.8(1)")
+    references = ("DPDP Act 2023 s.8(7)(a)", "DPDP Act 2023 s.8(8)")
     checklist = ("D06",)
     confidence = "V (U: the site's retention limit as the end of the purpose)"
     description = (
-        "Data are erased once it is reasonable to assume the purpose is no longer served; fedmeta "
-        "takes the site's retention limit (retention_days) as that point and leaves older records "
-        "out. (interpretation)"
+        "Data are erased once the purpose is no longer served (s.8(7)(a)); s.8(8) deems it no "
+        "longer served after a prescribed period. fedmeta takes the site's retention limit "
+        "(retention_days) as that point and leaves older records out. (interpretation)"
     )
     excluded_because = "older than the site's retention limit (purpose no longer served)"
 

@@ -1,7 +1,8 @@
 """GDPR (Regulation (EU) 2016/679) rules.
 
 Each class is one rule; ``policies/registry.py`` lists them in evaluation order.
-Row ids (G01, ...) and confidence tags refer to COMPLIANCE-NOTES.md.
+``checklist`` holds the project's compliance-checklist row ids (G01, ...) and
+``confidence`` how firmly the reading rests on the text (see docs/compliance.md).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from policies.declarations import (
     SCC_PATTERN,
     RunDeclaration,
     SiteManifest,
+    law_jurisdiction,
 )
 from policies.purposes import get_purpose
 from policies.records import RecordMeta
@@ -36,11 +38,17 @@ def transfer_ground(country: str, safeguards: Iterable[str]) -> tuple[str | None
     if is_eea(country):
         return "in the EEA (no third-country transfer)", ""
     adequacy = adequacy_list().countries.get(country)
+    note = f" (note: {adequacy.note})" if adequacy is not None and adequacy.note else ""
     if adequacy is not None and not adequacy.partial:
-        return f"{name} has an adequacy decision (Art. 45), list as of {adequacy_list().as_of}", ""
+        return (
+            f"{name} has an adequacy decision (Art. 45), list as of "
+            f"{adequacy_list().as_of}{note}",
+            "",
+        )
     if adequacy is not None and "adequacy" in safeguards:
         return (
-            f"{name} adequacy decision, recipient confirmed within its scope ({adequacy.scope})",
+            f"{name} adequacy decision, recipient confirmed within its scope "
+            f"({adequacy.scope}){note}",
             "",
         )
     if sccs:
@@ -48,7 +56,7 @@ def transfer_ground(country: str, safeguards: Iterable[str]) -> tuple[str | None
     if adequacy is not None:
         return None, (
             f"{name}'s adequacy decision covers only {adequacy.scope}: confirm the recipient is "
-            "in scope (transfer_safeguards = ['adequacy']) or declare an SCC reference"
+            f"in scope (transfer_safeguards = ['adequacy']) or declare an SCC reference{note}"
         )
     return None, (
         f"{name} is neither in the EEA nor on the adequacy list "
@@ -92,47 +100,65 @@ class ModelTransfer(RunRule):
 class LawfulBasis(SiteRule):
     id = "GDPR-6"
     pack = "gdpr"
-    references = ("GDPR Art. 6(1)",)
+    references = ("GDPR Art. 6(1)", "GDPR Art. 6(3)")
     checklist = ("G01",)
     confidence = "V/K"
     description = (
-        "The run declares one lawful basis of Art. 6(1) (a) to (f). If the site declares its own "
-        "basis, it must be the same. Legitimate interests (f) needs a reference to the balancing "
-        "test."
+        "Each controller needs its own lawful basis of Art. 6(1) (a) to (f): the site's own "
+        "(lawful_basis), else the run's. A basis of (c) legal obligation or (e) public task must "
+        "name the Union or Member State law behind it (Art. 6(3), art6_3_law), in force in the "
+        "site's country. Legitimate interests (f) needs a reference to the balancing test."
     )
 
     def evaluate(
         self, run: RunDeclaration, site: SiteManifest, columns: Columns | None = None
     ) -> Decision:
-        basis = run.lawful_basis
+        basis = site.lawful_basis or run.lawful_basis
         if basis is None:
-            return self.deny("the run declares no lawful basis (Art. 6(1)(a)-(f))", site)
-        if site.lawful_basis is not None and site.lawful_basis != basis:
             return self.deny(
-                f"the run relies on Art. 6(1)({basis}) but the site relies on "
-                f"Art. 6(1)({site.lawful_basis})",
-                site,
+                "neither the site nor the run declares a lawful basis (Art. 6(1)(a)-(f))", site
             )
+        whose = "the site's" if site.lawful_basis else "the run's"
         if basis == "f" and run.legitimate_interests_assessment is None:
             return self.deny(
                 "Art. 6(1)(f) legitimate interests needs legitimate_interests_assessment "
                 "(the balancing test) in the run declaration",
                 site,
             )
-        return self.allow(f"Art. 6(1)({basis}) {GDPR_BASIS_NAMES[basis]}", site)
+        law = ""
+        if basis in ("c", "e"):
+            if site.art6_3_law is None:
+                return self.deny(
+                    f"Art. 6(1)({basis}) {GDPR_BASIS_NAMES[basis]} needs the law that lays it "
+                    "down (Art. 6(3)): set art6_3_law = 'XX: <citation>' in the site manifest",
+                    site,
+                )
+            where = law_jurisdiction(site.art6_3_law)
+            if where not in ("EU", site.country):
+                return self.deny(
+                    f"the Art. 6(3) law {site.art6_3_law!r} is {where} law but the site is in "
+                    f"{site.country}: name the law that applies to the site",
+                    site,
+                )
+            law = f"; law: {site.art6_3_law}"
+        return self.allow(
+            f"Art. 6(1)({basis}) {GDPR_BASIS_NAMES[basis]} ({whose} basis){law}", site
+        )
 
 
 class SpecialCategories(SiteRule):
     id = "GDPR-9-2"
     pack = "gdpr"
-    references = ("GDPR Art. 9(1)", "GDPR Art. 9(2)", "GDPR Art. 89(1)")
+    references = ("GDPR Art. 9(1)", "GDPR Art. 9(2)", "GDPR Art. 9(3)", "GDPR Art. 89(1)")
     checklist = ("G02",)
     confidence = "V/S (U: which conditions fit which purpose)"
     description = (
-        "Health, genetic, biometric and other Art. 9(1) data need an Art. 9(2) condition: "
-        "(a) explicit consent, (h) care, (i) public health or (j) research. (i) and (j) must cite "
-        "the Union or Member State law relied on. The condition must fit the run's purpose "
-        "(e.g. (h) is for care, not research) (interpretation)."
+        "Health, genetic, biometric and other Art. 9(1) data need an Art. 9(2) condition, the "
+        "site's own (art9_condition) or else the run's: (a) explicit consent, (g) substantial "
+        "public interest, (h) care, (i) public health or (j) research. (g) to (j) must name the "
+        "Union or Member State law relied on (art9_law), in force in the site's country; (h) "
+        "also needs the Art. 9(3) secrecy obligation (art9_3_secrecy). The condition must fit "
+        "the run's purpose (e.g. (h) is for care, not research) (interpretation)."
     )
 
     def evaluate(
@@ -141,16 +167,12 @@ class SpecialCategories(SiteRule):
         special = sorted(site.special_categories)
         if not special:
             return self.allow("no special-category data at this site", site)
-        condition = run.special_category_condition
+        condition = site.art9_condition or run.special_category_condition
         what = ", ".join(special)
         if condition is None:
             return self.deny(
-                f"site holds {what} data but the run declares no Art. 9(2) condition", site
-            )
-        if condition in ("i", "j") and run.special_category_law is None:
-            return self.deny(
-                f"Art. 9(2)({condition}) requires the Union or Member State law relied on: "
-                "set special_category_law",
+                f"site holds {what} data but neither the site (art9_condition) nor the run "
+                "declares an Art. 9(2) condition",
                 site,
             )
         purpose = get_purpose(run.purpose)
@@ -159,9 +181,30 @@ class SpecialCategories(SiteRule):
             return self.deny(
                 f"Art. 9(2)({condition}) does not fit purpose {purpose.id} (fits: {fits})", site
             )
-        law = f", law: {run.special_category_law}" if run.special_category_law else ""
+        if condition == "a":  # explicit consent: no law to cite
+            return self.allow(f"{what} data under Art. 9(2)(a) {ART9_NAMES['a']}", site)
+        law = site.art9_law
+        if law is None:
+            return self.deny(
+                f"Art. 9(2)({condition}) requires the Union or Member State law the site relies "
+                "on: set art9_law = 'XX: <citation>' in the site manifest",
+                site,
+            )
+        where = law_jurisdiction(law)
+        if where not in ("EU", site.country):
+            return self.deny(
+                f"the Art. 9(2)({condition}) law {law!r} is {where} law but the site is in "
+                f"{site.country}: name the law that applies to the site",
+                site,
+            )
+        if condition == "h" and site.art9_3_secrecy is None:
+            return self.deny(
+                "Art. 9(2)(h) needs processing by or under the responsibility of a professional "
+                "under a duty of secrecy (Art. 9(3)): state it in art9_3_secrecy",
+                site,
+            )
         return self.allow(
-            f"{what} data under Art. 9(2)({condition}) {ART9_NAMES[condition]}{law}", site
+            f"{what} data under Art. 9(2)({condition}) {ART9_NAMES[condition]}; law: {law}", site
         )
 
 
@@ -237,7 +280,8 @@ class Transfers(SiteRule):
 def consent_is_the_basis(run: RunDeclaration, site: SiteManifest) -> bool:
     """Art. 6(1)(a) is the basis, or Art. 9(2)(a) covers the site's special-category data."""
     basis = site.lawful_basis or run.lawful_basis
-    explicit = run.special_category_condition == "a" and bool(site.special_categories)
+    condition = site.art9_condition or run.special_category_condition
+    explicit = condition == "a" and bool(site.special_categories)
     return basis == "a" or explicit
 
 
@@ -258,6 +302,71 @@ class Erasure(RecordRule):
         self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
     ) -> bool:
         return record.erasure_due(at)
+
+
+class Objection(RecordRule):
+    id = "GDPR-21"
+    pack = "gdpr"
+    references = ("GDPR Art. 21(1)", "GDPR Art. 21(6)")
+    checklist = ("G11",)
+    confidence = "V (U: the record field holds objections the site upheld)"
+    description = (
+        "Where the site relies on public task (e) or legitimate interests (f) (Art. 21(1)), or "
+        "the purpose is research (Art. 21(6)), a data subject may object. A record whose "
+        "objection the site upheld (objected_at) is left out from the objection on. An "
+        "objection the site refuses on compelling grounds or public-interest necessity is "
+        "recorded with its ground in the site's rights register, not in objected_at. "
+        "(interpretation)"
+    )
+    applies_when = "the basis is (e) or (f), or the purpose is research"
+    excluded_because = "the data subject objected (upheld)"
+
+    def applies(self, run: RunDeclaration, site: SiteManifest) -> bool:
+        basis = site.lawful_basis or run.lawful_basis
+        return basis in ("e", "f") or get_purpose(run.purpose).is_research
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.objected_by(at)
+
+
+class Restriction(RecordRule):
+    id = "GDPR-18"
+    pack = "gdpr"
+    references = ("GDPR Art. 18(1)", "GDPR Art. 18(2)")
+    checklist = ("G12",)
+    confidence = "V"
+    description = (
+        "While processing of a record is restricted (restricted_at; lifting the restriction "
+        "clears it), the record may only be stored: it is left out of training."
+    )
+    excluded_because = "processing restricted"
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.restricted_by(at)
+
+
+class NationalOptOut(RecordRule):
+    id = "GDPR-OPT-OUT"
+    pack = "gdpr"
+    references = ("GDPR Art. 9(4)",)
+    checklist = ("G13",)
+    confidence = "S (U: which schemes cover model training)"
+    description = (
+        "A record whose data subject opted out under a national opt-out scheme (opted_out_at; "
+        "the scheme the site applies is its opt_out_scheme, e.g. a national data opt-out or, "
+        "from 2029, the European Health Data Space opt-out from secondary use) is left out "
+        "from the opt-out on. (interpretation)"
+    )
+    excluded_because = "opted out under a national scheme"
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.opted_out_by(at)
 
 
 class Consent(RecordRule):
@@ -288,19 +397,48 @@ class Children(RecordRule):
     pack = "gdpr"
     references = ("GDPR Art. 8(1)",)
     checklist = ("G09",)
-    confidence = "V (U: applied beyond information-society services)"
+    confidence = "V"
     description = (
-        "Records of data subjects under the site's age limit (gdpr_child_age, 16 unless the "
-        "Member State set 13-15) are left out unless a parent or guardian consented. Art. 8 "
-        "strictly covers consent to information-society services offered directly to a child; "
-        "fedmeta applies it to every record as a conservative interpretation. (interpretation)"
+        "Where the run's purpose is an information-society service offered directly to a "
+        "child (Art. 8 covers nothing else), records of data subjects under the site's age of "
+        "digital consent (gdpr_child_age, 16 unless the Member State set 13-15) are left out "
+        "unless a parent or guardian consented. Research and care on minors follow the site's "
+        "national law instead (GDPR-MINORS)."
     )
-    excluded_because = "child under the site's age limit without guardian consent"
+    applies_when = "the purpose is an information-society service"
+    excluded_because = "child under the site's age of digital consent without guardian consent"
+
+    def applies(self, run: RunDeclaration, site: SiteManifest) -> bool:
+        return get_purpose(run.purpose).is_information_society_service
 
     def excludes(
         self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
     ) -> bool:
         return record.is_child(site.gdpr_child_age) and not record.guardian_consent
+
+
+class MinorsNationalLaw(RecordRule):
+    id = "GDPR-MINORS"
+    pack = "gdpr"
+    references = ("GDPR Art. 9(4)", "GDPR Art. 89(1)")
+    checklist = ("G09",)
+    confidence = "S (U: national law varies; the site declares it)"
+    description = (
+        "At a site whose data subjects include minors, a record of a minor under the site's "
+        "national law (minor_age, 18 unless the site declares otherwise; minors_law names the "
+        "law) is left out unless a parent or guardian consented, where that law needs it "
+        "(minors_need_guardian_consent). (interpretation)"
+    )
+    applies_when = "the site's data subjects include minors"
+    excluded_because = "minor under the site's national law without guardian consent"
+
+    def applies(self, run: RunDeclaration, site: SiteManifest) -> bool:
+        return site.has_minors and site.minors_need_guardian_consent
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.is_child(site.minor_age) and not record.guardian_consent
 
 
 class StorageLimitation(RecordRule):
@@ -311,7 +449,7 @@ class StorageLimitation(RecordRule):
     confidence = "V"
     description = (
         "Records collected longer ago than the site's retention limit (retention_days) are left "
-        "out. Records with no collection date are kept (the site must record it)."
+        "out. Records with no collection date are handled by PRIV-DATE-UNKNOWN."
     )
     excluded_because = "older than the site's retention limit"
 

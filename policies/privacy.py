@@ -1,17 +1,19 @@
 """Privacy rules that apply to every site, whatever its law packs.
 
 These are fedmeta's own safeguards (data protection by design, security of
-processing); the law requires the outcome, not these particular mechanisms
-(COMPLIANCE-NOTES rows M01, M02: U, design).
+processing, accountability); the law requires the outcome, not these particular
+mechanisms (checklist rows M01-M04, confidence U: design).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 
 from policies.declarations import RunDeclaration, SiteManifest
-from policies.rule import NON_PRIVATE, Columns, Decision, RoundRule, SiteRule
+from policies.records import RecordMeta
+from policies.rule import NON_PRIVATE, Columns, Decision, RecordRule, RoundRule, SiteRule
 
 
 class DifferentialPrivacy(SiteRule):
@@ -89,3 +91,50 @@ def check_min_sites(declaration: RunDeclaration, n_sites: int) -> Decision:
     return rule.deny(
         f"{n_sites} site(s) in the round, at least {need} required: the round is not run"
     )
+
+
+class UnknownAge(RecordRule):
+    id = "PRIV-AGE-UNKNOWN"
+    pack = "privacy"
+    references = ("GDPR Art. 5(2)", "GDPR Art. 89(1)", "DPDP Act 2023 s.9(1)")
+    checklist = ("M03",)
+    confidence = "U (design: fail closed)"
+    description = (
+        "At a site whose data subjects include minors, a record with neither an age nor a minor "
+        "flag cannot be checked against the minors rules, so it is left out and counted as of "
+        "unknown age, never treated as an adult. (interpretation)"
+    )
+    applies_when = "the site's data subjects include minors"
+    excluded_because = "age unknown at a site with minors"
+
+    def applies(self, run: RunDeclaration, site: SiteManifest) -> bool:
+        return site.has_minors
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.age is None and record.minor is None
+
+
+class UnknownCollectionDate(RecordRule):
+    id = "PRIV-DATE-UNKNOWN"
+    pack = "privacy"
+    references = ("GDPR Art. 5(1)(e)", "GDPR Art. 5(2)", "DPDP Act 2023 s.8(7)(a)")
+    checklist = ("M04",)
+    confidence = "U (design: fail closed)"
+    description = (
+        "At a site that records collection dates (collection_dates_recorded), a record without "
+        "one cannot be checked against the retention limit, so it is left out and counted. A "
+        "site that does not record them says so in its manifest, and the decision shows it. "
+        "(interpretation)"
+    )
+    applies_when = "the site records collection dates"
+    excluded_because = "collection date unknown, so retention cannot be checked"
+
+    def applies(self, run: RunDeclaration, site: SiteManifest) -> bool:
+        return site.collection_dates_recorded
+
+    def excludes(
+        self, record: RecordMeta, run: RunDeclaration, site: SiteManifest, at: datetime
+    ) -> bool:
+        return record.collected_at is None

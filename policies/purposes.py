@@ -5,7 +5,7 @@ and what a site approves (``approved_purposes = [...]``). Each purpose says in
 plain words what it covers and carries the flags the rules read.
 
 The two compatibility columns are fedmeta's reading of the law, not the law's
-text (COMPLIANCE-NOTES confidence U):
+text (an interpretation):
 
 - ``art9_conditions``: the GDPR Art. 9(2) conditions that can fit the purpose
   ((a) explicit consent always can; (h) is for care; (i) for public health;
@@ -27,6 +27,9 @@ class Purpose:
     is_research: bool = False
     is_tracking_or_profiling: bool = False
     is_targeted_advertising: bool = False
+    is_information_society_service: bool = False
+    """A service offered at a distance, by electronic means, at the request of its user
+    (GDPR Art. 4(25)): the only case where GDPR Art. 8 applies to children."""
     art9_conditions: tuple[str, ...] = ("a",)
     dpdp_uses: tuple[str, ...] = ()
 
@@ -64,6 +67,12 @@ PURPOSES: dict[str, Purpose] = {
             description="Monitoring disease in a population to protect public health.",
             art9_conditions=("a", "i"),
             dpdp_uses=("7(c)", "7(g)"),
+        ),
+        Purpose(
+            id="service.online-health-app",
+            description="Training the model of an online service (e.g. a health app) that "
+            "individuals use directly, on its users' data.",
+            is_information_society_service=True,
         ),
         Purpose(
             id="profiling.behavioural",

@@ -3,7 +3,9 @@
 A :class:`RecordMeta` holds no clinical content and no direct identifier: a
 pseudonymous record id, what the data subject consented to and when they
 withdrew, their age (or only a minor flag), whether a guardian consented, when
-the record was collected and whether erasure was requested.
+the record was collected, whether erasure was requested, and when the data
+subject objected (GDPR Art. 21), had processing restricted (Art. 18) or opted
+out under a national opt-out scheme.
 
 Datetimes are compared in UTC; a datetime without a time zone is taken as UTC,
 a date as midnight UTC, and ISO 8601 strings are accepted (for CSV columns).
@@ -85,6 +87,9 @@ class RecordMeta:
     guardian_consent: bool = False
     collected_at: datetime | None = None
     erasure_requested: bool | datetime = False
+    objected_at: datetime | None = None
+    restricted_at: datetime | None = None
+    opted_out_at: datetime | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -95,6 +100,8 @@ class RecordMeta:
         set_(self, "minor", _optional_bool(self.minor))
         set_(self, "guardian_consent", bool(_optional_bool(self.guardian_consent)))
         set_(self, "collected_at", as_utc(self.collected_at))
+        for name in ("objected_at", "restricted_at", "opted_out_at"):
+            set_(self, name, as_utc(getattr(self, name)))
         erasure = self.erasure_requested
         if erasure is None or isinstance(erasure, bool):
             set_(self, "erasure_requested", bool(erasure))
@@ -119,6 +126,18 @@ class RecordMeta:
             return self.erasure_requested <= at
         return bool(self.erasure_requested)
 
+    def objected_by(self, at: datetime) -> bool:
+        """The data subject objected (Art. 21) at or before ``at``."""
+        return self.objected_at is not None and self.objected_at <= at
+
+    def restricted_by(self, at: datetime) -> bool:
+        """Processing was restricted (Art. 18) at or before ``at`` (lifting clears it)."""
+        return self.restricted_at is not None and self.restricted_at <= at
+
+    def opted_out_by(self, at: datetime) -> bool:
+        """The data subject opted out under a national scheme at or before ``at``."""
+        return self.opted_out_at is not None and self.opted_out_at <= at
+
     def older_than(self, days: int, at: datetime) -> bool:
         """Collected more than ``days`` days before ``at`` (unknown date: False)."""
         return self.collected_at is not None and at - self.collected_at > timedelta(days=days)
@@ -133,6 +152,9 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "guardian_consent",
     "collected_at",
     "erasure_requested",
+    "objected_at",
+    "restricted_at",
+    "opted_out_at",
 )
 
 

@@ -3,7 +3,8 @@
 The order of ``_RULES`` is the evaluation order. For record-level rules it also
 decides where an excluded record is counted: a record that several rules
 exclude is counted once, under the first of them in this list (erasure, then
-consent, then children, then storage limitation).
+objection, restriction and opt-out, then consent, then children and minors,
+then unknown age, then storage limitation and unknown collection date).
 
 To add a rule: write its class in the file of its family (``gdpr.py``,
 ``dpdp.py``, ``privacy.py``), add one instance here, at the place where it
@@ -37,12 +38,18 @@ _RULES: tuple[Rule, ...] = (
     # record level, in the order exclusions are counted (node)
     gdpr.Erasure(),
     dpdp.ErasureRequest(),
+    gdpr.Objection(),
+    gdpr.Restriction(),
+    gdpr.NationalOptOut(),
     gdpr.Consent(),
     dpdp.ConsentWithdrawal(),
     gdpr.Children(),
+    gdpr.MinorsNationalLaw(),
     dpdp.Children(),
+    privacy.UnknownAge(),
     gdpr.StorageLimitation(),
     dpdp.PurposeServed(),
+    privacy.UnknownCollectionDate(),
 )
 
 RULES: dict[str, Rule] = {rule.id: rule for rule in _RULES}

@@ -62,7 +62,7 @@ def copy_project(dest: Path) -> Path:
 # ---- sites with manifests and record metadata (policy tests, report tests) --------------
 NOW = datetime.now(UTC)
 PURPOSE = "research.model-training"
-AGE = {"GDPR-8": "12", "DPDP-9-1": "17"}
+AGE = {"GDPR-MINORS": "12", "DPDP-9-1": "17"}
 
 
 def consent_declaration(path: Path) -> Path:

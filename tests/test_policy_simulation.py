@@ -10,7 +10,7 @@ from helpers import consent_declaration, fedmeta, manifest, run_inline, write_si
 from fedmeta.audit import Receipt, verify_log
 from fedmeta.data.tasks import get_task
 
-CONSTRUCTED = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-8": 4, "GDPR-5-1-e": 6}
+CONSTRUCTED = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-MINORS": 4, "GDPR-5-1-e": 6}
 
 
 def metrics(run_dir):

@@ -29,6 +29,9 @@ data_categories = ["health"]
 data_subjects = ["patients", "minors"]
 approved_purposes = ["research.model-training"]
 lawful_basis = "e"
+art6_3_law = "DE: Land hospital act, research provision (test)"
+art9_condition = "j"
+art9_law = "DE: Land hospital act, research provision (test)"
 retention_days = 3650
 log_retention_days = 730
 epsilon_max = 20.0
@@ -45,7 +48,7 @@ HEADER = ["pid", "ward", "age", "age_band", "bmi", "glucose", "diagnosis", "cons
 def constructed_rows(site: int, plan: dict[str, int], normal: int = 20, dropped: int = 3
                      ) -> list[dict[str, str]]:
     """Rows built to trigger exactly ``plan`` (rule id -> count): erasure requests
-    (GDPR-17), children without a guardian's consent (GDPR-8), records older than the
+    (GDPR-17), children without a guardian's consent (GDPR-MINORS), records older than the
     10-year retention (GDPR-5-1-e), plus ``normal`` rows that pass and ``dropped`` rows
     with an empty feature, which the loader drops before any rule (they carry an
     erasure request that must not be counted)."""
@@ -53,11 +56,12 @@ def constructed_rows(site: int, plan: dict[str, int], normal: int = 20, dropped:
     recent = (now - timedelta(days=200)).date().isoformat()
     old = (now - timedelta(days=11 * 365)).date().isoformat()
     kinds = ([None] * normal + ["GDPR-17"] * plan.get("GDPR-17", 0)
-             + ["GDPR-8"] * plan.get("GDPR-8", 0) + ["GDPR-5-1-e"] * plan.get("GDPR-5-1-e", 0)
+             + ["GDPR-MINORS"] * plan.get("GDPR-MINORS", 0)
+             + ["GDPR-5-1-e"] * plan.get("GDPR-5-1-e", 0)
              + ["dropped"] * dropped)
     rows = []
     for i, kind in enumerate(kinds):
-        child = kind == "GDPR-8"
+        child = kind == "GDPR-MINORS"
         rows.append({
             "pid": f"S{site}-{i:03d}", "ward": ("general", "cardiology")[i % 2],
             "age": "12" if child else str(30 + i), "age_band": "1" if child else str(3 + i % 5),
@@ -70,7 +74,7 @@ def constructed_rows(site: int, plan: dict[str, int], normal: int = 20, dropped:
     return rows
 
 
-PLANS = [{"GDPR-17": 2, "GDPR-8": 3, "GDPR-5-1-e": 1}, {"GDPR-5-1-e": 4}, {"GDPR-17": 1}]
+PLANS = [{"GDPR-17": 2, "GDPR-MINORS": 3, "GDPR-5-1-e": 1}, {"GDPR-5-1-e": 4}, {"GDPR-17": 1}]
 
 
 def test_sites_train_on_their_own_csv_and_minimisation_is_enforced(tmp_path):

@@ -30,6 +30,9 @@ Schema file (``schema.toml``)
     guardian_consent = "guardian_ok"    # true/false/1/0/yes/no, or empty (= false)
     collected_at = "collected"     # ISO date/datetime, or empty
     erasure_requested = "erasure"  # true/false/1/0/yes/no, an ISO date (= true), or empty
+    objected_at = "objected"       # GDPR Art. 21 objection: ISO date, or empty
+    restricted_at = "restricted"   # GDPR Art. 18 restriction in effect since: ISO date, or empty
+    opted_out_at = "opted_out"     # national opt-out since: ISO date, or empty
 
 Required keys are ``name``, ``task``, ``label`` and ``features``; unknown keys
 are errors. ``features`` must be non-empty and must not contain the label.
@@ -63,7 +66,8 @@ int64 ids of the sorted distinct group values (``LoadReport.group_names``),
 all 0 without a group column; ``Records.record_ids`` a str array.
 ``Records.meta`` holds, for each declared metadata column: ``consent_purposes``
 (object array of frozensets of str), ``consent_withdrawn_at`` and
-``collected_at`` (``datetime64[s]``, NaT when empty; aware times are
+``collected_at``, ``objected_at``, ``restricted_at``, ``opted_out_at``
+(``datetime64[s]``, NaT when empty; aware times are
 converted to UTC), ``age`` (float64, nan when empty), ``guardian_consent`` and
 ``erasure_requested`` (bool).
 """
@@ -368,7 +372,12 @@ _META_PARSERS: dict[str, Callable[[str], Any]] = {
     "guardian_consent": _parse_bool,
     "collected_at": _parse_datetime,
     "erasure_requested": _parse_erasure,
+    "objected_at": _parse_datetime,
+    "restricted_at": _parse_datetime,
+    "opted_out_at": _parse_datetime,
 }
+_DATE_ROLES = ("consent_withdrawn_at", "collected_at", "objected_at", "restricted_at",
+               "opted_out_at")
 
 
 def _meta_array(role: str, values: list[Any]) -> np.ndarray:
@@ -377,7 +386,7 @@ def _meta_array(role: str, values: list[Any]) -> np.ndarray:
         for i, v in enumerate(values):
             arr[i] = v
         return arr
-    if role in ("consent_withdrawn_at", "collected_at"):
+    if role in _DATE_ROLES:
         return np.array(
             [np.datetime64("NaT", "s") if v is None else np.datetime64(v, "s") for v in values],
             dtype="datetime64[s]",

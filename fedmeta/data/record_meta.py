@@ -60,7 +60,8 @@ def _from_loader(records: Records) -> list[RecordMeta]:
         if "consent_purposes" in meta:
             kw["consented_purposes"] = meta["consent_purposes"][i]
         for src, dst in (("consent_withdrawn_at", "consent_withdrawn_at"),
-                         ("collected_at", "collected_at")):
+                         ("collected_at", "collected_at"), ("objected_at", "objected_at"),
+                         ("restricted_at", "restricted_at"), ("opted_out_at", "opted_out_at")):
             if src in meta and not np.isnat(meta[src][i]):
                 kw[dst] = str(np.datetime_as_string(meta[src][i], unit="s"))
         if "age" in meta and not math.isnan(float(meta["age"][i])):

@@ -128,6 +128,9 @@ class ColumnsSpec(BaseModel):
     guardian_consent: ColumnName | None = None
     collected_at: ColumnName | None = None
     erasure_requested: ColumnName | None = None
+    objected_at: ColumnName | None = None
+    restricted_at: ColumnName | None = None
+    opted_out_at: ColumnName | None = None
 
     def declared(self) -> dict[str, str]:
         """Metadata role -> column name, for the roles that name a column."""

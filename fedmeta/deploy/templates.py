@@ -213,6 +213,14 @@ FIELD_NOTES = {
     "data_subjects": "Whose data.",
     "approved_purposes": "Purposes this site allows its data to be used for.",
     "lawful_basis": "GDPR Art. 6(1) letter (a-f).",
+    "art6_3_law": "For basis (c) or (e): 'XX: <the law laying it down>' (GDPR Art. 6(3)).",
+    "art9_condition": "GDPR Art. 9(2) letter for special-category data (a, g, h, i, j).",
+    "art9_law": "For (g)-(j): 'XX: <the Union or Member State law relied on>'.",
+    "art9_3_secrecy": "For (h): the professional secrecy duty of the staff (Art. 9(3)).",
+    "minor_age": "Age under which your national law treats a data subject as a minor.",
+    "minors_law": "'XX: <the national law on research with minors' data>'.",
+    "minors_need_guardian_consent": "Whether that law needs a guardian's consent.",
+    "collection_dates_recorded": "Whether records carry collection dates (undated are left out).",
     "dpdp_ground": "DPDP Act 2023 ground: consent, 7(a)-7(i), 17(2)(b).",
     "retention_days": "Records are used at most this many days after collection.",
     "log_retention_days": "How long this site keeps its logs.",
@@ -249,6 +257,10 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
     data = base.model_dump(mode="json", exclude_none=True)
     data["institution"] = f"{TODO}: legal name of the institution"
     data["dpo_contact"] = f"{TODO}: e-mail of the data protection officer"
+    for key in ("art6_3_law", "art9_law"):
+        if key in data:
+            data[key] = f"{base.country}: {TODO}: the law your institution relies on"
+    data["collection_dates_recorded"] = True
     lines = [f"# Site manifest of {site_id} (federation {federation.name}), written by",
              "# `fedmeta provision`. Your DPO decides every value; replace each TODO.",
              "# Fields: policies/declarations.py (SiteManifest); example: "

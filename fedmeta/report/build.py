@@ -25,6 +25,7 @@ from fedmeta.report.privacy import privacy_section
 from fedmeta.report.records import parties, records_of_processing, transport
 from fedmeta.report.trust import Anchor
 from policies import get_purpose
+from policies.countries import adequacy_staleness
 
 DISCLAIMER = ("Generated from the run's signed audit logs, privacy ledgers and files. An "
               "engineering aid for the controller and the DPO, not legal advice; rules marked "
@@ -132,6 +133,13 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
             add("warning", "policy", f"{row.rule_id} at {row.site_id}: non-private run")
     for site_id, why in policy.unusable_sites.items():
         add("warning", "policy", f"{site_id} could not take part: {why}")
+    for site_id, late in policy.rights_overdue.items():
+        if late != 0:
+            add("warning", "policy", f"{site_id}: {late} data-subject request(s) answered late "
+                                     "or overdue (GDPR Art. 12(3); DPDP Rules r.14(3))")
+    stale = adequacy_staleness(datetime.now(UTC).date())
+    if stale:
+        add("warning", "policy", stale)
     for site_id, why in policy.denied_sites.items():
         add("info", "policy", f"{site_id} was denied and never sampled: {why}")
     for r in policy.rights:

@@ -200,9 +200,10 @@ def dpia(files: RunFiles, scope: str | None, policy: PolicySection,
     necessity = [
         f"lawful basis GDPR Art. 6(1)({decl.lawful_basis})" if decl.lawful_basis else
         "no GDPR lawful basis declared",
-        f"special-category condition Art. 9(2)({decl.special_category_condition})"
-        + (f", law: {decl.special_category_law}" if decl.special_category_law else "")
-        if decl.special_category_condition else "no Art. 9(2) condition declared",
+        f"special-category condition Art. 9(2)({decl.special_category_condition}) unless a "
+        "site declares its own; the law behind it is each site's (records of processing)"
+        if decl.special_category_condition else
+        "Art. 9(2) condition: each site's own (records of processing)",
         "data minimisation: only model updates and counts leave the sites; federated learning "
         "is chosen so that records need not be pooled",
         f"storage limitation: records older than each site's retention limit are excluded; "

@@ -215,6 +215,9 @@ class DecisionRow(_Model):
     flags: list[str]
     source: str
     rounds: list[int] = Field(default_factory=list)
+    legal_status: str = "binding"
+    """On the report's date: binding, readiness (the provisions apply later) or partly
+    in force, with the date the rest applies from (policies/data/commencement.toml)."""
 
 
 class ExclusionRow(_Model):
@@ -238,12 +241,22 @@ class RightsHandling(_Model):
     """Erasure requests and consent (missing or withdrawn) handled at one site."""
 
     site_id: str
-    kind: Literal["erasure", "consent"]
+    kind: Literal["erasure", "consent", "objection", "restriction", "opt-out"]
     rule_id: str
     references: list[str]
     count: Count
     excluded_from_round: int
     note: str
+
+
+class RightsRegisterRow(_Model):
+    """Requests of one type and decision in a site's own rights register (counts only)."""
+
+    site_id: str
+    type: str
+    decision: str
+    count: Count
+    source: str
 
 
 class Decline(_Model):
@@ -262,6 +275,10 @@ class PolicySection(_Model):
     exclusion_totals: list[ExclusionTotal]
     records_evaluated: dict[str, Count]
     rights: list[RightsHandling]
+    rights_register: list[RightsRegisterRow] = Field(default_factory=list)
+    """Counts from each site's rights register, where it keeps one (unsigned)."""
+    rights_overdue: dict[str, Count] = Field(default_factory=dict)
+    """Site -> requests answered late or still pending past the legal deadline."""
     declines: list[Decline]
     denied_sites: dict[str, str]
     unusable_sites: dict[str, str]

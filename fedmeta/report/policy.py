@@ -11,6 +11,7 @@ subtracted back.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from fedmeta.report.collect import RunFiles, SiteFiles
 from fedmeta.report.model import (
@@ -23,8 +24,10 @@ from fedmeta.report.model import (
     ExclusionTotal,
     PolicySection,
     RightsHandling,
+    RightsRegisterRow,
 )
-from policies import RULES, Decision, suppress_small_counts
+from fedmeta.report.rights import register_rows
+from policies import RULES, Decision, legal_status, suppress_small_counts
 from policies.declarations import DPDP_GROUND_NAMES
 
 DEFAULT_MIN_COHORT = 5
@@ -36,11 +39,34 @@ EXTRA_RULES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 ERASURE_RULES = ("GDPR-17", "DPDP-12-3")
 CONSENT_RULES = ("GDPR-7-3", "DPDP-6-4")
-CHILD_RULES = ("DPDP-9-1", "GDPR-8")
+OTHER_RIGHTS = {"GDPR-21": "objection", "GDPR-18": "restriction", "GDPR-OPT-OUT": "opt-out"}
+CHILD_RULES = ("DPDP-9-1", "GDPR-8", "GDPR-MINORS")
 DPDP_LOG_MIN_DAYS = 365
-DPDP_IN_FORCE = ("DPDP Act 2023 with the DPDP Rules 2025 (notified 13 Nov 2025): rules 1, 2 "
-                 "and 17-21 apply since notification, rule 4 from 13 Nov 2026, rules 3, 5-16, "
-                 "22 and 23 from 13 May 2027 (secondary sources).")
+DPDP_COMMENCEMENT = ("DPDP Act 2023 with the DPDP Rules 2025 (notified 13 Nov 2025): the Act's "
+                     "s.1(2), s.2, ss.18-26, s.35, ss.38-43 and Rules 1, 2 and 17-21 apply "
+                     "since notification; s.6(9), s.27(1)(d) and Rule 4 (Consent Managers) from "
+                     "13 Nov 2026; the Data Fiduciaries' duties (ss.3-17) and Rules 3, 5-16, 22 "
+                     "and 23 from 13 May 2027.")
+
+
+def report_date() -> datetime:
+    return datetime.now(UTC)
+
+
+def status_on_report_date(refs: Iterable[str]) -> str:
+    """``binding``, ``readiness (applies from ...)`` or ``partly in force (...)``."""
+    return legal_status(tuple(refs), report_date().date()).describe()
+
+
+def dpdp_in_force() -> str:
+    """The DPDP commencement note, with what it means on the report's date."""
+    today = report_date().date()
+    duties = legal_status(("DPDP Act 2023 s.8(1)",), today)
+    now = ("the Data Fiduciaries' duties the DPDP rules check are binding"
+           if duties.status == "binding" else
+           "the Data Fiduciaries' duties the DPDP rules check are NOT yet in force: DPDP "
+           "decisions are readiness, not binding law")
+    return f"On {today.isoformat()}, {now}. {DPDP_COMMENCEMENT}"
 
 
 def references(rule_id: str) -> list[str]:
@@ -66,7 +92,8 @@ def suppress(value: int, k: int) -> Count:
 def _row(d: Decision, source: str) -> DecisionRow:
     return DecisionRow(rule_id=d.rule_id, outcome=d.outcome.value, level=d.level.value,
                        site_id=d.site_id, references=list(d.references), reason=d.reason,
-                       flags=list(d.flags), source=source)
+                       flags=list(d.flags), source=source,
+                       legal_status=status_on_report_date(d.references))
 
 
 def run_decisions(files: RunFiles, site: str | None) -> list[DecisionRow]:
@@ -105,7 +132,8 @@ def site_decisions(files: RunFiles, site: SiteFiles) -> list[DecisionRow]:
         rows.append(DecisionRow(
             rule_id=rule_id, outcome=outcome, level=level, site_id=site.site_id,
             references=references(rule_id), reason=reason, flags=list(flags),
-            source=f"{site.site_id} audit log", rounds=sorted(set(rounds))))
+            source=f"{site.site_id} audit log", rounds=sorted(set(rounds)),
+            legal_status=status_on_report_date(references(rule_id))))
     return rows
 
 
@@ -158,25 +186,46 @@ def exclusion_totals(files: RunFiles) -> list[ExclusionTotal]:
 
 def rights(files: RunFiles, site: SiteFiles) -> list[RightsHandling]:
     out = []
+    _, register = register_rows(site.site_id, site.dir, min_cohort(site), report_date().date())
     for row in exclusions(files, site):
         if row.rule_id in ERASURE_RULES:
-            note = (f"records whose data subject asked for erasure were left out of round "
-                    f"{row.first_round} and every later round of this run; models trained "
-                    "before the request are not unlearned: record the Art. 17(3)(d) exemption "
-                    "or retrain")
+            if register is not None and register.erased_at_source:
+                source = (f"erasure at source: the site's register records "
+                          f"{register.erased_at_source} of {register.erasure_requests} erasure "
+                          "request(s) as erased at source (unsigned)")
+            else:
+                source = "erasure at source: not evidenced (the site records none)"
+            note = (f"excluded from training from round {row.first_round} on; {source}; "
+                    "models trained before the request are not unlearned: record the Art. "
+                    "17(3)(d) exemption or retrain")
             kind = "erasure"
         elif row.rule_id in CONSENT_RULES:
             note = (f"records without consent to this purpose, or whose consent was withdrawn, "
                     f"were left out from round {row.first_round} on; processing before a "
-                    "withdrawal stays lawful (GDPR Art. 7(3), DPDP s.6(4)); the count does not "
+                    "withdrawal stays lawful (GDPR Art. 7(3), DPDP s.6(5)); the count does not "
                     "separate missing from withdrawn consent")
             kind = "consent"
+        elif row.rule_id in OTHER_RIGHTS:
+            kind = OTHER_RIGHTS[row.rule_id]
+            note = (f"excluded from training from round {row.first_round} on; refusals and "
+                    "their grounds are in the site's rights register")
         else:
             continue
         out.append(RightsHandling(site_id=site.site_id, kind=kind, rule_id=row.rule_id,
                                   references=row.references, count=row.count,
                                   excluded_from_round=row.first_round, note=note))
     return out
+
+
+def register_section(sites: list[SiteFiles]) -> tuple[list[RightsRegisterRow], dict[str, Count]]:
+    rows: list[RightsRegisterRow] = []
+    overdue: dict[str, Count] = {}
+    for s in sites:
+        site_rows, facts = register_rows(s.site_id, s.dir, min_cohort(s), report_date().date())
+        rows += site_rows
+        if facts is not None:
+            overdue[s.site_id] = facts.overdue
+    return rows, overdue
 
 
 def declines(files: RunFiles, site: SiteFiles) -> list[Decline]:
@@ -192,6 +241,7 @@ def policy_section(files: RunFiles, site: str | None) -> PolicySection:
     denied = {d.site_id: f"{d.rule_id} ({'; '.join(d.references)}): {d.reason}"
               for d in files.decisions if d.denied and d.site_id
               and (site is None or d.site_id == site)}
+    register = register_section(sites)
     records: dict[str, Count] = {}
     for s in sites:
         entries = _records_entries(files, s)
@@ -206,6 +256,8 @@ def policy_section(files: RunFiles, site: str | None) -> PolicySection:
         exclusion_totals=exclusion_totals(files) if site is None else [],
         records_evaluated=records,
         rights=[r for s in sites for r in rights(files, s)],
+        rights_register=register[0],
+        rights_overdue=register[1],
         declines=[d for s in sites for d in declines(files, s)],
         denied_sites=dict(sorted(denied.items())),
         unusable_sites={k: v for k, v in sorted(files.unusable.items())
@@ -241,8 +293,9 @@ def dpdp_site(files: RunFiles, site: SiteFiles) -> DpdpSite | None:
     minors = "declares minors among its data subjects" if m.has_minors else \
         "declares no minors among its data subjects"
     children = (f"The site {minors}. Records of children (under 18, DPDP s.2(f)) without "
-                "verifiable parental consent are left out of every round (DPDP-9-1; GDPR-8 counts "
-                "under-16s first where GDPR also applies); no tracking, behavioural monitoring or "
+                "verifiable parental consent are left out of every round (DPDP-9-1; GDPR-MINORS "
+                "counts them first where GDPR also applies, and PRIV-AGE-UNKNOWN counts records "
+                "of unknown age apart); no tracking, behavioural monitoring or "
                 "targeted advertising (s.9(3)). The Fourth-Schedule exemption for clinical "
                 "establishments is not applied to model training. (interpretation)")
     transfer = _decision(files, "DPDP-16", site.site_id)
@@ -274,4 +327,4 @@ def dpdp_site(files: RunFiles, site: SiteFiles) -> DpdpSite | None:
 
 def dpdp_section(files: RunFiles) -> DpdpSection | None:
     sites = [d for s in files.sites.values() if (d := dpdp_site(files, s)) is not None]
-    return DpdpSection(in_force=DPDP_IN_FORCE, sites=sites) if sites else None
+    return DpdpSection(in_force=dpdp_in_force(), sites=sites) if sites else None

@@ -83,16 +83,21 @@ def parties(files: RunFiles, site: str | None) -> list[Party]:
 
 
 def legal_basis(files: RunFiles, m: SiteManifest | None) -> list[str]:
+    """The site's GDPR basis and Art. 9(2) condition (with the law behind them only where
+    the law requires one: Art. 6(3) for (c)/(e), Art. 9(2)(g)-(j)), and its DPDP ground."""
     decl = files.declaration
     out = []
     basis = (m.lawful_basis if m and m.lawful_basis else None) or decl.lawful_basis
     if m is None or "gdpr" in m.law_packs:
         if basis:
-            out.append(f"GDPR Art. 6(1)({basis}) {GDPR_BASIS_NAMES[basis]}")
-        cond = decl.special_category_condition
+            law = (f"; law (Art. 6(3)): {m.art6_3_law}"
+                   if m and basis in ("c", "e") and m.art6_3_law else "")
+            out.append(f"GDPR Art. 6(1)({basis}) {GDPR_BASIS_NAMES[basis]}{law}")
+        cond = (m.art9_condition if m and m.art9_condition else None) or \
+            decl.special_category_condition
         if cond and (m is None or m.special_categories):
-            law = f"; law relied on: {decl.special_category_law}" if \
-                decl.special_category_law else ""
+            law = (f"; law relied on: {m.art9_law}"
+                   if m and cond in ("g", "h", "i", "j") and m.art9_law else "")
             out.append(f"GDPR Art. 9(2)({cond}) {ART9_NAMES[cond]}{law}")
     if m is not None and "dpdp" in m.law_packs:
         ground = m.dpdp_ground

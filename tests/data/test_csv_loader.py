@@ -806,3 +806,29 @@ def test_structured_schema_raises_only_data_error(
     event("accepted")
     ds = schema.dataset
     assert ds.features and ds.label not in ds.features and len(set(ds.features)) == len(ds.features)
+
+
+def test_rights_columns_reach_the_record_rules(tmp_path: Path) -> None:
+    """Objection, restriction and opt-out dates in the site's CSV exclude the records."""
+    from datetime import UTC
+
+    from fedmeta.data.record_meta import load_record_meta
+    from policies import evaluate_records, example_run_declaration, example_site_manifest
+
+    text = SCHEMA.format(extra_dataset="") + (
+        'objected_at = "objected"\nrestricted_at = "restricted"\nopted_out_at = "opted_out"\n'
+    )
+    header = HEADER + ",objected,restricted,opted_out"
+    rows = [
+        "P1,north,34,3,22.5,5.1,benign,research.model-training,,,2024-01-02,,2025-01-01,,",
+        "P2,north,35,3,22.5,5.1,benign,research.model-training,,,2024-01-02,,,2025-02-01,",
+        "P3,north,36,3,22.5,5.1,benign,research.model-training,,,2024-01-02,,,,2025-03-01",
+        "P4,north,37,3,22.5,5.1,benign,research.model-training,,,2024-01-02,,,,",
+    ]
+    records, _ = load_csv(csv_file(tmp_path, [header, *rows]), schema_file(tmp_path, text=text))
+    meta = load_record_meta(tmp_path, records)
+    assert meta[0].objected_at == datetime(2025, 1, 1, tzinfo=UTC)
+    verdict = evaluate_records(example_run_declaration(), example_site_manifest(), meta,
+                               datetime(2026, 1, 1, tzinfo=UTC))
+    assert verdict.allowed_mask == (False, False, False, True)
+    assert [verdict.excluded_by_rule[r] for r in ("GDPR-21", "GDPR-18", "GDPR-OPT-OUT")] == [1] * 3

@@ -56,7 +56,8 @@ def mode(path: Path) -> int:
 
 def fill(site_dir: Path) -> None:
     p = site_dir / "manifest.toml"
-    p.write_text(re.sub(r'"TODO[^"]*"', '"Filled In"', p.read_text())
+    text = re.sub(r'"([A-Z]{2}): TODO[^"]*"', r'"\1: Filled In"', p.read_text())  # laws
+    p.write_text(re.sub(r'"TODO[^"]*"', '"Filled In"', text)
                  .replace('dpo_contact = "Filled In"', 'dpo_contact = "dpo@x.example"'))
 
 

@@ -66,6 +66,8 @@ def fill_manifest(site_dir: Path, site: str) -> None:
     text = path.read_text()
     text = re.sub(r'institution = "TODO[^"]*"', f'institution = "Hospital {site}"', text)
     text = re.sub(r'dpo_contact = "TODO[^"]*"', f'dpo_contact = "dpo@{site}.example.org"', text)
+    law = r'"\1: research provision of the hospital act (test)"'
+    text = re.sub(r'"([A-Z]{2}): TODO[^"]*"', law, text)
     path.write_text(text)
 
 

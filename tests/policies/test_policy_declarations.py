@@ -42,7 +42,8 @@ def test_examples_load_and_pass_every_rule():
     india = load_site_manifest(EXAMPLE_SITE_IN)
     assert run.purpose == "research.model-training"
     assert (run.lawful_basis, run.special_category_condition) == ("e", "j")
-    assert run.special_category_law and "BDSG" in run.special_category_law
+    assert de.art9_condition == "j" and de.art9_law and de.art9_law.startswith("DE: ")
+    assert de.art6_3_law and de.art6_3_law.startswith("DE: ")
     assert run.server_country == "DE" and run.min_sites_per_round == 2
     assert (run.dp_enabled, run.epsilon, run.delta) == (True, 8.0, 1e-5)
     assert de.country == "DE" and de.law_packs == ("gdpr",) and "health" in de.data_categories
@@ -77,12 +78,17 @@ def test_canonical_dicts_are_sorted_and_json_ready():
 
 def test_reference_data():
     assert len(iso_countries()) == 249 and "GB" in iso_countries() and "UK" not in iso_countries()
-    assert len(eea_countries()) == 30 and {"DE", "NO", "IS", "LI", "GR"} <= eea_countries()
+    # 30 EEA states plus EU territories with ISO codes of their own (outermost regions, Åland)
+    assert len(eea_countries()) == 37 and {"DE", "NO", "IS", "LI", "GR"} <= eea_countries()
+    assert {"RE", "GP", "MQ", "GF", "YT", "MF", "AX"} <= eea_countries()
     adequacy = adequacy_list()
-    assert adequacy.as_of == date(2025, 12, 19) and "COMPLIANCE-NOTES" in adequacy.source
-    assert {"CH", "GB", "JP", "KR", "US", "CA"} <= set(adequacy.countries)
+    assert adequacy.as_of == date(2026, 11, 30) and "2026/179" in adequacy.source
+    assert {"CH", "GB", "JP", "KR", "US", "CA", "BR"} <= set(adequacy.countries)
     assert adequacy.countries["US"].partial and not adequacy.countries["CH"].partial
-    assert "BR" not in adequacy.countries  # not verified (U)
+    assert adequacy.countries["JP"].partial and "private" in adequacy.countries["JP"].scope
+    assert not adequacy.countries["BR"].partial  # Implementing Decision (EU) 2026/179
+    for code in ("US", "CA", "IL", "KR", "JP"):
+        assert adequacy.countries[code].note, code  # scope notes a DPO must read
     assert set(adequacy.countries) <= set(iso_countries())
     assert not set(adequacy.countries) & eea_countries()
 
@@ -183,8 +189,8 @@ RUN_CASES = [
     ("purpose", 'purpose = "research"', "field 'purpose': must be one of research.model-training"),
     (
         "special_category_condition",
-        'special_category_condition = "g"',
-        "field 'special_category_condition': must be one of a, h, i, j",
+        'special_category_condition = "k"',
+        "field 'special_category_condition': must be one of a, g, h, i, j",
     ),
     ("server_country", 'server_country = "EL"', "field 'server_country': 'EL' is the EU's code"),
     ("epsilon", None, "field 'epsilon': is required when dp_enabled is true"),

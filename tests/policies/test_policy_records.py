@@ -22,6 +22,8 @@ from policies import (
 from policies.rule import Level
 
 CONSENT_RUN = {"lawful_basis": "a", "special_category_condition": "a"}
+CONSENT_SITE = {"lawful_basis": "a", "art9_condition": "a"}
+"""A site that relies on (explicit) consent itself: its own basis wins over the run's."""
 
 
 def constructed(n_withdrawn, n_erasure, n_minors, n_old, n_good):
@@ -37,28 +39,35 @@ def constructed(n_withdrawn, n_erasure, n_minors, n_old, n_good):
         record(erasure_requested=AT + timedelta(hours=1)),  # asks after this round
         record(age=12, guardian_consent=True),  # child with guardian consent
         record(collected_at=AT - timedelta(days=3649)),  # just inside retention
-        record(collected_at=None, age=None),  # unknown date and age
     ]
-    return recs + traps, n_good + len(traps)
+    # unknown age, or unknown date, at a site with minors that records dates: left out and
+    # counted, never silently kept as an adult or as recent
+    unknown = [record(age=None), record(collected_at=None)]
+    return recs + traps + unknown, n_good + len(traps)
 
 
 @pytest.mark.parametrize(("n", "m", "k", "r"), [(7, 3, 4, 5), (0, 1, 0, 2), (11, 0, 6, 0)])
 def test_constructed_numbers_gdpr(n, m, k, r):
     run = make_run(**CONSENT_RUN)
-    site = make_site()  # DE, gdpr, retention 3650 days, child age 16
+    site = make_site(**CONSENT_SITE)  # DE, gdpr, retention 3650 days, child age 16
     recs, n_ok = constructed(n, m, k, r, n_good=9)
     verdict = evaluate_records(run, site, recs, AT)
     assert verdict.excluded_by_rule == {
         "GDPR-17": m,
+        "GDPR-21": 0,
+        "GDPR-18": 0,
+        "GDPR-OPT-OUT": 0,
         "GDPR-7-3": n,
-        "GDPR-8": k,
+        "GDPR-MINORS": k,
+        "PRIV-AGE-UNKNOWN": 1,
         "GDPR-5-1-e": r,
+        "PRIV-DATE-UNKNOWN": 1,
     }
     assert verdict.n_allowed == n_ok
-    assert verdict.n_excluded == n + m + k + r
+    assert verdict.n_excluded == n + m + k + r + 2
     assert len(verdict.allowed_mask) == len(recs)
     for d in verdict.decisions:
-        expected = verdict.excluded_by_rule[d.rule_id]
+        expected = verdict.excluded_by_rule.get(d.rule_id, 0)  # GDPR-8: not applicable
         assert d.exclusions == ({d.rule_id: expected} if expected else {})
         assert d.outcome is (Outcome.ALLOW_WITH_EXCLUSIONS if expected else Outcome.ALLOW)
 
@@ -75,7 +84,13 @@ def test_constructed_numbers_dpdp():
         + [record() for _ in range(5)]
     )
     verdict = evaluate_records(run, site, recs, AT)
-    assert verdict.excluded_by_rule == {"DPDP-12-3": 2, "DPDP-6-4": 5, "DPDP-9-1": 3, "DPDP-8-7": 6}
+    assert verdict.excluded_by_rule == {
+        "DPDP-12-3": 2,
+        "DPDP-6-4": 5,
+        "DPDP-9-1": 3,
+        "DPDP-8-7": 6,
+        "PRIV-DATE-UNKNOWN": 0,
+    }
     assert verdict.n_allowed == 5
 
 
@@ -87,33 +102,44 @@ def test_each_record_counted_once_under_the_first_rule():
         age=10,
         collected_at=AT - timedelta(days=5000),
     )
-    verdict = evaluate_records(run, make_site(), [both, record()], AT)
-    assert verdict.excluded_by_rule == {"GDPR-17": 1, "GDPR-7-3": 0, "GDPR-8": 0, "GDPR-5-1-e": 0}
+    verdict = evaluate_records(run, make_site(**CONSENT_SITE), [both, record()], AT)
+    assert verdict.excluded_by_rule == {
+        "GDPR-17": 1,
+        "GDPR-21": 0,
+        "GDPR-18": 0,
+        "GDPR-OPT-OUT": 0,
+        "GDPR-7-3": 0,
+        "GDPR-MINORS": 0,
+        "PRIV-AGE-UNKNOWN": 0,
+        "GDPR-5-1-e": 0,
+        "PRIV-DATE-UNKNOWN": 0,
+    }
     assert verdict.allowed_mask == (False, True)
     by_id = {d.rule_id: d for d in verdict.decisions}
     # every rule still knows, locally, which records it excludes
-    assert by_id["GDPR-8"].excluded_mask == (True, False)
-    assert by_id["GDPR-8"].outcome is Outcome.ALLOW_WITH_EXCLUSIONS
-    assert "0 of 2 record(s) excluded" in by_id["GDPR-8"].reason
-    assert "1 more already excluded by an earlier rule" in by_id["GDPR-8"].reason
+    assert by_id["GDPR-MINORS"].excluded_mask == (True, False)
+    assert by_id["GDPR-MINORS"].outcome is Outcome.ALLOW_WITH_EXCLUSIONS
+    assert "0 of 2 record(s) excluded" in by_id["GDPR-MINORS"].reason
+    assert "1 more already excluded by an earlier rule" in by_id["GDPR-MINORS"].reason
 
 
 def test_both_packs_use_registry_order():
     run = make_run(**CONSENT_RUN)
-    site = make_site(law_packs=("gdpr", "dpdp"), dpdp_ground="consent")
+    site = make_site(law_packs=("gdpr", "dpdp"), dpdp_ground="consent", **CONSENT_SITE)
     verdict = evaluate_records(run, site, [record(age=17), record(erasure_requested=True)], AT)
     record_rules = [r.id for r in RULES.values() if r.level is Level.RECORD]
-    assert list(verdict.excluded_by_rule) == record_rules
+    # GDPR-8 applies to information-society services only, not to this research run
+    assert list(verdict.excluded_by_rule) == [r for r in record_rules if r != "GDPR-8"]
     assert verdict.excluded_by_rule["GDPR-17"] == 1
     assert verdict.excluded_by_rule["DPDP-12-3"] == 0
-    assert (
-        verdict.excluded_by_rule["DPDP-9-1"] == 1
-    )  # 17 is an adult under GDPR (16), a child under DPDP
+    # 17 is a minor under the site's national law (18): counted under the first rule
+    assert verdict.excluded_by_rule["GDPR-MINORS"] == 1
+    assert verdict.excluded_by_rule["DPDP-9-1"] == 0
 
 
 def test_withdrawal_excludes_from_that_round_and_all_later():
     run = make_run(**CONSENT_RUN)
-    site = make_site()
+    site = make_site(**CONSENT_SITE)
     withdrawn_at = AT
     rec = record(consent_withdrawn_at=withdrawn_at)
     rounds = [AT - timedelta(days=2), AT - timedelta(seconds=1), AT, AT + timedelta(days=30)]
@@ -131,23 +157,44 @@ def test_consent_rule_only_when_consent_is_the_basis():
     assert d.outcome is Outcome.ALLOW and d.reason.startswith("not applicable")
     # consent only for another purpose is no consent for this one
     other = record(consented_purposes={"care.treatment"})
-    verdict = evaluate_records(make_run(**CONSENT_RUN), site, [other], AT)
+    verdict = evaluate_records(make_run(**CONSENT_RUN), make_site(**CONSENT_SITE), [other], AT)
     assert verdict.excluded_by_rule["GDPR-7-3"] == 1
     # explicit consent under Art. 9(2)(a) alone also triggers the rule
-    verdict = evaluate_records(make_run(special_category_condition="a"), site, [other], AT)
+    verdict = evaluate_records(make_run(), make_site(art9_condition="a"), [other], AT)
+    assert verdict.excluded_by_rule["GDPR-7-3"] == 1
+    # a site without its own basis relies on the run's
+    inherits = make_site(lawful_basis=None, art9_condition=None)
+    verdict = evaluate_records(make_run(**CONSENT_RUN), inherits, [other], AT)
     assert verdict.excluded_by_rule["GDPR-7-3"] == 1
 
 
 def test_children_thresholds():
-    run = make_run()
-    site13 = make_site(gdpr_child_age=13)
-    site16 = make_site()
+    # GDPR Art. 8 covers information-society services offered to children, nothing else
+    iss = make_run(purpose="service.online-health-app")
+    national = {"minors_need_guardian_consent": False}  # isolate GDPR-8 from GDPR-MINORS
+    site13 = make_site(gdpr_child_age=13, **national)
+    site16 = make_site(**national)
     fourteen = record(age=14)
     flagged = record(age=None, minor=True)
+    assert evaluate_records(iss, site13, [fourteen], AT).allowed_mask == (True,)
+    assert evaluate_records(iss, site16, [fourteen], AT).allowed_mask == (False,)
+    assert evaluate_records(iss, site16, [flagged], AT).allowed_mask == (False,)
+    # research on minors follows the site's national law (minor_age, guardian consent)
+    run = make_run()
+    recs = [fourteen, record(age=17, guardian_consent=True), record(age=18)]
+    verdict = evaluate_records(run, make_site(), recs, AT)
+    assert verdict.allowed_mask == (False, True, True)
+    assert verdict.excluded_by_rule["GDPR-MINORS"] == 1
+    assert "GDPR-8" not in verdict.excluded_by_rule  # not applicable to research
+    assert evaluate_records(run, make_site(minor_age=14), [fourteen], AT).allowed_mask == (True,)
+    assert evaluate_records(run, make_site(**national), [fourteen], AT).allowed_mask == (True,)
+    # unknown age at a site with minors: left out and counted, never silently an adult
     unknown = record(age=None, minor=None)
-    assert evaluate_records(run, site13, [fourteen], AT).allowed_mask == (True,)
-    assert evaluate_records(run, site16, [fourteen], AT).allowed_mask == (False,)
-    assert evaluate_records(run, site16, [flagged, unknown], AT).allowed_mask == (False, True)
+    verdict = evaluate_records(run, make_site(), [unknown], AT)
+    assert verdict.allowed_mask == (False,)
+    assert verdict.excluded_by_rule["PRIV-AGE-UNKNOWN"] == 1
+    adults_only = make_site(data_subjects={"patients"})
+    assert evaluate_records(run, adults_only, [unknown], AT).allowed_mask == (True,)
     # DPDP: under 18 needs verifiable parental consent; never for tracking purposes
     india = make_site("site-in", approved_purposes={RESEARCH, "profiling.behavioural"})
     seventeen_ok = record(age=17, guardian_consent=True)
@@ -160,6 +207,44 @@ def test_children_thresholds():
         AT,
     )
     assert verdict.excluded_by_rule["DPDP-9-1"] == 1
+
+
+def test_unknown_collection_date_is_counted_not_silently_kept():
+    run = make_run()
+    undated = record(collected_at=None)
+    verdict = evaluate_records(run, make_site(), [undated, record()], AT)
+    assert verdict.allowed_mask == (False, True)
+    assert verdict.excluded_by_rule["PRIV-DATE-UNKNOWN"] == 1
+    # a site that declares it records no collection dates keeps them, and the decision says so
+    verdict = evaluate_records(run, make_site(collection_dates_recorded=False), [undated], AT)
+    assert verdict.allowed_mask == (True,)
+    (d,) = [d for d in verdict.decisions if d.rule_id == "PRIV-DATE-UNKNOWN"]
+    assert d.reason.startswith("not applicable") and "collection dates" in d.reason
+
+
+def test_objection_restriction_and_opt_out_exclude_from_their_date_on():
+    run = make_run()  # public task (e), research: Art. 21(1) and 21(6) both open
+    site = make_site()
+    recs = [
+        record(objected_at=AT - timedelta(days=1)),
+        record(objected_at=AT + timedelta(days=1)),  # objects after this round
+        record(restricted_at=AT - timedelta(days=2)),
+        record(opted_out_at=AT),
+        record(),
+    ]
+    verdict = evaluate_records(run, site, recs, AT)
+    assert verdict.allowed_mask == (False, True, False, False, True)
+    counts = verdict.excluded_by_rule
+    assert (counts["GDPR-21"], counts["GDPR-18"], counts["GDPR-OPT-OUT"]) == (1, 1, 1)
+    # on consent (a) there is no Art. 21(1) objection outside research: withdrawal instead
+    care = make_run(purpose="care.treatment", lawful_basis="a", special_category_condition="a")
+    consent_site = make_site(lawful_basis="a", art9_condition="a")
+    verdict = evaluate_records(care, consent_site, [record(objected_at=AT)], AT)
+    assert "GDPR-21" not in verdict.excluded_by_rule
+    # the columns round-trip through the columnar reader
+    (rec,) = records_from_columns({"record_id": ["x"], "objected_at": ["2026-05-01"],
+                                   "restricted_at": [None], "opted_out_at": [""]})
+    assert rec.objected_at == datetime(2026, 5, 1, tzinfo=UTC) and rec.restricted_at is None
 
 
 def test_dpdp_voluntary_use_honours_withdrawal_only():
@@ -177,15 +262,16 @@ def test_naive_and_aware_times_mix():
     run = make_run(**CONSENT_RUN)
     naive_at = datetime(2026, 6, 1, 12, 0)
     rec = record(consent_withdrawn_at="2026-06-01T11:00:00+00:00", collected_at=date(2026, 1, 1))
-    assert evaluate_records(run, make_site(), [rec], naive_at).allowed_mask == (False,)
+    site = make_site(**CONSENT_SITE)
+    assert evaluate_records(run, site, [rec], naive_at).allowed_mask == (False,)
     later = datetime(2026, 6, 1, 13, 0, tzinfo=UTC).astimezone()  # local zone, same instant type
-    assert evaluate_records(run, make_site(), [record()], later).allowed_mask == (True,)
+    assert evaluate_records(run, site, [record()], later).allowed_mask == (True,)
 
 
 def test_verdict_serialises_counts_never_masks_or_ids():
     run = make_run(**CONSENT_RUN)
     recs = [record(record_id="secret-pseudonym-1", erasure_requested=True), record()]
-    verdict = evaluate_records(run, make_site(), recs, AT)
+    verdict = evaluate_records(run, make_site(**CONSENT_SITE), recs, AT)
     text = json.dumps(verdict.to_dict())
     assert "secret-pseudonym-1" not in text and "mask" not in text
     assert verdict.to_dict()["excluded_by_rule"]["GDPR-17"] == 1
@@ -193,9 +279,14 @@ def test_verdict_serialises_counts_never_masks_or_ids():
         assert "excluded_mask" not in d.to_dict()
     assert suppress_small_counts(verdict.excluded_by_rule, 5) == {
         "GDPR-17": "<5",
+        "GDPR-21": 0,
+        "GDPR-18": 0,
+        "GDPR-OPT-OUT": 0,
         "GDPR-7-3": 0,
-        "GDPR-8": 0,
+        "GDPR-MINORS": 0,
+        "PRIV-AGE-UNKNOWN": 0,
         "GDPR-5-1-e": 0,
+        "PRIV-DATE-UNKNOWN": 0,
     }
 
 
@@ -207,7 +298,7 @@ def test_empty_site():
 
 def test_thousands_of_records_fast():
     run = make_run(**CONSENT_RUN)
-    site = make_site(law_packs=("gdpr", "dpdp"), dpdp_ground="consent")
+    site = make_site(law_packs=("gdpr", "dpdp"), dpdp_ground="consent", **CONSENT_SITE)
     n = 20_000
     cols = {
         "record_id": [f"p{i}" for i in range(n)],
@@ -307,7 +398,7 @@ def test_mask_and_counts_agree(rows, packs):
         for i, r in enumerate(rows)
     ]
     run = make_run(**CONSENT_RUN)
-    site = make_site(law_packs=packs, dpdp_ground="consent")
+    site = make_site(law_packs=packs, dpdp_ground="consent", **CONSENT_SITE)
     verdict = evaluate_records(run, site, recs, AT)
     assert sum(verdict.excluded_by_rule.values()) == verdict.n_excluded
     masks = [d.excluded_mask for d in verdict.decisions if d.excluded_mask is not None]

@@ -21,6 +21,8 @@ OLD = {"collected_at": AT - timedelta(days=20 * 365)}
 WITHDRAWN = {"consent_withdrawn_at": AT - timedelta(days=1)}
 
 CONSENT_RUN = {"lawful_basis": "a", "special_category_condition": "a"}
+CONSENT_SITE = {"lawful_basis": "a", "art9_condition": "a"}
+ISS_RUN = {"purpose": "service.online-health-app"}
 
 
 def _de(**changes) -> object:
@@ -44,11 +46,11 @@ CASES: dict[str, tuple[Case, Case]] = {
     ),
     "GDPR-6": (
         lambda: decide("GDPR-6", make_run(), _de()),
-        lambda: decide("GDPR-6", make_run(lawful_basis=None), _de()),
+        lambda: decide("GDPR-6", make_run(), _de(art6_3_law=None)),
     ),
     "GDPR-9-2": (
         lambda: decide("GDPR-9-2", make_run(), _de()),
-        lambda: decide("GDPR-9-2", make_run(special_category_condition=None), _de()),
+        lambda: decide("GDPR-9-2", make_run(), _de(art9_law=None)),
     ),
     "GDPR-5-1-b": (
         lambda: decide("GDPR-5-1-b", make_run(), _de()),
@@ -60,19 +62,37 @@ CASES: dict[str, tuple[Case, Case]] = {
     ),
     "GDPR-44": (
         lambda: decide("GDPR-44", make_run(), _de()),
-        lambda: decide("GDPR-44", make_run(server_country="BR"), _de()),
+        lambda: decide("GDPR-44", make_run(server_country="CN"), _de()),
     ),
     "GDPR-17": (
         lambda: decide("GDPR-17", make_run(), _de(), records=[record()]),
         lambda: decide("GDPR-17", make_run(), _de(), records=[record(erasure_requested=True)]),
     ),
     "GDPR-7-3": (
-        lambda: decide("GDPR-7-3", make_run(**CONSENT_RUN), _de(), records=[record()]),
-        lambda: decide("GDPR-7-3", make_run(**CONSENT_RUN), _de(), records=[record(**WITHDRAWN)]),
+        lambda: decide("GDPR-7-3", make_run(), _de(**CONSENT_SITE), records=[record()]),
+        lambda: decide(
+            "GDPR-7-3", make_run(), _de(**CONSENT_SITE), records=[record(**WITHDRAWN)]
+        ),
+    ),
+    "GDPR-21": (
+        lambda: decide("GDPR-21", make_run(), _de(), records=[record()]),
+        lambda: decide("GDPR-21", make_run(), _de(), records=[record(objected_at=AT)]),
+    ),
+    "GDPR-18": (
+        lambda: decide("GDPR-18", make_run(), _de(), records=[record()]),
+        lambda: decide("GDPR-18", make_run(), _de(), records=[record(restricted_at=AT)]),
+    ),
+    "GDPR-OPT-OUT": (
+        lambda: decide("GDPR-OPT-OUT", make_run(), _de(), records=[record()]),
+        lambda: decide("GDPR-OPT-OUT", make_run(), _de(), records=[record(opted_out_at=AT)]),
     ),
     "GDPR-8": (
-        lambda: decide("GDPR-8", make_run(), _de(), records=[record(age=16)]),
-        lambda: decide("GDPR-8", make_run(), _de(), records=[record(**CHILD)]),
+        lambda: decide("GDPR-8", make_run(**ISS_RUN), _de(), records=[record(age=16)]),
+        lambda: decide("GDPR-8", make_run(**ISS_RUN), _de(), records=[record(**CHILD)]),
+    ),
+    "GDPR-MINORS": (
+        lambda: decide("GDPR-MINORS", make_run(), _de(), records=[record(age=18)]),
+        lambda: decide("GDPR-MINORS", make_run(), _de(), records=[record(age=17)]),
     ),
     "GDPR-5-1-e": (
         lambda: decide("GDPR-5-1-e", make_run(), _de(), records=[record()]),
@@ -124,6 +144,16 @@ CASES: dict[str, tuple[Case, Case]] = {
         lambda: decide("PRIV-DP", make_run(), _de()),
         lambda: decide("PRIV-DP", make_run(epsilon=12.0), _de()),
     ),
+    "PRIV-AGE-UNKNOWN": (
+        lambda: decide("PRIV-AGE-UNKNOWN", make_run(), _de(), records=[record(minor=False)]),
+        lambda: decide("PRIV-AGE-UNKNOWN", make_run(), _de(), records=[record(age=None)]),
+    ),
+    "PRIV-DATE-UNKNOWN": (
+        lambda: decide("PRIV-DATE-UNKNOWN", make_run(), _de(), records=[record()]),
+        lambda: decide(
+            "PRIV-DATE-UNKNOWN", make_run(), _de(), records=[record(collected_at=None)]
+        ),
+    ),
     "PRIV-MIN-SITES": (
         lambda: check_min_sites(make_run(), 2),
         lambda: check_min_sites(make_run(), 1),
@@ -174,8 +204,11 @@ def test_interpretations_are_marked():
     for rule in RULES.values():
         if "U" in rule.confidence.split() or "(U:" in rule.confidence:
             assert "(interpretation" in rule.description, rule.id
-    assert "(interpretation)" in RULES["GDPR-8"].description
+    # Art. 8 is now applied only where it applies (information-society services): no
+    # interpretation left; research on minors follows the site's declared national law
+    assert "(interpretation)" not in RULES["GDPR-8"].description
     assert "information-society" in RULES["GDPR-8"].description
+    assert "(interpretation)" in RULES["GDPR-MINORS"].description
 
 
 def test_research_purpose_in_examples():

@@ -26,10 +26,10 @@ from policies.rule import Level
 
 def test_site_in_non_adequate_country_without_scc_is_denied():
     """A GDPR site whose updates would go to a server in a non-adequate country, no SCC."""
-    run = make_run(server_country="BR")  # Brazil: adequacy not verified (U), so not listed
+    run = make_run(server_country="CN")  # China: no adequacy decision
     decisions = evaluate_run(run, [make_site()])
     (d,) = [d for d in decisions if d.rule_id == "GDPR-44"]
-    assert d.denied and "Brazil (BR)" in d.reason and "no SCC reference" in d.reason
+    assert d.denied and "China (CN)" in d.reason and "no SCC reference" in d.reason
     assert d.references == ("GDPR Art. 44", "GDPR Art. 45", "GDPR Art. 46(2)(c)")
     assert eligible_sites(decisions, [make_site()]) == []
 
@@ -57,10 +57,15 @@ def test_model_sent_to_non_adequate_site_without_scc_is_denied():
         ("GB", (), None, True),
         ("US", (), None, False),  # adequacy only for DPF-certified companies
         ("US", ("adequacy",), None, True),  # site confirms the recipient is certified
-        ("BR", ("adequacy",), None, False),  # claiming adequacy where there is none
-        ("BR", ("SCC-2021/914-C2P",), None, True),  # the site's SCC
-        ("BR", (), "SCC-2021/914-C2C", True),  # the run's SCC
+        ("BR", (), None, True),  # Implementing Decision (EU) 2026/179
+        ("JP", (), None, False),  # private sector only: a public hospital is outside it
+        ("JP", ("adequacy",), None, True),
+        ("CN", ("adequacy",), None, False),  # claiming adequacy where there is none
+        ("CN", ("SCC-2021/914-C2P",), None, True),  # the site's SCC
+        ("CN", (), "SCC-2021/914-C2C", True),  # the run's SCC
         ("IN", (), None, False),
+        ("RE", (), None, True),  # Réunion: an outermost region, EU territory
+        ("AX", (), None, True),  # Åland: EU territory
     ],
 )
 def test_transfer_grounds(server, site_safeguards, scc, allowed):
@@ -73,28 +78,69 @@ def test_transfer_grounds(server, site_safeguards, scc, allowed):
 
 
 def test_lawful_basis_cases():
-    assert decide("GDPR-6", make_run(lawful_basis="a"), make_site(lawful_basis="e")).denied
+    # each controller relies on its own basis: the site's wins over the run's
+    d = decide("GDPR-6", make_run(lawful_basis="a"), make_site(lawful_basis="e"))
+    assert d.allowed and "(e) public task (the site's basis)" in d.reason
     assert decide("GDPR-6", make_run(lawful_basis="e"), make_site(lawful_basis=None)).allowed
     f_run = make_run(lawful_basis="f")
     d = decide("GDPR-6", f_run, make_site(lawful_basis=None))
     assert d.denied and "balancing test" in d.reason
     f_ok = make_run(lawful_basis="f", legitimate_interests_assessment="LIA-2025-04")
     assert decide("GDPR-6", f_ok, make_site(lawful_basis="f")).allowed
+    # (c) and (e) need the Art. 6(3) law, and it must be the law of the site's country
+    d = decide("GDPR-6", make_run(), make_site(art6_3_law=None))
+    assert d.denied and "Art. 6(3)" in d.reason and "art6_3_law" in d.reason
+    d = decide("GDPR-6", make_run(), make_site(art6_3_law="FR: Code de la santé publique"))
+    assert d.denied and "FR law but the site is in DE" in d.reason
+    assert decide("GDPR-6", make_run(), make_site(art6_3_law="EU: Regulation X")).allowed
+    assert decide("GDPR-6", make_run(), make_site(lawful_basis="a", art6_3_law=None)).allowed
+    neither = decide("GDPR-6", make_run(lawful_basis=None), make_site(lawful_basis=None))
+    assert neither.denied
 
 
 def test_special_category_cases():
-    no_law = make_run(special_category_law=None)
-    assert "special_category_law" in decide("GDPR-9-2", no_law, make_site()).reason
-    assert decide("GDPR-9-2", no_law, make_site()).denied
-    care_for_research = make_run(special_category_condition="h")
-    d = decide("GDPR-9-2", care_for_research, make_site())
+    no_law = make_site(art9_law=None)
+    d = decide("GDPR-9-2", make_run(), no_law)
+    assert d.denied and "art9_law" in d.reason
+    foreign = make_site(art9_law="IN: some Indian statute")
+    d = decide("GDPR-9-2", make_run(), foreign)
+    assert d.denied and "IN law but the site is in DE" in d.reason
+    # the law is printed where it is required ((g)-(j)), not for explicit consent
+    d = decide("GDPR-9-2", make_run(), make_site())
+    assert d.allowed and "law: DE: " in d.reason
+    d = decide("GDPR-9-2", make_run(), make_site(art9_condition="a"))
+    assert d.allowed and "law" not in d.reason
+    # the site's own condition wins; else the run's
+    care_for_research = make_site(art9_condition="h")
+    d = decide("GDPR-9-2", make_run(), care_for_research)
     assert d.denied and "does not fit purpose research.model-training" in d.reason
-    care = make_run(purpose="care.treatment", special_category_condition="h")
-    assert decide("GDPR-9-2", care, make_site(approved_purposes={"care.treatment"})).allowed
+    inherits = make_site(art9_condition=None)
+    assert decide("GDPR-9-2", make_run(special_category_condition="a"), inherits).allowed
+    # (h) needs the Art. 9(3) secrecy obligation
+    care = make_run(purpose="care.treatment")
+    care_site = make_site(approved_purposes={"care.treatment"}, art9_condition="h")
+    d = decide("GDPR-9-2", care, care_site)
+    assert d.denied and "Art. 9(3)" in d.reason
+    secrecy = "medical staff under professional secrecy (example)"
+    ok = care_site.model_copy(update={"art9_3_secrecy": secrecy})
+    assert decide("GDPR-9-2", care, ok).allowed
     no_special = make_site(data_categories={"demographic"})
     assert decide("GDPR-9-2", make_run(special_category_condition=None), no_special).allowed
-    genetic = make_site(data_categories={"genetic"})
+    genetic = make_site(data_categories={"genetic"}, art9_condition=None)
     assert decide("GDPR-9-2", make_run(special_category_condition=None), genetic).denied
+
+
+def test_run_level_special_category_law_moved_to_sites():
+    with pytest.raises(ValueError, match="art9_law"):
+        make_run(special_category_law="DE: anything")
+
+
+def test_national_law_fields_name_their_jurisdiction():
+    with pytest.raises(ValueError, match="'DE: <citation>'"):
+        make_site(art9_law="some law without a country")
+    with pytest.raises(ValueError, match="ISO 3166"):
+        make_site(art9_law="XX: a law of nowhere")
+    assert make_site(art9_law="de:  Gesetz   X").art9_law == "DE: Gesetz X"
 
 
 def test_minimisation_is_checked_only_where_columns_are_known(run, de_site):

@@ -96,11 +96,11 @@ def test_exclusion_counts_equal_the_site_logs_with_small_counts_suppressed(run_d
             assert row["first_round"] == 1 and row["rounds"] == [1, 2]
             assert row["references"]
     assert not any(site == "site-1" for site, _ in rows)
-    assert rows[("site-0", "GDPR-8")]["count"] == "<5"  # 4 records: below the cohort of 5
+    assert rows[("site-0", "GDPR-MINORS")]["count"] == "<5"  # 4 records: below the cohort of 5
     assert rows[("site-2", "GDPR-17")]["count"] == "<5"  # 3 records
     totals = {t["rule_id"]: t["count"] for t in report["policy"]["exclusion_totals"]}
     assert totals["GDPR-7-3"] == 13 and totals["GDPR-5-1-e"] == 6
-    assert totals["GDPR-8"] == "withheld"  # 4 + 3: both parts suppressed
+    assert totals["GDPR-MINORS"] == "withheld"  # 4 + 3: both parts suppressed
     assert totals["GDPR-17"] == "withheld"  # 5 + 3 would give the suppressed 3 away
 
 
@@ -117,9 +117,10 @@ def test_no_suppressed_count_can_be_recovered_by_arithmetic(report):
     for rule, total in totals.items():
         derived.append((total, [c for (_, r), c in rows.items() if r == rule]))
     for d in report["dpdp"]["sites"]:
-        parts = [rows.get((d["site_id"], r), 0) for r in ("GDPR-8", "DPDP-9-1")]
+        parts = [rows.get((d["site_id"], r), 0) for r in ("GDPR-MINORS", "DPDP-9-1")]
         derived.append((d["children_excluded"], parts))
-    hidden = {3, 4}  # the suppressed counts of this run (site-2 GDPR-8/GDPR-17, site-0 GDPR-8)
+    # the suppressed counts of this run (site-2 GDPR-MINORS/GDPR-17, site-0 GDPR-MINORS)
+    hidden = {3, 4}
     for figure, parts in derived:
         if _ints(figure):
             assert all(_ints(p) for p in parts), (figure, parts)
@@ -128,7 +129,7 @@ def test_no_suppressed_count_can_be_recovered_by_arithmetic(report):
                 rest = figure - sum(p for b, p in enumerate(shown) if i >> b & 1)
                 assert rest not in hidden or not any(isinstance(p, str) for p in parts)
     site2 = next(d for d in report["dpdp"]["sites"] if d["site_id"] == "site-2")
-    assert rows[("site-2", "GDPR-8")] == "<5" and rows[("site-2", "DPDP-9-1")] == 5
+    assert rows[("site-2", "GDPR-MINORS")] == "<5" and rows[("site-2", "DPDP-9-1")] == 5
     assert site2["children_excluded"] == "withheld"  # 8 would give 8 - 5 = 3 away
 
 
@@ -214,7 +215,7 @@ def test_records_of_processing_dpia_and_dpdp(report):
     dpdp = report["dpdp"]["sites"]
     assert [d["site_id"] for d in dpdp] == ["site-2"]
     assert dpdp[0]["ground"] == "consent" and dpdp[0]["log_retention_conflict"] is True
-    # DPDP-9-1 (5 17-year-olds) + GDPR-8 (3 under-16s, "<5"): the sum is withheld
+    # DPDP-9-1 (5 17-year-olds) + GDPR-MINORS (3 under-16s, "<5"): the sum is withheld
     assert dpdp[0]["children_excluded"] == "withheld"
 
 
@@ -249,7 +250,7 @@ def test_markdown_links_its_plots(run_dir, tmp_path):
     assert "\n# Compliance report" in text
     for name in ("r-epsilon.png", "r-learning.png"):
         assert f"]({name})" in text and (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    assert "| site-0 | `GDPR-8` | GDPR Art. 8(1) | <5 |" in text
+    assert "| site-0 | `GDPR-MINORS` | GDPR Art. 9(4); GDPR Art. 89(1) | <5 |" in text
 
 
 def _chromium() -> str:
@@ -275,7 +276,7 @@ def test_html_is_one_self_contained_file_that_chromium_renders(html, tmp_path):
     for needle in ("Record of processing (GDPR Art. 30)", "DPIA-ready summary",
                    "Privacy statement per site", "India: DPDP Act 2023",
                    "Audit log verification", "all logs verified against trusted keys",
-                   "&lt;5", "GDPR-8"):
+                   "&lt;5", "GDPR-MINORS"):
         assert needle in dom.stdout, needle
     assert 'id="unverified-banner"' not in dom.stdout
     png = tmp_path / "shot.png"
