@@ -39,7 +39,9 @@ def get_site(context: Context, cfg: RunConfig) -> Site:
     site_id, index, site_dir = site_identity(context, cfg.out_dir)
     key = (str(site_dir), cfg.model_dump_json())
     if key not in _SITES:
-        _SITES[key] = Site(site_id, index, site_dir, cfg)
+        # a SuperNode names its site directory; a simulation's node is a partition
+        _SITES[key] = Site(site_id, index, site_dir, cfg,
+                           deployed="site-dir" in context.node_config)
     return _SITES[key]
 
 

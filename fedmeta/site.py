@@ -162,17 +162,21 @@ def release_counts(excluded: dict[str, int], min_cohort: int) -> dict[str, int |
 class Site:
     """A training site bound to its state directory.
 
-    A site with its own ``manifest.toml`` is a deployed site: its manifest (and
-    the ``[privacy]`` policy in it), its approved declarations and its record
-    metadata are re-read every round, and its DP noise and sampling come from
-    its own CSPRNG (fedmeta.privacy.noise). Without one it is a simulated site:
-    its manifest and policy are built from the run config and its run's
-    declaration is approved when it is set up; its noise is seeded unless the
-    run asks for ``noise-source = "site-csprng"``.
+    A deployed site (``deployed=True``: a SuperNode started with ``site-dir`` in its
+    node config) has its manifest (and the ``[privacy]`` policy in it), its
+    approved declarations and its record metadata re-read every round, and its DP
+    noise and sampling come from its own CSPRNG (fedmeta.privacy.noise). A
+    simulated site (``deployed=False``: a simulation's partition) reads the
+    ``manifest.toml`` in its directory if there is one, else builds its manifest
+    and policy from the run config; its run's declaration is approved when it is
+    set up; its noise is seeded unless the run asks for ``noise-source =
+    "site-csprng"``. ``deployed=None`` (direct library use) treats a directory
+    holding its own ``manifest.toml`` as deployed.
     """
 
     def __init__(self, site_id: str, site_index: int, site_dir: Path, cfg: RunConfig,
-                 records: Records | None = None, manifest: SiteManifest | None = None) -> None:
+                 records: Records | None = None, manifest: SiteManifest | None = None,
+                 deployed: bool | None = None) -> None:
         self.site_id = site_id
         self.site_index = site_index
         self.site_dir = Path(site_dir)
@@ -182,7 +186,8 @@ class Site:
         if records is None and (self.site_dir / DATA_FILE).exists():
             records = self._load_csv()
         self.records = records if records is not None else self.task.site_records(site_index)
-        self.deployed = manifest is None and (self.site_dir / MANIFEST_FILE).exists()
+        self._manifest_file = manifest is None and (self.site_dir / MANIFEST_FILE).exists()
+        self.deployed = self._manifest_file if deployed is None else deployed
         self.manifest = manifest or load_manifest(self.site_dir, site_id, cfg)
         self.record_meta: list[RecordMeta] = load_record_meta(self.site_dir, self.records)
         # a simulated site approves its own run's declaration at set-up
@@ -205,7 +210,7 @@ class Site:
     def refresh(self) -> None:
         """Re-read what the site's people may change during a run: the manifest (and
         its privacy policy) and the record metadata (withdrawals, erasure requests)."""
-        if self.deployed:
+        if self._manifest_file:
             self.manifest = load_site_manifest(self.site_dir / MANIFEST_FILE)
         self.record_meta = load_record_meta(self.site_dir, self.records)
 

@@ -120,3 +120,15 @@ def write_site(root: Path, index: int, text: str, plan: dict[str, int] | None = 
             "true" if kind == "GDPR-17" else "false"]))
     (site_dir / "records-meta.csv").write_text("\n".join(rows) + "\n")
     return site_dir
+
+
+def example_site_on_bundled_data() -> str:
+    """The example German hospital's manifest for a site whose records are the bundled
+    public digits: they carry no ages and no collection dates, so the site declares no
+    minors and no recorded collection dates (else its record rules leave every record out
+    as of unknown age or date, as they must)."""
+    from policies import EXAMPLE_SITE
+
+    text = EXAMPLE_SITE.read_text()
+    text = text.replace('data_subjects = ["patients", "minors"]', 'data_subjects = ["patients"]')
+    return text.replace("collection_dates_recorded = true", "collection_dates_recorded = false")

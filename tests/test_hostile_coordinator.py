@@ -18,6 +18,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from helpers import example_site_on_bundled_data
 
 from clients.app import make_client_app
 from fedmeta.approvals import approve
@@ -27,7 +28,6 @@ from fedmeta.config import RunConfig, build_task, inner_lr, run_declaration
 from fedmeta.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedmeta.privacy.noise import SECRET_FILE
 from fedmeta.site import AUDIT_KEY, AUDIT_LOG, Site, round_seed
-from policies.defaults import EXAMPLES_DIR
 
 CFG = RunConfig(sites=3, inner_steps=2)
 SITE = "site-de-01"
@@ -44,7 +44,7 @@ def deployed_site(tmp: Path, privacy: str = "") -> Path:
     """A site directory as its IT leaves it: manifest (+ [privacy]), approved declaration."""
     site_dir = tmp / SITE
     site_dir.mkdir()
-    text = (EXAMPLES_DIR / "site.toml").read_text()
+    text = example_site_on_bundled_data()
     if privacy:  # the site's own [privacy] table instead of the example's
         text = text.split("\n[privacy]\n")[0]
     (site_dir / "manifest.toml").write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
@@ -155,9 +155,10 @@ def test_the_gdp_accountant_is_declined(tmp_path):
 
 
 def test_a_sample_rate_of_one_is_declined(tmp_path):
-    # 5 classes x 2 records = a pool of 10 and a batch of 10: every record in every step
-    site_dir = deployed_site(tmp_path)
-    metrics, info = send(site_dir, train_message(pool_per_class=2, batch_size=10))
+    # a batch larger than the round's pool: every record in every step (q = 1); the
+    # site allows large batches here, so the sample rate is the setting that refuses it
+    site_dir = deployed_site(tmp_path, "max_batch_size = 100000\n")
+    metrics, info = send(site_dir, train_message(batch_size=5000))
     assert_refused(site_dir, metrics, info, "SITE-POLICY.max_sample_rate", "max_sample_rate")
 
 

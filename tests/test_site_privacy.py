@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import example_site_on_bundled_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,6 +22,7 @@ from fedmeta.approvals import APPROVALS_FILE, ApprovalError, approved
 from fedmeta.cli import app as cli
 from fedmeta.config import ConfigError, RunConfig, build_task, run_declaration
 from fedmeta.data.tasks.base import Pool
+from fedmeta.privacy.budget import poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
 from fedmeta.privacy.noise import (
@@ -41,7 +43,7 @@ CFG = RunConfig(sites=3, inner_steps=2)
 def deployed(tmp: Path, privacy: str = "") -> Path:
     site_dir = tmp / "site-de-01"
     site_dir.mkdir()
-    text = (EXAMPLES_DIR / "site.toml").read_text()
+    text = example_site_on_bundled_data()
     if privacy:  # the site's own [privacy] table instead of the example's
         text = text.split("\n[privacy]\n")[0]
     (site_dir / "manifest.toml").write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
@@ -171,11 +173,16 @@ def test_the_declared_run_epsilon_is_enforced(tmp_path):
 
     low = run_declaration(CFG).model_copy(update={"epsilon": 2.0})
     approve(site_dir, low)
-    site = Site("site-de-01", 0, site_dir, CFG.model_copy(update={"inner_steps": 8}))
-    replies = [site.train_round(theta(), "run-1", r, low) for r in range(1, 6)]
+    # a pool is every record of the episode's classes (~900): batch 50 gives q ~ 1/19
+    site = Site("site-de-01", 0, site_dir,
+                CFG.model_copy(update={"inner_steps": 8, "batch_size": 50}))
+    replies = [site.train_round(theta(), "run-1", r, low) for r in range(1, 9)]
     trained = [r for r in replies if not r.declined]
-    assert len(trained) == 2 and trained[-1].epsilon_total <= 2.0
-    assert "run_epsilon_max" in replies[len(trained)].reason
+    declined = [r for r in replies if r.declined]
+    # rounds differ in pool size (so in q): a round that would pass 2 is declined, a
+    # cheaper later one may still fit; the run never passes its declared epsilon
+    assert trained and declined and max(r.epsilon_total for r in trained) <= 2.0
+    assert all("run_epsilon_max" in r.reason for r in declined)
     deny = [e for e in entries(site_dir) if e["decision"] == "deny"][0]
     assert deny["action"] == "privacy.decline"
     assert deny["rule_ids"] == ["SITE-POLICY.run_epsilon_max"]
@@ -187,7 +194,8 @@ def test_the_site_policy_caps_one_round(tmp_path):
     from fedmeta.approvals import approve
 
     approve(site_dir, run_declaration(CFG))
-    reply = Site("site-de-01", 0, site_dir, CFG).train_round(theta(), "r", 1,
+    cfg = CFG.model_copy(update={"inner_steps": 8, "batch_size": 50})
+    reply = Site("site-de-01", 0, site_dir, cfg).train_round(theta(), "r", 1,
                                                              run_declaration(CFG))
     assert reply.declined and "round_epsilon_max" in reply.reason
 
@@ -232,9 +240,12 @@ def test_round_train_carries_the_contract_fields(tmp_path):
     train = next(e for e in entries(site_dir) if e["action"] == "round.train")
     ledger = PrivacyLedger.read(site_dir / "privacy-ledger.jsonl")
     assert train["epsilon"] == ledger.charges[-1].epsilon_after
-    assert train["counts"] == {"examples": 200, "steps": 2}
+    examples = train["counts"]["examples"]
+    assert examples > 0 and train["counts"]["steps"] == 2
     d = train["details"]
-    assert d["dp"] is True and d["noise_multiplier"] == 1.0 and d["sample_rate"] == 0.05
+    assert d["dp"] is True and d["noise_multiplier"] == 1.0
+    assert d["sample_rate"] == poisson_rate(examples, CFG.batch_size)
+    assert d["sample_rate"] == ledger.charges[-1].sample_rate
     assert d["steps"] == 2 and d["delta"] == 1e-5 and d["accountant"] == "prv"
     assert d["epsilon_max"] == 10.0 and d["epsilon_round"] == pytest.approx(train["epsilon"])
     assert d["run_epsilon_max"] == 8.0 and d["noise_source"] == "site-csprng"
