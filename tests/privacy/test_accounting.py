@@ -17,9 +17,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmeta.config import RunConfig, build_task, run_declaration
 from fedmeta.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from fedmeta.site import Site, round_seed
+from fedmeta.site import AUDIT_LOG, Site, round_seed
 
 ROUNDS = 3
+
+
+def _entries(site_dir):
+    import json
+
+    return [json.loads(x) for x in (site_dir / AUDIT_LOG).read_text().splitlines()]
 
 
 def opacus_rate(n: int, batch: int) -> float:
@@ -29,7 +35,8 @@ def opacus_rate(n: int, batch: int) -> float:
 
 @pytest.mark.parametrize("task", ["digits-fewshot", "sine", "breast-cancer-sites"])
 def test_charged_epsilon_bounds_the_mechanism_that_ran(tmp_path, task):
-    cfg = RunConfig(task=task, rounds=ROUNDS, out_dir=str(tmp_path))
+    # noise 2: three rounds stay inside the run's declared epsilon (8), which the site enforces
+    cfg = RunConfig(task=task, rounds=ROUNDS, out_dir=str(tmp_path), noise_multiplier=2.0)
     site = Site("site-1", 1, tmp_path / "site-1", cfg)
     t = build_task(cfg)
     torch.manual_seed(0)
@@ -40,7 +47,10 @@ def test_charged_epsilon_bounds_the_mechanism_that_ran(tmp_path, task):
         assert not reply.declined, reply.reason
         rng = np.random.default_rng(round_seed(cfg.seed, rnd, 1))
         pool = site.pool(site.records, rng)  # the same pool the round trained on
-        assert reply.num_examples == len(pool.x)
+        # the site's own log records the pool it trained on (the reply carries only the
+        # declared work, batch x steps, not the private pool's size)
+        train = [e for e in _entries(tmp_path / "site-1") if e["action"] == "round.train"][-1]
+        assert train["counts"]["examples"] == len(pool.x)
         reference.history.append((cfg.noise_multiplier, opacus_rate(len(pool.x), cfg.batch_size),
                                   cfg.inner_steps))
     ledger = PrivacyLedger.read(tmp_path / "site-1" / LEDGER_FILE)
