@@ -39,7 +39,9 @@ def get_site(context: Context, cfg: RunConfig) -> Site:
     site_id, index, site_dir = site_identity(context, cfg.out_dir)
     key = (str(site_dir), cfg.model_dump_json())
     if key not in _SITES:
-        _SITES[key] = Site(site_id, index, site_dir, cfg)
+        # a node with a site-dir is deployed: its own files decide, whatever the config says
+        simulated = "site-dir" not in context.node_config
+        _SITES[key] = Site(site_id, index, site_dir, cfg, simulated=simulated)
     return _SITES[key]
 
 
