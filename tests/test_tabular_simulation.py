@@ -13,6 +13,7 @@ from helpers import fedmeta
 from fedmeta.data.csv_loader import load_csv
 from fedmeta.data.tasks import TaskError, get_task
 from fedmeta.site import Site
+from policies import EXAMPLE_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -76,9 +77,14 @@ def test_sites_train_on_their_own_csv_and_minimisation_is_enforced(tmp_path):
         (site / "schema.toml").write_text(Path(f"{EXAMPLES}/cohort.schema.toml").read_text())
         declared = FEATURES if i < 2 else '["age_band", "bmi"]'  # site-2 reads more than declared
         (site / "manifest.toml").write_text(manifest(f"site-{i}", declared))
+    # ~15 records a site and a batch of 10 (q = 0.5) spend ~9.4 a round: the run declares
+    # 20, which the sites enforce per run (the example declaration's 8 would stop them)
+    declaration = tmp_path / "run.toml"
+    declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 20.0"))
     res = fedmeta("simulate", "--task", "tabular-csv", "--sites", "3", "--rounds", "2",
                   "--out", str(out), "--set", "features=3", "--set", "classes=2",
-                  "--set", "fraction-train=1.0", "--set", "epsilon-max=20")
+                  "--set", "fraction-train=1.0", "--set", "epsilon-max=20",
+                  "--set", f"declaration={declaration}")
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for line in lines[1:]:
