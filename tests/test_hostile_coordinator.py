@@ -11,7 +11,6 @@ reason (verified with fedmeta.audit's verifier against the site's public key).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -258,4 +257,3 @@ def test_every_refusal_names_the_setting_in_a_verified_log(tmp_path):
     assert [e["rule_ids"][0] for e in denies] == [r for _, r in attacks]
     assert all(len(e["details"]["reason"]) <= 500 for e in denies)
     assert verify_log(site_dir / AUDIT_LOG).ok
-    shutil.rmtree(site_dir / "keys")  # not needed below; keeps the secret out of tmp copies
