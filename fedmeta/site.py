@@ -456,6 +456,18 @@ class Site:
         )
 
 
+def decline_unreadable_round(site_dir: Path, site_id: str, run_id: str, server_round: int,
+                             reason: str) -> SiteReply:
+    """A deployed site refuses a round whose config it cannot accept (an unknown key such
+    as a request for the training loss, a value out of range): signed in its log."""
+    with AuditLog.open(Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY,
+                       actor=site_id) as log:
+        log.append("round.decline", run_id=run_id, round=server_round, decision="deny",
+                   rule_ids=["SITE-CONFIG"], details={"reason": reason[:500]})
+        head = log.head()
+    return SiteReply(site_id, declined=True, reason=reason, receipt=str(head) if head else "")
+
+
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
