@@ -15,9 +15,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmeta.config import RunConfig
+from fedmeta.config import ConfigError, RunConfig
 from fedmeta.offline import no_call_home
-from fedmeta.site import Site, SiteReply, load_manifest, simulation_site_dir
+from fedmeta.site import (
+    Site,
+    SiteReply,
+    decline_unreadable_round,
+    load_manifest,
+    simulation_site_dir,
+)
 from policies import RunDeclaration
 
 no_call_home()
@@ -39,9 +45,9 @@ def get_site(context: Context, cfg: RunConfig) -> Site:
     site_id, index, site_dir = site_identity(context, cfg.out_dir)
     key = (str(site_dir), cfg.model_dump_json())
     if key not in _SITES:
-        # a SuperNode names its site directory; a simulation's node is a partition
-        _SITES[key] = Site(site_id, index, site_dir, cfg,
-                           deployed="site-dir" in context.node_config)
+        # a node with a site-dir is deployed: its own files decide, whatever the config says
+        simulated = "site-dir" not in context.node_config
+        _SITES[key] = Site(site_id, index, site_dir, cfg, simulated=simulated)
     return _SITES[key]
 
 
@@ -94,7 +100,18 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         sent = msg.content["config"]
-        site = get_site(context, run_config(msg))
+        try:
+            round_cfg = run_config(msg)
+        except ConfigError as exc:
+            if "site-dir" not in context.node_config:
+                raise
+            # a deployed site refuses, on record, a round config it cannot accept
+            site_id, _, site_dir = site_identity(context, "")
+            reply = decline_unreadable_round(
+                site_dir, site_id, str(sent.get("run-id", "-")) or "-",
+                int(sent.get("server-round", 0)), f"round config refused: {exc}")
+            return Message(reply_record(reply), reply_to=msg)
+        site = get_site(context, round_cfg)
         declaration = None
         if sent.get("declaration-json"):
             declaration = RunDeclaration.model_validate_json(str(sent["declaration-json"]))

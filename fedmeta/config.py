@@ -67,7 +67,9 @@ class RunConfig(BaseModel):
     target_epsilon: float = Field(0.0, ge=0.0, description="> 0: pick sigma for this epsilon")
     max_grad_norm: float = Field(1.0, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    accountant: Literal["prv", "rdp", "gdp"] = "prv"
+    accountant: Literal["prv", "rdp", "gdp"] = Field(
+        "prv", description="asked of the sites; a site accepts only the accountants of its "
+        "policy (prv, rdp): gdp is an approximation and is declined")
     epsilon_max: float = Field(10.0, gt=0.0, description="default per-site budget")
     noise_source: Literal["auto", "seeded", "site-csprng"] = Field(
         "auto", description="auto: a deployed site (own manifest.toml) always draws DP noise "

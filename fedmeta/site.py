@@ -94,6 +94,10 @@ class SiteReply:
     receipt: str = ""
 
 
+class SiteSetupError(RuntimeError):
+    """A deployed site's directory cannot be used (one line, names the file)."""
+
+
 def round_seed(seed: int, server_round: int, site_index: int) -> int:
     """Deterministic per-(run seed, round, site) seed."""
     return int(np.random.SeedSequence([seed, server_round, site_index]).generate_state(1)[0])
@@ -128,8 +132,7 @@ def load_manifest(site_dir: Path, site_id: str, cfg: RunConfig) -> SiteManifest:
     # a non-private run (--no-dp) included: it is then declared and reported as such
     budget = float(cfg.epsilon_max) if cfg.dp else math.inf
     return default_site_manifest(site_id, country=cfg.site_country).model_copy(
-        update={"epsilon_max": budget, "delta": float(cfg.delta),
-                "privacy": simulated_policy(cfg)})
+        update={"epsilon_max": budget, "delta": float(cfg.delta)})
 
 
 def simulated_policy(cfg: RunConfig) -> SitePrivacyPolicy:
@@ -162,21 +165,24 @@ def release_counts(excluded: dict[str, int], min_cohort: int) -> dict[str, int |
 class Site:
     """A training site bound to its state directory.
 
-    A deployed site (``deployed=True``: a SuperNode started with ``site-dir`` in its
-    node config) has its manifest (and the ``[privacy]`` policy in it), its
-    approved declarations and its record metadata re-read every round, and its DP
-    noise and sampling come from its own CSPRNG (fedmeta.privacy.noise). A
-    simulated site (``deployed=False``: a simulation's partition) reads the
-    ``manifest.toml`` in its directory if there is one, else builds its manifest
-    and policy from the run config; its run's declaration is approved when it is
-    set up; its noise is seeded unless the run asks for ``noise-source =
-    "site-csprng"``. ``deployed=None`` (direct library use) treats a directory
-    holding its own ``manifest.toml`` as deployed.
+    A **deployed** site (a node started with ``site-dir`` in its node config, or
+    a ``Site`` over a directory with its own ``manifest.toml``) takes everything
+    from its own files, re-read every round: the manifest and its ``[privacy]``
+    policy (defaults: ``SitePrivacyPolicy()``), the approved declarations and the
+    record metadata; its DP noise and sampling come from its own CSPRNG
+    (fedmeta.privacy.noise), whatever the run config says.
+
+    A **simulated** site (a partition of a simulation) is set up from the run
+    config: its manifest (its own ``manifest.toml`` if the run directory has one,
+    else a default hospital), a policy built from the config when the manifest
+    has no ``[privacy]`` table, and an approval of the run's own declaration. Its
+    noise is seeded (reproducible, no protection against the coordinator) unless
+    the run asks for ``noise-source = "site-csprng"``.
     """
 
     def __init__(self, site_id: str, site_index: int, site_dir: Path, cfg: RunConfig,
                  records: Records | None = None, manifest: SiteManifest | None = None,
-                 deployed: bool | None = None) -> None:
+                 simulated: bool | None = None) -> None:
         self.site_id = site_id
         self.site_index = site_index
         self.site_dir = Path(site_dir)
@@ -186,16 +192,21 @@ class Site:
         if records is None and (self.site_dir / DATA_FILE).exists():
             records = self._load_csv()
         self.records = records if records is not None else self.task.site_records(site_index)
-        self._manifest_file = manifest is None and (self.site_dir / MANIFEST_FILE).exists()
-        self.deployed = self._manifest_file if deployed is None else deployed
+        self.manifest_file = manifest is None and (self.site_dir / MANIFEST_FILE).exists()
+        self.simulated = (not self.manifest_file) if simulated is None else simulated
+        if not self.simulated and manifest is None and not self.manifest_file:
+            raise SiteSetupError(f"{self.site_dir / MANIFEST_FILE}: a deployed site trains only "
+                                 "under its own manifest; run `fedmeta node init` and fill it in")
         self.manifest = manifest or load_manifest(self.site_dir, site_id, cfg)
         self.record_meta: list[RecordMeta] = load_record_meta(self.site_dir, self.records)
         # a simulated site approves its own run's declaration at set-up
         self._setup_approvals: set[str] = set()
-        if not self.deployed:
+        self._setup_policy: SitePrivacyPolicy = SitePrivacyPolicy()
+        if self.simulated:
             self._setup_approvals.add(run_declaration(cfg).sha256())
-        self.noise_source = (SITE_CSPRNG if self.deployed or cfg.noise_source == SITE_CSPRNG
-                             else SEEDED)
+            self._setup_policy = simulated_policy(cfg)
+        self.noise_source = (SITE_CSPRNG if not self.simulated
+                             or cfg.noise_source == SITE_CSPRNG else SEEDED)
 
     def _load_csv(self) -> Records:
         """The institution's own data: ``data.csv`` described by ``schema.toml``."""
@@ -210,13 +221,14 @@ class Site:
     def refresh(self) -> None:
         """Re-read what the site's people may change during a run: the manifest (and
         its privacy policy) and the record metadata (withdrawals, erasure requests)."""
-        if self._manifest_file:
+        if self.manifest_file:
             self.manifest = load_site_manifest(self.site_dir / MANIFEST_FILE)
         self.record_meta = load_record_meta(self.site_dir, self.records)
 
     @property
     def policy(self) -> SitePrivacyPolicy:
-        return self.manifest.privacy
+        """The manifest's ``[privacy]`` table, else the site's set-up default."""
+        return self.manifest.privacy or self._setup_policy
 
     def approved_declarations(self) -> set[str]:
         return self._setup_approvals | set(approved(self.site_dir))
@@ -410,7 +422,8 @@ class Site:
                 "run_epsilon_max": run_cap, "noise_source": self.noise_source})
         details.update({
             "declaration_sha256": declaration_sha,
-            "manifest_sha256": _manifest_sha256(self.site_dir, self.manifest, self.deployed),
+            "manifest_sha256": _manifest_sha256(self.site_dir, self.manifest,
+                                                self.manifest_file),
             "site_policy_sha256": policy.sha256(float(self.manifest.epsilon_max), delta),
             "transport": transport, "server_head": server_head or None,
             "privacy_unit": "record"})
@@ -441,6 +454,18 @@ class Site:
             epsilon_max=float(self.manifest.epsilon_max) if dp else math.inf,
             dp=dp is not None, excluded=released,
         )
+
+
+def decline_unreadable_round(site_dir: Path, site_id: str, run_id: str, server_round: int,
+                             reason: str) -> SiteReply:
+    """A deployed site refuses a round whose config it cannot accept (an unknown key such
+    as a request for the training loss, a value out of range): signed in its log."""
+    with AuditLog.open(Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY,
+                       actor=site_id) as log:
+        log.append("round.decline", run_id=run_id, round=server_round, decision="deny",
+                   rule_ids=["SITE-CONFIG"], details={"reason": reason[:500]})
+        head = log.head()
+    return SiteReply(site_id, declined=True, reason=reason, receipt=str(head) if head else "")
 
 
 def _finite(x: float) -> float | None:

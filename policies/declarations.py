@@ -331,8 +331,10 @@ class SiteManifest(_Model):
     feature_columns: tuple[Text, ...] = ()
     """The feature columns the site allows a trainer to read (GDPR Art. 5(1)(c))."""
     dpo_contact: Text | None = None
-    privacy: SitePrivacyPolicy = SitePrivacyPolicy()
-    """The site's own privacy policy (``[privacy]`` table), enforced at the site every round."""
+    privacy: SitePrivacyPolicy | None = None
+    """The site's own privacy policy (``[privacy]`` table), enforced at the site every round.
+    Absent: a deployed site uses ``SitePrivacyPolicy()``'s cautious defaults, a simulated
+    site a policy built from its run config when it is set up (fedmeta.site)."""
 
     # the national law behind the site's processing (GDPR), each "XX: <citation>"
     art6_3_law: NationalLaw | None = None

@@ -230,7 +230,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
                                 out_dim=out_dim, run=run_id)
         epsilon: dict[str, float] = {}
         declined: dict[str, int] = {}
-        exclusions: dict[str, dict[str, int]] = {}
+        exclusions: dict[str, dict[str, int | str]] = {}
         for rl in strategy.rounds.values():
             epsilon.update(rl.epsilon)
             exclusions.update(rl.exclusions)

@@ -11,7 +11,6 @@ reason (verified with fedmeta.audit's verifier against the site's public key).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -167,12 +166,9 @@ def test_the_train_loss_never_leaves_the_site(tmp_path):
     site_dir = deployed_site(tmp_path)
     msg = train_message()
     msg.content["config"]["train-loss"] = True  # "please send the loss too"
-    ctx = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir)},
-                  state=RecordDict(), run_config={})
-    with pytest.raises(Exception, match="train-loss"):
-        make_client_app()(msg, ctx)
-    assert not (site_dir / LEDGER_FILE).exists()
-    metrics, info = send(site_dir, train_message())
+    metrics, info = send(site_dir, msg)
+    assert_refused(site_dir, metrics, info, "SITE-CONFIG", "train-loss", action="round.decline")
+    metrics, info = send(site_dir, train_message(round_=2))
     assert set(metrics) == EXPECTED_METRICS and metrics["declined"] == 0
     assert set(info) == {"site-id", "reason", "exclusions", "receipt"}
     assert not any("loss" in k for k in [*metrics, *info])
@@ -259,4 +255,3 @@ def test_every_refusal_names_the_setting_in_a_verified_log(tmp_path):
     assert [e["rule_ids"][0] for e in denies] == [r for _, r in attacks]
     assert all(len(e["details"]["reason"]) <= 500 for e in denies)
     assert verify_log(site_dir / AUDIT_LOG).ok
-    shutil.rmtree(site_dir / "keys")  # not needed below; keeps the secret out of tmp copies

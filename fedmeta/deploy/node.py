@@ -280,6 +280,27 @@ def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | N
         return result.summary(), False
     checks.append(_check("audit log", audit_log))
 
+    def approvals():
+        from fedmeta.approvals import approved
+
+        found = approved(site_dir)
+        if not found:
+            return ("none: every round is declined until the DPO approves the run's "
+                    "declaration (`fedmeta node approve`)"), True
+        return ", ".join(f"{r.get('purpose', '?')} (sha256 {h[:12]}...)"
+                         for h, r in found.items()), False
+    checks.append(_check("approved run declarations", approvals))
+
+    def noise_secret():
+        from fedmeta.privacy.noise import SECRET_FILE
+
+        path = site_dir / SECRET_FILE
+        if not path.exists():
+            return "not created yet (the first round draws it from os.urandom)", False
+        _mode_ok(path)
+        return "32 bytes, mode 0600 (DP noise and sampling; never leaves the site)", False
+    checks.append(_check("noise secret", noise_secret))
+
     if connect:
         def reach():
             address = superlink or node.get("superlink")

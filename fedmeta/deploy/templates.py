@@ -12,6 +12,7 @@ from typing import Any
 
 from fedmeta.deploy.federation import Federation
 from policies import SiteManifest, default_site_manifest
+from policies.site_policy import SitePrivacyPolicy
 
 TODO = "TODO"
 TRANSPORT_SECURE = "tls+supernode-auth"
@@ -265,7 +266,8 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
              "# `fedmeta provision`. Your DPO decides every value; replace each TODO.",
              "# Fields: policies/declarations.py (SiteManifest); example: "
              "policies/examples/site.toml.", ""]
-    privacy = data.pop("privacy", {})
+    data.pop("privacy", None)
+    privacy = SitePrivacyPolicy().model_dump(mode="json")  # the cautious defaults, spelled out
     order = list(FIELD_NOTES) + [k for k in data if k not in FIELD_NOTES]
     for key in order:
         if key not in data:
