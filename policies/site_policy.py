@@ -84,8 +84,19 @@ class SitePrivacyPolicy(BaseModel):
 
 
 def canonical_json(obj: object) -> bytes:
-    """Sorted, compact JSON bytes: what fedmeta hashes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    """Sorted, compact JSON bytes: what fedmeta hashes (an infinite budget as "inf")."""
+    return json.dumps(_finite(obj), sort_keys=True, separators=(",", ":"),
+                      allow_nan=False).encode()
+
+
+def _finite(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf" if obj < 0 else "nan"
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 @dataclass(frozen=True)

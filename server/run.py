@@ -136,7 +136,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     audit.append("run.start", run_id=run_id, details={
         "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
         "purpose": declaration.purpose, "config_sha256": _sha((out / CONFIG_FILE).read_text()),
-        "declaration_sha256": _sha(declaration_json), "transport": transport,
+        "declaration_sha256": declaration.sha256(), "transport": transport,
         "serverapp_tls": None if transport == "simulation" else "--insecure" not in sys.argv})
     if transport == "insecure":  # durable before any message leaves
         log(WARNING, "INSECURE deployment: no TLS, no node authentication (asked for by name)")
