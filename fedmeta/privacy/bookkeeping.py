@@ -208,10 +208,13 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor):
         dz3 = dz.reshape(batch, dz.shape[1], -1)  # [B, out, P]
         per_sample = None
         if w_on:
-            # the padding Conv2d itself applies (numbers, 'same'/'valid', any padding_mode)
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            padded = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
-            unfolded = F.unfold(padded, module.kernel_size, module.dilation, 0,
+            if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+                padded, pad = a, module.padding  # unfold pads symmetrically, no copy
+            else:  # what Conv2d itself applies: 'same' (maybe asymmetric), other modes
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                padded = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
+                pad = 0
+            unfolded = F.unfold(padded, module.kernel_size, module.dilation, pad,
                                 module.stride)  # [B, in*k*k, P]
             per_sample = torch.bmm(dz3, unfolded.transpose(1, 2))  # [B, out, in*k*k]
         bias_rows = dz3.sum(2)

@@ -132,6 +132,7 @@ def _flat_width(layers: list[nn.Module], shape: tuple[int, ...]) -> int:
         return int(probe(torch.zeros(1, *shape)).shape[1])
 
 
+@pytest.mark.filterwarnings("ignore:Using padding=.same.:UserWarning")
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=stacks(), clip=st.sampled_from([0.05, 0.5, 50.0]))
 def test_auto_accepts_only_what_it_computes_exactly(case, clip):
