@@ -321,11 +321,17 @@ def verify_logs(files: RunFiles) -> None:
     head = (files.summary or {}).get("audit_head")
     if head:
         _add_receipt(server, head, "summary.json audit_head")
+    anchors = (files.summary or {}).get("anchors")
+    for site_id, text in (anchors.items() if isinstance(anchors, dict) else ()):
+        site = files.sites.get(str(site_id))
+        if site is not None and ":" in str(text) and not str(text).startswith("not "):
+            _add_receipt(site.log, text, "summary.json anchors (the site's run.anchor entry)")
     for site in files.sites.values():
         for e in site.log.entries:
-            if e.action == "round.train" and e.details.get("server_head"):
+            if e.action in ("round.train", "run.anchor") and e.details.get("server_head"):
+                where = f"round {e.round}" if e.action == "round.train" else "run.anchor"
                 _add_receipt(server, e.details["server_head"],
-                             f"{site.site_id} log entry {e.seq} (round {e.round})")
+                             f"{site.site_id} log entry {e.seq} ({where})")
     _second_pass(server)
     for site in files.sites.values():
         _second_pass(site.log)
