@@ -141,6 +141,12 @@ class RunFiles:
         return [m for m in self.metrics if m.get("round", 0) > 0]
 
     @property
+    def keys_trusted(self) -> bool:
+        """Every log present was checked against a key given from outside the run."""
+        logs = [self.server_log, *(s.log for s in self.sites.values())]
+        return all(lg.anchor is not None for lg in logs if lg.exists)
+
+    @property
     def run_end(self) -> Entry | None:
         return next((e for e in self.server_entries if e.action == "run.end"), None)
 

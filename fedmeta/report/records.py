@@ -177,8 +177,11 @@ def measures(files: RunFiles, site: SiteFiles | None, audit_ok: bool) -> list[Me
         *link_measures(files),
         Measure(measure="Tamper-evident audit log", status="on",
                 detail="append-only, hash-chained, Ed25519-signed logs at the server and each "
-                       "site, entries durable before the action; re-verified for this report: "
-                       + ("all verified" if audit_ok else "VERIFICATION FAILED")),
+                       "site, entries durable before the action; re-checked for this report: "
+                       + (("all verified against keys given from outside the run"
+                           if files.keys_trusted else "all intact, but under keys taken "
+                           "from the run directory (self-asserted, not verified)")
+                          if audit_ok else "VERIFICATION FAILED")),
     ]
     if site is None:
         enc = model_file_encrypted(files.model_path)
