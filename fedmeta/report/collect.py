@@ -291,8 +291,8 @@ def _read(log: LogRead, receipts: list[Receipt]) -> None:
 
 
 def _first_pass(log: LogRead) -> None:
-    """Read the entries (the valid prefix) without receipts."""
-    if log.exists:
+    """Read the entries (the valid prefix) without receipts (once)."""
+    if log.exists and log.result is None and log.error is None:
         _read(log, [])
 
 
