@@ -9,6 +9,7 @@ from pathlib import Path
 from fedmeta.report.checks import audit_section
 from fedmeta.report.collect import RunFiles, model_file_encrypted, read_run
 from fedmeta.report.dpia import dpia
+from fedmeta.report.evidence import metrics_signed, signed_manifest_hashes
 from fedmeta.report.learning import learning_section
 from fedmeta.report.model import (
     AuditSection,
@@ -171,6 +172,25 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     return sorted(out, key=lambda f: order[f.severity])
 
 
+def unsigned_figures(files: RunFiles, scope: str | None,
+                     privacy: list[SitePrivacy]) -> list[str]:
+    """The figures the report shows that no signed entry backs, in short."""
+    out = []
+    ledger: dict[str, list[str]] = {}
+    for p in privacy:
+        if p.unsigned_fields:
+            ledger.setdefault(", ".join(p.unsigned_fields), []).append(p.site_id)
+    out += [f"ledger {fields} ({', '.join(sites)})" for fields, sites in ledger.items()]
+    manifests = [s.site_id for s in files.sites.values() if s.manifest is not None
+                 and (scope is not None or s.site_id in files.eligible)
+                 and not signed_manifest_hashes(files, s)]
+    if manifests:
+        out.append(f"site manifests ({', '.join(manifests)})")
+    if metrics_signed(files) is None:
+        out.append("learning results (metrics.jsonl)")
+    return out
+
+
 def evidence_basis(files: RunFiles, audit: AuditSection) -> tuple[str, bool]:
     """(the report's first line, whether every log was checked under a trusted key)."""
     present = [lg for lg in audit.logs if lg.status != "missing"]
@@ -222,8 +242,12 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
         warning = (f"UNVERIFIED: {n} audit check(s) failed, first: {problem}. Only the entries "
                    "before a log's first bad entry were used. Do not rely on this report.")
     basis, trusted = evidence_basis(files, audit)
+    unsigned = unsigned_figures(files, site, privacy)
+    if unsigned:
+        basis = basis[:-1] + "; shown UNSIGNED (no signed entry backs them): " + \
+            "; ".join(unsigned) + "."
     return Report(
-        evidence_basis=basis, keys_trusted=trusted,
+        evidence_basis=basis, keys_trusted=trusted, unsigned=unsigned,
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         generator=_generator(), run_dir=str(Path(run_dir).resolve()),
         scope=Scope(kind="site" if site else "federation", site_id=site),
