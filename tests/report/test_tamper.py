@@ -97,6 +97,8 @@ def test_clean_run_with_registered_keys_is_verified(run_dir, registered):
     assert not [f for f in r.findings if f.severity == "error"]
     assert r.learning.evidence == "signed by the server"
     assert r.evidence_basis.startswith("EVIDENCE:") and "SIMULATION" in r.evidence_basis
+    if r.unsigned:  # sites that do not yet sign the ledger fields: named on the first line
+        assert "shown UNSIGNED" in r.evidence_basis
 
 
 def test_clean_run_without_trust_is_self_asserted_never_verified(run_dir):
@@ -110,6 +112,7 @@ def test_consistent_resigning_with_own_keys_passes(contract_run, registered):
     r = report(contract_run, registered)
     assert r.verified, [c for c in r.audit.cross_checks if not c.ok]
     assert all(not p.unsigned_fields for p in r.privacy)  # every ledger figure signed
+    assert r.unsigned == [] and "UNSIGNED" not in r.evidence_basis
 
 
 # ---- keys ----------------------------------------------------------------------------------
