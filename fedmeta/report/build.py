@@ -47,11 +47,19 @@ def _entry_time(files: RunFiles, action: str) -> str | None:
     return next((e.time for e in files.server_entries if e.action == action), None)
 
 
+def signed_stop(files: RunFiles) -> str | None:
+    """Why the run stopped early, as the server signed it (run.end, else run.stop)."""
+    if files.run_end is not None:
+        why = files.run_end.details.get("stopped")
+        return str(why) if why else None
+    stop = next((e for e in files.server_entries if e.action == "run.stop"), None)
+    return str(stop.details.get("reason") or "stopped") if stop is not None else None
+
+
 def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
     decl = files.declaration
     start = next((dict(e.details) for e in files.server_entries
                   if e.action == "run.start"), {})
-    summary = files.summary or {}
     purpose = get_purpose(decl.purpose)
     denied = {d.site_id for d in files.decisions if d.denied and d.site_id}
     return RunSummary(
@@ -67,7 +75,7 @@ def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
         dp=files.config.dp,
         declared_epsilon=decl.epsilon if decl.dp_enabled else None,
         declared_delta=decl.delta if decl.dp_enabled else None,
-        stopped=summary.get("stopped"), transport=transport(files),
+        stopped=signed_stop(files), transport=transport(files),
         config_sha256=start.get("config_sha256"),
         declaration_sha256=start.get("declaration_sha256"),
         declaration_id=decl.run_id, dpia_id=decl.dpia_id)
@@ -165,7 +173,7 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
             files.run_end.details.get("metrics_sha256") is None:
         add("warning", "learning", "the learning results come from metrics.jsonl, which this "
                                    "server log does not sign: shown unsigned")
-    stopped = (files.summary or {}).get("stopped")
+    stopped = signed_stop(files)
     if stopped:
         add("warning", "run", f"the run stopped early: {stopped}")
     order = {"error": 0, "warning": 1, "info": 2}

@@ -33,6 +33,7 @@ from typing import Any
 
 from fedmeta.audit import AuditError, Entry, Receipt, VerifyResult, read_log
 from fedmeta.config import ConfigError, RunConfig
+from fedmeta.report.metrics_schema import check_line, check_summary
 from fedmeta.report.trust import Anchor
 from policies import Decision, DeclarationError, RunDeclaration, SiteManifest, load_site_manifest
 
@@ -218,13 +219,9 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
         if not isinstance(rec, dict) or not isinstance(rec.get("round"), int) \
                 or isinstance(rec.get("round"), bool):
             raise ReportError(f"{path} line {no}: not a metrics line (no round)")
-        for key, kind in (("sampled", list), ("used", list), ("eligible", list),
-                          ("declined", dict), ("dropped", dict), ("lost", dict),
-                          ("denied", dict), ("epsilon", dict), ("exclusions", dict),
-                          ("receipts", dict), ("eval", dict)):
-            if rec.get(key) is not None and not isinstance(rec[key], kind):
-                raise ReportError(f"{path} line {no}: field '{key}' must be a JSON "
-                                  f"{kind.__name__}, found {type(rec[key]).__name__}")
+        problem = check_line(rec)
+        if problem:
+            raise ReportError(f"{path} line {no}: {problem}")
         out.append(rec)
     return out
 
@@ -238,8 +235,7 @@ def _site_ids(run_dir: Path, metrics: list[dict], manifests: dict, summary: dict
         for key in ("declined", "dropped", "lost", "denied"):
             ids.update((m.get(key) or {}).keys())
         ids.update(m.get("eligible") or [])
-    listed = (summary or {}).get("sites") or []
-    ids.update(listed if isinstance(listed, list) else [])
+    ids.update((summary or {}).get("sites") or [])
     ids = {i for i in ids if isinstance(i, str) and i}
     sites_dir = run_dir / SITES_DIR
     if sites_dir.is_dir():
@@ -367,6 +363,9 @@ def read_run(run_dir: Path, site: str | None = None,
         raise ReportError(str(exc).splitlines()[0]) from None
     metrics = _metrics(run_dir / METRICS_FILE)
     summary = _json(run_dir / SUMMARY_FILE, required=False)
+    problem = check_summary(summary) if summary is not None else None
+    if problem:
+        raise ReportError(f"{run_dir / SUMMARY_FILE}: {problem}")
     doc = _json(run_dir / DECISIONS_FILE)
     try:
         declaration = RunDeclaration.model_validate(doc["declaration"])
