@@ -120,6 +120,21 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
                                  declaration, str(sent.get("server-head", "")))
         return Message(reply_record(reply), reply_to=msg)
 
+    @app.query("runend")
+    def anchor_run_end(msg: Message, context: Context) -> Message:
+        """Log the server's final head (``run.anchor``) so that the end of the run is
+        anchored in this site's own log; reply with the receipt of that entry."""
+        from fedmeta.audit import Receipt
+
+        sent = msg.content["config"]
+        head = Receipt.parse(str(sent.get("server-head", "")))  # one-line error if malformed
+        site = get_site(context, run_config(msg))
+        with site.audit_log() as log:
+            entry = log.append("run.anchor", run_id=str(sent["run-id"]),
+                               details={"server_head": str(head)})
+        return Message(RecordDict({"info": ConfigRecord({
+            "site-id": site.site_id, "receipt": str(entry.receipt())})}), reply_to=msg)
+
     return app
 
 

@@ -119,6 +119,38 @@ def _file_sha(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+ANCHOR_MESSAGE = "query.runend"
+
+
+def anchor_run_end(grid: Grid, site_of_node: dict[int, str], rounds: dict[int, RoundLog],
+                   config: ConfigRecord, head: str, timeout: float) -> dict[str, str]:
+    """Send the server log's final head to every site that took part in a round; each
+    logs it (``run.anchor``) in its own log, so the end of the run is anchored outside
+    the server. Returns site -> the receipt of the site's anchor entry, or why none came
+    back (a site that cannot be reached does not fail the finished run)."""
+    sampled = {s for rl in rounds.values() for s in rl.sampled}
+    nodes = {n: s for n, s in site_of_node.items() if s in sampled}
+    if not nodes:
+        return {}
+    anchor = ConfigRecord({**config, "server-head": head})
+    msgs = [Message(RecordDict({"config": anchor}), message_type=ANCHOR_MESSAGE,
+                    dst_node_id=n) for n in sorted(nodes)]
+    out = {s: "no reply" for s in nodes.values()}
+    try:
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            site = nodes.get(reply.metadata.src_node_id)
+            if site is None:
+                continue
+            if reply.has_error() or "info" not in reply.content.config_records:
+                reason = reply.error.reason if reply.has_error() else "no receipt"
+                out[site] = f"not anchored ({reason})"[:200]
+                continue
+            out[site] = str(reply.content["info"].get("receipt", ""))[:200]
+    except Exception as exc:  # the run is finished and saved: never fail it here
+        log(WARNING, "could not anchor the end of the run at the sites: %s", exc)
+    return out
+
+
 def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None) -> dict:
     """Run the whole federation from the server's side; returns the summary dict."""
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to sites
@@ -252,6 +284,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
                               "model_file_sha256": _file_sha(model_path),
                               "metrics_sha256": _file_sha(out / METRICS_FILE)})
         summary["audit_head"] = str(audit.checkpoint(run_id, None))
+        summary["anchors"] = anchor_run_end(grid, strategy.site_of_node, strategy.rounds,
+                                            round_config, summary["audit_head"],
+                                            cfg.round_timeout_s)
         write_json(out / SUMMARY_FILE, summary)
         return summary
     finally:

@@ -9,6 +9,7 @@ from pathlib import Path
 from fedmeta.report.checks import audit_section
 from fedmeta.report.collect import RunFiles, model_file_encrypted, read_run
 from fedmeta.report.dpia import dpia
+from fedmeta.report.evidence import metrics_signed, signed_manifest_hashes
 from fedmeta.report.learning import learning_section
 from fedmeta.report.model import (
     AuditSection,
@@ -47,11 +48,19 @@ def _entry_time(files: RunFiles, action: str) -> str | None:
     return next((e.time for e in files.server_entries if e.action == action), None)
 
 
+def signed_stop(files: RunFiles) -> str | None:
+    """Why the run stopped early, as the server signed it (run.end, else run.stop)."""
+    if files.run_end is not None:
+        why = files.run_end.details.get("stopped")
+        return str(why) if why else None
+    stop = next((e for e in files.server_entries if e.action == "run.stop"), None)
+    return str(stop.details.get("reason") or "stopped") if stop is not None else None
+
+
 def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
     decl = files.declaration
     start = next((dict(e.details) for e in files.server_entries
                   if e.action == "run.start"), {})
-    summary = files.summary or {}
     purpose = get_purpose(decl.purpose)
     denied = {d.site_id for d in files.decisions if d.denied and d.site_id}
     return RunSummary(
@@ -67,7 +76,7 @@ def run_summary(files: RunFiles, scope: str | None) -> RunSummary:
         dp=files.config.dp,
         declared_epsilon=decl.epsilon if decl.dp_enabled else None,
         declared_delta=decl.delta if decl.dp_enabled else None,
-        stopped=summary.get("stopped"), transport=transport(files),
+        stopped=signed_stop(files), transport=transport(files),
         config_sha256=start.get("config_sha256"),
         declaration_sha256=start.get("declaration_sha256"),
         declaration_id=decl.run_id, dpia_id=decl.dpia_id)
@@ -172,11 +181,30 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
             files.run_end.details.get("metrics_sha256") is None:
         add("warning", "learning", "the learning results come from metrics.jsonl, which this "
                                    "server log does not sign: shown unsigned")
-    stopped = (files.summary or {}).get("stopped")
+    stopped = signed_stop(files)
     if stopped:
         add("warning", "run", f"the run stopped early: {stopped}")
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(out, key=lambda f: order[f.severity])
+
+
+def unsigned_figures(files: RunFiles, scope: str | None,
+                     privacy: list[SitePrivacy]) -> list[str]:
+    """The figures the report shows that no signed entry backs, in short."""
+    out = []
+    ledger: dict[str, list[str]] = {}
+    for p in privacy:
+        if p.unsigned_fields:
+            ledger.setdefault(", ".join(p.unsigned_fields), []).append(p.site_id)
+    out += [f"ledger {fields} ({', '.join(sites)})" for fields, sites in ledger.items()]
+    manifests = [s.site_id for s in files.sites.values() if s.manifest is not None
+                 and (scope is not None or s.site_id in files.eligible)
+                 and not signed_manifest_hashes(files, s)]
+    if manifests:
+        out.append(f"site manifests ({', '.join(manifests)})")
+    if metrics_signed(files) is None:
+        out.append("learning results (metrics.jsonl)")
+    return out
 
 
 def evidence_basis(files: RunFiles, audit: AuditSection) -> tuple[str, bool]:
@@ -230,8 +258,12 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
         warning = (f"UNVERIFIED: {n} audit check(s) failed, first: {problem}. Only the entries "
                    "before a log's first bad entry were used. Do not rely on this report.")
     basis, trusted = evidence_basis(files, audit)
+    unsigned = unsigned_figures(files, site, privacy)
+    if unsigned:
+        basis = basis[:-1] + "; shown UNSIGNED (no signed entry backs them): " + \
+            "; ".join(unsigned) + "."
     return Report(
-        evidence_basis=basis, keys_trusted=trusted,
+        evidence_basis=basis, keys_trusted=trusted, unsigned=unsigned,
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         generator=_generator(), run_dir=str(Path(run_dir).resolve()),
         scope=Scope(kind="site" if site else "federation", site_id=site),

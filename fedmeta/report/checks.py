@@ -49,6 +49,9 @@ def log_check(files: RunFiles, log: LogRead) -> LogCheck:
         problem = log.error or (result.problem if result is not None else None)
         if problem is None and log.bad_receipts:
             problem = f"{len(log.bad_receipts)} malformed receipt(s) held by other parties"
+        failed = [src for r in receipts if not r.ok for src in [r.source]]
+        if problem is not None and failed and log.error is None:
+            problem += f" [receipt held by {', '.join(failed[:3])}]"
     return LogCheck(
         log=files.rel(log.path), party=log.party, status=status, ok=log.ok,
         entries=result.entries if result else 0,
@@ -235,6 +238,24 @@ def _site_declaration(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
         f"the site signed {', '.join(sorted(signed))}, the server {want}")
 
 
+def _anchors(files: RunFiles) -> CrossCheck | None:
+    """The end of the run is held outside the server: each site that took part logged the
+    server's final head (``run.anchor``), checked as a receipt of the server's log."""
+    if files.run_end is None:
+        return None
+    took_part = sorted(s for s, how in files.named_sites().items() if "sampled" in how)
+    anchored = sorted(s.site_id for s in files.sites.values() if any(
+        e.action == "run.anchor" and e.run_id == files.run_id for e in s.log.entries))
+    missing = [s for s in took_part if s not in anchored]
+    return CrossCheck(
+        check="the end of the run is anchored at the sites (each logged the server's final "
+              "head)", ok=not missing, blocking=False,
+        detail=f"anchored at {', '.join(anchored)}" if not missing else
+        (f"not anchored at {', '.join(missing)}: the server's last entries are held only by "
+         "summary.json there" if anchored else "anchored at no site: the server's last round "
+         "and run.end are held only by summary.json (a server key holder could rewrite them)"))
+
+
 def _metrics_file(files: RunFiles) -> CrossCheck | None:
     signed = metrics_signed(files)
     if signed is None:
@@ -314,7 +335,8 @@ def audit_section(files: RunFiles, site: str | None) -> AuditSection:
     logs = [log_check(files, files.server_log)]
     logs += [log_check(files, s.log) for s in files.sites.values()]
     checks = [*_hashes(files), _decisions(files, site), _model(files)]
-    for extra in (_model_file(files) if site is None else None, _metrics_file(files)):
+    for extra in (_model_file(files) if site is None else None, _metrics_file(files),
+                  _anchors(files) if site is None else None):
         if extra is not None:
             checks.append(extra)
     if site is None:

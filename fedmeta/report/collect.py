@@ -33,6 +33,7 @@ from typing import Any
 
 from fedmeta.audit import AuditError, Entry, Receipt, VerifyResult, read_log
 from fedmeta.config import ConfigError, RunConfig
+from fedmeta.report.metrics_schema import check_line, check_summary
 from fedmeta.report.trust import Anchor
 from policies import Decision, DeclarationError, RunDeclaration, SiteManifest, load_site_manifest
 
@@ -141,6 +142,12 @@ class RunFiles:
         return [m for m in self.metrics if m.get("round", 0) > 0]
 
     @property
+    def keys_trusted(self) -> bool:
+        """Every log present was checked against a key given from outside the run."""
+        logs = [self.server_log, *(s.log for s in self.sites.values())]
+        return all(lg.anchor is not None for lg in logs if lg.exists)
+
+    @property
     def run_end(self) -> Entry | None:
         return next((e for e in self.server_entries if e.action == "run.end"), None)
 
@@ -212,13 +219,9 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
         if not isinstance(rec, dict) or not isinstance(rec.get("round"), int) \
                 or isinstance(rec.get("round"), bool):
             raise ReportError(f"{path} line {no}: not a metrics line (no round)")
-        for key, kind in (("sampled", list), ("used", list), ("eligible", list),
-                          ("declined", dict), ("dropped", dict), ("lost", dict),
-                          ("denied", dict), ("epsilon", dict), ("exclusions", dict),
-                          ("receipts", dict), ("eval", dict)):
-            if rec.get(key) is not None and not isinstance(rec[key], kind):
-                raise ReportError(f"{path} line {no}: field '{key}' must be a JSON "
-                                  f"{kind.__name__}, found {type(rec[key]).__name__}")
+        problem = check_line(rec)
+        if problem:
+            raise ReportError(f"{path} line {no}: {problem}")
         out.append(rec)
     return out
 
@@ -232,8 +235,7 @@ def _site_ids(run_dir: Path, metrics: list[dict], manifests: dict, summary: dict
         for key in ("declined", "dropped", "lost", "denied"):
             ids.update((m.get(key) or {}).keys())
         ids.update(m.get("eligible") or [])
-    listed = (summary or {}).get("sites") or []
-    ids.update(listed if isinstance(listed, list) else [])
+    ids.update((summary or {}).get("sites") or [])
     ids = {i for i in ids if isinstance(i, str) and i}
     sites_dir = run_dir / SITES_DIR
     if sites_dir.is_dir():
@@ -285,8 +287,8 @@ def _read(log: LogRead, receipts: list[Receipt]) -> None:
 
 
 def _first_pass(log: LogRead) -> None:
-    """Read the entries (the valid prefix) without receipts."""
-    if log.exists:
+    """Read the entries (the valid prefix) without receipts (once)."""
+    if log.exists and log.result is None and log.error is None:
         _read(log, [])
 
 
@@ -321,11 +323,17 @@ def verify_logs(files: RunFiles) -> None:
     head = (files.summary or {}).get("audit_head")
     if head:
         _add_receipt(server, head, "summary.json audit_head")
+    anchors = (files.summary or {}).get("anchors")
+    for site_id, text in (anchors.items() if isinstance(anchors, dict) else ()):
+        site = files.sites.get(str(site_id))
+        if site is not None and ":" in str(text) and not str(text).startswith("not "):
+            _add_receipt(site.log, text, "summary.json anchors (the site's run.anchor entry)")
     for site in files.sites.values():
         for e in site.log.entries:
-            if e.action == "round.train" and e.details.get("server_head"):
+            if e.action in ("round.train", "run.anchor") and e.details.get("server_head"):
+                where = f"round {e.round}" if e.action == "round.train" else "run.anchor"
                 _add_receipt(server, e.details["server_head"],
-                             f"{site.site_id} log entry {e.seq} (round {e.round})")
+                             f"{site.site_id} log entry {e.seq} ({where})")
     _second_pass(server)
     for site in files.sites.values():
         _second_pass(site.log)
@@ -355,6 +363,9 @@ def read_run(run_dir: Path, site: str | None = None,
         raise ReportError(str(exc).splitlines()[0]) from None
     metrics = _metrics(run_dir / METRICS_FILE)
     summary = _json(run_dir / SUMMARY_FILE, required=False)
+    problem = check_summary(summary) if summary is not None else None
+    if problem:
+        raise ReportError(f"{run_dir / SUMMARY_FILE}: {problem}")
     doc = _json(run_dir / DECISIONS_FILE)
     try:
         declaration = RunDeclaration.model_validate(doc["declaration"])

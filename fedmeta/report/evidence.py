@@ -66,19 +66,22 @@ def _signed_value(entry: Any, name: str) -> tuple[bool, Any]:
 
 
 def ledger_evidence(files: RunFiles, site: SiteFiles) -> LedgerEvidence:
+    """Every charge of the ledger (this run's and earlier runs', which count towards the
+    site's total) against the site's signed ``round.train`` entry of that run and round."""
     out = LedgerEvidence()
     if site.ledger is None:
         return out
-    trains = {e.round: e for e in site.log.entries
-              if e.action == "round.train" and e.run_id == files.run_id}
-    charges = [c for c in site.ledger.charges if c.run == files.run_id]
-    charged = {c.round for c in charges}
-    for c in charges:
-        out.rounds += 1
-        e = trains.get(c.round)
+    trains = {(e.run_id, e.round): e for e in site.log.entries if e.action == "round.train"}
+    charged = {(c.run, c.round) for c in site.ledger.charges}
+    for c in site.ledger.charges:
+        e = trains.get((c.run, c.round))
+        if c.run != files.run_id and e is None:  # an earlier run this log does not hold
+            out.unsigned.add("earlier runs' charges")
+            continue
+        out.rounds += c.run == files.run_id
         if e is None or e.details.get("dp") is False:
-            out.problems.append(f"ledger charge of round {c.round} has no signed DP "
-                                "round.train entry")
+            out.problems.append(f"ledger charge of run {c.run} round {c.round} has no "
+                                "signed DP round.train entry")
             continue
         values = {"noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate,
                   "steps": c.steps, "delta": site.ledger.delta,
@@ -91,9 +94,9 @@ def ledger_evidence(files: RunFiles, site: SiteFiles) -> LedgerEvidence:
             elif not _close(value, values[name]):
                 out.problems.append(f"round {c.round}: ledger {name} {values[name]!r}, the "
                                     f"site signed {value!r}")
-    for r, e in sorted((r, e) for r, e in trains.items() if r is not None):
-        if e.details.get("dp") and e.epsilon is not None and r not in charged:
-            out.problems.append(f"round {r}: the site signed a DP round (epsilon "
+    for (run, r), e in sorted((k, e) for k, e in trains.items() if k[1] is not None):
+        if e.details.get("dp") and e.epsilon is not None and (run, r) not in charged:
+            out.problems.append(f"run {run} round {r}: the site signed a DP round (epsilon "
                                 f"{e.epsilon:.6g}) that the ledger does not hold (a charge "
                                 "was dropped)")
     return out

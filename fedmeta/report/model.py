@@ -404,6 +404,9 @@ class Report(_Model):
     """One line, first in every format: where the keys came from and what that means."""
     keys_trusted: bool
     """Every log present was checked against a key given from outside the run (--trust)."""
+    unsigned: list[str] = []
+    """Figures shown that no signed entry backs (e.g. ledger fields an older site log
+    does not sign); the first line names them too."""
     schema_version: Literal["fedmeta.report/2"] = SCHEMA_VERSION
     generated_at: str
     generator: str

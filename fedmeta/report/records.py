@@ -10,6 +10,7 @@ server's run.start entry), not the ones the software could offer.
 from __future__ import annotations
 
 from fedmeta.report.collect import RunFiles, SiteFiles, model_file_encrypted
+from fedmeta.report.evidence import signed_manifest_hashes
 from fedmeta.report.model import (
     DataCategory,
     Measure,
@@ -78,7 +79,9 @@ def parties(files: RunFiles, site: str | None) -> list[Party]:
         if m is None or (site is None and s.site_id not in files.eligible):
             continue
         out.append(Party(name=m.institution, role=m.role, country=m.country, dpo=m.dpo_contact,
-                         site_id=m.site_id, source=f"site manifest ({s.site_id})"))
+                         site_id=m.site_id, source=f"site manifest ({s.site_id}; "
+                         + ("signed by the site)" if signed_manifest_hashes(files, s)
+                            else "UNSIGNED: as the server received it)")))
     return out
 
 
@@ -182,8 +185,11 @@ def measures(files: RunFiles, site: SiteFiles | None, audit_ok: bool) -> list[Me
         *link_measures(files),
         Measure(measure="Tamper-evident audit log", status="on",
                 detail="append-only, hash-chained, Ed25519-signed logs at the server and each "
-                       "site, entries durable before the action; re-verified for this report: "
-                       + ("all verified" if audit_ok else "VERIFICATION FAILED")),
+                       "site, entries durable before the action; re-checked for this report: "
+                       + (("all verified against keys given from outside the run"
+                           if files.keys_trusted else "all intact, but under keys taken "
+                           "from the run directory (self-asserted, not verified)")
+                          if audit_ok else "VERIFICATION FAILED")),
     ]
     if site is None:
         enc = model_file_encrypted(files.model_path)

@@ -87,3 +87,14 @@ def test_fingerprint_is_full_sha256(make_log: MakeLog) -> None:
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", fp)
     assert verify_log(fx.path).key_fingerprint == fp
     assert grouped(fp).replace(" ", "") == fp
+
+
+def test_cli_refuses_a_fifo_with_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    res = CliRunner().invoke(app, ["audit", "verify", str(fifo)])
+    assert res.exit_code == 2 and "not a regular file" in res.output

@@ -45,8 +45,9 @@ def _map_receipt(text: Any, mapping: dict[str, str]) -> Any:
 
 
 def rewrite_run(run: Path, keys: dict[str, Ed25519PrivateKey] | None = None,
-                edit: Edit | None = None) -> None:
-    """Re-sign every log of ``run`` (with ``keys[party]`` or the run's own key)."""
+                edit: Edit | None = None, only: set[str] | None = None) -> None:
+    """Re-sign every log of ``run`` (with ``keys[party]`` or the run's own key), or only
+    the logs of the parties in ``only`` (an attacker who holds only those keys)."""
     paths = log_paths(run)
     keys = dict(keys or {})
     for party, (_, key_path) in paths.items():
@@ -65,6 +66,10 @@ def rewrite_run(run: Path, keys: dict[str, Ed25519PrivateKey] | None = None,
     prev = dict.fromkeys(paths, GENESIS_PREV)
     metrics_done = False
     for _, party, e in queue:
+        if only is not None and party not in only:  # left as it is: not the attacker's
+            maps[party][e.hash] = prev[party] = e.hash
+            out[party].append(e.line_bytes() + b"\n")
+            continue
         d = e.to_dict(with_sig=False)
         details = dict(d["details"])
         if d["action"] == "log.created":
@@ -105,6 +110,9 @@ def rewrite_run(run: Path, keys: dict[str, Ed25519PrivateKey] | None = None,
     if summary.exists():
         doc = json.loads(summary.read_text())
         doc["audit_head"] = _map_receipt(doc.get("audit_head"), maps["server"])
+        if isinstance(doc.get("anchors"), dict):
+            doc["anchors"] = {s: _map_receipt(r, maps.get(s, {}))
+                              for s, r in doc["anchors"].items()}
         summary.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
