@@ -38,7 +38,7 @@ from fedmeta.deploy import pki
 from fedmeta.deploy.node import tls_probe
 from fedmeta.privacy.ledger import PrivacyLedger
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 FED = "testfed"
 SITES = [("site-de-01", "DE"), ("site-fr-01", "FR"), ("site-in-01", "IN")]
