@@ -18,7 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import fedmeta, run_inline
+from typer.testing import CliRunner
 
+from fedmeta.cli import app
 from policies import EXAMPLE_RUN
 
 COMMON = {"task": "digits-fewshot", "sites": 3, "rounds": 3, "seed": 5, "eval-every": 0,
@@ -230,10 +232,12 @@ def test_sine_without_dp_is_explicit_and_reported(tmp_path):
     (["--backend", "threads"], "--backend"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, needle):
-    res = fedmeta("simulate", "--out", str(tmp_path / "x"), *args, isolate=False)
-    assert res.returncode == 2
+    # in-process through typer's runner; the subprocess path is the budget test's refusal
+    res = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2, res.output
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_backend_is_refused_by_the_api(tmp_path):
