@@ -12,6 +12,8 @@ import contextlib
 import ctypes
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,12 +116,26 @@ def test_ray_simulation_writes_a_complete_run_directory(ray_run):
     assert "epsilon spent" in res.stdout and "site-2" in res.stdout and "adapted" in res.stdout
     server = [json.loads(x) for x in
               (run / "audit" / "server-audit-log.jsonl").read_text().splitlines()]
-    assert server[0]["details"]["transport"] == "simulation"
+    start = next(e for e in server if e["action"] == "run.start")
+    assert start["details"]["transport"] == "simulation"
 
 
 @pytest.mark.slow
 def test_no_process_of_the_run_is_left_running(ray_run):
     assert ray_run[2] == {}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="child subreapers are Linux-only")
+def test_the_leftover_check_sees_a_process_orphaned_by_a_finished_command():
+    with adopting_orphans():
+        before = own_processes()
+        # the command starts a background sleep and exits at once, orphaning it
+        subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 &"], check=True)
+        left = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # it is this process's child now
+    assert [cmd for cmd in left.values()] == ["sleep 30"]
 
 
 @pytest.mark.slow
