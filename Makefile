@@ -1,6 +1,7 @@
 # fedmeta — set up, run, test.
 #   make run    set up a virtual environment, run the default simulation, write its report
 #   make test   set up and run the whole test suite (slow tests included) and ruff
+#   make test-fast   the inner loop: skips tests marked slow, deploy or browser
 #
 # torch is installed first, on its own, so the build is an install-time choice:
 #   TORCH_SPEC=torch==2.13.0  (default) on a CPU-only machine whose pip finds the local
@@ -14,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmeta-installed
 
-.PHONY: setup run test browser clean
+.PHONY: setup run test test-fast browser clean
 
 setup: $(STAMP)
 
@@ -38,6 +39,10 @@ browser:
 test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not slow and not deploy and not browser"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

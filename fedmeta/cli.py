@@ -101,7 +101,6 @@ def simulate(
     from fedmeta.metrics import METRICS_FILE
     from fedmeta.simulation import BACKENDS
 
-    configure(verbose)
     if backend not in BACKENDS:
         raise fail(f"option '--backend': expected one of {' | '.join(BACKENDS)}, got {backend!r}")
 
@@ -131,6 +130,7 @@ def simulate(
         prepare_run_dir(cfg, overwrite)
     except _user_errors() as exc:
         raise fail(str(exc)) from None
+    configure(verbose)
     if not cfg.dp:
         err_console.print("warning: differential privacy is OFF for this run (--no-dp); "
                           "the run's metrics and summary record it", style="yellow")

@@ -12,13 +12,17 @@ import contextlib
 import ctypes
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 import pytest
 from helpers import fedmeta, run_inline
+from typer.testing import CliRunner
 
+from fedmeta.cli import app
 from policies import EXAMPLE_RUN
 
 COMMON = {"task": "digits-fewshot", "sites": 3, "rounds": 3, "seed": 5, "eval-every": 0,
@@ -110,14 +114,30 @@ def test_ray_simulation_writes_a_complete_run_directory(ray_run):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sites"] == ["site-0", "site-1", "site-2"] and summary["dp"] is True
     assert "epsilon spent" in res.stdout and "site-2" in res.stdout and "adapted" in res.stdout
+    # quiet on Ray too: nothing of Flower's or Ray's on the console (see test_logging.py)
+    assert res.stderr.strip() == "" and "INFO" not in res.stdout, res.stderr[-2000:]
     server = [json.loads(x) for x in
               (run / "audit" / "server-audit-log.jsonl").read_text().splitlines()]
-    assert server[0]["details"]["transport"] == "simulation"
+    start = next(e for e in server if e["action"] == "run.start")
+    assert start["details"]["transport"] == "simulation"
 
 
 @pytest.mark.slow
 def test_no_process_of_the_run_is_left_running(ray_run):
     assert ray_run[2] == {}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="child subreapers are Linux-only")
+def test_the_leftover_check_sees_a_process_orphaned_by_a_finished_command():
+    with adopting_orphans():
+        before = own_processes()
+        # the command starts a background sleep and exits at once, orphaning it
+        subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 &"], check=True)
+        left = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # it is this process's child now
+    assert [cmd for cmd in left.values()] == ["sleep 30"]
 
 
 @pytest.mark.slow
@@ -233,10 +253,12 @@ def test_sine_without_dp_is_explicit_and_reported(tmp_path):
     (["--backend", "threads"], "--backend"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, needle):
-    res = fedmeta("simulate", "--out", str(tmp_path / "x"), *args, isolate=False)
-    assert res.returncode == 2
+    # in-process through typer's runner; the subprocess path is the budget test's refusal
+    res = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2, res.output
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_backend_is_refused_by_the_api(tmp_path):

@@ -39,7 +39,7 @@ from fedmeta.deploy.node import tls_probe
 from fedmeta.privacy.ledger import PrivacyLedger
 from policies.defaults import EXAMPLE_RUN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 FED = "testfed"
 SITES = [("site-de-01", "DE"), ("site-fr-01", "FR"), ("site-in-01", "IN")]

@@ -269,6 +269,7 @@ def _chromium_args(profile: Path) -> list[str]:
             "--disable-sync", f"--user-data-dir={profile}"]
 
 
+@pytest.mark.browser
 def test_html_is_one_self_contained_file_that_chromium_renders(html, tmp_path):
     text = html.read_text()
     assert not re.search(r"""(src|href)=["'](?!data:|#)""", text)  # no external asset
