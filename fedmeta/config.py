@@ -52,7 +52,8 @@ class RunConfig(BaseModel):
 
     # inner loop at each site
     n_way: int = Field(5, ge=2, le=40)
-    pool_per_class: int = Field(40, ge=2, description="records per class in a round's episode pool")
+    pool_per_class: int = Field(40, ge=2, description="points per sinusoid (sine); a digits "
+                                "episode uses every record of its classes")
     inner_steps: int = Field(8, ge=1, le=10_000)
     inner_lr: float = Field(0.0, ge=0.0, description="0 = the task's default")
     batch_size: int = Field(10, ge=1, description="expected Poisson batch size")

@@ -47,9 +47,10 @@ from fedmeta.data.records import Records
 from fedmeta.data.tasks.base import Pool, Task
 from fedmeta.data.tasks.tabular import DATA_FILE, SCHEMA_FILE, TabularCsv
 from fedmeta.meta.updates import model_digest
-from fedmeta.privacy.budget import noise_for_target, poisson_rate
+from fedmeta.privacy.budget import expected_batch_size, noise_for_target, poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
+from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SEEDED, SITE_CSPRNG, SiteRandomness, load_or_create_secret
 from policies import (
     RecordMeta,
@@ -363,7 +364,19 @@ class Site:
         eps_round = eps_total = 0.0
         q = 1.0
         details: dict = {"dp": cfg.dp}
+        model = self.task.build_model(self.task.out_dim(cfg.strategy))
+        model.load_state_dict(theta)
         if cfg.dp:
+            # the model, its loss and the clipping mode are checked before anything is
+            # charged: a model DP-SGD cannot train soundly is declined, never half-run
+            try:
+                check_dp_model(model, self.task.loss_fn(), cfg.grad_sample_mode,
+                               torch.from_numpy(np.ascontiguousarray(pool.x[:1])))
+                expected_batch_size(len(pool.x), batch)
+            except ValueError as exc:  # DPModelError and the E[B] >= 1 check
+                return self._decline(log, run_id, server_round, "round.decline",
+                                     f"DP model check: {exc}", ("PRIV-MODEL",),
+                                     excluded=released)
             accountant = self.ledger_accountant()
             q = poisson_rate(len(pool.x), batch)
             sigma = self.noise_multiplier(q, declaration, accountant)
@@ -431,11 +444,19 @@ class Site:
                    model_in=_digest(theta), epsilon=eps_total if dp else None,
                    counts={"examples": len(pool.x), "steps": cfg.inner_steps},
                    details=details)
-        model = self.task.build_model(self.task.out_dim(cfg.strategy))
-        model.load_state_dict(theta)
-        result = train_steps(model, pool, loss_fn=self.task.loss_fn(), steps=cfg.inner_steps,
-                             lr=inner_lr(cfg, self.task), batch_size=batch, dp=dp,
-                             device=resolve_device(cfg.device), seed=seed)
+        try:
+            result = train_steps(model, pool, loss_fn=self.task.loss_fn(),
+                                 steps=cfg.inner_steps, lr=inner_lr(cfg, self.task),
+                                 batch_size=batch, dp=dp, device=resolve_device(cfg.device),
+                                 seed=seed)
+        except Exception as exc:
+            # the charge stands (the ledger never un-spends); the log says it trained nothing
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"charged, not trained: {type(exc).__name__}: {first}"
+            log.append("round.failed", run_id=run_id, round=server_round, decision="deny",
+                       rule_ids=["SITE-TRAIN"], epsilon=eps_total if dp else None,
+                       details={"reason": reason[:500]})
+            raise
         if dp is not None and result.dp_step != (dp.noise_multiplier, q, cfg.inner_steps):
             raise RuntimeError(f"Opacus recorded {result.dp_step}, ledger charged "
                                f"{(dp.noise_multiplier, q, cfg.inner_steps)}")

@@ -90,3 +90,30 @@ def test_target_epsilon_is_planned_over_expected_participation_and_capped(tmp_pa
     assert planned - 1 <= len(trained) <= planned
     assert 0.95 * 8.0 <= trained[-1].epsilon_total <= 8.0
     assert all("privacy budget" in r.reason for r in replies[len(trained):])
+
+
+def test_a_model_dp_cannot_train_is_declined_before_any_charge(tmp_path):
+    """BatchNorm keeps running statistics of the private batches: refused before the ledger
+    is touched, with the fix in the reason, and the refusal is in the site's signed log."""
+    import json
+
+    from torch import nn
+
+    from fedmeta.config import run_declaration
+    from fedmeta.privacy.ledger import LEDGER_FILE
+
+    site = Site("site-0", 0, tmp_path, CFG, simulated=True)
+
+    def with_batchnorm(out_dim: int) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                             nn.Linear(16, out_dim))
+
+    site.task.build_model = with_batchnorm  # type: ignore[method-assign]
+    theta = with_batchnorm(site.task.out_dim(CFG.strategy)).state_dict()
+    reply = site.train_round(theta, "run-1", 1, run_declaration(CFG))
+    assert reply.declined and "DP model check" in reply.reason and "GroupNorm" in reply.reason
+    assert not (tmp_path / LEDGER_FILE).exists()  # nothing was charged
+    entries = [json.loads(x) for x in (tmp_path / "audit" / "audit-log.jsonl").read_text()
+               .splitlines()]
+    (deny,) = [e for e in entries if e["decision"] == "deny"]
+    assert deny["rule_ids"] == ["PRIV-MODEL"] and "BatchNorm" in deny["details"]["reason"]
