@@ -20,8 +20,10 @@ intact and agree).
 
 Modules, one concept each: ``model`` (the report's data, one canonical JSON;
 ``schema.json`` is its JSON Schema), ``collect`` (the only place that knows the
-run directory's files; verifies the logs), ``checks`` (verification results and
-cross-checks), ``records`` (parties, GDPR Art. 30), ``dpia`` (Art. 35(7)),
+run directory's files; verifies the logs), ``trust`` (``--trust``: keys from
+outside the run), ``evidence`` (which figures a signed entry backs),
+``metrics_schema`` (the fields read from unsigned files), ``checks``
+(verification results and cross-checks), ``records`` (parties, GDPR Art. 30), ``dpia`` (Art. 35(7)),
 ``privacy`` (per-site (epsilon, delta)), ``policy`` (decisions, exclusions,
 rights, DPDP), ``learning``, ``build`` (assembles the report), ``plots`` and
 ``render`` (JSON, Markdown, HTML from ``templates/``).

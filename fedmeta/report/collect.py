@@ -178,6 +178,8 @@ class RunFiles:
 
 
 def _text(path: Path) -> str:
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise ReportError(f"{path}: not a regular file; restore the file written by the run")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -248,13 +250,16 @@ def _read_site(run_dir: Path, site_id: str, manifests: dict[str, SiteManifest],
     site_dir = run_dir / SITES_DIR / site_id
     manifest = manifests.get(site_id)
     if manifest is None and (site_dir / SITE_MANIFEST).exists():
+        _text(site_dir / SITE_MANIFEST)  # readable text in a regular file, or one line
         try:
             manifest = load_site_manifest(site_dir / SITE_MANIFEST)
         except (DeclarationError, ValueError, OSError) as exc:
             raise ReportError(f"{site_dir / SITE_MANIFEST}: unreadable site manifest "
                               f"({str(exc).splitlines()[0][:200]})") from None
     ledger, ledger_error = None, None
-    if (site_dir / LEDGER_FILE).exists():
+    if (site_dir / LEDGER_FILE).exists() and not (site_dir / LEDGER_FILE).is_file():
+        ledger_error = f"{site_dir / LEDGER_FILE}: not a regular file"
+    elif (site_dir / LEDGER_FILE).exists():
         from fedmeta.privacy.ledger import LedgerError, PrivacyLedger
 
         try:

@@ -145,6 +145,8 @@ def model_evidence(files: RunFiles) -> ModelEvidence | None:
     if not path.exists():
         return ModelEvidence(True, False, f"no {path.name} (run.end names model "
                                           f"{end.model_out or '-'})")
+    if not path.is_file():
+        return ModelEvidence(False, True, f"{path.name}: not a regular file")
     signed = end.details.get("model_file_sha256")
     if isinstance(signed, str):
         got = file_sha256(path)

@@ -296,6 +296,19 @@ def test_malformed_unsigned_file_is_one_line_naming_it(run, name, data, needle):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "final_model.pt",
+                                  "sites/site-1/privacy-ledger.jsonl",
+                                  "sites/site-1/audit/audit-log.jsonl"])
+def test_a_fifo_in_place_of_a_file_never_blocks(run, name):
+    import os
+
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    with pytest.raises((ReportError, UnverifiedRunError)) as exc:
+        report(run)
+    assert "regular file" in str(exc.value)
+
+
 # ---- the server's end of the run -------------------------------------------------------------
 
 
