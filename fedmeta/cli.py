@@ -90,7 +90,8 @@ def simulate(
                                         "(explicit; reported in the run)")] = False,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     overwrite: Annotated[bool, typer.Option(help="reuse a run directory")] = False,
-    verbose: Annotated[bool, typer.Option(help="show Flower's own logging")] = False,
+    verbose: Annotated[bool, typer.Option(help="also show Flower's INFO lines and fedmeta's "
+                                          "own")] = False,
     backend: Annotated[str, typer.Option(help="ray: Flower's simulation engine, one Ray actor "
                                          "per site | inline: every site in this process, no "
                                          "Ray (fast; same metrics for the same seed)")] = "ray",

@@ -112,6 +112,10 @@ def _run_env(out: Path) -> Iterator[None]:
 
 def _simulate_ray(cfg: RunConfig) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU tip
+    # one machine: Ray's node address is the loopback one, as Ray does on macOS and Windows
+    # (otherwise Ray asks public DNS servers for it, and warns where there is no route);
+    # read when Ray is imported
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from flwr.simulation import run_simulation
     from flwr.supercore.object_ref import load_app
 
