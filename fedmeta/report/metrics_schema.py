@@ -7,12 +7,22 @@ so a malformed (or hand-edited) file never reaches the report's sections.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+)
 from pydantic import ValidationError as _ValidationError
 
 Number = StrictInt | StrictFloat
+Suppressed = Annotated[StrictStr, StringConstraints(pattern=r"^<[0-9]+$")]
+"""A count a site released suppressed below its minimum cohort size, e.g. "<5"."""
 
 
 class _Eval(BaseModel):
@@ -46,7 +56,7 @@ class MetricsLine(BaseModel):
     epsilon: dict[str, Number] | None = None
     epsilon_round: dict[str, Number] | None = None
     dp: dict[str, StrictBool] | None = None
-    exclusions: dict[str, dict[str, StrictInt]] | None = None
+    exclusions: dict[str, dict[str, StrictInt | Suppressed]] | None = None
     receipts: dict[str, StrictStr] | None = None
     eval: _Eval | None = None
 
