@@ -160,9 +160,14 @@ def load_csr(data: bytes, source: str) -> x509.CertificateSigningRequest:
         csr = x509.load_pem_x509_csr(data)
     except ValueError as exc:
         raise PkiError(f"{source}: not a PEM certificate signing request ({exc})") from None
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+        key = csr.public_key()
+    except ValueError as exc:  # an altered key or signature may not even parse
+        raise PkiError(f"{source}: the CSR cannot be read ({exc}): altered in transit?"
+                       ) from None
+    if not valid:
         raise PkiError(f"{source}: the CSR's signature does not verify (altered in transit?)")
-    key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NIST_CURVES):
         raise PkiError(f"{source}: the CSR's key is not ECDSA on a NIST curve")
     return csr
