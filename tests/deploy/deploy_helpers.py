@@ -208,7 +208,8 @@ class Deployment:
     def listening(self) -> list[str]:
         """Local addresses of TCP sockets in LISTEN state owned by our processes."""
         inodes: set[str] = set()
-        for pid in self.tagged_pids():
+        running = {p.pid for p in self.procs.values() if p.poll() is None}  # nginx: see stop_all
+        for pid in set(self.tagged_pids()) | running:
             try:
                 for fd in os.listdir(f"/proc/{pid}/fd"):
                     target = os.readlink(f"/proc/{pid}/fd/{fd}")

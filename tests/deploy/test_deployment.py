@@ -311,8 +311,8 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     d.timings["copy project"] = round(time.monotonic() - t, 1)
     site_attacks(d, tmp, app, coord, port, first, node_ids)
     assert registry(coord) == node_ids
-    assert sorted(n["node-id"] for n in d.flwr_nodes(FED) if n["status"] == "online") == sorted(
-        node_ids.values())
+    assert sorted(str(n["node-id"]) for n in d.flwr_nodes(FED)
+                  if n["status"] == "online") == sorted(node_ids.values())
 
     # ---- 6. run A: two rounds of Reptile with DP, all three sites --------------------------
     run_cfg = tomllib.loads(doc_block(doc, "toml", "run.toml"))
@@ -415,7 +415,8 @@ def _scenario(d: Deployment, tmp: Path) -> None:
              "the rotated node online")
     nodes = d.flwr_nodes(FED)
     assert any(n["node-id"] == new_id and n["status"] == "online" for n in nodes)
-    assert not any(n["node-id"] == node_ids[ROTATED] for n in nodes)  # old one unregistered
+    assert not any(str(n["node-id"]) == node_ids[ROTATED] and n["status"] != "unregistered"
+                   for n in nodes), nodes  # the old node was unregistered
     retired = next((rot / "keys" / "retired").glob("*.key"))
     old = d.start("node-retired-key", "fedmeta node supernode --superlink 127.0.0.1:<port> "
                   "--root-certificates <ca> --auth-supernode-private-key <key> --port <rport>",
@@ -527,7 +528,8 @@ def add_and_remove_site(d: Deployment, prov: Path, tmp: Path, port: int, local_p
     d.run("./unregister-site.sh <federation> <site-id>", coord,
           **{"site-id": NEW_SITE[0], "federation": FED})
     assert NEW_SITE[0] not in registry(coord)
-    assert not any(n["node-id"] == node for n in d.flwr_nodes(FED))
+    assert not any(str(n["node-id"]) == node and n["status"] != "unregistered"
+                   for n in d.flwr_nodes(FED))
     # unregistering it again fails loudly
     res = subprocess.run([str(coord / "unregister-site.sh"), FED, NEW_SITE[0]], cwd=coord,
                          env=d.env, capture_output=True, text=True, timeout=120)
