@@ -77,6 +77,8 @@ def provision(
         raise _fail(" ".join(str(exc).split())) from None
     con = _show(("[green]created[/]", report.created), ("[dim]kept[/]   ", report.kept),
                 ("[yellow]note:[/]", report.notes))
+    for name, digest in report.fingerprints.items():
+        con.print(f"fingerprint {name}: {digest}")
     con.print(f"kits in {out}/: send sites/<id>/ to each site and coordinator/ to the "
               f"coordinator (no kit holds a site's private key); keep {out}/ca/ offline.")
 
@@ -88,6 +90,9 @@ def node_init(
                                              "provision` (omit if unpacked in SITE_DIR)")] = None,
     new_auth_key: Annotated[bool, typer.Option(
         "--new-auth-key", help="rotate: retire the SuperNode key, create a new one")] = False,
+    fingerprint: Annotated[str | None, typer.Option(
+        "--fingerprint", help="the kit's fingerprint the provisioner read out to you: refuse "
+        "a kit that differs from what was provisioned")] = None,
 ) -> None:
     """Lay out a site directory from its kit, create the site's keys here (0600), write the
     request file to send to the provisioner (public keys only).
@@ -97,7 +102,7 @@ def node_init(
     from fedmeta.deploy.node import init_site
 
     try:
-        report = init_site(site_dir, kit, new_auth_key=new_auth_key)
+        report = init_site(site_dir, kit, new_auth_key=new_auth_key, fingerprint=fingerprint)
     except (*_errors(), OSError) as exc:
         raise _fail(" ".join(str(exc).split())) from None
     con = _show(("[green]created[/]", report.created), ("[green]copied[/]", report.copied),
@@ -165,7 +170,9 @@ def _registry_run(fn, kit: Path, connection: str, sites: list[str]) -> None:
         lines = fn(kit, connection, sites)
     except (*_errors(), OSError) as exc:
         raise _fail(" ".join(str(exc).split()), code=1) from None
-    _show(("", lines))
+    con = _console()
+    for line in lines:
+        con.print(line, markup=False)
 
 
 @registry_app.command("register")

@@ -49,6 +49,56 @@ class ProvisionError(ValueError):
     """Provisioning cannot go on; one line naming the file."""
 
 
+# ---- kit fingerprints ----------------------------------------------------------------
+SUMS = "SHA256SUMS"
+FINGERPRINTS = "fingerprints.txt"
+NOT_KIT = {"state", "state-insecure"}  # what a coordinator kit grows once it runs
+
+
+def kit_files(kit: Path) -> list[Path]:
+    return sorted(p for p in Path(kit).rglob("*") if p.is_file() and p.name != SUMS
+                  and not NOT_KIT & set(p.relative_to(kit).parts))
+
+
+def write_sums(kit: Path) -> str:
+    """Write ``SHA256SUMS`` (``sha256sum -c`` format) of a kit; return the kit's fingerprint,
+    the SHA-256 of that file: read it out over a second channel to check the transfer."""
+    import hashlib
+
+    lines = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  "
+                    f"{p.relative_to(kit).as_posix()}\n" for p in kit_files(kit))
+    pki.write_public(Path(kit) / SUMS, lines.encode())
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def verify_kit(kit: Path, fingerprint: str) -> None:
+    """The kit is exactly what the provisioner fingerprinted; ProvisionError names the file."""
+    import hashlib
+
+    kit = Path(kit)
+    sums = kit / SUMS
+    try:
+        data = sums.read_bytes()
+    except FileNotFoundError:
+        raise ProvisionError(f"{sums}: missing: this kit cannot be verified") from None
+    if hashlib.sha256(data).hexdigest() != fingerprint.strip().lower():
+        raise ProvisionError(f"{sums}: fingerprint {hashlib.sha256(data).hexdigest()[:16]}... "
+                             f"is not {fingerprint.strip()[:16]}...: the kit was altered or "
+                             "is another one; get it again")
+    listed = {}
+    for line in data.decode().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    present = {p.relative_to(kit).as_posix() for p in kit_files(kit)}
+    for name in sorted(present - set(listed)):
+        raise ProvisionError(f"{kit / name}: not part of the kit as provisioned: remove it")
+    for name, digest in sorted(listed.items()):
+        path = kit / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise ProvisionError(f"{path}: missing or altered since provisioning: get the kit "
+                                 "again")
+
+
 @dataclass
 class ProvisionReport:
     """What a provisioning run did, for the CLI to print."""
@@ -57,6 +107,7 @@ class ProvisionReport:
     created: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 def _rel(report: ProvisionReport, path: Path) -> str:
@@ -182,6 +233,14 @@ def _coordinator(fed: Federation, federation_file: Path, out: Path, ca_key, ca_c
                            ("register-sites.sh", t.REGISTER_SITES),
                            ("unregister-site.sh", t.UNREGISTER_SITE)):
         pki.write_public(kit / name, t.render(template, **common).encode(), SCRIPT_MODE)
+    pki.write_public(kit / "constraints.txt", t.constraints_text().encode())
+    for unit, what, script, after in (
+            ("fedmeta-superlink.service", f"Flower SuperLink of federation {fed.name} "
+             "(fedmeta, 127.0.0.1 only)", "start-superlink.sh", ""),
+            ("fedmeta-proxy.service", f"nginx front of federation {fed.name} (Fleet API "
+             "only, mutual TLS)", "start-proxy.sh", "fedmeta-superlink.service")):
+        pki.write_public(kit / "systemd" / unit, t.systemd_unit(unit, what, script,
+                                                                after).encode())
     pki.write_public(kit / "README.md", t.render(
         t.COORDINATOR_README, names=", ".join(fed.superlink.certificate_names()),
         command=t.start_superlink_command(fed.superlink.local_port), **common).encode())
@@ -265,6 +324,10 @@ def _site(fed: Federation, out: Path, site_id: str, ca_key, ca_cert, force: bool
         t.SITE_README, command=t.start_node_command(
             fed.superlink.address, site_id, values["site_index"], values["runtime_port"]),
         **values).encode())
+    pki.write_public(kit / "constraints.txt", t.constraints_text().encode())
+    pki.write_public(kit / "systemd" / "fedmeta-node.service", t.systemd_unit(
+        "fedmeta-node.service", f"fedmeta SuperNode of site {site_id} (federation "
+        f"{fed.name})", "start-node.sh").encode())
     manifest = kit / "manifest.toml"
     if manifest.exists() and not force:
         report.kept.append(_rel(report, manifest))
@@ -287,6 +350,11 @@ def provision(federation_file: Path, out: Path, force: bool = False,
     for s in fed.sites:
         _site(fed, out, s.id, ca_key, ca_cert, force, report, accepted.get(s.id))
     _coordinator(fed, Path(federation_file), out, ca_key, ca_cert, force, report, accepted)
+    prints = {"coordinator": write_sums(out / COORDINATOR_DIR)}
+    prints.update({s.id: write_sums(out / SITES_DIR / s.id) for s in fed.sites})
+    pki.write_public(out / FINGERPRINTS, "".join(
+        f"{name} {digest}\n" for name, digest in prints.items()).encode())
+    report.fingerprints = prints
     listed = {s.id for s in fed.sites}
     if (out / SITES_DIR).is_dir():
         for d in sorted((out / SITES_DIR).iterdir()):

@@ -63,6 +63,7 @@ LEDGER_FILE, MARKER_FILE = "privacy-ledger.jsonl", "site.json"
 MANIFEST = "manifest.toml"
 NODE_TOML = "node.toml"
 KIT_FILES = ("ca.pem", NODE_TOML, "start-node.sh", "README.md", ENV_FILE)
+OPTIONAL_KIT_FILES = ("constraints.txt", "systemd/fedmeta-node.service")
 
 
 class NodeError(ValueError):
@@ -177,9 +178,16 @@ def read_node_toml(site_dir: Path) -> dict:
     return data
 
 
-def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = False
-              ) -> InitReport:
-    """Lay out ``site_dir`` from ``kit`` (or complete a kit unpacked in ``site_dir``)."""
+def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = False,
+              fingerprint: str | None = None) -> InitReport:
+    """Lay out ``site_dir`` from ``kit`` (or complete a kit unpacked in ``site_dir``); with
+    ``fingerprint``, first check the kit is exactly the one the provisioner fingerprinted."""
+    if fingerprint is not None:
+        if kit is None:
+            raise NodeError("--fingerprint checks a kit: give --kit KIT too")
+        from fedmeta.deploy.kits import verify_kit
+
+        verify_kit(Path(kit), fingerprint)
     site_dir = Path(site_dir).absolute()
     if any(c in str(site_dir) for c in "\"\\'"):
         raise NodeError(f"{site_dir}: the site directory path must not contain quotes or "
@@ -198,6 +206,10 @@ def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = Fals
                 mode = SCRIPT_MODE if name.endswith(".sh") else pki.PUBLIC_MODE
                 pki.write_public(site_dir / name, (kit / name).read_bytes(), mode)
                 report.copied.append(name)
+            for name in OPTIONAL_KIT_FILES:
+                if (kit / name).exists():
+                    pki.write_public(site_dir / name, (kit / name).read_bytes())
+                    report.copied.append(name)
             if (site_dir / MANIFEST).exists():
                 report.kept.append(MANIFEST)
             else:

@@ -315,3 +315,77 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
             lines.append(f"# {FIELD_NOTES[key]}")
         lines.append(f"{key} = {_toml_value(data[key])}")
     return "\n".join(lines) + "\n"
+
+
+# ---- service units and versions ------------------------------------------------------------
+SYSTEMD_UNIT = """# systemd unit: {{what}} (written by `fedmeta provision`). Install it with the
+# placeholders filled in, e.g.
+#   sed -e "s|@DIR@|$PWD|" -e "s|@VENV@|/opt/fedmeta/venv|" -e "s|@USER@|fedmeta|" \\
+#     systemd/{{name}} > /etc/systemd/system/{{name}}
+#   systemctl daemon-reload && systemctl enable --now {{name}}
+[Unit]
+Description={{what}}
+After=network-online.target{{after}}
+Wants=network-online.target
+# never give up restarting (the default gives up after 5 starts in 10 s)
+StartLimitIntervalSec=0
+
+[Service]
+Type=simple
+User=@USER@
+WorkingDirectory=@DIR@
+Environment=PATH=@VENV@/bin:/usr/local/bin:/usr/bin:/bin
+ExecStart=@DIR@/{{script}}
+Restart=on-failure
+# Flower refuses a SuperNode that comes back within ~60 s of losing it (error 2004);
+# a shorter back-off ends in a restart loop and then "failed"
+RestartSec={{restart_sec}}
+# stop the whole cgroup: Flower's SuperExec and every ClientApp/ServerApp child with it,
+# so a stopped or killed node leaves no training process behind
+KillMode=control-group
+KillSignal=SIGTERM
+TimeoutStopSec=30
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+
+[Install]
+WantedBy=multi-user.target
+"""
+RESTART_SEC = 75  # > Flower's ~60 s reactivation lockout
+
+
+def systemd_unit(name: str, what: str, script: str, after: str = "") -> str:
+    return render(SYSTEMD_UNIT, name=name, what=what, script=script,
+                  after=f" {after}" if after else "", restart_sec=RESTART_SEC)
+
+
+def constraints_text() -> str:
+    """``constraints.txt``: fedmeta and every distribution it needs, pinned to the versions
+    installed where `fedmeta provision` runs (the coordinator's release)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    todo: list[tuple[str, frozenset[str]]] = [("fedmeta", frozenset())]
+    while todo:
+        name, extras = todo.pop()
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        key = canonicalize_name(dist.metadata["Name"])
+        if key in pins and not extras:
+            continue
+        pins[key] = dist.version.split("+", 1)[0]  # torch 2.13.0+cpu: the build is the site's
+        for line in dist.requires or []:
+            req = Requirement(line)
+            envs = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if req.marker is None or any(req.marker.evaluate(env) for env in envs):
+                todo.append((req.name, frozenset(req.extras)))
+    lines = ["# Exact versions of the coordinator's release (written by `fedmeta provision`).",
+             "# Install a site with the same ones:  pip install -c constraints.txt fedmeta",
+             "# (torch's build, CPU or CUDA, is the site's choice; its version is pinned)."]
+    return "\n".join(lines + [f"{k}=={v}" for k, v in sorted(pins.items())]) + "\n"

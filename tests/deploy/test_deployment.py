@@ -124,6 +124,9 @@ def stop(d: Deployment, name: str) -> None:
 
 
 def test_deployment(tmp_path: Path) -> None:
+    import shutil
+
+    assert shutil.which("nginx"), "the coordinator's proxy needs nginx: run `make nginx`"
     d = Deployment(tmp_path)
     t0 = time.monotonic()
     try:
