@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmeta-installed
 
-.PHONY: setup run test test-fast browser clean
+.PHONY: setup run test test-fast browser nginx clean
 
 setup: $(STAMP)
 
@@ -36,7 +36,14 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core; \
 	  else echo "install Debian's chromium package (sudo apt-get install chromium) for the report tests"; exit 1; fi; }
 
-test: setup browser
+# the deployment test puts Debian's nginx in front of the SuperLink (coordinator kit)
+nginx:
+	@command -v nginx >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; \
+	  else echo "install Debian's nginx package (sudo apt-get install nginx-light) for the deployment test"; exit 1; fi; }
+
+test: setup browser nginx
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

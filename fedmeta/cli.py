@@ -301,10 +301,11 @@ _mount_report()
 
 
 def _mount_deploy() -> None:
-    from fedmeta.deploy.cli import node_app, provision
+    from fedmeta.deploy.cli import node_app, provision, registry_app
 
     app.command("provision")(provision)
     app.add_typer(node_app, name="node")
+    app.add_typer(registry_app, name="registry")
 
 
 _mount_deploy()

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
 from fedmeta.config import RunConfig, adapt_lr, build_task, run_declaration
+from fedmeta.deploy.binding import bind_site
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
 from fedmeta.metrics import (
@@ -93,7 +94,11 @@ def discover_sites(grid: Grid, cfg: RunConfig, config: ConfigRecord
             log(WARNING, "node %s did not identify itself", node)
             continue
         info = reply.content["site"]
-        site_id = str(info["site-id"])
+        site_id, refused = bind_site(node, str(info["site-id"]))  # registry, not the claim
+        if site_id is None:
+            problems[f"node-{node}"] = refused
+            log(WARNING, "node %s refused: %s", node, refused)
+            continue
         try:
             manifest = SiteManifest.model_validate_json(str(info.get("manifest-json", "")))
         except ValueError as exc:

@@ -1,4 +1,5 @@
-"""Command line: ``fedmeta provision``, ``fedmeta node init|approve|check`` (via fedmeta/cli.py).
+"""Command line: ``fedmeta provision``, ``fedmeta node init|approve|check|supernode`` and
+``fedmeta registry register|unregister`` (mounted by fedmeta/cli.py).
 
 User errors end with one red line and exit code 2. ``node check`` exits 0 when
 every check passes and 1 otherwise.
@@ -15,6 +16,9 @@ from rich.table import Table
 
 node_app = typer.Typer(help="Set up and check one institution's node (site directory).",
                        no_args_is_help=True)
+registry_app = typer.Typer(help="Coordinator: register the sites' keys with the SuperLink and "
+                           "keep state/node-ids.txt in step (register-sites.sh calls it).",
+                           no_args_is_help=True)
 
 
 def _console() -> Console:
@@ -42,8 +46,11 @@ def _errors() -> tuple[type[BaseException], ...]:
     from fedmeta.deploy.kits import ProvisionError
     from fedmeta.deploy.node import NodeError
     from fedmeta.deploy.pki import PkiError
+    from fedmeta.deploy.registry import RegistryError
+    from fedmeta.deploy.request import RequestError
 
-    return FederationError, ProvisionError, NodeError, PkiError, AuditError
+    return (FederationError, ProvisionError, NodeError, PkiError, AuditError, RequestError,
+            RegistryError)
 
 
 def provision(
@@ -53,21 +60,27 @@ def provision(
         "kits"),
     force: Annotated[bool, typer.Option("--force", help="replace existing keys, the CA and "
                                         "manifests (every party needs its new kit)")] = False,
+    request: Annotated[list[Path] | None, typer.Option(
+        "--request", help="a site's request file (from `fedmeta node init`): accept its "
+        "public keys and issue its client certificate; repeat for several sites")] = None,
 ) -> None:
     """Create the federation CA, the SuperLink certificate and the kits (keys kept unless --force).
 
-    One kit per site and one for the coordinator; the CA key stays in OUT/ca/.
+    One kit per site and one for the coordinator; the CA key stays in OUT/ca/. Sites'
+    private keys are never made here: each site sends a request file (public keys only).
     """
     from fedmeta.deploy.kits import provision as run
 
     try:
-        report = run(federation, out, force=force)
+        report = run(federation, out, force=force, requests=tuple(request or ()))
     except (*_errors(), OSError) as exc:
         raise _fail(" ".join(str(exc).split())) from None
     con = _show(("[green]created[/]", report.created), ("[dim]kept[/]   ", report.kept),
                 ("[yellow]note:[/]", report.notes))
+    for name, digest in report.fingerprints.items():
+        con.print(f"fingerprint {name}: {digest}")
     con.print(f"kits in {out}/: send sites/<id>/ to each site and coordinator/ to the "
-              f"coordinator over a channel you trust; keep {out}/ca/ offline.")
+              f"coordinator (no kit holds a site's private key); keep {out}/ca/ offline.")
 
 
 @node_app.command("init")
@@ -77,21 +90,28 @@ def node_init(
                                              "provision` (omit if unpacked in SITE_DIR)")] = None,
     new_auth_key: Annotated[bool, typer.Option(
         "--new-auth-key", help="rotate: retire the SuperNode key, create a new one")] = False,
+    fingerprint: Annotated[str | None, typer.Option(
+        "--fingerprint", help="the kit's fingerprint the provisioner read out to you: refuse "
+        "a kit that differs from what was provisioned")] = None,
 ) -> None:
-    """Lay out a site directory from its kit: keys (0600), manifest, node config, start script.
+    """Lay out a site directory from its kit, create the site's keys here (0600), write the
+    request file to send to the provisioner (public keys only).
 
     The privacy ledger and audit log are created by the first round.
     """
     from fedmeta.deploy.node import init_site
 
     try:
-        report = init_site(site_dir, kit, new_auth_key=new_auth_key)
+        report = init_site(site_dir, kit, new_auth_key=new_auth_key, fingerprint=fingerprint)
     except (*_errors(), OSError) as exc:
         raise _fail(" ".join(str(exc).split())) from None
-    con = _show(("[green]copied[/]", report.copied), ("[dim]kept[/]  ", report.kept),
-                ("[yellow]note:[/]", report.notes))
+    con = _show(("[green]created[/]", report.created), ("[green]copied[/]", report.copied),
+                ("[dim]kept[/]  ", report.kept), ("[yellow]note:[/]", report.notes))
     if report.new_public_key:
         con.print(f"new public key: {report.new_public_key}")
+    if report.request:
+        con.print(f"request file: {report.request} (sha256 {report.request_sha256}): send it "
+                  "to the provisioner and read them the sha256 over another channel")
     con.print(f"site directory ready: {report.site_dir}. Fill in manifest.toml, then run "
               f"`fedmeta node check {site_dir}`.")
 
@@ -154,3 +174,49 @@ def node_check(
         con.print(f"[bold red]{len(bad)} check(s) failed:[/] {', '.join(bad)}")
         raise typer.Exit(1)
     con.print("[bold green]all checks passed[/]")
+
+
+@node_app.command("supernode", context_settings={"allow_extra_args": True,
+                                                 "ignore_unknown_options": True,
+                                                 "help_option_names": []})
+def node_supernode(ctx: typer.Context) -> None:
+    """Run flower-supernode (same arguments) presenting the site's TLS client certificate
+    (FEDMETA_TLS_CLIENT_CERT / FEDMETA_TLS_CLIENT_KEY); start-node.sh calls it."""
+    from fedmeta.deploy.supernode import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
+def _registry_run(fn, kit: Path, connection: str, sites: list[str]) -> None:
+    try:
+        lines = fn(kit, connection, sites)
+    except (*_errors(), OSError) as exc:
+        raise _fail(" ".join(str(exc).split()), code=1) from None
+    con = _console()
+    for line in lines:
+        con.print(line, markup=False)
+
+
+@registry_app.command("register")
+def registry_register(
+    kit: Annotated[Path, typer.Argument(help="the coordinator kit")],
+    connection: Annotated[str, typer.Argument(help="the `flwr` connection (federation name)")],
+    sites: Annotated[list[str] | None, typer.Argument(help="site ids (default: all)")] = None,
+) -> None:
+    """Register the sites' current SuperNode keys; record SITE NODE_ID FINGERPRINT in
+    state/node-ids.txt. A rotated key's old node is unregistered. Exit 1 on any failure."""
+    from fedmeta.deploy.registry import register_sites
+
+    _registry_run(register_sites, kit, connection, list(sites or []))
+
+
+@registry_app.command("unregister")
+def registry_unregister(
+    kit: Annotated[Path, typer.Argument(help="the coordinator kit")],
+    connection: Annotated[str, typer.Argument(help="the `flwr` connection (federation name)")],
+    sites: Annotated[list[str], typer.Argument(help="site ids")],
+) -> None:
+    """Unregister the sites' nodes and drop them from state/node-ids.txt. Exit 1 on failure."""
+    from fedmeta.deploy.registry import unregister_sites
+
+    _registry_run(unregister_sites, kit, connection, list(sites))

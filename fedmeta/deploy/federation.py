@@ -6,8 +6,9 @@ A small TOML file the coordinator writes once and keeps under version control::
 
     [superlink]
     host = "fl.consortium.example.org"   # the address sites and the coordinator dial
-    port = 9093
-    bind = "0.0.0.0"                     # interface the SuperLink listens on
+    port = 9093                          # the proxy's port (nginx: Fleet API only, mTLS)
+    bind = "0.0.0.0"                     # interface the proxy listens on
+    local_port = 9091                    # the SuperLink's own port, on 127.0.0.1 only
     sans = ["fl.consortium.example.org", "10.20.0.5"]   # DNS names / IPs in its certificate
 
     [[sites]]
@@ -42,6 +43,8 @@ from pydantic import (
 from policies.countries import iso_countries
 
 DEFAULT_RUNTIME_PORT = 9094  # flower-supernode's own local port (--port)
+DEFAULT_LOCAL_PORT = 9091  # the SuperLink's port on the coordinator's loopback
+LOOPBACK_NAME = "localhost"  # the name the proxy verifies on the SuperLink's certificate
 
 
 class FederationError(ValueError):
@@ -97,12 +100,26 @@ class _Model(BaseModel):
 
 
 class SuperLinkAddress(_Model):
-    """Where the SuperLink is reached, where it listens, and the names its certificate holds."""
+    """Where the sites reach the federation (the proxy in front of the SuperLink), where the
+    proxy listens, the SuperLink's loopback port, and the names its certificate holds."""
 
     host: Host
     port: Port = 9093
     bind: Host = "0.0.0.0"
+    local_port: Port = DEFAULT_LOCAL_PORT
     sans: tuple[Host, ...] = ()
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> SuperLinkAddress:
+        if self.local_port == self.port:
+            raise ValueError("local_port must differ from port (the "
+                             "proxy listens on port, the SuperLink on 127.0.0.1:local_port)")
+        return self
+
+    @property
+    def local_address(self) -> str:
+        """The SuperLink's own address: the coordinator's `flwr` and the proxy dial it."""
+        return f"127.0.0.1:{self.local_port}"
 
     @property
     def address(self) -> str:
@@ -110,10 +127,10 @@ class SuperLinkAddress(_Model):
         return f"{host}:{self.port}"
 
     def certificate_names(self) -> tuple[str, ...]:
-        """SANs of the SuperLink certificate: the listed ones, ``host``, and the address
-        Flower's own SuperExec dials on the coordinator (``bind``, or loopback for 0.0.0.0)."""
-        local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.bind, self.bind)
-        names = list(self.sans) + [self.host, local]
+        """SANs of the certificate (used by the proxy and by the SuperLink): the listed ones,
+        ``host``, 127.0.0.1 (Flower's SuperExec and the coordinator's ``flwr`` dial the
+        SuperLink there) and ``localhost`` (the name the proxy verifies upstream)."""
+        names = list(self.sans) + [self.host, "127.0.0.1", LOOPBACK_NAME]
         return tuple(dict.fromkeys(names))
 
 

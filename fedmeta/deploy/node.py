@@ -2,19 +2,24 @@
 
 A site directory is where one institution's node keeps its state::
 
-    <site-dir>/ca.pem  node.toml  start-node.sh  README.md  manifest.toml
-    <site-dir>/keys/supernode-auth.key (0600) + .pub, audit-signing.pem (0600) + .pub.pem
+    <site-dir>/ca.pem  client.pem  node.toml  start-node.sh  README.md  manifest.toml
+    <site-dir>/flwr-offline.env  request-<site-id>.json (public: send it to the provisioner)
+    <site-dir>/keys/supernode-auth.key (0600) + .pub, audit-signing.pem (0600) + .pub.pem,
+                    tls-client.key (0600)    -- created here, never anywhere else
     <site-dir>/keys/retired/          former SuperNode keys (after a rotation)
     <site-dir>/audit/audit-log.jsonl  the site's signed audit log (first round creates it)
     <site-dir>/privacy-ledger.jsonl   the durable privacy ledger (first round creates it)
     <site-dir>/flwr-home/             Flower's own files (apps received), safe to delete
 
 It is the kit plus state: ``init`` copies a kit into it (or completes a kit
-unpacked in place) and never overwrites a key or a manifest that is there.
+unpacked in place), creates the site's private keys when they are missing (they are
+born here), writes the request file with their public halves, and never overwrites a
+key or a manifest that is there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -25,10 +30,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmeta.audit import AuditError, verify_log
-from fedmeta.audit.keys import load_private_key, load_public_key, public_key_path, public_raw_b64
+from fedmeta.audit.keys import (
+    create_key,
+    load_private_key,
+    load_public_key,
+    public_key_path,
+    public_raw_b64,
+)
 from fedmeta.deploy import pki
-from fedmeta.deploy.kits import AUDIT_KEY, NODE_KEY, NODE_PUB, SCRIPT_MODE
-from fedmeta.deploy.templates import TODO
+from fedmeta.deploy.kits import (
+    AUDIT_KEY,
+    CLIENT_CERT,
+    NODE_KEY,
+    NODE_PUB,
+    SCRIPT_MODE,
+    TLS_KEY,
+)
+from fedmeta.deploy.request import (
+    SiteRequest,
+    build_request,
+    request_bytes,
+    request_name,
+    sha256_file,
+)
+from fedmeta.deploy.templates import ENV_FILE, TODO
 from policies import DeclarationError, load_site_manifest
 
 AUDIT_LOG = Path("audit") / "audit-log.jsonl"  # = fedmeta.site.AUDIT_LOG
@@ -37,7 +62,8 @@ AUDIT_LOG = Path("audit") / "audit-log.jsonl"  # = fedmeta.site.AUDIT_LOG
 LEDGER_FILE, MARKER_FILE = "privacy-ledger.jsonl", "site.json"
 MANIFEST = "manifest.toml"
 NODE_TOML = "node.toml"
-KIT_FILES = ("ca.pem", NODE_TOML, "start-node.sh", "README.md")
+KIT_FILES = ("ca.pem", NODE_TOML, "start-node.sh", "README.md", ENV_FILE)
+OPTIONAL_KIT_FILES = ("constraints.txt", "systemd/fedmeta-node.service")
 
 
 class NodeError(ValueError):
@@ -52,18 +78,72 @@ class InitReport:
     kept: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     new_public_key: Path | None = None
+    created: list[str] = field(default_factory=list)
+    request: Path | None = None
+    request_sha256: str = ""
 
 
-def _copy_private(src: Path, dst: Path, report: InitReport) -> None:
-    data = pki.read_private(src)
-    if dst.exists():
-        if pki.read_private(dst) != data:
-            report.notes.append(f"kept {dst.name} already in the site directory (it differs "
-                                "from the kit's)")
-        report.kept.append(str(dst.relative_to(report.site_dir)))
+def _site_keys(site_dir: Path, site_id: str, report: InitReport) -> None:
+    """Create the site's private keys where they are missing (0600, on this machine)."""
+    key, pub = site_dir / NODE_KEY, site_dir / NODE_PUB
+    if key.exists():
+        node = pki.load_node_private(key)
+        report.kept.append(str(NODE_KEY))
+    else:
+        node = pki.new_node_key()
+        pki.write_private(key, pki.node_private_openssh(node))
+        report.created.append(str(NODE_KEY))
+    pki.write_public(pub, pki.node_public_openssh(node, site_id))
+    audit = site_dir / AUDIT_KEY
+    if audit.exists():
+        load_private_key(audit)  # Ed25519 and 0600, or KeyFileError
+        report.kept.append(str(AUDIT_KEY))
+    else:
+        create_key(audit)
+        report.created.append(str(AUDIT_KEY))
+    tls = site_dir / TLS_KEY
+    if tls.exists():
+        pki.load_ec_private_pem(tls)
+        report.kept.append(str(TLS_KEY))
+    else:
+        pki.write_private(tls, pki.key_pem(pki.new_tls_key()))
+        report.created.append(str(TLS_KEY))
+
+
+def write_site_request(site_dir: Path, node: dict) -> Path:
+    """``request-<site-id>.json``: the public halves of the site's keys and a CSR."""
+    site_id = str(node["site_id"])
+    req = build_request(
+        str(node.get("federation", "")), site_id, (site_dir / NODE_PUB).read_bytes(),
+        public_key_path(site_dir / AUDIT_KEY).read_bytes(),
+        pki.load_ec_private_pem(site_dir / TLS_KEY))
+    path = site_dir / request_name(site_id)
+    with contextlib.suppress(OSError, ValueError):
+        old = SiteRequest.model_validate_json(path.read_text(encoding="utf-8"))
+        same_csr_key = pki.same_public_key(
+            pki.load_csr(old.tls_csr.encode(), str(path)).public_key(),
+            pki.load_csr(req.tls_csr.encode(), str(path)).public_key())
+        if same_csr_key and old.model_dump(exclude={"tls_csr"}) == req.model_dump(
+                exclude={"tls_csr"}):
+            return path  # same keys: keep the file (an ECDSA CSR signature is randomised)
+    pki.write_public(path, request_bytes(req))
+    return path
+
+
+def _client_cert(kit: Path, site_dir: Path, report: InitReport) -> None:
+    """Copy the kit's client.pem if it certifies this site's TLS key."""
+    src = kit / CLIENT_CERT
+    if not src.exists():
         return
-    pki.write_private(dst, data)
-    report.copied.append(str(dst.relative_to(report.site_dir)))
+    cert = pki.load_cert(src)
+    key = pki.load_ec_private_pem(site_dir / TLS_KEY)
+    if not pki.same_public_key(cert.public_key(), key.public_key()):
+        report.notes.append(f"{src}: not issued for this site's TLS key (an older request?): "
+                            f"send {request_name(str(read_node_toml(site_dir)['site_id']))} "
+                            "to the provisioner again")
+        return
+    pki.write_public(site_dir / CLIENT_CERT, src.read_bytes())
+    report.copied.append(CLIENT_CERT)
 
 
 def rotate_node_key(site_dir: Path, site_id: str) -> Path:
@@ -98,9 +178,16 @@ def read_node_toml(site_dir: Path) -> dict:
     return data
 
 
-def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = False
-              ) -> InitReport:
-    """Lay out ``site_dir`` from ``kit`` (or complete a kit unpacked in ``site_dir``)."""
+def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = False,
+              fingerprint: str | None = None) -> InitReport:
+    """Lay out ``site_dir`` from ``kit`` (or complete a kit unpacked in ``site_dir``); with
+    ``fingerprint``, first check the kit is exactly the one the provisioner fingerprinted."""
+    if fingerprint is not None:
+        if kit is None:
+            raise NodeError("--fingerprint checks a kit: give --kit KIT too")
+        from fedmeta.deploy.kits import verify_kit
+
+        verify_kit(Path(kit), fingerprint)
     site_dir = Path(site_dir).absolute()
     if any(c in str(site_dir) for c in "\"\\'"):
         raise NodeError(f"{site_dir}: the site directory path must not contain quotes or "
@@ -112,31 +199,42 @@ def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = Fals
         site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (site_dir / "keys").mkdir(mode=0o700, exist_ok=True)
         if kit.absolute() != site_dir:
+            if (kit / "keys").is_dir() and any((kit / "keys").iterdir()):
+                raise NodeError(f"{kit / 'keys'}: a kit must hold no keys (a site's keys are "
+                                "created by `fedmeta node init` on the site's machine)")
             for name in KIT_FILES:
                 mode = SCRIPT_MODE if name.endswith(".sh") else pki.PUBLIC_MODE
                 pki.write_public(site_dir / name, (kit / name).read_bytes(), mode)
                 report.copied.append(name)
-            for private in (NODE_KEY, AUDIT_KEY):
-                _copy_private(kit / private, site_dir / private, report)
-            for public in (NODE_PUB, public_key_path(AUDIT_KEY)):
-                if not (site_dir / public).exists():
-                    pki.write_public(site_dir / public, (kit / public).read_bytes())
+            for name in OPTIONAL_KIT_FILES:
+                if (kit / name).exists():
+                    pki.write_public(site_dir / name, (kit / name).read_bytes())
+                    report.copied.append(name)
             if (site_dir / MANIFEST).exists():
                 report.kept.append(MANIFEST)
             else:
                 pki.write_public(site_dir / MANIFEST, (kit / MANIFEST).read_bytes())
                 report.copied.append(MANIFEST)
     node = read_node_toml(site_dir)
-    for needed in ("ca.pem", "start-node.sh", MANIFEST, str(NODE_KEY), str(AUDIT_KEY)):
+    for needed in ("ca.pem", "start-node.sh", MANIFEST):
         if not (site_dir / needed).exists():
             raise NodeError(f"{site_dir / needed}: missing; copy the site's kit again "
                             "(fedmeta node init SITE_DIR --kit KIT)")
+    (site_dir / "keys").mkdir(mode=0o700, exist_ok=True)
     (site_dir / "keys").chmod(0o700)
     (site_dir / "audit").mkdir(mode=0o700, exist_ok=True)
+    _site_keys(site_dir, str(node["site_id"]), report)
     if new_auth_key:
         report.new_public_key = rotate_node_key(site_dir, str(node["site_id"]))
-        report.notes.append("new SuperNode key: send keys/supernode-auth.pub to the "
-                            "coordinator; the old one is in keys/retired/")
+        report.notes.append("new SuperNode key (the old one is in keys/retired/): send the "
+                            "new request file to the provisioner")
+    if kit is not None:
+        _client_cert(Path(kit), site_dir, report)
+    report.request = write_site_request(site_dir, node)
+    report.request_sha256 = sha256_file(report.request)
+    if not (site_dir / CLIENT_CERT).exists():
+        report.notes.append(f"no client.pem yet: send {report.request.name} to the "
+                            "provisioner, then run init again with the kit it returns")
     if (site_dir / MARKER_FILE).exists() and not (site_dir / LEDGER_FILE).exists():
         report.notes.append(f"{MARKER_FILE} says this site trained before but "
                             f"{LEDGER_FILE} is missing: restore it from backup")
@@ -167,15 +265,25 @@ def _mode_ok(path: Path) -> None:
         raise NodeError(f"{path}: mode {mode:04o}, must be 0600 ('chmod 600 {path}')")
 
 
-def tls_probe(host: str, port: int, cafile: Path, timeout: float = 5.0) -> str:
+def tls_probe(host: str, port: int, cafile: Path, timeout: float = 5.0,
+              client: tuple[Path, Path] | None = None) -> str:
     """TLS handshake with ``host:port``, verifying the chain against ``cafile`` and the
-    certificate's names against ``host`` (SNI sent). Returns a one-line description."""
+    certificate's names against ``host`` (SNI sent), presenting ``client`` (certificate,
+    key) when given; then one HTTP request, so a server that refuses the client
+    certificate after a TLS 1.3 handshake is caught too. Returns a one-line description."""
     ctx = ssl.create_default_context(cafile=str(cafile))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client is not None:
+        ctx.load_cert_chain(str(client[0]), str(client[1]))
     with socket.create_connection((host, port), timeout=timeout) as raw, \
             ctx.wrap_socket(raw, server_hostname=host) as tls:
         der = tls.getpeercert(binary_form=True)
         version = tls.version()
+        tls.sendall(f"GET /fedmeta-node-check HTTP/1.1\r\nHost: {host}\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        status = tls.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+        if " 400 " in status or " 495 " in status or " 496 " in status or not status:
+            raise ssl.SSLError(f"the server refused this client's certificate ({status!r})")
     from cryptography import x509
 
     cert = x509.load_der_x509_certificate(der)
@@ -245,6 +353,25 @@ def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | N
                 "registers keys/supernode-auth.pub)"), False
     checks.append(_check("SuperNode key", node_key))
 
+    def client_cert():
+        path = site_dir / CLIENT_CERT
+        if not path.exists():
+            name = request_name(str(node.get("site_id", "<site-id>")))
+            raise NodeError(f"{path}: missing: send {name} to the provisioner, then run "
+                            "`fedmeta node init SITE_DIR --kit KIT` with the kit it returns")
+        cert = pki.load_cert(path)
+        _mode_ok(site_dir / TLS_KEY)
+        key = pki.load_ec_private_pem(site_dir / TLS_KEY)
+        if not pki.same_public_key(cert.public_key(), key.public_key()):
+            raise NodeError(f"{path}: does not certify {site_dir / TLS_KEY}")
+        if not pki.signed_by(cert, pki.load_cert(ca_path)):
+            raise NodeError(f"{path}: not issued by the federation CA ({ca_path})")
+        left = pki.days_left(cert)
+        if left <= 0:
+            raise NodeError(f"{path}: expired {-left:.0f} days ago: send the request again")
+        return f"CN={pki.cert_common_name(cert)}, valid {left:.0f} more days", left < 30
+    checks.append(_check("TLS client certificate", client_cert))
+
     def audit_key():
         key_path = site_dir / AUDIT_KEY
         _mode_ok(key_path)
@@ -312,7 +439,9 @@ def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | N
                     with socket.create_connection((host, port), timeout=5.0):
                         pass
                     return f"{host}:{port} reachable over TCP; TLS NOT checked (--insecure)", True
-                return tls_probe(host, port, ca_path), False
+                client = (site_dir / CLIENT_CERT, site_dir / TLS_KEY)
+                return tls_probe(host, port, ca_path, client=client if client[0].exists()
+                                 else None), False
             except OSError as exc:  # refused, unreachable, timeout, TLS verification failed
                 raise NodeError(f"{host}:{port}: {exc}") from None
         checks.append(_check("SuperLink reachable (TLS)", reach))

@@ -147,6 +147,71 @@ def issue_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certific
             .sign(ca_key, hashes.SHA384()))
 
 
+def site_csr(key: ec.EllipticCurvePrivateKey, site_id: str) -> x509.CertificateSigningRequest:
+    """The site's certificate signing request for its TLS client certificate (CN = site id)."""
+    return (x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site_id)]))
+            .sign(key, hashes.SHA256()))
+
+
+def load_csr(data: bytes, source: str) -> x509.CertificateSigningRequest:
+    """A PEM CSR whose self-signature verifies (the requester holds the private key)."""
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise PkiError(f"{source}: not a PEM certificate signing request ({exc})") from None
+    try:
+        valid = csr.is_signature_valid
+        key = csr.public_key()
+    except ValueError as exc:  # an altered key or signature may not even parse
+        raise PkiError(f"{source}: the CSR cannot be read ({exc}): altered in transit?"
+                       ) from None
+    if not valid:
+        raise PkiError(f"{source}: the CSR's signature does not verify (altered in transit?)")
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NIST_CURVES):
+        raise PkiError(f"{source}: the CSR's key is not ECDSA on a NIST curve")
+    return csr
+
+
+def issue_client_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                      csr: x509.CertificateSigningRequest, site_id: str,
+                      days: int) -> x509.Certificate:
+    """A TLS client certificate (clientAuth only, CN = site id) for the CSR's public key.
+
+    The subject is set from ``site_id`` (the federation file), never copied from the CSR."""
+    not_after = min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site_id)]))
+            .issuer_name(ca_cert.subject).public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - dt.timedelta(minutes=5))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False,
+                                         crl_sign=False, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_ski), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+
+
+def csr_common_name(csr: x509.CertificateSigningRequest) -> str:
+    attrs = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
+def cert_common_name(cert: x509.Certificate) -> str:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 

@@ -17,8 +17,21 @@ from policies.site_policy import SitePrivacyPolicy
 TODO = "TODO"
 TRANSPORT_SECURE = "tls+supernode-auth"
 TRANSPORT_INSECURE = "insecure"
-OFFLINE_EXPORTS = ("export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 "
-                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1")
+ENV_FILE = "flwr-offline.env"
+ENV_TEMPLATE = """# Sourced by every script of this kit, and by you before any `flwr` command:
+#   . ./{{env_file}}
+# Flower and Ray never call home from this machine: no telemetry, no update check
+# (a POST to Flower's servers with versions and OS), no runtime installs.
+{{exports}}
+"""
+
+
+def env_file_text() -> str:
+    """The kits' environment file, from :data:`fedmeta.offline.OFFLINE_ENV`."""
+    from fedmeta.offline import OFFLINE_ENV
+
+    exports = "\n".join(f"export {k}={v}" for k, v in OFFLINE_ENV.items())
+    return render(ENV_TEMPLATE, env_file=ENV_FILE, exports=exports)
 
 
 def render(template: str, **values: Any) -> str:
@@ -33,15 +46,16 @@ def render(template: str, **values: Any) -> str:
 # ---- site kit ------------------------------------------------------------------------
 START_NODE = """#!/bin/sh
 # Start the Flower SuperNode of site {{site_id}} (federation {{federation}}).
-# Written by `fedmeta provision`; the node only connects OUT to the SuperLink.
-#   ./start-node.sh              TLS (verified against ca.pem) + SuperNode authentication
+# Written by `fedmeta provision`; the node only connects OUT, to the coordinator's proxy.
+#   ./start-node.sh              TLS with the site's client certificate (client.pem),
+#                                server verified against ca.pem, SuperNode authentication
 #   ./start-node.sh --insecure   no TLS, no authentication: tests on one machine only
 set -eu
 SITE_DIR="${SITE_DIR:-$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)}"
 case "$SITE_DIR" in
   *'"'*|*'\\'*) echo "error: SITE_DIR must not contain quotes or backslashes" >&2; exit 2;;
 esac
-{{offline}}
+. "$SITE_DIR/{{env_file}}"
 export FLWR_HOME="${FLWR_HOME:-$SITE_DIR/flwr-home}"
 NODE_CONFIG="site-dir=\\"$SITE_DIR\\" site-id=\\"{{site_id}}\\" site-index={{site_index}}"
 if [ "${1:-}" = "--insecure" ]; then
@@ -51,8 +65,17 @@ if [ "${1:-}" = "--insecure" ]; then
     --host 127.0.0.1 --port {{runtime_port}} --node-config "$NODE_CONFIG"
 fi
 if [ -n "${1:-}" ]; then echo "usage: $0 [--insecure]" >&2; exit 2; fi
+for f in client.pem keys/tls-client.key keys/supernode-auth.key; do
+  if [ ! -f "$SITE_DIR/$f" ]; then
+    echo "error: $SITE_DIR/$f missing: send request-{{site_id}}.json to the provisioner," \\
+      "then run 'fedmeta node init $SITE_DIR --kit KIT' with the kit it returns" >&2
+    exit 2
+  fi
+done
 export FEDMETA_TRANSPORT={{secure}}
-exec flower-supernode --superlink {{superlink}} \\
+export FEDMETA_TLS_CLIENT_CERT="$SITE_DIR/client.pem"
+export FEDMETA_TLS_CLIENT_KEY="$SITE_DIR/keys/tls-client.key"
+exec fedmeta node supernode --superlink {{superlink}} \\
   --root-certificates "$SITE_DIR/ca.pem" \\
   --auth-supernode-private-key "$SITE_DIR/keys/supernode-auth.key" \\
   --host 127.0.0.1 --port {{runtime_port}} --node-config "$NODE_CONFIG"
@@ -69,28 +92,31 @@ runtime_port = {{runtime_port}}
 
 SITE_README = """# Site kit: {{site_id}} (federation {{federation}})
 
-Everything site {{site_id}} needs to run its node. The full guide is `docs/deploy.md`
-of the fedmeta repository.
+Everything site {{site_id}} needs to run its node, except its private keys: those are
+created on the site's machine by `fedmeta node init` and never leave it. The full
+guide is `docs/deploy.md` of the fedmeta repository.
 
 | file | what | secret |
 |---|---|---|
-| `ca.pem` | the federation CA: the node trusts only a SuperLink certified by it | no |
-| `keys/supernode-auth.key` | the node's authentication key (ECDSA P-384, OpenSSH) | **yes, 0600** |
-| `keys/supernode-auth.pub` | its public half; the coordinator registered it | no |
-| `keys/audit-signing.pem` | signs this site's audit log (Ed25519) | **yes, 0600** |
-| `keys/audit-signing.pub.pem` | its public half; the coordinator holds a copy | no |
+| `ca.pem` | the federation CA: the node trusts only a server certified by it | no |
+| `client.pem` | the site's TLS client certificate (once its request is accepted) | no |
 | `manifest.toml` | who you are and what you allow: fill in every `TODO` | no |
-| `node.toml` | site id, data partition, SuperLink address, local port | no |
+| `node.toml` | site id, data partition, coordinator address, local port | no |
+| `{{env_file}}` | Flower's telemetry and update checks off (sourced by the script) | no |
 | `start-node.sh` | starts the node | no |
 
-1. `fedmeta node init <site-dir> --kit <this kit>` lays out the site directory
-   (state: privacy ledger, audit log, keys, manifest).
-2. Edit `<site-dir>/manifest.toml` (your DPO decides its values).
-3. `fedmeta node check <site-dir>` must print all checks passed.
-4. `<site-dir>/start-node.sh` starts the node. It only connects out, to
-   `{{superlink}}` (TCP, TLS). It listens on 127.0.0.1:{{runtime_port}} only
-   (Flower's local Runtime API); choose another port in `node.toml` and the
-   script if that one is taken.
+1. `fedmeta node init <site-dir> --kit <this kit>` lays out the site directory and
+   creates the site's keys in `<site-dir>/keys/` (0600): SuperNode key, audit-signing
+   key, TLS client key. It writes `<site-dir>/request-{{site_id}}.json` (public keys
+   and a certificate signing request only) and prints its SHA-256.
+2. Send the request file to the provisioner; confirm its SHA-256 over the phone.
+3. With the kit the provisioner sends back (it now holds `client.pem`), run
+   `fedmeta node init <site-dir> --kit <kit>` again.
+4. Edit `<site-dir>/manifest.toml` (your DPO decides its values);
+   `fedmeta node check <site-dir>` must print all checks passed.
+5. `<site-dir>/start-node.sh` starts the node. It only connects out, to
+   `{{superlink}}` (HTTPS, mutual TLS). It listens on 127.0.0.1:{{runtime_port}} only
+   (Flower's local Runtime API).
 
 The exact command the script runs:
 
@@ -102,7 +128,10 @@ The exact command the script runs:
 
 def start_node_command(superlink: str, site_id: str, site_index: int, runtime_port: int) -> str:
     node_config = f'site-dir="$SITE_DIR" site-id="{site_id}" site-index={site_index}'
-    return (f"flower-supernode --superlink {superlink} --root-certificates $SITE_DIR/ca.pem "
+    return ("FEDMETA_TLS_CLIENT_CERT=$SITE_DIR/client.pem "
+            "FEDMETA_TLS_CLIENT_KEY=$SITE_DIR/keys/tls-client.key "
+            f"fedmeta node supernode --superlink {superlink} "
+            "--root-certificates $SITE_DIR/ca.pem "
             f"--auth-supernode-private-key $SITE_DIR/keys/supernode-auth.key "
             f"--host 127.0.0.1 --port {runtime_port} --node-config '{node_config}'")
 
@@ -110,63 +139,83 @@ def start_node_command(superlink: str, site_id: str, site_index: int, runtime_po
 # ---- coordinator kit -------------------------------------------------------------------
 START_SUPERLINK = """#!/bin/sh
 # Start the SuperLink of federation {{federation}} (written by `fedmeta provision`).
-#   ./start-superlink.sh             TLS + SuperNode authentication (only registered nodes)
-#   ./start-superlink.sh --insecure  no TLS, no authentication: tests on one machine only
+#   ./start-superlink.sh             TLS + SuperNode authentication, on 127.0.0.1:{{local_port}}
+#                                    only; sites reach its Fleet API through start-proxy.sh
+#   ./start-superlink.sh --insecure  no TLS, no authentication: tests on one machine only;
+#                                    own state (state-insecure/), 127.0.0.1:{{port}}
+#                                    unless INSECURE_BIND says otherwise
 # State (registered nodes, runs) lives in $SUPERLINK_STATE (default: ./state).
 set -eu
 KIT="$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)"
-STATE="${SUPERLINK_STATE:-$KIT/state}"
-mkdir -p "$STATE"
-{{offline}}
-export FLWR_HOME="${FLWR_HOME:-$STATE/flwr-home}"
+. "$KIT/{{env_file}}"
 if [ "${1:-}" = "--insecure" ]; then
+  STATE="${SUPERLINK_STATE:-$KIT/state-insecure}"
+  mkdir -p "$STATE"
+  export FLWR_HOME="${FLWR_HOME:-$STATE/flwr-home}"
   echo "WARNING: SuperLink WITHOUT TLS and WITHOUT SuperNode authentication" >&2
   export FEDMETA_TRANSPORT={{insecure}}
-  exec flower-superlink --insecure --host {{bind}} --port {{port}} \\
+  exec flower-superlink --insecure --host "${INSECURE_BIND:-127.0.0.1}" --port {{port}} \\
     --database "$STATE/superlink.db" --disable-runtime-dependency-installation
 fi
 if [ -n "${1:-}" ]; then echo "usage: $0 [--insecure]" >&2; exit 2; fi
+STATE="${SUPERLINK_STATE:-$KIT/state}"
+mkdir -p "$STATE"
+export FLWR_HOME="${FLWR_HOME:-$STATE/flwr-home}"
 export FEDMETA_TRANSPORT={{secure}}
+# the ServerApp maps nodes to sites from this registry (written by register-sites.sh)
+export FEDMETA_NODE_REGISTRY="$STATE/node-ids.txt"
 exec flower-superlink --ssl-ca-certfile "$KIT/ca.pem" \\
   --ssl-certfile "$KIT/superlink.pem" --ssl-keyfile "$KIT/superlink.key" \\
-  --enable-supernode-auth --host {{bind}} --port {{port}} \\
+  --enable-supernode-auth --host 127.0.0.1 --port {{local_port}} \\
   --database "$STATE/superlink.db" --disable-runtime-dependency-installation
 """
 
-REGISTER_SITES = """#!/bin/sh
-# Register the sites' SuperNode public keys with the running SuperLink.
-#   ./register-sites.sh CONNECTION [SITE_ID ...]    (default: every site of the federation)
-# CONNECTION is a [superlink.NAME] of $FLWR_HOME/config.toml (see flwr-connection.toml).
-# Node ids are appended to state/node-ids.txt as "SITE_ID NODE_ID".
-set -u
+START_PROXY = """#!/bin/sh
+# The federation's front door (written by `fedmeta provision`): nginx on {{bind}}:{{port}},
+# mutual TLS against ca.pem, only /v1/fleet/ forwarded to the SuperLink on
+# 127.0.0.1:{{local_port}}. Configuration: nginx.conf; logs: $STATE/nginx/.
+set -eu
 KIT="$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)"
-{{offline}}
-CONNECTION="${1:?usage: $0 CONNECTION [SITE_ID ...]}"
-shift
-[ $# -gt 0 ] || set -- {{site_ids}}
-mkdir -p "$KIT/state"
-rc=0
-for site in "$@"; do
-  key="$KIT/site-keys/$site.pub"
-  if [ ! -f "$key" ]; then echo "error: no key for site $site ($key)" >&2; rc=1; continue; fi
-  if out=$(flwr supernode register "$key" "$CONNECTION" --name "$site" --format json); then
-    node=$(printf '%s\\n' "$out" | sed -n 's/.*"node-id": *\\([0-9][0-9]*\\).*/\\1/p')
-    echo "$site $node" >> "$KIT/state/node-ids.txt"
-    echo "registered $site as node $node"
-  else
-    echo "error: $site not registered (already registered? see above)" >&2
-    rc=1
-  fi
-done
-exit $rc
+STATE="${SUPERLINK_STATE:-$KIT/state}"
+mkdir -p "$STATE/nginx/tmp"
+NGINX="${NGINX:-nginx}"
+if ! command -v "$NGINX" >/dev/null 2>&1; then
+  echo "error: nginx not found: install your distribution's package (Debian: apt-get" \\
+    "install nginx-light)" >&2
+  exit 2
+fi
+exec "$NGINX" -e stderr -p "$STATE/nginx/" -c "$KIT/nginx.conf" -g 'daemon off;'
 """
 
-CONNECTION_TOML = """# Add this to $FLWR_HOME/config.toml (default ~/.flwr/config.toml) on the
-# machine where the coordinator runs `flwr`. root-certificates must be an
-# absolute path: fix it if you move this kit.
+REGISTER_SITES = """#!/bin/sh
+# Register the sites' SuperNode public keys with the running SuperLink and record
+# "SITE_ID NODE_ID KEY_FINGERPRINT" in state/node-ids.txt (the ServerApp's registry).
+#   ./register-sites.sh CONNECTION [SITE_ID ...]    (default: every site of the federation)
+# A site already registered with its current key is left alone; a site whose key changed
+# gets a new node id and its old node is unregistered. Exits non-zero on any failure.
+set -eu
+KIT="$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)"
+. "$KIT/{{env_file}}"
+exec fedmeta registry register "$KIT" "$@"
+"""
+
+UNREGISTER_SITE = """#!/bin/sh
+# Unregister sites' nodes from the running SuperLink and drop them from state/node-ids.txt.
+#   ./unregister-site.sh CONNECTION SITE_ID [SITE_ID ...]
+set -eu
+KIT="$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)"
+. "$KIT/{{env_file}}"
+exec fedmeta registry unregister "$KIT" "$@"
+"""
+
+KIT_PLACEHOLDER = "@KIT@"
+CONNECTION_TOML = """# The `flwr` connection of federation {{federation}}, for the coordinator only:
+# the address is the SuperLink's loopback port (the Control API is not exposed). Add it,
+# with @KIT@ replaced by this kit's absolute path, from inside the kit:
+#   sed "s|@KIT@|$PWD|" flwr-connection.toml >> "${FLWR_HOME:-$HOME/.flwr}/config.toml"
 [superlink.{{federation}}]
 address = "{{address}}"
-root-certificates = "{{ca_path}}"
+root-certificates = "@KIT@/ca.pem"
 """
 
 COORDINATOR_README = """# Coordinator kit (federation {{federation}})
@@ -174,19 +223,24 @@ COORDINATOR_README = """# Coordinator kit (federation {{federation}})
 | file | what | secret |
 |---|---|---|
 | `ca.pem` | the federation CA certificate | no |
-| `superlink.pem`, `superlink.key` | the SuperLink's TLS certificate and key | key: **yes, 0600** |
-| `site-keys/<site>.pub` | the SuperNode public keys to register | no |
+| `superlink.pem`, `.key` | TLS certificate and key (proxy, SuperLink) | key: **yes, 0600** |
+| `site-keys/<site>.pub` | the sites' SuperNode public keys (from their requests) | no |
 | `site-audit-keys/<site>.pub.pem` | the sites' audit-log public keys (to verify logs) | no |
 | `federation.toml` | the federation file this kit was made from | no |
-| `flwr-connection.toml` | the `flwr` connection to add to `$FLWR_HOME/config.toml` | no |
-| `start-superlink.sh` | starts the SuperLink (TLS, only registered nodes) | no |
-| `register-sites.sh` | registers the sites' keys, records node ids in `state/node-ids.txt` | no |
+| `nginx.conf`, `start-proxy.sh` | the front door: Fleet API only, mutual TLS | no |
+| `start-superlink.sh` | the SuperLink, TLS, on 127.0.0.1:{{local_port}} only | no |
+| `flwr-connection.toml` | the `flwr` connection (loopback) for `$FLWR_HOME/config.toml` | no |
+| `register-sites.sh`, `unregister-site.sh` | SuperLink nodes and `state/node-ids.txt` | no |
+| `{{env_file}}` | Flower's telemetry and update checks off: `. ./{{env_file}}` before `flwr` | no |
 
-The SuperLink listens on {{bind}}:{{port}} (TCP, TLS). Sites connect to it; it
-never connects to them. Its certificate names: {{names}}.
+Sites reach {{bind}}:{{port}} (nginx, HTTPS with a client certificate of the federation
+CA, `/v1/fleet/` only). The SuperLink listens on 127.0.0.1:{{local_port}}: its Control
+API (`flwr run`, `stop`, `log`, `supernode register`) and Runtime API are reachable from
+this machine only. Certificate names: {{names}}.
 
 The CA private key is not here: it stays in the `ca/` folder next to the kits,
-offline, with whoever provisions the federation.
+offline, with whoever provisions the federation. No site's private key is anywhere
+in the kits: sites create their own and send requests (public keys only).
 
 The exact command `start-superlink.sh` runs:
 
@@ -196,10 +250,10 @@ The exact command `start-superlink.sh` runs:
 """
 
 
-def start_superlink_command(bind: str, port: int) -> str:
+def start_superlink_command(local_port: int) -> str:
     return ("flower-superlink --ssl-ca-certfile $KIT/ca.pem --ssl-certfile $KIT/superlink.pem "
             "--ssl-keyfile $KIT/superlink.key --enable-supernode-auth "
-            f"--host {bind} --port {port} --database $STATE/superlink.db "
+            f"--host 127.0.0.1 --port {local_port} --database $STATE/superlink.db "
             "--disable-runtime-dependency-installation")
 
 
@@ -281,3 +335,77 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
     lines += [f"{key} = {_toml_value(value)}" for key, value in privacy.items()
               if value is not None]
     return "\n".join(lines) + "\n"
+
+
+# ---- service units and versions ------------------------------------------------------------
+SYSTEMD_UNIT = """# systemd unit: {{what}} (written by `fedmeta provision`). Install it with the
+# placeholders filled in, e.g.
+#   sed -e "s|@DIR@|$PWD|" -e "s|@VENV@|/opt/fedmeta/venv|" -e "s|@USER@|fedmeta|" \\
+#     systemd/{{name}} > /etc/systemd/system/{{name}}
+#   systemctl daemon-reload && systemctl enable --now {{name}}
+[Unit]
+Description={{what}}
+After=network-online.target{{after}}
+Wants=network-online.target
+# never give up restarting (the default gives up after 5 starts in 10 s)
+StartLimitIntervalSec=0
+
+[Service]
+Type=simple
+User=@USER@
+WorkingDirectory=@DIR@
+Environment=PATH=@VENV@/bin:/usr/local/bin:/usr/bin:/bin
+ExecStart=@DIR@/{{script}}
+Restart=on-failure
+# Flower refuses a SuperNode that comes back within ~60 s of losing it (error 2004);
+# a shorter back-off ends in a restart loop and then "failed"
+RestartSec={{restart_sec}}
+# stop the whole cgroup: Flower's SuperExec and every ClientApp/ServerApp child with it,
+# so a stopped or killed node leaves no training process behind
+KillMode=control-group
+KillSignal=SIGTERM
+TimeoutStopSec=30
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+
+[Install]
+WantedBy=multi-user.target
+"""
+RESTART_SEC = 75  # > Flower's ~60 s reactivation lockout
+
+
+def systemd_unit(name: str, what: str, script: str, after: str = "") -> str:
+    return render(SYSTEMD_UNIT, name=name, what=what, script=script,
+                  after=f" {after}" if after else "", restart_sec=RESTART_SEC)
+
+
+def constraints_text() -> str:
+    """``constraints.txt``: fedmeta and every distribution it needs, pinned to the versions
+    installed where `fedmeta provision` runs (the coordinator's release)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    todo: list[tuple[str, frozenset[str]]] = [("fedmeta", frozenset())]
+    while todo:
+        name, extras = todo.pop()
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        key = canonicalize_name(dist.metadata["Name"])
+        if key in pins and not extras:
+            continue
+        pins[key] = dist.version.split("+", 1)[0]  # torch 2.13.0+cpu: the build is the site's
+        for line in dist.requires or []:
+            req = Requirement(line)
+            envs = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if req.marker is None or any(req.marker.evaluate(env) for env in envs):
+                todo.append((req.name, frozenset(req.extras)))
+    lines = ["# Exact versions of the coordinator's release (written by `fedmeta provision`).",
+             "# Install a site with the same ones:  pip install -c constraints.txt fedmeta",
+             "# (torch's build, CPU or CUDA, is the site's choice; its version is pinned)."]
+    return "\n".join(lines + [f"{k}=={v}" for k, v in sorted(pins.items())]) + "\n"

@@ -91,9 +91,14 @@ class Deployment:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.tag = uuid.uuid4().hex
         self.flwr_home = tmp / "coordinator-flwr-home"
-        self.env = {**os.environ, **OFFLINE_ENV, TAG: self.tag, "COLUMNS": "200",
+        # the offline switches are NOT inherited (importing fedmeta set them in this
+        # process): the guide's commands get them only by sourcing a kit's env file
+        # (:meth:`source`), the kits' scripts by sourcing theirs, fedmeta by itself
+        base = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV}
+        self.env = {**base, TAG: self.tag, "COLUMNS": "200",
                     "PYTHONUNBUFFERED": "1", "FLWR_HOME": str(self.flwr_home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.offline = {**self.env, **OFFLINE_ENV}  # for the test's own flwr calls
         self.ran: list[str] = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.timings: dict[str, float] = {}
@@ -124,6 +129,20 @@ class Deployment:
                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         return res
 
+    def source(self, template: str, cwd: Path, **subs: object) -> dict[str, str]:
+        """Run a guide's ``. FILE`` line: the variables it exports stay set for every later
+        command of this deployment (as in the shell session the guide describes)."""
+        self.ran.append(" ".join(template.split()))
+        cmd = self.expand(template, subs)
+        res = subprocess.run(["bash", "-c", f"{cmd} && env -0"], cwd=cwd, env=self.env,
+                             capture_output=True, timeout=60)
+        assert res.returncode == 0, f"{cmd!r} failed: {res.stderr.decode()[-2000:]}"
+        after = dict(x.split("=", 1) for x in res.stdout.decode().split("\0") if "=" in x)
+        added = {k: v for k, v in after.items() if self.env.get(k) != v and not k.startswith(
+            ("_", "SHLVL", "PWD", "OLDPWD"))}
+        self.env.update(added)
+        return added
+
     def start(self, name: str, template: str, cwd: Path, *, record: bool = True,
               env: dict[str, str | None] | None = None, **subs: object) -> subprocess.Popen:
         """Start a long-running command in its own session; output to logs/<name>.log."""
@@ -144,7 +163,7 @@ class Deployment:
 
     def flwr_nodes(self, federation: str) -> list[dict]:
         res = subprocess.run(["flwr", "supernode", "ls", federation, "--format", "json"],
-                             env=self.env, capture_output=True, text=True, timeout=60)
+                             env=self.offline, capture_output=True, text=True, timeout=60)
         try:
             return json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
         except (ValueError, KeyError):
@@ -168,7 +187,10 @@ class Deployment:
     def stop_all(self, grace: float = 10.0) -> None:
         """SIGTERM every process this deployment started (and their children), then SIGKILL."""
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            pids = self.tagged_pids()
+            # our direct children too: nginx overwrites its environment with its process
+            # title, so its master is not found by the tag (its workers follow the master)
+            pids = set(self.tagged_pids()) | {p.pid for p in self.procs.values()
+                                              if p.poll() is None}
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
@@ -180,13 +202,14 @@ class Deployment:
                 for proc in self.procs.values():
                     proc.poll()
                 time.sleep(0.2)
-            if not self.tagged_pids():
+            if not self.tagged_pids() and all(p.poll() is not None for p in self.procs.values()):
                 return
 
     def listening(self) -> list[str]:
         """Local addresses of TCP sockets in LISTEN state owned by our processes."""
         inodes: set[str] = set()
-        for pid in self.tagged_pids():
+        running = {p.pid for p in self.procs.values() if p.poll() is None}  # nginx: see stop_all
+        for pid in set(self.tagged_pids()) | running:
             try:
                 for fd in os.listdir(f"/proc/{pid}/fd"):
                     target = os.readlink(f"/proc/{pid}/fd/{fd}")
