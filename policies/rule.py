@@ -111,15 +111,34 @@ class Decision:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Decision:
-        """Inverse of :meth:`to_dict` (the mask, never serialised, is None)."""
+        """Inverse of :meth:`to_dict` (the mask, never serialised, is None).
+
+        The input is untrusted (a file): a field of the wrong type is a ``ValueError``
+        naming the field, never a later crash."""
+        if not isinstance(data, Mapping):
+            raise ValueError("a decision must be an object")
+        for name in ("rule_id", "outcome", "level", "reason"):
+            if not isinstance(data.get(name), str):
+                raise ValueError(f"decision field {name!r} must be a string")
+        if data.get("site_id") is not None and not isinstance(data["site_id"], str):
+            raise ValueError("decision field 'site_id' must be a string or null")
+        for name in ("references", "flags"):
+            value = data.get(name, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"decision field {name!r} must be a list of strings")
+        exclusions = data.get("exclusions", {})
+        if not isinstance(exclusions, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                for k, v in exclusions.items()):
+            raise ValueError("decision field 'exclusions' must map rule ids to counts")
         return cls(
             rule_id=data["rule_id"],
             outcome=Outcome(data["outcome"]),
             level=Level(data["level"]),
             site_id=data.get("site_id"),
-            references=tuple(data["references"]),
+            references=tuple(data.get("references", ())),
             reason=data["reason"],
-            exclusions=dict(data.get("exclusions", {})),
+            exclusions=dict(exclusions),
             flags=tuple(data.get("flags", ())),
         )
 

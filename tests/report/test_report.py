@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from helpers import fedmeta
+from helpers import consent_declaration, fedmeta, manifest, run_inline, write_site
 from report_helpers import SITE0, SITE2
 
 from fedmeta.audit import verify_log
@@ -133,13 +133,14 @@ def test_no_suppressed_count_can_be_recovered_by_arithmetic(report):
     assert site2["children_excluded"] == "withheld"  # 8 would give 8 - 5 = 3 away
 
 
-def test_min_cohort_below_5_is_a_warning(run_dir, tmp_path):
+def test_min_cohort_below_5_is_a_warning(tmp_path):
+    """A site that suppresses nothing (min_cohort_size 1) is a warning. The manifest is the
+    site's own (it signs its hash), so the run is built with it."""
     run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*"))
-    path = run / "policy-decisions.json"
-    doc = json.loads(path.read_text())
-    doc["manifests"]["site-1"]["min_cohort_size"] = 1
-    path.write_text(json.dumps(doc))
+    write_site(run, 0, manifest("site-0"), num_sites=2)
+    write_site(run, 1, manifest("site-1", extra="min_cohort_size = 1"), num_sites=2)
+    run_inline(run, sites=2, rounds=1, fraction_train=1.0, eval_every=0, eval_episodes=2,
+               declaration=str(consent_declaration(tmp_path / "run.toml")))
     out = write_report(run, "json", out=tmp_path / "r.json")
     findings = json.loads(out.read_text())["findings"]
     assert any(f["severity"] == "warning" and "site-1 sets min_cohort_size 1" in f["message"]
@@ -303,8 +304,8 @@ def test_tampered_log_refuses_and_allow_unverified_shows_the_banner(run_dir, tmp
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*"))
     log = site_log(run, "site-1")
     data = bytearray(log.read_bytes())
-    at = data.index(b'"examples":200') + len(b'"examples":2')
-    data[at] = ord("3")  # one byte: 200 -> 230 examples
+    at = data.index(b'"examples":') + len(b'"examples":')
+    data[at] = ord("3") if data[at] != ord("3") else ord("4")  # one byte of a count
     log.write_bytes(bytes(data))
     res = fedmeta("report", str(run), isolate=False)
     assert res.returncode == 1

@@ -8,6 +8,7 @@ import pytest
 
 from fedmeta.audit.keys import fingerprint, load_public_key, public_raw_b64
 from fedmeta.deploy.kits import provision
+from fedmeta.deploy.node import init_site
 from fedmeta.report.trust import TrustError, load_trust
 
 FED = """name = "trustfed"
@@ -28,10 +29,22 @@ country = "in"
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Provisioned kits after each site sent its request (its keys are born at the site,
+    in ``<tmp>/sites/<site-id>/keys/``; the coordinator kit receives the public halves)."""
     tmp = tmp_path_factory.mktemp("kits")
     (tmp / "federation.toml").write_text(FED)
     provision(tmp / "federation.toml", tmp / "kits")
+    for site in ("site-de-01", "site-in-01"):
+        site_dir = tmp / "sites" / site
+        init_site(site_dir, kit=tmp / "kits" / "sites" / site)
+        provision(tmp / "federation.toml", tmp / "kits",
+                  requests=[site_dir / f"request-{site}.json"])
     return tmp / "kits"
+
+
+def own_key(kits: Path, site: str) -> Path:
+    """The site's own public audit key, as its node init wrote it at the site."""
+    return kits.parent / "sites" / site / "keys" / "audit-signing.pub.pem"
 
 
 def fp(path: Path) -> str:
@@ -42,19 +55,19 @@ def test_coordinator_site_audit_keys_directory(kits: Path) -> None:
     trust = load_trust([str(kits / "coordinator" / "site-audit-keys")])
     assert set(trust) == {"site-de-01", "site-in-01"}
     for site, anchor in trust.items():
-        own = kits / "sites" / site / "keys" / "audit-signing.pub.pem"
+        own = own_key(kits, site)
         assert anchor.fingerprint == fp(own) and len(anchor.fingerprint) == 7 + 64
 
 
 def test_a_sites_own_key_file_as_is(kits: Path) -> None:
-    own = kits / "sites" / "site-in-01" / "keys" / "audit-signing.pub.pem"
+    own = own_key(kits, "site-in-01")
     assert load_trust([str(own)])["site-in-01"].fingerprint == fp(own)
     assert load_trust([f"site-in-01={own}"])["site-in-01"].fingerprint == fp(own)
 
 
 def test_trust_file_with_keys_and_fingerprints(kits: Path, tmp_path: Path) -> None:
     de = kits / "coordinator" / "site-audit-keys" / "site-de-01.pub.pem"
-    raw = load_public_key(kits / "sites" / "site-in-01" / "keys" / "audit-signing.pub.pem")
+    raw = load_public_key(own_key(kits, "site-in-01"))
     f = tmp_path / "trust.txt"
     f.write_text(f"# registered at the kick-off\nsite-de-01 = {fp(de)}\n"
                  f"site-in-01 = {public_raw_b64(raw)}\nserver = {de}\n")
@@ -76,7 +89,7 @@ def test_bad_trust_arguments_are_one_line(spec: str, needle: str) -> None:
 
 
 def test_two_keys_for_one_party_is_an_error(kits: Path) -> None:
-    de = kits / "sites" / "site-de-01" / "keys" / "audit-signing.pub.pem"
-    other = kits / "sites" / "site-in-01" / "keys" / "audit-signing.pub.pem"
+    de = own_key(kits, "site-de-01")
+    other = own_key(kits, "site-in-01")
     with pytest.raises(TrustError, match="another key"):
         load_trust([str(de), f"site-de-01={other}"])
