@@ -200,6 +200,15 @@ class SitePrivacy(_Model):
     points: list[LedgerPoint]
     unsigned_fields: list[str] = []
     """Ledger figures this site's signed log does not hold (shown, but not verified)."""
+    noise_source: str | None = None
+    """Where the site's DP noise came from, as it signed: ``site-csprng`` (its own secret)
+    or ``seeded`` (from the run seed: simulations only)."""
+    site_policy_sha256: str | None = None
+    """The privacy policy the site enforced this run (hash it signed in round.train)."""
+    declaration_sha256: str | None = None
+    """The run declaration the site approved and trained under (hash it signed)."""
+    run_epsilon_cap: float | None = None
+    """The per-run epsilon the site enforced (the smaller of its policy and the declaration)."""
 
 
 # ---- policy decisions ----------------------------------------------------------------------

@@ -75,6 +75,18 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
                       f"({', '.join(map(str, declined))}).")
     points = [LedgerPoint(run=c.run, round=c.round, epsilon_after=c.epsilon_after,
                           this_run=c.run == files.run_id) for c in ledger.charges]
+    enforced = _enforced(files, site)
+    if enforced:
+        source = {"site-csprng": "the site's own CSPRNG (a secret the coordinator never sees)",
+                  "seeded": "seeded from the run seed (a simulation: reproducible, no guarantee "
+                            "against the coordinator)"}.get(
+            str(enforced.get("noise_source")), str(enforced.get("noise_source")))
+        cap = enforced.get("run_epsilon_max")
+        statement += (f" The site enforced, as it signed in its log: noise from {source}; its "
+                      f"privacy policy sha256 {enforced.get('site_policy_sha256')}; the run "
+                      f"declaration it approved, sha256 {enforced.get('declaration_sha256')}"
+                      + (f"; a per-run cap of epsilon {cap:g}" if isinstance(cap, int | float)
+                         else "") + ".")
     unsigned = sorted(ledger_evidence(files, site).unsigned)
     if unsigned:
         statement += (f" UNSIGNED: {', '.join(unsigned)} come from the site's ledger file only; "
@@ -87,7 +99,23 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
         noise_multipliers=sigmas, sample_rates=rates, steps_per_round=steps,
         steps_total=sum(c.steps for c in mine), clip_norm=clip, rounds_joined=rounds,
         rounds_declined=declined, earlier_charges=len(earlier), statement=statement,
-        points=points)
+        points=points,
+        noise_source=_str_or_none(enforced.get("noise_source")),
+        site_policy_sha256=_str_or_none(enforced.get("site_policy_sha256")),
+        declaration_sha256=_str_or_none(enforced.get("declaration_sha256")),
+        run_epsilon_cap=(float(enforced["run_epsilon_max"])
+                         if isinstance(enforced.get("run_epsilon_max"), int | float) else None))
+
+
+def _enforced(files: RunFiles, site: SiteFiles) -> dict:
+    """What the site signed it enforced in this run's last DP round (round.train details)."""
+    trains = [e for e in site.log.entries if e.action == "round.train"
+              and e.run_id == files.run_id and e.details.get("dp")]
+    return dict(trains[-1].details) if trains else {}
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def privacy_section(files: RunFiles) -> list[SitePrivacy]:

@@ -69,6 +69,15 @@ def test_json_follows_the_schema_kept_in_the_repo(report):
 def test_epsilon_per_site_equals_the_ledgers(run_dir, report):
     privacy = {p["site_id"]: p for p in report["privacy"]}
     assert set(privacy) == set(SITES)
+    # what each site enforced, as it signed it: noise source, policy, approved declaration
+    start = next(json.loads(x) for x in (run_dir / "audit" / "server-audit-log.jsonl")
+                 .read_text().splitlines() if '"run.start"' in x)
+    for site in SITES:
+        p = privacy[site]
+        assert p["noise_source"] == "seeded" and len(p["site_policy_sha256"]) == 64
+        assert p["declaration_sha256"] == start["details"]["declaration_sha256"]
+        assert "The site enforced" in p["statement"] and "seeded from the run seed" in \
+            p["statement"]
     for site in SITES:
         ledger = PrivacyLedger.read(run_dir / "sites" / site / "privacy-ledger.jsonl")
         summary = ledger.summary()
