@@ -148,7 +148,14 @@ def test_the_leftover_check_sees_a_process_orphaned_by_a_finished_command():
 def test_ray_and_inline_backends_give_the_same_metrics(ray_run, runs):
     ray_lines, inline_lines = stable(metrics(ray_run[0])), stable(metrics(runs / "reptile"))
     assert len(ray_lines) == 4 and all(x["used"] for x in ray_lines[1:])
-    assert ray_lines == inline_lines  # model digests and epsilons included
+    # epsilons to 1e-9 relative: the PRV accountant reuses its work within a process, so
+    # the last bits depend on which rounds that process computed before (Ray actors vs one
+    # process); everything else, model digests included, is exact
+    for ray_line, inline_line in zip(ray_lines, inline_lines, strict=True):
+        for key in ("epsilon", "epsilon_round"):
+            assert ray_line.pop(key, None) == pytest.approx(inline_line.pop(key, None),
+                                                            rel=1e-9)
+    assert ray_lines == inline_lines
 
 
 def test_same_seed_same_metrics(runs):
