@@ -116,35 +116,45 @@ def create_ca(federation: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x
     return key, cert
 
 
-def issue_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-                      key: ec.EllipticCurvePrivateKey, names: tuple[str, ...],
-                      days: int) -> x509.Certificate:
-    """The SuperLink's TLS certificate for ``names`` (DNS names and IPs), signed by the CA."""
-    if not names:
-        raise PkiError("the SuperLink certificate needs at least one DNS name or IP address")
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+def _leaf_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, public_key,
+               common_name: str, usage: x509.ObjectIdentifier, days: int,
+               names: tuple[str, ...] = ()) -> x509.Certificate:
+    """A CA-signed end-entity certificate: ``usage`` (server or client auth) only, valid for
+    ``days`` but never past the CA, with subject alternative names ``names`` if given."""
     not_after = min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]),
-                           critical=False)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+               .issuer_name(ca_cert.subject).public_key(public_key)
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(_now() - dt.timedelta(minutes=5))
+               .not_valid_after(not_after))
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
+    return (builder
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False,
                                          crl_sign=False, content_commitment=False,
                                          key_encipherment=False, data_encipherment=False,
                                          key_agreement=False, encipher_only=False,
                                          decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                            critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
                 ca_ski), critical=False)
             .sign(ca_key, hashes.SHA384()))
+
+
+def issue_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                      key: ec.EllipticCurvePrivateKey, names: tuple[str, ...],
+                      days: int) -> x509.Certificate:
+    """The SuperLink's TLS certificate for ``names`` (DNS names and IPs), signed by the CA."""
+    if not names:
+        raise PkiError("the SuperLink certificate needs at least one DNS name or IP address")
+    return _leaf_cert(ca_key, ca_cert, key.public_key(), names[0],
+                      ExtendedKeyUsageOID.SERVER_AUTH, days, names)
 
 
 def site_csr(key: ec.EllipticCurvePrivateKey, site_id: str) -> x509.CertificateSigningRequest:
@@ -179,27 +189,8 @@ def issue_client_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certific
     """A TLS client certificate (clientAuth only, CN = site id) for the CSR's public key.
 
     The subject is set from ``site_id`` (the federation file), never copied from the CSR."""
-    not_after = min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site_id)]))
-            .issuer_name(ca_cert.subject).public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False,
-                                         crl_sign=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                ca_ski), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+    return _leaf_cert(ca_key, ca_cert, csr.public_key(), site_id,
+                      ExtendedKeyUsageOID.CLIENT_AUTH, days)
 
 
 def csr_common_name(csr: x509.CertificateSigningRequest) -> str:

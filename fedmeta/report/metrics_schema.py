@@ -73,23 +73,21 @@ class SummaryDoc(BaseModel):
     anchors: dict[str, StrictStr] | None = None
 
 
-def check_summary(doc: Any) -> str | None:
-    """None if ``doc`` is a usable summary, else '<field>: <what is wrong>'."""
+def _problem(model: type[BaseModel], doc: Any, whole: str) -> str | None:
     try:
-        SummaryDoc.model_validate(doc)
+        model.model_validate(doc)
     except _ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(file)"
+        loc = ".".join(str(p) for p in err["loc"]) or whole
         return f"field '{loc}': {err['msg']}"
     return None
+
+
+def check_summary(doc: Any) -> str | None:
+    """None if ``doc`` is a usable summary, else '<field>: <what is wrong>'."""
+    return _problem(SummaryDoc, doc, "(file)")
 
 
 def check_line(rec: Any) -> str | None:
     """None if ``rec`` is a usable metrics line, else '<field>: <what is wrong>'."""
-    try:
-        MetricsLine.model_validate(rec)
-    except _ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(line)"
-        return f"field '{loc}': {err['msg']}"
-    return None
+    return _problem(MetricsLine, rec, "(line)")
