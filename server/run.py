@@ -1,4 +1,4 @@
-"""The server's side of a run, round by round (DESIGN.md "One round, as data flows").
+"""The server's side of a run, round by round.
 
 1. open the server's audit log and record the run's start (config and declaration hashes),
 2. learn which sites are connected and their public manifests (a ``query`` message),

@@ -1,9 +1,10 @@
 """A DPIA-ready summary (GDPR Art. 35(7)(a)-(d)) filled from what the run actually did.
 
 The criteria are WP248 rev.01's (endorsed by the EDPB) and Art. 35(3)(b); the
-federated-learning risks are the ones COMPLIANCE-NOTES section (b) asks to
-pre-populate. Where the run's data cannot decide (e.g. "large scale"), the
-answer is "unknown" and the question goes to ``to_complete``.
+federated-learning risks are pre-populated (membership inference and
+reconstruction, poisoning, re-identification from the model, erasure, transfers). Where
+the run's data cannot decide (e.g. "large scale"), the answer is "unknown" and
+the question goes to ``to_complete``.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def risks(files: RunFiles, scope: str | None, policy: PolicySection,
                           f"per-site budget enforced by a durable ledger (declines: "
                           f"{len(policy.declines)})"],
              residual="secure aggregation is off: the server sees each site's update; no "
-                      "membership-inference audit is attached (COMPLIANCE M03)",
+                      "membership-inference audit is attached (e.g. OpenFL's Privacy Meter)",
              references=["GDPR Art. 25(1)", "GDPR Art. 32(1)", "EDPS TechDispatch 1/2025"]),
         Risk(risk="Poisoning; integrity of local updates",
              description="a site or an attacker sends updates that corrupt the model",
@@ -129,7 +130,7 @@ def risks(files: RunFiles, scope: str | None, policy: PolicySection,
              mitigations=[dp, "the model is treated as personal data: transfers to sites "
                               "checked (GDPR-44-MODEL)"],
              residual="no anonymity assessment is attached: the model must not be released "
-                      "or labelled as anonymous (COMPLIANCE G20)",
+                      "or labelled as anonymous (a model is not presumed anonymous)",
              references=["GDPR Recital 26", "EDPB Opinion 28/2024"]),
         Risk(risk="Erasure and consent withdrawal on trained models",
              description="a data subject's erasure or withdrawal cannot be applied to a model "
