@@ -366,10 +366,11 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     out_h = tmp / "server-hostile"
     charges = {site: len(PrivacyLedger.read(site_dirs[site] / "privacy-ledger.jsonl").charges)
                for site, _ in SITES}
-    write_toml(hostile / "run.toml", {**run_cfg, **RUN_OVERRIDES, "rounds": 1,
+    # flwr takes a TOML file or key=value pairs, not both: dp = false goes in the file
+    write_toml(hostile / "run.toml", {**run_cfg, **RUN_OVERRIDES, "rounds": 1, "dp": False,
                                       "out-dir": str(out_h)})
-    d.run('flwr run . <federation> --stream --run-config run.toml --run-config "dp=false"',
-          hostile, timeout=400, federation=FED)
+    d.run("flwr run . <federation> --stream --run-config run.toml", hostile, timeout=400,
+          federation=FED)
     wait_for(lambda: (out_h / "summary.json").exists(), 60, "the dp=false run's summary")
     (hostile_round,) = [m for m in metrics(out_h) if m["round"] > 0]
     assert not hostile_round["used"], hostile_round
