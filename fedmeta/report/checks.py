@@ -76,17 +76,6 @@ def _run_start(files: RunFiles) -> dict[str, Any]:
     return {}
 
 
-def _dump(model: Any, raw: Any) -> str:
-    """``model.model_dump_json()`` restricted to the fields ``raw`` (the file) has.
-
-    The server hashed the model as its fedmeta version defined it; fields added later
-    (with defaults) are left out so that an older run still hashes the same.
-    """
-    keys = {str(k).replace("-", "_") for k in raw} if isinstance(raw, dict) else None
-    include = {f for f in type(model).model_fields if keys is None or f in keys}
-    return model.model_dump_json(include=include)
-
-
 def _hashes(files: RunFiles) -> list[CrossCheck]:
     start = _run_start(files)
     out = []
