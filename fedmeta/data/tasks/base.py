@@ -28,10 +28,14 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class Pool:
-    """The records a site trains on in one round (labels possibly re-assigned)."""
+    """The records a site trains on in one round (labels possibly re-assigned).
+
+    ``units`` is the privacy unit of each record (``None``: each record is one).
+    """
 
     x: np.ndarray
     y: np.ndarray
+    units: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
