@@ -46,9 +46,12 @@ def prototype_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes
     Works for any number of classes (the head is rebuilt with ``n_classes``
     outputs); returns the model, changed in place.
     """
-    old = model.head
+    old = getattr(model, "head", None)
     if not isinstance(old, nn.Linear):
-        raise TypeError(f"{type(model).__name__}.head is not an nn.Linear")
+        raise TypeError(
+            f"{type(model).__name__} has no 'head' nn.Linear: a prototype head needs the "
+            "model split into 'features' (embedding) and 'head' (last Linear)"
+        )
     was_training = model.training
     model.eval()
     protos = class_prototypes(embedding(model, x), y, n_classes)
