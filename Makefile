@@ -1,6 +1,6 @@
 # fedmeta — set up, run, test.
 #   make run    set up a virtual environment, run the default simulation, write its report
-#   make test   set up and run ruff, mypy (strict on policies/) and the whole test suite
+#   make test   set up and run ruff, mypy (strict on policies/ and fedmeta/audit/) and the whole test suite
 #   make test-fast   the inner loop: skips tests marked slow, deploy or browser
 #
 # torch is installed first, on its own, so the build is an install-time choice:
@@ -45,12 +45,12 @@ nginx:
 
 test: setup browser nginx
 	$(BIN)/ruff check .
-	$(BIN)/mypy policies
+	$(BIN)/mypy policies fedmeta/audit
 	$(BIN)/pytest -q
 
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy policies
+	$(BIN)/mypy policies fedmeta/audit
 	$(BIN)/pytest -q -m "not slow and not deploy and not browser"
 
 clean:

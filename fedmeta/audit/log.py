@@ -37,7 +37,6 @@ from fedmeta.audit.entry import (
     NO_RUN,
     RESERVED_ACTIONS,
     Entry,
-    InvalidEntryError,
     Scalar,
     UnparsableLineError,
     sha256_hex,
@@ -46,6 +45,7 @@ from fedmeta.audit.entry import (
 from fedmeta.audit.errors import (
     AuditError,
     AuditWriteError,
+    InvalidEntryError,
     LogStateError,
     PartialTailError,
 )

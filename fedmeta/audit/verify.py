@@ -54,12 +54,11 @@ from fedmeta.audit.entry import (
     GENESIS_PREV,
     MAX_LINE_BYTES,
     Entry,
-    InvalidEntryError,
     UnparsableLineError,
     parse_json_object,
     sha256_hex,
 )
-from fedmeta.audit.errors import AuditReadError, KeyFileError
+from fedmeta.audit.errors import AuditReadError, InvalidEntryError, KeyFileError
 from fedmeta.audit.keys import fingerprint, load_public_key, public_key_from_raw_b64, public_raw_b64
 from fedmeta.audit.receipt import Receipt
 
