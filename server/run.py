@@ -404,12 +404,17 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
     denied = {d.site_id: f"{d.rule_id}: {d.reason}" for d in decisions
               if d.denied and d.site_id and d.site_id not in eligible}
     min_sites = max(cfg.min_sites, declaration.min_sites_per_round)
-    if point is None:
-        write_json(out / DECISIONS_FILE, {
-            "run": run_id, "declaration": declaration.model_dump(mode="json"),
-            "manifests": {k: m.model_dump(mode="json") for k, m in manifests.items()},
-            "decisions": [d.to_dict() for d in decisions], "unusable": problems,
-            "eligible": sorted(eligible)})
+    stated, unusable = [d.to_dict() for d in decisions], dict(problems)
+    if point is not None and (out / DECISIONS_FILE).is_file():
+        # a resumed run evaluates (and logs) the run-level rules again: the file states
+        # every decision the log holds, the earlier ones first
+        earlier = json.loads((out / DECISIONS_FILE).read_text())
+        stated = list(earlier.get("decisions", [])) + stated
+        unusable = {**dict(earlier.get("unusable", {})), **problems}
+    write_json(out / DECISIONS_FILE, {
+        "run": run_id, "declaration": declaration.model_dump(mode="json"),
+        "manifests": {k: m.model_dump(mode="json") for k, m in manifests.items()},
+        "decisions": stated, "unusable": unusable, "eligible": sorted(eligible)})
 
     if cfg.strategy == "reptile":
         strategy: Reptile | FedAvgBaseline = Reptile(
