@@ -7,7 +7,7 @@ with the round as step. Nothing else leaves: the metrics are the same
 privatised figures ``metrics.jsonl`` holds.
 
     pip install 'fedmeta[tensorboard]'   # or 'fedmeta[mlflow]'
-    fedmeta simulate --tensorboard runs/tb --mlflow file:./mlruns ...
+    fedmeta simulate --tensorboard runs/tb --mlflow sqlite:///mlflow.db ...
 """
 
 from __future__ import annotations
