@@ -59,7 +59,10 @@ def main(root: Path) -> int:
         fedmeta.simulate(settings, out_dir=str(root / "failing"), backend="inline",
                          overwrite=True, **{"epsilon-max": 0.01, "target-epsilon": 0.0})
     except fedmeta.RunFailed as exc:
-        print(f"as expected, {exc.result.failure.reason if exc.result.failure else exc}")
+        failure = exc.result.failure
+        print(f"as expected, the run failed: {failure.reason if failure else exc}")
+        for site, why in list(failure.sites.items())[:3] if failure else []:
+            print(f"  {site}: {why}")
 
     # 5. the compliance report of the first run
     path = write_report(result.run_dir, "json")

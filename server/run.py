@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from logging import WARNING, getLogger
+from logging import INFO, WARNING, getLogger
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log as flwr_log
 
 from fedmeta.audit import AuditLog
 from fedmeta.audit.verify import read_log
@@ -497,12 +499,17 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
                      model_out=digest(arrays),
                      details={"file": f"{CHECKPOINT_DIR}/{path.name}", "file_sha256": sha})
 
+    # Flower's own progress lines, as Strategy.start prints them (shown with --verbose)
+    flwr_log(INFO, "Starting %s strategy:", type(strategy).__name__)
+    log_strategy_start_info(cfg.rounds, theta, round_config, ConfigRecord())
+    strategy.summary()
     if point is None:
         evaluate(0, theta, final=False)
     last_round = first_round - 1
     for server_round in range(first_round, cfg.rounds + 1):
         if strategy.stopped:
             break
+        flwr_log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
         messages = list(strategy.configure_train(server_round, theta, round_config, grid))
         replies = (list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
                    if messages else [])
