@@ -243,6 +243,10 @@ def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]
                               on_round=on_round if trackers else None)
         except _user_errors() as exc:
             raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail(f"interrupted; the run stopped and is recorded as such in the server's "
+                       f"audit log; continue it with: fedmeta simulate --resume {cfg.out_dir}",
+                       code=130) from None
         finally:
             time.sleep(0.4)
             stop.set()

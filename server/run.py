@@ -254,7 +254,8 @@ def resume_point(out: Path) -> ResumePoint:
     entries, result = read_log(log_path)
     if not result.ok:
         raise CheckpointError(f"{log_path}: does not verify ({result.problem}); check it with "
-                              "`fedmeta audit verify` before resuming")
+                              "`fedmeta audit verify` (a log cut by a kill: `fedmeta audit "
+                              "repair`) before resuming")
     starts = [e for e in entries if e.action == "run.start"]
     if not starts:
         raise CheckpointError(f"{log_path}: no run was started in {out}")
