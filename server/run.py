@@ -564,7 +564,9 @@ def _finish(grid: Grid, cfg: RunConfig, strategy: Any, watch: RunWatch, audit: A
         exclusions.update(rl.exclusions)
         for site in rl.declined:
             declined[site] = declined.get(site, 0) + 1
-    digest_ = model_digest({k: a.numpy() for k, a in theta.items()}) if trained else None
+    # theta at the end, trained or not: the report checks this digest against the last
+    # metrics line; only a trained theta is written as a model file
+    digest_ = model_digest({k: a.numpy() for k, a in theta.items()})
     summary = {
         "run": run_id, "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds,
         "sites": sorted(sites.values()),

@@ -148,6 +148,9 @@ def test_every_site_lost_on_bad_data_fails_with_each_sites_line(tmp_path):
     assert "Traceback" not in res.stderr
     assert not (out / "final_model.pt").exists()  # nothing trained: no model
     assert "run.end" in actions(out)
+    # the failed run is still evidence: its report verifies and is written
+    rep = fedmeta("report", str(out), "--format", "json", isolate=False)
+    assert rep.returncode == 0, rep.stderr[-2000:]
 
 
 def test_a_run_whose_sites_all_decline_fails_without_a_model(tmp_path):
@@ -160,7 +163,9 @@ def test_a_run_whose_sites_all_decline_fails_without_a_model(tmp_path):
     assert summary["status"] == "failed" and summary["aggregated_rounds"] == 0
     assert summary["failure"]["reason"] == "every site is lost or declined"
     assert all("declined" in p for p in summary["failure"]["sites"].values())
-    assert not (out / "final_model.pt").exists() and summary["model_sha256"] is None
+    assert not (out / "final_model.pt").exists() and not summary["trained"]
+    # theta's digest is the initial one: nothing changed it
+    assert summary["model_sha256"] == lines(out)[0]["model_sha256"]
 
 
 def test_the_run_stops_when_every_sites_budget_is_spent(tmp_path):
