@@ -102,10 +102,10 @@ def simulate(
              "(same run id, config, ledgers and logs)")] = None,
     tensorboard: Annotated[Path | None, typer.Option(
         help="write per-round metrics to TensorBoard in this directory "
-             "(pip install 'fedmeta[tensorboard]')")] = None,
+             "(pip install 'fedmeta\\[tensorboard]')")] = None,
     mlflow: Annotated[str | None, typer.Option(
         help="log per-round metrics to MLflow at this tracking URI, e.g. sqlite:///mlflow.db "
-             "(pip install 'fedmeta[mlflow]')")] = None,
+             "(pip install 'fedmeta\\[mlflow]')")] = None,
 ) -> None:
     """Run a federation on this machine (Flower's simulation engine, or in-process).
 
