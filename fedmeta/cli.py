@@ -37,15 +37,17 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedmeta.checkpoints import CheckpointError
     from fedmeta.config import ConfigError
     from fedmeta.data.tasks.base import TaskError
     from fedmeta.meta.curve import CurveError
     from fedmeta.privacy.ledger import LedgerError
     from fedmeta.simulation import RunDirError
+    from fedmeta.tracking import TrackingError
     from policies import DeclarationError
 
     return (ConfigError, TaskError, RunDirError, LedgerError, CurveError, DeclarationError,
-            FileNotFoundError)
+            FileNotFoundError, CheckpointError, TrackingError)
 
 
 def _parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -95,15 +97,38 @@ def simulate(
     backend: Annotated[str, typer.Option(help="ray: Flower's simulation engine, one Ray actor "
                                          "per site | inline: every site in this process, no "
                                          "Ray (fast; same metrics for the same seed)")] = "ray",
+    resume: Annotated[Path | None, typer.Option(
+        help="continue the stopped run in this run directory from its last checkpoint "
+             "(same run id, config, ledgers and logs)")] = None,
+    tensorboard: Annotated[Path | None, typer.Option(
+        help="write per-round metrics to TensorBoard in this directory "
+             "(pip install 'fedmeta\\[tensorboard]')")] = None,
+    mlflow: Annotated[str | None, typer.Option(
+        help="log per-round metrics to MLflow at this tracking URI, e.g. sqlite:///mlflow.db "
+             "(pip install 'fedmeta\\[mlflow]')")] = None,
 ) -> None:
-    """Run a federation on this machine (Flower's simulation engine, or in-process)."""
+    """Run a federation on this machine (Flower's simulation engine, or in-process).
+
+    Exit code 0: the run completed; 1: the run failed (no usable replies, every site
+    lost, declined or out of budget, a model no site could train), with a summary of
+    the reasons; 2: a user error. A stopped run continues with --resume RUN_DIR."""
     from fedmeta.config import RunConfig
     from fedmeta.logs import configure
-    from fedmeta.metrics import METRICS_FILE
     from fedmeta.simulation import BACKENDS
 
     if backend not in BACKENDS:
         raise fail(f"option '--backend': expected one of {' | '.join(BACKENDS)}, got {backend!r}")
+    if resume is not None:
+        given = [name for name, val in (
+            ("--task", task), ("--strategy", strategy), ("--sites", sites), ("--rounds", rounds),
+            ("--seed", seed), ("--out", out), ("--config", config), ("--set", set_),
+            ("--device", device)) if val] + (["--no-dp"] if no_dp else []) + (
+            ["--overwrite"] if overwrite else [])
+        if given:
+            raise fail(f"option '--resume': a resumed run keeps its own config; drop "
+                       f"{', '.join(given)}")
+        _simulate_resume(resume, backend, verbose, tensorboard, mlflow)
+        return
 
     values: dict[str, Any] = {}
     if config:
@@ -126,9 +151,9 @@ def simulate(
             task_obj.site_records(0)  # fail fast on impossible task settings
         run_declaration(cfg)
         from fedmeta.simulation import prepare_run_dir
-        from fedmeta.simulation import simulate as run_sim
 
         prepare_run_dir(cfg, overwrite)
+        trackers = _trackers(tensorboard, mlflow)
     except _user_errors() as exc:
         raise fail(str(exc)) from None
     configure(verbose)
@@ -139,23 +164,69 @@ def simulate(
         err_console.print("note: DP noise is seeded from the run seed (same seed, same "
                           "metrics): for experiments only, no guarantee against the "
                           "coordinator; deployed sites use their own CSPRNG", style="yellow")
+    _run_with_progress(cfg, backend, False, trackers)
+
+
+def _trackers(tensorboard: Path | None, mlflow: str | None) -> list[Any]:
+    from fedmeta.tracking import MLflowTracker, TensorBoardTracker
+
+    out: list[Any] = []
+    if tensorboard is not None:
+        out.append(TensorBoardTracker(tensorboard))
+    if mlflow is not None:
+        out.append(MLflowTracker(tracking_uri=mlflow))
+    return out
+
+
+def _simulate_resume(run_dir: Path, backend: str, verbose: bool, tensorboard: Path | None,
+                     mlflow: str | None) -> None:
+    from fedmeta.logs import configure
+    from fedmeta.simulation import load_run_config
+
+    try:
+        cfg = load_run_config(run_dir)
+        trackers = _trackers(tensorboard, mlflow)
+    except _user_errors() as exc:
+        raise fail(str(exc)) from None
+    configure(verbose)
+    _run_with_progress(cfg, backend, True, trackers)
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    """A number for people: NaN, infinities and missing values read as 'n/a'."""
+    import math
+
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return format(value, spec)
+    return "n/a"
+
+
+def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]) -> None:
+    from fedmeta.metrics import METRICS_FILE
+    from fedmeta.simulation import simulate as run_sim
+
+    def on_round(metrics: Any) -> None:
+        for tracker in trackers:
+            tracker(metrics)
+
     metrics_path = Path(cfg.out_dir) / METRICS_FILE
+    skip = len(metrics_path.read_text().splitlines()) if resume and metrics_path.exists() else 0
     stop = threading.Event()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                         console=console, transient=False)
 
     def follow(bar: Any) -> None:
-        seen = 0
+        seen = skip
         while not stop.is_set():
             if metrics_path.exists():
                 lines = metrics_path.read_text().splitlines()
                 for line in lines[seen:]:
                     rec = json.loads(line)
                     status = ""
-                    if "eval" in rec:
+                    if isinstance(rec.get("eval"), dict):
                         e = rec["eval"]
-                        status = f"{e['metric']} adapted {e['adapted']:.3f}"
+                        status = f"{e.get('metric')} adapted {_fmt(e.get('adapted'))}"
                     if rec.get("declined"):
                         status += f"  declined {len(rec['declined'])}"
                     progress.update(bar, completed=rec["round"], status=status)
@@ -168,14 +239,29 @@ def simulate(
         watcher = threading.Thread(target=follow, args=(bar,), daemon=True)
         watcher.start()
         try:
-            summary = run_sim(cfg, overwrite=True, backend=backend)
+            summary = run_sim(cfg, overwrite=True, backend=backend, resume=resume,
+                              on_round=on_round if trackers else None)
         except _user_errors() as exc:
             raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail(f"interrupted; the run stopped and is recorded as such in the server's "
+                       f"audit log; continue it with: fedmeta simulate --resume {cfg.out_dir}",
+                       code=130) from None
         finally:
             time.sleep(0.4)
             stop.set()
             watcher.join()
+            for tracker in trackers:
+                tracker.close()
     _print_summary(summary, cfg.out_dir)
+    if summary.get("status") == "failed":
+        from fedmeta.failures import failure_text
+
+        err_console.print(failure_text(summary), style="bold red", markup=False)
+        if summary.get("last_round"):
+            err_console.print(f"after fixing the cause, continue it with: fedmeta simulate "
+                              f"--resume {cfg.out_dir}", markup=False)
+        raise typer.Exit(1)
 
 
 def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
@@ -186,17 +272,18 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
     for site in summary["sites"]:
         eps = summary["epsilon"].get(site)
         table.add_row(site, "DP off" if not summary["dp"] else
-                      ("-" if eps is None else f"{eps:.3f}"),
+                      ("-" if eps is None else _fmt(eps)),
                       str(summary["declined_rounds"].get(site, 0)))
     console.print(table)
     ev = summary.get("eval") or {}
     if ev:
-        console.print(f"{ev['n_way']}-way {ev['shots']}-shot {ev['metric']} on held-out data: "
-                      f"adapted {ev['adapted']:.3f} ± {ev['adapted_ci95']:.3f}, "
-                      f"un-adapted {ev['unadapted']:.3f}  ({ev['episodes']} episodes)")
+        console.print(f"{ev.get('n_way')}-way {ev.get('shots')}-shot {ev.get('metric')} on "
+                      f"held-out data: adapted {_fmt(ev.get('adapted'))} ± "
+                      f"{_fmt(ev.get('adapted_ci95'))}, un-adapted {_fmt(ev.get('unadapted'))}"
+                      f"  ({ev.get('episodes')} episodes)")
     if summary.get("stopped"):
         console.print(f"[bold red]stopped:[/] {summary['stopped']}")
-    console.print(f"run directory: {out_dir}  ({summary['wall_s']:.0f} s)")
+    console.print(f"run directory: {out_dir}  ({_fmt(summary.get('wall_s'), '.0f')} s)")
 
 
 # ---------------------------------------------------------------------------- evaluate

@@ -48,6 +48,10 @@ class RunConfig(BaseModel):
     min_sites: int = Field(2, ge=1, description="minimum sites per round (else the run stops)")
     node_wait_s: float = Field(60.0, gt=0.0, description="bound on waiting for nodes to connect")
     round_timeout_s: float = Field(600.0, gt=0.0)
+    max_failed_rounds: int = Field(3, ge=1, description="stop the run after this many "
+                                   "consecutive rounds without a usable reply")
+    checkpoint_every: int = Field(5, ge=0, description="checkpoint theta and the strategy "
+                                  "state every N rounds (0 = only when the run stops)")
     max_update_norm: float = Field(100.0, gt=0.0, description="L2 bound on phi - theta")
 
     # inner loop at each site

@@ -12,7 +12,11 @@ imports them):
 The run config reaches the ServerApp through the run directory's
 ``config.json`` (named by ``FEDMETA_RUN_CONFIG``) because Flower's in-process
 simulation API passes an empty run config; sites receive it with every
-round's message. ``FEDMETA_TRANSPORT`` says the sites are simulated.
+round's message. ``FEDMETA_TRANSPORT`` says the sites are simulated;
+``FEDMETA_RESUME=1`` asks the ServerApp to continue the directory's stopped run.
+Round callbacks (``fedmeta.rounds``) reach the ServerApp in this process with
+either backend. The typed, documented entry point is ``fedmeta.simulate``
+(``fedmeta.api``); this module returns the raw summary dict.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ctypes
 import importlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,14 +34,17 @@ from typing import Any
 
 import psutil
 
+from fedmeta.checkpoints import CHECKPOINT_DIR
 from fedmeta.config import RunConfig, resolve_device
 from fedmeta.metrics import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from fedmeta.offline import no_call_home
+from fedmeta.rounds import RoundCallback, listening
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"
 TRANSPORT_ENV = "FEDMETA_TRANSPORT"
+RESUME_ENV = "FEDMETA_RESUME"
 BACKENDS = ("ray", "inline")
 RAY_EXIT_GRACE_S = 10.0  # how long Ray's processes get to exit after ray.shutdown()
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -55,6 +63,7 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
                 "--overwrite (site ledgers under sites/ are kept either way)")
         for name in (METRICS_FILE, SUMMARY_FILE):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # they belong to that run
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / CONFIG_FILE)
     return out
@@ -75,15 +84,17 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: RunConfig, *, overwrite: bool = False, backend: str = "ray"
-             ) -> dict[str, Any]:
+def simulate(cfg: RunConfig, *, overwrite: bool = False, backend: str = "ray",
+             resume: bool = False, on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Run ``cfg`` to completion on ``backend`` (``ray`` or ``inline``); returns the run
-    summary. What is printed is set by ``fedmeta.logs.configure``."""
+    summary (``summary["status"]`` is ``completed`` or ``failed``). ``resume``: continue
+    the stopped run in ``cfg.out_dir`` from its last checkpoint. What is printed is set
+    by ``fedmeta.logs.configure``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     no_call_home()
-    out = prepare_run_dir(cfg, overwrite)
-    with _run_env(out):
+    out = resume_dir(cfg) if resume else prepare_run_dir(cfg, overwrite)
+    with _run_env(out, resume), listening(on_round):
         if backend == "ray":
             _simulate_ray(cfg)
         else:
@@ -94,12 +105,37 @@ def simulate(cfg: RunConfig, *, overwrite: bool = False, backend: str = "ray"
     return json.loads(summary_path.read_text())
 
 
+def resume_dir(cfg: RunConfig) -> Path:
+    """The run directory of a run to resume (it must hold that run's config.json)."""
+    out = Path(cfg.out_dir)
+    if not (out / CONFIG_FILE).is_file():
+        raise RunDirError(f"{out}: no {CONFIG_FILE}; --resume needs the directory of a run "
+                          "started before")
+    (out / SUMMARY_FILE).unlink(missing_ok=True)
+    return out
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The config a run directory was started with (for ``--resume``)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no {CONFIG_FILE}; is this a run directory?")
+    cfg = RunConfig.load(path)
+    if Path(cfg.out_dir).resolve() != Path(run_dir).resolve():
+        raise RunDirError(f"{path}: names out-dir {cfg.out_dir!r}, not {str(run_dir)!r}; resume "
+                          "from the directory the run was started in (and with the same "
+                          "working directory for a relative out-dir)")
+    return cfg
+
+
 @contextlib.contextmanager
-def _run_env(out: Path) -> Iterator[None]:
-    """The run's config file and transport, for the ServerApp; restored afterwards."""
-    saved = {k: os.environ.get(k) for k in (RUN_CONFIG_ENV, TRANSPORT_ENV)}
+def _run_env(out: Path, resume: bool = False) -> Iterator[None]:
+    """The run's config file, transport and resume flag, for the ServerApp; restored
+    afterwards."""
+    saved = {k: os.environ.get(k) for k in (RUN_CONFIG_ENV, TRANSPORT_ENV, RESUME_ENV)}
     os.environ[RUN_CONFIG_ENV] = str((out / CONFIG_FILE).resolve())
     os.environ[TRANSPORT_ENV] = "simulation"
+    os.environ[RESUME_ENV] = "1" if resume else "0"
     try:
         yield
     finally:

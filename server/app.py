@@ -13,6 +13,7 @@ from fedmeta.offline import quiet_flower
 from server.run import RoundCallback, run_server
 
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"  # set by `fedmeta simulate` (fedmeta.simulation)
+RESUME_ENV = "FEDMETA_RESUME"  # "1": continue the run directory's stopped run (--resume)
 
 
 def config_for(context: Context) -> RunConfig:
@@ -25,15 +26,21 @@ def config_for(context: Context) -> RunConfig:
 
 
 def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None = None,
-                    result: dict | None = None) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (``fedmeta simulate``) or to Flower's run config."""
+                    result: dict | None = None, resume: bool | None = None) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (``fedmeta simulate``) or to Flower's run config.
+
+    ``on_round`` receives each metrics line (a dict); ``result`` is filled with the
+    summary; ``resume`` continues the stopped run of the config's run directory
+    (default: ``FEDMETA_RESUME=1`` in the environment, set by ``fedmeta simulate
+    --resume``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         quiet_flower()
         run_cfg = cfg or config_for(context)
-        summary = run_server(grid, run_cfg, on_round)
+        again = resume if resume is not None else os.environ.get(RESUME_ENV) == "1"
+        summary = run_server(grid, run_cfg, on_round, resume=again)
         if result is not None:
             result.update(summary)
 

@@ -4,44 +4,74 @@
 2. learn which sites are connected and their public manifests (a ``query`` message),
 3. evaluate the run-level rules (lawful basis, Art. 9, transfers per site, DP offered,
    minimum sites); every decision is audited, denied sites are never sampled,
-4. hand over to the strategy (Reptile or the FedAvg baseline) for ``rounds`` rounds;
-   the strategy audits each round's start, the sites' receipts and its end and closes
-   it with a signed checkpoint, whose head the next round sends to the sites,
-5. evaluate theta on held-out classes/tasks, one metrics line per round,
-6. save the final model and a summary.
+4. check, before any message leaves, that DP-SGD can train the model at all (fedmeta's
+   ``check_dp_model`` and Opacus's ``ModuleValidator``): a model no site could train
+   is refused and the run is not started,
+5. run ``rounds`` rounds of the strategy (Reptile or the FedAvg baseline) through its
+   Flower hooks (``configure_train``/``aggregate_train``); the strategy audits each
+   round's start, the sites' receipts and its end and closes it with a signed audit
+   checkpoint, whose head the next round sends to the sites. The loop is fedmeta's
+   own (not ``Strategy.start``) so that a run can stop early and resume:
+   ``fedmeta.failures.RunWatch`` stops a failing run, and every ``checkpoint-every``
+   rounds theta and the strategy state are saved (``fedmeta.checkpoints``, hash in
+   the log),
+6. evaluate theta on held-out classes/tasks, one metrics line per round, handed to
+   the round callbacks (``fedmeta.rounds``),
+7. save the final model (only if some round was aggregated) and a summary whose
+   ``status`` is ``completed`` or ``failed`` (with the reasons, one line per site).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import secrets
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
-from logging import WARNING, getLogger
+from logging import INFO, WARNING, getLogger
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log as flwr_log
 
 from fedmeta.audit import AuditLog
+from fedmeta.audit.verify import read_log
+from fedmeta.checkpoints import (
+    CHECKPOINT_ACTION,
+    CHECKPOINT_DIR,
+    RESUME_ACTION,
+    Checkpoint,
+    CheckpointError,
+    checkpoint_files,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedmeta.config import RunConfig, adapt_lr, build_task, run_declaration
 from fedmeta.deploy.binding import bind_site
+from fedmeta.failures import RunWatch, one_line_error
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
 from fedmeta.metrics import (
     CONFIG_FILE,
     METRICS_FILE,
+    MODEL_FILE,
     SUMMARY_FILE,
     append_jsonl,
     save_model,
     write_json,
 )
 from fedmeta.privacy.noise import noise_statement
+from fedmeta.rounds import emit
 from policies import (
     SiteManifest,
     check_min_sites,
@@ -50,7 +80,7 @@ from policies import (
 )
 from server.strategy.fedavg import FedAvgBaseline
 from server.strategy.reptile import Reptile
-from server.strategy.sites import RoundLog
+from server.strategy.sites import RoundLog, SiteAwareMixin, digest
 
 log = getLogger(__name__).log
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -156,25 +186,191 @@ def anchor_run_end(grid: Grid, site_of_node: dict[int, str], rounds: dict[int, R
     return out
 
 
-def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None) -> dict:
-    """Run the whole federation from the server's side; returns the summary dict."""
+# ---- set-up checks ------------------------------------------------------------------------
+def example_input(task: Any, cfg: RunConfig) -> torch.Tensor | None:
+    """One input of the task's shape, from public data only (an evaluation episode of the
+    bundled task, or zeros of the agreed feature count); None when the server has none."""
+    custom = getattr(task, "example_input", None)
+    if callable(custom):
+        return torch.as_tensor(custom())
+    try:
+        if task.server_eval:
+            episode = task.eval_episode("test", np.random.default_rng(cfg.seed), 1, 1)
+            return torch.from_numpy(np.ascontiguousarray(episode.support_x[:1]))
+    except Exception as exc:  # noqa: BLE001 - no example: the sites still check
+        log(WARNING, "no example input for the set-up model check (%s)", exc)
+        return None
+    if cfg.features > 0:
+        return torch.zeros(1, cfg.features)
+    return None
+
+
+def model_problem(task: Any, cfg: RunConfig, model: torch.nn.Module) -> tuple[str | None, str]:
+    """(why no site could train ``model`` under DP, or None; the clipping mode checked).
+
+    fedmeta's own check (``check_dp_model``: buffers, loss, per-sample gradients of the
+    clipping mode, the check every site repeats before charging its ledger), then
+    Opacus's ``ModuleValidator``. Run once at set-up, before any message leaves."""
+    if not cfg.dp:
+        return None, "dp off"
+    from opacus.validators import ModuleValidator
+
+    from fedmeta.privacy.model_check import DPModelError, check_dp_model
+
+    example = example_input(task, cfg)
+    mode = "not checked (no example input)"
+    if example is not None:
+        try:
+            mode = check_dp_model(model, task.loss_fn(), cfg.grad_sample_mode, example)
+        except DPModelError as exc:
+            return f"DP model check: {one_line_error(str(exc))}", cfg.grad_sample_mode
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        return (f"Opacus ModuleValidator: {one_line_error(str(errors[0]))}"
+                f"{f' (+{len(errors) - 1} more)' if len(errors) > 1 else ''}"), mode
+    return None, mode
+
+
+# ---- resume ------------------------------------------------------------------------------
+class ResumePoint:
+    """Where a stopped run continues: its run id, the verified checkpoint (or none: from
+    the initial weights), and the next round number never used by this run."""
+
+    def __init__(self, run_id: str, checkpoint: Checkpoint | None, next_round: int,
+                 last_started: int) -> None:
+        self.run_id, self.checkpoint = run_id, checkpoint
+        self.next_round, self.last_started = next_round, last_started
+
+    @property
+    def checkpoint_round(self) -> int:
+        return self.checkpoint.round if self.checkpoint else 0
+
+
+def resume_point(out: Path) -> ResumePoint:
+    """Read the server's audit log (verified) and the signed checkpoints of ``out``."""
+    log_path = out / SERVER_AUDIT_LOG
+    if not log_path.is_file():
+        raise CheckpointError(f"{out}: no server audit log; nothing to resume here")
+    entries, result = read_log(log_path)
+    if not result.ok:
+        raise CheckpointError(f"{log_path}: does not verify ({result.problem}); check it with "
+                              "`fedmeta audit verify` (a log cut by a kill: `fedmeta audit "
+                              "repair`) before resuming")
+    starts = [e for e in entries if e.action == "run.start"]
+    if not starts:
+        raise CheckpointError(f"{log_path}: no run was started in {out}")
+    run_id = starts[-1].run_id
+    mine = [e for e in entries if e.run_id == run_id]
+    ends = [e for e in mine if e.action == "run.end"]
+    if ends and ends[-1].details.get("status", "completed") == "completed":
+        raise CheckpointError(f"{out}: run {run_id} finished all its rounds; nothing to resume")
+    config_sha = _sha((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else ""
+    if starts[-1].details.get("config_sha256") != config_sha:
+        raise CheckpointError(f"{out / CONFIG_FILE}: differs from the config run {run_id} "
+                              "started with; a resumed run keeps its config")
+    signed = {str(e.details.get("file")): str(e.details.get("file_sha256"))
+              for e in mine if e.action == CHECKPOINT_ACTION}
+    last_started = max((int(e.round) for e in mine
+                        if e.action == "round.start" and e.round), default=0)
+    checkpoint = None
+    for path in reversed(checkpoint_files(out)):
+        if f"{CHECKPOINT_DIR}/{path.name}" in signed:
+            checkpoint = load_checkpoint(path, signed[f"{CHECKPOINT_DIR}/{path.name}"])
+            if checkpoint.run != run_id:
+                raise CheckpointError(f"{path}: belongs to run {checkpoint.run}, not {run_id}")
+            break
+    k = checkpoint.round if checkpoint else 0
+    return ResumePoint(run_id, checkpoint, max(k, last_started) + 1, last_started)
+
+
+def strategy_state(strategy: SiteAwareMixin, watch: RunWatch) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "kind": type(strategy).__name__, "server_head": strategy.server_head,
+        "rounds": {str(r): asdict(rl) for r, rl in strategy.rounds.items()},
+        "watch": watch.state()}
+    momentum = getattr(strategy, "momentum_vector", None)
+    if momentum is not None:
+        state["momentum"] = {k: torch.as_tensor(a.numpy()) for k, a in momentum.items()}
+    return state
+
+
+def restore_strategy(strategy: SiteAwareMixin, watch: RunWatch, state: dict[str, Any]) -> None:
+    if state.get("kind") not in (None, type(strategy).__name__):
+        raise CheckpointError(f"the checkpoint holds a {state['kind']} strategy, the run "
+                              f"config asks for {type(strategy).__name__}")
+    strategy.server_head = str(state.get("server_head", ""))
+    strategy.rounds.update({int(r): RoundLog(**rl) for r, rl in state.get("rounds", {}).items()})
+    watch.restore(dict(state.get("watch", {})))
+    if "momentum" in state:
+        strategy.momentum_vector = ArrayRecord(state["momentum"])  # type: ignore[attr-defined]
+
+
+def _lines_of(out: Path, run_id: str) -> list[dict[str, Any]]:
+    path = out / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("run") == run_id:
+            lines.append(rec)
+    return lines
+
+
+# ---- the run ------------------------------------------------------------------------------
+def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None,
+               resume: bool = False) -> dict:
+    """Run the whole federation from the server's side; returns the summary dict.
+
+    ``resume``: continue the stopped run of ``cfg.out_dir`` from its last signed
+    checkpoint, with the same run id (see ``resume_point``)."""
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to sites
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / CONFIG_FILE)
-    run_id = new_run_id()
+    point = resume_point(out) if resume else None
+    if point is None:
+        cfg.save(out / CONFIG_FILE)
+        (out / MODEL_FILE).unlink(missing_ok=True)  # never leave an earlier run's model
+    run_id = point.run_id if point else new_run_id()
     started = time.time()
     task = build_task(cfg)
     out_dim = task.out_dim(cfg.strategy)
     declaration = run_declaration(cfg)
     declaration_json = declaration.model_dump_json()
     audit = AuditLog.open(out / SERVER_AUDIT_LOG, out / SERVER_AUDIT_KEY, actor="server")
+    try:
+        return _run(grid, cfg, on_round, point, run_id, started, task, out_dim, declaration,
+                    declaration_json, audit, out)
+    except BaseException as exc:  # a callback, Ctrl-C: on record, then re-raised
+        reason = f"interrupted: {type(exc).__name__}: {one_line_error(str(exc))}"
+        with contextlib.suppress(Exception):
+            audit.append("run.stop", run_id=run_id, decision="deny",
+                         details={"reason": reason[:500], "resumable": True})
+        raise
+    finally:
+        audit.close()
+
+
+def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
+         point: ResumePoint | None, run_id: str, started: float, task: Any, out_dim: int,
+         declaration: Any, declaration_json: str, audit: AuditLog, out: Path) -> dict:
     transport = transport_mode(grid)
-    audit.append("run.start", run_id=run_id, details={
-        "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
-        "purpose": declaration.purpose, "config_sha256": _sha((out / CONFIG_FILE).read_text()),
-        "declaration_sha256": declaration.sha256(), "transport": transport,
-        "serverapp_tls": None if transport == "simulation" else "--insecure" not in sys.argv})
+    if point is None:
+        audit.append("run.start", run_id=run_id, details={
+            "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
+            "purpose": declaration.purpose,
+            "config_sha256": _sha((out / CONFIG_FILE).read_text()),
+            "declaration_sha256": declaration.sha256(), "transport": transport,
+            "serverapp_tls": None if transport == "simulation" else "--insecure" not in sys.argv})
+    else:
+        audit.append(RESUME_ACTION, run_id=run_id, round=point.next_round, details={
+            "checkpoint_round": point.checkpoint_round,
+            "checkpoint": str(point.checkpoint.path.name) if point.checkpoint else None,
+            "rolled_back_rounds": point.last_started - point.checkpoint_round,
+            "next_round": point.next_round, "transport": transport})
     if transport == "insecure":  # durable before any message leaves
         log(WARNING, "INSECURE deployment: no TLS, no node authentication (asked for by name)")
         audit.append("security.insecure", run_id=run_id, decision="allow", details={
@@ -183,11 +379,24 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     round_config = ConfigRecord({**cfg.to_flat(), "run-id": run_id,
                                  "declaration-json": declaration_json})
 
-    sites, manifests, problems = discover_sites(grid, cfg, round_config)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model(out_dim)
+    # the model must be one DP-SGD can train: checked before any message leaves, so no
+    # site is asked to charge its ledger for a model it would refuse
+    refused, mode = model_problem(task, cfg, model)
+    audit.append("model.check", run_id=run_id, decision="deny" if refused else "allow",
+                 rule_ids=["PRIV-MODEL"], details={"reason": (refused or "")[:500] or None,
+                                                   "grad_sample_mode": mode})
+    if refused:
+        sites, manifests, problems = {}, {}, {}
+        decisions: list = []
+    else:
+        sites, manifests, problems = discover_sites(grid, cfg, round_config)
+        problems = {k: one_line_error(v) for k, v in problems.items()}
+        decisions = evaluate_run(declaration, list(manifests.values())) if manifests else []
     for name, reason in sorted(problems.items()):
         audit.append("site.unusable", run_id=run_id, decision="deny",
                      details={"site": name, "reason": reason})
-    decisions = evaluate_run(declaration, list(manifests.values())) if manifests else []
     for d in decisions:
         audit.append("policy.run", run_id=run_id, decision=d.outcome.value,
                      rule_ids=[d.rule_id], details={
@@ -198,11 +407,17 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     denied = {d.site_id: f"{d.rule_id}: {d.reason}" for d in decisions
               if d.denied and d.site_id and d.site_id not in eligible}
     min_sites = max(cfg.min_sites, declaration.min_sites_per_round)
+    stated, unusable = [d.to_dict() for d in decisions], dict(problems)
+    if point is not None and (out / DECISIONS_FILE).is_file():
+        # a resumed run evaluates (and logs) the run-level rules again: the file states
+        # every decision the log holds, the earlier ones first
+        earlier = json.loads((out / DECISIONS_FILE).read_text())
+        stated = list(earlier.get("decisions", [])) + stated
+        unusable = {**dict(earlier.get("unusable", {})), **problems}
     write_json(out / DECISIONS_FILE, {
         "run": run_id, "declaration": declaration.model_dump(mode="json"),
         "manifests": {k: m.model_dump(mode="json") for k, m in manifests.items()},
-        "decisions": [d.to_dict() for d in decisions], "unusable": problems,
-        "eligible": sorted(eligible)})
+        "decisions": stated, "unusable": unusable, "eligible": sorted(eligible)})
 
     if cfg.strategy == "reptile":
         strategy: Reptile | FedAvgBaseline = Reptile(
@@ -213,20 +428,40 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     strategy.setup_sites(sites={n: s for n, s in sites.items() if s in eligible}, seed=cfg.seed,
                          min_sites=min_sites, node_wait_s=cfg.node_wait_s,
                          max_update_norm=cfg.max_update_norm, audit=audit, run_id=run_id)
-    gate = check_min_sites(declaration, len(eligible))
-    if len(eligible) < min_sites:
+    watch = RunWatch(sorted(eligible), cfg.max_failed_rounds)
+    initial = ArrayRecord(model.state_dict())
+    theta = initial
+    first_round = 1
+    if point is not None:
+        first_round = point.next_round
+        if point.checkpoint is not None:
+            restore_strategy(strategy, watch, point.checkpoint.strategy)
+            theta = ArrayRecord(point.checkpoint.theta)
+        for rec in _lines_of(out, run_id):  # rounds after the checkpoint, as recorded
+            r = int(rec.get("round", 0))
+            if point.checkpoint_round < r < point.next_round:
+                strategy.rounds[r] = RoundLog(**{k: rec[k] for k in RoundLog.__dataclass_fields__
+                                                 if k in rec})
+        watch.sites = sorted(eligible)
+    if refused:
+        strategy.stopped = f"the model cannot be trained under DP; the run was not started " \
+                           f"({refused})"
+    elif len(eligible) < min_sites:
+        gate = check_min_sites(declaration, len(eligible))
         strategy.stopped = (f"{len(eligible)} eligible site(s), fewer than the declared minimum "
                             f"of {min_sites}; the run was not started ({gate.rule_id})")
+    if strategy.stopped:
         log(WARNING, strategy.stopped)
-        audit.append("run.stop", run_id=run_id, decision="deny", rule_ids=[gate.rule_id],
+        audit.append("run.stop", run_id=run_id, decision="deny",
+                     rule_ids=["PRIV-MODEL" if refused else "PRIV-MIN-SITES"],
                      details={"reason": strategy.stopped[:500]})
-
-    torch.manual_seed(cfg.seed)
-    model = task.build_model(out_dim)
-    initial = ArrayRecord(model.state_dict())
     last_eval: dict[str, Any] = {}
+    resumed_note = None if point is None else {
+        "checkpoint_round": point.checkpoint_round, "next_round": point.next_round,
+        "rolled_back": list(range(point.checkpoint_round + 1, point.next_round))}
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate(server_round: int, arrays: ArrayRecord, final: bool) -> None:
+        nonlocal resumed_note
         rl = strategy.rounds.get(server_round, RoundLog(server_round))
         line: dict[str, Any] = {"run": run_id, "round": server_round, "strategy": cfg.strategy,
                                 "task": cfg.task, "model_sha256": model_digest(
@@ -236,11 +471,12 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         else:
             line.update({"eligible": sorted(eligible), "denied": denied,
                          "unusable": problems})
-        due = (server_round == 0 or server_round == cfg.rounds
+        if resumed_note is not None:
+            line["resumed"], resumed_note = resumed_note, None
+        due = (server_round == 0 or final
                or (cfg.eval_every and server_round % cfg.eval_every == 0))
-        metrics = None
-        if due and task.server_eval and not (strategy.stopped
-                                             and server_round not in (0, cfg.rounds)):
+        if due and task.server_eval and (not strategy.stopped
+                                         or (server_round > 0 and watch.aggregated > 0)):
             res = meta_evaluate(task, _state(arrays), out_dim, split="test",
                                 episodes=cfg.eval_episodes, shots=cfg.eval_shots,
                                 query=cfg.eval_query, steps=cfg.adapt_steps,
@@ -251,48 +487,110 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
                             "n_way": task.meta_out_dim()}
             last_eval.clear()
             last_eval.update(line["eval"])
-            metrics = MetricRecord(res.as_metrics())
         line["elapsed_s"] = round(time.time() - started, 3)
         append_jsonl(out / METRICS_FILE, line)
         if on_round:
             on_round(line)
-        return metrics
+        emit(line)
 
-    try:
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds,
-                                timeout=cfg.round_timeout_s, train_config=round_config,
-                                evaluate_fn=evaluate)
-        final = result.arrays if len(result.arrays) else initial
-        model_path = save_model(out, _state(final), task=cfg.task, strategy=cfg.strategy,
-                                out_dim=out_dim, run=run_id)
-        epsilon: dict[str, float] = {}
-        declined: dict[str, int] = {}
-        exclusions: dict[str, dict[str, int | str]] = {}
-        for rl in strategy.rounds.values():
-            epsilon.update(rl.epsilon)
-            exclusions.update(rl.exclusions)
-            for site in rl.declined:
-                declined[site] = declined.get(site, 0) + 1
-        summary = {
-            "run": run_id, "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds,
-            "sites": sorted(sites.values()), "eligible": sorted(eligible), "denied": denied,
-            "epsilon": epsilon, "declined_rounds": declined, "exclusions": exclusions,
-            "dp": cfg.dp, "eval": last_eval, "stopped": strategy.stopped,
-            "noise": noise_statement(cfg.noise_source, transport) if cfg.dp else None,
-            "model_sha256": model_digest({k: a.numpy() for k, a in final.items()}),
-            "wall_s": round(time.time() - started, 2),
-        }
-        audit.append("run.end", run_id=run_id, decision="allow" if not strategy.stopped
-                     else "deny", model_out=summary["model_sha256"],
-                     details={"stopped": (strategy.stopped or "")[:500] or None,
-                              # the files the report shows, bound to this signed entry
-                              "model_file_sha256": _file_sha(model_path),
-                              "metrics_sha256": _file_sha(out / METRICS_FILE)})
-        summary["audit_head"] = str(audit.checkpoint(run_id, None))
-        summary["anchors"] = anchor_run_end(grid, strategy.site_of_node, strategy.rounds,
-                                            round_config, summary["audit_head"],
-                                            cfg.round_timeout_s)
-        write_json(out / SUMMARY_FILE, summary)
-        return summary
-    finally:
-        audit.close()
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        path, sha = save_checkpoint(out, run_id, server_round, _state(arrays),
+                                    strategy_state(strategy, watch))
+        audit.append(CHECKPOINT_ACTION, run_id=run_id, round=server_round,
+                     model_out=digest(arrays),
+                     details={"file": f"{CHECKPOINT_DIR}/{path.name}", "file_sha256": sha})
+
+    # Flower's own progress lines, as Strategy.start prints them (shown with --verbose)
+    flwr_log(INFO, "Starting %s strategy:", type(strategy).__name__)
+    log_strategy_start_info(cfg.rounds, theta, round_config, ConfigRecord())
+    strategy.summary()
+    if point is None:
+        evaluate(0, theta, final=False)
+    last_round = first_round - 1
+    for server_round in range(first_round, cfg.rounds + 1):
+        if strategy.stopped:
+            break
+        flwr_log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
+        messages = list(strategy.configure_train(server_round, theta, round_config, grid))
+        replies = (list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+                   if messages else [])
+        new, _ = strategy.aggregate_train(server_round, replies)
+        if new is not None:
+            theta = new
+        rl = strategy.rounds.setdefault(server_round, RoundLog(server_round))
+        rl.lost = {s: one_line_error(r) for s, r in rl.lost.items()}
+        reason = strategy.stopped
+        if not reason:
+            reason = watch.observe(rl.used if new is not None else [], rl.declined,
+                                   rl.dropped, rl.lost, aggregated=new is not None)
+            if reason:
+                strategy.stopped = rl.stopped = reason
+                log(WARNING, "round %s: stopping the run: %s", server_round, reason)
+                audit.append("run.stop", run_id=run_id, round=server_round, decision="deny",
+                             details={"reason": reason[:500]})
+        last_round = server_round
+        final = bool(reason) or server_round == cfg.rounds
+        if final or (cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0):
+            checkpoint(server_round, theta)  # before the callbacks: a raising one resumes here
+        evaluate(server_round, theta, final)
+    return _finish(grid, cfg, strategy, watch, audit, out, run_id, started, theta, out_dim,
+                   last_round, last_eval, sites, eligible, denied, problems, round_config,
+                   transport)
+
+
+def _finish(grid: Grid, cfg: RunConfig, strategy: Any, watch: RunWatch, audit: AuditLog,
+            out: Path, run_id: str, started: float, theta: ArrayRecord, out_dim: int,
+            last_round: int, last_eval: dict[str, Any], sites: dict[int, str],
+            eligible: set[str], denied: dict[str, str], problems: dict[str, str],
+            round_config: ConfigRecord, transport: str) -> dict:
+    trained = watch.aggregated > 0
+    failure = None
+    if strategy.stopped or not trained:
+        reason = strategy.stopped or "no round aggregated an update"
+        failure = {"reason": reason,
+                   "sites": {**problems, **{s: f"denied: {r}" for s, r in denied.items()},
+                             **watch.problems()}}
+    status = "failed" if failure else "completed"
+    model_path = None
+    if trained:  # a run that aggregated nothing writes no model: nothing was trained
+        model_path = save_model(out, _state(theta), task=cfg.task, strategy=cfg.strategy,
+                                out_dim=out_dim, run=run_id, rounds=last_round,
+                                aggregated_rounds=watch.aggregated, status=status)
+    epsilon: dict[str, float] = {}
+    declined: dict[str, int] = {}
+    exclusions: dict[str, dict[str, int | str]] = {}
+    for _, rl in sorted(strategy.rounds.items()):
+        epsilon.update(rl.epsilon)
+        exclusions.update(rl.exclusions)
+        for site in rl.declined:
+            declined[site] = declined.get(site, 0) + 1
+    # theta at the end, trained or not: the report checks this digest against the last
+    # metrics line; only a trained theta is written as a model file
+    digest_ = model_digest({k: a.numpy() for k, a in theta.items()})
+    summary = {
+        "run": run_id, "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds,
+        "sites": sorted(sites.values()),
+        "eligible": sorted(eligible), "denied": denied,
+        "epsilon": epsilon, "declined_rounds": declined, "exclusions": exclusions,
+        "dp": cfg.dp, "eval": last_eval, "stopped": strategy.stopped,
+        "status": status, "failure": failure, "trained": trained,
+        "aggregated_rounds": watch.aggregated, "last_round": last_round,
+        "model_file": MODEL_FILE if trained else None,
+        "noise": noise_statement(cfg.noise_source, transport) if cfg.dp else None,
+        "model_sha256": digest_,
+        "wall_s": round(time.time() - started, 2),
+    }
+    audit.append("run.end", run_id=run_id, decision="allow" if not failure else "deny",
+                 model_out=digest_,
+                 details={"stopped": (strategy.stopped or "")[:500] or None,
+                          "status": status, "trained": trained,
+                          "aggregated_rounds": watch.aggregated, "last_round": last_round,
+                          # the files the report shows, bound to this signed entry
+                          "model_file_sha256": _file_sha(model_path) if model_path else None,
+                          "metrics_sha256": _file_sha(out / METRICS_FILE)})
+    summary["audit_head"] = str(audit.checkpoint(run_id, None))
+    summary["anchors"] = anchor_run_end(grid, strategy.site_of_node, strategy.rounds,
+                                        round_config, summary["audit_head"],
+                                        cfg.round_timeout_s)
+    write_json(out / SUMMARY_FILE, summary)
+    return summary

@@ -77,9 +77,10 @@ def test_run_with_too_few_eligible_sites_is_not_started(tmp_path):
                   "--out", str(out), "--set", "eval-episodes=3",
                   "--set", f"declaration={consent_declaration(tmp_path / 'run.toml')}",
                   isolate=False)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 1, res.stderr[-3000:]  # a run that cannot start fails loudly
     summary = json.loads((out / "summary.json").read_text())
     assert "fewer than the declared minimum" in summary["stopped"]
+    assert "FAILED: 1 eligible site(s), fewer than the declared minimum" in res.stderr
     assert "stopped" in res.stdout
     server = [json.loads(x) for x in
               (out / "audit" / "server-audit-log.jsonl").read_text().splitlines()]

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
 from fedmeta.config import sites_per_round
+from fedmeta.failures import one_line_error
 from fedmeta.meta.updates import check_update, model_digest
 
 log = getLogger(__name__).log
@@ -145,7 +146,7 @@ class SiteAwareMixin:
             if msg.has_error():
                 # lost nodes replied through the SuperLink: map back via reply_to
                 site = self._site_for_reply(msg, site)
-                log_.lost[site] = f"error {msg.error.code}: {msg.error.reason}"[:300]
+                log_.lost[site] = f"error {msg.error.code}: {one_line_error(msg.error.reason)}"
                 seen.add(site)
                 continue
             seen.add(site)
