@@ -301,10 +301,11 @@ _mount_report()
 
 
 def _mount_deploy() -> None:
-    from fedmeta.deploy.cli import node_app, provision, registry_app
+    from fedmeta.deploy.cli import evidence_app, node_app, provision, registry_app
 
     app.command("provision")(provision)
     app.add_typer(node_app, name="node")
+    app.add_typer(evidence_app, name="evidence")
     app.add_typer(registry_app, name="registry")
 
 

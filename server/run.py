@@ -31,6 +31,8 @@ from flwr.serverapp import Grid
 from fedmeta.audit import AuditLog
 from fedmeta.config import RunConfig, adapt_lr, build_task, run_declaration
 from fedmeta.deploy.binding import bind_site
+from fedmeta.deploy.runrecord import out_dir_for, record_for_sites
+from fedmeta.deploy.serverkey import RUN_START_KEY, entry_line, federation_key
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
 from fedmeta.metrics import (
@@ -159,18 +161,26 @@ def anchor_run_end(grid: Grid, site_of_node: dict[int, str], rounds: dict[int, R
 def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None) -> dict:
     """Run the whole federation from the server's side; returns the summary dict."""
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to sites
+    run_id = new_run_id()
+    # out-dir = ".../{run}": a directory of its own for every run (fedmeta.deploy.runrecord)
+    cfg = cfg.model_copy(update={"out_dir": out_dir_for(cfg.out_dir, run_id)})
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / CONFIG_FILE)
-    run_id = new_run_id()
     started = time.time()
     task = build_task(cfg)
     out_dim = task.out_dim(cfg.strategy)
     declaration = run_declaration(cfg)
     declaration_json = declaration.model_dump_json()
-    audit = AuditLog.open(out / SERVER_AUDIT_LOG, out / SERVER_AUDIT_KEY, actor="server")
+    # a deployment signs with the federation's one server key (pinned at every site)
+    audit = AuditLog.open(out / SERVER_AUDIT_LOG, federation_key() or out / SERVER_AUDIT_KEY,
+                          actor="server")
+    if federation_key() is not None:
+        (out / SERVER_AUDIT_KEY.parent).mkdir(parents=True, exist_ok=True)
+        (out / SERVER_AUDIT_KEY.with_name("server-audit-signing.pub.pem")).write_bytes(
+            audit.public_key_pem())
     transport = transport_mode(grid)
-    audit.append("run.start", run_id=run_id, details={
+    started_entry = audit.append("run.start", run_id=run_id, details={
         "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
         "purpose": declaration.purpose, "config_sha256": _sha((out / CONFIG_FILE).read_text()),
         "declaration_sha256": declaration.sha256(), "transport": transport,
@@ -181,7 +191,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
             "transport": "insecure", "tls": False, "supernode_auth": False,
             "requested_by": "start-superlink.sh --insecure"})
     round_config = ConfigRecord({**cfg.to_flat(), "run-id": run_id,
-                                 "declaration-json": declaration_json})
+                                 "declaration-json": declaration_json,
+                                 RUN_START_KEY: entry_line(started_entry)})
 
     sites, manifests, problems = discover_sites(grid, cfg, round_config)
     for name, reason in sorted(problems.items()):
@@ -290,7 +301,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
                               "metrics_sha256": _file_sha(out / METRICS_FILE)})
         summary["audit_head"] = str(audit.checkpoint(run_id, None))
         summary["anchors"] = anchor_run_end(grid, strategy.site_of_node, strategy.rounds,
-                                            round_config, summary["audit_head"],
+                                            ConfigRecord({**round_config,
+                                                          **record_for_sites(out)}),
+                                            summary["audit_head"],
                                             cfg.round_timeout_s)
         write_json(out / SUMMARY_FILE, summary)
         return summary

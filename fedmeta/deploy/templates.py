@@ -164,6 +164,8 @@ export FLWR_HOME="${FLWR_HOME:-$STATE/flwr-home}"
 export FEDMETA_TRANSPORT={{secure}}
 # the ServerApp maps nodes to sites from this registry (written by register-sites.sh)
 export FEDMETA_NODE_REGISTRY="$STATE/node-ids.txt"
+# every run's server log is signed with the federation's one key (pinned at the sites)
+export FEDMETA_SERVER_AUDIT_KEY="$KIT/keys/server-audit-signing.pem"
 exec flower-superlink --ssl-ca-certfile "$KIT/ca.pem" \\
   --ssl-certfile "$KIT/superlink.pem" --ssl-keyfile "$KIT/superlink.key" \\
   --enable-supernode-auth --host 127.0.0.1 --port {{local_port}} \\

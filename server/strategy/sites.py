@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
 from fedmeta.config import sites_per_round
+from fedmeta.deploy.serverkey import ROUND_START_KEY, entry_line
 from fedmeta.meta.updates import check_update, model_digest
 
 log = getLogger(__name__).log
@@ -116,12 +117,13 @@ class SiteAwareMixin:
             return []
         log_.sampled = [self.site_of_node[n] for n in nodes]
         self.before_send(server_round, arrays, config)
-        if self.audit:  # durable before the messages leave
-            self.audit.append("round.start", run_id=self.run_id, round=server_round,
-                              decision="allow", model_out=digest(arrays),
-                              counts={"sampled": len(nodes)},
-                              details={"sites": ",".join(log_.sampled)[:500],
-                                       "beta": log_.beta})
+        if self.audit:  # durable before the messages leave; sent, signed, to the sites
+            started = self.audit.append("round.start", run_id=self.run_id, round=server_round,
+                                        decision="allow", model_out=digest(arrays),
+                                        counts={"sampled": len(nodes)},
+                                        details={"sites": ",".join(log_.sampled)[:500],
+                                                 "beta": log_.beta})
+            config[ROUND_START_KEY] = entry_line(started)
         config["server-round"] = server_round
         config["server-head"] = self.server_head
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
