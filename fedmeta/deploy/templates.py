@@ -148,6 +148,8 @@ START_SUPERLINK = """#!/bin/sh
 set -eu
 KIT="$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)"
 . "$KIT/{{env_file}}"
+# every run's server log is signed with the federation's one key (pinned at the sites)
+export FEDMETA_SERVER_AUDIT_KEY="$KIT/keys/server-audit-signing.pem"
 if [ "${1:-}" = "--insecure" ]; then
   STATE="${SUPERLINK_STATE:-$KIT/state-insecure}"
   mkdir -p "$STATE"
@@ -164,8 +166,6 @@ export FLWR_HOME="${FLWR_HOME:-$STATE/flwr-home}"
 export FEDMETA_TRANSPORT={{secure}}
 # the ServerApp maps nodes to sites from this registry (written by register-sites.sh)
 export FEDMETA_NODE_REGISTRY="$STATE/node-ids.txt"
-# every run's server log is signed with the federation's one key (pinned at the sites)
-export FEDMETA_SERVER_AUDIT_KEY="$KIT/keys/server-audit-signing.pem"
 exec flower-superlink --ssl-ca-certfile "$KIT/ca.pem" \\
   --ssl-certfile "$KIT/superlink.pem" --ssl-keyfile "$KIT/superlink.key" \\
   --enable-supernode-auth --host 127.0.0.1 --port {{local_port}} \\

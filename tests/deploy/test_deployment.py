@@ -212,7 +212,8 @@ def _scenario(d: Deployment, tmp: Path) -> None:
         secrets = site_secrets(site_dirs[site])
         assert len(secrets) == 3 and not [1 for k in secrets for b in blobs if k in b], site
     assert sorted(str(p.relative_to(kits)) for p in kits.rglob("*") if p.is_file() and (
-        b"PRIVATE KEY" in p.read_bytes())) == ["ca/ca.key", "coordinator/superlink.key"]
+        b"PRIVATE KEY" in p.read_bytes())) == [
+        "ca/ca.key", "coordinator/keys/server-audit-signing.pem", "coordinator/superlink.key"]
     d.timings["provision+init+requests"] = round(time.monotonic() - t, 1)
 
     # ---- 3. insecure mode, asked for by name: own state, loopback ----------------------------
@@ -330,13 +331,18 @@ def _scenario(d: Deployment, tmp: Path) -> None:
 
     # ---- 6. run A: two rounds of Reptile with DP, all three sites --------------------------
     run_cfg = tomllib.loads(doc_block(doc, "toml", "run.toml"))
-    out_a = tmp / "server-a"
-    write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES, "out-dir": str(out_a)})
+    assert run_cfg["out-dir"].endswith("/{run}")  # the guide's: one directory per run
+    runs_a = tmp / "runs-a"
+    write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES,
+                                  "out-dir": str(runs_a / "{run}")})
     t = time.monotonic()
     d.source(". <coordinator-kit>/flwr-offline.env", app, **{"coordinator-kit": coord})
     res = d.run("flwr run . <federation> --stream --run-config run.toml", app, timeout=400,
                 federation=FED)
-    wait_for(lambda: (out_a / "summary.json").exists(), 60, "run A's summary")
+    out_a = wait_for(lambda: next(iter(runs_a.glob("*/summary.json")), None), 60,
+                     "run A's summary").parent
+    run_a = json.loads((out_a / "summary.json").read_text())["run"]
+    assert out_a.name == run_a
     d.timings["two-round deployed run (flwr run wall)"] = round(time.monotonic() - t, 1)
     d.run("fedmeta audit verify <out-dir>/audit/server-audit-log.jsonl", tmp,
           **{"out-dir": out_a})
@@ -443,6 +449,36 @@ def _scenario(d: Deployment, tmp: Path) -> None:
           "<site-dir>/keys/audit-signing.pub.pem", tmp, **{"site-dir": first})
     res = d.run("fedmeta node check <site-dir>", tmp, **{"site-dir": first})
     assert "charge(s)" in res.stdout
+
+    # ---- 8b. one server key; the sites' evidence; the coordinator's and a site's report ------
+    t = time.monotonic()
+    server_pub = coord / "keys" / "server-audit-signing.pub.pem"
+    for out in (out_a, out_b):  # signed with the federation's key, pinned at every site
+        assert verify_log(out / "audit" / "server-audit-log.jsonl", public_key=server_pub).ok
+    for site, _ in SITES:
+        records = [json.loads(x) for x in (site_dirs[site] / "audit" / "audit-log.jsonl")
+                   .read_text().splitlines() if '"run.record"' in x]
+        kept = [e for e in records if e["run_id"] == run_a]
+        assert [(e["decision"], e["details"]["server_key"]) for e in kept] == [
+            ("allow", "pinned")], records
+    for site, _ in SITES:
+        res = d.run("fedmeta node export-evidence <site-dir> --run <run-id>", tmp,
+                    **{"site-dir": site_dirs[site], "run-id": run_a})
+        evidence = site_dirs[site] / "exports" / f"evidence-{site}-{run_a}.json"
+        assert evidence.is_file() and "sha256" in res.stdout
+        d.run("fedmeta evidence import <out-dir> <evidence> --keys "
+              "<coordinator-kit>/site-audit-keys", tmp, **{
+                  "out-dir": out_a, "evidence": evidence, "coordinator-kit": coord})
+    res = d.run("fedmeta report <out-dir> --trust <coordinator-kit>/site-audit-keys --trust "
+                "<coordinator-kit>/keys/server-audit-signing.pub.pem", tmp, timeout=180,
+                **{"out-dir": out_a, "coordinator-kit": coord})
+    assert "wrote" in res.stdout and "warning" not in res.stderr and "note:" not in res.stderr
+    assert (out_a / "report.html").is_file()
+    res = d.run("fedmeta report --site-dir <site-dir> --run <run-id>", tmp, timeout=180,
+                **{"site-dir": first, "run-id": run_a})
+    assert "warning" not in res.stderr and "note:" not in res.stderr, res.stderr
+    assert (first / "runs" / run_a / f"report-{first.name}.html").is_file()
+    d.timings["evidence export/import + both reports"] = round(time.monotonic() - t, 1)
 
     # ---- 9. rotate site-de-01's SuperNode key ----------------------------------------------
     t = time.monotonic()
