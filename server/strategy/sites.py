@@ -57,6 +57,29 @@ class RunStopped(RuntimeError):
     """The run cannot continue (e.g. fewer sites than the declared minimum)."""
 
 
+DETAILS_BUDGET = 3600  # bytes of a round.end entry's details (the log allows 4096)
+
+
+def outcome_details(log_: RoundLog) -> dict[str, str | int]:
+    """Each lost, dropped and declined site of a round with its reason, for the signed
+    ``round.end`` entry: lost sites first; what does not fit is counted in ``more``."""
+    out: dict[str, str | int] = {}
+    left = 0
+    size = 0
+    for kind, items in (("lost", log_.lost), ("dropped", log_.dropped),
+                        ("declined", log_.declined)):
+        for site, reason in sorted(items.items()):
+            key, value = f"{kind}:{site}"[:64], " ".join(str(reason).split())[:200]
+            cost = len(json.dumps({key: value}))
+            if len(out) >= 30 or size + cost > DETAILS_BUDGET:
+                left += 1
+                continue
+            out[key], size = value, size + cost
+    if left:
+        out["more"] = left
+    return out
+
+
 class SiteAwareMixin:
     """Mixed in front of a Flower strategy (``class X(SiteAwareMixin, FedAvg)``)."""
 
@@ -242,6 +265,6 @@ class SiteAwareMixin:
                 counts={"used": len(log_.used), "declined": len(log_.declined),
                         "dropped": len(log_.dropped), "lost": len(log_.lost),
                         "examples": log_.examples},
-                details={f"declined:{s}": r[:200] for s, r in sorted(log_.declined.items())[:8]})
+                details=outcome_details(log_))
             self.server_head = str(self.audit.checkpoint(self.run_id, server_round))
         return arrays, metrics

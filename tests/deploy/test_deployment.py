@@ -420,6 +420,9 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     assert LOST in rounds_b[2]["lost"], rounds_b[2]
     assert rounds_b[2]["used"] == sorted(s for s, _ in SITES if s != LOST), rounds_b[2]
     assert not json.loads((out_b / "summary.json").read_text())["stopped"]
+    ends = [json.loads(x) for x in (out_b / "audit" / "server-audit-log.jsonl").read_text()
+            .splitlines() if '"round.end"' in x]  # the signed log names the lost site, why
+    assert any(e["round"] == 2 and e["details"].get(f"lost:{LOST}") for e in ends), ends
 
     # ---- 8. the evidence: server and site logs, ledgers --------------------------------------
     for out in (out_a, out_b):
