@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from fedmeta.audit import AuditLog
 from fedmeta.config import RunConfig, adapt_lr, build_task, run_declaration
 from fedmeta.deploy.binding import bind_site
+from fedmeta.deploy.runner import end_line, progress_line
 from fedmeta.deploy.runrecord import out_dir_for, record_for_sites
 from fedmeta.deploy.serverkey import RUN_START_KEY, entry_line, federation_key
 from fedmeta.meta.adaptation import meta_evaluate
@@ -265,6 +266,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
             metrics = MetricRecord(res.as_metrics())
         line["elapsed_s"] = round(time.time() - started, 3)
         append_jsonl(out / METRICS_FILE, line)
+        if transport != "simulation" and server_round > 0:  # `flwr run --stream` shows it
+            print(progress_line(line, cfg.rounds), flush=True)
         if on_round:
             on_round(line)
         return metrics
@@ -306,6 +309,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
                                             summary["audit_head"],
                                             cfg.round_timeout_s)
         write_json(out / SUMMARY_FILE, summary)
+        if transport != "simulation":  # read by `fedmeta run` for its exit code
+            print(end_line(summary, str(out), sum(1 for rl in strategy.rounds.values()
+                                                  if rl.used)), flush=True)
         return summary
     finally:
         audit.close()

@@ -270,3 +270,16 @@ def evidence_import(
         con.print(f"imported {got.site}: {got.entries} verified log entries, rounds trained "
                   f"{got.rounds_trained or 'none'}, key {got.key_fingerprint} -> {got.path}",
                   markup=False)
+
+
+def run_command(
+    app_dir: Annotated[Path, typer.Argument(help="the fedmeta app (a checkout of the release)")],
+    federation: Annotated[str, typer.Argument(help="the `flwr` connection (federation name)")],
+    run_config: Annotated[str | None, typer.Option(
+        "--run-config", help="the run's settings (a TOML file, as for flwr run)")] = None,
+) -> None:
+    """Coordinator: `flwr run APP FEDERATION --stream` (update check and telemetry off) with
+    per-round progress, ending non-zero when the run was refused, stopped or failed."""
+    from fedmeta.deploy.runner import main
+
+    raise typer.Exit(main(app_dir, federation, run_config))

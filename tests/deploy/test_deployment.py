@@ -375,8 +375,10 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     # flwr takes a TOML file or key=value pairs, not both: dp = false goes in the file
     write_toml(hostile / "run.toml", {**run_cfg, **RUN_OVERRIDES, "rounds": 1, "dp": False,
                                       "out-dir": str(out_h)})
-    d.run("flwr run . <federation> --stream --run-config run.toml", hostile, timeout=400,
-          federation=FED)
+    res = d.run("fedmeta run . <federation> --run-config run.toml", hostile, timeout=400,
+                expect=1, federation=FED)  # refused by every site: a non-zero exit
+    assert "fedmeta: round 1/1: used 0, declined 3" in res.stdout, res.stdout[-2000:]
+    assert "refused" in res.stderr, res.stderr[-2000:]
     wait_for(lambda: (out_h / "summary.json").exists(), 60, "the dp=false run's summary")
     (hostile_round,) = [m for m in metrics(out_h) if m["round"] > 0]
     assert not hostile_round["used"], hostile_round
@@ -399,7 +401,7 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     out_b = tmp / "server-b"
     write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES, "out-dir": str(out_b)})
     t = time.monotonic()
-    run_b = d.start("flwr-run-b", "flwr run . <federation> --stream --run-config run.toml",
+    run_b = d.start("flwr-run-b", "fedmeta run . <federation> --run-config run.toml",
                     app, record=False, federation=FED)
     wait_for(lambda: any(m["round"] == 1 for m in metrics(out_b)), 300, "run B's round 1",
              every=0.2)
@@ -413,6 +415,7 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     d.timings["add+remove site (during run B)"] = round(time.monotonic() - t_add, 1)
     wait_for(lambda: run_b.poll() is not None, 400, "run B to finish", every=1)
     assert run_b.returncode == 0, d.log("flwr-run-b")[-3000:]
+    assert f"lost 1 ({LOST}: " in d.log("flwr-run-b"), d.log("flwr-run-b")[-3000:]
     wait_for(lambda: (out_b / "summary.json").exists(), 60, "run B's summary")
     d.timings["run with a lost site"] = round(time.monotonic() - t, 1)
     rounds_b = {m["round"]: m for m in metrics(out_b) if m["round"] > 0}
