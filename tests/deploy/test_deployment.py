@@ -409,7 +409,25 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     serverapp = [cmdline(p) for p in d.tagged_pids() if "flwr-serverapp" in cmdline(p)]
     assert serverapp and all("--root-certificates" in c and "--insecure" not in c
                              for c in serverapp), serverapp
+    node_pid = d.procs[f"node-{LOST}"].pid
+    # kill it while it trains round 2 (a ClientApp process below it), not between rounds
+    import psutil
+
+    def training() -> list[psutil.Process]:
+        try:
+            return [c for c in psutil.Process(node_pid).children(recursive=True)
+                    if "flwr-clientapp" in " ".join(c.cmdline())]
+        except psutil.Error:
+            return []
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    below = wait_for(training, 120, f"{LOST}'s round-2 ClientApp", every=0.1)
     d.procs[f"node-{LOST}"].send_signal(signal.SIGKILL)  # a crash, not a goodbye
+    wait_for(lambda: not [p for p in below if alive(p)], 10,
+             f"no training process of the killed node {LOST} left", every=0.2)
     t_add = time.monotonic()  # meanwhile (the SuperLink notices the loss after ~40 s):
     add_and_remove_site(d, prov, tmp, port, local_port, runtime)
     d.timings["add+remove site (during run B)"] = round(time.monotonic() - t_add, 1)
