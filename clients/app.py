@@ -93,6 +93,20 @@ def server_round_refused(site: Site, sent, declaration: RunDeclaration | None,
     return decline_round(site.site_dir, site.site_id, run_id, server_round, problem)
 
 
+def log_app_once(site: Site, context: Context, run_id: str,
+                 declaration: RunDeclaration | None) -> None:
+    """Once per run, the site logs which code it runs and which declaration (``run.app``)."""
+    if "fedmeta-app" in context.state.config_records:
+        return
+    from fedmeta.deploy.apphash import app_sha256, fab_hash_prefix
+
+    with site.audit_log() as log:
+        log.append("run.app", run_id=run_id, details={
+            "app_sha256": app_sha256(), "fab_hash_prefix": fab_hash_prefix(),
+            "declaration_sha256": declaration.sha256() if declaration is not None else None})
+    context.state["fedmeta-app"] = ConfigRecord({"logged": run_id})
+
+
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     """A ClientApp; ``cfg`` fixes the run config (simulate), else it comes with each message."""
     app = ClientApp()
@@ -142,6 +156,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             refused = server_round_refused(site, sent, declaration, theta)
             if refused is not None:
                 return Message(reply_record(refused), reply_to=msg)
+            log_app_once(site, context, str(sent["run-id"]), declaration)
         reply = site.train_round(theta, str(sent["run-id"]), int(sent["server-round"]),
                                  declaration, str(sent.get("server-head", "")))
         return Message(reply_record(reply), reply_to=msg)

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
 from fedmeta.config import RunConfig, adapt_lr, build_task, run_declaration
+from fedmeta.deploy.apphash import app_sha256, fab_hash_prefix
 from fedmeta.deploy.binding import bind_site
 from fedmeta.deploy.runner import end_line, progress_line
 from fedmeta.deploy.runrecord import out_dir_for, record_for_sites
@@ -185,6 +186,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
         "purpose": declaration.purpose, "config_sha256": _sha((out / CONFIG_FILE).read_text()),
         "declaration_sha256": declaration.sha256(), "transport": transport,
+        "app_sha256": app_sha256(), "fab_hash_prefix": fab_hash_prefix(),
         "serverapp_tls": None if transport == "simulation" else "--insecure" not in sys.argv})
     if transport == "insecure":  # durable before any message leaves
         log(WARNING, "INSECURE deployment: no TLS, no node authentication (asked for by name)")

@@ -151,6 +151,14 @@ def test_sites_keep_the_run_record_and_log_the_declaration(federation, two_runs)
             assert kept.read_bytes() == (out / "audit" / "server-audit-log.jsonl").read_bytes()
             trains = [e for e in log if e["action"] == "round.train" and e["run_id"] == rid]
             assert trains and all(e["details"]["declaration_sha256"] for e in trains)
+            # which code and which declaration, once per run, as the server's run.start says
+            start = json.loads((out / "audit" / "server-audit-log.jsonl").read_text()
+                               .splitlines()[1])
+            assert start["action"] == "run.start"
+            (app,) = [e for e in log if e["action"] == "run.app" and e["run_id"] == rid]
+            assert app["details"]["app_sha256"] == start["details"]["app_sha256"]
+            assert app["details"]["declaration_sha256"] == start["details"][
+                "declaration_sha256"]
 
 
 def test_coordinator_report_from_exported_evidence(federation, two_runs, tmp_path):
