@@ -131,10 +131,6 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
-        if "site-dir" in context.node_config:  # never outlive the node (a killed SuperNode)
-            from fedmeta.deploy.lifeline import hold_lifeline
-
-            hold_lifeline()
         sent = msg.content["config"]
         try:
             round_cfg = run_config(msg)

@@ -416,7 +416,7 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     def training() -> list[psutil.Process]:
         try:
             return [c for c in psutil.Process(node_pid).children(recursive=True)
-                    if "flwr-clientapp" in " ".join(c.cmdline())]
+                    if "lifeline clientapp" in " ".join(c.cmdline())]  # flwr-clientapp
         except psutil.Error:
             return []
     def alive(p: psutil.Process) -> bool:

@@ -1,4 +1,10 @@
-"""A ClientApp process dies with the node above it (fedmeta.deploy.lifeline), real processes."""
+"""A killed node leaves no training process behind (fedmeta.deploy.lifeline), real processes.
+
+The chain is the one of a site: a node process starts the SuperExec through the
+lifeline, which starts a ClientApp through it; here both are real Flower entry points
+(``flower-superexec``, ``flwr-clientapp``) pointed at an API nobody serves, so they keep
+retrying, as a process busy training would keep running.
+"""
 
 from __future__ import annotations
 
@@ -7,55 +13,55 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
+import pytest
 
-CHILD = """
-import sys, time
-from fedmeta.deploy.lifeline import hold_lifeline
-print(hold_lifeline(0.1), flush=True)
-while True:  # a long training step that ignores SIGINT
-    time.sleep(0.05)
-"""
-# stands in for `fedmeta node supernode` -> flower-superexec -> flwr-clientapp
+from fedmeta.deploy.lifeline import routed
+
 NODE = """
-import subprocess, sys, time
-sys.argv[0] = 'supernode'
-child = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=open({out!r}, 'w'))
+import os, subprocess, sys, time
+from fedmeta.deploy.lifeline import RoutedSubprocess, routed
+kind, flower, api = sys.argv[1:4]
+child = RoutedSubprocess(routed(kind)).Popen(
+    [flower, api, '127.0.0.1:9', '--insecure', '--parent-pid', str(os.getpid())],
+    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(child.pid, flush=True)
 time.sleep(600)
 """
 
 
-def test_a_killed_node_leaves_no_training_process(tmp_path: Path):
-    out = tmp_path / "child.out"
+def test_flower_commands_are_routed_through_the_lifeline():
+    assert routed("superexec")(["flower-superexec", "--parent-pid", "7"]) == [
+        sys.executable, "-m", "fedmeta.deploy.lifeline", "superexec", "--parent-pid", "7"]
+    assert routed("clientapp")(["/x/bin/flwr-clientapp", "-a"])[3:] == ["clientapp", "-a"]
+    assert routed("clientapp")(["flwr-serverapp", "-a"]) == ["flwr-serverapp", "-a"]
+
+
+@pytest.mark.parametrize(("kind", "flower", "api"), [
+    ("clientapp", "flwr-clientapp", "--clientappio-api-address"),  # below the SuperExec
+    ("superexec", "flower-superexec", "--runtime-api-address"),    # below the SuperNode
+])
+def test_a_killed_parent_leaves_no_flower_process(kind, flower, api):
+    node = subprocess.Popen([sys.executable, "-c", NODE, kind, flower, api],
+                            stdout=subprocess.PIPE, text=True)
     child = None
-    node = subprocess.Popen([sys.executable, "-c", NODE.format(child=CHILD, out=str(out)),
-                             "supernode"], stdout=subprocess.PIPE, text=True)
     try:
-        child = int(node.stdout.readline())
-        deadline = time.monotonic() + 60
-        while out.read_text().strip() != "True":  # the watcher found the node and runs
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.1)
+        child = psutil.Process(int(node.stdout.readline()))
+        time.sleep(3)  # it imports Flower and retries its API: alive, below the node
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        assert f"fedmeta.deploy.lifeline {kind}" in " ".join(child.cmdline())
         node.send_signal(signal.SIGKILL)
         node.wait()
-        deadline = time.monotonic() + 5
-        while psutil.pid_exists(child) and psutil.Process(child).status() != "zombie":
-            assert time.monotonic() < deadline, "the ClientApp outlived its node"
+        deadline = time.monotonic() + 3
+        while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, f"{flower} outlived its parent"
             time.sleep(0.05)
     finally:  # whatever happened, nothing of this test keeps running
         if node.poll() is None:
             os.kill(node.pid, signal.SIGKILL)
         try:
-            if child is not None and "lifeline" in " ".join(psutil.Process(child).cmdline()):
-                os.kill(child, signal.SIGKILL)
-        except psutil.Error:  # gone, or a zombie waiting for its new parent
+            if child is not None and child.is_running():
+                child.kill()
+        except psutil.Error:
             pass
-
-
-def test_without_a_node_above_nothing_is_watched():
-    from fedmeta.deploy.lifeline import hold_lifeline
-
-    assert hold_lifeline() is False  # pytest is not under a SuperNode: never kills it
