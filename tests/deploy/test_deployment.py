@@ -503,6 +503,8 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     assert "warning" not in res.stderr and "note:" not in res.stderr, res.stderr
     assert (first / "runs" / run_a / f"report-{first.name}.html").is_file()
     d.timings["evidence export/import + both reports"] = round(time.monotonic() - t, 1)
+    d.timings["provisioning to both reports verified (3 sites, runs A, dp=false, B)"] = round(
+        time.monotonic() - t_provision, 1)
 
     # ---- 9. rotate site-de-01's SuperNode key ----------------------------------------------
     t = time.monotonic()
