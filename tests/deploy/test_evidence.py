@@ -34,6 +34,8 @@ from fedmeta.report import generate
 from policies.defaults import EXAMPLE_RUN
 from server.app import make_server_app
 
+pytestmark = pytest.mark.slow  # three federated runs (about 15 s each on a quiet machine)
+
 SITES = [("site-de-01", "DE"), ("site-fr-01", "FR")]
 FED = """name = "evfed"
 [superlink]
