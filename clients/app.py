@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmeta.config import ConfigError, RunConfig
+from fedmeta.deploy.runrecord import RECORD_FILES
 from fedmeta.offline import no_call_home
 from fedmeta.site import (
     Site,
@@ -27,7 +28,8 @@ from fedmeta.site import (
 from policies import RunDeclaration
 
 no_call_home()
-SERVER_KEYS = {"server-round", "run-id", "beta", "declaration-json", "server-head"}
+SERVER_KEYS = {"server-round", "run-id", "beta", "declaration-json", "server-head",
+               "server-entry", "server-run-start", *RECORD_FILES}
 _SITES: dict[tuple[str, str], Site] = {}
 
 
@@ -75,6 +77,36 @@ def reply_record(reply: SiteReply) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": metrics, "info": info})
 
 
+def server_round_refused(site: Site, sent, declaration: RunDeclaration | None,
+                         theta: dict[str, torch.Tensor]) -> SiteReply | None:
+    """A deployed site's check that the round is signed by the federation's pinned server
+    key (fedmeta.deploy.serverkey); the refusal, if any, is audited at the site."""
+    from fedmeta.deploy.serverkey import check_round, decline_round
+    from fedmeta.meta.updates import model_digest
+
+    run_id, server_round = str(sent["run-id"]), int(sent["server-round"])
+    problem = check_round(site.site_dir, sent, run_id, server_round,
+                          declaration.sha256() if declaration is not None else None,
+                          model_digest({k: v.detach().cpu().numpy() for k, v in theta.items()}))
+    if problem is None:
+        return None
+    return decline_round(site.site_dir, site.site_id, run_id, server_round, problem)
+
+
+def log_app_once(site: Site, context: Context, run_id: str,
+                 declaration: RunDeclaration | None) -> None:
+    """Once per run, the site logs which code it runs and which declaration (``run.app``)."""
+    if "fedmeta-app" in context.state.config_records:
+        return
+    from fedmeta.deploy.apphash import app_sha256, fab_hash_prefix
+
+    with site.audit_log() as log:
+        log.append("run.app", run_id=run_id, details={
+            "app_sha256": app_sha256(), "fab_hash_prefix": fab_hash_prefix(),
+            "declaration_sha256": declaration.sha256() if declaration is not None else None})
+    context.state["fedmeta-app"] = ConfigRecord({"logged": run_id})
+
+
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     """A ClientApp; ``cfg`` fixes the run config (simulate), else it comes with each message."""
     app = ClientApp()
@@ -116,6 +148,11 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         if sent.get("declaration-json"):
             declaration = RunDeclaration.model_validate_json(str(sent["declaration-json"]))
         theta = msg.content["arrays"].to_torch_state_dict()
+        if "site-dir" in context.node_config:  # the round must be the pinned server's
+            refused = server_round_refused(site, sent, declaration, theta)
+            if refused is not None:
+                return Message(reply_record(refused), reply_to=msg)
+            log_app_once(site, context, str(sent["run-id"]), declaration)
         reply = site.train_round(theta, str(sent["run-id"]), int(sent["server-round"]),
                                  declaration, str(sent.get("server-head", "")))
         return Message(reply_record(reply), reply_to=msg)
@@ -132,6 +169,10 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         with site.audit_log() as log:
             entry = log.append("run.anchor", run_id=str(sent["run-id"]),
                                details={"server_head": str(head)})
+            if "site-dir" in context.node_config:  # keep the run's public record
+                from fedmeta.deploy.runrecord import keep_run_record
+
+                keep_run_record(site.site_dir, str(sent["run-id"]), head, sent, log)
         return Message(RecordDict({"info": ConfigRecord({
             "site-id": site.site_id, "receipt": str(entry.receipt())})}), reply_to=msg)
 

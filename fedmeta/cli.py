@@ -388,10 +388,12 @@ _mount_report()
 
 
 def _mount_deploy() -> None:
-    from fedmeta.deploy.cli import node_app, provision, registry_app
+    from fedmeta.deploy.cli import evidence_app, node_app, provision, registry_app, run_command
 
     app.command("provision")(provision)
+    app.command("run")(run_command)
     app.add_typer(node_app, name="node")
+    app.add_typer(evidence_app, name="evidence")
     app.add_typer(registry_app, name="registry")
 
 

@@ -57,7 +57,11 @@ from fedmeta.checkpoints import (
     save_checkpoint,
 )
 from fedmeta.config import RunConfig, adapt_lr, build_task, run_declaration
+from fedmeta.deploy.apphash import app_sha256, fab_hash_prefix
 from fedmeta.deploy.binding import bind_site
+from fedmeta.deploy.runner import end_line, progress_line
+from fedmeta.deploy.runrecord import out_dir_for, record_for_sites
+from fedmeta.deploy.serverkey import RUN_START_KEY, entry_line, federation_key
 from fedmeta.failures import RunWatch, one_line_error
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
@@ -237,8 +241,9 @@ class ResumePoint:
     the initial weights), and the next round number never used by this run."""
 
     def __init__(self, run_id: str, checkpoint: Checkpoint | None, next_round: int,
-                 last_started: int) -> None:
+                 last_started: int, start_entry: Any) -> None:
         self.run_id, self.checkpoint = run_id, checkpoint
+        self.start_entry = start_entry  # the run's signed run.start (sites check it)
         self.next_round, self.last_started = next_round, last_started
 
     @property
@@ -280,7 +285,7 @@ def resume_point(out: Path) -> ResumePoint:
                 raise CheckpointError(f"{path}: belongs to run {checkpoint.run}, not {run_id}")
             break
     k = checkpoint.round if checkpoint else 0
-    return ResumePoint(run_id, checkpoint, max(k, last_started) + 1, last_started)
+    return ResumePoint(run_id, checkpoint, max(k, last_started) + 1, last_started, starts[-1])
 
 
 def strategy_state(strategy: SiteAwareMixin, watch: RunWatch) -> dict[str, Any]:
@@ -328,19 +333,28 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     ``resume``: continue the stopped run of ``cfg.out_dir`` from its last signed
     checkpoint, with the same run id (see ``resume_point``)."""
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to sites
+    point = resume_point(Path(cfg.out_dir)) if resume else None
+    run_id = point.run_id if point else new_run_id()
+    if point is None:
+        # out-dir = ".../{run}": a directory of its own for every run (fedmeta.deploy.runrecord)
+        cfg = cfg.model_copy(update={"out_dir": out_dir_for(cfg.out_dir, run_id)})
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    point = resume_point(out) if resume else None
     if point is None:
         cfg.save(out / CONFIG_FILE)
         (out / MODEL_FILE).unlink(missing_ok=True)  # never leave an earlier run's model
-    run_id = point.run_id if point else new_run_id()
     started = time.time()
     task = build_task(cfg)
     out_dim = task.out_dim(cfg.strategy)
     declaration = run_declaration(cfg)
     declaration_json = declaration.model_dump_json()
-    audit = AuditLog.open(out / SERVER_AUDIT_LOG, out / SERVER_AUDIT_KEY, actor="server")
+    # a deployment signs with the federation's one server key (pinned at every site)
+    audit = AuditLog.open(out / SERVER_AUDIT_LOG, federation_key() or out / SERVER_AUDIT_KEY,
+                          actor="server")
+    if federation_key() is not None:
+        (out / SERVER_AUDIT_KEY.parent).mkdir(parents=True, exist_ok=True)
+        (out / SERVER_AUDIT_KEY.with_name("server-audit-signing.pub.pem")).write_bytes(
+            audit.public_key_pem())
     try:
         return _run(grid, cfg, on_round, point, run_id, started, task, out_dim, declaration,
                     declaration_json, audit, out)
@@ -359,13 +373,15 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
          declaration: Any, declaration_json: str, audit: AuditLog, out: Path) -> dict:
     transport = transport_mode(grid)
     if point is None:
-        audit.append("run.start", run_id=run_id, details={
+        started_entry = audit.append("run.start", run_id=run_id, details={
             "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
             "purpose": declaration.purpose,
             "config_sha256": _sha((out / CONFIG_FILE).read_text()),
             "declaration_sha256": declaration.sha256(), "transport": transport,
+            "app_sha256": app_sha256(), "fab_hash_prefix": fab_hash_prefix(),
             "serverapp_tls": None if transport == "simulation" else "--insecure" not in sys.argv})
     else:
+        started_entry = point.start_entry
         audit.append(RESUME_ACTION, run_id=run_id, round=point.next_round, details={
             "checkpoint_round": point.checkpoint_round,
             "checkpoint": str(point.checkpoint.path.name) if point.checkpoint else None,
@@ -377,7 +393,8 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
             "transport": "insecure", "tls": False, "supernode_auth": False,
             "requested_by": "start-superlink.sh --insecure"})
     round_config = ConfigRecord({**cfg.to_flat(), "run-id": run_id,
-                                 "declaration-json": declaration_json})
+                                 "declaration-json": declaration_json,
+                                 RUN_START_KEY: entry_line(started_entry)})
 
     torch.manual_seed(cfg.seed)
     model = task.build_model(out_dim)
@@ -489,6 +506,8 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
             last_eval.update(line["eval"])
         line["elapsed_s"] = round(time.time() - started, 3)
         append_jsonl(out / METRICS_FILE, line)
+        if transport != "simulation" and server_round > 0:  # `flwr run --stream` shows it
+            print(progress_line(line, cfg.rounds), flush=True)
         if on_round:
             on_round(line)
         emit(line)
@@ -590,7 +609,11 @@ def _finish(grid: Grid, cfg: RunConfig, strategy: Any, watch: RunWatch, audit: A
                           "metrics_sha256": _file_sha(out / METRICS_FILE)})
     summary["audit_head"] = str(audit.checkpoint(run_id, None))
     summary["anchors"] = anchor_run_end(grid, strategy.site_of_node, strategy.rounds,
-                                        round_config, summary["audit_head"],
-                                        cfg.round_timeout_s)
+                                        ConfigRecord({**round_config,
+                                                      **record_for_sites(out)}),
+                                        summary["audit_head"], cfg.round_timeout_s)
     write_json(out / SUMMARY_FILE, summary)
+    if transport != "simulation":  # read by `fedmeta run` for its exit code
+        print(end_line(summary, str(out), sum(1 for rl in strategy.rounds.values()
+                                              if rl.used)), flush=True)
     return summary

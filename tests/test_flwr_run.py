@@ -42,18 +42,20 @@ def test_flwr_run_local_simulation(tmp_path):
     try:
         res = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=400)
         deadline = time.monotonic() + 60
-        summary = app / "runs" / "flwr" / "summary.json"
-        while not summary.exists() and time.monotonic() < deadline:
+        runs = app / "runs" / "flwr"  # out-dir = "runs/flwr/{run}": a directory per run
+        while not list(runs.glob("*/summary.json")) and time.monotonic() < deadline:
             time.sleep(1)
     finally:
         # the local SuperLink that `flwr run` started outlives the command: stop it by PID
         for pid in processes_with_env("FLWR_HOME", flwr_home):
             os.kill(pid, signal.SIGTERM)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (summary,) = runs.glob("*/summary.json")
     data = json.loads(summary.read_text())
+    assert summary.parent.name == data["run"]
     assert data["task"] == "breast-cancer-sites" and data["rounds"] == 2
     assert data["sites"] == ["site-0", "site-1"] and data["dp"] is True
     assert set(data["epsilon"]) == {"site-0", "site-1"}
-    lines = (app / "runs" / "flwr" / "metrics.jsonl").read_text().splitlines()
+    lines = (summary.parent / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
     assert (app / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()

@@ -1,4 +1,5 @@
-"""Command line: ``fedmeta provision``, ``fedmeta node init|approve|check|supernode`` and
+"""Command line: ``fedmeta provision``, ``fedmeta node
+init|approve|check|supernode|export-evidence``, ``fedmeta evidence import`` and
 ``fedmeta registry register|unregister`` (mounted by fedmeta/cli.py).
 
 User errors end with one red line and exit code 2. ``node check`` exits 0 when
@@ -16,6 +17,8 @@ from rich.table import Table
 
 node_app = typer.Typer(help="Set up and check one institution's node (site directory).",
                        no_args_is_help=True)
+evidence_app = typer.Typer(help="Coordinator: bring the sites' exported evidence of a run "
+                           "into its out-dir, for `fedmeta report`.", no_args_is_help=True)
 registry_app = typer.Typer(help="Coordinator: register the sites' keys with the SuperLink and "
                            "keep state/node-ids.txt in step (register-sites.sh calls it).",
                            no_args_is_help=True)
@@ -220,3 +223,63 @@ def registry_unregister(
     from fedmeta.deploy.registry import unregister_sites
 
     _registry_run(unregister_sites, kit, connection, list(sites))
+
+
+@node_app.command("export-evidence")
+def node_export_evidence(
+    site_dir: Annotated[Path, typer.Argument(help="the site's state directory")],
+    run: Annotated[str, typer.Option("--run", help="the run's id (the server's run.start; "
+                                     "the directory under SITE_DIR/runs/)")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="file to write (default SITE_DIR/exports/evidence-<site>-<run>.json)")
+    ] = None,
+) -> None:
+    """Export the site's signed evidence of one run (audit log up to the run's end, ledger
+    lines, manifest and its hash) for the coordinator's report. Prints the file's SHA-256."""
+    from fedmeta.deploy.evidence import EvidenceError, export_evidence
+
+    try:
+        path, digest = export_evidence(site_dir, run, out)
+    except (EvidenceError, OSError) as exc:
+        raise _fail(" ".join(str(exc).split())) from None
+    _console().print(f"wrote {path} (sha256 {digest}): send it to the coordinator and read "
+                     "them the sha256 over another channel", markup=False)
+
+
+@evidence_app.command("import")
+def evidence_import(
+    out_dir: Annotated[Path, typer.Argument(help="the run's out-dir on the coordinator")],
+    files: Annotated[list[Path], typer.Argument(help="evidence files the sites exported")],
+    keys: Annotated[Path | None, typer.Option(
+        "--keys", help="the audit keys the sites registered: the coordinator kit's "
+        "site-audit-keys/ (a file's key must be its site's)")] = None,
+) -> None:
+    """Check each site's evidence file (run, registered key, signed log, ledger) and lay it out
+    as OUT_DIR/sites/<site>/. Exit 2 on the first file refused."""
+    from fedmeta.deploy.evidence import EvidenceError, import_evidence
+
+    con = _console()
+    if keys is None:
+        con.print("[yellow]note:[/] no --keys: each file's key is only checked when the report "
+                  "is given --trust")
+    for f in files:
+        try:
+            got = import_evidence(out_dir, f, keys)
+        except (EvidenceError, OSError) as exc:
+            raise _fail(" ".join(str(exc).split())) from None
+        con.print(f"imported {got.site}: {got.entries} verified log entries, rounds trained "
+                  f"{got.rounds_trained or 'none'}, key {got.key_fingerprint} -> {got.path}",
+                  markup=False)
+
+
+def run_command(
+    app_dir: Annotated[Path, typer.Argument(help="the fedmeta app (a checkout of the release)")],
+    federation: Annotated[str, typer.Argument(help="the `flwr` connection (federation name)")],
+    run_config: Annotated[str | None, typer.Option(
+        "--run-config", help="the run's settings (a TOML file, as for flwr run)")] = None,
+) -> None:
+    """Coordinator: `flwr run APP FEDERATION --stream` (update check and telemetry off) with
+    per-round progress, ending non-zero when the run was refused, stopped or failed."""
+    from fedmeta.deploy.runner import main
+
+    raise typer.Exit(main(app_dir, federation, run_config))

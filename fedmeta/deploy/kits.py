@@ -4,12 +4,15 @@ Layout written under ``--out`` (``kits/``)::
 
     ca/                 ca.key (0600), ca.pem          -- stays with the provisioner, offline
     requests/<id>.json  the sites' accepted requests (public keys, CSR): the registry's source
-    coordinator/        ca.pem, superlink.pem, superlink.key (0600), site-keys/<id>.pub,
+    coordinator/        ca.pem, superlink.pem, superlink.key (0600), keys/server-audit-signing.pem
+                        (0600, the federation's one server audit key), site-keys/<id>.pub,
                         site-audit-keys/<id>.pub.pem, federation.toml, nginx.conf,
                         flwr-connection.toml, flwr-offline.env, start-proxy.sh,
                         start-superlink.sh, register-sites.sh, unregister-site.sh, README.md
     sites/<id>/         ca.pem, client.pem (once the site's request is accepted), node.toml,
-                        manifest.toml, flwr-offline.env, start-node.sh, README.md
+                        manifest.toml, flwr-offline.env, start-node.sh, README.md,
+                        server-audit.pub.pem (the server audit key every round is checked
+                        against)
 
 Private keys are born where they live: a site's keys are created by ``fedmeta node
 init`` on the site's machine, which writes a request file with the public halves
@@ -33,6 +36,7 @@ from fedmeta.deploy import templates as t
 from fedmeta.deploy.federation import Federation, load_federation
 from fedmeta.deploy.proxy import nginx_conf
 from fedmeta.deploy.request import SiteRequest, load_request, request_bytes
+from fedmeta.deploy.serverkey import COORDINATOR_KEY, SITE_PINNED_KEY
 
 RENEW_DAYS = 30
 CA_DIR, COORDINATOR_DIR, SITES_DIR, REQUESTS_DIR = "ca", "coordinator", "sites", "requests"
@@ -127,6 +131,25 @@ def _kept_or_new_key(path: Path, force: bool, report: ProvisionReport, load, new
     pki.write_private(path, private_bytes(key))
     report.created.append(_rel(report, path))
     return key
+
+
+def _server_audit_key(out: Path, force: bool, report: ProvisionReport) -> bytes:
+    """The federation's one server audit key (created once, in the coordinator kit); returns
+    its public PEM, which every site kit pins."""
+    from fedmeta.audit.keys import create_key, load_private_key, public_pem
+
+    path = out / COORDINATOR_DIR / COORDINATOR_KEY
+    _private_dir(path.parent)
+    if path.exists() and force:
+        path.unlink()
+        path.with_name(path.name.replace(".pem", ".pub.pem")).unlink(missing_ok=True)
+    if path.exists():
+        key = load_private_key(path)
+        report.kept.append(_rel(report, path))
+    else:
+        key = create_key(path)
+        report.created.append(_rel(report, path))
+    return public_pem(key)
 
 
 def _private_dir(path: Path) -> None:
@@ -347,8 +370,10 @@ def provision(federation_file: Path, out: Path, force: bool = False,
     report = ProvisionReport(out=out)
     ca_key, ca_cert = _ca(fed, out, force, report)
     accepted = _accepted_requests(fed, out, [Path(p) for p in requests], report)
+    server_pub = _server_audit_key(out, force, report)
     for s in fed.sites:
         _site(fed, out, s.id, ca_key, ca_cert, force, report, accepted.get(s.id))
+        pki.write_public(out / SITES_DIR / s.id / SITE_PINNED_KEY, server_pub)
     _coordinator(fed, Path(federation_file), out, ca_key, ca_cert, force, report, accepted)
     prints = {"coordinator": write_sums(out / COORDINATOR_DIR)}
     prints.update({s.id: write_sums(out / SITES_DIR / s.id) for s in fed.sites})

@@ -63,7 +63,8 @@ LEDGER_FILE, MARKER_FILE = "privacy-ledger.jsonl", "site.json"
 MANIFEST = "manifest.toml"
 NODE_TOML = "node.toml"
 KIT_FILES = ("ca.pem", NODE_TOML, "start-node.sh", "README.md", ENV_FILE)
-OPTIONAL_KIT_FILES = ("constraints.txt", "systemd/fedmeta-node.service")
+OPTIONAL_KIT_FILES = ("constraints.txt", "systemd/fedmeta-node.service",
+                      "server-audit.pub.pem")
 
 
 class NodeError(ValueError):

@@ -12,7 +12,8 @@ built) a TLS context that also holds the client certificate and key named by
 the node still authenticates with its SuperNode key, verifies the server against
 ``--root-certificates`` and keeps every other flag. If the installed Flower no longer
 has that hook, the launcher refuses to start (one line) instead of connecting without
-the certificate.
+the certificate. Its SuperExec and ClientApp processes are started through
+:mod:`fedmeta.deploy.lifeline`, so that they die with the node.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from flwr.supernode.cli import flower_supernode
 
+    from fedmeta.deploy.lifeline import install_in_supernode
+
+    try:  # its SuperExec and every ClientApp die with it (fedmeta.deploy.lifeline)
+        install_in_supernode()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     sys.argv = ["flower-supernode", *args]
     result = flower_supernode()
     return int(result or 0)

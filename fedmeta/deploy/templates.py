@@ -148,6 +148,8 @@ START_SUPERLINK = """#!/bin/sh
 set -eu
 KIT="$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)"
 . "$KIT/{{env_file}}"
+# every run's server log is signed with the federation's one key (pinned at the sites)
+export FEDMETA_SERVER_AUDIT_KEY="$KIT/keys/server-audit-signing.pem"
 if [ "${1:-}" = "--insecure" ]; then
   STATE="${SUPERLINK_STATE:-$KIT/state-insecure}"
   mkdir -p "$STATE"

@@ -24,7 +24,8 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def report_command(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory (fedmeta simulate --out)")],
+    run_dir: Annotated[Path | None, typer.Argument(
+        help="a run directory (fedmeta simulate --out; a deployment's out-dir)")] = None,
     site: Annotated[str | None, typer.Option(
         help="a site-level report: only this site's data and what the federation shared "
              "with it")] = None,
@@ -41,15 +42,29 @@ def report_command(
     allow_unverified: Annotated[bool, typer.Option(
         "--allow-unverified", help="write the report even if an audit log fails "
                                    "verification (with a red banner)")] = False,
+    site_dir: Annotated[Path | None, typer.Option(
+        "--site-dir", help="a deployed site's own report, from its site directory (with "
+                           "--run)")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="the run (with --site-dir)")] = None,
 ) -> None:
     """Compliance report for a data protection officer: Art. 30 record, DPIA summary,
     privacy per site, policy decisions, DPDP, learning results and audit verification."""
     from fedmeta.report import ReportError, UnverifiedRunError, generate
 
+    if (site_dir is None) != (run is None) or (site_dir is None) == (run_dir is None):
+        raise _fail("give RUN_DIR, or --site-dir SITE_DIR with --run RUN_ID", 2)
     try:
-        path, report = generate(run_dir, format_, out=out, site=site,
-                                allow_unverified=allow_unverified, baseline=baseline,
-                                trust=tuple(trust or ()))
+        if site_dir is not None:
+            from fedmeta.deploy.evidence import EvidenceError, site_report
+
+            try:
+                path, report = site_report(site_dir, str(run), format_, out, allow_unverified)
+            except EvidenceError as exc:
+                raise ReportError(str(exc)) from None
+        else:
+            path, report = generate(run_dir, format_, out=out, site=site,
+                                    allow_unverified=allow_unverified, baseline=baseline,
+                                    trust=tuple(trust or ()))
     except ReportError as exc:
         raise _fail(str(exc), 2) from None
     except UnverifiedRunError as exc:

@@ -319,7 +319,9 @@ def verify_logs(files: RunFiles) -> None:
     _first_pass(server)
     for site in files.sites.values():
         _first_pass(site.log)
-    for e in server.entries:
+    # only this run's evidence: a site's log holds every run it took part in (and a reused
+    # out-dir's server log earlier runs), whose receipts and heads point elsewhere
+    for e in files.server_entries:
         if e.action == "round.receipt":
             site = files.sites.get(str(e.details.get("site")))
             if site is not None:
@@ -335,6 +337,8 @@ def verify_logs(files: RunFiles) -> None:
             _add_receipt(site.log, text, "summary.json anchors (the site's run.anchor entry)")
     for site in files.sites.values():
         for e in site.log.entries:
+            if e.run_id != files.run_id:
+                continue
             if e.action in ("round.train", "run.anchor") and e.details.get("server_head"):
                 where = f"round {e.round}" if e.action == "round.train" else "run.anchor"
                 _add_receipt(server, e.details["server_head"],
@@ -390,6 +394,8 @@ def read_run(run_dir: Path, site: str | None = None,
         ids = [site]
     run_id = str(doc.get("run") or (summary or {}).get("run")
                  or (metrics[0].get("run") if metrics else "") or "unknown")
+    # a reused out-dir's metrics.jsonl also holds earlier runs: only this run's lines count
+    metrics = [m for m in metrics if m.get("run") in (None, run_id)]
     server_path = run_dir / SERVER_LOG
     files = RunFiles(
         run_dir=run_dir, run_id=run_id, config=config,

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedmeta.audit import AuditLog
 from fedmeta.config import sites_per_round
+from fedmeta.deploy.serverkey import ROUND_START_KEY, entry_line
 from fedmeta.failures import one_line_error
 from fedmeta.meta.updates import check_update, model_digest
 
@@ -55,6 +56,29 @@ class RoundLog:
 
 class RunStopped(RuntimeError):
     """The run cannot continue (e.g. fewer sites than the declared minimum)."""
+
+
+DETAILS_BUDGET = 3600  # bytes of a round.end entry's details (the log allows 4096)
+
+
+def outcome_details(log_: RoundLog) -> dict[str, str | int]:
+    """Each lost, dropped and declined site of a round with its reason, for the signed
+    ``round.end`` entry: lost sites first; what does not fit is counted in ``more``."""
+    out: dict[str, str | int] = {}
+    left = 0
+    size = 0
+    for kind, items in (("lost", log_.lost), ("dropped", log_.dropped),
+                        ("declined", log_.declined)):
+        for site, reason in sorted(items.items()):
+            key, value = f"{kind}:{site}"[:64], " ".join(str(reason).split())[:200]
+            cost = len(json.dumps({key: value}))
+            if len(out) >= 30 or size + cost > DETAILS_BUDGET:
+                left += 1
+                continue
+            out[key], size = value, size + cost
+    if left:
+        out["more"] = left
+    return out
 
 
 class SiteAwareMixin:
@@ -117,12 +141,13 @@ class SiteAwareMixin:
             return []
         log_.sampled = [self.site_of_node[n] for n in nodes]
         self.before_send(server_round, arrays, config)
-        if self.audit:  # durable before the messages leave
-            self.audit.append("round.start", run_id=self.run_id, round=server_round,
-                              decision="allow", model_out=digest(arrays),
-                              counts={"sampled": len(nodes)},
-                              details={"sites": ",".join(log_.sampled)[:500],
-                                       "beta": log_.beta})
+        if self.audit:  # durable before the messages leave; sent, signed, to the sites
+            started = self.audit.append("round.start", run_id=self.run_id, round=server_round,
+                                        decision="allow", model_out=digest(arrays),
+                                        counts={"sampled": len(nodes)},
+                                        details={"sites": ",".join(log_.sampled)[:500],
+                                                 "beta": log_.beta})
+            config[ROUND_START_KEY] = entry_line(started)
         config["server-round"] = server_round
         config["server-head"] = self.server_head
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -241,6 +266,6 @@ class SiteAwareMixin:
                 counts={"used": len(log_.used), "declined": len(log_.declined),
                         "dropped": len(log_.dropped), "lost": len(log_.lost),
                         "examples": log_.examples},
-                details={f"declined:{s}": r[:200] for s, r in sorted(log_.declined.items())[:8]})
+                details=outcome_details(log_))
             self.server_head = str(self.audit.checkpoint(self.run_id, server_round))
         return arrays, metrics

@@ -127,7 +127,14 @@ def test_kits_hold_no_site_private_key_and_sites_hold_theirs(tmp_path):
     assert not [1 for secret in site_secrets for b in blobs if secret.strip() in b]
     holders = sorted(str(p.relative_to(kits)) for p in kits.rglob("*")
                      if p.is_file() and b"PRIVATE KEY" in p.read_bytes())
-    assert holders == ["ca/ca.key", "coordinator/superlink.key"]
+    # the coordinator's own: TLS and the federation's one server audit key
+    assert holders == ["ca/ca.key", "coordinator/keys/server-audit-signing.pem",
+                       "coordinator/superlink.key"]
+    assert mode(kits / "coordinator" / "keys" / "server-audit-signing.pem") == 0o600
+    pinned = kits / "coordinator" / "keys" / "server-audit-signing.pub.pem"
+    for site in ("site-de-01", "site-in-01"):  # pinned in every site kit, copied by init
+        assert (kits / "sites" / site / "server-audit.pub.pem").read_bytes() == \
+            pinned.read_bytes() == (tmp_path / "state" / site / "server-audit.pub.pem").read_bytes()
     coord = kits / "coordinator"
     assert sorted(p.name for p in (coord / "site-keys").iterdir()) == [
         "site-de-01.pub", "site-in-01.pub"]
@@ -269,8 +276,11 @@ def test_rerun_keeps_keys_force_replaces_them(tmp_path):
     changed = {p for p in secrets if p.read_bytes() != before[p]}
     assert changed == {kits / "coordinator/superlink.pem"}
     provision(fed, kits, force=True)
-    for p in (kits / "ca/ca.key", kits / "coordinator/superlink.key"):
+    for p in (kits / "ca/ca.key", kits / "coordinator/superlink.key",
+              kits / "coordinator/keys/server-audit-signing.pem"):
         assert p.read_bytes() != before[p] and mode(p) == 0o600
+    assert (kits / "sites/site-de-01/server-audit.pub.pem").read_bytes() == (
+        kits / "coordinator/keys/server-audit-signing.pub.pem").read_bytes()  # re-pinned
     # a new CA: the client certificates are re-issued from the stored requests
     client = kits / "sites/site-de-01/client.pem"
     assert client.read_bytes() != before[client]

@@ -212,7 +212,8 @@ def _scenario(d: Deployment, tmp: Path) -> None:
         secrets = site_secrets(site_dirs[site])
         assert len(secrets) == 3 and not [1 for k in secrets for b in blobs if k in b], site
     assert sorted(str(p.relative_to(kits)) for p in kits.rglob("*") if p.is_file() and (
-        b"PRIVATE KEY" in p.read_bytes())) == ["ca/ca.key", "coordinator/superlink.key"]
+        b"PRIVATE KEY" in p.read_bytes())) == [
+        "ca/ca.key", "coordinator/keys/server-audit-signing.pem", "coordinator/superlink.key"]
     d.timings["provision+init+requests"] = round(time.monotonic() - t, 1)
 
     # ---- 3. insecure mode, asked for by name: own state, loopback ----------------------------
@@ -330,13 +331,18 @@ def _scenario(d: Deployment, tmp: Path) -> None:
 
     # ---- 6. run A: two rounds of Reptile with DP, all three sites --------------------------
     run_cfg = tomllib.loads(doc_block(doc, "toml", "run.toml"))
-    out_a = tmp / "server-a"
-    write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES, "out-dir": str(out_a)})
+    assert run_cfg["out-dir"].endswith("/{run}")  # the guide's: one directory per run
+    runs_a = tmp / "runs-a"
+    write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES,
+                                  "out-dir": str(runs_a / "{run}")})
     t = time.monotonic()
     d.source(". <coordinator-kit>/flwr-offline.env", app, **{"coordinator-kit": coord})
     res = d.run("flwr run . <federation> --stream --run-config run.toml", app, timeout=400,
                 federation=FED)
-    wait_for(lambda: (out_a / "summary.json").exists(), 60, "run A's summary")
+    out_a = wait_for(lambda: next(iter(runs_a.glob("*/summary.json")), None), 60,
+                     "run A's summary").parent
+    run_a = json.loads((out_a / "summary.json").read_text())["run"]
+    assert out_a.name == run_a
     d.timings["two-round deployed run (flwr run wall)"] = round(time.monotonic() - t, 1)
     d.run("fedmeta audit verify <out-dir>/audit/server-audit-log.jsonl", tmp,
           **{"out-dir": out_a})
@@ -369,8 +375,10 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     # flwr takes a TOML file or key=value pairs, not both: dp = false goes in the file
     write_toml(hostile / "run.toml", {**run_cfg, **RUN_OVERRIDES, "rounds": 1, "dp": False,
                                       "out-dir": str(out_h)})
-    d.run("flwr run . <federation> --stream --run-config run.toml", hostile, timeout=400,
-          federation=FED)
+    res = d.run("fedmeta run . <federation> --run-config run.toml", hostile, timeout=400,
+                expect=1, federation=FED)  # refused by every site: a non-zero exit
+    assert "fedmeta: round 1/1: used 0, declined 3" in res.stdout, res.stdout[-2000:]
+    assert "refused" in res.stderr, res.stderr[-2000:]
     wait_for(lambda: (out_h / "summary.json").exists(), 60, "the dp=false run's summary")
     (hostile_round,) = [m for m in metrics(out_h) if m["round"] > 0]
     assert not hostile_round["used"], hostile_round
@@ -393,7 +401,7 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     out_b = tmp / "server-b"
     write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES, "out-dir": str(out_b)})
     t = time.monotonic()
-    run_b = d.start("flwr-run-b", "flwr run . <federation> --stream --run-config run.toml",
+    run_b = d.start("flwr-run-b", "fedmeta run . <federation> --run-config run.toml",
                     app, record=False, federation=FED)
     wait_for(lambda: any(m["round"] == 1 for m in metrics(out_b)), 300, "run B's round 1",
              every=0.2)
@@ -401,12 +409,31 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     serverapp = [cmdline(p) for p in d.tagged_pids() if "flwr-serverapp" in cmdline(p)]
     assert serverapp and all("--root-certificates" in c and "--insecure" not in c
                              for c in serverapp), serverapp
+    node_pid = d.procs[f"node-{LOST}"].pid
+    # kill it while it trains round 2 (a ClientApp process below it), not between rounds
+    import psutil
+
+    def training() -> list[psutil.Process]:
+        try:
+            return [c for c in psutil.Process(node_pid).children(recursive=True)
+                    if "lifeline clientapp" in " ".join(c.cmdline())]  # flwr-clientapp
+        except psutil.Error:
+            return []
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    below = wait_for(training, 120, f"{LOST}'s round-2 ClientApp", every=0.1)
     d.procs[f"node-{LOST}"].send_signal(signal.SIGKILL)  # a crash, not a goodbye
+    wait_for(lambda: not [p for p in below if alive(p)], 10,
+             f"no training process of the killed node {LOST} left", every=0.2)
     t_add = time.monotonic()  # meanwhile (the SuperLink notices the loss after ~40 s):
     add_and_remove_site(d, prov, tmp, port, local_port, runtime)
     d.timings["add+remove site (during run B)"] = round(time.monotonic() - t_add, 1)
     wait_for(lambda: run_b.poll() is not None, 400, "run B to finish", every=1)
     assert run_b.returncode == 0, d.log("flwr-run-b")[-3000:]
+    assert f"lost 1 ({LOST}: " in d.log("flwr-run-b"), d.log("flwr-run-b")[-3000:]
     wait_for(lambda: (out_b / "summary.json").exists(), 60, "run B's summary")
     d.timings["run with a lost site"] = round(time.monotonic() - t, 1)
     rounds_b = {m["round"]: m for m in metrics(out_b) if m["round"] > 0}
@@ -414,6 +441,9 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     assert LOST in rounds_b[2]["lost"], rounds_b[2]
     assert rounds_b[2]["used"] == sorted(s for s, _ in SITES if s != LOST), rounds_b[2]
     assert not json.loads((out_b / "summary.json").read_text())["stopped"]
+    ends = [json.loads(x) for x in (out_b / "audit" / "server-audit-log.jsonl").read_text()
+            .splitlines() if '"round.end"' in x]  # the signed log names the lost site, why
+    assert any(e["round"] == 2 and e["details"].get(f"lost:{LOST}") for e in ends), ends
 
     # ---- 8. the evidence: server and site logs, ledgers --------------------------------------
     for out in (out_a, out_b):
@@ -443,6 +473,38 @@ def _scenario(d: Deployment, tmp: Path) -> None:
           "<site-dir>/keys/audit-signing.pub.pem", tmp, **{"site-dir": first})
     res = d.run("fedmeta node check <site-dir>", tmp, **{"site-dir": first})
     assert "charge(s)" in res.stdout
+
+    # ---- 8b. one server key; the sites' evidence; the coordinator's and a site's report ------
+    t = time.monotonic()
+    server_pub = coord / "keys" / "server-audit-signing.pub.pem"
+    for out in (out_a, out_b):  # signed with the federation's key, pinned at every site
+        assert verify_log(out / "audit" / "server-audit-log.jsonl", public_key=server_pub).ok
+    for site, _ in SITES:
+        records = [json.loads(x) for x in (site_dirs[site] / "audit" / "audit-log.jsonl")
+                   .read_text().splitlines() if '"run.record"' in x]
+        kept = [e for e in records if e["run_id"] == run_a]
+        assert [(e["decision"], e["details"]["server_key"]) for e in kept] == [
+            ("allow", "pinned")], records
+    for site, _ in SITES:
+        res = d.run("fedmeta node export-evidence <site-dir> --run <run-id>", tmp,
+                    **{"site-dir": site_dirs[site], "run-id": run_a})
+        evidence = site_dirs[site] / "exports" / f"evidence-{site}-{run_a}.json"
+        assert evidence.is_file() and "sha256" in res.stdout
+        d.run("fedmeta evidence import <out-dir> <evidence> --keys "
+              "<coordinator-kit>/site-audit-keys", tmp, **{
+                  "out-dir": out_a, "evidence": evidence, "coordinator-kit": coord})
+    res = d.run("fedmeta report <out-dir> --trust <coordinator-kit>/site-audit-keys --trust "
+                "<coordinator-kit>/keys/server-audit-signing.pub.pem", tmp, timeout=180,
+                **{"out-dir": out_a, "coordinator-kit": coord})
+    assert "wrote" in res.stdout and "warning" not in res.stderr and "note:" not in res.stderr
+    assert (out_a / "report.html").is_file()
+    res = d.run("fedmeta report --site-dir <site-dir> --run <run-id>", tmp, timeout=180,
+                **{"site-dir": first, "run-id": run_a})
+    assert "warning" not in res.stderr and "note:" not in res.stderr, res.stderr
+    assert (first / "runs" / run_a / f"report-{first.name}.html").is_file()
+    d.timings["evidence export/import + both reports"] = round(time.monotonic() - t, 1)
+    d.timings["provisioning to both reports verified (3 sites, runs A, dp=false, B)"] = round(
+        time.monotonic() - t_provision, 1)
 
     # ---- 9. rotate site-de-01's SuperNode key ----------------------------------------------
     t = time.monotonic()

@@ -135,3 +135,29 @@ def test_wrong_keys_and_error_replies_are_recorded_not_fatal():
     assert "keys" in strat.rounds[3].dropped["s1"]
     assert "ClientApp raised" in strat.rounds[3].lost["s2"]
     assert out is not None
+
+
+def test_the_signed_round_end_names_each_lost_and_dropped_site_and_why(tmp_path):
+    """Not only a count: the server's signed log says which site was lost and why, within
+    the audit entry's size limits even for many sites with long reasons."""
+    from fedmeta.audit import AuditLog, verify_log
+    from server.strategy.sites import RoundLog, outcome_details
+
+    strat = make()
+    log = AuditLog.open(tmp_path / "server.jsonl", tmp_path / "k.pem", actor="server")
+    strat.audit, strat.run_id = log, "run-1"
+    wrong = reply(1, RecordDict({"arrays": ArrayRecord({"zz": Array(np.zeros(2))}),
+                                 "metrics": metrics(5), "info": ConfigRecord({"reason": ""})}))
+    err = reply(2, Error(code=5, reason="Node Unavailable\nretry later"))
+    strat.aggregate_train(3, [wrong, err, train_reply(3, THETA, 10)])
+    log.close()
+    assert verify_log(tmp_path / "server.jsonl").ok
+    end = next(e for e in __import__("fedmeta.audit", fromlist=["read_log"]).read_log(
+        tmp_path / "server.jsonl")[0] if e.action == "round.end")
+    assert end.details["lost:s2"] == "error 5: Node Unavailable retry later"
+    assert "keys" in end.details["dropped:s1"] and end.counts["lost"] == 1
+    many = RoundLog(1)
+    many.lost = {f"site-{i:02d}-" + "x" * 50: "r" * 300 for i in range(40)}
+    many.declined = {"site-a": "budget"}
+    details = outcome_details(many)
+    assert details["more"] == 41 - (len(details) - 1) and "lost:site-00-" + "x" * 50 in details
