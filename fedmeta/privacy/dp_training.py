@@ -119,12 +119,14 @@ def train_steps(
     torch.manual_seed(seed)
     model.to(device).train()
     mode = "none"
-    per_unit = dp is not None and pool.units is not None
     unit_of, n_units = unit_index(pool.units, len(pool.x))
+    # a pool whose units each hold one record is sampled and clipped per record: the same
+    # mechanism (q = 1/ceil(n/B) over n = U units), without the per-unit bookkeeping
+    per_unit = dp is not None and n_units < len(pool.x)
     if dp is not None:  # before anything is built: refusals are one-line errors
         example = torch.from_numpy(np.ascontiguousarray(pool.x[:1])).to(device)
         mode = check_dp_model(model, loss_fn, dp.grad_sample_mode, example)
-        if per_unit:
+        if pool.units is not None:  # refused whenever units are declared, not by the draw
             mode = check_mode(mode)
         expected_batch_size(n_units, min(batch_size, n_units))
     tensors = [torch.from_numpy(np.ascontiguousarray(pool.x)),

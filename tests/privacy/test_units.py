@@ -184,3 +184,13 @@ def test_without_units_each_record_is_its_own_unit():
     assert n == 5 and inverse.tolist() == [0, 1, 2, 3, 4]
     inverse, n = unit_index(np.array(["b", "a", "b"]), 3)
     assert n == 2 and inverse.tolist() == [1, 0, 1]
+
+
+def test_the_report_states_the_unit_and_group_privacy_for_records():
+    from fedmeta.report.privacy import group_privacy_note, unit_label
+
+    assert unit_label("record").startswith("one record")
+    assert unit_label("patient_id").startswith("one patient_id (unit-level")
+    note = group_privacy_note("record", 2.0, 1e-5)
+    assert "k records" in note and "k-fold" in note and "(k = 4 gives 8)" in note
+    assert group_privacy_note("image", 2.0, 1e-5) == ""
