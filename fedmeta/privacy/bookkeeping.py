@@ -254,7 +254,8 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
         sq = sq + (bias_rows * bias_rows).sum(1)
 
     def materialised_sum(factor: torch.Tensor):
-        return (torch.einsum("b,bok->ok", factor, per_sample) if w_on else None,
-                factor @ bias_rows if b_on else None)
+        weight = (factor @ per_sample.reshape(batch, -1)).reshape(per_sample.shape[1:]) \
+            if w_on else None
+        return weight, (factor @ bias_rows if b_on else None)
 
     return sq, materialised_sum
