@@ -13,7 +13,7 @@ def unit_label(unit: str) -> str:
     """What the report calls the site's privacy unit (the ledger's ``privacy_unit``)."""
     if unit == "record":
         return PRIVACY_UNIT
-    return (f"one {unit} (unit-level differential privacy: all records of a {unit} are "
+    return (f"one {unit} (unit-level differential privacy: all records of one {unit} are "
             "sampled together and their summed gradient is clipped as one)")
 
 
