@@ -125,7 +125,9 @@ def main() -> None:
         print(lines[-1], flush=True)
     lines += ["", "Ratios are DP round time / non-private round time, measured side by side in "
               "one run. Target: <= 2x, never worse than Opacus's best mode. Measured on a "
-              "2-core machine shared with other jobs: compare the columns of one row."]
+              "2-core machine shared with other jobs: compare the columns of one row; `bk` "
+              "and `fedmeta auto (bk)` run the same code, so their difference shows the "
+              "noise."]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
