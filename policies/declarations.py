@@ -41,6 +41,7 @@ from pydantic import (
 )
 
 from policies.countries import iso_countries
+from policies.dpia import DpiaError, DpiaRecord, load_dpia
 from policies.purposes import PURPOSES
 from policies.site_policy import SitePrivacyPolicy, canonical_json
 
@@ -270,6 +271,9 @@ class RunDeclaration(_Model):
     min_sites_per_round: Annotated[StrictInt, Field(ge=1, le=100000)] = 2
     scc_reference: SccReference | None = None
     dpia_id: Text | None = None
+    dpia: DpiaRecord | None = None
+    """The DPIA the run relies on (``dpia_file`` in the TOML names its file); required,
+    approved and current where a site processes special-category data (GDPR-35)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -280,6 +284,13 @@ class RunDeclaration(_Model):
                 "each site: move it to the site manifests as art9_law = 'XX: <citation>'"
             )
         return data
+
+    @model_validator(mode="after")
+    def _dpia_id(self) -> RunDeclaration:
+        if self.dpia is not None and self.dpia_id is not None and self.dpia_id != self.dpia.id:
+            raise ValueError(f"dpia_id: {self.dpia_id!r} is not the id of the DPIA file "
+                             f"({self.dpia.id!r}): make them agree")
+        return self
 
     @model_validator(mode="after")
     def _dp_parameters(self) -> RunDeclaration:
@@ -498,8 +509,17 @@ def parse_site_manifest(data: Mapping[str, Any], source: str = "<site manifest>"
 
 
 def load_run_declaration(path: str | Path) -> RunDeclaration:
-    """Read and check a run declaration TOML file."""
+    """Read and check a run declaration TOML file (and the DPIA file it names with
+    ``dpia_file``, relative to the declaration)."""
     data, source = _read_toml(path)
+    if "dpia_file" in data:
+        name = data.pop("dpia_file")
+        if not isinstance(name, str) or not name:
+            raise DeclarationError(f"{source}: field 'dpia_file': must be a file name")
+        try:
+            data["dpia"] = load_dpia(Path(path).parent / name).to_dict()
+        except DpiaError as exc:
+            raise DeclarationError(f"{source}: field 'dpia_file': {exc}") from None
     return parse_run_declaration(data, source)
 
 

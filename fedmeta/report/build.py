@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedmeta.report.checks import audit_section
 from fedmeta.report.collect import RunFiles, model_file_encrypted, read_run
-from fedmeta.report.dpia import dpia
+from fedmeta.report.dpia import dpia, dpia_line
 from fedmeta.report.evidence import metrics_signed, signed_manifest_hashes
 from fedmeta.report.learning import learning_section
 from fedmeta.report.model import (
@@ -21,9 +21,17 @@ from fedmeta.report.model import (
     Severity,
     SitePrivacy,
 )
-from fedmeta.report.policy import dpdp_section, policy_section
-from fedmeta.report.privacy import privacy_section
+from fedmeta.report.policy import dpdp_section, policy_section, status_on_report_date
+from fedmeta.report.privacy import DEFAULT_EPSILON_WARN, privacy_section, with_plain_language
 from fedmeta.report.records import parties, records_of_processing, transport
+from fedmeta.report.summary import (
+    group_decisions,
+    group_findings,
+    report_id,
+    rule_annex,
+    shared_measures,
+    summary,
+)
 from fedmeta.report.trust import Anchor
 from policies import get_purpose
 from policies.countries import adequacy_staleness
@@ -94,7 +102,8 @@ def verification_problem(audit: AuditSection) -> str | None:
 
 
 def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: PolicySection,
-             privacy: list[SitePrivacy]) -> list[Finding]:
+             privacy: list[SitePrivacy],
+             epsilon_warn: float = DEFAULT_EPSILON_WARN) -> list[Finding]:
     out: list[Finding] = []
 
     def add(severity: Severity, section: str, message: str) -> None:
@@ -103,11 +112,18 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     for log in audit.logs:
         if log.status == "failed":
             add("error", "audit", f"{log.log}: {log.problem}")
-        elif log.status == "self-asserted":
-            add("warning", "audit", f"{log.log} ({log.party}) is intact only under a key "
-                                    f"taken from the run directory ({log.key_source}, "
-                                    f"{log.key_fingerprint}): compare it with the party's key "
-                                    "registered out of band, or pass it with --trust")
+    asserted = [log for log in audit.logs if log.status == "self-asserted"]
+    if len(asserted) == 1:
+        log = asserted[0]
+        add("warning", "audit", f"{log.log} ({log.party}) is intact only under a key "
+                                f"taken from the run directory ({log.key_source}, "
+                                f"{log.key_fingerprint}): compare it with the party's key "
+                                "registered out of band, or pass it with --trust")
+    elif asserted:
+        add("warning", "audit", f"{len(asserted)} logs ({', '.join(lg.party for lg in asserted)})"
+                                " are intact only under keys taken from the run directory "
+                                "(fingerprints in Annex D): compare them with the parties' "
+                                "keys registered out of band, or pass them with --trust")
     for c in audit.cross_checks:
         if not c.ok:
             add("error" if c.blocking else "warning", "audit", f"{c.check}: {c.detail}")
@@ -165,14 +181,26 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
                               f"{ds[0].reason}")
     decl = files.declaration
     names = {decl.controller.name} | {p.name for p in decl.joint_controllers}
+    unnamed = []
     for s in files.sites.values():
         m = s.manifest
         if m is None or (scope is None and s.site_id not in files.eligible):
             continue
         if m.role != "processor" and m.institution not in names:
-            add("warning", "records", f"{m.site_id} ({m.institution}) is a {m.role} but not "
-                                      "named among the run's controllers: check the Art. 26 "
-                                      "arrangement")
+            unnamed.append(f"{m.site_id} ({m.institution}, {m.role})")
+    if unnamed:
+        add("warning", "records", f"{len(unnamed)} site(s) act as controllers but are not named "
+                                  "among the run's controllers: check the Art. 26 arrangement: "
+                                  + "; ".join(unnamed))
+    weak = [p for p in privacy if any("warning level" in w for w in p.warnings)]
+    if weak:
+        add("warning", "privacy", f"{len(weak)} site(s) spent more than epsilon "
+                                  f"{epsilon_warn:g} in this run, a weak guarantee: "
+                                  + ", ".join(f"{p.site_id} {p.epsilon_run:.3g}" for p in weak))
+    loose = [p for p in privacy if any("1/n" in w for w in p.warnings)]
+    if loose:
+        add("warning", "privacy", f"{len(loose)} site(s) use a delta above 1/n (n = records "
+                                  "evaluated): " + ", ".join(p.site_id for p in loose))
     if not decl.dpia_id:
         add("warning", "dpia", "no DPIA id is declared for this run")
     if scope is None and model_file_encrypted(files.model_path) is False:
@@ -185,7 +213,7 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     if stopped:
         add("warning", "run", f"the run stopped early: {stopped}")
     order = {"error": 0, "warning": 1, "info": 2}
-    return sorted(out, key=lambda f: order[f.severity])
+    return group_findings(sorted(out, key=lambda f: order[f.severity]), sorted(files.sites))
 
 
 def unsigned_figures(files: RunFiles, scope: str | None,
@@ -233,7 +261,8 @@ def evidence_basis(files: RunFiles, audit: AuditSection) -> tuple[str, bool]:
 
 def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool = False,
                  baseline: Path | None = None,
-                 trust: dict[str, Anchor] | None = None) -> Report:
+                 trust: dict[str, Anchor] | None = None,
+                 epsilon_warn: float = DEFAULT_EPSILON_WARN) -> Report:
     """Read, verify and summarise a run; raise UnverifiedRunError unless it verifies.
 
     ``trust``: party -> key given from outside the run (:func:`fedmeta.report.trust.
@@ -250,7 +279,10 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
         raise UnverifiedRunError(f"{problem}; no report written (--allow-unverified writes "
                                  "one with a warning banner)")
     policy = policy_section(files, site)
-    privacy = privacy_section(files)
+    policy = policy.model_copy(update={
+        "site_decision_groups": group_decisions(policy.site_decisions)})
+    privacy = [with_plain_language(p, policy.records_evaluated.get(p.site_id), epsilon_warn)
+               for p in privacy_section(files)]
     warning = None
     if problem:
         n = sum(lg.status == "failed" for lg in audit.logs) + sum(
@@ -262,16 +294,23 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
     if unsigned:
         basis = basis[:-1] + "; shown UNSIGNED (no signed entry backs them): " + \
             "; ".join(unsigned) + "."
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
+    run = run_summary(files, site)
+    records = records_of_processing(files, audit.all_verified, site)
+    found = findings(files, site, audit, policy, privacy, epsilon_warn)
+    the_dpia = dpia(files, site, policy, privacy)
     return Report(
         evidence_basis=basis, keys_trusted=trusted, unsigned=unsigned,
-        generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        report_id=report_id(files.run_id, site, generated),
+        generated_at=generated,
         generator=_generator(), run_dir=str(Path(run_dir).resolve()),
         scope=Scope(kind="site" if site else "federation", site_id=site),
         checks_passed=problem is None, verified=problem is None and trusted,
         unverified_warning=warning,
-        run=run_summary(files, site), parties=parties(files, site),
-        records_of_processing=records_of_processing(files, audit.all_verified, site),
-        dpia=dpia(files, site, policy, privacy), privacy=privacy, policy=policy,
+        summary=summary(run, found, privacy, problem is None, dpia_line(the_dpia)),
+        run=run, parties=parties(files, site),
+        records_of_processing=records, shared_measures=shared_measures(records),
+        dpia=the_dpia, privacy=privacy, policy=policy,
         dpdp=dpdp_section(files), learning=learning_section(files, site, baseline),
-        audit=audit, findings=findings(files, site, audit, policy, privacy),
-        disclaimer=DISCLAIMER)
+        audit=audit, findings=found, rules=rule_annex(status_on_report_date),
+        epsilon_warn=epsilon_warn, disclaimer=DISCLAIMER)

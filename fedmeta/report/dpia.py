@@ -229,3 +229,9 @@ def dpia(files: RunFiles, scope: str | None, policy: PolicySection,
     return Dpia(dpia_id=decl.dpia_id, required=required, description=description,
                 necessity=necessity, criteria=crit, risks=risks(files, scope, policy, privacy),
                 to_complete=to_complete)
+
+
+def dpia_line(d: Dpia) -> str:
+    """The DPIA in one line for page one."""
+    return f"{d.dpia_id} (declared; no DPIA record attached)" if d.dpia_id else \
+        "none declared"

@@ -36,11 +36,56 @@ class Scope(_Model):
 
 
 class Finding(_Model):
-    """Something a data protection officer should look at, in one line."""
+    """Something a data protection officer should look at, in one line.
+
+    Findings that differ only in the site they name are grouped into one, which names
+    the number of sites and lists them in ``sites``."""
 
     severity: Severity
     section: str
     message: str
+    sites: list[str] = Field(default_factory=list)
+    """The sites a grouped finding is about (empty: the run as a whole, or one site named
+    in the message)."""
+
+
+class SignOff(_Model):
+    """One line of the sign-off block: filled in by hand on the printed report."""
+
+    role: str
+    decides: str
+
+
+class Summary(_Model):
+    """Page one: go / no-go, the top findings in plain words, who signs."""
+
+    verdict: Literal["NO-GO", "GO WITH CONDITIONS", "GO"]
+    """NO-GO: an error finding (evidence failed, DP off, a gate refused the run);
+    GO WITH CONDITIONS: warnings a person must resolve; GO: nothing found."""
+    why: str
+    facts: list[str]
+    """Key facts of the run in one line each (purpose, sites, rounds, privacy, DPIA)."""
+    top_findings: list[str]
+    """At most five findings, most severe first, in plain words (no rule ids)."""
+    more_findings: int
+    """How many further findings the full list (section 1) holds."""
+    sign_off: list[SignOff]
+
+
+class RuleAnnexRow(_Model):
+    """One rule as the annex lists it: what the law says, what fedmeta checks."""
+
+    rule_id: str
+    pack: str
+    level: str
+    references: list[str]
+    checks: str
+    """What fedmeta checks, in words (the rule's description)."""
+    interpretation: bool
+    """True where the mapping from the provision to the check is fedmeta's reading."""
+    confidence: str
+    legal_status: str
+    """On the report's date: binding, readiness (applies from ...) or partly in force."""
 
 
 class RunSummary(_Model):
@@ -209,6 +254,12 @@ class SitePrivacy(_Model):
     """The run declaration the site approved and trained under (hash it signed)."""
     run_epsilon_cap: float | None = None
     """The per-run epsilon the site enforced (the smaller of its policy and the declaration)."""
+    epsilon_before: float | None = None
+    """Epsilon the site had spent in earlier runs before this one (ledger)."""
+    plain: str = ""
+    """The guarantee in one plain-language sentence (odds ratio e^epsilon)."""
+    warnings: list[str] = Field(default_factory=list)
+    """Epsilon above the report's warning level, delta above 1/n, ..."""
 
 
 # ---- policy decisions ----------------------------------------------------------------------
@@ -227,6 +278,20 @@ class DecisionRow(_Model):
     legal_status: str = "binding"
     """On the report's date: binding, readiness (the provisions apply later) or partly
     in force, with the date the rest applies from (policies/data/commencement.toml)."""
+
+
+class DecisionGroup(_Model):
+    """Site decisions that are the same at several sites (same rule, outcome, reason,
+    rounds), shown once with the sites listed."""
+
+    rule_id: str
+    outcome: str
+    sites: list[str]
+    rounds: list[int]
+    references: list[str]
+    reason: str
+    flags: list[str]
+    legal_status: str = "binding"
 
 
 class ExclusionRow(_Model):
@@ -280,6 +345,8 @@ class PolicySection(_Model):
     min_cohort_size: dict[str, int]
     run_decisions: list[DecisionRow]
     site_decisions: list[DecisionRow]
+    site_decision_groups: list[DecisionGroup] = Field(default_factory=list)
+    """``site_decisions`` grouped across sites (what the HTML and Markdown show)."""
     exclusions: list[ExclusionRow]
     exclusion_totals: list[ExclusionTotal]
     records_evaluated: dict[str, Count]
@@ -417,6 +484,8 @@ class Report(_Model):
     """Figures shown that no signed entry backs (e.g. ledger fields an older site log
     does not sign); the first line names them too."""
     schema_version: Literal["fedmeta.report/2"] = SCHEMA_VERSION
+    report_id: str = ""
+    """Short id of this report (hash of run, scope and generation time), on every page."""
     generated_at: str
     generator: str
     run_dir: str
@@ -426,9 +495,12 @@ class Report(_Model):
     verified: bool
     """``checks_passed`` and ``keys_trusted``: never true for self-asserted evidence."""
     unverified_warning: str | None
+    summary: Summary | None = None
     run: RunSummary
     parties: list[Party]
     records_of_processing: list[ProcessingRecord]
+    shared_measures: list[Measure] = Field(default_factory=list)
+    """Measures identical in every record of processing: shown once."""
     dpia: Dpia
     privacy: list[SitePrivacy]
     policy: PolicySection
@@ -436,4 +508,8 @@ class Report(_Model):
     learning: LearningSection
     audit: AuditSection
     findings: list[Finding]
+    rules: list[RuleAnnexRow] = Field(default_factory=list)
+    """Annex: every rule fedmeta applies, its provision and what it checks."""
+    epsilon_warn: float | None = None
+    """Epsilon above which a site's statement carries a warning (report option)."""
     disclaimer: str
