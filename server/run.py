@@ -187,7 +187,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     for name, reason in sorted(problems.items()):
         audit.append("site.unusable", run_id=run_id, decision="deny",
                      details={"site": name, "reason": reason})
-    decisions = evaluate_run(declaration, list(manifests.values())) if manifests else []
+    known = transport if transport in ("simulation", "tls+supernode-auth", "insecure") else None
+    decisions = evaluate_run(declaration, list(manifests.values()),
+                             transport=known) if manifests else []  # known: the DPIA gate
     for d in decisions:
         audit.append("policy.run", run_id=run_id, decision=d.outcome.value,
                      rule_ids=[d.rule_id], details={

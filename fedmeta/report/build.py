@@ -165,6 +165,9 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     stale = adequacy_staleness(datetime.now(UTC).date())
     if stale:
         add("warning", "policy", stale)
+    for row in policy.run_decisions:
+        if row.outcome == "deny" and row.site_id is None:
+            add("error", "policy", f"the run was refused ({row.rule_id}): {row.reason}")
     for site_id, why in policy.denied_sites.items():
         add("info", "policy", f"{site_id} was denied and never sampled: {why}")
     for r in policy.rights:
@@ -307,7 +310,9 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
         scope=Scope(kind="site" if site else "federation", site_id=site),
         checks_passed=problem is None, verified=problem is None and trusted,
         unverified_warning=warning,
-        summary=summary(run, found, privacy, problem is None, dpia_line(the_dpia)),
+        summary=summary(run, found, privacy, problem is None, dpia_line(the_dpia),
+                        [f"{d.rule_id}: {d.reason}" for d in policy.run_decisions
+                         if d.outcome == "deny" and d.site_id is None]),
         run=run, parties=parties(files, site),
         records_of_processing=records, shared_measures=shared_measures(records),
         dpia=the_dpia, privacy=privacy, policy=policy,

@@ -195,6 +195,43 @@ class Risk(_Model):
     references: list[str]
 
 
+class AssessedRisk(_Model):
+    """A risk as the DPIA record rates it (EDPB template: inherent risk, measures,
+    residual risk); likelihood x severity on the ICO scale."""
+
+    id: str
+    risk: str
+    description: str
+    inherent: str
+    """e.g. "high (probable x severe)"."""
+    measures: list[str]
+    residual: str
+
+
+class DpiaRecordView(_Model):
+    """The DPIA record the run declaration carries (dpia.toml) and whether it covers the run."""
+
+    dpia_id: str
+    version: int
+    title: str
+    status: str
+    decision: str | None
+    conditions: list[str]
+    decided_by: str | None
+    decided_on: str | None
+    dpo_advice: str | None
+    dpo_advice_date: str | None
+    dpo_advice_followed: bool | None
+    data_subjects_views: str | None
+    review_date: str
+    review_triggers: list[str]
+    scope: str
+    gate: str
+    """The DPIA gate's (GDPR-35) decision on this run: current, stale or not approved."""
+    gate_ok: bool
+    risks: list[AssessedRisk]
+
+
 class Dpia(_Model):
     dpia_id: str | None
     required: str
@@ -208,6 +245,8 @@ class Dpia(_Model):
     """Art. 35(7)(c)-(d): risks and the measures this run had against them."""
     to_complete: list[str]
     """What the data cannot tell: for the controller and the DPO to fill in."""
+    record: DpiaRecordView | None = None
+    """The versioned DPIA the run relied on, if its declaration carries one."""
 
 
 # ---- privacy statements -----------------------------------------------------------------

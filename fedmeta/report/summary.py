@@ -258,6 +258,11 @@ def record_fields(rec: ProcessingRecord, shared: Sequence[Measure]) -> dict[str,
     }
 
 
+def _figures_masked(text: str) -> str:
+    """``text`` with every figure (and list of figures) replaced by one ``#``."""
+    return re.sub(r"#(?:, #)*", "#", _NUMBER.sub("#", text))
+
+
 def site_records_view(records: Sequence[ProcessingRecord],
                       shared: Sequence[Measure]) -> dict[str, object]:
     """The sites' records of processing as one view: the fields every site record has
@@ -268,7 +273,7 @@ def site_records_view(records: Sequence[ProcessingRecord],
     labels = list(fields[0]) if fields else []
     same = [label for label in labels if len({f[label] for f in fields}) == 1]
     figures = [label for label in labels if label not in same
-               and len({_NUMBER.sub("#", f[label]) for f in fields}) == 1]
+               and len({_figures_masked(f[label]) for f in fields}) == 1]
     differ = [label for label in labels if label not in same and label not in figures]
     shown = [(label, fields[0][label] if label in same else
               f"as for {sites[0].party.site_id}: {fields[0][label]} (the figures differ by "
