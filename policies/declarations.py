@@ -42,6 +42,7 @@ from pydantic import (
 
 from policies.countries import iso_countries
 from policies.dpia import DpiaError, DpiaRecord, load_dpia
+from policies.parties import PartyRegistry
 from policies.purposes import PURPOSES
 from policies.site_policy import SitePrivacyPolicy, canonical_json
 
@@ -272,6 +273,9 @@ class RunDeclaration(_Model):
     scc_reference: SccReference | None = None
     dpia_id: Text | None = None
     dpia: DpiaRecord | None = None
+    registry: PartyRegistry | None = None
+    """The parties of the run, their roles and agreements (``[registry]``); required: the
+    gate GDPR-26-28 refuses a run without it or with a document missing or expired."""
     """The DPIA the run relies on (``dpia_file`` in the TOML names its file); required,
     approved and current where a site processes special-category data (GDPR-35)."""
 
@@ -342,6 +346,9 @@ class SiteManifest(_Model):
     feature_columns: tuple[Text, ...] = ()
     """The feature columns the site allows a trainer to read (GDPR Art. 5(1)(c))."""
     dpo_contact: Text | None = None
+    legal_entity_id: Text | None = None
+    """The site's legal entity in the run declaration's party registry (else the registry
+    party that lists this site id in its site_ids)."""
     privacy: SitePrivacyPolicy | None = None
     """The site's own privacy policy (``[privacy]`` table), enforced at the site every round.
     Absent: a deployed site uses ``SitePrivacyPolicy()``'s cautious defaults, a simulated

@@ -13,6 +13,8 @@ from datetime import date
 
 from policies.declarations import RunDeclaration, SiteManifest
 from policies.dpia import approval_problems, stale_reasons
+from policies.gdpr import transfer_ground
+from policies.parties import registry_problems
 from policies.rule import Decision, GateRule
 
 
@@ -60,3 +62,43 @@ class DpiaGate(GateRule):
         return [self.allow(f"{dpia.label()} approved ({dpia.decision}), current until "
                            f"{dpia.review_date.isoformat()}, covers the {len(sites)} site(s) "
                            f"of this run{conditions}")]
+
+
+def _third_country(code: str) -> bool:
+    """Sending the model there needs SCCs: outside the EEA, no (full) adequacy decision."""
+    ground, _ = transfer_ground(code, ())
+    return ground is None
+
+
+class AgreementsGate(GateRule):
+    id = "GDPR-26-28"
+    pack = "gdpr"
+    references = ("GDPR Art. 26(1)", "GDPR Art. 28(3)", "GDPR Art. 30(1)",
+                  "GDPR Art. 46(2)(c)")
+    checklist = ("G12", "G13", "G18")
+    confidence = "V (U: the coordinator as the exporter of the model, the SCC module by role)"
+    description = (
+        "The run declaration must carry a party registry ([registry]) naming the legal "
+        "entity and role of the coordinator and of every party that runs a site, with the "
+        "documents their roles need, unexpired: an Art. 26 arrangement binding all "
+        "controllers when there are two or more, an Art. 28(3) contract (and the DPDP s.8(2) "
+        "contract for a DPDP site) between each processor and a controller, and SCCs between "
+        "the coordinator and each party in a third country without adequacy, of the module "
+        "that fits their roles (C2C, C2P, P2P, P2C). Otherwise the run is refused in one "
+        "line naming the party and the document. (interpretation: the coordinator is the "
+        "exporter of the model to every party)"
+    )
+
+    def gate(self, run: RunDeclaration, sites: Sequence[SiteManifest], transport: str | None,
+             today: date) -> list[Decision]:
+        if run.registry is None:
+            return [self.deny("no party registry in the run declaration: add [registry] with "
+                              "every party, its role and its signed agreements")]
+        problems = registry_problems(
+            run.registry, [(s.site_id, s.legal_entity_id, " ".join(s.law_packs))
+                           for s in sites], _third_country, today)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            return [self.deny(f"{problems[0]}{more}")]
+        return [self.allow(f"every party of the {len(sites)} site(s) is registered with the "
+                           "documents its role needs, none expired")]

@@ -22,6 +22,7 @@ _RULES: tuple[Rule, ...] = (
     # run level: the federation as a whole (server)
     gdpr.ModelTransfer(),
     # gates: the run as it will happen, over the sites still eligible (server, last)
+    gates.AgreementsGate(),
     gates.DpiaGate(),
     # round level: the sites sampled for one round (server, check_min_sites)
     privacy.MinSitesPerRound(),

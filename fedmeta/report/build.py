@@ -34,7 +34,8 @@ from fedmeta.report.summary import (
 )
 from fedmeta.report.trust import Anchor
 from policies import get_purpose
-from policies.countries import adequacy_staleness
+from policies.countries import adequacy_staleness, is_eea
+from policies.parties import registry_findings
 
 DISCLAIMER = ("Generated from the run's signed audit logs, privacy ledgers and files. An "
               "engineering aid for the controller and the DPO, not legal advice; rules marked "
@@ -189,8 +190,27 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
         m = s.manifest
         if m is None or (scope is None and s.site_id not in files.eligible):
             continue
+        if decl.registry is not None:  # the registry names the parties (gate GDPR-26-28)
+            continue
         if m.role != "processor" and m.institution not in names:
             unnamed.append(f"{m.site_id} ({m.institution}, {m.role})")
+    if decl.registry is not None:
+        outside, involved = set(), set()
+        coordinator = decl.registry.coordinator()
+        if coordinator is not None:
+            involved.add(coordinator.entity_id)
+        for s in files.sites.values():
+            m = s.manifest
+            if m is None or s.site_id not in files.eligible:
+                continue
+            party = decl.registry.party_of_site(m.site_id, m.legal_entity_id)
+            if party is None:
+                continue
+            involved.add(party.entity_id)
+            if "gdpr" in m.law_packs and not is_eea(party.country):
+                outside.add(party.entity_id)
+        for line in registry_findings(decl.registry, sorted(outside), sorted(involved)):
+            add("warning", "records", line)
     if unnamed:
         add("warning", "records", f"{len(unnamed)} site(s) act as controllers but are not named "
                                   "among the run's controllers: check the Art. 26 arrangement: "

@@ -175,6 +175,10 @@ class ProcessingRecord(_Model):
     """Art. 30(2)(a): the controllers a processor acts for."""
     processing_categories: list[str] = Field(default_factory=list)
     """Art. 30(2)(b): the categories of processing carried out for them."""
+    entity_id: str | None = None
+    """The party's legal entity id in the run's party registry."""
+    documents: list[str] = Field(default_factory=list)
+    """The signed documents on file for the party (Art. 26, 28, SCCs), with their dates."""
 
 
 # ---- DPIA (Art. 35(7)) -------------------------------------------------------------------

@@ -104,6 +104,7 @@ _PLAIN: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"not named among the run's controllers"),
      "Some hospitals act as joint controllers but are not named in the run's joint-controller "
      "arrangement (Art. 26): add them or correct their role."),
+    (re.compile(r"names no DPO contact"), ""),
     (re.compile(r"no DPIA id is declared"),
      "No data protection impact assessment is attached to this run."),
     (re.compile(r"DPIA"), ""),
@@ -251,6 +252,8 @@ def record_fields(rec: ProcessingRecord, shared: Sequence[Measure]) -> dict[str,
         "(d) Recipients": _join(rec.recipients),
         "(e) Transfers and safeguards": transfers,
         "(f) Retention": retention,
+        "Legal entity; agreements on file": f"{rec.entity_id or 'not in a party registry'}; "
+        + (_join(rec.documents) if rec.documents else "no document on file"),
         "(g) Measures (Art. 32(1))": ("the shared measures" + ("; " if own else "")
                                       if shared else "")
         + _join((f"{m.measure}: {m.status}; {m.detail}" for m in own), "; ")

@@ -61,8 +61,11 @@ def test_default_site_manifest_accepts_the_example_run(country):
     run = load_run_declaration(EXAMPLE_RUN)
     sites = [default_site_manifest("sim-0", country), default_site_manifest("sim-1")]
     decisions = evaluate_run(run, sites)
-    # every rule but the DPIA gate accepts them; the example DPIA did not assess "sim-*"
-    assert not [d.reason for d in decisions if d.denied and d.rule_id != "GDPR-35"]
+    # every rule but the gates accepts them: the example registry and DPIA name no "sim-*"
+    gates = ("GDPR-35", "GDPR-26-28")
+    assert not [d.reason for d in decisions if d.denied and d.rule_id not in gates]
+    (parties,) = [d for d in decisions if d.rule_id == "GDPR-26-28"]
+    assert parties.denied and parties.reason.startswith("sim-0: no party in the registry")
     (gate,) = [d for d in decisions if d.rule_id == "GDPR-35"]
     assert gate.denied and "new site(s) not assessed: sim-0, sim-1" in gate.reason
     assert (f"new country(ies) not assessed: {country}" in gate.reason) == (

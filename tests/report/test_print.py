@@ -137,14 +137,14 @@ def test_delta_above_one_over_n_is_a_warning():
     from fedmeta.report.privacy import with_plain_language
 
     report_privacy = SitePrivacy(
-        site_id="site-0", dp=True, privacy_unit="one record", accountant="prv", delta=0.01,
+        site_id="site-0", dp=True, privacy_unit="one record", accountant="prv", delta=0.05,
         epsilon_run=1.0, epsilon_total=1.0, epsilon_max=10.0, budget_left=9.0,
         noise_multipliers=[1.0], sample_rates=[0.1], steps_per_round=[8], steps_total=8,
         clip_norm=1.0, rounds_joined=[1], rounds_declined=[], earlier_charges=0,
         statement="s", points=[])
     small = with_plain_language(report_privacy, 50, 4.0)
     assert len(small.warnings) == 1 and "above 1/n = 0.02" in small.warnings[0]
-    assert not with_plain_language(report_privacy, 50_000, 4.0).warnings
+    assert not with_plain_language(report_privacy, 10, 4.0).warnings  # 0.05 < 1/10
     assert not with_plain_language(report_privacy, "<5", 4.0).warnings  # suppressed count
     assert "2.72 times more sure" in small.plain
 
