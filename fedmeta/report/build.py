@@ -14,6 +14,7 @@ from fedmeta.report.learning import learning_section
 from fedmeta.report.model import (
     AuditSection,
     Finding,
+    IncidentRow,
     PolicySection,
     Report,
     RunSummary,
@@ -239,6 +240,33 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     return group_findings(sorted(out, key=lambda f: order[f.severity]), sorted(files.sites))
 
 
+def incident_rows(run_dir: Path, scope: str | None) -> list[IncidentRow]:
+    """The run's incidents (``fedmeta incident scan``), a site's own only in a site report."""
+    from fedmeta.incidents import IncidentStore, clocks
+    from fedmeta.incidents.store import IncidentError
+
+    try:
+        incidents = IncidentStore(run_dir).load()
+    except IncidentError as exc:
+        raise UnverifiedRunError(str(exc)) from None
+    at = datetime.now(UTC)
+    rows = []
+    for i in incidents:
+        if scope is not None and i.site_id != scope:
+            continue
+        cl = clocks(i, at)
+        done = i.decision is not None
+        dpdp = next((c for c in cl if c.reference.endswith("r.7(2)(b)")), None)
+        rows.append(IncidentRow(
+            id=i.id, kind=i.kind, site_id=i.site_id, summary=i.summary,
+            aware_at=i.aware_at.isoformat(timespec="minutes"),
+            art33_deadline=f"{cl[0].deadline:%Y-%m-%d %H:%M} UTC ({cl[0].state(at, done)})",
+            dpdp_deadline=(f"{dpdp.deadline:%Y-%m-%d %H:%M} UTC ({dpdp.state(at, done)}; "
+                           f"{dpdp.in_force})" if dpdp and dpdp.deadline else None),
+            status=i.status, reasons=i.decision.reasons if i.decision else None))
+    return rows
+
+
 def unsigned_figures(files: RunFiles, scope: str | None,
                      privacy: list[SitePrivacy]) -> list[str]:
     """The figures the report shows that no signed entry backs, in short."""
@@ -320,7 +348,14 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     run = run_summary(files, site)
     records = records_of_processing(files, audit.all_verified, site)
+    incidents = incident_rows(Path(run_dir), site)
     found = findings(files, site, audit, policy, privacy, epsilon_warn)
+    for row in incidents:
+        if row.reasons is None:
+            found.insert(0, Finding(
+                severity="error" if "OVERDUE" in row.art33_deadline else "warning",
+                section="incidents", message=f"incident {row.id} ({row.kind}) has no "
+                f"notification decision yet: GDPR Art. 33(1) deadline {row.art33_deadline}"))
     the_dpia = dpia(files, site, policy, privacy)
     return Report(
         evidence_basis=basis, keys_trusted=trusted, unsigned=unsigned,
@@ -337,5 +372,6 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
         records_of_processing=records, shared_measures=shared_measures(records),
         dpia=the_dpia, privacy=privacy, policy=policy,
         dpdp=dpdp_section(files), learning=learning_section(files, site, baseline),
-        audit=audit, findings=found, rules=rule_annex(status_on_report_date),
+        audit=audit, findings=found, incidents=incidents,
+        rules=rule_annex(status_on_report_date),
         epsilon_warn=epsilon_warn, disclaimer=DISCLAIMER)

@@ -513,6 +513,27 @@ class AuditSection(_Model):
     cross_checks: list[CrossCheck]
 
 
+# ---- incidents ---------------------------------------------------------------------------------
+
+
+class IncidentRow(_Model):
+    """An incident of the run (``fedmeta incident``) with its legal clocks."""
+
+    id: str
+    kind: str
+    site_id: str | None
+    summary: str
+    aware_at: str
+    art33_deadline: str
+    """GDPR Art. 33(1): 72 hours from awareness (the supervisory authority)."""
+    dpdp_deadline: str | None
+    """DPDP Rules r.7(2)(b): the Board's detailed report within 72 hours, where a DPDP site
+    is concerned."""
+    status: str
+    reasons: str | None
+    """The decision's reasons (GDPR Art. 33(5)), once decided."""
+
+
 # ---- the report ----------------------------------------------------------------------------------
 
 
@@ -551,6 +572,8 @@ class Report(_Model):
     learning: LearningSection
     audit: AuditSection
     findings: list[Finding]
+    incidents: list[IncidentRow] = Field(default_factory=list)
+    """Incidents opened from the run's signals and their notification decisions."""
     rules: list[RuleAnnexRow] = Field(default_factory=list)
     """Annex: every rule fedmeta applies, its provision and what it checks."""
     epsilon_warn: float | None = None

@@ -67,7 +67,7 @@ def test_the_ten_site_demo_report_prints_within_the_page_budget(demo, tmp_path):
     report_id = re.search(r"Report <strong class=\"mono\">(R-[0-9a-f]{10})</strong>", text)
     assert report_id is not None
     footer = re.search(r"@bottom-left \{ content: \"([^\"]*)\"", text).group(1)
-    assert report_id.group(1) in footer and demo.name not in footer
+    assert report_id.group(1) in footer and str(demo) not in footer
     assert re.search(r"run \d{8}T\d{6}Z-[0-9a-f]{6}", footer)
     assert 'counter(page) " of " counter(pages)' in text
     # no forced break but the one after page one: no half-empty pages between sections
@@ -94,8 +94,10 @@ def test_the_demo_report_reads_as_a_dpo_needs(demo, tmp_path):
     assert "DPIA-EXAMPLE-2025-001 v2" in summary and "gate: passed" in summary
     # repeated findings are grouped: one line for eleven self-asserted logs
     assert sum("intact only under" in f.message for f in report.findings) == 1
-    assert sum("not named among the run's controllers" in f.message
-               for f in report.findings) == 1
+    # the party registry names every site's party: no name-matching Art. 26 guess, and
+    # the registered parties of this run all name a DPO
+    assert not any("not named among the run's controllers" in f.message or "names no DPO"
+                   in f.message for f in report.findings)
     # shared measures once; the sites' records as one table
     assert body.count("measures shared by every site") == 1
     assert "Records of the 10 sites" in body
