@@ -4,7 +4,6 @@ Errors are one red line with exit code 2, never a traceback."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmeta.incidents.clocks import clocks
-from fedmeta.incidents.model import KIND_TEXT, Decision, Incident
+from fedmeta.incidents.model import KIND_TEXT, Decision
 from fedmeta.incidents.store import IncidentError, IncidentStore, now
 
 incident_app = typer.Typer(help="Incidents opened from the run's signals, with the GDPR "
@@ -32,17 +31,6 @@ def _store(run_dir: Path) -> IncidentStore:
     if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "audit").is_dir():
         raise _fail(f"{run_dir}: not a run directory (fedmeta simulate --out)")
     return IncidentStore(run_dir)
-
-
-def clock_table(incident: Incident, at: datetime) -> Table:
-    t = Table(title=f"{incident.id}: legal clocks from {incident.aware_at.isoformat()}")
-    for col in ("law", "provision", "duty", "deadline (UTC)", "now", "in force"):
-        t.add_column(col)
-    for c in clocks(incident, at):
-        t.add_row(c.law, c.reference, c.duty,
-                  c.deadline.isoformat(timespec="minutes") if c.deadline else "without delay",
-                  c.state(at, incident.decision is not None), c.in_force)
-    return t
 
 
 @incident_app.command("scan")
@@ -95,7 +83,12 @@ def show_command(run_dir: RunDir, incident_id: str) -> None:
     console.print(f"what: {i.summary}\nwhere: {i.source}\nsite: {i.site_id or '-'}\n"
                   f"occurred: {i.occurred_at.isoformat() if i.occurred_at else 'not recorded'}"
                   f"\naware: {i.aware_at.isoformat()}\nstatus: {i.status}", markup=False)
-    console.print(clock_table(i, now()))
+    at = now()
+    console.print("legal clocks (from aware):", markup=False)
+    for c in clocks(i, at):
+        deadline = c.deadline.isoformat(timespec="minutes") if c.deadline else "without delay"
+        console.print(f"  {c.reference}: {c.duty}; deadline {deadline}; "
+                      f"{c.state(at, i.decision is not None)}; {c.in_force}", markup=False)
     if i.decision is not None:
         console.print(f"reasons (Art. 33(5)): {i.decision.reasons} ({i.decision.decided_by}, "
                       f"{i.decision.decided_at.isoformat()})", markup=False)
