@@ -89,7 +89,7 @@ def group_findings(findings: Iterable[Finding], sites: Sequence[str]) -> list[Fi
 
 
 _PLAIN: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"intact only under a key taken from the run directory"),
+    (re.compile(r"intact only under (?:a key|keys) taken from the run directory"),
      "The audit logs were checked only against keys found in the run directory itself: "
      "have the parties' keys confirmed independently (fedmeta report --trust)."),
     (re.compile(r"private signing key\(s\) are inside the run directory"),
