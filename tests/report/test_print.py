@@ -128,6 +128,7 @@ def test_the_demo_report_reads_as_a_dpo_needs(demo, tmp_path):
     assert body.index('alt="Privacy budget per site') < first_annex  # the bars stay in §5
 
 
+@pytest.mark.slow
 def test_epsilon_and_delta_warnings(demo):
     report = build_report(demo, epsilon_warn=1.0)
     assert all(any("above the warning level 1" in w for w in p.warnings)
