@@ -96,6 +96,8 @@ class DpiaScope(_Model):
     max_epsilon: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     """The largest per-run epsilon assessed; None: only non-private runs were assessed."""
     transports: frozenset[Transport] = frozenset({"tls+supernode-auth"})
+    non_private: StrictBool = False
+    """Whether runs without differential privacy (``--no-dp``) were assessed too."""
 
     @field_serializer("countries", "purposes", "transports")
     def _sorted(self, value: frozenset[str]) -> list[str]:
@@ -157,11 +159,10 @@ def stale_reasons(dpia: DpiaRecord, epsilon: float | None, purpose: str,
     if purpose not in scope.purposes:
         out.append(f"new purpose not assessed: {purpose}")
     if epsilon is not None and (scope.max_epsilon is None or epsilon > scope.max_epsilon):
-        assessed = "none (non-private only)" if scope.max_epsilon is None else \
-            f"{scope.max_epsilon:g}"
+        assessed = "none" if scope.max_epsilon is None else f"{scope.max_epsilon:g}"
         out.append(f"epsilon {epsilon:g} is higher than the {assessed} assessed")
-    if epsilon is None and scope.max_epsilon is not None:
-        out.append("the run is non-private but the DPIA assessed differential privacy")
+    if epsilon is None and not scope.non_private:
+        out.append("the run is non-private (no differential privacy), which was not assessed")
     if transport is not None and transport not in scope.transports:
         out.append(f"transport {transport!r} was not assessed "
                    f"({', '.join(sorted(scope.transports))})")

@@ -235,7 +235,8 @@ def record_view(files: RunFiles, policy: PolicySection) -> DpiaRecordView | None
     scope = (f"{len(sc.sites)} site(s); countries {', '.join(sorted(sc.countries))}; "
              f"purposes {', '.join(sorted(sc.purposes))}; epsilon up to "
              f"{'-' if sc.max_epsilon is None else f'{sc.max_epsilon:g}'}; transports "
-             f"{', '.join(sorted(sc.transports))}")
+             f"{', '.join(sorted(sc.transports))}"
+             + ("; non-private runs assessed" if sc.non_private else ""))
     return DpiaRecordView(
         dpia_id=rec.id, version=rec.version, title=rec.title, status=rec.status,
         decision=DECISION_WORDS.get(rec.decision or "", None), conditions=list(rec.conditions),

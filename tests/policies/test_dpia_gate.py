@@ -78,6 +78,16 @@ def test_a_lower_epsilon_and_fewer_sites_stay_covered():
     assert gate(run=make_run(epsilon=0.5), sites=[make_site("site")])[0].allowed
 
 
+def test_a_non_private_run_needs_a_dpia_that_assessed_one():
+    run = make_run(dp_enabled=False, epsilon=None, delta=None, allow_non_private=True)
+    assert gate(run=run)[0].allowed  # the example assessed --no-dp on public data
+    strict = make_run(dp_enabled=False, epsilon=None, delta=None, allow_non_private=True,
+                      dpia=dpia(scope={"non_private": False}).model_dump())
+    d = gate(run=strict)[0]
+    assert d.denied and "non-private (no differential privacy), which was not assessed" in \
+        d.reason
+
+
 def test_unknown_transport_is_left_to_whoever_knows_it():
     assert gate(transport=None)[0].allowed
 
