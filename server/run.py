@@ -216,9 +216,12 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
                          min_sites=min_sites, node_wait_s=cfg.node_wait_s,
                          max_update_norm=cfg.max_update_norm, audit=audit, run_id=run_id)
     gate = check_min_sites(declaration, len(eligible))
+    refused = next((d for d in decisions if d.denied and d.site_id is None), None)
     if len(eligible) < min_sites:
         strategy.stopped = (f"{len(eligible)} eligible site(s), fewer than the declared minimum "
                             f"of {min_sites}; the run was not started ({gate.rule_id})")
+        if refused is not None:  # a run-level refusal (e.g. a gate): say which and why
+            strategy.stopped = f"the run was refused: {refused.rule_id}: {refused.reason}"
         log(WARNING, strategy.stopped)
         audit.append("run.stop", run_id=run_id, decision="deny", rule_ids=[gate.rule_id],
                      details={"reason": strategy.stopped[:500]})
