@@ -383,6 +383,8 @@ def _mount_report() -> None:
     app.command("report")(report_command)
     app.command("notice")(notice_command)
     app.command("rights")(rights_command)
+    from fedmeta.incidents.cli import incident_app  # incidents with legal clocks
+    app.add_typer(incident_app, name="incident")
 
 
 _mount_report()

@@ -27,9 +27,17 @@ Rules and decisions
     ``registry.py`` lists them in evaluation order and groups them into packs.
     A site gets the packs in ``site.law_packs`` plus ``privacy``.
 
+Gates (``gates.py``)
+    Run rules evaluated last, by the server, over the sites every other rule
+    left eligible: the party registry and its agreements (``GDPR-26-28``,
+    ``parties.py``: ``[registry]`` in the run declaration) and the DPIA
+    (``GDPR-35``, ``dpia.py``: ``dpia_file`` names a versioned ``dpia.toml``,
+    approved, current and covering the run's sites, countries, purpose, epsilon
+    and transport). A gate's denial names no site: the whole run is refused.
+
 Entry points::
 
-    decisions = evaluate_run(run, sites)                  # server, before sampling
+    decisions = evaluate_run(run, sites, transport=t)     # server, before sampling
     decisions = evaluate_site(run, site, read_columns=cols) # node, before training
     verdict = evaluate_records(run, site, records, at)      # node, each round
     verdict.allowed_mask, verdict.excluded_by_rule, verdict.n_allowed

@@ -41,6 +41,8 @@ from pydantic import (
 )
 
 from policies.countries import iso_countries
+from policies.dpia import DpiaError, DpiaRecord, load_dpia
+from policies.parties import PartyRegistry
 from policies.purposes import PURPOSES
 from policies.site_policy import SitePrivacyPolicy, canonical_json
 
@@ -270,6 +272,12 @@ class RunDeclaration(_Model):
     min_sites_per_round: Annotated[StrictInt, Field(ge=1, le=100000)] = 2
     scc_reference: SccReference | None = None
     dpia_id: Text | None = None
+    dpia: DpiaRecord | None = None
+    registry: PartyRegistry | None = None
+    """The parties of the run, their roles and agreements (``[registry]``); required: the
+    gate GDPR-26-28 refuses a run without it or with a document missing or expired."""
+    """The DPIA the run relies on (``dpia_file`` in the TOML names its file); required,
+    approved and current where a site processes special-category data (GDPR-35)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -280,6 +288,13 @@ class RunDeclaration(_Model):
                 "each site: move it to the site manifests as art9_law = 'XX: <citation>'"
             )
         return data
+
+    @model_validator(mode="after")
+    def _dpia_id(self) -> RunDeclaration:
+        if self.dpia is not None and self.dpia_id is not None and self.dpia_id != self.dpia.id:
+            raise ValueError(f"dpia_id: {self.dpia_id!r} is not the id of the DPIA file "
+                             f"({self.dpia.id!r}): make them agree")
+        return self
 
     @model_validator(mode="after")
     def _dp_parameters(self) -> RunDeclaration:
@@ -331,6 +346,9 @@ class SiteManifest(_Model):
     feature_columns: tuple[Text, ...] = ()
     """The feature columns the site allows a trainer to read (GDPR Art. 5(1)(c))."""
     dpo_contact: Text | None = None
+    legal_entity_id: Text | None = None
+    """The site's legal entity in the run declaration's party registry (else the registry
+    party that lists this site id in its site_ids)."""
     privacy: SitePrivacyPolicy | None = None
     """The site's own privacy policy (``[privacy]`` table), enforced at the site every round.
     Absent: a deployed site uses ``SitePrivacyPolicy()``'s cautious defaults, a simulated
@@ -498,8 +516,17 @@ def parse_site_manifest(data: Mapping[str, Any], source: str = "<site manifest>"
 
 
 def load_run_declaration(path: str | Path) -> RunDeclaration:
-    """Read and check a run declaration TOML file."""
+    """Read and check a run declaration TOML file (and the DPIA file it names with
+    ``dpia_file``, relative to the declaration)."""
     data, source = _read_toml(path)
+    if "dpia_file" in data:
+        name = data.pop("dpia_file")
+        if not isinstance(name, str) or not name:
+            raise DeclarationError(f"{source}: field 'dpia_file': must be a file name")
+        try:
+            data["dpia"] = load_dpia(Path(path).parent / name).to_dict()
+        except DpiaError as exc:
+            raise DeclarationError(f"{source}: field 'dpia_file': {exc}") from None
     return parse_run_declaration(data, source)
 
 

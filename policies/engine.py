@@ -15,14 +15,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from policies.declarations import RunDeclaration, SiteManifest
 from policies.privacy import check_min_sites
 from policies.records import RecordMeta, as_utc
 from policies.registry import rules_for
-from policies.rule import Columns, Decision, Level, Outcome, RecordRule, RunRule, SiteRule
+from policies.rule import (
+    Columns,
+    Decision,
+    GateRule,
+    Level,
+    Outcome,
+    RecordRule,
+    RunRule,
+    SiteRule,
+)
 
 __all__ = [
     "RecordsVerdict",
@@ -35,19 +44,39 @@ __all__ = [
 ]
 
 
-def evaluate_run(run: RunDeclaration, sites: Sequence[SiteManifest]) -> list[Decision]:
-    """All decisions the server needs before sampling: run-level rules, then each site's."""
+def evaluate_run(
+    run: RunDeclaration,
+    sites: Sequence[SiteManifest],
+    transport: str | None = None,
+    today: date | None = None,
+) -> list[Decision]:
+    """All decisions the server needs before sampling: run-level rules, then each site's,
+    then the gates (e.g. the DPIA, GDPR-35) over the sites still eligible.
+
+    ``transport``: "simulation", "tls+supernode-auth" or "insecure" where the caller
+    knows it (a gate checks it against the DPIA's scope); ``today``: the date the
+    gates check review dates against (default: today, UTC).
+    """
     ids = [site.site_id for site in sites]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ValueError(f"site ids must be unique; repeated: {', '.join(duplicates)}")
     packs = {pack for site in sites for pack in site.law_packs}
     decisions: list[Decision] = []
+    gates: list[GateRule] = []
     for rule in rules_for(packs, Level.RUN):
+        if isinstance(rule, GateRule):
+            gates.append(rule)
+            continue
         assert isinstance(rule, RunRule)
         decisions.extend(rule.evaluate(run, sites))
     for site in sites:
         decisions.extend(evaluate_site(run, site))
+    if gates:
+        day = today if today is not None else datetime.now(UTC).date()
+        remaining = eligible_sites(decisions, sites)
+        for gate in gates:
+            decisions.extend(gate.gate(run, remaining, transport, day))
     return decisions
 
 

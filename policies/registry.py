@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from policies import dpdp, gdpr, privacy
+from policies import dpdp, gates, gdpr, privacy
 from policies.rule import Level, Rule
 
 _RULES: tuple[Rule, ...] = (
     # run level: the federation as a whole (server)
     gdpr.ModelTransfer(),
+    # gates: the run as it will happen, over the sites still eligible (server, last)
+    gates.AgreementsGate(),
+    gates.DpiaGate(),
     # round level: the sites sampled for one round (server, check_min_sites)
     privacy.MinSitesPerRound(),
     # site level: may this site take part in this run (server and node)

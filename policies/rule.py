@@ -30,7 +30,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -225,6 +225,19 @@ class RoundRule(RunRule):
     """A rule about one round, with the sites sampled for it (checked by the server)."""
 
     level = Level.ROUND
+
+
+class GateRule(Rule):
+    """A rule about the run as it will really happen: evaluated by the server after every
+    other run and site rule, over the sites that remain eligible, with what the server
+    knows of the transport (None where it does not). A denial stops the run."""
+
+    level = Level.RUN
+
+    @abstractmethod
+    def gate(self, run: RunDeclaration, sites: Sequence[SiteManifest], transport: str | None,
+             today: date) -> list[Decision]:
+        """The gate's decisions (a denial names the run, not a site)."""
 
 
 class SiteRule(Rule):

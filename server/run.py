@@ -410,7 +410,10 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
     else:
         sites, manifests, problems = discover_sites(grid, cfg, round_config)
         problems = {k: one_line_error(v) for k, v in problems.items()}
-        decisions = evaluate_run(declaration, list(manifests.values())) if manifests else []
+        known = (transport if transport in ("simulation", "tls+supernode-auth", "insecure")
+                 else None)  # the DPIA gate judges the transport it was told about
+        decisions = (evaluate_run(declaration, list(manifests.values()), transport=known)
+                     if manifests else [])
     for name, reason in sorted(problems.items()):
         audit.append("site.unusable", run_id=run_id, decision="deny",
                      details={"site": name, "reason": reason})
@@ -467,6 +470,10 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
         gate = check_min_sites(declaration, len(eligible))
         strategy.stopped = (f"{len(eligible)} eligible site(s), fewer than the declared minimum "
                             f"of {min_sites}; the run was not started ({gate.rule_id})")
+        run_refusal = next((d for d in decisions if d.denied and d.site_id is None), None)
+        if run_refusal is not None:  # a run-level refusal (e.g. a gate): say which and why
+            strategy.stopped = (f"the run was refused: {run_refusal.rule_id}: "
+                                f"{run_refusal.reason}")
     if strategy.stopped:
         log(WARNING, strategy.stopped)
         audit.append("run.stop", run_id=run_id, decision="deny",

@@ -72,6 +72,7 @@ def consent_declaration(path: Path) -> Path:
     text = text.replace('lawful_basis = "e"', 'lawful_basis = "a"')
     text = text.replace('special_category_condition = "j"', 'special_category_condition = "a"')
     path.write_text(text)
+    path.with_name("dpia.toml").write_text(EXAMPLE_RUN.with_name("dpia.toml").read_text())
     return path
 
 

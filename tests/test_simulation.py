@@ -221,6 +221,7 @@ def test_budget_declines_and_is_never_reset_by_a_new_run(tmp_path):
     # (episodes train on all ~900 records of their classes: q ~ 1/90)
     declaration = tmp_path / "run.toml"
     declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 0.5"))
+    (tmp_path / "dpia.toml").write_text(EXAMPLE_RUN.with_name("dpia.toml").read_text())
     settings = {**COMMON, "fraction-train": 1.0, "epsilon-max": 0.5,
                 "declaration": str(declaration)}
     summary = run_inline(out, **settings)

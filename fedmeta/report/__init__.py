@@ -53,7 +53,8 @@ def default_path(run_dir: Path, fmt: str, site: str | None = None) -> Path:
 def generate(run_dir: Path, fmt: str = "html", out: Path | None = None,
              site: str | None = None, allow_unverified: bool = False,
              baseline: Path | None = None,
-             trust: list[str] | tuple[str, ...] = ()) -> tuple[Path, Report]:
+             trust: list[str] | tuple[str, ...] = (),
+             epsilon_warn: float | None = None) -> tuple[Path, Report]:
     """Like :func:`write_report`, also returning the :class:`Report` written."""
     from fedmeta.report.trust import TrustError, load_trust
 
@@ -67,7 +68,8 @@ def generate(run_dir: Path, fmt: str = "html", out: Path | None = None,
         raise ReportError(f"option '--baseline': {baseline}: not a run directory "
                           "(no metrics.jsonl)")
     report = build_report(Path(run_dir), site=site, allow_unverified=allow_unverified,
-                          baseline=baseline, trust=anchors)
+                          baseline=baseline, trust=anchors,
+                          **({} if epsilon_warn is None else {"epsilon_warn": epsilon_warn}))
     return render(report, fmt, out or default_path(run_dir, fmt, site)), report
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from fedmeta.report.checks import audit_section
 from fedmeta.report.collect import RunFiles, model_file_encrypted, read_run
-from fedmeta.report.dpia import dpia
+from fedmeta.report.dpia import dpia, dpia_line
 from fedmeta.report.evidence import metrics_signed, signed_manifest_hashes
 from fedmeta.report.learning import learning_section
 from fedmeta.report.model import (
     AuditSection,
     Finding,
+    IncidentRow,
     PolicySection,
     Report,
     RunSummary,
@@ -21,12 +22,21 @@ from fedmeta.report.model import (
     Severity,
     SitePrivacy,
 )
-from fedmeta.report.policy import dpdp_section, policy_section
-from fedmeta.report.privacy import privacy_section
+from fedmeta.report.policy import dpdp_section, policy_section, status_on_report_date
+from fedmeta.report.privacy import DEFAULT_EPSILON_WARN, privacy_section, with_plain_language
 from fedmeta.report.records import parties, records_of_processing, transport
+from fedmeta.report.summary import (
+    group_decisions,
+    group_findings,
+    report_id,
+    rule_annex,
+    shared_measures,
+    summary,
+)
 from fedmeta.report.trust import Anchor
 from policies import get_purpose
-from policies.countries import adequacy_staleness
+from policies.countries import adequacy_staleness, is_eea
+from policies.parties import registry_findings
 
 DISCLAIMER = ("Generated from the run's signed audit logs, privacy ledgers and files. An "
               "engineering aid for the controller and the DPO, not legal advice; rules marked "
@@ -94,7 +104,8 @@ def verification_problem(audit: AuditSection) -> str | None:
 
 
 def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: PolicySection,
-             privacy: list[SitePrivacy]) -> list[Finding]:
+             privacy: list[SitePrivacy],
+             epsilon_warn: float = DEFAULT_EPSILON_WARN) -> list[Finding]:
     out: list[Finding] = []
 
     def add(severity: Severity, section: str, message: str) -> None:
@@ -103,11 +114,18 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     for log in audit.logs:
         if log.status == "failed":
             add("error", "audit", f"{log.log}: {log.problem}")
-        elif log.status == "self-asserted":
-            add("warning", "audit", f"{log.log} ({log.party}) is intact only under a key "
-                                    f"taken from the run directory ({log.key_source}, "
-                                    f"{log.key_fingerprint}): compare it with the party's key "
-                                    "registered out of band, or pass it with --trust")
+    asserted = [log for log in audit.logs if log.status == "self-asserted"]
+    if len(asserted) == 1:
+        log = asserted[0]
+        add("warning", "audit", f"{log.log} ({log.party}) is intact only under a key "
+                                f"taken from the run directory ({log.key_source}, "
+                                f"{log.key_fingerprint}): compare it with the party's key "
+                                "registered out of band, or pass it with --trust")
+    elif asserted:
+        add("warning", "audit", f"{len(asserted)} logs ({', '.join(lg.party for lg in asserted)})"
+                                " are intact only under keys taken from the run directory "
+                                "(fingerprints in Annex D): compare them with the parties' "
+                                "keys registered out of band, or pass them with --trust")
     for c in audit.cross_checks:
         if not c.ok:
             add("error" if c.blocking else "warning", "audit", f"{c.check}: {c.detail}")
@@ -149,6 +167,9 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     stale = adequacy_staleness(datetime.now(UTC).date())
     if stale:
         add("warning", "policy", stale)
+    for row in policy.run_decisions:
+        if row.outcome == "deny" and row.site_id is None:
+            add("error", "policy", f"the run was refused ({row.rule_id}): {row.reason}")
     for site_id, why in policy.denied_sites.items():
         add("info", "policy", f"{site_id} was denied and never sampled: {why}")
     for r in policy.rights:
@@ -165,14 +186,45 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
                               f"{ds[0].reason}")
     decl = files.declaration
     names = {decl.controller.name} | {p.name for p in decl.joint_controllers}
+    unnamed = []
     for s in files.sites.values():
         m = s.manifest
         if m is None or (scope is None and s.site_id not in files.eligible):
             continue
+        if decl.registry is not None:  # the registry names the parties (gate GDPR-26-28)
+            continue
         if m.role != "processor" and m.institution not in names:
-            add("warning", "records", f"{m.site_id} ({m.institution}) is a {m.role} but not "
-                                      "named among the run's controllers: check the Art. 26 "
-                                      "arrangement")
+            unnamed.append(f"{m.site_id} ({m.institution}, {m.role})")
+    if decl.registry is not None:
+        outside, involved = set(), set()
+        coordinator = decl.registry.coordinator()
+        if coordinator is not None:
+            involved.add(coordinator.entity_id)
+        for s in files.sites.values():
+            m = s.manifest
+            if m is None or s.site_id not in files.eligible:
+                continue
+            party = decl.registry.party_of_site(m.site_id, m.legal_entity_id)
+            if party is None:
+                continue
+            involved.add(party.entity_id)
+            if "gdpr" in m.law_packs and not is_eea(party.country):
+                outside.add(party.entity_id)
+        for line in registry_findings(decl.registry, sorted(outside), sorted(involved)):
+            add("warning", "records", line)
+    if unnamed:
+        add("warning", "records", f"{len(unnamed)} site(s) act as controllers but are not named "
+                                  "among the run's controllers: check the Art. 26 arrangement: "
+                                  + "; ".join(unnamed))
+    weak = [p for p in privacy if any("warning level" in w for w in p.warnings)]
+    if weak:
+        add("warning", "privacy", f"{len(weak)} site(s) spent more than epsilon "
+                                  f"{epsilon_warn:g} in this run, a weak guarantee: "
+                                  + ", ".join(f"{p.site_id} {p.epsilon_run:.3g}" for p in weak))
+    loose = [p for p in privacy if any("1/n" in w for w in p.warnings)]
+    if loose:
+        add("warning", "privacy", f"{len(loose)} site(s) use a delta above 1/n (n = records "
+                                  "evaluated): " + ", ".join(p.site_id for p in loose))
     if not decl.dpia_id:
         add("warning", "dpia", "no DPIA id is declared for this run")
     if scope is None and model_file_encrypted(files.model_path) is False:
@@ -185,7 +237,34 @@ def findings(files: RunFiles, scope: str | None, audit: AuditSection, policy: Po
     if stopped:
         add("warning", "run", f"the run stopped early: {stopped}")
     order = {"error": 0, "warning": 1, "info": 2}
-    return sorted(out, key=lambda f: order[f.severity])
+    return group_findings(sorted(out, key=lambda f: order[f.severity]), sorted(files.sites))
+
+
+def incident_rows(run_dir: Path, scope: str | None) -> list[IncidentRow]:
+    """The run's incidents (``fedmeta incident scan``), a site's own only in a site report."""
+    from fedmeta.incidents import IncidentStore, clocks
+    from fedmeta.incidents.store import IncidentError
+
+    try:
+        incidents = IncidentStore(run_dir).load()
+    except IncidentError as exc:
+        raise UnverifiedRunError(str(exc)) from None
+    at = datetime.now(UTC)
+    rows = []
+    for i in incidents:
+        if scope is not None and i.site_id != scope:
+            continue
+        cl = clocks(i, at)
+        done = i.decision is not None
+        dpdp = next((c for c in cl if c.reference.endswith("r.7(2)(b)")), None)
+        rows.append(IncidentRow(
+            id=i.id, kind=i.kind, site_id=i.site_id, summary=i.summary,
+            aware_at=i.aware_at.isoformat(timespec="minutes"),
+            art33_deadline=f"{cl[0].deadline:%Y-%m-%d %H:%M} UTC ({cl[0].state(at, done)})",
+            dpdp_deadline=(f"{dpdp.deadline:%Y-%m-%d %H:%M} UTC ({dpdp.state(at, done)}; "
+                           f"{dpdp.in_force})" if dpdp and dpdp.deadline else None),
+            status=i.status, reasons=i.decision.reasons if i.decision else None))
+    return rows
 
 
 def unsigned_figures(files: RunFiles, scope: str | None,
@@ -233,7 +312,8 @@ def evidence_basis(files: RunFiles, audit: AuditSection) -> tuple[str, bool]:
 
 def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool = False,
                  baseline: Path | None = None,
-                 trust: dict[str, Anchor] | None = None) -> Report:
+                 trust: dict[str, Anchor] | None = None,
+                 epsilon_warn: float = DEFAULT_EPSILON_WARN) -> Report:
     """Read, verify and summarise a run; raise UnverifiedRunError unless it verifies.
 
     ``trust``: party -> key given from outside the run (:func:`fedmeta.report.trust.
@@ -250,7 +330,10 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
         raise UnverifiedRunError(f"{problem}; no report written (--allow-unverified writes "
                                  "one with a warning banner)")
     policy = policy_section(files, site)
-    privacy = privacy_section(files)
+    policy = policy.model_copy(update={
+        "site_decision_groups": group_decisions(policy.site_decisions)})
+    privacy = [with_plain_language(p, policy.records_evaluated.get(p.site_id), epsilon_warn)
+               for p in privacy_section(files)]
     warning = None
     if problem:
         n = sum(lg.status == "failed" for lg in audit.logs) + sum(
@@ -262,16 +345,33 @@ def build_report(run_dir: Path, site: str | None = None, allow_unverified: bool 
     if unsigned:
         basis = basis[:-1] + "; shown UNSIGNED (no signed entry backs them): " + \
             "; ".join(unsigned) + "."
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
+    run = run_summary(files, site)
+    records = records_of_processing(files, audit.all_verified, site)
+    incidents = incident_rows(Path(run_dir), site)
+    found = findings(files, site, audit, policy, privacy, epsilon_warn)
+    for row in incidents:
+        if row.reasons is None:
+            found.insert(0, Finding(
+                severity="error" if "OVERDUE" in row.art33_deadline else "warning",
+                section="incidents", message=f"incident {row.id} ({row.kind}) has no "
+                f"notification decision yet: GDPR Art. 33(1) deadline {row.art33_deadline}"))
+    the_dpia = dpia(files, site, policy, privacy)
     return Report(
         evidence_basis=basis, keys_trusted=trusted, unsigned=unsigned,
-        generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        report_id=report_id(files.run_id, site, generated),
+        generated_at=generated,
         generator=_generator(), run_dir=str(Path(run_dir).resolve()),
         scope=Scope(kind="site" if site else "federation", site_id=site),
         checks_passed=problem is None, verified=problem is None and trusted,
         unverified_warning=warning,
-        run=run_summary(files, site), parties=parties(files, site),
-        records_of_processing=records_of_processing(files, audit.all_verified, site),
-        dpia=dpia(files, site, policy, privacy), privacy=privacy, policy=policy,
+        summary=summary(run, found, privacy, problem is None, dpia_line(the_dpia),
+                        [f"{d.rule_id}: {d.reason}" for d in policy.run_decisions
+                         if d.outcome == "deny" and d.site_id is None]),
+        run=run, parties=parties(files, site),
+        records_of_processing=records, shared_measures=shared_measures(records),
+        dpia=the_dpia, privacy=privacy, policy=policy,
         dpdp=dpdp_section(files), learning=learning_section(files, site, baseline),
-        audit=audit, findings=findings(files, site, audit, policy, privacy),
-        disclaimer=DISCLAIMER)
+        audit=audit, findings=found, incidents=incidents,
+        rules=rule_annex(status_on_report_date),
+        epsilon_warn=epsilon_warn, disclaimer=DISCLAIMER)

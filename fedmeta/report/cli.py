@@ -39,6 +39,9 @@ def report_command(
                         "(repeatable): a directory of <party>.pub.pem (the coordinator "
                         "kit's site-audit-keys/), a key file, a trust file of "
                         "'PARTY = KEY-OR-SHA256-FINGERPRINT' lines, or PARTY=VALUE")] = None,
+    epsilon_warn: Annotated[float, typer.Option(
+        "--epsilon-warn", min=0.0, help="warn where a site's epsilon this run is above this "
+                                        "(default 4)")] = 4.0,
     allow_unverified: Annotated[bool, typer.Option(
         "--allow-unverified", help="write the report even if an audit log fails "
                                    "verification (with a red banner)")] = False,
@@ -64,7 +67,7 @@ def report_command(
         else:
             path, report = generate(run_dir, format_, out=out, site=site,
                                     allow_unverified=allow_unverified, baseline=baseline,
-                                    trust=tuple(trust or ()))
+                                    trust=tuple(trust or ()), epsilon_warn=epsilon_warn)
     except ReportError as exc:
         raise _fail(str(exc), 2) from None
     except UnverifiedRunError as exc:

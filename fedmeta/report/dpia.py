@@ -9,9 +9,13 @@ the question goes to ``to_complete``.
 
 from __future__ import annotations
 
+from datetime import date
+
 from fedmeta.report.collect import RunFiles
 from fedmeta.report.model import (
+    AssessedRisk,
     Dpia,
+    DpiaRecordView,
     PolicySection,
     Risk,
     RiskCriterion,
@@ -21,6 +25,7 @@ from fedmeta.report.policy import CHILD_RULES, CONSENT_RULES, ERASURE_RULES
 from fedmeta.report.records import link_measures
 from policies import get_purpose
 from policies.countries import is_eea
+from policies.dpia import DECISION_WORDS, DpiaRisk, approval_problems, stale_reasons
 
 WP248 = "WP248 rev.01"
 
@@ -165,6 +170,33 @@ def risks(files: RunFiles, scope: str | None, policy: PolicySection,
                          if excl & set(CHILD_RULES) else ""),
              references=["GDPR Art. 5(1)(e)", "GDPR Art. 7", "GDPR Art. 8",
                          "DPDP Act 2023 s.9"]),
+        Risk(risk="Code executed at the sites",
+             description="the coordinator ships the training code each site runs; modified "
+                         "code could read more records or send more than declared",
+             mitigations=["each site trains only under a run declaration it approved "
+                          "(signed hash in every round.train entry)",
+                          "the site's own privacy policy is enforced at the site, whatever "
+                          "the coordinator asks"],
+             residual="unless sites pin the application's hash, a modified app bypasses the "
+                      "site's checks (deployment trust)",
+             references=["GDPR Art. 32(1)(b)", "GDPR Art. 25(1)"]),
+        Risk(risk="Site insiders",
+             description="staff with access to a node, its keys or its record metadata "
+                         "misuse them, or alter the site's evidence",
+             mitigations=["signed, hash-chained audit log at every site, receipts held by "
+                          "the server", "keys created at the site, 0600"],
+             residual="organisational: who may operate the node is for the site to decide "
+                      "and record",
+             references=["GDPR Art. 32(4)", "GDPR Art. 5(1)(f)"]),
+        Risk(risk="Later use of the model",
+             description="the model is reused for other purposes, used for decisions about "
+                         "patients, or gives biased or wrong outputs",
+             mitigations=[f"purpose {decl.purpose} declared and approved by each site",
+                          "the model is treated as personal data (no release without an "
+                          "anonymity assessment)"],
+             residual="no model card, bias evaluation or release gate is attached: a new "
+                      "use needs a new purpose and DPIA",
+             references=["GDPR Art. 5(1)(b)", "GDPR Art. 22", "EDPB Opinion 28/2024"]),
         Risk(risk="Logs as personal data; log retention",
              description="audit logs and ledgers are kept for accountability",
              mitigations=["logs hold pseudonymous site ids, hashes and counts, never records or "
@@ -174,6 +206,52 @@ def risks(files: RunFiles, scope: str | None, policy: PolicySection,
                        if conflicts else "no retention conflict flagged"),
              references=["GDPR Art. 5(1)(e)", "DPDP Rules 2025 r.6(1)(e)", "r.8(3)"]),
     ]
+
+
+def _rating(likelihood: str, severity: str) -> str:
+    return f"{DpiaRisk.level(likelihood, severity)} ({likelihood} x {severity})"
+
+
+def record_view(files: RunFiles, policy: PolicySection) -> DpiaRecordView | None:
+    """The declaration's DPIA record and the gate's decision on it (GDPR-35)."""
+    rec = files.declaration.dpia
+    if rec is None:
+        return None
+    gate = next((d for d in policy.run_decisions if d.rule_id == "GDPR-35"), None)
+    if gate is not None:
+        gate_text, ok = f"{gate.outcome}: {gate.reason}", gate.outcome != "deny"
+    else:  # a run made before the gate existed: check the record as the gate would
+        problems = approval_problems(rec) + stale_reasons(
+            rec, files.declaration.epsilon if files.declaration.dp_enabled else None,
+            files.declaration.purpose,
+            [(s.manifest.site_id, s.manifest.country) for s in files.sites.values()
+             if s.manifest is not None and s.site_id in files.eligible],
+            None, date.today())
+        gate_text = ("not checked when the run started (no GDPR-35 decision in its "
+                     "log); checked now: " + ("; ".join(problems) if problems else
+                                             "covers the run"))
+        ok = not problems
+    sc = rec.scope
+    scope = (f"{len(sc.sites)} site(s); countries {', '.join(sorted(sc.countries))}; "
+             f"purposes {', '.join(sorted(sc.purposes))}; epsilon up to "
+             f"{'-' if sc.max_epsilon is None else f'{sc.max_epsilon:g}'}; transports "
+             f"{', '.join(sorted(sc.transports))}"
+             + ("; non-private runs assessed" if sc.non_private else ""))
+    return DpiaRecordView(
+        dpia_id=rec.id, version=rec.version, title=rec.title, status=rec.status,
+        decision=DECISION_WORDS.get(rec.decision or "", None), conditions=list(rec.conditions),
+        decided_by=rec.decided_by,
+        decided_on=rec.decided_on.isoformat() if rec.decided_on else None,
+        dpo_advice=rec.dpo_advice,
+        dpo_advice_date=rec.dpo_advice_date.isoformat() if rec.dpo_advice_date else None,
+        dpo_advice_followed=rec.dpo_advice_followed,
+        data_subjects_views=rec.data_subjects_views, review_date=rec.review_date.isoformat(),
+        review_triggers=list(rec.review_triggers), scope=scope, gate=gate_text, gate_ok=ok,
+        risks=[AssessedRisk(id=r.id, risk=r.title, description=r.description,
+                            inherent=_rating(r.likelihood_before, r.severity_before),
+                            measures=list(r.measures),
+                            residual=_rating(r.likelihood_after, r.severity_after))
+               for r in rec.risks])
 
 
 def dpia(files: RunFiles, scope: str | None, policy: PolicySection,
@@ -224,8 +302,26 @@ def dpia(files: RunFiles, scope: str | None, policy: PolicySection,
         "subjects",
         "Art. 36: prior consultation if a high residual risk remains",
     ]
-    if not decl.dpia_id:
+    record = record_view(files, policy)
+    if record is not None:  # what the DPIA record answers is no longer to complete
+        done = ["Art. 35(11)"] + (["Art. 35(2)"] if record.dpo_advice else []) + \
+            (["Art. 35(9)"] if record.data_subjects_views else [])
+        to_complete = [x for x in to_complete if not any(x.startswith(d) for d in done)]
+    elif not decl.dpia_id:
         to_complete.insert(0, "No DPIA id is declared for this run (dpia_id)")
+    else:
+        to_complete.insert(0, f"The DPIA {decl.dpia_id} is named but not attached: add its "
+                              "record with dpia_file in the run declaration")
     return Dpia(dpia_id=decl.dpia_id, required=required, description=description,
                 necessity=necessity, criteria=crit, risks=risks(files, scope, policy, privacy),
-                to_complete=to_complete)
+                to_complete=to_complete, record=record)
+
+
+def dpia_line(d: Dpia) -> str:
+    """The DPIA in one line for page one."""
+    if d.record is not None:
+        r = d.record
+        return (f"{r.dpia_id} v{r.version}, {r.status}, {r.decision or 'no decision'}; "
+                f"review by {r.review_date}; gate: {'passed' if r.gate_ok else 'REFUSED'}")
+    return f"{d.dpia_id} (declared; no DPIA record attached)" if d.dpia_id else \
+        "none declared"

@@ -36,11 +36,56 @@ class Scope(_Model):
 
 
 class Finding(_Model):
-    """Something a data protection officer should look at, in one line."""
+    """Something a data protection officer should look at, in one line.
+
+    Findings that differ only in the site they name are grouped into one, which names
+    the number of sites and lists them in ``sites``."""
 
     severity: Severity
     section: str
     message: str
+    sites: list[str] = Field(default_factory=list)
+    """The sites a grouped finding is about (empty: the run as a whole, or one site named
+    in the message)."""
+
+
+class SignOff(_Model):
+    """One line of the sign-off block: filled in by hand on the printed report."""
+
+    role: str
+    decides: str
+
+
+class Summary(_Model):
+    """Page one: go / no-go, the top findings in plain words, who signs."""
+
+    verdict: Literal["NO-GO", "GO WITH CONDITIONS", "GO"]
+    """NO-GO: an error finding (evidence failed, DP off, a gate refused the run);
+    GO WITH CONDITIONS: warnings a person must resolve; GO: nothing found."""
+    why: str
+    facts: list[str]
+    """Key facts of the run in one line each (purpose, sites, rounds, privacy, DPIA)."""
+    top_findings: list[str]
+    """At most five findings, most severe first, in plain words (no rule ids)."""
+    more_findings: int
+    """How many further findings the full list (section 1) holds."""
+    sign_off: list[SignOff]
+
+
+class RuleAnnexRow(_Model):
+    """One rule as the annex lists it: what the law says, what fedmeta checks."""
+
+    rule_id: str
+    pack: str
+    level: str
+    references: list[str]
+    checks: str
+    """What fedmeta checks, in words (the rule's description)."""
+    interpretation: bool
+    """True where the mapping from the provision to the check is fedmeta's reading."""
+    confidence: str
+    legal_status: str
+    """On the report's date: binding, readiness (applies from ...) or partly in force."""
 
 
 class RunSummary(_Model):
@@ -130,6 +175,10 @@ class ProcessingRecord(_Model):
     """Art. 30(2)(a): the controllers a processor acts for."""
     processing_categories: list[str] = Field(default_factory=list)
     """Art. 30(2)(b): the categories of processing carried out for them."""
+    entity_id: str | None = None
+    """The party's legal entity id in the run's party registry."""
+    documents: list[str] = Field(default_factory=list)
+    """The signed documents on file for the party (Art. 26, 28, SCCs), with their dates."""
 
 
 # ---- DPIA (Art. 35(7)) -------------------------------------------------------------------
@@ -150,6 +199,43 @@ class Risk(_Model):
     references: list[str]
 
 
+class AssessedRisk(_Model):
+    """A risk as the DPIA record rates it (EDPB template: inherent risk, measures,
+    residual risk); likelihood x severity on the ICO scale."""
+
+    id: str
+    risk: str
+    description: str
+    inherent: str
+    """e.g. "high (probable x severe)"."""
+    measures: list[str]
+    residual: str
+
+
+class DpiaRecordView(_Model):
+    """The DPIA record the run declaration carries (dpia.toml) and whether it covers the run."""
+
+    dpia_id: str
+    version: int
+    title: str
+    status: str
+    decision: str | None
+    conditions: list[str]
+    decided_by: str | None
+    decided_on: str | None
+    dpo_advice: str | None
+    dpo_advice_date: str | None
+    dpo_advice_followed: bool | None
+    data_subjects_views: str | None
+    review_date: str
+    review_triggers: list[str]
+    scope: str
+    gate: str
+    """The DPIA gate's (GDPR-35) decision on this run: current, stale or not approved."""
+    gate_ok: bool
+    risks: list[AssessedRisk]
+
+
 class Dpia(_Model):
     dpia_id: str | None
     required: str
@@ -163,6 +249,8 @@ class Dpia(_Model):
     """Art. 35(7)(c)-(d): risks and the measures this run had against them."""
     to_complete: list[str]
     """What the data cannot tell: for the controller and the DPO to fill in."""
+    record: DpiaRecordView | None = None
+    """The versioned DPIA the run relied on, if its declaration carries one."""
 
 
 # ---- privacy statements -----------------------------------------------------------------
@@ -209,6 +297,12 @@ class SitePrivacy(_Model):
     """The run declaration the site approved and trained under (hash it signed)."""
     run_epsilon_cap: float | None = None
     """The per-run epsilon the site enforced (the smaller of its policy and the declaration)."""
+    epsilon_before: float | None = None
+    """Epsilon the site had spent in earlier runs before this one (ledger)."""
+    plain: str = ""
+    """The guarantee in one plain-language sentence (odds ratio e^epsilon)."""
+    warnings: list[str] = Field(default_factory=list)
+    """Epsilon above the report's warning level, delta above 1/n, ..."""
 
 
 # ---- policy decisions ----------------------------------------------------------------------
@@ -227,6 +321,20 @@ class DecisionRow(_Model):
     legal_status: str = "binding"
     """On the report's date: binding, readiness (the provisions apply later) or partly
     in force, with the date the rest applies from (policies/data/commencement.toml)."""
+
+
+class DecisionGroup(_Model):
+    """Site decisions that are the same at several sites (same rule, outcome, reason,
+    rounds), shown once with the sites listed."""
+
+    rule_id: str
+    outcome: str
+    sites: list[str]
+    rounds: list[int]
+    references: list[str]
+    reason: str
+    flags: list[str]
+    legal_status: str = "binding"
 
 
 class ExclusionRow(_Model):
@@ -280,6 +388,8 @@ class PolicySection(_Model):
     min_cohort_size: dict[str, int]
     run_decisions: list[DecisionRow]
     site_decisions: list[DecisionRow]
+    site_decision_groups: list[DecisionGroup] = Field(default_factory=list)
+    """``site_decisions`` grouped across sites (what the HTML and Markdown show)."""
     exclusions: list[ExclusionRow]
     exclusion_totals: list[ExclusionTotal]
     records_evaluated: dict[str, Count]
@@ -403,6 +513,27 @@ class AuditSection(_Model):
     cross_checks: list[CrossCheck]
 
 
+# ---- incidents ---------------------------------------------------------------------------------
+
+
+class IncidentRow(_Model):
+    """An incident of the run (``fedmeta incident``) with its legal clocks."""
+
+    id: str
+    kind: str
+    site_id: str | None
+    summary: str
+    aware_at: str
+    art33_deadline: str
+    """GDPR Art. 33(1): 72 hours from awareness (the supervisory authority)."""
+    dpdp_deadline: str | None
+    """DPDP Rules r.7(2)(b): the Board's detailed report within 72 hours, where a DPDP site
+    is concerned."""
+    status: str
+    reasons: str | None
+    """The decision's reasons (GDPR Art. 33(5)), once decided."""
+
+
 # ---- the report ----------------------------------------------------------------------------------
 
 
@@ -417,6 +548,8 @@ class Report(_Model):
     """Figures shown that no signed entry backs (e.g. ledger fields an older site log
     does not sign); the first line names them too."""
     schema_version: Literal["fedmeta.report/2"] = SCHEMA_VERSION
+    report_id: str = ""
+    """Short id of this report (hash of run, scope and generation time), on every page."""
     generated_at: str
     generator: str
     run_dir: str
@@ -426,9 +559,12 @@ class Report(_Model):
     verified: bool
     """``checks_passed`` and ``keys_trusted``: never true for self-asserted evidence."""
     unverified_warning: str | None
+    summary: Summary | None = None
     run: RunSummary
     parties: list[Party]
     records_of_processing: list[ProcessingRecord]
+    shared_measures: list[Measure] = Field(default_factory=list)
+    """Measures identical in every record of processing: shown once."""
     dpia: Dpia
     privacy: list[SitePrivacy]
     policy: PolicySection
@@ -436,4 +572,10 @@ class Report(_Model):
     learning: LearningSection
     audit: AuditSection
     findings: list[Finding]
+    incidents: list[IncidentRow] = Field(default_factory=list)
+    """Incidents opened from the run's signals and their notification decisions."""
+    rules: list[RuleAnnexRow] = Field(default_factory=list)
+    """Annex: every rule fedmeta applies, its provision and what it checks."""
+    epsilon_warn: float | None = None
+    """Epsilon above which a site's statement carries a warning (report option)."""
     disclaimer: str

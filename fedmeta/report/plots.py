@@ -24,45 +24,37 @@ def data_uri(png: bytes) -> str:
 
 
 def epsilon_plot(report: Report) -> bytes | None:
-    """Cumulative epsilon of each site over this run's rounds, against its budget."""
-    sites = [p for p in report.privacy if p.dp and p.points]
+    """One bar per site: epsilon spent before this run, spent in this run, budget left."""
+    sites = [p for p in report.privacy if p.dp and p.epsilon_total is not None]
     if not sites:
         return None
-    fig = Figure(figsize=(7.5, 3.8))
+    sites = sites[::-1]  # the first site on top
+    fig = Figure(figsize=(7.5, 0.9 + 0.28 * len(sites)))
     ax = fig.add_subplot()
-    markers = "osD^vP*Xh<>"
-    budgets: dict[float, list[str]] = {}
-    for i, p in enumerate(sites):
-        mine = [pt for pt in p.points if pt.this_run]
-        before = [pt.epsilon_after for pt in p.points if not pt.this_run]
-        xs = [0] + [pt.round for pt in mine]
-        ys = [before[-1] if before else 0.0] + [pt.epsilon_after for pt in mine]
-        ax.plot(xs, ys, marker=markers[i % len(markers)], color=f"C{i % 10}", label=p.site_id,
-                markersize=8 - 4 * i / max(1, len(sites) - 1), alpha=0.85)
-        if p.epsilon_max is not None and p.epsilon_max != float("inf"):
-            budgets.setdefault(p.epsilon_max, []).append(p.site_id)
-    for j, (budget, ids) in enumerate(sorted(budgets.items())):
-        ax.axhline(budget, color="C3", linestyle="--", linewidth=1.2, alpha=0.8 - 0.1 * j)
-        ax.annotate(f"budget {budget:g} ({', '.join(ids) if len(budgets) > 1 else 'all sites'})",
-                    (0, budget), textcoords="offset points", xytext=(4, 4), fontsize=8,
-                    color="C3")
-    if report.run.dp and report.run.declared_epsilon is not None:
-        ax.axhline(report.run.declared_epsilon, color="0.4", linestyle=":", linewidth=1.2)
-        ax.annotate(f"declared for the run: {report.run.declared_epsilon:g}",
-                    (0, report.run.declared_epsilon), textcoords="offset points", xytext=(4, -12),
-                    fontsize=8, color="0.3")
-    declared = set(budgets)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("cumulative epsilon (all runs)")
-    ax.set_title("Cumulative epsilon per site (its ledger) against its budget"
-                 + (f" (epsilon_max {', '.join(f'{e:g}' for e in sorted(declared))})"
-                    if declared else ""), fontsize=10)
-    top = max([*budgets, *(pt.epsilon_after for p in sites for pt in p.points),
-               report.run.declared_epsilon or 0.0])
-    ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
+    ys = list(range(len(sites)))
+    before = [p.epsilon_before or 0.0 for p in sites]
+    now = [p.epsilon_run or 0.0 for p in sites]
+    left = [p.budget_left if p.budget_left is not None and p.epsilon_max != float("inf")
+            else 0.0 for p in sites]
+    ax.barh(ys, before, color="0.6", label="spent before this run", height=0.65)
+    ax.barh(ys, now, left=before, color="C0", label="spent in this run", height=0.65)
+    ax.barh(ys, left, left=[b + n for b, n in zip(before, now, strict=True)], color="C2",
+            alpha=0.3, label="budget left", height=0.65)
+    for y, p in zip(ys, sites, strict=True):
+        ax.annotate(f"{p.epsilon_run or 0.0:.2g} this run; left {p.budget_left or 0.0:.2g}"
+                    f" of {p.epsilon_max:g}", (0, y), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=7, color="white" if (p.epsilon_run or 0) > 1 else "0.1")
+    if report.epsilon_warn is not None:
+        ax.axvline(report.epsilon_warn, color="C3", linestyle=":", linewidth=1)
+    ax.set_yticks(ys, [p.site_id for p in sites], fontsize=8)
+    ax.set_xlabel("epsilon (sample level)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_title("Privacy budget per site: spent before, spent in this run, left"
+                 + (f" (dotted: warning level {report.epsilon_warn:g})"
+                    if report.epsilon_warn is not None else ""), fontsize=9)
+    ax.legend(fontsize=7, loc="lower right", ncols=3, bbox_to_anchor=(1.0, 1.08),
+              frameon=False)
+    ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fedmeta.report.collect import RunFiles, SiteFiles
 from fedmeta.report.evidence import ledger_evidence
 from fedmeta.report.model import LedgerPoint, SitePrivacy
@@ -64,11 +66,11 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
     mine = [c for c in ledger.charges if c.run == files.run_id]
     earlier = [c for c in ledger.charges if c.run != files.run_id]
     total = float(ledger.epsilon())
+    from fedmeta.privacy.budget import epsilon
+
     if not earlier:
         run_eps = mine[-1].epsilon_after if mine else 0.0
     else:  # compose this run's releases alone (Opacus's accountant, same as the ledger)
-        from fedmeta.privacy.budget import epsilon
-
         run_eps = float(epsilon([c.step for c in mine], ledger.delta, ledger.accountant))
     sigmas = _distinct([c.noise_multiplier for c in mine])
     rates = _distinct([c.sample_rate for c in mine])
@@ -113,7 +115,10 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
     if unsigned:
         statement += (f" UNSIGNED: {', '.join(unsigned)} come from the site's ledger file only; "
                       "its signed log does not hold them, so they are not verified.")
+    before = (float(epsilon([c.step for c in earlier], ledger.delta, ledger.accountant))
+              if earlier else 0.0)
     return SitePrivacy(
+        epsilon_before=before,
         unsigned_fields=unsigned,
         site_id=site.site_id, dp=True, privacy_unit=unit_label(unit),
         accountant=ledger.accountant, delta=ledger.delta, epsilon_run=run_eps,
@@ -127,6 +132,45 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
         declaration_sha256=_str_or_none(enforced.get("declaration_sha256")),
         run_epsilon_cap=(float(enforced["run_epsilon_max"])
                          if isinstance(enforced.get("run_epsilon_max"), int | float) else None))
+
+
+DEFAULT_EPSILON_WARN = 4.0
+"""Above this epsilon a site's guarantee is flagged as weak (the report's --epsilon-warn)."""
+
+
+def plain_sentence(p: SitePrivacy) -> str:
+    """The guarantee in plain words: the odds ratio e^epsilon an observer can gain."""
+    if not p.dp or p.epsilon_run is None or p.delta is None:
+        return (f"{p.site_id}: no differential-privacy guarantee holds for what it released "
+                "in this run.")
+    if not p.rounds_joined:
+        return f"{p.site_id} released nothing in this run, so it spent no privacy."
+    odds = math.exp(p.epsilon_run)
+    text = (f"{p.site_id}: epsilon {p.epsilon_run:.3g} this run: whoever sees all it released "
+            f"can become at most {odds:.3g} times more sure (e^{p.epsilon_run:.3g}) whether "
+            f"any one record was used, except with probability {p.delta:g}.")
+    if p.epsilon_total is not None and p.epsilon_max is not None and \
+            p.epsilon_total > p.epsilon_run * 1.0001:
+        text += (f" Over all its runs: epsilon {p.epsilon_total:.3g} of a budget of "
+                 f"{p.epsilon_max:g}.")
+    return text
+
+
+def with_plain_language(p: SitePrivacy, records: object, epsilon_warn: float) -> SitePrivacy:
+    """``p`` with its plain sentence and warnings: epsilon above ``epsilon_warn``, delta
+    above 1/n for the ``records`` the site evaluated (an int; a suppressed count is small
+    enough that delta > 1/n cannot hold for any delta below 1/5)."""
+    warnings = []
+    if p.dp and p.epsilon_run is not None and p.epsilon_run > epsilon_warn:
+        warnings.append(f"epsilon {p.epsilon_run:.3g} this run is above the warning level "
+                        f"{epsilon_warn:g}: a weak guarantee (an observer's odds may rise "
+                        f"{math.exp(p.epsilon_run):.3g}-fold)")
+    if p.dp and p.delta is not None and isinstance(records, int) and records > 0 and \
+            p.delta > 1.0 / records:
+        warnings.append(f"delta {p.delta:g} is above 1/n = {1.0 / records:.3g} for the "
+                        f"{records} records evaluated: a mechanism could then release one "
+                        "record outright; use delta well below 1/n")
+    return p.model_copy(update={"plain": plain_sentence(p), "warnings": warnings})
 
 
 def _enforced(files: RunFiles, site: SiteFiles) -> dict:

@@ -23,6 +23,7 @@ from fedmeta.report.model import (
 from policies import SPECIAL_CATEGORIES, Decision, SiteManifest, get_purpose
 from policies.countries import country_name, is_eea
 from policies.declarations import ART9_NAMES, DPDP_GROUND_NAMES, GDPR_BASIS_NAMES
+from policies.parties import DOCUMENT_NAMES, PartyRegistry
 
 SIMULATION = "not applicable: simulation on one machine (no network link between parties)"
 COORDINATOR_ROLE = "controller (coordinating; operates the aggregation server)"
@@ -339,13 +340,56 @@ def server_record(files: RunFiles, audit_ok: bool) -> ProcessingRecord:
         measures=measures(files, None, audit_ok))
 
 
+def processed(files: RunFiles) -> set[str]:
+    """The sites that trained in at least one round of the run (they processed data)."""
+    return {str(s) for m in files.round_lines for s in (m.get("used") or [])}
+
+
+def _documents(registry: PartyRegistry | None, entity_id: str | None) -> list[str]:
+    if registry is None or entity_id is None:
+        return []
+    return [f"{DOCUMENT_NAMES[d.kind]} {d.ref}"
+            + (f" (module {d.scc_module})" if d.scc_module else "")
+            + f": signed {d.signed_on}, "
+            + (f"expires {d.expires_on}" if d.expires_on else "no expiry date")
+            for d in registry.documents if entity_id in d.parties]
+
+
+def with_registry(files: RunFiles, rec: ProcessingRecord) -> ProcessingRecord:
+    """``rec`` linked to its party in the run's registry: entity id, documents on file,
+    the Art. 27 representative and the DPO where the registry names them."""
+    registry = files.declaration.registry
+    if registry is None:
+        return rec
+    if rec.party.site_id is not None:
+        m = files.sites[rec.party.site_id].manifest
+        party = registry.party_of_site(rec.party.site_id, m.legal_entity_id if m else None)
+    else:
+        party = registry.coordinator()
+    if party is None:
+        return rec
+    update: dict = {"entity_id": party.entity_id,
+                    "documents": _documents(registry, party.entity_id)}
+    if party.art27_representative:
+        update["representative"] = party.art27_representative
+    elif not is_eea(party.country):
+        update["representative"] = "NOT DECLARED: a party outside the EEA processing under " \
+                                   "GDPR needs a representative in the Union (Art. 27)"
+    if rec.party.dpo is None and party.dpo_contact:
+        update["party"] = rec.party.model_copy(update={"dpo": party.dpo_contact})
+    return rec.model_copy(update=update)
+
+
 def records_of_processing(files: RunFiles, audit_ok: bool, scope: str | None
                           ) -> list[ProcessingRecord]:
+    """Art. 30 records: the coordinator's and one per party whose site processed data in
+    this run (trained in a round); sites that never trained have no record here."""
     out = [] if scope is not None else [server_record(files, audit_ok)]
+    trained = processed(files)
     for s in files.sites.values():
-        if scope is None and s.site_id not in files.eligible:
+        if scope is None and (s.site_id not in files.eligible or s.site_id not in trained):
             continue
         rec = site_record(files, s, audit_ok, scope)
         if rec is not None:
             out.append(rec)
-    return out
+    return [with_registry(files, r) for r in out]

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 
 from fedmeta.report.model import Report
+from fedmeta.report.summary import group_checks, group_decisions, site_records_view
 
 HERE = Path(__file__).parent
 SCHEMA_FILE = HERE / "schema.json"
@@ -75,13 +78,47 @@ def _join(values: Any, sep: str = ", ") -> str:
     return sep.join(str(v) for v in values) if values else "-"
 
 
+def _css(value: Any) -> markupsafe.Markup:
+    """Text safe inside a CSS string in a <style> element (page footers)."""
+    return markupsafe.Markup(re.sub(r"[^A-Za-z0-9._:+ -]", "", str(value))[:80])
+
+
+def _ranges(values: Any) -> str:
+    """Round numbers as ranges: 1-5, 7, 9-10."""
+    nums = sorted({int(v) for v in values or []})
+    if not nums:
+        return "-"
+    out, start, prev = [], nums[0], nums[0]
+    for n in [*nums[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(out)
+
+
+def _sites(values: Any, every: Any = None) -> str:
+    """Sites of a grouped row: "all N sites" when they are every site of the report, all
+    of them when few, else the count and the list."""
+    values = list(values or [])
+    if every is not None and len(values) > 1 and sorted(values) == sorted(every):
+        return f"all {len(values)} sites"
+    if len(values) <= 3:
+        return ", ".join(values) or "-"
+    return f"{len(values)} sites: " + ", ".join(values)
+
+
 @cache
 def _env(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=autoescape,
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
         keep_trailing_newline=True)
-    env.filters.update(num=_num, md=_md, short=_short, join_list=_join)
+    env.filters.update(num=_num, md=_md, short=_short, join_list=_join, css=_css,
+                       ranges=_ranges, sites=_sites, group_decisions=group_decisions,
+                       site_records_view=site_records_view, group_checks=group_checks)
     return env
 
 

@@ -16,7 +16,7 @@ from policies import (
     example_run_declaration,
     example_site_manifest,
 )
-from policies.rule import Columns, Level
+from policies.rule import Columns, GateRule, Level
 
 AT = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 """The time of the round the tests evaluate."""
@@ -63,6 +63,9 @@ def decide(
 ) -> Decision:
     """The decision of one rule, about ``site`` where the rule decides per site."""
     rule = RULES[rule_id]
+    if isinstance(rule, GateRule):
+        gated = rule.gate(run, sites if sites is not None else [site], "simulation", AT.date())
+        return gated[0]
     if rule.level in (Level.RUN, Level.ROUND):
         decisions = rule.evaluate(run, sites if sites is not None else [site])  # type: ignore[attr-defined]
         mine = [d for d in decisions if d.site_id in (site.site_id, None)]

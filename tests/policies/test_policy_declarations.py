@@ -61,7 +61,15 @@ def test_default_site_manifest_accepts_the_example_run(country):
     run = load_run_declaration(EXAMPLE_RUN)
     sites = [default_site_manifest("sim-0", country), default_site_manifest("sim-1")]
     decisions = evaluate_run(run, sites)
-    assert not [d.reason for d in decisions if d.denied]
+    # every rule but the gates accepts them: the example registry and DPIA name no "sim-*"
+    gates = ("GDPR-35", "GDPR-26-28")
+    assert not [d.reason for d in decisions if d.denied and d.rule_id not in gates]
+    (parties,) = [d for d in decisions if d.rule_id == "GDPR-26-28"]
+    assert parties.denied and parties.reason.startswith("sim-0: no party in the registry")
+    (gate,) = [d for d in decisions if d.rule_id == "GDPR-35"]
+    assert gate.denied and "new site(s) not assessed: sim-0, sim-1" in gate.reason
+    assert (f"new country(ies) not assessed: {country}" in gate.reason) == (
+        country not in ("DE", "FR", "IN"))
     assert sites[0].country == country
     assert sites[0].law_packs == (("dpdp",) if country == "IN" else ("gdpr",))
 
@@ -99,6 +107,9 @@ def test_reference_data():
 def _write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
+    if "dpia_file" in text:  # a run declaration names its DPIA file beside it
+        dpia = EXAMPLE_RUN.with_name("dpia.toml")
+        (tmp_path / "dpia.toml").write_text(dpia.read_text(encoding="utf-8"), encoding="utf-8")
     return path
 
 

@@ -44,6 +44,16 @@ CASES: dict[str, tuple[Case, Case]] = {
             sites=[_de(), _in(transfer_safeguards=())],
         ),
     ),
+    "GDPR-26-28": (
+        lambda: decide("GDPR-26-28", make_run(), _de(), sites=[_de(), _in()]),
+        lambda: decide("GDPR-26-28", make_run(), _de(site_id="site-unregistered"),
+                       sites=[_de(site_id="site-unregistered"), _in()]),
+    ),
+    "GDPR-35": (
+        lambda: decide("GDPR-35", make_run(), _de(), sites=[_de(), _in()]),
+        lambda: decide("GDPR-35", make_run(), _de(site_id="site-new"),
+                       sites=[_de(site_id="site-new"), _in()]),
+    ),
     "GDPR-6": (
         lambda: decide("GDPR-6", make_run(), _de()),
         lambda: decide("GDPR-6", make_run(), _de(art6_3_law=None)),

@@ -263,8 +263,11 @@ def test_packs_applied_are_the_sites_law_packs(run, de_site, in_site):
 
 def test_evaluate_run_orders_and_labels(run, de_site, in_site):
     decisions = evaluate_run(run, [de_site, in_site])
-    levels = [d.level for d in decisions]
+    *rules, parties, dpia = decisions  # the gates come last, over the sites still eligible
+    levels = [d.level for d in rules]
     assert levels == sorted(levels, key=[Level.RUN, Level.SITE].index)
+    assert [parties.rule_id, dpia.rule_id] == ["GDPR-26-28", "GDPR-35"]
+    assert parties.allowed and dpia.allowed and dpia.level is Level.RUN
     assert {d.site_id for d in decisions if d.level is Level.SITE} == {"site-de-01", "site-in-01"}
     with pytest.raises(ValueError, match="unique"):
         evaluate_run(run, [de_site, de_site])
