@@ -172,6 +172,7 @@ def test_the_run_stops_when_every_sites_budget_is_spent(tmp_path):
     out = tmp_path / "tight"
     declaration = tmp_path / "run.toml"
     declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 0.5"))
+    (tmp_path / "dpia.toml").write_text(EXAMPLE_RUN.with_name("dpia.toml").read_text())
     summary = run_inline(out, task="digits-fewshot", **{
         **SMALL, "inner-steps": 8, "rounds": 30, "epsilon-max": 0.5,
         "declaration": str(declaration)})
