@@ -1,7 +1,8 @@
 """Keep a run off the network: a Linux network namespace that has only loopback.
 
-Ray binds its GCS server, raylet and worker ports on all interfaces and has no
-option to bind them elsewhere. ``loopback_only()`` moves the calling thread into
+Ray binds its GCS server, raylet and worker ports on its node IP address (on
+Linux by default the machine's address on the network) and has no bind-address
+option of its own. ``loopback_only()`` moves the calling thread into
 a fresh network namespace whose only interface is ``lo`` (brought up here); every
 thread and process that thread starts afterwards (Ray's services, its workers,
 Flower's ServerApp thread) inherits it, so whatever they bind can be reached

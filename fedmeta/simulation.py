@@ -177,9 +177,10 @@ def _confined() -> Iterator[Confinement | None]:
 
 def _warn_exposed(why: str) -> None:
     logger.warning(
-        f"Ray's GCS, raylet and worker ports listen on all interfaces while this run lasts "
-        f"(no loopback-only network namespace: {why}); on a shared machine use --backend "
-        "inline or run under: unshare -rn sh -c 'ip link set lo up && exec fedmeta ...'")
+        f"Ray's GCS, raylet and worker ports are open in this machine's network while this "
+        f"run lasts, to every local user (no loopback-only network namespace: {why}); on a "
+        "shared machine use --backend inline or run under: unshare -rn sh -c 'ip link set lo "
+        "up && exec fedmeta ...'")
 
 
 def _simulate_ray(cfg: RunConfig) -> None:
