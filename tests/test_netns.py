@@ -167,3 +167,35 @@ def test_without_a_namespace_the_run_says_what_is_exposed(monkeypatch, caplog):
     (line,) = [r.getMessage() for r in caplog.records]
     assert "open in this machine's network" in line and "FEDMETA_ALLOW_NETWORK=1" in line
     assert "\n" not in line
+
+
+@root_only
+def test_simulate_confines_the_ray_run_and_calls_back_from_outside(tmp_path, monkeypatch):
+    """``simulate(backend="ray")``'s wiring, with the Ray run replaced by a stand-in that
+    notes where it runs and emits one round from a thread it starts (as Flower's
+    ServerApp thread does)."""
+    from fedmeta import rounds
+    from fedmeta.config import RunConfig
+    from fedmeta.metrics import SUMMARY_FILE
+
+    home = os.readlink(THREAD_NET_NS)
+    where: dict[str, str] = {}
+
+    def stand_in(cfg: RunConfig) -> None:
+        where["run"] = os.readlink(THREAD_NET_NS)
+        where["interfaces"] = ",".join(sorted(psutil.net_if_addrs()))
+        server = threading.Thread(target=rounds.emit, args=({"round": 1},))
+        server.start()
+        server.join()
+        (Path(cfg.out_dir) / SUMMARY_FILE).write_text('{"status": "completed"}')
+
+    def on_round(metrics: rounds.RoundMetrics) -> None:
+        where["callback"] = os.readlink(THREAD_NET_NS)
+
+    monkeypatch.delenv(simulation.ALLOW_NETWORK_ENV, raising=False)
+    monkeypatch.setattr(simulation, "_simulate_ray", stand_in)
+    cfg = RunConfig.from_flat({"out-dir": str(tmp_path / "run")}, source="test")
+    assert simulation.simulate(cfg, on_round=on_round) == {"status": "completed"}
+    assert where["run"] != home and where["interfaces"] == "lo"
+    assert where["callback"] == home
+    assert os.readlink(THREAD_NET_NS) == home
