@@ -25,7 +25,7 @@ import pytest
 from helpers import FEDMETA, ROOT
 
 from fedmeta import simulation
-from fedmeta.netns import THREAD_NET_NS, entered, loopback_only
+from fedmeta.netns import THREAD_NET_NS, NamespaceUnavailable, entered, loopback_only
 
 root_only = pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0
                                or not (shutil.which("unshare") and shutil.which("ip")),
@@ -159,14 +159,27 @@ def test_loopback_only_confines_the_thread_and_what_it_starts():
     assert os.readlink(THREAD_NET_NS) == home
 
 
-def test_without_a_namespace_the_run_says_what_is_exposed(monkeypatch, caplog):
-    monkeypatch.setenv(simulation.ALLOW_NETWORK_ENV, "1")
+@pytest.mark.parametrize("why", ["opt-out", "not root"])
+def test_without_a_namespace_the_run_says_what_is_exposed(why, monkeypatch, caplog):
+    if why == "opt-out":
+        monkeypatch.setenv(simulation.ALLOW_NETWORK_ENV, "1")
+        reason = "FEDMETA_ALLOW_NETWORK=1"
+    else:
+        monkeypatch.delenv(simulation.ALLOW_NETWORK_ENV, raising=False)
+        reason = "unshare(CLONE_NEWNET): Operation not permitted (needs root)"
+
+        @contextlib.contextmanager
+        def refused():
+            raise NamespaceUnavailable(reason)
+            yield
+
+        monkeypatch.setattr(simulation, "loopback_only", refused)
     with (caplog.at_level(logging.WARNING, logger="fedmeta.simulation"),
           simulation._confined() as jail):
         assert jail is None
     (line,) = [r.getMessage() for r in caplog.records]
-    assert "open in this machine's network" in line and "FEDMETA_ALLOW_NETWORK=1" in line
-    assert "\n" not in line
+    assert "open in this machine's network" in line and reason in line
+    assert "--backend inline" in line and "\n" not in line
 
 
 @root_only
