@@ -15,7 +15,10 @@ simulation API passes an empty run config; sites receive it with every
 round's message. ``FEDMETA_TRANSPORT`` says the sites are simulated;
 ``FEDMETA_RESUME=1`` asks the ServerApp to continue the directory's stopped run.
 Round callbacks (``fedmeta.rounds``) reach the ServerApp in this process with
-either backend. The typed, documented entry point is ``fedmeta.simulate``
+either backend. With ``ray``, the run is confined to a loopback-only network
+namespace where the process may make one (``fedmeta.netns``; root); elsewhere, or
+with ``FEDMETA_ALLOW_NETWORK=1``, a one-line warning says which ports are open.
+The typed, documented entry point is ``fedmeta.simulate``
 (``fedmeta.api``); this module returns the raw summary dict.
 """
 
@@ -25,6 +28,7 @@ import contextlib
 import ctypes
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -37,6 +41,7 @@ import psutil
 from fedmeta.checkpoints import CHECKPOINT_DIR
 from fedmeta.config import RunConfig, resolve_device
 from fedmeta.metrics import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from fedmeta.netns import Confinement, NamespaceUnavailable, loopback_only
 from fedmeta.offline import no_call_home
 from fedmeta.rounds import RoundCallback, listening
 
@@ -45,9 +50,13 @@ CLIENT_APP = "clients.app:app"
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"
 TRANSPORT_ENV = "FEDMETA_TRANSPORT"
 RESUME_ENV = "FEDMETA_RESUME"
+ALLOW_NETWORK_ENV = "FEDMETA_ALLOW_NETWORK"  # "1": run Ray in this machine's own network
 BACKENDS = ("ray", "inline")
 RAY_EXIT_GRACE_S = 10.0  # how long Ray's processes get to exit after ray.shutdown()
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+LOOPBACK = "127.0.0.1"
+
+logger = logging.getLogger(__name__)
 
 
 class RunDirError(ValueError):
@@ -80,7 +89,8 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": per_site_gpu},
         "init_args": {"num_cpus": ncpu, "num_gpus": gpus, "include_dashboard": False,
-                      "logging_level": "error", "log_to_driver": False},
+                      "logging_level": "error", "log_to_driver": False,
+                      "_node_ip_address": LOOPBACK},
     }
 
 
@@ -94,10 +104,13 @@ def simulate(cfg: RunConfig, *, overwrite: bool = False, backend: str = "ray",
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     no_call_home()
     out = resume_dir(cfg) if resume else prepare_run_dir(cfg, overwrite)
-    with _run_env(out, resume), listening(on_round):
-        if backend == "ray":
+    if backend == "ray":
+        # callbacks run outside the confinement (e.g. MLflow on another machine)
+        with (_run_env(out, resume), _confined() as jail,
+              listening(jail.wrap(on_round) if jail and on_round else on_round)):
             _simulate_ray(cfg)
-        else:
+    else:
+        with _run_env(out, resume), listening(on_round):
             _simulate_inline(cfg)
     summary_path = out / SUMMARY_FILE
     if not summary_path.exists():
@@ -144,6 +157,30 @@ def _run_env(out: Path, resume: bool = False) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _confined() -> Iterator[Confinement | None]:
+    """A loopback-only network namespace for the Ray run (``None``: none, warned)."""
+    if os.environ.get(ALLOW_NETWORK_ENV) == "1":
+        _warn_exposed(f"{ALLOW_NETWORK_ENV}=1")
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            jail: Confinement | None = stack.enter_context(loopback_only())
+        except NamespaceUnavailable as exc:
+            _warn_exposed(str(exc))
+            jail = None
+        yield jail
+
+
+def _warn_exposed(why: str) -> None:
+    logger.warning(
+        f"Ray's GCS, raylet and worker ports are open in this machine's network while this "
+        f"run lasts, to every local user (no loopback-only network namespace: {why}); on a "
+        "shared machine use --backend inline or run under: unshare -rn sh -c 'ip link set lo "
+        "up && exec fedmeta ...'")
 
 
 def _simulate_ray(cfg: RunConfig) -> None:
