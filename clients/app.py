@@ -47,7 +47,9 @@ def get_site(context: Context, cfg: RunConfig) -> Site:
     if key not in _SITES:
         # a node with a site-dir is deployed: its own files decide, whatever the config says
         simulated = "site-dir" not in context.node_config
-        _SITES[key] = Site(site_id, index, site_dir, cfg, simulated=simulated)
+        data = context.node_config.get("data")  # where the site keeps its data, if elsewhere
+        _SITES[key] = Site(site_id, index, site_dir, cfg, simulated=simulated,
+                           data_path=str(data) if data else None)
     return _SITES[key]
 
 

@@ -38,6 +38,11 @@ class RunConfig(BaseModel):
     rounds: int = Field(30, ge=1, le=100_000)
     seed: int = Field(1, ge=0)
     out_dir: str = "runs/demo"
+    model: str = Field("", description="package.module:factory building the model for any "
+                       "task ('' = the task's own model); called as factory(out_dim, task)")
+    data_dir: str = Field("", description="simulation: a folder with one data folder per "
+                          "site (site-0, site-1, ...; '' = each site's own directory); "
+                          "folders beyond the training sites are held out for evaluation")
 
     # tabular-csv only: the shape the federation agreed on (sites hold data.csv + schema.toml)
     features: int = Field(0, ge=0, le=100_000, description="feature columns (tabular-csv)")
@@ -168,7 +173,8 @@ def build_task(cfg: RunConfig):  # -> fedmeta.data.tasks.Task (import kept lazy:
     from fedmeta.data.tasks import get_task
 
     return get_task(cfg.task, n_way=cfg.n_way, pool_per_class=cfg.pool_per_class,
-                    num_sites=cfg.sites, num_features=cfg.features, num_classes=cfg.classes)
+                    num_sites=cfg.sites, num_features=cfg.features, num_classes=cfg.classes,
+                    model=cfg.model, data_dir=cfg.data_dir)
 
 
 def inner_lr(cfg: RunConfig, task) -> float:
