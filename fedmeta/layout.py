@@ -7,7 +7,9 @@ Flower's ``load_app`` inserts the current directory at the front before importin
 an app by name (``server.app:app``); Ray's workers inherit that order through
 ``PYTHONPATH``. A user's directory holding its own ``server.py``, ``clients/`` or
 ``policies/`` (common in Flower projects) then shadows ours: ``No module named
-'server.app'; 'server' is not a package``.
+'server.app'; 'server' is not a package``. Even a folder without ``__init__.py``
+does, when fedmeta is installed in editable mode (its packages are then found by
+an import hook consulted after ``sys.path``).
 
 ``protect()`` (run when ``fedmeta`` is imported) checks whether an entry of
 ``sys.path`` before the directory fedmeta is installed in would shadow one of
@@ -34,7 +36,9 @@ def _entry_dir(entry: str) -> Path | None:
 
 
 def _provides(directory: Path, name: str) -> bool:
-    return (directory / f"{name}.py").is_file() or (directory / name / "__init__.py").is_file()
+    """A module, a package or a plain folder (a namespace portion: with an editable install,
+    whose packages are not on sys.path, even that wins over ours)."""
+    return (directory / f"{name}.py").is_file() or (directory / name).is_dir()
 
 
 def shadowing(path: list[str] | None = None) -> list[str]:

@@ -113,6 +113,21 @@ def test_adapted_model_carries_its_provenance(federation, new_site, tmp_path):
     assert entry["sig"] == prov["audit_entry"]["sig"]
     assert saved["task"] == "digits-fewshot" and saved["classes"] == list(result.classes)
     assert saved["preprocessing"]["shape"] == [1, 8, 8] and saved["adaptation"]["shots"] == 3
+    assert prov["audit_key_source"] == "embedded"  # no key pinned: trust on first use, said
+    # pinned: the coordinator's public key given out of band
+    from fedmeta.audit.keys import public_key_path
+
+    pub = public_key_path(federation / "keys" / "server-audit-signing.pem")
+    pinned = api.adapt(federation, labelled, shots=3, public_key=pub)
+    assert pinned.provenance["audit_key_source"] == "given"
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedmeta.audit.keys import public_pem
+
+    other = tmp_path / "other.pub.pem"
+    other.write_bytes(public_pem(Ed25519PrivateKey.generate()))
+    with pytest.raises(ProvenanceError, match="fails verification"):
+        api.adapt(federation, labelled, shots=3, public_key=other)
     # 3 of the 5 labelled images per class adapt; the other 2 are held back and scored
     assert result.support == 15 and result.held_back == 10
     assert saved["adaptation"]["held_back_accuracy"] == result.held_back_accuracy

@@ -165,7 +165,8 @@ def stop_local_superlink(home: Path) -> None:
 
 def run_flwr(app: Path, cwd: Path, run_config: str, home: Path) -> tuple[
         subprocess.CompletedProcess[str], Path]:
-    summary = app / "runs" / "flwr" / "summary.json"
+    """`flwr run APP` from ``cwd``; the ServerApp's relative out-dir is relative to ``cwd``."""
+    summary = cwd / "runs" / "flwr" / "summary.json"
     try:
         res = subprocess.run([*loopback_only(), "flwr", "run", str(app), "--stream",
                               "--run-config", run_config], cwd=cwd, env=_flwr_env(home),

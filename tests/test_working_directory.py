@@ -73,3 +73,4 @@ def test_flwr_run_from_such_a_directory(user_dir, tmp_path):
                             tmp_path / "flwr-home")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert set(json.loads(summary.read_text())["epsilon"]) == {"site-0", "site-1"}
+    assert summary.is_relative_to(user_dir)  # Flower runs the app in the caller's cwd
