@@ -61,8 +61,11 @@ def csv_paths(path: Path) -> tuple[Path, Path]:
 def load_tabular(path: Path | str, schema: CsvSchema | None = None) -> Loaded:
     """A site's labelled CSV as records (standardised per site if the schema says so)."""
     data, schema_path = csv_paths(Path(path))
-    schema = schema or load_schema(schema_path)
-    records, report = load_csv(data, schema)
+    if schema is None:
+        schema = load_schema(schema_path)
+        records, _ = load_csv(data, schema_path)  # errors then name schema.toml
+    else:
+        records, _ = load_csv(data, schema)
     ds = schema.dataset
     classes = (tuple(ds.classes) if ds.classes is not None
                else tuple(str(c) for c in range(int(records.y.max()) + 1))

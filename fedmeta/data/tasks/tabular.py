@@ -71,14 +71,18 @@ class TabularCsv(Task):
 
     @cached_property
     def _held_out_records(self) -> dict[Path, Records]:
-        from fedmeta.data.loaders import load_tabular
+        return {folder: self._load(folder) for folder in self.held_out_sites()}
 
-        out = {}
-        for folder in self.held_out_sites():
+    def _load(self, folder: Path) -> Records:
+        """A site folder's data.csv (schema.toml beside it), checked against the run."""
+        from fedmeta.data.loaders import DataError, load_tabular
+
+        try:
             records = load_tabular(folder).records
-            self.check(records)
-            out[folder] = records
-        return out
+        except DataError as exc:
+            raise TaskError(f"{folder.name}/{exc}") from None
+        self.check(records)
+        return records
 
     def build_model(self, out_dim: int) -> nn.Module:
         return MLP(self.num_features, (32,), out_dim)
@@ -89,11 +93,7 @@ class TabularCsv(Task):
     def site_records(self, site: int) -> Records:
         folder = Path(self.data_dir) / f"site-{site}" if self.data_dir else None
         if folder is not None and folder.is_dir():
-            from fedmeta.data.loaders import load_tabular
-
-            records = load_tabular(folder).records
-            self.check(records)
-            return records
+            return self._load(folder)
         raise TaskError(f"tabular-csv: a site reads its own {DATA_FILE} and {SCHEMA_FILE} "
                         "from its site directory; none was found")
 
