@@ -282,3 +282,18 @@ def test_find_site_data_by_conventional_names(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no data found"):
         load_data(tmp_path / "empty", (1, 8, 8))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.sampled_from(list("record_idunitage,;\n\"x0159-T: ")),
+                    max_size=120))
+def test_malformed_sidecar_loads_or_fails_in_one_line(tmp_path, text):
+    root = tmp_path / "imgs"
+    if not root.exists():
+        image_folder(root)
+    (root / "records.csv").write_text(text)
+    try:
+        load_imagefolder(root, (1, 8, 8))
+    except DataError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("records.csv")
