@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmeta.config import ConfigError, RunConfig
+from fedmeta.data.tasks.registry import check_site_imports
 from fedmeta.offline import no_call_home
 from fedmeta.site import (
     Site,
@@ -104,6 +105,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         sent = msg.content["config"]
         try:
             round_cfg = run_config(msg)
+            if "site-dir" in context.node_config:  # deployed: only plug-ins it installed
+                check_site_imports(round_cfg.task, round_cfg.model)
         except ConfigError as exc:
             if "site-dir" not in context.node_config:
                 raise

@@ -135,6 +135,36 @@ def test_a_deployed_site_resolves_the_plugin_and_reads_its_own_npz(tmp_path, tas
     assert len(records) == int(keep.sum()) and records.record_ids[0] == "train-0"
 
 
+@pytest.mark.parametrize("option, spec", [("model", "os:getcwd"),
+                                           ("task", "subprocess:Popen"),
+                                           ("model", "fedmeta.audit.keys:create_key")])
+def test_a_deployed_site_refuses_code_it_did_not_install(tmp_path, option, spec):
+    """The coordinator names the task and model; a deployed site imports only what it
+    installed as a fedmeta plug-in, and declines anything else on record."""
+    from clients.app import make_client_app
+    from fedmeta.audit import verify_log
+    from fedmeta.site import AUDIT_LOG
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    cfg = RunConfig(sites=3, inner_steps=2)
+    site_dir = tmp_path / SITE
+    site_dir.mkdir()
+    (site_dir / "manifest.toml").write_text(example_site_on_bundled_data())
+    approve(site_dir, run_declaration(cfg))
+    msg = deployed_message(cfg, "run-evil")
+    msg.content["config"][option] = spec
+    ctx = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir), "site-id": SITE},
+                  state=RecordDict(), run_config={})
+    reply = make_client_app()(msg, ctx)
+    assert not reply.has_error(), reply.error
+    info = dict(reply.content["info"])
+    assert reply.content["metrics"]["declined"] == 1
+    assert f"option '{option}'" in info["reason"] and "installed" in info["reason"]
+    last = json.loads((site_dir / AUDIT_LOG).read_text().splitlines()[-1])
+    assert last["rule_ids"] == ["SITE-CONFIG"] and spec in last["details"]["reason"]
+    assert verify_log(site_dir / AUDIT_LOG).ok
+
+
 @pytest.mark.slow
 def test_entry_point_task_in_ray_workers(tmp_path):
     """The run-time failure of the issue: Ray site processes must resolve the task too."""

@@ -50,6 +50,33 @@ def installed_tasks() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def plugin_packages() -> set[str]:
+    """Top-level packages that provide an installed ``fedmeta.tasks`` entry point."""
+    return {ep.value.split(":")[0].split(".")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def check_site_imports(task: str, model: str = "") -> None:
+    """A deployed site's guard against a coordinator naming code for it to run.
+
+    The run config is the coordinator's; a deployed site imports only bundled tasks,
+    installed ``fedmeta.tasks`` entry points and ``module:attr`` paths inside the
+    packages that provide them (plug-ins the site itself installed). Raises a one-line
+    ConfigError, which the site declines on record.
+    """
+    from fedmeta.config import ConfigError
+
+    allowed = plugin_packages()
+    for option, spec in (("task", task.strip()), ("model", model.strip())):
+        if not spec or (option == "task" and (spec in TASKS or spec in installed_tasks())):
+            continue
+        if ":" in spec and spec.split(":")[0].split(".")[0] in allowed:
+            continue
+        raise ConfigError(
+            f"option '{option}': {spec!r} is neither bundled nor part of a fedmeta plug-in "
+            f"installed at this site (installed: {sorted(allowed) or 'none'}); a deployed "
+            "site runs only code it installed itself")
+
+
 def _choices() -> str:
     return (f"choose from {sorted(TASKS)}, an installed plug-in "
             f"{sorted(installed_tasks()) or '(none installed)'} or package.module:Class")
