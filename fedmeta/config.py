@@ -46,7 +46,10 @@ class RunConfig(BaseModel):
 
     # tabular-csv only: the shape the federation agreed on (sites hold data.csv + schema.toml)
     features: int = Field(0, ge=0, le=100_000, description="feature columns (tabular-csv)")
-    classes: int = Field(2, ge=2, le=10_000, description="classes (tabular-csv)")
+    classes: int = Field(2, ge=2, le=10_000, description="classes (tabular-csv, image-sites)")
+    # image-sites only: every site's images are converted and resized to this input
+    image_size: int = Field(28, ge=4, le=1024, description="side of the square model input")
+    channels: Literal[1, 3] = Field(1, description="1 (grayscale) or 3 (RGB)")
 
     # sampling of sites per round
     fraction_train: float = Field(0.5, gt=0.0, le=1.0)
@@ -174,7 +177,8 @@ def build_task(cfg: RunConfig):  # -> fedmeta.data.tasks.Task (import kept lazy:
 
     return get_task(cfg.task, n_way=cfg.n_way, pool_per_class=cfg.pool_per_class,
                     num_sites=cfg.sites, num_features=cfg.features, num_classes=cfg.classes,
-                    model=cfg.model, data_dir=cfg.data_dir)
+                    model=cfg.model, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                    channels=cfg.channels)
 
 
 def inner_lr(cfg: RunConfig, task) -> float:

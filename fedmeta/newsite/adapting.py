@@ -83,6 +83,37 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((out.argmax(1).numpy() == y).mean())
 
 
+@torch.no_grad()
+def _support_fit(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray
+                 ) -> tuple[float, float]:
+    """(loss, accuracy) on the support set."""
+    net.eval()
+    out = net(torch.from_numpy(x))
+    net.train()
+    target = torch.from_numpy(y)
+    return float(task.loss_fn()(out, target)), float((out.argmax(1) == target).float().mean())
+
+
+def fine_tune(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, steps: int,
+              lr: float, retries: int = 3) -> tuple[nn.Module, float]:
+    """Full-batch SGD from the prototype head, kept only if it fits the support set at
+    least as well (lower loss, no lower accuracy); else retried at a quarter of the rate,
+    and if no rate helps, the prototype classifier is kept (rate 0). Returns the model and
+    the rate used. (A prototype head over small embeddings gives nearly flat logits, where
+    a large step can trade accuracy for loss.)"""
+    if steps == 0 or lr == 0:
+        return net, 0.0
+    start_loss, start_acc = _support_fit(net, task, x, y)
+    episode = Episode(x, y, x[:0], y[:0])
+    for _ in range(retries + 1):
+        tuned = sgd_adapt(copy.deepcopy(net), task, episode, steps, lr, "cpu")
+        loss, acc = _support_fit(tuned, task, x, y)
+        if loss <= start_loss and acc >= start_acc:
+            return tuned, lr
+        lr /= 4
+    return net, 0.0
+
+
 def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | None = None,
                 out: Path | str | None = None, steps: int | None = None,
                 lr: float | None = None, seed: int = 0, public_key: Path | None = None,
@@ -114,9 +145,7 @@ def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | No
         raise TaskError(f"cannot build a prototype head: {exc}") from None
     steps = cfg.adapt_steps if steps is None else steps
     lr = adapt_lr(cfg, task) if lr is None else lr
-    empty = records.x[:0]
-    sgd_adapt(net, task, Episode(records.x[sup], records.y[sup], empty, records.y[:0]),
-              steps, lr, "cpu")
+    net, lr_used = fine_tune(net, task, records.x[sup], records.y[sup], steps, lr)
     held = accuracy(net, records.x[rest], records.y[rest]) if len(rest) else None
     provenance = {**received.provenance, "init": init}
     result = Adapted(None, tuple(loaded.classes), len(sup), len(rest), held, provenance,
@@ -124,6 +153,7 @@ def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | No
     if out is not None:
         path = save_adapted(Path(out), net, cfg, loaded, provenance, {
             "shots": shots, "support_examples": int(len(sup)), "steps": steps, "lr": lr,
+            "lr_used": lr_used,
             "seed": seed, "head": "class prototypes of the support embeddings, fine-tuned",
             "held_back_examples": int(len(rest)), "held_back_accuracy": held})
         result = replace(result, path=path)

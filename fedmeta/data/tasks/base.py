@@ -76,7 +76,7 @@ class Task(ABC):
     To implement: ``name``, ``kind``, ``build_model``, ``site_records``,
     ``episode_pool`` and ``eval_episode``; the rest has defaults. The constructor
     receives those of ``n_way``, ``pool_per_class``, ``num_sites``, ``num_features``,
-    ``num_classes`` and ``data_dir`` it declares.
+    ``num_classes``, ``data_dir``, ``image_size`` and ``channels`` it declares.
     """
 
     name: str

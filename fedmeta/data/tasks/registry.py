@@ -29,6 +29,7 @@ from torch import nn
 from fedmeta.data.tasks.base import Task, TaskError
 from fedmeta.data.tasks.breast_cancer import BreastCancerSites
 from fedmeta.data.tasks.digits import DigitsFewShot
+from fedmeta.data.tasks.images import ImageSites
 from fedmeta.data.tasks.sine import Sine
 from fedmeta.data.tasks.tabular import TabularCsv
 
@@ -39,6 +40,7 @@ TASKS: dict[str, type[Task]] = {
     Sine.name: Sine,
     BreastCancerSites.name: BreastCancerSites,
     TabularCsv.name: TabularCsv,
+    ImageSites.name: ImageSites,
 }
 """The bundled tasks (plug-ins are found through ``task_class``)."""
 
@@ -153,7 +155,7 @@ def _with_model(task: Task, spec: str) -> Task:
 
 def get_task(name: str, n_way: int = 5, pool_per_class: int = 40, num_sites: int = 10,
              num_features: int = 0, num_classes: int = 2, model: str = "",
-             data_dir: str = "") -> Task:
+             data_dir: str = "", image_size: int = 28, channels: int = 1) -> Task:
     """Build the task ``name`` (see the module docstring for what a name may be).
 
     Settings a task's constructor does not take are not passed (a plug-in may
@@ -162,7 +164,8 @@ def get_task(name: str, n_way: int = 5, pool_per_class: int = 40, num_sites: int
     cls = task_class(name)
     offered: dict[str, Any] = {"n_way": n_way, "pool_per_class": pool_per_class,
                                "num_sites": num_sites, "num_features": num_features,
-                               "num_classes": num_classes, "data_dir": data_dir}
+                               "num_classes": num_classes, "data_dir": data_dir,
+                               "image_size": image_size, "channels": channels}
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = offered
