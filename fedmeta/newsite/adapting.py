@@ -84,6 +84,17 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 @torch.no_grad()
+def temper(head: nn.Module) -> None:
+    """Divide the prototype head by the mean squared prototype norm: the same classifier
+    (a positive scale keeps every argmax), with logits of order one, so that fine-tuning
+    starts well-conditioned instead of from logits as large as the embedding's norm."""
+    scale = float(head.bias.abs().mean())
+    if scale > 0:
+        head.weight /= scale
+        head.bias /= scale
+
+
+@torch.no_grad()
 def _support_fit(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray
                  ) -> tuple[float, float]:
     """(loss, accuracy) on the support set."""
@@ -143,6 +154,7 @@ def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | No
         prototype_head(net, xs, ys, n_classes)
     except (TypeError, ValueError) as exc:
         raise TaskError(f"cannot build a prototype head: {exc}") from None
+    temper(net.head)
     steps = cfg.adapt_steps if steps is None else steps
     lr = adapt_lr(cfg, task) if lr is None else lr
     net, lr_used = fine_tune(net, task, records.x[sup], records.y[sup], steps, lr)
