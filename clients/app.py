@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmeta.config import ConfigError, RunConfig
+from fedmeta.data.tasks.registry import check_site_imports
 from fedmeta.deploy.runrecord import RECORD_FILES
 from fedmeta.offline import no_call_home
 from fedmeta.site import (
@@ -49,7 +50,9 @@ def get_site(context: Context, cfg: RunConfig) -> Site:
     if key not in _SITES:
         # a node with a site-dir is deployed: its own files decide, whatever the config says
         simulated = "site-dir" not in context.node_config
-        _SITES[key] = Site(site_id, index, site_dir, cfg, simulated=simulated)
+        data = context.node_config.get("data")  # where the site keeps its data, if elsewhere
+        _SITES[key] = Site(site_id, index, site_dir, cfg, simulated=simulated,
+                           data_path=str(data) if data else None)
     return _SITES[key]
 
 
@@ -134,6 +137,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         sent = msg.content["config"]
         try:
             round_cfg = run_config(msg)
+            if "site-dir" in context.node_config:  # deployed: only plug-ins it installed
+                check_site_imports(round_cfg.task, round_cfg.model)
         except ConfigError as exc:
             if "site-dir" not in context.node_config:
                 raise

@@ -17,6 +17,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from fedmeta.layout import protect as _protect  # a user's server.py/policies/ never shadow ours
+
+_protect()
+
 #: public name -> the module that defines it
 _PUBLIC = {
     "simulate": "fedmeta.api",
@@ -30,13 +34,17 @@ _PUBLIC = {
     "ConfigError": "fedmeta.config",
     "TensorBoardTracker": "fedmeta.tracking",
     "MLflowTracker": "fedmeta.tracking",
+    "adapt": "fedmeta.newsite",
+    "predict": "fedmeta.newsite",
 }
 __all__ = ["ConfigError", "EvalMetrics", "Failure", "MLflowTracker", "RoundMetrics",
-           "RunConfig", "RunFailed", "RunResult", "TensorBoardTracker", "evaluate", "simulate"]
+           "RunConfig", "RunFailed", "RunResult", "TensorBoardTracker", "adapt", "evaluate",
+           "predict", "simulate"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedmeta.api import Failure, RunFailed, RunResult, evaluate, simulate
     from fedmeta.config import ConfigError, RunConfig
+    from fedmeta.newsite import adapt, predict
     from fedmeta.rounds import EvalMetrics, RoundMetrics
     from fedmeta.tracking import MLflowTracker, TensorBoardTracker
 

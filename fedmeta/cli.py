@@ -403,6 +403,16 @@ def _mount_deploy() -> None:
 _mount_deploy()
 
 
+def _mount_newsite() -> None:
+    from fedmeta.newsite.cli import adapt_command, predict_command
+
+    app.command("adapt")(adapt_command)
+    app.command("predict")(predict_command)
+
+
+_mount_newsite()
+
+
 def main() -> None:
     app()
 

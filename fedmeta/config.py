@@ -38,10 +38,18 @@ class RunConfig(BaseModel):
     rounds: int = Field(30, ge=1, le=100_000)
     seed: int = Field(1, ge=0)
     out_dir: str = "runs/demo"
+    model: str = Field("", description="package.module:factory building the model for any "
+                       "task ('' = the task's own model); called as factory(out_dim, task)")
+    data_dir: str = Field("", description="simulation: a folder with one data folder per "
+                          "site (site-0, site-1, ...; '' = each site's own directory); "
+                          "folders beyond the training sites are held out for evaluation")
 
     # tabular-csv only: the shape the federation agreed on (sites hold data.csv + schema.toml)
     features: int = Field(0, ge=0, le=100_000, description="feature columns (tabular-csv)")
-    classes: int = Field(2, ge=2, le=10_000, description="classes (tabular-csv)")
+    classes: int = Field(2, ge=2, le=10_000, description="classes (tabular-csv, image-sites)")
+    # image-sites only: every site's images are converted and resized to this input
+    image_size: int = Field(28, ge=4, le=1024, description="side of the square model input")
+    channels: Literal[1, 3] = Field(1, description="1 (grayscale) or 3 (RGB)")
 
     # sampling of sites per round
     fraction_train: float = Field(0.5, gt=0.0, le=1.0)
@@ -172,7 +180,9 @@ def build_task(cfg: RunConfig):  # -> fedmeta.data.tasks.Task (import kept lazy:
     from fedmeta.data.tasks import get_task
 
     return get_task(cfg.task, n_way=cfg.n_way, pool_per_class=cfg.pool_per_class,
-                    num_sites=cfg.sites, num_features=cfg.features, num_classes=cfg.classes)
+                    num_sites=cfg.sites, num_features=cfg.features, num_classes=cfg.classes,
+                    model=cfg.model, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                    channels=cfg.channels)
 
 
 def inner_lr(cfg: RunConfig, task) -> float:

@@ -41,11 +41,10 @@ from fedmeta.config import (
     run_declaration,
     sites_per_round,
 )
-from fedmeta.data.csv_loader import load_csv, load_schema
+from fedmeta.data.loaders.site import load_site_records
 from fedmeta.data.record_meta import load_record_meta
 from fedmeta.data.records import Records
 from fedmeta.data.tasks.base import Pool, Task
-from fedmeta.data.tasks.tabular import DATA_FILE, SCHEMA_FILE, TabularCsv
 from fedmeta.meta.updates import model_digest
 from fedmeta.privacy.budget import expected_batch_size, noise_for_target, poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
@@ -184,7 +183,7 @@ class Site:
 
     def __init__(self, site_id: str, site_index: int, site_dir: Path, cfg: RunConfig,
                  records: Records | None = None, manifest: SiteManifest | None = None,
-                 simulated: bool | None = None) -> None:
+                 simulated: bool | None = None, data_path: Path | str | None = None) -> None:
         self.site_id = site_id
         self.site_index = site_index
         self.site_dir = Path(site_dir)
@@ -193,10 +192,14 @@ class Site:
         self.read_columns: tuple[str, ...] | None = None
         #: what one privacy unit is here: a declared unit column, the task's unit, or a record
         self.privacy_unit: str = RECORD
-        if records is None and (self.site_dir / DATA_FILE).exists():
-            records = self._load_csv()
-        elif records is None:
-            self.privacy_unit = getattr(self.task, "privacy_unit", RECORD)
+        if records is None:  # the site's own data, where the site keeps it
+            loaded = load_site_records(self.task, self.site_dir, site_index, cfg, data_path,
+                                       simulated)
+            if loaded is not None:
+                records, self.read_columns = loaded.records, loaded.read_columns
+                self.privacy_unit = loaded.unit_name or RECORD
+            else:
+                self.privacy_unit = getattr(self.task, "privacy_unit", RECORD)
         self.records = records if records is not None else self.task.site_records(site_index)
         if self.records.units is None:
             self.privacy_unit = RECORD
@@ -217,17 +220,6 @@ class Site:
             self._setup_policy = simulated_policy(cfg)
         self.noise_source = (SITE_CSPRNG if not self.simulated
                              or cfg.noise_source == SITE_CSPRNG else SEEDED)
-
-    def _load_csv(self) -> Records:
-        """The institution's own data: ``data.csv`` described by ``schema.toml``."""
-        schema = load_schema(self.site_dir / SCHEMA_FILE)
-        records, _report = load_csv(self.site_dir / DATA_FILE, schema)
-        if isinstance(self.task, TabularCsv):
-            self.task.check(records)
-        self.read_columns = tuple(schema.dataset.features)
-        if schema.dataset.unit_column is not None:
-            self.privacy_unit = schema.dataset.unit_column
-        return records
 
     # ---- state -----------------------------------------------------------------
     def refresh(self) -> None:

@@ -73,6 +73,9 @@ class DatasetSpec(BaseModel):
     of a unit's rows together; without it each row is its own unit."""
     delimiter: str = ","
     missing: Literal["error", "drop-row"] = "error"
+    standardise: bool = False
+    """Scale each feature to mean 0, std 1 with statistics fitted on this site's own rows
+    (``fedmeta.data.loaders.tabular``; kept with an adapted model for predictions)."""
 
     @field_validator("features")
     @classmethod

@@ -68,10 +68,22 @@ class SampleMSELoss(nn.Module):
 
 
 class Task(ABC):
-    """One bundled learning problem; subclasses are registered in ``registry``."""
+    """A learning problem: what a site trains on, how episodes and evaluation are drawn,
+    which model. Bundled tasks live beside this file; a plug-in subclasses this class in
+    its own package (docs/plugins.md) and is named by an entry point in the group
+    ``fedmeta.tasks`` or by ``package.module:Class``.
+
+    To implement: ``name``, ``kind``, ``build_model``, ``site_records``,
+    ``episode_pool`` and ``eval_episode``; the rest has defaults. The constructor
+    receives those of ``n_way``, ``pool_per_class``, ``num_sites``, ``num_features``,
+    ``num_classes``, ``data_dir``, ``image_size`` and ``channels`` it declares.
+    """
 
     name: str
     kind: Kind
+    #: how the run named the task and its model factory (set by the registry)
+    spec: str = ""
+    model_spec: str = ""
     #: default inner-loop and adaptation learning rates (SGD)
     default_inner_lr: float = 0.1
     default_adapt_lr: float = 0.1
@@ -98,6 +110,11 @@ class Task(ABC):
 
     def out_dim(self, strategy: str) -> int:
         return self.meta_out_dim() if strategy == "reptile" else self.supervised_out_dim()
+
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one record's features (e.g. ``(1, 8, 8)``): what a new site's data is
+        resized to. Default: the shape of the first training site's records."""
+        return tuple(int(d) for d in self.site_records(0).x.shape[1:])
 
     # --- data -------------------------------------------------------------
     @abstractmethod

@@ -1,0 +1,1 @@
+"""An example fedmeta plug-in: the ``blobs-fewshot`` task and the ``wide_mlp`` model."""
