@@ -46,6 +46,7 @@ epsilon_max = 20.0
 delta = 1e-5
 law_packs = ["gdpr"]
 feature_columns = ["age_band", "bmi", "glucose"]
+collection_dates_recorded = false  # the CSV has no collection dates
 """
 
 
@@ -79,6 +80,7 @@ def test_held_out_sites_evaluate_and_a_new_site_predicts(tmp_path):
     assert set(summary["epsilon"]) == {"site-0", "site-1", "site-2"}
     assert not list(out.rglob("data.csv"))  # the data stayed where the sites keep it
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["trained"] and all(line["used"] for line in lines[1:])  # sites trained
     assert all("eval" in line for line in lines)  # held-out sites: the server evaluates
     assert summary["eval"]["adapted"] > 0.6
 

@@ -144,26 +144,27 @@ def test_units_are_sampled_together_at_the_charged_rate(source):
     assert any(len(np.unique(unit_of[b])) < len(b) for b in batches)  # multi-record units
 
 
-def test_train_steps_samples_whole_units_and_records_the_unit_rate(monkeypatch):
+def test_train_steps_samples_whole_units_and_records_the_unit_rate():
     """Through the real trainer: every batch is a union of whole units; Opacus's accountant
     records q = 1/ceil(U/B) over units, not records."""
     x, y = data(40)
     units = np.repeat(np.arange(10), 4)
     seen: list[np.ndarray] = []
     model = cnn()
-    original = model.forward
 
-    def spy(inp):
-        seen.append(inp.detach().reshape(len(inp), -1)[:, 0].numpy().copy())
-        return original(inp)
+    def spy(module, args):
+        if module is model:  # not the model check's copy
+            inp = args[0]
+            seen.append(inp.detach().reshape(len(inp), -1)[:, 0].numpy().copy())
 
-    monkeypatch.setattr(model, "forward", spy)
+    model.register_forward_pre_hook(spy)
     result = train_steps(model, Pool(x, y, units), loss_fn=nn.CrossEntropyLoss(), steps=12,
                          lr=0.1, batch_size=3, dp=DPSettings(1.0, 1.0, grad_sample_mode="hooks"),
                          seed=4)
     assert result.dp_step == (1.0, poisson_rate(10, 3), 12) == (1.0, 0.25, 12)
     first = x.reshape(40, -1)[:, 0]
-    for batch in seen[1:]:  # seen[0]: the model check's probe
+    assert len(seen) >= 8  # batches can be empty (Poisson), most are not
+    for batch in seen:
         rows = [int(np.flatnonzero(first == v)[0]) for v in batch]
         chosen = np.unique(units[rows])
         assert sorted(rows) == np.flatnonzero(np.isin(units, chosen)).tolist()
