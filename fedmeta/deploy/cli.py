@@ -1,5 +1,5 @@
 """Command line: ``fedmeta provision``, ``fedmeta node
-init|approve|check|supernode|export-evidence``, ``fedmeta evidence import`` and
+init|approve|approve-app|check|supernode|export-evidence``, ``fedmeta evidence import`` and
 ``fedmeta registry register|unregister`` (mounted by fedmeta/cli.py).
 
 User errors end with one red line and exit code 2. ``node check`` exits 0 when
@@ -96,6 +96,10 @@ def node_init(
     fingerprint: Annotated[str | None, typer.Option(
         "--fingerprint", help="the kit's fingerprint the provisioner read out to you: refuse "
         "a kit that differs from what was provisioned")] = None,
+    approve_release: Annotated[bool, typer.Option(
+        "--approve-release/--no-approve-release", help="approve the app of the fedmeta "
+        "release installed here (its release digest), as `fedmeta node approve-app "
+        "--release` does")] = True,
 ) -> None:
     """Lay out a site directory from its kit, create the site's keys here (0600), write the
     request file to send to the provisioner (public keys only).
@@ -115,6 +119,8 @@ def node_init(
     if report.request:
         con.print(f"request file: {report.request} (sha256 {report.request_sha256}): send it "
                   "to the provisioner and read them the sha256 over another channel")
+    if approve_release:
+        _approve_installed_release(con, site_dir)
     con.print(f"site directory ready: {report.site_dir}. Fill in manifest.toml, then run "
               f"`fedmeta node check {site_dir}`.")
 
@@ -139,6 +145,98 @@ def node_approve(
     except (DeclarationError, ApprovalError, OSError) as exc:
         raise _fail(" ".join(str(exc).split())) from None
     _console().print(f"approved {declaration} (sha256 {digest}) for {site_dir}")
+
+
+def _approve_installed_release(con: Console, site_dir: Path) -> None:
+    """node init: approve the installed release's app, or say why not (no failure)."""
+    from fedmeta.deploy.appcheck import (
+        AppApprovalError,
+        approve,
+        build_release_fab,
+        release_digest,
+    )
+    from fedmeta.deploy.apphash import app_root
+
+    try:
+        digest = release_digest(build_release_fab(app_root()))
+        new = approve(site_dir, "release_sha256", digest, "node init: installed release")
+    except AppApprovalError as exc:
+        con.print(f"[yellow]note:[/] installed release not approved: {exc}", markup=True)
+        return
+    con.print(f"{'approved' if new else 'kept approval of'} the installed fedmeta release's "
+              f"app (release digest {digest})")
+
+
+@node_app.command("approve-app")
+def node_approve_app(
+    site_dir: Annotated[Path, typer.Argument(help="the site's state directory")],
+    fab_hash: Annotated[str | None, typer.Option(
+        "--fab-hash", help="the app's SHA-256 (64 hex digits) the coordinator read out")
+    ] = None,
+    fab: Annotated[Path | None, typer.Option(
+        "--fab", help="the app bundle (.fab from `flwr build`) the coordinator sent")] = None,
+    release: Annotated[bool, typer.Option(
+        "--release", help="the fedmeta release installed here (or in --release-dir)")] = False,
+    release_dir: Annotated[Path | None, typer.Option(
+        "--release-dir", help="an unpacked fedmeta release (source tree) to approve")] = None,
+) -> None:
+    """Approve an app: the site's ClientApp runs only apps whose FAB hash, or whose release
+    digest (what of the app runs at a site), the site approved; any other is refused before
+    it is installed, on record. Records SITE_DIR/approved-apps.jsonl and logs `app.approve`."""
+    from fedmeta.deploy.appcheck import (
+        AppApprovalError,
+        approve,
+        build_release_fab,
+        fab_sha256,
+        normalize_hash,
+        release_digest,
+    )
+    from fedmeta.deploy.apphash import app_root
+
+    chosen = [x for x in (fab_hash, fab, release or release_dir) if x]
+    if len(chosen) != 1:
+        raise _fail("give exactly one of --fab-hash HEX, --fab FILE, --release "
+                    "[--release-dir DIR]")
+    if not site_dir.is_dir():
+        raise _fail(f"{site_dir}: not a directory (run `fedmeta node init` first)")
+    try:
+        if fab_hash is not None:
+            kind, digest, source = "fab_sha256", normalize_hash(fab_hash), "--fab-hash"
+        elif fab is not None:
+            data = fab.read_bytes()
+            release_digest(data)  # refuse a file that is no app bundle
+            kind, digest, source = "fab_sha256", fab_sha256(data), f"--fab {fab.name}"
+        else:
+            root = release_dir or app_root()
+            kind, source = "release_sha256", f"release {root.name}"
+            digest = release_digest(build_release_fab(root))
+        _log_approval(site_dir, kind, digest, source)  # signed first: no silent approval
+        new = approve(site_dir, kind, digest, source)
+    except (AppApprovalError, OSError, *_errors()) as exc:
+        raise _fail(" ".join(str(exc).split())) from None
+    what = "FAB sha256" if kind == "fab_sha256" else "release digest"
+    _console().print(f"{'approved' if new else 'already approved'}: {what} {digest} for "
+                     f"{site_dir}", markup=False)
+
+
+def _log_approval(site_dir: Path, kind: str, digest: str, source: str) -> None:
+    """`app.approve` in the site's signed audit log, when the site has its audit key."""
+    from fedmeta.audit import AuditLog
+    from fedmeta.deploy.appcheck import AUDIT_KEY, AUDIT_LOG, RULE
+
+    if not (site_dir / AUDIT_KEY).exists():
+        return
+    node = {}
+    try:
+        from fedmeta.deploy.node import read_node_toml
+
+        node = read_node_toml(site_dir)
+    except (*_errors(), OSError):
+        pass
+    actor = str(node.get("site_id") or site_dir.name)
+    with AuditLog.open(site_dir / AUDIT_LOG, site_dir / AUDIT_KEY, actor=actor) as log:
+        log.append("app.approve", run_id="-", decision="allow", rule_ids=[RULE],
+                   details={kind: digest, "source": source[:200]})
 
 
 @node_app.command("check")

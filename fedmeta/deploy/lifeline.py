@@ -15,8 +15,9 @@ fedmeta.deploy.lifeline clientapp ...``. Each first asks the kernel to SIGKILL i
 when the thread that started it ends (``prctl(PR_SET_PDEATHSIG)``; both parents
 start their children from their main thread) and checks that its parent (Flower's
 ``--parent-pid``) is still there, then runs Flower's unmodified entry point with the
-same arguments. Killing the node then kills the SuperExec, which kills the ClientApp,
-at once. The privacy ledger is charged before training and the audit log is
+same arguments (the ClientApp first gets the site's app check,
+:mod:`fedmeta.deploy.appcheck`). Killing the node then kills the SuperExec, which
+kills the ClientApp, at once. The privacy ledger is charged before training and the audit log is
 append-only with fsync: an abrupt end leaves both readable.
 """
 
@@ -106,6 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
+        from fedmeta.deploy.appcheck import install_in_clientapp
+
+        try:  # the run's app is checked against the site's approvals before it is installed
+            install_in_clientapp()
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         flwr_clientapp()
 
 

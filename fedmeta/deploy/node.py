@@ -419,6 +419,20 @@ def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | N
                          for h, r in found.items()), False
     checks.append(_check("approved run declarations", approvals))
 
+    def apps():
+        from fedmeta.deploy.appcheck import AppApprovalError, read_approvals
+
+        try:
+            found = read_approvals(site_dir)
+        except AppApprovalError as exc:
+            raise NodeError(str(exc)) from None
+        if not found:
+            return ("none: every run's app is refused until one is approved (`fedmeta node "
+                    "approve-app`)"), True
+        return ", ".join(f"{a.kind.split('_')[0]} {a.sha256[:12]}... ({a.source})"
+                         for a in found), False
+    checks.append(_check("approved apps", apps))
+
     def noise_secret():
         from fedmeta.privacy.noise import SECRET_FILE
 

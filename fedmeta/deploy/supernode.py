@@ -13,7 +13,10 @@ the node still authenticates with its SuperNode key, verifies the server against
 ``--root-certificates`` and keeps every other flag. If the installed Flower no longer
 has that hook, the launcher refuses to start (one line) instead of connecting without
 the certificate. Its SuperExec and ClientApp processes are started through
-:mod:`fedmeta.deploy.lifeline`, so that they die with the node.
+:mod:`fedmeta.deploy.lifeline`, so that they die with the node, and every ClientApp
+process checks the run's app against the site's approvals before installing it
+(:mod:`fedmeta.deploy.appcheck`); ``--isolation process``, where a ClientApp process
+started elsewhere would run the app, is refused.
 """
 
 from __future__ import annotations
@@ -77,9 +80,26 @@ def install_client_certificate(cert: Path, key: Path) -> None:
     FleetHttpClient.from_server_address = classmethod(from_server_address)
 
 
+def isolation(args: list[str]) -> str | None:
+    """The value of ``--isolation`` in ``args`` (the last one wins, as in argparse)."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == "--isolation":
+            found = args[i + 1] if i + 1 < len(args) else ""
+        elif arg.startswith("--isolation="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``flower-supernode`` with ``argv``, presenting the client certificate."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if isolation(args) not in (None, "subprocess"):
+        print("error: --isolation process would let a ClientApp process started elsewhere "
+              "run the app unchecked: fedmeta node supernode starts every ClientApp itself "
+              "(subprocess isolation) and checks its app against the site's approvals "
+              "(fedmeta node approve-app)", file=sys.stderr)
+        return 2
     cert, key = os.environ.get(CERT_ENV), os.environ.get(KEY_ENV)
     if "--insecure" not in args:
         if not cert or not key:

@@ -61,7 +61,7 @@ NODE_CONFIG="site-dir=\\"$SITE_DIR\\" site-id=\\"{{site_id}}\\" site-index={{sit
 if [ "${1:-}" = "--insecure" ]; then
   echo "WARNING: site {{site_id}} connects WITHOUT TLS and WITHOUT node authentication" >&2
   export FEDMETA_TRANSPORT={{insecure}}
-  exec flower-supernode --insecure --superlink {{superlink}} \\
+  exec fedmeta node supernode --insecure --superlink {{superlink}} \\
     --host 127.0.0.1 --port {{runtime_port}} --node-config "$NODE_CONFIG"
 fi
 if [ -n "${1:-}" ]; then echo "usage: $0 [--insecure]" >&2; exit 2; fi

@@ -477,11 +477,19 @@ def test_cli_user_errors_are_one_red_line(tmp_path):
     res = runner.invoke(app, ["node", "init", str(site), "--kit",
                               str(kits / "sites/site-de-01")])
     assert res.exit_code == 0 and "sha256" in res.output and "request-site-de-01.json" in res.output
+    # node init approved the installed release's app (fedmeta.deploy.appcheck)
+    from fedmeta.deploy.appcheck import build_release_fab, read_approvals, release_digest
+    from fedmeta.deploy.apphash import app_root
+
+    (approval,) = read_approvals(site)
+    assert approval.kind == "release_sha256" and approval.sha256 in res.output
+    assert approval.sha256 == release_digest(build_release_fab(app_root()))
     res = runner.invoke(app, ["node", "check", str(site), "--no-connect"])
     assert res.exit_code == 1 and "TODO" in res.output
     fill(site)
     res = runner.invoke(app, ["node", "check", str(site), "--no-connect"])
     assert res.exit_code == 0 and "all checks passed" in res.output
+    assert "approved apps" in res.output and approval.sha256[:12] in res.output
 
 
 # ---- the guide -----------------------------------------------------------------------------

@@ -23,8 +23,9 @@ NODE = """
 import os, subprocess, sys, time
 from fedmeta.deploy.lifeline import RoutedSubprocess, routed
 kind, flower, api = sys.argv[1:4]
+token = ['--token', 't'] if kind == 'clientapp' else []  # flwr-clientapp requires one
 child = RoutedSubprocess(routed(kind)).Popen(
-    [flower, api, '127.0.0.1:9', '--insecure', '--parent-pid', str(os.getpid())],
+    [flower, api, '127.0.0.1:9', '--insecure', *token, '--parent-pid', str(os.getpid())],
     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(child.pid, flush=True)
 time.sleep(600)
@@ -39,7 +40,7 @@ def test_flower_commands_are_routed_through_the_lifeline():
 
 
 @pytest.mark.parametrize(("kind", "flower", "api"), [
-    ("clientapp", "flwr-clientapp", "--clientappio-api-address"),  # below the SuperExec
+    ("clientapp", "flwr-clientapp", "--runtime-api-address"),  # below the SuperExec
     ("superexec", "flower-superexec", "--runtime-api-address"),    # below the SuperNode
 ])
 def test_a_killed_parent_leaves_no_flower_process(kind, flower, api):
