@@ -413,6 +413,15 @@ def _mount_newsite() -> None:
 _mount_newsite()
 
 
+def _mount_config() -> None:
+    from fedmeta.config_help import config_command
+
+    app.command("config")(config_command)
+
+
+_mount_config()
+
+
 def main() -> None:
     app()
 

@@ -11,8 +11,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+import typer
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic.fields import FieldInfo
+from rich.console import Console
+from rich.table import Table
 
 from fedmeta.config import RunConfig
 
@@ -74,3 +77,20 @@ def as_toml(keys: list[KeyHelp]) -> str:
         lines.append(f"# {k.meaning} [{k.allowed}]" if k.meaning else f"# [{k.allowed}]")
         lines.append(f"{k.key} = {json.dumps(k.default)}")
     return "\n".join(lines) + "\n"
+
+
+def config_command(
+    toml: bool = typer.Option(False, "--toml", help="print the defaults as a TOML file for "
+                              "`fedmeta simulate --config`"),
+) -> None:
+    """List every run-configuration key with its default, allowed values and meaning."""
+    keys = config_keys()
+    if toml:
+        typer.echo(as_toml(keys), nl=False)
+        return
+    table = Table(title="run configuration (fedmeta simulate --set KEY=VALUE, --config FILE)")
+    for col in ("key", "default", "allowed", "meaning"):
+        table.add_column(col, overflow="fold")
+    for k in keys:
+        table.add_row(k.key, json.dumps(k.default), k.allowed, k.meaning)
+    Console().print(table)
