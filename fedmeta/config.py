@@ -33,7 +33,7 @@ class RunConfig(BaseModel):
 
     # what and how
     task: str = "digits-fewshot"
-    strategy: Literal["reptile", "fedavg"] = "reptile"
+    strategy: Literal["reptile", "fedavg", "fomaml"] = "reptile"
     sites: int = Field(10, ge=1, le=1000, description="training sites (simulated nodes)")
     rounds: int = Field(30, ge=1, le=100_000)
     seed: int = Field(1, ge=0)
@@ -81,6 +81,9 @@ class RunConfig(BaseModel):
 
     # meta-evaluation on held-out classes / tasks (server side)
     eval_every: int = Field(5, ge=0, description="0 = only at the end")
+    eval_split: Literal["val", "test"] = Field(
+        "test", description="held-out classes/tasks the server evaluates on each round; "
+        "val when the per-round curve chooses training length")
     eval_episodes: int = Field(20, ge=1)
     eval_shots: int = Field(5, ge=1)
     eval_query: int = Field(15, ge=1)
@@ -108,6 +111,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"min-sites ({self.min_sites}) exceeds sites ({self.sites})")
         if self.dp and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
             raise ValueError("dp needs noise-multiplier > 0 or target-epsilon > 0")
+        if self.dp and self.strategy == "fomaml":
+            raise ValueError("strategy fomaml is non-private only (its held-out gradient is "
+                             "not privatised yet); run it with --no-dp or use reptile")
         return self
 
     # ---- conversions -----------------------------------------------------

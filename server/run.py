@@ -49,6 +49,7 @@ from policies import (
     evaluate_run,
 )
 from server.strategy.fedavg import FedAvgBaseline
+from server.strategy.fomaml import FOMAML
 from server.strategy.reptile import Reptile
 from server.strategy.sites import RoundLog
 
@@ -204,8 +205,9 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         "decisions": [d.to_dict() for d in decisions], "unusable": problems,
         "eligible": sorted(eligible)})
 
-    if cfg.strategy == "reptile":
-        strategy: Reptile | FedAvgBaseline = Reptile(
+    if cfg.strategy in ("reptile", "fomaml"):
+        meta = FOMAML if cfg.strategy == "fomaml" else Reptile
+        strategy: Reptile | FedAvgBaseline = meta(
             beta0=cfg.meta_lr, beta_final=cfg.meta_lr_final, num_rounds=cfg.rounds,
             fraction_train=cfg.fraction_train)
     else:
@@ -241,7 +243,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         metrics = None
         if due and task.server_eval and not (strategy.stopped
                                              and server_round not in (0, cfg.rounds)):
-            res = meta_evaluate(task, _state(arrays), out_dim, split="test",
+            res = meta_evaluate(task, _state(arrays), out_dim, split=cfg.eval_split,
                                 episodes=cfg.eval_episodes, shots=cfg.eval_shots,
                                 query=cfg.eval_query, steps=cfg.adapt_steps,
                                 lr=adapt_lr(cfg, task), seed=cfg.seed + EVAL_SEED_OFFSET)

@@ -97,7 +97,8 @@ class Task(ABC):
         return self.meta_out_dim()
 
     def out_dim(self, strategy: str) -> int:
-        return self.meta_out_dim() if strategy == "reptile" else self.supervised_out_dim()
+        meta = strategy in ("reptile", "fomaml")  # episodes with labels per episode
+        return self.meta_out_dim() if meta else self.supervised_out_dim()
 
     # --- data -------------------------------------------------------------
     @abstractmethod
