@@ -87,8 +87,11 @@ def points(paths: list[Path]) -> dict[tuple[str, int], dict]:
 def cell(p: dict | None) -> str:
     if p is None:
         return "not run"
-    lr = f" (lr {p['lr']:g})" if p.get("lr") else ""
-    return f"{100 * p['mean']:.1f} ± {100 * p['ci95']:.1f}{lr}"
+    notes = [f"lr {p['lr']:g}"] if p.get("lr") else []
+    if p["episodes"] != 400:
+        notes.append(f"{p['episodes']} episodes")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    return f"{100 * p['mean']:.1f} ± {100 * p['ci95']:.1f}{note}"
 
 
 def table(pts: dict, shots: list[int]) -> list[str]:
