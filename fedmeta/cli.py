@@ -78,7 +78,8 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 def simulate(
     task: Annotated[str | None, typer.Option(
         help="digits-fewshot | sine | breast-cancer-sites")] = None,
-    strategy: Annotated[str | None, typer.Option(help="reptile | fomaml | fedavg (baseline)")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        help="reptile | fomaml | fedavg (baseline)")] = None,
     sites: Annotated[int | None, typer.Option(help="number of simulated sites")] = None,
     rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
     seed: Annotated[int | None, typer.Option(help="seed: same seed, same metrics")] = None,
