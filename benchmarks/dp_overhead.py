@@ -5,7 +5,10 @@ theta, wrap it (Opacus), run k optimizer steps on the round's pool. Timed side
 by side in one process for the default site model (digits CNN) and a ~1M
 parameter Linear model, for every Opacus grad-sample mode that supports the
 model, fedmeta's book-keeping clipping (`bk`) and fedmeta's own choice
-(`grad-sample-mode = auto`).
+(`grad-sample-mode = auto`). Per-unit clipping (privacy per patient: a unit's
+records sampled together, their summed gradient clipped) is timed beside it on
+the same records grouped two per unit, at half the expected batch in units (the
+same expected records per step as the per-record rounds).
 
     python benchmarks/dp_overhead.py [--reps 15]
 """
@@ -32,6 +35,13 @@ from fedmeta.privacy.dp_training import DPSettings, train_steps  # noqa: E402
 from fedmeta.privacy.model_check import check_dp_model  # noqa: E402
 
 MODES = ("hooks", "ew", "functorch", "ghost", "bk")
+UNIT_MODES = ("hooks", "bk")
+PER_UNIT = 2  # records per unit in the per-unit rounds
+
+
+def in_units(pool: Pool) -> Pool:
+    """The same records, two per privacy unit (e.g. two visits of one patient)."""
+    return Pool(pool.x, pool.y, np.arange(len(pool.x)) // PER_UNIT)
 
 
 def cases():
@@ -59,10 +69,13 @@ def time_rounds(build, pool, loss, batch, steps, settings: dict, reps: int):
                 continue
             torch.manual_seed(r)
             model = build()
+            unit = name.endswith("/unit")
             t0 = time.perf_counter()
             try:
-                train_steps(model, pool, loss_fn=loss, steps=steps, lr=0.05, batch_size=batch,
-                            dp=dp, seed=r)
+                train_steps(model, in_units(pool) if unit else Pool(pool.x, pool.y),
+                            loss_fn=loss, steps=steps,
+                            lr=0.05, batch_size=batch // PER_UNIT if unit else batch, dp=dp,
+                            seed=r)
             except Exception as exc:  # a mode that does not support the model
                 failed[name] = f"n/a ({type(exc).__name__})"
                 continue
@@ -84,12 +97,19 @@ def main() -> None:
              "interleaved round by round. bk = fedmeta's book-keeping clipping "
              "(fedmeta/privacy/bookkeeping.py) with Opacus's loader, noise and accountant; "
              "the others are Opacus's grad-sample modes.", "",
+             "Per unit: the same records two per unit, half the batch in units (same "
+             "expected records per step); sampling over units, each unit's summed gradient "
+             "clipped (fedmeta/privacy/units.py).", "",
              "| model | params | batch, steps | non-private round | " +
-             " | ".join(MODES) + " | fedmeta auto |", "|---" * (5 + len(MODES)) + "|"]
+             " | ".join(MODES) + " | fedmeta auto | " +
+             " | ".join(f"{m} per unit" for m in UNIT_MODES) + " | auto per unit |",
+             "|---" * (6 + len(MODES) + len(UNIT_MODES)) + "|"]
     for name, build, pool, loss, batch, steps in cases():
         n_params = sum(p.numel() for p in build().parameters())
         settings: dict = {"none": None, "auto": DPSettings(1.0, 1.0)}
         settings.update({m: DPSettings(1.0, 1.0, grad_sample_mode=m) for m in MODES})
+        settings.update({f"{m}/unit": DPSettings(1.0, 1.0, grad_sample_mode=m)
+                         for m in (*UNIT_MODES, "auto")})
         # a CNN round takes milliseconds: measure it 4x as often (the MLP's slow modes
         # take minutes and set the run's length)
         reps = 4 * args.reps if n_params < 100_000 else args.reps
@@ -97,11 +117,17 @@ def main() -> None:
         base = t["none"]
         cells = [f"{t[m] / base:.2f}x" if m in t else failed[m] for m in MODES]
         auto = check_dp_model(build(), loss, "auto", torch.from_numpy(pool.x[:1]))
+        units = [f"{t[m + '/unit'] / base:.2f}x" if m + "/unit" in t else failed[m + "/unit"]
+                 for m in (*UNIT_MODES, "auto")]
         lines.append(f"| {name} | {n_params:,} | {batch}, {steps} | {1000 * base:.1f} ms | "
-                     + " | ".join(cells) + f" | {t['auto'] / base:.2f}x ({auto}) |")
+                     + " | ".join(cells) + f" | {t['auto'] / base:.2f}x ({auto}) | "
+                     + " | ".join(units) + " |")
         print(lines[-1], flush=True)
     lines += ["", "Ratios are DP round time / non-private round time, measured side by side in "
-              "one run. Target: <= 2x, never worse than Opacus's best mode."]
+              "one run. Target: <= 2x, never worse than Opacus's best mode. Measured on a "
+              "2-core machine shared with other jobs: compare the columns of one row; `bk` "
+              "and `fedmeta auto (bk)` run the same code, so their difference shows the "
+              "noise."]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -282,14 +282,15 @@ def ledger_show(
         typer.echo(json.dumps(summary, indent=2))
         return
     table = Table(title=f"privacy ledger of {summary['site']} ({summary['accountant']}, "
-                        f"delta={summary['delta']:g})")
+                        f"delta={summary['delta']:g}, per {summary['privacy_unit']})")
     for col in ("run", "round", "noise_multiplier", "sample_rate", "steps", "epsilon_after"):
         table.add_column(col, justify="right" if col != "run" else "left")
     for e in summary["entries"]:
         table.add_row(e["run"], str(e["round"]), f"{e['noise_multiplier']:.4g}",
                       f"{e['sample_rate']:.4g}", str(e["steps"]), f"{e['epsilon_after']:.4f}")
     console.print(table)
-    console.print(f"epsilon spent {summary['epsilon']:.4f} of {summary['epsilon_max']:g}")
+    console.print(f"epsilon spent {summary['epsilon']:.4f} of {summary['epsilon_max']:g} "
+                  f"(per {summary['privacy_unit']})")
 
 
 def _mount_audit() -> None:

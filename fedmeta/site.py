@@ -53,6 +53,7 @@ from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
 from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SEEDED, SITE_CSPRNG, SiteRandomness, load_or_create_secret
+from fedmeta.privacy.units import RECORD, check_mode, count_units
 from policies import (
     RecordMeta,
     RunDeclaration,
@@ -192,9 +193,17 @@ class Site:
         self.cfg = cfg
         self.task: Task = build_task(cfg)
         self.read_columns: tuple[str, ...] | None = None
+        #: what one privacy unit is here: a declared unit column, the task's unit, or a record
+        self.privacy_unit: str = RECORD
         if records is None and (self.site_dir / DATA_FILE).exists():
             records = self._load_csv()
+        elif records is None:
+            self.privacy_unit = getattr(self.task, "privacy_unit", RECORD)
         self.records = records if records is not None else self.task.site_records(site_index)
+        if self.records.units is None:
+            self.privacy_unit = RECORD
+        elif self.privacy_unit == RECORD:  # records given with units but no name
+            self.privacy_unit = "unit"
         self.manifest_file = manifest is None and (self.site_dir / MANIFEST_FILE).exists()
         self.simulated = (not self.manifest_file) if simulated is None else simulated
         if not self.simulated and manifest is None and not self.manifest_file:
@@ -218,6 +227,8 @@ class Site:
         if isinstance(self.task, TabularCsv):
             self.task.check(records)
         self.read_columns = tuple(schema.dataset.features)
+        if schema.dataset.unit_column is not None:
+            self.privacy_unit = schema.dataset.unit_column
         return records
 
     # ---- state -----------------------------------------------------------------
@@ -240,7 +251,8 @@ class Site:
         return PrivacyLedger.open(self.site_dir, site=self.site_id,
                                   epsilon_max=float(self.manifest.epsilon_max),
                                   delta=float(self.manifest.delta),
-                                  accountant=accountant or self.ledger_accountant())
+                                  accountant=accountant or self.ledger_accountant(),
+                                  privacy_unit=self.privacy_unit)
 
     def ledger_accountant(self) -> str:
         """The ledger's accountant once it exists, else the round's (if the site allows it)."""
@@ -361,7 +373,10 @@ class Site:
             return self._decline(log, run_id, server_round, "round.decline",
                                  "not enough usable records for a round after the site's "
                                  "record rules", ("SITE-RECORDS",), excluded=released)
-        batch = min(cfg.batch_size, len(pool.x))
+        # with a privacy unit, n and the batch count units (all of a unit's records
+        # enter a step together and are clipped as one)
+        n_units = count_units(pool.units, len(pool.x)) if cfg.dp else len(pool.x)
+        batch = min(cfg.batch_size, n_units)
         dp: DPSettings | None = None
         eps_round = eps_total = 0.0
         q = 1.0
@@ -372,15 +387,17 @@ class Site:
             # the model, its loss and the clipping mode are checked before anything is
             # charged: a model DP-SGD cannot train soundly is declined, never half-run
             try:
-                check_dp_model(model, self.task.loss_fn(), cfg.grad_sample_mode,
-                               torch.from_numpy(np.ascontiguousarray(pool.x[:1])))
-                expected_batch_size(len(pool.x), batch)
-            except ValueError as exc:  # DPModelError and the E[B] >= 1 check
+                mode = check_dp_model(model, self.task.loss_fn(), cfg.grad_sample_mode,
+                                      torch.from_numpy(np.ascontiguousarray(pool.x[:1])))
+                if pool.units is not None:
+                    check_mode(mode)
+                expected_batch_size(n_units, batch)
+            except ValueError as exc:  # DPModelError, UnitError and the E[B] >= 1 check
                 return self._decline(log, run_id, server_round, "round.decline",
                                      f"DP model check: {exc}", ("PRIV-MODEL",),
                                      excluded=released)
             accountant = self.ledger_accountant()
-            q = poisson_rate(len(pool.x), batch)
+            q = poisson_rate(n_units, batch)
             sigma = self.noise_multiplier(q, declaration, accountant)
             refusal = check_round(policy, self._request(sigma, q), delta)
             if refusal is not None:
@@ -441,7 +458,7 @@ class Site:
                                                 self.manifest_file),
             "site_policy_sha256": policy.sha256(float(self.manifest.epsilon_max), delta),
             "transport": transport, "server_head": server_head or None,
-            "privacy_unit": "record"})
+            "privacy_unit": self.privacy_unit})
         log.append("round.train", run_id=run_id, round=server_round, decision="allow",
                    model_in=_digest(theta), epsilon=eps_total if dp else None,
                    counts={"examples": len(pool.x), "steps": cfg.inner_steps},

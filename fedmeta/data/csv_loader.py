@@ -19,6 +19,8 @@ Schema file (``schema.toml``)
     # optional:
     classes = ["benign", "malignant"]  # label values -> class ids 0, 1, ... in this order
     group = "ward"                 # column whose values define episode groups
+    unit_column = "patient_id"     # the privacy unit: rows with one value are protected
+                                   # together (sampled together, clipped as one)
     delimiter = ","                # one character: "," ";" "\\t" "|" ...
     missing = "error"              # or "drop-row"
 
@@ -63,7 +65,10 @@ Result
 ``Records.x`` is float32 ``[n, len(features)]`` in ``features`` order;
 ``Records.y`` is int64 class ids or float32 targets; ``Records.groups`` are
 int64 ids of the sorted distinct group values (``LoadReport.group_names``),
-all 0 without a group column; ``Records.record_ids`` a str array.
+all 0 without a group column; ``Records.record_ids`` a str array;
+``Records.units`` int64 ids of the sorted distinct unit values when
+``unit_column`` is declared (the values themselves are not kept), else None.
+An empty unit cell is an error: every row must name its unit.
 ``Records.meta`` holds, for each declared metadata column: ``consent_purposes``
 (object array of frozensets of str), ``consent_withdrawn_at`` and
 ``collected_at``, ``objected_at``, ``restricted_at``, ``opted_out_at``
@@ -520,6 +525,7 @@ def _load(
     feat_idx = [first_pos[c] for c in ds.features]
     label_idx = first_pos[ds.label]
     group_idx = first_pos[ds.group] if ds.group is not None else None
+    unit_idx = first_pos[ds.unit_column] if ds.unit_column is not None else None
     declared = schema.columns.declared()
     rid_col = declared.pop("record_id", None)
     rid_idx = first_pos[rid_col] if rid_col is not None else None
@@ -536,6 +542,7 @@ def _load(
     xs: list[list[float]] = []
     ys: list[float | int] = []
     group_values: list[str] = []
+    unit_values: list[str] = []
     rids: list[str] = []
     meta_values: dict[str, list[Any]] = {role: [] for role in meta_idx}
     seen_ids: dict[str, int] = {}
@@ -572,6 +579,12 @@ def _load(
             seen_ids[rid] = line
         else:
             rid = f"row-{rows_read}"
+        unit = ""
+        if unit_idx is not None:
+            unit = row[unit_idx].strip()
+            if not unit:
+                raise err("privacy unit id is empty; every row must name its unit "
+                          f"(the {ds.unit_column!r} column)", line, ds.unit_column)
         meta_row: dict[str, Any] = {}
         for role, (col, idx) in meta_idx.items():
             try:
@@ -647,6 +660,7 @@ def _load(
         xs.append(feats)
         ys.append(label)
         group_values.append(group)
+        unit_values.append(unit)
         rids.append(rid)
         for role, v in meta_row.items():
             meta_values[role].append(v)
@@ -676,6 +690,8 @@ def _load(
         groups=groups,
         record_ids=np.array(rids, dtype=str),
         meta={role: _meta_array(role, vals) for role, vals in meta_values.items()},
+        units=(np.unique(np.array(unit_values, dtype=str), return_inverse=True)[1]
+               .astype(np.int64).reshape(n) if unit_idx is not None else None),
     )
     report = LoadReport(
         source=name,

@@ -68,6 +68,9 @@ class DatasetSpec(BaseModel):
     features: list[ColumnName]
     classes: list[Annotated[str, AfterValidator(_class_name)]] | None = None
     group: ColumnName | None = None
+    unit_column: ColumnName | None = None
+    """The privacy unit of each row (e.g. a pseudonymous ``patient_id``): DP protects all
+    of a unit's rows together; without it each row is its own unit."""
     delimiter: str = ","
     missing: Literal["error", "drop-row"] = "error"
 
@@ -104,6 +107,18 @@ class DatasetSpec(BaseModel):
         if group is not None and group == info.data.get("label"):
             raise ValueError(f"{group!r} is the label column")
         return group
+
+    @field_validator("unit_column")
+    @classmethod
+    def _check_unit_column(cls, unit: str | None, info: ValidationInfo) -> str | None:
+        if unit is None:
+            return None
+        if unit == info.data.get("label"):
+            raise ValueError(f"{unit!r} is the label column")
+        if unit in (info.data.get("features") or []):
+            raise ValueError(f"{unit!r} is also a feature: an identifier must never reach "
+                             "the trainer")
+        return unit
 
     @field_validator("delimiter")
     @classmethod
@@ -177,5 +192,7 @@ class CsvSchema(BaseModel):
         names = [*ds.features, ds.label]
         if ds.group is not None:
             names.append(ds.group)
+        if ds.unit_column is not None:
+            names.append(ds.unit_column)
         names.extend(self.columns.declared().values())
         return tuple(dict.fromkeys(names))

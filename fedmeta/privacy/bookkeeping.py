@@ -109,12 +109,16 @@ class BookKeepingClipper:
         self._handles = []
         self._seen.clear()
 
-    def backward(self, loss_sum: torch.Tensor) -> torch.Tensor | None:
-        """Set ``p.grad`` = sum over samples of clipped per-sample gradients.
+    def backward(self, loss_sum: torch.Tensor, units: torch.Tensor | None = None,
+                 n_units: int = 0) -> torch.Tensor | None:
+        """Set ``p.grad`` = sum over samples (or units) of clipped gradients.
 
         ``loss_sum`` must be the *sum* of per-sample losses of the batch that
-        was just forwarded (not the mean). Returns the per-sample gradient
-        norms (before clipping), or None when no trainable layer ran.
+        was just forwarded (not the mean). With ``units`` (each sample's unit
+        as 0..n_units-1) a unit's gradient is the sum of its samples' gradients
+        and is clipped as a whole (fedmeta.privacy.units). Returns the
+        per-sample (per-unit) gradient norms before clipping, or None when no
+        trainable layer ran.
         """
         layers = [m for m in self.layers if m in self._seen]
         kept = [self._seen[m] for m in layers]
@@ -129,7 +133,7 @@ class BookKeepingClipper:
         sq_norms: torch.Tensor | None = None
         sums = []
         for module, (a, _, _, _), dz in zip(layers, kept, grads_out, strict=True):
-            sq, clipped_sum = _layer_grads(module, a, dz)
+            sq, clipped_sum = _layer_grads(module, a, dz, units, n_units)
             sq_norms = sq if sq_norms is None else sq_norms + sq
             sums.append((module, clipped_sum))
         for m in self.layers:  # a layer unused in this forward pass gets a zero gradient
@@ -181,16 +185,19 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             _mark_as_processed(p.summed_grad)
 
 
-def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor):
+def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
+                 units: torch.Tensor | None = None, n_units: int = 0):
     """(per-sample squared gradient norms [B], factor -> (clipped weight sum, bias sum)).
 
-    Only trainable tensors enter the norm; a frozen one's sum is None.
+    Only trainable tensors enter the norm; a frozen one's sum is None. With
+    ``units`` ([B] ids 0..n_units-1) the norms and clipping factors are per
+    unit ([n_units]) and a unit's gradient is the sum of its samples'.
     """
     batch = a.shape[0]
     w_on = module.weight.requires_grad
     b_on = module.bias is not None and module.bias.requires_grad
-    if isinstance(module, nn.Linear) and a.dim() == 2:  # rank-one per-sample gradients
-        dz_sq = (dz * dz).sum(1)
+    if isinstance(module, nn.Linear) and a.dim() == 2 and units is None:
+        dz_sq = (dz * dz).sum(1)  # rank-one per-sample gradients
         sq = (dz_sq * (a * a).sum(1) if w_on else torch.zeros_like(dz_sq)) + (
             dz_sq if b_on else 0.0)
 
@@ -199,6 +206,23 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor):
             return (scaled.t() @ a if w_on else None), (scaled.sum(0) if b_on else None)
 
         return sq, rank_one_sum
+    if isinstance(module, nn.Linear) and a.dim() == 2:
+        # a unit's weight gradient sum_i dz_i a_i^T has squared norm
+        # sum_{i,j in unit} (dz_i . dz_j)(a_i . a_j): a [B, B] Gram product, never [B, out, in]
+        one_hot = F.one_hot(units, n_units).to(dz.dtype)  # [B, U]
+        sq = dz.new_zeros(n_units)
+        if w_on:
+            gram = (dz @ dz.t()) * (a @ a.t())
+            sq = sq + ((one_hot.t() @ gram) * one_hot.t()).sum(1)
+        if b_on:
+            unit_bias = one_hot.t() @ dz  # [U, out]
+            sq = sq + (unit_bias * unit_bias).sum(1)
+
+        def unit_rank_one_sum(factor: torch.Tensor):
+            scaled = dz * factor[units][:, None]
+            return (scaled.t() @ a if w_on else None), (scaled.sum(0) if b_on else None)
+
+        return sq, unit_rank_one_sum
     if isinstance(module, nn.Linear):
         a3 = a.reshape(batch, -1, a.shape[-1])  # [B, T, in]
         dz3 = dz.reshape(batch, -1, dz.shape[-1])  # [B, T, out]
@@ -218,12 +242,20 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor):
                                 module.stride)  # [B, in*k*k, P]
             per_sample = torch.bmm(dz3, unfolded.transpose(1, 2))  # [B, out, in*k*k]
         bias_rows = dz3.sum(2)
+    if units is not None:  # a unit's gradient: the sum of its samples'
+        batch = n_units
+        if w_on:
+            per_sample = per_sample.new_zeros((n_units, *per_sample.shape[1:])).index_add_(
+                0, units, per_sample)
+        bias_rows = bias_rows.new_zeros((n_units, bias_rows.shape[1])).index_add_(
+            0, units, bias_rows)
     sq = per_sample.reshape(batch, -1).pow(2).sum(1) if w_on else dz.new_zeros(batch)
     if b_on:
         sq = sq + (bias_rows * bias_rows).sum(1)
 
     def materialised_sum(factor: torch.Tensor):
-        return (torch.einsum("b,bok->ok", factor, per_sample) if w_on else None,
-                factor @ bias_rows if b_on else None)
+        weight = (factor @ per_sample.reshape(batch, -1)).reshape(per_sample.shape[1:]) \
+            if w_on else None
+        return weight, (factor @ bias_rows if b_on else None)
 
     return sq, materialised_sum

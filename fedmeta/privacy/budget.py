@@ -115,6 +115,34 @@ def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
                                                orders=list(ORDERS)))
 
 
+#: integer orders: their RDP has a closed form (fast); a bound over fewer orders is larger
+WIDTH_ORDERS = tuple(range(2, 65))
+
+
+@lru_cache(maxsize=256)
+def _rdp_width_per_step(sigma: float, q: float) -> np.ndarray:
+    return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                               orders=list(WIDTH_ORDERS)))
+
+
+def _rdp_width(history: tuple[Step, ...], delta: float) -> float:
+    """An RDP upper bound on epsilon over integer orders (>= Opacus's RDP over its default
+    orders): a PRV domain at least this wide is at least as wide as Opacus's."""
+    rdp = sum(n * _rdp_width_per_step(s, q) for s, q, n in history)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=list(WIDTH_ORDERS), rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _fft_size(points: float) -> int:
+    """The smallest even size >= points of the form m * 2^k, m in {4, 5, 6, 7}."""
+    k = max(0, math.floor(math.log2(max(points, 8) / 4)))
+    while True:
+        for m in (4, 5, 6, 7):
+            if m * 2**k >= points:
+                return m * 2**k
+        k += 1
+
+
 def _rdp_epsilon(history: Iterable[Step], delta: float) -> float:
     """Exactly ``RDPAccountant.get_epsilon``: steps x per-step RDP, summed, converted."""
     rdp = sum(n * _rdp_per_step(s, q) for s, q, n in history)
@@ -139,24 +167,26 @@ class BoundedPRVAccountant(PRVAccountant):
 
     def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
         """Opacus's safe domain (Gopi et al., remark 5.6), on a grid that serves a site for
-        many rounds: the width is that of the history scaled up to the next power of 4
-        of its steps, the mesh is Opacus's rounded down to a power of two, the number of
-        points a power of two. Wider and finer than Opacus's choice, never less."""
+        many rounds: the width and the mesh are Opacus's rules for the history scaled up
+        to the next power of 4 of its steps (wider and finer than Opacus's choice for the
+        history itself, never less), the width's RDP bound taken over integer orders only
+        (a larger epsilon, so a wider domain), the number of points rounded up to an
+        FFT-friendly size (1, 1.25, 1.5 or 1.75 times a power of two). Within a bucket
+        the grid stays put as rounds are added, so each (sigma, q)'s spectrum is kept."""
         steps = sum(num_self_compositions)
         bucket = 4 ** math.ceil(math.log(steps, 4))
         history = [(p.noise_multiplier, p.sample_rate, math.ceil(n * bucket / steps))
                    for p, n in zip(prvs, num_self_compositions, strict=True)]
         total = sum(n for _, _, n in history)
-        half_width = _rdp_epsilon(history, delta_error / 4)
+        half_width = _rdp_width(tuple(history), delta_error / 4)
         for sigma, q, _ in history:
-            half_width = max(half_width, _rdp_epsilon([(sigma, q, 1)],
-                                                      delta_error / (8 * total)))
+            half_width = max(half_width, _rdp_width(((sigma, q, 1),),
+                                                    delta_error / (8 * total)))
         half_width = max(half_width, eps_error) + 3
-        mesh = eps_error / np.sqrt(steps * np.log(12 / delta_error) / 2)
-        mesh = 2.0 ** math.floor(math.log2(mesh))
-        # a power-of-two number of points (fast FFTs; Opacus's sizes can have large prime
-        # factors), symmetric as Opacus's aligned domain: [-(S/2 - 1) dt, S/2 dt]
-        size = 2 ** math.ceil(math.log2(2 * half_width / mesh + 2))
+        # Opacus's mesh rule at the bucket's step count (>= steps: a finer mesh)
+        mesh = eps_error / np.sqrt(bucket * np.log(12 / delta_error) / 2)
+        # an FFT-friendly size, symmetric as Opacus's aligned domain: [-(S/2 - 1) dt, S/2 dt]
+        size = _fft_size(2 * half_width / mesh + 2)
         return Domain(-(size // 2 - 1) * mesh, (size // 2) * mesh, size)
 
     def _get_dprv(self, eps_error, delta_error):

@@ -4,7 +4,9 @@
 runs exactly ``steps`` optimizer steps: DP-SGD through Opacus's
 ``PrivacyEngine`` (per-sample clipping to C, Gaussian noise sigma*C, Poisson
 sampling at q = 1/ceil(n/B)), or plain mini-batch SGD when DP was explicitly
-turned off. Noise and sampling come from the site's CSPRNG
+turned off. When the pool names privacy units (``Pool.units``), sampling is over
+units and each unit's summed gradient is clipped (fedmeta.privacy.units): n and
+B then count units. Noise and sampling come from the site's CSPRNG
 (``DPSettings.randomness``, fedmeta.privacy.noise) or, in simulations, from
 torch generators seeded with ``seed``. It returns what the ledger must record, read back from the
 engine's own accountant so the ledger and Opacus can never disagree.
@@ -31,6 +33,14 @@ from fedmeta.privacy.bookkeeping import (
 from fedmeta.privacy.budget import Step, expected_batch_size, poisson_rate
 from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SiteRandomness, poisson_loader, use_site_noise
+from fedmeta.privacy.units import (
+    UnitPoissonSampler,
+    batch_units,
+    check_mode,
+    sum_grad_samples,
+    torch_draw,
+    unit_index,
+)
 
 
 @dataclass(frozen=True)
@@ -109,12 +119,21 @@ def train_steps(
     torch.manual_seed(seed)
     model.to(device).train()
     mode = "none"
+    unit_of, n_units = unit_index(pool.units, len(pool.x))
+    # a pool whose units each hold one record is sampled and clipped per record: the same
+    # mechanism (q = 1/ceil(n/B) over n = U units), without the per-unit bookkeeping
+    per_unit = dp is not None and n_units < len(pool.x)
     if dp is not None:  # before anything is built: refusals are one-line errors
         example = torch.from_numpy(np.ascontiguousarray(pool.x[:1])).to(device)
         mode = check_dp_model(model, loss_fn, dp.grad_sample_mode, example)
-        expected_batch_size(len(pool.x), min(batch_size, len(pool.x)))
-    dataset = TensorDataset(torch.from_numpy(np.ascontiguousarray(pool.x)),
-                            torch.from_numpy(np.ascontiguousarray(pool.y)))
+        if pool.units is not None:  # refused whenever units are declared, not by the draw
+            mode = check_mode(mode)
+        expected_batch_size(n_units, min(batch_size, n_units))
+    tensors = [torch.from_numpy(np.ascontiguousarray(pool.x)),
+               torch.from_numpy(np.ascontiguousarray(pool.y))]
+    if per_unit:
+        tensors.append(torch.from_numpy(unit_of))
+    dataset = TensorDataset(*tensors)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=dp is None,
                         generator=gen)
@@ -140,22 +159,30 @@ def train_steps(
             if dp.randomness is not None:
                 loader = poisson_loader(dataset, loader.sample_rate, dp.randomness.sampling)
                 use_site_noise(optimizer, dp.randomness)
-        expected_q = poisson_rate(len(dataset), min(batch_size, len(dataset)))
+        if per_unit:
+            loader = _unit_loader(engine, optimizer, dataset, unit_of, n_units,
+                                  min(batch_size, n_units), dp, seed)
+        expected_q = poisson_rate(n_units, min(batch_size, n_units))
         assert abs(loader.sample_rate - expected_q) < 1e-12, (loader.sample_rate, expected_q)
 
     used, loss_sum, n_loss = 0, 0.0, 0
     warnings.filterwarnings("ignore", message=".*Full backward hook.*")
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
-        for xb, yb in _batches(loader, steps):
-            xb, yb = xb.to(device), yb.to(device)
+        for batch in _batches(loader, steps):
+            xb, yb = batch[0].to(device), batch[1].to(device)
             optimizer.zero_grad(set_to_none=True)
             if len(xb):
                 loss = criterion(net(xb), yb)
+                unit, batch_n_units = (batch_units(batch[2].to(device)) if per_unit
+                                       else (None, 0))
                 if clipper is not None:  # criterion is a mean over the batch's samples
-                    clipper.backward(loss * len(xb))
+                    clipper.backward(loss * len(xb), unit, batch_n_units)
                 else:
                     loss.backward()
+                    if unit is not None:  # Opacus clips the rows of grad_sample: units
+                        sum_grad_samples(trainable, unit, batch_n_units)
                 loss_sum += float(loss.detach())
                 n_loss += 1
             elif engine is not None:
@@ -181,6 +208,24 @@ def train_steps(
         dp_step = (float(sigma), float(q), int(n))
     return StepsResult(steps=steps, examples_used=used,
                        mean_loss=loss_sum / max(1, n_loss), dp_step=dp_step)
+
+
+def _unit_loader(engine: PrivacyEngine, optimizer, dataset: TensorDataset, unit_of: np.ndarray,
+                 n_units: int, batch_size: int, dp: DPSettings, seed: int):
+    """Poisson sampling over units (all of a unit's records together), at q = 1/ceil(U/B).
+
+    Replaces the per-record loader Opacus built; the optimizer's accountant hook
+    and its divisor (expected units per batch) are set to the unit rate.
+    """
+    q = poisson_rate(n_units, batch_size)
+    if dp.randomness is not None:
+        draw = dp.randomness.sampling.uniforms
+    else:
+        draw = torch_draw(torch.Generator().manual_seed(seed + 2))
+    sampler = UnitPoissonSampler(unit_of, n_units, q, draw)
+    optimizer.expected_batch_size = expected_batch_size(n_units, batch_size)
+    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(q))
+    return poisson_loader(dataset, q, batch_sampler=sampler)
 
 
 def _make_private_opacus(engine: PrivacyEngine, model: nn.Module, optimizer, loss_fn, loader,

@@ -4,15 +4,21 @@ File: ``<site-dir>/privacy-ledger.jsonl``, one JSON object per line, each line
 fsync'd before the call returns::
 
     {"kind": "header", "site": ..., "epsilon_max": ..., "delta": ..., "accountant": ...,
-     "created": ...}
+     "privacy_unit": ..., "created": ...}
     {"kind": "charge", "run": ..., "round": ..., "noise_multiplier": ..., "sample_rate": ...,
      "steps": ..., "delta": ..., "accountant": ..., "epsilon_after": ..., "time": ...}
     {"kind": "budget", "epsilon_max": ..., "time": ...}          # the site changed its budget
 
 The cumulative epsilon is always recomputed by Opacus's accountant from *all*
 charges (every run the site ever joined), so a new run or a restarted process
-can never reset it. A site directory that has a ``site.json`` marker but no
-ledger, or a ledger that does not parse, is an error: the site refuses to train.
+can never reset it. Every epsilon is per privacy unit, the header's
+``privacy_unit``: "record" (one row), or what the site's data declares (a unit
+column such as ``patient_id``; ``image`` for digits-fewshot); a ledger written
+before units existed is per record. A ledger is kept for one unit only: its
+per-record charges do not bound a per-patient guarantee, so a site whose data
+changes its unit refuses to train on that ledger. A site directory that has a
+``site.json`` marker but no ledger, or a ledger that does not parse, is an
+error: the site refuses to train.
 
 Check-and-charge is one transaction: :meth:`PrivacyLedger.locked` holds an
 exclusive ``flock`` on the ledger file (the same mechanism the audit log uses
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.privacy.budget import Step, epsilon
+from fedmeta.privacy.units import RECORD
 
 LEDGER_FILE = "privacy-ledger.jsonl"
 MARKER_FILE = "site.json"
@@ -88,13 +95,14 @@ class PrivacyLedger:
         self.site: str = header["site"]
         self.delta: float = float(header["delta"])
         self.accountant: str = header["accountant"]
+        self.privacy_unit: str = str(header.get("privacy_unit", RECORD))
         self.epsilon_max = epsilon_max
         self.charges = charges
 
     # ---- opening ---------------------------------------------------------
     @classmethod
     def open(cls, site_dir: Path, *, site: str, epsilon_max: float, delta: float,
-             accountant: str) -> PrivacyLedger:
+             accountant: str, privacy_unit: str = RECORD) -> PrivacyLedger:
         """Open the site's ledger, creating it (and the site marker) on first use."""
         site_dir = Path(site_dir)
         path = site_dir / LEDGER_FILE
@@ -107,7 +115,8 @@ class PrivacyLedger:
                 )
             site_dir.mkdir(parents=True, exist_ok=True)
             header = {"kind": "header", "site": site, "epsilon_max": epsilon_max,
-                      "delta": delta, "accountant": accountant, "created": _now()}
+                      "delta": delta, "accountant": accountant,
+                      "privacy_unit": privacy_unit, "created": _now()}
             _append_line(path, header)
             marker.write_text(json.dumps({"site": site, "ledger": LEDGER_FILE}) + "\n")
             _fsync_dir(site_dir)
@@ -117,6 +126,13 @@ class PrivacyLedger:
                 f"{path}: ledger is kept at delta={ledger.delta} with the "
                 f"{ledger.accountant!r} accountant; this run asks delta={delta}, "
                 f"{accountant!r}: use the ledger's values"
+            )
+        if ledger.privacy_unit != privacy_unit:
+            raise LedgerError(
+                f"{path}: ledger is kept per {ledger.privacy_unit!r} but this site's data now "
+                f"names the privacy unit {privacy_unit!r}; its charges do not bound a guarantee "
+                f"per {privacy_unit!r}: restore the site's unit, or train under a new site "
+                "directory — refusing to train"
             )
         if ledger.epsilon_max != epsilon_max:
             _append_line(path, {"kind": "budget", "epsilon_max": epsilon_max, "time": _now()})
@@ -157,6 +173,8 @@ class PrivacyLedger:
                     header = obj
                     epsilon_max = float(obj["epsilon_max"])
                     str(obj["site"]), float(obj["delta"]), str(obj["accountant"])
+                    if not isinstance(obj.get("privacy_unit", RECORD), str):
+                        raise ValueError("privacy_unit must be a string")
                 elif kind == "charge":
                     fields = {k: obj[k] for k in Charge.__dataclass_fields__}
                     charge = Charge(**fields)
@@ -231,6 +249,7 @@ class PrivacyLedger:
             "epsilon_max": self.epsilon_max,
             "delta": self.delta,
             "accountant": self.accountant,
+            "privacy_unit": self.privacy_unit,
             "epsilon": self.epsilon(),
             "entries": [
                 {k: getattr(c, k) for k in ("run", "round", "noise_multiplier", "sample_rate",

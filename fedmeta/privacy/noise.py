@@ -147,8 +147,14 @@ class PoissonSampler(Sampler[list[int]]):
             yield np.flatnonzero(mask).tolist()
 
 
-def poisson_loader(dataset: Dataset, sample_rate: float, stream: KeyStream):
-    """An Opacus ``DPDataLoader`` (empty batches included) drawing from ``stream``."""
+def poisson_loader(dataset: Dataset, sample_rate: float, stream: KeyStream | None = None,
+                   batch_sampler: Sampler[list[int]] | None = None):
+    """An Opacus ``DPDataLoader`` (empty batches included) drawing from ``stream``, or
+    taking its batches from ``batch_sampler`` (e.g. Poisson sampling over units)."""
+    if batch_sampler is None:
+        if stream is None:
+            raise ValueError("poisson_loader needs a keystream or a batch sampler")
+        batch_sampler = PoissonSampler(len(dataset), sample_rate, stream)
     from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
     from torch.utils.data import DataLoader, default_collate
 
@@ -158,7 +164,7 @@ def poisson_loader(dataset: Dataset, sample_rate: float, stream: KeyStream):
             self.sample_rate = sample_rate
             self.distributed = False
             DataLoader.__init__(
-                self, dataset, batch_sampler=PoissonSampler(len(dataset), sample_rate, stream),
+                self, dataset, batch_sampler=batch_sampler,
                 collate_fn=wrap_collate_with_empty(
                     collate_fn=default_collate, batch_first=True, rand_on_empty=False,
                     sample_empty_shapes=[(0, *shape_safe(x)) for x in first],

@@ -9,6 +9,25 @@ from fedmeta.report.model import LedgerPoint, SitePrivacy
 PRIVACY_UNIT = "one record (sample-level differential privacy)"
 
 
+def unit_label(unit: str) -> str:
+    """What the report calls the site's privacy unit (the ledger's ``privacy_unit``)."""
+    if unit == "record":
+        return PRIVACY_UNIT
+    return (f"one {unit} (unit-level differential privacy: all records of one {unit} are "
+            "sampled together and their summed gradient is clipped as one)")
+
+
+def group_privacy_note(unit: str, epsilon: float, delta: float) -> str:
+    """For a per-record ledger: what the guarantee means for a person with k records."""
+    if unit != "record":
+        return ""
+    return (f" The data name no unit column, so a person with k records at this site is "
+            f"protected only by group privacy: ({epsilon:.3g}·k, k·e^((k-1)·{epsilon:.3g})·"
+            f"{delta:g}) in the worst case, so epsilon grows roughly k-fold (k = 4 gives "
+            f"{4 * epsilon:.3g}); declare unit_column in the data's schema to account per "
+            "person.")
+
+
 def _distinct(values: list) -> list:
     return sorted(set(values))
 
@@ -56,19 +75,22 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
     steps = _distinct([c.steps for c in mine])
     left = max(0.0, ledger.epsilon_max - total)
     rounds = [c.round for c in mine]
+    unit = ledger.privacy_unit
+    noun = "of its records" if unit == "record" else unit
     if mine:
         released = (
             f"what the site released in run {files.run_id} is ({run_eps:.3g}, "
-            f"{ledger.delta:g})-differentially private for each of its records "
+            f"{ledger.delta:g})-differentially private for each {noun} "
             f"({ledger.accountant.upper()} accountant; noise multiplier {_fmt_list(sigmas)}, "
             f"sampling rate {_fmt_list(rates, '{:.4g}')}, {_fmt_list(steps, '{:d}')} DP-SGD "
             f"steps in each of {len(mine)} round(s))")
     else:
         released = f"the site released nothing in run {files.run_id}, which cost it no privacy"
     statement = (
-        f"For {site.site_id}, one record is the privacy unit: {released}; over every run it "
+        f"For {site.site_id}, one {unit} is the privacy unit: {released}; over every run it "
         f"ever joined it has spent epsilon {total:.3g} of its budget of "
         f"{ledger.epsilon_max:g}, leaving {left:.3g}."
+        + group_privacy_note(unit, total, ledger.delta)
     )
     if declined:
         statement += (f" It declined {len(declined)} round(s) "
@@ -93,7 +115,7 @@ def site_privacy(files: RunFiles, site: SiteFiles) -> SitePrivacy:
                       "its signed log does not hold them, so they are not verified.")
     return SitePrivacy(
         unsigned_fields=unsigned,
-        site_id=site.site_id, dp=True, privacy_unit=PRIVACY_UNIT,
+        site_id=site.site_id, dp=True, privacy_unit=unit_label(unit),
         accountant=ledger.accountant, delta=ledger.delta, epsilon_run=run_eps,
         epsilon_total=total, epsilon_max=ledger.epsilon_max, budget_left=left,
         noise_multipliers=sigmas, sample_rates=rates, steps_per_round=steps,

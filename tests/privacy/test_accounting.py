@@ -3,7 +3,8 @@
 For each bundled task's default configuration, a real ``Site`` runs rounds and
 charges its ledger; the mechanism is then rebuilt independently of the charging
 code: the round's pool from the task with the round's seed, the per-step
-inclusion rate from Opacus's own Poisson loader over that pool, and the
+inclusion rate from Opacus's own Poisson loader over that pool's privacy units
+(images for digits-fewshot, records otherwise), and the
 composition from Opacus's unmodified PRV accountant (its estimate, not its
 upper end). The ledger must never show less.
 """
@@ -51,7 +52,12 @@ def test_charged_epsilon_bounds_the_mechanism_that_ran(tmp_path, task):
         # declared work, batch x steps, not the private pool's size)
         train = [e for e in _entries(tmp_path / "site-1") if e["action"] == "round.train"][-1]
         assert train["counts"]["examples"] == len(pool.x)
-        reference.history.append((cfg.noise_multiplier, opacus_rate(len(pool.x), cfg.batch_size),
+        # sampling is over the pool's privacy units (all of a unit's records together)
+        n_units = len(pool.x) if pool.units is None else len(np.unique(pool.units))
+        assert (pool.units is not None) == (task == "digits-fewshot")
+        assert train["details"]["privacy_unit"] == ("image" if pool.units is not None
+                                                    else "record")
+        reference.history.append((cfg.noise_multiplier, opacus_rate(n_units, cfg.batch_size),
                                   cfg.inner_steps))
     ledger = PrivacyLedger.read(tmp_path / "site-1" / LEDGER_FILE)
     assert len(ledger.charges) == ROUNDS

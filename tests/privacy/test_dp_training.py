@@ -90,16 +90,23 @@ def test_modes_compute_the_same_clipped_update():
     task = get_task("digits-fewshot")
     pool = task.episode_pool(task.site_records(0), np.random.default_rng(0))
 
-    def update(mode):
+    def update(mode, p=pool):
         torch.manual_seed(0)
         m = task.build_model(5)
-        train_steps(m, pool, loss_fn=task.loss_fn(), steps=2, lr=0.1, batch_size=10,
+        train_steps(m, p, loss_fn=task.loss_fn(), steps=2, lr=0.1, batch_size=10,
                     dp=DPSettings(0.0, 0.5, grad_sample_mode=mode), seed=3)
         return flat(m)
 
     ref = update("hooks")
-    for mode in ("ew", "ghost", "bk"):
+    for mode in ("ew", "bk"):
         torch.testing.assert_close(update(mode), ref, rtol=1e-4, atol=1e-5)
+    # ghost clips per record: refused when the pool names units (digits: images), and
+    # the same step on a pool without units (this pool's images hold one record each)
+    with pytest.raises(ValueError, match="ghost"):
+        update("ghost")
+    records = Pool(pool.x, pool.y)
+    assert len(np.unique(pool.units)) == len(pool.x)
+    torch.testing.assert_close(update("ghost", records), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_grad_sample_mode_choice():

@@ -90,7 +90,7 @@ def test_epsilon_per_site_equals_the_ledgers(run_dir, report):
         assert p["noise_multipliers"] == sorted({e["noise_multiplier"]
                                                  for e in summary["entries"]})
         assert p["accountant"] == summary["accountant"] and p["delta"] == summary["delta"]
-        assert p["privacy_unit"].startswith("one record")
+        assert p["privacy_unit"].startswith("one image")  # digits: an image's 4 rotations
         assert f"({p['epsilon_run']:.3g}, {p['delta']:g})" in p["statement"]
 
 

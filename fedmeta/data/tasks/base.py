@@ -118,7 +118,7 @@ class Task(ABC):
 
     def supervised_pool(self, records: Records) -> Pool:
         """The FedAvg baseline's pool: all records with their fixed global labels."""
-        return Pool(records.x, records.y)
+        return Pool(records.x, records.y, records.units)
 
     @abstractmethod
     def eval_episode(

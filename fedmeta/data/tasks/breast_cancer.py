@@ -74,7 +74,7 @@ class BreastCancerSites(Task):
         )
 
     def episode_pool(self, records: Records, rng: np.random.Generator) -> Pool:
-        return Pool(records.x, records.y)
+        return Pool(records.x, records.y, records.units)
 
     def eval_episode(
         self, split: Split, rng: np.random.Generator, shots: int, query: int

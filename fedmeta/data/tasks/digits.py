@@ -7,6 +7,10 @@ between its holders). A Reptile round draws N of the site's classes and
 trains on all their records (labels re-assigned per episode; the DP trainer's
 Poisson sampling picks each step's batch); evaluation draws N-way K-shot
 episodes from the held-out classes.
+
+The privacy unit is the original image: its 4 rotations (which fall in 4
+different classes, possibly at one site) share one unit id, so DP-SGD samples
+and clips them together and the ledger's epsilon protects the image.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def class_split() -> dict[str, tuple[int, ...]]:
 class DigitsFewShot(Task):
     name = "digits-fewshot"
     kind = "classification"
+    #: what ``Records.units`` names: the original image of each rotated record
+    privacy_unit = "image"
 
     def build_model(self, out_dim: int) -> nn.Module:
         return SmallCNN(out_dim)
@@ -93,6 +99,7 @@ class DigitsFewShot(Task):
             y=y[sel],
             groups=y[sel],
             record_ids=np.array([f"digit-{i}" for i in sel]),
+            units=(sel % (len(x) // 4)).astype(np.int64),  # row i: image i % n, rotated
         )
 
     def episode_pool(self, records: Records, rng: np.random.Generator) -> Pool:
@@ -115,11 +122,13 @@ class DigitsFewShot(Task):
         for i, cls in enumerate(chosen):
             label[records.groups == cls] = i
         members = np.flatnonzero(label >= 0)
-        return Pool(records.x[members], label[members])
+        units = None if records.units is None else records.units[members]
+        return Pool(records.x[members], label[members], units)
 
     def supervised_pool(self, records: Records) -> Pool:
         index = {c: i for i, c in enumerate(class_split()["train"])}
-        return Pool(records.x, np.array([index[int(c)] for c in records.y], dtype=np.int64))
+        return Pool(records.x, np.array([index[int(c)] for c in records.y], dtype=np.int64),
+                    records.units)
 
     def eval_episode(
         self, split: Split, rng: np.random.Generator, shots: int, query: int

@@ -67,7 +67,8 @@ class Sine(Task):
         """
         g = rng.choice(np.unique(records.groups))
         members = np.flatnonzero(records.groups == g)
-        return Pool(records.x[members], records.y[members])
+        units = None if records.units is None else records.units[members]
+        return Pool(records.x[members], records.y[members], units)
 
     def eval_episode(
         self, split: Split, rng: np.random.Generator, shots: int, query: int

@@ -55,7 +55,7 @@ class TabularCsv(Task):
     def episode_pool(self, records: Records, rng: np.random.Generator) -> Pool:
         if len(records) < 2:
             raise TaskError("fewer than 2 usable records")
-        return Pool(records.x, records.y)
+        return Pool(records.x, records.y, records.units)
 
     def eval_episode(self, split: Split, rng: np.random.Generator, shots: int,
                      query: int) -> Episode:
