@@ -145,6 +145,16 @@ def rounds_section(runs: dict[str, Path]) -> list[str]:
     return [*lines, ""]
 
 
+def dp_epsilon(runs: dict[str, Path]) -> list[str]:
+    out = []
+    for strat, run in runs.items():
+        if (run / "summary.json").exists():
+            eps = sorted(json.loads((run / "summary.json").read_text())["epsilon"].values())
+            if eps:
+                out.append(f"- {strat}: epsilon spent per site {eps[0]:.2f} .. {eps[-1]:.2f}")
+    return [*out, ""] if out else []
+
+
 def sine_section(path: Path) -> list[str]:
     if not path.exists():
         return []
@@ -206,8 +216,10 @@ def main() -> None:
                   "in training; lr chosen on shifted validation sites", "",
                   *table(shift_pts, shots), ""]
     if dp_pts:
-        lines += ["**DP, target epsilon 8 per site, privacy unit = one record** (delta 1e-5; "
-                  "sites: inner lr 0.1, batch 10, 8 steps)", "", *table(dp_pts, shots), ""]
+        lines += ["**DP, target epsilon 8 per site, privacy unit = one image with its 4 "
+                  "rotations** (delta 1e-5; sites: inner lr 0.1, batch 10, 8 steps)", "",
+                  *table(dp_pts, shots), ""]
+        lines += dp_epsilon(dp_runs)
     lines += ["Cells marked *not run* did not fit this session's compute (two CPU cores shared "
               "by six jobs); `python benchmarks/fewshot_accuracy.py --train` fills them. "
               + ("" if dp_pts else "The DP rows (`--dp`: epsilon 8 per site; FOMAML is "
