@@ -222,8 +222,9 @@ def main() -> None:
         lines += dp_epsilon(dp_runs)
     lines += ["Cells marked *not run* did not fit this session's compute (two CPU cores shared "
               "by six jobs); `python benchmarks/fewshot_accuracy.py --train` fills them. "
-              + ("" if dp_pts else "The DP rows (`--dp`: epsilon 8 per site; FOMAML is "
-                 "refused under DP) and further training seeds were not run in this session. ")
+              + ("" if dp_pts else "The DP rows (`--dp`: epsilon 8 per site) were not run. ")
+              + "FOMAML is refused under DP (its held-out gradient is not privatised); "
+              "training seeds beyond the first were not run in this session. "
               + "Reading the tables: the validation classes are only 6, so a 5-way validation "
               "episode draws nearly the same classes every time; where a method's chosen rate "
               "scores far better on validation than on test (scratch at 5 shots: lr 0.3), the "
