@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--meta-steps", type=int, default=300)
     ap.add_argument("--federated", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/.runs/sine-gap.json"))
+    ap.add_argument("--mults", default="1,10", help="multiples of --meta-steps to train")
+    ap.add_argument("--sources", default="same,unlimited", help="task supplies to train on")
     args = ap.parse_args()
     torch.set_num_threads(1)
     task = Sine()
@@ -94,8 +96,8 @@ def main() -> None:
     if args.federated:
         saved = load_model(args.federated)
         out["rows"]["federated (sites)"] = score(task, saved["state_dict"], grid, val, test)
-    for source in ("same", "unlimited"):
-        for mult in (1, 10):
+    for source in args.sources.split(","):
+        for mult in (int(m) for m in args.mults.split(",")):
             steps = args.meta_steps * mult
             state = meta_train(task, steps, source, seed=1)
             name = f"centralized, {source} tasks, {steps} meta steps"
