@@ -80,7 +80,8 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 def simulate(
     task: Annotated[str | None, typer.Option(
         help="digits-fewshot | sine | breast-cancer-sites")] = None,
-    strategy: Annotated[str | None, typer.Option(help="reptile | fedavg (baseline)")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        help="reptile | fomaml | fedavg (baseline)")] = None,
     sites: Annotated[int | None, typer.Option(help="number of simulated sites")] = None,
     rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
     seed: Annotated[int | None, typer.Option(help="seed: same seed, same metrics")] = None,
@@ -289,30 +290,41 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
 # ---------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(
-    run_dirs: Annotated[list[Path], typer.Argument(help="run directories (one reptile, "
-                                                   "one fedavg)")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories (one per strategy: "
+                                                   "reptile, fomaml, fedavg)")],
     shots: Annotated[str, typer.Option(help="comma-separated shots per class")] = "1,5,10,20",
     episodes: Annotated[int, typer.Option(help="test episodes per point")] = 100,
+    val_episodes: Annotated[int, typer.Option(help="validation episodes per learning rate "
+                                              "tried (the same for every method)")] = 100,
     steps: Annotated[int | None, typer.Option(help="adaptation steps (default: run's)")] = None,
-    lr_grid: Annotated[str, typer.Option(help="adaptation learning rates tried on validation "
-                                         "classes, per method")] = "0.01,0.03,0.1,0.3,1",
+    lr_grid: Annotated[str, typer.Option(
+        help="adaptation learning rates tried on validation classes, per method and shot "
+             "count")] = "0.01,0.03,0.1,0.3,1",
+    prototypes: Annotated[bool, typer.Option(help="also prototype classifiers on each "
+                                             "federated model's embedding")] = True,
+    shift: Annotated[bool, typer.Option(help="new sites with their own acquisition shift "
+                                        "(digits-fewshot runs)")] = False,
     out: Annotated[Path | None, typer.Option(help="output prefix (writes .json and .png)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Accuracy at a new site against labelled examples: scratch vs transfer vs Reptile."""
+    """Accuracy at a new site against labelled examples, every method with its CI."""
     from fedmeta.meta.curve import LABELS, plot_curve, shots_curve
 
     try:
         shot_list = [int(s) for s in shots.split(",") if s.strip()]
         grid = [float(s) for s in lr_grid.split(",") if s.strip()]
-        if not shot_list or min(shot_list) < 1 or not grid:
+        if not shot_list or min(shot_list) < 1 or not grid or min(grid) <= 0:
             raise ValueError
     except ValueError:
         raise fail("options '--shots'/'--lr-grid': expected comma-separated positive "
                    "numbers") from None
+    if episodes < 2 or val_episodes < 2:
+        raise fail("options '--episodes'/'--val-episodes': need at least 2 episodes "
+                   "for a confidence interval")
     try:
-        curve = shots_curve(run_dirs, shot_list, episodes=episodes, steps=steps, lr_grid=grid,
-                            seed=seed)
+        curve = shots_curve(run_dirs, shot_list, episodes=episodes, val_episodes=val_episodes,
+                            steps=steps, lr_grid=grid, seed=seed, prototypes=prototypes,
+                            shift=shift)
     except (*_user_errors(), KeyError) as exc:
         raise fail(str(exc)) from None
     prefix = out or (run_dirs[0] / "shots-curve")
@@ -321,15 +333,18 @@ def evaluate(
     json_path.write_text(json.dumps(curve, indent=2) + "\n")
     png = plot_curve(curve, prefix.with_suffix(".png"))
     table = Table(title=f"{curve['task']}: {curve['n_way']}-way, {curve['steps']} steps, "
-                        f"{episodes} episodes (mean ± 95% CI)")
+                        f"{episodes} episodes (mean ± 95% CI; lr chosen on "
+                        f"{val_episodes} validation episodes)")
     table.add_column("method")
     for k in shot_list:
         table.add_column(f"{k}-shot", justify="right")
     methods = dict.fromkeys(p["method"] for p in curve["points"])
     for m in methods:
         row = {p["shots"]: p for p in curve["points"] if p["method"] == m}
-        table.add_row(LABELS.get(m, m), *[f"{row[k]['mean']:.3f} ± {row[k]['ci95']:.3f}"
-                                          for k in shot_list])
+        label = LABELS.get(m) or row[shot_list[0]].get("label") or m
+        table.add_row(label, *[f"{row[k]['mean']:.3f} ± {row[k]['ci95']:.3f}"
+                               + (f" (lr {row[k]['lr']:g})" if row[k]["lr"] else "")
+                               for k in shot_list])
     console.print(table)
     console.print(f"wrote {json_path} and {png}")
 

@@ -32,12 +32,16 @@ class RunConfig(BaseModel):
     )
 
     # what and how
-    task: str = "digits-fewshot"
-    strategy: Literal["reptile", "fedavg"] = "reptile"
+    task: str = Field("digits-fewshot", description="bundled task name, an installed plug-in "
+                      "(entry point group fedmeta.tasks) or package.module:Class")
+    strategy: Literal["reptile", "fedavg", "fomaml"] = Field(
+        "reptile", description="server strategy: reptile or fomaml (meta-learning; fomaml "
+        "non-private only) or fedavg (the transfer-learning baseline)")
     sites: int = Field(10, ge=1, le=1000, description="training sites (simulated nodes)")
-    rounds: int = Field(30, ge=1, le=100_000)
-    seed: int = Field(1, ge=0)
-    out_dir: str = "runs/demo"
+    rounds: int = Field(30, ge=1, le=100_000, description="federated rounds")
+    seed: int = Field(1, ge=0,
+        description="seed of site sampling, data splits and (simulated sites) DP noise")
+    out_dir: str = Field("runs/demo", description="run directory ({run} is replaced by the run id)")
     model: str = Field("", description="package.module:factory building the model for any "
                        "task ('' = the task's own model); called as factory(out_dim, task)")
     data_dir: str = Field("", description="simulation: a folder with one data folder per "
@@ -52,10 +56,11 @@ class RunConfig(BaseModel):
     channels: Literal[1, 3] = Field(1, description="1 (grayscale) or 3 (RGB)")
 
     # sampling of sites per round
-    fraction_train: float = Field(0.5, gt=0.0, le=1.0)
+    fraction_train: float = Field(0.5, gt=0.0, le=1.0,
+        description="share of sites sampled each round")
     min_sites: int = Field(2, ge=1, description="minimum sites per round (else the run stops)")
     node_wait_s: float = Field(60.0, gt=0.0, description="bound on waiting for nodes to connect")
-    round_timeout_s: float = Field(600.0, gt=0.0)
+    round_timeout_s: float = Field(600.0, gt=0.0, description="seconds a round waits for replies")
     max_failed_rounds: int = Field(3, ge=1, description="stop the run after this many "
                                    "consecutive rounds without a usable reply")
     checkpoint_every: int = Field(5, ge=0, description="checkpoint theta and the strategy "
@@ -63,23 +68,25 @@ class RunConfig(BaseModel):
     max_update_norm: float = Field(100.0, gt=0.0, description="L2 bound on phi - theta")
 
     # inner loop at each site
-    n_way: int = Field(5, ge=2, le=40)
+    n_way: int = Field(5, ge=2, le=40, description="classes per few-shot episode")
     pool_per_class: int = Field(40, ge=2, description="points per sinusoid (sine); a digits "
                                 "episode uses every record of its classes")
-    inner_steps: int = Field(8, ge=1, le=10_000)
+    inner_steps: int = Field(8, ge=1, le=10_000, description="SGD steps a site takes per round")
     inner_lr: float = Field(0.0, ge=0.0, description="0 = the task's default")
     batch_size: int = Field(10, ge=1, description="expected Poisson batch size")
 
     # Reptile meta-step at the server: beta anneals linearly from meta_lr to meta_lr_final
-    meta_lr: float = Field(1.0, gt=0.0, le=2.0)
-    meta_lr_final: float = Field(0.25, ge=0.0, le=2.0)
+    meta_lr: float = Field(1.0, gt=0.0, le=2.0, description="server meta step size at round 1")
+    meta_lr_final: float = Field(0.25, ge=0.0, le=2.0,
+        description="server meta step size at the last round (linear anneal)")
 
     # differential privacy at each site (sample-level)
-    dp: bool = True
+    dp: bool = Field(True,
+        description="sites train with DP-SGD (false: non-private, declared as such)")
     noise_multiplier: float = Field(1.0, ge=0.0, description="sigma; ignored if target-epsilon > 0")
     target_epsilon: float = Field(0.0, ge=0.0, description="> 0: pick sigma for this epsilon")
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, description="clipping bound C per privacy unit")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="DP delta")
     accountant: Literal["prv", "rdp", "gdp"] = Field(
         "prv", description="asked of the sites; a site accepts only the accountants of its "
         "policy (prv, rdp): gdp is an approximation and is declined")
@@ -89,14 +96,20 @@ class RunConfig(BaseModel):
         "and sampling from its own CSPRNG; a simulated site uses seeded noise (same seed, "
         "same metrics: for experiments only, no protection against the coordinator); "
         "site-csprng: simulated sites too")
-    grad_sample_mode: Literal["auto", "bk", "hooks", "ew", "functorch", "ghost"] = "auto"
+    grad_sample_mode: Literal["auto", "bk", "hooks", "ew", "functorch", "ghost"] = Field(
+        "auto", description="per-sample gradient method (auto: book-keeping when the model allows)")
 
     # meta-evaluation on held-out classes / tasks (server side)
     eval_every: int = Field(5, ge=0, description="0 = only at the end")
-    eval_episodes: int = Field(20, ge=1)
-    eval_shots: int = Field(5, ge=1)
-    eval_query: int = Field(15, ge=1)
-    adapt_steps: int = Field(20, ge=0)
+    eval_split: Literal["val", "test"] = Field(
+        "test", description="held-out classes/tasks the server evaluates on each round; "
+        "val when the per-round curve chooses training length")
+    eval_episodes: int = Field(20, ge=1, description="episodes per server evaluation")
+    eval_shots: int = Field(5, ge=1,
+        description="labelled examples per class in an evaluation episode")
+    eval_query: int = Field(15, ge=1,
+        description="query examples per class in an evaluation episode")
+    adapt_steps: int = Field(20, ge=0, description="fine-tuning steps on an episode's support set")
     adapt_lr: float = Field(0.0, ge=0.0, description="0 = the task's default")
 
     device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N")
@@ -120,6 +133,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"min-sites ({self.min_sites}) exceeds sites ({self.sites})")
         if self.dp and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
             raise ValueError("dp needs noise-multiplier > 0 or target-epsilon > 0")
+        if self.dp and self.strategy == "fomaml":
+            raise ValueError("strategy fomaml is non-private only (its held-out gradient is "
+                             "not privatised yet); run it with --no-dp or use reptile")
         return self
 
     # ---- conversions -----------------------------------------------------

@@ -45,6 +45,7 @@ from fedmeta.data.loaders.site import load_site_records
 from fedmeta.data.record_meta import load_record_meta
 from fedmeta.data.records import Records
 from fedmeta.data.tasks.base import Pool, Task
+from fedmeta.meta.fomaml import fomaml_site_update
 from fedmeta.meta.updates import model_digest
 from fedmeta.privacy.budget import expected_batch_size, noise_for_target, poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
@@ -74,6 +75,7 @@ MANIFEST_FILE = "manifest.toml"
 TRANSPORT_ENV = "FEDMETA_TRANSPORT"  # exported by fedmeta's start-node.sh
 AUDIT_LOG = Path("audit") / "audit-log.jsonl"
 AUDIT_KEY = Path("keys") / "audit-signing.pem"
+META_STRATEGIES = ("reptile", "fomaml")  # sites train on episodes (labels per episode)
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ class Site:
                              actor=self.site_id)
 
     def pool(self, records: Records, rng: np.random.Generator) -> Pool:
-        if self.cfg.strategy == "reptile":
+        if self.cfg.strategy in META_STRATEGIES:
             return self.task.episode_pool(records, rng)
         return self.task.supervised_pool(records)
 
@@ -454,10 +456,16 @@ class Site:
                    counts={"examples": len(pool.x), "steps": cfg.inner_steps},
                    details=details)
         try:
-            result = train_steps(model, pool, loss_fn=self.task.loss_fn(),
-                                 steps=cfg.inner_steps, lr=inner_lr(cfg, self.task),
-                                 batch_size=batch, dp=dp, device=resolve_device(cfg.device),
-                                 seed=seed)
+            if cfg.strategy == "fomaml":  # non-private only (fedmeta.config refuses DP)
+                fomaml_state, result = fomaml_site_update(
+                    model, pool, rng, loss_fn=self.task.loss_fn(), steps=cfg.inner_steps,
+                    lr=inner_lr(cfg, self.task), batch_size=batch,
+                    device=resolve_device(cfg.device), seed=seed)
+            else:
+                result = train_steps(model, pool, loss_fn=self.task.loss_fn(),
+                                     steps=cfg.inner_steps, lr=inner_lr(cfg, self.task),
+                                     batch_size=batch, dp=dp, device=resolve_device(cfg.device),
+                                     seed=seed)
         except Exception as exc:
             # the charge stands (the ledger never un-spends); the log says it trained nothing
             first = str(exc).splitlines()[0] if str(exc) else ""
@@ -470,6 +478,8 @@ class Site:
             raise RuntimeError(f"Opacus recorded {result.dp_step}, ledger charged "
                                f"{(dp.noise_multiplier, q, cfg.inner_steps)}")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if cfg.strategy == "fomaml":
+            state = fomaml_state
         # the training loss is an un-noised statistic of the private batch: it stays here
         log.append("round.reply", run_id=run_id, round=server_round, model_out=_digest(state),
                    epsilon=eps_total if dp else None,

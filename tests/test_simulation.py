@@ -203,7 +203,7 @@ def test_evaluate_draws_the_shots_curve_and_reptile_beats_chance_and_scratch(
     assert res.returncode == 0, res.stderr
     curve = json.loads((base / "curve.json").read_text())
     points = {(p["method"], p["shots"]): p for p in curve["points"]}
-    assert set(points) == {(m, k) for m in ("scratch", "transfer", "meta") for k in (1, 5)}
+    assert {(m, k) for m in ("scratch", "transfer", "meta") for k in (1, 5)} <= set(points)
     assert all(0.0 <= p["mean"] <= 1.0 for p in curve["points"])
     chance = 1 / curve["n_way"]
     for k in (1, 5):

@@ -9,7 +9,6 @@ model trained from scratch starts from a fresh random initialisation.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,14 +104,14 @@ def meta_evaluate(
     Episodes depend only on ``seed``, so two initialisations evaluated with the
     same seed see exactly the same support and query sets.
     """
-    rng = np.random.default_rng(seed)
-    base = initial_model(task, state, trained_out_dim, seed)
-    adapted, unadapted = [], []
-    for e in range(episodes):
-        episode = task.eval_episode(split, rng, shots, query)
-        model = base if state is not None else initial_model(task, None, 0, seed + e)
-        unadapted.append(score(model, task, episode.query_x, episode.query_y, device))
-        tuned = adapt(copy.deepcopy(model), task, episode, steps, lr, device)
-        adapted.append(score(tuned, task, episode.query_x, episode.query_y, device))
+    from fedmeta.meta.methods import Method, draw_episodes, episode_scores
+
+    drawn = draw_episodes(task, split, episodes, shots, query, seed)
+    method = Method("scratch", "scratch") if state is None else Method("init", "init")
+    init = (state, trained_out_dim)
+    adapted = episode_scores(task, method, init, drawn, steps=steps, lr=lr, seed=seed,
+                             device=device)
+    before = episode_scores(task, method, init, drawn, steps=0, lr=lr, seed=seed,
+                            device=device)
     mean, ci = mean_ci95(adapted)
-    return EvalResult(task.metric_name, mean, ci, float(np.mean(unadapted)), episodes)
+    return EvalResult(task.metric_name, mean, ci, float(np.mean(before)), episodes)

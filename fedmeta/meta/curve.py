@@ -1,14 +1,16 @@
 """The curve the product exists to bend: accuracy at a new site against labelled examples.
 
-For each number of shots K, three initialisations are adapted with the same
-budget (steps) on the same N-way K-shot episodes of held-out classes:
+For each number of shots K, every method (``fedmeta.meta.methods``: scratch,
+FedAvg-transfer, Reptile, FOMAML, and prototype classifiers on the federated
+models' embeddings) is measured with the same step budget on the same N-way
+K-shot test episodes of held-out classes.
 
-* ``scratch``   — a fresh random model ("traditional ML" at the new site),
-* ``transfer``  — the FedAvg model with a fresh N-way head, fine-tuned,
-* ``meta``      — the Reptile initialisation, adapted.
-
-Each method's adaptation learning rate is chosen from the same grid on the
-validation classes (fair comparison), then measured on the test classes.
+The protocol, per shot count and per method: the adaptation learning rate is
+chosen from one grid on ``val_episodes`` (>= 100 by default) episodes of the
+validation classes, the same validation episodes for every method; the chosen
+rate is then measured once on the test episodes. A prototype classifier takes
+no step and so has no rate to choose. With ``shift`` the new sites also differ
+in acquisition (``fedmeta.data.tasks.shifted``), for validation and test alike.
 """
 
 from __future__ import annotations
@@ -21,12 +23,22 @@ from typing import Any
 import torch
 
 from fedmeta.config import RunConfig, build_task
-from fedmeta.meta.adaptation import meta_evaluate
+from fedmeta.data.tasks.base import Task
+from fedmeta.meta.adaptation import mean_ci95
+from fedmeta.meta.methods import (
+    BASE_OF_STRATEGY,
+    Method,
+    draw_episodes,
+    episode_scores,
+    episode_scores_grid,
+    methods_for,
+)
 from fedmeta.metrics import CONFIG_FILE, load_model
 
-METHOD_OF_STRATEGY = {"reptile": "meta", "fedavg": "transfer"}
+METHOD_OF_STRATEGY = BASE_OF_STRATEGY
 LABELS = {"scratch": "from scratch (traditional ML)", "transfer": "FedAvg + fine-tuning (transfer)",
-          "meta": "Reptile (meta-learning)"}
+          "meta": "Reptile (meta-learning)", "fomaml": "FOMAML (meta-learning)"}
+MIN_VAL_EPISODES = 100
 
 
 class CurveError(ValueError):
@@ -40,13 +52,19 @@ class Point:
     metric: str
     mean: float
     ci95: float
-    lr: float
+    lr: float | None
     episodes: int
     run_dir: str | None
+    label: str = ""
+    steps: int = 0
+    val_mean: float | None = None
+    val_episodes: int = 0
 
 
-def load_initialisations(run_dirs: Sequence[Path]) -> tuple[RunConfig, dict[str, Any]]:
-    """(config of the first run, method -> (state, out_dim, run_dir)) incl. scratch."""
+def load_initialisations(run_dirs: Sequence[Path], bases: Sequence[str] | None = None
+                         ) -> tuple[RunConfig, dict[str, Any]]:
+    """(config of the first run, base method -> (state, out_dim, run_dir)) incl. scratch;
+    with ``bases``, only those runs' models are read."""
     inits: dict[str, Any] = {"scratch": (None, 0, None)}
     first: RunConfig | None = None
     for run_dir in run_dirs:
@@ -55,50 +73,84 @@ def load_initialisations(run_dirs: Sequence[Path]) -> tuple[RunConfig, dict[str,
             raise CurveError(f"{run_dir}: task {cfg.task} ({cfg.n_way}-way) differs from "
                              f"{first.task} ({first.n_way}-way); compare runs of one task")
         first = first or cfg
-        saved = load_model(Path(run_dir))
         method = METHOD_OF_STRATEGY[cfg.strategy]
         if method in inits:
             raise CurveError(f"{run_dir}: a second {cfg.strategy} run; give one per strategy")
+        if bases is not None and method not in bases:
+            continue
+        saved = load_model(Path(run_dir))
         inits[method] = (saved["state_dict"], int(saved["out_dim"]), str(run_dir))
     if first is None:
         raise CurveError("no run directory given")
     return first, inits
 
 
+def evaluation_task(cfg: RunConfig, shift: bool) -> Task:
+    task = build_task(cfg)
+    if not shift:
+        return task
+    from fedmeta.data.tasks.digits import DigitsFewShot
+    from fedmeta.data.tasks.shifted import ShiftedDigits
+
+    if not isinstance(task, DigitsFewShot):
+        raise CurveError(f"--shift: acquisition shifts are defined for digits-fewshot runs, "
+                         f"not {cfg.task}")
+    return ShiftedDigits(n_way=task.n_way, pool_per_class=task.pool_per_class,
+                         num_sites=task.num_sites)
+
+
+def choose_lr(task: Task, method: Method, init, val_eps, lr_grid: Sequence[float], steps: int,
+              seed: int) -> tuple[float | None, float | None]:
+    """(chosen rate, its validation score); (None, score) for a method without steps."""
+    grid = episode_scores_grid(task, method, init, val_eps, steps=steps, lrs=lr_grid, seed=seed)
+    means = {lr: mean_ci95(v)[0] for lr, v in grid.items()}
+    pick = max if task.kind == "classification" else min
+    best = pick(means, key=lambda lr: means[lr])
+    return (best if method.fine_tune and steps > 0 else None), means[best]
+
+
 def shots_curve(
     run_dirs: Sequence[Path],
     shots: Sequence[int],
     *,
-    episodes: int = 100,
-    val_episodes: int = 25,
+    episodes: int = 400,
+    val_episodes: int = MIN_VAL_EPISODES,
     steps: int | None = None,
     lr_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
     query: int = 15,
     seed: int = 0,
+    prototypes: bool = True,
+    shift: bool = False,
+    methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
+    """Every method's score per shot count (``methods``: only those, by name)."""
     torch.set_num_threads(1)
-    cfg, inits = load_initialisations(run_dirs)
-    task = build_task(cfg)
+    wanted = None if methods is None else {m.split("+")[0] for m in methods}
+    cfg, inits = load_initialisations(run_dirs, None if wanted is None else sorted(wanted))
+    task = evaluation_task(cfg, shift)
     budget = steps if steps is not None else cfg.adapt_steps
+    bases = [b for b in ("transfer", "meta", "fomaml") if b in inits]
     points: list[Point] = []
     for k in shots:
-        for method, (state, out_dim, run_dir) in inits.items():
-            def run(split: str, lr: float, n: int, state=state, out_dim=out_dim, k=k):
-                return meta_evaluate(task, state, out_dim, split=split, episodes=n, shots=k,
-                                     query=query, steps=budget, lr=lr, seed=seed + 1000 * k)
-            better = (lambda a, b: a > b) if task.kind == "classification" else (lambda a, b: a < b)
-            best_lr, best = lr_grid[0], None
-            if len(lr_grid) > 1:
-                for lr in lr_grid:
-                    val = run("val", lr, val_episodes).adapted
-                    if best is None or better(val, best):
-                        best_lr, best = lr, val
-            res = run("test", best_lr, episodes)
-            points.append(Point(method, k, res.metric, res.adapted, res.adapted_ci95, best_lr,
-                                episodes, run_dir))
-    return {"task": cfg.task, "n_way": task.meta_out_dim(), "steps": budget,
-            "lr_grid": list(lr_grid), "episodes": episodes, "query_per_class": query,
-            "points": [asdict(p) for p in points]}
+        test_eps = draw_episodes(task, "test", episodes, k, query, seed + 1000 * k)
+        val_eps = draw_episodes(task, "val", val_episodes, k, query, seed + 1000 * k + 1)
+        for method in methods_for(bases, prototypes, task.kind):
+            if methods is not None and method.name not in methods:
+                continue
+            state, out_dim, run_dir = inits[method.base]
+            init = (state, out_dim)
+            lr, val = (choose_lr(task, method, init, val_eps, lr_grid, budget, seed)
+                       if len(lr_grid) > 1 or not method.fine_tune else (lr_grid[0], None))
+            scores = episode_scores(task, method, init, test_eps,
+                                    steps=budget if method.fine_tune else 0,
+                                    lr=lr or 0.0, seed=seed)
+            mean, ci = mean_ci95(scores)
+            points.append(Point(method.name, k, task.metric_name, mean, ci, lr, episodes,
+                                run_dir, method.label, budget if method.fine_tune else 0,
+                                val, val_episodes if val is not None else 0))
+    return {"task": cfg.task, "shift": shift, "n_way": task.meta_out_dim(), "steps": budget,
+            "lr_grid": list(lr_grid), "episodes": episodes, "val_episodes": val_episodes,
+            "query_per_class": query, "points": [asdict(p) for p in points]}
 
 
 def plot_curve(curve: dict[str, Any], path: Path) -> Path:
@@ -107,7 +159,7 @@ def plot_curve(curve: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
     by_method: dict[str, list[dict]] = {}
     for p in curve["points"]:
         by_method.setdefault(p["method"], []).append(p)
@@ -116,16 +168,20 @@ def plot_curve(curve: dict[str, Any], path: Path) -> Path:
         xs = [p["shots"] for p in pts]
         ys = [p["mean"] for p in pts]
         ci = [p["ci95"] for p in pts]
-        ax.errorbar(xs, ys, yerr=ci, marker="o", capsize=3, label=LABELS.get(method, method))
+        label = LABELS.get(method) or pts[0].get("label") or method
+        style = "--" if "+proto" in method else "-"
+        ax.errorbar(xs, ys, yerr=ci, marker="o", capsize=3, linestyle=style, label=label)
     metric = curve["points"][0]["metric"] if curve["points"] else "accuracy"
     ax.set_xscale("log")
     ax.set_xticks(sorted({p["shots"] for p in curve["points"]}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("labelled examples per class at the new site")
     ax.set_ylabel(metric)
-    ax.set_title(f"{curve['task']}: {curve['n_way']}-way, {curve['steps']} adaptation steps")
+    shifted = ", shifted new sites" if curve.get("shift") else ""
+    ax.set_title(f"{curve['task']}{shifted}: {curve['n_way']}-way, "
+                 f"{curve['steps']} adaptation steps")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

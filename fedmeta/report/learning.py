@@ -7,7 +7,9 @@ from typing import Any
 
 from fedmeta.report.collect import RunFiles, read_baseline
 from fedmeta.report.evidence import metrics_signed
-from fedmeta.report.model import EvalPoint, LearningSection, RoundRow
+from fedmeta.report.model import EvalPoint, LearningSection, RoundRow, ShotsPoint
+
+SHOTS_CURVE = "shots-curve.json"  # what `fedmeta evaluate` writes into the first run directory
 
 
 def eval_points(metrics: list[dict[str, Any]]) -> list[EvalPoint]:
@@ -47,6 +49,23 @@ def rounds(files: RunFiles, site: str | None) -> list[RoundRow]:
     return out
 
 
+def shots_curve(run_dir: Path) -> list[ShotsPoint]:
+    """Every method's accuracy against shots, as ``fedmeta evaluate`` measured it."""
+    import json
+
+    path = Path(run_dir) / SHOTS_CURVE
+    if not path.is_file():
+        return []
+    try:
+        curve = json.loads(path.read_text())
+        return [ShotsPoint(method=p["method"], label=p.get("label") or p["method"],
+                           shots=p["shots"], mean=p["mean"], ci95=p["ci95"], lr=p.get("lr"),
+                           episodes=p["episodes"], shift=bool(curve.get("shift", False)))
+                for p in curve["points"]]
+    except (ValueError, KeyError, TypeError):
+        return []  # an unreadable curve is left out; the per-round results still stand
+
+
 def learning_section(files: RunFiles, site: str | None, baseline: Path | None
                      ) -> LearningSection:
     points = eval_points(files.metrics)
@@ -61,5 +80,6 @@ def learning_section(files: RunFiles, site: str | None, baseline: Path | None
                            strategy=files.config.strategy, points=points,
                            baseline_run_id=base_id, baseline_strategy=base_strategy,
                            baseline_points=base_points, rounds=rounds(files, site),
+                           shots_curve=shots_curve(files.run_dir),
                            evidence="signed by the server" if metrics_signed(files)
                            else "unsigned")

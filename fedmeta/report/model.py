@@ -454,6 +454,19 @@ class RoundRow(_Model):
     """For a site report: what this site did in the round."""
 
 
+class ShotsPoint(_Model):
+    """One point of ``fedmeta evaluate``'s curve: a method's score at K shots per class."""
+
+    method: str
+    label: str
+    shots: int
+    mean: float
+    ci95: float
+    lr: float | None
+    episodes: int
+    shift: bool = False
+
+
 class LearningSection(_Model):
     metric: str | None
     task: str
@@ -463,6 +476,8 @@ class LearningSection(_Model):
     baseline_strategy: str | None
     baseline_points: list[EvalPoint]
     rounds: list[RoundRow]
+    shots_curve: list[ShotsPoint] = []
+    """``fedmeta evaluate``'s curve saved in the run directory (shots-curve.json), if any."""
     evidence: str = "unsigned"
     """``signed by the server`` when metrics.jsonl is the file the server's run.end
     signed, else ``unsigned`` (the figures are what an unsigned file says)."""

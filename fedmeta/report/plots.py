@@ -97,10 +97,30 @@ def learning_plot(report: Report) -> bytes | None:
     return _png(fig)
 
 
+def shots_plot(report: Report) -> bytes | None:
+    """``fedmeta evaluate``'s curve: each method's accuracy against shots, with 95% CIs."""
+    pts = report.learning.shots_curve
+    if not pts:
+        return None
+    fig = Figure(figsize=(7.5, 3.8))
+    ax = fig.add_subplot()
+    for method in dict.fromkeys(p.method for p in pts):
+        mine = sorted((p for p in pts if p.method == method), key=lambda p: p.shots)
+        ax.errorbar([p.shots for p in mine], [p.mean for p in mine],
+                    yerr=[p.ci95 for p in mine], marker="o", capsize=3,
+                    linestyle="--" if "+proto" in method else "-", label=mine[0].label)
+    ax.set_xlabel("labelled examples per class at the new site")
+    ax.set_ylabel(report.learning.metric or "metric")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def plots(report: Report) -> dict[str, bytes]:
     """Name -> PNG bytes of every plot the report has data for."""
     out = {}
-    for name, fn in (("epsilon", epsilon_plot), ("learning", learning_plot)):
+    for name, fn in (("epsilon", epsilon_plot), ("learning", learning_plot),
+                     ("shots", shots_plot)):
         png = fn(report)
         if png is not None:
             out[name] = png

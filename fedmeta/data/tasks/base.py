@@ -109,7 +109,8 @@ class Task(ABC):
         return self.meta_out_dim()
 
     def out_dim(self, strategy: str) -> int:
-        return self.meta_out_dim() if strategy == "reptile" else self.supervised_out_dim()
+        meta = strategy in ("reptile", "fomaml")  # episodes with labels per episode
+        return self.meta_out_dim() if meta else self.supervised_out_dim()
 
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one record's features (e.g. ``(1, 8, 8)``): what a new site's data is

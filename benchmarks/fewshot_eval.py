@@ -1,0 +1,49 @@
+"""One slice of the few-shot evaluation (some methods, some shot counts) to a JSON file.
+
+``benchmarks/fewshot_accuracy.py`` runs these slices (in parallel where cores
+allow) and assembles the tables; each slice follows ``fedmeta evaluate``'s
+protocol (``fedmeta.meta.curve.shots_curve``).
+
+    python benchmarks/fewshot_eval.py RUN_DIR... --shots 1,5 --methods scratch,meta \
+        [--shift] [--lr-grid 0.03,0.1,0.3] [--episodes 400] [--val-episodes 100] --out X.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from fedmeta.meta.curve import shots_curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--shots", default="1,5,10")
+    ap.add_argument("--methods", default=None, help="comma-separated method names (all)")
+    ap.add_argument("--shift", action="store_true")
+    ap.add_argument("--lr-grid", default="0.03,0.1,0.3")
+    ap.add_argument("--episodes", type=int, default=400)
+    ap.add_argument("--val-episodes", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    if args.out.exists():
+        return
+    started = time.time()
+    curve = shots_curve(args.runs, [int(k) for k in args.shots.split(",")],
+                        episodes=args.episodes, val_episodes=args.val_episodes,
+                        steps=args.steps, lr_grid=[float(x) for x in args.lr_grid.split(",")],
+                        shift=args.shift,
+                        methods=args.methods.split(",") if args.methods else None)
+    curve["wall_s"] = round(time.time() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(curve, indent=2) + "\n")
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
