@@ -133,3 +133,27 @@ def example_site_on_bundled_data() -> str:
     text = EXAMPLE_SITE.read_text()
     text = text.replace('data_subjects = ["patients", "minors"]', 'data_subjects = ["patients"]')
     return text.replace("collection_dates_recorded = true", "collection_dates_recorded = false")
+
+
+def clinic_manifest(site_id: str, features: str = '["age_band", "bmi", "glucose"]',
+                    subjects: str = '["patients", "minors"]', extra: str = "") -> str:
+    """A German clinic's manifest for a tabular site (public-interest research, Art. 9(2)(j))."""
+    return f"""
+site_id = "{site_id}"
+institution = "Clinic {site_id}"
+country = "DE"
+role = "joint-controller"
+data_categories = ["health"]
+data_subjects = {subjects}
+approved_purposes = ["research.model-training"]
+lawful_basis = "e"
+art6_3_law = "DE: Land hospital act, research provision (test)"
+art9_condition = "j"
+art9_law = "DE: Land hospital act, research provision (test)"
+retention_days = 3650
+log_retention_days = 730
+epsilon_max = 20.0
+delta = 1e-5
+law_packs = ["gdpr"]
+feature_columns = {features}
+{extra}"""

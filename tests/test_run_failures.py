@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import fedmeta, run_inline
+from helpers import clinic_manifest, fedmeta, run_inline
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -36,26 +36,6 @@ def actions(out: Path) -> list[str]:
     return [json.loads(x)["action"] for x in log.read_text().splitlines()]
 
 
-def clinic_manifest(site_id: str) -> str:
-    return f"""
-site_id = "{site_id}"
-institution = "Clinic {site_id}"
-country = "DE"
-role = "joint-controller"
-data_categories = ["health"]
-data_subjects = ["patients", "minors"]
-approved_purposes = ["research.model-training"]
-lawful_basis = "e"
-art6_3_law = "DE: Land hospital act, research provision (test)"
-art9_condition = "j"
-art9_law = "DE: Land hospital act, research provision (test)"
-retention_days = 3650
-log_retention_days = 730
-epsilon_max = 20.0
-delta = 1e-5
-law_packs = ["gdpr"]
-feature_columns = ["age_band", "bmi", "glucose"]
-"""
 
 
 def csv_sites(out: Path, n: int = 3) -> None:

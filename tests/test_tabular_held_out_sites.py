@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from helpers import fedmeta, run_inline
+from helpers import clinic_manifest, fedmeta, run_inline
 
 SCHEMA = """
 [dataset]
@@ -27,27 +27,6 @@ record_id = "pid"
 """
 
 
-def manifest(site_id: str) -> str:
-    return f"""
-site_id = "{site_id}"
-institution = "Clinic {site_id}"
-country = "DE"
-role = "joint-controller"
-data_categories = ["health"]
-data_subjects = ["patients"]
-approved_purposes = ["research.model-training"]
-lawful_basis = "e"
-art6_3_law = "DE: Land hospital act, research provision (test)"
-art9_condition = "j"
-art9_law = "DE: Land hospital act, research provision (test)"
-retention_days = 3650
-log_retention_days = 730
-epsilon_max = 20.0
-delta = 1e-5
-law_packs = ["gdpr"]
-feature_columns = ["age_band", "bmi", "glucose"]
-collection_dates_recorded = false  # the CSV has no collection dates
-"""
 
 
 def write_site(folder: Path, seed: int, n: int = 60, label: bool = True) -> None:
@@ -73,7 +52,9 @@ def test_held_out_sites_evaluate_and_a_new_site_predicts(tmp_path):
     out = tmp_path / "run"
     for i in range(3):
         (out / "sites" / f"site-{i}").mkdir(parents=True)
-        (out / "sites" / f"site-{i}" / "manifest.toml").write_text(manifest(f"site-{i}"))
+        (out / "sites" / f"site-{i}" / "manifest.toml").write_text(clinic_manifest(
+            f"site-{i}", subjects='["patients"]',
+            extra="collection_dates_recorded = false  # the CSVs carry no collection dates"))
     summary = run_inline(out, task="tabular-csv", features=3, classes=2, sites=3, rounds=3,
                          fraction_train=1.0, data_dir=str(data), noise_multiplier=1.0,
                          eval_every=1, eval_episodes=10, eval_shots=5)
@@ -88,7 +69,7 @@ def test_held_out_sites_evaluate_and_a_new_site_predicts(tmp_path):
                   "--lr-grid", "0.1", "--out", str(tmp_path / "curve"), isolate=False)
     assert res.returncode == 0, res.stderr[-1500:]
     curve = json.loads((tmp_path / "curve.json").read_text())
-    assert {p["method"] for p in curve["points"]} == {"scratch", "meta"}
+    assert {p["method"] for p in curve["points"]} >= {"scratch", "meta"}  # + prototype methods
 
     # a new site: 10 labelled patients per class to adapt, an unlabelled CSV to predict
     write_site(tmp_path / "new-site", seed=9, n=20)

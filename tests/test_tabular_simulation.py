@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import run_inline
+from helpers import clinic_manifest, run_inline
 
 from fedmeta.data.csv_loader import load_csv
 from fedmeta.data.tasks import TaskError, get_task
@@ -20,26 +20,6 @@ EXAMPLES = __import__("fedmeta.data", fromlist=["x"]).__path__[0] + "/examples"
 FEATURES = '["age_band", "bmi", "glucose"]'
 
 
-def manifest(site_id, features):
-    return f"""
-site_id = "{site_id}"
-institution = "Clinic {site_id}"
-country = "DE"
-role = "joint-controller"
-data_categories = ["health"]
-data_subjects = ["patients", "minors"]
-approved_purposes = ["research.model-training"]
-lawful_basis = "e"
-art6_3_law = "DE: Land hospital act, research provision (test)"
-art9_condition = "j"
-art9_law = "DE: Land hospital act, research provision (test)"
-retention_days = 3650
-log_retention_days = 730
-epsilon_max = 20.0
-delta = 1e-5
-law_packs = ["gdpr"]
-feature_columns = {features}
-"""
 
 
 HEADER = ["pid", "ward", "age", "age_band", "bmi", "glucose", "diagnosis", "consent",
@@ -89,7 +69,7 @@ def test_sites_train_on_their_own_csv_and_minimisation_is_enforced(tmp_path):
             writer.writerows(constructed_rows(i, plan))
         (site / "schema.toml").write_text(Path(f"{EXAMPLES}/cohort.schema.toml").read_text())
         declared = FEATURES if i < 2 else '["age_band", "bmi"]'  # site-2 reads more than declared
-        (site / "manifest.toml").write_text(manifest(f"site-{i}", declared))
+        (site / "manifest.toml").write_text(clinic_manifest(f"site-{i}", declared))
     # ~25 records a site: noise 3 keeps each round well inside the run's declared epsilon
     run_inline(out, task="tabular-csv", sites=3, rounds=2, features=3, classes=2,
                fraction_train=1.0, epsilon_max=20, noise_multiplier=3.0)
