@@ -12,6 +12,10 @@ from fedmeta.report.checks import audit_section
 from fedmeta.report.collect import RunFiles, read_run
 from fedmeta.report.trust import Anchor
 
+#: a site's refusal rule -> the incident it opens
+SITE_REFUSALS = {"SITE-APP": "unapproved-code", "SITE-CONFIG": "unapproved-code",
+                 "SITE-SERVER-KEY": "server-key-mismatch"}
+
 
 def _time(value: str | None) -> datetime | None:
     try:
@@ -71,6 +75,20 @@ def signals(run_dir: Path, aware_at: datetime,
         for site, why in (m.get("dropped") or {}).items():
             add("update-rejected", str(site), f"round {m.get('round')}: update of {site} "
                 f"rejected: {why}", f"metrics.jsonl round {m.get('round')} {site}")
+    # what sites refused on their own authority: unapproved code, a round under another key
+    times = [t for t in (_time(e.time) for e in files.server_entries
+                         if e.run_id == files.run_id) if t is not None]
+    start, end = (min(times), max(times)) if times else (None, None)
+    for s in files.sites.values():
+        for e in s.log.entries:
+            kind = next((SITE_REFUSALS[r] for r in e.rule_ids if r in SITE_REFUSALS), None)
+            when = _time(e.time)
+            in_run = e.run_id == files.run_id or (  # an app refused before it knew the run
+                e.action == "app.refuse" and start is not None and when is not None
+                and start <= when <= end)
+            if kind and e.decision == "deny" and in_run:
+                add(kind, s.site_id, f"{s.site_id} refused: {e.details.get('reason') or e.action}",
+                    f"sites/{s.site_id} log seq {e.seq}", when)
     for s in files.sites.values():
         if s.ledger is not None and s.ledger.epsilon() > s.ledger.epsilon_max * (1 + 1e-9):
             add("epsilon-overspend", s.site_id, f"{s.site_id}'s ledger holds epsilon "

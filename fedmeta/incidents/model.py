@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Kind = Literal["log-verification-failed", "receipt-mismatch", "model-hash-mismatch",
                "evidence-mismatch", "epsilon-overspend", "unknown-node", "insecure-transport",
-               "update-rejected"]
+               "update-rejected", "unapproved-code", "server-key-mismatch"]
 
 KIND_TEXT: dict[str, str] = {
     "log-verification-failed": "an audit log failed verification (possible tampering)",
@@ -22,6 +22,10 @@ KIND_TEXT: dict[str, str] = {
     "unknown-node": "a node the server could not identify tried to take part",
     "insecure-transport": "the run used transport without TLS or node authentication",
     "update-rejected": "a site's update was rejected (norm bound, shape or values)",
+    "unapproved-code": "a site was sent code it had not approved (an app, task or model) "
+                       "and refused it",
+    "server-key-mismatch": "a site received a round not signed by the federation's pinned "
+                           "server key and refused it",
 }
 
 

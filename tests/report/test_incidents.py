@@ -125,3 +125,24 @@ def test_a_corrupt_incident_file_is_one_line(run_dir, tmp_path):
     res = cli("list", str(run))
     assert res.exit_code == 2 and "incidents.json: not a valid incident file" in res.output
     assert Incident.make_id("a", "r", None, "s") == Incident.make_id("a", "r", None, "s")
+
+
+def test_a_sites_refusal_of_code_or_of_a_foreign_server_key_opens_an_incident(run_dir, tmp_path):
+    from fedmeta.audit import AuditLog
+    from fedmeta.site import AUDIT_KEY, AUDIT_LOG
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*", "incidents"))
+    run_id = json.loads((run / "summary.json").read_text())["run"]
+    site = run / "sites" / "site-2"
+    with AuditLog.open(site / AUDIT_LOG, site / AUDIT_KEY, actor="site-2") as log:
+        log.append("round.decline", run_id=run_id, round=3, decision="deny",
+                   rule_ids=["SITE-SERVER-KEY"],
+                   details={"reason": "round.start is not signed by the pinned server key"})
+        log.append("round.decline", run_id=run_id, round=4, decision="deny",
+                   rule_ids=["SITE-CONFIG"], details={"reason": "task os:getcwd not installed"})
+        # an app refused after this run ended belongs to another run: no incident here
+        log.append("app.refuse", run_id="flwr-99", decision="deny", rule_ids=["SITE-APP"],
+                   details={"reason": "app sha256 00ab is not approved"})
+    found = {(i.kind, i.site_id) for i in signals(run, datetime.now(UTC))}
+    assert found == {("server-key-mismatch", "site-2"), ("unapproved-code", "site-2")}
