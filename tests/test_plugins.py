@@ -196,17 +196,18 @@ def stop_local_superlink(home: Path) -> None:
 def run_flwr(app: Path, cwd: Path, run_config: str, home: Path) -> tuple[
         subprocess.CompletedProcess[str], Path]:
     """`flwr run APP` from ``cwd``; the ServerApp's relative out-dir is relative to ``cwd``."""
-    summary = cwd / "runs" / "flwr" / "summary.json"
+    runs = cwd / "runs" / "flwr"  # out-dir = "runs/flwr/{run}": a directory per run
     try:
         res = subprocess.run([*loopback_only(), "flwr", "run", str(app), "--stream",
                               "--run-config", run_config], cwd=cwd, env=_flwr_env(home),
                              capture_output=True, text=True, timeout=400)
         deadline = time.monotonic() + 60
-        while not summary.exists() and time.monotonic() < deadline:
+        while not list(runs.glob("*/summary.json")) and time.monotonic() < deadline:
             time.sleep(1)
     finally:
         stop_local_superlink(home)
-    return res, summary
+    found = list(runs.glob("*/summary.json"))
+    return res, found[0] if len(found) == 1 else runs / "(no single run)" / "summary.json"
 
 
 @pytest.mark.slow

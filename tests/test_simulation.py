@@ -216,23 +216,27 @@ def test_evaluate_draws_the_shots_curve_and_reptile_beats_chance_and_scratch(
 
 def test_budget_declines_and_is_never_reset_by_a_new_run(tmp_path):
     out = tmp_path / "tight"
-    # the run declares epsilon 0.5 (policy PRIV-DP: within the sites' budget of 0.5); the
-    # ledger then enforces the budget round by round: ~0.41, ~0.49, then ~0.54 > 0.5
-    # (episodes train on all ~900 records of their classes: q ~ 1/90)
+    # the run declares epsilon 0.55 (policy PRIV-DP: within the sites' budget of 0.55); the
+    # ledger then enforces the budget round by round. Per image (4 rotations = one unit) a
+    # round costs ~0.51 first, ~0.56-0.61 after two: every site trains once, then declines,
+    # and the run stops because every site's budget is spent
     declaration = tmp_path / "run.toml"
-    declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 0.5"))
+    declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 0.55"))
     (tmp_path / "dpia.toml").write_text(EXAMPLE_RUN.with_name("dpia.toml").read_text())
-    settings = {**COMMON, "fraction-train": 1.0, "epsilon-max": 0.5,
+    settings = {**COMMON, "fraction-train": 1.0, "epsilon-max": 0.55,
                 "declaration": str(declaration)}
     summary = run_inline(out, **settings)
     lines = metrics(out)
     assert lines[1]["used"] == ["site-0", "site-1", "site-2"]
-    assert set(lines[3]["declined"]) == {"site-0", "site-1", "site-2"}
-    # the site's run cap (the declared 0.5) or its ledger's epsilon_max (0.5) stops it
+    assert all(0.5 < e <= 0.55 for e in lines[1]["epsilon"].values())
+    assert set(lines[2]["declined"]) == {"site-0", "site-1", "site-2"}
+    # the site's run cap (the declared 0.55) or its ledger's epsilon_max (0.55) stops it
     assert all("privacy budget" in r or "run's epsilon" in r
-               for r in lines[3]["declined"].values())
-    assert lines[3]["model_sha256"] == lines[2]["model_sha256"]  # nothing to aggregate
+               for r in lines[2]["declined"].values())
+    assert lines[2]["model_sha256"] == lines[1]["model_sha256"]  # nothing to aggregate
     assert summary["declined_rounds"] == {"site-0": 1, "site-1": 1, "site-2": 1}
+    assert summary["failure"]["reason"] == "every site's privacy budget is spent"
+    assert len(lines) == 3  # stopped after round 2, not run on to round 3
     # the same run directory again: refused without --overwrite, one line, exit 2
     again = fedmeta("simulate", *cli_args(settings), "--out", str(out), isolate=False)
     assert again.returncode == 2 and "already holds a run" in again.stderr

@@ -67,11 +67,12 @@ def judge(flwr_code: int, end: dict[str, Any] | None) -> Outcome:
         return Outcome(1, "the run ended without fedmeta's end line: it failed or was stopped "
                           "(flwr stop); see the output above", None)
     where = f" (out-dir {end.get('out_dir')})"
+    if not end.get("rounds_used"):
+        why = end.get("stopped") or "every site declined or was lost"
+        return Outcome(1, f"run {end.get('run')} refused: no round used any site ({why})"
+                          f"{where}", end)
     if end.get("stopped"):
         return Outcome(1, f"run {end.get('run')} stopped: {end['stopped']}{where}", end)
-    if not end.get("rounds_used"):
-        return Outcome(1, f"run {end.get('run')} refused: no round used any site (every site "
-                          f"declined or was lost){where}", end)
     return Outcome(0, f"run {end.get('run')} finished: {end['rounds_used']} round(s) with "
                       f"sites{where}", end)
 

@@ -150,14 +150,22 @@ def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | No
         net.load_state_dict(received.state)
     xs = torch.from_numpy(records.x[sup])
     ys = torch.from_numpy(records.y[sup])
-    try:
-        prototype_head(net, xs, ys, n_classes)
-    except (TypeError, ValueError) as exc:
-        raise TaskError(f"cannot build a prototype head: {exc}") from None
-    temper(net.head)
     steps = cfg.adapt_steps if steps is None else steps
     lr = adapt_lr(cfg, task) if lr is None else lr
-    net, lr_used = fine_tune(net, task, records.x[sup], records.y[sup], steps, lr)
+    # a model meta-learned (Reptile, FOMAML) for N-way episodes is an initialisation for
+    # fine-tuning its own head: with N classes at the site, adapt the way it was trained to
+    meta_head = (init == "federated" and cfg.strategy in ("reptile", "fomaml")
+                 and n_classes == task.meta_out_dim() and steps > 0 and lr > 0)
+    if meta_head:
+        episode = Episode(records.x[sup], records.y[sup], records.x[:0], records.y[:0])
+        net, lr_used = sgd_adapt(net, task, episode, steps, lr, "cpu"), lr
+    else:
+        try:
+            prototype_head(net, xs, ys, n_classes)
+        except (TypeError, ValueError) as exc:
+            raise TaskError(f"cannot build a prototype head: {exc}") from None
+        temper(net.head)
+        net, lr_used = fine_tune(net, task, records.x[sup], records.y[sup], steps, lr)
     held = accuracy(net, records.x[rest], records.y[rest]) if len(rest) else None
     provenance = {**received.provenance, "init": init}
     result = Adapted(None, tuple(loaded.classes), len(sup), len(rest), held, provenance,
@@ -166,7 +174,8 @@ def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | No
         path = save_adapted(Path(out), net, cfg, loaded, provenance, {
             "shots": shots, "support_examples": int(len(sup)), "steps": steps, "lr": lr,
             "lr_used": lr_used,
-            "seed": seed, "head": "class prototypes of the support embeddings, fine-tuned",
+            "seed": seed, "head": ("the meta-learned head, fine-tuned" if meta_head else
+                                   "class prototypes of the support embeddings, fine-tuned"),
             "held_back_examples": int(len(rest)), "held_back_accuracy": held})
         result = replace(result, path=path)
     return result
