@@ -37,6 +37,8 @@ from flwr.supercore.date import now
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+TRANSPORT_KEY = "fedmeta-transport"  # the ServerApp context's node config: how sites are reached
+
 logger = logging.getLogger(__name__)
 ID_BITS = 63  # Flower's node and run ids are positive signed 64-bit integers
 
@@ -164,7 +166,8 @@ def run_inline(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> 
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={})
+    # the sites are simulated: stated to the ServerApp in its context (server.app)
+    context = Context(run_id=run_id, node_id=0, node_config={TRANSPORT_KEY: "simulation"},
+                      state=RecordDict(), run_config={})
     server_app(grid, context)
     return context

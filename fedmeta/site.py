@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -307,28 +308,81 @@ class Site:
 
     def _round(self, log: AuditLog, theta, run_id: str, server_round: int,
                declaration: RunDeclaration | None, server_head: str) -> SiteReply:
-        cfg = self.cfg
+        """One round: policies and records, DP planning and its checks, the charge,
+        training and the reply. A step that declines raises ``_Declined`` (its decline
+        already logged); nothing is charged before the last check has passed."""
+        rnd = _Round(log, run_id, server_round)
+        try:
+            transport = self._note_transport(rnd)
+            self.refresh()
+            declaration_sha = self._check_policies(rnd, declaration)
+            assert declaration is not None  # _check_policies declines a round without one
+            records, excluded, released = self._allowed_records(rnd, declaration)
+            seed = round_seed(self.cfg.seed, server_round, self.site_index)
+            rng = np.random.default_rng(seed)
+            pool = self._round_pool(rnd, records, rng, released)
+            model = self.task.build_model(self.task.out_dim(self.cfg.strategy))
+            model.load_state_dict(theta)
+            plan = _Plan(self.cfg, pool)
+            details: dict = {"dp": self.cfg.dp}
+            if self.cfg.dp:
+                self._plan_dp(rnd, plan, model, pool, declaration, released)
+                self._charge(rnd, plan, released)
+                details.update(self._dp_details(plan))
+            details.update({
+                "declaration_sha256": declaration_sha,
+                "manifest_sha256": _manifest_sha256(self.site_dir, self.manifest,
+                                                    self.manifest_file),
+                "site_policy_sha256": self.policy.sha256(float(self.manifest.epsilon_max),
+                                                         float(self.manifest.delta)),
+                "transport": transport, "server_head": server_head or None,
+                "privacy_unit": self.privacy_unit})
+            log.append("round.train", run_id=run_id, round=server_round, decision="allow",
+                       model_in=_digest(theta), epsilon=plan.epsilon_logged,
+                       counts={"examples": len(pool.x), "steps": self.cfg.inner_steps},
+                       details=details)
+            state, result = self._train(rnd, plan, model, pool, rng, seed)
+        except _Declined as declined:
+            return declined.reply
+        return self._reply(rnd, plan, pool, state, result, excluded, released)
+
+    def _note_transport(self, rnd: _Round) -> str:
+        """The transport the site's start script exported; an insecure one is logged."""
         transport = os.environ.get(TRANSPORT_ENV, "simulation")
         if transport == "insecure":
-            log.append("security.insecure", run_id=run_id, round=server_round, decision="allow",
-                       details={"transport": "insecure", "tls": False, "supernode_auth": False})
-        self.refresh()
-        policy, delta = self.policy, float(self.manifest.delta)
+            rnd.log.append("security.insecure", run_id=rnd.run_id, round=rnd.server_round,
+                           decision="allow", details={"transport": "insecure", "tls": False,
+                                                      "supernode_auth": False})
+        return transport
+
+    def _declined(self, rnd: _Round, action: str, reason: str,
+                  rule_ids: tuple[str, ...] = (), **kw) -> _Declined:
+        return _Declined(self._decline(rnd.log, rnd.run_id, rnd.server_round, action, reason,
+                                       rule_ids, **kw))
+
+    def _refused(self, rnd: _Round, refusal: Refusal, **kw) -> _Declined:
+        return _Declined(self._refuse(rnd.log, rnd.run_id, rnd.server_round, refusal, **kw))
+
+    def _check_policies(self, rnd: _Round, declaration: RunDeclaration | None) -> str:
+        """The site's privacy policy on what the round asks, the approval of the run's
+        declaration and the site-level rules (logged as ``policy.site``); returns the
+        declaration's sha256."""
+        cfg, policy, delta = self.cfg, self.policy, float(self.manifest.delta)
         # 0. the site's own privacy policy, on what the round asks (before anything else)
         fixed_sigma = None if cfg.target_epsilon > 0 else cfg.noise_multiplier
         refusal = check_round(policy, self._request(fixed_sigma, None), delta)
         if refusal is not None:
-            return self._refuse(log, run_id, server_round, refusal)
+            raise self._refused(rnd, refusal)
         # 1. the site trains only for a run declaration it approved
         if declaration is None:
-            return self._decline(
-                log, run_id, server_round, "policy.site", "the round carries no run "
+            raise self._declined(
+                rnd, "policy.site", "the round carries no run "
                 "declaration; this site trains only for a declaration it approved "
                 "(fedmeta node approve)", ("SITE-APPROVAL",))
         declaration_sha = declaration.sha256()
         if declaration_sha not in self.approved_declarations():
-            return self._decline(
-                log, run_id, server_round, "policy.site", f"the round's run declaration "
+            raise self._declined(
+                rnd, "policy.site", f"the round's run declaration "
                 f"(sha256 {declaration_sha[:16]}...) is not one this site approved; approve "
                 "it with `fedmeta node approve` if the site's DPO accepts it",
                 ("SITE-APPROVAL",))
@@ -338,162 +392,212 @@ class Site:
         if denied:
             d = denied[0]
             reason = f"policy {d.rule_id} ({'; '.join(d.references)}): {d.reason}"
-            return self._decline(log, run_id, server_round, "policy.site", reason,
-                                 tuple(x.rule_id for x in denied))
-        log.append("policy.site", run_id=run_id, round=server_round, decision="allow",
-                   rule_ids=[d.rule_id for d in decisions],
-                   details={"conflicts": ",".join(d.rule_id for d in decisions
-                                                  if d.conflict) or None,
-                            "declaration_sha256": declaration_sha})
-        # 3. record-level rules: excluded records never reach the trainer
+            raise self._declined(rnd, "policy.site", reason, tuple(x.rule_id for x in denied))
+        rnd.log.append("policy.site", run_id=rnd.run_id, round=rnd.server_round,
+                       decision="allow", rule_ids=[d.rule_id for d in decisions],
+                       details={"conflicts": ",".join(d.rule_id for d in decisions
+                                                      if d.conflict) or None,
+                                "declaration_sha256": declaration_sha})
+        return declaration_sha
+
+    def _allowed_records(self, rnd: _Round, declaration: RunDeclaration
+                         ) -> tuple[Records, dict[str, int], dict[str, int | str]]:
+        """3. record-level rules: excluded records never reach the trainer. Returns
+        (the allowed records, excluded counts per rule, the counts released)."""
         records = self.records
         verdict = evaluate_records(declaration, self.manifest, self.record_meta,
                                    at=datetime.now(UTC))
         excluded = {k: v for k, v in verdict.excluded_by_rule.items() if v}
         released = release_counts(excluded, self.manifest.min_cohort_size)
-        log.append("policy.records", run_id=run_id, round=server_round,
-                   decision="allow-with-exclusions" if excluded else "allow",
-                   rule_ids=sorted(excluded), counts=excluded,
-                   details={"records": verdict.n_total, "allowed": verdict.n_allowed})
+        rnd.log.append("policy.records", run_id=rnd.run_id, round=rnd.server_round,
+                       decision="allow-with-exclusions" if excluded else "allow",
+                       rule_ids=sorted(excluded), counts=excluded,
+                       details={"records": verdict.n_total, "allowed": verdict.n_allowed})
         if verdict.n_excluded:
             records = records.subset(np.asarray(verdict.allowed_mask, dtype=bool))
-        seed = round_seed(cfg.seed, server_round, self.site_index)
-        rng = np.random.default_rng(seed)
+        return records, excluded, released
+
+    def _round_pool(self, rnd: _Round, records: Records, rng: np.random.Generator,
+                    released: dict[str, int | str]) -> Pool:
         try:
-            pool = self.pool(records, rng)
+            return self.pool(records, rng)
         except ValueError:  # too few usable records left after exclusions
-            return self._decline(log, run_id, server_round, "round.decline",
+            raise self._declined(rnd, "round.decline",
                                  "not enough usable records for a round after the site's "
-                                 "record rules", ("SITE-RECORDS",), excluded=released)
-        # with a privacy unit, n and the batch count units (all of a unit's records
-        # enter a step together and are clipped as one)
-        n_units = count_units(pool.units, len(pool.x)) if cfg.dp else len(pool.x)
-        batch = min(cfg.batch_size, n_units)
-        dp: DPSettings | None = None
-        eps_round = eps_total = 0.0
-        q = 1.0
-        details: dict = {"dp": cfg.dp}
-        model = self.task.build_model(self.task.out_dim(cfg.strategy))
-        model.load_state_dict(theta)
-        if cfg.dp:
-            # the model, its loss and the clipping mode are checked before anything is
-            # charged: a model DP-SGD cannot train soundly is declined, never half-run
-            try:
-                mode = check_dp_model(model, self.task.loss_fn(), cfg.grad_sample_mode,
-                                      torch.from_numpy(np.ascontiguousarray(pool.x[:1])))
-                if pool.units is not None:
-                    check_mode(mode)
-                expected_batch_size(n_units, batch)
-            except ValueError as exc:  # DPModelError, UnitError and the E[B] >= 1 check
-                return self._decline(log, run_id, server_round, "round.decline",
-                                     f"DP model check: {exc}", ("PRIV-MODEL",),
-                                     excluded=released)
-            accountant = self.ledger_accountant()
-            q = poisson_rate(n_units, batch)
-            sigma = self.noise_multiplier(q, declaration, accountant)
-            refusal = check_round(policy, self._request(sigma, q), delta)
-            if refusal is not None:
-                return self._refuse(log, run_id, server_round, refusal, excluded=released)
-            step = (sigma, q, cfg.inner_steps)
-            ledger = self.ledger(accountant)
-            run_cap = self.run_cap(declaration)
-            # 4. the privacy budget, checked and charged under the ledger's lock
-            with ledger.locked():
-                if ledger.charged(run_id, server_round):
-                    return self._decline(
-                        log, run_id, server_round, "round.decline", f"run {run_id} round "
-                        f"{server_round} was already trained here; a round is trained once",
-                        ("SITE-REPLAY",), excluded=released)
-                eps_before = ledger.epsilon()
-                exceed, after = ledger.would_exceed(step)
-                if exceed:
-                    return self._decline(
-                        log, run_id, server_round, "privacy.decline",
-                        f"privacy budget: this round would bring epsilon to {after:.3f} > "
-                        f"epsilon_max {ledger.epsilon_max:g}", ("PRIV-BUDGET",),
+                                 "record rules", ("SITE-RECORDS",), excluded=released) from None
+
+    def _plan_dp(self, rnd: _Round, plan: _Plan, model: torch.nn.Module, pool: Pool,
+                 declaration: RunDeclaration, released: dict[str, int | str]) -> None:
+        """The DP round's sampling rate, noise, accountant and caps, checked before
+        anything is charged: the model, its loss and the clipping mode (a model DP-SGD
+        cannot train soundly is declined, never half-run), then the site's policy."""
+        cfg = self.cfg
+        try:
+            mode = check_dp_model(model, self.task.loss_fn(), cfg.grad_sample_mode,
+                                  torch.from_numpy(np.ascontiguousarray(pool.x[:1])))
+            if pool.units is not None:
+                check_mode(mode)
+            expected_batch_size(plan.n_units, plan.batch)
+        except ValueError as exc:  # DPModelError, UnitError and the E[B] >= 1 check
+            raise self._declined(rnd, "round.decline", f"DP model check: {exc}",
+                                 ("PRIV-MODEL",), excluded=released) from None
+        plan.accountant = self.ledger_accountant()
+        plan.q = poisson_rate(plan.n_units, plan.batch)
+        plan.sigma = self.noise_multiplier(plan.q, declaration, plan.accountant)
+        refusal = check_round(self.policy, self._request(plan.sigma, plan.q),
+                              float(self.manifest.delta))
+        if refusal is not None:
+            raise self._refused(rnd, refusal, excluded=released)
+        plan.ledger = self.ledger(plan.accountant)
+        plan.run_cap = self.run_cap(declaration)
+
+    def _charge(self, rnd: _Round, plan: _Plan, released: dict[str, int | str]) -> None:
+        """4. the privacy budget, checked and charged under the ledger's lock (durable
+        before training and before the reply leaves); then the round's DP settings."""
+        cfg, policy, run_id, server_round = self.cfg, self.policy, rnd.run_id, rnd.server_round
+        ledger, run_cap = plan.ledger, plan.run_cap
+        assert ledger is not None and plan.sigma is not None
+        step = (plan.sigma, plan.q, cfg.inner_steps)
+        with ledger.locked():
+            if ledger.charged(run_id, server_round):
+                raise self._declined(
+                    rnd, "round.decline", f"run {run_id} round "
+                    f"{server_round} was already trained here; a round is trained once",
+                    ("SITE-REPLAY",), excluded=released)
+            eps_before = ledger.epsilon()
+            exceed, after = ledger.would_exceed(step)
+            if exceed:
+                raise self._declined(
+                    rnd, "privacy.decline",
+                    f"privacy budget: this round would bring epsilon to {after:.3f} > "
+                    f"epsilon_max {ledger.epsilon_max:g}", ("PRIV-BUDGET",),
+                    epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
+                    excluded=released)
+            if run_cap is not None:
+                run_after = ledger.run_epsilon(run_id, [step])
+                if run_after > run_cap:
+                    raise self._refused(rnd, Refusal(
+                        "run_epsilon_max", f"this round would bring the run's epsilon to "
+                        f"{run_after:.3f} > {run_cap:g} (the smaller of "
+                        "privacy.run_epsilon_max and the run's declared epsilon)"),
                         epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
                         excluded=released)
-                if run_cap is not None:
-                    run_after = ledger.run_epsilon(run_id, [step])
-                    if run_after > run_cap:
-                        return self._refuse(log, run_id, server_round, Refusal(
-                            "run_epsilon_max", f"this round would bring the run's epsilon to "
-                            f"{run_after:.3f} > {run_cap:g} (the smaller of "
-                            "privacy.run_epsilon_max and the run's declared epsilon)"),
-                            epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
-                            excluded=released)
-                if (policy.round_epsilon_max is not None
-                        and after - eps_before > policy.round_epsilon_max):
-                    return self._refuse(log, run_id, server_round, Refusal(
-                        "round_epsilon_max", f"this round would spend epsilon "
-                        f"{after - eps_before:.3f} > {policy.round_epsilon_max:g} "
-                        "(privacy.round_epsilon_max)"), epsilon_total=eps_before,
-                        epsilon_max=ledger.epsilon_max, excluded=released)
-                # durable before training and before the reply leaves
-                charge = ledger.charge(run_id, server_round, step)
-            eps_total = charge.epsilon_after
-            eps_round = eps_total - eps_before
-            randomness = None
-            if self.noise_source == SITE_CSPRNG:
-                randomness = SiteRandomness(load_or_create_secret(self.site_dir), run_id,
-                                            server_round)
-            dp = DPSettings(sigma, cfg.max_grad_norm, delta, accountant, randomness,
-                            cfg.grad_sample_mode)
-            details.update({
-                "noise_multiplier": sigma, "sample_rate": q, "steps": cfg.inner_steps,
-                "delta": delta, "accountant": accountant,
-                "epsilon_max": _finite(ledger.epsilon_max), "epsilon_round": eps_round,
-                "run_epsilon_max": run_cap, "noise_source": self.noise_source})
-        details.update({
-            "declaration_sha256": declaration_sha,
-            "manifest_sha256": _manifest_sha256(self.site_dir, self.manifest,
-                                                self.manifest_file),
-            "site_policy_sha256": policy.sha256(float(self.manifest.epsilon_max), delta),
-            "transport": transport, "server_head": server_head or None,
-            "privacy_unit": self.privacy_unit})
-        log.append("round.train", run_id=run_id, round=server_round, decision="allow",
-                   model_in=_digest(theta), epsilon=eps_total if dp else None,
-                   counts={"examples": len(pool.x), "steps": cfg.inner_steps},
-                   details=details)
+            if (policy.round_epsilon_max is not None
+                    and after - eps_before > policy.round_epsilon_max):
+                raise self._refused(rnd, Refusal(
+                    "round_epsilon_max", f"this round would spend epsilon "
+                    f"{after - eps_before:.3f} > {policy.round_epsilon_max:g} "
+                    "(privacy.round_epsilon_max)"), epsilon_total=eps_before,
+                    epsilon_max=ledger.epsilon_max, excluded=released)
+            # durable before training and before the reply leaves
+            charge = ledger.charge(run_id, server_round, step)
+        plan.eps_total = charge.epsilon_after
+        plan.eps_round = plan.eps_total - eps_before
+        randomness = None
+        if self.noise_source == SITE_CSPRNG:
+            randomness = SiteRandomness(load_or_create_secret(self.site_dir), run_id,
+                                        server_round)
+        plan.dp = DPSettings(plan.sigma, cfg.max_grad_norm, float(self.manifest.delta),
+                             plan.accountant, randomness, cfg.grad_sample_mode)
+
+    def _dp_details(self, plan: _Plan) -> dict:
+        assert plan.ledger is not None
+        return {"noise_multiplier": plan.sigma, "sample_rate": plan.q,
+                "steps": self.cfg.inner_steps, "delta": float(self.manifest.delta),
+                "accountant": plan.accountant,
+                "epsilon_max": _finite(plan.ledger.epsilon_max),
+                "epsilon_round": plan.eps_round, "run_epsilon_max": plan.run_cap,
+                "noise_source": self.noise_source}
+
+    def _train(self, rnd: _Round, plan: _Plan, model: torch.nn.Module, pool: Pool,
+               rng: np.random.Generator, seed: int) -> tuple[dict[str, torch.Tensor], Any]:
+        """Train the round (FOMAML or DP-SGD/SGD steps); a failure is logged as
+        ``round.failed`` (the charge stands) and re-raised. Returns (state, result)."""
+        cfg, dp = self.cfg, plan.dp
         try:
             if cfg.strategy == "fomaml":  # non-private only (fedmeta.config refuses DP)
                 fomaml_state, result = fomaml_site_update(
                     model, pool, rng, loss_fn=self.task.loss_fn(), steps=cfg.inner_steps,
-                    lr=inner_lr(cfg, self.task), batch_size=batch,
+                    lr=inner_lr(cfg, self.task), batch_size=plan.batch,
                     device=resolve_device(cfg.device), seed=seed)
             else:
                 result = train_steps(model, pool, loss_fn=self.task.loss_fn(),
                                      steps=cfg.inner_steps, lr=inner_lr(cfg, self.task),
-                                     batch_size=batch, dp=dp, device=resolve_device(cfg.device),
-                                     seed=seed)
+                                     batch_size=plan.batch, dp=dp,
+                                     device=resolve_device(cfg.device), seed=seed)
         except Exception as exc:
             # the charge stands (the ledger never un-spends); the log says it trained nothing
             first = str(exc).splitlines()[0] if str(exc) else ""
             reason = f"charged, not trained: {type(exc).__name__}: {first}"
-            log.append("round.failed", run_id=run_id, round=server_round, decision="deny",
-                       rule_ids=["SITE-TRAIN"], epsilon=eps_total if dp else None,
-                       details={"reason": reason[:500]})
+            rnd.log.append("round.failed", run_id=rnd.run_id, round=rnd.server_round,
+                           decision="deny", rule_ids=["SITE-TRAIN"],
+                           epsilon=plan.epsilon_logged, details={"reason": reason[:500]})
             raise
-        if dp is not None and result.dp_step != (dp.noise_multiplier, q, cfg.inner_steps):
+        if dp is not None and result.dp_step != (dp.noise_multiplier, plan.q, cfg.inner_steps):
             raise RuntimeError(f"Opacus recorded {result.dp_step}, ledger charged "
-                               f"{(dp.noise_multiplier, q, cfg.inner_steps)}")
+                               f"{(dp.noise_multiplier, plan.q, cfg.inner_steps)}")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if cfg.strategy == "fomaml":
             state = fomaml_state
-        # the training loss is an un-noised statistic of the private batch: it stays here
-        log.append("round.reply", run_id=run_id, round=server_round, model_out=_digest(state),
-                   epsilon=eps_total if dp else None,
-                   counts={"examples": len(pool.x), "excluded": sum(excluded.values())},
-                   details={"train_loss": round(result.mean_loss, 6)})
-        # what leaves: a DP round reports its declared work (batch x steps), not the
-        # size of the private pool
-        examples = batch * cfg.inner_steps if dp is not None else len(pool.x)
+        return state, result
+
+    def _reply(self, rnd: _Round, plan: _Plan, pool: Pool, state: dict[str, torch.Tensor],
+               result: Any, excluded: dict[str, int],
+               released: dict[str, int | str]) -> SiteReply:
+        """Log the reply and build it: the training loss, an un-noised statistic of the
+        private batch, stays here; a DP round reports its declared work (batch x
+        steps), not the size of the private pool."""
+        rnd.log.append("round.reply", run_id=rnd.run_id, round=rnd.server_round,
+                       model_out=_digest(state), epsilon=plan.epsilon_logged,
+                       counts={"examples": len(pool.x), "excluded": sum(excluded.values())},
+                       details={"train_loss": round(result.mean_loss, 6)})
+        dp = plan.dp
+        examples = plan.batch * self.cfg.inner_steps if dp is not None else len(pool.x)
         return SiteReply(
             self.site_id, declined=False, state=state, num_examples=examples,
-            steps=result.steps, epsilon_round=eps_round, epsilon_total=eps_total,
+            steps=result.steps, epsilon_round=plan.eps_round, epsilon_total=plan.eps_total,
             epsilon_max=float(self.manifest.epsilon_max) if dp else math.inf,
             dp=dp is not None, excluded=released,
         )
+
+
+@dataclass(frozen=True)
+class _Round:
+    """Where a round's audit entries go and which round they are about."""
+
+    log: AuditLog
+    run_id: str
+    server_round: int
+
+
+class _Plan:
+    """One round's training plan: batch and units, and for DP the sampling rate, noise,
+    accountant, ledger, caps and, once charged, the epsilon spent."""
+
+    def __init__(self, cfg: RunConfig, pool: Pool) -> None:
+        # with a privacy unit, n and the batch count units (all of a unit's records
+        # enter a step together and are clipped as one)
+        self.n_units = count_units(pool.units, len(pool.x)) if cfg.dp else len(pool.x)
+        self.batch = min(cfg.batch_size, self.n_units)
+        self.q = 1.0
+        self.sigma: float | None = None
+        self.accountant = ""
+        self.ledger: PrivacyLedger | None = None
+        self.run_cap: float | None = None
+        self.dp: DPSettings | None = None
+        self.eps_round = self.eps_total = 0.0
+
+    @property
+    def epsilon_logged(self) -> float | None:
+        return self.eps_total if self.dp else None
+
+
+class _Declined(Exception):  # noqa: N818 - a round's outcome, not an error
+    """A step declined the round; ``reply`` says why (the decline is already logged)."""
+
+    def __init__(self, reply: SiteReply) -> None:
+        super().__init__(reply.reason)
+        self.reply = reply
 
 
 def decline_unreadable_round(site_dir: Path, site_id: str, run_id: str, server_round: int,

@@ -9,8 +9,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.config import RunConfig
+from fedmeta.inline_grid import TRANSPORT_KEY
 from fedmeta.offline import quiet_flower
-from server.run import RoundCallback, run_server
+from server.run import NOT_RECORDED, SIMULATION, RoundCallback, run_server, stated_transport
 
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"  # set by `fedmeta simulate` (fedmeta.simulation)
 RESUME_ENV = "FEDMETA_RESUME"  # "1": continue the run directory's stopped run (--resume)
@@ -23,6 +24,30 @@ def config_for(context: Context) -> RunConfig:
     if RUN_CONFIG_ENV in os.environ:
         return RunConfig.load(Path(os.environ[RUN_CONFIG_ENV]))
     return RunConfig()
+
+
+def transport_for(grid: Grid, context: Context) -> str:
+    """How this ServerApp's sites are reached, as its launcher states it.
+
+    In order: the context's node config (``fedmeta-transport``, set by
+    ``fedmeta.inline_grid.run_inline``); ``FEDMETA_TRANSPORT`` (exported by fedmeta's
+    start scripts and by ``fedmeta simulate``); else Flower's own simulation runtime
+    (``flwr run .`` against a local simulation federation, which exports nothing)."""
+    stated = str(context.node_config.get(TRANSPORT_KEY, "")) or stated_transport()
+    if stated == NOT_RECORDED and in_flower_simulation_runtime(grid):
+        return SIMULATION
+    return stated
+
+
+def in_flower_simulation_runtime(grid: Grid) -> bool:
+    """Whether Flower's simulation runtime (``flwr run .`` to a local simulation) runs
+    this ServerApp. Flower's Context, run config and Run carry nothing that tells a
+    simulation from a deployment, so this is the one place that asks the grid's type:
+    the simulation runtime drives the ServerApp through an ``InMemoryGrid``, a
+    deployment through a ``GrpcGrid``."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
 
 
 def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None = None,
@@ -40,7 +65,8 @@ def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None
         quiet_flower()
         run_cfg = cfg or config_for(context)
         again = resume if resume is not None else os.environ.get(RESUME_ENV) == "1"
-        summary = run_server(grid, run_cfg, on_round, resume=again)
+        summary = run_server(grid, run_cfg, on_round, resume=again,
+                             transport=transport_for(grid, context))
         if result is not None:
             result.update(summary)
 

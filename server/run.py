@@ -28,10 +28,9 @@ import hashlib
 import json
 import os
 import secrets
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING, getLogger
 from pathlib import Path
@@ -62,6 +61,7 @@ from fedmeta.deploy.binding import bind_site
 from fedmeta.deploy.runner import end_line, progress_line
 from fedmeta.deploy.runrecord import out_dir_for, record_for_sites
 from fedmeta.deploy.serverkey import RUN_START_KEY, entry_line, federation_key
+from fedmeta.deploy.templates import TRANSPORT_INSECURE, TRANSPORT_SECURE
 from fedmeta.failures import RunWatch, one_line_error
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
@@ -100,12 +100,22 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def transport_mode(grid: Grid) -> str:
-    """How sites are reached: set by fedmeta's start scripts (``FEDMETA_TRANSPORT``:
-    ``tls+supernode-auth`` or ``insecure``); an in-memory grid is a simulation."""
-    if type(grid).__name__ == "InMemoryGrid":
-        return "simulation"
-    return os.environ.get(TRANSPORT_ENV, "not recorded")
+SIMULATION = "simulation"
+NOT_RECORDED = "not recorded"
+TRANSPORTS = (SIMULATION, TRANSPORT_SECURE, TRANSPORT_INSECURE)
+
+
+def stated_transport() -> str:
+    """How sites are reached, as the ServerApp's launcher exported it (``FEDMETA_TRANSPORT``:
+    ``tls+supernode-auth`` or ``insecure`` from fedmeta's start scripts, ``simulation``
+    from ``fedmeta simulate``); ``not recorded`` when nothing says."""
+    return os.environ.get(TRANSPORT_ENV) or NOT_RECORDED
+
+
+def serverapp_tls(transport: str) -> bool | None:
+    """Whether the ServerApp reached its SuperLink over TLS, from the stated transport
+    (None: a simulation, which has no SuperLink, or a transport nobody stated)."""
+    return {TRANSPORT_SECURE: True, TRANSPORT_INSECURE: False}.get(transport)
 
 
 def discover_sites(grid: Grid, cfg: RunConfig, config: ConfigRecord
@@ -327,13 +337,66 @@ def _lines_of(out: Path, run_id: str) -> list[dict[str, Any]]:
 
 
 # ---- the run ------------------------------------------------------------------------------
+@dataclass
+class ServerRun:
+    """What every step of one run shares: its config, ids, directory and audit log."""
+
+    cfg: RunConfig
+    point: ResumePoint | None
+    run_id: str
+    out: Path
+    started: float
+    task: Any
+    out_dim: int
+    declaration: Any
+    audit: AuditLog
+    transport: str
+    on_round: RoundCallback | None = None
+
+    @property
+    def declaration_json(self) -> str:
+        return str(self.declaration.model_dump_json())
+
+
+@dataclass
+class Admission:
+    """Which sites answered, what the run-level rules decided, and who may be sampled."""
+
+    sites: dict[int, str]
+    manifests: dict[str, SiteManifest]
+    problems: dict[str, str]
+    decisions: list[Any]
+    eligible: set[str]
+    denied: dict[str, str]
+    min_sites: int
+
+
 def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None,
-               resume: bool = False) -> dict:
+               resume: bool = False, transport: str | None = None) -> dict:
     """Run the whole federation from the server's side; returns the summary dict.
 
     ``resume``: continue the stopped run of ``cfg.out_dir`` from its last signed
-    checkpoint, with the same run id (see ``resume_point``)."""
+    checkpoint, with the same run id (see ``resume_point``). ``transport``: how the
+    sites are reached (``simulation``, ``tls+supernode-auth`` or ``insecure``), as the
+    caller states it; None: as the launcher exported it (``stated_transport``)."""
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to sites
+    run = open_run(cfg, resume, transport or stated_transport(), on_round)
+    try:
+        return _run(grid, run)
+    except BaseException as exc:  # a callback, Ctrl-C: on record, then re-raised
+        reason = f"interrupted: {type(exc).__name__}: {one_line_error(str(exc))}"
+        with contextlib.suppress(Exception):
+            run.audit.append("run.stop", run_id=run.run_id, decision="deny",
+                             details={"reason": reason[:500], "resumable": True})
+        raise
+    finally:
+        run.audit.close()
+
+
+def open_run(cfg: RunConfig, resume: bool, transport: str,
+             on_round: RoundCallback | None = None) -> ServerRun:
+    """The run's id and directory (its config saved, an earlier model removed), its
+    task and declaration, and the server's audit log, open."""
     point = resume_point(Path(cfg.out_dir)) if resume else None
     run_id = point.run_id if point else new_run_id()
     if point is None:
@@ -346,244 +409,374 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         (out / MODEL_FILE).unlink(missing_ok=True)  # never leave an earlier run's model
     started = time.time()
     task = build_task(cfg)
-    out_dim = task.out_dim(cfg.strategy)
-    declaration = run_declaration(cfg)
-    declaration_json = declaration.model_dump_json()
-    # a deployment signs with the federation's one server key (pinned at every site)
+    return ServerRun(cfg=cfg, point=point, run_id=run_id, out=out, started=started, task=task,
+                     out_dim=task.out_dim(cfg.strategy), declaration=run_declaration(cfg),
+                     audit=open_server_audit(out), transport=transport, on_round=on_round)
+
+
+def open_server_audit(out: Path) -> AuditLog:
+    """The server's audit log; a deployment signs with the federation's one server key
+    (pinned at every site), whose public half is written next to the log's key path."""
     audit = AuditLog.open(out / SERVER_AUDIT_LOG, federation_key() or out / SERVER_AUDIT_KEY,
                           actor="server")
     if federation_key() is not None:
         (out / SERVER_AUDIT_KEY.parent).mkdir(parents=True, exist_ok=True)
         (out / SERVER_AUDIT_KEY.with_name("server-audit-signing.pub.pem")).write_bytes(
             audit.public_key_pem())
-    try:
-        return _run(grid, cfg, on_round, point, run_id, started, task, out_dim, declaration,
-                    declaration_json, audit, out)
-    except BaseException as exc:  # a callback, Ctrl-C: on record, then re-raised
-        reason = f"interrupted: {type(exc).__name__}: {one_line_error(str(exc))}"
-        with contextlib.suppress(Exception):
-            audit.append("run.stop", run_id=run_id, decision="deny",
-                         details={"reason": reason[:500], "resumable": True})
-        raise
-    finally:
-        audit.close()
+    return audit
 
 
-def _run(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None,
-         point: ResumePoint | None, run_id: str, started: float, task: Any, out_dim: int,
-         declaration: Any, declaration_json: str, audit: AuditLog, out: Path) -> dict:
-    transport = transport_mode(grid)
+def _run(grid: Grid, run: ServerRun) -> dict:
+    round_config = record_start(run)
+    model, refused = check_model(run)
+    admission = admit_sites(grid, run, round_config, refused)
+    strategy = build_strategy(run.cfg, admission, run.audit, run.run_id)
+    watch = RunWatch(sorted(admission.eligible), run.cfg.max_failed_rounds)
+    theta, first_round = restore_resumed(run, strategy, watch, admission,
+                                         ArrayRecord(model.state_dict()))
+    refuse_start(run, strategy, admission, refused)
+    recorder = RoundRecorder(run, strategy, watch, admission)
+    theta, last_round = round_loop(grid, run, strategy, watch, recorder, round_config, theta,
+                                   first_round)
+    return _finish(grid, run, strategy, watch, admission, theta, last_round,
+                   recorder.last_eval, round_config)
+
+
+def record_start(run: ServerRun) -> ConfigRecord:
+    """Audit the run's start (or its resumption) and an insecure transport, durable
+    before any message leaves; returns the config every message to a site carries."""
+    cfg, point, audit, transport = run.cfg, run.point, run.audit, run.transport
     if point is None:
-        started_entry = audit.append("run.start", run_id=run_id, details={
+        started_entry = audit.append("run.start", run_id=run.run_id, details={
             "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
-            "purpose": declaration.purpose,
-            "config_sha256": _sha((out / CONFIG_FILE).read_text()),
-            "declaration_sha256": declaration.sha256(), "transport": transport,
+            "purpose": run.declaration.purpose,
+            "config_sha256": _sha((run.out / CONFIG_FILE).read_text()),
+            "declaration_sha256": run.declaration.sha256(), "transport": transport,
             "app_sha256": app_sha256(), "fab_hash_prefix": fab_hash_prefix(),
-            "serverapp_tls": None if transport == "simulation" else "--insecure" not in sys.argv})
+            "serverapp_tls": serverapp_tls(transport)})
     else:
         started_entry = point.start_entry
-        audit.append(RESUME_ACTION, run_id=run_id, round=point.next_round, details={
+        audit.append(RESUME_ACTION, run_id=run.run_id, round=point.next_round, details={
             "checkpoint_round": point.checkpoint_round,
             "checkpoint": str(point.checkpoint.path.name) if point.checkpoint else None,
             "rolled_back_rounds": point.last_started - point.checkpoint_round,
             "next_round": point.next_round, "transport": transport})
-    if transport == "insecure":  # durable before any message leaves
+    if transport == TRANSPORT_INSECURE:  # durable before any message leaves
         log(WARNING, "INSECURE deployment: no TLS, no node authentication (asked for by name)")
-        audit.append("security.insecure", run_id=run_id, decision="allow", details={
+        audit.append("security.insecure", run_id=run.run_id, decision="allow", details={
             "transport": "insecure", "tls": False, "supernode_auth": False,
             "requested_by": "start-superlink.sh --insecure"})
-    round_config = ConfigRecord({**cfg.to_flat(), "run-id": run_id,
-                                 "declaration-json": declaration_json,
-                                 RUN_START_KEY: entry_line(started_entry)})
+    return ConfigRecord({**cfg.to_flat(), "run-id": run.run_id,
+                         "declaration-json": run.declaration_json,
+                         RUN_START_KEY: entry_line(started_entry)})
 
-    torch.manual_seed(cfg.seed)
-    model = task.build_model(out_dim)
-    # the model must be one DP-SGD can train: checked before any message leaves, so no
-    # site is asked to charge its ledger for a model it would refuse
-    refused, mode = model_problem(task, cfg, model)
-    audit.append("model.check", run_id=run_id, decision="deny" if refused else "allow",
-                 rule_ids=["PRIV-MODEL"], details={"reason": (refused or "")[:500] or None,
-                                                   "grad_sample_mode": mode})
-    if refused:
-        sites, manifests, problems = {}, {}, {}
-        decisions: list = []
-    else:
-        sites, manifests, problems = discover_sites(grid, cfg, round_config)
+
+def check_model(run: ServerRun) -> tuple[torch.nn.Module, str | None]:
+    """Build the initial model and check that DP-SGD can train it, before any message
+    leaves, so no site is asked to charge its ledger for a model it would refuse;
+    returns (the model, why it is refused or None)."""
+    torch.manual_seed(run.cfg.seed)
+    model = run.task.build_model(run.out_dim)
+    refused, mode = model_problem(run.task, run.cfg, model)
+    run.audit.append("model.check", run_id=run.run_id, decision="deny" if refused else "allow",
+                     rule_ids=["PRIV-MODEL"], details={"reason": (refused or "")[:500] or None,
+                                                       "grad_sample_mode": mode})
+    return model, refused
+
+
+def admit_sites(grid: Grid, run: ServerRun, round_config: ConfigRecord,
+                refused: str | None) -> Admission:
+    """Discover the connected sites (none when the model is refused), evaluate the
+    run-level rules on their manifests, audit every decision and write the decisions
+    file."""
+    sites: dict[int, str] = {}
+    manifests: dict[str, SiteManifest] = {}
+    problems: dict[str, str] = {}
+    decisions: list = []
+    if not refused:
+        sites, manifests, problems = discover_sites(grid, run.cfg, round_config)
         problems = {k: one_line_error(v) for k, v in problems.items()}
-        known = (transport if transport in ("simulation", "tls+supernode-auth", "insecure")
-                 else None)  # the DPIA gate judges the transport it was told about
-        decisions = (evaluate_run(declaration, list(manifests.values()), transport=known)
+        known = run.transport if run.transport in TRANSPORTS else None
+        # the DPIA gate judges the transport it was told about
+        decisions = (evaluate_run(run.declaration, list(manifests.values()), transport=known)
                      if manifests else [])
-    for name, reason in sorted(problems.items()):
-        audit.append("site.unusable", run_id=run_id, decision="deny",
-                     details={"site": name, "reason": reason})
-    for d in decisions:
-        audit.append("policy.run", run_id=run_id, decision=d.outcome.value,
-                     rule_ids=[d.rule_id], details={
-                         "site": d.site_id, "reason": d.reason[:500],
-                         "references": "; ".join(d.references)[:500],
-                         "conflict": d.conflict})
+    audit_admission(run, problems, decisions)
     eligible = {m.site_id for m in eligible_sites(decisions, list(manifests.values()))}
     denied = {d.site_id: f"{d.rule_id}: {d.reason}" for d in decisions
               if d.denied and d.site_id and d.site_id not in eligible}
-    min_sites = max(cfg.min_sites, declaration.min_sites_per_round)
-    stated, unusable = [d.to_dict() for d in decisions], dict(problems)
-    if point is not None and (out / DECISIONS_FILE).is_file():
-        # a resumed run evaluates (and logs) the run-level rules again: the file states
-        # every decision the log holds, the earlier ones first
-        earlier = json.loads((out / DECISIONS_FILE).read_text())
-        stated = list(earlier.get("decisions", [])) + stated
-        unusable = {**dict(earlier.get("unusable", {})), **problems}
-    write_json(out / DECISIONS_FILE, {
-        "run": run_id, "declaration": declaration.model_dump(mode="json"),
-        "manifests": {k: m.model_dump(mode="json") for k, m in manifests.items()},
-        "decisions": stated, "unusable": unusable, "eligible": sorted(eligible)})
+    admission = Admission(sites=sites, manifests=manifests, problems=problems,
+                          decisions=decisions, eligible=eligible, denied=denied,
+                          min_sites=max(run.cfg.min_sites, run.declaration.min_sites_per_round))
+    write_decisions(run, admission)
+    return admission
 
+
+def audit_admission(run: ServerRun, problems: dict[str, str], decisions: list[Any]) -> None:
+    for name, reason in sorted(problems.items()):
+        run.audit.append("site.unusable", run_id=run.run_id, decision="deny",
+                         details={"site": name, "reason": reason})
+    for d in decisions:
+        run.audit.append("policy.run", run_id=run.run_id, decision=d.outcome.value,
+                         rule_ids=[d.rule_id], details={
+                             "site": d.site_id, "reason": d.reason[:500],
+                             "references": "; ".join(d.references)[:500],
+                             "conflict": d.conflict})
+
+
+def write_decisions(run: ServerRun, admission: Admission) -> None:
+    """The decisions file; a resumed run evaluates (and logs) the run-level rules again,
+    so the file states every decision the log holds, the earlier ones first."""
+    stated = [d.to_dict() for d in admission.decisions]
+    unusable = dict(admission.problems)
+    if run.point is not None and (run.out / DECISIONS_FILE).is_file():
+        earlier = json.loads((run.out / DECISIONS_FILE).read_text())
+        stated = list(earlier.get("decisions", [])) + stated
+        unusable = {**dict(earlier.get("unusable", {})), **admission.problems}
+    write_json(run.out / DECISIONS_FILE, {
+        "run": run.run_id, "declaration": run.declaration.model_dump(mode="json"),
+        "manifests": {k: m.model_dump(mode="json") for k, m in admission.manifests.items()},
+        "decisions": stated, "unusable": unusable, "eligible": sorted(admission.eligible)})
+
+
+def build_strategy(cfg: RunConfig, admission: Admission, audit: AuditLog,
+                   run_id: str) -> Reptile | FedAvgBaseline:
+    """The config's strategy, set up to sample only the eligible sites."""
+    strategy: Reptile | FedAvgBaseline
     if cfg.strategy in ("reptile", "fomaml"):
         meta = FOMAML if cfg.strategy == "fomaml" else Reptile
-        strategy: Reptile | FedAvgBaseline = meta(
-            beta0=cfg.meta_lr, beta_final=cfg.meta_lr_final, num_rounds=cfg.rounds,
-            fraction_train=cfg.fraction_train)
+        strategy = meta(beta0=cfg.meta_lr, beta_final=cfg.meta_lr_final, num_rounds=cfg.rounds,
+                        fraction_train=cfg.fraction_train)
     else:
         strategy = FedAvgBaseline(fraction_train=cfg.fraction_train)
-    strategy.setup_sites(sites={n: s for n, s in sites.items() if s in eligible}, seed=cfg.seed,
-                         min_sites=min_sites, node_wait_s=cfg.node_wait_s,
-                         max_update_norm=cfg.max_update_norm, audit=audit, run_id=run_id)
-    watch = RunWatch(sorted(eligible), cfg.max_failed_rounds)
-    initial = ArrayRecord(model.state_dict())
+    strategy.setup_sites(sites={n: s for n, s in admission.sites.items()
+                                if s in admission.eligible},
+                         seed=cfg.seed, min_sites=admission.min_sites,
+                         node_wait_s=cfg.node_wait_s, max_update_norm=cfg.max_update_norm,
+                         audit=audit, run_id=run_id)
+    return strategy
+
+
+def restore_resumed(run: ServerRun, strategy: Any, watch: RunWatch, admission: Admission,
+                    initial: ArrayRecord) -> tuple[ArrayRecord, int]:
+    """(theta, first round): the initial weights from round 1, or for a resumed run the
+    checkpoint's theta and strategy state and the rounds recorded after it."""
+    point = run.point
+    if point is None:
+        return initial, 1
     theta = initial
-    first_round = 1
-    if point is not None:
-        first_round = point.next_round
-        if point.checkpoint is not None:
-            restore_strategy(strategy, watch, point.checkpoint.strategy)
-            theta = ArrayRecord(point.checkpoint.theta)
-        for rec in _lines_of(out, run_id):  # rounds after the checkpoint, as recorded
-            r = int(rec.get("round", 0))
-            if point.checkpoint_round < r < point.next_round:
-                strategy.rounds[r] = RoundLog(**{k: rec[k] for k in RoundLog.__dataclass_fields__
-                                                 if k in rec})
-        watch.sites = sorted(eligible)
+    if point.checkpoint is not None:
+        restore_strategy(strategy, watch, point.checkpoint.strategy)
+        theta = ArrayRecord(point.checkpoint.theta)
+    for rec in _lines_of(run.out, run.run_id):  # rounds after the checkpoint, as recorded
+        r = int(rec.get("round", 0))
+        if point.checkpoint_round < r < point.next_round:
+            strategy.rounds[r] = RoundLog(**{k: rec[k] for k in RoundLog.__dataclass_fields__
+                                             if k in rec})
+    watch.sites = sorted(admission.eligible)
+    return theta, point.next_round
+
+
+def refuse_start(run: ServerRun, strategy: Any, admission: Admission,
+                 refused: str | None) -> None:
+    """Stop the run before its first round when the model is refused or fewer sites
+    than the minimum are eligible (audited as ``run.stop``)."""
+    eligible, min_sites = admission.eligible, admission.min_sites
     if refused:
         strategy.stopped = f"the model cannot be trained under DP; the run was not started " \
                            f"({refused})"
     elif len(eligible) < min_sites:
-        gate = check_min_sites(declaration, len(eligible))
+        gate = check_min_sites(run.declaration, len(eligible))
         strategy.stopped = (f"{len(eligible)} eligible site(s), fewer than the declared minimum "
                             f"of {min_sites}; the run was not started ({gate.rule_id})")
-        run_refusal = next((d for d in decisions if d.denied and d.site_id is None), None)
+        run_refusal = next((d for d in admission.decisions
+                            if d.denied and d.site_id is None), None)
         if run_refusal is not None:  # a run-level refusal (e.g. a gate): say which and why
             strategy.stopped = (f"the run was refused: {run_refusal.rule_id}: "
                                 f"{run_refusal.reason}")
     if strategy.stopped:
         log(WARNING, strategy.stopped)
-        audit.append("run.stop", run_id=run_id, decision="deny",
-                     rule_ids=["PRIV-MODEL" if refused else "PRIV-MIN-SITES"],
-                     details={"reason": strategy.stopped[:500]})
-    last_eval: dict[str, Any] = {}
-    resumed_note = None if point is None else {
-        "checkpoint_round": point.checkpoint_round, "next_round": point.next_round,
-        "rolled_back": list(range(point.checkpoint_round + 1, point.next_round))}
+        run.audit.append("run.stop", run_id=run.run_id, decision="deny",
+                         rule_ids=["PRIV-MODEL" if refused else "PRIV-MIN-SITES"],
+                         details={"reason": strategy.stopped[:500]})
 
-    def evaluate(server_round: int, arrays: ArrayRecord, final: bool) -> None:
-        nonlocal resumed_note
-        rl = strategy.rounds.get(server_round, RoundLog(server_round))
-        line: dict[str, Any] = {"run": run_id, "round": server_round, "strategy": cfg.strategy,
-                                "task": cfg.task, "model_sha256": model_digest(
+
+class RoundRecorder:
+    """Writes what a round leaves behind: its metrics line (evaluated when due, handed to
+    the round callbacks) and its signed checkpoint."""
+
+    def __init__(self, run: ServerRun, strategy: Any, watch: RunWatch,
+                 admission: Admission) -> None:
+        self.run, self.strategy, self.watch, self.admission = run, strategy, watch, admission
+        self.last_eval: dict[str, Any] = {}
+        point = run.point
+        self.resumed_note = None if point is None else {
+            "checkpoint_round": point.checkpoint_round, "next_round": point.next_round,
+            "rolled_back": list(range(point.checkpoint_round + 1, point.next_round))}
+
+    def metrics_line(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        cfg, admission = self.run.cfg, self.admission
+        rl = self.strategy.rounds.get(server_round, RoundLog(server_round))
+        line: dict[str, Any] = {"run": self.run.run_id, "round": server_round,
+                                "strategy": cfg.strategy, "task": cfg.task,
+                                "model_sha256": model_digest(
                                     {k: a.numpy() for k, a in arrays.items()})}
         if server_round > 0:
             line.update({k: v for k, v in vars(rl).items() if k != "round"})
         else:
-            line.update({"eligible": sorted(eligible), "denied": denied,
-                         "unusable": problems})
-        if resumed_note is not None:
-            line["resumed"], resumed_note = resumed_note, None
+            line.update({"eligible": sorted(admission.eligible), "denied": admission.denied,
+                         "unusable": admission.problems})
+        if self.resumed_note is not None:
+            line["resumed"], self.resumed_note = self.resumed_note, None
+        return line
+
+    def eval_due(self, server_round: int, final: bool) -> bool:
+        cfg, strategy = self.run.cfg, self.strategy
         due = (server_round == 0 or final
                or (cfg.eval_every and server_round % cfg.eval_every == 0))
-        if due and task.server_eval and (not strategy.stopped
-                                         or (server_round > 0 and watch.aggregated > 0)):
-            res = meta_evaluate(task, _state(arrays), out_dim, split=cfg.eval_split,
-                                episodes=cfg.eval_episodes, shots=cfg.eval_shots,
-                                query=cfg.eval_query, steps=cfg.adapt_steps,
-                                lr=adapt_lr(cfg, task), seed=cfg.seed + EVAL_SEED_OFFSET)
-            line["eval"] = {"metric": res.metric, "adapted": res.adapted,
-                            "adapted_ci95": res.adapted_ci95, "unadapted": res.unadapted,
-                            "episodes": res.episodes, "shots": cfg.eval_shots,
-                            "n_way": task.meta_out_dim()}
-            last_eval.clear()
-            last_eval.update(line["eval"])
-        line["elapsed_s"] = round(time.time() - started, 3)
-        append_jsonl(out / METRICS_FILE, line)
-        if transport != "simulation" and server_round > 0:  # `flwr run --stream` shows it
-            print(progress_line(line, cfg.rounds), flush=True)
-        if on_round:
-            on_round(line)
+        return bool(due and self.run.task.server_eval
+                    and (not strategy.stopped
+                         or (server_round > 0 and self.watch.aggregated > 0)))
+
+    def evaluation(self, arrays: ArrayRecord) -> dict[str, Any]:
+        cfg, task = self.run.cfg, self.run.task
+        res = meta_evaluate(task, _state(arrays), self.run.out_dim, split=cfg.eval_split,
+                            episodes=cfg.eval_episodes, shots=cfg.eval_shots,
+                            query=cfg.eval_query, steps=cfg.adapt_steps,
+                            lr=adapt_lr(cfg, task), seed=cfg.seed + EVAL_SEED_OFFSET)
+        return {"metric": res.metric, "adapted": res.adapted,
+                "adapted_ci95": res.adapted_ci95, "unadapted": res.unadapted,
+                "episodes": res.episodes, "shots": cfg.eval_shots,
+                "n_way": task.meta_out_dim()}
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord, final: bool) -> None:
+        """The round's metrics line: appended, shown, and handed to the callbacks."""
+        run = self.run
+        line = self.metrics_line(server_round, arrays)
+        if self.eval_due(server_round, final):
+            line["eval"] = self.evaluation(arrays)
+            self.last_eval.clear()
+            self.last_eval.update(line["eval"])
+        line["elapsed_s"] = round(time.time() - run.started, 3)
+        append_jsonl(run.out / METRICS_FILE, line)
+        if run.transport != SIMULATION and server_round > 0:  # `flwr run --stream` shows it
+            print(progress_line(line, run.cfg.rounds), flush=True)
+        if run.on_round:
+            run.on_round(line)
         emit(line)
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
-        path, sha = save_checkpoint(out, run_id, server_round, _state(arrays),
-                                    strategy_state(strategy, watch))
-        audit.append(CHECKPOINT_ACTION, run_id=run_id, round=server_round,
-                     model_out=digest(arrays),
-                     details={"file": f"{CHECKPOINT_DIR}/{path.name}", "file_sha256": sha})
+    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        run = self.run
+        path, sha = save_checkpoint(run.out, run.run_id, server_round, _state(arrays),
+                                    strategy_state(self.strategy, self.watch))
+        run.audit.append(CHECKPOINT_ACTION, run_id=run.run_id, round=server_round,
+                         model_out=digest(arrays),
+                         details={"file": f"{CHECKPOINT_DIR}/{path.name}", "file_sha256": sha})
 
+
+def round_loop(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch,
+               recorder: RoundRecorder, round_config: ConfigRecord, theta: ArrayRecord,
+               first_round: int) -> tuple[ArrayRecord, int]:
+    """Rounds ``first_round``..``rounds`` through the strategy's Flower hooks, until the
+    run stops; returns (theta, the last round run)."""
+    cfg = run.cfg
     # Flower's own progress lines, as Strategy.start prints them (shown with --verbose)
     flwr_log(INFO, "Starting %s strategy:", type(strategy).__name__)
     log_strategy_start_info(cfg.rounds, theta, round_config, ConfigRecord())
     strategy.summary()
-    if point is None:
-        evaluate(0, theta, final=False)
+    if run.point is None:
+        recorder.evaluate(0, theta, final=False)
     last_round = first_round - 1
     for server_round in range(first_round, cfg.rounds + 1):
         if strategy.stopped:
             break
-        flwr_log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
-        messages = list(strategy.configure_train(server_round, theta, round_config, grid))
-        replies = (list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
-                   if messages else [])
-        new, _ = strategy.aggregate_train(server_round, replies)
-        if new is not None:
-            theta = new
-        rl = strategy.rounds.setdefault(server_round, RoundLog(server_round))
-        rl.lost = {s: one_line_error(r) for s, r in rl.lost.items()}
-        reason = strategy.stopped
-        if not reason:
-            reason = watch.observe(rl.used if new is not None else [], rl.declined,
-                                   rl.dropped, rl.lost, aggregated=new is not None)
-            if reason:
-                strategy.stopped = rl.stopped = reason
-                log(WARNING, "round %s: stopping the run: %s", server_round, reason)
-                audit.append("run.stop", run_id=run_id, round=server_round, decision="deny",
-                             details={"reason": reason[:500]})
+        theta, reason = run_round(grid, run, strategy, watch, round_config, theta,
+                                  server_round)
         last_round = server_round
         final = bool(reason) or server_round == cfg.rounds
         if final or (cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0):
-            checkpoint(server_round, theta)  # before the callbacks: a raising one resumes here
-        evaluate(server_round, theta, final)
-    return _finish(grid, cfg, strategy, watch, audit, out, run_id, started, theta, out_dim,
-                   last_round, last_eval, sites, eligible, denied, problems, round_config,
-                   transport)
+            # before the callbacks: a raising one resumes here
+            recorder.checkpoint(server_round, theta)
+        recorder.evaluate(server_round, theta, final)
+    return theta, last_round
 
 
-def _finish(grid: Grid, cfg: RunConfig, strategy: Any, watch: RunWatch, audit: AuditLog,
-            out: Path, run_id: str, started: float, theta: ArrayRecord, out_dim: int,
-            last_round: int, last_eval: dict[str, Any], sites: dict[int, str],
-            eligible: set[str], denied: dict[str, str], problems: dict[str, str],
-            round_config: ConfigRecord, transport: str) -> dict:
+def run_round(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch,
+              round_config: ConfigRecord, theta: ArrayRecord,
+              server_round: int) -> tuple[ArrayRecord, str | None]:
+    """One round: configure, send, aggregate, and judge whether the run must stop;
+    returns (theta after the round, why the run stops or None)."""
+    cfg = run.cfg
+    flwr_log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
+    messages = list(strategy.configure_train(server_round, theta, round_config, grid))
+    replies = (list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+               if messages else [])
+    new, _ = strategy.aggregate_train(server_round, replies)
+    if new is not None:
+        theta = new
+    rl = strategy.rounds.setdefault(server_round, RoundLog(server_round))
+    rl.lost = {s: one_line_error(r) for s, r in rl.lost.items()}
+    reason = strategy.stopped
+    if not reason:
+        reason = watch.observe(rl.used if new is not None else [], rl.declined,
+                               rl.dropped, rl.lost, aggregated=new is not None)
+        if reason:
+            strategy.stopped = rl.stopped = reason
+            log(WARNING, "round %s: stopping the run: %s", server_round, reason)
+            run.audit.append("run.stop", run_id=run.run_id, round=server_round,
+                             decision="deny", details={"reason": reason[:500]})
+    return theta, reason
+
+
+# ---- the end of the run -------------------------------------------------------------------
+def _finish(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch, admission: Admission,
+            theta: ArrayRecord, last_round: int, last_eval: dict[str, Any],
+            round_config: ConfigRecord) -> dict:
+    """Save the model (if trained), audit the run's end, anchor it at the sites and
+    write the summary; returns the summary."""
+    cfg = run.cfg
     trained = watch.aggregated > 0
-    failure = None
-    if strategy.stopped or not trained:
-        reason = strategy.stopped or "no round aggregated an update"
-        failure = {"reason": reason,
-                   "sites": {**problems, **{s: f"denied: {r}" for s, r in denied.items()},
-                             **watch.problems()}}
+    failure = run_failure(strategy, watch, admission, trained)
     status = "failed" if failure else "completed"
     model_path = None
     if trained:  # a run that aggregated nothing writes no model: nothing was trained
-        model_path = save_model(out, _state(theta), task=cfg.task, strategy=cfg.strategy,
-                                out_dim=out_dim, run=run_id, rounds=last_round,
+        model_path = save_model(run.out, _state(theta), task=cfg.task, strategy=cfg.strategy,
+                                out_dim=run.out_dim, run=run.run_id, rounds=last_round,
                                 aggregated_rounds=watch.aggregated, status=status)
+    # theta at the end, trained or not: the report checks this digest against the last
+    # metrics line; only a trained theta is written as a model file
+    digest_ = model_digest({k: a.numpy() for k, a in theta.items()})
+    summary = run_summary(run, strategy, watch, admission, last_round, last_eval, failure,
+                          digest_)
+    record_end(run, strategy, watch, failure, last_round, model_path, digest_)
+    summary["audit_head"] = str(run.audit.checkpoint(run.run_id, None))
+    summary["anchors"] = anchor_run_end(grid, strategy.site_of_node, strategy.rounds,
+                                        ConfigRecord({**round_config,
+                                                      **record_for_sites(run.out)}),
+                                        summary["audit_head"], cfg.round_timeout_s)
+    write_json(run.out / SUMMARY_FILE, summary)
+    if run.transport != SIMULATION:  # read by `fedmeta run` for its exit code
+        print(end_line(summary, str(run.out), sum(1 for rl in strategy.rounds.values()
+                                                  if rl.used)), flush=True)
+    return summary
+
+
+def run_failure(strategy: Any, watch: RunWatch, admission: Admission,
+                trained: bool) -> dict[str, Any] | None:
+    """Why the run failed (the reason and one line per site), or None."""
+    if not (strategy.stopped or not trained):
+        return None
+    return {"reason": strategy.stopped or "no round aggregated an update",
+            "sites": {**admission.problems,
+                      **{s: f"denied: {r}" for s, r in admission.denied.items()},
+                      **watch.problems()}}
+
+
+def run_summary(run: ServerRun, strategy: Any, watch: RunWatch, admission: Admission,
+                last_round: int, last_eval: dict[str, Any], failure: dict[str, Any] | None,
+                model_sha256: str) -> dict[str, Any]:
+    """The summary (without the audit head and anchors, added once the end is logged)."""
+    cfg = run.cfg
+    trained = watch.aggregated > 0
     epsilon: dict[str, float] = {}
     declined: dict[str, int] = {}
     exclusions: dict[str, dict[str, int | str]] = {}
@@ -592,37 +785,32 @@ def _finish(grid: Grid, cfg: RunConfig, strategy: Any, watch: RunWatch, audit: A
         exclusions.update(rl.exclusions)
         for site in rl.declined:
             declined[site] = declined.get(site, 0) + 1
-    # theta at the end, trained or not: the report checks this digest against the last
-    # metrics line; only a trained theta is written as a model file
-    digest_ = model_digest({k: a.numpy() for k, a in theta.items()})
-    summary = {
-        "run": run_id, "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds,
-        "sites": sorted(sites.values()),
-        "eligible": sorted(eligible), "denied": denied,
+    return {
+        "run": run.run_id, "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds,
+        "sites": sorted(admission.sites.values()),
+        "eligible": sorted(admission.eligible), "denied": admission.denied,
         "epsilon": epsilon, "declined_rounds": declined, "exclusions": exclusions,
         "dp": cfg.dp, "eval": last_eval, "stopped": strategy.stopped,
-        "status": status, "failure": failure, "trained": trained,
+        "status": "failed" if failure else "completed", "failure": failure,
+        "trained": trained,
         "aggregated_rounds": watch.aggregated, "last_round": last_round,
         "model_file": MODEL_FILE if trained else None,
-        "noise": noise_statement(cfg.noise_source, transport) if cfg.dp else None,
-        "model_sha256": digest_,
-        "wall_s": round(time.time() - started, 2),
+        "noise": noise_statement(cfg.noise_source, run.transport) if cfg.dp else None,
+        "model_sha256": model_sha256,
+        "wall_s": round(time.time() - run.started, 2),
     }
-    audit.append("run.end", run_id=run_id, decision="allow" if not failure else "deny",
-                 model_out=digest_,
-                 details={"stopped": (strategy.stopped or "")[:500] or None,
-                          "status": status, "trained": trained,
-                          "aggregated_rounds": watch.aggregated, "last_round": last_round,
-                          # the files the report shows, bound to this signed entry
-                          "model_file_sha256": _file_sha(model_path) if model_path else None,
-                          "metrics_sha256": _file_sha(out / METRICS_FILE)})
-    summary["audit_head"] = str(audit.checkpoint(run_id, None))
-    summary["anchors"] = anchor_run_end(grid, strategy.site_of_node, strategy.rounds,
-                                        ConfigRecord({**round_config,
-                                                      **record_for_sites(out)}),
-                                        summary["audit_head"], cfg.round_timeout_s)
-    write_json(out / SUMMARY_FILE, summary)
-    if transport != "simulation":  # read by `fedmeta run` for its exit code
-        print(end_line(summary, str(out), sum(1 for rl in strategy.rounds.values()
-                                              if rl.used)), flush=True)
-    return summary
+
+
+def record_end(run: ServerRun, strategy: Any, watch: RunWatch, failure: dict[str, Any] | None,
+               last_round: int, model_path: Path | None, model_sha256: str) -> None:
+    """Audit the run's end, binding the model and metrics files the report shows."""
+    trained = watch.aggregated > 0
+    run.audit.append("run.end", run_id=run.run_id, decision="allow" if not failure else "deny",
+                     model_out=model_sha256,
+                     details={"stopped": (strategy.stopped or "")[:500] or None,
+                              "status": "failed" if failure else "completed",
+                              "trained": trained,
+                              "aggregated_rounds": watch.aggregated, "last_round": last_round,
+                              "model_file_sha256": _file_sha(model_path) if model_path
+                              else None,
+                              "metrics_sha256": _file_sha(run.out / METRICS_FILE)})
