@@ -125,6 +125,42 @@ def fine_tune(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, steps: i
     return net, 0.0
 
 
+def head_and_tune(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, n_classes: int,
+                  steps: int, lr: float, meta_head: bool) -> tuple[nn.Module, float]:
+    """Fine-tune from the meta-learned head, or from a (tempered) prototype head; returns
+    the adapted model (``net`` is changed) and the rate used."""
+    if meta_head:
+        episode = Episode(x, y, x[:0], y[:0])
+        return sgd_adapt(net, task, episode, steps, lr, "cpu"), lr
+    try:
+        prototype_head(net, torch.from_numpy(x), torch.from_numpy(y), n_classes)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"cannot build a prototype head: {exc}") from None
+    temper(net.head)
+    return fine_tune(net, task, x, y, steps, lr)
+
+
+def choose_meta_head(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray,
+                     n_classes: int, steps: int, lr: float, seed: int) -> bool:
+    """Whether fine-tuning from the meta-learned head beats the prototype head, by two-fold
+    cross-validation on the support set (each class split in half); False when a class has
+    fewer than two support examples (no fold would hold every class)."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(y), dtype=bool)
+    for c in range(n_classes):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if len(idx) < 2:
+            return False
+        fold[idx[: len(idx) // 2]] = True
+    score = {True: 0.0, False: 0.0}
+    for train in (fold, ~fold):
+        for meta in (True, False):
+            tuned, _ = head_and_tune(copy.deepcopy(net), task, x[train], y[train], n_classes,
+                                     steps, lr, meta)
+            score[meta] += accuracy(tuned, x[~train], y[~train])
+    return score[True] >= score[False]
+
+
 def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | None = None,
                 out: Path | str | None = None, steps: int | None = None,
                 lr: float | None = None, seed: int = 0, public_key: Path | None = None,
@@ -148,24 +184,17 @@ def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | No
     net = task.build_model(int(received.saved.get("out_dim", task.meta_out_dim())))
     if init == "federated":
         net.load_state_dict(received.state)
-    xs = torch.from_numpy(records.x[sup])
-    ys = torch.from_numpy(records.y[sup])
     steps = cfg.adapt_steps if steps is None else steps
     lr = adapt_lr(cfg, task) if lr is None else lr
     # a model meta-learned (Reptile, FOMAML) for N-way episodes is an initialisation for
-    # fine-tuning its own head: with N classes at the site, adapt the way it was trained to
-    meta_head = (init == "federated" and cfg.strategy in ("reptile", "fomaml")
-                 and n_classes == task.meta_out_dim() and steps > 0 and lr > 0)
-    if meta_head:
-        episode = Episode(records.x[sup], records.y[sup], records.x[:0], records.y[:0])
-        net, lr_used = sgd_adapt(net, task, episode, steps, lr, "cpu"), lr
-    else:
-        try:
-            prototype_head(net, xs, ys, n_classes)
-        except (TypeError, ValueError) as exc:
-            raise TaskError(f"cannot build a prototype head: {exc}") from None
-        temper(net.head)
-        net, lr_used = fine_tune(net, task, records.x[sup], records.y[sup], steps, lr)
+    # fine-tuning its own head; with N classes at the site it competes with the prototype
+    # head, and two-fold cross-validation on the support set decides (never the test data)
+    meta_ok = (init == "federated" and cfg.strategy in ("reptile", "fomaml")
+               and n_classes == task.meta_out_dim() and steps > 0 and lr > 0)
+    x_sup, y_sup = records.x[sup], records.y[sup]
+    meta_head = meta_ok and choose_meta_head(net, task, x_sup, y_sup, n_classes, steps, lr,
+                                             seed)
+    net, lr_used = head_and_tune(net, task, x_sup, y_sup, n_classes, steps, lr, meta_head)
     held = accuracy(net, records.x[rest], records.y[rest]) if len(rest) else None
     provenance = {**received.provenance, "init": init}
     result = Adapted(None, tuple(loaded.classes), len(sup), len(rest), held, provenance,
