@@ -11,25 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, copy_project, loopback_only
+from helpers import ROOT, copy_project, loopback_only, processes_with_env
 
 from fedmeta.offline import OFFLINE_ENV
 
 pytestmark = pytest.mark.slow
-
-
-def processes_with_env(key: str, value: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"{key}={value}".encode() in env:
-            found.append(int(pid))
-    return found
 
 
 def test_flwr_run_local_simulation(tmp_path):

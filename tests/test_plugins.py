@@ -28,6 +28,7 @@ from helpers import (
     example_site_on_bundled_data,
     fedmeta,
     loopback_only,
+    processes_with_env,
     run_inline,
 )
 
@@ -182,15 +183,8 @@ def _flwr_env(home: Path) -> dict[str, str]:
 
 
 def stop_local_superlink(home: Path) -> None:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"FLWR_HOME={home}".encode() in env:
-            os.kill(int(pid), signal.SIGTERM)
+    for pid in processes_with_env("FLWR_HOME", str(home)):
+        os.kill(pid, signal.SIGTERM)
 
 
 def run_flwr(app: Path, cwd: Path, run_config: str, home: Path) -> tuple[
