@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -137,7 +138,13 @@ def test_the_leftover_check_sees_a_process_orphaned_by_a_finished_command():
         before = own_processes()
         # the command starts a background sleep and exits at once, orphaning it
         subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 &"], check=True)
-        left = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
+        # the forked child may not have exec'd ``sleep`` yet: wait until it has (or 10 s)
+        deadline = time.monotonic() + 10
+        while True:
+            left = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
+            if time.monotonic() > deadline or all(c.startswith("sleep") for c in left.values()):
+                break
+            time.sleep(0.05)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)  # it is this process's child now
