@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.data.tasks.registry import check_site_imports
 from fedmeta.deploy.runrecord import RECORD_FILES
+from fedmeta.netns import ray_on_loopback
 from fedmeta.offline import no_call_home
 from fedmeta.site import (
     Site,
@@ -29,6 +30,9 @@ from fedmeta.site import (
 from policies import RunDeclaration
 
 no_call_home()
+# `flwr run` (local simulation): Flower's flwr-simulation process loads this module, then
+# starts Ray in the same thread: Ray reads this when imported and binds 127.0.0.1 only
+ray_on_loopback()
 SERVER_KEYS = {"server-round", "run-id", "beta", "declaration-json", "server-head",
                "server-entry", "server-run-start", *RECORD_FILES}
 _SITES: dict[tuple[str, str], Site] = {}

@@ -113,6 +113,9 @@ def simulate(
     Exit code 0: the run completed; 1: the run failed (no usable replies, every site
     lost, declined or out of budget, a model no site could train), with a summary of
     the reasons; 2: a user error. A stopped run continues with --resume RUN_DIR."""
+    from fedmeta.netns import confine_command
+
+    confine_command(backend, mlflow)  # without root; only while no thread is started
     from fedmeta.config import RunConfig
     from fedmeta.logs import configure
     from fedmeta.simulation import BACKENDS

@@ -41,7 +41,14 @@ import psutil
 from fedmeta.checkpoints import CHECKPOINT_DIR
 from fedmeta.config import RunConfig, resolve_device
 from fedmeta.metrics import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
-from fedmeta.netns import Confinement, NamespaceUnavailable, loopback_only
+from fedmeta.netns import (
+    ALLOW_NETWORK_ENV,
+    Confinement,
+    NamespaceUnavailable,
+    loopback_only,
+    network_allowed,
+    ray_on_loopback,
+)
 from fedmeta.offline import no_call_home
 from fedmeta.rounds import RoundCallback, listening
 
@@ -50,7 +57,6 @@ CLIENT_APP = "clients.app:app"
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"
 TRANSPORT_ENV = "FEDMETA_TRANSPORT"
 RESUME_ENV = "FEDMETA_RESUME"
-ALLOW_NETWORK_ENV = "FEDMETA_ALLOW_NETWORK"  # "1": run Ray in this machine's own network
 BACKENDS = ("ray", "inline")
 RAY_EXIT_GRACE_S = 10.0  # how long Ray's processes get to exit after ray.shutdown()
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -162,33 +168,34 @@ def _run_env(out: Path, resume: bool = False) -> Iterator[None]:
 @contextlib.contextmanager
 def _confined() -> Iterator[Confinement | None]:
     """A loopback-only network namespace for the Ray run (``None``: none, warned)."""
-    if os.environ.get(ALLOW_NETWORK_ENV) == "1":
-        _warn_exposed(f"{ALLOW_NETWORK_ENV}=1")
+    on_loopback = ray_on_loopback()
+    if network_allowed():
+        _warn_exposed(f"{ALLOW_NETWORK_ENV}=1", on_loopback)
         yield None
         return
     with contextlib.ExitStack() as stack:
         try:
             jail: Confinement | None = stack.enter_context(loopback_only())
         except NamespaceUnavailable as exc:
-            _warn_exposed(str(exc))
+            _warn_exposed(str(exc), on_loopback)
             jail = None
         yield jail
 
 
-def _warn_exposed(why: str) -> None:
+def _warn_exposed(why: str, on_loopback: bool) -> None:
+    where = ("bound to 127.0.0.1, so open to every local user" if on_loopback
+             else "on every interface, so open to other machines")
     logger.warning(
         f"Ray's GCS, raylet and worker ports are open in this machine's network while this "
-        f"run lasts, to every local user (no loopback-only network namespace: {why}); on a "
-        "shared machine use --backend inline or run under: unshare -rn sh -c 'ip link set lo "
-        "up && exec fedmeta ...'")
+        f"run lasts, {where} (no loopback-only network namespace: {why}); on a shared "
+        "machine use --backend inline")
 
 
 def _simulate_ray(cfg: RunConfig) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU tip
     # one machine: Ray's node address is the loopback one, as Ray does on macOS and Windows
-    # (otherwise Ray asks public DNS servers for it, and warns where there is no route);
-    # read when Ray is imported
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # (otherwise Ray binds all interfaces, and asks public DNS servers for its address)
+    ray_on_loopback()
     from flwr.simulation import run_simulation
     from flwr.supercore.object_ref import load_app
 
