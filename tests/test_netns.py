@@ -1,18 +1,15 @@
-"""A Ray simulation listens on loopback only (README: what a Ray simulation exposes).
+"""A Ray simulation listens on loopback only (README: what a simulation exposes).
 
-psutil reads a process's sockets from ``/proc/net``, i.e. the namespace of the
-reader, so the listing enters each process's network namespace first: a socket
-bound to 0.0.0.0 is exposed where that namespace has an interface other than
-loopback, and confined where it has none.
+The listing (``netcheck``) enters each process's network namespace: a socket bound
+to 0.0.0.0 is exposed where that namespace has an interface other than loopback, and
+confined where it has none.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,73 +20,32 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import FEDMETA, ROOT
+from netcheck import ADDRESSED, NETWORK_MARK, exposed_listeners, root_only
 
-from fedmeta import simulation
-from fedmeta.netns import THREAD_NET_NS, NamespaceUnavailable, entered, loopback_only
+from fedmeta import netns, simulation
+from fedmeta.netns import THREAD_NET_NS, NamespaceUnavailable, loopback_only
 
-root_only = pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0
-                               or not (shutil.which("unshare") and shutil.which("ip")),
-                               reason="needs Linux, root, unshare and ip")
-# a namespace of the test's own whose loopback interface also holds a documentation
-# address: something bound to 0.0.0.0 there is reachable beyond loopback, as on a machine
-# with a network card, without opening anything on this machine's network
-ADDRESSED = ["unshare", "-n", "sh", "-c",
-             'ip link set lo up && ip addr add 192.0.2.1/32 dev lo && exec "$@"', "sh"]
 RUN = ["simulate", "--task", "digits-fewshot", "--sites", "2", "--rounds", "1", "--seed", "3",
        "--set", "eval-every=0", "--set", "eval-episodes=2", "--set", "adapt-steps=2"]
+# root without CAP_SYS_ADMIN: what an unprivileged user has for namespaces (it can make
+# a user namespace, not a network namespace in the machine's); the test's files stay
+# readable, as they would not be to another uid
+NO_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
 
 
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    addr = ipaddress.ip_address(ip.split("%")[0])
-    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
-    return mapped or addr
-
-
-def _non_loopback(ip: str) -> bool:
-    return not _address(ip).is_loopback
-
-
-def exposed_listeners(pid: int) -> tuple[list[str], list[str]]:
-    """Listening inet sockets of ``pid`` and its descendants that another machine could
-    reach, and all their listening sockets ("pid name addr:port", + " [ns with a network]"
-    for one in a namespace that has a non-loopback address)."""
-    try:
-        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return [], []
-    exposed: list[str] = []
-    seen: list[str] = []
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied,
-                                 FileNotFoundError, ProcessLookupError):
-            with entered(proc.pid):
-                own = [ip for addrs in psutil.net_if_addrs().values() for a in addrs
-                       if a.family in (socket.AF_INET, socket.AF_INET6)
-                       for ip in [a.address] if _non_loopback(ip)]
-                listening = [c for c in proc.net_connections(kind="inet")
-                             if c.status == psutil.CONN_LISTEN]
-            for conn in listening:
-                ip = conn.laddr.ip
-                wildcard = _address(ip).is_unspecified
-                where = f"{proc.pid} {proc.name()} {ip}:{conn.laddr.port}"
-                seen.append(where + (" [ns with a network]" if own else ""))
-                if (wildcard and own) or (not wildcard and _non_loopback(ip)):
-                    exposed.append(where)
-    return exposed, seen
-
-
-def watch_run(out: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str],
-                                                         set[str], set[str]]:
-    """Run a small Ray simulation (in ``ADDRESSED``) and list its listening sockets every
-    half second."""
-    proc = subprocess.Popen([*ADDRESSED, *FEDMETA, *RUN, "--out", str(out)], cwd=ROOT, text=True,
+def watch_run(out: Path, env: dict[str, str], wrap: list[str] | None = None,
+              ) -> tuple[subprocess.CompletedProcess[str], set[str], set[str]]:
+    """Run a small Ray simulation (in ``ADDRESSED``, under ``wrap``) and list its
+    listening sockets every half second."""
+    proc = subprocess.Popen([*ADDRESSED, *(wrap or []), *FEDMETA, *RUN, "--out", str(out)],
+                            cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "COLUMNS": "200", **env})
     exposed: set[str] = set()
     seen: set[str] = set()
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        found, listening = exposed_listeners(proc.pid)
+        found, listening = exposed_listeners([proc.pid])
         exposed.update(found)
         seen.update(listening)
         time.sleep(0.5)
@@ -100,13 +56,18 @@ def watch_run(out: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProce
 
 @root_only
 @pytest.mark.slow
-def test_a_ray_simulation_listens_on_loopback_only(tmp_path):
-    res, exposed, seen = watch_run(tmp_path / "run", {simulation.ALLOW_NETWORK_ENV: "0"})
+@pytest.mark.parametrize("who", ["root", "without CAP_SYS_ADMIN"])
+def test_a_ray_simulation_listens_on_loopback_only(who, tmp_path):
+    """As root the Ray run gets a namespace of its own; without CAP_SYS_ADMIN (an
+    unprivileged user) the whole command runs in a user namespace of its own."""
+    res, exposed, seen = watch_run(tmp_path / "run", {simulation.ALLOW_NETWORK_ENV: "0"},
+                                   NO_SYS_ADMIN if who != "root" else None)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len(seen) >= 2, "Ray's GCS and raylet were never seen listening: the check saw nothing"
+    names = " ".join(seen)
+    assert "gcs_server" in names and "raylet" in names, f"the check saw no Ray: {seen}"
     assert not exposed, f"listening on a non-loopback address: {sorted(exposed)}"
     # and confined: a Ray component binding 0.0.0.0 would be reachable on loopback only
-    assert not [x for x in seen if x.endswith("[ns with a network]")], sorted(seen)
+    assert not [x for x in seen if x.endswith(NETWORK_MARK)], sorted(seen)
     assert "open in this machine's network" not in res.stderr
 
 
@@ -126,11 +87,11 @@ def test_the_check_flags_what_another_machine_could_reach(addresses, flagged):
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "up"
-        exposed, seen = exposed_listeners(proc.pid)
+        exposed, seen = exposed_listeners([proc.pid])
     finally:
         proc.communicate("", timeout=10)
     assert len(seen) == len(addresses)
-    assert all(x.endswith("[ns with a network]") for x in seen)
+    assert all(x.endswith(NETWORK_MARK) for x in seen)
     assert sorted(e.split()[-1].rsplit(":", 1)[0] for e in exposed) == flagged
 
 
@@ -212,3 +173,89 @@ def test_simulate_confines_the_ray_run_and_calls_back_from_outside(tmp_path, mon
     assert where["run"] != home and where["interfaces"] == "lo"
     assert where["callback"] == home
     assert os.readlink(THREAD_NET_NS) == home
+
+
+@pytest.mark.parametrize(("backend", "env", "sys_admin", "mlflow", "made", "refused"), [
+    ("ray", None, False, None, True, None),
+    ("ray", None, False, "sqlite:///mlflow.db", True, None),
+    ("ray", None, False, "mlruns", True, None),
+    ("ray", None, False, "https://mlflow.example.org", False, "needs this machine's network"),
+    ("ray", None, True, None, False, None),  # root: the Ray run gets a namespace of its own
+    ("ray", "1", False, None, False, None),  # FEDMETA_ALLOW_NETWORK=1
+    ("inline", None, False, None, False, None),  # opens no port
+])
+def test_which_commands_get_a_user_namespace_of_their_own(backend, env, sys_admin, mlflow,
+                                                           made, refused, monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(netns, "_has_sys_admin", lambda: sys_admin)
+    monkeypatch.setattr(netns, "own_user_namespace", lambda: calls.append("made"))
+    monkeypatch.setattr(netns, "_refused", None)
+    if env is None:
+        monkeypatch.delenv(netns.ALLOW_NETWORK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(netns.ALLOW_NETWORK_ENV, env)
+    netns.confine_command(backend, mlflow)
+    assert calls == (["made"] if made else [])
+    assert (netns._refused is None) if refused is None else (refused in netns._refused)
+
+
+def test_a_refused_user_namespace_is_named_in_the_warning(monkeypatch):
+    def refuse() -> None:
+        raise NamespaceUnavailable("unshare(CLONE_NEWUSER|CLONE_NEWNET): Operation not "
+                                   "permitted (unprivileged user namespaces are off)")
+
+    monkeypatch.setattr(netns, "_has_sys_admin", lambda: False)
+    monkeypatch.setattr(netns, "own_user_namespace", refuse)
+    monkeypatch.setattr(netns, "_refused", None)
+    monkeypatch.delenv(netns.ALLOW_NETWORK_ENV, raising=False)
+    netns.confine_command("ray")
+    assert "unprivileged user namespaces are off" in netns._refused
+
+
+PROBE = """
+import os, socket, sys, threading
+import psutil
+from fedmeta.netns import NamespaceUnavailable, loopback_only, own_user_namespace
+try:
+    with loopback_only():
+        pass
+except NamespaceUnavailable:
+    print("no netns without the user namespace")
+if sys.argv[1] == "threaded":
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+try:
+    own_user_namespace()
+except NamespaceUnavailable as exc:
+    print("refused:", exc)
+    raise SystemExit(0)
+print("uid", os.getuid(), "gid", os.getgid(), "interfaces", ",".join(sorted(psutil.net_if_addrs())))
+threading.Thread(target=threading.Event().wait, daemon=True).start()  # as torch does
+with loopback_only() as jail:
+    server = socket.create_server(("0.0.0.0", 0))
+    socket.create_connection(("127.0.0.1", server.getsockname()[1])).close()
+    print("confined thread", ",".join(sorted(psutil.net_if_addrs())))
+print("back", os.readlink("/proc/thread-self/ns/net") == os.readlink("/proc/self/ns/net"))
+open(sys.argv[2], "w").write("x")
+"""
+
+
+@root_only
+@pytest.mark.parametrize("threads", ["single", "threaded"])
+def test_without_cap_sys_admin_a_process_makes_its_own_namespaces(threads, tmp_path):
+    """Without CAP_SYS_ADMIN no network namespace can be made in the machine's user
+    namespace; a single-threaded process makes a user namespace of its own (ids mapped to
+    themselves, files it writes owned by the real uid) and a loopback-only network
+    namespace, and can then make more, as root does; a threaded one is refused with the
+    reason."""
+    out = tmp_path / "written"
+    res = subprocess.run([*NO_SYS_ADMIN, sys.executable, "-c", PROBE, threads, str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "no netns without the user namespace"
+    if threads == "threaded":
+        assert lines[1].startswith("refused:") and "several threads" in lines[1]
+        return
+    assert lines[1:] == [f"uid {os.getuid()} gid {os.getgid()} interfaces lo",
+                         "confined thread lo", "back True"]
+    assert out.stat().st_uid == os.getuid()
