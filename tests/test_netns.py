@@ -34,24 +34,29 @@ NO_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
 
 
 def watch_run(out: Path, env: dict[str, str], wrap: list[str] | None = None,
-              ) -> tuple[subprocess.CompletedProcess[str], set[str], set[str]]:
+              ) -> tuple[subprocess.CompletedProcess[str], set[str], set[str], set[str]]:
     """Run a small Ray simulation (in ``ADDRESSED``, under ``wrap``) and list its
-    listening sockets every half second."""
+    listening sockets every half second; also the user namespaces of its main process."""
     proc = subprocess.Popen([*ADDRESSED, *(wrap or []), *FEDMETA, *RUN, "--out", str(out)],
                             cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "COLUMNS": "200", **env})
     exposed: set[str] = set()
     seen: set[str] = set()
-    deadline = time.monotonic() + 120
+    userns: set[str] = set()
+    deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         found, listening = exposed_listeners([proc.pid])
         exposed.update(found)
         seen.update(listening)
+        if listening:  # Ray is up: the command has made its namespaces by now
+            with contextlib.suppress(OSError):
+                userns.add(os.readlink(f"/proc/{proc.pid}/ns/user"))
         time.sleep(0.5)
     stdout, stderr = proc.communicate(timeout=60)
     print("listening:", *sorted(seen), sep="\n  ")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), exposed, seen
+    return (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), exposed,
+            seen, userns)
 
 
 @root_only
@@ -60,8 +65,9 @@ def watch_run(out: Path, env: dict[str, str], wrap: list[str] | None = None,
 def test_a_ray_simulation_listens_on_loopback_only(who, tmp_path):
     """As root the Ray run gets a namespace of its own; without CAP_SYS_ADMIN (an
     unprivileged user) the whole command runs in a user namespace of its own."""
-    res, exposed, seen = watch_run(tmp_path / "run", {simulation.ALLOW_NETWORK_ENV: "0"},
-                                   NO_SYS_ADMIN if who != "root" else None)
+    res, exposed, seen, userns = watch_run(tmp_path / "run",
+                                           {simulation.ALLOW_NETWORK_ENV: "0"},
+                                           NO_SYS_ADMIN if who != "root" else None)
     assert res.returncode == 0, res.stderr[-3000:]
     names = " ".join(seen)
     assert "gcs_server" in names and "raylet" in names, f"the check saw no Ray: {seen}"
@@ -69,6 +75,8 @@ def test_a_ray_simulation_listens_on_loopback_only(who, tmp_path):
     # and confined: a Ray component binding 0.0.0.0 would be reachable on loopback only
     assert not [x for x in seen if x.endswith(NETWORK_MARK)], sorted(seen)
     assert "open in this machine's network" not in res.stderr
+    ours = os.readlink("/proc/self/ns/user")
+    assert userns == ({ours} if who == "root" else userns - {ours}) and userns, userns
 
 
 LISTEN = ("import socket, sys\n"
