@@ -15,9 +15,10 @@ simulation API passes an empty run config; sites receive it with every
 round's message. ``FEDMETA_TRANSPORT`` says the sites are simulated;
 ``FEDMETA_RESUME=1`` asks the ServerApp to continue the directory's stopped run.
 Round callbacks (``fedmeta.rounds``) reach the ServerApp in this process with
-either backend. With ``ray``, the run is confined to a loopback-only network
-namespace where the process may make one (``fedmeta.netns``; root); elsewhere, or
-with ``FEDMETA_ALLOW_NETWORK=1``, a one-line warning says which ports are open.
+either backend. With ``ray``, Ray binds 127.0.0.1 only, and the run is confined to a
+loopback-only network namespace where the process may make one (``fedmeta.netns``:
+root, or ``fedmeta simulate`` in a user namespace of its own); elsewhere, or with
+``FEDMETA_ALLOW_NETWORK=1``, a one-line warning says which ports are open.
 The typed, documented entry point is ``fedmeta.simulate``
 (``fedmeta.api``); this module returns the raw summary dict.
 """
