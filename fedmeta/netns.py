@@ -47,8 +47,6 @@ THREAD_NET_NS = "/proc/thread-self/ns/net"
 ALLOW_NETWORK_ENV = "FEDMETA_ALLOW_NETWORK"  # "1": run Ray in this machine's own network
 # Ray reads it when imported: "0" makes its node IP address (and so every bind) 127.0.0.1
 RAY_LOCAL_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
 CAP_SYS_ADMIN = 21  # linux/capability.h
 LOCAL_TRACKING_SCHEMES = ("", "file", "sqlite")  # MLflow URIs that need no network
 
@@ -152,12 +150,11 @@ def own_user_namespace() -> None:
     uid, gid = os.getuid(), os.getgid()
     if _libc().unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
-        why = os.strerror(err)
+        why = f"{os.strerror(err)} (unprivileged user namespaces are off on this machine, "
+        why += "or a container forbids them)"
         if err == errno.EINVAL and len(os.listdir("/proc/self/task")) > 1:
-            why = "the process already runs several threads"
-        raise NamespaceUnavailable(
-            f"unshare(CLONE_NEWUSER|CLONE_NEWNET): {why} (unprivileged user namespaces "
-            "are off on this machine, or a container forbids them)")
+            why = "the process already runs several threads (only a single-threaded one can)"
+        raise NamespaceUnavailable(f"unshare(CLONE_NEWUSER|CLONE_NEWNET): {why}")
     for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
                        ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as fh:
