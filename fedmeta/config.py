@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from policies.validation import format_validation_error
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line naming the key."""
@@ -150,7 +152,8 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(clean)
         except ValidationError as exc:
-            raise ConfigError(_one_line(exc, source)) from None
+            raise ConfigError(format_validation_error(exc, source, model=cls, noun="option",
+                                             whole="(config)")) from None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_flat(), indent=2, sort_keys=True) + "\n")
@@ -164,14 +167,6 @@ class RunConfig(BaseModel):
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: run config must be a JSON object")
         return cls.from_flat(data, source=str(path))
-
-
-def _one_line(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(config)"
-    msg = err["msg"].replace("Value error, ", "")
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{source}: option '{loc}': {msg}{more}"
 
 
 def sites_per_round(known_sites: int, fraction: float, min_sites: int) -> int:

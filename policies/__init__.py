@@ -16,7 +16,7 @@ Declarations
     :class:`DeclarationError` with one line naming the file, field and fix.
 
 Validation (``validation.py``)
-    :func:`one_line_error` turns any pydantic error into that one line;
+    :func:`format_validation_error` turns any pydantic error into that one line;
     :data:`SiteId` and :data:`Country` are the one definition of a site id and
     of an ISO 3166-1 alpha-2 country code. All of fedmeta uses them.
 
@@ -106,7 +106,7 @@ from policies.rule import (
     RunRule,
     SiteRule,
 )
-from policies.validation import Country, SiteId, one_line_error
+from policies.validation import Country, SiteId, format_validation_error
 
 __all__ = [
     "LegalStatus",
@@ -154,6 +154,6 @@ __all__ = [
     "parse_site_manifest",
     "records_from_columns",
     "rules_for",
-    "one_line_error",
+    "format_validation_error",
     "suppress_small_counts",
 ]

@@ -43,7 +43,7 @@ from policies.dpia import DpiaError, DpiaRecord, load_dpia
 from policies.parties import PartyRegistry
 from policies.purposes import PURPOSES
 from policies.site_policy import SitePrivacyPolicy, canonical_json
-from policies.validation import Country, SiteId, check_country, one_line, one_line_error
+from policies.validation import Country, SiteId, check_country, format_validation_error, one_line
 
 
 class DeclarationError(ValueError):
@@ -399,7 +399,7 @@ def _parse(model: type[_M], data: Any, source: str) -> _M:
         return model.model_validate(dict(data))
     except ValidationError as exc:
         raise DeclarationError(
-            one_line_error(exc, source, model=model, whole="declaration")
+            format_validation_error(exc, source, model=model, whole="declaration")
         ) from None
 
 

@@ -32,7 +32,7 @@ from pydantic import (
     field_serializer,
 )
 
-from policies.validation import Country, SiteId, one_line, one_line_error
+from policies.validation import Country, SiteId, format_validation_error, one_line
 
 Likelihood = Literal["remote", "possible", "probable"]
 Severity = Literal["minimal", "significant", "severe"]
@@ -193,7 +193,7 @@ def parse_dpia(data: Mapping[str, Any], source: str = "<dpia>") -> DpiaRecord:
     try:
         return DpiaRecord.model_validate(dict(data))
     except ValidationError as exc:
-        raise DpiaError(one_line_error(exc, source, model=DpiaRecord, whole="dpia",
+        raise DpiaError(format_validation_error(exc, source, model=DpiaRecord, whole="dpia",
                                        limit=400)) from None
 
 

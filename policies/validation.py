@@ -2,7 +2,7 @@
 
 Every pydantic model of the project (run and site declarations, the DPIA, the run
 config, the federation file, site requests, report inputs) reports a bad value the
-same way, through :func:`one_line_error`::
+same way, through :func:`format_validation_error`::
 
     site.toml: field 'lawful_basis': must be one of a, b, c, d, e, f (got 'g')
     fed.toml: field 'sites[1].country': must be an ISO 3166 alpha-2 country code ...
@@ -39,7 +39,7 @@ __all__ = [
     "describe_error",
     "field_path",
     "one_line",
-    "one_line_error",
+    "format_validation_error",
 ]
 
 SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -104,8 +104,8 @@ def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
     return path
 
 
-def describe_error(error: Mapping[str, Any],
-                   model: type[BaseModel] | None = None) -> tuple[str, str]:
+def describe_error(error: Mapping[str, Any], model: type[BaseModel] | None = None,
+                   noun: str = "field") -> tuple[str, str]:
     """(field path, what is wrong and what to do) for one of ``ValidationError.errors()``.
 
     ``model`` (the model validated at the top) lets an unknown top-level field
@@ -120,11 +120,11 @@ def describe_error(error: Mapping[str, Any],
         parts = tuple(error.get("loc", ()))
         hint = ""
         if model is not None and len(parts) == 1:
-            close = difflib.get_close_matches(str(parts[0]), list(model.model_fields), n=1)
-            known = (f"did you mean '{close[0]}'?" if close
-                     else "known: " + ", ".join(model.model_fields))
+            names = [f.alias or name for name, f in model.model_fields.items()]
+            close = difflib.get_close_matches(str(parts[0]), names, n=1)
+            known = f"did you mean '{close[0]}'?" if close else "known: " + ", ".join(names)
             hint = f" ({known})"
-        return loc, f"is not a known field: remove it or fix its spelling{hint}"
+        return loc, f"is not a known {noun}: remove it or fix its spelling{hint}"
     if kind in {"literal_error", "enum"}:
         expected = str(error.get("ctx", {}).get("expected", ""))
         expected = expected.replace("'", "").replace(" or ", ", ")
@@ -145,8 +145,9 @@ def describe_error(error: Mapping[str, Any],
     return loc, f"{msg} (got {got})"
 
 
-def one_line_error(exc: ValidationError, source: str, *, model: type[BaseModel] | None = None,
-                   noun: str = "field", whole: str | None = None, limit: int = 500) -> str:
+def format_validation_error(exc: ValidationError, source: str, *,
+                            model: type[BaseModel] | None = None, noun: str = "field",
+                            whole: str | None = None, limit: int = 500) -> str:
     """One line for a pydantic error: ``<source>: <noun> '<path>': <what to do>``.
 
     ``source`` names the file (or what was read); ``noun`` is what a path is called
@@ -154,7 +155,7 @@ def one_line_error(exc: ValidationError, source: str, *, model: type[BaseModel] 
     about the whole document (default: ``source`` alone). The first problem is
     described, the count of the others appended."""
     errors = exc.errors(include_url=False)
-    path, what = describe_error(errors[0], model) if errors else ("", "is not valid")
+    path, what = describe_error(errors[0], model, noun) if errors else ("", "is not valid")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     where = f"{noun} '{path}': " if path else (f"{whole}: " if whole else "")
     prefix = f"{source}: " if source else ""
