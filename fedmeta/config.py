@@ -9,13 +9,17 @@ in a run directory. ``fedmeta simulate`` options map onto the same fields.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from policies.validation import format_validation_error
+from policies.validation import Country, format_validation_error
+
+BACKENDS = ("ray", "inline")
+"""How ``fedmeta simulate`` runs the sites: Flower's Ray simulation engine, or in-process."""
 
 
 class ConfigError(ValueError):
@@ -118,8 +122,8 @@ class RunConfig(BaseModel):
 
     # policies and evidence
     declaration: str = Field("", description="run declaration TOML ('' = bundled example)")
-    site_country: str = Field("DE", min_length=2, max_length=2,
-                              description="country of simulated sites without a manifest")
+    site_country: Country = Field("DE", description="ISO 3166 alpha-2 country of simulated "
+                                  "sites without a manifest")
 
     @model_validator(mode="before")
     @classmethod
@@ -167,6 +171,20 @@ class RunConfig(BaseModel):
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: run config must be a JSON object")
         return cls.from_flat(data, source=str(path))
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The values a Literal-typed key allows (``strategy``, ``accountant`` ...): the one
+    list the validator, ``fedmeta config`` and the command line's choices share."""
+    info = RunConfig.model_fields[key.replace("-", "_")]
+    if typing.get_origin(info.annotation) is not Literal:
+        raise KeyError(f"{key!r} is not a key with a fixed set of values")
+    return tuple(str(a) for a in typing.get_args(info.annotation))
+
+
+def default(key: str) -> Any:
+    """The default of a run-configuration key (dash- or underscore-spelled)."""
+    return RunConfig.model_fields[key.replace("-", "_")].get_default(call_default_factory=True)
 
 
 def sites_per_round(known_sites: int, fraction: float, min_sites: int) -> int:
