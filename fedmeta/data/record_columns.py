@@ -93,7 +93,7 @@ def _yes_no(cell: str) -> bool:
         return True
     if low in FALSE_WORDS or not cell:
         return False
-    raise CellError("value is not a yes/no value",
+    raise CellError("value is not a boolean",
                     "write true/false, yes/no, y/n, 1/0 or leave it empty")
 
 
@@ -122,7 +122,7 @@ def _erasure(cell: str) -> bool:
         _date(cell)
     except CellError:
         raise CellError(
-            "value is neither a yes/no value nor an ISO date",
+            "value is neither a boolean nor an ISO date",
             "write true/false, yes/no, y/n, 1/0, the request date (YYYY-MM-DD) or leave "
             "it empty") from None
     return True
@@ -198,8 +198,10 @@ def read_meta_csv(path: Path, record_ids: np.ndarray, *, allow_unit: bool = True
     name = shown or path.name
     allowed = ("record_id", *(("unit",) if allow_unit else ()), *META_COLUMNS)
 
-    def fail(message: str, line: int | None) -> MetaReadError:
+    def fail(message: str, line: int | None, column: str | None = None) -> MetaReadError:
         where = f"{name} line {line}" if line is not None else name
+        if column is not None:
+            where += f", column {column!r}"
         return MetaReadError(f"{where}: {message}", path=path, line=line)
 
     index = {str(r): i for i, r in enumerate(record_ids)}
@@ -238,11 +240,11 @@ def read_meta_csv(path: Path, record_ids: np.ndarray, *, allow_unit: bool = True
                 cells = dict(zip(header, (c.strip() for c in row), strict=True))
                 rid = cells["record_id"]
                 if rid not in index:
-                    raise fail("column 'record_id': not a record of this site's data (ids "
-                               "are file paths relative to the folder, <split>-<index>, or "
-                               "the bundled task's ids)", line)
+                    raise fail("not a record of this site's data (ids are file paths "
+                               "relative to the folder, <split>-<index>, or the bundled "
+                               "task's ids)", line, "record_id")
                 if rid in seen:
-                    raise fail("column 'record_id': duplicate record id", line)
+                    raise fail("duplicate record id", line, "record_id")
                 seen.add(rid)
                 i = index[rid]
                 if units is not None:
@@ -251,8 +253,7 @@ def read_meta_csv(path: Path, record_ids: np.ndarray, *, allow_unit: bool = True
                     try:
                         values[column][i] = _PARSERS[column](cells[column])
                     except CellError as exc:
-                        raise fail(f"column {column!r}: {exc.problem}; {exc.fix}",
-                                   line) from None
+                        raise fail(f"{exc.problem}; {exc.fix}", line, column) from None
         except (csv.Error, UnicodeDecodeError) as exc:
             raise fail(f"unreadable ({exc}); save it as UTF-8 CSV", line + 1) from None
     meta = {c: meta_array(c, vals) for c, vals in values.items()}
