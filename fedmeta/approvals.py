@@ -11,10 +11,10 @@ its run's declaration when it is set up.
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fedmeta.durable import append_json_line
 from policies import RunDeclaration, load_run_declaration
 
 APPROVALS_FILE = "approved-declarations.jsonl"
@@ -55,10 +55,7 @@ def approve(site_dir: Path, declaration: RunDeclaration, source: str = "") -> st
     rec = {"sha256": digest, "purpose": declaration.purpose, "dp_enabled": declaration.dp_enabled,
            "epsilon": declaration.epsilon, "delta": declaration.delta, "source": source,
            "approved_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(rec, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_json_line(path, rec)
     return digest
 
 

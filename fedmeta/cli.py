@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedmeta.cli_common import choice, choices_help, err_console, fail, one_of
+from fedmeta.config import BACKENDS, choices, default
+from fedmeta.data.task_names import task_names
 from fedmeta.offline import no_call_home
 
 no_call_home()
@@ -28,12 +30,7 @@ app = typer.Typer(help="Privacy-preserving federated meta-learning (Reptile + Op
 ledger_app = typer.Typer(help="Inspect a site's durable privacy ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"error: {message}", style="bold red", markup=False)
-    return typer.Exit(code)
+__all__ = ["app", "fail", "main"]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -79,25 +76,43 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 @app.command()
 def simulate(
     task: Annotated[str | None, typer.Option(
-        help="digits-fewshot | sine | breast-cancer-sites")] = None,
+        help=f"what the sites learn: {one_of(task_names())} (bundled tasks, then plug-ins "
+             "installed under the entry point group fedmeta.tasks), or package.module:Class",
+        show_default=str(default("task")),
+        callback=choice("--task", "task", task_names, also=lambda v: ":" in v,
+                        also_text="package.module:Class"))] = None,
     strategy: Annotated[str | None, typer.Option(
-        help="reptile | fomaml | fedavg (baseline)")] = None,
-    sites: Annotated[int | None, typer.Option(help="number of simulated sites")] = None,
-    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed: same seed, same metrics")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML/JSON file of config keys")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE for any config key "
-                                                   "(e.g. --set inner-steps=10)")] = None,
+        help=choices_help("server strategy (fedavg: the transfer-learning baseline; fomaml: "
+                          "with --no-dp only)", choices("strategy")),
+        show_default=str(default("strategy")),
+        callback=choice("--strategy", "strategy", lambda: choices("strategy")))] = None,
+    sites: Annotated[int | None, typer.Option(
+        help="number of simulated sites", show_default=str(default("sites")))] = None,
+    rounds: Annotated[int | None, typer.Option(
+        help="federated rounds", show_default=str(default("rounds")))] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="seed: same seed, same metrics", show_default=str(default("seed")))] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="run directory ({run} is replaced by the run id)",
+        show_default=str(default("out-dir")))] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="TOML/JSON file of config keys (`fedmeta config --toml` writes one)")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE for any config key, e.g. --set inner-steps=10 (every key, "
+                      "its default and range: `fedmeta config`)")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="turn differential privacy OFF "
                                         "(explicit; reported in the run)")] = False,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto (cuda if available) | cpu | cuda | cuda:N",
+        show_default=str(default("device")))] = None,
     overwrite: Annotated[bool, typer.Option(help="reuse a run directory")] = False,
     verbose: Annotated[bool, typer.Option(help="also show Flower's INFO lines and fedmeta's "
                                           "own")] = False,
-    backend: Annotated[str, typer.Option(help="ray: Flower's simulation engine, one Ray actor "
-                                         "per site | inline: every site in this process, no "
-                                         "Ray (fast; same metrics for the same seed)")] = "ray",
+    backend: Annotated[str, typer.Option(
+        help=choices_help("ray: Flower's simulation engine, one Ray actor per site; inline: "
+                          "every site in this process, no Ray (fast; same metrics for the "
+                          "same seed)", BACKENDS),
+        callback=choice("--backend", "backend", lambda: BACKENDS))] = "ray",
     resume: Annotated[Path | None, typer.Option(
         help="continue the stopped run in this run directory from its last checkpoint "
              "(same run id, config, ledgers and logs)")] = None,
@@ -118,10 +133,7 @@ def simulate(
     confine_command(backend, mlflow)  # without root; only while no thread is started
     from fedmeta.config import RunConfig
     from fedmeta.logs import configure
-    from fedmeta.simulation import BACKENDS
 
-    if backend not in BACKENDS:
-        raise fail(f"option '--backend': expected one of {' | '.join(BACKENDS)}, got {backend!r}")
     if resume is not None:
         given = [name for name, val in (
             ("--task", task), ("--strategy", strategy), ("--sites", sites), ("--rounds", rounds),
@@ -220,22 +232,27 @@ def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                         console=console, transient=False)
 
+    seen = [skip]
+
+    def catch_up(bar: Any) -> None:
+        """Show the metrics lines written since the last look (whole lines only)."""
+        if not metrics_path.exists():
+            return
+        lines = metrics_path.read_text().split("\n")[:-1]  # a line being written waits
+        for line in lines[seen[0]:]:
+            rec = json.loads(line)
+            status = ""
+            if isinstance(rec.get("eval"), dict):
+                e = rec["eval"]
+                status = f"{e.get('metric')} adapted {_fmt(e.get('adapted'))}"
+            if rec.get("declined"):
+                status += f"  declined {len(rec['declined'])}"
+            progress.update(bar, completed=rec["round"], status=status)
+        seen[0] = len(lines)
+
     def follow(bar: Any) -> None:
-        seen = skip
-        while not stop.is_set():
-            if metrics_path.exists():
-                lines = metrics_path.read_text().splitlines()
-                for line in lines[seen:]:
-                    rec = json.loads(line)
-                    status = ""
-                    if isinstance(rec.get("eval"), dict):
-                        e = rec["eval"]
-                        status = f"{e.get('metric')} adapted {_fmt(e.get('adapted'))}"
-                    if rec.get("declined"):
-                        status += f"  declined {len(rec['declined'])}"
-                    progress.update(bar, completed=rec["round"], status=status)
-                seen = len(lines)
-            stop.wait(0.3)
+        while not stop.wait(0.3):
+            catch_up(bar)
 
     with progress:
         bar = progress.add_task(f"{cfg.strategy} on {cfg.task}", total=cfg.rounds,
@@ -252,9 +269,9 @@ def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]
                        f"audit log; continue it with: fedmeta simulate --resume {cfg.out_dir}",
                        code=130) from None
         finally:
-            time.sleep(0.4)
             stop.set()
             watcher.join()
+            catch_up(bar)  # the last rounds' lines, after the watcher stopped
             for tracker in trackers:
                 tracker.close()
     _print_summary(summary, cfg.out_dir)
@@ -308,7 +325,7 @@ def evaluate(
     shift: Annotated[bool, typer.Option(help="new sites with their own acquisition shift "
                                         "(digits-fewshot runs)")] = False,
     out: Annotated[Path | None, typer.Option(help="output prefix (writes .json and .png)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the evaluation episodes")] = 0,
 ) -> None:
     """Accuracy at a new site against labelled examples, every method with its CI."""
     from fedmeta.meta.curve import LABELS, plot_curve, shots_curve

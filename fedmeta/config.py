@@ -9,11 +9,17 @@ in a run directory. ``fedmeta simulate`` options map onto the same fields.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policies.validation import Country, format_validation_error
+
+BACKENDS = ("ray", "inline")
+"""How ``fedmeta simulate`` runs the sites: Flower's Ray simulation engine, or in-process."""
 
 
 class ConfigError(ValueError):
@@ -116,8 +122,8 @@ class RunConfig(BaseModel):
 
     # policies and evidence
     declaration: str = Field("", description="run declaration TOML ('' = bundled example)")
-    site_country: str = Field("DE", min_length=2, max_length=2,
-                              description="country of simulated sites without a manifest")
+    site_country: Country = Field("DE", description="ISO 3166 alpha-2 country of simulated "
+                                  "sites without a manifest")
 
     @model_validator(mode="before")
     @classmethod
@@ -150,7 +156,8 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(clean)
         except ValidationError as exc:
-            raise ConfigError(_one_line(exc, source)) from None
+            raise ConfigError(format_validation_error(exc, source, model=cls, noun="option",
+                                             whole="(config)")) from None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_flat(), indent=2, sort_keys=True) + "\n")
@@ -166,12 +173,18 @@ class RunConfig(BaseModel):
         return cls.from_flat(data, source=str(path))
 
 
-def _one_line(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(config)"
-    msg = err["msg"].replace("Value error, ", "")
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{source}: option '{loc}': {msg}{more}"
+def choices(key: str) -> tuple[str, ...]:
+    """The values a Literal-typed key allows (``strategy``, ``accountant`` ...): the one
+    list the validator, ``fedmeta config`` and the command line's choices share."""
+    info = RunConfig.model_fields[key.replace("-", "_")]
+    if typing.get_origin(info.annotation) is not Literal:
+        raise KeyError(f"{key!r} is not a key with a fixed set of values")
+    return tuple(str(a) for a in typing.get_args(info.annotation))
+
+
+def default(key: str) -> Any:
+    """The default of a run-configuration key (dash- or underscore-spelled)."""
+    return RunConfig.model_fields[key.replace("-", "_")].get_default(call_default_factory=True)
 
 
 def sites_per_round(known_sites: int, fraction: float, min_sites: int) -> int:

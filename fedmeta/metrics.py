@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedmeta.durable import append_json_line
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -28,10 +29,7 @@ def _clean(value: Any) -> Any:
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line and fsync it (a crashed run keeps every finished round)."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_clean(record), sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_json_line(path, _clean(record))
 
 
 def save_model(run_dir: Path, state: dict[str, torch.Tensor], **meta: Any) -> Path:

@@ -40,7 +40,7 @@ from typing import Any
 import psutil
 
 from fedmeta.checkpoints import CHECKPOINT_DIR
-from fedmeta.config import RunConfig, resolve_device
+from fedmeta.config import BACKENDS, RunConfig, resolve_device
 from fedmeta.metrics import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from fedmeta.netns import (
     ALLOW_NETWORK_ENV,
@@ -58,7 +58,6 @@ CLIENT_APP = "clients.app:app"
 RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"
 TRANSPORT_ENV = "FEDMETA_TRANSPORT"
 RESUME_ENV = "FEDMETA_RESUME"
-BACKENDS = ("ray", "inline")
 RAY_EXIT_GRACE_S = 10.0  # how long Ray's processes get to exit after ray.shutdown()
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 LOOPBACK = "127.0.0.1"

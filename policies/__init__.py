@@ -15,6 +15,11 @@ Declarations
     metadata (:class:`RecordMeta`). Loading a bad file raises
     :class:`DeclarationError` with one line naming the file, field and fix.
 
+Validation (``validation.py``)
+    :func:`format_validation_error` turns any pydantic error into that one line;
+    :data:`SiteId` and :data:`Country` are the one definition of a site id and
+    of an ISO 3166-1 alpha-2 country code. All of fedmeta uses them.
+
 Rules and decisions
     A rule (``policies/rule.py``) has an ``id`` such as ``GDPR-9-2``, legal
     ``references`` such as "GDPR Art. 9(2)(j)", a plain ``description`` and a
@@ -101,12 +106,14 @@ from policies.rule import (
     RunRule,
     SiteRule,
 )
+from policies.validation import Country, SiteId, format_validation_error
 
 __all__ = [
     "LegalStatus",
     "in_force_from",
     "legal_status",
     "CONFLICT",
+    "Country",
     "EXAMPLES_DIR",
     "EXAMPLE_RUN",
     "EXAMPLE_SITE",
@@ -130,6 +137,7 @@ __all__ = [
     "RunDeclaration",
     "RunRule",
     "SiteManifest",
+    "SiteId",
     "SiteRule",
     "check_min_sites",
     "default_site_manifest",
@@ -146,5 +154,6 @@ __all__ = [
     "parse_site_manifest",
     "records_from_columns",
     "rules_for",
+    "format_validation_error",
     "suppress_small_counts",
 ]

@@ -17,7 +17,6 @@ with one line that names the file, the field and what to do, e.g.::
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import re
@@ -40,11 +39,11 @@ from pydantic import (
     model_validator,
 )
 
-from policies.countries import iso_countries
 from policies.dpia import DpiaError, DpiaRecord, load_dpia
 from policies.parties import PartyRegistry
 from policies.purposes import PURPOSES
 from policies.site_policy import SitePrivacyPolicy, canonical_json
+from policies.validation import Country, SiteId, check_country, format_validation_error, one_line
 
 
 class DeclarationError(ValueError):
@@ -143,19 +142,6 @@ the module used: controller-to-controller, controller-to-processor, ..."""
 # ---- field types ------------------------------------------------------------
 
 
-def _country(value: str) -> str:
-    code = value.strip().upper()
-    if code == "UK":
-        raise ValueError("'UK' is not an ISO 3166 code: use GB for the United Kingdom")
-    if code == "EL":
-        raise ValueError("'EL' is the EU's code: use the ISO 3166 code GR for Greece")
-    if code not in iso_countries():
-        raise ValueError(
-            f"must be an ISO 3166 alpha-2 country code such as DE or IN (got {value!r})"
-        )
-    return code
-
-
 def _national_law(value: str) -> str:
     """``"DE: <citation>"`` or ``"EU: <citation>"``: the law and where it applies."""
     head, sep, citation = value.partition(":")
@@ -166,7 +152,7 @@ def _national_law(value: str) -> str:
             f"'EU: <citation>' (got {value!r})"
         )
     if code != "EU":
-        code = _country(code)
+        code = check_country(code)
     return f"{code}: {' '.join(citation.split())}"
 
 
@@ -201,15 +187,6 @@ def _safeguard(value: str) -> str:
     return value
 
 
-def _site_id(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
-        raise ValueError(
-            "must be a pseudonymous id of at most 64 letters, digits, '.', '_' or '-' "
-            f"such as site-de-01 (got {value!r})"
-        )
-    return value
-
-
 def _email(value: str) -> str:
     if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", value):
         raise ValueError(f"must be an e-mail address (got {value!r})")
@@ -217,14 +194,12 @@ def _email(value: str) -> str:
 
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
-Country = Annotated[str, AfterValidator(_country)]
 PurposeId = Annotated[str, AfterValidator(_purpose)]
 SccReference = Annotated[str, AfterValidator(_scc)]
 Safeguard = Annotated[str, AfterValidator(_safeguard)]
 Email = Annotated[str, AfterValidator(_email)]
 Days = Annotated[StrictInt, Field(gt=0, le=36500)]
 Delta = Annotated[StrictFloat, Field(gt=0.0, lt=1.0)]
-SiteId = Annotated[str, AfterValidator(_site_id)]
 NationalLaw = Annotated[str, StringConstraints(max_length=500), AfterValidator(_national_law)]
 
 
@@ -415,62 +390,6 @@ class SiteManifest(_Model):
 # ---- loading ----------------------------------------------------------------
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += ("." if path else "") + str(part)
-    return path
-
-
-def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, str]:
-    """(field path, what is wrong and what to do) for one pydantic error."""
-    kind = error["type"]
-    loc = tuple(error["loc"])
-    # drop the validator names pydantic inserts for Annotated unions and the like
-    loc = tuple(p for p in loc if not (isinstance(p, str) and "[" in p and "]" in p))
-    msg = str(error["msg"])
-    got = error.get("input")
-    got_text = _one_line(repr(got), 60)
-    if kind == "missing":
-        return _field_path(loc), "is required: add it"
-    if kind == "extra_forbidden":
-        hint = ""
-        if len(loc) == 1:
-            close = difflib.get_close_matches(str(loc[0]), list(model.model_fields), n=1)
-            known = (
-                f"did you mean '{close[0]}'?"
-                if close
-                else "known: " + ", ".join(model.model_fields)
-            )
-            hint = f" ({known})"
-        return _field_path(loc), f"is not a known field: remove it or fix its spelling{hint}"
-    if kind in {"literal_error", "enum"}:
-        expected = str(error.get("ctx", {}).get("expected", ""))
-        expected = expected.replace("'", "").replace(" or ", ", ")
-        return _field_path(loc), f"must be one of {expected} (got {got_text})"
-    if kind in {"model_type", "model_attributes_type", "dict_type"}:
-        return _field_path(loc), f"must be a table (got {got_text})"
-    if kind in {"list_type", "tuple_type", "set_type", "frozen_set_type", "iterable_type"}:
-        return _field_path(loc), f"must be a list (got {got_text})"
-    if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
-        if not loc:
-            m = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg)
-            if m:
-                return m.group(1), m.group(2)
-        return _field_path(loc), msg
-    msg = re.sub(r"^(Input|String|Value|List|Tuple|Set|Frozenset) should ", "must ", msg)
-    return _field_path(loc), f"{msg} (got {got_text})"
-
-
 def _parse(model: type[_M], data: Any, source: str) -> _M:
     if not isinstance(data, Mapping):
         raise DeclarationError(
@@ -479,11 +398,9 @@ def _parse(model: type[_M], data: Any, source: str) -> _M:
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        errors = exc.errors()
-        path, what = _describe(errors[0], model)
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        where = f"field '{path}'" if path else "declaration"
-        raise DeclarationError(_one_line(f"{source}: {where}: {what}{more}", 500)) from None
+        raise DeclarationError(
+            format_validation_error(exc, source, model=model, whole="declaration")
+        ) from None
 
 
 def _read_toml(path: str | Path) -> tuple[dict[str, Any], str]:
@@ -497,7 +414,7 @@ def _read_toml(path: str | Path) -> tuple[dict[str, Any], str]:
         raise DeclarationError(f"{source}: is a directory, not a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise DeclarationError(
-            _one_line(f"{source}: not valid TOML: {exc}: fix the syntax")
+            one_line(f"{source}: not valid TOML: {exc}: fix the syntax", 300)
         ) from None
     except UnicodeDecodeError:
         raise DeclarationError(f"{source}: not valid TOML: the file must be UTF-8 text") from None

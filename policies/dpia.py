@@ -32,13 +32,14 @@ from pydantic import (
     field_serializer,
 )
 
+from policies.validation import Country, SiteId, format_validation_error, one_line
+
 Likelihood = Literal["remote", "possible", "probable"]
 Severity = Literal["minimal", "significant", "severe"]
 DpiaStatus = Literal["draft", "in-review", "approved", "superseded", "withdrawn"]
 DpiaDecision = Literal["approve", "approve-with-conditions", "reject", "refer-art-36"]
 Transport = Literal["simulation", "tls+supernode-auth", "insecure"]
 _Text = Annotated[str, Field(min_length=1, max_length=2000)]
-_Code = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
 
 DECISION_WORDS: dict[str, str] = {
     "approve": "approved",
@@ -88,10 +89,10 @@ class DpiaRisk(_Model):
 class DpiaScope(_Model):
     """What the DPIA assessed; anything outside it makes the DPIA stale."""
 
-    sites: tuple[_Text, ...] = ()
+    sites: tuple[SiteId, ...] = ()
     """The site ids assessed; a site not listed is a new site. Empty: the assessment
     names no sites, and every site is new."""
-    countries: frozenset[_Code]
+    countries: frozenset[Country]
     purposes: frozenset[_Text]
     max_epsilon: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     """The largest per-run epsilon assessed; None: only non-private runs were assessed."""
@@ -185,11 +186,6 @@ def approval_problems(dpia: DpiaRecord) -> list[str]:
     return out
 
 
-def _one_line(text: str, limit: int = 400) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def parse_dpia(data: Mapping[str, Any], source: str = "<dpia>") -> DpiaRecord:
     """A DPIA from parsed TOML; DpiaError names ``source`` and the field."""
     if not isinstance(data, Mapping):
@@ -197,9 +193,8 @@ def parse_dpia(data: Mapping[str, Any], source: str = "<dpia>") -> DpiaRecord:
     try:
         return DpiaRecord.model_validate(dict(data))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        path = ".".join(str(p) for p in err["loc"]) or "dpia"
-        raise DpiaError(_one_line(f"{source}: field '{path}': {err['msg']}")) from None
+        raise DpiaError(format_validation_error(exc, source, model=DpiaRecord, whole="dpia",
+                                       limit=400)) from None
 
 
 def load_dpia(path: str | Path) -> DpiaRecord:
@@ -210,5 +205,5 @@ def load_dpia(path: str | Path) -> DpiaRecord:
     except FileNotFoundError:
         raise DpiaError(f"{path}: DPIA file not found: check dpia_file") from None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise DpiaError(_one_line(f"{path}: cannot read the DPIA: {exc}")) from None
+        raise DpiaError(one_line(f"{path}: cannot read the DPIA: {exc}", 400)) from None
     return parse_dpia(data, str(path))

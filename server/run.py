@@ -42,6 +42,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log as flwr_log
+from pydantic import ValidationError
 
 from fedmeta.audit import AuditLog
 from fedmeta.audit.verify import read_log
@@ -82,6 +83,7 @@ from policies import (
     eligible_sites,
     evaluate_run,
 )
+from policies.validation import format_validation_error
 from server.strategy.fedavg import FedAvgBaseline
 from server.strategy.fomaml import FOMAML
 from server.strategy.reptile import Reptile
@@ -146,6 +148,9 @@ def discover_sites(grid: Grid, cfg: RunConfig, config: ConfigRecord
             continue
         try:
             manifest = SiteManifest.model_validate_json(str(info.get("manifest-json", "")))
+        except ValidationError as exc:
+            problems[site_id] = f"unreadable manifest ({format_validation_error(exc, '')})"[:300]
+            continue
         except ValueError as exc:
             problems[site_id] = f"unreadable manifest ({str(exc).splitlines()[0]})"[:300]
             continue

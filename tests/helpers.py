@@ -105,7 +105,7 @@ def write_site(root: Path, index: int, text: str, plan: dict[str, int] | None = 
     site_dir.mkdir(parents=True)
     (site_dir / "manifest.toml").write_text(text)
     ids = get_task("digits-fewshot", num_sites=num_sites).site_records(index).record_ids
-    rows = ["record_id,consented_purposes,consent_withdrawn_at,age,guardian_consent,"
+    rows = ["record_id,consent_purposes,consent_withdrawn_at,age,guardian_consent,"
             "collected_at,erasure_requested"]
     old = (NOW - timedelta(days=20 * 365)).date().isoformat()
     recent = (NOW - timedelta(days=300)).date().isoformat()

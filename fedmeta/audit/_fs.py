@@ -5,14 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fedmeta.durable import fsync_dir
 
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory so a file just created or renamed in it survives a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["fsync_dir", "make_dirs", "write_all", "write_new_file"]
 
 
 def make_dirs(directory: Path, mode: int = 0o777) -> None:

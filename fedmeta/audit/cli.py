@@ -27,6 +27,7 @@ from fedmeta.audit.keys import (
 from fedmeta.audit.log import AuditLog
 from fedmeta.audit.receipt import Receipt
 from fedmeta.audit.verify import read_log, verify_log
+from fedmeta.cli_common import fail as _fail
 
 audit_app = typer.Typer(
     help="Verify and repair tamper-evident audit logs (hash-chained, Ed25519-signed).",
@@ -40,13 +41,6 @@ keys_app = typer.Typer(
 
 def _out() -> Console:
     return Console(highlight=False, soft_wrap=True)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"error: {message}", style="bold red", markup=False
-    )
-    return typer.Exit(code)
 
 
 @audit_app.command("verify")

@@ -27,14 +27,12 @@ Schema file (``schema.toml``)
     [columns]                      # optional, pseudonymous metadata for the policy engine
     record_id = "pid"              # unique per row; else ids are generated as "row-<n>"
     consent_purposes = "consent"   # purpose ids separated by ";"
-    consent_withdrawn_at = "withdrawn"  # ISO date/datetime, or empty
     age = "age"                    # years (0-150), or empty
-    guardian_consent = "guardian_ok"    # true/false/1/0/yes/no, or empty (= false)
-    collected_at = "collected"     # ISO date/datetime, or empty
-    erasure_requested = "erasure"  # true/false/1/0/yes/no, an ISO date (= true), or empty
-    objected_at = "objected"       # GDPR Art. 21 objection: ISO date, or empty
-    restricted_at = "restricted"   # GDPR Art. 18 restriction in effect since: ISO date, or empty
-    opted_out_at = "opted_out"     # national opt-out since: ISO date, or empty
+    guardian_consent = "guardian_ok"    # yes/no, or empty (= no)
+    # ... and any other column of fedmeta.data.record_columns (the one vocabulary of
+    # per-record metadata, shared with image/npz sidecars and records-meta.csv):
+    # consent_withdrawn_at, minor, collected_at, erasure_requested, objected_at,
+    # restricted_at, opted_out_at
 
 Required keys are ``name``, ``task``, ``label`` and ``features``; unknown keys
 are errors. ``features`` must be non-empty and must not contain the label.
@@ -69,12 +67,10 @@ all 0 without a group column; ``Records.record_ids`` a str array;
 ``Records.units`` int64 ids of the sorted distinct unit values when
 ``unit_column`` is declared (the values themselves are not kept), else None.
 An empty unit cell is an error: every row must name its unit.
-``Records.meta`` holds, for each declared metadata column: ``consent_purposes``
-(object array of frozensets of str), ``consent_withdrawn_at`` and
-``collected_at``, ``objected_at``, ``restricted_at``, ``opted_out_at``
-(``datetime64[s]``, NaT when empty; aware times are
-converted to UTC), ``age`` (float64, nan when empty), ``guardian_consent`` and
-``erasure_requested`` (bool).
+``Records.meta`` holds, for each declared metadata column, the array
+:func:`fedmeta.data.record_columns.meta_array` makes (purposes as frozensets, dates
+as ``datetime64[s]`` in UTC with NaT when empty, ``age`` float64 whole years with nan
+when empty, yes/no columns as bool).
 """
 
 from __future__ import annotations
@@ -83,17 +79,19 @@ import csv
 import math
 import re
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
+from fedmeta.data.record_columns import CellError as _CellError
+from fedmeta.data.record_columns import meta_array, parse_cell
 from fedmeta.data.records import Records
 from fedmeta.data.schema import ColumnsSpec, CsvSchema, DatasetSpec
+from policies.validation import describe_error
 
 __all__ = [
     "MAX_IMPLICIT_CLASSES",
@@ -117,8 +115,6 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 _LINE_BREAK_CHARS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 _ONE_LINE = str.maketrans({c: repr(c)[1:-1] for c in _LINE_BREAK_CHARS})
-_TRUE = frozenset({"true", "1", "yes"})
-_FALSE = frozenset({"false", "0", "no"})
 
 
 class DataError(ValueError):
@@ -190,10 +186,11 @@ def _toml_key_line(text: str, table: str | None, key: str | None) -> int | None:
 
 
 def _describe_validation_error(err: ValidationError, text: str) -> list[str]:
+    """One part per problem: the TOML line, ``[table].key`` and what to do (the wording
+    of :func:`policies.validation.describe_error`, shared by every file fedmeta reads)."""
     parts: list[str] = []
-    for e in err.errors(include_url=False, include_input=False):
+    for e in err.errors(include_url=False):
         loc = [str(p) for p in e["loc"]]
-        msg = str(e["msg"]).removeprefix("Value error, ")
         table = loc[0] if loc else None
         key = loc[1] if len(loc) > 1 else None
         where = ""
@@ -218,7 +215,8 @@ def _describe_validation_error(err: ValidationError, text: str) -> list[str]:
                 allowed = ", ".join(model.model_fields)
                 part = f"unknown key {where} (allowed in [{table}]: {allowed})"
         else:
-            part = f"{where}: {msg}" if where else msg
+            _, what = describe_error(e)
+            part = f"{where}: {what}" if where else what
         if line is not None:
             part = f"line {line}: {part}"
         parts.append(part)
@@ -278,15 +276,9 @@ def load_schema(path: Path | str) -> CsvSchema:
 
 
 # ---------------------------------------------------------------- cell parsers
-# Each parser takes the stripped cell and returns a value, or raises _CellError
-# whose message describes the problem without the raw value where it must not be echoed.
-
-
-class _CellError(Exception):
-    def __init__(self, problem: str, fix: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
-        self.fix = fix
+# A parser takes the stripped cell and returns a value, or raises _CellError whose
+# message describes the problem without the raw value where it must not be echoed.
+# The metadata cells are parsed by fedmeta.data.record_columns (one vocabulary).
 
 
 def _short(cell: str) -> str:
@@ -307,98 +299,6 @@ def _parse_number(cell: str, *, echo: bool) -> float:
     if not math.isfinite(v) or abs(v) > _FLOAT32_MAX:
         raise _CellError(f"{shown} is too large for float32", "rescale the column")
     return v
-
-
-def _parse_bool(cell: str) -> bool:
-    low = cell.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE or not cell:
-        return False
-    raise _CellError("value is not a boolean", "write true/false, yes/no, 1/0 or leave it empty")
-
-
-def _parse_datetime(cell: str) -> datetime | None:
-    if not cell:
-        return None
-    try:
-        dt = datetime.fromisoformat(cell)
-    except (ValueError, OverflowError):
-        raise _CellError(
-            "value is not an ISO date",
-            "write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS, or leave it empty",
-        ) from None
-    if dt.tzinfo is not None:
-        try:
-            dt = dt.astimezone(UTC).replace(tzinfo=None)
-        except (ValueError, OverflowError):
-            raise _CellError("value is an out-of-range date", "fix the date") from None
-    return dt
-
-
-def _parse_erasure(cell: str) -> bool:
-    low = cell.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE or not cell:
-        return False
-    try:
-        _parse_datetime(cell)
-    except _CellError:
-        raise _CellError(
-            "value is neither a boolean nor an ISO date",
-            "write true/false, yes/no, 1/0, the request date (YYYY-MM-DD) or leave it empty",
-        ) from None
-    return True
-
-
-def _parse_age(cell: str) -> float:
-    if not cell:
-        return math.nan
-    try:
-        v = _parse_number(cell, echo=False)
-    except _CellError:
-        raise _CellError(
-            "value is not a number", "write the age in years or leave it empty"
-        ) from None
-    if not 0 <= v <= 150:
-        raise _CellError("value is not an age in years (0-150)", "fix the age or leave it empty")
-    return v
-
-
-def _parse_purposes(cell: str) -> frozenset[str]:
-    return frozenset(p.strip() for p in cell.split(";") if p.strip())
-
-
-_META_PARSERS: dict[str, Callable[[str], Any]] = {
-    "consent_purposes": _parse_purposes,
-    "consent_withdrawn_at": _parse_datetime,
-    "age": _parse_age,
-    "guardian_consent": _parse_bool,
-    "collected_at": _parse_datetime,
-    "erasure_requested": _parse_erasure,
-    "objected_at": _parse_datetime,
-    "restricted_at": _parse_datetime,
-    "opted_out_at": _parse_datetime,
-}
-_DATE_ROLES = ("consent_withdrawn_at", "collected_at", "objected_at", "restricted_at",
-               "opted_out_at")
-
-
-def _meta_array(role: str, values: list[Any]) -> np.ndarray:
-    if role == "consent_purposes":
-        arr = np.empty(len(values), dtype=object)
-        for i, v in enumerate(values):
-            arr[i] = v
-        return arr
-    if role in _DATE_ROLES:
-        return np.array(
-            [np.datetime64("NaT", "s") if v is None else np.datetime64(v, "s") for v in values],
-            dtype="datetime64[s]",
-        )
-    if role == "age":
-        return np.array(values, dtype=np.float64)
-    return np.array(values, dtype=bool)
 
 
 # ---------------------------------------------------------------- the loader
@@ -588,7 +488,7 @@ def _load(
         meta_row: dict[str, Any] = {}
         for role, (col, idx) in meta_idx.items():
             try:
-                meta_row[role] = _META_PARSERS[role](row[idx].strip())
+                meta_row[role] = parse_cell(role, row[idx].strip())
             except _CellError as e:
                 raise err(f"{e.problem}; {e.fix}", line, col) from None
 
@@ -689,7 +589,7 @@ def _load(
         y=y,
         groups=groups,
         record_ids=np.array(rids, dtype=str),
-        meta={role: _meta_array(role, vals) for role, vals in meta_values.items()},
+        meta={role: meta_array(role, vals) for role, vals in meta_values.items()},
         units=(np.unique(np.array(unit_values, dtype=str), return_inverse=True)[1]
                .astype(np.int64).reshape(n) if unit_idx is not None else None),
     )

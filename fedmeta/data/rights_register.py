@@ -7,9 +7,9 @@ One row per request, pseudonymous::
     R-2026-002,objection,gdpr,2026-04-11,refused,GDPR Art. 21(6) public task,2026-05-02,,,
     R-2026-003,grievance,dpdp,2026-06-01,pending,,,,,
 
-Types, laws and decisions: see ``policies.rights``. Dates are ISO 8601; booleans
-true/false (empty = false); empty ``decision`` means pending. Errors name the
-file, line and column; nothing is guessed.
+Types, laws and decisions: see ``policies.rights``. Dates are ISO 8601; yes/no cells
+as in ``fedmeta.data.record_columns`` (empty = no); empty ``decision`` means
+pending. Errors name the file, line and column; nothing is guessed.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import csv
 from datetime import date
 from pathlib import Path
 
+from fedmeta.data.record_columns import FALSE_WORDS, TRUE_WORDS
 from policies.rights import RightsRequest
 
 REGISTER_FILE = "rights-register.csv"
 COLUMNS = ("request_id", "type", "law", "received", "decision", "ground", "decided",
            "extended", "erased_at_source", "effect_on_models")
-_TRUE = {"true", "1", "yes", "y"}
-_FALSE = {"false", "0", "no", "n", ""}
 
 
 class RightsRegisterError(ValueError):
@@ -42,11 +41,11 @@ def _date(column: str, text: str) -> date | None:
 
 def _bool(column: str, text: str) -> bool:
     low = text.lower()
-    if low in _TRUE:
+    if low in TRUE_WORDS:
         return True
-    if low in _FALSE:
+    if low in FALSE_WORDS or not low:
         return False
-    raise ValueError(f"column {column!r}: expected true/false, got {text!r}")
+    raise ValueError(f"column {column!r}: expected true/false, yes/no, y/n or 1/0, got {text!r}")
 
 
 def _request(row: dict[str, str]) -> RightsRequest:

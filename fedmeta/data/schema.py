@@ -143,6 +143,7 @@ class ColumnsSpec(BaseModel):
     consent_purposes: ColumnName | None = None
     consent_withdrawn_at: ColumnName | None = None
     age: ColumnName | None = None
+    minor: ColumnName | None = None
     guardian_consent: ColumnName | None = None
     collected_at: ColumnName | None = None
     erasure_requested: ColumnName | None = None

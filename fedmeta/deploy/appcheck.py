@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmeta.durable import append_json_line
+
 APPROVALS_FILE = "approved-apps.jsonl"
 RULE = "SITE-APP"
 KINDS = ("fab_sha256", "release_sha256")
@@ -174,9 +176,7 @@ def approve(site_dir: Path, kind: str, digest: str, source: str) -> bool:
     if any(a.kind == kind and a.sha256 == digest for a in read_approvals(site_dir)):
         return False
     row = {kind: digest, "source": source, "approved_at": round(time.time(), 3)}
-    with open(site_dir / APPROVALS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
+    append_json_line(site_dir / APPROVALS_FILE, row)
     return True
 
 

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmeta.cli_common import fail as _fail
+
 node_app = typer.Typer(help="Set up and check one institution's node (site directory).",
                        no_args_is_help=True)
 evidence_app = typer.Typer(help="Coordinator: bring the sites' exported evidence of a run "
@@ -37,10 +39,6 @@ def _show(*groups: tuple[str, list]) -> Console:
     return con
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"error: {message}", style="bold red", markup=False)
-    return typer.Exit(code)
 
 
 def _errors() -> tuple[type[BaseException], ...]:

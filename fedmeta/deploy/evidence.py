@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Any
 from fedmeta.audit import AuditError, read_log
 from fedmeta.audit.keys import fingerprint, load_public_key
 from fedmeta.deploy.runrecord import RECORD_FILES, RunRecordError, check_run_id, run_record_dir
+from policies.validation import check_site_id
 
 FORMAT = "fedmeta-evidence/1"
 SITE_LOG = Path("audit") / "audit-log.jsonl"
@@ -48,7 +48,6 @@ LEDGER_FILE = "privacy-ledger.jsonl"
 MANIFEST = "manifest.toml"
 EXPORTS_DIR = "exports"
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
-_SITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class EvidenceError(ValueError):
@@ -160,8 +159,10 @@ def _load_bundle(path: Path) -> dict[str, Any]:
                         ("audit_public_key", str)):
         if not isinstance(data.get(field), kind):
             raise EvidenceError(f"{path}: field '{field}': missing or not a {kind.__name__}")
-    if not _SITE.fullmatch(data["site"]):
-        raise EvidenceError(f"{path}: field 'site': {data['site']!r} is not a site id")
+    try:
+        check_site_id(data["site"])
+    except ValueError as exc:
+        raise EvidenceError(f"{path}: field 'site': {exc}") from None
     if not all(isinstance(x, str) and "\n" not in x for x in data["log"] + data["ledger"]):
         raise EvidenceError(f"{path}: fields 'log'/'ledger': expected lists of single lines")
     manifest = data.get("manifest_toml")

@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from policies.countries import iso_countries
+from policies.validation import Country, SiteId, format_validation_error
 
 DEFAULT_RUNTIME_PORT = 9094  # flower-supernode's own local port (--port)
 DEFAULT_LOCAL_PORT = 9091  # the SuperLink's port on the coordinator's loopback
@@ -58,13 +58,6 @@ def _name(value: str) -> str:
     return value
 
 
-def _site_id(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
-        raise ValueError("must be a pseudonymous id of at most 64 letters, digits, '.', '_' "
-                         f"or '-' such as site-de-01 (got {value!r})")
-    return value
-
-
 def _host(value: str) -> str:
     if is_ip(value):
         return value
@@ -73,13 +66,6 @@ def _host(value: str) -> str:
             re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", lab) for lab in labels):
         raise ValueError(f"must be a DNS name or an IP address (got {value!r})")
     return value
-
-
-def _country(value: str) -> str:
-    code = value.strip().upper()
-    if code not in iso_countries():
-        raise ValueError(f"must be an ISO 3166 alpha-2 country code such as DE (got {value!r})")
-    return code
 
 
 def is_ip(value: str) -> bool:
@@ -137,8 +123,8 @@ class SuperLinkAddress(_Model):
 class SiteEntry(_Model):
     """One institution of the federation."""
 
-    id: Annotated[StrictStr, AfterValidator(_site_id)]
-    country: Annotated[StrictStr, AfterValidator(_country)]
+    id: SiteId
+    country: Country
     index: Annotated[StrictInt, Field(ge=0)] | None = None
     """Bundled-data partition the node trains on (demos); None: the site's own data."""
     runtime_port: Port | None = None
@@ -180,33 +166,13 @@ class Federation(_Model):
         return site.index if site.index is not None else self.sites.index(site)
 
 
-def _field(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not (isinstance(part, str) and ("[" in part or "function-" in part)):
-            out += ("." if out else "") + str(part)
-    return out
-
-
 def parse_federation(data: dict, source: str = "<federation>") -> Federation:
     """A Federation from parsed TOML; FederationError (one line) names source and field."""
     try:
         return Federation.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        path = _field(tuple(err["loc"]))
-        if err["type"] == "missing":
-            msg = "is required: add it"
-        elif err["type"] == "extra_forbidden":
-            msg = "is not a known field: remove it or fix its spelling"
-        elif not path and ": " in msg:
-            path, msg = msg.split(": ", 1)
-        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-        where = f"field '{path}'" if path else "federation"
-        raise FederationError(" ".join(f"{source}: {where}: {msg}{more}".split())) from None
+        raise FederationError(format_validation_error(exc, source, model=Federation,
+                                             whole="federation")) from None
 
 
 def load_federation(path: Path) -> Federation:

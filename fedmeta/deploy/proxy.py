@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jinja2
-
 from fedmeta.deploy.federation import LOOPBACK_NAME, Federation
+from fedmeta.deploy.templates import render
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.j2")
 MAX_BODY = "1024m"
@@ -23,9 +22,6 @@ def nginx_conf(fed: Federation) -> str:
     """nginx.conf for the coordinator kit (paths relative to the kit; see the template)."""
     sl = fed.superlink
     listen = f"[{sl.bind}]:{sl.port}" if ":" in sl.bind else f"{sl.bind}:{sl.port}"
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
-                             keep_trailing_newline=True)
-    return env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(
-        federation=fed.name, listen=listen, upstream=sl.local_address,
-        upstream_name=LOOPBACK_NAME, cert="superlink.pem", key="superlink.key", ca="ca.pem",
-        max_body=MAX_BODY)
+    return render(TEMPLATE.read_text(encoding="utf-8"), federation=fed.name, listen=listen,
+                  upstream=sl.local_address, upstream_name=LOOPBACK_NAME, cert="superlink.pem",
+                  key="superlink.key", ca="ca.pem", max_body=MAX_BODY)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedmeta.deploy import pki
+from policies.validation import SiteId, format_validation_error
 
 FORMAT = "fedmeta-site-request/1"
 
@@ -37,7 +38,7 @@ class SiteRequest(BaseModel):
 
     format: str
     federation: str
-    site_id: str
+    site_id: SiteId
     supernode_public_key: str
     audit_public_key: str
     tls_csr: str
@@ -81,9 +82,8 @@ def load_request(path: Path, federation: str | None = None,
     try:
         req = SiteRequest.model_validate_json(text)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "file"
-        raise RequestError(f"{path}: field '{where}': {err['msg']}") from None
+        raise RequestError(format_validation_error(exc, str(path), model=SiteRequest,
+                                          whole="not a request file")) from None
     if req.format != FORMAT:
         raise RequestError(f"{path}: field 'format': {req.format!r} is not {FORMAT!r}")
     if federation is not None and req.federation != federation:

@@ -2,13 +2,17 @@
 
 Scripts are POSIX ``sh``; they find their own directory, so a kit (or a site
 directory made from it) can live anywhere. Values are filled in with
-:func:`render` (``{{name}}`` placeholders), never by the shell at run time.
+:func:`render` (jinja2: ``{{name}}`` placeholders, a missing value is an error),
+never by the shell at run time; values in TOML files go through the ``toml`` filter
+(tomli-w), so a name is always quoted and escaped as TOML wants.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+import jinja2
+import tomli_w
 
 from fedmeta.deploy.federation import Federation
 from policies import SiteManifest, default_site_manifest
@@ -34,13 +38,27 @@ def env_file_text() -> str:
     return render(ENV_TEMPLATE, env_file=ENV_FILE, exports=exports)
 
 
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (a string quoted and escaped, a list inline)."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined: raises, naming the placeholder
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
+
+
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
+                          keep_trailing_newline=True)
+_ENV.filters["toml"] = toml_value
+
+
 def render(template: str, **values: Any) -> str:
-    out = template
-    for key, val in values.items():
-        out = out.replace("{{" + key + "}}", str(val))
-    if "{{" in out:
-        raise ValueError(f"unfilled placeholder in template: {out[out.index('{{'):][:40]}")
-    return out
+    """``template`` with its ``{{name}}`` placeholders filled in (jinja2); a placeholder
+    without a value is a ValueError."""
+    try:
+        return _ENV.from_string(template).render(**values)
+    except jinja2.UndefinedError as exc:
+        raise ValueError(f"unfilled placeholder in template: {exc.message}") from None
 
 
 # ---- site kit ------------------------------------------------------------------------
@@ -83,11 +101,11 @@ exec fedmeta node supernode --superlink {{superlink}} \\
 
 NODE_TOML = """# Node config of site {{site_id}} in federation {{federation}}, written by
 # `fedmeta provision`. `fedmeta node check` reads it; start-node.sh has the same values.
-federation = "{{federation}}"
-site_id = "{{site_id}}"
-site_index = {{site_index}}
-superlink = "{{superlink}}"
-runtime_port = {{runtime_port}}
+federation = {{federation | toml}}
+site_id = {{site_id | toml}}
+site_index = {{site_index | toml}}
+superlink = {{superlink | toml}}
+runtime_port = {{runtime_port | toml}}
 """
 
 SITE_README = """# Site kit: {{site_id}} (federation {{federation}})
@@ -216,7 +234,7 @@ CONNECTION_TOML = """# The `flwr` connection of federation {{federation}}, for t
 # with @KIT@ replaced by this kit's absolute path, from inside the kit:
 #   sed "s|@KIT@|$PWD|" flwr-connection.toml >> "${FLWR_HOME:-$HOME/.flwr}/config.toml"
 [superlink.{{federation}}]
-address = "{{address}}"
+address = {{address | toml}}
 root-certificates = "@KIT@/ca.pem"
 """
 
@@ -292,22 +310,6 @@ FIELD_NOTES = {
 }
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf"
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def manifest_template(site_id: str, country: str, federation: Federation) -> str:
     """A site manifest that passes the example run's rules, with TODOs to fill in."""
     base: SiteManifest = default_site_manifest(site_id, country=country)
@@ -330,11 +332,11 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
             continue
         if key in FIELD_NOTES:
             lines.append(f"# {FIELD_NOTES[key]}")
-        lines.append(f"{key} = {_toml_value(data[key])}")
+        lines.append(f"{key} = {toml_value(data[key])}")
     lines += ["", "# The site's own privacy policy, enforced at this site every round whatever",
               "# the coordinator asks (docs/threat-model.md; fields: policies/site_policy.py).",
               "[privacy]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in privacy.items()
+    lines += [f"{key} = {toml_value(value)}" for key, value in privacy.items()
               if value is not None]
     return "\n".join(lines) + "\n"
 

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmeta.cli_common import fail as _fail
 from fedmeta.incidents.clocks import clocks
 from fedmeta.incidents.model import KIND_TEXT, Decision
 from fedmeta.incidents.store import IncidentError, IncidentStore, now
@@ -19,12 +20,9 @@ incident_app = typer.Typer(help="Incidents opened from the run's signals, with t
                                 "Art. 33/34 and DPDP r.7 clocks and the notify decision.",
                            no_args_is_help=True)
 RunDir = Annotated[Path, typer.Argument(help="a run directory")]
+IncidentId = Annotated[str, typer.Argument(help="an incident id (see `fedmeta incident list`)")]
 
 
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"error: {message}", style="bold red", markup=False)
-    return typer.Exit(2)
 
 
 def _store(run_dir: Path) -> IncidentStore:
@@ -72,7 +70,7 @@ def list_command(run_dir: RunDir) -> None:
 
 
 @incident_app.command("show")
-def show_command(run_dir: RunDir, incident_id: str) -> None:
+def show_command(run_dir: RunDir, incident_id: IncidentId) -> None:
     """One incident: what was seen, the clocks side by side, the decision."""
     try:
         i = _store(run_dir).get(incident_id)
@@ -96,7 +94,7 @@ def show_command(run_dir: RunDir, incident_id: str) -> None:
 
 @incident_app.command("decide")
 def decide_command(
-    run_dir: RunDir, incident_id: str,
+    run_dir: RunDir, incident_id: IncidentId,
     notify: Annotated[bool, typer.Option(
         "--notify/--no-notify", help="notify the supervisory authority (GDPR Art. 33(1))")],
     reasons: Annotated[str, typer.Option(help="why (recorded under Art. 33(5))")],

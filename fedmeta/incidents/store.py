@@ -13,6 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from fedmeta.audit import AuditLog
 from fedmeta.incidents.model import Decision, Incident
+from policies.validation import format_validation_error
 
 DIR = "incidents"
 FILE = "incidents.json"
@@ -38,7 +39,7 @@ class IncidentStore:
             return _LIST.validate_json(self.path.read_bytes())
         except ValidationError as exc:
             raise IncidentError(f"{self.path}: not a valid incident file "
-                                f"({exc.errors()[0]['msg']}): restore it from the audit "
+                                f"({format_validation_error(exc, '')}): restore it from the audit "
                                 "log or a backup") from None
 
     def _save(self, incidents: list[Incident]) -> None:

@@ -7,11 +7,7 @@ from typing import Annotated
 
 import typer
 
-
-def _fail(message: str) -> typer.Exit:
-    from fedmeta.cli import fail
-
-    return fail(message)
+from fedmeta.cli_common import fail as _fail
 
 
 def _errors() -> tuple[type[BaseException], ...]:

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedmeta.durable import append_json_line, fsync_dir
 from fedmeta.privacy.budget import Step, epsilon
 from fedmeta.privacy.units import RECORD
 
@@ -70,20 +71,8 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _append_line(path: Path, obj: dict[str, Any]) -> None:
-    line = json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_json_line(path, obj, compact=True)
 
 
 class PrivacyLedger:
@@ -119,7 +108,7 @@ class PrivacyLedger:
                       "privacy_unit": privacy_unit, "created": _now()}
             _append_line(path, header)
             marker.write_text(json.dumps({"site": site, "ledger": LEDGER_FILE}) + "\n")
-            _fsync_dir(site_dir)
+            fsync_dir(site_dir)
         ledger = cls.read(path)
         if ledger.delta != delta or ledger.accountant != accountant:
             raise LedgerError(

@@ -13,14 +13,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedmeta.cli_common import choice, choices_help
+from fedmeta.cli_common import fail as _fail
+from fedmeta.report.render import FORMATS
+
 
 def _err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    _err().print(f"error: {message}", style="bold red", markup=False)
-    return typer.Exit(code)
 
 
 def report_command(
@@ -29,7 +28,9 @@ def report_command(
     site: Annotated[str | None, typer.Option(
         help="a site-level report: only this site's data and what the federation shared "
              "with it")] = None,
-    format_: Annotated[str, typer.Option("--format", help="html | json | md")] = "html",
+    format_: Annotated[str, typer.Option(
+        "--format", help=choices_help("report format", FORMATS),
+        callback=choice("--format", "format", lambda: FORMATS))] = "html",
     out: Annotated[Path | None, typer.Option(
         help="output file (default RUN_DIR/report[-SITE].html|json|md)")] = None,
     baseline: Annotated[Path | None, typer.Option(

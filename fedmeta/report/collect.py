@@ -31,11 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from fedmeta.audit import AuditError, Entry, Receipt, VerifyResult, read_log
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.report.metrics_schema import check_line, check_summary
 from fedmeta.report.trust import Anchor
 from policies import Decision, DeclarationError, RunDeclaration, SiteManifest, load_site_manifest
+from policies.validation import format_validation_error
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -383,6 +386,9 @@ def read_run(run_dir: Path, site: str | None = None,
         decisions = [Decision.from_dict(d) for d in doc.get("decisions") or []]
         eligible = [str(x) for x in doc.get("eligible") or []]
         unusable = {str(k): str(v) for k, v in dict(doc.get("unusable") or {}).items()}
+    except ValidationError as exc:
+        raise ReportError(f"{run_dir / DECISIONS_FILE}: unreadable "
+                          f"({format_validation_error(exc, '')})") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         first = (str(exc).splitlines() or [repr(exc)])[0]
         raise ReportError(f"{run_dir / DECISIONS_FILE}: unreadable ({first})") from None

@@ -20,6 +20,8 @@ from pydantic import (
 )
 from pydantic import ValidationError as _ValidationError
 
+from policies.validation import format_validation_error
+
 Number = StrictInt | StrictFloat
 Suppressed = Annotated[StrictStr, StringConstraints(pattern=r"^<[0-9]+$")]
 """A count a site released suppressed below its minimum cohort size, e.g. "<5"."""
@@ -77,9 +79,7 @@ def _problem(model: type[BaseModel], doc: Any, whole: str) -> str | None:
     try:
         model.model_validate(doc)
     except _ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or whole
-        return f"field '{loc}': {err['msg']}"
+        return format_validation_error(exc, "", model=model, whole=whole)
     return None
 
 

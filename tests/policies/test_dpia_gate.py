@@ -152,7 +152,7 @@ def test_dpia_file_errors_are_one_line_naming_the_file_and_field(tmp_path):
                                                         'likelihood_before = "often"', 1)
     with pytest.raises(DeclarationError) as err:
         load_run_declaration(_declaration(tmp_path, bad))
-    assert "risks.0.likelihood_before" in str(err.value) and "\n" not in str(err.value)
+    assert "risks[0].likelihood_before" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DeclarationError, match="dpia_id"):
         load_run_declaration(_declaration(tmp_path, DPIA_TOML.read_text(encoding="utf-8"),
                                           dpia_id='"DPIA-OTHER"'))

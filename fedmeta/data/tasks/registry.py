@@ -26,30 +26,23 @@ from typing import Any
 
 from torch import nn
 
+from fedmeta.data.task_names import BUNDLED_TASKS, ENTRY_POINT_GROUP, installed_tasks
 from fedmeta.data.tasks.base import Task, TaskError
-from fedmeta.data.tasks.breast_cancer import BreastCancerSites
-from fedmeta.data.tasks.digits import DigitsFewShot
-from fedmeta.data.tasks.images import ImageSites
-from fedmeta.data.tasks.sine import Sine
-from fedmeta.data.tasks.tabular import TabularCsv
 
-ENTRY_POINT_GROUP = "fedmeta.tasks"
 
-TASKS: dict[str, type[Task]] = {
-    DigitsFewShot.name: DigitsFewShot,
-    Sine.name: Sine,
-    BreastCancerSites.name: BreastCancerSites,
-    TabularCsv.name: TabularCsv,
-    ImageSites.name: ImageSites,
-}
-"""The bundled tasks (plug-ins are found through ``task_class``)."""
+def _bundled() -> dict[str, type[Task]]:
+    out: dict[str, type[Task]] = {}
+    for name, path in BUNDLED_TASKS.items():
+        module, _, attr = path.partition(":")
+        out[name] = getattr(importlib.import_module(module), attr)
+    return out
+
+
+TASKS: dict[str, type[Task]] = _bundled()
+"""The bundled tasks, from :data:`fedmeta.data.task_names.BUNDLED_TASKS` (plug-ins are
+found through ``task_class``)."""
 
 ModelFactory = Callable[[int, Task], nn.Module]
-
-
-def installed_tasks() -> dict[str, str]:
-    """Entry-point name -> ``module:attr`` for every installed ``fedmeta.tasks`` plug-in."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def plugin_packages() -> set[str]:

@@ -1,0 +1,49 @@
+"""Durable appends: a line is on disk before the call returns.
+
+The run's metrics, a site's approvals (of run declarations and of app hashes) and its
+privacy ledger are append-only JSON-lines files that must survive a crash right
+after a write: :func:`append_line` writes the whole line with one ``write`` on a
+file opened for appending, flushes and ``fsync``-s it, and when the call created
+the file, ``fsync``-s its directory too (so the new name survives as well).
+The signed audit log has its own locked writer (:mod:`fedmeta.audit.log`) built on
+the same :func:`fsync_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["append_json_line", "append_line", "fsync_dir"]
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a file just created or renamed in it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` (a newline is added; it must not hold one) and fsync it."""
+    if "\n" in line or "\r" in line:
+        raise ValueError("append_line: the line holds a line break")
+    path = Path(path)
+    created = not path.exists()
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if created:
+        fsync_dir(path.parent)
+
+
+def append_json_line(path: Path, record: Any, *, compact: bool = False) -> None:
+    """Append ``record`` as one JSON line (keys sorted; ``compact``: no spaces) and
+    fsync it."""
+    separators = (",", ":") if compact else None
+    append_line(path, json.dumps(record, sort_keys=True, separators=separators))
