@@ -15,9 +15,9 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fedmeta.paths import DECLARATION_APPROVALS as APPROVALS_FILE
 from policies import RunDeclaration, load_run_declaration
 
-APPROVALS_FILE = "approved-declarations.jsonl"
 
 
 class ApprovalError(ValueError):

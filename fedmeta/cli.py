@@ -203,7 +203,7 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]) -> None:
-    from fedmeta.metrics import METRICS_FILE
+    from fedmeta.paths import METRICS_FILE
     from fedmeta.simulation import simulate as run_sim
 
     def on_round(metrics: Any) -> None:
@@ -309,6 +309,7 @@ def evaluate(
 ) -> None:
     """Accuracy at a new site against labelled examples, every method with its CI."""
     from fedmeta.meta.curve import LABELS, plot_curve, shots_curve
+    from fedmeta.paths import RunPaths
 
     try:
         shot_list = [int(s) for s in shots.split(",") if s.strip()]
@@ -327,7 +328,7 @@ def evaluate(
                             shift=shift)
     except (*_user_errors(), KeyError) as exc:
         raise fail(str(exc)) from None
-    prefix = out or (run_dirs[0] / "shots-curve")
+    prefix = out or RunPaths(run_dirs[0]).shots_curve.with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_suffix(".json")
     json_path.write_text(json.dumps(curve, indent=2) + "\n")

@@ -48,6 +48,9 @@ from fedmeta.data.records import Records
 from fedmeta.data.tasks.base import Pool, Task
 from fedmeta.meta.fomaml import fomaml_site_update
 from fedmeta.meta.updates import model_digest
+from fedmeta.paths import MANIFEST_FILE, TRANSPORT_ENV, RunPaths, simulated_site_id
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 from fedmeta.privacy.budget import expected_batch_size, noise_for_target, poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
@@ -72,10 +75,6 @@ from policies.site_policy import (
     check_round,
 )
 
-MANIFEST_FILE = "manifest.toml"
-TRANSPORT_ENV = "FEDMETA_TRANSPORT"  # exported by fedmeta's start-node.sh
-AUDIT_LOG = Path("audit") / "audit-log.jsonl"
-AUDIT_KEY = Path("keys") / "audit-signing.pem"
 META_STRATEGIES = ("reptile", "fomaml")  # sites train on episodes (labels per episode)
 
 
@@ -623,4 +622,4 @@ def _with(reply: SiteReply, **changes) -> SiteReply:
 
 
 def simulation_site_dir(out_dir: str | Path, site_index: int) -> Path:
-    return Path(out_dir) / "sites" / f"site-{site_index}"
+    return RunPaths(out_dir).site(simulated_site_id(site_index)).root

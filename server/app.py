@@ -11,10 +11,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedmeta.config import RunConfig
 from fedmeta.inline_grid import TRANSPORT_KEY
 from fedmeta.offline import quiet_flower
+from fedmeta.paths import RESUME_ENV, RUN_CONFIG_ENV
 from server.run import NOT_RECORDED, SIMULATION, RoundCallback, run_server, stated_transport
 
-RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"  # set by `fedmeta simulate` (fedmeta.simulation)
-RESUME_ENV = "FEDMETA_RESUME"  # "1": continue the run directory's stopped run (--resume)
 
 
 def config_for(context: Context) -> RunConfig:

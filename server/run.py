@@ -47,7 +47,6 @@ from fedmeta.audit import AuditLog
 from fedmeta.audit.verify import read_log
 from fedmeta.checkpoints import (
     CHECKPOINT_ACTION,
-    CHECKPOINT_DIR,
     RESUME_ACTION,
     Checkpoint,
     CheckpointError,
@@ -66,13 +65,21 @@ from fedmeta.failures import RunWatch, one_line_error
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
 from fedmeta.metrics import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    MODEL_FILE,
-    SUMMARY_FILE,
     append_jsonl,
     save_model,
     write_json,
+)
+from fedmeta.paths import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DECISIONS_FILE,
+    TRANSPORT_ENV,
+    METRICS_FILE,
+    MODEL_FILE,
+    SERVER_AUDIT_KEY,
+    SERVER_AUDIT_LOG,
+    SERVER_AUDIT_PUBKEY,
+    SUMMARY_FILE,
 )
 from fedmeta.privacy.noise import noise_statement
 from fedmeta.rounds import emit
@@ -90,10 +97,6 @@ from server.strategy.sites import RoundLog, SiteAwareMixin, digest
 log = getLogger(__name__).log
 RoundCallback = Callable[[dict[str, Any]], None]
 EVAL_SEED_OFFSET = 10_007
-SERVER_AUDIT_LOG = Path("audit") / "server-audit-log.jsonl"
-SERVER_AUDIT_KEY = Path("keys") / "server-audit-signing.pem"
-DECISIONS_FILE = "policy-decisions.json"
-TRANSPORT_ENV = "FEDMETA_TRANSPORT"
 
 
 def new_run_id() -> str:
@@ -420,8 +423,8 @@ def open_server_audit(out: Path) -> AuditLog:
     audit = AuditLog.open(out / SERVER_AUDIT_LOG, federation_key() or out / SERVER_AUDIT_KEY,
                           actor="server")
     if federation_key() is not None:
-        (out / SERVER_AUDIT_KEY.parent).mkdir(parents=True, exist_ok=True)
-        (out / SERVER_AUDIT_KEY.with_name("server-audit-signing.pub.pem")).write_bytes(
+        (out / SERVER_AUDIT_PUBKEY.parent).mkdir(parents=True, exist_ok=True)
+        (out / SERVER_AUDIT_PUBKEY).write_bytes(
             audit.public_key_pem())
     return audit
 

@@ -189,7 +189,7 @@ def test_simulate_confines_the_ray_run_and_calls_back_from_outside(tmp_path, mon
     ServerApp thread does)."""
     from fedmeta import rounds
     from fedmeta.config import RunConfig
-    from fedmeta.metrics import SUMMARY_FILE
+    from fedmeta.paths import SUMMARY_FILE
 
     home = os.readlink(THREAD_NET_NS)
     where: dict[str, str] = {}

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedmeta.deploy.registry import REGISTRY_ENV, RegistryError, read_registry
+from fedmeta.deploy.registry import RegistryError, read_registry
+from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
 
 
 def binding_source() -> str:

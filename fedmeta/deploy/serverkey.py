@@ -26,10 +26,10 @@ from typing import Any
 from fedmeta.audit import Entry, Receipt
 from fedmeta.audit.errors import AuditError
 from fedmeta.audit.keys import fingerprint, load_public_key
+from fedmeta.paths import PINNED_SERVER_KEY as SITE_PINNED_KEY
+from fedmeta.paths import SERVER_AUDIT_KEY as COORDINATOR_KEY
+from fedmeta.paths import SERVER_AUDIT_KEY_ENV as SERVER_KEY_ENV
 
-SERVER_KEY_ENV = "FEDMETA_SERVER_AUDIT_KEY"
-COORDINATOR_KEY = Path("keys") / "server-audit-signing.pem"  # in the coordinator kit
-SITE_PINNED_KEY = "server-audit.pub.pem"  # in a site kit and site directory
 RUN_START_KEY, ROUND_START_KEY = "server-run-start", "server-entry"  # round config keys
 RULE = "SITE-SERVER-KEY"
 

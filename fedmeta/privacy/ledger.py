@@ -38,11 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedmeta.paths import LEDGER_FILE, MARKER_FILE
 from fedmeta.privacy.budget import Step, epsilon
 from fedmeta.privacy.units import RECORD
 
-LEDGER_FILE = "privacy-ledger.jsonl"
-MARKER_FILE = "site.json"
 
 
 class LedgerError(RuntimeError):
