@@ -19,7 +19,6 @@ from fedmeta.paths import DECLARATION_APPROVALS as APPROVALS_FILE
 from policies import RunDeclaration, load_run_declaration
 
 
-
 class ApprovalError(ValueError):
     """The approvals file is unreadable (one line, names the file and line)."""
 

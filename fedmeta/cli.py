@@ -357,7 +357,8 @@ def ledger_show(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Print a site's privacy ledger and its cumulative epsilon."""
-    from fedmeta.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+    from fedmeta.paths import LEDGER_FILE
+    from fedmeta.privacy.ledger import LedgerError, PrivacyLedger
 
     path = site_dir / LEDGER_FILE
     if not path.exists():

@@ -39,6 +39,8 @@ from typing import Any
 import psutil
 
 from fedmeta.config import RunConfig, resolve_device
+from fedmeta.netns import Confinement, NamespaceUnavailable, loopback_only
+from fedmeta.offline import no_call_home
 from fedmeta.paths import (
     ALLOW_NETWORK_ENV,
     CHECKPOINT_DIR,
@@ -49,8 +51,6 @@ from fedmeta.paths import (
     SUMMARY_FILE,
     TRANSPORT_ENV,
 )
-from fedmeta.netns import Confinement, NamespaceUnavailable, loopback_only
-from fedmeta.offline import no_call_home
 from fedmeta.rounds import RoundCallback, listening
 
 SERVER_APP = "server.app:app"

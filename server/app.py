@@ -15,7 +15,6 @@ from fedmeta.paths import RESUME_ENV, RUN_CONFIG_ENV
 from server.run import NOT_RECORDED, SIMULATION, RoundCallback, run_server, stated_transport
 
 
-
 def config_for(context: Context) -> RunConfig:
     """`flwr run`: Flower's run config; `fedmeta simulate`: the run directory's config.json."""
     if context.run_config:

@@ -73,13 +73,13 @@ from fedmeta.paths import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DECISIONS_FILE,
-    TRANSPORT_ENV,
     METRICS_FILE,
     MODEL_FILE,
     SERVER_AUDIT_KEY,
     SERVER_AUDIT_LOG,
     SERVER_AUDIT_PUBKEY,
     SUMMARY_FILE,
+    TRANSPORT_ENV,
 )
 from fedmeta.privacy.noise import noise_statement
 from fedmeta.rounds import emit

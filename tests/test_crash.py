@@ -16,7 +16,8 @@ import pytest
 from helpers import FEDMETA, ROOT, fedmeta
 
 from fedmeta.audit import verify_log
-from fedmeta.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedmeta.paths import LEDGER_FILE
+from fedmeta.privacy.ledger import PrivacyLedger
 
 pytestmark = pytest.mark.slow
 

@@ -144,7 +144,7 @@ def test_a_deployed_site_refuses_code_it_did_not_install(tmp_path, option, spec)
     installed as a fedmeta plug-in, and declines anything else on record."""
     from clients.app import make_client_app
     from fedmeta.audit import verify_log
-    from fedmeta.site import AUDIT_LOG
+    from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     cfg = RunConfig(sites=3, inner_steps=2)

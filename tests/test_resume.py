@@ -13,7 +13,8 @@ from helpers import fedmeta
 import fedmeta as api
 from fedmeta.audit import verify_log
 from fedmeta.checkpoints import CheckpointError, checkpoint_files
-from fedmeta.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedmeta.paths import LEDGER_FILE
+from fedmeta.privacy.ledger import PrivacyLedger
 
 SETTINGS = {"task": "digits-fewshot", "sites": 3, "rounds": 5, "fraction-train": 1.0,
             "eval-every": 0, "eval-episodes": 2, "inner-steps": 2, "seed": 3}

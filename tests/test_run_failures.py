@@ -18,7 +18,7 @@ from torch import nn
 
 from fedmeta.audit import verify_log
 from fedmeta.failures import RunWatch, failure_text, one_line_error
-from fedmeta.privacy.ledger import LEDGER_FILE
+from fedmeta.paths import LEDGER_FILE
 from policies import EXAMPLE_RUN
 
 EXAMPLES = Path(__import__("fedmeta.data", fromlist=["x"]).__path__[0]) / "examples"

@@ -9,7 +9,8 @@ import pytest
 from fedmeta.audit import verify_log
 from fedmeta.config import RunConfig, build_task
 from fedmeta.data.record_meta import RecordMetaError
-from fedmeta.site import AUDIT_LOG, Site, planned_rounds
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
+from fedmeta.site import Site, planned_rounds
 from policies import default_site_manifest, example_run_declaration
 
 CFG = RunConfig(sites=3, inner_steps=2, n_way=5)
@@ -100,7 +101,7 @@ def test_a_model_dp_cannot_train_is_declined_before_any_charge(tmp_path):
     from torch import nn
 
     from fedmeta.config import run_declaration
-    from fedmeta.privacy.ledger import LEDGER_FILE
+    from fedmeta.paths import LEDGER_FILE
 
     site = Site("site-0", 0, tmp_path, CFG, simulated=True)
 

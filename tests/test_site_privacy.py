@@ -18,21 +18,18 @@ from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
-from fedmeta.approvals import APPROVALS_FILE, ApprovalError, approved
+from fedmeta.approvals import ApprovalError, approved
 from fedmeta.cli import app as cli
 from fedmeta.config import ConfigError, RunConfig, build_task, run_declaration
 from fedmeta.data.tasks.base import Pool
+from fedmeta.paths import DECLARATION_APPROVALS as APPROVALS_FILE
+from fedmeta.paths import NOISE_SECRET as SECRET_FILE
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 from fedmeta.privacy.budget import poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
-from fedmeta.privacy.noise import (
-    SECRET_FILE,
-    KeyStream,
-    NoiseSecretError,
-    SiteRandomness,
-    load_or_create_secret,
-)
-from fedmeta.site import AUDIT_LOG, Site
+from fedmeta.privacy.noise import KeyStream, NoiseSecretError, SiteRandomness, load_or_create_secret
+from fedmeta.site import Site
 from policies import DeclarationError, load_site_manifest, parse_site_manifest
 from policies.defaults import EXAMPLE_RUN, EXAMPLES_DIR
 from policies.site_policy import RoundRequest, SitePrivacyPolicy, check_round

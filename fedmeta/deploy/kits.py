@@ -36,20 +36,18 @@ from fedmeta.deploy import templates as t
 from fedmeta.deploy.federation import Federation, load_federation
 from fedmeta.deploy.proxy import nginx_conf
 from fedmeta.deploy.request import SiteRequest, load_request, request_bytes
-from fedmeta.deploy.serverkey import COORDINATOR_KEY, SITE_PINNED_KEY
 from fedmeta.paths import (
     CA_CERT,
     CLIENT_CERT,
     FEDERATION_FILE,
     KEYS_DIR,
     MANIFEST_FILE,
-    NODE_KEY,
-    NODE_PUB,
     SERVER_AUDIT_PUBKEY,
     SITE_AUDIT_KEYS_DIR,
     SITE_NODE_KEYS_DIR,
-    TLS_KEY,
 )
+from fedmeta.paths import PINNED_SERVER_KEY as SITE_PINNED_KEY
+from fedmeta.paths import SERVER_AUDIT_KEY as COORDINATOR_KEY
 from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
 
 RENEW_DAYS = 30

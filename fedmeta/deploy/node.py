@@ -438,7 +438,7 @@ def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | N
     checks.append(_check("approved apps", apps))
 
     def noise_secret():
-        from fedmeta.privacy.noise import SECRET_FILE
+        from fedmeta.paths import NOISE_SECRET as SECRET_FILE
 
         path = site_dir / SECRET_FILE
         if not path.exists():

@@ -25,8 +25,6 @@ from pathlib import Path
 from fedmeta.deploy import pki
 from fedmeta.paths import FEDERATION_FILE, SITE_NODE_KEYS_DIR
 from fedmeta.paths import NODE_REGISTRY as REGISTRY
-from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
-
 
 
 class RegistryError(RuntimeError):

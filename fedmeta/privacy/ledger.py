@@ -43,7 +43,6 @@ from fedmeta.privacy.budget import Step, epsilon
 from fedmeta.privacy.units import RECORD
 
 
-
 class LedgerError(RuntimeError):
     """The ledger is missing, unreadable or inconsistent (one line, names the file)."""
 

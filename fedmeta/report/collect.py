@@ -54,7 +54,6 @@ from fedmeta.report.trust import Anchor
 from policies import Decision, DeclarationError, RunDeclaration, SiteManifest, load_site_manifest
 
 
-
 class ReportError(ValueError):
     """The run directory cannot be reported on (a user error; one line, names the file)."""
 

@@ -24,8 +24,10 @@ from flwr.cli.build import build_fab_from_disk
 
 from fedmeta.audit import verify_log
 from fedmeta.audit.keys import create_key
-from fedmeta.deploy.appcheck import AUDIT_KEY, AUDIT_LOG, fab_sha256
+from fedmeta.deploy.appcheck import fab_sha256
 from fedmeta.offline import OFFLINE_ENV
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 
 pytestmark = pytest.mark.deploy
 

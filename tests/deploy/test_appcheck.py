@@ -18,9 +18,6 @@ from typer.testing import CliRunner
 from fedmeta.audit import verify_log
 from fedmeta.audit.keys import create_key
 from fedmeta.deploy.appcheck import (
-    APPROVALS_FILE,
-    AUDIT_KEY,
-    AUDIT_LOG,
     AppApprovalError,
     approve,
     check_fab,
@@ -30,6 +27,9 @@ from fedmeta.deploy.appcheck import (
     record_refusal,
     release_digest,
 )
+from fedmeta.paths import APP_APPROVALS as APPROVALS_FILE
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 
 PYPROJECT = """[build-system]
 requires = ["hatchling"]

@@ -659,7 +659,8 @@ def test_registry_rejects_malformed_lines(tmp_path):
 
 def test_server_binds_nodes_to_sites_from_the_registry(tmp_path, monkeypatch):
     from fedmeta.deploy.binding import bind_site, binding_source
-    from fedmeta.deploy.registry import REGISTRY_ENV, Entry, write_registry
+    from fedmeta.deploy.registry import Entry, write_registry
+    from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
 
     monkeypatch.delenv(REGISTRY_ENV, raising=False)
     assert bind_site(7, "site-x") == ("site-x", "") and binding_source() == "reported"
@@ -683,7 +684,8 @@ def test_discover_sites_refuses_and_reports_unbound_nodes(tmp_path, monkeypatch)
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmeta.config import RunConfig
-    from fedmeta.deploy.registry import REGISTRY_ENV, Entry, write_registry
+    from fedmeta.deploy.registry import Entry, write_registry
+    from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
     from policies import default_site_manifest
     from server.run import discover_sites
 

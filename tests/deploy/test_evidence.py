@@ -27,9 +27,11 @@ from fedmeta.config import RunConfig
 from fedmeta.deploy.evidence import EvidenceError, export_evidence, import_evidence, site_report
 from fedmeta.deploy.kits import provision
 from fedmeta.deploy.node import init_site
-from fedmeta.deploy.registry import REGISTRY_ENV, Entry, write_registry
-from fedmeta.deploy.serverkey import SERVER_KEY_ENV, SITE_PINNED_KEY
+from fedmeta.deploy.registry import Entry, write_registry
 from fedmeta.inline_grid import InlineGrid
+from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
+from fedmeta.paths import PINNED_SERVER_KEY as SITE_PINNED_KEY
+from fedmeta.paths import SERVER_AUDIT_KEY_ENV as SERVER_KEY_ENV
 from fedmeta.report import generate
 from policies.defaults import EXAMPLE_RUN
 from server.app import make_server_app

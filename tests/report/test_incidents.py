@@ -129,7 +129,8 @@ def test_a_corrupt_incident_file_is_one_line(run_dir, tmp_path):
 
 def test_a_sites_refusal_of_code_or_of_a_foreign_server_key_opens_an_incident(run_dir, tmp_path):
     from fedmeta.audit import AuditLog
-    from fedmeta.site import AUDIT_KEY, AUDIT_LOG
+    from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+    from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*", "incidents"))
