@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,6 @@ class SiteReply:
     steps: int = 0
     epsilon_round: float = 0.0
     epsilon_total: float = 0.0
-    epsilon_max: float = 0.0
     dp: bool = True
     excluded: dict[str, int | str] = field(default_factory=dict)
     """Exclusion counts by rule as released: 1..k-1 read "<k" (k = min_cohort_size)."""
@@ -286,7 +285,7 @@ class Site:
         with self.audit_log() as log:
             reply = self._round(log, theta, run_id, server_round, declaration, server_head)
             head = log.head()
-        return reply if head is None else _with(reply, receipt=str(head))
+        return reply if head is None else replace(reply, receipt=str(head))
 
     def _decline(self, log: AuditLog, run_id: str, server_round: int, action: str,
                  reason: str, rule_ids: tuple[str, ...] = (), **kw) -> SiteReply:
@@ -555,7 +554,6 @@ class Site:
         return SiteReply(
             self.site_id, declined=False, state=state, num_examples=examples,
             steps=result.steps, epsilon_round=plan.eps_round, epsilon_total=plan.eps_total,
-            epsilon_max=float(self.manifest.epsilon_max) if dp else math.inf,
             dp=dp is not None, excluded=released,
         )
 
@@ -613,12 +611,6 @@ def decline_unreadable_round(site_dir: Path, site_id: str, run_id: str, server_r
 
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
-
-
-def _with(reply: SiteReply, **changes) -> SiteReply:
-    from dataclasses import replace
-
-    return replace(reply, **changes)
 
 
 def simulation_site_dir(out_dir: str | Path, site_index: int) -> Path:

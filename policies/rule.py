@@ -198,18 +198,6 @@ class Rule(ABC):
     ) -> Decision:
         return self.decision(Outcome.DENY, reason, site, flags=flags)
 
-    def to_dict(self) -> dict[str, Any]:
-        """What the rule is, for reports."""
-        return {
-            "id": self.id,
-            "pack": self.pack,
-            "level": self.level.value,
-            "references": list(self.references),
-            "description": self.description,
-            "checklist": list(self.checklist),
-            "confidence": self.confidence,
-        }
-
 
 class RunRule(Rule):
     """A rule about the run as a whole, with all its sites (checked by the server)."""

@@ -29,7 +29,6 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING, getLogger
@@ -95,7 +94,6 @@ from server.strategy.reptile import Reptile
 from server.strategy.sites import RoundLog, SiteAwareMixin, digest
 
 log = getLogger(__name__).log
-RoundCallback = Callable[[dict[str, Any]], None]
 EVAL_SEED_OFFSET = 10_007
 
 
@@ -354,7 +352,6 @@ class ServerRun:
     declaration: Any
     audit: AuditLog
     transport: str
-    on_round: RoundCallback | None = None
 
     @property
     def declaration_json(self) -> str:
@@ -374,8 +371,8 @@ class Admission:
     min_sites: int
 
 
-def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None,
-               resume: bool = False, transport: str | None = None) -> dict:
+def run_server(grid: Grid, cfg: RunConfig, resume: bool = False,
+               transport: str | None = None) -> dict:
     """Run the whole federation from the server's side; returns the summary dict.
 
     ``resume``: continue the stopped run of ``cfg.out_dir`` from its last signed
@@ -383,7 +380,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     sites are reached (``simulation``, ``tls+supernode-auth`` or ``insecure``), as the
     caller states it; None: as the launcher exported it (``stated_transport``)."""
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to sites
-    run = open_run(cfg, resume, transport or stated_transport(), on_round)
+    run = open_run(cfg, resume, transport or stated_transport())
     try:
         return _run(grid, run)
     except BaseException as exc:  # a callback, Ctrl-C: on record, then re-raised
@@ -396,8 +393,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         run.audit.close()
 
 
-def open_run(cfg: RunConfig, resume: bool, transport: str,
-             on_round: RoundCallback | None = None) -> ServerRun:
+def open_run(cfg: RunConfig, resume: bool, transport: str) -> ServerRun:
     """The run's id and directory (its config saved, an earlier model removed), its
     task and declaration, and the server's audit log, open."""
     point = resume_point(Path(cfg.out_dir)) if resume else None
@@ -414,7 +410,7 @@ def open_run(cfg: RunConfig, resume: bool, transport: str,
     task = build_task(cfg)
     return ServerRun(cfg=cfg, point=point, run_id=run_id, out=out, started=started, task=task,
                      out_dim=task.out_dim(cfg.strategy), declaration=run_declaration(cfg),
-                     audit=open_server_audit(out), transport=transport, on_round=on_round)
+                     audit=open_server_audit(out), transport=transport)
 
 
 def open_server_audit(out: Path) -> AuditLog:
@@ -663,8 +659,6 @@ class RoundRecorder:
         append_jsonl(run.out / METRICS_FILE, line)
         if run.transport != SIMULATION and server_round > 0:  # `flwr run --stream` shows it
             print(progress_line(line, run.cfg.rounds), flush=True)
-        if run.on_round:
-            run.on_round(line)
         emit(line)
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:

@@ -96,12 +96,12 @@ def deployed_run(tmp: Path, kits: Path, dirs: dict[str, Path], monkeypatch,
                                            "server-audit-signing.pem"))
     runs = tmp / "runs"
     cfg = RunConfig.from_flat({**RUN, **overrides, "out-dir": str(runs / "{run}")})
-    result: dict = {}
+    before = set(runs.iterdir()) if runs.is_dir() else set()
     TaskIdentity.task_id, TaskIdentity.run_id = 1, grid.run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    make_server_app(cfg, result=result)(grid, Context(
+    make_server_app(cfg)(grid, Context(
         run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-    out = runs / result["run"]
+    (out,) = set(runs.iterdir()) - before  # the run's own directory, runs/<run id>
     assert (out / "summary.json").exists() and "{run}" not in str(out)
     return out
 
