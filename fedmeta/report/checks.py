@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from fedmeta.paths import SITES_DIR, RunPaths, SitePaths
+from fedmeta.paths import METRICS_FILE, SITES_DIR, SUMMARY_FILE, RunPaths, SitePaths
 from fedmeta.report.collect import LogRead, RunFiles, SiteFiles
 from fedmeta.report.evidence import (
     ledger_evidence,
@@ -119,8 +119,8 @@ def _decisions(files: RunFiles, site: str | None) -> CrossCheck:
 def _model(files: RunFiles) -> CrossCheck:
     logged = files.run_end.model_out if files.run_end is not None else None
     values = {"server log run.end": logged,
-              "summary.json": (files.summary or {}).get("model_sha256"),
-              "metrics.jsonl (last round)": files.metrics[-1].get("model_sha256")
+              SUMMARY_FILE: (files.summary or {}).get("model_sha256"),
+              f"{METRICS_FILE} (last round)": files.metrics[-1].get("model_sha256")
               if files.metrics else None}
     present = {k: v for k, v in values.items() if v}
     ok = logged is not None and len(set(present.values())) == 1
