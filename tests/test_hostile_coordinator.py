@@ -24,7 +24,7 @@ from fedmeta.approvals import approve
 from fedmeta.audit import verify_log
 from fedmeta.audit.keys import load_or_create_key
 from fedmeta.config import RunConfig, build_task, inner_lr, run_declaration
-from fedmeta.paths import LEDGER_FILE
+from fedmeta.paths import LEDGER_FILE, SitePaths
 from fedmeta.paths import NOISE_SECRET as SECRET_FILE
 from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
 from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
@@ -49,7 +49,7 @@ def deployed_site(tmp: Path, privacy: str = "") -> Path:
     text = example_site_on_bundled_data()
     if privacy:  # the site's own [privacy] table instead of the example's
         text = text.split("\n[privacy]\n")[0]
-    (site_dir / "manifest.toml").write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
+    SitePaths(site_dir).manifest.write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
     approve(site_dir, run_declaration(CFG))
     return site_dir
 

@@ -25,6 +25,7 @@ from fedmeta.deploy.federation import FederationError, load_federation
 from fedmeta.deploy.kits import provision
 from fedmeta.deploy.node import NodeError, check_site, init_site, tls_probe
 from fedmeta.deploy.request import RequestError
+from fedmeta.paths import SitePaths
 from policies import evaluate_site, example_run_declaration, load_site_manifest
 
 FED = """name = "unitfed"
@@ -64,7 +65,7 @@ def mode(path: Path) -> int:
 
 
 def fill(site_dir: Path) -> None:
-    p = site_dir / "manifest.toml"
+    p = SitePaths(site_dir).manifest
     text = re.sub(r'"([A-Z]{2}): TODO[^"]*"', r'"\1: Filled In"', p.read_text())  # laws
     p.write_text(re.sub(r'"TODO[^"]*"', '"Filled In"', text)
                  .replace('dpo_contact = "Filled In"', 'dpo_contact = "dpo@x.example"'))
@@ -339,7 +340,7 @@ def test_manifest_template_passes_the_example_run_once_filled(tmp_path, country)
     _, kits = make(tmp_path, FED.replace('country = "DE"', f'country = "{country}"'))
     site = kits / "sites/site-de-01"
     fill(site)
-    manifest = load_site_manifest(site / "manifest.toml")
+    manifest = load_site_manifest(SitePaths(site).manifest)
     assert manifest.country == country
     assert not [d for d in evaluate_site(example_run_declaration(), manifest) if d.denied]
 
@@ -357,7 +358,7 @@ def test_node_init_creates_keys_request_then_check(tmp_path):
                                    "keys/tls-client.key"}
     assert mode(site_dir / "keys/supernode-auth.key") == 0o600
     assert mode(site_dir / "keys") == 0o700 and (site_dir / "audit").is_dir()
-    assert not (site_dir / "privacy-ledger.jsonl").exists()
+    assert not SitePaths(site_dir).ledger.exists()
     request = report.request
     assert request == site_dir / "request-site-de-01.json"
     assert b"PRIVATE" not in request.read_bytes()
@@ -373,9 +374,9 @@ def test_node_init_creates_keys_request_then_check(tmp_path):
     fill(site_dir)
     assert all(c.ok for c in check_site(site_dir, connect=False))
     # init again keeps the site's own manifest and keys
-    (site_dir / "manifest.toml").write_text((site_dir / "manifest.toml").read_text() + "#\n")
+    SitePaths(site_dir).manifest.write_text(SitePaths(site_dir).manifest.read_text() + "#\n")
     init_site(site_dir, kits / "sites/site-de-01")
-    assert (site_dir / "manifest.toml").read_text().endswith("#\n")
+    assert SitePaths(site_dir).manifest.read_text().endswith("#\n")
     # rotation: new key, new request
     old = (site_dir / "keys/supernode-auth.pub").read_bytes()
     report = init_site(site_dir, new_auth_key=True)
@@ -399,7 +400,7 @@ def test_node_check_failures(tmp_path):
     fill(site_dir)
     (site_dir / "keys/supernode-auth.key").chmod(0o644)
     (site_dir / "site.json").write_text("{}")  # trained before, but the ledger is gone
-    log = site_dir / "audit/audit-log.jsonl"
+    log = SitePaths(site_dir).audit_log
     from fedmeta.audit import AuditLog
 
     with AuditLog.open(log, site_dir / "keys/audit-signing.pem", "site-de-01") as a:
