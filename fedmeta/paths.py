@@ -51,8 +51,16 @@ TLS_CLIENT_KEY_ENV = "FEDMETA_TLS_CLIENT_KEY"
 """A site's TLS client key (exported by ``start-node.sh``)."""
 SERVER_AUDIT_KEY_ENV = "FEDMETA_SERVER_AUDIT_KEY"
 """The coordinator's server audit signing key (exported by ``start-superlink.sh``)."""
-ENV_NAMES = (RUN_CONFIG_ENV, TRANSPORT_ENV, RESUME_ENV, ALLOW_NETWORK_ENV, NODE_REGISTRY_ENV,
-             TLS_CLIENT_CERT_ENV, TLS_CLIENT_KEY_ENV, SERVER_AUDIT_KEY_ENV)
+ENV_NAMES = (
+    RUN_CONFIG_ENV,
+    TRANSPORT_ENV,
+    RESUME_ENV,
+    ALLOW_NETWORK_ENV,
+    NODE_REGISTRY_ENV,
+    TLS_CLIENT_CERT_ENV,
+    TLS_CLIENT_KEY_ENV,
+    SERVER_AUDIT_KEY_ENV,
+)
 """Every FEDMETA_* variable fedmeta reads or sets."""
 
 # ---- a run directory -------------------------------------------------------------------
@@ -127,10 +135,6 @@ class SitePaths:
         return self.root / LEDGER_FILE
 
     @property
-    def marker(self) -> Path:
-        return self.root / MARKER_FILE
-
-    @property
     def audit_log(self) -> Path:
         return self.root / SITE_AUDIT_LOG
 
@@ -141,50 +145,6 @@ class SitePaths:
     @property
     def audit_pubkey(self) -> Path:
         return self.root / SITE_AUDIT_PUBKEY
-
-    @property
-    def noise_secret(self) -> Path:
-        return self.root / NOISE_SECRET
-
-    @property
-    def declaration_approvals(self) -> Path:
-        return self.root / DECLARATION_APPROVALS
-
-    @property
-    def app_approvals(self) -> Path:
-        return self.root / APP_APPROVALS
-
-    @property
-    def pinned_server_key(self) -> Path:
-        return self.root / PINNED_SERVER_KEY
-
-    @property
-    def node_key(self) -> Path:
-        return self.root / NODE_KEY
-
-    @property
-    def tls_key(self) -> Path:
-        return self.root / TLS_KEY
-
-    @property
-    def client_cert(self) -> Path:
-        return self.root / CLIENT_CERT
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.root / CA_CERT
-
-    @property
-    def node_toml(self) -> Path:
-        return self.root / NODE_TOML
-
-    @property
-    def start_script(self) -> Path:
-        return self.root / NODE_SCRIPT
-
-    def run_record(self, run_id: str) -> Path:
-        """The run record this site keeps of run ``run_id`` (``runs/<run-id>``)."""
-        return self.root / RUNS_DIR / run_id
 
 
 @dataclass(frozen=True)
@@ -227,14 +187,6 @@ class RunPaths:
     @property
     def server_pubkey(self) -> Path:
         return self.root / SERVER_AUDIT_PUBKEY
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINT_DIR
-
-    @property
-    def incidents(self) -> Path:
-        return self.root / INCIDENTS_DIR
 
     @property
     def shots_curve(self) -> Path:

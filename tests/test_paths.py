@@ -15,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_importing_paths_loads_no_torch_flower_or_numpy():
-    code = ("import sys, fedmeta.paths; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'torch', 'flwr', 'numpy', 'opacus', 'ray'}); assert not bad, bad")
+    code = (
+        "import sys, fedmeta.paths; "
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torch', 'flwr', 'numpy', 'opacus', 'ray'}); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
@@ -38,7 +40,6 @@ def test_run_and_site_paths(tmp_path):
     assert site.audit_key == site.root / "keys" / "audit-signing.pem"
     assert site.audit_pubkey == site.root / "keys" / "audit-signing.pub.pem"
     assert site.manifest == site.root / "manifest.toml"
-    assert site.run_record("r1") == site.root / "runs" / "r1"
     assert RunPaths(str(tmp_path)) == run  # a str is taken as a path; frozen, comparable
     assert paths.simulated_site_id(3) == "site-3"
 
@@ -67,27 +68,51 @@ def test_the_start_scripts_export_only_known_names():
 
 
 LAYOUT_LITERALS = {
-    "metrics.jsonl", "summary.json", "config.json", "policy-decisions.json", "final_model.pt",
-    "server-audit-log.jsonl", "audit-log.jsonl", "server-audit-signing.pem",
-    "server-audit-signing.pub.pem", "audit-signing.pem", "audit-signing.pub.pem",
-    "privacy-ledger.jsonl", "manifest.toml", "site.json", "approved-apps.jsonl",
-    "approved-declarations.jsonl", "server-audit.pub.pem", "noise-secret",
-    "supernode-auth.key", "supernode-auth.pub", "tls-client.key", "node-ids.txt",
+    "metrics.jsonl",
+    "summary.json",
+    "config.json",
+    "policy-decisions.json",
+    "final_model.pt",
+    "server-audit-log.jsonl",
+    "audit-log.jsonl",
+    "server-audit-signing.pem",
+    "server-audit-signing.pub.pem",
+    "audit-signing.pem",
+    "audit-signing.pub.pem",
+    "privacy-ledger.jsonl",
+    "manifest.toml",
+    "site.json",
+    "approved-apps.jsonl",
+    "approved-declarations.jsonl",
+    "server-audit.pub.pem",
+    "noise-secret",
+    "supernode-auth.key",
+    "supernode-auth.pub",
+    "tls-client.key",
+    "node-ids.txt",
 }
 
 
 def _code_strings(path: Path) -> list[tuple[int, str]]:
     """String constants of a module that are code, not docstrings or messages."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    docs = {id(n.body[0].value) for n in ast.walk(tree)
-            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-            and n.body and isinstance(n.body[0], ast.Expr)
-            and isinstance(n.body[0].value, ast.Constant)}
-    in_fstring = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr)
-                  for v in n.values}
-    return [(n.lineno, n.value) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str)
-            and id(n) not in docs and id(n) not in in_fstring]
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    in_fstring = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    return [
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and id(n) not in docs
+        and id(n) not in in_fstring
+    ]
 
 
 def test_no_module_spells_a_layout_file_name_itself():
@@ -100,8 +125,10 @@ def test_no_module_spells_a_layout_file_name_itself():
                 continue  # the deployment templates are shell text (checked above)
             for line, value in _code_strings(path):
                 literal = value.strip()
-                if (literal in LAYOUT_LITERALS or literal.endswith(tuple(
-                        "/" + n for n in LAYOUT_LITERALS))
-                        or re.fullmatch(r"FEDMETA_[A-Z_]+", literal)):
+                if (
+                    literal in LAYOUT_LITERALS
+                    or literal.endswith(tuple("/" + n for n in LAYOUT_LITERALS))
+                    or re.fullmatch(r"FEDMETA_[A-Z_]+", literal)
+                ):
                     found.append(f"{path.relative_to(ROOT)}:{line}: {value!r}")
     assert not found, "use fedmeta.paths instead:\n" + "\n".join(found)
