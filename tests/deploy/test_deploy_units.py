@@ -659,12 +659,12 @@ def test_registry_rejects_malformed_lines(tmp_path):
 
 
 def test_server_binds_nodes_to_sites_from_the_registry(tmp_path, monkeypatch):
-    from fedmeta.deploy.binding import bind_site, binding_source
+    from fedmeta.deploy.binding import bind_site
     from fedmeta.deploy.registry import Entry, write_registry
     from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
 
     monkeypatch.delenv(REGISTRY_ENV, raising=False)
-    assert bind_site(7, "site-x") == ("site-x", "") and binding_source() == "reported"
+    assert bind_site(7, "site-x") == ("site-x", "")
     path = tmp_path / "node-ids.txt"
     write_registry(path, {"site-a": Entry("site-a", 11, "SHA256:a"),
                           "site-b": Entry("site-b", 22, "SHA256:b")})
