@@ -469,7 +469,7 @@ class Site:
                     rnd, "privacy.decline",
                     f"privacy budget: this round would bring epsilon to {after:.3f} > "
                     f"epsilon_max {ledger.epsilon_max:g}", ("PRIV-BUDGET",),
-                    epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
+                    epsilon_total=eps_before,
                     excluded=released)
             if run_cap is not None:
                 run_after = ledger.run_epsilon(run_id, [step])
@@ -478,7 +478,7 @@ class Site:
                         "run_epsilon_max", f"this round would bring the run's epsilon to "
                         f"{run_after:.3f} > {run_cap:g} (the smaller of "
                         "privacy.run_epsilon_max and the run's declared epsilon)"),
-                        epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
+                        epsilon_total=eps_before,
                         excluded=released)
             if (policy.round_epsilon_max is not None
                     and after - eps_before > policy.round_epsilon_max):
@@ -486,7 +486,7 @@ class Site:
                     "round_epsilon_max", f"this round would spend epsilon "
                     f"{after - eps_before:.3f} > {policy.round_epsilon_max:g} "
                     "(privacy.round_epsilon_max)"), epsilon_total=eps_before,
-                    epsilon_max=ledger.epsilon_max, excluded=released)
+                    excluded=released)
             # durable before training and before the reply leaves
             charge = ledger.charge(run_id, server_round, step)
         plan.eps_total = charge.epsilon_after
