@@ -26,6 +26,7 @@ from helpers import FEDMETA, ROOT
 
 from fedmeta import simulation
 from fedmeta.netns import THREAD_NET_NS, NamespaceUnavailable, entered, loopback_only
+from fedmeta.paths import ALLOW_NETWORK_ENV
 
 root_only = pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0
                                or not (shutil.which("unshare") and shutil.which("ip")),
@@ -101,7 +102,7 @@ def watch_run(out: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProce
 @root_only
 @pytest.mark.slow
 def test_a_ray_simulation_listens_on_loopback_only(tmp_path):
-    res, exposed, seen = watch_run(tmp_path / "run", {simulation.ALLOW_NETWORK_ENV: "0"})
+    res, exposed, seen = watch_run(tmp_path / "run", {ALLOW_NETWORK_ENV: "0"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(seen) >= 2, "Ray's GCS and raylet were never seen listening: the check saw nothing"
     assert not exposed, f"listening on a non-loopback address: {sorted(exposed)}"
@@ -162,10 +163,10 @@ def test_loopback_only_confines_the_thread_and_what_it_starts():
 @pytest.mark.parametrize("why", ["opt-out", "not root"])
 def test_without_a_namespace_the_run_says_what_is_exposed(why, monkeypatch, caplog):
     if why == "opt-out":
-        monkeypatch.setenv(simulation.ALLOW_NETWORK_ENV, "1")
-        reason = "FEDMETA_ALLOW_NETWORK=1"
+        monkeypatch.setenv(ALLOW_NETWORK_ENV, "1")
+        reason = f"{ALLOW_NETWORK_ENV}=1"
     else:
-        monkeypatch.delenv(simulation.ALLOW_NETWORK_ENV, raising=False)
+        monkeypatch.delenv(ALLOW_NETWORK_ENV, raising=False)
         reason = "unshare(CLONE_NEWNET): Operation not permitted (needs root)"
 
         @contextlib.contextmanager
@@ -205,7 +206,7 @@ def test_simulate_confines_the_ray_run_and_calls_back_from_outside(tmp_path, mon
     def on_round(metrics: rounds.RoundMetrics) -> None:
         where["callback"] = os.readlink(THREAD_NET_NS)
 
-    monkeypatch.delenv(simulation.ALLOW_NETWORK_ENV, raising=False)
+    monkeypatch.delenv(ALLOW_NETWORK_ENV, raising=False)
     monkeypatch.setattr(simulation, "_simulate_ray", stand_in)
     cfg = RunConfig.from_flat({"out-dir": str(tmp_path / "run")}, source="test")
     assert simulation.simulate(cfg, on_round=on_round) == {"status": "completed"}

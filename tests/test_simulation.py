@@ -25,7 +25,7 @@ from helpers import fedmeta, run_inline
 from typer.testing import CliRunner
 
 from fedmeta.cli import app
-from fedmeta.paths import RunPaths
+from fedmeta.paths import RUN_CONFIG_ENV, TRANSPORT_ENV, RunPaths
 from policies import EXAMPLE_RUN
 
 COMMON = {"task": "digits-fewshot", "sites": 3, "rounds": 3, "seed": 5, "eval-every": 0,
@@ -180,7 +180,7 @@ def test_inline_run_is_recorded_as_a_simulation(runs):
     start = next(e for e in server if e["action"] == "run.start")
     assert start["details"]["transport"] == "simulation"
     assert start["details"]["serverapp_tls"] is None
-    assert "FEDMETA_TRANSPORT" not in os.environ and "FEDMETA_RUN_CONFIG" not in os.environ
+    assert TRANSPORT_ENV not in os.environ and RUN_CONFIG_ENV not in os.environ
 
 
 def test_ledger_show_json_matches_metrics(runs):

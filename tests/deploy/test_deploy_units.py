@@ -25,7 +25,7 @@ from fedmeta.deploy.federation import FederationError, load_federation
 from fedmeta.deploy.kits import provision
 from fedmeta.deploy.node import NodeError, check_site, init_site, tls_probe
 from fedmeta.deploy.request import RequestError
-from fedmeta.paths import SitePaths
+from fedmeta.paths import TLS_CLIENT_CERT_ENV, SitePaths
 from policies import evaluate_site, example_run_declaration, load_site_manifest
 
 FED = """name = "unitfed"
@@ -793,7 +793,7 @@ def _launcher_checks(FleetHttpClient, supernode, site, port, seen, monkeypatch):
     FleetHttpClient.from_server_address = classmethod(lambda cls, address: None)
     with pytest.raises(supernode.LauncherError, match="cannot add the TLS client certificate"):
         supernode.install_client_certificate(site / "client.pem", site / "keys/tls-client.key")
-    monkeypatch.delenv(supernode.CERT_ENV, raising=False)
+    monkeypatch.delenv(TLS_CLIENT_CERT_ENV, raising=False)
     assert supernode.main(["--superlink", "127.0.0.1:1"]) == 2
 
 
