@@ -25,7 +25,16 @@ from fedmeta.deploy.federation import FederationError, load_federation
 from fedmeta.deploy.kits import provision
 from fedmeta.deploy.node import NodeError, check_site, init_site, tls_probe
 from fedmeta.deploy.request import RequestError
-from fedmeta.paths import TLS_CLIENT_CERT_ENV, SitePaths
+from fedmeta.paths import (
+    NODE_KEY,
+    NODE_PUB,
+    NODE_REGISTRY,
+    PINNED_SERVER_KEY,
+    SITE_AUDIT_KEY,
+    TLS_CLIENT_CERT_ENV,
+    TLS_KEY,
+    SitePaths,
+)
 from policies import evaluate_site, example_run_declaration, load_site_manifest
 
 FED = """name = "unitfed"
@@ -134,14 +143,14 @@ def test_kits_hold_no_site_private_key_and_sites_hold_theirs(tmp_path):
     assert mode(kits / "coordinator" / "keys" / "server-audit-signing.pem") == 0o600
     pinned = kits / "coordinator" / "keys" / "server-audit-signing.pub.pem"
     for site in ("site-de-01", "site-in-01"):  # pinned in every site kit, copied by init
-        assert (kits / "sites" / site / "server-audit.pub.pem").read_bytes() == \
-            pinned.read_bytes() == (tmp_path / "state" / site / "server-audit.pub.pem").read_bytes()
+        assert (kits / "sites" / site / PINNED_SERVER_KEY).read_bytes() == \
+            pinned.read_bytes() == (tmp_path / "state" / site / PINNED_SERVER_KEY).read_bytes()
     coord = kits / "coordinator"
     assert sorted(p.name for p in (coord / "site-keys").iterdir()) == [
         "site-de-01.pub", "site-in-01.pub"]
     for site in ("site-de-01", "site-in-01"):  # the public halves the sites created
         assert (coord / "site-keys" / f"{site}.pub").read_bytes() == (
-            tmp_path / "state" / site / "keys/supernode-auth.pub").read_bytes()
+            tmp_path / "state" / site / NODE_PUB).read_bytes()
     for script in (coord / "start-superlink.sh", coord / "register-sites.sh",
                    coord / "start-proxy.sh", coord / "unregister-site.sh",
                    kits / "sites" / "site-de-01" / "start-node.sh"):
@@ -201,7 +210,7 @@ def test_client_certificate_is_issued_for_the_sites_key(tmp_path):
         assert pki.cert_common_name(cert) == site
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
-        key = pki.load_ec_private_pem(tmp_path / "state" / site / "keys/tls-client.key")
+        key = pki.load_ec_private_pem(tmp_path / "state" / site / TLS_KEY)
         assert pki.same_public_key(cert.public_key(), key.public_key())
         assert (tmp_path / "state" / site / "client.pem").read_bytes() == (
             kits / "sites" / site / "client.pem").read_bytes()
@@ -238,14 +247,14 @@ def test_keys_in_the_formats_flower_reads(tmp_path):
 
     _, kits = make(tmp_path)
     site = tmp_path / "state" / "site-de-01"
-    key = load_ssh_private_key((site / "keys/supernode-auth.key").read_bytes(), None)
+    key = load_ssh_private_key((site / NODE_KEY).read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     # the very functions flower-supernode and `flwr supernode register` call
-    args = argparse.Namespace(auth_supernode_private_key=str(site / "keys/supernode-auth.key"),
+    args = argparse.Namespace(auth_supernode_private_key=str(site / NODE_KEY),
                               auth_supernode_public_key=None)
     private, public = _try_setup_client_authentication(args)
     assert try_load_public_key(kits / "coordinator/site-keys/site-de-01.pub")
-    assert pki.same_public_key(public, pki.load_node_public(site / "keys/supernode-auth.pub"))
+    assert pki.same_public_key(public, pki.load_node_public(site / NODE_PUB))
 
 
 def test_superlink_certificate(tmp_path):
@@ -296,7 +305,7 @@ def test_rotation_replaces_the_registered_key(tmp_path):
     report = init_site(site_dir, new_auth_key=True)
     report = provision(fed, kits, requests=[report.request])
     new_pub = (kits / "coordinator/site-keys/site-de-01.pub").read_bytes()
-    assert new_pub != old_pub and new_pub == (site_dir / "keys/supernode-auth.pub").read_bytes()
+    assert new_pub != old_pub and new_pub == (site_dir / NODE_PUB).read_bytes()
     assert any("register-sites.sh CONNECTION site-de-01" in n for n in report.notes)
     # two requests for one site in one call: refused, loudly
     with pytest.raises(ValueError, match="second request"):
@@ -356,7 +365,7 @@ def test_node_init_creates_keys_request_then_check(tmp_path):
     assert "manifest.toml" in report.copied and "client.pem" not in report.copied
     assert set(report.created) == {"keys/supernode-auth.key", "keys/audit-signing.pem",
                                    "keys/tls-client.key"}
-    assert mode(site_dir / "keys/supernode-auth.key") == 0o600
+    assert mode(site_dir / NODE_KEY) == 0o600
     assert mode(site_dir / "keys") == 0o700 and (site_dir / "audit").is_dir()
     assert not SitePaths(site_dir).ledger.exists()
     request = report.request
@@ -378,7 +387,7 @@ def test_node_init_creates_keys_request_then_check(tmp_path):
     init_site(site_dir, kits / "sites/site-de-01")
     assert SitePaths(site_dir).manifest.read_text().endswith("#\n")
     # rotation: new key, new request
-    old = (site_dir / "keys/supernode-auth.pub").read_bytes()
+    old = (site_dir / NODE_PUB).read_bytes()
     report = init_site(site_dir, new_auth_key=True)
     assert report.new_public_key and report.new_public_key.read_bytes() != old
     assert report.request_sha256 != sha
@@ -398,12 +407,12 @@ def test_node_check_failures(tmp_path):
     _, kits = make(tmp_path)
     site_dir = tmp_path / "state/site-de-01"
     fill(site_dir)
-    (site_dir / "keys/supernode-auth.key").chmod(0o644)
+    (site_dir / NODE_KEY).chmod(0o644)
     (site_dir / "site.json").write_text("{}")  # trained before, but the ledger is gone
     log = SitePaths(site_dir).audit_log
     from fedmeta.audit import AuditLog
 
-    with AuditLog.open(log, site_dir / "keys/audit-signing.pem", "site-de-01") as a:
+    with AuditLog.open(log, site_dir / SITE_AUDIT_KEY, "site-de-01") as a:
         a.append("round.train", run_id="r", round=1, decision="allow")
     log.write_text(log.read_text().replace('"round":1', '"round":2'))
     (site_dir / "client.pem").write_bytes((kits / "coordinator/superlink.pem").read_bytes())
@@ -607,7 +616,7 @@ esac
     monkeypatch.setenv("PATH", env["PATH"])
     lines = register_sites(coord, "unitfed", [])
     assert lines == ["registered site-de-01 as node 100", "registered site-in-01 as node 101"]
-    reg = read_registry(coord / "state/node-ids.txt")
+    reg = read_registry(coord / NODE_REGISTRY)
     assert {s: e.node_id for s, e in reg.items()} == {"site-de-01": 100, "site-in-01": 101}
     assert register_sites(coord, "unitfed", []) == [
         "site-de-01: already registered as node 100", "site-in-01: already registered as node 101"]
@@ -618,24 +627,24 @@ esac
     assert lines == ["registered site-de-01 as node 102",
                      "unregistered site-de-01's former node 100 (key rotated)"]
     assert "supernode unregister 100 unitfed" in (tmp_path / "calls.log").read_text()
-    assert read_registry(coord / "state/node-ids.txt")["site-de-01"].node_id == 102
+    assert read_registry(coord / NODE_REGISTRY)["site-de-01"].node_id == 102
     assert unregister_sites(coord, "unitfed", ["site-in-01"]) == [
         "unregistered site-in-01 (node 101)"]
-    assert "site-in-01" not in read_registry(coord / "state/node-ids.txt")
+    assert "site-in-01" not in read_registry(coord / NODE_REGISTRY)
     # a failing registration: non-zero, no empty id written, the registry unchanged
-    before = (coord / "state/node-ids.txt").read_bytes()
+    before = (coord / NODE_REGISTRY).read_bytes()
     env = fake_flwr(tmp_path, """printf '{"success": false, "error-message": "boom"}\\n'
 exit 1
 """)
     monkeypatch.setenv("PATH", env["PATH"])
     with pytest.raises(RegistryError, match="site-in-01.*failed: boom"):
         register_sites(coord, "unitfed", ["site-in-01"])
-    assert (coord / "state/node-ids.txt").read_bytes() == before
+    assert (coord / NODE_REGISTRY).read_bytes() == before
     env = fake_flwr(tmp_path, "echo 'registered, but no id'\n")  # exit 0, no node id
     monkeypatch.setenv("PATH", env["PATH"])
     with pytest.raises(RegistryError, match="failed"):
         register_sites(coord, "unitfed", ["site-in-01"])
-    assert (coord / "state/node-ids.txt").read_bytes() == before
+    assert (coord / NODE_REGISTRY).read_bytes() == before
     with pytest.raises(RegistryError, match="not in"):
         unregister_sites(coord, "unitfed", ["site-in-01"])
     # the script exits non-zero too
@@ -644,7 +653,7 @@ exit 1
                          env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}"
                               f":{env['PATH']}"})
     assert res.returncode == 1 and "failed" in res.stderr
-    assert (coord / "state/node-ids.txt").read_bytes() == before
+    assert (coord / NODE_REGISTRY).read_bytes() == before
 
 
 def test_registry_rejects_malformed_lines(tmp_path):
@@ -785,14 +794,14 @@ def _launcher_checks(FleetHttpClient, supernode, site, port, seen, monkeypatch):
             pytest.raises((httpx.HTTPError, ssl.SSLError)):
         client.GetRun(GetRunRequest(run_id=1))
     # the launcher's hook: the site's certificate, the server still verified against ca.pem
-    supernode.install_client_certificate(site / "client.pem", site / "keys/tls-client.key")
+    supernode.install_client_certificate(site / "client.pem", site / TLS_KEY)
     with FleetHttpClient.from_server_address(f"127.0.0.1:{port}", False, ca, []) as client:
         client.GetRun(GetRunRequest(run_id=1))
     assert seen == ["refused", "site-de-01"]
     # a Flower whose hook looks different: refuse to start rather than go without the cert
     FleetHttpClient.from_server_address = classmethod(lambda cls, address: None)
     with pytest.raises(supernode.LauncherError, match="cannot add the TLS client certificate"):
-        supernode.install_client_certificate(site / "client.pem", site / "keys/tls-client.key")
+        supernode.install_client_certificate(site / "client.pem", site / TLS_KEY)
     monkeypatch.delenv(TLS_CLIENT_CERT_ENV, raising=False)
     assert supernode.main(["--superlink", "127.0.0.1:1"]) == 2
 
