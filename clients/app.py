@@ -20,6 +20,7 @@ from fedmeta.data.tasks.registry import check_site_imports
 from fedmeta.deploy.runrecord import RECORD_FILES
 from fedmeta.netns import ray_on_loopback
 from fedmeta.offline import no_call_home
+from fedmeta.paths import simulated_site_id
 from fedmeta.site import (
     Site,
     SiteReply,
@@ -45,7 +46,7 @@ def site_identity(context: Context, cfg_out_dir: str) -> tuple[str, int, Path]:
         site_dir = Path(str(nc["site-dir"]))
         return str(nc.get("site-id", site_dir.name)), int(nc.get("site-index", 0)), site_dir
     index = int(nc["partition-id"])
-    return f"site-{index}", index, simulation_site_dir(cfg_out_dir, index)
+    return simulated_site_id(index), index, simulation_site_dir(cfg_out_dir, index)
 
 
 def get_site(context: Context, cfg: RunConfig) -> Site:

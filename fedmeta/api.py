@@ -26,7 +26,7 @@ import torch
 
 from fedmeta.config import RunConfig
 from fedmeta.failures import failure_text
-from fedmeta.metrics import METRICS_FILE, MODEL_FILE
+from fedmeta.paths import METRICS_FILE, MODEL_FILE, SUMMARY_FILE
 from fedmeta.rounds import EvalMetrics, RoundCallback, RoundMetrics
 
 Status = Literal["completed", "failed"]
@@ -79,7 +79,7 @@ class RunResult:
     def from_run_dir(cls, run_dir: str | Path) -> RunResult:
         """Read a finished (or failed) run's directory."""
         run_dir = Path(run_dir)
-        path = run_dir / "summary.json"
+        path = run_dir / SUMMARY_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no summary; did the run finish?")
         summary = json.loads(path.read_text())
@@ -171,7 +171,8 @@ def evaluate(run_dir: str | Path, *, episodes: int | None = None, shots: int | N
     set. Defaults are the run's own evaluation settings."""
     from fedmeta.config import adapt_lr, build_task
     from fedmeta.meta.adaptation import meta_evaluate
-    from fedmeta.metrics import CONFIG_FILE, load_model
+    from fedmeta.metrics import load_model
+    from fedmeta.paths import CONFIG_FILE
 
     run_dir = Path(run_dir)
     cfg = RunConfig.load(run_dir / CONFIG_FILE)

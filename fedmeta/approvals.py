@@ -15,9 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fedmeta.durable import append_json_line
+from fedmeta.paths import DECLARATION_APPROVALS as APPROVALS_FILE
 from policies import RunDeclaration, load_run_declaration
-
-APPROVALS_FILE = "approved-declarations.jsonl"
 
 
 class ApprovalError(ValueError):

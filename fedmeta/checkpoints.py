@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_DIR = "checkpoints"
+from fedmeta.paths import CHECKPOINT_DIR
+
 CHECKPOINT_ACTION = "model.checkpoint"
 RESUME_ACTION = "run.resume"
 KEEP = 3

@@ -218,7 +218,7 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]) -> None:
-    from fedmeta.metrics import METRICS_FILE
+    from fedmeta.paths import METRICS_FILE
     from fedmeta.simulation import simulate as run_sim
 
     def on_round(metrics: Any) -> None:
@@ -329,6 +329,7 @@ def evaluate(
 ) -> None:
     """Accuracy at a new site against labelled examples, every method with its CI."""
     from fedmeta.meta.curve import LABELS, plot_curve, shots_curve
+    from fedmeta.paths import RunPaths
 
     try:
         shot_list = [int(s) for s in shots.split(",") if s.strip()]
@@ -347,7 +348,7 @@ def evaluate(
                             shift=shift)
     except (*_user_errors(), KeyError) as exc:
         raise fail(str(exc)) from None
-    prefix = out or (run_dirs[0] / "shots-curve")
+    prefix = out or RunPaths(run_dirs[0]).shots_curve.with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_suffix(".json")
     json_path.write_text(json.dumps(curve, indent=2) + "\n")
@@ -376,7 +377,8 @@ def ledger_show(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Print a site's privacy ledger and its cumulative epsilon."""
-    from fedmeta.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+    from fedmeta.paths import LEDGER_FILE
+    from fedmeta.privacy.ledger import LedgerError, PrivacyLedger
 
     path = site_dir / LEDGER_FILE
     if not path.exists():

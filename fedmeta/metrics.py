@@ -10,11 +10,7 @@ from typing import Any
 import torch
 
 from fedmeta.durable import append_json_line
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-MODEL_FILE = "final_model.pt"
-SUMMARY_FILE = "summary.json"
+from fedmeta.paths import MODEL_FILE
 
 
 def _clean(value: Any) -> Any:

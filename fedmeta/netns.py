@@ -38,13 +38,14 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fedmeta.paths import ALLOW_NETWORK_ENV  # "1": run Ray in this machine's own network
+
 CLONE_NEWNET = 0x40000000  # linux/sched.h
 CLONE_NEWUSER = 0x10000000
 SIOCGIFFLAGS = 0x8913  # linux/sockios.h
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 THREAD_NET_NS = "/proc/thread-self/ns/net"
-ALLOW_NETWORK_ENV = "FEDMETA_ALLOW_NETWORK"  # "1": run Ray in this machine's own network
 # Ray reads it when imported: "0" makes its node IP address (and so every bind) 127.0.0.1
 RAY_LOCAL_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 CAP_SYS_ADMIN = 21  # linux/capability.h

@@ -39,11 +39,8 @@ from typing import Any
 
 import psutil
 
-from fedmeta.checkpoints import CHECKPOINT_DIR
 from fedmeta.config import BACKENDS, RunConfig, resolve_device
-from fedmeta.metrics import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from fedmeta.netns import (
-    ALLOW_NETWORK_ENV,
     Confinement,
     NamespaceUnavailable,
     loopback_only,
@@ -51,13 +48,20 @@ from fedmeta.netns import (
     ray_on_loopback,
 )
 from fedmeta.offline import no_call_home
+from fedmeta.paths import (
+    ALLOW_NETWORK_ENV,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESUME_ENV,
+    RUN_CONFIG_ENV,
+    SUMMARY_FILE,
+    TRANSPORT_ENV,
+)
 from fedmeta.rounds import RoundCallback, listening
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
-RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"
-TRANSPORT_ENV = "FEDMETA_TRANSPORT"
-RESUME_ENV = "FEDMETA_RESUME"
 RAY_EXIT_GRACE_S = 10.0  # how long Ray's processes get to exit after ray.shutdown()
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 LOOPBACK = "127.0.0.1"

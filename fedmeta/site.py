@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,9 @@ from fedmeta.data.records import Records
 from fedmeta.data.tasks.base import Pool, Task
 from fedmeta.meta.fomaml import fomaml_site_update
 from fedmeta.meta.updates import model_digest
+from fedmeta.paths import MANIFEST_FILE, TRANSPORT_ENV, RunPaths, simulated_site_id
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 from fedmeta.privacy.budget import expected_batch_size, noise_for_target, poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
@@ -72,10 +75,6 @@ from policies.site_policy import (
     check_round,
 )
 
-MANIFEST_FILE = "manifest.toml"
-TRANSPORT_ENV = "FEDMETA_TRANSPORT"  # exported by fedmeta's start-node.sh
-AUDIT_LOG = Path("audit") / "audit-log.jsonl"
-AUDIT_KEY = Path("keys") / "audit-signing.pem"
 META_STRATEGIES = ("reptile", "fomaml")  # sites train on episodes (labels per episode)
 
 
@@ -91,7 +90,6 @@ class SiteReply:
     steps: int = 0
     epsilon_round: float = 0.0
     epsilon_total: float = 0.0
-    epsilon_max: float = 0.0
     dp: bool = True
     excluded: dict[str, int | str] = field(default_factory=dict)
     """Exclusion counts by rule as released: 1..k-1 read "<k" (k = min_cohort_size)."""
@@ -287,7 +285,7 @@ class Site:
         with self.audit_log() as log:
             reply = self._round(log, theta, run_id, server_round, declaration, server_head)
             head = log.head()
-        return reply if head is None else _with(reply, receipt=str(head))
+        return reply if head is None else replace(reply, receipt=str(head))
 
     def _decline(self, log: AuditLog, run_id: str, server_round: int, action: str,
                  reason: str, rule_ids: tuple[str, ...] = (), **kw) -> SiteReply:
@@ -471,7 +469,7 @@ class Site:
                     rnd, "privacy.decline",
                     f"privacy budget: this round would bring epsilon to {after:.3f} > "
                     f"epsilon_max {ledger.epsilon_max:g}", ("PRIV-BUDGET",),
-                    epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
+                    epsilon_total=eps_before,
                     excluded=released)
             if run_cap is not None:
                 run_after = ledger.run_epsilon(run_id, [step])
@@ -480,7 +478,7 @@ class Site:
                         "run_epsilon_max", f"this round would bring the run's epsilon to "
                         f"{run_after:.3f} > {run_cap:g} (the smaller of "
                         "privacy.run_epsilon_max and the run's declared epsilon)"),
-                        epsilon_total=eps_before, epsilon_max=ledger.epsilon_max,
+                        epsilon_total=eps_before,
                         excluded=released)
             if (policy.round_epsilon_max is not None
                     and after - eps_before > policy.round_epsilon_max):
@@ -488,7 +486,7 @@ class Site:
                     "round_epsilon_max", f"this round would spend epsilon "
                     f"{after - eps_before:.3f} > {policy.round_epsilon_max:g} "
                     "(privacy.round_epsilon_max)"), epsilon_total=eps_before,
-                    epsilon_max=ledger.epsilon_max, excluded=released)
+                    excluded=released)
             # durable before training and before the reply leaves
             charge = ledger.charge(run_id, server_round, step)
         plan.eps_total = charge.epsilon_after
@@ -556,7 +554,6 @@ class Site:
         return SiteReply(
             self.site_id, declined=False, state=state, num_examples=examples,
             steps=result.steps, epsilon_round=plan.eps_round, epsilon_total=plan.eps_total,
-            epsilon_max=float(self.manifest.epsilon_max) if dp else math.inf,
             dp=dp is not None, excluded=released,
         )
 
@@ -616,11 +613,5 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _with(reply: SiteReply, **changes) -> SiteReply:
-    from dataclasses import replace
-
-    return replace(reply, **changes)
-
-
 def simulation_site_dir(out_dir: str | Path, site_index: int) -> Path:
-    return Path(out_dir) / "sites" / f"site-{site_index}"
+    return RunPaths(out_dir).site(simulated_site_id(site_index)).root

@@ -50,8 +50,8 @@ Entry points::
 
 How to add a rule
     1. In the family's file, subclass ``SiteRule``, ``RecordRule``, ``RunRule``
-       or ``RoundRule``; set ``id``, ``pack``, ``references``, ``description``,
-       ``checklist`` (checklist row ids, docs/compliance.md) and ``confidence``; write its
+       or ``RoundRule``; set ``id``, ``pack``, ``references``, ``description``
+       and ``confidence`` (docs/compliance.md); write its
        one method (``evaluate``, or ``applies``/``excludes`` for records) using
        ``self.allow(...)``/``self.deny(...)``.
     2. Add an instance to ``_RULES`` in ``registry.py`` where it should run

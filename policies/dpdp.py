@@ -1,7 +1,7 @@
 """India: Digital Personal Data Protection Act 2023 (s.) and DPDP Rules 2025 (r.).
 
 Each class is one rule; ``policies/registry.py`` lists them in evaluation order.
-Checklist row ids (D01, ...) and confidence tags: see docs/compliance.md. Rule
+Confidence tags: see docs/compliance.md. Rule
 numbers are those of the final Rules notified on 13 Nov 2025. Most provisions
 apply only from 13 May 2027 (``policies/data/commencement.toml``): until then a
 decision is "readiness", not binding law.
@@ -36,7 +36,6 @@ class LawfulGround(SiteRule):
         "DPDP Act 2023 s.7",
         "DPDP Act 2023 s.17(2)(b)",
     )
-    checklist = ("D01", "D13")
     confidence = "V (U: which s.7 uses fit which purpose; the s.17(2)(b) research route)"
     description = (
         "Personal data may be processed only on consent (s.6) or a legitimate use listed in s.7; "
@@ -77,7 +76,6 @@ class PurposeLimitation(SiteRule):
     id = "DPDP-6-1"
     pack = "dpdp"
     references = ("DPDP Act 2023 s.5(1)", "DPDP Act 2023 s.6(1)")
-    checklist = ("D02", "D03")
     confidence = "V/S"
     description = (
         "Data are processed only for the specified purposes the site's notice and consent "
@@ -96,7 +94,6 @@ class NoTrackingOfChildren(SiteRule):
     id = "DPDP-9-3"
     pack = "dpdp"
     references = ("DPDP Act 2023 s.9(3)",)
-    checklist = ("D09",)
     confidence = "V (U: scope for federated learning)"
     description = (
         "No tracking, behavioural monitoring or targeted advertising directed at children: a site "
@@ -129,7 +126,6 @@ class CrossBorderTransfer(SiteRule):
     id = "DPDP-16"
     pack = "dpdp"
     references = ("DPDP Act 2023 s.16(1)", "DPDP Rules 2025 r.15")
-    checklist = ("D12",)
     confidence = "V (U: no country notified in sources)"
     description = (
         "Model updates may not go to a country the Central Government has restricted under "
@@ -153,7 +149,6 @@ class LogRetention(SiteRule):
     id = "DPDP-R6-1-e"
     pack = "dpdp"
     references = ("DPDP Rules 2025 r.6(1)(e)", "DPDP Rules 2025 r.8(3)")
-    checklist = ("D04", "D06", "L03", "finding 3")
     confidence = "V"
     description = (
         "Logs of processing are kept at least one year, at the site and at the server. Where GDPR "
@@ -192,7 +187,6 @@ class ErasureRequest(RecordRule):
     id = "DPDP-12-3"
     pack = "dpdp"
     references = ("DPDP Act 2023 s.12(3)", "DPDP Act 2023 s.8(7)")
-    checklist = ("D06", "D11")
     confidence = "V/S"
     description = (
         "A record whose Data Principal asked for erasure is left out of every round from the "
@@ -216,7 +210,6 @@ class ConsentWithdrawal(RecordRule):
         "DPDP Act 2023 s.6(6)",
         "DPDP Act 2023 s.8(7)(a)",
     )
-    checklist = ("D03", "D06")
     confidence = "V/S"
     description = (
         "On consent: a record is used only if its Data Principal consented to this purpose and "
@@ -247,7 +240,6 @@ class Children(RecordRule):
         "DPDP Act 2023 s.9(3)",
         "DPDP Rules 2025 r.10",
     )
-    checklist = ("D08", "D09")
     confidence = "V (U: the 4th-Schedule health exemption is not applied to research)"
     description = (
         "Records of children (under 18) are left out unless a parent gave verifiable consent, "
@@ -270,7 +262,6 @@ class PurposeServed(RecordRule):
     id = "DPDP-8-7"
     pack = "dpdp"
     references = ("DPDP Act 2023 s.8(7)(a)", "DPDP Act 2023 s.8(8)")
-    checklist = ("D06",)
     confidence = "V (U: the site's retention limit as the end of the purpose)"
     description = (
         "Data are erased once the purpose is no longer served (s.8(7)(a)); s.8(8) deems it no "

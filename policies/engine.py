@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
 
 from policies.declarations import RunDeclaration, SiteManifest
 from policies.privacy import check_min_sites
@@ -114,7 +113,7 @@ class RecordsVerdict:
     ``allowed_mask[i]`` says whether ``records[i]`` may be used. ``excluded_by_rule``
     counts each excluded record once, under the first rule (in registry order)
     that excludes it; it lists every rule that applied, with 0 if it excluded
-    nothing. The mask stays on the node: :meth:`to_dict` has counts only.
+    nothing. The mask stays on the node: each decision's ``to_dict`` has counts only.
     """
 
     site_id: str
@@ -133,17 +132,6 @@ class RecordsVerdict:
     @property
     def n_excluded(self) -> int:
         return self.n_total - self.n_allowed
-
-    def to_dict(self) -> dict[str, Any]:
-        """Counts and decisions, JSON-ready; never the mask or any record id."""
-        return {
-            "site_id": self.site_id,
-            "n_total": self.n_total,
-            "n_allowed": self.n_allowed,
-            "n_excluded": self.n_excluded,
-            "excluded_by_rule": dict(self.excluded_by_rule),
-            "decisions": [d.to_dict() for d in self.decisions],
-        }
 
 
 def evaluate_records(

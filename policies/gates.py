@@ -23,7 +23,6 @@ class DpiaGate(GateRule):
     pack = "gdpr"
     references = ("GDPR Art. 35(1)", "GDPR Art. 35(3)(b)", "GDPR Art. 35(11)",
                   "GDPR Art. 36(1)")
-    checklist = ("G15",)
     confidence = "V (U: that health data at several hospitals is always DPIA-mandatory)"
     description = (
         "A run in which any site processes special categories of data (Art. 9(1)) needs a "
@@ -75,7 +74,6 @@ class AgreementsGate(GateRule):
     pack = "gdpr"
     references = ("GDPR Art. 26(1)", "GDPR Art. 28(3)", "GDPR Art. 30(1)",
                   "GDPR Art. 46(2)(c)")
-    checklist = ("G12", "G13", "G18")
     confidence = "V (U: the coordinator as the exporter of the model, the SCC module by role)"
     description = (
         "The run declaration must carry a party registry ([registry]) naming the legal "

@@ -1,8 +1,7 @@
 """GDPR (Regulation (EU) 2016/679) rules.
 
 Each class is one rule; ``policies/registry.py`` lists them in evaluation order.
-``checklist`` holds the project's compliance-checklist row ids (G01, ...) and
-``confidence`` how firmly the reading rests on the text (see docs/compliance.md).
+``confidence`` says how firmly the reading rests on the text (see docs/compliance.md).
 """
 
 from __future__ import annotations
@@ -71,7 +70,6 @@ class ModelTransfer(RunRule):
     id = "GDPR-44-MODEL"
     pack = "gdpr"
     references = ("GDPR Art. 44", "GDPR Art. 45", "GDPR Art. 46(2)(c)")
-    checklist = ("G18", "finding 0.1")
     confidence = "V/S (U: treating the model as personal data, per EDPB Opinion 28/2024)"
     description = (
         "The global model is trained in part on data of sites under GDPR and is not presumed "
@@ -101,7 +99,6 @@ class LawfulBasis(SiteRule):
     id = "GDPR-6"
     pack = "gdpr"
     references = ("GDPR Art. 6(1)", "GDPR Art. 6(3)")
-    checklist = ("G01",)
     confidence = "V/K"
     description = (
         "Each controller needs its own lawful basis of Art. 6(1) (a) to (f): the site's own "
@@ -150,7 +147,6 @@ class SpecialCategories(SiteRule):
     id = "GDPR-9-2"
     pack = "gdpr"
     references = ("GDPR Art. 9(1)", "GDPR Art. 9(2)", "GDPR Art. 9(3)", "GDPR Art. 89(1)")
-    checklist = ("G02",)
     confidence = "V/S (U: which conditions fit which purpose)"
     description = (
         "Health, genetic, biometric and other Art. 9(1) data need an Art. 9(2) condition, the "
@@ -212,7 +208,6 @@ class PurposeLimitation(SiteRule):
     id = "GDPR-5-1-b"
     pack = "gdpr"
     references = ("GDPR Art. 5(1)(b)",)
-    checklist = ("G03",)
     confidence = "S"
     description = "The run's purpose must be one the site has approved."
 
@@ -228,7 +223,6 @@ class DataMinimisation(SiteRule):
     id = "GDPR-5-1-c"
     pack = "gdpr"
     references = ("GDPR Art. 5(1)(c)", "GDPR Art. 25(2)")
-    checklist = ("G04",)
     confidence = "V"
     description = (
         "The trainer may read only the feature columns the site declares; any other column "
@@ -254,7 +248,6 @@ class Transfers(SiteRule):
     id = "GDPR-44"
     pack = "gdpr"
     references = ("GDPR Art. 44", "GDPR Art. 45", "GDPR Art. 46(2)(c)")
-    checklist = ("G18",)
     confidence = "V/S"
     description = (
         "The site's model updates go to the server's country: allowed if it is in the EEA, has "
@@ -289,7 +282,6 @@ class Erasure(RecordRule):
     id = "GDPR-17"
     pack = "gdpr"
     references = ("GDPR Art. 17(1)",)
-    checklist = ("G10",)
     confidence = "V (U: effect on models already trained)"
     description = (
         "A record whose data subject asked for erasure is left out of every round from the "
@@ -308,7 +300,6 @@ class Objection(RecordRule):
     id = "GDPR-21"
     pack = "gdpr"
     references = ("GDPR Art. 21(1)", "GDPR Art. 21(6)")
-    checklist = ("G11",)
     confidence = "V (U: the record field holds objections the site upheld)"
     description = (
         "Where the site relies on public task (e) or legitimate interests (f) (Art. 21(1)), or "
@@ -335,7 +326,6 @@ class Restriction(RecordRule):
     id = "GDPR-18"
     pack = "gdpr"
     references = ("GDPR Art. 18(1)", "GDPR Art. 18(2)")
-    checklist = ("G12",)
     confidence = "V"
     description = (
         "While processing of a record is restricted (restricted_at; lifting the restriction "
@@ -353,7 +343,6 @@ class NationalOptOut(RecordRule):
     id = "GDPR-OPT-OUT"
     pack = "gdpr"
     references = ("GDPR Art. 9(4)",)
-    checklist = ("G13",)
     confidence = "S (U: which schemes cover model training)"
     description = (
         "A record whose data subject opted out under a national opt-out scheme (opted_out_at; "
@@ -373,7 +362,6 @@ class Consent(RecordRule):
     id = "GDPR-7-3"
     pack = "gdpr"
     references = ("GDPR Art. 6(1)(a)", "GDPR Art. 7(1)", "GDPR Art. 7(3)", "GDPR Art. 9(2)(a)")
-    checklist = ("G08",)
     confidence = "V"
     description = (
         "When the basis is consent, a record is used only if its data subject consented to this "
@@ -396,7 +384,6 @@ class Children(RecordRule):
     id = "GDPR-8"
     pack = "gdpr"
     references = ("GDPR Art. 8(1)",)
-    checklist = ("G09",)
     confidence = "V"
     description = (
         "Where the run's purpose is an information-society service offered directly to a "
@@ -421,7 +408,6 @@ class MinorsNationalLaw(RecordRule):
     id = "GDPR-MINORS"
     pack = "gdpr"
     references = ("GDPR Art. 9(4)", "GDPR Art. 89(1)")
-    checklist = ("G09",)
     confidence = "S (U: national law varies; the site declares it)"
     description = (
         "At a site whose data subjects include minors, a record of a minor under the site's "
@@ -445,7 +431,6 @@ class StorageLimitation(RecordRule):
     id = "GDPR-5-1-e"
     pack = "gdpr"
     references = ("GDPR Art. 5(1)(e)",)
-    checklist = ("G05",)
     confidence = "V"
     description = (
         "Records collected longer ago than the site's retention limit (retention_days) are left "

@@ -2,7 +2,7 @@
 
 These are fedmeta's own safeguards (data protection by design, security of
 processing, accountability); the law requires the outcome, not these particular
-mechanisms (checklist rows M01-M04, confidence U: design).
+mechanisms (confidence U: design).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ class DifferentialPrivacy(SiteRule):
     id = "PRIV-DP"
     pack = "privacy"
     references = ("GDPR Art. 25(1)", "GDPR Art. 32(1)", "DPDP Rules 2025 r.6(1)(a)")
-    checklist = ("M01", "G11")
     confidence = "U (design)"
     description = (
         "Every run trains with differential privacy, and the guarantee it offers each site "
@@ -71,7 +70,6 @@ class MinSitesPerRound(RoundRule):
     id = "PRIV-MIN-SITES"
     pack = "privacy"
     references = ("GDPR Art. 32(1)",)
-    checklist = ("M02",)
     confidence = "V (feature) / U (design)"
     description = (
         "A round with fewer sites than the run's min_sites_per_round is not run, so that no "
@@ -97,7 +95,6 @@ class UnknownAge(RecordRule):
     id = "PRIV-AGE-UNKNOWN"
     pack = "privacy"
     references = ("GDPR Art. 5(2)", "GDPR Art. 89(1)", "DPDP Act 2023 s.9(1)")
-    checklist = ("M03",)
     confidence = "U (design: fail closed)"
     description = (
         "At a site whose data subjects include minors, a record with neither an age nor a minor "
@@ -120,7 +117,6 @@ class UnknownCollectionDate(RecordRule):
     id = "PRIV-DATE-UNKNOWN"
     pack = "privacy"
     references = ("GDPR Art. 5(1)(e)", "GDPR Art. 5(2)", "DPDP Act 2023 s.8(7)(a)")
-    checklist = ("M04",)
     confidence = "U (design: fail closed)"
     description = (
         "At a site that records collection dates (collection_dates_recorded), a record without "

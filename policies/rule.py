@@ -13,8 +13,8 @@ record     must this record be left out of this round?      ``applies(run, site)
 =========  ==============================================  ===================================
 
 Every rule names its ``id`` (``GDPR-9-2``), its legal ``references``
-("GDPR Art. 9(2)(j)"), the compliance-checklist rows it implements
-(``checklist``) with their confidence tag (docs/compliance.md), and a plain-language
+("GDPR Art. 9(2)(j)"), how firmly its reading rests on the text (``confidence``,
+docs/compliance.md), and a plain-language
 ``description`` that says "(interpretation)" where the mapping from the law to
 the check is fedmeta's reading rather than the text.
 
@@ -160,8 +160,6 @@ class Rule(ABC):
     level: ClassVar[Level]
     references: ClassVar[tuple[str, ...]]
     description: ClassVar[str]
-    checklist: ClassVar[tuple[str, ...]] = ()
-    """Compliance-checklist row ids, e.g. ("G02",) (docs/compliance.md)."""
     confidence: ClassVar[str] = ""
     """Confidence tag(s): V seen in the text, S secondary source, K standard knowledge,
     U interpretation (docs/compliance.md)."""
@@ -197,18 +195,6 @@ class Rule(ABC):
         self, reason: str, site: SiteManifest | None = None, flags: Sequence[str] = ()
     ) -> Decision:
         return self.decision(Outcome.DENY, reason, site, flags=flags)
-
-    def to_dict(self) -> dict[str, Any]:
-        """What the rule is, for reports."""
-        return {
-            "id": self.id,
-            "pack": self.pack,
-            "level": self.level.value,
-            "references": list(self.references),
-            "description": self.description,
-            "checklist": list(self.checklist),
-            "confidence": self.confidence,
-        }
 
 
 class RunRule(Rule):

@@ -11,10 +11,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedmeta.config import RunConfig
 from fedmeta.inline_grid import TRANSPORT_KEY
 from fedmeta.offline import quiet_flower
-from server.run import NOT_RECORDED, SIMULATION, RoundCallback, run_server, stated_transport
-
-RUN_CONFIG_ENV = "FEDMETA_RUN_CONFIG"  # set by `fedmeta simulate` (fedmeta.simulation)
-RESUME_ENV = "FEDMETA_RESUME"  # "1": continue the run directory's stopped run (--resume)
+from fedmeta.paths import RESUME_ENV, RUN_CONFIG_ENV
+from server.run import NOT_RECORDED, SIMULATION, run_server, stated_transport
 
 
 def config_for(context: Context) -> RunConfig:
@@ -50,14 +48,12 @@ def in_flower_simulation_runtime(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
-def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None = None,
-                    result: dict | None = None, resume: bool | None = None) -> ServerApp:
+def make_server_app(cfg: RunConfig | None = None, resume: bool | None = None) -> ServerApp:
     """A ServerApp bound to ``cfg`` (``fedmeta simulate``) or to Flower's run config.
 
-    ``on_round`` receives each metrics line (a dict); ``result`` is filled with the
-    summary; ``resume`` continues the stopped run of the config's run directory
-    (default: ``FEDMETA_RESUME=1`` in the environment, set by ``fedmeta simulate
-    --resume``)."""
+    ``resume`` continues the stopped run of the config's run directory (default:
+    ``FEDMETA_RESUME=1`` in the environment, set by ``fedmeta simulate --resume``).
+    Round callbacks hear every metrics line through :func:`fedmeta.rounds.listening`."""
     app = ServerApp()
 
     @app.main()
@@ -65,10 +61,7 @@ def make_server_app(cfg: RunConfig | None = None, on_round: RoundCallback | None
         quiet_flower()
         run_cfg = cfg or config_for(context)
         again = resume if resume is not None else os.environ.get(RESUME_ENV) == "1"
-        summary = run_server(grid, run_cfg, on_round, resume=again,
-                             transport=transport_for(grid, context))
-        if result is not None:
-            result.update(summary)
+        run_server(grid, run_cfg, resume=again, transport=transport_for(grid, context))
 
     return app
 

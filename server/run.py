@@ -29,7 +29,6 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from logging import INFO, WARNING, getLogger
@@ -48,7 +47,6 @@ from fedmeta.audit import AuditLog
 from fedmeta.audit.verify import read_log
 from fedmeta.checkpoints import (
     CHECKPOINT_ACTION,
-    CHECKPOINT_DIR,
     RESUME_ACTION,
     Checkpoint,
     CheckpointError,
@@ -67,13 +65,21 @@ from fedmeta.failures import RunWatch, one_line_error
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.updates import model_digest
 from fedmeta.metrics import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    MODEL_FILE,
-    SUMMARY_FILE,
     append_jsonl,
     save_model,
     write_json,
+)
+from fedmeta.paths import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DECISIONS_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    SERVER_AUDIT_KEY,
+    SERVER_AUDIT_LOG,
+    SERVER_AUDIT_PUBKEY,
+    SUMMARY_FILE,
+    TRANSPORT_ENV,
 )
 from fedmeta.privacy.noise import noise_statement
 from fedmeta.rounds import emit
@@ -90,12 +96,7 @@ from server.strategy.reptile import Reptile
 from server.strategy.sites import RoundLog, SiteAwareMixin, digest
 
 log = getLogger(__name__).log
-RoundCallback = Callable[[dict[str, Any]], None]
 EVAL_SEED_OFFSET = 10_007
-SERVER_AUDIT_LOG = Path("audit") / "server-audit-log.jsonl"
-SERVER_AUDIT_KEY = Path("keys") / "server-audit-signing.pem"
-DECISIONS_FILE = "policy-decisions.json"
-TRANSPORT_ENV = "FEDMETA_TRANSPORT"
 
 
 def new_run_id() -> str:
@@ -356,7 +357,6 @@ class ServerRun:
     declaration: Any
     audit: AuditLog
     transport: str
-    on_round: RoundCallback | None = None
 
     @property
     def declaration_json(self) -> str:
@@ -376,8 +376,8 @@ class Admission:
     min_sites: int
 
 
-def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None,
-               resume: bool = False, transport: str | None = None) -> dict:
+def run_server(grid: Grid, cfg: RunConfig, resume: bool = False,
+               transport: str | None = None) -> dict:
     """Run the whole federation from the server's side; returns the summary dict.
 
     ``resume``: continue the stopped run of ``cfg.out_dir`` from its last signed
@@ -385,7 +385,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
     sites are reached (``simulation``, ``tls+supernode-auth`` or ``insecure``), as the
     caller states it; None: as the launcher exported it (``stated_transport``)."""
     torch.set_num_threads(1)  # tiny models: one thread is fastest and leaves cores to sites
-    run = open_run(cfg, resume, transport or stated_transport(), on_round)
+    run = open_run(cfg, resume, transport or stated_transport())
     try:
         return _run(grid, run)
     except BaseException as exc:  # a callback, Ctrl-C: on record, then re-raised
@@ -398,8 +398,7 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: RoundCallback | None = None
         run.audit.close()
 
 
-def open_run(cfg: RunConfig, resume: bool, transport: str,
-             on_round: RoundCallback | None = None) -> ServerRun:
+def open_run(cfg: RunConfig, resume: bool, transport: str) -> ServerRun:
     """The run's id and directory (its config saved, an earlier model removed), its
     task and declaration, and the server's audit log, open."""
     point = resume_point(Path(cfg.out_dir)) if resume else None
@@ -416,7 +415,7 @@ def open_run(cfg: RunConfig, resume: bool, transport: str,
     task = build_task(cfg)
     return ServerRun(cfg=cfg, point=point, run_id=run_id, out=out, started=started, task=task,
                      out_dim=task.out_dim(cfg.strategy), declaration=run_declaration(cfg),
-                     audit=open_server_audit(out), transport=transport, on_round=on_round)
+                     audit=open_server_audit(out), transport=transport)
 
 
 def open_server_audit(out: Path) -> AuditLog:
@@ -425,8 +424,8 @@ def open_server_audit(out: Path) -> AuditLog:
     audit = AuditLog.open(out / SERVER_AUDIT_LOG, federation_key() or out / SERVER_AUDIT_KEY,
                           actor="server")
     if federation_key() is not None:
-        (out / SERVER_AUDIT_KEY.parent).mkdir(parents=True, exist_ok=True)
-        (out / SERVER_AUDIT_KEY.with_name("server-audit-signing.pub.pem")).write_bytes(
+        (out / SERVER_AUDIT_PUBKEY.parent).mkdir(parents=True, exist_ok=True)
+        (out / SERVER_AUDIT_PUBKEY).write_bytes(
             audit.public_key_pem())
     return audit
 
@@ -665,8 +664,6 @@ class RoundRecorder:
         append_jsonl(run.out / METRICS_FILE, line)
         if run.transport != SIMULATION and server_round > 0:  # `flwr run --stream` shows it
             print(progress_line(line, run.cfg.rounds), flush=True)
-        if run.on_round:
-            run.on_round(line)
         emit(line)
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:

@@ -14,6 +14,7 @@ import torch
 from helpers import ROOT
 
 import fedmeta
+from fedmeta.paths import RunPaths
 
 SETTINGS = {"task": "sine", "sites": 3, "rounds": 3, "fraction-train": 1.0,
             "eval-every": 1, "eval-episodes": 3, "inner-steps": 2}
@@ -38,7 +39,7 @@ def test_simulate_returns_typed_results_and_calls_on_round(tmp_path):
     assert set(result.epsilon) == {"site-0", "site-1", "site-2"}
     assert all(e > 0 for e in result.epsilon.values())
     assert result.epsilon == seen[-1].epsilon
-    saved = torch.load(result.run_dir / "final_model.pt", weights_only=True)["state_dict"]
+    saved = torch.load(RunPaths(result.run_dir).model, weights_only=True)["state_dict"]
     assert all(torch.equal(result.final_model[k], v) for k, v in saved.items())
     assert result.model_sha256 == seen[-1].model_sha256
     ev = fedmeta.evaluate(result.run_dir, episodes=3)

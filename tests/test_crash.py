@@ -16,7 +16,8 @@ import pytest
 from helpers import FEDMETA, ROOT, fedmeta
 
 from fedmeta.audit import verify_log
-from fedmeta.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedmeta.paths import LEDGER_FILE, RunPaths, SitePaths
+from fedmeta.privacy.ledger import PrivacyLedger
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def test_killed_run_keeps_verifiable_evidence_and_resumes(tmp_path):
             "--out", str(out)]
     proc = subprocess.Popen([*FEDMETA, *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
+    metrics = RunPaths(out).metrics
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -74,36 +75,36 @@ def test_killed_run_keeps_verifiable_evidence_and_resumes(tmp_path):
     assert sum(1 for x in first if x.get("used")) >= 3
     killed_run = first[0]["run"]
 
-    server_log = out / "audit" / "server-audit-log.jsonl"
+    server_log = RunPaths(out).server_log
     server = verify_log(server_log)
     assert server.ok or server.partial_tail, server.problem
     assert server.entries > 5
     before = {}
     for i in range(3):
-        site_dir = out / "sites" / f"site-{i}"
-        log = verify_log(site_dir / "audit" / "audit-log.jsonl")
+        site_dir = RunPaths(out).site(f"site-{i}").root
+        log = verify_log(SitePaths(site_dir).audit_log)
         assert log.ok or log.partial_tail, log.problem
         ledger = PrivacyLedger.read(site_dir / LEDGER_FILE)
         assert len(ledger.charges) >= 2 and ledger.epsilon() > 0
         before[i] = (len(ledger.charges), ledger.epsilon())
-        repair_if_cut(site_dir / "audit" / "audit-log.jsonl",
-                      site_dir / "keys" / "audit-signing.pem")
-    repair_if_cut(server_log, out / "keys" / "server-audit-signing.pem")
+        repair_if_cut(SitePaths(site_dir).audit_log,
+                      SitePaths(site_dir).audit_key)
+    repair_if_cut(server_log, RunPaths(out).server_key)
 
     # the same run directory again, 2 rounds: it must start, and carry the budget over
     res = fedmeta(*args[:6], "2", *args[7:], "--overwrite", isolate=False)
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(RunPaths(out).summary.read_text())
     assert summary["rounds"] == 2 and summary["run"] != killed_run
     new_run = summary["run"]
     assert [json.loads(x)["round"] for x in metrics.read_text().splitlines()] == [0, 1, 2]
     for i in range(3):
-        site_dir = out / "sites" / f"site-{i}"
+        site_dir = RunPaths(out).site(f"site-{i}").root
         ledger = PrivacyLedger.read(site_dir / LEDGER_FILE)
         assert len(ledger.charges) == before[i][0] + 2  # the budget carries over
         assert ledger.epsilon() > before[i][1]
         assert summary["epsilon"][f"site-{i}"] == pytest.approx(ledger.epsilon())
-        site_log = site_dir / "audit" / "audit-log.jsonl"
+        site_log = SitePaths(site_dir).audit_log
         assert verify_log(site_log).ok
         trained = [e for e in map(json.loads, site_log.read_text().splitlines())
                    if e["action"] == "round.train"]

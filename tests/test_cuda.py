@@ -21,6 +21,7 @@ from fedmeta.config import RunConfig, build_task
 from fedmeta.data.tasks.base import Pool
 from fedmeta.meta.adaptation import meta_evaluate
 from fedmeta.meta.models import SmallCNN
+from fedmeta.paths import RunPaths
 from fedmeta.privacy.bookkeeping import BookKeepingClipper
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.simulation import backend_config
@@ -108,8 +109,8 @@ def test_simulation_gives_each_site_a_share_of_the_gpu(tmp_path):
     res = fedmeta("simulate", "--task", "digits-fewshot", "--sites", "4", "--rounds", "2",
                   "--device", GPU, "--set", "eval-episodes=5", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["device"] == GPU
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads(RunPaths(out).config.read_text())["device"] == GPU
+    lines = [json.loads(x) for x in RunPaths(out).metrics.read_text().splitlines()]
     rounds = [line for line in lines if line["round"] > 0]
     assert len(rounds) == 2
     for line in rounds:  # every sampled site trained under DP; none declined or dropped

@@ -17,6 +17,7 @@ from helpers import ROOT, copy_project, processes_with_env
 from netcheck import ADDRESSED, CAN_ADDRESS, exposed_listeners
 
 from fedmeta.offline import OFFLINE_ENV
+from fedmeta.paths import RunPaths
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +72,6 @@ def test_flwr_run_local_simulation(tmp_path):
     assert data["task"] == "breast-cancer-sites" and data["rounds"] == 2
     assert data["sites"] == ["site-0", "site-1"] and data["dp"] is True
     assert set(data["epsilon"]) == {"site-0", "site-1"}
-    lines = (summary.parent / "metrics.jsonl").read_text().splitlines()
+    lines = RunPaths(summary.parent).metrics.read_text().splitlines()
     assert len(lines) == 3
     assert (app / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()

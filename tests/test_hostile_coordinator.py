@@ -24,9 +24,12 @@ from fedmeta.approvals import approve
 from fedmeta.audit import verify_log
 from fedmeta.audit.keys import load_or_create_key
 from fedmeta.config import RunConfig, build_task, inner_lr, run_declaration
-from fedmeta.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from fedmeta.privacy.noise import SECRET_FILE
-from fedmeta.site import AUDIT_KEY, AUDIT_LOG, Site, round_seed
+from fedmeta.paths import LEDGER_FILE, SitePaths
+from fedmeta.paths import NOISE_SECRET as SECRET_FILE
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
+from fedmeta.privacy.ledger import PrivacyLedger
+from fedmeta.site import Site, round_seed
 
 CFG = RunConfig(sites=3, inner_steps=2)
 SITE = "site-de-01"
@@ -46,7 +49,7 @@ def deployed_site(tmp: Path, privacy: str = "") -> Path:
     text = example_site_on_bundled_data()
     if privacy:  # the site's own [privacy] table instead of the example's
         text = text.split("\n[privacy]\n")[0]
-    (site_dir / "manifest.toml").write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
+    SitePaths(site_dir).manifest.write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
     approve(site_dir, run_declaration(CFG))
     return site_dir
 

@@ -24,6 +24,7 @@ from netcheck import ADDRESSED, NETWORK_MARK, exposed_listeners, root_only
 
 from fedmeta import netns, simulation
 from fedmeta.netns import THREAD_NET_NS, NamespaceUnavailable, loopback_only
+from fedmeta.paths import ALLOW_NETWORK_ENV
 
 RUN = ["simulate", "--task", "digits-fewshot", "--sites", "2", "--rounds", "1", "--seed", "3",
        "--set", "eval-every=0", "--set", "eval-episodes=2", "--set", "adapt-steps=2"]
@@ -66,7 +67,7 @@ def test_a_ray_simulation_listens_on_loopback_only(who, tmp_path):
     """As root the Ray run gets a namespace of its own; without CAP_SYS_ADMIN (an
     unprivileged user) the whole command runs in a user namespace of its own."""
     res, exposed, seen, userns = watch_run(tmp_path / "run",
-                                           {simulation.ALLOW_NETWORK_ENV: "0"},
+                                           {ALLOW_NETWORK_ENV: "0"},
                                            NO_SYS_ADMIN if who != "root" else None)
     assert res.returncode == 0, res.stderr[-3000:]
     names = " ".join(seen)
@@ -131,10 +132,10 @@ def test_loopback_only_confines_the_thread_and_what_it_starts():
 @pytest.mark.parametrize("why", ["opt-out", "not root"])
 def test_without_a_namespace_the_run_says_what_is_exposed(why, monkeypatch, caplog):
     if why == "opt-out":
-        monkeypatch.setenv(simulation.ALLOW_NETWORK_ENV, "1")
-        reason = "FEDMETA_ALLOW_NETWORK=1"
+        monkeypatch.setenv(ALLOW_NETWORK_ENV, "1")
+        reason = f"{ALLOW_NETWORK_ENV}=1"
     else:
-        monkeypatch.delenv(simulation.ALLOW_NETWORK_ENV, raising=False)
+        monkeypatch.delenv(ALLOW_NETWORK_ENV, raising=False)
         reason = "unshare(CLONE_NEWNET): Operation not permitted (needs root)"
 
         @contextlib.contextmanager
@@ -158,7 +159,7 @@ def test_simulate_confines_the_ray_run_and_calls_back_from_outside(tmp_path, mon
     ServerApp thread does)."""
     from fedmeta import rounds
     from fedmeta.config import RunConfig
-    from fedmeta.metrics import SUMMARY_FILE
+    from fedmeta.paths import SUMMARY_FILE
 
     home = os.readlink(THREAD_NET_NS)
     where: dict[str, str] = {}
@@ -174,7 +175,7 @@ def test_simulate_confines_the_ray_run_and_calls_back_from_outside(tmp_path, mon
     def on_round(metrics: rounds.RoundMetrics) -> None:
         where["callback"] = os.readlink(THREAD_NET_NS)
 
-    monkeypatch.delenv(simulation.ALLOW_NETWORK_ENV, raising=False)
+    monkeypatch.delenv(ALLOW_NETWORK_ENV, raising=False)
     monkeypatch.setattr(simulation, "_simulate_ray", stand_in)
     cfg = RunConfig.from_flat({"out-dir": str(tmp_path / "run")}, source="test")
     assert simulation.simulate(cfg, on_round=on_round) == {"status": "completed"}

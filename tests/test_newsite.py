@@ -24,6 +24,7 @@ from fedmeta.data.loaders import load_imagefolder
 from fedmeta.data.tasks.digits import _all_digits, class_split
 from fedmeta.newsite.adapting import adapt_model
 from fedmeta.newsite.provenance import ProvenanceError
+from fedmeta.paths import RunPaths
 
 pytestmark = pytest.mark.slow
 SHOTS, QUERY, WAYS = 5, 40, 5
@@ -85,8 +86,8 @@ def test_adapted_beats_unadapted_and_is_no_worse_than_scratch(federation, new_si
     scratch = accuracy_of(tmp_path / "scratch.csv", truth)
 
     # un-adapted: the federation's model as received, its first 5 outputs as the 5 classes
-    saved = torch.load(federation / "final_model.pt", weights_only=True)
-    net = build_task(RunConfig.load(federation / "config.json")).build_model(saved["out_dim"])
+    saved = torch.load(RunPaths(federation).model, weights_only=True)
+    net = build_task(RunConfig.load(RunPaths(federation).config)).build_model(saved["out_dim"])
     net.load_state_dict(saved["state_dict"])
     query = load_imagefolder(unlabelled, (1, 8, 8), labelled=False).records
     with torch.no_grad():
@@ -107,11 +108,11 @@ def test_adapted_model_carries_its_provenance(federation, new_site, tmp_path):
     labelled, unlabelled, _ = new_site
     result = api.adapt(federation, labelled, shots=3, out=tmp_path / "a.pt")
     saved = torch.load(tmp_path / "a.pt", weights_only=True)
-    summary = json.loads((federation / "summary.json").read_text())
+    summary = json.loads(RunPaths(federation).summary.read_text())
     prov = saved["provenance"]
     assert prov["run_id"] == summary["run"] and prov["final_model_sha256"] == summary[
         "model_sha256"]
-    entry = [json.loads(x) for x in (federation / "audit" / "server-audit-log.jsonl")
+    entry = [json.loads(x) for x in (RunPaths(federation).server_log)
              .read_text().splitlines()][prov["audit_entry"]["seq"]]
     assert entry["action"] == "run.end" and entry["model_out"] == prov["final_model_sha256"]
     assert entry["sig"] == prov["audit_entry"]["sig"]
@@ -121,7 +122,7 @@ def test_adapted_model_carries_its_provenance(federation, new_site, tmp_path):
     # pinned: the coordinator's public key given out of band
     from fedmeta.audit.keys import public_key_path
 
-    pub = public_key_path(federation / "keys" / "server-audit-signing.pem")
+    pub = public_key_path(RunPaths(federation).server_key)
     pinned = api.adapt(federation, labelled, shots=3, public_key=pub)
     assert pinned.provenance["audit_key_source"] == "given"
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -143,13 +144,13 @@ def test_tampered_model_or_log_is_refused(federation, new_site, tmp_path):
     labelled, _, _ = new_site
     copy = tmp_path / "run"
     shutil.copytree(federation, copy)
-    saved = torch.load(copy / "final_model.pt", weights_only=True)
+    saved = torch.load(RunPaths(copy).model, weights_only=True)
     saved["state_dict"]["head.bias"] += 0.01
-    torch.save(saved, copy / "final_model.pt")
+    torch.save(saved, RunPaths(copy).model)
     with pytest.raises(ProvenanceError, match="not the federation's final model"):
         api.adapt(copy, labelled)
-    shutil.copy(federation / "final_model.pt", copy / "final_model.pt")
-    log = copy / "audit" / "server-audit-log.jsonl"
+    shutil.copy(RunPaths(federation).model, RunPaths(copy).model)
+    log = RunPaths(copy).server_log
     lines = log.read_text().splitlines()
     log.write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # an entry deleted
     res = fedmeta("adapt", str(copy), "--data", str(labelled), "--out", str(tmp_path / "x.pt"),

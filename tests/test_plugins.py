@@ -36,6 +36,7 @@ from fedmeta.approvals import approve
 from fedmeta.config import RunConfig, build_task, run_declaration
 from fedmeta.data.tasks import TaskError, get_task
 from fedmeta.offline import OFFLINE_ENV
+from fedmeta.paths import SitePaths
 
 PLUGIN = ROOT / "examples" / "plugin"
 TASK_EP = "blobs-fewshot"
@@ -105,7 +106,7 @@ def test_a_deployed_site_resolves_the_plugin_and_reads_its_own_npz(tmp_path, tas
     cfg = RunConfig(sites=3, inner_steps=2, task=task, model=MODEL)
     site_dir = tmp_path / SITE
     site_dir.mkdir()
-    (site_dir / "manifest.toml").write_text(example_site_on_bundled_data())
+    SitePaths(site_dir).manifest.write_text(example_site_on_bundled_data())
     approve(site_dir, run_declaration(cfg))
     ctx = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir), "site-id": SITE},
                   state=RecordDict(), run_config={})
@@ -144,13 +145,13 @@ def test_a_deployed_site_refuses_code_it_did_not_install(tmp_path, option, spec)
     installed as a fedmeta plug-in, and declines anything else on record."""
     from clients.app import make_client_app
     from fedmeta.audit import verify_log
-    from fedmeta.site import AUDIT_LOG
+    from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     cfg = RunConfig(sites=3, inner_steps=2)
     site_dir = tmp_path / SITE
     site_dir.mkdir()
-    (site_dir / "manifest.toml").write_text(example_site_on_bundled_data())
+    SitePaths(site_dir).manifest.write_text(example_site_on_bundled_data())
     approve(site_dir, run_declaration(cfg))
     msg = deployed_message(cfg, "run-evil")
     msg.content["config"][option] = spec

@@ -9,6 +9,7 @@ from helpers import consent_declaration, fedmeta, manifest, run_inline, write_si
 
 from fedmeta.audit import Receipt, verify_log
 from fedmeta.data.tasks import get_task
+from fedmeta.paths import RunPaths
 
 CONSTRUCTED = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-MINORS": 4, "GDPR-5-1-e": 6}
 # what leaves the site: counts below its minimum cohort size (5) are suppressed
@@ -16,7 +17,7 @@ RELEASED = {"GDPR-17": 5, "GDPR-7-3": 7, "GDPR-MINORS": "<5", "GDPR-5-1-e": 6}
 
 
 def metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in RunPaths(run_dir).metrics.read_text().splitlines()]
 
 
 def test_exclusions_denials_and_receipts_in_a_real_run(tmp_path):
@@ -33,18 +34,18 @@ def test_exclusions_denials_and_receipts_in_a_real_run(tmp_path):
         assert line["sampled"] == ["site-0", "site-1", "site-2"]  # site-3 never sampled
         assert line["exclusions"]["site-0"] == RELEASED
         assert "site-1" not in line["exclusions"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(RunPaths(out).summary.read_text())
     assert summary["exclusions"]["site-0"] == RELEASED
 
     # the site's own signed log holds the same counts, and the server's copy of its
     # receipts verifies against it
-    site_log = out / "sites" / "site-0" / "audit" / "audit-log.jsonl"
+    site_log = RunPaths(out).site("site-0").audit_log
     entries = [json.loads(x) for x in site_log.read_text().splitlines()]
     records = [e for e in entries if e["action"] == "policy.records"]
     assert [e["counts"] for e in records] == [CONSTRUCTED, CONSTRUCTED]
     assert records[0]["decision"] == "allow-with-exclusions"
     assert all(set(e) >= {"seq", "prev", "sig"} for e in entries)
-    server_log = out / "audit" / "server-audit-log.jsonl"
+    server_log = RunPaths(out).server_log
     server = [json.loads(x) for x in server_log.read_text().splitlines()]
     receipts = [Receipt.parse(e["details"]["receipt"]) for e in server
                 if e["action"] == "round.receipt" and e["details"]["site"] == "site-0"]
@@ -78,11 +79,11 @@ def test_run_with_too_few_eligible_sites_is_not_started(tmp_path):
                   "--set", f"declaration={consent_declaration(tmp_path / 'run.toml')}",
                   isolate=False)
     assert res.returncode == 1, res.stderr[-3000:]  # a run that cannot start fails loudly
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(RunPaths(out).summary.read_text())
     assert "fewer than the declared minimum" in summary["stopped"]
     assert "FAILED: 1 eligible site(s), fewer than the declared minimum" in res.stderr
     assert "stopped" in res.stdout
     server = [json.loads(x) for x in
-              (out / "audit" / "server-audit-log.jsonl").read_text().splitlines()]
+              RunPaths(out).server_log.read_text().splitlines()]
     assert any(e["action"] == "run.stop" for e in server)
-    assert not (out / "sites" / "site-0" / "privacy-ledger.jsonl").exists()  # nobody trained
+    assert not RunPaths(out).site("site-0").ledger.exists()  # nobody trained

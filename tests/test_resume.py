@@ -13,7 +13,8 @@ from helpers import fedmeta
 import fedmeta as api
 from fedmeta.audit import verify_log
 from fedmeta.checkpoints import CheckpointError, checkpoint_files
-from fedmeta.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from fedmeta.paths import RunPaths
+from fedmeta.privacy.ledger import PrivacyLedger
 
 SETTINGS = {"task": "digits-fewshot", "sites": 3, "rounds": 5, "fraction-train": 1.0,
             "eval-every": 0, "eval-episodes": 2, "inner-steps": 2, "seed": 3}
@@ -31,13 +32,13 @@ def stop_after(n: int):
 
 
 def server_entries(out: Path) -> list[dict]:
-    log = out / "audit" / "server-audit-log.jsonl"
+    log = RunPaths(out).server_log
     assert verify_log(log).ok, verify_log(log).problem
     return [json.loads(x) for x in log.read_text().splitlines()]
 
 
 def charges(out: Path, site: int) -> list[tuple[str, int]]:
-    ledger = PrivacyLedger.read(out / "sites" / f"site-{site}" / LEDGER_FILE)
+    ledger = PrivacyLedger.read(RunPaths(out).site(f"site-{site}").ledger)
     return [(c.run, c.round) for c in ledger.charges]
 
 
@@ -45,13 +46,13 @@ def stop_midway(out: Path, n: int, **extra) -> str:
     with pytest.raises(Stop):
         api.simulate({**SETTINGS, **extra}, out_dir=str(out), backend="inline",
                      on_round=stop_after(n))
-    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["run"]
+    return json.loads(RunPaths(out).metrics.read_text().splitlines()[0])["run"]
 
 
 def test_a_stopped_run_resumes_with_the_same_run_id_and_no_double_charge(tmp_path):
     out = tmp_path / "run"
     run_id = stop_midway(out, 2, **{"checkpoint-every": 1})
-    assert not (out / "summary.json").exists() and not (out / "final_model.pt").exists()
+    assert not RunPaths(out).summary.exists() and not RunPaths(out).model.exists()
     assert [c.name for c in checkpoint_files(out)] == ["round-000001.pt", "round-000002.pt"]
     before = {i: charges(out, i) for i in range(3)}
     assert all(rounds == [(run_id, 1), (run_id, 2)] for rounds in before.values())
@@ -65,8 +66,8 @@ def test_a_stopped_run_resumes_with_the_same_run_id_and_no_double_charge(tmp_pat
         after = charges(out, i)
         assert after == [(run_id, r) for r in range(1, 6)]  # each round charged once
         assert result.epsilon[f"site-{i}"] == pytest.approx(
-            PrivacyLedger.read(out / "sites" / f"site-{i}" / LEDGER_FILE).epsilon())
-        site_log = out / "sites" / f"site-{i}" / "audit" / "audit-log.jsonl"
+            PrivacyLedger.read(RunPaths(out).site(f"site-{i}").ledger).epsilon())
+        site_log = RunPaths(out).site(f"site-{i}").audit_log
         assert verify_log(site_log).ok
         trained = [json.loads(x) for x in site_log.read_text().splitlines()]
         assert sorted(e["round"] for e in trained if e["action"] == "round.train") == \

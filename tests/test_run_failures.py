@@ -18,7 +18,7 @@ from torch import nn
 
 from fedmeta.audit import verify_log
 from fedmeta.failures import RunWatch, failure_text, one_line_error
-from fedmeta.privacy.ledger import LEDGER_FILE
+from fedmeta.paths import LEDGER_FILE, RunPaths, SitePaths
 from policies import EXAMPLE_RUN
 
 EXAMPLES = Path(__import__("fedmeta.data", fromlist=["x"]).__path__[0]) / "examples"
@@ -27,11 +27,11 @@ SMALL = {"sites": 3, "rounds": 6, "fraction-train": 1.0, "eval-episodes": 2,
 
 
 def lines(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in RunPaths(out).metrics.read_text().splitlines()]
 
 
 def actions(out: Path) -> list[str]:
-    log = out / "audit" / "server-audit-log.jsonl"
+    log = RunPaths(out).server_log
     assert verify_log(log).ok
     return [json.loads(x)["action"] for x in log.read_text().splitlines()]
 
@@ -41,11 +41,11 @@ def actions(out: Path) -> list[str]:
 def csv_sites(out: Path, n: int = 3) -> None:
     """Sites holding the example cohort (3 feature columns), each with its manifest."""
     for i in range(n):
-        site = out / "sites" / f"site-{i}"
+        site = RunPaths(out).site(f"site-{i}").root
         site.mkdir(parents=True)
         (site / "data.csv").write_text((EXAMPLES / "cohort.csv").read_text())
         (site / "schema.toml").write_text((EXAMPLES / "cohort.schema.toml").read_text())
-        (site / "manifest.toml").write_text(clinic_manifest(f"site-{i}"))
+        SitePaths(site).manifest.write_text(clinic_manifest(f"site-{i}"))
 
 
 # ---- pure parts ----------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_every_site_lost_on_bad_data_fails_with_each_sites_line(tmp_path):
                   "--rounds", "20", "--set", "features=5", "--set", "fraction-train=1.0",
                   "--out", str(out), isolate=False)
     assert res.returncode == 1, res.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(RunPaths(out).summary.read_text())
     assert summary["status"] == "failed" and not summary["trained"]
     assert summary["failure"]["reason"] == "every site is lost or declined"
     assert summary["last_round"] == 1  # stopped at once, not after 20 rounds
@@ -126,7 +126,7 @@ def test_every_site_lost_on_bad_data_fails_with_each_sites_line(tmp_path):
         assert f"site-{i}: lost: error 2: TaskError: data.csv: 3 feature columns" in res.stderr
     assert "FAILED: every site is lost or declined" in res.stderr
     assert "Traceback" not in res.stderr
-    assert not (out / "final_model.pt").exists()  # nothing trained: no model
+    assert not RunPaths(out).model.exists()  # nothing trained: no model
     assert "run.end" in actions(out)
     # the failed run is still evidence: its report verifies and is written
     rep = fedmeta("report", str(out), "--format", "json", isolate=False)
@@ -137,13 +137,13 @@ def test_a_run_whose_sites_all_decline_fails_without_a_model(tmp_path):
     out = tmp_path / "run"
     csv_sites(out)
     for i in range(3):  # a manifest without feature_columns: policy GDPR-5-1-c declines
-        path = out / "sites" / f"site-{i}" / "manifest.toml"
+        path = RunPaths(out).site(f"site-{i}").manifest
         path.write_text(path.read_text().replace("feature_columns", "# feature_columns"))
     summary = run_inline(out, task="tabular-csv", features=3, **SMALL)
     assert summary["status"] == "failed" and summary["aggregated_rounds"] == 0
     assert summary["failure"]["reason"] == "every site is lost or declined"
     assert all("declined" in p for p in summary["failure"]["sites"].values())
-    assert not (out / "final_model.pt").exists() and not summary["trained"]
+    assert not RunPaths(out).model.exists() and not summary["trained"]
     # theta's digest is the initial one: nothing changed it
     assert summary["model_sha256"] == lines(out)[0]["model_sha256"]
 
@@ -160,7 +160,7 @@ def test_the_run_stops_when_every_sites_budget_is_spent(tmp_path):
     got = lines(out)
     assert len(got) < 10 and got[-1]["stopped"] == "every site's privacy budget is spent"
     assert summary["trained"] and summary["aggregated_rounds"] == len(got) - 2
-    assert (out / "final_model.pt").exists()  # the rounds that trained are kept
+    assert RunPaths(out).model.exists()  # the rounds that trained are kept
 
 
 def test_no_usable_reply_for_max_failed_rounds_stops_the_run(tmp_path):
@@ -170,7 +170,7 @@ def test_no_usable_reply_for_max_failed_rounds_stops_the_run(tmp_path):
         **SMALL, "rounds": 20, "max-update-norm": 1e-9, "max-failed-rounds": 2})
     assert summary["failure"]["reason"].startswith("no usable reply for 2 consecutive")
     assert [x["round"] for x in lines(out)] == [0, 1, 2]
-    assert not (out / "final_model.pt").exists()
+    assert not RunPaths(out).model.exists()
     assert "dropped" in summary["failure"]["sites"]["site-0"]
 
 
@@ -198,7 +198,7 @@ def test_a_model_no_site_could_train_is_refused_before_any_charge(tmp_path, monk
     assert "model.check" in acts and "round.start" not in acts
     # no site was even asked: no ledger, no site audit log
     assert not list(out.glob(f"sites/*/{LEDGER_FILE}"))
-    assert not (out / "final_model.pt").exists()
+    assert not RunPaths(out).model.exists()
 
 
 def test_the_bundled_models_pass_the_set_up_check():
@@ -221,7 +221,7 @@ def test_on_flowers_ray_engine_the_site_error_is_one_line(tmp_path):
                   "--set", "features=5", "--set", "fraction-train=1.0",
                   "--set", "node-wait-s=30", "--out", str(out))
     assert res.returncode == 1, res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(RunPaths(out).summary.read_text())
     for i in range(2):
         problem = summary["failure"]["sites"][f"site-{i}"]
         assert problem.endswith("data.csv: 3 feature columns, the run expects 5"), problem

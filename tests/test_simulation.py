@@ -25,6 +25,7 @@ from helpers import fedmeta, run_inline
 from typer.testing import CliRunner
 
 from fedmeta.cli import app
+from fedmeta.paths import RUN_CONFIG_ENV, TRANSPORT_ENV, RunPaths
 from policies import EXAMPLE_RUN
 
 COMMON = {"task": "digits-fewshot", "sites": 3, "rounds": 3, "seed": 5, "eval-every": 0,
@@ -43,7 +44,7 @@ def cli_args(settings: dict) -> list[str]:
 
 
 def metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in RunPaths(run_dir).metrics.read_text().splitlines()]
 
 
 def stable(lines):
@@ -113,7 +114,7 @@ def test_ray_simulation_writes_a_complete_run_directory(ray_run):
     for line in lines[1:]:
         assert len(line["sampled"]) == 2 and line["used"] == line["sampled"]
         assert all(0 < e < 10 for e in line["epsilon"].values())
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads(RunPaths(run).summary.read_text())
     assert summary["sites"] == ["site-0", "site-1", "site-2"] and summary["dp"] is True
     assert "epsilon spent" in res.stdout and "site-2" in res.stdout and "adapted" in res.stdout
     # quiet on Ray too: nothing of Flower's or Ray's on the console (see test_logging.py)
@@ -122,7 +123,7 @@ def test_ray_simulation_writes_a_complete_run_directory(ray_run):
         res.stderr[-2000:]
     assert "INFO" not in res.stdout
     server = [json.loads(x) for x in
-              (run / "audit" / "server-audit-log.jsonl").read_text().splitlines()]
+              RunPaths(run).server_log.read_text().splitlines()]
     start = next(e for e in server if e["action"] == "run.start")
     assert start["details"]["transport"] == "simulation"
 
@@ -179,7 +180,7 @@ def test_inline_run_is_recorded_as_a_simulation(runs):
     start = next(e for e in server if e["action"] == "run.start")
     assert start["details"]["transport"] == "simulation"
     assert start["details"]["serverapp_tls"] is None
-    assert "FEDMETA_TRANSPORT" not in os.environ and "FEDMETA_RUN_CONFIG" not in os.environ
+    assert TRANSPORT_ENV not in os.environ and RUN_CONFIG_ENV not in os.environ
 
 
 def test_ledger_show_json_matches_metrics(runs):
@@ -260,9 +261,9 @@ def test_sine_without_dp_is_explicit_and_reported(tmp_path):
                   isolate=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "differential privacy is OFF" in res.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(RunPaths(out).summary.read_text())
     assert summary["dp"] is False and summary["eval"]["metric"] == "mse"
-    assert not (out / "sites" / "site-0" / "privacy-ledger.jsonl").exists()
+    assert not RunPaths(out).site("site-0").ledger.exists()
     assert "DP off" in res.stdout
 
 

@@ -9,7 +9,9 @@ import pytest
 from fedmeta.audit import verify_log
 from fedmeta.config import RunConfig, build_task
 from fedmeta.data.record_meta import RecordMetaError
-from fedmeta.site import AUDIT_LOG, Site, planned_rounds
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
+from fedmeta.paths import SitePaths
+from fedmeta.site import Site, planned_rounds
 from policies import default_site_manifest, example_run_declaration
 
 CFG = RunConfig(sites=3, inner_steps=2, n_way=5)
@@ -30,7 +32,7 @@ def test_a_site_denied_by_policy_declines_with_rule_and_reference(tmp_path):
     reply = site.train_round(theta(), "run-1", 1, example_run_declaration())
     assert reply.declined and reply.state is None
     assert "GDPR-5-1-b" in reply.reason and "Art. 5(1)(b)" in reply.reason
-    assert not (tmp_path / "privacy-ledger.jsonl").exists()  # nothing was trained or charged
+    assert not SitePaths(tmp_path).ledger.exists()  # nothing was trained or charged
     last = entries(tmp_path)[-1]
     assert last["action"] == "policy.site" and last["decision"] == "deny"
     assert verify_log(tmp_path / AUDIT_LOG).ok
@@ -100,7 +102,7 @@ def test_a_model_dp_cannot_train_is_declined_before_any_charge(tmp_path):
     from torch import nn
 
     from fedmeta.config import run_declaration
-    from fedmeta.privacy.ledger import LEDGER_FILE
+    from fedmeta.paths import LEDGER_FILE
 
     site = Site("site-0", 0, tmp_path, CFG, simulated=True)
 
@@ -113,7 +115,7 @@ def test_a_model_dp_cannot_train_is_declined_before_any_charge(tmp_path):
     reply = site.train_round(theta, "run-1", 1, run_declaration(CFG))
     assert reply.declined and "DP model check" in reply.reason and "GroupNorm" in reply.reason
     assert not (tmp_path / LEDGER_FILE).exists()  # nothing was charged
-    entries = [json.loads(x) for x in (tmp_path / "audit" / "audit-log.jsonl").read_text()
+    entries = [json.loads(x) for x in SitePaths(tmp_path).audit_log.read_text()
                .splitlines()]
     (deny,) = [e for e in entries if e["decision"] == "deny"]
     assert deny["rule_ids"] == ["PRIV-MODEL"] and "BatchNorm" in deny["details"]["reason"]

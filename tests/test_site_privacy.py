@@ -18,21 +18,19 @@ from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
-from fedmeta.approvals import APPROVALS_FILE, ApprovalError, approved
+from fedmeta.approvals import ApprovalError, approved
 from fedmeta.cli import app as cli
 from fedmeta.config import ConfigError, RunConfig, build_task, run_declaration
 from fedmeta.data.tasks.base import Pool
+from fedmeta.paths import DECLARATION_APPROVALS as APPROVALS_FILE
+from fedmeta.paths import NOISE_SECRET as SECRET_FILE
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
+from fedmeta.paths import SitePaths
 from fedmeta.privacy.budget import poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
-from fedmeta.privacy.noise import (
-    SECRET_FILE,
-    KeyStream,
-    NoiseSecretError,
-    SiteRandomness,
-    load_or_create_secret,
-)
-from fedmeta.site import AUDIT_LOG, Site
+from fedmeta.privacy.noise import KeyStream, NoiseSecretError, SiteRandomness, load_or_create_secret
+from fedmeta.site import Site
 from policies import DeclarationError, load_site_manifest, parse_site_manifest
 from policies.defaults import EXAMPLE_RUN, EXAMPLES_DIR
 from policies.site_policy import RoundRequest, SitePrivacyPolicy, check_round
@@ -46,7 +44,7 @@ def deployed(tmp: Path, privacy: str = "") -> Path:
     text = example_site_on_bundled_data()
     if privacy:  # the site's own [privacy] table instead of the example's
         text = text.split("\n[privacy]\n")[0]
-    (site_dir / "manifest.toml").write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
+    SitePaths(site_dir).manifest.write_text(text + ("\n[privacy]\n" + privacy if privacy else ""))
     return site_dir
 
 
@@ -69,7 +67,7 @@ def entries(site_dir: Path) -> list[dict]:
 def test_a_bad_privacy_table_is_a_one_line_error(tmp_path, table, needle):
     site_dir = deployed(tmp_path, table + "\n")
     with pytest.raises(DeclarationError) as err:
-        load_site_manifest(site_dir / "manifest.toml")
+        load_site_manifest(SitePaths(site_dir).manifest)
     assert needle in str(err.value) and "manifest.toml" in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -100,9 +98,9 @@ def test_a_round_passes_only_if_every_setting_holds(sigma, clip, steps, batch, q
 def test_a_site_that_allows_no_dp_may_train_without_it(tmp_path):
     """dp_required = false and epsilon_max = inf: the site's choice, not the server's."""
     site_dir = deployed(tmp_path, "dp_required = false\n")
-    text = (site_dir / "manifest.toml").read_text().replace("epsilon_max = 10.0",
+    text = SitePaths(site_dir).manifest.read_text().replace("epsilon_max = 10.0",
                                                             "epsilon_max = inf")
-    (site_dir / "manifest.toml").write_text(text)
+    SitePaths(site_dir).manifest.write_text(text)
     cfg = CFG.model_copy(update={"dp": False})
     (site_dir / APPROVALS_FILE).unlink(missing_ok=True)
     from fedmeta.approvals import approve
@@ -161,7 +159,7 @@ def test_two_processes_cannot_both_pass_the_budget_check(tmp_path):
     for p in procs:
         p.join(120)
     assert sorted(out.get(timeout=5) for _ in procs) == [False, True]
-    ledger = PrivacyLedger.read(tmp_path / "privacy-ledger.jsonl")
+    ledger = PrivacyLedger.read(SitePaths(tmp_path).ledger)
     assert len(ledger.charges) == 1 and ledger.epsilon() <= 2.0
 
 
@@ -238,7 +236,7 @@ def test_round_train_carries_the_contract_fields(tmp_path):
     approve(site_dir, run_declaration(CFG))
     Site("site-de-01", 0, site_dir, CFG).train_round(theta(), "run-1", 1, run_declaration(CFG))
     train = next(e for e in entries(site_dir) if e["action"] == "round.train")
-    ledger = PrivacyLedger.read(site_dir / "privacy-ledger.jsonl")
+    ledger = PrivacyLedger.read(SitePaths(site_dir).ledger)
     assert train["epsilon"] == ledger.charges[-1].epsilon_after
     examples = train["counts"]["examples"]
     assert examples > 0 and train["counts"]["steps"] == 2
@@ -255,7 +253,7 @@ def test_round_train_carries_the_contract_fields(tmp_path):
     import hashlib
 
     assert d["manifest_sha256"] == hashlib.sha256(
-        (site_dir / "manifest.toml").read_bytes()).hexdigest()
+        SitePaths(site_dir).manifest.read_bytes()).hexdigest()
     assert len(d["site_policy_sha256"]) == 64 and d["privacy_unit"] == "image"
     assert ledger.privacy_unit == "image"
     assert d["transport"] == "simulation" and "server_head" in d

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from helpers import clinic_manifest, fedmeta, run_inline
 
+from fedmeta.paths import RunPaths
+
 SCHEMA = """
 [dataset]
 name = "cohort"
@@ -51,8 +53,8 @@ def test_held_out_sites_evaluate_and_a_new_site_predicts(tmp_path):
         write_site(data / f"site-{i}", seed=i)
     out = tmp_path / "run"
     for i in range(3):
-        (out / "sites" / f"site-{i}").mkdir(parents=True)
-        (out / "sites" / f"site-{i}" / "manifest.toml").write_text(clinic_manifest(
+        RunPaths(out).site(f"site-{i}").root.mkdir(parents=True)
+        RunPaths(out).site(f"site-{i}").manifest.write_text(clinic_manifest(
             f"site-{i}", subjects='["patients"]',
             extra="collection_dates_recorded = false  # the CSVs carry no collection dates"))
     summary = run_inline(out, task="tabular-csv", features=3, classes=2, sites=3, rounds=3,
@@ -60,7 +62,7 @@ def test_held_out_sites_evaluate_and_a_new_site_predicts(tmp_path):
                          eval_every=1, eval_episodes=10, eval_shots=5)
     assert set(summary["epsilon"]) == {"site-0", "site-1", "site-2"}
     assert not list(out.rglob("data.csv"))  # the data stayed where the sites keep it
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in RunPaths(out).metrics.read_text().splitlines()]
     assert summary["trained"] and all(line["used"] for line in lines[1:])  # sites trained
     assert all("eval" in line for line in lines)  # held-out sites: the server evaluates
     assert summary["eval"]["adapted"] > 0.6

@@ -13,6 +13,7 @@ from helpers import clinic_manifest, run_inline
 
 from fedmeta.data.csv_loader import load_csv
 from fedmeta.data.tasks import TaskError, get_task
+from fedmeta.paths import RunPaths, SitePaths
 from fedmeta.site import Site
 from policies import suppress_small_counts
 
@@ -61,7 +62,7 @@ PLANS = [{"GDPR-17": 2, "GDPR-MINORS": 3, "GDPR-5-1-e": 1}, {"GDPR-5-1-e": 4}, {
 def test_sites_train_on_their_own_csv_and_minimisation_is_enforced(tmp_path):
     out = tmp_path / "run"
     for i, plan in enumerate(PLANS):
-        site = out / "sites" / f"site-{i}"
+        site = RunPaths(out).site(f"site-{i}").root
         site.mkdir(parents=True)
         with open(site / "data.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=HEADER)
@@ -69,11 +70,11 @@ def test_sites_train_on_their_own_csv_and_minimisation_is_enforced(tmp_path):
             writer.writerows(constructed_rows(i, plan))
         (site / "schema.toml").write_text(Path(f"{EXAMPLES}/cohort.schema.toml").read_text())
         declared = FEATURES if i < 2 else '["age_band", "bmi"]'  # site-2 reads more than declared
-        (site / "manifest.toml").write_text(clinic_manifest(f"site-{i}", declared))
+        SitePaths(site).manifest.write_text(clinic_manifest(f"site-{i}", declared))
     # ~25 records a site: noise 3 keeps each round well inside the run's declared epsilon
     run_inline(out, task="tabular-csv", sites=3, rounds=2, features=3, classes=2,
                fraction_train=1.0, epsilon_max=20, noise_multiplier=3.0)
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in RunPaths(out).metrics.read_text().splitlines()]
     for line in lines[1:]:
         assert line["used"] == ["site-0", "site-1"]
         assert "GDPR-5-1-c" in line["declined"]["site-2"]

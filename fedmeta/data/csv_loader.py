@@ -80,7 +80,7 @@ import math
 import re
 import tomllib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +159,6 @@ class LoadReport:
     def n_dropped(self) -> int:
         """Total rows dropped (each row counted once, under its first reason)."""
         return sum(self.rows_dropped.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 # ---------------------------------------------------------------- schema

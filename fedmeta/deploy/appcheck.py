@@ -39,15 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.durable import append_json_line
+from fedmeta.paths import APP_APPROVALS as APPROVALS_FILE
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 
-APPROVALS_FILE = "approved-apps.jsonl"
 RULE = "SITE-APP"
 KINDS = ("fab_sha256", "release_sha256")
 SITE_PACKAGES = ("clients/", "fedmeta/", "policies/")
 SERVER_ONLY = "server/"
 MAX_UNPACKED = 256 * 1024 * 1024  # refuse a FAB that would inflate beyond this
-AUDIT_LOG = Path("audit") / "audit-log.jsonl"  # = fedmeta.site.AUDIT_LOG
-AUDIT_KEY = Path("keys") / "audit-signing.pem"  # = fedmeta.site.AUDIT_KEY
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -6,7 +6,7 @@ and :func:`bind_site` answers which site a node id belongs to. The site id a nod
 *reports* is only checked against it: a node that is not in the registry, or that
 reports another site's id, is refused (the caller audits the refusal). Without the
 variable (a simulation, or the insecure mode's self-registered nodes) the reported id is
-used, and :func:`binding_source` says so for the audit log.
+used.
 """
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedmeta.deploy.registry import REGISTRY_ENV, RegistryError, read_registry
-
-
-def binding_source() -> str:
-    """'registry:<path>' when nodes are bound from the registry, else 'reported'."""
-    path = os.environ.get(REGISTRY_ENV)
-    return f"registry:{path}" if path else "reported"
+from fedmeta.deploy.registry import RegistryError, read_registry
+from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
 
 
 def bind_site(node_id: int, reported: str) -> tuple[str | None, str]:

@@ -220,7 +220,9 @@ def node_approve_app(
 def _log_approval(site_dir: Path, kind: str, digest: str, source: str) -> None:
     """`app.approve` in the site's signed audit log, when the site has its audit key."""
     from fedmeta.audit import AuditLog
-    from fedmeta.deploy.appcheck import AUDIT_KEY, AUDIT_LOG, RULE
+    from fedmeta.deploy.appcheck import RULE
+    from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+    from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 
     if not (site_dir / AUDIT_KEY).exists():
         return

@@ -39,14 +39,21 @@ from typing import Any
 from fedmeta.audit import AuditError, read_log
 from fedmeta.audit.keys import fingerprint, load_public_key
 from fedmeta.deploy.runrecord import RECORD_FILES, RunRecordError, check_run_id, run_record_dir
+from fedmeta.paths import (
+    AUDIT_DIR,
+    EXPORTS_DIR,
+    KEYS_DIR,
+    LEDGER_FILE,
+    PINNED_SERVER_KEY,
+    SERVER_AUDIT_PUBKEY,
+    RunPaths,
+)
+from fedmeta.paths import MANIFEST_FILE as MANIFEST
+from fedmeta.paths import SITE_AUDIT_LOG as SITE_LOG
+from fedmeta.paths import SITE_AUDIT_PUBKEY as SITE_PUBKEY
 from policies.validation import check_site_id
 
 FORMAT = "fedmeta-evidence/1"
-SITE_LOG = Path("audit") / "audit-log.jsonl"
-SITE_PUBKEY = Path("keys") / "audit-signing.pub.pem"
-LEDGER_FILE = "privacy-ledger.jsonl"
-MANIFEST = "manifest.toml"
-EXPORTS_DIR = "exports"
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 
 
@@ -172,7 +179,7 @@ def _load_bundle(path: Path) -> dict[str, Any]:
 
 
 def _run_of(run_dir: Path) -> str:
-    path = Path(run_dir) / "policy-decisions.json"
+    path = RunPaths(run_dir).decisions
     try:
         run = json.loads(path.read_text(encoding="utf-8")).get("run")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
@@ -217,8 +224,8 @@ def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) 
         raise EvidenceError(f"{bundle_path}: field 'audit_public_key': {exc}") from None
     staging = Path(tempfile.mkdtemp(prefix=f".import-{site}-", dir=run_dir))
     try:
-        (staging / "audit").mkdir()
-        (staging / "keys").mkdir()
+        (staging / AUDIT_DIR).mkdir()
+        (staging / KEYS_DIR).mkdir()
         (staging / SITE_LOG).write_text("".join(x + "\n" for x in data["log"]), encoding="utf-8")
         (staging / SITE_PUBKEY).write_text(data["audit_public_key"], encoding="ascii")
         if data["ledger"]:
@@ -248,7 +255,7 @@ def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) 
         if data.get("manifest_toml") is not None and data.get("manifest_sha256") != _sha(
                 data["manifest_toml"].encode()):
             raise EvidenceError(f"{bundle_path}: field 'manifest_sha256' is not the manifest's")
-        target = run_dir / "sites" / site
+        target = RunPaths(run_dir).site(site).root
         if target.exists():
             if _same_files(target, staging):
                 shutil.rmtree(staging)
@@ -268,13 +275,12 @@ def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) 
 def site_report(site_dir: Path, run_id: str, fmt: str = "html", out: Path | None = None,
                 allow_unverified: bool = False) -> tuple[Path, Any]:
     """The report of ``run_id`` for the site in ``site_dir``, from its own directory."""
-    from fedmeta.deploy.serverkey import SITE_PINNED_KEY
     from fedmeta.report import SUFFIX, generate
 
     site_dir = Path(site_dir)
     run_id = _run_id(run_id)
     record = run_record_dir(site_dir, run_id)
-    missing = [rel for rel in RECORD_FILES.values() if rel != "keys/server-audit-signing.pub.pem"
+    missing = [rel for rel in RECORD_FILES.values() if rel != SERVER_AUDIT_PUBKEY.as_posix()
                and not (record / rel).is_file()]
     if missing:
         raise EvidenceError(f"{record}: no run record of run {run_id} at this site (missing "
@@ -289,7 +295,7 @@ def site_report(site_dir: Path, run_id: str, fmt: str = "html", out: Path | None
         raise EvidenceError(f"{site_dir / SITE_LOG}: {exc}") from None
     site = entries[0].actor if entries else site_dir.name
     trust = [f"{site}={key.absolute()}"]
-    pinned = site_dir / SITE_PINNED_KEY
+    pinned = site_dir / PINNED_SERVER_KEY
     if pinned.is_file():
         trust.append(f"server={pinned.absolute()}")
     if fmt not in SUFFIX:
@@ -298,7 +304,7 @@ def site_report(site_dir: Path, run_id: str, fmt: str = "html", out: Path | None
     with tempfile.TemporaryDirectory(prefix="fedmeta-site-report-") as tmp:
         view = Path(tmp) / run_id
         shutil.copytree(record, view, ignore=shutil.ignore_patterns("report-*", "*.png"))
-        mine = view / "sites" / site
+        mine = RunPaths(view).site(site).root
         for rel in (SITE_LOG, SITE_PUBKEY, Path(LEDGER_FILE), Path(MANIFEST)):
             if (site_dir / rel).is_file():
                 (mine / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -36,15 +36,22 @@ from fedmeta.deploy import templates as t
 from fedmeta.deploy.federation import Federation, load_federation
 from fedmeta.deploy.proxy import nginx_conf
 from fedmeta.deploy.request import SiteRequest, load_request, request_bytes
-from fedmeta.deploy.serverkey import COORDINATOR_KEY, SITE_PINNED_KEY
+from fedmeta.paths import (
+    CA_CERT,
+    CLIENT_CERT,
+    FEDERATION_FILE,
+    KEYS_DIR,
+    MANIFEST_FILE,
+    SERVER_AUDIT_PUBKEY,
+    SITE_AUDIT_KEYS_DIR,
+    SITE_NODE_KEYS_DIR,
+)
+from fedmeta.paths import PINNED_SERVER_KEY as SITE_PINNED_KEY
+from fedmeta.paths import SERVER_AUDIT_KEY as COORDINATOR_KEY
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
 
 RENEW_DAYS = 30
 CA_DIR, COORDINATOR_DIR, SITES_DIR, REQUESTS_DIR = "ca", "coordinator", "sites", "requests"
-NODE_KEY = Path("keys") / "supernode-auth.key"
-NODE_PUB = Path("keys") / "supernode-auth.pub"
-AUDIT_KEY = Path("keys") / "audit-signing.pem"  # = fedmeta.site.AUDIT_KEY
-TLS_KEY = Path("keys") / "tls-client.key"
-CLIENT_CERT = "client.pem"
 CLIENT_VALIDITY_DAYS = 397
 SCRIPT_MODE = 0o755
 
@@ -142,7 +149,7 @@ def _server_audit_key(out: Path, force: bool, report: ProvisionReport) -> bytes:
     _private_dir(path.parent)
     if path.exists() and force:
         path.unlink()
-        path.with_name(path.name.replace(".pem", ".pub.pem")).unlink(missing_ok=True)
+        (out / COORDINATOR_DIR / SERVER_AUDIT_PUBKEY).unlink(missing_ok=True)
     if path.exists():
         key = load_private_key(path)
         report.kept.append(_rel(report, path))
@@ -212,8 +219,8 @@ def _server_cert(fed: Federation, kit: Path, ca_key, ca_cert, force: bool,
 def _site_public_files(fed: Federation, kit: Path, requests: dict[str, SiteRequest],
                        report: ProvisionReport) -> None:
     """coordinator/site-keys/ and site-audit-keys/ from the accepted requests, nothing else."""
-    for sub, suffix, field_name in (("site-keys", ".pub", "supernode_public_key"),
-                                    ("site-audit-keys", ".pub.pem", "audit_public_key")):
+    for sub, suffix, field_name in ((SITE_NODE_KEYS_DIR, ".pub", "supernode_public_key"),
+                                    (SITE_AUDIT_KEYS_DIR, ".pub.pem", "audit_public_key")):
         d = kit / sub
         d.mkdir(exist_ok=True)
         wanted = {f"{s.id}{suffix}" for s in fed.sites}
@@ -227,7 +234,7 @@ def _site_public_files(fed: Federation, kit: Path, requests: dict[str, SiteReque
                 continue
             path = d / f"{s.id}{suffix}"
             data = (getattr(req, field_name).strip() + "\n").encode()
-            if path.exists() and path.read_bytes() != data and sub == "site-keys":
+            if path.exists() and path.read_bytes() != data and sub == SITE_NODE_KEYS_DIR:
                 report.notes.append(f"site {s.id}'s SuperNode key changed: run "
                                     f"./register-sites.sh CONNECTION {s.id} on the "
                                     "coordinator (its old node is unregistered)")
@@ -239,10 +246,10 @@ def _coordinator(fed: Federation, federation_file: Path, out: Path, ca_key, ca_c
                  requests: dict[str, SiteRequest]) -> None:
     kit = out / COORDINATOR_DIR
     _private_dir(kit)
-    pki.write_public(kit / "ca.pem", pki.cert_pem(ca_cert))
+    pki.write_public(kit / CA_CERT, pki.cert_pem(ca_cert))
     _server_cert(fed, kit, ca_key, ca_cert, force, report)
     _site_public_files(fed, kit, requests, report)
-    pki.write_public(kit / "federation.toml", federation_file.read_bytes())
+    pki.write_public(kit / FEDERATION_FILE, federation_file.read_bytes())
     pki.write_public(kit / t.ENV_FILE, t.env_file_text().encode())
     pki.write_public(kit / "nginx.conf", nginx_conf(fed).encode())
     pki.write_public(kit / "flwr-connection.toml", t.render(
@@ -328,12 +335,12 @@ def _site(fed: Federation, out: Path, site_id: str, ca_key, ca_cert, force: bool
           report: ProvisionReport, req: SiteRequest | None) -> None:
     kit = out / SITES_DIR / site_id
     _private_dir(kit)
-    if (kit / "keys").is_dir() and any(p.suffix == ".key" or p.name == "audit-signing.pem"
-                                       for p in (kit / "keys").iterdir()):
+    if (kit / KEYS_DIR).is_dir() and any(p.suffix == ".key" or p.name == AUDIT_KEY.name
+                                       for p in (kit / KEYS_DIR).iterdir()):
         raise ProvisionError(f"{kit / 'keys'}: holds a site's private keys (written by an "
                              "older fedmeta): move them to the site, delete them here, and "
                              "let the site send a request (fedmeta node init)")
-    pki.write_public(kit / "ca.pem", pki.cert_pem(ca_cert))
+    pki.write_public(kit / CA_CERT, pki.cert_pem(ca_cert))
     pki.write_public(kit / t.ENV_FILE, t.env_file_text().encode())
     _client_cert(kit, site_id, req, ca_key, ca_cert, report)
     values = dict(site_id=site_id, federation=fed.name, superlink=fed.superlink.address,
@@ -351,7 +358,7 @@ def _site(fed: Federation, out: Path, site_id: str, ca_key, ca_cert, force: bool
     pki.write_public(kit / "systemd" / "fedmeta-node.service", t.systemd_unit(
         "fedmeta-node.service", f"fedmeta SuperNode of site {site_id} (federation "
         f"{fed.name})", "start-node.sh").encode())
-    manifest = kit / "manifest.toml"
+    manifest = kit / MANIFEST_FILE
     if manifest.exists() and not force:
         report.kept.append(_rel(report, manifest))
     else:

@@ -38,14 +38,7 @@ from fedmeta.audit.keys import (
     public_raw_b64,
 )
 from fedmeta.deploy import pki
-from fedmeta.deploy.kits import (
-    AUDIT_KEY,
-    CLIENT_CERT,
-    NODE_KEY,
-    NODE_PUB,
-    SCRIPT_MODE,
-    TLS_KEY,
-)
+from fedmeta.deploy.kits import SCRIPT_MODE
 from fedmeta.deploy.request import (
     SiteRequest,
     build_request,
@@ -54,17 +47,28 @@ from fedmeta.deploy.request import (
     sha256_file,
 )
 from fedmeta.deploy.templates import ENV_FILE, TODO
+from fedmeta.paths import (
+    AUDIT_DIR,
+    CA_CERT,
+    CLIENT_CERT,
+    KEYS_DIR,
+    LEDGER_FILE,
+    MARKER_FILE,
+    NODE_KEY,
+    NODE_PUB,
+    NODE_SCRIPT,
+    NODE_TOML,
+    PINNED_SERVER_KEY,
+    RETIRED_KEYS,
+    TLS_KEY,
+)
+from fedmeta.paths import MANIFEST_FILE as MANIFEST
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 from policies import DeclarationError, load_site_manifest
 
-AUDIT_LOG = Path("audit") / "audit-log.jsonl"  # = fedmeta.site.AUDIT_LOG
-# = fedmeta.privacy.ledger.LEDGER_FILE / MARKER_FILE (that module imports opacus: slow to load,
-# so it is imported only when there is a ledger to read)
-LEDGER_FILE, MARKER_FILE = "privacy-ledger.jsonl", "site.json"
-MANIFEST = "manifest.toml"
-NODE_TOML = "node.toml"
-KIT_FILES = ("ca.pem", NODE_TOML, "start-node.sh", "README.md", ENV_FILE)
-OPTIONAL_KIT_FILES = ("constraints.txt", "systemd/fedmeta-node.service",
-                      "server-audit.pub.pem")
+KIT_FILES = (CA_CERT, NODE_TOML, NODE_SCRIPT, "README.md", ENV_FILE)
+OPTIONAL_KIT_FILES = ("constraints.txt", "systemd/fedmeta-node.service", PINNED_SERVER_KEY)
 
 
 class NodeError(ValueError):
@@ -151,7 +155,7 @@ def rotate_node_key(site_dir: Path, site_id: str) -> Path:
     """Retire the SuperNode key (to keys/retired/) and create a new one; returns the new .pub."""
     key, pub = site_dir / NODE_KEY, site_dir / NODE_PUB
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    retired = site_dir / "keys" / "retired"
+    retired = site_dir / RETIRED_KEYS
     retired.mkdir(mode=0o700, exist_ok=True)
     if key.exists():
         pki.write_private(retired / f"supernode-auth-{stamp}.key", pki.read_private(key))
@@ -198,9 +202,9 @@ def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = Fals
         kit = Path(kit)
         read_node_toml(kit)  # is it a site kit?
         site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (site_dir / "keys").mkdir(mode=0o700, exist_ok=True)
+        (site_dir / KEYS_DIR).mkdir(mode=0o700, exist_ok=True)
         if kit.absolute() != site_dir:
-            if (kit / "keys").is_dir() and any((kit / "keys").iterdir()):
+            if (kit / KEYS_DIR).is_dir() and any((kit / KEYS_DIR).iterdir()):
                 raise NodeError(f"{kit / 'keys'}: a kit must hold no keys (a site's keys are "
                                 "created by `fedmeta node init` on the site's machine)")
             for name in KIT_FILES:
@@ -217,13 +221,13 @@ def init_site(site_dir: Path, kit: Path | None = None, new_auth_key: bool = Fals
                 pki.write_public(site_dir / MANIFEST, (kit / MANIFEST).read_bytes())
                 report.copied.append(MANIFEST)
     node = read_node_toml(site_dir)
-    for needed in ("ca.pem", "start-node.sh", MANIFEST):
+    for needed in (CA_CERT, NODE_SCRIPT, MANIFEST):
         if not (site_dir / needed).exists():
             raise NodeError(f"{site_dir / needed}: missing; copy the site's kit again "
                             "(fedmeta node init SITE_DIR --kit KIT)")
-    (site_dir / "keys").mkdir(mode=0o700, exist_ok=True)
-    (site_dir / "keys").chmod(0o700)
-    (site_dir / "audit").mkdir(mode=0o700, exist_ok=True)
+    (site_dir / KEYS_DIR).mkdir(mode=0o700, exist_ok=True)
+    (site_dir / KEYS_DIR).chmod(0o700)
+    (site_dir / AUDIT_DIR).mkdir(mode=0o700, exist_ok=True)
     _site_keys(site_dir, str(node["site_id"]), report)
     if new_auth_key:
         report.new_public_key = rotate_node_key(site_dir, str(node["site_id"]))
@@ -308,7 +312,7 @@ def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | N
 
     def node_config():
         node.update(read_node_toml(site_dir))
-        script = site_dir / "start-node.sh"
+        script = site_dir / NODE_SCRIPT
         if not script.exists() or not os.access(script, os.X_OK):
             raise NodeError(f"{script}: missing or not executable")
         return (f"site {node['site_id']} (index {node['site_index']}), SuperLink "
@@ -328,7 +332,7 @@ def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | N
                 f"{', '.join(m.law_packs)}, epsilon_max {m.epsilon_max:g}"), False
     checks.append(_check("manifest", manifest))
 
-    ca_path = Path(root_cert) if root_cert else site_dir / "ca.pem"
+    ca_path = Path(root_cert) if root_cert else site_dir / CA_CERT
 
     def ca():
         from cryptography import x509
@@ -434,7 +438,7 @@ def check_site(site_dir: Path, superlink: str | None = None, root_cert: Path | N
     checks.append(_check("approved apps", apps))
 
     def noise_secret():
-        from fedmeta.privacy.noise import SECRET_FILE
+        from fedmeta.paths import NOISE_SECRET as SECRET_FILE
 
         path = site_dir / SECRET_FILE
         if not path.exists():

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmeta.deploy import pki
-
-REGISTRY = Path("state") / "node-ids.txt"
-REGISTRY_ENV = "FEDMETA_NODE_REGISTRY"
+from fedmeta.paths import FEDERATION_FILE, SITE_NODE_KEYS_DIR
+from fedmeta.paths import NODE_REGISTRY as REGISTRY
 
 
 class RegistryError(RuntimeError):
@@ -118,7 +117,7 @@ def register_sites(kit: Path, connection: str, sites: list[str]) -> list[str]:
     from fedmeta.deploy.federation import load_federation
 
     kit = Path(kit)
-    fed = load_federation(kit / "federation.toml")
+    fed = load_federation(kit / FEDERATION_FILE)
     sites = sites or [s.id for s in fed.sites]
     known = {s.id for s in fed.sites}
     path = kit / REGISTRY
@@ -127,7 +126,7 @@ def register_sites(kit: Path, connection: str, sites: list[str]) -> list[str]:
     for site in sites:
         if site not in known:
             raise RegistryError(f"site {site}: not in {kit / 'federation.toml'}")
-        key_path = kit / "site-keys" / f"{site}.pub"
+        key_path = kit / SITE_NODE_KEYS_DIR / f"{site}.pub"
         if not key_path.exists():
             raise RegistryError(f"site {site}: no key at {key_path}: provision with the site's "
                                 "request (fedmeta provision ... --request FILE)")

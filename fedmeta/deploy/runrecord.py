@@ -28,15 +28,25 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.audit import AuditError, AuditLog, Receipt, read_log
+from fedmeta.paths import (
+    AUDIT_DIR,
+    CONFIG_FILE,
+    DECISIONS_FILE,
+    KEYS_DIR,
+    METRICS_FILE,
+    PINNED_SERVER_KEY,
+    RUNS_DIR,
+    SERVER_AUDIT_LOG,
+    SERVER_AUDIT_PUBKEY,
+)
 
 RUN_PLACEHOLDER = "{run}"
-RUNS_DIR = "runs"  # in a site directory: one sub-directory per run the site took part in
 RECORD_FILES = {  # message key -> file in <site-dir>/runs/<run-id>/ (and in a run directory)
-    "record-server-log": "audit/server-audit-log.jsonl",
-    "record-server-key": "keys/server-audit-signing.pub.pem",
-    "record-config": "config.json",
-    "record-decisions": "policy-decisions.json",
-    "record-metrics": "metrics.jsonl",
+    "record-server-log": SERVER_AUDIT_LOG.as_posix(),
+    "record-server-key": SERVER_AUDIT_PUBKEY.as_posix(),
+    "record-config": CONFIG_FILE,
+    "record-decisions": DECISIONS_FILE,
+    "record-metrics": METRICS_FILE,
 }
 MAX_RECORD_BYTES = 32 * 1024 * 1024  # per file
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
@@ -74,9 +84,7 @@ def record_for_sites(out: Path) -> dict[str, str]:
 
 
 def _pinned_server_key(site_dir: Path) -> Path | None:
-    from fedmeta.deploy.serverkey import SITE_PINNED_KEY
-
-    path = Path(site_dir) / SITE_PINNED_KEY
+    path = Path(site_dir) / PINNED_SERVER_KEY
     return path if path.is_file() else None
 
 
@@ -87,7 +95,7 @@ def keep_run_record(site_dir: Path, run_id: str, head: Receipt, sent: Any,
     keeps nothing then)."""
     files = {rel: sent.get(key) for key, rel in RECORD_FILES.items()}
     problem = ""
-    if not isinstance(files["audit/server-audit-log.jsonl"], str):
+    if not isinstance(files[SERVER_AUDIT_LOG.as_posix()], str):
         problem = "no server log in the run record"
     elif any(isinstance(v, str) and len(v.encode()) > MAX_RECORD_BYTES for v in files.values()):
         problem = f"a file of the run record exceeds {MAX_RECORD_BYTES} bytes"
@@ -99,12 +107,12 @@ def keep_run_record(site_dir: Path, run_id: str, head: Receipt, sent: Any,
     digest = ""
     if not problem and target is not None:
         tmp = target.with_name(target.name + ".incoming")
-        (tmp / "audit").mkdir(parents=True, exist_ok=True)
-        (tmp / "keys").mkdir(parents=True, exist_ok=True)
+        (tmp / AUDIT_DIR).mkdir(parents=True, exist_ok=True)
+        (tmp / KEYS_DIR).mkdir(parents=True, exist_ok=True)
         for rel, text in files.items():
             if isinstance(text, str):
                 (tmp / rel).write_text(text, encoding="utf-8")
-        server_log = tmp / "audit/server-audit-log.jsonl"
+        server_log = tmp / SERVER_AUDIT_LOG
         digest = hashlib.sha256(server_log.read_bytes()).hexdigest()
         pinned = _pinned_server_key(site_dir)
         try:

@@ -26,10 +26,9 @@ from typing import Any
 from fedmeta.audit import Entry, Receipt
 from fedmeta.audit.errors import AuditError
 from fedmeta.audit.keys import fingerprint, load_public_key
+from fedmeta.paths import PINNED_SERVER_KEY as SITE_PINNED_KEY
+from fedmeta.paths import SERVER_AUDIT_KEY_ENV as SERVER_KEY_ENV
 
-SERVER_KEY_ENV = "FEDMETA_SERVER_AUDIT_KEY"
-COORDINATOR_KEY = Path("keys") / "server-audit-signing.pem"  # in the coordinator kit
-SITE_PINNED_KEY = "server-audit.pub.pem"  # in a site kit and site directory
 RUN_START_KEY, ROUND_START_KEY = "server-run-start", "server-entry"  # round config keys
 RULE = "SITE-SERVER-KEY"
 
@@ -105,7 +104,9 @@ def decline_round(site_dir: Path, site_id: str, run_id: str, server_round: int,
     """Refuse the round on record (``round.decline``, rule ``SITE-SERVER-KEY``) before
     anything of it is used; returns the site's reply (a decline with its receipt)."""
     from fedmeta.audit import AuditLog
-    from fedmeta.site import AUDIT_KEY, AUDIT_LOG, SiteReply
+    from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+    from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
+    from fedmeta.site import SiteReply
 
     with AuditLog.open(Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY,
                        actor=site_id) as log:

@@ -27,7 +27,9 @@ import ssl
 import sys
 from pathlib import Path
 
-CERT_ENV, KEY_ENV = "FEDMETA_TLS_CLIENT_CERT", "FEDMETA_TLS_CLIENT_KEY"
+from fedmeta.paths import TLS_CLIENT_CERT_ENV as CERT_ENV
+from fedmeta.paths import TLS_CLIENT_KEY_ENV as KEY_ENV
+
 _HOOK_PARAMS = ["server_address", "insecure", "root_certificates", "interceptors",
                 "retry_invoker"]
 

@@ -15,6 +15,7 @@ from fedmeta.cli_common import fail as _fail
 from fedmeta.incidents.clocks import clocks
 from fedmeta.incidents.model import KIND_TEXT, Decision
 from fedmeta.incidents.store import IncidentError, IncidentStore, now
+from fedmeta.paths import RunPaths
 
 incident_app = typer.Typer(help="Incidents opened from the run's signals, with the GDPR "
                                 "Art. 33/34 and DPDP r.7 clocks and the notify decision.",
@@ -26,7 +27,7 @@ IncidentId = Annotated[str, typer.Argument(help="an incident id (see `fedmeta in
 
 
 def _store(run_dir: Path) -> IncidentStore:
-    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "audit").is_dir():
+    if not RunPaths(run_dir).metrics.is_file() and not RunPaths(run_dir).server_log.parent.is_dir():
         raise _fail(f"{run_dir}: not a run directory (fedmeta simulate --out)")
     return IncidentStore(run_dir)
 

@@ -13,12 +13,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from fedmeta.audit import AuditLog
 from fedmeta.incidents.model import Decision, Incident
+from fedmeta.paths import INCIDENTS_DIR as DIR
+from fedmeta.paths import INCIDENTS_FILE as FILE
+from fedmeta.paths import INCIDENTS_KEY as KEY
+from fedmeta.paths import INCIDENTS_LOG as LOG
 from policies.validation import format_validation_error
 
-DIR = "incidents"
-FILE = "incidents.json"
-LOG = "audit-log.jsonl"
-KEY = "incident-signing.pem"
 _LIST = TypeAdapter(list[Incident])
 
 

@@ -33,7 +33,8 @@ from fedmeta.meta.methods import (
     episode_scores_grid,
     methods_for,
 )
-from fedmeta.metrics import CONFIG_FILE, load_model
+from fedmeta.metrics import load_model
+from fedmeta.paths import CONFIG_FILE
 
 METHOD_OF_STRATEGY = BASE_OF_STRATEGY
 LABELS = {"scratch": "from scratch (traditional ML)", "transfer": "FedAvg + fine-tuning (transfer)",

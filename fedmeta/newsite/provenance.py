@@ -16,9 +16,7 @@ from typing import Any
 import torch
 
 from fedmeta.meta.updates import model_digest
-from fedmeta.metrics import CONFIG_FILE, MODEL_FILE
-
-SERVER_AUDIT_LOG = Path("audit") / "server-audit-log.jsonl"
+from fedmeta.paths import CONFIG_FILE, MODEL_FILE, SERVER_AUDIT_LOG
 
 
 class ProvenanceError(ValueError):

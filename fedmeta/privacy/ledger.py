@@ -39,11 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.durable import append_json_line, fsync_dir
+from fedmeta.paths import LEDGER_FILE, MARKER_FILE
 from fedmeta.privacy.budget import Step, epsilon
 from fedmeta.privacy.units import RECORD
-
-LEDGER_FILE = "privacy-ledger.jsonl"
-MARKER_FILE = "site.json"
 
 
 class LedgerError(RuntimeError):

@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from torch.utils.data import Dataset, Sampler
 
-SECRET_FILE = Path("keys") / "noise-secret"
+from fedmeta.paths import NOISE_SECRET as SECRET_FILE
+
 SECRET_BYTES = 32
 SITE_CSPRNG = "site-csprng"
 SEEDED = "seeded"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedmeta.paths import RunPaths
 from fedmeta.report.build import UnverifiedRunError, build_report
 from fedmeta.report.collect import ReportError
 from fedmeta.report.model import Report
@@ -64,7 +65,7 @@ def generate(run_dir: Path, fmt: str = "html", out: Path | None = None,
         raise ReportError(str(exc)) from None
     if fmt not in FORMATS:
         raise ReportError(f"option '--format': {fmt!r} is not one of {', '.join(FORMATS)}")
-    if baseline is not None and not (Path(baseline) / "metrics.jsonl").is_file():
+    if baseline is not None and not RunPaths(baseline).metrics.is_file():
         raise ReportError(f"option '--baseline': {baseline}: not a run directory "
                           "(no metrics.jsonl)")
     report = build_report(Path(run_dir), site=site, allow_unverified=allow_unverified,

@@ -14,7 +14,8 @@ import math
 from collections import Counter
 from typing import Any
 
-from fedmeta.report.collect import SITES_DIR, LogRead, RunFiles, SiteFiles
+from fedmeta.paths import METRICS_FILE, SITES_DIR, SUMMARY_FILE, RunPaths, SitePaths
+from fedmeta.report.collect import LogRead, RunFiles, SiteFiles
 from fedmeta.report.evidence import (
     ledger_evidence,
     manifest_hashes,
@@ -82,7 +83,7 @@ def _hashes(files: RunFiles) -> list[CrossCheck]:
     for name, want, got in (
         ("config.json is the configuration the signed run.start entry names",
          start.get("config_sha256"),
-         _sha((files.run_dir / "config.json").read_text(encoding="utf-8"))),
+         _sha(RunPaths(files.run_dir).config.read_text(encoding="utf-8"))),
         ("the declaration in policy-decisions.json is the one the signed run.start entry names",
          start.get("declaration_sha256"),
          files.declaration.sha256()),
@@ -118,8 +119,8 @@ def _decisions(files: RunFiles, site: str | None) -> CrossCheck:
 def _model(files: RunFiles) -> CrossCheck:
     logged = files.run_end.model_out if files.run_end is not None else None
     values = {"server log run.end": logged,
-              "summary.json": (files.summary or {}).get("model_sha256"),
-              "metrics.jsonl (last round)": files.metrics[-1].get("model_sha256")
+              SUMMARY_FILE: (files.summary or {}).get("model_sha256"),
+              f"{METRICS_FILE} (last round)": files.metrics[-1].get("model_sha256")
               if files.metrics else None}
     present = {k: v for k, v in values.items() if v}
     ok = logged is not None and len(set(present.values())) == 1
@@ -198,7 +199,7 @@ def _manifest(files: RunFiles, site: SiteFiles) -> CrossCheck | None:
     shown = manifest_hashes(files, site)
     ok = signed <= shown
     received = files.manifests.get(site.site_id)
-    path = site.dir / "manifest.toml"
+    path = SitePaths(site.dir).manifest
     if ok and received is not None and path.is_file():
         from policies import load_site_manifest
 

@@ -1,4 +1,4 @@
-"""Read a run directory for the report: the only module that knows where the files are.
+"""Read a run directory for the report (where its files lie: :mod:`fedmeta.paths`).
 
 A run directory (written by ``server/run.py``, ``fedmeta/site.py`` and the
 privacy ledger) holds::
@@ -35,23 +35,26 @@ from pydantic import ValidationError
 
 from fedmeta.audit import AuditError, Entry, Receipt, VerifyResult, read_log
 from fedmeta.config import ConfigError, RunConfig
+from fedmeta.paths import (
+    CONFIG_FILE,
+    DECISIONS_FILE,
+    LEDGER_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    SERVER_AUDIT_KEY,
+    SITE_AUDIT_KEY,
+    SITES_DIR,
+    SUMMARY_FILE,
+)
+from fedmeta.paths import MANIFEST_FILE as SITE_MANIFEST
+from fedmeta.paths import SERVER_AUDIT_LOG as SERVER_LOG
+from fedmeta.paths import SERVER_AUDIT_PUBKEY as SERVER_PUBKEY
+from fedmeta.paths import SITE_AUDIT_LOG as SITE_LOG
+from fedmeta.paths import SITE_AUDIT_PUBKEY as SITE_PUBKEY
 from fedmeta.report.metrics_schema import check_line, check_summary
 from fedmeta.report.trust import Anchor
 from policies import Decision, DeclarationError, RunDeclaration, SiteManifest, load_site_manifest
 from policies.validation import format_validation_error
-
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-DECISIONS_FILE = "policy-decisions.json"
-MODEL_FILE = "final_model.pt"
-SERVER_LOG = Path("audit") / "server-audit-log.jsonl"
-SERVER_PUBKEY = Path("keys") / "server-audit-signing.pub.pem"
-SITES_DIR = "sites"
-SITE_LOG = Path("audit") / "audit-log.jsonl"
-SITE_PUBKEY = Path("keys") / "audit-signing.pub.pem"
-SITE_MANIFEST = "manifest.toml"
-LEDGER_FILE = "privacy-ledger.jsonl"
 
 
 class ReportError(ValueError):
@@ -352,10 +355,10 @@ def verify_logs(files: RunFiles) -> None:
 
 
 def _private_keys(run_dir: Path) -> list[str]:
-    found = [run_dir / SERVER_PUBKEY.with_name("server-audit-signing.pem")]
+    found = [run_dir / SERVER_AUDIT_KEY]
     sites_dir = run_dir / SITES_DIR
     if sites_dir.is_dir():
-        found += sorted(d / SITE_PUBKEY.with_name("audit-signing.pem")
+        found += sorted(d / SITE_AUDIT_KEY
                         for d in sites_dir.iterdir() if d.is_dir())
     return [str(f.relative_to(run_dir)) for f in found if f.is_file()]
 

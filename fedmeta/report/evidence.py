@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmeta.paths import RunPaths, SitePaths
 from fedmeta.report.collect import RunFiles, SiteFiles
 
 # ledger field -> (signed details key, how to read it from the entry)
@@ -173,14 +174,14 @@ def metrics_signed(files: RunFiles) -> bool | None:
     signed = end.details.get("metrics_sha256") if end is not None else None
     if not isinstance(signed, str):
         return None
-    return file_sha256(files.run_dir / "metrics.jsonl") == signed
+    return file_sha256(RunPaths(files.run_dir).metrics) == signed
 
 
 def manifest_hashes(files: RunFiles, site: SiteFiles) -> set[str]:
     """The hashes a manifest the report shows for ``site`` may have (file bytes, or the
     canonical JSON of the manifest the server received)."""
     out: set[str] = set()
-    path = site.dir / "manifest.toml"
+    path = SitePaths(site.dir).manifest
     if path.is_file():
         out.add(file_sha256(path) or "")
     m = files.manifests.get(site.site_id) or site.manifest

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedmeta.paths import SHOTS_CURVE
 from fedmeta.report.collect import RunFiles, read_baseline
 from fedmeta.report.evidence import metrics_signed
 from fedmeta.report.model import EvalPoint, LearningSection, RoundRow, ShotsPoint
-
-SHOTS_CURVE = "shots-curve.json"  # what `fedmeta evaluate` writes into the first run directory
 
 
 def eval_points(metrics: list[dict[str, Any]]) -> list[EvalPoint]:

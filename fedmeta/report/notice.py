@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedmeta.paths import RunPaths
 from fedmeta.report.collect import ReportError, RunFiles, read_run
 from fedmeta.report.records import legal_basis
 from fedmeta.report.render import _env
@@ -94,6 +95,6 @@ def notice_command(
         Console(stderr=True, highlight=False).print(f"error: {exc}", style="bold red",
                                                     markup=False)
         raise typer.Exit(2) from None
-    target = out or Path(run_dir) / "study-notice.md"
+    target = out or RunPaths(run_dir).study_notice
     target.write_text(study_notice(files), encoding="utf-8")
     Console(highlight=False).print(f"wrote {target} (complete every TODO before publishing)")

@@ -27,10 +27,11 @@ from pathlib import Path
 
 from fedmeta.audit.errors import AuditError
 from fedmeta.audit.keys import fingerprint, load_public_key
+from fedmeta.paths import SERVER_AUDIT_KEY, SITE_AUDIT_PUBKEY
 
 SERVER = "server"
-SERVER_KEY_STEM = "server-audit-signing"
-SITE_KEY_NAME = "audit-signing.pub.pem"
+SERVER_KEY_STEM = SERVER_AUDIT_KEY.stem
+SITE_KEY_NAME = SITE_AUDIT_PUBKEY.name
 _FP_RE = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})")
 _PARTY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

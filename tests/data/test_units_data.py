@@ -12,9 +12,11 @@ import torch
 from fedmeta.config import RunConfig, build_task, run_declaration
 from fedmeta.data.csv_loader import DataError, load_csv, parse_schema
 from fedmeta.data.tasks.digits import DigitsFewShot, _all_digits
+from fedmeta.paths import LEDGER_FILE
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 from fedmeta.privacy.budget import poisson_rate
-from fedmeta.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
-from fedmeta.site import AUDIT_LOG, Site, load_manifest
+from fedmeta.privacy.ledger import LedgerError, PrivacyLedger
+from fedmeta.site import Site, load_manifest
 
 SCHEMA = """\
 [dataset]

@@ -24,8 +24,11 @@ from flwr.cli.build import build_fab_from_disk
 
 from fedmeta.audit import verify_log
 from fedmeta.audit.keys import create_key
-from fedmeta.deploy.appcheck import AUDIT_KEY, AUDIT_LOG, fab_sha256
+from fedmeta.deploy.appcheck import fab_sha256
 from fedmeta.offline import OFFLINE_ENV
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
+from fedmeta.paths import SitePaths
 
 pytestmark = pytest.mark.deploy
 
@@ -151,7 +154,7 @@ def test_an_unapproved_app_never_runs_at_the_site_and_an_approved_one_does(tmp_p
         assert not (marks / "imported").exists() and not (marks / "ran").exists()
         assert not list((site_home / "apps").glob("*markerapp*")), "the app was installed"
         log = site / AUDIT_LOG
-        assert verify_log(log, public_key=site / "keys" / "audit-signing.pub.pem").ok
+        assert verify_log(log, public_key=SitePaths(site).audit_pubkey).ok
         entries = [json.loads(x) for x in log.read_text().splitlines()]
         (refusal,) = [e for e in entries if e["action"] == "app.refuse"]
         assert refusal["decision"] == "deny" and refusal["rule_ids"] == ["SITE-APP"]
@@ -170,7 +173,7 @@ def test_an_unapproved_app_never_runs_at_the_site_and_an_approved_one_does(tmp_p
         entries = [json.loads(x) for x in log.read_text().splitlines()]
         assert [e["action"] for e in entries if e["action"].startswith("app.")] == [
             "app.refuse", "app.approve"]
-        assert verify_log(log, public_key=site / "keys" / "audit-signing.pub.pem").ok
+        assert verify_log(log, public_key=SitePaths(site).audit_pubkey).ok
     finally:
         d.stop_all()
     assert not d.tagged_pids()

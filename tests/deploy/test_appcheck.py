@@ -18,9 +18,6 @@ from typer.testing import CliRunner
 from fedmeta.audit import verify_log
 from fedmeta.audit.keys import create_key
 from fedmeta.deploy.appcheck import (
-    APPROVALS_FILE,
-    AUDIT_KEY,
-    AUDIT_LOG,
     AppApprovalError,
     approve,
     check_fab,
@@ -30,6 +27,10 @@ from fedmeta.deploy.appcheck import (
     record_refusal,
     release_digest,
 )
+from fedmeta.paths import APP_APPROVALS as APPROVALS_FILE
+from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
+from fedmeta.paths import SitePaths
 
 PYPROJECT = """[build-system]
 requires = ["hatchling"]
@@ -180,7 +181,7 @@ def test_a_refusal_is_signed_in_the_site_log(tmp_path):
     receipt = record_refusal(site, "site-a", "42", decision, "test/tinyapp", "1.0.0")
     assert receipt
     log = site / AUDIT_LOG
-    assert verify_log(log, public_key=site / "keys" / "audit-signing.pub.pem").ok
+    assert verify_log(log, public_key=SitePaths(site).audit_pubkey).ok
     (entry,) = [json.loads(x) for x in log.read_text().splitlines()
                 if '"app.refuse"' in x]
     assert entry["decision"] == "deny" and entry["rule_ids"] == ["SITE-APP"]

@@ -25,6 +25,16 @@ from fedmeta.deploy.federation import FederationError, load_federation
 from fedmeta.deploy.kits import provision
 from fedmeta.deploy.node import NodeError, check_site, init_site, tls_probe
 from fedmeta.deploy.request import RequestError
+from fedmeta.paths import (
+    NODE_KEY,
+    NODE_PUB,
+    NODE_REGISTRY,
+    PINNED_SERVER_KEY,
+    SITE_AUDIT_KEY,
+    TLS_CLIENT_CERT_ENV,
+    TLS_KEY,
+    SitePaths,
+)
 from policies import evaluate_site, example_run_declaration, load_site_manifest
 
 FED = """name = "unitfed"
@@ -64,7 +74,7 @@ def mode(path: Path) -> int:
 
 
 def fill(site_dir: Path) -> None:
-    p = site_dir / "manifest.toml"
+    p = SitePaths(site_dir).manifest
     text = re.sub(r'"([A-Z]{2}): TODO[^"]*"', r'"\1: Filled In"', p.read_text())  # laws
     p.write_text(re.sub(r'"TODO[^"]*"', '"Filled In"', text)
                  .replace('dpo_contact = "Filled In"', 'dpo_contact = "dpo@x.example"'))
@@ -133,14 +143,14 @@ def test_kits_hold_no_site_private_key_and_sites_hold_theirs(tmp_path):
     assert mode(kits / "coordinator" / "keys" / "server-audit-signing.pem") == 0o600
     pinned = kits / "coordinator" / "keys" / "server-audit-signing.pub.pem"
     for site in ("site-de-01", "site-in-01"):  # pinned in every site kit, copied by init
-        assert (kits / "sites" / site / "server-audit.pub.pem").read_bytes() == \
-            pinned.read_bytes() == (tmp_path / "state" / site / "server-audit.pub.pem").read_bytes()
+        assert (kits / "sites" / site / PINNED_SERVER_KEY).read_bytes() == \
+            pinned.read_bytes() == (tmp_path / "state" / site / PINNED_SERVER_KEY).read_bytes()
     coord = kits / "coordinator"
     assert sorted(p.name for p in (coord / "site-keys").iterdir()) == [
         "site-de-01.pub", "site-in-01.pub"]
     for site in ("site-de-01", "site-in-01"):  # the public halves the sites created
         assert (coord / "site-keys" / f"{site}.pub").read_bytes() == (
-            tmp_path / "state" / site / "keys/supernode-auth.pub").read_bytes()
+            tmp_path / "state" / site / NODE_PUB).read_bytes()
     for script in (coord / "start-superlink.sh", coord / "register-sites.sh",
                    coord / "start-proxy.sh", coord / "unregister-site.sh",
                    kits / "sites" / "site-de-01" / "start-node.sh"):
@@ -200,7 +210,7 @@ def test_client_certificate_is_issued_for_the_sites_key(tmp_path):
         assert pki.cert_common_name(cert) == site
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
-        key = pki.load_ec_private_pem(tmp_path / "state" / site / "keys/tls-client.key")
+        key = pki.load_ec_private_pem(tmp_path / "state" / site / TLS_KEY)
         assert pki.same_public_key(cert.public_key(), key.public_key())
         assert (tmp_path / "state" / site / "client.pem").read_bytes() == (
             kits / "sites" / site / "client.pem").read_bytes()
@@ -237,14 +247,14 @@ def test_keys_in_the_formats_flower_reads(tmp_path):
 
     _, kits = make(tmp_path)
     site = tmp_path / "state" / "site-de-01"
-    key = load_ssh_private_key((site / "keys/supernode-auth.key").read_bytes(), None)
+    key = load_ssh_private_key((site / NODE_KEY).read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     # the very functions flower-supernode and `flwr supernode register` call
-    args = argparse.Namespace(auth_supernode_private_key=str(site / "keys/supernode-auth.key"),
+    args = argparse.Namespace(auth_supernode_private_key=str(site / NODE_KEY),
                               auth_supernode_public_key=None)
     private, public = _try_setup_client_authentication(args)
     assert try_load_public_key(kits / "coordinator/site-keys/site-de-01.pub")
-    assert pki.same_public_key(public, pki.load_node_public(site / "keys/supernode-auth.pub"))
+    assert pki.same_public_key(public, pki.load_node_public(site / NODE_PUB))
 
 
 def test_superlink_certificate(tmp_path):
@@ -295,7 +305,7 @@ def test_rotation_replaces_the_registered_key(tmp_path):
     report = init_site(site_dir, new_auth_key=True)
     report = provision(fed, kits, requests=[report.request])
     new_pub = (kits / "coordinator/site-keys/site-de-01.pub").read_bytes()
-    assert new_pub != old_pub and new_pub == (site_dir / "keys/supernode-auth.pub").read_bytes()
+    assert new_pub != old_pub and new_pub == (site_dir / NODE_PUB).read_bytes()
     assert any("register-sites.sh CONNECTION site-de-01" in n for n in report.notes)
     # two requests for one site in one call: refused, loudly
     with pytest.raises(ValueError, match="second request"):
@@ -339,7 +349,7 @@ def test_manifest_template_passes_the_example_run_once_filled(tmp_path, country)
     _, kits = make(tmp_path, FED.replace('country = "DE"', f'country = "{country}"'))
     site = kits / "sites/site-de-01"
     fill(site)
-    manifest = load_site_manifest(site / "manifest.toml")
+    manifest = load_site_manifest(SitePaths(site).manifest)
     assert manifest.country == country
     assert not [d for d in evaluate_site(example_run_declaration(), manifest) if d.denied]
 
@@ -355,9 +365,9 @@ def test_node_init_creates_keys_request_then_check(tmp_path):
     assert "manifest.toml" in report.copied and "client.pem" not in report.copied
     assert set(report.created) == {"keys/supernode-auth.key", "keys/audit-signing.pem",
                                    "keys/tls-client.key"}
-    assert mode(site_dir / "keys/supernode-auth.key") == 0o600
+    assert mode(site_dir / NODE_KEY) == 0o600
     assert mode(site_dir / "keys") == 0o700 and (site_dir / "audit").is_dir()
-    assert not (site_dir / "privacy-ledger.jsonl").exists()
+    assert not SitePaths(site_dir).ledger.exists()
     request = report.request
     assert request == site_dir / "request-site-de-01.json"
     assert b"PRIVATE" not in request.read_bytes()
@@ -373,11 +383,11 @@ def test_node_init_creates_keys_request_then_check(tmp_path):
     fill(site_dir)
     assert all(c.ok for c in check_site(site_dir, connect=False))
     # init again keeps the site's own manifest and keys
-    (site_dir / "manifest.toml").write_text((site_dir / "manifest.toml").read_text() + "#\n")
+    SitePaths(site_dir).manifest.write_text(SitePaths(site_dir).manifest.read_text() + "#\n")
     init_site(site_dir, kits / "sites/site-de-01")
-    assert (site_dir / "manifest.toml").read_text().endswith("#\n")
+    assert SitePaths(site_dir).manifest.read_text().endswith("#\n")
     # rotation: new key, new request
-    old = (site_dir / "keys/supernode-auth.pub").read_bytes()
+    old = (site_dir / NODE_PUB).read_bytes()
     report = init_site(site_dir, new_auth_key=True)
     assert report.new_public_key and report.new_public_key.read_bytes() != old
     assert report.request_sha256 != sha
@@ -397,12 +407,12 @@ def test_node_check_failures(tmp_path):
     _, kits = make(tmp_path)
     site_dir = tmp_path / "state/site-de-01"
     fill(site_dir)
-    (site_dir / "keys/supernode-auth.key").chmod(0o644)
+    (site_dir / NODE_KEY).chmod(0o644)
     (site_dir / "site.json").write_text("{}")  # trained before, but the ledger is gone
-    log = site_dir / "audit/audit-log.jsonl"
+    log = SitePaths(site_dir).audit_log
     from fedmeta.audit import AuditLog
 
-    with AuditLog.open(log, site_dir / "keys/audit-signing.pem", "site-de-01") as a:
+    with AuditLog.open(log, site_dir / SITE_AUDIT_KEY, "site-de-01") as a:
         a.append("round.train", run_id="r", round=1, decision="allow")
     log.write_text(log.read_text().replace('"round":1', '"round":2'))
     (site_dir / "client.pem").write_bytes((kits / "coordinator/superlink.pem").read_bytes())
@@ -606,7 +616,7 @@ esac
     monkeypatch.setenv("PATH", env["PATH"])
     lines = register_sites(coord, "unitfed", [])
     assert lines == ["registered site-de-01 as node 100", "registered site-in-01 as node 101"]
-    reg = read_registry(coord / "state/node-ids.txt")
+    reg = read_registry(coord / NODE_REGISTRY)
     assert {s: e.node_id for s, e in reg.items()} == {"site-de-01": 100, "site-in-01": 101}
     assert register_sites(coord, "unitfed", []) == [
         "site-de-01: already registered as node 100", "site-in-01: already registered as node 101"]
@@ -617,24 +627,24 @@ esac
     assert lines == ["registered site-de-01 as node 102",
                      "unregistered site-de-01's former node 100 (key rotated)"]
     assert "supernode unregister 100 unitfed" in (tmp_path / "calls.log").read_text()
-    assert read_registry(coord / "state/node-ids.txt")["site-de-01"].node_id == 102
+    assert read_registry(coord / NODE_REGISTRY)["site-de-01"].node_id == 102
     assert unregister_sites(coord, "unitfed", ["site-in-01"]) == [
         "unregistered site-in-01 (node 101)"]
-    assert "site-in-01" not in read_registry(coord / "state/node-ids.txt")
+    assert "site-in-01" not in read_registry(coord / NODE_REGISTRY)
     # a failing registration: non-zero, no empty id written, the registry unchanged
-    before = (coord / "state/node-ids.txt").read_bytes()
+    before = (coord / NODE_REGISTRY).read_bytes()
     env = fake_flwr(tmp_path, """printf '{"success": false, "error-message": "boom"}\\n'
 exit 1
 """)
     monkeypatch.setenv("PATH", env["PATH"])
     with pytest.raises(RegistryError, match="site-in-01.*failed: boom"):
         register_sites(coord, "unitfed", ["site-in-01"])
-    assert (coord / "state/node-ids.txt").read_bytes() == before
+    assert (coord / NODE_REGISTRY).read_bytes() == before
     env = fake_flwr(tmp_path, "echo 'registered, but no id'\n")  # exit 0, no node id
     monkeypatch.setenv("PATH", env["PATH"])
     with pytest.raises(RegistryError, match="failed"):
         register_sites(coord, "unitfed", ["site-in-01"])
-    assert (coord / "state/node-ids.txt").read_bytes() == before
+    assert (coord / NODE_REGISTRY).read_bytes() == before
     with pytest.raises(RegistryError, match="not in"):
         unregister_sites(coord, "unitfed", ["site-in-01"])
     # the script exits non-zero too
@@ -643,7 +653,7 @@ exit 1
                          env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}"
                               f":{env['PATH']}"})
     assert res.returncode == 1 and "failed" in res.stderr
-    assert (coord / "state/node-ids.txt").read_bytes() == before
+    assert (coord / NODE_REGISTRY).read_bytes() == before
 
 
 def test_registry_rejects_malformed_lines(tmp_path):
@@ -658,11 +668,12 @@ def test_registry_rejects_malformed_lines(tmp_path):
 
 
 def test_server_binds_nodes_to_sites_from_the_registry(tmp_path, monkeypatch):
-    from fedmeta.deploy.binding import bind_site, binding_source
-    from fedmeta.deploy.registry import REGISTRY_ENV, Entry, write_registry
+    from fedmeta.deploy.binding import bind_site
+    from fedmeta.deploy.registry import Entry, write_registry
+    from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
 
     monkeypatch.delenv(REGISTRY_ENV, raising=False)
-    assert bind_site(7, "site-x") == ("site-x", "") and binding_source() == "reported"
+    assert bind_site(7, "site-x") == ("site-x", "")
     path = tmp_path / "node-ids.txt"
     write_registry(path, {"site-a": Entry("site-a", 11, "SHA256:a"),
                           "site-b": Entry("site-b", 22, "SHA256:b")})
@@ -683,7 +694,8 @@ def test_discover_sites_refuses_and_reports_unbound_nodes(tmp_path, monkeypatch)
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmeta.config import RunConfig
-    from fedmeta.deploy.registry import REGISTRY_ENV, Entry, write_registry
+    from fedmeta.deploy.registry import Entry, write_registry
+    from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
     from policies import default_site_manifest
     from server.run import discover_sites
 
@@ -782,15 +794,15 @@ def _launcher_checks(FleetHttpClient, supernode, site, port, seen, monkeypatch):
             pytest.raises((httpx.HTTPError, ssl.SSLError)):
         client.GetRun(GetRunRequest(run_id=1))
     # the launcher's hook: the site's certificate, the server still verified against ca.pem
-    supernode.install_client_certificate(site / "client.pem", site / "keys/tls-client.key")
+    supernode.install_client_certificate(site / "client.pem", site / TLS_KEY)
     with FleetHttpClient.from_server_address(f"127.0.0.1:{port}", False, ca, []) as client:
         client.GetRun(GetRunRequest(run_id=1))
     assert seen == ["refused", "site-de-01"]
     # a Flower whose hook looks different: refuse to start rather than go without the cert
     FleetHttpClient.from_server_address = classmethod(lambda cls, address: None)
     with pytest.raises(supernode.LauncherError, match="cannot add the TLS client certificate"):
-        supernode.install_client_certificate(site / "client.pem", site / "keys/tls-client.key")
-    monkeypatch.delenv(supernode.CERT_ENV, raising=False)
+        supernode.install_client_certificate(site / "client.pem", site / TLS_KEY)
+    monkeypatch.delenv(TLS_CLIENT_CERT_ENV, raising=False)
     assert supernode.main(["--superlink", "127.0.0.1:1"]) == 2
 
 

@@ -27,9 +27,12 @@ from fedmeta.config import RunConfig
 from fedmeta.deploy.evidence import EvidenceError, export_evidence, import_evidence, site_report
 from fedmeta.deploy.kits import provision
 from fedmeta.deploy.node import init_site
-from fedmeta.deploy.registry import REGISTRY_ENV, Entry, write_registry
-from fedmeta.deploy.serverkey import SERVER_KEY_ENV, SITE_PINNED_KEY
+from fedmeta.deploy.registry import Entry, write_registry
 from fedmeta.inline_grid import InlineGrid
+from fedmeta.paths import NODE_REGISTRY_ENV as REGISTRY_ENV
+from fedmeta.paths import PINNED_SERVER_KEY as SITE_PINNED_KEY
+from fedmeta.paths import SERVER_AUDIT_KEY_ENV as SERVER_KEY_ENV
+from fedmeta.paths import SERVER_AUDIT_PUBKEY, RunPaths, SitePaths
 from fedmeta.report import generate
 from policies.defaults import EXAMPLE_RUN
 from server.app import make_server_app
@@ -50,7 +53,7 @@ RUN = {"sites": 2, "rounds": 2, "min-sites": 2, "fraction-train": 1.0, "dp": Tru
 
 
 def fill_manifest(site_dir: Path, site: str) -> None:
-    path = site_dir / "manifest.toml"
+    path = SitePaths(site_dir).manifest
     text = re.sub(r'institution = "TODO[^"]*"', f'institution = "Hospital {site}"',
                   path.read_text())
     text = re.sub(r'dpo_contact = "TODO[^"]*"', f'dpo_contact = "dpo@{site}.example.org"', text)
@@ -94,13 +97,13 @@ def deployed_run(tmp: Path, kits: Path, dirs: dict[str, Path], monkeypatch,
                                            "server-audit-signing.pem"))
     runs = tmp / "runs"
     cfg = RunConfig.from_flat({**RUN, **overrides, "out-dir": str(runs / "{run}")})
-    result: dict = {}
+    before = set(runs.iterdir()) if runs.is_dir() else set()
     TaskIdentity.task_id, TaskIdentity.run_id = 1, grid.run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    make_server_app(cfg, result=result)(grid, Context(
+    make_server_app(cfg)(grid, Context(
         run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-    out = runs / result["run"]
-    assert (out / "summary.json").exists() and "{run}" not in str(out)
+    (out,) = set(runs.iterdir()) - before  # the run's own directory, runs/<run id>
+    assert RunPaths(out).summary.exists() and "{run}" not in str(out)
     return out
 
 
@@ -118,11 +121,11 @@ def two_runs(federation, tmp_path_factory):
 
 def trust(kits: Path) -> list[str]:
     coord = kits / "coordinator"
-    return [str(coord / "site-audit-keys"), str(coord / "keys" / "server-audit-signing.pub.pem")]
+    return [str(coord / "site-audit-keys"), str(coord / SERVER_AUDIT_PUBKEY)]
 
 
 def run_id(out: Path) -> str:
-    return json.loads((out / "summary.json").read_text())["run"]
+    return json.loads(RunPaths(out).summary.read_text())["run"]
 
 
 def test_each_run_gets_its_own_directory_signed_with_the_federation_key(federation, two_runs):
@@ -131,9 +134,9 @@ def test_each_run_gets_its_own_directory_signed_with_the_federation_key(federati
     assert out_a != out_b and out_a.parent == out_b.parent
     pub = kits / "coordinator" / "keys" / "server-audit-signing.pub.pem"
     for out in two_runs:
-        assert verify_log(out / "audit" / "server-audit-log.jsonl", public_key=pub).ok
-        assert not (out / "keys" / "server-audit-signing.pem").exists()  # no per-run key
-        assert {json.loads(x)["run"] for x in (out / "metrics.jsonl").read_text()
+        assert verify_log(RunPaths(out).server_log, public_key=pub).ok
+        assert not RunPaths(out).server_key.exists()  # no per-run key
+        assert {json.loads(x)["run"] for x in RunPaths(out).metrics.read_text()
                 .splitlines()} == {run_id(out)}
     for site, _ in SITES:  # the kit pinned the federation's key at the site
         assert (dirs[site] / SITE_PINNED_KEY).read_bytes() == pub.read_bytes()
@@ -142,7 +145,7 @@ def test_each_run_gets_its_own_directory_signed_with_the_federation_key(federati
 def test_sites_keep_the_run_record_and_log_the_declaration(federation, two_runs):
     tmp, kits, dirs = federation
     for site, _ in SITES:
-        log = [json.loads(x) for x in (dirs[site] / "audit" / "audit-log.jsonl")
+        log = [json.loads(x) for x in (SitePaths(dirs[site]).audit_log)
                .read_text().splitlines()]
         for out in two_runs:
             rid = run_id(out)
@@ -150,11 +153,11 @@ def test_sites_keep_the_run_record_and_log_the_declaration(federation, two_runs)
             assert [e["decision"] for e in record] == ["allow"], record
             assert record[0]["details"]["server_key"] == "pinned"
             kept = dirs[site] / "runs" / rid / "audit" / "server-audit-log.jsonl"
-            assert kept.read_bytes() == (out / "audit" / "server-audit-log.jsonl").read_bytes()
+            assert kept.read_bytes() == RunPaths(out).server_log.read_bytes()
             trains = [e for e in log if e["action"] == "round.train" and e["run_id"] == rid]
             assert trains and all(e["details"]["declaration_sha256"] for e in trains)
             # which code and which declaration, once per run, as the server's run.start says
-            start = json.loads((out / "audit" / "server-audit-log.jsonl").read_text()
+            start = json.loads(RunPaths(out).server_log.read_text()
                                .splitlines()[1])
             assert start["action"] == "run.start"
             (app,) = [e for e in log if e["action"] == "run.app" and e["run_id"] == rid]
@@ -224,7 +227,7 @@ def test_import_refuses_another_run_a_foreign_key_and_an_edited_log(federation, 
     edited.write_text(json.dumps(data))
     with pytest.raises(EvidenceError, match="does not verify"):
         import_evidence(a_copy, edited, kits / "coordinator" / "site-audit-keys")
-    assert not (a_copy / "sites" / site).exists()
+    assert not RunPaths(a_copy).site(site).root.exists()
     with pytest.raises(EvidenceError, match="no entry of run"):
         export_evidence(dirs[site], "20000101T000000Z-000000", tmp_path / "x.json")
 
@@ -256,20 +259,20 @@ def test_a_round_signed_by_another_server_key_is_refused_and_audited(federation,
     tmp, kits, dirs = federation
     rogue = tmp_path / "rogue" / "server-audit-signing.pem"
     AuditLog.open(tmp_path / "rogue" / "x.jsonl", rogue, actor="server").close()
-    charges = {s: (dirs[s] / "privacy-ledger.jsonl").read_text().count('"charge"')
+    charges = {s: SitePaths(dirs[s]).ledger.read_text().count('"charge"')
                for s, _ in SITES}
     out = deployed_run(tmp, kits, dirs, monkeypatch, server_key=rogue, rounds=1)
-    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+    (line,) = [json.loads(x) for x in RunPaths(out).metrics.read_text().splitlines()
                if json.loads(x)["round"] == 1]
     assert not line["used"] and sorted(line["declined"]) == [s for s, _ in SITES], line
     for site, _ in SITES:
-        log = [json.loads(x) for x in (dirs[site] / "audit" / "audit-log.jsonl")
+        log = [json.loads(x) for x in (SitePaths(dirs[site]).audit_log)
                .read_text().splitlines()]
         mine = [e for e in log if e["run_id"] == run_id(out)]
         assert [e["rule_ids"] for e in mine if e["decision"] == "deny"][0] == [
             "SITE-SERVER-KEY"], mine
         assert not [e for e in mine if e["action"] == "round.train"]
-        assert (dirs[site] / "privacy-ledger.jsonl").read_text().count('"charge"') == \
+        assert SitePaths(dirs[site]).ledger.read_text().count('"charge"') == \
             charges[site]
         # its run record is refused too: the server log is not the pinned key's
         assert [e["decision"] for e in mine if e["action"] == "run.record"] == ["deny"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from fedmeta.report.learning import SHOTS_CURVE, shots_curve
+from fedmeta.paths import SHOTS_CURVE
+from fedmeta.report.learning import shots_curve
 from fedmeta.report.model import ShotsPoint
 
 

@@ -201,12 +201,10 @@ def test_rules_describe_themselves():
         assert rule.id == rule_id
         assert rule.pack in {"gdpr", "dpdp", "privacy"}
         assert rule_id.startswith({"gdpr": "GDPR-", "dpdp": "DPDP-", "privacy": "PRIV-"}[rule.pack])
-        assert rule.references and rule.description and rule.checklist and rule.confidence
+        assert rule.references and rule.description and rule.confidence
         for ref in rule.references:
             assert ref.startswith(("GDPR Art. ", "DPDP Act 2023 s.", "DPDP Rules 2025 r.")), ref
         assert "\n" not in rule.description
-        d = rule.to_dict()
-        assert d["id"] == rule_id and d["level"] == rule.level.value
 
 
 def test_interpretations_are_marked():

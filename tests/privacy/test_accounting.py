@@ -17,8 +17,10 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmeta.config import RunConfig, build_task, run_declaration
-from fedmeta.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from fedmeta.site import AUDIT_LOG, Site, round_seed
+from fedmeta.paths import LEDGER_FILE
+from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
+from fedmeta.privacy.ledger import PrivacyLedger
+from fedmeta.site import Site, round_seed
 
 ROUNDS = 3
 

@@ -3,8 +3,9 @@ import json
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from fedmeta.paths import LEDGER_FILE
 from fedmeta.privacy.budget import compact, epsilon
-from fedmeta.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+from fedmeta.privacy.ledger import LedgerError, PrivacyLedger
 
 
 def open_ledger(site_dir, eps_max=10.0, accountant="prv"):

@@ -23,17 +23,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedmeta.audit import Entry
 from fedmeta.audit.entry import GENESIS_PREV
 from fedmeta.audit.keys import load_private_key, public_pem, public_raw_b64
+from fedmeta.paths import RunPaths, SitePaths
 
 Edit = Callable[[str, dict[str, Any]], dict[str, Any] | None]
 
 
 def log_paths(run: Path) -> dict[str, tuple[Path, Path]]:
     """party -> (log, private key) of every log in the run directory."""
-    out = {"server": (run / "audit" / "server-audit-log.jsonl",
-                      run / "keys" / "server-audit-signing.pem")}
+    out = {"server": (RunPaths(run).server_log,
+                      RunPaths(run).server_key)}
     for d in sorted((run / "sites").iterdir()):
-        if (d / "audit" / "audit-log.jsonl").exists():
-            out[d.name] = (d / "audit" / "audit-log.jsonl", d / "keys" / "audit-signing.pem")
+        if SitePaths(d).audit_log.exists():
+            out[d.name] = (SitePaths(d).audit_log, SitePaths(d).audit_key)
     return out
 
 
@@ -85,7 +86,7 @@ def rewrite_run(run: Path, keys: dict[str, Ed25519PrivateKey] | None = None,
             metrics_done = True
             if "metrics_sha256" in details:
                 details["metrics_sha256"] = hashlib.sha256(
-                    (run / "metrics.jsonl").read_bytes()).hexdigest()
+                    RunPaths(run).metrics.read_bytes()).hexdigest()
         d["details"] = details
         if edit is not None:
             d = edit(party, d)
@@ -106,7 +107,7 @@ def rewrite_run(run: Path, keys: dict[str, Ed25519PrivateKey] | None = None,
         log.write_bytes(b"".join(out[party]))
     if not metrics_done:
         _rewrite_metrics(run, maps)
-    summary = run / "summary.json"
+    summary = RunPaths(run).summary
     if summary.exists():
         doc = json.loads(summary.read_text())
         doc["audit_head"] = _map_receipt(doc.get("audit_head"), maps["server"])
@@ -126,7 +127,7 @@ def _reserved(key: Ed25519PrivateKey, seq: int, prev: str, d: dict[str, Any]) ->
 
 
 def _rewrite_metrics(run: Path, maps: dict[str, dict[str, str]]) -> None:
-    path = run / "metrics.jsonl"
+    path = RunPaths(run).metrics
     lines = []
     for line in path.read_text().splitlines():
         rec = json.loads(line)
@@ -143,10 +144,10 @@ def contract_fields(run: Path) -> Edit:
     site audit-log fields sites sign from now on)."""
     from fedmeta.privacy.ledger import PrivacyLedger
 
-    ledgers = {d.name: PrivacyLedger.read(d / "privacy-ledger.jsonl")
-               for d in (run / "sites").iterdir() if (d / "privacy-ledger.jsonl").exists()}
-    manifests = {d.name: hashlib.sha256((d / "manifest.toml").read_bytes()).hexdigest()
-                 for d in (run / "sites").iterdir() if (d / "manifest.toml").exists()}
+    ledgers = {d.name: PrivacyLedger.read(SitePaths(d).ledger)
+               for d in (run / "sites").iterdir() if SitePaths(d).ledger.exists()}
+    manifests = {d.name: hashlib.sha256(SitePaths(d).manifest.read_bytes()).hexdigest()
+                 for d in (run / "sites").iterdir() if SitePaths(d).manifest.exists()}
 
     def edit(party: str, d: dict[str, Any]) -> dict[str, Any]:
         if party == "server" or d["action"] != "round.train" or not d["details"].get("dp"):

@@ -15,6 +15,7 @@ from fedmeta.audit import verify_log
 from fedmeta.cli import app
 from fedmeta.incidents import Incident, IncidentStore, clocks
 from fedmeta.incidents.detect import signals
+from fedmeta.paths import RunPaths
 from fedmeta.report import build_report
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 def tampered(run_dir: Path, tmp_path: Path, site: str) -> Path:
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*", "incidents"))
-    log = run / "sites" / site / "audit" / "audit-log.jsonl"
+    log = RunPaths(run).site(site).audit_log
     data = bytearray(log.read_bytes())
     at = data.index(b'"examples":') + len(b'"examples":')
     data[at] = ord("3") if data[at] != ord("3") else ord("4")
@@ -129,12 +130,13 @@ def test_a_corrupt_incident_file_is_one_line(run_dir, tmp_path):
 
 def test_a_sites_refusal_of_code_or_of_a_foreign_server_key_opens_an_incident(run_dir, tmp_path):
     from fedmeta.audit import AuditLog
-    from fedmeta.site import AUDIT_KEY, AUDIT_LOG
+    from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
+    from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*", "incidents"))
-    run_id = json.loads((run / "summary.json").read_text())["run"]
-    site = run / "sites" / "site-2"
+    run_id = json.loads(RunPaths(run).summary.read_text())["run"]
+    site = RunPaths(run).site("site-2").root
     with AuditLog.open(site / AUDIT_LOG, site / AUDIT_KEY, actor="site-2") as log:
         log.append("round.decline", run_id=run_id, round=3, decision="deny",
                    rule_ids=["SITE-SERVER-KEY"],

@@ -14,6 +14,7 @@ from helpers import consent_declaration, fedmeta, manifest, run_inline, write_si
 from report_helpers import SITE0, SITE2
 
 from fedmeta.audit import verify_log
+from fedmeta.paths import RunPaths
 from fedmeta.privacy.ledger import PrivacyLedger
 from fedmeta.report import write_report
 from fedmeta.report.render import SCHEMA_FILE
@@ -29,7 +30,7 @@ def lines(path: Path) -> list[dict]:
 
 
 def site_log(run: Path, site: str) -> Path:
-    return run / "sites" / site / "audit" / "audit-log.jsonl"
+    return RunPaths(run).site(site).audit_log
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,10 @@ def trust(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The parties' public keys registered out of band: a directory laid out like the
     coordinator kit's site-audit-keys/ (plus the server's key)."""
     keys = tmp_path_factory.mktemp("registered-keys")
-    shutil.copyfile(run_dir / "keys" / "server-audit-signing.pub.pem",
+    shutil.copyfile(RunPaths(run_dir).server_pubkey,
                     keys / "server-audit-signing.pub.pem")
     for site in SITES:
-        shutil.copyfile(run_dir / "sites" / site / "keys" / "audit-signing.pub.pem",
+        shutil.copyfile(RunPaths(run_dir).site(site).audit_pubkey,
                         keys / f"{site}.pub.pem")
     return str(keys)
 
@@ -70,7 +71,7 @@ def test_epsilon_per_site_equals_the_ledgers(run_dir, report):
     privacy = {p["site_id"]: p for p in report["privacy"]}
     assert set(privacy) == set(SITES)
     # what each site enforced, as it signed it: noise source, policy, approved declaration
-    start = next(json.loads(x) for x in (run_dir / "audit" / "server-audit-log.jsonl")
+    start = next(json.loads(x) for x in (RunPaths(run_dir).server_log)
                  .read_text().splitlines() if '"run.start"' in x)
     for site in SITES:
         p = privacy[site]
@@ -79,7 +80,7 @@ def test_epsilon_per_site_equals_the_ledgers(run_dir, report):
         assert "The site enforced" in p["statement"] and "seeded from the run seed" in \
             p["statement"]
     for site in SITES:
-        ledger = PrivacyLedger.read(run_dir / "sites" / site / "privacy-ledger.jsonl")
+        ledger = PrivacyLedger.read(RunPaths(run_dir).site(site).ledger)
         summary = ledger.summary()
         p = privacy[site]
         assert p["epsilon_total"] == pytest.approx(summary["epsilon"], rel=1e-12)
@@ -167,8 +168,8 @@ def test_rights_and_declines(report):
 
 
 def test_every_decision_by_rule_and_reference(run_dir, report):
-    doc = json.loads((run_dir / "policy-decisions.json").read_text())
-    server = lines(run_dir / "audit" / "server-audit-log.jsonl")
+    doc = json.loads(RunPaths(run_dir).decisions.read_text())
+    server = lines(RunPaths(run_dir).server_log)
     logged = [e for e in server if e["action"] == "policy.run"]
     rows = report["policy"]["run_decisions"]
     assert len(rows) == len(doc["decisions"]) == len(logged) > 0
@@ -185,20 +186,20 @@ def test_every_decision_by_rule_and_reference(run_dir, report):
 
 def test_audit_heads_and_receipts_equal_independent_verification(run_dir, report):
     logs = {lg["party"]: lg for lg in report["audit"]["logs"]}
-    server_path = run_dir / "audit" / "server-audit-log.jsonl"
+    server_path = RunPaths(run_dir).server_log
     assert logs["server"]["head"] == str(verify_log(server_path).head)
     assert logs["server"]["status"] == "verified" and logs["server"]["key_pinned"]
     receipts = {}
     for e in lines(server_path):
         if e["action"] == "round.receipt":
             receipts.setdefault(e["details"]["site"], []).append(e["details"]["receipt"])
-    anchors = json.loads((run_dir / "summary.json").read_text())["anchors"]
+    anchors = json.loads(RunPaths(run_dir).summary.read_text())["anchors"]
     for site in SITES:  # the receipt of each site's run.anchor entry, held in summary.json
         receipts[site].append(anchors[site])
     for site in SITES:
         lg = logs[site]
         result = verify_log(site_log(run_dir, site),
-                            public_key=run_dir / "sites" / site / "keys" / "audit-signing.pub.pem",
+                            public_key=RunPaths(run_dir).site(site).audit_pubkey,
                             receipts=receipts[site])
         assert result.ok and lg["status"] == "verified" and lg["key_pinned"]
         assert lg["head"] == str(result.head) and lg["entries"] == result.entries
@@ -233,7 +234,7 @@ def test_records_of_processing_dpia_and_dpdp(report):
 
 
 def test_learning_results_with_baseline(run_dir, report):
-    metrics = lines(run_dir / "metrics.jsonl")
+    metrics = lines(RunPaths(run_dir).metrics)
     points = report["learning"]["points"]
     assert [p["round"] for p in points] == [0, 1, 2]
     assert [p["adapted"] for p in points] == [m["eval"]["adapted"] for m in metrics]

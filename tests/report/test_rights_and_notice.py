@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from fedmeta.cli import app
 from fedmeta.data.rights_register import REGISTER_FILE, RightsRegisterError, load_rights_register
+from fedmeta.paths import RunPaths
 from fedmeta.report import write_report
 from policies.rights import RightsRequest, add_months, summarise
 
@@ -90,7 +91,7 @@ def test_rights_command_lists_deadlines_and_late_requests(tmp_path):
 def test_report_counts_the_registers_suppressed_and_flags_late_answers(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    site = copy / "sites" / "site-1"
+    site = RunPaths(copy).site("site-1").root
     rows = [f"E{i},erasure,gdpr,2026-01-0{i + 1},granted,,2026-01-20,,true," for i in range(6)]
     rows += ["O1,objection,gdpr,2026-01-10,refused,GDPR Art. 21(6) public task,2026-01-30,,,",
              "O2,objection,gdpr,2020-01-10,,,,,,"]  # long overdue

@@ -23,6 +23,7 @@ from forge import contract_fields, log_paths, rewrite_run
 from helpers import fedmeta
 
 from fedmeta.audit import verify_log
+from fedmeta.paths import RunPaths, SitePaths
 from fedmeta.report import ReportError, UnverifiedRunError, build_report
 from fedmeta.report.model import Report
 from fedmeta.report.trust import load_trust
@@ -35,10 +36,10 @@ SITES = ("site-0", "site-1", "site-2")
 @pytest.fixture(scope="module")
 def registered(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     keys = tmp_path_factory.mktemp("registered")
-    shutil.copyfile(run_dir / "keys" / "server-audit-signing.pub.pem",
+    shutil.copyfile(RunPaths(run_dir).server_pubkey,
                     keys / "server-audit-signing.pub.pem")
     for site in SITES:
-        shutil.copyfile(run_dir / "sites" / site / "keys" / "audit-signing.pub.pem",
+        shutil.copyfile(RunPaths(run_dir).site(site).audit_pubkey,
                         keys / f"{site}.pub.pem")
     return keys
 
@@ -73,16 +74,16 @@ def refused(run: Path, registered: Path | None = None, **kw) -> str:
 
 
 def site(run: Path, name: str) -> Path:
-    return run / "sites" / name
+    return RunPaths(run).site(name).root
 
 
 def ledger_lines(run: Path, name: str) -> list[dict]:
-    return [json.loads(x) for x in (site(run, name) / "privacy-ledger.jsonl").read_text()
+    return [json.loads(x) for x in SitePaths(site(run, name)).ledger.read_text()
             .splitlines()]
 
 
 def write_ledger(run: Path, name: str, lines: list[dict]) -> None:
-    (site(run, name) / "privacy-ledger.jsonl").write_text(
+    SitePaths(site(run, name)).ledger.write_text(
         "".join(json.dumps(x, sort_keys=True, separators=(",", ":")) + "\n" for x in lines))
 
 
@@ -128,7 +129,7 @@ def test_key_substitution_with_resigning(run, registered):
 
 
 def test_a_sites_own_key_file_and_a_fingerprint_file_work_as_is(run_dir, tmp_path):
-    own = run_dir / "sites" / "site-1" / "keys" / "audit-signing.pub.pem"  # kit layout
+    own = RunPaths(run_dir).site("site-1").audit_pubkey  # kit layout
     r = build_report(run_dir, site="site-1", trust=load_trust([str(own)]))
     logs = {lg.party: lg for lg in r.audit.logs}
     assert logs["site-1"].status == "verified" and logs["server"].status == "self-asserted"
@@ -176,9 +177,9 @@ def test_log_filed_under_another_party(run):
 
 
 def test_model_swap_stops_the_report(run):
-    obj = torch.load(run / "final_model.pt", weights_only=True)
+    obj = torch.load(RunPaths(run).model, weights_only=True)
     obj["state_dict"] = {k: torch.zeros_like(v) for k, v in obj["state_dict"].items()}
-    torch.save(obj, run / "final_model.pt")
+    torch.save(obj, RunPaths(run).model)
     msg = refused(run, allow_unverified=True)  # even --allow-unverified writes nothing
     assert "final model file" in msg and "replaced" in msg
 
@@ -210,7 +211,7 @@ def forge_ledger(run: Path, name: str, field: str, value: object) -> None:
 
 
 def signs(run: Path, name: str, field: str) -> bool:
-    log = site(run, name) / "audit" / "audit-log.jsonl"
+    log = SitePaths(site(run, name)).audit_log
     return any(e["action"] == "round.train" and field in e["details"]
                for e in map(json.loads, log.read_text().splitlines()))
 
@@ -248,7 +249,7 @@ def test_ledger_charge_dropped_against_signed_site_fields(contract_run, tmp_path
 def test_manifest_edited_against_the_signed_hash(contract_run, tmp_path, registered):
     run = tmp_path / "run"
     shutil.copytree(contract_run, run)
-    path = site(run, "site-2") / "manifest.toml"
+    path = SitePaths(site(run, "site-2")).manifest
     path.write_text(path.read_text().replace('"IN"', '"DE"'))
     assert "manifest" in refused(run, registered)
 
@@ -257,7 +258,7 @@ def test_manifest_edited_against_the_signed_hash(contract_run, tmp_path, registe
 
 
 def test_decision_reason_edited(run):
-    path = run / "policy-decisions.json"
+    path = RunPaths(run).decisions
     doc = json.loads(path.read_text())
     doc["decisions"][0]["reason"] = "approved by the DPO"
     path.write_text(json.dumps(doc))
@@ -265,7 +266,7 @@ def test_decision_reason_edited(run):
 
 
 def test_config_edited_is_a_failure_not_a_warning(run):
-    path = run / "config.json"
+    path = RunPaths(run).config
     doc = json.loads(path.read_text())
     doc["rounds"] = 1
     path.write_text(json.dumps(doc, indent=2))
@@ -273,7 +274,7 @@ def test_config_edited_is_a_failure_not_a_warning(run):
 
 
 def test_learning_results_edited(run):
-    path = run / "metrics.jsonl"
+    path = RunPaths(run).metrics
     path.write_text(path.read_text().replace('"adapted": 0.', '"adapted": 0.9', 1))
     assert "metrics.jsonl" in refused(run)
 
@@ -313,7 +314,7 @@ def test_a_fifo_in_place_of_a_file_never_blocks(run, name):
 
 
 def _server_lines(run: Path) -> list[bytes]:
-    return (run / "audit" / "server-audit-log.jsonl").read_bytes().splitlines(keepends=True)
+    return RunPaths(run).server_log.read_bytes().splitlines(keepends=True)
 
 
 def test_the_end_of_the_clean_run_is_anchored_at_every_site(run_dir):
@@ -324,24 +325,24 @@ def test_the_end_of_the_clean_run_is_anchored_at_every_site(run_dir):
 
 def test_server_tail_dropped_and_summary_edited(run):
     lines = _server_lines(run)
-    (run / "audit" / "server-audit-log.jsonl").write_bytes(b"".join(lines[:-2]))
-    summary = json.loads((run / "summary.json").read_text())
-    head = verify_log(run / "audit" / "server-audit-log.jsonl").head
+    RunPaths(run).server_log.write_bytes(b"".join(lines[:-2]))
+    summary = json.loads(RunPaths(run).summary.read_text())
+    head = verify_log(RunPaths(run).server_log).head
     summary["audit_head"] = str(head)
-    (run / "summary.json").write_text(json.dumps(summary))
+    RunPaths(run).summary.write_text(json.dumps(summary))
     msg = refused(run)
     assert "run.anchor" in msg and "truncated" in msg  # the sites hold the dropped head
     for name in SITES:  # and with the sites' anchors cut off too (as in an older run)
-        log = site(run, name) / "audit" / "audit-log.jsonl"
+        log = SitePaths(site(run, name)).audit_log
         log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))
     summary.pop("anchors", None)
-    (run / "summary.json").write_text(json.dumps(summary))
+    RunPaths(run).summary.write_text(json.dumps(summary))
     msg = refused(run, allow_unverified=True)  # a model without a signed run.end: stop
     assert "run.end" in msg
 
 
 def test_server_run_end_edited_without_the_key(run):
-    path = run / "audit" / "server-audit-log.jsonl"
+    path = RunPaths(run).server_log
     data = bytearray(path.read_bytes())
     at = data.rindex(b'"action":"run.end"')
     at = data.index(b'"model_out":"', at) + len(b'"model_out":"')
@@ -353,9 +354,9 @@ def test_server_run_end_edited_without_the_key(run):
 def test_server_tail_rewritten_with_the_servers_key(run, registered):
     """Round's end and run.end rewritten (zeroed model), re-signed with the server's key,
     summary.json and metrics.jsonl made to agree: caught by the sites' anchors."""
-    obj = torch.load(run / "final_model.pt", weights_only=True)
+    obj = torch.load(RunPaths(run).model, weights_only=True)
     obj["state_dict"] = {k: torch.zeros_like(v) for k, v in obj["state_dict"].items()}
-    torch.save(obj, run / "final_model.pt")
+    torch.save(obj, RunPaths(run).model)
     from fedmeta.meta.updates import model_digest
     from fedmeta.report.evidence import file_sha256
 
@@ -365,19 +366,19 @@ def test_server_tail_rewritten_with_the_servers_key(run, registered):
         if party == "server" and d["action"] == "run.end":
             d["model_out"] = digest
             d["details"] = {**d["details"],
-                            "model_file_sha256": file_sha256(run / "final_model.pt")}
+                            "model_file_sha256": file_sha256(RunPaths(run).model)}
         return d
 
     for name in ("summary.json",):
         doc = json.loads((run / name).read_text())
         doc["model_sha256"] = digest
         (run / name).write_text(json.dumps(doc))
-    path = run / "metrics.jsonl"
+    path = RunPaths(run).metrics
     recs = [json.loads(x) for x in path.read_text().splitlines()]
     recs[-1]["model_sha256"] = digest
     path.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in recs))
     rewrite_run(run, edit=edit, only={"server"})  # the server's key holder, alone
-    assert verify_log(run / "audit" / "server-audit-log.jsonl").ok  # a valid log on its own
+    assert verify_log(RunPaths(run).server_log).ok  # a valid log on its own
     for reg in (None, registered):  # each site's run.anchor entry holds the true final head
         assert "run.anchor" in refused(run, reg)
 
@@ -386,7 +387,7 @@ def test_server_tail_rewritten_with_the_servers_key(run, registered):
 
 
 def test_edited_last_line_is_a_failure_not_a_crash(run):
-    log = site(run, "site-1") / "audit" / "audit-log.jsonl"
+    log = SitePaths(site(run, "site-1")).audit_log
     lines = log.read_bytes().splitlines(keepends=True)
     lines[-1] = lines[-1].replace(b'"round":', b'"round";', 1)
     log.write_bytes(b"".join(lines))
@@ -394,19 +395,19 @@ def test_edited_last_line_is_a_failure_not_a_crash(run):
     assert not r.ok and not r.partial_tail
     assert "site-1" in refused(run)
     res = fedmeta("audit", "repair", str(log), "--key",
-                  str(site(run, "site-1") / "keys" / "audit-signing.pem"), isolate=False)
+                  str(SitePaths(site(run, "site-1")).audit_key), isolate=False)
     assert res.returncode == 1 and "nothing to repair" in res.stderr
     assert log.read_bytes() == b"".join(lines)
 
 
 def test_torn_last_line_is_a_crash_that_repair_handles(run):
-    log = site(run, "site-1") / "audit" / "audit-log.jsonl"
+    log = SitePaths(site(run, "site-1")).audit_log
     with log.open("ab") as fh:
         fh.write(b'{"action":"round.tr')
     r = verify_log(log)
     assert not r.ok and r.partial_tail
     assert "site-1" in refused(run)
     res = fedmeta("audit", "repair", str(log), "--key",
-                  str(site(run, "site-1") / "keys" / "audit-signing.pem"), isolate=False)
+                  str(SitePaths(site(run, "site-1")).audit_key), isolate=False)
     assert res.returncode == 0, res.stderr
     assert verify_log(log).ok

@@ -9,6 +9,7 @@ import pytest
 from fedmeta.audit.keys import fingerprint, load_public_key, public_raw_b64
 from fedmeta.deploy.kits import provision
 from fedmeta.deploy.node import init_site
+from fedmeta.paths import SitePaths
 from fedmeta.report.trust import TrustError, load_trust
 
 FED = """name = "trustfed"
@@ -44,7 +45,7 @@ def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def own_key(kits: Path, site: str) -> Path:
     """The site's own public audit key, as its node init wrote it at the site."""
-    return kits.parent / "sites" / site / "keys" / "audit-signing.pub.pem"
+    return SitePaths(kits.parent / "sites" / site).audit_pubkey
 
 
 def fp(path: Path) -> str:

@@ -12,8 +12,9 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from fedmeta.inline_grid import TRANSPORT_KEY, InlineGrid
+from fedmeta.paths import TRANSPORT_ENV
 from server.app import transport_for
-from server.run import TRANSPORT_ENV, serverapp_tls
+from server.run import serverapp_tls
 
 
 def context(node_config: dict) -> Context:
