@@ -221,3 +221,61 @@ def test_tampered_model_or_log_is_refused(federation, new_site, tmp_path):
                   isolate=False)
     assert res.returncode == 2 and "audit log fails verification" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ---- a regression federation (sine): adapt fine-tunes the model's own output --------------
+def sine_site(root: Path, amp: float = 3.0, phase: float = 1.0, labelled: int = 10,
+              unlabelled: int = 100) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """A new site's one sinusoid: ``labelled`` (x, y) rows with a regression schema, and a
+    CSV of ``unlabelled`` x values without the label column (and their true y)."""
+    rng = np.random.default_rng(7)
+    site = root / "sine-site"
+    site.mkdir()
+    x = rng.uniform(-5, 5, labelled)
+    rows = "\n".join(f"p{i},{v:.6f},{amp * np.sin(v + phase):.6f}" for i, v in enumerate(x))
+    (site / "data.csv").write_text("pid,x,y\n" + rows + "\n")
+    (site / "schema.toml").write_text('[dataset]\nname = "new-site"\ntask = "regression"\n'
+                                      'label = "y"\nfeatures = ["x"]\n\n[columns]\n'
+                                      'record_id = "pid"\n')
+    qx = np.linspace(-5, 5, unlabelled)
+    new = root / "sine-new.csv"
+    new.write_text("pid,x\n" + "\n".join(f"q{i},{v:.6f}" for i, v in enumerate(qx)) + "\n")
+    return site, new, qx, amp * np.sin(qx + phase)
+
+
+def test_a_regression_model_adapts_and_predicts_values(tmp_path):
+    run = tmp_path / "sine-run"
+    run_inline(run, task="sine", sites=3, rounds=6, fraction_train=1.0, eval_every=0,
+               eval_episodes=2)
+    site, new, qx, truth = sine_site(tmp_path)
+    res = fedmeta("adapt", str(run), "--data", str(site), "--shots", "8",
+                  "--out", str(tmp_path / "sine.pt"), isolate=False)
+    assert res.returncode == 0, res.stderr
+    assert "adapted (regression) on 8 labelled examples" in res.stdout
+    assert "mean squared error on the 2 held-back labelled examples" in res.stdout
+    res = fedmeta("predict", str(tmp_path / "sine.pt"), "--data", str(new),
+                  "--out", str(tmp_path / "values.csv"), isolate=False)
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader((tmp_path / "values.csv").open()))
+    assert list(rows[0]) == ["record_id", "prediction"] and len(rows) == len(qx)
+    adapted = float(np.mean([(float(r["prediction"]) - t) ** 2
+                             for r, t in zip(rows, truth, strict=True)]))
+    # the federation's model as received (no fine-tuning): its prediction for the same x
+    saved = torch.load(run / "final_model.pt", weights_only=True)
+    net = build_task(RunConfig.load(run / "config.json")).build_model(saved["out_dim"])
+    net.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        before = net(torch.from_numpy(qx.astype(np.float32)[:, None]))[:, 0].numpy()
+    unadapted = float(np.mean((before - truth) ** 2))
+    print(json.dumps({"sine_mse_unadapted": unadapted, "sine_mse_adapted": adapted}))
+    assert adapted < unadapted
+    saved = torch.load(tmp_path / "sine.pt", weights_only=True)
+    assert saved["kind"] == "regression" and saved["classes"] == []
+    # labels of the wrong kind: one line naming the data and what to change
+    (site / "schema.toml").write_text('[dataset]\nname = "new-site"\ntask = "classification"'
+                                      '\nlabel = "k"\nfeatures = ["x"]\n')
+    (site / "data.csv").write_text("x,k\n0.5,0\n1.5,1\n2.5,0\n")
+    from fedmeta.data.loaders import DataError
+
+    with pytest.raises(DataError, match='labelled with classes.*task = "regression"'):
+        api.adapt(run, site)
