@@ -36,10 +36,13 @@ def adapt_command(
     shots: Annotated[int | None, typer.Option(min=1, help="labelled examples per class to "
                                               "adapt on (default: all); the rest are "
                                               "held back and scored")] = None,
-    steps: Annotated[int | None, typer.Option(min=0, help="fine-tuning steps (default: the "
-                                              "run's adapt-steps)")] = None,
-    lr: Annotated[float | None, typer.Option(help="fine-tuning learning rate (default: the "
-                                             "run's)")] = None,
+    steps: Annotated[int | None, typer.Option(min=0, help="most fine-tuning steps (default: "
+                                              "the run's adapt-steps); cross-validation on "
+                                              "the support set picks 0, a quarter, half or "
+                                              "all")] = None,
+    lr: Annotated[float | None, typer.Option(help="fine-tuning rate (default: the run's); a "
+                                             "prototype head is tuned at a tenth of it")
+                  ] = None,
     seed: Annotated[int, typer.Option(help="seed of the support-set draw")] = 0,
     public_key: Annotated[Path | None, typer.Option(help="the coordinator's audit public key "
                                                     "(PEM) to pin; default: the key in the "
