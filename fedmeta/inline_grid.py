@@ -21,6 +21,7 @@ import pickle
 import secrets
 import traceback
 from collections.abc import Iterable
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -156,9 +157,11 @@ class InlineGrid(Grid):
         return None
 
 
-def run_inline(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> Context:
+def run_inline(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
+               run_config: dict[str, Any] | None = None) -> Context:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes; returns its
-    context. Exceptions of the ServerApp propagate."""
+    context (whose run config is ``run_config``, as `flwr run` gives it; default empty).
+    Exceptions of the ServerApp propagate."""
     grid = InlineGrid(client_app, num_nodes)
     run_id = grid.run.run_id
     # what Flower's simulation runtime sets for a ServerApp: messages it creates carry
@@ -168,6 +171,6 @@ def run_inline(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> 
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     # the sites are simulated: stated to the ServerApp in its context (server.app)
     context = Context(run_id=run_id, node_id=0, node_config={TRANSPORT_KEY: "simulation"},
-                      state=RecordDict(), run_config={})
+                      state=RecordDict(), run_config=dict(run_config or {}))
     server_app(grid, context)
     return context

@@ -3,13 +3,15 @@ adapts it to a few labelled images of classes the federation never saw, and pred
 
 A real digits-fewshot federation (inline backend, DP on) trains once; the new site's
 data are PNG files of held-out digit classes in tmp_path. The adapted model must beat
-the un-adapted model by far and be no worse than the same procedure from scratch on the
-site's unlabelled images; its provenance must tie it to the run's signed audit log."""
+the un-adapted model by far and, over many episodes of held-out classes, the same
+procedure from a random model (scratch); its provenance must tie it to the run's
+signed audit log."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +32,28 @@ pytestmark = pytest.mark.slow
 SHOTS, QUERY, WAYS = 5, 40, 5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: torch's threads only contend on a shared test machine (here and in
+    the `fedmeta` subprocesses, which read OMP_NUM_THREADS)."""
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("federation") / "run"
-    run_inline(run, task="digits-fewshot", sites=4, rounds=10, fraction_train=1.0,
-               eval_every=0, eval_episodes=5)
+    # batch 32: DP-SGD's noise per step is sigma*C/batch; at the default 10 the 8 rounds
+    # learn an embedding no better than a random one (measured: docs/new-site.md)
+    run_inline(run, task="digits-fewshot", sites=4, rounds=8, batch_size=32,
+               fraction_train=1.0, eval_every=0, eval_episodes=5)
     return run
 
 
@@ -96,12 +115,58 @@ def test_adapted_beats_unadapted_and_is_no_worse_than_scratch(federation, new_si
     unadapted = float(np.mean([truth[r] == names[g] for r, g in zip(query.record_ids, guess,
                                                                       strict=True)]))
     print(json.dumps({"unadapted": unadapted, "adapted": adapted, "scratch": scratch}))
-    assert adapted > unadapted + 0.5 and adapted >= 0.75
-    # Measured, not wished for: on 8x8 digits a random CNN's embedding with class
-    # prototypes is a strong baseline, and this short DP federation (4 sites, 10 rounds)
-    # does not beat it (adapted 0.87, scratch 0.895 with these seeds; docs/new-site.md).
-    # What must hold: the federation's model is not worse than a site starting alone.
+    assert adapted > unadapted + 0.5 and adapted >= 0.8
+    # one 5-shot episode: with the support-set cross-validation both reach about 0.91 on
+    # average (fine-tuning lets a random model catch up: docs/new-site.md); the episodes
+    # test below is the comparison that is not noise
     assert adapted >= scratch - 0.05
+
+
+def episode(seed: int, shots: int, query: int = 100) -> tuple[np.ndarray, ...]:
+    """A new site's 5 held-out classes: ``shots`` labelled images and ``query`` others each."""
+    x, y = _all_digits()
+    rng = np.random.default_rng(1000 + seed)
+    chosen = rng.choice(class_split()["test"], WAYS, replace=False)
+    sup, qry = [], []
+    for c in chosen:
+        idx = rng.permutation(np.flatnonzero(y == c))
+        sup.append(idx[:shots])
+        qry.append(idx[shots:shots + query])
+    label = {int(c): i for i, c in enumerate(chosen)}
+    s, q = np.concatenate(sup), np.concatenate(qry)
+    return (x[s], np.array([label[int(v)] for v in y[s]]), x[q],
+            np.array([label[int(v)] for v in y[q]]))
+
+
+def test_adapted_beats_scratch_over_episodes_of_held_out_classes(federation):
+    """One labelled image per class, 16 new sites (episodes) of 5 held-out classes, 500
+    query images each: the federation's embedding with class prototypes beats the same
+    procedure on a random model's embedding, by more than the episodes' standard error."""
+    from fedmeta.data.loaders import Loaded
+    from fedmeta.data.records import Records
+    from fedmeta.newsite.adapting import accuracy
+
+    saved = torch.load(federation / "final_model.pt", weights_only=True)
+    task = build_task(RunConfig.load(federation / "config.json"))
+    scores: dict[str, list[float]] = {"unadapted": [], "adapted": [], "scratch": []}
+    for e in range(16):
+        sx, sy, qx, qy = episode(e, shots=1)
+        site = Loaded(Records(sx, sy, sy, np.array([f"r{i}" for i in range(len(sy))])),
+                      tuple(f"class-{i}" for i in range(WAYS)))
+        net = task.build_model(saved["out_dim"])
+        net.load_state_dict(saved["state_dict"])
+        scores["unadapted"].append(accuracy(net, qx, qy))
+        for name, init in (("adapted", "federated"), ("scratch", "scratch")):
+            scores[name].append(accuracy(adapt_model(federation, site, seed=e, init=init)
+                                         .model, qx, qy))
+    mean = {k: float(np.mean(v)) for k, v in scores.items()}
+    diff = np.subtract(scores["adapted"], scores["scratch"])
+    stderr = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    print(json.dumps({"mean": mean, "std": {k: float(np.std(v)) for k, v in scores.items()},
+                      "adapted_minus_scratch": float(diff.mean()), "stderr": stderr}))
+    assert mean["adapted"] > mean["unadapted"] + 0.4
+    assert mean["adapted"] > mean["scratch"]
+    assert diff.mean() > stderr  # paired over the same episodes: not noise
 
 
 def test_adapted_model_carries_its_provenance(federation, new_site, tmp_path):
@@ -157,3 +222,61 @@ def test_tampered_model_or_log_is_refused(federation, new_site, tmp_path):
                   isolate=False)
     assert res.returncode == 2 and "audit log fails verification" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ---- a regression federation (sine): adapt fine-tunes the model's own output --------------
+def sine_site(root: Path, amp: float = 3.0, phase: float = 1.0, labelled: int = 10,
+              unlabelled: int = 100) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """A new site's one sinusoid: ``labelled`` (x, y) rows with a regression schema, and a
+    CSV of ``unlabelled`` x values without the label column (and their true y)."""
+    rng = np.random.default_rng(7)
+    site = root / "sine-site"
+    site.mkdir()
+    x = rng.uniform(-5, 5, labelled)
+    rows = "\n".join(f"p{i},{v:.6f},{amp * np.sin(v + phase):.6f}" for i, v in enumerate(x))
+    (site / "data.csv").write_text("pid,x,y\n" + rows + "\n")
+    (site / "schema.toml").write_text('[dataset]\nname = "new-site"\ntask = "regression"\n'
+                                      'label = "y"\nfeatures = ["x"]\n\n[columns]\n'
+                                      'record_id = "pid"\n')
+    qx = np.linspace(-5, 5, unlabelled)
+    new = root / "sine-new.csv"
+    new.write_text("pid,x\n" + "\n".join(f"q{i},{v:.6f}" for i, v in enumerate(qx)) + "\n")
+    return site, new, qx, amp * np.sin(qx + phase)
+
+
+def test_a_regression_model_adapts_and_predicts_values(tmp_path):
+    run = tmp_path / "sine-run"
+    run_inline(run, task="sine", sites=3, rounds=6, fraction_train=1.0, eval_every=0,
+               eval_episodes=2)
+    site, new, qx, truth = sine_site(tmp_path)
+    res = fedmeta("adapt", str(run), "--data", str(site), "--shots", "8",
+                  "--out", str(tmp_path / "sine.pt"), isolate=False)
+    assert res.returncode == 0, res.stderr
+    assert "adapted (regression) on 8 labelled examples" in res.stdout
+    assert "mean squared error on the 2 held-back labelled examples" in res.stdout
+    res = fedmeta("predict", str(tmp_path / "sine.pt"), "--data", str(new),
+                  "--out", str(tmp_path / "values.csv"), isolate=False)
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader((tmp_path / "values.csv").open()))
+    assert list(rows[0]) == ["record_id", "prediction"] and len(rows) == len(qx)
+    adapted = float(np.mean([(float(r["prediction"]) - t) ** 2
+                             for r, t in zip(rows, truth, strict=True)]))
+    # the federation's model as received (no fine-tuning): its prediction for the same x
+    saved = torch.load(run / "final_model.pt", weights_only=True)
+    net = build_task(RunConfig.load(run / "config.json")).build_model(saved["out_dim"])
+    net.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        before = net(torch.from_numpy(qx.astype(np.float32)[:, None]))[:, 0].numpy()
+    unadapted = float(np.mean((before - truth) ** 2))
+    print(json.dumps({"sine_mse_unadapted": unadapted, "sine_mse_adapted": adapted}))
+    assert adapted < unadapted
+    saved = torch.load(tmp_path / "sine.pt", weights_only=True)
+    assert saved["kind"] == "regression" and saved["classes"] == []
+    # labels of the wrong kind: one line naming the data and what to change
+    (site / "schema.toml").write_text('[dataset]\nname = "new-site"\ntask = "classification"'
+                                      '\nlabel = "k"\nfeatures = ["x"]\n')
+    (site / "data.csv").write_text("x,k\n0.5,0\n1.5,1\n2.5,0\n")
+    from fedmeta.data.loaders import DataError
+
+    with pytest.raises(DataError, match='labelled with classes.*task = "regression"'):
+        api.adapt(run, site)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import fedmeta
+from helpers import ROOT, fedmeta
 
 import fedmeta as api
 from fedmeta.audit import verify_log
@@ -124,3 +124,39 @@ def test_a_finished_run_is_not_resumed_and_resume_keeps_its_config(tmp_path):
     assert res.returncode == 2 and "nothing to resume" in res.stderr
     res = fedmeta("simulate", "--resume", str(out), "--rounds", "9", isolate=False)
     assert res.returncode == 2 and "drop --rounds" in res.stderr
+
+
+def test_a_flwr_run_resume_key_continues_the_stopped_run(tmp_path):
+    """`flwr run . --run-config 'resume="RUN_DIR"'`: the ServerApp Flower starts
+    (server.app:app) continues that run with its own config. Driven here by the inline
+    grid with the run config Flower builds (pyproject's table, the override fused in)."""
+    import tomllib
+
+    from clients.app import app as client_app
+    from fedmeta.inline_grid import run_inline
+    from server.app import app as server_app
+
+    out = tmp_path / "run"
+    run_id = stop_midway(out, 2, **{"checkpoint-every": 1})
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert table["config"]["resume"] == ""  # Flower accepts only keys of this table
+    from flwr.app import Context, RecordDict
+
+    from server.app import config_for
+
+    plain = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                    run_config=dict(table["config"]))
+    assert config_for(plain).rounds == table["config"]["rounds"]  # '' = a new run
+    run_inline(server_app, client_app, 3, {**table["config"], "resume": str(out)})
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"] == run_id and summary["status"] == "completed"
+    for i in range(3):  # its own config (3 sites, 5 rounds), not the table's; no double charge
+        assert charges(out, i) == [(run_id, r) for r in range(1, 6)]
+    acts = [(e["action"], e["round"]) for e in server_entries(out)]
+    assert ("run.resume", 3) in acts and [a for a, _ in acts].count("run.start") == 1
+    # a run directory that is not one: refused before any site is asked
+    from fedmeta.simulation import RunDirError
+
+    with pytest.raises(RunDirError, match="no config.json"):
+        run_inline(server_app, client_app, 3, {**table["config"],
+                                               "resume": str(tmp_path / "nowhere")})

@@ -21,7 +21,10 @@ def adapt(model: Path | str, data: Path | str, *, shots: int | None = None,
 
     The model's hash is checked against the run's signed audit log first. The head is
     re-initialised from class prototypes of ``shots`` examples per class (all if None),
-    then fine-tuned for ``steps`` SGD steps at ``lr`` (defaults: the run's). Writes the
+    then the whole model is fine-tuned for up to ``steps`` SGD steps (defaults: the
+    run's adaptation settings; prototype heads at a tenth of ``lr``), as many as two-fold
+    cross-validation on the support set supports. A regression model is fine-tuned on
+    ``shots`` records for ``steps`` steps at ``lr`` and predicts values. Writes the
     adapted model (with classes, preprocessing, provenance) to ``out`` when given.
     """
     from fedmeta.newsite.adapting import adapt_model

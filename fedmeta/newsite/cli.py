@@ -32,10 +32,13 @@ def adapt_command(
     shots: Annotated[int | None, typer.Option(min=1, help="labelled examples per class to "
                                               "adapt on (default: all); the rest are "
                                               "held back and scored")] = None,
-    steps: Annotated[int | None, typer.Option(min=0, help="fine-tuning steps (default: the "
-                                              "run's adapt-steps)")] = None,
-    lr: Annotated[float | None, typer.Option(help="fine-tuning learning rate (default: the "
-                                             "run's)")] = None,
+    steps: Annotated[int | None, typer.Option(min=0, help="most fine-tuning steps (default: "
+                                              "the run's adapt-steps); cross-validation on "
+                                              "the support set picks 0, a quarter, half or "
+                                              "all")] = None,
+    lr: Annotated[float | None, typer.Option(help="fine-tuning rate (default: the run's); a "
+                                             "prototype head is tuned at a tenth of it")
+                  ] = None,
     seed: Annotated[int, typer.Option(help="seed of the support-set draw")] = 0,
     public_key: Annotated[Path | None, typer.Option(help="the coordinator's audit public key "
                                                     "(PEM) to pin; default: the key in the "
@@ -55,7 +58,13 @@ def adapt_command(
     typer.echo(f"model of run {prov['run_id']} (sha256 {prov['final_model_sha256'][:16]}..., "
                f"signed run.end entry #{prov['audit_entry']['seq']}, key "
                f"{prov['audit_key_fingerprint']} {prov['audit_key_source']})")
-    typer.echo(f"adapted to {len(res.classes)} classes on {res.support} labelled examples")
+    if res.choice.head == "own":
+        typer.echo(f"adapted (regression) on {res.support} labelled examples")
+    else:
+        typer.echo(f"adapted to {len(res.classes)} classes on {res.support} labelled examples")
+    if res.held_back_mse is not None:
+        typer.echo(f"mean squared error on the {res.held_back} held-back labelled examples: "
+                   f"{res.held_back_mse:.4g}")
     if res.held_back_accuracy is not None:
         typer.echo(f"accuracy on the {res.held_back} held-back labelled examples: "
                    f"{res.held_back_accuracy:.3f}")
@@ -78,5 +87,5 @@ def predict_command(
         res = predict(adapted, data, out=out, split=split)
     except _errors() as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"{len(res.record_ids)} records, classes {', '.join(res.classes)}; "
-               f"wrote {res.path}")
+    what = (f"classes {', '.join(res.classes)}" if res.classes else "predicted values")
+    typer.echo(f"{len(res.record_ids)} records, {what}; wrote {res.path}")

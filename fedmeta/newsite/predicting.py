@@ -27,13 +27,19 @@ class AdaptedModelError(ValueError):
 
 @dataclass(frozen=True)
 class Predictions:
+    """Per record: class probabilities (a classifier), or ``values`` (a regression model;
+    ``classes`` empty, ``probabilities`` with no columns)."""
+
     record_ids: tuple[str, ...]
     classes: tuple[str, ...]
     probabilities: np.ndarray  # [records, classes]
     path: Path | None = None
+    values: np.ndarray | None = None  # [records], regression only
 
     @property
     def labels(self) -> list[str]:
+        if self.values is not None:
+            return [f"{v:.6g}" for v in self.values]
         return [self.classes[i] for i in self.probabilities.argmax(1)]
 
 
@@ -68,6 +74,8 @@ def predict_records(adapted: Path | str, data: Path | str, *, out: Path | str | 
     """Class probabilities of every record at ``data`` (written as CSV to ``out``)."""
     saved = load_adapted(adapted)
     records, task = unlabelled_records(saved, data, split)
+    if saved.get("kind") == "regression":
+        return predict_values(saved, adapted, records, task, out)
     classes = tuple(saved["classes"]) or tuple(
         str(i) for i in range(saved["state_dict"]["head.weight"].shape[0]))
     net = task.build_model(len(classes))
@@ -90,3 +98,29 @@ def predict_records(adapted: Path | str, data: Path | str, *, out: Path | str | 
                 w.writerow([rid, label, *[f"{p:.6f}" for p in row]])
         result = Predictions(result.record_ids, classes, probs, path)
     return result
+
+
+def predict_values(saved: dict[str, Any], adapted: Path | str, records: Records, task: Any,
+                   out: Path | str | None) -> Predictions:
+    """A regression model's predicted value of every record (``record_id,prediction``)."""
+    net = task.build_model(int(saved["state_dict"]["head.weight"].shape[0]))
+    try:
+        net.load_state_dict(saved["state_dict"])
+    except RuntimeError as exc:
+        raise AdaptedModelError(f"{adapted}: weights do not fit the task's model "
+                                f"({str(exc).splitlines()[0]})") from None
+    net.eval()
+    with torch.no_grad():
+        values = net(torch.from_numpy(records.x)).reshape(len(records), -1)[:, 0].numpy()
+    result = Predictions(tuple(str(r) for r in records.record_ids), (),
+                         np.empty((len(values), 0), np.float32), None, values)
+    if out is None:
+        return result
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["record_id", "prediction"])
+        for rid, v in zip(result.record_ids, values, strict=True):
+            w.writerow([rid, f"{float(v):.6g}"])
+    return Predictions(result.record_ids, (), result.probabilities, path, values)
