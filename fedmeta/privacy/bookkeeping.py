@@ -22,6 +22,13 @@ Only the clipping is done here. Poisson sampling, Gaussian noise, scaling and
 the privacy accountant stay Opacus's: the clipped sum goes into ``p.grad`` and
 Opacus's ``DPOptimizerFastGradientClipping`` (the optimizer its ghost mode
 uses, which expects exactly that) adds noise and steps the accountant.
+
+The site models are small (a step is a fraction of a millisecond of arithmetic),
+so a step's cost is mostly the number of tensor operations. ``FlatGrads`` keeps
+every trainable tensor's gradient in one buffer: the clipper writes each
+layer's clipped sum straight into its slice, and the optimizer adds the noise
+(drawn per tensor, in Opacus's order, so the same generator gives the same
+noise) and divides by the expected batch size in one operation each.
 """
 
 from __future__ import annotations
@@ -77,19 +84,69 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+class FlatGrads:
+    """One contiguous buffer for the gradients of ``params`` (in this order), and one for
+    their noise: ``grad[p]`` / ``noise[p]`` are views shaped like ``p``.
+
+    The DP optimizer's per-step work on every tensor (add the noise, divide by the
+    expected batch size) becomes one operation on the buffer.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        if not params:
+            raise ValueError("no trainable parameters")
+        first = params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in params):
+            raise ValueError("parameters of several dtypes or devices")
+        self.params = list(params)
+        total = sum(p.numel() for p in params)
+        self.buffer = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.noise_buffer = torch.empty_like(self.buffer)
+        self.grad: dict[torch.Tensor, torch.Tensor] = {}
+        self.noise: dict[torch.Tensor, torch.Tensor] = {}
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self.grad[p] = self.buffer[offset:offset + n].view(p.shape)
+            self.noise[p] = self.noise_buffer[offset:offset + n].view(p.shape)
+            offset += n
+
+    def holds_grads(self) -> bool:
+        """Whether every parameter's ``.grad`` is its view of the buffer."""
+        return all(p.grad is self.grad[p] for p in self.params)
+
+    def fresh(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s view, about to receive a new gradient: Opacus's "already noised"
+        mark of the previous step is taken off it (it stays on a view nobody refilled)."""
+        view = self.grad[p]
+        if hasattr(view, "_processed"):
+            del view._processed
+        return view
+
+    def zero(self) -> None:
+        """Zero gradients in the buffer (a step without records: noise only)."""
+        self.buffer.zero_()
+        for p in self.params:
+            p.grad = self.fresh(p)
+
+
 class BookKeepingClipper:
     """Hooks on a model's Linear/Conv2d layers; ``backward`` writes clipped sums to p.grad.
 
     Only trainable tensors get a gradient and count in the per-sample norm: a
-    frozen weight or bias is left untouched (``.grad`` stays None).
+    frozen weight or bias is left untouched (``.grad`` stays None). With
+    ``grads`` (a ``FlatGrads`` over the trainable tensors) the sums are written
+    into its buffer and ``p.grad`` is the tensor's view of it.
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+    def __init__(self, model: nn.Module, max_grad_norm: float,
+                 grads: FlatGrads | None = None) -> None:
         reason = unsupported_reason(model)
         if reason:
             raise BookKeepingError(f"book-keeping clipping: {reason}; use grad-sample-mode "
                                    "hooks or ew")
         self.max_grad_norm = float(max_grad_norm)
+        self.grads = grads
         self.layers = [m for m in model.modules() if isinstance(m, SUPPORTED) and _trainable(m)]
         self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self._handles = [m.register_forward_hook(self._keep) for m in self.layers]
@@ -140,18 +197,28 @@ class BookKeepingClipper:
             if m not in layers:
                 for p in m.parameters(recurse=False):
                     if p.requires_grad:
-                        p.grad = torch.zeros_like(p)
+                        p.grad = self._out(p)
+                        p.grad.zero_()
         if sq_norms is None:
             return None
         norms = sq_norms.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for module, clipped_sum in sums:
-            weight_grad, bias_grad = clipped_sum(factor)
-            if weight_grad is not None:
-                module.weight.grad = weight_grad.reshape(module.weight.shape)
-            if bias_grad is not None:
-                module.bias.grad = bias_grad
+            weight, bias = module.weight, module.bias
+            weight_out = self._out(weight) if weight.requires_grad else None
+            bias_out = self._out(bias) if bias is not None and bias.requires_grad else None
+            clipped_sum(factor, weight_out, bias_out)
+            if weight_out is not None:
+                weight.grad = weight_out
+            if bias_out is not None:
+                bias.grad = bias_out
         return norms
+
+    def _out(self, p: torch.Tensor) -> torch.Tensor:
+        """Where ``p``'s clipped sum goes: its view of the flat buffer, or a new tensor."""
+        if self.grads is not None and p in self.grads.grad:
+            return self.grads.fresh(p)
+        return torch.empty(p.shape, dtype=p.dtype, device=p.device)
 
 
 class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
@@ -161,20 +228,51 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     noise into a fresh tensor after allocating a zero tensor; at 1M parameters
     those copies cost a tenth of a step. Here the clipped sum (a fresh tensor
     every step, never accumulated: Poisson sampling forbids accumulation) is
-    used as ``summed_grad`` and the noise is added in place. Noise, its scale
-    (std = sigma * C, then / expected batch size) and the accountant hook are
-    Opacus's; secure mode uses Opacus's own noise path unchanged.
+    used as ``summed_grad`` and the noise is added in place. With ``grads`` (the
+    ``FlatGrads`` the clipper writes into) the noise is drawn per tensor into the
+    noise buffer, in Opacus's order and with Opacus's ``normal_`` call (the same
+    generator gives the same noise), and added and scaled in one operation each.
+    Noise, its scale (std = sigma * C, then / expected batch size) and the
+    accountant hook are Opacus's; secure mode uses Opacus's own noise path unchanged.
     """
+
+    def __init__(self, optimizer, *, grads: FlatGrads | None = None, **kwargs) -> None:
+        self._param_list: list[torch.Tensor] | None = None
+        super().__init__(optimizer, **kwargs)
+        self._param_list = super().params  # fixed for the optimizer's life: list it once
+        self.grads = grads
+        if grads is not None and (len(grads.params) != len(self._param_list) or any(
+                a is not b for a, b in zip(grads.params, self._param_list, strict=False))):
+            raise ValueError("FlatGrads must hold the optimizer's parameters in its order")
+        self._flat_step = False
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self._param_list if self._param_list is not None else super().params
 
     def accumulate(self) -> None:
         for p in self.params:
             p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
 
     def add_noise(self) -> None:
+        self._flat_step = False
         if self.secure_mode:
             super().add_noise()
             return
         std = self.noise_multiplier * self.max_grad_norm
+        flat = self.grads
+        if flat is not None and all(p.summed_grad is flat.grad[p] for p in self.params):
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+            if std > 0:
+                for p in self.params:  # Opacus's draw, tensor by tensor, into the buffer
+                    flat.noise[p].normal_(0.0, std, generator=self.generator)
+                flat.buffer.add_(flat.noise_buffer)
+            for p in self.params:
+                p.grad = p.summed_grad
+                _mark_as_processed(p.summed_grad)
+            self._flat_step = True
+            return
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             if std > 0:
@@ -184,26 +282,61 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
 
+    def scale_grad(self) -> None:
+        """Opacus's ``p.grad /= expected_batch_size * accumulated_iterations``, on the whole
+        buffer at once when the gradients are its views."""
+        flat, self._flat_step = self._flat_step, False
+        if (flat and self.loss_reduction == "mean" and self.grads is not None
+                and self.grads.holds_grads()):
+            self.grads.buffer /= self.expected_batch_size * self.accumulated_iterations
+            return
+        super().scale_grad()
+
+
+def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """``F.unfold`` of the input as ``conv`` pads it ([B, in*k*k, P]), by one copy of a
+    strided view of the padded input (faster than unfold's im2col on the CPU)."""
+    pads = conv._reversed_padding_repeated_twice  # what Conv2d applies, 'same' included
+    if any(pads):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        a = F.pad(a, pads, mode=mode)
+    batch, channels, height, width = a.shape
+    s_b, s_c, s_h, s_w = a.stride()
+    (kh, kw), (dh, dw), (th, tw) = conv.kernel_size, conv.dilation, conv.stride
+    out_h = (height - dh * (kh - 1) - 1) // th + 1
+    out_w = (width - dw * (kw - 1) - 1) // tw + 1
+    windows = a.as_strided((batch, channels, kh, kw, out_h, out_w),
+                           (s_b, s_c, s_h * dh, s_w * dw, s_h * th, s_w * tw),
+                           a.storage_offset())
+    return windows.reshape(batch, channels * kh * kw, out_h * out_w)
+
 
 def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
                  units: torch.Tensor | None = None, n_units: int = 0):
-    """(per-sample squared gradient norms [B], factor -> (clipped weight sum, bias sum)).
+    """(per-sample squared gradient norms [B], (factor, weight_out, bias_out) -> None).
 
-    Only trainable tensors enter the norm; a frozen one's sum is None. With
-    ``units`` ([B] ids 0..n_units-1) the norms and clipping factors are per
-    unit ([n_units]) and a unit's gradient is the sum of its samples'.
+    The second writes the clipped weight and bias sums into ``weight_out`` /
+    ``bias_out`` (None for a frozen tensor). Only trainable tensors enter the
+    norm. With ``units`` ([B] ids 0..n_units-1) the norms and clipping factors
+    are per unit ([n_units]) and a unit's gradient is the sum of its samples'.
     """
     batch = a.shape[0]
     w_on = module.weight.requires_grad
     b_on = module.bias is not None and module.bias.requires_grad
     if isinstance(module, nn.Linear) and a.dim() == 2 and units is None:
-        dz_sq = (dz * dz).sum(1)  # rank-one per-sample gradients
-        sq = (dz_sq * (a * a).sum(1) if w_on else torch.zeros_like(dz_sq)) + (
-            dz_sq if b_on else 0.0)
+        dz_sq = torch.linalg.vecdot(dz, dz)  # rank-one per-sample gradients
+        if w_on:
+            a_sq = torch.linalg.vecdot(a, a)
+            sq = torch.addcmul(dz_sq, dz_sq, a_sq) if b_on else dz_sq * a_sq
+        else:
+            sq = dz_sq if b_on else torch.zeros_like(dz_sq)
 
-        def rank_one_sum(factor: torch.Tensor):
-            scaled = dz * factor[:, None]
-            return (scaled.t() @ a if w_on else None), (scaled.sum(0) if b_on else None)
+        def rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
+            scaled_t = dz.t() * factor  # [out, B]
+            if weight_out is not None:
+                torch.mm(scaled_t, a, out=weight_out)
+            if bias_out is not None:
+                torch.sum(scaled_t, 1, out=bias_out)
 
         return sq, rank_one_sum
     if isinstance(module, nn.Linear) and a.dim() == 2:
@@ -218,9 +351,12 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
             unit_bias = one_hot.t() @ dz  # [U, out]
             sq = sq + (unit_bias * unit_bias).sum(1)
 
-        def unit_rank_one_sum(factor: torch.Tensor):
-            scaled = dz * factor[units][:, None]
-            return (scaled.t() @ a if w_on else None), (scaled.sum(0) if b_on else None)
+        def unit_rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
+            scaled_t = dz.t() * factor[units]  # [out, B]
+            if weight_out is not None:
+                torch.mm(scaled_t, a, out=weight_out)
+            if bias_out is not None:
+                torch.sum(scaled_t, 1, out=bias_out)
 
         return sq, unit_rank_one_sum
     if isinstance(module, nn.Linear):
@@ -232,30 +368,29 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
         dz3 = dz.reshape(batch, dz.shape[1], -1)  # [B, out, P]
         per_sample = None
         if w_on:
-            if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-                padded, pad = a, module.padding  # unfold pads symmetrically, no copy
-            else:  # what Conv2d itself applies: 'same' (maybe asymmetric), other modes
-                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-                padded = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
-                pad = 0
-            unfolded = F.unfold(padded, module.kernel_size, module.dilation, pad,
-                                module.stride)  # [B, in*k*k, P]
+            unfolded = _unfold(module, a)  # [B, in*k*k, P]
             per_sample = torch.bmm(dz3, unfolded.transpose(1, 2))  # [B, out, in*k*k]
-        bias_rows = dz3.sum(2)
+        bias_rows = dz3.sum(2) if b_on else None
     if units is not None:  # a unit's gradient: the sum of its samples'
         batch = n_units
         if w_on:
             per_sample = per_sample.new_zeros((n_units, *per_sample.shape[1:])).index_add_(
                 0, units, per_sample)
-        bias_rows = bias_rows.new_zeros((n_units, bias_rows.shape[1])).index_add_(
-            0, units, bias_rows)
-    sq = per_sample.reshape(batch, -1).pow(2).sum(1) if w_on else dz.new_zeros(batch)
-    if b_on:
-        sq = sq + (bias_rows * bias_rows).sum(1)
+        if b_on:
+            bias_rows = bias_rows.new_zeros((n_units, bias_rows.shape[1])).index_add_(
+                0, units, bias_rows)
+    if w_on:
+        rows = per_sample.reshape(batch, -1)
+        sq = torch.linalg.vecdot(rows, rows)
+        if b_on:
+            sq = sq + torch.linalg.vecdot(bias_rows, bias_rows)
+    else:
+        sq = torch.linalg.vecdot(bias_rows, bias_rows) if b_on else dz.new_zeros(batch)
 
-    def materialised_sum(factor: torch.Tensor):
-        weight = (factor @ per_sample.reshape(batch, -1)).reshape(per_sample.shape[1:]) \
-            if w_on else None
-        return weight, (factor @ bias_rows if b_on else None)
+    def materialised_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
+        if weight_out is not None:
+            torch.mv(rows.t(), factor, out=weight_out.view(-1))
+        if bias_out is not None:
+            torch.mv(bias_rows.t(), factor, out=bias_out)
 
     return sq, materialised_sum
