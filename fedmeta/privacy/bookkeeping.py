@@ -86,7 +86,7 @@ def _trainable(module: nn.Module) -> bool:
 
 class FlatGrads:
     """One contiguous buffer for the gradients of ``params`` (in this order), and one for
-    their noise: ``grad[p]`` / ``noise[p]`` are views shaped like ``p``.
+    their noise: ``grads[i]`` / ``noises[i]`` are views shaped like ``params[i]``.
 
     The DP optimizer's per-step work on every tensor (add the noise, divide by the
     expected batch size) becomes one operation on the buffer.
@@ -102,23 +102,30 @@ class FlatGrads:
         total = sum(p.numel() for p in params)
         self.buffer = torch.empty(total, dtype=first.dtype, device=first.device)
         self.noise_buffer = torch.empty_like(self.buffer)
-        self.grad: dict[torch.Tensor, torch.Tensor] = {}
-        self.noise: dict[torch.Tensor, torch.Tensor] = {}
+        self.grads: list[torch.Tensor] = []
+        self.noises: list[torch.Tensor] = []
         offset = 0
         for p in params:
             n = p.numel()
-            self.grad[p] = self.buffer[offset:offset + n].view(p.shape)
-            self.noise[p] = self.noise_buffer[offset:offset + n].view(p.shape)
+            self.grads.append(self.buffer[offset:offset + n].view(p.shape))
+            self.noises.append(self.noise_buffer[offset:offset + n].view(p.shape))
             offset += n
+        self._index = {id(p): i for i, p in enumerate(params)}
 
-    def holds_grads(self) -> bool:
-        """Whether every parameter's ``.grad`` is its view of the buffer."""
-        return all(p.grad is self.grad[p] for p in self.params)
+    def view(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``p``'s gradient view (None if the buffer does not hold ``p``)."""
+        i = self._index.get(id(p))
+        return None if i is None else self.grads[i]
 
-    def fresh(self, p: torch.Tensor) -> torch.Tensor:
-        """``p``'s view, about to receive a new gradient: Opacus's "already noised"
-        mark of the previous step is taken off it (it stays on a view nobody refilled)."""
-        view = self.grad[p]
+    def holds(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether ``tensors`` (one per parameter, in order) are the buffer's views."""
+        return len(tensors) == len(self.grads) and all(
+            t is v for t, v in zip(tensors, self.grads, strict=True))
+
+    @staticmethod
+    def fresh(view: torch.Tensor) -> torch.Tensor:
+        """A view about to receive a new gradient: Opacus's "already noised" mark of the
+        previous step is taken off it (it stays on a view nobody refilled)."""
         if hasattr(view, "_processed"):
             del view._processed
         return view
@@ -126,8 +133,8 @@ class FlatGrads:
     def zero(self) -> None:
         """Zero gradients in the buffer (a step without records: noise only)."""
         self.buffer.zero_()
-        for p in self.params:
-            p.grad = self.fresh(p)
+        for p, view in zip(self.params, self.grads, strict=True):
+            p.grad = self.fresh(view)
 
 
 class BookKeepingClipper:
@@ -148,6 +155,8 @@ class BookKeepingClipper:
         self.max_grad_norm = float(max_grad_norm)
         self.grads = grads
         self.layers = [m for m in model.modules() if isinstance(m, SUPPORTED) and _trainable(m)]
+        #: each layer's (weight, bias) gradient views in ``grads`` (None: frozen or not held)
+        self._views = {m: (_held(grads, m.weight), _held(grads, m.bias)) for m in self.layers}
         self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self._handles = [m.register_forward_hook(self._keep) for m in self.layers]
 
@@ -187,26 +196,31 @@ class BookKeepingClipper:
                     f"output of a {type(m).__name__} layer after it ran (e.g. "
                     "ReLU(inplace=True)); make it out-of-place or use grad-sample-mode hooks")
         grads_out = torch.autograd.grad(loss_sum, [z for _, z, _, _ in kept])
+        members = None  # [U, B]: 1 where sample b belongs to unit u
+        if units is not None and grads_out:
+            members = F.one_hot(units, n_units).t().to(grads_out[0].dtype)
         sq_norms: torch.Tensor | None = None
         sums = []
         for module, (a, _, _, _), dz in zip(layers, kept, grads_out, strict=True):
-            sq, clipped_sum = _layer_grads(module, a, dz, units, n_units)
+            sq, clipped_sum = _layer_grads(module, a, dz, units, members)
             sq_norms = sq if sq_norms is None else sq_norms + sq
             sums.append((module, clipped_sum))
         for m in self.layers:  # a layer unused in this forward pass gets a zero gradient
             if m not in layers:
-                for p in m.parameters(recurse=False):
-                    if p.requires_grad:
-                        p.grad = self._out(p)
-                        p.grad.zero_()
+                for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
+                    if p is not None and p.requires_grad:
+                        p.grad = torch.zeros_like(p) if view is None else self.grads.fresh(
+                            view).zero_()
         if sq_norms is None:
             return None
         norms = sq_norms.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for module, clipped_sum in sums:
             weight, bias = module.weight, module.bias
-            weight_out = self._out(weight) if weight.requires_grad else None
-            bias_out = self._out(bias) if bias is not None and bias.requires_grad else None
+            weight_out = self._out(weight, self._views[module][0]) \
+                if weight.requires_grad else None
+            bias_out = self._out(bias, self._views[module][1]) \
+                if bias is not None and bias.requires_grad else None
             clipped_sum(factor, weight_out, bias_out)
             if weight_out is not None:
                 weight.grad = weight_out
@@ -214,11 +228,16 @@ class BookKeepingClipper:
                 bias.grad = bias_out
         return norms
 
-    def _out(self, p: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _out(p: torch.Tensor, view: torch.Tensor | None) -> torch.Tensor:
         """Where ``p``'s clipped sum goes: its view of the flat buffer, or a new tensor."""
-        if self.grads is not None and p in self.grads.grad:
-            return self.grads.fresh(p)
+        if view is not None:
+            return FlatGrads.fresh(view)
         return torch.empty(p.shape, dtype=p.dtype, device=p.device)
+
+
+def _held(grads: FlatGrads | None, p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grads is None or p is None or not p.requires_grad else grads.view(p)
 
 
 class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
@@ -261,12 +280,12 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             return
         std = self.noise_multiplier * self.max_grad_norm
         flat = self.grads
-        if flat is not None and all(p.summed_grad is flat.grad[p] for p in self.params):
+        if flat is not None and flat.holds([p.summed_grad for p in self.params]):
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
             if std > 0:
-                for p in self.params:  # Opacus's draw, tensor by tensor, into the buffer
-                    flat.noise[p].normal_(0.0, std, generator=self.generator)
+                for noise in flat.noises:  # Opacus's draw, tensor by tensor, into the buffer
+                    noise.normal_(0.0, std, generator=self.generator)
                 flat.buffer.add_(flat.noise_buffer)
             for p in self.params:
                 p.grad = p.summed_grad
@@ -287,7 +306,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         buffer at once when the gradients are its views."""
         flat, self._flat_step = self._flat_step, False
         if (flat and self.loss_reduction == "mean" and self.grads is not None
-                and self.grads.holds_grads()):
+                and self.grads.holds([p.grad for p in self.params])):
             self.grads.buffer /= self.expected_batch_size * self.accumulated_iterations
             return
         super().scale_grad()
@@ -312,13 +331,14 @@ def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
-                 units: torch.Tensor | None = None, n_units: int = 0):
+                 units: torch.Tensor | None = None, members: torch.Tensor | None = None):
     """(per-sample squared gradient norms [B], (factor, weight_out, bias_out) -> None).
 
     The second writes the clipped weight and bias sums into ``weight_out`` /
     ``bias_out`` (None for a frozen tensor). Only trainable tensors enter the
-    norm. With ``units`` ([B] ids 0..n_units-1) the norms and clipping factors
-    are per unit ([n_units]) and a unit's gradient is the sum of its samples'.
+    norm. With ``units`` ([B] ids 0..U-1) and ``members`` ([U, B], 1 where a
+    sample belongs to a unit) the norms and clipping factors are per unit ([U])
+    and a unit's gradient is the sum of its samples'.
     """
     batch = a.shape[0]
     w_on = module.weight.requires_grad
@@ -340,16 +360,15 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
 
         return sq, rank_one_sum
     if isinstance(module, nn.Linear) and a.dim() == 2:
-        # a unit's weight gradient sum_i dz_i a_i^T has squared norm
-        # sum_{i,j in unit} (dz_i . dz_j)(a_i . a_j): a [B, B] Gram product, never [B, out, in]
-        one_hot = F.one_hot(units, n_units).to(dz.dtype)  # [B, U]
-        sq = dz.new_zeros(n_units)
+        # a unit's gradient (sum_i dz_i a_i^T, sum_i dz_i) has squared norm
+        # sum_{i,j in unit} (dz_i . dz_j)(a_i . a_j + 1): a [B, B] Gram product, never [B, out, in]
+        assert members is not None
+        gram = dz @ dz.t()
         if w_on:
-            gram = (dz @ dz.t()) * (a @ a.t())
-            sq = sq + ((one_hot.t() @ gram) * one_hot.t()).sum(1)
-        if b_on:
-            unit_bias = one_hot.t() @ dz  # [U, out]
-            sq = sq + (unit_bias * unit_bias).sum(1)
+            inputs = a @ a.t()
+            gram = gram * (inputs + 1.0 if b_on else inputs)
+        sq = torch.linalg.vecdot(members @ gram, members) if (w_on or b_on) else \
+            dz.new_zeros(members.shape[0])
 
         def unit_rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
             scaled_t = dz.t() * factor[units]  # [out, B]
@@ -371,16 +390,12 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
             unfolded = _unfold(module, a)  # [B, in*k*k, P]
             per_sample = torch.bmm(dz3, unfolded.transpose(1, 2))  # [B, out, in*k*k]
         bias_rows = dz3.sum(2) if b_on else None
-    if units is not None:  # a unit's gradient: the sum of its samples'
-        batch = n_units
-        if w_on:
-            per_sample = per_sample.new_zeros((n_units, *per_sample.shape[1:])).index_add_(
-                0, units, per_sample)
-        if b_on:
-            bias_rows = bias_rows.new_zeros((n_units, bias_rows.shape[1])).index_add_(
-                0, units, bias_rows)
+    rows = per_sample.reshape(batch, -1) if w_on else None
+    if members is not None:  # a unit's gradient: the sum of its samples'
+        batch = members.shape[0]
+        rows = members @ rows if w_on else None
+        bias_rows = members @ bias_rows if b_on else None
     if w_on:
-        rows = per_sample.reshape(batch, -1)
         sq = torch.linalg.vecdot(rows, rows)
         if b_on:
             sq = sq + torch.linalg.vecdot(bias_rows, bias_rows)
