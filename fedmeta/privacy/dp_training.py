@@ -196,6 +196,8 @@ def train_steps(
                 loss = criterion(net(xb), yb)
                 unit, batch_n_units = (batch_units(batch[2]) if per_unit
                                        else (None, 0))
+                if unit is not None and batch_n_units == len(xb):
+                    unit = None  # every unit of this batch holds one record: clip per record
                 if clipper is not None:  # criterion is a mean over the batch's samples
                     clipper.backward(loss * len(xb), unit, batch_n_units)
                 else:
