@@ -167,7 +167,8 @@ class BookKeepingClipper:
             self._seen.clear()
             raise BookKeepingError("book-keeping clipping: a layer ran twice in one forward "
                                    "pass; use grad-sample-mode hooks")
-        self._seen[module] = (inputs[0].detach(), output, inputs[0]._version, output._version)
+        # kept as is (``backward`` computes under no_grad): a detach would be one more op
+        self._seen[module] = (inputs[0], output, inputs[0]._version, output._version)
 
     def close(self) -> None:
         for h in self._handles:
@@ -196,6 +197,10 @@ class BookKeepingClipper:
                     f"output of a {type(m).__name__} layer after it ran (e.g. "
                     "ReLU(inplace=True)); make it out-of-place or use grad-sample-mode hooks")
         grads_out = torch.autograd.grad(loss_sum, [z for _, z, _, _ in kept])
+        with torch.no_grad():
+            return self._clip(layers, kept, grads_out, units, n_units)
+
+    def _clip(self, layers, kept, grads_out, units, n_units) -> torch.Tensor | None:
         members = None  # [U, B]: 1 where sample b belongs to unit u
         if units is not None and grads_out:
             members = F.one_hot(units, n_units).t().to(grads_out[0].dtype)
