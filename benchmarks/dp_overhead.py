@@ -60,7 +60,7 @@ def time_rounds(build, pool, loss, batch, steps, settings: dict, reps: int):
     """(median round time per setting, failure per setting that cannot run this model).
 
     Settings are interleaved round by round so that anything else running on the
-    machine slows them all alike."""
+    machine slows them all alike; the time is this process's CPU time."""
     times: dict[str, list[float]] = {name: [] for name in settings}
     failed: dict[str, str] = {}
     for r in range(reps + 1):
@@ -70,7 +70,7 @@ def time_rounds(build, pool, loss, batch, steps, settings: dict, reps: int):
             torch.manual_seed(r)
             model = build()
             unit = name.endswith("/unit")
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 train_steps(model, in_units(pool) if unit else Pool(pool.x, pool.y),
                             loss_fn=loss, steps=steps,
@@ -80,7 +80,7 @@ def time_rounds(build, pool, loss, batch, steps, settings: dict, reps: int):
                 failed[name] = f"n/a ({type(exc).__name__})"
                 continue
             if r:  # the first repetition warms up
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(time.process_time() - t0)
     return {n: statistics.median(t) for n, t in times.items() if n not in failed}, failed
 
 
@@ -91,7 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     lines = ["## DP cost per site round (`benchmarks/dp_overhead.py`)", "",
-             f"Machine: {machine()}; one thread; median of {4 * args.reps} (CNN) / {args.reps} "
+             f"Machine: {machine()}; one thread; CPU time of the process (robust to other "
+             f"load on the machine), median of {4 * args.reps} (CNN) / {args.reps} "
              "(MLP) rounds, each round = "
              "model built from theta, DP wrapping, k steps with Poisson sampling; all settings "
              "interleaved round by round. bk = fedmeta's book-keeping clipping "

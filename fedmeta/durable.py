@@ -28,22 +28,25 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append ``line`` (a newline is added; it must not hold one) and fsync it."""
+def append_line(path: Path, line: str) -> int:
+    """Append ``line`` (a newline is added; it must not hold one) and fsync it; returns
+    the bytes written."""
     if "\n" in line or "\r" in line:
         raise ValueError("append_line: the line holds a line break")
     path = Path(path)
     created = not path.exists()
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+    data = (line + "\n").encode("utf-8")
+    with open(path, "ab") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     if created:
         fsync_dir(path.parent)
+    return len(data)
 
 
-def append_json_line(path: Path, record: Any, *, compact: bool = False) -> None:
+def append_json_line(path: Path, record: Any, *, compact: bool = False) -> int:
     """Append ``record`` as one JSON line (keys sorted; ``compact``: no spaces) and
-    fsync it."""
+    fsync it; returns the bytes written."""
     separators = (",", ":") if compact else None
-    append_line(path, json.dumps(record, sort_keys=True, separators=separators))
+    return append_line(path, json.dumps(record, sort_keys=True, separators=separators))

@@ -457,6 +457,8 @@ class Site:
         assert ledger is not None and plan.sigma is not None
         step = (plan.sigma, plan.q, cfg.inner_steps)
         with ledger.locked():
+            # one accountant grid for the run: the most steps it can charge here
+            ledger.plan_run(run_id, cfg.rounds * cfg.inner_steps)
             if ledger.charged(run_id, server_round):
                 raise self._declined(
                     rnd, "round.decline", f"run {run_id} round "

@@ -22,6 +22,13 @@ Only the clipping is done here. Poisson sampling, Gaussian noise, scaling and
 the privacy accountant stay Opacus's: the clipped sum goes into ``p.grad`` and
 Opacus's ``DPOptimizerFastGradientClipping`` (the optimizer its ghost mode
 uses, which expects exactly that) adds noise and steps the accountant.
+
+The site models are small (a step is a fraction of a millisecond of arithmetic),
+so a step's cost is mostly the number of tensor operations. ``FlatGrads`` keeps
+every trainable tensor's gradient in one buffer: the clipper writes each
+layer's clipped sum straight into its slice, and the optimizer adds the noise
+(drawn per tensor, in Opacus's order, so the same generator gives the same
+noise) and divides by the expected batch size in one operation each.
 """
 
 from __future__ import annotations
@@ -77,20 +84,79 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+class FlatGrads:
+    """One contiguous buffer for the gradients of ``params`` (in this order), and one for
+    their noise: ``grads[i]`` / ``noises[i]`` are views shaped like ``params[i]``.
+
+    The DP optimizer's per-step work on every tensor (add the noise, divide by the
+    expected batch size) becomes one operation on the buffer.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        if not params:
+            raise ValueError("no trainable parameters")
+        first = params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in params):
+            raise ValueError("parameters of several dtypes or devices")
+        self.params = list(params)
+        total = sum(p.numel() for p in params)
+        self.buffer = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.noise_buffer = torch.empty_like(self.buffer)
+        self.grads: list[torch.Tensor] = []
+        self.noises: list[torch.Tensor] = []
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self.grads.append(self.buffer[offset:offset + n].view(p.shape))
+            self.noises.append(self.noise_buffer[offset:offset + n].view(p.shape))
+            offset += n
+        self._index = {id(p): i for i, p in enumerate(params)}
+
+    def view(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``p``'s gradient view (None if the buffer does not hold ``p``)."""
+        i = self._index.get(id(p))
+        return None if i is None else self.grads[i]
+
+    def holds(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether ``tensors`` (one per parameter, in order) are the buffer's views."""
+        return len(tensors) == len(self.grads) and all(
+            t is v for t, v in zip(tensors, self.grads, strict=True))
+
+    @staticmethod
+    def fresh(view: torch.Tensor) -> torch.Tensor:
+        """A view about to receive a new gradient: Opacus's "already noised" mark of the
+        previous step is taken off it (it stays on a view nobody refilled)."""
+        if hasattr(view, "_processed"):
+            del view._processed
+        return view
+
+    def zero(self) -> None:
+        """Zero gradients in the buffer (a step without records: noise only)."""
+        self.buffer.zero_()
+        for p, view in zip(self.params, self.grads, strict=True):
+            p.grad = self.fresh(view)
+
+
 class BookKeepingClipper:
     """Hooks on a model's Linear/Conv2d layers; ``backward`` writes clipped sums to p.grad.
 
     Only trainable tensors get a gradient and count in the per-sample norm: a
-    frozen weight or bias is left untouched (``.grad`` stays None).
+    frozen weight or bias is left untouched (``.grad`` stays None). With
+    ``grads`` (a ``FlatGrads`` over the trainable tensors) the sums are written
+    into its buffer and ``p.grad`` is the tensor's view of it.
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+    def __init__(self, model: nn.Module, max_grad_norm: float,
+                 grads: FlatGrads | None = None) -> None:
         reason = unsupported_reason(model)
         if reason:
             raise BookKeepingError(f"book-keeping clipping: {reason}; use grad-sample-mode "
                                    "hooks or ew")
         self.max_grad_norm = float(max_grad_norm)
+        self.grads = grads
         self.layers = [m for m in model.modules() if isinstance(m, SUPPORTED) and _trainable(m)]
+        #: each layer's (weight, bias) gradient views in ``grads`` (None: frozen or not held)
+        self._views = {m: (_held(grads, m.weight), _held(grads, m.bias)) for m in self.layers}
         self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self._handles = [m.register_forward_hook(self._keep) for m in self.layers]
 
@@ -101,7 +167,8 @@ class BookKeepingClipper:
             self._seen.clear()
             raise BookKeepingError("book-keeping clipping: a layer ran twice in one forward "
                                    "pass; use grad-sample-mode hooks")
-        self._seen[module] = (inputs[0].detach(), output, inputs[0]._version, output._version)
+        # kept as is (``backward`` computes under no_grad): a detach would be one more op
+        self._seen[module] = (inputs[0], output, inputs[0]._version, output._version)
 
     def close(self) -> None:
         for h in self._handles:
@@ -130,28 +197,52 @@ class BookKeepingClipper:
                     f"output of a {type(m).__name__} layer after it ran (e.g. "
                     "ReLU(inplace=True)); make it out-of-place or use grad-sample-mode hooks")
         grads_out = torch.autograd.grad(loss_sum, [z for _, z, _, _ in kept])
+        with torch.no_grad():
+            return self._clip(layers, kept, grads_out, units, n_units)
+
+    def _clip(self, layers, kept, grads_out, units, n_units) -> torch.Tensor | None:
+        members = None  # [U, B]: 1 where sample b belongs to unit u
+        if units is not None and grads_out:
+            members = F.one_hot(units, n_units).t().to(grads_out[0].dtype)
         sq_norms: torch.Tensor | None = None
         sums = []
         for module, (a, _, _, _), dz in zip(layers, kept, grads_out, strict=True):
-            sq, clipped_sum = _layer_grads(module, a, dz, units, n_units)
+            sq, clipped_sum = _layer_grads(module, a, dz, units, members)
             sq_norms = sq if sq_norms is None else sq_norms + sq
             sums.append((module, clipped_sum))
         for m in self.layers:  # a layer unused in this forward pass gets a zero gradient
             if m not in layers:
-                for p in m.parameters(recurse=False):
-                    if p.requires_grad:
-                        p.grad = torch.zeros_like(p)
+                for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
+                    if p is not None and p.requires_grad:
+                        p.grad = torch.zeros_like(p) if view is None else self.grads.fresh(
+                            view).zero_()
         if sq_norms is None:
             return None
         norms = sq_norms.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for module, clipped_sum in sums:
-            weight_grad, bias_grad = clipped_sum(factor)
-            if weight_grad is not None:
-                module.weight.grad = weight_grad.reshape(module.weight.shape)
-            if bias_grad is not None:
-                module.bias.grad = bias_grad
+            weight, bias = module.weight, module.bias
+            weight_out = self._out(weight, self._views[module][0]) \
+                if weight.requires_grad else None
+            bias_out = self._out(bias, self._views[module][1]) \
+                if bias is not None and bias.requires_grad else None
+            clipped_sum(factor, weight_out, bias_out)
+            if weight_out is not None:
+                weight.grad = weight_out
+            if bias_out is not None:
+                bias.grad = bias_out
         return norms
+
+    @staticmethod
+    def _out(p: torch.Tensor, view: torch.Tensor | None) -> torch.Tensor:
+        """Where ``p``'s clipped sum goes: its view of the flat buffer, or a new tensor."""
+        if view is not None:
+            return FlatGrads.fresh(view)
+        return torch.empty(p.shape, dtype=p.dtype, device=p.device)
+
+
+def _held(grads: FlatGrads | None, p: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grads is None or p is None or not p.requires_grad else grads.view(p)
 
 
 class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
@@ -161,20 +252,51 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     noise into a fresh tensor after allocating a zero tensor; at 1M parameters
     those copies cost a tenth of a step. Here the clipped sum (a fresh tensor
     every step, never accumulated: Poisson sampling forbids accumulation) is
-    used as ``summed_grad`` and the noise is added in place. Noise, its scale
-    (std = sigma * C, then / expected batch size) and the accountant hook are
-    Opacus's; secure mode uses Opacus's own noise path unchanged.
+    used as ``summed_grad`` and the noise is added in place. With ``grads`` (the
+    ``FlatGrads`` the clipper writes into) the noise is drawn per tensor into the
+    noise buffer, in Opacus's order and with Opacus's ``normal_`` call (the same
+    generator gives the same noise), and added and scaled in one operation each.
+    Noise, its scale (std = sigma * C, then / expected batch size) and the
+    accountant hook are Opacus's; secure mode uses Opacus's own noise path unchanged.
     """
+
+    def __init__(self, optimizer, *, grads: FlatGrads | None = None, **kwargs) -> None:
+        self._param_list: list[torch.Tensor] | None = None
+        super().__init__(optimizer, **kwargs)
+        self._param_list = super().params  # fixed for the optimizer's life: list it once
+        self.grads = grads
+        if grads is not None and (len(grads.params) != len(self._param_list) or any(
+                a is not b for a, b in zip(grads.params, self._param_list, strict=False))):
+            raise ValueError("FlatGrads must hold the optimizer's parameters in its order")
+        self._flat_step = False
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self._param_list if self._param_list is not None else super().params
 
     def accumulate(self) -> None:
         for p in self.params:
             p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
 
     def add_noise(self) -> None:
+        self._flat_step = False
         if self.secure_mode:
             super().add_noise()
             return
         std = self.noise_multiplier * self.max_grad_norm
+        flat = self.grads
+        if flat is not None and flat.holds([p.summed_grad for p in self.params]):
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+            if std > 0:
+                for noise in flat.noises:  # Opacus's draw, tensor by tensor, into the buffer
+                    noise.normal_(0.0, std, generator=self.generator)
+                flat.buffer.add_(flat.noise_buffer)
+            for p in self.params:
+                p.grad = p.summed_grad
+                _mark_as_processed(p.summed_grad)
+            self._flat_step = True
+            return
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             if std > 0:
@@ -184,43 +306,81 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
 
+    def scale_grad(self) -> None:
+        """Opacus's ``p.grad /= expected_batch_size * accumulated_iterations``, on the whole
+        buffer at once when the gradients are its views."""
+        flat, self._flat_step = self._flat_step, False
+        if (flat and self.loss_reduction == "mean" and self.grads is not None
+                and self.grads.holds([p.grad for p in self.params])):
+            self.grads.buffer /= self.expected_batch_size * self.accumulated_iterations
+            return
+        super().scale_grad()
+
+
+def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """``F.unfold`` of the input as ``conv`` pads it ([B, in*k*k, P]), by one copy of a
+    strided view of the padded input (faster than unfold's im2col on the CPU)."""
+    pads = conv._reversed_padding_repeated_twice  # what Conv2d applies, 'same' included
+    if any(pads):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        a = F.pad(a, pads, mode=mode)
+    batch, channels, height, width = a.shape
+    s_b, s_c, s_h, s_w = a.stride()
+    (kh, kw), (dh, dw), (th, tw) = conv.kernel_size, conv.dilation, conv.stride
+    out_h = (height - dh * (kh - 1) - 1) // th + 1
+    out_w = (width - dw * (kw - 1) - 1) // tw + 1
+    windows = a.as_strided((batch, channels, kh, kw, out_h, out_w),
+                           (s_b, s_c, s_h * dh, s_w * dw, s_h * th, s_w * tw),
+                           a.storage_offset())
+    return windows.reshape(batch, channels * kh * kw, out_h * out_w)
+
 
 def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
-                 units: torch.Tensor | None = None, n_units: int = 0):
-    """(per-sample squared gradient norms [B], factor -> (clipped weight sum, bias sum)).
+                 units: torch.Tensor | None = None, members: torch.Tensor | None = None):
+    """(per-sample squared gradient norms [B], (factor, weight_out, bias_out) -> None).
 
-    Only trainable tensors enter the norm; a frozen one's sum is None. With
-    ``units`` ([B] ids 0..n_units-1) the norms and clipping factors are per
-    unit ([n_units]) and a unit's gradient is the sum of its samples'.
+    The second writes the clipped weight and bias sums into ``weight_out`` /
+    ``bias_out`` (None for a frozen tensor). Only trainable tensors enter the
+    norm. With ``units`` ([B] ids 0..U-1) and ``members`` ([U, B], 1 where a
+    sample belongs to a unit) the norms and clipping factors are per unit ([U])
+    and a unit's gradient is the sum of its samples'.
     """
     batch = a.shape[0]
     w_on = module.weight.requires_grad
     b_on = module.bias is not None and module.bias.requires_grad
     if isinstance(module, nn.Linear) and a.dim() == 2 and units is None:
-        dz_sq = (dz * dz).sum(1)  # rank-one per-sample gradients
-        sq = (dz_sq * (a * a).sum(1) if w_on else torch.zeros_like(dz_sq)) + (
-            dz_sq if b_on else 0.0)
+        dz_sq = torch.linalg.vecdot(dz, dz)  # rank-one per-sample gradients
+        if w_on:
+            a_sq = torch.linalg.vecdot(a, a)
+            sq = torch.addcmul(dz_sq, dz_sq, a_sq) if b_on else dz_sq * a_sq
+        else:
+            sq = dz_sq if b_on else torch.zeros_like(dz_sq)
 
-        def rank_one_sum(factor: torch.Tensor):
-            scaled = dz * factor[:, None]
-            return (scaled.t() @ a if w_on else None), (scaled.sum(0) if b_on else None)
+        def rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
+            scaled_t = dz.t() * factor  # [out, B]
+            if weight_out is not None:
+                torch.mm(scaled_t, a, out=weight_out)
+            if bias_out is not None:
+                torch.sum(scaled_t, 1, out=bias_out)
 
         return sq, rank_one_sum
     if isinstance(module, nn.Linear) and a.dim() == 2:
-        # a unit's weight gradient sum_i dz_i a_i^T has squared norm
-        # sum_{i,j in unit} (dz_i . dz_j)(a_i . a_j): a [B, B] Gram product, never [B, out, in]
-        one_hot = F.one_hot(units, n_units).to(dz.dtype)  # [B, U]
-        sq = dz.new_zeros(n_units)
+        # a unit's gradient (sum_i dz_i a_i^T, sum_i dz_i) has squared norm
+        # sum_{i,j in unit} (dz_i . dz_j)(a_i . a_j + 1): a [B, B] Gram product, never [B, out, in]
+        assert members is not None
+        gram = dz @ dz.t()
         if w_on:
-            gram = (dz @ dz.t()) * (a @ a.t())
-            sq = sq + ((one_hot.t() @ gram) * one_hot.t()).sum(1)
-        if b_on:
-            unit_bias = one_hot.t() @ dz  # [U, out]
-            sq = sq + (unit_bias * unit_bias).sum(1)
+            inputs = a @ a.t()
+            gram = gram * (inputs + 1.0 if b_on else inputs)
+        sq = torch.linalg.vecdot(members @ gram, members) if (w_on or b_on) else \
+            dz.new_zeros(members.shape[0])
 
-        def unit_rank_one_sum(factor: torch.Tensor):
-            scaled = dz * factor[units][:, None]
-            return (scaled.t() @ a if w_on else None), (scaled.sum(0) if b_on else None)
+        def unit_rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
+            scaled_t = dz.t() * factor[units]  # [out, B]
+            if weight_out is not None:
+                torch.mm(scaled_t, a, out=weight_out)
+            if bias_out is not None:
+                torch.sum(scaled_t, 1, out=bias_out)
 
         return sq, unit_rank_one_sum
     if isinstance(module, nn.Linear):
@@ -232,30 +392,25 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
         dz3 = dz.reshape(batch, dz.shape[1], -1)  # [B, out, P]
         per_sample = None
         if w_on:
-            if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-                padded, pad = a, module.padding  # unfold pads symmetrically, no copy
-            else:  # what Conv2d itself applies: 'same' (maybe asymmetric), other modes
-                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-                padded = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
-                pad = 0
-            unfolded = F.unfold(padded, module.kernel_size, module.dilation, pad,
-                                module.stride)  # [B, in*k*k, P]
+            unfolded = _unfold(module, a)  # [B, in*k*k, P]
             per_sample = torch.bmm(dz3, unfolded.transpose(1, 2))  # [B, out, in*k*k]
-        bias_rows = dz3.sum(2)
-    if units is not None:  # a unit's gradient: the sum of its samples'
-        batch = n_units
-        if w_on:
-            per_sample = per_sample.new_zeros((n_units, *per_sample.shape[1:])).index_add_(
-                0, units, per_sample)
-        bias_rows = bias_rows.new_zeros((n_units, bias_rows.shape[1])).index_add_(
-            0, units, bias_rows)
-    sq = per_sample.reshape(batch, -1).pow(2).sum(1) if w_on else dz.new_zeros(batch)
-    if b_on:
-        sq = sq + (bias_rows * bias_rows).sum(1)
+        bias_rows = dz3.sum(2) if b_on else None
+    rows = per_sample.reshape(batch, -1) if w_on else None
+    if members is not None:  # a unit's gradient: the sum of its samples'
+        batch = members.shape[0]
+        rows = members @ rows if w_on else None
+        bias_rows = members @ bias_rows if b_on else None
+    if w_on:
+        sq = torch.linalg.vecdot(rows, rows)
+        if b_on:
+            sq = sq + torch.linalg.vecdot(bias_rows, bias_rows)
+    else:
+        sq = torch.linalg.vecdot(bias_rows, bias_rows) if b_on else dz.new_zeros(batch)
 
-    def materialised_sum(factor: torch.Tensor):
-        weight = (factor @ per_sample.reshape(batch, -1)).reshape(per_sample.shape[1:]) \
-            if w_on else None
-        return weight, (factor @ bias_rows if b_on else None)
+    def materialised_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
+        if weight_out is not None:
+            torch.mv(rows.t(), factor, out=weight_out.view(-1))
+        if bias_out is not None:
+            torch.mv(bias_rows.t(), factor, out=bias_out)
 
     return sq, materialised_sum

@@ -19,7 +19,10 @@ the mean of each truncated PRV (a numerical integral). ``BoundedPRVAccountant``
 keeps both across calls by choosing the discretisation domain on a coarse
 grid — a domain at least as wide and a mesh at least as fine as Opacus's, which
 only shrinks the truncation and discretisation errors its bound accounts for —
-so a new round costs one discretisation and one FFT composition.
+so a new round costs one discretisation and one FFT composition. A site passes
+``grid_steps`` (the most steps it can have spent by the end of the run), so one
+grid serves the whole run: each new ``(sigma, q)`` is discretised once, and a
+round's epsilon is one inverse FFT and a few passes over the grid.
 """
 
 from __future__ import annotations
@@ -68,12 +71,17 @@ def compact(history: Iterable[Step]) -> list[Step]:
     return [(s, q, n) for (s, q), n in sorted(merged.items())]
 
 
-def epsilon(history: Iterable[Step], delta: float, accountant: str = "prv") -> float:
+def epsilon(history: Iterable[Step], delta: float, accountant: str = "prv",
+            grid_steps: int = 0) -> float:
     """Cumulative epsilon of ``history`` at ``delta`` (0.0 for an empty history).
 
     An upper bound: ``accountant`` must be 'prv' or 'rdp' (BudgetError otherwise).
+    With ``grid_steps``, PRV's discretisation is the one for a history of at least
+    that many steps (wider and finer than this history needs: the same bound, and
+    one grid for every history up to that length).
     """
-    return _epsilon(tuple(compact(history)), float(delta), require_bound(accountant))
+    return _epsilon(tuple(compact(history)), float(delta), require_bound(accountant),
+                    int(grid_steps))
 
 
 def gdp_beside_bound(history: Iterable[Step], delta: float,
@@ -92,14 +100,15 @@ def gdp_beside_bound(history: Iterable[Step], delta: float,
 
 
 @lru_cache(maxsize=1024)
-def _epsilon(history: tuple[Step, ...], delta: float, accountant: str) -> float:
+def _epsilon(history: tuple[Step, ...], delta: float, accountant: str,
+             grid_steps: int = 0) -> float:
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
     if accountant == "rdp":
         return _rdp_epsilon(history, delta)
-    acc = BoundedPRVAccountant()
+    acc = BoundedPRVAccountant(grid_steps)
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
@@ -162,8 +171,24 @@ class BoundedPRVAccountant(PRVAccountant):
     and the discretisation error no larger than Opacus's own choice, so the
     returned upper end of the error interval stays a bound; values agree with
     Opacus's to ~1e-5
-    (tests/privacy/test_budget.py).
+    (tests/privacy/test_budget.py). ``grid_steps``: choose the grid for at least that
+    many steps (a grid that serves a site's whole run).
     """
+
+    def __init__(self, grid_steps: int = 0) -> None:
+        super().__init__()
+        self.grid_steps = int(grid_steps)
+        self._grid: tuple[float, float, int] | None = None
+        self._shift = 0.0
+
+    def get_epsilon(self, delta: float, *, eps_error: float = 0.01,
+                    delta_error: float | None = None, **kwargs) -> float:
+        """Opacus's ``PRVAccountant.get_epsilon``: the upper end of the error interval."""
+        if delta_error is None:
+            delta_error = delta / 1000
+        dprv = self._get_dprv(eps_error=eps_error, delta_error=delta_error)
+        assert self._grid is not None
+        return _upper_epsilon(dprv, self._grid, self._shift, delta, delta_error, eps_error)
 
     def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
         """Opacus's safe domain (Gopi et al., remark 5.6), on a grid that serves a site for
@@ -174,7 +199,7 @@ class BoundedPRVAccountant(PRVAccountant):
         FFT-friendly size (1, 1.25, 1.5 or 1.75 times a power of two). Within a bucket
         the grid stays put as rounds are added, so each (sigma, q)'s spectrum is kept."""
         steps = sum(num_self_compositions)
-        bucket = 4 ** math.ceil(math.log(steps, 4))
+        bucket = 4 ** math.ceil(math.log(max(steps, self.grid_steps), 4))
         history = [(p.noise_multiplier, p.sample_rate, math.ceil(n * bucket / steps))
                    for p, n in zip(prvs, num_self_compositions, strict=True)]
         total = sum(n for _, _, n in history)
@@ -205,6 +230,7 @@ class BoundedPRVAccountant(PRVAccountant):
         spectrum = _composed_spectrum(grid, tuple(self.history))
         shift = sum(n * _spectrum(sigma, q, *grid)[1] for sigma, q, n in self.history)
         total = sum(counts)
+        self._grid, self._shift = grid, shift
         pmf = np.fft.irfft(spectrum, n=domain.size)
         # index of a sum of `total` grid points on the same grid (Opacus's _compose_fourier)
         pmf = np.roll(pmf, total - 1 + (domain.size // 2 if total % 2 == 0 else 0))
@@ -242,12 +268,51 @@ def _composed_spectrum(grid: tuple, history: tuple[Step, ...]) -> np.ndarray:
     return spectrum
 
 
+def _upper_epsilon(dprv: DiscretePRV, grid: tuple, shift: float, delta: float,
+                   delta_error: float, eps_error: float) -> float:
+    """Opacus's ``DiscretePRV.compute_epsilon``, its upper end, with less work per call.
+
+    The same quantities: suffix sums d1 = sum_{j>=i} p_j and d2 = sum_{j>=i} p_j e^{-t_j},
+    delta(t_i) = d1 - e^{t_i} d2 (non-increasing in t), the first grid point where it
+    drops to delta - delta_error found by the same binary search ``np.searchsorted``
+    runs, and epsilon = log((d1 - delta') / d2) + eps_error. e^{-t} on the shifted grid
+    is the grid's (kept) times e^{-shift}; e^{t_i} is computed only where the search
+    looks, instead of over the whole grid.
+    """
+    if delta <= 0:
+        return math.inf
+    size = dprv.domain.size
+    if np.finfo(np.longdouble).eps * size > delta - delta_error:
+        raise ValueError("Floating point errors will dominate for such small values of delta. "
+                         "Increase delta or reduce domain size.")
+    p = dprv.pmf
+    d1 = np.cumsum(p[::-1])[::-1]
+    d2 = np.cumsum((p * _neg_exp_grid(*grid) * math.exp(-shift))[::-1])[::-1]
+    t0, dt = dprv.domain.t_min, dprv.domain.dt
+    target = delta - delta_error
+    lo, hi = 0, size
+    while lo < hi:  # np.searchsorted(ndelta, -target, side="left"), ndelta = e^t d2 - d1
+        mid = (lo + hi) // 2
+        if math.exp(t0 + mid * dt) * d2[mid] - d1[mid] < -target:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo <= 0:
+        raise RuntimeError("Cannot compute epsilon")
+    return float(math.log((d1[lo] - target) / d2[lo]) + eps_error)
+
+
 @lru_cache(maxsize=16)
+def _neg_exp_grid(t_min: float, t_max: float, size: int) -> np.ndarray:
+    return np.exp(-np.linspace(t_min, t_max, size))
+
+
+@lru_cache(maxsize=48)
 def _spectrum_power(sigma: float, q: float, grid: tuple, n: int) -> np.ndarray:
     return _spectrum(sigma, q, *grid)[0] ** n
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=48)
 def _spectrum(sigma: float, q: float, t_min: float, t_max: float,
               size: int) -> tuple[np.ndarray, float]:
     """(rfft of the discretised truncated PRV, its mean-preserving shift) on a grid."""
@@ -255,7 +320,7 @@ def _spectrum(sigma: float, q: float, t_min: float, t_max: float,
     return np.fft.rfft(dprv.pmf), float(dprv.domain.shifts)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def _truncated_mean(sigma: float, q: float, t_min: float, t_max: float) -> float:
     prv = TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), t_min, t_max)
     return float(prv.mean())

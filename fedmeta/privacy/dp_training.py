@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers.utils import params as optimizer_params
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,6 +30,7 @@ from fedmeta.privacy.bookkeeping import (
     BookKeepingClipper,
     BookKeepingDPOptimizer,
     BookKeepingError,
+    FlatGrads,
 )
 from fedmeta.privacy.budget import Step, expected_batch_size, poisson_rate
 from fedmeta.privacy.model_check import check_dp_model
@@ -75,25 +77,42 @@ def _make_private_bookkeeping(engine: PrivacyEngine, model: nn.Module, optimizer
     if getattr(loss_fn, "reduction", None) != "mean":
         raise BookKeepingError("book-keeping clipping needs a loss averaged over the batch "
                                "(reduction='mean')")
-    clipper = BookKeepingClipper(model, dp.max_grad_norm)
+    trainable = optimizer_params(optimizer)
+    try:  # one gradient buffer: the noise is added and scaled in one operation each
+        grads: FlatGrads | None = FlatGrads(trainable)
+    except ValueError:  # parameters of several dtypes or devices: a tensor per parameter
+        grads = None
+    clipper = BookKeepingClipper(model, dp.max_grad_norm, grads)
     dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
     if dp.randomness is not None:
         dp_loader = poisson_loader(loader.dataset, dp_loader.sample_rate, dp.randomness.sampling)
     expected_batch = expected_batch_size(len(dp_loader.dataset), loader.batch_size)
     dp_optimizer = BookKeepingDPOptimizer(
         optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
+        expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen,
+        grads=grads)
     if dp.randomness is not None:
         use_site_noise(dp_optimizer, dp.randomness)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(dp_loader.sample_rate))
     return clipper, dp_optimizer, dp_loader
 
 
-def _batches(loader: DataLoader, steps: int):
+def _batches(loader: DataLoader, tensors: list[torch.Tensor], steps: int, device: str):
+    """``steps`` batches as iterating ``loader`` gives them, a pass after another.
+
+    The indices come from the loader's own batch sampler (Poisson sampling, or
+    the shuffling of a plain loader), and each pass first makes the draw a
+    loader's iterator makes for its workers' seed, so a seeded run gets the same
+    batches as before; the records are then fetched by indexing the pool's
+    tensors, one operation per tensor instead of a fetch and a collate per record.
+    """
     done = 0
     while done < steps:
-        for batch in loader:
-            yield batch
+        indices = iter(loader.batch_sampler)
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+        for index in indices:
+            at = torch.as_tensor(index, dtype=torch.int64)
+            yield tuple(t[at].to(device) for t in tensors)
             done += 1
             if done == steps:
                 return
@@ -170,13 +189,15 @@ def train_steps(
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
-        for batch in _batches(loader, steps):
-            xb, yb = batch[0].to(device), batch[1].to(device)
+        for batch in _batches(loader, tensors, steps, device):
+            xb, yb = batch[0], batch[1]
             optimizer.zero_grad(set_to_none=True)
             if len(xb):
                 loss = criterion(net(xb), yb)
-                unit, batch_n_units = (batch_units(batch[2].to(device)) if per_unit
+                unit, batch_n_units = (batch_units(batch[2]) if per_unit
                                        else (None, 0))
+                if unit is not None and batch_n_units == len(xb):
+                    unit = None  # every unit of this batch holds one record: clip per record
                 if clipper is not None:  # criterion is a mean over the batch's samples
                     clipper.backward(loss * len(xb), unit, batch_n_units)
                 else:
@@ -185,6 +206,8 @@ def train_steps(
                         sum_grad_samples(trainable, unit, batch_n_units)
                 loss_sum += float(loss.detach())
                 n_loss += 1
+            elif clipper is not None and clipper.grads is not None:
+                clipper.grads.zero()  # an empty Poisson batch: noise only
             elif engine is not None:
                 # an empty Poisson batch: Opacus still adds noise; no gradient to compute
                 for p in (p for p in model.parameters() if p.requires_grad):

@@ -69,8 +69,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _append_line(path: Path, obj: dict[str, Any]) -> None:
-    append_json_line(path, obj, compact=True)
+def _append_line(path: Path, obj: dict[str, Any]) -> int:
+    """Append one JSON line, fsync'd; returns its size in bytes."""
+    return append_json_line(path, obj, compact=True)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class PrivacyLedger:
@@ -85,6 +90,10 @@ class PrivacyLedger:
         self.privacy_unit: str = str(header.get("privacy_unit", RECORD))
         self.epsilon_max = epsilon_max
         self.charges = charges
+        #: PRV's grid is chosen for at least this many steps (``plan_run``); 0: per history
+        self.grid_steps = 0
+        #: (inode, size, mtime) of the file when ``charges`` were read from it
+        self._stamp: tuple[int, int, int] | None = None
 
     # ---- opening ---------------------------------------------------------
     @classmethod
@@ -132,13 +141,21 @@ class PrivacyLedger:
         path = Path(site_dir) / LEDGER_FILE
         if not path.exists():
             return None
-        return PrivacyLedger.read(path).accountant
+        try:  # the header alone (the whole file is checked when the ledger is opened)
+            with open(path, encoding="utf-8") as fh:
+                header = json.loads(fh.readline())
+            if header.get("kind") == "header" and isinstance(header.get("accountant"), str):
+                return header["accountant"]
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            pass
+        return PrivacyLedger.read(path).accountant  # names the problem
 
     @classmethod
     def read(cls, path: Path) -> PrivacyLedger:
         """Parse a ledger file; LedgerError naming file and line on any problem."""
         path = Path(path)
         try:
+            stamp = _stamp(os.stat(path))
             raw = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise LedgerError(
@@ -177,7 +194,9 @@ class PrivacyLedger:
                                   "refusing to train") from None
         if header is None or epsilon_max is None:
             raise LedgerError(f"{path}: empty privacy ledger; refusing to train")
-        return cls(path, header, charges, epsilon_max)
+        ledger = cls(path, header, charges, epsilon_max)
+        ledger._stamp = stamp  # taken before reading: a later append always shows
+        return ledger
 
     @contextmanager
     def locked(self) -> Iterator[PrivacyLedger]:
@@ -189,18 +208,27 @@ class PrivacyLedger:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            fresh = PrivacyLedger.read(self.path)
-            self.charges = fresh.charges
+            # the file is append-only: unchanged (inode, size, mtime) means the same charges
+            if self._stamp is None or _stamp(os.fstat(fd)) != self._stamp:
+                fresh = PrivacyLedger.read(self.path)
+                self.charges, self._stamp = fresh.charges, fresh._stamp
             yield self
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     # ---- accounting --------------------------------------------------------
+    def plan_run(self, run: str, steps_in_run: int) -> None:
+        """Evaluate this run's epsilons on one PRV grid: the one for every step charged
+        outside ``run`` plus ``steps_in_run`` (the most the run can charge). A grid for
+        more steps is wider and finer: the same upper bound; one grid for the run means
+        each round adds one composition instead of discretising its PRVs again."""
+        self.grid_steps = sum(c.steps for c in self.charges if c.run != run) + int(steps_in_run)
+
     def run_epsilon(self, run: str, extra: list[Step] | None = None) -> float:
         """Epsilon spent in one run (plus ``extra``), by the same accountant."""
         steps = [c.step for c in self.charges if c.run == run]
-        return epsilon(steps + list(extra or []), self.delta, self.accountant)
+        return epsilon(steps + list(extra or []), self.delta, self.accountant, self.grid_steps)
 
     def charged(self, run: str, round: int) -> bool:
         """Whether this run's round has been charged already (a replayed round)."""
@@ -212,7 +240,8 @@ class PrivacyLedger:
 
     def epsilon(self, extra: list[Step] | None = None) -> float:
         """Cumulative epsilon over every charge (plus ``extra`` if given)."""
-        return epsilon(self.history + list(extra or []), self.delta, self.accountant)
+        return epsilon(self.history + list(extra or []), self.delta, self.accountant,
+                       self.grid_steps)
 
     def would_exceed(self, step: Step) -> tuple[bool, float]:
         """(True if charging ``step`` would pass epsilon_max, epsilon after it)."""
@@ -225,8 +254,15 @@ class PrivacyLedger:
         c = Charge(run=run, round=round, noise_multiplier=float(sigma), sample_rate=float(q),
                    steps=int(steps), delta=self.delta, accountant=self.accountant,
                    epsilon_after=self.epsilon([step]), time=_now())
-        _append_line(self.path, {"kind": "charge", **asdict(c)})
+        size = _append_line(self.path, {"kind": "charge", **asdict(c)})
         self.charges.append(c)
+        # still what the file holds if the file grew by exactly this line
+        after = _stamp(os.stat(self.path))
+        if self._stamp is not None and (after[0], after[1]) == (self._stamp[0],
+                                                                 self._stamp[1] + size):
+            self._stamp = after
+        else:
+            self._stamp = None
         return c
 
     def summary(self) -> dict[str, Any]:

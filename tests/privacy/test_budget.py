@@ -68,3 +68,28 @@ def test_expected_batch_is_never_rounded_to_zero():
     assert expected_batch_size(302, 10) == 302 // 31
     with pytest.raises(ValueError, match="at least one record"):
         expected_batch_size(0, 10)
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_a_grid_for_the_whole_run_gives_the_same_bound(history):
+    """A grid chosen for more steps (a site's whole run) is wider and finer than the
+    history needs: still at least Opacus's estimate, and Opacus's upper end to 1e-3."""
+    acc = PRVAccountant()
+    acc.history = list(history)
+    estimate = acc._get_dprv(eps_error=0.01, delta_error=1e-8).compute_epsilon(
+        1e-5, 1e-8, 0.01)[1]
+    steps = sum(n for _, _, n in history)
+    for grid_steps in (steps, 4 * steps + 1, 1000):
+        ours = epsilon(history, 1e-5, "prv", grid_steps=grid_steps)
+        assert ours >= estimate
+        assert ours == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-3, abs=1e-3)
+
+
+def test_rounds_of_a_run_share_one_grid():
+    """Inside one run every round's history is evaluated on the run's grid: a new round
+    multiplies in its steps, it does not discretise the PRV again."""
+    step = (1.0, 1 / 45, 8)
+    budget._spectrum.cache_clear()
+    for rounds in range(1, 8):
+        epsilon([step] * rounds, 1e-5, "prv", grid_steps=240)
+    assert budget._spectrum.cache_info().misses == 1  # the first round's discretisation

@@ -96,3 +96,28 @@ def test_summary_document_shape(tmp_path):
     assert set(doc) >= {"site", "epsilon_max", "delta", "accountant", "entries"}
     assert set(doc["entries"][0]) == {"run", "round", "noise_multiplier", "sample_rate", "steps",
                                       "epsilon_after"}
+
+
+def test_a_charge_by_another_process_is_seen_under_the_lock(tmp_path):
+    """The ledger is re-read under the lock only when the file changed; an append by
+    another writer always changes it, so the budget check never misses a charge."""
+    mine = open_ledger(tmp_path)
+    with mine.locked():
+        mine.charge("run-a", 1, (1.0, 0.05, 8))
+    with mine.locked():  # unchanged file: the charges in memory are the file's
+        assert [c.round for c in mine.charges] == [1]
+    other = open_ledger(tmp_path)  # e.g. a second process serving the same site
+    with other.locked():
+        other.charge("run-a", 2, (1.0, 0.05, 8))
+    with mine.locked():
+        assert [c.round for c in mine.charges] == [1, 2]
+        assert mine.epsilon() == pytest.approx(other.epsilon())
+
+
+def test_plan_run_grid_counts_other_runs_and_this_runs_most(tmp_path):
+    ledger = open_ledger(tmp_path)
+    ledger.charge("old", 1, (1.0, 0.05, 8))
+    ledger.charge("run-a", 1, (1.0, 0.05, 8))
+    ledger.plan_run("run-a", 30 * 8)
+    assert ledger.grid_steps == 8 + 240
+    assert ledger.epsilon() == pytest.approx(epsilon(ledger.history, 1e-5), rel=1e-4)
