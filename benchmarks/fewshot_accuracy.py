@@ -276,6 +276,8 @@ def main() -> None:
                 for k in shot_args:
                     evaluate(f"np-s{other}-k{k}-meta", [run], k, ["--methods", "meta"])
         for k in shot_args:
+            evaluate(f"shift-s{s}-k{k}-scratch", [runs["reptile"]], k,
+                     ["--methods", "scratch", "--shift"])
             for name, strat in FAMILY_RUN.items():
                 evaluate(f"shift-s{s}-k{k}-{name}", [runs[strat]], k,
                          ["--methods", FAMILIES[name], "--shift"])
