@@ -31,12 +31,13 @@ from doc import machine, write_section  # noqa: E402
 WORK = Path("benchmarks/.runs")
 PY = sys.executable
 SCRATCH_STEPS = (20, 100)
-ORDER = ["scratch-20", "scratch-100", "transfer", "transfer+proto", "transfer+proto-ft", "meta",
-         "meta-100", "meta+proto",
-         "meta+proto-ft", "fomaml", "fomaml+proto", "fomaml+proto-ft"]
+ORDER = ["scratch-20", "scratch-100", "transfer", "transfer-100", "transfer+proto",
+         "transfer+proto-ft", "meta", "meta-100", "meta+proto", "meta+proto-ft", "fomaml",
+         "fomaml+proto", "fomaml+proto-ft"]
 LABEL = {"scratch-20": "scratch (20 steps, the common budget)",
          "scratch-100": "scratch (100 steps: trained to fit the support set)",
          "transfer": "FedAvg-transfer (fine-tuned)",
+         "transfer-100": "FedAvg-transfer (fine-tuned, 100 steps)",
          "transfer+proto": "FedAvg embedding + prototypes (no step)",
          "transfer+proto-ft": "FedAvg + prototype-initialised fine-tuning",
          "meta": "Reptile", "meta-100": "Reptile (100 steps)",
@@ -266,6 +267,10 @@ def main() -> None:
             for steps in SCRATCH_STEPS:
                 evaluate(f"scratch-{steps}-k{k}", [runs["reptile"]], k,
                          ["--methods", "scratch", "--steps", str(steps)])
+        for k in shot_args:  # the budget that fits scratch, for the trained models too
+            for name, strat in (("meta", "reptile"), ("transfer", "fedavg")):
+                evaluate(f"steps100-s{s}-k{k}-{name}", [runs[strat]], k,
+                         ["--methods", name, "--steps", "100"])
         for k in shot_args:  # one slice per family: they can run in parallel
             for name, strat in FAMILY_RUN.items():
                 evaluate(f"np-s{s}-k{k}-{name}", [runs[strat]], k,
