@@ -27,6 +27,7 @@ from torch import nn
 
 from fedmeta.data.tasks.base import Episode, Task
 from fedmeta.meta.adaptation import adapt, initial_model, score
+from fedmeta.meta.batched import adapt_and_score, same_shapes
 from fedmeta.meta.prototypes import prototype_head
 
 Head = Literal["own", "proto"]
@@ -43,6 +44,9 @@ class Method:
     base: str  # "scratch", or the base method of a trained run (transfer, meta, fomaml)
     head: Head = "own"  # own: the model's head (a fresh zero head for transfer); proto
     fine_tune: bool = True
+    #: the prototype head's temperature (``prototypes.prototype_head``): it never changes
+    #: the no-step classifier, only the head fine-tuning starts from
+    temperature: float | Literal["spread"] = "spread"
 
     @property
     def label(self) -> str:
@@ -89,7 +93,8 @@ def initial_states(task: Task, method: Method,
     for episode in episodes:
         model = copy.deepcopy(base)
         prototype_head(model, torch.from_numpy(episode.support_x).to(device),
-                       torch.from_numpy(episode.support_y).to(device), task.meta_out_dim())
+                       torch.from_numpy(episode.support_y).to(device), task.meta_out_dim(),
+                       method.temperature)
         states.append({**shared, "head.weight": model.head.weight.detach(),
                        "head.bias": model.head.bias.detach()})
     return base, states
@@ -111,6 +116,11 @@ def episode_scores_grid(
     if not method.fine_tune:
         steps, lrs = 0, [0.0]
     out: dict[float, list[float]] = {}
+    if episodes and same_shapes(episodes):  # the same SGD, all episodes at once
+        for lr in lrs:
+            out[lr] = adapt_and_score(model, task, states, episodes, steps=steps, lr=lr,
+                                      device=device)
+        return out
     for lr in lrs:
         scores = []
         for episode, st in zip(episodes, states, strict=True):

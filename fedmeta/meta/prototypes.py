@@ -10,6 +10,8 @@ classifier is a head, and fine-tuning can start from it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -39,12 +41,25 @@ def class_prototypes(emb: torch.Tensor, y: torch.Tensor, n_classes: int) -> torc
     return sums / counts[:n_classes].to(emb.dtype).unsqueeze(1)
 
 
+def prototype_spread(protos: torch.Tensor) -> float:
+    """Mean squared distance of the prototypes to their mean (a temperature: > 0)."""
+    spread = float(((protos - protos.mean(0)) ** 2).sum(1).mean())
+    return spread if spread > 0 else 1.0
+
+
 @torch.no_grad()
-def prototype_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> nn.Module:
+def prototype_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int,
+                   temperature: float | Literal["spread"] = 1.0) -> nn.Module:
     """Replace ``model.head`` by the prototype classifier of the support set ``(x, y)``.
 
     Works for any number of classes (the head is rebuilt with ``n_classes``
-    outputs); returns the model, changed in place.
+    outputs); returns the model, changed in place. The logits are
+    ``-|z - p_c|^2 / temperature`` up to a per-example constant, so the
+    temperature never changes a prediction, only how confident the head is:
+    ``"spread"`` divides by the prototypes' mean squared distance to their
+    mean, which keeps the logit gaps of order 1 whatever the embedding's scale
+    (a head to fine-tune from: raw squared distances of a few hundred saturate
+    the softmax, and the first SGD steps then wreck the embedding).
     """
     old = getattr(model, "head", None)
     if not isinstance(old, nn.Linear):
@@ -62,7 +77,10 @@ def prototype_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes
         )
     head = nn.Linear(old.in_features, n_classes).to(device=old.weight.device,
                                                        dtype=old.weight.dtype)
-    head.weight.copy_(2.0 * protos)
-    head.bias.copy_(-(protos**2).sum(1))
+    t = prototype_spread(protos) if temperature == "spread" else float(temperature)
+    if not t > 0:
+        raise ValueError(f"prototype temperature must be > 0, got {temperature}")
+    head.weight.copy_(2.0 * protos / t)
+    head.bias.copy_(-(protos**2).sum(1) / t)
     model.head = head
     return model

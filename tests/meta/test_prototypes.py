@@ -50,3 +50,19 @@ def test_records_units_follow_subsets() -> None:
     with pytest.raises(ValueError, match="units"):
         Records(x=np.zeros((2, 1)), y=np.zeros(2), groups=np.zeros(2),
                 record_ids=np.arange(2), units=np.arange(3))
+
+
+def test_spread_temperature_keeps_predictions_and_tames_the_logits() -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(10, 1, 8, 8) * 5, torch.arange(5).repeat(2)
+    raw, tempered = SmallCNN(5), SmallCNN(5)
+    tempered.load_state_dict(raw.state_dict())
+    prototype_head(raw, x, y, 5)
+    prototype_head(tempered, x, y, 5, temperature="spread")
+    probe = torch.randn(40, 1, 8, 8)
+    assert torch.equal(raw(probe).argmax(1), tempered(probe).argmax(1))
+    protos = class_prototypes(embedding(raw, x), y, 5)
+    spread = float(((protos - protos.mean(0)) ** 2).sum(1).mean())
+    torch.testing.assert_close(tempered(probe), raw(probe) / spread)
+    with pytest.raises(ValueError, match="temperature"):
+        prototype_head(SmallCNN(5), x, y, 5, temperature=0.0)
