@@ -18,8 +18,8 @@ from helpers import (
 def ray_run(tmp_path_factory: pytest.TempPathFactory) -> RayRun:
     """The suite's real Ray simulation of a bundled task, through the CLI, started from a
     directory with its own ``server.py``, ``clients/`` and ``policies/`` (so the Ray
-    workers must import fedmeta's). Read by test_simulation.py (run directory, console,
-    leftover processes, same metrics as inline) and test_working_directory.py."""
+    workers must import fedmeta's). Read by test_simulation.py: run directory, console,
+    leftover processes, same metrics as inline, Ray workers from such a directory."""
     base = tmp_path_factory.mktemp("ray")
     cwd = shadowing_project(base / "my-flower-project")
     out = base / "reptile"

@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 from helpers import (
     RAY_RUN_SETTINGS,
+    RayRun,
     adopting_orphans,
     cli_args,
     fedmeta,
     own_processes,
     run_inline,
+    shadows_in,
 )
 from typer.testing import CliRunner
 
@@ -84,6 +86,16 @@ def test_ray_simulation_writes_a_complete_run_directory(ray_run):
 @pytest.mark.slow
 def test_no_process_of_the_run_is_left_running(ray_run):
     assert ray_run.leftover == {}
+
+
+@pytest.mark.slow
+def test_ray_workers_from_such_a_directory(ray_run: RayRun):
+    """Ray workers import fedmeta's packages, not a user's ``server.py``, ``clients/``,
+    ``policies/`` in the directory the run started from (test_working_directory.py)."""
+    assert shadows_in(ray_run.cwd)  # the suite's Ray run started there
+    assert ray_run.res.returncode == 0, ray_run.res.stdout[-1500:] + ray_run.res.stderr[-1500:]
+    summary = json.loads((ray_run.out / "summary.json").read_text())
+    assert set(summary["epsilon"]) == {f"site-{i}" for i in range(RAY_RUN_SETTINGS["sites"])}
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="child subreapers are Linux-only")

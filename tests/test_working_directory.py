@@ -1,7 +1,7 @@
 """fedmeta works from a directory that holds its own ``server.py``, ``clients/`` and
 ``policies/`` (common in Flower projects): the CLI, the Python API, Ray workers and
-`flwr run` all import fedmeta's own packages, never the user's. (Ray workers: the suite's
-Ray run starts from such a directory, tests/conftest.py; `flwr run`:
+`flwr run` all import fedmeta's own packages, never the user's. (Ray workers:
+test_simulation.py::test_ray_workers_from_such_a_directory, the suite's Ray run; `flwr run`:
 test_plugins.py::test_plugin_through_flwr_run_from_a_directory_with_its_own_modules.)"""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import RAY_RUN_SETTINGS, RayRun, fedmeta, shadowing_project, shadows_in
+from helpers import fedmeta, shadowing_project
 
 SMALL = ["--task", "breast-cancer-sites", "--sites", "2", "--rounds", "1",
          "--set", "eval-episodes=3", "--set", "fraction-train=1.0"]
@@ -49,11 +49,3 @@ def test_api_script_in_such_a_directory(user_dir, tmp_path):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-1500:]
     assert "['site-0', 'site-1']" in res.stdout
-
-
-@pytest.mark.slow
-def test_ray_workers_from_such_a_directory(ray_run: RayRun):
-    assert shadows_in(ray_run.cwd)  # the suite's Ray run started there
-    assert ray_run.res.returncode == 0, ray_run.res.stdout[-1500:] + ray_run.res.stderr[-1500:]
-    summary = json.loads((ray_run.out / "summary.json").read_text())
-    assert set(summary["epsilon"]) == {f"site-{i}" for i in range(RAY_RUN_SETTINGS["sites"])}
