@@ -2,6 +2,8 @@
 #   make run    set up a virtual environment, run the default simulation, write its report
 #   make test   set up and run ruff, mypy (strict on policies/ and fedmeta/audit/) and the whole test suite
 #   make test-fast   the inner loop: skips tests marked slow, deploy or browser
+#   both run the tests on PYTEST_WORKERS=2 processes (pytest-xdist, a module's tests on one
+#   of them: its module-scoped runs are made once); PYTEST_WORKERS=0: in this process
 #
 # torch is installed first, on its own, so the build is an install-time choice:
 #   TORCH_SPEC=torch==2.13.0  (default) on a CPU-only machine whose pip finds the local
@@ -13,6 +15,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 STAMP := $(VENV)/.fedmeta-installed
 
 .PHONY: setup run test test-fast browser nginx clean
@@ -46,12 +50,12 @@ nginx:
 test: setup browser nginx
 	$(BIN)/ruff check .
 	$(BIN)/mypy policies fedmeta/audit
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy policies fedmeta/audit
-	$(BIN)/pytest -q -m "not slow and not deploy and not browser"
+	$(PYTEST) -m "not slow and not deploy and not browser"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

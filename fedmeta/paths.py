@@ -51,6 +51,9 @@ TLS_CLIENT_KEY_ENV = "FEDMETA_TLS_CLIENT_KEY"
 """A site's TLS client key (exported by ``start-node.sh``)."""
 SERVER_AUDIT_KEY_ENV = "FEDMETA_SERVER_AUDIT_KEY"
 """The coordinator's server audit signing key (exported by ``start-superlink.sh``)."""
+HEARTBEAT_ENV = "FEDMETA_HEARTBEAT_INTERVAL_S"
+"""Seconds between a site node's heartbeats, as it declares them to the SuperLink."""
+
 ENV_NAMES = (
     RUN_CONFIG_ENV,
     TRANSPORT_ENV,
@@ -60,6 +63,7 @@ ENV_NAMES = (
     TLS_CLIENT_CERT_ENV,
     TLS_CLIENT_KEY_ENV,
     SERVER_AUDIT_KEY_ENV,
+    HEARTBEAT_ENV,
 )
 """Every FEDMETA_* variable fedmeta reads or sets."""
 

@@ -9,13 +9,16 @@ loopback interface, so nothing a test starts is reachable from outside.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDMETA = [sys.executable, "-m", "fedmeta.cli"]
@@ -172,3 +175,78 @@ def processes_with_env(key: str, value: str) -> list[int]:
         if f"{key}={value}".encode() in env:
             found.append(int(pid))
     return found
+
+
+# ---- a Flower project of the user's own: its server.py, clients/, policies/ ---------------
+SHADOWS = {"server.py": "raise SystemExit('the user server.py was imported')",
+           "clients/__init__.py": "raise SystemExit('the user clients/ was imported')",
+           "policies/__init__.py": "raise SystemExit('the user policies/ was imported')"}
+
+
+def shadowing_project(root: Path) -> Path:
+    """A directory whose modules would shadow fedmeta's own if anything imported from the
+    working directory (common in Flower projects); each one exits loudly when imported."""
+    for name, text in SHADOWS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    return root
+
+
+def shadows_in(root: Path) -> bool:
+    return all((root / name).read_text() == text + "\n" for name, text in SHADOWS.items())
+
+
+# ---- the processes a test leaves behind ----------------------------------------------------
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """Linux: while inside, a process orphaned below this one is re-parented to it (not
+    to init), so ``own_processes`` still sees what a finished command left behind."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+    if prctl:
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        if prctl:
+            prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def own_processes() -> dict[int, str]:
+    """Live processes below this test process: pid -> command line (zombies reaped)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(proc.pid, os.WNOHANG)
+                continue
+            found[proc.pid] = " ".join(proc.cmdline())[:200]
+    return found
+
+
+# ---- the suite's shared real Ray simulation (tests/conftest.py: ``ray_run``) ---------------
+RAY_RUN_SETTINGS = {"task": "digits-fewshot", "sites": 3, "rounds": 3, "seed": 5,
+                    "eval-every": 0, "eval-episodes": 5, "adapt-steps": 5}
+
+
+def cli_args(settings: dict[str, Any]) -> list[str]:
+    """``fedmeta simulate`` options for config ``settings``."""
+    args: list[str] = []
+    for key, value in settings.items():
+        if key in ("task", "sites", "rounds", "seed", "strategy"):
+            args += [f"--{key}", str(value)]
+        else:
+            args += ["--set", f"{key}={value}"]
+    return args
+
+
+class RayRun(NamedTuple):
+    out: Path  # the run directory
+    res: subprocess.CompletedProcess[str]  # the CLI's exit status and output
+    leftover: dict[int, str]  # processes it left running (pid -> command line)
+    cwd: Path  # where the CLI ran: a directory with modules that would shadow ours

@@ -30,6 +30,8 @@ from helpers import (
     loopback_only,
     processes_with_env,
     run_inline,
+    shadowing_project,
+    shadows_in,
 )
 
 from fedmeta.approvals import approve
@@ -206,10 +208,16 @@ def run_flwr(app: Path, cwd: Path, run_config: str, home: Path) -> tuple[
 
 
 @pytest.mark.slow
-def test_plugin_through_flwr_run(tmp_path):
+def test_plugin_through_flwr_run_from_a_directory_with_its_own_modules(tmp_path):
+    """`flwr run APP` of a plug-in task, from a directory whose ``server.py``, ``clients/``
+    and ``policies/`` would shadow fedmeta's (test_working_directory.py): the ServerApp and
+    ClientApps resolve the plug-in and import fedmeta's own packages, never the user's."""
     app = copy_project(tmp_path / "app")
-    res, summary = run_flwr(app, app, f'rounds=1 eval-episodes=3 task="{TASK_EP}" '
+    user_dir = shadowing_project(tmp_path / "my-flower-project")
+    res, summary = run_flwr(app, user_dir, f'rounds=1 eval-episodes=3 task="{TASK_EP}" '
                             f'model="{MODEL}"', tmp_path / "flwr-home")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     data = json.loads(summary.read_text())
     assert data["task"] == TASK_EP and set(data["epsilon"]) == {"site-0", "site-1"}
+    assert summary.is_relative_to(user_dir)  # Flower runs the app in the caller's cwd
+    assert shadows_in(user_dir)

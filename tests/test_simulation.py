@@ -1,15 +1,13 @@
 """End to end: whole federations with the real ServerApp, ClientApp and Opacus.
 
-The round logic runs on the in-process grid (``backend="inline"``, no Ray); one
-real Ray simulation through the CLI checks the run directory, the console
-output, that no process outlives the run, and that both backends give the same
-metrics for the same seed.
+The round logic runs on the in-process grid (``backend="inline"``, no Ray); the
+suite's real Ray simulation through the CLI (``ray_run``, tests/conftest.py) checks
+the run directory, the console output, that no process outlives the run, and that
+both backends give the same metrics for the same seed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import re
@@ -19,28 +17,24 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from helpers import fedmeta, run_inline
+from helpers import (
+    RAY_RUN_SETTINGS,
+    RayRun,
+    adopting_orphans,
+    cli_args,
+    fedmeta,
+    own_processes,
+    run_inline,
+    shadows_in,
+)
 from typer.testing import CliRunner
 
 from fedmeta.cli import app
 from fedmeta.paths import RUN_CONFIG_ENV, TRANSPORT_ENV, RunPaths
 from policies import EXAMPLE_RUN
 
-COMMON = {"task": "digits-fewshot", "sites": 3, "rounds": 3, "seed": 5, "eval-every": 0,
-          "eval-episodes": 5, "adapt-steps": 5}
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
-
-
-def cli_args(settings: dict) -> list[str]:
-    args: list[str] = []
-    for key, value in settings.items():
-        if key in ("task", "sites", "rounds", "seed", "strategy"):
-            args += [f"--{key}", str(value)]
-        else:
-            args += ["--set", f"{key}={value}"]
-    return args
+COMMON = RAY_RUN_SETTINGS  # the inline runs below repeat the suite's Ray run
 
 
 def metrics(run_dir):
@@ -52,45 +46,6 @@ def stable(lines):
     (hashes of log entries, which carry their time)."""
     return [{k: v for k, v in line.items() if k not in ("run", "elapsed_s", "receipts")}
             for line in lines]
-
-
-@contextlib.contextmanager
-def adopting_orphans():
-    """Linux: while inside, a process orphaned below this one is re-parented to it (not
-    to init), so ``own_processes`` still sees what a finished command left behind."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-    if prctl:
-        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
-        yield
-    finally:
-        if prctl:
-            prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-def own_processes() -> dict[int, str]:
-    """Live processes below this test process: pid -> command line (zombies reaped)."""
-    found = {}
-    for proc in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(proc.pid, os.WNOHANG)
-                continue
-            found[proc.pid] = " ".join(proc.cmdline())[:200]
-    return found
-
-
-@pytest.fixture(scope="module")
-def ray_run(tmp_path_factory):
-    """The one real Ray simulation of this module, through the CLI."""
-    out = tmp_path_factory.mktemp("ray") / "reptile"
-    with adopting_orphans():
-        before = own_processes()
-        res = fedmeta("simulate", *cli_args(COMMON), "--strategy", "reptile", "--out", str(out))
-        leftover = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out, res, leftover
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +60,8 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ray_simulation_writes_a_complete_run_directory(ray_run):
-    run, res, _ = ray_run
+    """The suite's Ray run (tests/conftest.py)."""
+    run, res = ray_run.out, ray_run.res
     assert {"config.json", "metrics.jsonl", "final_model.pt", "summary.json"} <= {
         p.name for p in run.iterdir()}
     lines = metrics(run)
@@ -130,7 +86,17 @@ def test_ray_simulation_writes_a_complete_run_directory(ray_run):
 
 @pytest.mark.slow
 def test_no_process_of_the_run_is_left_running(ray_run):
-    assert ray_run[2] == {}
+    assert ray_run.leftover == {}
+
+
+@pytest.mark.slow
+def test_ray_workers_from_such_a_directory(ray_run: RayRun):
+    """Ray workers import fedmeta's packages, not a user's ``server.py``, ``clients/``,
+    ``policies/`` in the directory the run started from (test_working_directory.py)."""
+    assert shadows_in(ray_run.cwd)  # the suite's Ray run started there
+    assert ray_run.res.returncode == 0, ray_run.res.stdout[-1500:] + ray_run.res.stderr[-1500:]
+    summary = json.loads((ray_run.out / "summary.json").read_text())
+    assert set(summary["epsilon"]) == {f"site-{i}" for i in range(RAY_RUN_SETTINGS["sites"])}
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="child subreapers are Linux-only")
@@ -154,7 +120,7 @@ def test_the_leftover_check_sees_a_process_orphaned_by_a_finished_command():
 
 @pytest.mark.slow
 def test_ray_and_inline_backends_give_the_same_metrics(ray_run, runs):
-    ray_lines, inline_lines = stable(metrics(ray_run[0])), stable(metrics(runs / "reptile"))
+    ray_lines, inline_lines = stable(metrics(ray_run.out)), stable(metrics(runs / "reptile"))
     assert len(ray_lines) == 4 and all(x["used"] for x in ray_lines[1:])
     # epsilons to 1e-9 relative: the PRV accountant reuses its work within a process, so
     # the last bits depend on which rounds that process computed before (Ray actors vs one

@@ -1,6 +1,8 @@
 """fedmeta works from a directory that holds its own ``server.py``, ``clients/`` and
 ``policies/`` (common in Flower projects): the CLI, the Python API, Ray workers and
-`flwr run` all import fedmeta's own packages, never the user's."""
+`flwr run` all import fedmeta's own packages, never the user's. (Ray workers:
+test_simulation.py::test_ray_workers_from_such_a_directory, the suite's Ray run; `flwr run`:
+test_plugins.py::test_plugin_through_flwr_run_from_a_directory_with_its_own_modules.)"""
 
 from __future__ import annotations
 
@@ -10,23 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import copy_project, fedmeta
-from test_plugins import run_flwr
+from helpers import fedmeta, shadowing_project
 
-SHADOWS = {"server.py": "raise SystemExit('the user server.py was imported')",
-           "clients/__init__.py": "raise SystemExit('the user clients/ was imported')",
-           "policies/__init__.py": "raise SystemExit('the user policies/ was imported')"}
 SMALL = ["--task", "breast-cancer-sites", "--sites", "2", "--rounds", "1",
          "--set", "eval-episodes=3", "--set", "fraction-train=1.0"]
 
 
 @pytest.fixture
 def user_dir(tmp_path) -> Path:
-    root = tmp_path / "my-flower-project"
-    for name, text in SHADOWS.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text + "\n")
-    return root
+    return shadowing_project(tmp_path / "my-flower-project")
 
 
 def test_the_user_modules_would_shadow_ours(user_dir):
@@ -55,22 +49,3 @@ def test_api_script_in_such_a_directory(user_dir, tmp_path):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-1500:]
     assert "['site-0', 'site-1']" in res.stdout
-
-
-@pytest.mark.slow
-def test_ray_workers_from_such_a_directory(user_dir, tmp_path):
-    res = fedmeta("simulate", *SMALL, "--out", str(tmp_path / "run"), cwd=user_dir,
-                  timeout=400)
-    assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-1500:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(summary["epsilon"]) == {"site-0", "site-1"}
-
-
-@pytest.mark.slow
-def test_flwr_run_from_such_a_directory(user_dir, tmp_path):
-    app = copy_project(tmp_path / "app")
-    res, summary = run_flwr(app, user_dir, 'rounds=1 eval-episodes=3 task="breast-cancer-sites"',
-                            tmp_path / "flwr-home")
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert set(json.loads(summary.read_text())["epsilon"]) == {"site-0", "site-1"}
-    assert summary.is_relative_to(user_dir)  # Flower runs the app in the caller's cwd

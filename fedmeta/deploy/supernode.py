@@ -16,7 +16,9 @@ the certificate. Its SuperExec and ClientApp processes are started through
 :mod:`fedmeta.deploy.lifeline`, so that they die with the node, and every ClientApp
 process checks the run's app against the site's approvals before installing it
 (:mod:`fedmeta.deploy.appcheck`); ``--isolation process``, where a ClientApp process
-started elsewhere would run the app, is refused.
+started elsewhere would run the app, is refused. ``FEDMETA_HEARTBEAT_INTERVAL_S`` (10 to
+1800 s) sets the heartbeat interval the node declares, hence how soon the SuperLink notices
+that it is gone (after two missed heartbeats; Flower's default interval is 30 s).
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ import ssl
 import sys
 from pathlib import Path
 
+from fedmeta.paths import HEARTBEAT_ENV
 from fedmeta.paths import TLS_CLIENT_CERT_ENV as CERT_ENV
 from fedmeta.paths import TLS_CLIENT_KEY_ENV as KEY_ENV
 
+# seconds between the node's heartbeats as it declares them to the SuperLink (HEARTBEAT_ENV),
+# which marks the node offline (its pending messages answered "Node Unavailable") after two
+# missed ones; Flower's default is 30 s, so a killed node is noticed after 40-60 s
+HEARTBEAT_RANGE = (10.0, 1800.0)  # what Flower's SuperLink accepts
+_HEARTBEAT_MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
 _HOOK_PARAMS = ["server_address", "insecure", "root_certificates", "interceptors",
                 "retry_invoker"]
 
@@ -82,6 +90,34 @@ def install_client_certificate(cert: Path, key: Path) -> None:
     FleetHttpClient.from_server_address = classmethod(from_server_address)
 
 
+def set_heartbeat_interval(value: str | None) -> None:
+    """Declare ``value`` seconds as this node's heartbeat interval (None: Flower's default).
+
+    Flower reads ``HEARTBEAT_DEFAULT_INTERVAL`` from its modules' globals when the node
+    connects and at every heartbeat; both modules that use it get ``value``."""
+    if value is None or not value.strip():
+        return
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    low, high = HEARTBEAT_RANGE
+    if not low <= seconds <= high:
+        raise LauncherError(f"{HEARTBEAT_ENV}={value!r}: give seconds between {low:g} and "
+                            f"{high:g} (the SuperLink refuses other intervals), or unset it")
+    import importlib
+
+    modules = [importlib.import_module(name) for name in _HEARTBEAT_MODULES]
+    missing = [m.__name__ for m in modules if not hasattr(m, "HEARTBEAT_DEFAULT_INTERVAL")]
+    if missing:
+        raise LauncherError(f"{HEARTBEAT_ENV} is set but the installed Flower's "
+                            f"{', '.join(missing)} no longer reads HEARTBEAT_DEFAULT_INTERVAL: "
+                            "unset it, or install the Flower version of the coordinator's "
+                            "constraints file")
+    for module in modules:
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds
+
+
 def isolation(args: list[str]) -> str | None:
     """The value of ``--isolation`` in ``args`` (the last one wins, as in argparse)."""
     found = None
@@ -101,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
               "run the app unchecked: fedmeta node supernode starts every ClientApp itself "
               "(subprocess isolation) and checks its app against the site's approvals "
               "(fedmeta node approve-app)", file=sys.stderr)
+        return 2
+    try:
+        set_heartbeat_interval(os.environ.get(HEARTBEAT_ENV))
+    except LauncherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     cert, key = os.environ.get(CERT_ENV), os.environ.get(KEY_ENV)
     if "--insecure" not in args:

@@ -22,8 +22,11 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import tomllib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -41,6 +44,7 @@ from deploy_helpers import (
 from fedmeta.audit import Receipt, verify_log
 from fedmeta.deploy import pki
 from fedmeta.deploy.node import tls_probe
+from fedmeta.deploy.supernode import HEARTBEAT_ENV
 from fedmeta.offline import OFFLINE_ENV
 from fedmeta.privacy.ledger import PrivacyLedger
 from policies.defaults import EXAMPLE_RUN
@@ -55,6 +59,7 @@ ROTATED = "site-de-01"
 # the guide's run.toml, made small for a test machine
 OWN_HOME: dict[str, str | None] = {"FLWR_HOME": None}  # scripts default to their own
 ELIGIBLE = "    eligible = {m.site_id for m in eligible_sites(decisions, list(manifests.values()))}"
+HEARTBEAT_S = 10
 RUN_OVERRIDES = {"eval-episodes": 3, "node-wait-s": 60.0, "round-timeout-s": 120.0}
 
 
@@ -136,6 +141,9 @@ def test_deployment(tmp_path: Path) -> None:
 
     assert shutil.which("nginx"), "the coordinator's proxy needs nginx: run `make nginx`"
     d = Deployment(tmp_path)
+    # the nodes declare 10 s heartbeats (the SuperLink's minimum; Flower's default is 30 s):
+    # a killed node is noticed after at most 20 s instead of up to 60 s
+    d.env[HEARTBEAT_ENV] = str(HEARTBEAT_S)
     t0 = time.monotonic()
     try:
         _scenario(d, tmp_path)
@@ -168,17 +176,32 @@ def registry(coord: Path) -> dict[str, str]:
     return {p[0]: p[1] for p in (x.split() for x in lines if x and not x.startswith("#"))}
 
 
+# the kits directory is rewritten by every `fedmeta provision` and read by `fedmeta node
+# init --kit`: one such command at a time (the sites' other steps run concurrently)
+KITS = threading.Lock()
+
+
+def in_parallel(*calls: Callable[[], object]) -> list[object]:
+    """Run independent steps (each a site's or a check's own) at once; re-raise the first
+    failure in the test's thread."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return [f.result() for f in [pool.submit(c) for c in calls]]
+
+
 def init_and_request(d: Deployment, prov: Path, kits: Path, site_dir: Path, site: str) -> None:
     """A site creates its keys and request; the provisioner accepts it; the site picks up its
     client certificate from the returned kit."""
-    d.run("fedmeta node init <site-dir> --kit <kit>", site_dir.parent, **{
-        "site-dir": site_dir, "kit": kits / "sites" / site})
+    with KITS:
+        d.run("fedmeta node init <site-dir> --kit <kit>", site_dir.parent, **{
+            "site-dir": site_dir, "kit": kits / "sites" / site})
     request = site_dir / f"request-{site}.json"
     assert b"PRIVATE" not in request.read_bytes()
-    d.run("fedmeta provision federation.toml --out kits --request <request>", prov,
-          request=request)
-    res = d.run("fedmeta node init <site-dir> --kit <kit>", site_dir.parent, **{
-        "site-dir": site_dir, "kit": kits / "sites" / site})
+    with KITS:
+        d.run("fedmeta provision federation.toml --out kits --request <request>", prov,
+              request=request)
+    with KITS:
+        res = d.run("fedmeta node init <site-dir> --kit <kit>", site_dir.parent, **{
+            "site-dir": site_dir, "kit": kits / "sites" / site})
     assert "copied client.pem" in res.stdout, res.stdout
 
 
@@ -196,7 +219,7 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     coord = kits / "coordinator"
     site_dirs = {site: tmp / "sites" / site for site, _ in SITES}
     (tmp / "sites").mkdir()
-    for site, _ in SITES:
+    def site_setup(site: str) -> None:  # each site on its own machine: concurrently
         assert not (kits / "sites" / site / "keys").exists()  # no key is born here
         init_and_request(d, prov, kits, site_dirs[site], site)
         res = d.run("fedmeta node check <site-dir> --no-connect", tmp, expect=1,
@@ -206,6 +229,8 @@ def _scenario(d: Deployment, tmp: Path) -> None:
         # the site's DPO accepts the run declaration the coordinator will send
         d.run("fedmeta node approve <site-dir> <declaration>", tmp, **{
             "site-dir": site_dirs[site], "declaration": EXAMPLE_RUN})
+
+    in_parallel(*(lambda s=site: site_setup(s) for site, _ in SITES))
     # the provisioner never held a site's private key: no byte of one anywhere in its tree
     blobs = [p.read_bytes() for p in prov.rglob("*") if p.is_file()]
     for site, _ in SITES:
@@ -428,17 +453,20 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     d.procs[f"node-{LOST}"].send_signal(signal.SIGKILL)  # a crash, not a goodbye
     wait_for(lambda: not [p for p in below if alive(p)], 10,
              f"no training process of the killed node {LOST} left", every=0.2)
-    t_add = time.monotonic()  # meanwhile (the SuperLink notices the loss after ~40 s):
+    t_kill = t_add = time.monotonic()  # meanwhile (the SuperLink notices the loss after
+    # two missed heartbeats, at most 2 * HEARTBEAT_S):
     add_and_remove_site(d, prov, tmp, port, local_port, runtime)
     d.timings["add+remove site (during run B)"] = round(time.monotonic() - t_add, 1)
-    wait_for(lambda: run_b.poll() is not None, 400, "run B to finish", every=1)
+    wait_for(lambda: run_b.poll() is not None, 400, "run B to finish", every=0.5)
+    d.timings["run B: kill to finish"] = round(time.monotonic() - t_kill, 1)
     assert run_b.returncode == 0, d.log("flwr-run-b")[-3000:]
     assert f"lost 1 ({LOST}: " in d.log("flwr-run-b"), d.log("flwr-run-b")[-3000:]
     wait_for(lambda: (out_b / "summary.json").exists(), 60, "run B's summary")
     d.timings["run with a lost site"] = round(time.monotonic() - t, 1)
     rounds_b = {m["round"]: m for m in metrics(out_b) if m["round"] > 0}
     assert rounds_b[1]["used"] == sorted(s for s, _ in SITES)
-    assert LOST in rounds_b[2]["lost"], rounds_b[2]
+    # noticed by the SuperLink (the node's heartbeats stopped), not by the round timeout
+    assert rounds_b[2]["lost"][LOST].startswith("error "), rounds_b[2]
     assert rounds_b[2]["used"] == sorted(s for s, _ in SITES if s != LOST), rounds_b[2]
     assert not json.loads((out_b / "summary.json").read_text())["stopped"]
     ends = [json.loads(x) for x in (out_b / "audit" / "server-audit-log.jsonl").read_text()
@@ -485,23 +513,35 @@ def _scenario(d: Deployment, tmp: Path) -> None:
         kept = [e for e in records if e["run_id"] == run_a]
         assert [(e["decision"], e["details"]["server_key"]) for e in kept] == [
             ("allow", "pinned")], records
-    for site, _ in SITES:
+    def export(site: str) -> Path:
         res = d.run("fedmeta node export-evidence <site-dir> --run <run-id>", tmp,
                     **{"site-dir": site_dirs[site], "run-id": run_a})
         evidence = site_dirs[site] / "exports" / f"evidence-{site}-{run_a}.json"
         assert evidence.is_file() and "sha256" in res.stdout
-        d.run("fedmeta evidence import <out-dir> <evidence> --keys "
-              "<coordinator-kit>/site-audit-keys", tmp, **{
-                  "out-dir": out_a, "evidence": evidence, "coordinator-kit": coord})
-    res = d.run("fedmeta report <out-dir> --trust <coordinator-kit>/site-audit-keys --trust "
-                "<coordinator-kit>/keys/server-audit-signing.pub.pem", tmp, timeout=180,
-                **{"out-dir": out_a, "coordinator-kit": coord})
-    assert "wrote" in res.stdout and "warning" not in res.stderr and "note:" not in res.stderr
-    assert (out_a / "report.html").is_file()
-    res = d.run("fedmeta report --site-dir <site-dir> --run <run-id>", tmp, timeout=180,
-                **{"site-dir": first, "run-id": run_a})
-    assert "warning" not in res.stderr and "note:" not in res.stderr, res.stderr
-    assert (first / "runs" / run_a / f"report-{first.name}.html").is_file()
+        return evidence
+
+    evidence = {first.name: export(first.name)}  # before the site's own report, below
+
+    def coordinator_report() -> None:
+        for site, _ in SITES:
+            d.run("fedmeta evidence import <out-dir> <evidence> --keys "
+                  "<coordinator-kit>/site-audit-keys", tmp, **{
+                      "out-dir": out_a, "evidence": evidence.get(site) or export(site),
+                      "coordinator-kit": coord})
+        res = d.run("fedmeta report <out-dir> --trust <coordinator-kit>/site-audit-keys "
+                    "--trust <coordinator-kit>/keys/server-audit-signing.pub.pem", tmp,
+                    timeout=180, **{"out-dir": out_a, "coordinator-kit": coord})
+        assert "wrote" in res.stdout and "warning" not in res.stderr
+        assert "note:" not in res.stderr
+        assert (out_a / "report.html").is_file()
+
+    def site_report() -> None:  # the site's, from its own files: meanwhile
+        res = d.run("fedmeta report --site-dir <site-dir> --run <run-id>", tmp, timeout=180,
+                    **{"site-dir": first, "run-id": run_a})
+        assert "warning" not in res.stderr and "note:" not in res.stderr, res.stderr
+        assert (first / "runs" / run_a / f"report-{first.name}.html").is_file()
+
+    in_parallel(coordinator_report, site_report)
     d.timings["evidence export/import + both reports"] = round(time.monotonic() - t, 1)
     d.timings["provisioning to both reports verified (3 sites, runs A, dp=false, B)"] = round(
         time.monotonic() - t_provision, 1)
@@ -521,12 +561,7 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     stop(d, f"node-{ROTATED}")
     d.start(f"node-{ROTATED}-rotated", "<site-dir>/start-node.sh", tmp, env=OWN_HOME,
             **{"site-dir": rot})
-    wait_for(lambda: f"SuperNode ID: {new_id}" in d.log(f"node-{ROTATED}-rotated"), 90,
-             "the rotated node online")
-    nodes = d.flwr_nodes(FED)
-    assert any(n["node-id"] == new_id and n["status"] == "online" for n in nodes)
-    assert not any(str(n["node-id"]) == node_ids[ROTATED] and n["status"] != "unregistered"
-                   for n in nodes), nodes  # the old node was unregistered
+    # meanwhile, the old key (unregistered above) tries to come back
     retired = next((rot / "keys" / "retired").glob("*.key"))
     old = d.start("node-retired-key", "fedmeta node supernode --superlink 127.0.0.1:<port> "
                   "--root-certificates <ca> --auth-supernode-private-key <key> --port <rport>",
@@ -535,6 +570,12 @@ def _scenario(d: Deployment, tmp: Path) -> None:
                                           "FEDMETA_TLS_CLIENT_KEY": str(
                                               rot / "keys" / "tls-client.key")},
                   port=port, ca=coord / "ca.pem", key=retired, rport=runtime[-3])
+    wait_for(lambda: f"SuperNode ID: {new_id}" in d.log(f"node-{ROTATED}-rotated"), 90,
+             "the rotated node online")
+    nodes = d.flwr_nodes(FED)
+    assert any(n["node-id"] == new_id and n["status"] == "online" for n in nodes)
+    assert not any(str(n["node-id"]) == node_ids[ROTATED] and n["status"] != "unregistered"
+                   for n in nodes), nodes  # the old node was unregistered
     wait_for(lambda: old.poll() is not None, 60, "the retired key's node")
     assert old.returncode != 0 and "2004" in d.log("node-retired-key")
     d.timings["rotate"] = round(time.monotonic() - t, 1)
@@ -552,12 +593,6 @@ CONTROL_AND_RUNTIME = [
 def site_attacks(d: Deployment, tmp: Path, app: Path, coord: Path, port: int, site_dir: Path,
                  node_ids: dict[str, str]) -> None:
     """A site (its kit, its keys, its client certificate, Flower's CLI) against the proxy."""
-    home = tmp / "site-attacker-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink.attack]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{site_dir / "ca.pem"}"\n')
-    env = {**d.offline, "FLWR_HOME": str(home)}
     other_site = next(s for s in node_ids if s != site_dir.name)
     attempts = {
         "flwr run": ["run", ".", "attack", "--run-config", "run.toml"],
@@ -570,10 +605,19 @@ def site_attacks(d: Deployment, tmp: Path, app: Path, coord: Path, port: int, si
                                       "attack"],
     }
     write_toml(app / "run.toml", {"out-dir": str(tmp / "attack-out")})
-    for what, args in attempts.items():
-        res = subprocess.run(["flwr", *args], cwd=app, env=env, capture_output=True, text=True,
-                             timeout=120)
+
+    def attempt(i: int, what: str, args: list[str]) -> None:
+        home = tmp / f"site-attacker-home-{i}"  # one each: the attempts run at once
+        home.mkdir()
+        (home / "config.toml").write_text(
+            f'[superlink.attack]\naddress = "127.0.0.1:{port}"\n'
+            f'root-certificates = "{site_dir / "ca.pem"}"\n')
+        res = subprocess.run(["flwr", *args], cwd=app, env={**d.offline, "FLWR_HOME": str(home)},
+                             capture_output=True, text=True, timeout=120)
         assert res.returncode != 0, f"{what} from a site succeeded: {res.stdout[-1500:]}"
+
+    in_parallel(*(lambda i=i, w=w, a=a: attempt(i, w, a)
+                  for i, (w, a) in enumerate(attempts.items())))
     assert not (tmp / "attack-out").exists()
     # with the site's own client certificate, straight at the proxy: only /v1/fleet/ exists
     cert = (str(site_dir / "client.pem"), str(site_dir / "keys" / "tls-client.key"))

@@ -1,0 +1,33 @@
+"""Fixtures shared across test modules."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import (
+    RAY_RUN_SETTINGS,
+    RayRun,
+    adopting_orphans,
+    cli_args,
+    fedmeta,
+    own_processes,
+    shadowing_project,
+)
+
+
+@pytest.fixture(scope="session")
+def ray_run(tmp_path_factory: pytest.TempPathFactory) -> RayRun:
+    """The suite's real Ray simulation of a bundled task, through the CLI, started from a
+    directory with its own ``server.py``, ``clients/`` and ``policies/`` (so the Ray
+    workers must import fedmeta's). Read by test_simulation.py: run directory, console,
+    leftover processes, same metrics as inline, Ray workers from such a directory."""
+    base = tmp_path_factory.mktemp("ray")
+    cwd = shadowing_project(base / "my-flower-project")
+    out = base / "reptile"
+    with adopting_orphans():
+        before = own_processes()
+        res = fedmeta("simulate", *cli_args(RAY_RUN_SETTINGS), "--strategy", "reptile",
+                      "--out", str(out), cwd=cwd)
+        leftover = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return RayRun(out, res, leftover, cwd)
+
