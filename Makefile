@@ -1,6 +1,6 @@
 # fedmeta — set up, run, test.
 #   make run    set up a virtual environment, run the default simulation, write its report
-#   make test   set up and run ruff, mypy (strict on policies/ and fedmeta/audit/) and the whole test suite
+#   make test   set up and run ruff (lint and format check), mypy (strict on policies/ and fedmeta/audit/) and the whole test suite
 #   make test-fast   the inner loop: skips tests marked slow, deploy or browser
 #   both run the tests on PYTEST_WORKERS=2 processes (pytest-xdist, a module's tests on one
 #   of them: its module-scoped runs are made once); PYTEST_WORKERS=0: in this process
@@ -49,11 +49,13 @@ nginx:
 
 test: setup browser nginx
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy policies fedmeta/audit
 	$(PYTEST)
 
 test-fast: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy policies fedmeta/audit
 	$(PYTEST) -m "not slow and not deploy and not browser"
 

@@ -29,8 +29,11 @@ from fedmeta.privacy.noise import SiteRandomness  # noqa: E402
 
 
 def settings(r: int, secret: bytes) -> dict[str, DPSettings | None]:
-    return {"none": None, "seeded": DPSettings(1.0, 1.0),
-            "site-csprng": DPSettings(1.0, 1.0, randomness=SiteRandomness(secret, "bench", r))}
+    return {
+        "none": None,
+        "seeded": DPSettings(1.0, 1.0),
+        "site-csprng": DPSettings(1.0, 1.0, randomness=SiteRandomness(secret, "bench", r)),
+    }
 
 
 def time_rounds(build, pool, loss, batch, steps, reps: int, secret: bytes) -> dict[str, float]:
@@ -40,8 +43,9 @@ def time_rounds(build, pool, loss, batch, steps, reps: int, secret: bytes) -> di
             torch.manual_seed(r)
             model = build()
             t0 = time.perf_counter()
-            train_steps(model, pool, loss_fn=loss, steps=steps, lr=0.05, batch_size=batch,
-                        dp=dp, seed=r)
+            train_steps(
+                model, pool, loss_fn=loss, steps=steps, lr=0.05, batch_size=batch, dp=dp, seed=r
+            )
             if r:  # the first repetition warms up
                 times[name].append(time.perf_counter() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
@@ -74,16 +78,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     secret = os.urandom(32)
-    lines = ["## CSPRNG noise cost per site round (`benchmarks/csprng_cost.py`)", "",
-             f"Machine: {machine()}; one thread; median of {4 * args.reps} (CNN) / "
-             f"{args.reps} (MLP) rounds, the three settings interleaved round by round. "
-             "A round = model built from theta, DP wrapping, k DP-SGD steps (sigma 1, C 1, "
-             "fedmeta's default clipping) with Poisson sampling. seeded = torch generators "
-             "from the run seed (simulations); site-csprng = the site's secret, HKDF-SHA256, "
-             "ChaCha20, Box-Muller (deployed sites).", "",
-             "| model | params | batch, steps | non-private round | seeded DP round | "
-             "site-csprng DP round | CSPRNG extra per round | noise alone: seeded / csprng |",
-             "|---" * 8 + "|"]
+    lines = [
+        "## CSPRNG noise cost per site round (`benchmarks/csprng_cost.py`)",
+        "",
+        f"Machine: {machine()}; one thread; median of {4 * args.reps} (CNN) / "
+        f"{args.reps} (MLP) rounds, the three settings interleaved round by round. "
+        "A round = model built from theta, DP wrapping, k DP-SGD steps (sigma 1, C 1, "
+        "fedmeta's default clipping) with Poisson sampling. seeded = torch generators "
+        "from the run seed (simulations); site-csprng = the site's secret, HKDF-SHA256, "
+        "ChaCha20, Box-Muller (deployed sites).",
+        "",
+        "| model | params | batch, steps | non-private round | seeded DP round | "
+        "site-csprng DP round | CSPRNG extra per round | noise alone: seeded / csprng |",
+        "|---" * 8 + "|",
+    ]
     for name, build, pool, loss, batch, steps in cases():
         n_params = sum(p.numel() for p in build().parameters())
         reps = 4 * args.reps if n_params < 100_000 else args.reps
@@ -94,12 +102,16 @@ def main() -> None:
             f"| {name} | {n_params:,} | {batch}, {steps} | {1000 * t['none']:.1f} ms | "
             f"{1000 * t['seeded']:.1f} ms | {1000 * t['site-csprng']:.1f} ms | "
             f"{1000 * extra:+.1f} ms ({100 * extra / t['seeded']:+.0f}%) | "
-            f"{1000 * ns:.1f} / {1000 * nc:.1f} ms |")
+            f"{1000 * ns:.1f} / {1000 * nc:.1f} ms |"
+        )
         print(lines[-1], flush=True)
-    lines += ["", "The extra cost is the keystream (8 bytes of ChaCha20 per Gaussian and per "
-              "record per step for sampling, drawn on the CPU) and Box-Muller (radius in "
-              "float64, on the training device). Measured on a shared machine (other jobs "
-              "running): compare the columns of one row, not with other sections."]
+    lines += [
+        "",
+        "The extra cost is the keystream (8 bytes of ChaCha20 per Gaussian and per "
+        "record per step for sampling, drawn on the CPU) and Box-Muller (radius in "
+        "float64, on the training device). Measured on a shared machine (other jobs "
+        "running): compare the columns of one row, not with other sections.",
+    ]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

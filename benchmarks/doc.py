@@ -16,8 +16,10 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}, "
-            f"{datetime.now(UTC).strftime('%Y-%m-%d')}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}, "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d')}"
+    )
 
 
 def write_section(name: str, body: str) -> None:

@@ -36,8 +36,9 @@ def federation(root: Path, sites: int, dp: bool, rounds: int) -> tuple[list[Site
     return [Site(f"site-{i}", i, root / f"site-{i}", cfg) for i in range(sites)], cfg
 
 
-def one_round(sites: list[Site], cfg: RunConfig, theta, rnd: int,
-              declaration) -> tuple[float, float]:
+def one_round(
+    sites: list[Site], cfg: RunConfig, theta, rnd: int, declaration
+) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) for every site's round."""
     wall, cpu = time.perf_counter(), time.process_time()
     for site in sites:
@@ -48,12 +49,14 @@ def one_round(sites: list[Site], cfg: RunConfig, theta, rnd: int,
 
 def timed(fn):
     """Wrap ``fn`` to add the CPU time of its calls to ``wrapped.seconds``."""
+
     def wrapped(*a, **kw):
         t = time.process_time()
         try:
             return fn(*a, **kw)
         finally:
             wrapped.seconds += time.process_time() - t
+
     wrapped.seconds = 0.0
     return wrapped
 
@@ -70,8 +73,10 @@ def main() -> None:
         plain, cfg_plain = federation(Path(tmp) / "plain", args.sites, False, args.rounds)
         task = build_task(cfg_dp)
         torch.manual_seed(0)
-        theta = {k: v.detach().clone()
-                 for k, v in task.build_model(task.out_dim(cfg_dp.strategy)).state_dict().items()}
+        theta = {
+            k: v.detach().clone()
+            for k, v in task.build_model(task.out_dim(cfg_dp.strategy)).state_dict().items()
+        }
         decl_dp, decl_plain = run_declaration(cfg_dp), run_declaration(cfg_plain)
         account = timed(budget._epsilon.__wrapped__)
         budget._epsilon = budget.lru_cache(maxsize=1024)(account)
@@ -86,6 +91,7 @@ def main() -> None:
             t_dp.append(one_round(private, cfg_dp, theta, rnd, decl_dp))
             acc_dp.append(account.seconds)
             train_dp.append(train.seconds)
+
     def median(times, which):  # rounds 2..R: round 1 includes the one-off model check
         return statistics.median(t[which] for t in times[1:])
 
@@ -96,14 +102,16 @@ def main() -> None:
     train_plain_ms = 1000 * statistics.median(train_plain[1:])
     train_dp_ms = 1000 * statistics.median(train_dp[1:])
     lines = [
-        "## A whole DP round beside a non-private round (`benchmarks/dp_round.py`)", "",
+        "## A whole DP round beside a non-private round (`benchmarks/dp_round.py`)",
+        "",
         f"Machine: {machine()}; one torch thread. Default run (digits-fewshot, Reptile, "
         f"default model and settings), {args.sites} sites all sampled, {args.rounds} rounds; "
         "each round is every site's `Site.train_round` (policies, budget check, ledger "
         "charge, audit log, training, reply), DP and non-private federations alternating "
         "round by round in one process. Median over rounds 2..R (round 1 includes the "
         "one-off model check). CPU time is this process's (robust to other load on the "
-        "machine); wall time beside it.", "",
+        "machine); wall time beside it.",
+        "",
         "| whole round, all sites | non-private | DP | DP / non-private | "
         "accountant per DP round (mean; median) |",
         "|---|---|---|---|---|",
@@ -113,7 +121,8 @@ def main() -> None:
         f"{dp_wall / plain_wall:.2f}x | |",
         f"| of which the inner loop (`train_steps`, CPU) | {train_plain_ms:.0f} ms | "
         f"{train_dp_ms:.0f} ms | {train_dp_ms / train_plain_ms:.2f}x | |",
-        "", f"First round (CPU): non-private {1000 * t_plain[0][1]:.0f} ms, "
+        "",
+        f"First round (CPU): non-private {1000 * t_plain[0][1]:.0f} ms, "
         f"DP {1000 * t_dp[0][1]:.0f} ms. The accountant column is the CPU time of the "
         "epsilon evaluations that were not already cached (one per site and round: the "
         "budget check and the charge share it).",

@@ -31,20 +31,36 @@ from doc import machine, write_section  # noqa: E402
 WORK = Path("benchmarks/.runs")
 PY = sys.executable
 SCRATCH_STEPS = (20, 100)
-ORDER = ["scratch-20", "scratch-100", "transfer", "transfer-100", "transfer+proto",
-         "transfer+proto-ft", "meta", "meta-100", "meta+proto", "meta+proto-ft", "fomaml",
-         "fomaml+proto", "fomaml+proto-ft"]
-LABEL = {"scratch-20": "scratch (20 steps, the common budget)",
-         "scratch-100": "scratch (100 steps: trained to fit the support set)",
-         "transfer": "FedAvg-transfer (fine-tuned)",
-         "transfer-100": "FedAvg-transfer (fine-tuned, 100 steps)",
-         "transfer+proto": "FedAvg embedding + prototypes (no step)",
-         "transfer+proto-ft": "FedAvg + prototype-initialised fine-tuning",
-         "meta": "Reptile", "meta-100": "Reptile (100 steps)",
-         "meta+proto": "Reptile embedding + prototypes (no step)",
-         "meta+proto-ft": "Reptile + prototype-initialised fine-tuning",
-         "fomaml": "FOMAML", "fomaml+proto": "FOMAML embedding + prototypes (no step)",
-         "fomaml+proto-ft": "FOMAML + prototype-initialised fine-tuning"}
+ORDER = [
+    "scratch-20",
+    "scratch-100",
+    "transfer",
+    "transfer-100",
+    "transfer+proto",
+    "transfer+proto-ft",
+    "meta",
+    "meta-100",
+    "meta+proto",
+    "meta+proto-ft",
+    "fomaml",
+    "fomaml+proto",
+    "fomaml+proto-ft",
+]
+LABEL = {
+    "scratch-20": "scratch (20 steps, the common budget)",
+    "scratch-100": "scratch (100 steps: trained to fit the support set)",
+    "transfer": "FedAvg-transfer (fine-tuned)",
+    "transfer-100": "FedAvg-transfer (fine-tuned, 100 steps)",
+    "transfer+proto": "FedAvg embedding + prototypes (no step)",
+    "transfer+proto-ft": "FedAvg + prototype-initialised fine-tuning",
+    "meta": "Reptile",
+    "meta-100": "Reptile (100 steps)",
+    "meta+proto": "Reptile embedding + prototypes (no step)",
+    "meta+proto-ft": "Reptile + prototype-initialised fine-tuning",
+    "fomaml": "FOMAML",
+    "fomaml+proto": "FOMAML embedding + prototypes (no step)",
+    "fomaml+proto-ft": "FOMAML + prototype-initialised fine-tuning",
+}
 # non-private site settings (inner lr 0.3, batch 50, 8 steps) as chosen on validation
 # classes for issue #2; DP keeps the defaults (inner lr 0.1, batch 10)
 NP = ["--no-dp", "--set", "inner-lr=0.3", "--set", "batch-size=50"]
@@ -55,9 +71,11 @@ CURVE_LR = {"reptile": 0.3, "fedavg": 0.1, "fomaml": 0.3}
 # FOMAML's outer step beta * (inner lr x steps) = 0.6 -> 0.15 (Reptile's beta 1 -> 0.25 made
 # FOMAML's validation accuracy fall in the first 25 rounds of a trial run)
 FOMAML = ["--set", "meta-lr=0.25", "--set", "meta-lr-final=0.0625"]
-FAMILIES = {"transfer": "transfer,transfer+proto,transfer+proto-ft",
-            "meta": "meta,meta+proto,meta+proto-ft",
-            "fomaml": "fomaml,fomaml+proto,fomaml+proto-ft"}
+FAMILIES = {
+    "transfer": "transfer,transfer+proto,transfer+proto-ft",
+    "meta": "meta,meta+proto,meta+proto-ft",
+    "fomaml": "fomaml,fomaml+proto,fomaml+proto-ft",
+}
 FAMILY_RUN = {"transfer": "fedavg", "meta": "reptile", "fomaml": "fomaml"}
 
 
@@ -69,19 +87,58 @@ def sh(cmd: list[str]) -> None:
 def train(name: str, strategy: str, seed: int, rounds: int, extra: list[str]) -> Path:
     out = WORK / name
     if not (out / "summary.json").exists():
-        sh([PY, "-m", "fedmeta.cli", "simulate", "--backend", "inline", "--task",
-            "digits-fewshot", "--strategy", strategy, "--sites", "10", "--rounds", str(rounds),
-            "--seed", str(seed), "--out", str(out), "--overwrite", "--set", "eval-every=20",
-            "--set", "eval-episodes=100", "--set", "eval-shots=5", "--set", "eval-split=val",
-            "--set", f"adapt-lr={CURVE_LR[strategy]}", *extra])
+        sh(
+            [
+                PY,
+                "-m",
+                "fedmeta.cli",
+                "simulate",
+                "--backend",
+                "inline",
+                "--task",
+                "digits-fewshot",
+                "--strategy",
+                strategy,
+                "--sites",
+                "10",
+                "--rounds",
+                str(rounds),
+                "--seed",
+                str(seed),
+                "--out",
+                str(out),
+                "--overwrite",
+                "--set",
+                "eval-every=20",
+                "--set",
+                "eval-episodes=100",
+                "--set",
+                "eval-shots=5",
+                "--set",
+                "eval-split=val",
+                "--set",
+                f"adapt-lr={CURVE_LR[strategy]}",
+                *extra,
+            ]
+        )
     return out
 
 
 def evaluate(name: str, runs: list[Path], shots: str, extra: list[str] = ()) -> Path:
     out = WORK / "eval" / f"{name}.json"
     if not out.exists():
-        sh([PY, "benchmarks/fewshot_eval.py", *map(str, runs), "--shots", shots,
-            "--out", str(out), *extra])
+        sh(
+            [
+                PY,
+                "benchmarks/fewshot_eval.py",
+                *map(str, runs),
+                "--shots",
+                shots,
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
     return out
 
 
@@ -106,12 +163,15 @@ def cell(p: dict | None) -> str:
 
 def table(pts: dict, shots: list[int]) -> list[str]:
     pts = {(m if m != "scratch" else "scratch-20", k): p for (m, k), p in pts.items()}
-    lines = ["| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
-             "|---|" + "---|" * len(shots)]
+    lines = [
+        "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+        "|---|" + "---|" * len(shots),
+    ]
     for m in ORDER:
         if any((m, k) in pts for k in shots):
-            lines.append(f"| {LABEL[m]} | " + " | ".join(cell(pts.get((m, k))) for k in shots)
-                         + " |")
+            lines.append(
+                f"| {LABEL[m]} | " + " | ".join(cell(pts.get((m, k))) for k in shots) + " |"
+            )
     return lines
 
 
@@ -129,17 +189,26 @@ def rounds_section(runs: dict[str, Path]) -> list[str]:
     if "fedavg" not in curves or not curves["fedavg"]:
         return []
     rounds = sorted({r for c in curves.values() for r, _, _ in c})
-    lines = ["**Per-round validation curve** (server evaluation of the global model on the "
-             "validation classes, 5-way 5-shot, 100 episodes, 20 steps at a fixed lr per "
-             f"strategy: {', '.join(f'{s} {CURVE_LR[s]:g}' for s in curves)})", "",
-             "| round | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    lines = [
+        "**Per-round validation curve** (server evaluation of the global model on the "
+        "validation classes, 5-way 5-shot, 100 episodes, 20 steps at a fixed lr per "
+        f"strategy: {', '.join(f'{s} {CURVE_LR[s]:g}' for s in curves)})",
+        "",
+        "| round | " + " | ".join(curves) + " |",
+        "|---|" + "---|" * len(curves),
+    ]
     for r in rounds:
-        row = [next((f"{100 * a:.1f} ± {100 * c:.1f}" for rr, a, c in curves[s] if rr == r),
-                    "") for s in curves]
+        row = [
+            next((f"{100 * a:.1f} ± {100 * c:.1f}" for rr, a, c in curves[s] if rr == r), "")
+            for s in curves
+        ]
         lines.append(f"| {r} | " + " | ".join(row) + " |")
     target_round, target = curves["fedavg"][-1][0], curves["fedavg"][-1][1]
-    lines += ["", f"Rounds to reach FedAvg-transfer's final validation accuracy "
-              f"({100 * target:.1f}% at round {target_round}):"]
+    lines += [
+        "",
+        f"Rounds to reach FedAvg-transfer's final validation accuracy "
+        f"({100 * target:.1f}% at round {target_round}):",
+    ]
     for s, c in curves.items():
         best = max(c, key=lambda t: t[1])
         hit = next((r for r, a, _ in c if a >= target and r > 0), None)
@@ -149,10 +218,13 @@ def rounds_section(runs: dict[str, Path]) -> list[str]:
             reached = f"round {hit}: {target_round / hit:.1f}x fewer rounds than FedAvg"
         else:
             reached = f"not reached in {target_round} rounds"
-        lines.append(f"- {s}: {reached}; best validation accuracy {100 * best[1]:.1f}% at "
-                     f"round {best[0]}")
-    lines.append(f"(evaluated every {rounds[1] - rounds[0] if len(rounds) > 1 else 0} rounds, "
-                 "so a ratio is a lower bound at that resolution)")
+        lines.append(
+            f"- {s}: {reached}; best validation accuracy {100 * best[1]:.1f}% at round {best[0]}"
+        )
+    lines.append(
+        f"(evaluated every {rounds[1] - rounds[0] if len(rounds) > 1 else 0} rounds, "
+        "so a ratio is a lower bound at that resolution)"
+    )
     return [*lines, ""]
 
 
@@ -176,12 +248,17 @@ def sine_section(paths: list[Path]) -> list[str]:
         rows.update({k: v for k, v in gap["rows"].items() if ", none tasks" not in k})
     if not rows:
         return []
-    lines = ["**sine: where the gap to the papers comes from** (`benchmarks/sine_gap.py`; "
-             "Reptile with the sites' inner loop (8 SGD steps, batch 10, lr 0.01), 5 tasks per "
-             "meta step, beta 1 -> 0.25; the federated run: 10 sites, 300 rounds, non-private; "
-             "adapted MSE after 32 steps on 10 support points, lr chosen on 100 validation "
-             f"sinusoids from {{{', '.join(f'{x:g}' for x in grid)}}}, 400 test sinusoids; "
-             "lower is better)", "", "| training | adapted MSE | lr |", "|---|---|---|"]
+    lines = [
+        "**sine: where the gap to the papers comes from** (`benchmarks/sine_gap.py`; "
+        "Reptile with the sites' inner loop (8 SGD steps, batch 10, lr 0.01), 5 tasks per "
+        "meta step, beta 1 -> 0.25; the federated run: 10 sites, 300 rounds, non-private; "
+        "adapted MSE after 32 steps on 10 support points, lr chosen on 100 validation "
+        f"sinusoids from {{{', '.join(f'{x:g}' for x in grid)}}}, 400 test sinusoids; "
+        "lower is better)",
+        "",
+        "| training | adapted MSE | lr |",
+        "|---|---|---|",
+    ]
     for name in sorted(rows, key=lambda n: (not n.startswith("federated"), n)):
         row = rows[name]
         lines.append(f"| {name} | {row['mse']:.3f} ± {row['ci95']:.3f} | {row['lr']:g} |")
@@ -191,18 +268,23 @@ def sine_section(paths: list[Path]) -> list[str]:
 def seed_table(ev: Path, seeds: list[int], shots: list[int]) -> list[str]:
     """Reptile (the best method) per training seed and the mean of the seeds' means."""
     per = {s: points(sorted(ev.glob(f"np-s{s}-k*-meta.json"))) for s in seeds}
-    lines = ["**Reptile per training seed** (the target's protocol: 400 test episodes per "
-             "seed, lr chosen per seed on validation)", "",
-             "| training seed | " + " | ".join(f"{k}-shot" for k in shots) + " |",
-             "|---|" + "---|" * len(shots)]
+    lines = [
+        "**Reptile per training seed** (the target's protocol: 400 test episodes per "
+        "seed, lr chosen per seed on validation)",
+        "",
+        "| training seed | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+        "|---|" + "---|" * len(shots),
+    ]
     for s in seeds:
-        lines.append(f"| {s} | " + " | ".join(cell(per[s].get(("meta", k))) for k in shots)
-                     + " |")
+        lines.append(f"| {s} | " + " | ".join(cell(per[s].get(("meta", k))) for k in shots) + " |")
     means = []
     for k in shots:
         got = [per[s][("meta", k)]["mean"] for s in seeds if ("meta", k) in per[s]]
-        means.append(f"{100 * sum(got) / len(got):.1f} ({len(got)} seed"
-                     f"{'s' if len(got) > 1 else ''})" if got else "not run")
+        means.append(
+            f"{100 * sum(got) / len(got):.1f} ({len(got)} seed{'s' if len(got) > 1 else ''})"
+            if got
+            else "not run"
+        )
     lines.append("| mean of the seeds | " + " | ".join(means) + " |")
     return [*lines, ""]
 
@@ -218,30 +300,62 @@ def held_out_sites(seed: int, rounds: int, shots: list[str], run: bool) -> list[
     if run:
         for strat, path in bc.items():
             if not (path / "summary.json").exists():
-                sh([PY, "-m", "fedmeta.cli", "simulate", "--backend", "inline", "--task",
-                    "breast-cancer-sites", "--strategy", strat, "--sites", "10", "--rounds",
-                    str(rounds), "--seed", str(seed), "--out", str(path), "--overwrite",
-                    "--no-dp", "--set", "eval-every=0"])
+                sh(
+                    [
+                        PY,
+                        "-m",
+                        "fedmeta.cli",
+                        "simulate",
+                        "--backend",
+                        "inline",
+                        "--task",
+                        "breast-cancer-sites",
+                        "--strategy",
+                        strat,
+                        "--sites",
+                        "10",
+                        "--rounds",
+                        str(rounds),
+                        "--seed",
+                        str(seed),
+                        "--out",
+                        str(path),
+                        "--overwrite",
+                        "--no-dp",
+                        "--set",
+                        "eval-every=0",
+                    ]
+                )
         evaluate(out.stem, list(bc.values()), ",".join(shots), ["--methods", BC_METHODS])
     if not out.exists():
         return []
     pts = points([out])
-    return ["**Held-out sites: `breast-cancer-sites`** (new sites are unseen hospitals with "
-            "their own patient mix and measurement calibration, not new classes; 10 training "
-            f"sites, {rounds} rounds, seed {seed}, non-private, the task's default site "
-            "settings; 2-way episodes of the 2 test sites, K patients per class, the protocol "
-            "above; accuracy %)", "", *table(pts, [int(k) for k in shots]), ""]
+    return [
+        "**Held-out sites: `breast-cancer-sites`** (new sites are unseen hospitals with "
+        "their own patient mix and measurement calibration, not new classes; 10 training "
+        f"sites, {rounds} rounds, seed {seed}, non-private, the task's default site "
+        "settings; 2-way episodes of the 2 test sites, K patients per class, the protocol "
+        "above; accuracy %)",
+        "",
+        *table(pts, [int(k) for k in shots]),
+        "",
+    ]
 
 
 def budget_note(ev: Path, seed: int) -> list[str]:
     """How the 100-step rows were measured (their grid may differ from the common one)."""
-    grids = {tuple(json.loads(p.read_text())["lr_grid"])
-             for p in [*ev.glob("scratch-100-k*.json"), *ev.glob(f"steps100-s{seed}-k*.json")]}
+    grids = {
+        tuple(json.loads(p.read_text())["lr_grid"])
+        for p in [*ev.glob("scratch-100-k*.json"), *ev.glob(f"steps100-s{seed}-k*.json")]
+    }
     if not grids:
         return []
     shown = "; ".join("{" + ", ".join(f"{x:g}" for x in g) + "}" for g in sorted(grids))
-    return ["", f"Rows at 100 steps: the rate chosen on the same 100 validation episodes from "
-            f"{shown}; fewer test episodes where the cell says so (compute)."]
+    return [
+        "",
+        f"Rows at 100 steps: the rate chosen on the same 100 validation episodes from "
+        f"{shown}; fewer test episodes where the cell says so (compute).",
+    ]
 
 
 def main() -> None:
@@ -257,42 +371,64 @@ def main() -> None:
     s = args.seed
     seeds = [int(x) for x in args.seeds.split(",")]
     shot_args = args.shots.split(",")
-    runs = {"reptile": WORK / f"np-reptile-s{s}", "fedavg": WORK / f"np-fedavg-s{s}",
-            "fomaml": WORK / f"np-fomaml-s{s}"}
+    runs = {
+        "reptile": WORK / f"np-reptile-s{s}",
+        "fedavg": WORK / f"np-fedavg-s{s}",
+        "fomaml": WORK / f"np-fomaml-s{s}",
+    }
     dp_runs = {"reptile": WORK / f"dp-reptile-s{s}", "fedavg": WORK / f"dp-fedavg-s{s}"}
     if args.train:
         for strat, run in runs.items():
             train(run.name, strat, s, args.rounds, NP + (FOMAML if strat == "fomaml" else []))
         for k in shot_args:
             for steps in SCRATCH_STEPS:
-                evaluate(f"scratch-{steps}-k{k}", [runs["reptile"]], k,
-                         ["--methods", "scratch", "--steps", str(steps)])
+                evaluate(
+                    f"scratch-{steps}-k{k}",
+                    [runs["reptile"]],
+                    k,
+                    ["--methods", "scratch", "--steps", str(steps)],
+                )
         for k in shot_args:  # the budget that fits scratch, for the trained models too
             for name, strat in (("meta", "reptile"), ("transfer", "fedavg")):
-                evaluate(f"steps100-s{s}-k{k}-{name}", [runs[strat]], k,
-                         ["--methods", name, "--steps", "100"])
+                evaluate(
+                    f"steps100-s{s}-k{k}-{name}",
+                    [runs[strat]],
+                    k,
+                    ["--methods", name, "--steps", "100"],
+                )
         for k in shot_args:  # one slice per family: they can run in parallel
             for name, strat in FAMILY_RUN.items():
-                evaluate(f"np-s{s}-k{k}-{name}", [runs[strat]], k,
-                         ["--methods", FAMILIES[name]])
+                evaluate(f"np-s{s}-k{k}-{name}", [runs[strat]], k, ["--methods", FAMILIES[name]])
         for other in seeds:
             if other != s:
                 run = train(f"np-reptile-s{other}", "reptile", other, args.rounds, NP)
                 for k in shot_args:
                     evaluate(f"np-s{other}-k{k}-meta", [run], k, ["--methods", "meta"])
         for k in shot_args:
-            evaluate(f"shift-s{s}-k{k}-scratch", [runs["reptile"]], k,
-                     ["--methods", "scratch", "--shift"])
+            evaluate(
+                f"shift-s{s}-k{k}-scratch",
+                [runs["reptile"]],
+                k,
+                ["--methods", "scratch", "--shift"],
+            )
             for name, strat in FAMILY_RUN.items():
-                evaluate(f"shift-s{s}-k{k}-{name}", [runs[strat]], k,
-                         ["--methods", FAMILIES[name], "--shift"])
+                evaluate(
+                    f"shift-s{s}-k{k}-{name}",
+                    [runs[strat]],
+                    k,
+                    ["--methods", FAMILIES[name], "--shift"],
+                )
         if args.dp:
             for strat, run in dp_runs.items():
                 train(run.name, strat, s, args.rounds, DP)
             for k in shot_args:
                 for name in ("transfer", "meta"):
-                    evaluate(f"dp-s{s}-k{k}-{name}", [dp_runs[FAMILY_RUN[name]]], k,
-                             ["--methods", FAMILIES[name]])
+                    evaluate(
+                        f"dp-s{s}-k{k}-{name}",
+                        [dp_runs[FAMILY_RUN[name]]],
+                        k,
+                        ["--methods", FAMILIES[name]],
+                    )
     ev = WORK / "eval"
     shots = [int(k) for k in shot_args]
     np_pts = points(sorted(ev.glob(f"np-s{s}-k*.json")))
@@ -303,28 +439,49 @@ def main() -> None:
         np_pts[f"{m}-100", k] = p
     shift_pts = points(sorted(ev.glob(f"shift-s{s}-k*.json")))
     dp_pts = points(sorted(ev.glob(f"dp-s{s}-k*.json")))
-    lines = ["## Few-shot accuracy at a new site (`benchmarks/fewshot_accuracy.py`)", "",
-             f"Machine: {machine()}. `digits-fewshot`, 10 sites, {args.rounds} rounds, 5 sites "
-             f"per round, training seed {s} unless a table says otherwise; 5-way episodes of the "
-             "10 held-out test classes.", "", *PROTOCOL, "",
-             "**In-distribution new sites, non-private** (accuracy %, mean ± 95% CI over 400 "
-             f"test episodes, training seed {s}; lr = the rate chosen on validation)", "",
-             *table(np_pts, shots), *budget_note(ev, s), "", *seed_table(ev, seeds, shots)]
+    lines = [
+        "## Few-shot accuracy at a new site (`benchmarks/fewshot_accuracy.py`)",
+        "",
+        f"Machine: {machine()}. `digits-fewshot`, 10 sites, {args.rounds} rounds, 5 sites "
+        f"per round, training seed {s} unless a table says otherwise; 5-way episodes of the "
+        "10 held-out test classes.",
+        "",
+        *PROTOCOL,
+        "",
+        "**In-distribution new sites, non-private** (accuracy %, mean ± 95% CI over 400 "
+        f"test episodes, training seed {s}; lr = the rate chosen on validation)",
+        "",
+        *table(np_pts, shots),
+        *budget_note(ev, s),
+        "",
+        *seed_table(ev, seeds, shots),
+    ]
     if shift_pts:
-        lines += ["**Shifted new sites, non-private**: the same held-out classes, each episode "
-                  "a new site with its own acquisition (stroke width, blur, contrast over a "
-                  "grey background, sensor noise; `fedmeta/data/tasks/shifted.py`), never seen "
-                  "in training; lr chosen on shifted validation sites", "",
-                  *table(shift_pts, shots), ""]
+        lines += [
+            "**Shifted new sites, non-private**: the same held-out classes, each episode "
+            "a new site with its own acquisition (stroke width, blur, contrast over a "
+            "grey background, sensor noise; `fedmeta/data/tasks/shifted.py`), never seen "
+            "in training; lr chosen on shifted validation sites",
+            "",
+            *table(shift_pts, shots),
+            "",
+        ]
     if dp_pts:
-        lines += ["**DP, target epsilon 8 per site, privacy unit = one image with its 4 "
-                  "rotations** (delta 1e-5; sites: inner lr 0.1, batch 10, 8 steps)", "",
-                  *table(dp_pts, shots), ""]
+        lines += [
+            "**DP, target epsilon 8 per site, privacy unit = one image with its 4 "
+            "rotations** (delta 1e-5; sites: inner lr 0.1, batch 10, 8 steps)",
+            "",
+            *table(dp_pts, shots),
+            "",
+        ]
         lines += dp_epsilon(dp_runs)
-    lines += [f"Cells marked *not run* did not fit this session's compute; `python "
-              f"benchmarks/fewshot_accuracy.py --train --seeds {args.seeds} --write` fills "
-              "them (and `--dp` the DP rows: epsilon 8 per site). FOMAML is refused under DP "
-              "(its held-out gradient is not privatised).", ""]
+    lines += [
+        f"Cells marked *not run* did not fit this session's compute; `python "
+        f"benchmarks/fewshot_accuracy.py --train --seeds {args.seeds} --write` fills "
+        "them (and `--dp` the DP rows: epsilon 8 per site). FOMAML is refused under DP "
+        "(its held-out gradient is not privatised).",
+        "",
+    ]
     lines += held_out_sites(s, args.rounds, shot_args, args.train)
     lines += rounds_section(runs)
     lines += sine_section(sorted(WORK.glob("sine-gap*.json")))

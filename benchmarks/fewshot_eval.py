@@ -33,11 +33,16 @@ def main() -> None:
     if args.out.exists():
         return
     started = time.time()
-    curve = shots_curve(args.runs, [int(k) for k in args.shots.split(",")],
-                        episodes=args.episodes, val_episodes=args.val_episodes,
-                        steps=args.steps, lr_grid=[float(x) for x in args.lr_grid.split(",")],
-                        shift=args.shift,
-                        methods=args.methods.split(",") if args.methods else None)
+    curve = shots_curve(
+        args.runs,
+        [int(k) for k in args.shots.split(",")],
+        episodes=args.episodes,
+        val_episodes=args.val_episodes,
+        steps=args.steps,
+        lr_grid=[float(x) for x in args.lr_grid.split(",")],
+        shift=args.shift,
+        methods=args.methods.split(",") if args.methods else None,
+    )
     curve["wall_s"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

@@ -49,8 +49,9 @@ def meta_train(task: Sine, meta_steps: int, source: str, seed: int) -> dict:
     if source == "same":  # the sites' sinusoids, exactly
         for s in range(SITES):
             rec = task.site_records(s)
-            fixed += [Pool(rec.x[rec.groups == g], rec.y[rec.groups == g])
-                      for g in np.unique(rec.groups)]
+            fixed += [
+                Pool(rec.x[rec.groups == g], rec.y[rec.groups == g]) for g in np.unique(rec.groups)
+            ]
     for t in range(1, meta_steps + 1):
         theta = {k: v.clone() for k, v in model.state_dict().items()}
         phis = []
@@ -61,20 +62,28 @@ def meta_train(task: Sine, meta_steps: int, source: str, seed: int) -> dict:
                 x, y = _points(rng, rng.uniform(*AMP), rng.uniform(*PHASE), task.pool_per_class)
                 pool = Pool(x, y)
             model.load_state_dict(theta)
-            train_steps(model, pool, loss_fn=task.loss_fn(), steps=INNER_STEPS, lr=INNER_LR,
-                        batch_size=BATCH, dp=None, seed=int(rng.integers(2**31)))
+            train_steps(
+                model,
+                pool,
+                loss_fn=task.loss_fn(),
+                steps=INNER_STEPS,
+                lr=INNER_LR,
+                batch_size=BATCH,
+                dp=None,
+                seed=int(rng.integers(2**31)),
+            )
             phis.append({k: v.clone() for k, v in model.state_dict().items()})
         beta = beta_at(t, meta_steps, 1.0, 0.25)
-        model.load_state_dict({k: theta[k] + beta * (sum(p[k] for p in phis) / len(phis)
-                                                     - theta[k]) for k in theta})
+        model.load_state_dict(
+            {k: theta[k] + beta * (sum(p[k] for p in phis) / len(phis) - theta[k]) for k in theta}
+        )
     return model.state_dict()
 
 
 def score(task: Sine, state, grid, val, test) -> dict:
     method = Method("meta", "meta")
     lr, _ = choose_lr(task, method, (state, 1), val, grid, 32, 0)
-    mean, ci = mean_ci95(episode_scores(task, method, (state, 1), test, steps=32, lr=lr,
-                                        seed=0))
+    mean, ci = mean_ci95(episode_scores(task, method, (state, 1), test, steps=32, lr=lr, seed=0))
     return {"mse": mean, "ci95": ci, "lr": lr}
 
 

@@ -34,8 +34,16 @@ no_call_home()
 # `flwr run` (local simulation): Flower's flwr-simulation process loads this module, then
 # starts Ray in the same thread: Ray reads this when imported and binds 127.0.0.1 only
 ray_on_loopback()
-SERVER_KEYS = {"server-round", "run-id", "beta", "declaration-json", "server-head",
-               "server-entry", "server-run-start", *RECORD_FILES}
+SERVER_KEYS = {
+    "server-round",
+    "run-id",
+    "beta",
+    "declaration-json",
+    "server-head",
+    "server-entry",
+    "server-run-start",
+    *RECORD_FILES,
+}
 _SITES: dict[tuple[str, str], Site] = {}
 
 
@@ -56,8 +64,14 @@ def get_site(context: Context, cfg: RunConfig) -> Site:
         # a node with a site-dir is deployed: its own files decide, whatever the config says
         simulated = "site-dir" not in context.node_config
         data = context.node_config.get("data")  # where the site keeps its data, if elsewhere
-        _SITES[key] = Site(site_id, index, site_dir, cfg, simulated=simulated,
-                           data_path=str(data) if data else None)
+        _SITES[key] = Site(
+            site_id,
+            index,
+            site_dir,
+            cfg,
+            simulated=simulated,
+            data_path=str(data) if data else None,
+        )
     return _SITES[key]
 
 
@@ -69,49 +83,69 @@ def reply_record(reply: SiteReply) -> RecordDict:
     minimum cohort size ("<k"), and the total counts only released counts.
     """
     released = sum(v for v in reply.excluded.values() if isinstance(v, int))
-    metrics = MetricRecord({
-        "num-examples": reply.num_examples,
-        "declined": int(reply.declined),
-        "steps": reply.steps,
-        "epsilon-round": float(reply.epsilon_round),
-        "epsilon-total": float(reply.epsilon_total),
-        "dp": int(reply.dp),
-        "excluded": int(released),
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": reply.num_examples,
+            "declined": int(reply.declined),
+            "steps": reply.steps,
+            "epsilon-round": float(reply.epsilon_round),
+            "epsilon-total": float(reply.epsilon_total),
+            "dp": int(reply.dp),
+            "excluded": int(released),
+        }
+    )
     arrays = ArrayRecord(reply.state) if reply.state is not None else ArrayRecord()
-    info = ConfigRecord({"site-id": reply.site_id, "reason": reply.reason,
-                         "exclusions": json.dumps(reply.excluded, sort_keys=True),
-                         "receipt": reply.receipt})
+    info = ConfigRecord(
+        {
+            "site-id": reply.site_id,
+            "reason": reply.reason,
+            "exclusions": json.dumps(reply.excluded, sort_keys=True),
+            "receipt": reply.receipt,
+        }
+    )
     return RecordDict({"arrays": arrays, "metrics": metrics, "info": info})
 
 
-def server_round_refused(site: Site, sent, declaration: RunDeclaration | None,
-                         theta: dict[str, torch.Tensor]) -> SiteReply | None:
+def server_round_refused(
+    site: Site, sent, declaration: RunDeclaration | None, theta: dict[str, torch.Tensor]
+) -> SiteReply | None:
     """A deployed site's check that the round is signed by the federation's pinned server
     key (fedmeta.deploy.serverkey); the refusal, if any, is audited at the site."""
     from fedmeta.deploy.serverkey import check_round, decline_round
     from fedmeta.meta.updates import model_digest
 
     run_id, server_round = str(sent["run-id"]), int(sent["server-round"])
-    problem = check_round(site.site_dir, sent, run_id, server_round,
-                          declaration.sha256() if declaration is not None else None,
-                          model_digest({k: v.detach().cpu().numpy() for k, v in theta.items()}))
+    problem = check_round(
+        site.site_dir,
+        sent,
+        run_id,
+        server_round,
+        declaration.sha256() if declaration is not None else None,
+        model_digest({k: v.detach().cpu().numpy() for k, v in theta.items()}),
+    )
     if problem is None:
         return None
     return decline_round(site.site_dir, site.site_id, run_id, server_round, problem)
 
 
-def log_app_once(site: Site, context: Context, run_id: str,
-                 declaration: RunDeclaration | None) -> None:
+def log_app_once(
+    site: Site, context: Context, run_id: str, declaration: RunDeclaration | None
+) -> None:
     """Once per run, the site logs which code it runs and which declaration (``run.app``)."""
     if "fedmeta-app" in context.state.config_records:
         return
     from fedmeta.deploy.apphash import app_sha256, fab_hash_prefix
 
     with site.audit_log() as log:
-        log.append("run.app", run_id=run_id, details={
-            "app_sha256": app_sha256(), "fab_hash_prefix": fab_hash_prefix(),
-            "declaration_sha256": declaration.sha256() if declaration is not None else None})
+        log.append(
+            "run.app",
+            run_id=run_id,
+            details={
+                "app_sha256": app_sha256(),
+                "fab_hash_prefix": fab_hash_prefix(),
+                "declaration_sha256": declaration.sha256() if declaration is not None else None,
+            },
+        )
     context.state["fedmeta-app"] = ConfigRecord({"logged": run_id})
 
 
@@ -122,7 +156,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def run_config(msg: Message) -> RunConfig:
         sent = msg.content["config"]
         return cfg or RunConfig.from_flat(
-            {k: v for k, v in sent.items() if k not in SERVER_KEYS}, source="round config")
+            {k: v for k, v in sent.items() if k not in SERVER_KEYS}, source="round config"
+        )
 
     @app.query()
     def identify(msg: Message, context: Context) -> Message:
@@ -130,10 +165,18 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         run_cfg = run_config(msg)
         site_id, index, site_dir = site_identity(context, run_cfg.out_dir)
         manifest = load_manifest(site_dir, site_id, run_cfg)
-        record = RecordDict({"site": ConfigRecord({
-            "site-id": site_id, "site-index": index,
-            # json.dumps keeps an unlimited budget (epsilon_max = inf) as Infinity
-            "manifest-json": json.dumps(manifest.model_dump(mode="json"))})})
+        record = RecordDict(
+            {
+                "site": ConfigRecord(
+                    {
+                        "site-id": site_id,
+                        "site-index": index,
+                        # json.dumps keeps an unlimited budget (epsilon_max = inf) as Infinity
+                        "manifest-json": json.dumps(manifest.model_dump(mode="json")),
+                    }
+                )
+            }
+        )
         return Message(record, reply_to=msg)
 
     @app.train()
@@ -150,8 +193,12 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             # a deployed site refuses, on record, a round config it cannot accept
             site_id, _, site_dir = site_identity(context, "")
             reply = decline_unreadable_round(
-                site_dir, site_id, str(sent.get("run-id", "-")) or "-",
-                int(sent.get("server-round", 0)), f"round config refused: {exc}")
+                site_dir,
+                site_id,
+                str(sent.get("run-id", "-")) or "-",
+                int(sent.get("server-round", 0)),
+                f"round config refused: {exc}",
+            )
             return Message(reply_record(reply), reply_to=msg)
         site = get_site(context, round_cfg)
         declaration = None
@@ -163,8 +210,13 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             if refused is not None:
                 return Message(reply_record(refused), reply_to=msg)
             log_app_once(site, context, str(sent["run-id"]), declaration)
-        reply = site.train_round(theta, str(sent["run-id"]), int(sent["server-round"]),
-                                 declaration, str(sent.get("server-head", "")))
+        reply = site.train_round(
+            theta,
+            str(sent["run-id"]),
+            int(sent["server-round"]),
+            declaration,
+            str(sent.get("server-head", "")),
+        )
         return Message(reply_record(reply), reply_to=msg)
 
     @app.query("runend")
@@ -177,14 +229,19 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         head = Receipt.parse(str(sent.get("server-head", "")))  # one-line error if malformed
         site = get_site(context, run_config(msg))
         with site.audit_log() as log:
-            entry = log.append("run.anchor", run_id=str(sent["run-id"]),
-                               details={"server_head": str(head)})
+            entry = log.append(
+                "run.anchor", run_id=str(sent["run-id"]), details={"server_head": str(head)}
+            )
             if "site-dir" in context.node_config:  # keep the run's public record
                 from fedmeta.deploy.runrecord import keep_run_record
 
                 keep_run_record(site.site_dir, str(sent["run-id"]), head, sent, log)
-        return Message(RecordDict({"info": ConfigRecord({
-            "site-id": site.site_id, "receipt": str(entry.receipt())})}), reply_to=msg)
+        return Message(
+            RecordDict(
+                {"info": ConfigRecord({"site-id": site.site_id, "receipt": str(entry.receipt())})}
+            ),
+            reply_to=msg,
+        )
 
     return app
 

@@ -16,25 +16,35 @@ from fedmeta.report import write_report
 
 
 def main(root: Path) -> int:
-    settings = {"task": "digits-fewshot", "sites": 3, "rounds": 4, "fraction-train": 1.0,
-                "eval-every": 2, "eval-episodes": 5, "inner-steps": 4,
-                "checkpoint-every": 1}
+    settings = {
+        "task": "digits-fewshot",
+        "sites": 3,
+        "rounds": 4,
+        "fraction-train": 1.0,
+        "eval-every": 2,
+        "eval-episodes": 5,
+        "inner-steps": 4,
+        "checkpoint-every": 1,
+    }
 
     # 1. a run, with a callback after every round (round 0 is the initial model)
     def show(m: fedmeta.RoundMetrics) -> None:
         acc = f"  adapted accuracy {m.eval.adapted:.3f}" if m.eval and m.eval.adapted else ""
         print(f"round {m.round}: used {m.used or '-'} declined {sorted(m.declined) or '-'}{acc}")
 
-    result = fedmeta.simulate(settings, out_dir=str(root / "run"), backend="inline",
-                              overwrite=True, on_round=show)
+    result = fedmeta.simulate(
+        settings, out_dir=str(root / "run"), backend="inline", overwrite=True, on_round=show
+    )
     print(f"run {result.run_id}: {result.status}, {result.aggregated_rounds} rounds aggregated")
     print("epsilon spent per site:", {s: round(e, 3) for s, e in result.epsilon.items()})
     assert result.final_model is not None  # theta, as a state dict
 
     # 2. evaluate the final model on held-out classes (5-shot, the run's settings)
     ev = fedmeta.evaluate(result.run_dir, episodes=10)
-    print(f"{ev.n_way}-way {ev.shots}-shot {ev.metric}: adapted {ev.adapted:.3f}, "
-          f"un-adapted {ev.unadapted:.3f}")
+    print(
+        f"{ev.n_way}-way {ev.shots}-shot {ev.metric}: adapted {ev.adapted:.3f}, "
+        f"un-adapted {ev.unadapted:.3f}"
+    )
 
     # 3. a run stopped midway (here by its own callback) resumes from its last checkpoint
     class Stop(Exception):
@@ -46,18 +56,30 @@ def main(root: Path) -> int:
 
     stopped = root / "stopped"
     try:
-        fedmeta.simulate(settings, out_dir=str(stopped), backend="inline", overwrite=True,
-                         on_round=stop_after_two)
+        fedmeta.simulate(
+            settings,
+            out_dir=str(stopped),
+            backend="inline",
+            overwrite=True,
+            on_round=stop_after_two,
+        )
     except Stop as exc:
         print(f"stopped: {exc}")
     resumed = fedmeta.simulate(resume=stopped, backend="inline")
-    print(f"resumed run {resumed.run_id}: {resumed.status}, rounds "
-          f"{[m.round for m in resumed.rounds]}")
+    print(
+        f"resumed run {resumed.run_id}: {resumed.status}, rounds "
+        f"{[m.round for m in resumed.rounds]}"
+    )
 
     # 4. a run that cannot train fails loudly (RunFailed), with each site's reason
     try:
-        fedmeta.simulate(settings, out_dir=str(root / "failing"), backend="inline",
-                         overwrite=True, **{"epsilon-max": 0.01, "target-epsilon": 0.0})
+        fedmeta.simulate(
+            settings,
+            out_dir=str(root / "failing"),
+            backend="inline",
+            overwrite=True,
+            **{"epsilon-max": 0.01, "target-epsilon": 0.0},
+        )
     except fedmeta.RunFailed as exc:
         failure = exc.result.failure
         print(f"as expected, the run failed: {failure.reason if failure else exc}")

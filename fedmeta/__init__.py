@@ -37,9 +37,21 @@ _PUBLIC = {
     "adapt": "fedmeta.newsite",
     "predict": "fedmeta.newsite",
 }
-__all__ = ["ConfigError", "EvalMetrics", "Failure", "MLflowTracker", "RoundMetrics",
-           "RunConfig", "RunFailed", "RunResult", "TensorBoardTracker", "adapt", "evaluate",
-           "predict", "simulate"]
+__all__ = [
+    "ConfigError",
+    "EvalMetrics",
+    "Failure",
+    "MLflowTracker",
+    "RoundMetrics",
+    "RunConfig",
+    "RunFailed",
+    "RunResult",
+    "TensorBoardTracker",
+    "adapt",
+    "evaluate",
+    "predict",
+    "simulate",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedmeta.api import Failure, RunFailed, RunResult, evaluate, simulate

@@ -98,16 +98,24 @@ class RunResult:
         fail = summary.get("failure")
         ev = summary.get("eval")
         return cls(
-            run_id=run_id, run_dir=run_dir,
+            run_id=run_id,
+            run_dir=run_dir,
             status="failed" if summary.get("status") == "failed" else "completed",
             failure=Failure(str(fail.get("reason", "")), dict(fail.get("sites") or {}))
-            if isinstance(fail, dict) else None,
+            if isinstance(fail, dict)
+            else None,
             rounds=lines,
-            epsilon={str(k): float(v) for k, v in (summary.get("epsilon") or {}).items()
-                     if isinstance(v, int | float)},
-            final_model=model, model_sha256=summary.get("model_sha256"),
+            epsilon={
+                str(k): float(v)
+                for k, v in (summary.get("epsilon") or {}).items()
+                if isinstance(v, int | float)
+            },
+            final_model=model,
+            model_sha256=summary.get("model_sha256"),
             eval=EvalMetrics.from_dict(ev) if isinstance(ev, dict) and ev else None,
-            aggregated_rounds=int(summary.get("aggregated_rounds") or 0), summary=summary)
+            aggregated_rounds=int(summary.get("aggregated_rounds") or 0),
+            summary=summary,
+        )
 
 
 class RunFailed(RuntimeError):
@@ -119,8 +127,7 @@ class RunFailed(RuntimeError):
         self.result = result
 
 
-def _config(config: RunConfig | Mapping[str, Any] | None, settings: Mapping[str, Any]
-            ) -> RunConfig:
+def _config(config: RunConfig | Mapping[str, Any] | None, settings: Mapping[str, Any]) -> RunConfig:
     if isinstance(config, RunConfig):
         if not settings:
             return config
@@ -128,10 +135,16 @@ def _config(config: RunConfig | Mapping[str, Any] | None, settings: Mapping[str,
     return RunConfig.from_flat({**dict(config or {}), **settings}, source="simulate()")
 
 
-def simulate(config: RunConfig | Mapping[str, Any] | None = None, *,
-             on_round: RoundCallback | None = None, backend: str = "ray",
-             overwrite: bool = False, resume: str | Path | None = None, check: bool = True,
-             **settings: Any) -> RunResult:
+def simulate(
+    config: RunConfig | Mapping[str, Any] | None = None,
+    *,
+    on_round: RoundCallback | None = None,
+    backend: str = "ray",
+    overwrite: bool = False,
+    resume: str | Path | None = None,
+    check: bool = True,
+    **settings: Any,
+) -> RunResult:
     """Run a whole federation on this machine and return its :class:`RunResult`.
 
     ``config``: a :class:`RunConfig`, or a mapping of config keys (``"inner-steps"`` or
@@ -150,22 +163,32 @@ def simulate(config: RunConfig | Mapping[str, Any] | None = None, *,
 
     if resume is not None:
         if config is not None or settings:
-            raise ValueError("simulate(resume=...): the run continues with its own config; "
-                             "pass no config or settings")
+            raise ValueError(
+                "simulate(resume=...): the run continues with its own config; "
+                "pass no config or settings"
+            )
         cfg = load_run_config(Path(resume))
     else:
         cfg = _config(config, settings)
-    summary = run(cfg, overwrite=overwrite, backend=backend, resume=resume is not None,
-                  on_round=on_round)
+    summary = run(
+        cfg, overwrite=overwrite, backend=backend, resume=resume is not None, on_round=on_round
+    )
     result = RunResult.from_run_dir(Path(cfg.out_dir))
     if summary.get("run") != result.run_id:  # pragma: no cover - same file just written
         raise RuntimeError(f"{cfg.out_dir}: summary changed while reading it")
     return result.raise_for_status() if check else result
 
 
-def evaluate(run_dir: str | Path, *, episodes: int | None = None, shots: int | None = None,
-             steps: int | None = None, lr: float | None = None, seed: int = 0,
-             split: Literal["val", "test"] = "test") -> EvalMetrics:
+def evaluate(
+    run_dir: str | Path,
+    *,
+    episodes: int | None = None,
+    shots: int | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    split: Literal["val", "test"] = "test",
+) -> EvalMetrics:
     """Meta-evaluate a run's final model on held-out episodes of its task: adapt on
     ``shots`` labelled examples per class with ``steps`` SGD steps, score on the query
     set. Defaults are the run's own evaluation settings."""
@@ -181,24 +204,51 @@ def evaluate(run_dir: str | Path, *, episodes: int | None = None, shots: int | N
     if not task.server_eval:
         raise ValueError(f"{run_dir}: task {cfg.task} has no held-out episodes to evaluate on")
     shots_ = shots or cfg.eval_shots
-    res = meta_evaluate(task, saved["state_dict"], int(saved["out_dim"]), split=split,
-                        episodes=episodes or cfg.eval_episodes, shots=shots_,
-                        query=cfg.eval_query, steps=cfg.adapt_steps if steps is None else steps,
-                        lr=lr or adapt_lr(cfg, task), seed=seed)
-    return EvalMetrics.from_dict({"metric": res.metric, "adapted": res.adapted,
-                                  "adapted_ci95": res.adapted_ci95,
-                                  "unadapted": res.unadapted, "episodes": res.episodes,
-                                  "shots": shots_, "n_way": task.meta_out_dim()})
+    res = meta_evaluate(
+        task,
+        saved["state_dict"],
+        int(saved["out_dim"]),
+        split=split,
+        episodes=episodes or cfg.eval_episodes,
+        shots=shots_,
+        query=cfg.eval_query,
+        steps=cfg.adapt_steps if steps is None else steps,
+        lr=lr or adapt_lr(cfg, task),
+        seed=seed,
+    )
+    return EvalMetrics.from_dict(
+        {
+            "metric": res.metric,
+            "adapted": res.adapted,
+            "adapted_ci95": res.adapted_ci95,
+            "unadapted": res.unadapted,
+            "episodes": res.episodes,
+            "shots": shots_,
+            "n_way": task.meta_out_dim(),
+        }
+    )
 
 
-def report(run_dir: str | Path, *, format: str = "html", out: str | Path | None = None,
-           site: str | None = None, trust: tuple[str, ...] = (),
-           allow_unverified: bool = False) -> Path:
+def report(
+    run_dir: str | Path,
+    *,
+    format: str = "html",
+    out: str | Path | None = None,
+    site: str | None = None,
+    trust: tuple[str, ...] = (),
+    allow_unverified: bool = False,
+) -> Path:
     """Write the compliance report of a run (``html``, ``json`` or ``md``); return its path.
     Raises ``fedmeta.report.UnverifiedRunError`` when an audit log fails verification
     (unless ``allow_unverified``) and ``fedmeta.report.ReportError`` for a bad option."""
     from fedmeta.report import generate
 
-    path, _ = generate(Path(run_dir), format, out=Path(out) if out else None, site=site,
-                       allow_unverified=allow_unverified, trust=trust)
+    path, _ = generate(
+        Path(run_dir),
+        format,
+        out=Path(out) if out else None,
+        site=site,
+        allow_unverified=allow_unverified,
+        trust=trust,
+    )
     return path

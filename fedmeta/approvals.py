@@ -38,8 +38,10 @@ def approved(site_dir: Path) -> dict[str, dict]:
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError("sha256 must be 64 hex digits")
         except (ValueError, KeyError, TypeError) as exc:
-            raise ApprovalError(f"{path} line {no}: unreadable approval ({exc}); fix or "
-                                "remove the line, then approve the declaration again") from None
+            raise ApprovalError(
+                f"{path} line {no}: unreadable approval ({exc}); fix or "
+                "remove the line, then approve the declaration again"
+            ) from None
         out[digest] = rec
     return out
 
@@ -51,9 +53,15 @@ def approve(site_dir: Path, declaration: RunDeclaration, source: str = "") -> st
         return digest
     path = Path(site_dir) / APPROVALS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"sha256": digest, "purpose": declaration.purpose, "dp_enabled": declaration.dp_enabled,
-           "epsilon": declaration.epsilon, "delta": declaration.delta, "source": source,
-           "approved_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    rec = {
+        "sha256": digest,
+        "purpose": declaration.purpose,
+        "dp_enabled": declaration.dp_enabled,
+        "epsilon": declaration.epsilon,
+        "delta": declaration.delta,
+        "source": source,
+        "approved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     append_json_line(path, rec)
     return digest
 

@@ -45,17 +45,29 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def save_checkpoint(run_dir: Path, run: str, server_round: int,
-                    theta: dict[str, torch.Tensor], strategy: dict[str, Any]) -> tuple[Path, str]:
+def save_checkpoint(
+    run_dir: Path,
+    run: str,
+    server_round: int,
+    theta: dict[str, torch.Tensor],
+    strategy: dict[str, Any],
+) -> tuple[Path, str]:
     """Write the checkpoint of ``server_round`` durably (temp file, fsync, rename); return
     its path and SHA-256. Older checkpoints beyond the last ``KEEP`` are removed."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{server_round:06d}.pt"
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": 1, "run": run, "round": server_round,
-                "theta": {k: v.detach().cpu() for k, v in theta.items()},
-                "strategy": strategy}, tmp)
+    torch.save(
+        {
+            "format": 1,
+            "run": run,
+            "round": server_round,
+            "theta": {k: v.detach().cpu() for k, v in theta.items()},
+            "strategy": strategy,
+        },
+        tmp,
+    )
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -80,15 +92,20 @@ def load_checkpoint(path: Path, signed_sha256: str | None) -> Checkpoint:
     """Load ``path`` after checking it against the hash signed in the server's log."""
     path = Path(path)
     if signed_sha256 is None:
-        raise CheckpointError(f"{path}: no signed model.checkpoint entry in the server's audit "
-                              "log names this file; it cannot be trusted for a resume")
+        raise CheckpointError(
+            f"{path}: no signed model.checkpoint entry in the server's audit "
+            "log names this file; it cannot be trusted for a resume"
+        )
     got = file_sha256(path)
     if got != signed_sha256:
-        raise CheckpointError(f"{path}: hashes to {got[:16]}..., the server signed "
-                              f"{signed_sha256[:16]}...; the checkpoint was changed")
+        raise CheckpointError(
+            f"{path}: hashes to {got[:16]}..., the server signed "
+            f"{signed_sha256[:16]}...; the checkpoint was changed"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
-    return Checkpoint(path, str(data["run"]), int(data["round"]), dict(data["theta"]),
-                      dict(data["strategy"]))
+    return Checkpoint(
+        path, str(data["run"]), int(data["round"]), dict(data["theta"]), dict(data["strategy"])
+    )

@@ -24,9 +24,12 @@ from fedmeta.offline import no_call_home
 
 no_call_home()
 
-app = typer.Typer(help="Privacy-preserving federated meta-learning (Reptile + Opacus DP + "
-                       "GDPR/DPDP policies + tamper-evident audit log).",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Privacy-preserving federated meta-learning (Reptile + Opacus DP + "
+    "GDPR/DPDP policies + tamper-evident audit log).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 ledger_app = typer.Typer(help="Inspect a site's durable privacy ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 console = Console(highlight=False)
@@ -43,8 +46,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedmeta.tracking import TrackingError
     from policies import DeclarationError
 
-    return (ConfigError, TaskError, RunDirError, LedgerError, CurveError, DeclarationError,
-            FileNotFoundError, CheckpointError, TrackingError)
+    return (
+        ConfigError,
+        TaskError,
+        RunDirError,
+        LedgerError,
+        CurveError,
+        DeclarationError,
+        FileNotFoundError,
+        CheckpointError,
+        TrackingError,
+    )
 
 
 def _parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -75,53 +87,113 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- simulate
 @app.command()
 def simulate(
-    task: Annotated[str | None, typer.Option(
-        help=f"what the sites learn: {one_of(task_names())} (bundled tasks, then plug-ins "
-             "installed under the entry point group fedmeta.tasks), or package.module:Class",
-        show_default=str(default("task")),
-        callback=choice("--task", "task", task_names, also=lambda v: ":" in v,
-                        also_text="package.module:Class"))] = None,
-    strategy: Annotated[str | None, typer.Option(
-        help=choices_help("server strategy (fedavg: the transfer-learning baseline; fomaml: "
-                          "with --no-dp only)", choices("strategy")),
-        show_default=str(default("strategy")),
-        callback=choice("--strategy", "strategy", lambda: choices("strategy")))] = None,
-    sites: Annotated[int | None, typer.Option(
-        help="number of simulated sites", show_default=str(default("sites")))] = None,
-    rounds: Annotated[int | None, typer.Option(
-        help="federated rounds", show_default=str(default("rounds")))] = None,
-    seed: Annotated[int | None, typer.Option(
-        help="seed: same seed, same metrics", show_default=str(default("seed")))] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="run directory ({run} is replaced by the run id)",
-        show_default=str(default("out-dir")))] = None,
-    config: Annotated[Path | None, typer.Option(
-        help="TOML/JSON file of config keys (`fedmeta config --toml` writes one)")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="KEY=VALUE for any config key, e.g. --set inner-steps=10 (every key, "
-                      "its default and range: `fedmeta config`)")] = None,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="turn differential privacy OFF "
-                                        "(explicit; reported in the run)")] = False,
-    device: Annotated[str | None, typer.Option(
-        help="auto (cuda if available) | cpu | cuda | cuda:N",
-        show_default=str(default("device")))] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help=f"what the sites learn: {one_of(task_names())} (bundled tasks, then plug-ins "
+            "installed under the entry point group fedmeta.tasks), or package.module:Class",
+            show_default=str(default("task")),
+            callback=choice(
+                "--task",
+                "task",
+                task_names,
+                also=lambda v: ":" in v,
+                also_text="package.module:Class",
+            ),
+        ),
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help=choices_help(
+                "server strategy (fedavg: the transfer-learning baseline; fomaml: "
+                "with --no-dp only)",
+                choices("strategy"),
+            ),
+            show_default=str(default("strategy")),
+            callback=choice("--strategy", "strategy", lambda: choices("strategy")),
+        ),
+    ] = None,
+    sites: Annotated[
+        int | None,
+        typer.Option(help="number of simulated sites", show_default=str(default("sites"))),
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="federated rounds", show_default=str(default("rounds")))
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="seed: same seed, same metrics", show_default=str(default("seed"))),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="run directory ({run} is replaced by the run id)",
+            show_default=str(default("out-dir")),
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML/JSON file of config keys (`fedmeta config --toml` writes one)"),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="KEY=VALUE for any config key, e.g. --set inner-steps=10 (every key, "
+            "its default and range: `fedmeta config`)",
+        ),
+    ] = None,
+    no_dp: Annotated[
+        bool,
+        typer.Option(
+            "--no-dp", help="turn differential privacy OFF (explicit; reported in the run)"
+        ),
+    ] = False,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (cuda if available) | cpu | cuda | cuda:N",
+            show_default=str(default("device")),
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="reuse a run directory")] = False,
-    verbose: Annotated[bool, typer.Option(help="also show Flower's INFO lines and fedmeta's "
-                                          "own")] = False,
-    backend: Annotated[str, typer.Option(
-        help=choices_help("ray: Flower's simulation engine, one Ray actor per site; inline: "
-                          "every site in this process, no Ray (fast; same metrics for the "
-                          "same seed)", BACKENDS),
-        callback=choice("--backend", "backend", lambda: BACKENDS))] = "ray",
-    resume: Annotated[Path | None, typer.Option(
-        help="continue the stopped run in this run directory from its last checkpoint "
-             "(same run id, config, ledgers and logs)")] = None,
-    tensorboard: Annotated[Path | None, typer.Option(
-        help="write per-round metrics to TensorBoard in this directory "
-             "(pip install 'fedmeta\\[tensorboard]')")] = None,
-    mlflow: Annotated[str | None, typer.Option(
-        help="log per-round metrics to MLflow at this tracking URI, e.g. sqlite:///mlflow.db "
-             "(pip install 'fedmeta\\[mlflow]')")] = None,
+    verbose: Annotated[
+        bool, typer.Option(help="also show Flower's INFO lines and fedmeta's own")
+    ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help=choices_help(
+                "ray: Flower's simulation engine, one Ray actor per site; inline: "
+                "every site in this process, no Ray (fast; same metrics for the "
+                "same seed)",
+                BACKENDS,
+            ),
+            callback=choice("--backend", "backend", lambda: BACKENDS),
+        ),
+    ] = "ray",
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="continue the stopped run in this run directory from its last checkpoint "
+            "(same run id, config, ledgers and logs)"
+        ),
+    ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            help="write per-round metrics to TensorBoard in this directory "
+            "(pip install 'fedmeta\\[tensorboard]')"
+        ),
+    ] = None,
+    mlflow: Annotated[
+        str | None,
+        typer.Option(
+            help="log per-round metrics to MLflow at this tracking URI, e.g. sqlite:///mlflow.db "
+            "(pip install 'fedmeta\\[mlflow]')"
+        ),
+    ] = None,
 ) -> None:
     """Run a federation on this machine (Flower's simulation engine, or in-process).
 
@@ -135,14 +207,29 @@ def simulate(
     from fedmeta.logs import configure
 
     if resume is not None:
-        given = [name for name, val in (
-            ("--task", task), ("--strategy", strategy), ("--sites", sites), ("--rounds", rounds),
-            ("--seed", seed), ("--out", out), ("--config", config), ("--set", set_),
-            ("--device", device)) if val] + (["--no-dp"] if no_dp else []) + (
-            ["--overwrite"] if overwrite else [])
+        given = (
+            [
+                name
+                for name, val in (
+                    ("--task", task),
+                    ("--strategy", strategy),
+                    ("--sites", sites),
+                    ("--rounds", rounds),
+                    ("--seed", seed),
+                    ("--out", out),
+                    ("--config", config),
+                    ("--set", set_),
+                    ("--device", device),
+                )
+                if val
+            ]
+            + (["--no-dp"] if no_dp else [])
+            + (["--overwrite"] if overwrite else [])
+        )
         if given:
-            raise fail(f"option '--resume': a resumed run keeps its own config; drop "
-                       f"{', '.join(given)}")
+            raise fail(
+                f"option '--resume': a resumed run keeps its own config; drop {', '.join(given)}"
+            )
         _simulate_resume(resume, backend, verbose, tensorboard, mlflow)
         return
 
@@ -150,8 +237,14 @@ def simulate(
     if config:
         values.update(_load_config_file(config))
     values.update(_parse_set(set_ or []))
-    for key, val in (("task", task), ("strategy", strategy), ("sites", sites),
-                     ("rounds", rounds), ("seed", seed), ("device", device)):
+    for key, val in (
+        ("task", task),
+        ("strategy", strategy),
+        ("sites", sites),
+        ("rounds", rounds),
+        ("seed", seed),
+        ("device", device),
+    ):
         if val is not None:
             values[key] = val
     if out is not None:
@@ -174,12 +267,18 @@ def simulate(
         raise fail(str(exc)) from None
     configure(verbose)
     if not cfg.dp:
-        err_console.print("warning: differential privacy is OFF for this run (--no-dp); "
-                          "the run's metrics and summary record it", style="yellow")
+        err_console.print(
+            "warning: differential privacy is OFF for this run (--no-dp); "
+            "the run's metrics and summary record it",
+            style="yellow",
+        )
     elif cfg.noise_source != "site-csprng":
-        err_console.print("note: DP noise is seeded from the run seed (same seed, same "
-                          "metrics): for experiments only, no guarantee against the "
-                          "coordinator; deployed sites use their own CSPRNG", style="yellow")
+        err_console.print(
+            "note: DP noise is seeded from the run seed (same seed, same "
+            "metrics): for experiments only, no guarantee against the "
+            "coordinator; deployed sites use their own CSPRNG",
+            style="yellow",
+        )
     _run_with_progress(cfg, backend, False, trackers)
 
 
@@ -194,8 +293,9 @@ def _trackers(tensorboard: Path | None, mlflow: str | None) -> list[Any]:
     return out
 
 
-def _simulate_resume(run_dir: Path, backend: str, verbose: bool, tensorboard: Path | None,
-                     mlflow: str | None) -> None:
+def _simulate_resume(
+    run_dir: Path, backend: str, verbose: bool, tensorboard: Path | None, mlflow: str | None
+) -> None:
     from fedmeta.logs import configure
     from fedmeta.simulation import load_run_config
 
@@ -228,9 +328,15 @@ def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]
     metrics_path = Path(cfg.out_dir) / METRICS_FILE
     skip = len(metrics_path.read_text().splitlines()) if resume and metrics_path.exists() else 0
     stop = threading.Event()
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                        console=console, transient=False)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
     seen = [skip]
 
@@ -239,7 +345,7 @@ def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]
         if not metrics_path.exists():
             return
         lines = metrics_path.read_text().split("\n")[:-1]  # a line being written waits
-        for line in lines[seen[0]:]:
+        for line in lines[seen[0] :]:
             rec = json.loads(line)
             status = ""
             if isinstance(rec.get("eval"), dict):
@@ -255,19 +361,27 @@ def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]
             catch_up(bar)
 
     with progress:
-        bar = progress.add_task(f"{cfg.strategy} on {cfg.task}", total=cfg.rounds,
-                                status="starting")
+        bar = progress.add_task(
+            f"{cfg.strategy} on {cfg.task}", total=cfg.rounds, status="starting"
+        )
         watcher = threading.Thread(target=follow, args=(bar,), daemon=True)
         watcher.start()
         try:
-            summary = run_sim(cfg, overwrite=True, backend=backend, resume=resume,
-                              on_round=on_round if trackers else None)
+            summary = run_sim(
+                cfg,
+                overwrite=True,
+                backend=backend,
+                resume=resume,
+                on_round=on_round if trackers else None,
+            )
         except _user_errors() as exc:
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
-            raise fail(f"interrupted; the run stopped and is recorded as such in the server's "
-                       f"audit log; continue it with: fedmeta simulate --resume {cfg.out_dir}",
-                       code=130) from None
+            raise fail(
+                f"interrupted; the run stopped and is recorded as such in the server's "
+                f"audit log; continue it with: fedmeta simulate --resume {cfg.out_dir}",
+                code=130,
+            ) from None
         finally:
             stop.set()
             watcher.join()
@@ -280,8 +394,11 @@ def _run_with_progress(cfg: Any, backend: str, resume: bool, trackers: list[Any]
 
         err_console.print(failure_text(summary), style="bold red", markup=False)
         if summary.get("last_round"):
-            err_console.print(f"after fixing the cause, continue it with: fedmeta simulate "
-                              f"--resume {cfg.out_dir}", markup=False)
+            err_console.print(
+                f"after fixing the cause, continue it with: fedmeta simulate "
+                f"--resume {cfg.out_dir}",
+                markup=False,
+            )
         raise typer.Exit(1)
 
 
@@ -292,16 +409,20 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
     table.add_column("declined rounds", justify="right")
     for site in summary["sites"]:
         eps = summary["epsilon"].get(site)
-        table.add_row(site, "DP off" if not summary["dp"] else
-                      ("-" if eps is None else _fmt(eps)),
-                      str(summary["declined_rounds"].get(site, 0)))
+        table.add_row(
+            site,
+            "DP off" if not summary["dp"] else ("-" if eps is None else _fmt(eps)),
+            str(summary["declined_rounds"].get(site, 0)),
+        )
     console.print(table)
     ev = summary.get("eval") or {}
     if ev:
-        console.print(f"{ev.get('n_way')}-way {ev.get('shots')}-shot {ev.get('metric')} on "
-                      f"held-out data: adapted {_fmt(ev.get('adapted'))} ± "
-                      f"{_fmt(ev.get('adapted_ci95'))}, un-adapted {_fmt(ev.get('unadapted'))}"
-                      f"  ({ev.get('episodes')} episodes)")
+        console.print(
+            f"{ev.get('n_way')}-way {ev.get('shots')}-shot {ev.get('metric')} on "
+            f"held-out data: adapted {_fmt(ev.get('adapted'))} ± "
+            f"{_fmt(ev.get('adapted_ci95'))}, un-adapted {_fmt(ev.get('unadapted'))}"
+            f"  ({ev.get('episodes')} episodes)"
+        )
     if summary.get("stopped"):
         console.print(f"[bold red]stopped:[/] {summary['stopped']}")
     console.print(f"run directory: {out_dir}  ({_fmt(summary.get('wall_s'), '.0f')} s)")
@@ -310,20 +431,31 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
 # ---------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(
-    run_dirs: Annotated[list[Path], typer.Argument(help="run directories (one per strategy: "
-                                                   "reptile, fomaml, fedavg)")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="run directories (one per strategy: reptile, fomaml, fedavg)"),
+    ],
     shots: Annotated[str, typer.Option(help="comma-separated shots per class")] = "1,5,10,20",
     episodes: Annotated[int, typer.Option(help="test episodes per point")] = 100,
-    val_episodes: Annotated[int, typer.Option(help="validation episodes per learning rate "
-                                              "tried (the same for every method)")] = 100,
+    val_episodes: Annotated[
+        int,
+        typer.Option(
+            help="validation episodes per learning rate tried (the same for every method)"
+        ),
+    ] = 100,
     steps: Annotated[int | None, typer.Option(help="adaptation steps (default: run's)")] = None,
-    lr_grid: Annotated[str, typer.Option(
-        help="adaptation learning rates tried on validation classes, per method and shot "
-             "count")] = "0.01,0.03,0.1,0.3,1",
-    prototypes: Annotated[bool, typer.Option(help="also prototype classifiers on each "
-                                             "federated model's embedding")] = True,
-    shift: Annotated[bool, typer.Option(help="new sites with their own acquisition shift "
-                                        "(digits-fewshot runs)")] = False,
+    lr_grid: Annotated[
+        str,
+        typer.Option(
+            help="adaptation learning rates tried on validation classes, per method and shot count"
+        ),
+    ] = "0.01,0.03,0.1,0.3,1",
+    prototypes: Annotated[
+        bool, typer.Option(help="also prototype classifiers on each federated model's embedding")
+    ] = True,
+    shift: Annotated[
+        bool, typer.Option(help="new sites with their own acquisition shift (digits-fewshot runs)")
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="output prefix (writes .json and .png)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the evaluation episodes")] = 0,
 ) -> None:
@@ -337,15 +469,26 @@ def evaluate(
         if not shot_list or min(shot_list) < 1 or not grid or min(grid) <= 0:
             raise ValueError
     except ValueError:
-        raise fail("options '--shots'/'--lr-grid': expected comma-separated positive "
-                   "numbers") from None
+        raise fail(
+            "options '--shots'/'--lr-grid': expected comma-separated positive numbers"
+        ) from None
     if episodes < 2 or val_episodes < 2:
-        raise fail("options '--episodes'/'--val-episodes': need at least 2 episodes "
-                   "for a confidence interval")
+        raise fail(
+            "options '--episodes'/'--val-episodes': need at least 2 episodes "
+            "for a confidence interval"
+        )
     try:
-        curve = shots_curve(run_dirs, shot_list, episodes=episodes, val_episodes=val_episodes,
-                            steps=steps, lr_grid=grid, seed=seed, prototypes=prototypes,
-                            shift=shift)
+        curve = shots_curve(
+            run_dirs,
+            shot_list,
+            episodes=episodes,
+            val_episodes=val_episodes,
+            steps=steps,
+            lr_grid=grid,
+            seed=seed,
+            prototypes=prototypes,
+            shift=shift,
+        )
     except (*_user_errors(), KeyError) as exc:
         raise fail(str(exc)) from None
     prefix = out or RunPaths(run_dirs[0]).shots_curve.with_suffix("")
@@ -353,9 +496,11 @@ def evaluate(
     json_path = prefix.with_suffix(".json")
     json_path.write_text(json.dumps(curve, indent=2) + "\n")
     png = plot_curve(curve, prefix.with_suffix(".png"))
-    table = Table(title=f"{curve['task']}: {curve['n_way']}-way, {curve['steps']} steps, "
-                        f"{episodes} episodes (mean ± 95% CI; lr chosen on "
-                        f"{val_episodes} validation episodes)")
+    table = Table(
+        title=f"{curve['task']}: {curve['n_way']}-way, {curve['steps']} steps, "
+        f"{episodes} episodes (mean ± 95% CI; lr chosen on "
+        f"{val_episodes} validation episodes)"
+    )
     table.add_column("method")
     for k in shot_list:
         table.add_column(f"{k}-shot", justify="right")
@@ -363,9 +508,14 @@ def evaluate(
     for m in methods:
         row = {p["shots"]: p for p in curve["points"] if p["method"] == m}
         label = LABELS.get(m) or row[shot_list[0]].get("label") or m
-        table.add_row(label, *[f"{row[k]['mean']:.3f} ± {row[k]['ci95']:.3f}"
-                               + (f" (lr {row[k]['lr']:g})" if row[k]["lr"] else "")
-                               for k in shot_list])
+        table.add_row(
+            label,
+            *[
+                f"{row[k]['mean']:.3f} ± {row[k]['ci95']:.3f}"
+                + (f" (lr {row[k]['lr']:g})" if row[k]["lr"] else "")
+                for k in shot_list
+            ],
+        )
     console.print(table)
     console.print(f"wrote {json_path} and {png}")
 
@@ -390,16 +540,26 @@ def ledger_show(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"privacy ledger of {summary['site']} ({summary['accountant']}, "
-                        f"delta={summary['delta']:g}, per {summary['privacy_unit']})")
+    table = Table(
+        title=f"privacy ledger of {summary['site']} ({summary['accountant']}, "
+        f"delta={summary['delta']:g}, per {summary['privacy_unit']})"
+    )
     for col in ("run", "round", "noise_multiplier", "sample_rate", "steps", "epsilon_after"):
         table.add_column(col, justify="right" if col != "run" else "left")
     for e in summary["entries"]:
-        table.add_row(e["run"], str(e["round"]), f"{e['noise_multiplier']:.4g}",
-                      f"{e['sample_rate']:.4g}", str(e["steps"]), f"{e['epsilon_after']:.4f}")
+        table.add_row(
+            e["run"],
+            str(e["round"]),
+            f"{e['noise_multiplier']:.4g}",
+            f"{e['sample_rate']:.4g}",
+            str(e["steps"]),
+            f"{e['epsilon_after']:.4f}",
+        )
     console.print(table)
-    console.print(f"epsilon spent {summary['epsilon']:.4f} of {summary['epsilon_max']:g} "
-                  f"(per {summary['privacy_unit']})")
+    console.print(
+        f"epsilon spent {summary['epsilon']:.4f} of {summary['epsilon_max']:g} "
+        f"(per {summary['privacy_unit']})"
+    )
 
 
 def _mount_audit() -> None:
@@ -421,6 +581,7 @@ def _mount_report() -> None:
     app.command("notice")(notice_command)
     app.command("rights")(rights_command)
     from fedmeta.incidents.cli import incident_app  # incidents with legal clocks
+
     app.add_typer(incident_app, name="incident")
 
 

@@ -61,9 +61,14 @@ def choices_help(text: str, values: Sequence[str]) -> str:
     return f"{text}: {one_of(values)}" if text else one_of(values)
 
 
-def choice(option: str, noun: str, values: Callable[[], Sequence[str]], *,
-           also: Callable[[str], bool] | None = None,
-           also_text: str = "") -> Callable[[str | None], str | None]:
+def choice(
+    option: str,
+    noun: str,
+    values: Callable[[], Sequence[str]],
+    *,
+    also: Callable[[str], bool] | None = None,
+    also_text: str = "",
+) -> Callable[[str | None], str | None]:
     """A typer callback accepting ``values()`` (or what ``also`` accepts) and None;
     anything else fails in one line: ``option '--x': unknown <noun> 'v'; choose one of
     a | b (did you mean a?)``; ``also_text`` names what ``also`` accepts."""
@@ -77,7 +82,9 @@ def choice(option: str, noun: str, values: Callable[[], Sequence[str]], *,
         close = difflib.get_close_matches(value, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         more = f" or {also_text}" if also_text else ""
-        raise fail(f"option '{option}': unknown {noun} {value!r}; choose one of "
-                   f"{one_of(known)}{more}{hint}")
+        raise fail(
+            f"option '{option}': unknown {noun} {value!r}; choose one of "
+            f"{one_of(known)}{more}{hint}"
+        )
 
     return check

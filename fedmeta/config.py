@@ -38,21 +38,33 @@ class RunConfig(BaseModel):
     )
 
     # what and how
-    task: str = Field("digits-fewshot", description="bundled task name, an installed plug-in "
-                      "(entry point group fedmeta.tasks) or package.module:Class")
+    task: str = Field(
+        "digits-fewshot",
+        description="bundled task name, an installed plug-in "
+        "(entry point group fedmeta.tasks) or package.module:Class",
+    )
     strategy: Literal["reptile", "fedavg", "fomaml"] = Field(
-        "reptile", description="server strategy: reptile or fomaml (meta-learning; fomaml "
-        "non-private only) or fedavg (the transfer-learning baseline)")
+        "reptile",
+        description="server strategy: reptile or fomaml (meta-learning; fomaml "
+        "non-private only) or fedavg (the transfer-learning baseline)",
+    )
     sites: int = Field(10, ge=1, le=1000, description="training sites (simulated nodes)")
     rounds: int = Field(30, ge=1, le=100_000, description="federated rounds")
-    seed: int = Field(1, ge=0,
-        description="seed of site sampling, data splits and (simulated sites) DP noise")
+    seed: int = Field(
+        1, ge=0, description="seed of site sampling, data splits and (simulated sites) DP noise"
+    )
     out_dir: str = Field("runs/demo", description="run directory ({run} is replaced by the run id)")
-    model: str = Field("", description="package.module:factory building the model for any "
-                       "task ('' = the task's own model); called as factory(out_dim, task)")
-    data_dir: str = Field("", description="simulation: a folder with one data folder per "
-                          "site (site-0, site-1, ...; '' = each site's own directory); "
-                          "folders beyond the training sites are held out for evaluation")
+    model: str = Field(
+        "",
+        description="package.module:factory building the model for any "
+        "task ('' = the task's own model); called as factory(out_dim, task)",
+    )
+    data_dir: str = Field(
+        "",
+        description="simulation: a folder with one data folder per "
+        "site (site-0, site-1, ...; '' = each site's own directory); "
+        "folders beyond the training sites are held out for evaluation",
+    )
 
     # tabular-csv only: the shape the federation agreed on (sites hold data.csv + schema.toml)
     features: int = Field(0, ge=0, le=100_000, description="feature columns (tabular-csv)")
@@ -62,59 +74,81 @@ class RunConfig(BaseModel):
     channels: Literal[1, 3] = Field(1, description="1 (grayscale) or 3 (RGB)")
 
     # sampling of sites per round
-    fraction_train: float = Field(0.5, gt=0.0, le=1.0,
-        description="share of sites sampled each round")
+    fraction_train: float = Field(
+        0.5, gt=0.0, le=1.0, description="share of sites sampled each round"
+    )
     min_sites: int = Field(2, ge=1, description="minimum sites per round (else the run stops)")
     node_wait_s: float = Field(60.0, gt=0.0, description="bound on waiting for nodes to connect")
     round_timeout_s: float = Field(600.0, gt=0.0, description="seconds a round waits for replies")
-    max_failed_rounds: int = Field(3, ge=1, description="stop the run after this many "
-                                   "consecutive rounds without a usable reply")
-    checkpoint_every: int = Field(5, ge=0, description="checkpoint theta and the strategy "
-                                  "state every N rounds (0 = only when the run stops)")
+    max_failed_rounds: int = Field(
+        3,
+        ge=1,
+        description="stop the run after this many consecutive rounds without a usable reply",
+    )
+    checkpoint_every: int = Field(
+        5,
+        ge=0,
+        description="checkpoint theta and the strategy "
+        "state every N rounds (0 = only when the run stops)",
+    )
     max_update_norm: float = Field(100.0, gt=0.0, description="L2 bound on phi - theta")
 
     # inner loop at each site
     n_way: int = Field(5, ge=2, le=40, description="classes per few-shot episode")
-    pool_per_class: int = Field(40, ge=2, description="points per sinusoid (sine); a digits "
-                                "episode uses every record of its classes")
+    pool_per_class: int = Field(
+        40,
+        ge=2,
+        description="points per sinusoid (sine); a digits episode uses every record of its classes",
+    )
     inner_steps: int = Field(8, ge=1, le=10_000, description="SGD steps a site takes per round")
     inner_lr: float = Field(0.0, ge=0.0, description="0 = the task's default")
     batch_size: int = Field(10, ge=1, description="expected Poisson batch size")
 
     # Reptile meta-step at the server: beta anneals linearly from meta_lr to meta_lr_final
     meta_lr: float = Field(1.0, gt=0.0, le=2.0, description="server meta step size at round 1")
-    meta_lr_final: float = Field(0.25, ge=0.0, le=2.0,
-        description="server meta step size at the last round (linear anneal)")
+    meta_lr_final: float = Field(
+        0.25, ge=0.0, le=2.0, description="server meta step size at the last round (linear anneal)"
+    )
 
     # differential privacy at each site (sample-level)
-    dp: bool = Field(True,
-        description="sites train with DP-SGD (false: non-private, declared as such)")
+    dp: bool = Field(
+        True, description="sites train with DP-SGD (false: non-private, declared as such)"
+    )
     noise_multiplier: float = Field(1.0, ge=0.0, description="sigma; ignored if target-epsilon > 0")
     target_epsilon: float = Field(0.0, ge=0.0, description="> 0: pick sigma for this epsilon")
     max_grad_norm: float = Field(1.0, gt=0.0, description="clipping bound C per privacy unit")
     delta: float = Field(1e-5, gt=0.0, lt=1.0, description="DP delta")
     accountant: Literal["prv", "rdp", "gdp"] = Field(
-        "prv", description="asked of the sites; a site accepts only the accountants of its "
-        "policy (prv, rdp): gdp is an approximation and is declined")
+        "prv",
+        description="asked of the sites; a site accepts only the accountants of its "
+        "policy (prv, rdp): gdp is an approximation and is declined",
+    )
     epsilon_max: float = Field(10.0, gt=0.0, description="default per-site budget")
     noise_source: Literal["auto", "seeded", "site-csprng"] = Field(
-        "auto", description="auto: a deployed site (own manifest.toml) always draws DP noise "
+        "auto",
+        description="auto: a deployed site (own manifest.toml) always draws DP noise "
         "and sampling from its own CSPRNG; a simulated site uses seeded noise (same seed, "
         "same metrics: for experiments only, no protection against the coordinator); "
-        "site-csprng: simulated sites too")
+        "site-csprng: simulated sites too",
+    )
     grad_sample_mode: Literal["auto", "bk", "hooks", "ew", "functorch", "ghost"] = Field(
-        "auto", description="per-sample gradient method (auto: book-keeping when the model allows)")
+        "auto", description="per-sample gradient method (auto: book-keeping when the model allows)"
+    )
 
     # meta-evaluation on held-out classes / tasks (server side)
     eval_every: int = Field(5, ge=0, description="0 = only at the end")
     eval_split: Literal["val", "test"] = Field(
-        "test", description="held-out classes/tasks the server evaluates on each round; "
-        "val when the per-round curve chooses training length")
+        "test",
+        description="held-out classes/tasks the server evaluates on each round; "
+        "val when the per-round curve chooses training length",
+    )
     eval_episodes: int = Field(20, ge=1, description="episodes per server evaluation")
-    eval_shots: int = Field(5, ge=1,
-        description="labelled examples per class in an evaluation episode")
-    eval_query: int = Field(15, ge=1,
-        description="query examples per class in an evaluation episode")
+    eval_shots: int = Field(
+        5, ge=1, description="labelled examples per class in an evaluation episode"
+    )
+    eval_query: int = Field(
+        15, ge=1, description="query examples per class in an evaluation episode"
+    )
     adapt_steps: int = Field(20, ge=0, description="fine-tuning steps on an episode's support set")
     adapt_lr: float = Field(0.0, ge=0.0, description="0 = the task's default")
 
@@ -122,15 +156,18 @@ class RunConfig(BaseModel):
 
     # policies and evidence
     declaration: str = Field("", description="run declaration TOML ('' = bundled example)")
-    site_country: Country = Field("DE", description="ISO 3166 alpha-2 country of simulated "
-                                  "sites without a manifest")
+    site_country: Country = Field(
+        "DE", description="ISO 3166 alpha-2 country of simulated sites without a manifest"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _removed(cls, data: Any) -> Any:
         if isinstance(data, Mapping) and ("secure-rng" in data or "secure_rng" in data):
-            raise ValueError("secure-rng was removed: a deployed site always draws its DP "
-                             "noise from its own CSPRNG (see noise-source); drop the option")
+            raise ValueError(
+                "secure-rng was removed: a deployed site always draws its DP "
+                "noise from its own CSPRNG (see noise-source); drop the option"
+            )
         return data
 
     @model_validator(mode="after")
@@ -140,8 +177,10 @@ class RunConfig(BaseModel):
         if self.dp and self.noise_multiplier <= 0 and self.target_epsilon <= 0:
             raise ValueError("dp needs noise-multiplier > 0 or target-epsilon > 0")
         if self.dp and self.strategy == "fomaml":
-            raise ValueError("strategy fomaml is non-private only (its held-out gradient is "
-                             "not privatised yet); run it with --no-dp or use reptile")
+            raise ValueError(
+                "strategy fomaml is non-private only (its held-out gradient is "
+                "not privatised yet); run it with --no-dp or use reptile"
+            )
         return self
 
     # ---- conversions -----------------------------------------------------
@@ -156,8 +195,9 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(clean)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source, model=cls, noun="option",
-                                             whole="(config)")) from None
+            raise ConfigError(
+                format_validation_error(exc, source, model=cls, noun="option", whole="(config)")
+            ) from None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_flat(), indent=2, sort_keys=True) + "\n")
@@ -208,10 +248,18 @@ def build_task(cfg: RunConfig):  # -> fedmeta.data.tasks.Task (import kept lazy:
     """The run's task object, with the run's N-way and pool size."""
     from fedmeta.data.tasks import get_task
 
-    return get_task(cfg.task, n_way=cfg.n_way, pool_per_class=cfg.pool_per_class,
-                    num_sites=cfg.sites, num_features=cfg.features, num_classes=cfg.classes,
-                    model=cfg.model, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                    channels=cfg.channels)
+    return get_task(
+        cfg.task,
+        n_way=cfg.n_way,
+        pool_per_class=cfg.pool_per_class,
+        num_sites=cfg.sites,
+        num_features=cfg.features,
+        num_classes=cfg.classes,
+        model=cfg.model,
+        data_dir=cfg.data_dir,
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+    )
 
 
 def inner_lr(cfg: RunConfig, task) -> float:
@@ -231,14 +279,21 @@ def run_declaration(cfg: RunConfig):  # -> policies.RunDeclaration
     """
     from policies import example_run_declaration, load_run_declaration
 
-    declared = (load_run_declaration(Path(cfg.declaration)) if cfg.declaration
-                else example_run_declaration())
+    declared = (
+        load_run_declaration(Path(cfg.declaration))
+        if cfg.declaration
+        else example_run_declaration()
+    )
     if not cfg.dp:
         return declared.model_copy(update={"dp_enabled": False, "allow_non_private": True})
     if not declared.dp_enabled:
-        raise ConfigError("option 'dp': the run declaration offers no DP; run with --no-dp "
-                          "or declare dp_enabled = true")
+        raise ConfigError(
+            "option 'dp': the run declaration offers no DP; run with --no-dp "
+            "or declare dp_enabled = true"
+        )
     if declared.epsilon is not None and cfg.target_epsilon > declared.epsilon:
-        raise ConfigError(f"option 'target-epsilon': {cfg.target_epsilon:g} exceeds the "
-                          f"declared epsilon {declared.epsilon:g}")
+        raise ConfigError(
+            f"option 'target-epsilon': {cfg.target_epsilon:g} exceeds the "
+            f"declared epsilon {declared.epsilon:g}"
+        )
     return declared

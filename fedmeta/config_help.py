@@ -54,8 +54,7 @@ def _allowed(info: FieldInfo) -> str:
     ann = info.annotation
     if typing.get_origin(ann) is typing.Literal:
         return " | ".join(str(a) for a in typing.get_args(ann))
-    kind = {bool: "true | false", int: "integer", float: "number", str: "text"}.get(
-        ann, str(ann))  # type: ignore[call-overload]
+    kind = {bool: "true | false", int: "integer", float: "number", str: "text"}.get(ann, str(ann))  # type: ignore[call-overload]
     rng = _range(info)
     return f"{kind} {rng}".strip() if rng else kind
 
@@ -65,8 +64,14 @@ def config_keys() -> list[KeyHelp]:
     out = []
     for name, info in RunConfig.model_fields.items():
         default = info.get_default(call_default_factory=True)
-        out.append(KeyHelp(key=info.alias or name, default=default,
-                           allowed=_allowed(info), meaning=info.description or ""))
+        out.append(
+            KeyHelp(
+                key=info.alias or name,
+                default=default,
+                allowed=_allowed(info),
+                meaning=info.description or "",
+            )
+        )
     return out
 
 
@@ -80,8 +85,9 @@ def as_toml(keys: list[KeyHelp]) -> str:
 
 
 def config_command(
-    toml: bool = typer.Option(False, "--toml", help="print the defaults as a TOML file for "
-                              "`fedmeta simulate --config`"),
+    toml: bool = typer.Option(
+        False, "--toml", help="print the defaults as a TOML file for `fedmeta simulate --config`"
+    ),
 ) -> None:
     """List every run-configuration key with its default, allowed values and meaning."""
     keys = config_keys()

@@ -62,13 +62,18 @@ class RunWatch:
     latest: dict[str, tuple[str, str]] = field(default_factory=dict)
     """site -> (outcome, reason): outcome is used | declined | dropped | lost."""
 
-    def observe(self, used: list[str], declined: dict[str, str], dropped: dict[str, str],
-                lost: dict[str, str], aggregated: bool) -> str | None:
+    def observe(
+        self,
+        used: list[str],
+        declined: dict[str, str],
+        dropped: dict[str, str],
+        lost: dict[str, str],
+        aggregated: bool,
+    ) -> str | None:
         """Record one round; return why the run must stop, or None."""
         for site in used:
             self.latest[site] = ("used", "")
-        for outcome, reasons in (("declined", declined), ("dropped", dropped),
-                                 ("lost", lost)):
+        for outcome, reasons in (("declined", declined), ("dropped", dropped), ("lost", lost)):
             for site, reason in reasons.items():
                 self.latest[site] = (outcome, reason)
         self.aggregated += int(aggregated)
@@ -84,8 +89,10 @@ class RunWatch:
             if all(o in ("lost", "declined") for o, _ in latest):
                 return "every site is lost or declined"
         if self.streak >= self.max_failed_rounds:
-            return (f"no usable reply for {self.streak} consecutive round(s) "
-                    f"(max-failed-rounds = {self.max_failed_rounds})")
+            return (
+                f"no usable reply for {self.streak} consecutive round(s) "
+                f"(max-failed-rounds = {self.max_failed_rounds})"
+            )
         return None
 
     def problems(self) -> dict[str, str]:
@@ -93,14 +100,18 @@ class RunWatch:
         return {s: f"{o}: {r}" for s, (o, r) in sorted(self.latest.items()) if o != "used"}
 
     def state(self) -> dict[str, Any]:
-        return {"streak": self.streak, "aggregated": self.aggregated,
-                "latest": {s: list(v) for s, v in self.latest.items()}}
+        return {
+            "streak": self.streak,
+            "aggregated": self.aggregated,
+            "latest": {s: list(v) for s, v in self.latest.items()},
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.streak = int(state.get("streak", 0))
         self.aggregated = int(state.get("aggregated", 0))
-        self.latest = {str(s): (str(v[0]), str(v[1]))
-                       for s, v in dict(state.get("latest", {})).items()}
+        self.latest = {
+            str(s): (str(v[0]), str(v[1])) for s, v in dict(state.get("latest", {})).items()
+        }
 
 
 def failure_text(summary: dict[str, Any], max_sites: int = 12) -> str:
@@ -109,8 +120,7 @@ def failure_text(summary: dict[str, Any], max_sites: int = 12) -> str:
     lines = [f"run {summary.get('run', '?')} FAILED: {failure.get('reason', 'unknown')}"]
     done = summary.get("aggregated_rounds", 0)
     last = summary.get("last_round", 0)
-    lines.append(f"rounds run: {last} of {summary.get('rounds', '?')}; rounds aggregated: "
-                 f"{done}")
+    lines.append(f"rounds run: {last} of {summary.get('rounds', '?')}; rounds aggregated: {done}")
     sites = dict(failure.get("sites") or {})
     for site, problem in list(sites.items())[:max_sites]:
         lines.append(f"  {site}: {problem}")

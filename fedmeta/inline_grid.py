@@ -53,8 +53,9 @@ def error_reply(message: Message, exc: BaseException) -> Message:
     """The reply Flower's simulation engine sends when the ClientApp raises."""
     wrapped = ClientAppException(f"{type(exc).__name__}: {exc}")
     reason = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                   reply_to=message)
+    return Message(
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message
+    )
 
 
 class InlineGrid(Grid):
@@ -71,10 +72,12 @@ class InlineGrid(Grid):
             if node_id in self.contexts or node_id == SUPERLINK_NODE_ID:
                 continue
             self.contexts[node_id] = Context(
-                run_id=self._run.run_id, node_id=node_id,
-                node_config={PARTITION_ID_KEY: len(self.contexts),
-                             NUM_PARTITIONS_KEY: num_nodes},
-                state=RecordDict(), run_config={})
+                run_id=self._run.run_id,
+                node_id=node_id,
+                node_config={PARTITION_ID_KEY: len(self.contexts), NUM_PARTITIONS_KEY: num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
         self._replies: dict[str, Message] = {}
 
     # ---- Grid API --------------------------------------------------------------------
@@ -87,8 +90,14 @@ class InlineGrid(Grid):
     def run(self) -> Run:
         return Run(**vars(self._run))
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -101,8 +110,9 @@ class InlineGrid(Grid):
             message.metadata.__dict__["_message_id"] = str(uuid4())
             self._check_instruction(message)
             if message.metadata.dst_node_id not in self.contexts:
-                logger.warning("message to unknown node %s not delivered",
-                               message.metadata.dst_node_id)
+                logger.warning(
+                    "message to unknown node %s not delivered", message.metadata.dst_node_id
+                )
                 continue
             reply = self._deliver(message)
             if reply is not None:
@@ -113,8 +123,9 @@ class InlineGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
     # ---- delivery --------------------------------------------------------------------
@@ -123,8 +134,10 @@ class InlineGrid(Grid):
         if meta.reply_to_message_id or meta.ttl <= 0 or meta.delivered_at:
             raise ValueError(f"Invalid message: {message}")
         if meta.src_node_id != SUPERLINK_NODE_ID or meta.run_id != self._run.run_id:
-            raise ValueError(f"message {meta.message_id}: src_node_id/run_id "
-                             f"({meta.src_node_id}/{meta.run_id}) are not this grid's")
+            raise ValueError(
+                f"message {meta.message_id}: src_node_id/run_id "
+                f"({meta.src_node_id}/{meta.run_id}) are not this grid's"
+            )
 
     def _deliver(self, message: Message) -> Message | None:
         delivered = _copy(message)
@@ -133,8 +146,9 @@ class InlineGrid(Grid):
         try:
             reply = self.client_app(delivered, context)
         except Exception as exc:  # a site's failure is the ServerApp's to handle
-            logger.warning("node %s: the ClientApp raised %s: %s", context.node_id,
-                           type(exc).__name__, exc)
+            logger.warning(
+                "node %s: the ClientApp raised %s: %s", context.node_id, type(exc).__name__, exc
+            )
             logger.debug("%s", traceback.format_exc())
             reply = error_reply(delivered, exc)
         problem = self._reply_problem(message, reply)
@@ -157,8 +171,12 @@ class InlineGrid(Grid):
         return None
 
 
-def run_inline(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
-               run_config: dict[str, Any] | None = None) -> Context:
+def run_inline(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_nodes: int,
+    run_config: dict[str, Any] | None = None,
+) -> Context:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes; returns its
     context (whose run config is ``run_config``, as `flwr run` gives it; default empty).
     Exceptions of the ServerApp propagate."""
@@ -170,7 +188,12 @@ def run_inline(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     # the sites are simulated: stated to the ServerApp in its context (server.app)
-    context = Context(run_id=run_id, node_id=0, node_config={TRANSPORT_KEY: "simulation"},
-                      state=RecordDict(), run_config=dict(run_config or {}))
+    context = Context(
+        run_id=run_id,
+        node_id=0,
+        node_config={TRANSPORT_KEY: "simulation"},
+        state=RecordDict(),
+        run_config=dict(run_config or {}),
+    )
     server_app(grid, context)
     return context

@@ -59,8 +59,9 @@ def configure(verbose: bool = False) -> None:
     global _configured
     _configured = True
     if not verbose:
-        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning,
-                                module="opacus")
+        warnings.filterwarnings(
+            "ignore", message="Secure RNG turned off", category=UserWarning, module="opacus"
+        )
 
     flower = logging.getLogger(FLOWER_LOGGER)
     flower.setLevel(logging.INFO if verbose else logging.ERROR)

@@ -78,9 +78,11 @@ class Confinement:
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn``, called outside the confinement."""
+
         def outside_call(*args: Any, **kwargs: Any) -> Any:
             with self.outside():
                 return fn(*args, **kwargs)
+
         return outside_call
 
 
@@ -105,7 +107,9 @@ def ray_on_loopback() -> bool:
 
         logging.getLogger(__name__).warning(
             "Ray was imported before fedmeta could bind it to 127.0.0.1: its ports may be "
-            "open to the network; set %s=0 in the environment of the command", RAY_LOCAL_ENV)
+            "open to the network; set %s=0 in the environment of the command",
+            RAY_LOCAL_ENV,
+        )
         return False
     return local
 
@@ -156,8 +160,11 @@ def own_user_namespace() -> None:
         if err == errno.EINVAL and len(os.listdir("/proc/self/task")) > 1:
             why = "the process already runs several threads (only a single-threaded one can)"
         raise NamespaceUnavailable(f"unshare(CLONE_NEWUSER|CLONE_NEWNET): {why}")
-    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
-                       ("gid_map", f"{gid} {gid} 1")):
+    for name, text in (
+        ("uid_map", f"{uid} {uid} 1"),
+        ("setgroups", "deny"),
+        ("gid_map", f"{gid} {gid} 1"),
+    ):
         with open(f"/proc/self/{name}", "w") as fh:
             fh.write(text)
     _loopback_up()
@@ -176,9 +183,10 @@ def loopback_only() -> Iterator[Confinement]:
     if _libc().unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         os.close(home)
-        raise NamespaceUnavailable(f"unshare(CLONE_NEWNET): {os.strerror(err)} (needs root, "
-                                   "or a user namespace of the process's own"
-                                   + (f"; {_refused})" if _refused else ")"))
+        raise NamespaceUnavailable(
+            f"unshare(CLONE_NEWNET): {os.strerror(err)} (needs root, "
+            "or a user namespace of the process's own" + (f"; {_refused})" if _refused else ")")
+        )
     jail = os.open(THREAD_NET_NS, os.O_RDONLY)
     try:
         _loopback_up()

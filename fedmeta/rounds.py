@@ -39,10 +39,15 @@ class EvalMetrics:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalMetrics:
-        return cls(str(d.get("metric", "")), _num(d.get("adapted")),
-                   _num(d.get("adapted_ci95")), _num(d.get("unadapted")),
-                   int(d.get("episodes") or 0), int(d.get("shots") or 0),
-                   int(d.get("n_way") or 0))
+        return cls(
+            str(d.get("metric", "")),
+            _num(d.get("adapted")),
+            _num(d.get("adapted_ci95")),
+            _num(d.get("unadapted")),
+            int(d.get("episodes") or 0),
+            int(d.get("shots") or 0),
+            int(d.get("n_way") or 0),
+        )
 
 
 @dataclass(frozen=True)
@@ -80,22 +85,32 @@ class RoundMetrics:
 
         ev = line.get("eval")
         return cls(
-            round=int(line.get("round", 0)), run=str(line.get("run", "")),
-            model_sha256=line.get("model_sha256"), sampled=list(line.get("sampled") or []),
-            used=list(line.get("used") or []), declined=dict(line.get("declined") or {}),
-            dropped=dict(line.get("dropped") or {}), lost=dict(line.get("lost") or {}),
-            examples=int(line.get("examples") or 0), epsilon=floats(line.get("epsilon")),
-            epsilon_round=floats(line.get("epsilon_round")), beta=_num(line.get("beta")),
+            round=int(line.get("round", 0)),
+            run=str(line.get("run", "")),
+            model_sha256=line.get("model_sha256"),
+            sampled=list(line.get("sampled") or []),
+            used=list(line.get("used") or []),
+            declined=dict(line.get("declined") or {}),
+            dropped=dict(line.get("dropped") or {}),
+            lost=dict(line.get("lost") or {}),
+            examples=int(line.get("examples") or 0),
+            epsilon=floats(line.get("epsilon")),
+            epsilon_round=floats(line.get("epsilon_round")),
+            beta=_num(line.get("beta")),
             eval=EvalMetrics.from_dict(ev) if isinstance(ev, dict) else None,
-            elapsed_s=_num(line.get("elapsed_s")) or 0.0, raw=dict(line))
+            elapsed_s=_num(line.get("elapsed_s")) or 0.0,
+            raw=dict(line),
+        )
 
     def scalars(self) -> dict[str, float]:
         """Finite numbers worth plotting, by name (for TensorBoard, MLflow)."""
-        out: dict[str, float] = {"sites/used": float(len(self.used)),
-                                 "sites/declined": float(len(self.declined)),
-                                 "sites/lost": float(len(self.lost)),
-                                 "sites/dropped": float(len(self.dropped)),
-                                 "examples": float(self.examples)}
+        out: dict[str, float] = {
+            "sites/used": float(len(self.used)),
+            "sites/declined": float(len(self.declined)),
+            "sites/lost": float(len(self.lost)),
+            "sites/dropped": float(len(self.dropped)),
+            "examples": float(self.examples),
+        }
         if self.beta is not None:
             out["beta"] = self.beta
         if self.eval is not None:

@@ -79,7 +79,8 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
         if not overwrite:
             raise RunDirError(
                 f"{out}: already holds a run (metrics.jsonl); choose another --out or pass "
-                "--overwrite (site ledgers under sites/ are kept either way)")
+                "--overwrite (site ledgers under sites/ are kept either way)"
+            )
         for name in (METRICS_FILE, SUMMARY_FILE):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # they belong to that run
@@ -98,14 +99,25 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     per_site_gpu = min(1.0, gpus / min(cfg.sites, ncpu)) if gpus else 0.0
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": per_site_gpu},
-        "init_args": {"num_cpus": ncpu, "num_gpus": gpus, "include_dashboard": False,
-                      "logging_level": "error", "log_to_driver": False,
-                      "_node_ip_address": LOOPBACK},
+        "init_args": {
+            "num_cpus": ncpu,
+            "num_gpus": gpus,
+            "include_dashboard": False,
+            "logging_level": "error",
+            "log_to_driver": False,
+            "_node_ip_address": LOOPBACK,
+        },
     }
 
 
-def simulate(cfg: RunConfig, *, overwrite: bool = False, backend: str = "ray",
-             resume: bool = False, on_round: RoundCallback | None = None) -> dict[str, Any]:
+def simulate(
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    backend: str = "ray",
+    resume: bool = False,
+    on_round: RoundCallback | None = None,
+) -> dict[str, Any]:
     """Run ``cfg`` to completion on ``backend`` (``ray`` or ``inline``); returns the run
     summary (``summary["status"]`` is ``completed`` or ``failed``). ``resume``: continue
     the stopped run in ``cfg.out_dir`` from its last checkpoint. What is printed is set
@@ -116,8 +128,11 @@ def simulate(cfg: RunConfig, *, overwrite: bool = False, backend: str = "ray",
     out = resume_dir(cfg) if resume else prepare_run_dir(cfg, overwrite)
     if backend == "ray":
         # callbacks run outside the confinement (e.g. MLflow on another machine)
-        with (_run_env(out, resume), _confined() as jail,
-              listening(jail.wrap(on_round) if jail and on_round else on_round)):
+        with (
+            _run_env(out, resume),
+            _confined() as jail,
+            listening(jail.wrap(on_round) if jail and on_round else on_round),
+        ):
             _simulate_ray(cfg)
     else:
         with _run_env(out, resume), listening(on_round):
@@ -132,8 +147,9 @@ def resume_dir(cfg: RunConfig) -> Path:
     """The run directory of a run to resume (it must hold that run's config.json)."""
     out = Path(cfg.out_dir)
     if not (out / CONFIG_FILE).is_file():
-        raise RunDirError(f"{out}: no {CONFIG_FILE}; --resume needs the directory of a run "
-                          "started before")
+        raise RunDirError(
+            f"{out}: no {CONFIG_FILE}; --resume needs the directory of a run started before"
+        )
     (out / SUMMARY_FILE).unlink(missing_ok=True)
     return out
 
@@ -145,9 +161,11 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise RunDirError(f"{run_dir}: no {CONFIG_FILE}; is this a run directory?")
     cfg = RunConfig.load(path)
     if Path(cfg.out_dir).resolve() != Path(run_dir).resolve():
-        raise RunDirError(f"{path}: names out-dir {cfg.out_dir!r}, not {str(run_dir)!r}; resume "
-                          "from the directory the run was started in (and with the same "
-                          "working directory for a relative out-dir)")
+        raise RunDirError(
+            f"{path}: names out-dir {cfg.out_dir!r}, not {str(run_dir)!r}; resume "
+            "from the directory the run was started in (and with the same "
+            "working directory for a relative out-dir)"
+        )
     return cfg
 
 
@@ -187,12 +205,16 @@ def _confined() -> Iterator[Confinement | None]:
 
 
 def _warn_exposed(why: str, on_loopback: bool) -> None:
-    where = ("bound to 127.0.0.1, so open to every local user" if on_loopback
-             else "on every interface, so open to other machines")
+    where = (
+        "bound to 127.0.0.1, so open to every local user"
+        if on_loopback
+        else "on every interface, so open to other machines"
+    )
     logger.warning(
         f"Ray's GCS, raylet and worker ports are open in this machine's network while this "
         f"run lasts, {where} (no loopback-only network namespace: {why}); on a shared "
-        "machine use --backend inline")
+        "machine use --backend inline"
+    )
 
 
 def _simulate_ray(cfg: RunConfig) -> None:
@@ -208,8 +230,12 @@ def _simulate_ray(cfg: RunConfig) -> None:
     before = {child.pid for child in psutil.Process().children(recursive=True)}
     _adopt_orphans()
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.sites,
-                       backend_config=backend_config(cfg))
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.sites,
+            backend_config=backend_config(cfg),
+        )
     finally:
         _stop_ray(before)
 
@@ -257,8 +283,9 @@ def _stop_ray(keep: set[int]) -> None:
             ray.shutdown()
     except ImportError:  # pragma: no cover - ray ships with flwr[simulation]
         pass
-    started = [child for child in psutil.Process().children(recursive=True)
-               if child.pid not in keep]
+    started = [
+        child for child in psutil.Process().children(recursive=True) if child.pid not in keep
+    ]
     _, alive = psutil.wait_procs(started, timeout=RAY_EXIT_GRACE_S)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):

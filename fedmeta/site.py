@@ -134,7 +134,8 @@ def load_manifest(site_dir: Path, site_id: str, cfg: RunConfig) -> SiteManifest:
     # a non-private run (--no-dp) included: it is then declared and reported as such
     budget = float(cfg.epsilon_max) if cfg.dp else math.inf
     return default_site_manifest(site_id, country=cfg.site_country).model_copy(
-        update={"epsilon_max": budget, "delta": float(cfg.delta)})
+        update={"epsilon_max": budget, "delta": float(cfg.delta)}
+    )
 
 
 def simulated_policy(cfg: RunConfig) -> SitePrivacyPolicy:
@@ -147,10 +148,15 @@ def simulated_policy(cfg: RunConfig) -> SitePrivacyPolicy:
     accountants = (cfg.accountant,) if cfg.accountant in ("prv", "rdp") else ("prv", "rdp")
     sigma = cfg.noise_multiplier if cfg.target_epsilon <= 0 else 0.0
     return SitePrivacyPolicy(
-        dp_required=cfg.dp, accountants=accountants, min_noise_multiplier=float(sigma),
-        max_grad_norm=float(cfg.max_grad_norm), max_inner_steps=cfg.inner_steps,
-        max_batch_size=cfg.batch_size, max_sample_rate=1.0,
-        run_epsilon_max=float(cfg.target_epsilon) if cfg.target_epsilon > 0 else None)
+        dp_required=cfg.dp,
+        accountants=accountants,
+        min_noise_multiplier=float(sigma),
+        max_grad_norm=float(cfg.max_grad_norm),
+        max_inner_steps=cfg.inner_steps,
+        max_batch_size=cfg.batch_size,
+        max_sample_rate=1.0,
+        run_epsilon_max=float(cfg.target_epsilon) if cfg.target_epsilon > 0 else None,
+    )
 
 
 def _manifest_sha256(site_dir: Path, manifest: SiteManifest, from_file: bool) -> str:
@@ -182,9 +188,17 @@ class Site:
     the run asks for ``noise-source = "site-csprng"``.
     """
 
-    def __init__(self, site_id: str, site_index: int, site_dir: Path, cfg: RunConfig,
-                 records: Records | None = None, manifest: SiteManifest | None = None,
-                 simulated: bool | None = None, data_path: Path | str | None = None) -> None:
+    def __init__(
+        self,
+        site_id: str,
+        site_index: int,
+        site_dir: Path,
+        cfg: RunConfig,
+        records: Records | None = None,
+        manifest: SiteManifest | None = None,
+        simulated: bool | None = None,
+        data_path: Path | str | None = None,
+    ) -> None:
         self.site_id = site_id
         self.site_index = site_index
         self.site_dir = Path(site_dir)
@@ -194,8 +208,9 @@ class Site:
         #: what one privacy unit is here: a declared unit column, the task's unit, or a record
         self.privacy_unit: str = RECORD
         if records is None:  # the site's own data, where the site keeps it
-            loaded = load_site_records(self.task, self.site_dir, site_index, cfg, data_path,
-                                       simulated)
+            loaded = load_site_records(
+                self.task, self.site_dir, site_index, cfg, data_path, simulated
+            )
             if loaded is not None:
                 records, self.read_columns = loaded.records, loaded.read_columns
                 self.privacy_unit = loaded.unit_name or RECORD
@@ -209,8 +224,10 @@ class Site:
         self.manifest_file = manifest is None and (self.site_dir / MANIFEST_FILE).exists()
         self.simulated = (not self.manifest_file) if simulated is None else simulated
         if not self.simulated and manifest is None and not self.manifest_file:
-            raise SiteSetupError(f"{self.site_dir / MANIFEST_FILE}: a deployed site trains only "
-                                 "under its own manifest; run `fedmeta node init` and fill it in")
+            raise SiteSetupError(
+                f"{self.site_dir / MANIFEST_FILE}: a deployed site trains only "
+                "under its own manifest; run `fedmeta node init` and fill it in"
+            )
         self.manifest = manifest or load_manifest(self.site_dir, site_id, cfg)
         self.record_meta: list[RecordMeta] = load_record_meta(self.site_dir, self.records)
         # a simulated site approves its own run's declaration at set-up
@@ -219,8 +236,9 @@ class Site:
         if self.simulated:
             self._setup_approvals.add(run_declaration(cfg).sha256())
             self._setup_policy = simulated_policy(cfg)
-        self.noise_source = (SITE_CSPRNG if not self.simulated
-                             or cfg.noise_source == SITE_CSPRNG else SEEDED)
+        self.noise_source = (
+            SITE_CSPRNG if not self.simulated or cfg.noise_source == SITE_CSPRNG else SEEDED
+        )
 
     # ---- state -----------------------------------------------------------------
     def refresh(self) -> None:
@@ -239,11 +257,14 @@ class Site:
         return self._setup_approvals | set(approved(self.site_dir))
 
     def ledger(self, accountant: str | None = None) -> PrivacyLedger:
-        return PrivacyLedger.open(self.site_dir, site=self.site_id,
-                                  epsilon_max=float(self.manifest.epsilon_max),
-                                  delta=float(self.manifest.delta),
-                                  accountant=accountant or self.ledger_accountant(),
-                                  privacy_unit=self.privacy_unit)
+        return PrivacyLedger.open(
+            self.site_dir,
+            site=self.site_id,
+            epsilon_max=float(self.manifest.epsilon_max),
+            delta=float(self.manifest.delta),
+            accountant=accountant or self.ledger_accountant(),
+            privacy_unit=self.privacy_unit,
+        )
 
     def ledger_accountant(self) -> str:
         """The ledger's accountant once it exists, else the round's (if the site allows it)."""
@@ -251,8 +272,9 @@ class Site:
         return kept or self.cfg.accountant
 
     def audit_log(self) -> AuditLog:
-        return AuditLog.open(self.site_dir / AUDIT_LOG, self.site_dir / AUDIT_KEY,
-                             actor=self.site_id)
+        return AuditLog.open(
+            self.site_dir / AUDIT_LOG, self.site_dir / AUDIT_KEY, actor=self.site_id
+        )
 
     def pool(self, records: Records, rng: np.random.Generator) -> Pool:
         if self.cfg.strategy in META_STRATEGIES:
@@ -264,48 +286,94 @@ class Site:
         caps = [c for c in (self.policy.run_epsilon_max, declaration.epsilon) if c is not None]
         return float(min(caps)) if caps else None
 
-    def noise_multiplier(self, q: float, declaration: RunDeclaration | None = None,
-                         accountant: str | None = None) -> float:
+    def noise_multiplier(
+        self, q: float, declaration: RunDeclaration | None = None, accountant: str | None = None
+    ) -> float:
         """The round's sigma. A target epsilon is planned by the site: at most its own
         per-run cap, at its own delta and accountant, and never below its minimum sigma."""
         cfg = self.cfg
         if cfg.target_epsilon > 0:
             cap = self.run_cap(declaration) if declaration is not None else None
             target = min(cfg.target_epsilon, cap) if cap is not None else cfg.target_epsilon
-            sigma = noise_for_target(target, float(self.manifest.delta), q,
-                                     cfg.inner_steps * planned_rounds(cfg),
-                                     accountant or self.ledger_accountant())
+            sigma = noise_for_target(
+                target,
+                float(self.manifest.delta),
+                q,
+                cfg.inner_steps * planned_rounds(cfg),
+                accountant or self.ledger_accountant(),
+            )
             return max(sigma, float(self.policy.min_noise_multiplier))
         return cfg.noise_multiplier
 
     # ---- one round -------------------------------------------------------------
-    def train_round(self, theta: dict[str, torch.Tensor], run_id: str, server_round: int,
-                    declaration: RunDeclaration | None = None,
-                    server_head: str = "") -> SiteReply:
+    def train_round(
+        self,
+        theta: dict[str, torch.Tensor],
+        run_id: str,
+        server_round: int,
+        declaration: RunDeclaration | None = None,
+        server_head: str = "",
+    ) -> SiteReply:
         with self.audit_log() as log:
             reply = self._round(log, theta, run_id, server_round, declaration, server_head)
             head = log.head()
         return reply if head is None else replace(reply, receipt=str(head))
 
-    def _decline(self, log: AuditLog, run_id: str, server_round: int, action: str,
-                 reason: str, rule_ids: tuple[str, ...] = (), **kw) -> SiteReply:
-        log.append(action, run_id=run_id, round=server_round, decision="deny",
-                   rule_ids=rule_ids, details={"reason": reason[:500]})
+    def _decline(
+        self,
+        log: AuditLog,
+        run_id: str,
+        server_round: int,
+        action: str,
+        reason: str,
+        rule_ids: tuple[str, ...] = (),
+        **kw,
+    ) -> SiteReply:
+        log.append(
+            action,
+            run_id=run_id,
+            round=server_round,
+            decision="deny",
+            rule_ids=rule_ids,
+            details={"reason": reason[:500]},
+        )
         return SiteReply(self.site_id, declined=True, reason=reason, dp=self.cfg.dp, **kw)
 
-    def _refuse(self, log: AuditLog, run_id: str, server_round: int, refusal: Refusal,
-                **kw) -> SiteReply:
-        return self._decline(log, run_id, server_round, "privacy.decline",
-                             f"site privacy policy: {refusal.reason}", (refusal.rule_id,), **kw)
+    def _refuse(
+        self, log: AuditLog, run_id: str, server_round: int, refusal: Refusal, **kw
+    ) -> SiteReply:
+        return self._decline(
+            log,
+            run_id,
+            server_round,
+            "privacy.decline",
+            f"site privacy policy: {refusal.reason}",
+            (refusal.rule_id,),
+            **kw,
+        )
 
     def _request(self, sigma: float | None, q: float | None) -> RoundRequest:
         cfg = self.cfg
-        return RoundRequest(dp=cfg.dp, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
-                            inner_steps=cfg.inner_steps, batch_size=cfg.batch_size,
-                            sample_rate=q, accountant=cfg.accountant, delta=cfg.delta)
+        return RoundRequest(
+            dp=cfg.dp,
+            noise_multiplier=sigma,
+            max_grad_norm=cfg.max_grad_norm,
+            inner_steps=cfg.inner_steps,
+            batch_size=cfg.batch_size,
+            sample_rate=q,
+            accountant=cfg.accountant,
+            delta=cfg.delta,
+        )
 
-    def _round(self, log: AuditLog, theta, run_id: str, server_round: int,
-               declaration: RunDeclaration | None, server_head: str) -> SiteReply:
+    def _round(
+        self,
+        log: AuditLog,
+        theta,
+        run_id: str,
+        server_round: int,
+        declaration: RunDeclaration | None,
+        server_head: str,
+    ) -> SiteReply:
         """One round: policies and records, DP planning and its checks, the charge,
         training and the reply. A step that declines raises ``_Declined`` (its decline
         already logged); nothing is charged before the last check has passed."""
@@ -327,18 +395,30 @@ class Site:
                 self._plan_dp(rnd, plan, model, pool, declaration, released)
                 self._charge(rnd, plan, released)
                 details.update(self._dp_details(plan))
-            details.update({
-                "declaration_sha256": declaration_sha,
-                "manifest_sha256": _manifest_sha256(self.site_dir, self.manifest,
-                                                    self.manifest_file),
-                "site_policy_sha256": self.policy.sha256(float(self.manifest.epsilon_max),
-                                                         float(self.manifest.delta)),
-                "transport": transport, "server_head": server_head or None,
-                "privacy_unit": self.privacy_unit})
-            log.append("round.train", run_id=run_id, round=server_round, decision="allow",
-                       model_in=_digest(theta), epsilon=plan.epsilon_logged,
-                       counts={"examples": len(pool.x), "steps": self.cfg.inner_steps},
-                       details=details)
+            details.update(
+                {
+                    "declaration_sha256": declaration_sha,
+                    "manifest_sha256": _manifest_sha256(
+                        self.site_dir, self.manifest, self.manifest_file
+                    ),
+                    "site_policy_sha256": self.policy.sha256(
+                        float(self.manifest.epsilon_max), float(self.manifest.delta)
+                    ),
+                    "transport": transport,
+                    "server_head": server_head or None,
+                    "privacy_unit": self.privacy_unit,
+                }
+            )
+            log.append(
+                "round.train",
+                run_id=run_id,
+                round=server_round,
+                decision="allow",
+                model_in=_digest(theta),
+                epsilon=plan.epsilon_logged,
+                counts={"examples": len(pool.x), "steps": self.cfg.inner_steps},
+                details=details,
+            )
             state, result = self._train(rnd, plan, model, pool, rng, seed)
         except _Declined as declined:
             return declined.reply
@@ -348,15 +428,21 @@ class Site:
         """The transport the site's start script exported; an insecure one is logged."""
         transport = os.environ.get(TRANSPORT_ENV, "simulation")
         if transport == "insecure":
-            rnd.log.append("security.insecure", run_id=rnd.run_id, round=rnd.server_round,
-                           decision="allow", details={"transport": "insecure", "tls": False,
-                                                      "supernode_auth": False})
+            rnd.log.append(
+                "security.insecure",
+                run_id=rnd.run_id,
+                round=rnd.server_round,
+                decision="allow",
+                details={"transport": "insecure", "tls": False, "supernode_auth": False},
+            )
         return transport
 
-    def _declined(self, rnd: _Round, action: str, reason: str,
-                  rule_ids: tuple[str, ...] = (), **kw) -> _Declined:
-        return _Declined(self._decline(rnd.log, rnd.run_id, rnd.server_round, action, reason,
-                                       rule_ids, **kw))
+    def _declined(
+        self, rnd: _Round, action: str, reason: str, rule_ids: tuple[str, ...] = (), **kw
+    ) -> _Declined:
+        return _Declined(
+            self._decline(rnd.log, rnd.run_id, rnd.server_round, action, reason, rule_ids, **kw)
+        )
 
     def _refused(self, rnd: _Round, refusal: Refusal, **kw) -> _Declined:
         return _Declined(self._refuse(rnd.log, rnd.run_id, rnd.server_round, refusal, **kw))
@@ -374,16 +460,23 @@ class Site:
         # 1. the site trains only for a run declaration it approved
         if declaration is None:
             raise self._declined(
-                rnd, "policy.site", "the round carries no run "
+                rnd,
+                "policy.site",
+                "the round carries no run "
                 "declaration; this site trains only for a declaration it approved "
-                "(fedmeta node approve)", ("SITE-APPROVAL",))
+                "(fedmeta node approve)",
+                ("SITE-APPROVAL",),
+            )
         declaration_sha = declaration.sha256()
         if declaration_sha not in self.approved_declarations():
             raise self._declined(
-                rnd, "policy.site", f"the round's run declaration "
+                rnd,
+                "policy.site",
+                f"the round's run declaration "
                 f"(sha256 {declaration_sha[:16]}...) is not one this site approved; approve "
                 "it with `fedmeta node approve` if the site's DPO accepts it",
-                ("SITE-APPROVAL",))
+                ("SITE-APPROVAL",),
+            )
         # 2. site-level rules
         decisions = evaluate_site(declaration, self.manifest, read_columns=self.read_columns)
         denied = [d for d in decisions if d.denied]
@@ -391,59 +484,94 @@ class Site:
             d = denied[0]
             reason = f"policy {d.rule_id} ({'; '.join(d.references)}): {d.reason}"
             raise self._declined(rnd, "policy.site", reason, tuple(x.rule_id for x in denied))
-        rnd.log.append("policy.site", run_id=rnd.run_id, round=rnd.server_round,
-                       decision="allow", rule_ids=[d.rule_id for d in decisions],
-                       details={"conflicts": ",".join(d.rule_id for d in decisions
-                                                      if d.conflict) or None,
-                                "declaration_sha256": declaration_sha})
+        rnd.log.append(
+            "policy.site",
+            run_id=rnd.run_id,
+            round=rnd.server_round,
+            decision="allow",
+            rule_ids=[d.rule_id for d in decisions],
+            details={
+                "conflicts": ",".join(d.rule_id for d in decisions if d.conflict) or None,
+                "declaration_sha256": declaration_sha,
+            },
+        )
         return declaration_sha
 
-    def _allowed_records(self, rnd: _Round, declaration: RunDeclaration
-                         ) -> tuple[Records, dict[str, int], dict[str, int | str]]:
+    def _allowed_records(
+        self, rnd: _Round, declaration: RunDeclaration
+    ) -> tuple[Records, dict[str, int], dict[str, int | str]]:
         """3. record-level rules: excluded records never reach the trainer. Returns
         (the allowed records, excluded counts per rule, the counts released)."""
         records = self.records
-        verdict = evaluate_records(declaration, self.manifest, self.record_meta,
-                                   at=datetime.now(UTC))
+        verdict = evaluate_records(
+            declaration, self.manifest, self.record_meta, at=datetime.now(UTC)
+        )
         excluded = {k: v for k, v in verdict.excluded_by_rule.items() if v}
         released = release_counts(excluded, self.manifest.min_cohort_size)
-        rnd.log.append("policy.records", run_id=rnd.run_id, round=rnd.server_round,
-                       decision="allow-with-exclusions" if excluded else "allow",
-                       rule_ids=sorted(excluded), counts=excluded,
-                       details={"records": verdict.n_total, "allowed": verdict.n_allowed})
+        rnd.log.append(
+            "policy.records",
+            run_id=rnd.run_id,
+            round=rnd.server_round,
+            decision="allow-with-exclusions" if excluded else "allow",
+            rule_ids=sorted(excluded),
+            counts=excluded,
+            details={"records": verdict.n_total, "allowed": verdict.n_allowed},
+        )
         if verdict.n_excluded:
             records = records.subset(np.asarray(verdict.allowed_mask, dtype=bool))
         return records, excluded, released
 
-    def _round_pool(self, rnd: _Round, records: Records, rng: np.random.Generator,
-                    released: dict[str, int | str]) -> Pool:
+    def _round_pool(
+        self,
+        rnd: _Round,
+        records: Records,
+        rng: np.random.Generator,
+        released: dict[str, int | str],
+    ) -> Pool:
         try:
             return self.pool(records, rng)
         except ValueError:  # too few usable records left after exclusions
-            raise self._declined(rnd, "round.decline",
-                                 "not enough usable records for a round after the site's "
-                                 "record rules", ("SITE-RECORDS",), excluded=released) from None
+            raise self._declined(
+                rnd,
+                "round.decline",
+                "not enough usable records for a round after the site's record rules",
+                ("SITE-RECORDS",),
+                excluded=released,
+            ) from None
 
-    def _plan_dp(self, rnd: _Round, plan: _Plan, model: torch.nn.Module, pool: Pool,
-                 declaration: RunDeclaration, released: dict[str, int | str]) -> None:
+    def _plan_dp(
+        self,
+        rnd: _Round,
+        plan: _Plan,
+        model: torch.nn.Module,
+        pool: Pool,
+        declaration: RunDeclaration,
+        released: dict[str, int | str],
+    ) -> None:
         """The DP round's sampling rate, noise, accountant and caps, checked before
         anything is charged: the model, its loss and the clipping mode (a model DP-SGD
         cannot train soundly is declined, never half-run), then the site's policy."""
         cfg = self.cfg
         try:
-            mode = check_dp_model(model, self.task.loss_fn(), cfg.grad_sample_mode,
-                                  torch.from_numpy(np.ascontiguousarray(pool.x[:1])))
+            mode = check_dp_model(
+                model,
+                self.task.loss_fn(),
+                cfg.grad_sample_mode,
+                torch.from_numpy(np.ascontiguousarray(pool.x[:1])),
+            )
             if pool.units is not None:
                 check_mode(mode)
             expected_batch_size(plan.n_units, plan.batch)
         except ValueError as exc:  # DPModelError, UnitError and the E[B] >= 1 check
-            raise self._declined(rnd, "round.decline", f"DP model check: {exc}",
-                                 ("PRIV-MODEL",), excluded=released) from None
+            raise self._declined(
+                rnd, "round.decline", f"DP model check: {exc}", ("PRIV-MODEL",), excluded=released
+            ) from None
         plan.accountant = self.ledger_accountant()
         plan.q = poisson_rate(plan.n_units, plan.batch)
         plan.sigma = self.noise_multiplier(plan.q, declaration, plan.accountant)
-        refusal = check_round(self.policy, self._request(plan.sigma, plan.q),
-                              float(self.manifest.delta))
+        refusal = check_round(
+            self.policy, self._request(plan.sigma, plan.q), float(self.manifest.delta)
+        )
         if refusal is not None:
             raise self._refused(rnd, refusal, excluded=released)
         plan.ledger = self.ledger(plan.accountant)
@@ -461,102 +589,179 @@ class Site:
             ledger.plan_run(run_id, cfg.rounds * cfg.inner_steps)
             if ledger.charged(run_id, server_round):
                 raise self._declined(
-                    rnd, "round.decline", f"run {run_id} round "
+                    rnd,
+                    "round.decline",
+                    f"run {run_id} round "
                     f"{server_round} was already trained here; a round is trained once",
-                    ("SITE-REPLAY",), excluded=released)
+                    ("SITE-REPLAY",),
+                    excluded=released,
+                )
             eps_before = ledger.epsilon()
             exceed, after = ledger.would_exceed(step)
             if exceed:
                 raise self._declined(
-                    rnd, "privacy.decline",
+                    rnd,
+                    "privacy.decline",
                     f"privacy budget: this round would bring epsilon to {after:.3f} > "
-                    f"epsilon_max {ledger.epsilon_max:g}", ("PRIV-BUDGET",),
+                    f"epsilon_max {ledger.epsilon_max:g}",
+                    ("PRIV-BUDGET",),
                     epsilon_total=eps_before,
-                    excluded=released)
+                    excluded=released,
+                )
             if run_cap is not None:
                 run_after = ledger.run_epsilon(run_id, [step])
                 if run_after > run_cap:
-                    raise self._refused(rnd, Refusal(
-                        "run_epsilon_max", f"this round would bring the run's epsilon to "
-                        f"{run_after:.3f} > {run_cap:g} (the smaller of "
-                        "privacy.run_epsilon_max and the run's declared epsilon)"),
+                    raise self._refused(
+                        rnd,
+                        Refusal(
+                            "run_epsilon_max",
+                            f"this round would bring the run's epsilon to "
+                            f"{run_after:.3f} > {run_cap:g} (the smaller of "
+                            "privacy.run_epsilon_max and the run's declared epsilon)",
+                        ),
                         epsilon_total=eps_before,
-                        excluded=released)
-            if (policy.round_epsilon_max is not None
-                    and after - eps_before > policy.round_epsilon_max):
-                raise self._refused(rnd, Refusal(
-                    "round_epsilon_max", f"this round would spend epsilon "
-                    f"{after - eps_before:.3f} > {policy.round_epsilon_max:g} "
-                    "(privacy.round_epsilon_max)"), epsilon_total=eps_before,
-                    excluded=released)
+                        excluded=released,
+                    )
+            if (
+                policy.round_epsilon_max is not None
+                and after - eps_before > policy.round_epsilon_max
+            ):
+                raise self._refused(
+                    rnd,
+                    Refusal(
+                        "round_epsilon_max",
+                        f"this round would spend epsilon "
+                        f"{after - eps_before:.3f} > {policy.round_epsilon_max:g} "
+                        "(privacy.round_epsilon_max)",
+                    ),
+                    epsilon_total=eps_before,
+                    excluded=released,
+                )
             # durable before training and before the reply leaves
             charge = ledger.charge(run_id, server_round, step)
         plan.eps_total = charge.epsilon_after
         plan.eps_round = plan.eps_total - eps_before
         randomness = None
         if self.noise_source == SITE_CSPRNG:
-            randomness = SiteRandomness(load_or_create_secret(self.site_dir), run_id,
-                                        server_round)
-        plan.dp = DPSettings(plan.sigma, cfg.max_grad_norm, float(self.manifest.delta),
-                             plan.accountant, randomness, cfg.grad_sample_mode)
+            randomness = SiteRandomness(load_or_create_secret(self.site_dir), run_id, server_round)
+        plan.dp = DPSettings(
+            plan.sigma,
+            cfg.max_grad_norm,
+            float(self.manifest.delta),
+            plan.accountant,
+            randomness,
+            cfg.grad_sample_mode,
+        )
 
     def _dp_details(self, plan: _Plan) -> dict:
         assert plan.ledger is not None
-        return {"noise_multiplier": plan.sigma, "sample_rate": plan.q,
-                "steps": self.cfg.inner_steps, "delta": float(self.manifest.delta),
-                "accountant": plan.accountant,
-                "epsilon_max": _finite(plan.ledger.epsilon_max),
-                "epsilon_round": plan.eps_round, "run_epsilon_max": plan.run_cap,
-                "noise_source": self.noise_source}
+        return {
+            "noise_multiplier": plan.sigma,
+            "sample_rate": plan.q,
+            "steps": self.cfg.inner_steps,
+            "delta": float(self.manifest.delta),
+            "accountant": plan.accountant,
+            "epsilon_max": _finite(plan.ledger.epsilon_max),
+            "epsilon_round": plan.eps_round,
+            "run_epsilon_max": plan.run_cap,
+            "noise_source": self.noise_source,
+        }
 
-    def _train(self, rnd: _Round, plan: _Plan, model: torch.nn.Module, pool: Pool,
-               rng: np.random.Generator, seed: int) -> tuple[dict[str, torch.Tensor], Any]:
+    def _train(
+        self,
+        rnd: _Round,
+        plan: _Plan,
+        model: torch.nn.Module,
+        pool: Pool,
+        rng: np.random.Generator,
+        seed: int,
+    ) -> tuple[dict[str, torch.Tensor], Any]:
         """Train the round (FOMAML or DP-SGD/SGD steps); a failure is logged as
         ``round.failed`` (the charge stands) and re-raised. Returns (state, result)."""
         cfg, dp = self.cfg, plan.dp
         try:
             if cfg.strategy == "fomaml":  # non-private only (fedmeta.config refuses DP)
                 fomaml_state, result = fomaml_site_update(
-                    model, pool, rng, loss_fn=self.task.loss_fn(), steps=cfg.inner_steps,
-                    lr=inner_lr(cfg, self.task), batch_size=plan.batch,
-                    device=resolve_device(cfg.device), seed=seed)
+                    model,
+                    pool,
+                    rng,
+                    loss_fn=self.task.loss_fn(),
+                    steps=cfg.inner_steps,
+                    lr=inner_lr(cfg, self.task),
+                    batch_size=plan.batch,
+                    device=resolve_device(cfg.device),
+                    seed=seed,
+                )
             else:
-                result = train_steps(model, pool, loss_fn=self.task.loss_fn(),
-                                     steps=cfg.inner_steps, lr=inner_lr(cfg, self.task),
-                                     batch_size=plan.batch, dp=dp,
-                                     device=resolve_device(cfg.device), seed=seed)
+                result = train_steps(
+                    model,
+                    pool,
+                    loss_fn=self.task.loss_fn(),
+                    steps=cfg.inner_steps,
+                    lr=inner_lr(cfg, self.task),
+                    batch_size=plan.batch,
+                    dp=dp,
+                    device=resolve_device(cfg.device),
+                    seed=seed,
+                )
         except Exception as exc:
             # the charge stands (the ledger never un-spends); the log says it trained nothing
             first = str(exc).splitlines()[0] if str(exc) else ""
             reason = f"charged, not trained: {type(exc).__name__}: {first}"
-            rnd.log.append("round.failed", run_id=rnd.run_id, round=rnd.server_round,
-                           decision="deny", rule_ids=["SITE-TRAIN"],
-                           epsilon=plan.epsilon_logged, details={"reason": reason[:500]})
+            rnd.log.append(
+                "round.failed",
+                run_id=rnd.run_id,
+                round=rnd.server_round,
+                decision="deny",
+                rule_ids=["SITE-TRAIN"],
+                epsilon=plan.epsilon_logged,
+                details={"reason": reason[:500]},
+            )
             raise
         if dp is not None and result.dp_step != (dp.noise_multiplier, plan.q, cfg.inner_steps):
-            raise RuntimeError(f"Opacus recorded {result.dp_step}, ledger charged "
-                               f"{(dp.noise_multiplier, plan.q, cfg.inner_steps)}")
+            raise RuntimeError(
+                f"Opacus recorded {result.dp_step}, ledger charged "
+                f"{(dp.noise_multiplier, plan.q, cfg.inner_steps)}"
+            )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if cfg.strategy == "fomaml":
             state = fomaml_state
         return state, result
 
-    def _reply(self, rnd: _Round, plan: _Plan, pool: Pool, state: dict[str, torch.Tensor],
-               result: Any, excluded: dict[str, int],
-               released: dict[str, int | str]) -> SiteReply:
+    def _reply(
+        self,
+        rnd: _Round,
+        plan: _Plan,
+        pool: Pool,
+        state: dict[str, torch.Tensor],
+        result: Any,
+        excluded: dict[str, int],
+        released: dict[str, int | str],
+    ) -> SiteReply:
         """Log the reply and build it: the training loss, an un-noised statistic of the
         private batch, stays here; a DP round reports its declared work (batch x
         steps), not the size of the private pool."""
-        rnd.log.append("round.reply", run_id=rnd.run_id, round=rnd.server_round,
-                       model_out=_digest(state), epsilon=plan.epsilon_logged,
-                       counts={"examples": len(pool.x), "excluded": sum(excluded.values())},
-                       details={"train_loss": round(result.mean_loss, 6)})
+        rnd.log.append(
+            "round.reply",
+            run_id=rnd.run_id,
+            round=rnd.server_round,
+            model_out=_digest(state),
+            epsilon=plan.epsilon_logged,
+            counts={"examples": len(pool.x), "excluded": sum(excluded.values())},
+            details={"train_loss": round(result.mean_loss, 6)},
+        )
         dp = plan.dp
         examples = plan.batch * self.cfg.inner_steps if dp is not None else len(pool.x)
         return SiteReply(
-            self.site_id, declined=False, state=state, num_examples=examples,
-            steps=result.steps, epsilon_round=plan.eps_round, epsilon_total=plan.eps_total,
-            dp=dp is not None, excluded=released,
+            self.site_id,
+            declined=False,
+            state=state,
+            num_examples=examples,
+            steps=result.steps,
+            epsilon_round=plan.eps_round,
+            epsilon_total=plan.eps_total,
+            dp=dp is not None,
+            excluded=released,
         )
 
 
@@ -599,14 +804,22 @@ class _Declined(Exception):  # noqa: N818 - a round's outcome, not an error
         self.reply = reply
 
 
-def decline_unreadable_round(site_dir: Path, site_id: str, run_id: str, server_round: int,
-                             reason: str) -> SiteReply:
+def decline_unreadable_round(
+    site_dir: Path, site_id: str, run_id: str, server_round: int, reason: str
+) -> SiteReply:
     """A deployed site refuses a round whose config it cannot accept (an unknown key such
     as a request for the training loss, a value out of range): signed in its log."""
-    with AuditLog.open(Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY,
-                       actor=site_id) as log:
-        log.append("round.decline", run_id=run_id, round=server_round, decision="deny",
-                   rule_ids=["SITE-CONFIG"], details={"reason": reason[:500]})
+    with AuditLog.open(
+        Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY, actor=site_id
+    ) as log:
+        log.append(
+            "round.decline",
+            run_id=run_id,
+            round=server_round,
+            decision="deny",
+            rule_ids=["SITE-CONFIG"],
+            details={"reason": reason[:500]},
+        )
         head = log.head()
     return SiteReply(site_id, declined=True, reason=reason, receipt=str(head) if head else "")
 

@@ -28,8 +28,7 @@ def _need(module: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise TrackingError(f"{module} is not installed; pip install 'fedmeta[{extra}]'"
-                            ) from None
+        raise TrackingError(f"{module} is not installed; pip install 'fedmeta[{extra}]'") from None
 
 
 class TensorBoardTracker:
@@ -54,8 +53,9 @@ class MLflowTracker:
     """Logs each round's scalars to an MLflow run (started on the first round, tagged with
     fedmeta's run id). ``mlflow``: the module to use (default: ``import mlflow``)."""
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "fedmeta",
-                 mlflow: Any = None) -> None:
+    def __init__(
+        self, tracking_uri: str | None = None, experiment: str = "fedmeta", mlflow: Any = None
+    ) -> None:
         self.mlflow = mlflow if mlflow is not None else _need("mlflow", "mlflow")
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.active: Any = None

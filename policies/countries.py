@@ -53,9 +53,7 @@ def eea_countries() -> frozenset[str]:
     """The EEA: EU Member States (with their territories that have ISO codes of their
     own, such as Réunion or the Åland Islands) plus Iceland, Liechtenstein and Norway."""
     data = _read("eea.toml")
-    return (
-        frozenset(data["eu"]) | frozenset(data["efta_eea"]) | frozenset(data["eu_territories"])
-    )
+    return frozenset(data["eu"]) | frozenset(data["efta_eea"]) | frozenset(data["eu_territories"])
 
 
 @cache

@@ -267,8 +267,10 @@ class RunDeclaration(_Model):
     @model_validator(mode="after")
     def _dpia_id(self) -> RunDeclaration:
         if self.dpia is not None and self.dpia_id is not None and self.dpia_id != self.dpia.id:
-            raise ValueError(f"dpia_id: {self.dpia_id!r} is not the id of the DPIA file "
-                             f"({self.dpia.id!r}): make them agree")
+            raise ValueError(
+                f"dpia_id: {self.dpia_id!r} is not the id of the DPIA file "
+                f"({self.dpia.id!r}): make them agree"
+            )
         return self
 
     @model_validator(mode="after")

@@ -47,8 +47,7 @@ DECISION_WORDS: dict[str, str] = {
     "reject": "rejected",
     "refer-art-36": "referred to the supervisory authority (GDPR Art. 36 prior consultation)",
 }
-_SCORE = {"remote": 1, "possible": 2, "probable": 3, "minimal": 1, "significant": 2,
-          "severe": 3}
+_SCORE = {"remote": 1, "possible": 2, "probable": 3, "minimal": 1, "significant": 2, "severe": 3}
 
 
 class DpiaError(ValueError):
@@ -130,8 +129,7 @@ class DpiaRecord(_Model):
 
     @property
     def approved(self) -> bool:
-        return self.status == "approved" and self.decision in (
-            "approve", "approve-with-conditions")
+        return self.status == "approved" and self.decision in ("approve", "approve-with-conditions")
 
     def label(self) -> str:
         return f"DPIA {self.id} v{self.version}"
@@ -140,9 +138,14 @@ class DpiaRecord(_Model):
         return self.model_dump(mode="json")
 
 
-def stale_reasons(dpia: DpiaRecord, epsilon: float | None, purpose: str,
-                  sites: Sequence[tuple[str, str]], transport: str | None,
-                  today: date) -> list[str]:
+def stale_reasons(
+    dpia: DpiaRecord,
+    epsilon: float | None,
+    purpose: str,
+    sites: Sequence[tuple[str, str]],
+    transport: str | None,
+    today: date,
+) -> list[str]:
     """Why ``dpia`` no longer covers this run (empty: it does).
 
     ``sites``: (site id, country) of every site that will take part; ``transport``:
@@ -165,8 +168,9 @@ def stale_reasons(dpia: DpiaRecord, epsilon: float | None, purpose: str,
     if epsilon is None and not scope.non_private:
         out.append("the run is non-private (no differential privacy), which was not assessed")
     if transport is not None and transport not in scope.transports:
-        out.append(f"transport {transport!r} was not assessed "
-                   f"({', '.join(sorted(scope.transports))})")
+        out.append(
+            f"transport {transport!r} was not assessed ({', '.join(sorted(scope.transports))})"
+        )
     return out
 
 
@@ -193,8 +197,9 @@ def parse_dpia(data: Mapping[str, Any], source: str = "<dpia>") -> DpiaRecord:
     try:
         return DpiaRecord.model_validate(dict(data))
     except ValidationError as exc:
-        raise DpiaError(format_validation_error(exc, source, model=DpiaRecord, whole="dpia",
-                                       limit=400)) from None
+        raise DpiaError(
+            format_validation_error(exc, source, model=DpiaRecord, whole="dpia", limit=400)
+        ) from None
 
 
 def load_dpia(path: str | Path) -> DpiaRecord:

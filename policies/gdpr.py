@@ -40,8 +40,7 @@ def transfer_ground(country: str, safeguards: Iterable[str]) -> tuple[str | None
     note = f" (note: {adequacy.note})" if adequacy is not None and adequacy.note else ""
     if adequacy is not None and not adequacy.partial:
         return (
-            f"{name} has an adequacy decision (Art. 45), list as of "
-            f"{adequacy_list().as_of}{note}",
+            f"{name} has an adequacy decision (Art. 45), list as of {adequacy_list().as_of}{note}",
             "",
         )
     if adequacy is not None and "adequacy" in safeguards:

@@ -105,20 +105,31 @@ def _find(registry: PartyRegistry, kind: str, binds: Sequence[str]) -> list[Docu
     return [d for d in registry.documents if d.kind == kind and set(binds) <= set(d.parties)]
 
 
-def _need(registry: PartyRegistry, kind: str, binds: Sequence[str], who: RegisteredParty,
-          today: date, module: str | None = None) -> str | None:
+def _need(
+    registry: PartyRegistry,
+    kind: str,
+    binds: Sequence[str],
+    who: RegisteredParty,
+    today: date,
+    module: str | None = None,
+) -> str | None:
     """One line naming the party and the document, or None if a valid one is on file."""
     docs = _find(registry, kind, binds)
     name = DOCUMENT_NAMES[kind]
     label = f"{who.name} ({who.entity_id})"
     if not docs:
-        return f"{label}: no {name}" + (f" (module {module})" if module else "") + \
-            " binding " + ", ".join(binds) + " is on file"
+        return (
+            f"{label}: no {name}"
+            + (f" (module {module})" if module else "")
+            + " binding "
+            + ", ".join(binds)
+            + " is on file"
+        )
     if module is not None:
         fitting = [d for d in docs if d.scc_module == module]
         if not fitting:
             have = ", ".join(f"{d.ref} module {d.scc_module or 'not stated'}" for d in docs)
-            return (f"{label}: {name} {have} does not fit the roles (needs module {module})")
+            return f"{label}: {name} {have} does not fit the roles (needs module {module})"
         docs = fitting
     if not any(_valid(d, today) for d in docs):
         d = max(docs, key=lambda x: x.expires_on or date.max)
@@ -126,8 +137,12 @@ def _need(registry: PartyRegistry, kind: str, binds: Sequence[str], who: Registe
     return None
 
 
-def registry_problems(registry: PartyRegistry, sites: Sequence[tuple[str, str | None, str]],
-                      third_country: Callable[[str], bool], today: date) -> list[str]:
+def registry_problems(
+    registry: PartyRegistry,
+    sites: Sequence[tuple[str, str | None, str]],
+    third_country: Callable[[str], bool],
+    today: date,
+) -> list[str]:
     """Why the registry does not allow this run (empty: it does), one line each.
 
     ``sites``: (site id, legal entity id or None, law packs joined by spaces) of every site
@@ -144,16 +159,19 @@ def registry_problems(registry: PartyRegistry, sites: Sequence[tuple[str, str | 
     for site_id, entity, packs in sites:
         party = registry.party_of_site(site_id, entity)
         if party is None:
-            out.append(f"{site_id}: no party in the registry runs this site (add its "
-                       "legal_entity_id or list the site in a party's site_ids)")
+            out.append(
+                f"{site_id}: no party in the registry runs this site (add its "
+                "legal_entity_id or list the site in a party's site_ids)"
+            )
             continue
         involved[party.entity_id] = party
         if "dpdp" in packs.split():
             dpdp.add(party.entity_id)
     controllers = [p for p in involved.values() if p.role != "processor"]
     if len(controllers) >= 2:
-        problem = _need(registry, "art26-arrangement", [p.entity_id for p in controllers],
-                        controllers[0], today)
+        problem = _need(
+            registry, "art26-arrangement", [p.entity_id for p in controllers], controllers[0], today
+        )
         if problem:
             out.append(problem)
     ctrl = {c.entity_id for c in controllers}
@@ -162,11 +180,17 @@ def registry_problems(registry: PartyRegistry, sites: Sequence[tuple[str, str | 
             continue
         kinds = ["art28-contract"] + (["dpdp-processor-contract"] if p.entity_id in dpdp else [])
         for kind in kinds:
-            docs = [d for d in registry.documents if d.kind == kind
-                    and p.entity_id in d.parties and set(d.parties) & ctrl]
-            problem = (_need(registry, kind, [p.entity_id], p, today) if docs else
-                       f"{p.name} ({p.entity_id}): no {DOCUMENT_NAMES[kind]} with a controller "
-                       "of the run is on file")
+            docs = [
+                d
+                for d in registry.documents
+                if d.kind == kind and p.entity_id in d.parties and set(d.parties) & ctrl
+            ]
+            problem = (
+                _need(registry, kind, [p.entity_id], p, today)
+                if docs
+                else f"{p.name} ({p.entity_id}): no {DOCUMENT_NAMES[kind]} with a controller "
+                "of the run is on file"
+            )
             if problem:
                 out.append(problem)
     if coordinator is not None:
@@ -174,15 +198,15 @@ def registry_problems(registry: PartyRegistry, sites: Sequence[tuple[str, str | 
             if p is coordinator or not third_country(p.country):
                 continue
             module = scc_module(coordinator.role, p.role)
-            problem = _need(registry, "scc", [coordinator.entity_id, p.entity_id], p, today,
-                            module)
+            problem = _need(registry, "scc", [coordinator.entity_id, p.entity_id], p, today, module)
             if problem:
                 out.append(problem)
     return out
 
 
-def registry_findings(registry: PartyRegistry, gdpr_outside_eea: Sequence[str],
-                      involved: Sequence[str] | None = None) -> list[str]:
+def registry_findings(
+    registry: PartyRegistry, gdpr_outside_eea: Sequence[str], involved: Sequence[str] | None = None
+) -> list[str]:
     """What a DPO must look at but that does not stop the run: a party without a DPO
     contact (GDPR Art. 37(1)(c); DPDP s.8(9)), a party outside the EEA under GDPR without
     an Art. 27 representative (``gdpr_outside_eea``: their entity ids); only the parties
@@ -192,9 +216,13 @@ def registry_findings(registry: PartyRegistry, gdpr_outside_eea: Sequence[str],
         if involved is not None and p.entity_id not in involved:
             continue
         if not p.dpo_contact:
-            out.append(f"{p.name} ({p.entity_id}) names no DPO contact (GDPR Art. 37(1)(c), "
-                       "37(7); DPDP Act 2023 s.8(9))")
+            out.append(
+                f"{p.name} ({p.entity_id}) names no DPO contact (GDPR Art. 37(1)(c), "
+                "37(7); DPDP Act 2023 s.8(9))"
+            )
         if p.entity_id in gdpr_outside_eea and not p.art27_representative:
-            out.append(f"{p.name} ({p.entity_id}) is outside the EEA and processes under GDPR "
-                       "but names no representative in the Union (GDPR Art. 27)")
+            out.append(
+                f"{p.name} ({p.entity_id}) is outside the EEA and processes under GDPR "
+                "but names no representative in the Union (GDPR Art. 27)"
+            )
     return out

@@ -25,12 +25,26 @@ from datetime import date, timedelta
 from typing import Literal
 
 RightType = Literal[
-    "access", "rectification", "erasure", "restriction", "objection", "withdrawal",
-    "opt-out", "portability", "grievance",
+    "access",
+    "rectification",
+    "erasure",
+    "restriction",
+    "objection",
+    "withdrawal",
+    "opt-out",
+    "portability",
+    "grievance",
 ]
 RIGHT_TYPES: tuple[str, ...] = (
-    "access", "rectification", "erasure", "restriction", "objection", "withdrawal",
-    "opt-out", "portability", "grievance",
+    "access",
+    "rectification",
+    "erasure",
+    "restriction",
+    "objection",
+    "withdrawal",
+    "opt-out",
+    "portability",
+    "grievance",
 )
 DECISIONS: tuple[str, ...] = ("pending", "granted", "partly-granted", "refused")
 LAWS: tuple[str, ...] = ("gdpr", "dpdp")
@@ -78,9 +92,7 @@ class RightsRequest:
         if self.decided is not None and self.decided < self.received:
             raise ValueError("decided: is before received")
         if self.decision in ("refused", "partly-granted") and not self.ground:
-            raise ValueError(
-                "ground: a refusal must state its ground (e.g. 'GDPR Art. 17(3)(d)')"
-            )
+            raise ValueError("ground: a refusal must state its ground (e.g. 'GDPR Art. 17(3)(d)')")
         if self.erased_at_source and self.type != "erasure":
             raise ValueError("erased_at_source: only an erasure request erases at source")
 

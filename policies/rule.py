@@ -128,8 +128,9 @@ class Decision:
                 raise ValueError(f"decision field {name!r} must be a list of strings")
         exclusions = data.get("exclusions", {})
         if not isinstance(exclusions, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                for k, v in exclusions.items()):
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in exclusions.items()
+        ):
             raise ValueError("decision field 'exclusions' must map rule ids to counts")
         return cls(
             rule_id=data["rule_id"],
@@ -221,8 +222,9 @@ class GateRule(Rule):
     level = Level.RUN
 
     @abstractmethod
-    def gate(self, run: RunDeclaration, sites: Sequence[SiteManifest], transport: str | None,
-             today: date) -> list[Decision]:
+    def gate(
+        self, run: RunDeclaration, sites: Sequence[SiteManifest], transport: str | None, today: date
+    ) -> list[Decision]:
         """The gate's decisions (a denial names the run, not a site)."""
 
 

@@ -66,8 +66,9 @@ class SitePrivacyPolicy(BaseModel):
     @classmethod
     def _no_gdp(cls, value: object) -> object:
         if isinstance(value, list | tuple) and "gdp" in value:
-            raise ValueError("gdp is an approximation, not an upper bound on epsilon: "
-                             "use prv or rdp")
+            raise ValueError(
+                "gdp is an approximation, not an upper bound on epsilon: use prv or rdp"
+            )
         if isinstance(value, list | tuple) and not value:
             raise ValueError("name at least one of prv, rdp")
         return value
@@ -85,8 +86,7 @@ class SitePrivacyPolicy(BaseModel):
 
 def canonical_json(obj: object) -> bytes:
     """Sorted, compact JSON bytes: what fedmeta hashes (an infinite budget as "inf")."""
-    return json.dumps(_finite(obj), sort_keys=True, separators=(",", ":"),
-                      allow_nan=False).encode()
+    return json.dumps(_finite(obj), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _finite(obj: object) -> object:
@@ -132,31 +132,54 @@ def check_round(policy: SitePrivacyPolicy, req: RoundRequest, delta: float) -> R
     """
     if not req.dp:
         if policy.dp_required:
-            return Refusal("dp_required", "the round asks to train without differential "
-                           "privacy; this site requires DP (privacy.dp_required = true)")
+            return Refusal(
+                "dp_required",
+                "the round asks to train without differential "
+                "privacy; this site requires DP (privacy.dp_required = true)",
+            )
         return None
     if req.accountant not in policy.accountants:
         why = " (gdp is an approximation, never a budget)" if req.accountant == "gdp" else ""
-        return Refusal("accountants", f"the round asks for the {req.accountant!r} accountant"
-                       f"{why}; this site accepts {', '.join(policy.accountants)} "
-                       "(privacy.accountants)")
+        return Refusal(
+            "accountants",
+            f"the round asks for the {req.accountant!r} accountant"
+            f"{why}; this site accepts {', '.join(policy.accountants)} "
+            "(privacy.accountants)",
+        )
     if req.delta > delta:
-        return Refusal("delta", f"the round asks for delta {req.delta:g}; this site accepts "
-                       f"at most {delta:g} (delta)")
+        return Refusal(
+            "delta",
+            f"the round asks for delta {req.delta:g}; this site accepts at most {delta:g} (delta)",
+        )
     if req.noise_multiplier is not None and req.noise_multiplier < policy.min_noise_multiplier:
-        return Refusal("min_noise_multiplier", f"noise multiplier {req.noise_multiplier:g} is "
-                       f"below this site's minimum {policy.min_noise_multiplier:g} "
-                       "(privacy.min_noise_multiplier)")
+        return Refusal(
+            "min_noise_multiplier",
+            f"noise multiplier {req.noise_multiplier:g} is "
+            f"below this site's minimum {policy.min_noise_multiplier:g} "
+            "(privacy.min_noise_multiplier)",
+        )
     if req.max_grad_norm > policy.max_grad_norm:
-        return Refusal("max_grad_norm", f"clipping norm {req.max_grad_norm:g} exceeds this "
-                       f"site's maximum {policy.max_grad_norm:g} (privacy.max_grad_norm)")
+        return Refusal(
+            "max_grad_norm",
+            f"clipping norm {req.max_grad_norm:g} exceeds this "
+            f"site's maximum {policy.max_grad_norm:g} (privacy.max_grad_norm)",
+        )
     if req.inner_steps > policy.max_inner_steps:
-        return Refusal("max_inner_steps", f"{req.inner_steps} inner steps exceed this site's "
-                       f"maximum {policy.max_inner_steps} (privacy.max_inner_steps)")
+        return Refusal(
+            "max_inner_steps",
+            f"{req.inner_steps} inner steps exceed this site's "
+            f"maximum {policy.max_inner_steps} (privacy.max_inner_steps)",
+        )
     if req.batch_size > policy.max_batch_size:
-        return Refusal("max_batch_size", f"batch size {req.batch_size} exceeds this site's "
-                       f"maximum {policy.max_batch_size} (privacy.max_batch_size)")
+        return Refusal(
+            "max_batch_size",
+            f"batch size {req.batch_size} exceeds this site's "
+            f"maximum {policy.max_batch_size} (privacy.max_batch_size)",
+        )
     if req.sample_rate is not None and req.sample_rate > policy.max_sample_rate:
-        return Refusal("max_sample_rate", f"sampling rate {req.sample_rate:g} exceeds this "
-                       f"site's maximum {policy.max_sample_rate:g} (privacy.max_sample_rate)")
+        return Refusal(
+            "max_sample_rate",
+            f"sampling rate {req.sample_rate:g} exceeds this "
+            f"site's maximum {policy.max_sample_rate:g} (privacy.max_sample_rate)",
+        )
     return None

@@ -68,8 +68,10 @@ def check_country(value: str) -> str:
     """The upper-case ISO 3166-1 alpha-2 code for ``value`` (surrounding spaces and case
     are forgiven), else ValueError saying what to write."""
     if not isinstance(value, str):
-        raise ValueError(f"must be an ISO 3166 alpha-2 country code such as DE or IN "
-                         f"(got {one_line(repr(value), 80)})")
+        raise ValueError(
+            f"must be an ISO 3166 alpha-2 country code such as DE or IN "
+            f"(got {one_line(repr(value), 80)})"
+        )
     code = value.strip().upper()
     if code == "UK":
         raise ValueError("'UK' is not an ISO 3166 code: use GB for the United Kingdom")
@@ -104,8 +106,9 @@ def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
     return path
 
 
-def describe_error(error: Mapping[str, Any], model: type[BaseModel] | None = None,
-                   noun: str = "field") -> tuple[str, str]:
+def describe_error(
+    error: Mapping[str, Any], model: type[BaseModel] | None = None, noun: str = "field"
+) -> tuple[str, str]:
     """(field path, what is wrong and what to do) for one of ``ValidationError.errors()``.
 
     ``model`` (the model validated at the top) lets an unknown top-level field
@@ -140,14 +143,19 @@ def describe_error(error: Mapping[str, Any], model: type[BaseModel] | None = Non
             if m:
                 return m.group(1), m.group(2)
         return loc, msg
-    msg = re.sub(r"^(Input|String|Value|List|Tuple|Set|Frozenset|Dictionary) should ",
-                 "must ", msg)
+    msg = re.sub(r"^(Input|String|Value|List|Tuple|Set|Frozenset|Dictionary) should ", "must ", msg)
     return loc, f"{msg} (got {got})"
 
 
-def format_validation_error(exc: ValidationError, source: str, *,
-                            model: type[BaseModel] | None = None, noun: str = "field",
-                            whole: str | None = None, limit: int = 500) -> str:
+def format_validation_error(
+    exc: ValidationError,
+    source: str,
+    *,
+    model: type[BaseModel] | None = None,
+    noun: str = "field",
+    whole: str | None = None,
+    limit: int = 500,
+) -> str:
     """One line for a pydantic error: ``<source>: <noun> '<path>': <what to do>``.
 
     ``source`` names the file (or what was read); ``noun`` is what a path is called

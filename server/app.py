@@ -77,8 +77,11 @@ def make_server_app(cfg: RunConfig | None = None, resume: bool | None = None) ->
     def main(grid: Grid, context: Context) -> None:
         quiet_flower()
         run_cfg = cfg or config_for(context)
-        again = resume if resume is not None else (os.environ.get(RESUME_ENV) == "1"
-                                                    or resume_dir_of(context) is not None)
+        again = (
+            resume
+            if resume is not None
+            else (os.environ.get(RESUME_ENV) == "1" or resume_dir_of(context) is not None)
+        )
         run_server(grid, run_cfg, resume=again, transport=transport_for(grid, context))
 
     return app

@@ -121,15 +121,18 @@ def serverapp_tls(transport: str) -> bool | None:
     return {TRANSPORT_SECURE: True, TRANSPORT_INSECURE: False}.get(transport)
 
 
-def discover_sites(grid: Grid, cfg: RunConfig, config: ConfigRecord
-                   ) -> tuple[dict[int, str], dict[str, SiteManifest], dict[str, str]]:
+def discover_sites(
+    grid: Grid, cfg: RunConfig, config: ConfigRecord
+) -> tuple[dict[int, str], dict[str, SiteManifest], dict[str, str]]:
     """(node id -> site id, site id -> manifest, node/site -> why unusable)."""
     deadline = time.monotonic() + cfg.node_wait_s
     while len(list(grid.get_node_ids())) < cfg.sites and time.monotonic() < deadline:
         time.sleep(0.5)
     nodes = list(grid.get_node_ids())
-    msgs = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY,
-                    dst_node_id=n) for n in nodes]
+    msgs = [
+        Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
+        for n in nodes
+    ]
     sites: dict[int, str] = {}
     manifests: dict[str, SiteManifest] = {}
     problems: dict[str, str] = {}
@@ -178,8 +181,14 @@ def _file_sha(path: Path) -> str | None:
 ANCHOR_MESSAGE = "query.runend"
 
 
-def anchor_run_end(grid: Grid, site_of_node: dict[int, str], rounds: dict[int, RoundLog],
-                   config: ConfigRecord, head: str, timeout: float) -> dict[str, str]:
+def anchor_run_end(
+    grid: Grid,
+    site_of_node: dict[int, str],
+    rounds: dict[int, RoundLog],
+    config: ConfigRecord,
+    head: str,
+    timeout: float,
+) -> dict[str, str]:
     """Send the server log's final head to every site that took part in a round; each
     logs it (``run.anchor``) in its own log, so the end of the run is anchored outside
     the server. Returns site -> the receipt of the site's anchor entry, or why none came
@@ -189,8 +198,10 @@ def anchor_run_end(grid: Grid, site_of_node: dict[int, str], rounds: dict[int, R
     if not nodes:
         return {}
     anchor = ConfigRecord({**config, "server-head": head})
-    msgs = [Message(RecordDict({"config": anchor}), message_type=ANCHOR_MESSAGE,
-                    dst_node_id=n) for n in sorted(nodes)]
+    msgs = [
+        Message(RecordDict({"config": anchor}), message_type=ANCHOR_MESSAGE, dst_node_id=n)
+        for n in sorted(nodes)
+    ]
     out = {s: "no reply" for s in nodes.values()}
     try:
         for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -247,8 +258,10 @@ def model_problem(task: Any, cfg: RunConfig, model: torch.nn.Module) -> tuple[st
             return f"DP model check: {one_line_error(str(exc))}", cfg.grad_sample_mode
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
-        return (f"Opacus ModuleValidator: {one_line_error(str(errors[0]))}"
-                f"{f' (+{len(errors) - 1} more)' if len(errors) > 1 else ''}"), mode
+        return (
+            f"Opacus ModuleValidator: {one_line_error(str(errors[0]))}"
+            f"{f' (+{len(errors) - 1} more)' if len(errors) > 1 else ''}"
+        ), mode
     return None, mode
 
 
@@ -257,8 +270,14 @@ class ResumePoint:
     """Where a stopped run continues: its run id, the verified checkpoint (or none: from
     the initial weights), and the next round number never used by this run."""
 
-    def __init__(self, run_id: str, checkpoint: Checkpoint | None, next_round: int,
-                 last_started: int, start_entry: Any) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        checkpoint: Checkpoint | None,
+        next_round: int,
+        last_started: int,
+        start_entry: Any,
+    ) -> None:
         self.run_id, self.checkpoint = run_id, checkpoint
         self.start_entry = start_entry  # the run's signed run.start (sites check it)
         self.next_round, self.last_started = next_round, last_started
@@ -275,9 +294,11 @@ def resume_point(out: Path) -> ResumePoint:
         raise CheckpointError(f"{out}: no server audit log; nothing to resume here")
     entries, result = read_log(log_path)
     if not result.ok:
-        raise CheckpointError(f"{log_path}: does not verify ({result.problem}); check it with "
-                              "`fedmeta audit verify` (a log cut by a kill: `fedmeta audit "
-                              "repair`) before resuming")
+        raise CheckpointError(
+            f"{log_path}: does not verify ({result.problem}); check it with "
+            "`fedmeta audit verify` (a log cut by a kill: `fedmeta audit "
+            "repair`) before resuming"
+        )
     starts = [e for e in entries if e.action == "run.start"]
     if not starts:
         raise CheckpointError(f"{log_path}: no run was started in {out}")
@@ -288,12 +309,18 @@ def resume_point(out: Path) -> ResumePoint:
         raise CheckpointError(f"{out}: run {run_id} finished all its rounds; nothing to resume")
     config_sha = _sha((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else ""
     if starts[-1].details.get("config_sha256") != config_sha:
-        raise CheckpointError(f"{out / CONFIG_FILE}: differs from the config run {run_id} "
-                              "started with; a resumed run keeps its config")
-    signed = {str(e.details.get("file")): str(e.details.get("file_sha256"))
-              for e in mine if e.action == CHECKPOINT_ACTION}
-    last_started = max((int(e.round) for e in mine
-                        if e.action == "round.start" and e.round), default=0)
+        raise CheckpointError(
+            f"{out / CONFIG_FILE}: differs from the config run {run_id} "
+            "started with; a resumed run keeps its config"
+        )
+    signed = {
+        str(e.details.get("file")): str(e.details.get("file_sha256"))
+        for e in mine
+        if e.action == CHECKPOINT_ACTION
+    }
+    last_started = max(
+        (int(e.round) for e in mine if e.action == "round.start" and e.round), default=0
+    )
     checkpoint = None
     for path in reversed(checkpoint_files(out)):
         if f"{CHECKPOINT_DIR}/{path.name}" in signed:
@@ -307,9 +334,11 @@ def resume_point(out: Path) -> ResumePoint:
 
 def strategy_state(strategy: SiteAwareMixin, watch: RunWatch) -> dict[str, Any]:
     state: dict[str, Any] = {
-        "kind": type(strategy).__name__, "server_head": strategy.server_head,
+        "kind": type(strategy).__name__,
+        "server_head": strategy.server_head,
         "rounds": {str(r): asdict(rl) for r, rl in strategy.rounds.items()},
-        "watch": watch.state()}
+        "watch": watch.state(),
+    }
     momentum = getattr(strategy, "momentum_vector", None)
     if momentum is not None:
         state["momentum"] = {k: torch.as_tensor(a.numpy()) for k, a in momentum.items()}
@@ -318,8 +347,10 @@ def strategy_state(strategy: SiteAwareMixin, watch: RunWatch) -> dict[str, Any]:
 
 def restore_strategy(strategy: SiteAwareMixin, watch: RunWatch, state: dict[str, Any]) -> None:
     if state.get("kind") not in (None, type(strategy).__name__):
-        raise CheckpointError(f"the checkpoint holds a {state['kind']} strategy, the run "
-                              f"config asks for {type(strategy).__name__}")
+        raise CheckpointError(
+            f"the checkpoint holds a {state['kind']} strategy, the run "
+            f"config asks for {type(strategy).__name__}"
+        )
     strategy.server_head = str(state.get("server_head", ""))
     strategy.rounds.update({int(r): RoundLog(**rl) for r, rl in state.get("rounds", {}).items()})
     watch.restore(dict(state.get("watch", {})))
@@ -376,8 +407,9 @@ class Admission:
     min_sites: int
 
 
-def run_server(grid: Grid, cfg: RunConfig, resume: bool = False,
-               transport: str | None = None) -> dict:
+def run_server(
+    grid: Grid, cfg: RunConfig, resume: bool = False, transport: str | None = None
+) -> dict:
     """Run the whole federation from the server's side; returns the summary dict.
 
     ``resume``: continue the stopped run of ``cfg.out_dir`` from its last signed
@@ -391,8 +423,12 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False,
     except BaseException as exc:  # a callback, Ctrl-C: on record, then re-raised
         reason = f"interrupted: {type(exc).__name__}: {one_line_error(str(exc))}"
         with contextlib.suppress(Exception):
-            run.audit.append("run.stop", run_id=run.run_id, decision="deny",
-                             details={"reason": reason[:500], "resumable": True})
+            run.audit.append(
+                "run.stop",
+                run_id=run.run_id,
+                decision="deny",
+                details={"reason": reason[:500], "resumable": True},
+            )
         raise
     finally:
         run.audit.close()
@@ -413,20 +449,29 @@ def open_run(cfg: RunConfig, resume: bool, transport: str) -> ServerRun:
         (out / MODEL_FILE).unlink(missing_ok=True)  # never leave an earlier run's model
     started = time.time()
     task = build_task(cfg)
-    return ServerRun(cfg=cfg, point=point, run_id=run_id, out=out, started=started, task=task,
-                     out_dim=task.out_dim(cfg.strategy), declaration=run_declaration(cfg),
-                     audit=open_server_audit(out), transport=transport)
+    return ServerRun(
+        cfg=cfg,
+        point=point,
+        run_id=run_id,
+        out=out,
+        started=started,
+        task=task,
+        out_dim=task.out_dim(cfg.strategy),
+        declaration=run_declaration(cfg),
+        audit=open_server_audit(out),
+        transport=transport,
+    )
 
 
 def open_server_audit(out: Path) -> AuditLog:
     """The server's audit log; a deployment signs with the federation's one server key
     (pinned at every site), whose public half is written next to the log's key path."""
-    audit = AuditLog.open(out / SERVER_AUDIT_LOG, federation_key() or out / SERVER_AUDIT_KEY,
-                          actor="server")
+    audit = AuditLog.open(
+        out / SERVER_AUDIT_LOG, federation_key() or out / SERVER_AUDIT_KEY, actor="server"
+    )
     if federation_key() is not None:
         (out / SERVER_AUDIT_PUBKEY.parent).mkdir(parents=True, exist_ok=True)
-        (out / SERVER_AUDIT_PUBKEY).write_bytes(
-            audit.public_key_pem())
+        (out / SERVER_AUDIT_PUBKEY).write_bytes(audit.public_key_pem())
     return audit
 
 
@@ -436,14 +481,17 @@ def _run(grid: Grid, run: ServerRun) -> dict:
     admission = admit_sites(grid, run, round_config, refused)
     strategy = build_strategy(run.cfg, admission, run.audit, run.run_id)
     watch = RunWatch(sorted(admission.eligible), run.cfg.max_failed_rounds)
-    theta, first_round = restore_resumed(run, strategy, watch, admission,
-                                         ArrayRecord(model.state_dict()))
+    theta, first_round = restore_resumed(
+        run, strategy, watch, admission, ArrayRecord(model.state_dict())
+    )
     refuse_start(run, strategy, admission, refused)
     recorder = RoundRecorder(run, strategy, watch, admission)
-    theta, last_round = round_loop(grid, run, strategy, watch, recorder, round_config, theta,
-                                   first_round)
-    return _finish(grid, run, strategy, watch, admission, theta, last_round,
-                   recorder.last_eval, round_config)
+    theta, last_round = round_loop(
+        grid, run, strategy, watch, recorder, round_config, theta, first_round
+    )
+    return _finish(
+        grid, run, strategy, watch, admission, theta, last_round, recorder.last_eval, round_config
+    )
 
 
 def record_start(run: ServerRun) -> ConfigRecord:
@@ -451,28 +499,58 @@ def record_start(run: ServerRun) -> ConfigRecord:
     before any message leaves; returns the config every message to a site carries."""
     cfg, point, audit, transport = run.cfg, run.point, run.audit, run.transport
     if point is None:
-        started_entry = audit.append("run.start", run_id=run.run_id, details={
-            "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds, "dp": cfg.dp,
-            "purpose": run.declaration.purpose,
-            "config_sha256": _sha((run.out / CONFIG_FILE).read_text()),
-            "declaration_sha256": run.declaration.sha256(), "transport": transport,
-            "app_sha256": app_sha256(), "fab_hash_prefix": fab_hash_prefix(),
-            "serverapp_tls": serverapp_tls(transport)})
+        started_entry = audit.append(
+            "run.start",
+            run_id=run.run_id,
+            details={
+                "task": cfg.task,
+                "strategy": cfg.strategy,
+                "rounds": cfg.rounds,
+                "dp": cfg.dp,
+                "purpose": run.declaration.purpose,
+                "config_sha256": _sha((run.out / CONFIG_FILE).read_text()),
+                "declaration_sha256": run.declaration.sha256(),
+                "transport": transport,
+                "app_sha256": app_sha256(),
+                "fab_hash_prefix": fab_hash_prefix(),
+                "serverapp_tls": serverapp_tls(transport),
+            },
+        )
     else:
         started_entry = point.start_entry
-        audit.append(RESUME_ACTION, run_id=run.run_id, round=point.next_round, details={
-            "checkpoint_round": point.checkpoint_round,
-            "checkpoint": str(point.checkpoint.path.name) if point.checkpoint else None,
-            "rolled_back_rounds": point.last_started - point.checkpoint_round,
-            "next_round": point.next_round, "transport": transport})
+        audit.append(
+            RESUME_ACTION,
+            run_id=run.run_id,
+            round=point.next_round,
+            details={
+                "checkpoint_round": point.checkpoint_round,
+                "checkpoint": str(point.checkpoint.path.name) if point.checkpoint else None,
+                "rolled_back_rounds": point.last_started - point.checkpoint_round,
+                "next_round": point.next_round,
+                "transport": transport,
+            },
+        )
     if transport == TRANSPORT_INSECURE:  # durable before any message leaves
         log(WARNING, "INSECURE deployment: no TLS, no node authentication (asked for by name)")
-        audit.append("security.insecure", run_id=run.run_id, decision="allow", details={
-            "transport": "insecure", "tls": False, "supernode_auth": False,
-            "requested_by": "start-superlink.sh --insecure"})
-    return ConfigRecord({**cfg.to_flat(), "run-id": run.run_id,
-                         "declaration-json": run.declaration_json,
-                         RUN_START_KEY: entry_line(started_entry)})
+        audit.append(
+            "security.insecure",
+            run_id=run.run_id,
+            decision="allow",
+            details={
+                "transport": "insecure",
+                "tls": False,
+                "supernode_auth": False,
+                "requested_by": "start-superlink.sh --insecure",
+            },
+        )
+    return ConfigRecord(
+        {
+            **cfg.to_flat(),
+            "run-id": run.run_id,
+            "declaration-json": run.declaration_json,
+            RUN_START_KEY: entry_line(started_entry),
+        }
+    )
 
 
 def check_model(run: ServerRun) -> tuple[torch.nn.Module, str | None]:
@@ -482,14 +560,19 @@ def check_model(run: ServerRun) -> tuple[torch.nn.Module, str | None]:
     torch.manual_seed(run.cfg.seed)
     model = run.task.build_model(run.out_dim)
     refused, mode = model_problem(run.task, run.cfg, model)
-    run.audit.append("model.check", run_id=run.run_id, decision="deny" if refused else "allow",
-                     rule_ids=["PRIV-MODEL"], details={"reason": (refused or "")[:500] or None,
-                                                       "grad_sample_mode": mode})
+    run.audit.append(
+        "model.check",
+        run_id=run.run_id,
+        decision="deny" if refused else "allow",
+        rule_ids=["PRIV-MODEL"],
+        details={"reason": (refused or "")[:500] or None, "grad_sample_mode": mode},
+    )
     return model, refused
 
 
-def admit_sites(grid: Grid, run: ServerRun, round_config: ConfigRecord,
-                refused: str | None) -> Admission:
+def admit_sites(
+    grid: Grid, run: ServerRun, round_config: ConfigRecord, refused: str | None
+) -> Admission:
     """Discover the connected sites (none when the model is refused), evaluate the
     run-level rules on their manifests, audit every decision and write the decisions
     file."""
@@ -502,29 +585,52 @@ def admit_sites(grid: Grid, run: ServerRun, round_config: ConfigRecord,
         problems = {k: one_line_error(v) for k, v in problems.items()}
         known = run.transport if run.transport in TRANSPORTS else None
         # the DPIA gate judges the transport it was told about
-        decisions = (evaluate_run(run.declaration, list(manifests.values()), transport=known)
-                     if manifests else [])
+        decisions = (
+            evaluate_run(run.declaration, list(manifests.values()), transport=known)
+            if manifests
+            else []
+        )
     audit_admission(run, problems, decisions)
     eligible = {m.site_id for m in eligible_sites(decisions, list(manifests.values()))}
-    denied = {d.site_id: f"{d.rule_id}: {d.reason}" for d in decisions
-              if d.denied and d.site_id and d.site_id not in eligible}
-    admission = Admission(sites=sites, manifests=manifests, problems=problems,
-                          decisions=decisions, eligible=eligible, denied=denied,
-                          min_sites=max(run.cfg.min_sites, run.declaration.min_sites_per_round))
+    denied = {
+        d.site_id: f"{d.rule_id}: {d.reason}"
+        for d in decisions
+        if d.denied and d.site_id and d.site_id not in eligible
+    }
+    admission = Admission(
+        sites=sites,
+        manifests=manifests,
+        problems=problems,
+        decisions=decisions,
+        eligible=eligible,
+        denied=denied,
+        min_sites=max(run.cfg.min_sites, run.declaration.min_sites_per_round),
+    )
     write_decisions(run, admission)
     return admission
 
 
 def audit_admission(run: ServerRun, problems: dict[str, str], decisions: list[Any]) -> None:
     for name, reason in sorted(problems.items()):
-        run.audit.append("site.unusable", run_id=run.run_id, decision="deny",
-                         details={"site": name, "reason": reason})
+        run.audit.append(
+            "site.unusable",
+            run_id=run.run_id,
+            decision="deny",
+            details={"site": name, "reason": reason},
+        )
     for d in decisions:
-        run.audit.append("policy.run", run_id=run.run_id, decision=d.outcome.value,
-                         rule_ids=[d.rule_id], details={
-                             "site": d.site_id, "reason": d.reason[:500],
-                             "references": "; ".join(d.references)[:500],
-                             "conflict": d.conflict})
+        run.audit.append(
+            "policy.run",
+            run_id=run.run_id,
+            decision=d.outcome.value,
+            rule_ids=[d.rule_id],
+            details={
+                "site": d.site_id,
+                "reason": d.reason[:500],
+                "references": "; ".join(d.references)[:500],
+                "conflict": d.conflict,
+            },
+        )
 
 
 def write_decisions(run: ServerRun, admission: Admission) -> None:
@@ -536,32 +642,49 @@ def write_decisions(run: ServerRun, admission: Admission) -> None:
         earlier = json.loads((run.out / DECISIONS_FILE).read_text())
         stated = list(earlier.get("decisions", [])) + stated
         unusable = {**dict(earlier.get("unusable", {})), **admission.problems}
-    write_json(run.out / DECISIONS_FILE, {
-        "run": run.run_id, "declaration": run.declaration.model_dump(mode="json"),
-        "manifests": {k: m.model_dump(mode="json") for k, m in admission.manifests.items()},
-        "decisions": stated, "unusable": unusable, "eligible": sorted(admission.eligible)})
+    write_json(
+        run.out / DECISIONS_FILE,
+        {
+            "run": run.run_id,
+            "declaration": run.declaration.model_dump(mode="json"),
+            "manifests": {k: m.model_dump(mode="json") for k, m in admission.manifests.items()},
+            "decisions": stated,
+            "unusable": unusable,
+            "eligible": sorted(admission.eligible),
+        },
+    )
 
 
-def build_strategy(cfg: RunConfig, admission: Admission, audit: AuditLog,
-                   run_id: str) -> Reptile | FedAvgBaseline:
+def build_strategy(
+    cfg: RunConfig, admission: Admission, audit: AuditLog, run_id: str
+) -> Reptile | FedAvgBaseline:
     """The config's strategy, set up to sample only the eligible sites."""
     strategy: Reptile | FedAvgBaseline
     if cfg.strategy in ("reptile", "fomaml"):
         meta = FOMAML if cfg.strategy == "fomaml" else Reptile
-        strategy = meta(beta0=cfg.meta_lr, beta_final=cfg.meta_lr_final, num_rounds=cfg.rounds,
-                        fraction_train=cfg.fraction_train)
+        strategy = meta(
+            beta0=cfg.meta_lr,
+            beta_final=cfg.meta_lr_final,
+            num_rounds=cfg.rounds,
+            fraction_train=cfg.fraction_train,
+        )
     else:
         strategy = FedAvgBaseline(fraction_train=cfg.fraction_train)
-    strategy.setup_sites(sites={n: s for n, s in admission.sites.items()
-                                if s in admission.eligible},
-                         seed=cfg.seed, min_sites=admission.min_sites,
-                         node_wait_s=cfg.node_wait_s, max_update_norm=cfg.max_update_norm,
-                         audit=audit, run_id=run_id)
+    strategy.setup_sites(
+        sites={n: s for n, s in admission.sites.items() if s in admission.eligible},
+        seed=cfg.seed,
+        min_sites=admission.min_sites,
+        node_wait_s=cfg.node_wait_s,
+        max_update_norm=cfg.max_update_norm,
+        audit=audit,
+        run_id=run_id,
+    )
     return strategy
 
 
-def restore_resumed(run: ServerRun, strategy: Any, watch: RunWatch, admission: Admission,
-                    initial: ArrayRecord) -> tuple[ArrayRecord, int]:
+def restore_resumed(
+    run: ServerRun, strategy: Any, watch: RunWatch, admission: Admission, initial: ArrayRecord
+) -> tuple[ArrayRecord, int]:
     """(theta, first round): the initial weights from round 1, or for a resumed run the
     checkpoint's theta and strategy state and the rounds recorded after it."""
     point = run.point
@@ -574,83 +697,117 @@ def restore_resumed(run: ServerRun, strategy: Any, watch: RunWatch, admission: A
     for rec in _lines_of(run.out, run.run_id):  # rounds after the checkpoint, as recorded
         r = int(rec.get("round", 0))
         if point.checkpoint_round < r < point.next_round:
-            strategy.rounds[r] = RoundLog(**{k: rec[k] for k in RoundLog.__dataclass_fields__
-                                             if k in rec})
+            strategy.rounds[r] = RoundLog(
+                **{k: rec[k] for k in RoundLog.__dataclass_fields__ if k in rec}
+            )
     watch.sites = sorted(admission.eligible)
     return theta, point.next_round
 
 
-def refuse_start(run: ServerRun, strategy: Any, admission: Admission,
-                 refused: str | None) -> None:
+def refuse_start(run: ServerRun, strategy: Any, admission: Admission, refused: str | None) -> None:
     """Stop the run before its first round when the model is refused or fewer sites
     than the minimum are eligible (audited as ``run.stop``)."""
     eligible, min_sites = admission.eligible, admission.min_sites
     if refused:
-        strategy.stopped = f"the model cannot be trained under DP; the run was not started " \
-                           f"({refused})"
+        strategy.stopped = (
+            f"the model cannot be trained under DP; the run was not started ({refused})"
+        )
     elif len(eligible) < min_sites:
         gate = check_min_sites(run.declaration, len(eligible))
-        strategy.stopped = (f"{len(eligible)} eligible site(s), fewer than the declared minimum "
-                            f"of {min_sites}; the run was not started ({gate.rule_id})")
-        run_refusal = next((d for d in admission.decisions
-                            if d.denied and d.site_id is None), None)
+        strategy.stopped = (
+            f"{len(eligible)} eligible site(s), fewer than the declared minimum "
+            f"of {min_sites}; the run was not started ({gate.rule_id})"
+        )
+        run_refusal = next((d for d in admission.decisions if d.denied and d.site_id is None), None)
         if run_refusal is not None:  # a run-level refusal (e.g. a gate): say which and why
-            strategy.stopped = (f"the run was refused: {run_refusal.rule_id}: "
-                                f"{run_refusal.reason}")
+            strategy.stopped = f"the run was refused: {run_refusal.rule_id}: {run_refusal.reason}"
     if strategy.stopped:
         log(WARNING, strategy.stopped)
-        run.audit.append("run.stop", run_id=run.run_id, decision="deny",
-                         rule_ids=["PRIV-MODEL" if refused else "PRIV-MIN-SITES"],
-                         details={"reason": strategy.stopped[:500]})
+        run.audit.append(
+            "run.stop",
+            run_id=run.run_id,
+            decision="deny",
+            rule_ids=["PRIV-MODEL" if refused else "PRIV-MIN-SITES"],
+            details={"reason": strategy.stopped[:500]},
+        )
 
 
 class RoundRecorder:
     """Writes what a round leaves behind: its metrics line (evaluated when due, handed to
     the round callbacks) and its signed checkpoint."""
 
-    def __init__(self, run: ServerRun, strategy: Any, watch: RunWatch,
-                 admission: Admission) -> None:
+    def __init__(
+        self, run: ServerRun, strategy: Any, watch: RunWatch, admission: Admission
+    ) -> None:
         self.run, self.strategy, self.watch, self.admission = run, strategy, watch, admission
         self.last_eval: dict[str, Any] = {}
         point = run.point
-        self.resumed_note = None if point is None else {
-            "checkpoint_round": point.checkpoint_round, "next_round": point.next_round,
-            "rolled_back": list(range(point.checkpoint_round + 1, point.next_round))}
+        self.resumed_note = (
+            None
+            if point is None
+            else {
+                "checkpoint_round": point.checkpoint_round,
+                "next_round": point.next_round,
+                "rolled_back": list(range(point.checkpoint_round + 1, point.next_round)),
+            }
+        )
 
     def metrics_line(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         cfg, admission = self.run.cfg, self.admission
         rl = self.strategy.rounds.get(server_round, RoundLog(server_round))
-        line: dict[str, Any] = {"run": self.run.run_id, "round": server_round,
-                                "strategy": cfg.strategy, "task": cfg.task,
-                                "model_sha256": model_digest(
-                                    {k: a.numpy() for k, a in arrays.items()})}
+        line: dict[str, Any] = {
+            "run": self.run.run_id,
+            "round": server_round,
+            "strategy": cfg.strategy,
+            "task": cfg.task,
+            "model_sha256": model_digest({k: a.numpy() for k, a in arrays.items()}),
+        }
         if server_round > 0:
             line.update({k: v for k, v in vars(rl).items() if k != "round"})
         else:
-            line.update({"eligible": sorted(admission.eligible), "denied": admission.denied,
-                         "unusable": admission.problems})
+            line.update(
+                {
+                    "eligible": sorted(admission.eligible),
+                    "denied": admission.denied,
+                    "unusable": admission.problems,
+                }
+            )
         if self.resumed_note is not None:
             line["resumed"], self.resumed_note = self.resumed_note, None
         return line
 
     def eval_due(self, server_round: int, final: bool) -> bool:
         cfg, strategy = self.run.cfg, self.strategy
-        due = (server_round == 0 or final
-               or (cfg.eval_every and server_round % cfg.eval_every == 0))
-        return bool(due and self.run.task.server_eval
-                    and (not strategy.stopped
-                         or (server_round > 0 and self.watch.aggregated > 0)))
+        due = server_round == 0 or final or (cfg.eval_every and server_round % cfg.eval_every == 0)
+        return bool(
+            due
+            and self.run.task.server_eval
+            and (not strategy.stopped or (server_round > 0 and self.watch.aggregated > 0))
+        )
 
     def evaluation(self, arrays: ArrayRecord) -> dict[str, Any]:
         cfg, task = self.run.cfg, self.run.task
-        res = meta_evaluate(task, _state(arrays), self.run.out_dim, split=cfg.eval_split,
-                            episodes=cfg.eval_episodes, shots=cfg.eval_shots,
-                            query=cfg.eval_query, steps=cfg.adapt_steps,
-                            lr=adapt_lr(cfg, task), seed=cfg.seed + EVAL_SEED_OFFSET)
-        return {"metric": res.metric, "adapted": res.adapted,
-                "adapted_ci95": res.adapted_ci95, "unadapted": res.unadapted,
-                "episodes": res.episodes, "shots": cfg.eval_shots,
-                "n_way": task.meta_out_dim()}
+        res = meta_evaluate(
+            task,
+            _state(arrays),
+            self.run.out_dim,
+            split=cfg.eval_split,
+            episodes=cfg.eval_episodes,
+            shots=cfg.eval_shots,
+            query=cfg.eval_query,
+            steps=cfg.adapt_steps,
+            lr=adapt_lr(cfg, task),
+            seed=cfg.seed + EVAL_SEED_OFFSET,
+        )
+        return {
+            "metric": res.metric,
+            "adapted": res.adapted,
+            "adapted_ci95": res.adapted_ci95,
+            "unadapted": res.unadapted,
+            "episodes": res.episodes,
+            "shots": cfg.eval_shots,
+            "n_way": task.meta_out_dim(),
+        }
 
     def evaluate(self, server_round: int, arrays: ArrayRecord, final: bool) -> None:
         """The round's metrics line: appended, shown, and handed to the callbacks."""
@@ -668,16 +825,32 @@ class RoundRecorder:
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         run = self.run
-        path, sha = save_checkpoint(run.out, run.run_id, server_round, _state(arrays),
-                                    strategy_state(self.strategy, self.watch))
-        run.audit.append(CHECKPOINT_ACTION, run_id=run.run_id, round=server_round,
-                         model_out=digest(arrays),
-                         details={"file": f"{CHECKPOINT_DIR}/{path.name}", "file_sha256": sha})
+        path, sha = save_checkpoint(
+            run.out,
+            run.run_id,
+            server_round,
+            _state(arrays),
+            strategy_state(self.strategy, self.watch),
+        )
+        run.audit.append(
+            CHECKPOINT_ACTION,
+            run_id=run.run_id,
+            round=server_round,
+            model_out=digest(arrays),
+            details={"file": f"{CHECKPOINT_DIR}/{path.name}", "file_sha256": sha},
+        )
 
 
-def round_loop(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch,
-               recorder: RoundRecorder, round_config: ConfigRecord, theta: ArrayRecord,
-               first_round: int) -> tuple[ArrayRecord, int]:
+def round_loop(
+    grid: Grid,
+    run: ServerRun,
+    strategy: Any,
+    watch: RunWatch,
+    recorder: RoundRecorder,
+    round_config: ConfigRecord,
+    theta: ArrayRecord,
+    first_round: int,
+) -> tuple[ArrayRecord, int]:
     """Rounds ``first_round``..``rounds`` through the strategy's Flower hooks, until the
     run stops; returns (theta, the last round run)."""
     cfg = run.cfg
@@ -691,8 +864,7 @@ def round_loop(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch,
     for server_round in range(first_round, cfg.rounds + 1):
         if strategy.stopped:
             break
-        theta, reason = run_round(grid, run, strategy, watch, round_config, theta,
-                                  server_round)
+        theta, reason = run_round(grid, run, strategy, watch, round_config, theta, server_round)
         last_round = server_round
         final = bool(reason) or server_round == cfg.rounds
         if final or (cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0):
@@ -702,16 +874,21 @@ def round_loop(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch,
     return theta, last_round
 
 
-def run_round(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch,
-              round_config: ConfigRecord, theta: ArrayRecord,
-              server_round: int) -> tuple[ArrayRecord, str | None]:
+def run_round(
+    grid: Grid,
+    run: ServerRun,
+    strategy: Any,
+    watch: RunWatch,
+    round_config: ConfigRecord,
+    theta: ArrayRecord,
+    server_round: int,
+) -> tuple[ArrayRecord, str | None]:
     """One round: configure, send, aggregate, and judge whether the run must stop;
     returns (theta after the round, why the run stops or None)."""
     cfg = run.cfg
     flwr_log(INFO, "[ROUND %s/%s]", server_round, cfg.rounds)
     messages = list(strategy.configure_train(server_round, theta, round_config, grid))
-    replies = (list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
-               if messages else [])
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s)) if messages else []
     new, _ = strategy.aggregate_train(server_round, replies)
     if new is not None:
         theta = new
@@ -719,20 +896,38 @@ def run_round(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch,
     rl.lost = {s: one_line_error(r) for s, r in rl.lost.items()}
     reason = strategy.stopped
     if not reason:
-        reason = watch.observe(rl.used if new is not None else [], rl.declined,
-                               rl.dropped, rl.lost, aggregated=new is not None)
+        reason = watch.observe(
+            rl.used if new is not None else [],
+            rl.declined,
+            rl.dropped,
+            rl.lost,
+            aggregated=new is not None,
+        )
         if reason:
             strategy.stopped = rl.stopped = reason
             log(WARNING, "round %s: stopping the run: %s", server_round, reason)
-            run.audit.append("run.stop", run_id=run.run_id, round=server_round,
-                             decision="deny", details={"reason": reason[:500]})
+            run.audit.append(
+                "run.stop",
+                run_id=run.run_id,
+                round=server_round,
+                decision="deny",
+                details={"reason": reason[:500]},
+            )
     return theta, reason
 
 
 # ---- the end of the run -------------------------------------------------------------------
-def _finish(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch, admission: Admission,
-            theta: ArrayRecord, last_round: int, last_eval: dict[str, Any],
-            round_config: ConfigRecord) -> dict:
+def _finish(
+    grid: Grid,
+    run: ServerRun,
+    strategy: Any,
+    watch: RunWatch,
+    admission: Admission,
+    theta: ArrayRecord,
+    last_round: int,
+    last_eval: dict[str, Any],
+    round_config: ConfigRecord,
+) -> dict:
     """Save the model (if trained), audit the run's end, anchor it at the sites and
     write the summary; returns the summary."""
     cfg = run.cfg
@@ -741,41 +936,66 @@ def _finish(grid: Grid, run: ServerRun, strategy: Any, watch: RunWatch, admissio
     status = "failed" if failure else "completed"
     model_path = None
     if trained:  # a run that aggregated nothing writes no model: nothing was trained
-        model_path = save_model(run.out, _state(theta), task=cfg.task, strategy=cfg.strategy,
-                                out_dim=run.out_dim, run=run.run_id, rounds=last_round,
-                                aggregated_rounds=watch.aggregated, status=status)
+        model_path = save_model(
+            run.out,
+            _state(theta),
+            task=cfg.task,
+            strategy=cfg.strategy,
+            out_dim=run.out_dim,
+            run=run.run_id,
+            rounds=last_round,
+            aggregated_rounds=watch.aggregated,
+            status=status,
+        )
     # theta at the end, trained or not: the report checks this digest against the last
     # metrics line; only a trained theta is written as a model file
     digest_ = model_digest({k: a.numpy() for k, a in theta.items()})
-    summary = run_summary(run, strategy, watch, admission, last_round, last_eval, failure,
-                          digest_)
+    summary = run_summary(run, strategy, watch, admission, last_round, last_eval, failure, digest_)
     record_end(run, strategy, watch, failure, last_round, model_path, digest_)
     summary["audit_head"] = str(run.audit.checkpoint(run.run_id, None))
-    summary["anchors"] = anchor_run_end(grid, strategy.site_of_node, strategy.rounds,
-                                        ConfigRecord({**round_config,
-                                                      **record_for_sites(run.out)}),
-                                        summary["audit_head"], cfg.round_timeout_s)
+    summary["anchors"] = anchor_run_end(
+        grid,
+        strategy.site_of_node,
+        strategy.rounds,
+        ConfigRecord({**round_config, **record_for_sites(run.out)}),
+        summary["audit_head"],
+        cfg.round_timeout_s,
+    )
     write_json(run.out / SUMMARY_FILE, summary)
     if run.transport != SIMULATION:  # read by `fedmeta run` for its exit code
-        print(end_line(summary, str(run.out), sum(1 for rl in strategy.rounds.values()
-                                                  if rl.used)), flush=True)
+        print(
+            end_line(summary, str(run.out), sum(1 for rl in strategy.rounds.values() if rl.used)),
+            flush=True,
+        )
     return summary
 
 
-def run_failure(strategy: Any, watch: RunWatch, admission: Admission,
-                trained: bool) -> dict[str, Any] | None:
+def run_failure(
+    strategy: Any, watch: RunWatch, admission: Admission, trained: bool
+) -> dict[str, Any] | None:
     """Why the run failed (the reason and one line per site), or None."""
     if not (strategy.stopped or not trained):
         return None
-    return {"reason": strategy.stopped or "no round aggregated an update",
-            "sites": {**admission.problems,
-                      **{s: f"denied: {r}" for s, r in admission.denied.items()},
-                      **watch.problems()}}
+    return {
+        "reason": strategy.stopped or "no round aggregated an update",
+        "sites": {
+            **admission.problems,
+            **{s: f"denied: {r}" for s, r in admission.denied.items()},
+            **watch.problems(),
+        },
+    }
 
 
-def run_summary(run: ServerRun, strategy: Any, watch: RunWatch, admission: Admission,
-                last_round: int, last_eval: dict[str, Any], failure: dict[str, Any] | None,
-                model_sha256: str) -> dict[str, Any]:
+def run_summary(
+    run: ServerRun,
+    strategy: Any,
+    watch: RunWatch,
+    admission: Admission,
+    last_round: int,
+    last_eval: dict[str, Any],
+    failure: dict[str, Any] | None,
+    model_sha256: str,
+) -> dict[str, Any]:
     """The summary (without the audit head and anchors, added once the end is logged)."""
     cfg = run.cfg
     trained = watch.aggregated > 0
@@ -788,14 +1008,24 @@ def run_summary(run: ServerRun, strategy: Any, watch: RunWatch, admission: Admis
         for site in rl.declined:
             declined[site] = declined.get(site, 0) + 1
     return {
-        "run": run.run_id, "task": cfg.task, "strategy": cfg.strategy, "rounds": cfg.rounds,
+        "run": run.run_id,
+        "task": cfg.task,
+        "strategy": cfg.strategy,
+        "rounds": cfg.rounds,
         "sites": sorted(admission.sites.values()),
-        "eligible": sorted(admission.eligible), "denied": admission.denied,
-        "epsilon": epsilon, "declined_rounds": declined, "exclusions": exclusions,
-        "dp": cfg.dp, "eval": last_eval, "stopped": strategy.stopped,
-        "status": "failed" if failure else "completed", "failure": failure,
+        "eligible": sorted(admission.eligible),
+        "denied": admission.denied,
+        "epsilon": epsilon,
+        "declined_rounds": declined,
+        "exclusions": exclusions,
+        "dp": cfg.dp,
+        "eval": last_eval,
+        "stopped": strategy.stopped,
+        "status": "failed" if failure else "completed",
+        "failure": failure,
         "trained": trained,
-        "aggregated_rounds": watch.aggregated, "last_round": last_round,
+        "aggregated_rounds": watch.aggregated,
+        "last_round": last_round,
         "model_file": MODEL_FILE if trained else None,
         "noise": noise_statement(cfg.noise_source, run.transport) if cfg.dp else None,
         "model_sha256": model_sha256,
@@ -803,16 +1033,29 @@ def run_summary(run: ServerRun, strategy: Any, watch: RunWatch, admission: Admis
     }
 
 
-def record_end(run: ServerRun, strategy: Any, watch: RunWatch, failure: dict[str, Any] | None,
-               last_round: int, model_path: Path | None, model_sha256: str) -> None:
+def record_end(
+    run: ServerRun,
+    strategy: Any,
+    watch: RunWatch,
+    failure: dict[str, Any] | None,
+    last_round: int,
+    model_path: Path | None,
+    model_sha256: str,
+) -> None:
     """Audit the run's end, binding the model and metrics files the report shows."""
     trained = watch.aggregated > 0
-    run.audit.append("run.end", run_id=run.run_id, decision="allow" if not failure else "deny",
-                     model_out=model_sha256,
-                     details={"stopped": (strategy.stopped or "")[:500] or None,
-                              "status": "failed" if failure else "completed",
-                              "trained": trained,
-                              "aggregated_rounds": watch.aggregated, "last_round": last_round,
-                              "model_file_sha256": _file_sha(model_path) if model_path
-                              else None,
-                              "metrics_sha256": _file_sha(run.out / METRICS_FILE)})
+    run.audit.append(
+        "run.end",
+        run_id=run.run_id,
+        decision="allow" if not failure else "deny",
+        model_out=model_sha256,
+        details={
+            "stopped": (strategy.stopped or "")[:500] or None,
+            "status": "failed" if failure else "completed",
+            "trained": trained,
+            "aggregated_rounds": watch.aggregated,
+            "last_round": last_round,
+            "model_file_sha256": _file_sha(model_path) if model_path else None,
+            "metrics_sha256": _file_sha(run.out / METRICS_FILE),
+        },
+    )

@@ -25,9 +25,15 @@ def ray_run(tmp_path_factory: pytest.TempPathFactory) -> RayRun:
     out = base / "reptile"
     with adopting_orphans():
         before = own_processes()
-        res = fedmeta("simulate", *cli_args(RAY_RUN_SETTINGS), "--strategy", "reptile",
-                      "--out", str(out), cwd=cwd)
+        res = fedmeta(
+            "simulate",
+            *cli_args(RAY_RUN_SETTINGS),
+            "--strategy",
+            "reptile",
+            "--out",
+            str(out),
+            cwd=cwd,
+        )
         leftover = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return RayRun(out, res, leftover, cwd)
-

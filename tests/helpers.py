@@ -32,12 +32,14 @@ def loopback_only() -> list[str]:
     return []
 
 
-def fedmeta(*args: str, timeout: float = 600, cwd: Path | None = None,
-            isolate: bool = True) -> subprocess.CompletedProcess[str]:
+def fedmeta(
+    *args: str, timeout: float = 600, cwd: Path | None = None, isolate: bool = True
+) -> subprocess.CompletedProcess[str]:
     cmd = (loopback_only() if isolate else []) + FEDMETA + list(args)
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd or ROOT, env=env)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env
+    )
 
 
 def run_inline(out: Path, overwrite: bool = False, **settings: Any) -> dict[str, Any]:
@@ -52,8 +54,13 @@ def run_inline(out: Path, overwrite: bool = False, **settings: Any) -> dict[str,
 
 def copy_project(dest: Path) -> Path:
     """Copy the project's files (tracked + untracked, not ignored) to ``dest`` for `flwr run`."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in files:
         src = ROOT / name
         if src.is_file():
@@ -79,8 +86,14 @@ def consent_declaration(path: Path) -> Path:
     return path
 
 
-def manifest(site_id: str, country: str = "DE", safeguards: str = "[]",
-             packs: str = '["gdpr"]', extra: str = "", log_days: int = 730) -> str:
+def manifest(
+    site_id: str,
+    country: str = "DE",
+    safeguards: str = "[]",
+    packs: str = '["gdpr"]',
+    extra: str = "",
+    log_days: int = 730,
+) -> str:
     return f"""
 site_id = "{site_id}"
 institution = "Hospital {site_id}"
@@ -100,16 +113,19 @@ law_packs = {packs}
 """
 
 
-def write_site(root: Path, index: int, text: str, plan: dict[str, int] | None = None,
-               num_sites: int = 4) -> Path:
+def write_site(
+    root: Path, index: int, text: str, plan: dict[str, int] | None = None, num_sites: int = 4
+) -> Path:
     from fedmeta.data.tasks import get_task
 
     site_dir = root / "sites" / f"site-{index}"
     site_dir.mkdir(parents=True)
     (site_dir / "manifest.toml").write_text(text)
     ids = get_task("digits-fewshot", num_sites=num_sites).site_records(index).record_ids
-    rows = ["record_id,consent_purposes,consent_withdrawn_at,age,guardian_consent,"
-            "collected_at,erasure_requested"]
+    rows = [
+        "record_id,consent_purposes,consent_withdrawn_at,age,guardian_consent,"
+        "collected_at,erasure_requested"
+    ]
     old = (NOW - timedelta(days=20 * 365)).date().isoformat()
     recent = (NOW - timedelta(days=300)).date().isoformat()
     withdrawn = (NOW - timedelta(days=3)).date().isoformat()
@@ -118,10 +134,19 @@ def write_site(root: Path, index: int, text: str, plan: dict[str, int] | None = 
         kinds += [rule] * n
     for i, rid in enumerate(ids):
         kind = kinds[i] if i < len(kinds) else None
-        rows.append(",".join([
-            rid, PURPOSE, withdrawn if kind == "GDPR-7-3" else "", AGE.get(kind or "", "40"),
-            "false", old if kind == "GDPR-5-1-e" else recent,
-            "true" if kind == "GDPR-17" else "false"]))
+        rows.append(
+            ",".join(
+                [
+                    rid,
+                    PURPOSE,
+                    withdrawn if kind == "GDPR-7-3" else "",
+                    AGE.get(kind or "", "40"),
+                    "false",
+                    old if kind == "GDPR-5-1-e" else recent,
+                    "true" if kind == "GDPR-17" else "false",
+                ]
+            )
+        )
     (site_dir / "records-meta.csv").write_text("\n".join(rows) + "\n")
     return site_dir
 
@@ -138,8 +163,12 @@ def example_site_on_bundled_data() -> str:
     return text.replace("collection_dates_recorded = true", "collection_dates_recorded = false")
 
 
-def clinic_manifest(site_id: str, features: str = '["age_band", "bmi", "glucose"]',
-                    subjects: str = '["patients", "minors"]', extra: str = "") -> str:
+def clinic_manifest(
+    site_id: str,
+    features: str = '["age_band", "bmi", "glucose"]',
+    subjects: str = '["patients", "minors"]',
+    extra: str = "",
+) -> str:
     """A German clinic's manifest for a tabular site (public-interest research, Art. 9(2)(j))."""
     return f"""
 site_id = "{site_id}"
@@ -178,9 +207,11 @@ def processes_with_env(key: str, value: str) -> list[int]:
 
 
 # ---- a Flower project of the user's own: its server.py, clients/, policies/ ---------------
-SHADOWS = {"server.py": "raise SystemExit('the user server.py was imported')",
-           "clients/__init__.py": "raise SystemExit('the user clients/ was imported')",
-           "policies/__init__.py": "raise SystemExit('the user policies/ was imported')"}
+SHADOWS = {
+    "server.py": "raise SystemExit('the user server.py was imported')",
+    "clients/__init__.py": "raise SystemExit('the user clients/ was imported')",
+    "policies/__init__.py": "raise SystemExit('the user policies/ was imported')",
+}
 
 
 def shadowing_project(root: Path) -> Path:
@@ -230,8 +261,15 @@ def own_processes() -> dict[int, str]:
 
 
 # ---- the suite's shared real Ray simulation (tests/conftest.py: ``ray_run``) ---------------
-RAY_RUN_SETTINGS = {"task": "digits-fewshot", "sites": 3, "rounds": 3, "seed": 5,
-                    "eval-every": 0, "eval-episodes": 5, "adapt-steps": 5}
+RAY_RUN_SETTINGS = {
+    "task": "digits-fewshot",
+    "sites": 3,
+    "rounds": 3,
+    "seed": 5,
+    "eval-every": 0,
+    "eval-episodes": 5,
+    "adapt-steps": 5,
+}
 
 
 def cli_args(settings: dict[str, Any]) -> list[str]:

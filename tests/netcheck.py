@@ -26,11 +26,20 @@ import pytest
 
 from fedmeta.netns import THREAD_NET_NS, entered
 
-ADDRESSED = ["unshare", "-n", "sh", "-c",
-             "ip link set lo up && ip addr add 192.0.2.1/32 dev lo && "
-             'ip route add default dev lo src 192.0.2.1 && exec "$@"', "sh"]
-CAN_ADDRESS = (sys.platform == "linux" and os.geteuid() == 0
-               and bool(shutil.which("unshare") and shutil.which("ip")))
+ADDRESSED = [
+    "unshare",
+    "-n",
+    "sh",
+    "-c",
+    "ip link set lo up && ip addr add 192.0.2.1/32 dev lo && "
+    'ip route add default dev lo src 192.0.2.1 && exec "$@"',
+    "sh",
+]
+CAN_ADDRESS = (
+    sys.platform == "linux"
+    and os.geteuid() == 0
+    and bool(shutil.which("unshare") and shutil.which("ip"))
+)
 root_only = pytest.mark.skipif(not CAN_ADDRESS, reason="needs Linux, root, unshare and ip")
 NETWORK_MARK = " [ns with a network]"
 
@@ -68,14 +77,21 @@ def exposed_listeners(pids: Iterable[int]) -> tuple[list[str], list[str]]:
     exposed: list[str] = []
     seen: list[str] = []
     for proc in tree.values():
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied,
-                                 FileNotFoundError, ProcessLookupError):
+        with contextlib.suppress(
+            psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError
+        ):
             with _in_net_of(proc.pid):
-                own = [ip for addrs in psutil.net_if_addrs().values() for a in addrs
-                       if a.family in (socket.AF_INET, socket.AF_INET6)
-                       for ip in [a.address] if _non_loopback(ip)]
-                listening = [c for c in proc.net_connections(kind="inet")
-                             if c.status == psutil.CONN_LISTEN]
+                own = [
+                    ip
+                    for addrs in psutil.net_if_addrs().values()
+                    for a in addrs
+                    if a.family in (socket.AF_INET, socket.AF_INET6)
+                    for ip in [a.address]
+                    if _non_loopback(ip)
+                ]
+                listening = [
+                    c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+                ]
             for conn in listening:
                 ip = conn.laddr.ip
                 wildcard = _address(ip).is_unspecified

@@ -16,8 +16,15 @@ from helpers import ROOT
 import fedmeta
 from fedmeta.paths import RunPaths
 
-SETTINGS = {"task": "sine", "sites": 3, "rounds": 3, "fraction-train": 1.0,
-            "eval-every": 1, "eval-episodes": 3, "inner-steps": 2}
+SETTINGS = {
+    "task": "sine",
+    "sites": 3,
+    "rounds": 3,
+    "fraction-train": 1.0,
+    "eval-every": 1,
+    "eval-episodes": 3,
+    "inner-steps": 2,
+}
 
 
 def test_public_names_are_exported():
@@ -30,8 +37,9 @@ def test_public_names_are_exported():
 
 def test_simulate_returns_typed_results_and_calls_on_round(tmp_path):
     seen: list[fedmeta.RoundMetrics] = []
-    result = fedmeta.simulate(SETTINGS, out_dir=str(tmp_path / "run"), backend="inline",
-                              on_round=seen.append)
+    result = fedmeta.simulate(
+        SETTINGS, out_dir=str(tmp_path / "run"), backend="inline", on_round=seen.append
+    )
     assert isinstance(result, fedmeta.RunResult) and result.ok and result.trained
     assert [m.round for m in seen] == [0, 1, 2, 3] == [m.round for m in result.rounds]
     assert seen[1].used == ["site-0", "site-1", "site-2"] and seen[1].aggregated
@@ -50,15 +58,24 @@ def test_a_failed_run_raises_run_failed_with_the_result(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(fedmeta.RunFailed) as info:
         # every update is dropped by the server's norm bound: nothing is ever aggregated
-        fedmeta.simulate(SETTINGS, out_dir=str(out), backend="inline",
-                         **{"max-update-norm": 1e-9, "max-failed-rounds": 1})
+        fedmeta.simulate(
+            SETTINGS,
+            out_dir=str(out),
+            backend="inline",
+            **{"max-update-norm": 1e-9, "max-failed-rounds": 1},
+        )
     result = info.value.result
     assert not result.ok and not result.trained and result.final_model is None
     assert result.failure.reason.startswith("no usable reply for 1 consecutive")
     assert "FAILED" in str(info.value)
-    again = fedmeta.simulate(SETTINGS, out_dir=str(out), backend="inline", overwrite=True,
-                             check=False, **{"max-update-norm": 1e-9,
-                                             "max-failed-rounds": 1})
+    again = fedmeta.simulate(
+        SETTINGS,
+        out_dir=str(out),
+        backend="inline",
+        overwrite=True,
+        check=False,
+        **{"max-update-norm": 1e-9, "max-failed-rounds": 1},
+    )
     assert again.status == "failed"
 
 
@@ -69,9 +86,13 @@ def test_bad_config_is_a_one_line_config_error(tmp_path):
 
 @pytest.mark.slow
 def test_the_example_script_runs(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "api_example.py"),
-                          str(tmp_path)], capture_output=True, text=True, timeout=900,
-                         cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "api_example.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     assert "round 0:" in out and ": completed, 4 rounds aggregated" in out
@@ -101,8 +122,9 @@ def test_mlflow_gets_each_rounds_scalars(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = fedmeta.MLflowTracker(tracking_uri=uri, experiment="fedmeta-test")
-    result = fedmeta.simulate(SETTINGS, out_dir=str(tmp_path / "run"), backend="inline",
-                              on_round=tracker)
+    result = fedmeta.simulate(
+        SETTINGS, out_dir=str(tmp_path / "run"), backend="inline", on_round=tracker
+    )
     tracker.close()
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("fedmeta-test").experiment_id])
@@ -115,9 +137,24 @@ def test_the_cli_feeds_the_trackers(tmp_path):
     pytest.importorskip("tensorboard")
     from helpers import fedmeta as cli
 
-    res = cli("simulate", "--backend", "inline", "--task", "sine", "--sites", "2",
-              "--rounds", "2", "--set", "eval-episodes=2", "--out", str(tmp_path / "run"),
-              "--tensorboard", str(tmp_path / "tb"), isolate=False)
+    res = cli(
+        "simulate",
+        "--backend",
+        "inline",
+        "--task",
+        "sine",
+        "--sites",
+        "2",
+        "--rounds",
+        "2",
+        "--set",
+        "eval-episodes=2",
+        "--out",
+        str(tmp_path / "run"),
+        "--tensorboard",
+        str(tmp_path / "tb"),
+        isolate=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 

@@ -40,16 +40,20 @@ def test_report_lists_its_formats():
     assert f"report format: {' | '.join(FORMATS)} [default: html]" in help_of("report")
 
 
-@pytest.mark.parametrize(("args", "names"), [
-    (["simulate", "--strategy", "fedprox"], "choose one of reptile | fedavg | fomaml"),
-    (["simulate", "--backend", "threads"], "choose one of ray | inline"),
-    (["simulate", "--task", "digits-fewshoot"], "(did you mean digits-fewshot?)"),
-    (["simulate", "--task", "mnist"], " | ".join(task_names()) + " or package.module:Class"),
-    (["report", "run", "--format", "pdf"], "choose one of html | json | md"),
-])
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["simulate", "--strategy", "fedprox"], "choose one of reptile | fedavg | fomaml"),
+        (["simulate", "--backend", "threads"], "choose one of ray | inline"),
+        (["simulate", "--task", "digits-fewshoot"], "(did you mean digits-fewshot?)"),
+        (["simulate", "--task", "mnist"], " | ".join(task_names()) + " or package.module:Class"),
+        (["report", "run", "--format", "pdf"], "choose one of html | json | md"),
+    ],
+)
 def test_a_wrong_value_is_one_line_naming_the_choices(tmp_path, args, names):
-    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x")] if args[0] ==
-                             "simulate" else args, env=WIDE)
+    res = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "x")] if args[0] == "simulate" else args, env=WIDE
+    )
     assert res.exit_code == 2, res.output
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert res.stderr.startswith(f"error: option '{args[-2]}': unknown ") and names in res.stderr
@@ -75,8 +79,11 @@ def test_every_command_and_parameter_has_a_whole_help_text():
         summary = (cmd.help or "").split("\n\n")[0].strip()
         if not summary.endswith((".", ")")):
             cut.append(name)
-        missing += [f"{name} {p.name}" for p in cmd.params
-                    if p.name != "help" and not getattr(p, "help", None)]
+        missing += [
+            f"{name} {p.name}"
+            for p in cmd.params
+            if p.name != "help" and not getattr(p, "help", None)
+        ]
     assert missing == [] and cut == []
 
 
@@ -87,19 +94,38 @@ def test_argument_help_is_shown():
 def test_an_installed_plug_in_is_listed_and_named_in_errors(tmp_path):
     dist = tmp_path / "fedmeta_test_plugin-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fedmeta-test-plugin\n"
-                                   "Version: 0.1\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: fedmeta-test-plugin\nVersion: 0.1\n"
+    )
     (dist / "entry_points.txt").write_text("[fedmeta.tasks]\nzebra-task = zebra_mod:Zebra\n")
     env = {**os.environ, **WIDE, "PYTHONPATH": str(tmp_path)}
-    shown = subprocess.run([sys.executable, "-m", "fedmeta.cli", "simulate", "--help"],
-                           env=env, capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "fedmeta.cli", "simulate", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr
     listed = " ".join(shown.stdout.split())
     # bundled first, then every installed plug-in (other plug-ins may be installed too)
     assert " | ".join(BUNDLED_TASKS) + " |" in listed and "zebra-task" in listed
     assert listed.index("zebra-task") > listed.index(list(BUNDLED_TASKS)[-1])
-    wrong = subprocess.run([sys.executable, "-m", "fedmeta.cli", "simulate", "--task",
-                            "zebra-tsk", "--out", str(tmp_path / "x")], env=env,
-                           capture_output=True, text=True, timeout=120)
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmeta.cli",
+            "simulate",
+            "--task",
+            "zebra-tsk",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert wrong.returncode == 2
     assert "zebra-task" in wrong.stderr and "did you mean zebra-task?" in wrong.stderr

@@ -15,13 +15,16 @@ def test_defaults_round_trip_through_flat_dict(tmp_path):
     assert "inner-steps" in cfg.to_flat()
 
 
-@pytest.mark.parametrize("values, key", [
-    ({"rounds": 0}, "rounds"),
-    ({"strategy": "fedprox"}, "strategy"),
-    ({"delta": 2}, "delta"),
-    ({"no-such-key": 1}, "no-such-key"),
-    ({"sites": 3, "min-sites": 5}, "min-sites"),
-])
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"strategy": "fedprox"}, "strategy"),
+        ({"delta": 2}, "delta"),
+        ({"no-such-key": 1}, "no-such-key"),
+        ({"sites": 3, "min-sites": 5}, "min-sites"),
+    ],
+)
 def test_invalid_values_give_one_line_error_naming_the_option(values, key):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_flat(values, source="test")
@@ -36,9 +39,14 @@ def test_unreadable_config_file(tmp_path):
         RunConfig.load(bad)
 
 
-@given(st.dictionaries(st.sampled_from(list(RunConfig().to_flat())),
-                       st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=5),
-                                 st.booleans(), st.none())))
+@given(
+    st.dictionaries(
+        st.sampled_from(list(RunConfig().to_flat())),
+        st.one_of(
+            st.integers(), st.floats(allow_nan=True), st.text(max_size=5), st.booleans(), st.none()
+        ),
+    )
+)
 def test_arbitrary_values_either_validate_or_raise_config_error(values):
     try:
         cfg = RunConfig.from_flat(values)

@@ -53,11 +53,26 @@ def repair_if_cut(log: Path, key: Path) -> bool:
 
 def test_killed_run_keeps_verifiable_evidence_and_resumes(tmp_path):
     out = tmp_path / "run"
-    args = ["simulate", "--backend", "inline", "--sites", "3", "--rounds", "200",
-            "--set", "fraction-train=1.0", "--set", "eval-every=0", "--set", "eval-episodes=3",
-            "--out", str(out)]
-    proc = subprocess.Popen([*FEDMETA, *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "simulate",
+        "--backend",
+        "inline",
+        "--sites",
+        "3",
+        "--rounds",
+        "200",
+        "--set",
+        "fraction-train=1.0",
+        "--set",
+        "eval-every=0",
+        "--set",
+        "eval-episodes=3",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [*FEDMETA, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics = RunPaths(out).metrics
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -87,8 +102,7 @@ def test_killed_run_keeps_verifiable_evidence_and_resumes(tmp_path):
         ledger = PrivacyLedger.read(site_dir / LEDGER_FILE)
         assert len(ledger.charges) >= 2 and ledger.epsilon() > 0
         before[i] = (len(ledger.charges), ledger.epsilon())
-        repair_if_cut(SitePaths(site_dir).audit_log,
-                      SitePaths(site_dir).audit_key)
+        repair_if_cut(SitePaths(site_dir).audit_log, SitePaths(site_dir).audit_key)
     repair_if_cut(server_log, RunPaths(out).server_key)
 
     # the same run directory again, 2 rounds: it must start, and carry the budget over
@@ -106,12 +120,16 @@ def test_killed_run_keeps_verifiable_evidence_and_resumes(tmp_path):
         assert summary["epsilon"][f"site-{i}"] == pytest.approx(ledger.epsilon())
         site_log = SitePaths(site_dir).audit_log
         assert verify_log(site_log).ok
-        trained = [e for e in map(json.loads, site_log.read_text().splitlines())
-                   if e["action"] == "round.train"]
+        trained = [
+            e
+            for e in map(json.loads, site_log.read_text().splitlines())
+            if e["action"] == "round.train"
+        ]
         assert {e["run_id"] for e in trained} == {killed_run, new_run}
         assert [e["round"] for e in trained if e["run_id"] == new_run] == [1, 2]
     assert verify_log(server_log).ok
-    actions = [(e["run_id"], e["action"]) for e in map(json.loads,
-                                                       server_log.read_text().splitlines())]
+    actions = [
+        (e["run_id"], e["action"]) for e in map(json.loads, server_log.read_text().splitlines())
+    ]
     assert (killed_run, "run.start") in actions and (killed_run, "run.end") not in actions
     assert (new_run, "run.start") in actions and (new_run, "run.end") in actions

@@ -69,9 +69,17 @@ def test_dp_training_runs_on_cuda(mode):
     torch.manual_seed(0)
     model = SmallCNN(5)
     before = [p.detach().clone() for p in model.parameters()]
-    res = train_steps(model, digits_pool(), loss_fn=nn.CrossEntropyLoss(), steps=4, lr=0.1,
-                      batch_size=10, dp=DPSettings(1.0, 1.0, grad_sample_mode=mode),
-                      device=GPU, seed=0)
+    res = train_steps(
+        model,
+        digits_pool(),
+        loss_fn=nn.CrossEntropyLoss(),
+        steps=4,
+        lr=0.1,
+        batch_size=10,
+        dp=DPSettings(1.0, 1.0, grad_sample_mode=mode),
+        device=GPU,
+        seed=0,
+    )
     params = list(model.parameters())
     assert all(p.device.type == GPU and torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p.detach().cpu(), b) for p, b in zip(params, before, strict=True))
@@ -96,8 +104,22 @@ def test_adaptation_on_cuda_matches_cpu():
     task = build_task(RunConfig())
     torch.manual_seed(0)
     state = task.build_model(5).state_dict()
-    scores = [meta_evaluate(task, state, 5, split="val", episodes=10, shots=5, query=5, steps=5,
-                            lr=0.3, seed=3, device=device).adapted for device in ("cpu", GPU)]
+    scores = [
+        meta_evaluate(
+            task,
+            state,
+            5,
+            split="val",
+            episodes=10,
+            shots=5,
+            query=5,
+            steps=5,
+            lr=0.3,
+            seed=3,
+            device=device,
+        ).adapted
+        for device in ("cpu", GPU)
+    ]
     assert scores[1] == pytest.approx(scores[0], abs=0.02)
 
 
@@ -106,8 +128,21 @@ def test_simulation_gives_each_site_a_share_of_the_gpu(tmp_path):
     share = resources["client_resources"]["num_gpus"]
     assert 0 < share <= 1 and resources["init_args"]["num_gpus"] == torch.cuda.device_count()
     out = tmp_path / "run"
-    res = fedmeta("simulate", "--task", "digits-fewshot", "--sites", "4", "--rounds", "2",
-                  "--device", GPU, "--set", "eval-episodes=5", "--out", str(out))
+    res = fedmeta(
+        "simulate",
+        "--task",
+        "digits-fewshot",
+        "--sites",
+        "4",
+        "--rounds",
+        "2",
+        "--device",
+        GPU,
+        "--set",
+        "eval-episodes=5",
+        "--out",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(RunPaths(out).config.read_text())["device"] == GPU
     lines = [json.loads(x) for x in RunPaths(out).metrics.read_text().splitlines()]

@@ -27,8 +27,10 @@ def test_append_fsyncs_the_line_and_a_new_files_directory(tmp_path, monkeypatch)
     durable.append_json_line(path, {"a": 2}, compact=True)
     assert synced == ["file", "dir", "file"]
     assert path.read_text() == '{"a": [1, 2], "b": 1}\n{"a":2}\n'
-    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"a": [1, 2], "b": 1},
-                                                                     {"a": 2}]
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"a": [1, 2], "b": 1},
+        {"a": 2},
+    ]
 
 
 def test_a_line_break_is_refused_before_anything_is_written(tmp_path):
@@ -45,6 +47,6 @@ def test_every_append_only_file_goes_through_it():
     writers = []
     for path in [*(root / "fedmeta").rglob("*.py"), *(root / "server").rglob("*.py")]:
         text = path.read_text(encoding="utf-8")
-        if ('open(' in text and ', "a"' in text) and path.name != "durable.py":
+        if ("open(" in text and ', "a"' in text) and path.name != "durable.py":
             writers.append(path.relative_to(root).as_posix())
     assert writers == []

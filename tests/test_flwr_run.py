@@ -25,11 +25,22 @@ pytestmark = pytest.mark.slow
 def test_flwr_run_local_simulation(tmp_path):
     app = copy_project(tmp_path / "app")
     flwr_home = str(tmp_path / "flwr-home")
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": flwr_home,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "FLWR_HOME": flwr_home,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     # as root: in a namespace of the test's own that looks like a networked machine
-    cmd = [*(ADDRESSED if CAN_ADDRESS else []), "flwr", "run", ".", "--stream", "--run-config",
-           'rounds=2 eval-episodes=5 task="breast-cancer-sites"']
+    cmd = [
+        *(ADDRESSED if CAN_ADDRESS else []),
+        "flwr",
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        'rounds=2 eval-episodes=5 task="breast-cancer-sites"',
+    ]
     exposed: set[str] = set()
     seen: set[str] = set()
 
@@ -58,12 +69,14 @@ def test_flwr_run_local_simulation(tmp_path):
         # the local SuperLink that `flwr run` started outlives the command: stop it by PID
         for pid in processes_with_env("FLWR_HOME", flwr_home):
             os.kill(pid, signal.SIGTERM)
-    res = subprocess.CompletedProcess(cmd, returncode, (tmp_path / "out").read_text(),
-                                      (tmp_path / "err").read_text())
+    res = subprocess.CompletedProcess(
+        cmd, returncode, (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    )
     print("listening:", *sorted(seen), sep="\n  ")
     names = " ".join(seen)
     assert "flower-superlin" in names and "gcs_server" in names and "raylet" in names, (
-        f"the check did not see the run's SuperLink and Ray: {sorted(seen)}")
+        f"the check did not see the run's SuperLink and Ray: {sorted(seen)}"
+    )
     assert not exposed, f"listening on a non-loopback address: {sorted(exposed)}"
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     (summary,) = runs.glob("*/summary.json")

@@ -33,8 +33,15 @@ from fedmeta.site import Site, round_seed
 
 CFG = RunConfig(sites=3, inner_steps=2)
 SITE = "site-de-01"
-EXPECTED_METRICS = {"num-examples", "declined", "steps", "epsilon-round", "epsilon-total", "dp",
-                    "excluded"}
+EXPECTED_METRICS = {
+    "num-examples",
+    "declined",
+    "steps",
+    "epsilon-round",
+    "epsilon-total",
+    "dp",
+    "excluded",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +65,9 @@ def theta() -> dict[str, torch.Tensor]:
     return build_task(CFG).build_model(5).state_dict()
 
 
-def train_message(round_: int = 1, run: str = "run-1", declaration: str | None = "approved",
-                  **overrides) -> Message:
+def train_message(
+    round_: int = 1, run: str = "run-1", declaration: str | None = "approved", **overrides
+) -> Message:
     cfg = CFG.model_copy(update={k.replace("-", "_"): v for k, v in overrides.items()})
     config = {**cfg.to_flat(), "run-id": run, "server-round": round_, "server-head": ""}
     if declaration == "approved":
@@ -71,8 +79,13 @@ def train_message(round_: int = 1, run: str = "run-1", declaration: str | None =
 
 
 def send(site_dir: Path, msg: Message) -> tuple[dict, dict]:
-    ctx = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir), "site-id": SITE},
-                  state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-dir": str(site_dir), "site-id": SITE},
+        state=RecordDict(),
+        run_config={},
+    )
     reply = make_client_app()(msg, ctx)
     assert not reply.has_error(), reply.error
     return dict(reply.content["metrics"]), dict(reply.content["info"])
@@ -82,8 +95,14 @@ def log_entries(site_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (site_dir / AUDIT_LOG).read_text().splitlines()]
 
 
-def assert_refused(site_dir: Path, metrics: dict, info: dict, rule: str, setting_text: str,
-                   action: str = "privacy.decline") -> None:
+def assert_refused(
+    site_dir: Path,
+    metrics: dict,
+    info: dict,
+    rule: str,
+    setting_text: str,
+    action: str = "privacy.decline",
+) -> None:
     """Declined, nothing charged or trained, and the refusal signed in the site's log."""
     assert metrics["declined"] == 1 and setting_text in info["reason"], info
     ledger = site_dir / LEDGER_FILE
@@ -119,23 +138,26 @@ def test_dp_false_is_declined(tmp_path):
 def test_a_round_without_a_declaration_is_declined(tmp_path):
     site_dir = deployed_site(tmp_path)
     metrics, info = send(site_dir, train_message(declaration=None))
-    assert_refused(site_dir, metrics, info, "SITE-APPROVAL", "no run declaration",
-                   action="policy.site")
+    assert_refused(
+        site_dir, metrics, info, "SITE-APPROVAL", "no run declaration", action="policy.site"
+    )
 
 
 def test_a_round_with_another_declaration_is_declined(tmp_path):
     site_dir = deployed_site(tmp_path)
     other = run_declaration(CFG).model_copy(update={"epsilon": 9.5})  # within epsilon_max 10
     metrics, info = send(site_dir, train_message(declaration=other.model_dump_json()))
-    assert_refused(site_dir, metrics, info, "SITE-APPROVAL", "not one this site approved",
-                   action="policy.site")
+    assert_refused(
+        site_dir, metrics, info, "SITE-APPROVAL", "not one this site approved", action="policy.site"
+    )
 
 
 def test_a_tiny_noise_multiplier_is_declined(tmp_path):
     site_dir = deployed_site(tmp_path)
     metrics, info = send(site_dir, train_message(noise_multiplier=0.01))
-    assert_refused(site_dir, metrics, info, "SITE-POLICY.min_noise_multiplier",
-                   "min_noise_multiplier")
+    assert_refused(
+        site_dir, metrics, info, "SITE-POLICY.min_noise_multiplier", "min_noise_multiplier"
+    )
 
 
 def test_a_huge_clipping_norm_is_declined(tmp_path):
@@ -215,17 +237,23 @@ def test_noise_reconstruction_from_the_seed(tmp_path, deployed):
         site = Site("site-0", 0, tmp_path / "sim", cfg)
     assert site.noise_source == ("site-csprng" if deployed else "seeded")
     t0 = theta()
-    reply = site.train_round({k: v.clone() for k, v in t0.items()}, "run-1", 1,
-                             run_declaration(CFG))
+    reply = site.train_round(
+        {k: v.clone() for k, v in t0.items()}, "run-1", 1, run_declaration(CFG)
+    )
     assert not reply.declined
     # all the server knows: theta, phi, the round config and the site's index
     lr, batch, steps = inner_lr(cfg, site.task), cfg.batch_size, cfg.inner_steps
     names = [n for n, _ in site.task.build_model(5).named_parameters()]
     std = cfg.noise_multiplier * cfg.max_grad_norm
-    guess = _server_noise_guess([t0[n].shape for n in names], std, steps,
-                                round_seed(cfg.seed, 1, 0))
-    recovered = torch.cat([((t0[n] - reply.state[n]) * batch / lr - g).flatten()
-                           for n, g in zip(names, guess, strict=True)])
+    guess = _server_noise_guess(
+        [t0[n].shape for n in names], std, steps, round_seed(cfg.seed, 1, 0)
+    )
+    recovered = torch.cat(
+        [
+            ((t0[n] - reply.state[n]) * batch / lr - g).flatten()
+            for n, g in zip(names, guess, strict=True)
+        ]
+    )
     noise_scale = std * (steps * recovered.numel()) ** 0.5
     # twice the expected number of sampled records (Poisson(B) per step: > 6 sd margin)
     signal_bound = cfg.max_grad_norm * 2 * batch * steps
@@ -247,10 +275,12 @@ def test_a_deployed_site_ignores_a_request_for_seeded_noise(tmp_path):
 def test_every_refusal_names_the_setting_in_a_verified_log(tmp_path):
     """One site, several hostile rounds in a row: each decline is its own signed entry."""
     site_dir = deployed_site(tmp_path)
-    attacks = [({"dp": False}, "SITE-POLICY.dp_required"),
-               ({"noise_multiplier": 0.1}, "SITE-POLICY.min_noise_multiplier"),
-               ({"accountant": "gdp"}, "SITE-POLICY.accountants"),
-               ({"inner_steps": 10_000}, "SITE-POLICY.max_inner_steps")]
+    attacks = [
+        ({"dp": False}, "SITE-POLICY.dp_required"),
+        ({"noise_multiplier": 0.1}, "SITE-POLICY.min_noise_multiplier"),
+        ({"accountant": "gdp"}, "SITE-POLICY.accountants"),
+        ({"inner_steps": 10_000}, "SITE-POLICY.max_inner_steps"),
+    ]
     for i, (attack, _) in enumerate(attacks, start=1):
         metrics, _ = send(site_dir, train_message(round_=i, **attack))
         assert metrics["declined"] == 1

@@ -21,10 +21,21 @@ def toy_app() -> ClientApp:
         seen = context.state.config_records.get("seen", ConfigRecord({"n": 0}))
         context.state["seen"] = ConfigRecord({"n": int(seen["n"]) + 1})
         msg.content["config"]["touched"] = True  # what a site does to its copy stays there
-        return Message(RecordDict({"echo": ConfigRecord({
-            "partition": context.node_config["partition-id"],
-            "partitions": context.node_config["num-partitions"],
-            "node": context.node_id, "n": int(seen["n"]) + 1})}), reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "echo": ConfigRecord(
+                        {
+                            "partition": context.node_config["partition-id"],
+                            "partitions": context.node_config["num-partitions"],
+                            "node": context.node_id,
+                            "n": int(seen["n"]) + 1,
+                        }
+                    )
+                }
+            ),
+            reply_to=msg,
+        )
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -34,8 +45,9 @@ def toy_app() -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        other = Message(RecordDict(), dst_node_id=context.node_id,
-                        message_type=MessageType.EVALUATE)
+        other = Message(
+            RecordDict(), dst_node_id=context.node_id, message_type=MessageType.EVALUATE
+        )
         return Message(RecordDict(), reply_to=other)  # answers a message never delivered
 
     return app
@@ -49,8 +61,14 @@ def make_grid(app: ClientApp, n: int = 3) -> InlineGrid:
 
 
 def to_all(grid: InlineGrid, kind: str, record: RecordDict | None = None) -> list[Message]:
-    return [Message(record or RecordDict({"config": ConfigRecord({"k": 1})}), dst_node_id=n,
-                    message_type=kind) for n in grid.get_node_ids()]
+    return [
+        Message(
+            record or RecordDict({"config": ConfigRecord({"k": 1})}),
+            dst_node_id=n,
+            message_type=kind,
+        )
+        for n in grid.get_node_ids()
+    ]
 
 
 def test_nodes_have_their_own_context_like_flowers_simulation():
@@ -110,8 +128,11 @@ def test_a_reply_to_another_message_is_dropped_as_the_superlink_does():
 def test_a_message_to_an_unknown_node_is_not_delivered():
     grid = make_grid(toy_app())
     unknown = max(grid.get_node_ids()) + 1
-    msg = Message(RecordDict({"config": ConfigRecord({"k": 1})}), dst_node_id=unknown,
-                  message_type=MessageType.QUERY)
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"k": 1})}),
+        dst_node_id=unknown,
+        message_type=MessageType.QUERY,
+    )
     assert list(grid.send_and_receive([msg])) == []
 
 
@@ -119,8 +140,9 @@ def test_messages_must_come_from_this_run():
     grid = make_grid(toy_app())
     msg = to_all(grid, MessageType.QUERY)[0]
     TaskIdentity.run_id = grid.run.run_id + 1
-    stray = Message(RecordDict(), dst_node_id=msg.metadata.dst_node_id,
-                    message_type=MessageType.QUERY)
+    stray = Message(
+        RecordDict(), dst_node_id=msg.metadata.dst_node_id, message_type=MessageType.QUERY
+    )
     with pytest.raises(ValueError, match="run_id"):
         grid.push_messages([stray])
 
@@ -129,8 +151,9 @@ def test_the_real_clientapp_identifies_each_simulated_site(tmp_path):
     app = load_app("clients.app:app", ValueError)
     grid = make_grid(app, 2)
     config = ConfigRecord(RunConfig(out_dir=str(tmp_path), sites=2).to_flat())
-    replies = list(grid.send_and_receive(to_all(grid, MessageType.QUERY,
-                                                RecordDict({"config": config}))))
+    replies = list(
+        grid.send_and_receive(to_all(grid, MessageType.QUERY, RecordDict({"config": config})))
+    )
     sites = {r.metadata.src_node_id: r.content["site"]["site-id"] for r in replies}
     assert sorted(sites.values()) == ["site-0", "site-1"]
     for node, site in sites.items():

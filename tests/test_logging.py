@@ -11,8 +11,21 @@ from helpers import fedmeta
 from fedmeta import logs
 from fedmeta.logs import configure
 
-ARGS = ["simulate", "--backend", "inline", "--task", "digits-fewshot", "--sites", "2",
-        "--rounds", "2", "--set", "eval-episodes=3", "--set", "eval-every=1"]
+ARGS = [
+    "simulate",
+    "--backend",
+    "inline",
+    "--task",
+    "digits-fewshot",
+    "--sites",
+    "2",
+    "--rounds",
+    "2",
+    "--set",
+    "eval-episodes=3",
+    "--set",
+    "eval-every=1",
+]
 FLOWER_MARKS = re.compile(r"\b(DEBUG|INFO|WARNING|DEPRECATED|ERROR)\b")
 
 
@@ -51,8 +64,14 @@ def test_verbose_shows_flowers_info_once(tmp_path):
 def restored_logging(monkeypatch):
     """configure() changes process-wide logging: put it back afterwards."""
     names = ("flwr", *logs.FEDMETA_LOGGERS)
-    saved = {n: (logging.getLogger(n).level, logging.getLogger(n).propagate,
-                 list(logging.getLogger(n).handlers)) for n in names}
+    saved = {
+        n: (
+            logging.getLogger(n).level,
+            logging.getLogger(n).propagate,
+            list(logging.getLogger(n).handlers),
+        )
+        for n in names
+    }
     monkeypatch.setattr(logs, "_configured", False)
     yield
     for name, (level, propagate, handlers) in saved.items():

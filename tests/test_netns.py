@@ -26,22 +26,44 @@ from fedmeta import netns, simulation
 from fedmeta.netns import THREAD_NET_NS, NamespaceUnavailable, loopback_only
 from fedmeta.paths import ALLOW_NETWORK_ENV
 
-RUN = ["simulate", "--task", "digits-fewshot", "--sites", "2", "--rounds", "1", "--seed", "3",
-       "--set", "eval-every=0", "--set", "eval-episodes=2", "--set", "adapt-steps=2"]
+RUN = [
+    "simulate",
+    "--task",
+    "digits-fewshot",
+    "--sites",
+    "2",
+    "--rounds",
+    "1",
+    "--seed",
+    "3",
+    "--set",
+    "eval-every=0",
+    "--set",
+    "eval-episodes=2",
+    "--set",
+    "adapt-steps=2",
+]
 # root without CAP_SYS_ADMIN: what an unprivileged user has for namespaces (it can make
 # a user namespace, not a network namespace in the machine's); the test's files stay
 # readable, as they would not be to another uid
 NO_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
 
 
-def watch_run(out: Path, env: dict[str, str], wrap: list[str] | None = None,
-              ) -> tuple[subprocess.CompletedProcess[str], set[str], set[str], set[str]]:
+def watch_run(
+    out: Path,
+    env: dict[str, str],
+    wrap: list[str] | None = None,
+) -> tuple[subprocess.CompletedProcess[str], set[str], set[str], set[str]]:
     """Run a small Ray simulation (in ``ADDRESSED``, under ``wrap``) and list its
     listening sockets every half second; also the user namespaces of its main process."""
-    proc = subprocess.Popen([*ADDRESSED, *(wrap or []), *FEDMETA, *RUN, "--out", str(out)],
-                            cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "COLUMNS": "200", **env})
+    proc = subprocess.Popen(
+        [*ADDRESSED, *(wrap or []), *FEDMETA, *RUN, "--out", str(out)],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200", **env},
+    )
     exposed: set[str] = set()
     seen: set[str] = set()
     userns: set[str] = set()
@@ -56,8 +78,12 @@ def watch_run(out: Path, env: dict[str, str], wrap: list[str] | None = None,
         time.sleep(0.5)
     stdout, stderr = proc.communicate(timeout=60)
     print("listening:", *sorted(seen), sep="\n  ")
-    return (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), exposed,
-            seen, userns)
+    return (
+        subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+        exposed,
+        seen,
+        userns,
+    )
 
 
 @root_only
@@ -66,9 +92,9 @@ def watch_run(out: Path, env: dict[str, str], wrap: list[str] | None = None,
 def test_a_ray_simulation_listens_on_loopback_only(who, tmp_path):
     """As root the Ray run gets a namespace of its own; without CAP_SYS_ADMIN (an
     unprivileged user) the whole command runs in a user namespace of its own."""
-    res, exposed, seen, userns = watch_run(tmp_path / "run",
-                                           {ALLOW_NETWORK_ENV: "0"},
-                                           NO_SYS_ADMIN if who != "root" else None)
+    res, exposed, seen, userns = watch_run(
+        tmp_path / "run", {ALLOW_NETWORK_ENV: "0"}, NO_SYS_ADMIN if who != "root" else None
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     names = " ".join(seen)
     assert "gcs_server" in names and "raylet" in names, f"the check saw no Ray: {seen}"
@@ -80,20 +106,30 @@ def test_a_ray_simulation_listens_on_loopback_only(who, tmp_path):
     assert userns == ({ours} if who == "root" else userns - {ours}) and userns, userns
 
 
-LISTEN = ("import socket, sys\n"
-          "servers = [socket.create_server((ip, 0)) for ip in sys.argv[1:]]\n"
-          "print('up', flush=True); sys.stdin.read()")
+LISTEN = (
+    "import socket, sys\n"
+    "servers = [socket.create_server((ip, 0)) for ip in sys.argv[1:]]\n"
+    "print('up', flush=True); sys.stdin.read()"
+)
 
 
 @root_only
-@pytest.mark.parametrize(("addresses", "flagged"), [
-    (["0.0.0.0"], ["0.0.0.0"]), (["192.0.2.1", "127.0.0.1"], ["192.0.2.1"]),
-    (["127.0.0.1"], []),
-])
+@pytest.mark.parametrize(
+    ("addresses", "flagged"),
+    [
+        (["0.0.0.0"], ["0.0.0.0"]),
+        (["192.0.2.1", "127.0.0.1"], ["192.0.2.1"]),
+        (["127.0.0.1"], []),
+    ],
+)
 def test_the_check_flags_what_another_machine_could_reach(addresses, flagged):
     """The check itself, on a process of the test's own in ``ADDRESSED``."""
-    proc = subprocess.Popen([*ADDRESSED, sys.executable, "-c", LISTEN, *addresses],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*ADDRESSED, sys.executable, "-c", LISTEN, *addresses],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "up"
         exposed, seen = exposed_listeners([proc.pid])
@@ -118,8 +154,10 @@ def test_loopback_only_confines_the_thread_and_what_it_starts():
         def where(key: str) -> None:
             seen[key] = os.readlink(THREAD_NET_NS)
 
-        threads = [threading.Thread(target=where, args=("plain",)),
-                   threading.Thread(target=jail.wrap(where), args=("outside",))]
+        threads = [
+            threading.Thread(target=where, args=("plain",)),
+            threading.Thread(target=jail.wrap(where), args=("outside",)),
+        ]
         for t in threads:
             t.start()
             t.join()
@@ -144,8 +182,10 @@ def test_without_a_namespace_the_run_says_what_is_exposed(why, monkeypatch, capl
             yield
 
         monkeypatch.setattr(simulation, "loopback_only", refused)
-    with (caplog.at_level(logging.WARNING, logger="fedmeta.simulation"),
-          simulation._confined() as jail):
+    with (
+        caplog.at_level(logging.WARNING, logger="fedmeta.simulation"),
+        simulation._confined() as jail,
+    ):
         assert jail is None
     (line,) = [r.getMessage() for r in caplog.records]
     assert "open in this machine's network" in line and reason in line
@@ -184,17 +224,21 @@ def test_simulate_confines_the_ray_run_and_calls_back_from_outside(tmp_path, mon
     assert os.readlink(THREAD_NET_NS) == home
 
 
-@pytest.mark.parametrize(("backend", "env", "sys_admin", "mlflow", "made", "refused"), [
-    ("ray", None, False, None, True, None),
-    ("ray", None, False, "sqlite:///mlflow.db", True, None),
-    ("ray", None, False, "mlruns", True, None),
-    ("ray", None, False, "https://mlflow.example.org", False, "needs this machine's network"),
-    ("ray", None, True, None, False, None),  # root: the Ray run gets a namespace of its own
-    ("ray", "1", False, None, False, None),  # FEDMETA_ALLOW_NETWORK=1
-    ("inline", None, False, None, False, None),  # opens no port
-])
-def test_which_commands_get_a_user_namespace_of_their_own(backend, env, sys_admin, mlflow,
-                                                           made, refused, monkeypatch):
+@pytest.mark.parametrize(
+    ("backend", "env", "sys_admin", "mlflow", "made", "refused"),
+    [
+        ("ray", None, False, None, True, None),
+        ("ray", None, False, "sqlite:///mlflow.db", True, None),
+        ("ray", None, False, "mlruns", True, None),
+        ("ray", None, False, "https://mlflow.example.org", False, "needs this machine's network"),
+        ("ray", None, True, None, False, None),  # root: the Ray run gets a namespace of its own
+        ("ray", "1", False, None, False, None),  # FEDMETA_ALLOW_NETWORK=1
+        ("inline", None, False, None, False, None),  # opens no port
+    ],
+)
+def test_which_commands_get_a_user_namespace_of_their_own(
+    backend, env, sys_admin, mlflow, made, refused, monkeypatch
+):
     calls: list[str] = []
     monkeypatch.setattr(netns, "_has_sys_admin", lambda: sys_admin)
     monkeypatch.setattr(netns, "own_user_namespace", lambda: calls.append("made"))
@@ -210,8 +254,10 @@ def test_which_commands_get_a_user_namespace_of_their_own(backend, env, sys_admi
 
 def test_a_refused_user_namespace_is_named_in_the_warning(monkeypatch):
     def refuse() -> None:
-        raise NamespaceUnavailable("unshare(CLONE_NEWUSER|CLONE_NEWNET): Operation not "
-                                   "permitted (unprivileged user namespaces are off)")
+        raise NamespaceUnavailable(
+            "unshare(CLONE_NEWUSER|CLONE_NEWNET): Operation not "
+            "permitted (unprivileged user namespaces are off)"
+        )
 
     monkeypatch.setattr(netns, "_has_sys_admin", lambda: False)
     monkeypatch.setattr(netns, "own_user_namespace", refuse)
@@ -257,14 +303,22 @@ def test_without_cap_sys_admin_a_process_makes_its_own_namespaces(threads, tmp_p
     namespace, and can then make more, as root does; a threaded one is refused with the
     reason."""
     out = tmp_path / "written"
-    res = subprocess.run([*NO_SYS_ADMIN, sys.executable, "-c", PROBE, threads, str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [*NO_SYS_ADMIN, sys.executable, "-c", PROBE, threads, str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "no netns without the user namespace"
     if threads == "threaded":
         assert lines[1].startswith("refused:") and "several threads" in lines[1]
         return
-    assert lines[1:] == [f"uid {os.getuid()} gid {os.getgid()} interfaces lo",
-                         "confined thread lo", "back True"]
+    assert lines[1:] == [
+        f"uid {os.getuid()} gid {os.getgid()} interfaces lo",
+        "confined thread lo",
+        "back True",
+    ]
     assert out.stat().st_uid == os.getuid()

@@ -52,8 +52,16 @@ def federation(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("federation") / "run"
     # batch 32: DP-SGD's noise per step is sigma*C/batch; at the default 10 the 8 rounds
     # learn an embedding no better than a random one (measured: docs/new-site.md)
-    run_inline(run, task="digits-fewshot", sites=4, rounds=8, batch_size=32,
-               fraction_train=1.0, eval_every=0, eval_episodes=5)
+    run_inline(
+        run,
+        task="digits-fewshot",
+        sites=4,
+        rounds=8,
+        batch_size=32,
+        fraction_train=1.0,
+        eval_every=0,
+        eval_episodes=5,
+    )
     return run
 
 
@@ -66,7 +74,7 @@ def new_site(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
     labelled, unlabelled, truth = root / "labelled", root / "unlabelled", {}
     for c in class_split()["test"][:WAYS]:
         idx = rng.permutation(np.flatnonzero(y == c))
-        for folder, chosen in ((labelled, idx[:SHOTS]), (unlabelled, idx[SHOTS:SHOTS + QUERY])):
+        for folder, chosen in ((labelled, idx[:SHOTS]), (unlabelled, idx[SHOTS : SHOTS + QUERY])):
             for i in chosen:
                 name = f"class-{c}/{i}.png" if folder is labelled else f"scan-{i}.png"
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -85,18 +93,38 @@ def accuracy_of(pred_csv: Path, truth: dict[str, str]) -> float:
 def test_adapted_beats_unadapted_and_is_no_worse_than_scratch(federation, new_site, tmp_path):
     labelled, unlabelled, truth = new_site
     # the commands a new hospital runs
-    res = fedmeta("adapt", str(federation), "--data", str(labelled), "--shots", str(SHOTS),
-                  "--out", str(tmp_path / "adapted.pt"), isolate=False)
+    res = fedmeta(
+        "adapt",
+        str(federation),
+        "--data",
+        str(labelled),
+        "--shots",
+        str(SHOTS),
+        "--out",
+        str(tmp_path / "adapted.pt"),
+        isolate=False,
+    )
     assert res.returncode == 0, res.stderr
     assert "adapted to 5 classes on 25 labelled examples" in res.stdout
-    res = fedmeta("predict", str(tmp_path / "adapted.pt"), "--data", str(unlabelled),
-                  "--out", str(tmp_path / "predictions.csv"), isolate=False)
+    res = fedmeta(
+        "predict",
+        str(tmp_path / "adapted.pt"),
+        "--data",
+        str(unlabelled),
+        "--out",
+        str(tmp_path / "predictions.csv"),
+        isolate=False,
+    )
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
-    assert set(rows[0]) == {"record_id", "prediction", *[f"p_class-{c}" for c in
-                                                          class_split()["test"][:WAYS]]}
-    assert all(abs(sum(float(v) for k, v in r.items() if k.startswith("p_")) - 1) < 1e-4
-               for r in rows)
+    assert set(rows[0]) == {
+        "record_id",
+        "prediction",
+        *[f"p_class-{c}" for c in class_split()["test"][:WAYS]],
+    }
+    assert all(
+        abs(sum(float(v) for k, v in r.items() if k.startswith("p_")) - 1) < 1e-4 for r in rows
+    )
     adapted = accuracy_of(tmp_path / "predictions.csv", truth)
 
     # scratch: the same procedure (prototype head + fine-tuning) from a random model
@@ -112,8 +140,9 @@ def test_adapted_beats_unadapted_and_is_no_worse_than_scratch(federation, new_si
     with torch.no_grad():
         guess = net(torch.from_numpy(query.x))[:, :WAYS].argmax(1).numpy()
     names = [f"class-{c}" for c in class_split()["test"][:WAYS]]
-    unadapted = float(np.mean([truth[r] == names[g] for r, g in zip(query.record_ids, guess,
-                                                                      strict=True)]))
+    unadapted = float(
+        np.mean([truth[r] == names[g] for r, g in zip(query.record_ids, guess, strict=True)])
+    )
     print(json.dumps({"unadapted": unadapted, "adapted": adapted, "scratch": scratch}))
     assert adapted > unadapted + 0.5 and adapted >= 0.8
     # one 5-shot episode: with the support-set cross-validation both reach about 0.91 on
@@ -131,11 +160,15 @@ def episode(seed: int, shots: int, query: int = 100) -> tuple[np.ndarray, ...]:
     for c in chosen:
         idx = rng.permutation(np.flatnonzero(y == c))
         sup.append(idx[:shots])
-        qry.append(idx[shots:shots + query])
+        qry.append(idx[shots : shots + query])
     label = {int(c): i for i, c in enumerate(chosen)}
     s, q = np.concatenate(sup), np.concatenate(qry)
-    return (x[s], np.array([label[int(v)] for v in y[s]]), x[q],
-            np.array([label[int(v)] for v in y[q]]))
+    return (
+        x[s],
+        np.array([label[int(v)] for v in y[s]]),
+        x[q],
+        np.array([label[int(v)] for v in y[q]]),
+    )
 
 
 def test_adapted_beats_scratch_over_episodes_of_held_out_classes(federation):
@@ -151,19 +184,30 @@ def test_adapted_beats_scratch_over_episodes_of_held_out_classes(federation):
     scores: dict[str, list[float]] = {"unadapted": [], "adapted": [], "scratch": []}
     for e in range(16):
         sx, sy, qx, qy = episode(e, shots=1)
-        site = Loaded(Records(sx, sy, sy, np.array([f"r{i}" for i in range(len(sy))])),
-                      tuple(f"class-{i}" for i in range(WAYS)))
+        site = Loaded(
+            Records(sx, sy, sy, np.array([f"r{i}" for i in range(len(sy))])),
+            tuple(f"class-{i}" for i in range(WAYS)),
+        )
         net = task.build_model(saved["out_dim"])
         net.load_state_dict(saved["state_dict"])
         scores["unadapted"].append(accuracy(net, qx, qy))
         for name, init in (("adapted", "federated"), ("scratch", "scratch")):
-            scores[name].append(accuracy(adapt_model(federation, site, seed=e, init=init)
-                                         .model, qx, qy))
+            scores[name].append(
+                accuracy(adapt_model(federation, site, seed=e, init=init).model, qx, qy)
+            )
     mean = {k: float(np.mean(v)) for k, v in scores.items()}
     diff = np.subtract(scores["adapted"], scores["scratch"])
     stderr = float(diff.std(ddof=1) / np.sqrt(len(diff)))
-    print(json.dumps({"mean": mean, "std": {k: float(np.std(v)) for k, v in scores.items()},
-                      "adapted_minus_scratch": float(diff.mean()), "stderr": stderr}))
+    print(
+        json.dumps(
+            {
+                "mean": mean,
+                "std": {k: float(np.std(v)) for k, v in scores.items()},
+                "adapted_minus_scratch": float(diff.mean()),
+                "stderr": stderr,
+            }
+        )
+    )
     assert mean["adapted"] > mean["unadapted"] + 0.4
     assert mean["adapted"] > mean["scratch"]
     assert diff.mean() > stderr  # paired over the same episodes: not noise
@@ -175,10 +219,12 @@ def test_adapted_model_carries_its_provenance(federation, new_site, tmp_path):
     saved = torch.load(tmp_path / "a.pt", weights_only=True)
     summary = json.loads(RunPaths(federation).summary.read_text())
     prov = saved["provenance"]
-    assert prov["run_id"] == summary["run"] and prov["final_model_sha256"] == summary[
-        "model_sha256"]
-    entry = [json.loads(x) for x in (RunPaths(federation).server_log)
-             .read_text().splitlines()][prov["audit_entry"]["seq"]]
+    assert (
+        prov["run_id"] == summary["run"] and prov["final_model_sha256"] == summary["model_sha256"]
+    )
+    entry = [json.loads(x) for x in (RunPaths(federation).server_log).read_text().splitlines()][
+        prov["audit_entry"]["seq"]
+    ]
     assert entry["action"] == "run.end" and entry["model_out"] == prov["final_model_sha256"]
     assert entry["sig"] == prov["audit_entry"]["sig"]
     assert saved["task"] == "digits-fewshot" and saved["classes"] == list(result.classes)
@@ -218,15 +264,17 @@ def test_tampered_model_or_log_is_refused(federation, new_site, tmp_path):
     log = RunPaths(copy).server_log
     lines = log.read_text().splitlines()
     log.write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # an entry deleted
-    res = fedmeta("adapt", str(copy), "--data", str(labelled), "--out", str(tmp_path / "x.pt"),
-                  isolate=False)
+    res = fedmeta(
+        "adapt", str(copy), "--data", str(labelled), "--out", str(tmp_path / "x.pt"), isolate=False
+    )
     assert res.returncode == 2 and "audit log fails verification" in res.stderr
     assert "Traceback" not in res.stderr
 
 
 # ---- a regression federation (sine): adapt fine-tunes the model's own output --------------
-def sine_site(root: Path, amp: float = 3.0, phase: float = 1.0, labelled: int = 10,
-              unlabelled: int = 100) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+def sine_site(
+    root: Path, amp: float = 3.0, phase: float = 1.0, labelled: int = 10, unlabelled: int = 100
+) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     """A new site's one sinusoid: ``labelled`` (x, y) rows with a regression schema, and a
     CSV of ``unlabelled`` x values without the label column (and their true y)."""
     rng = np.random.default_rng(7)
@@ -235,9 +283,11 @@ def sine_site(root: Path, amp: float = 3.0, phase: float = 1.0, labelled: int = 
     x = rng.uniform(-5, 5, labelled)
     rows = "\n".join(f"p{i},{v:.6f},{amp * np.sin(v + phase):.6f}" for i, v in enumerate(x))
     (site / "data.csv").write_text("pid,x,y\n" + rows + "\n")
-    (site / "schema.toml").write_text('[dataset]\nname = "new-site"\ntask = "regression"\n'
-                                      'label = "y"\nfeatures = ["x"]\n\n[columns]\n'
-                                      'record_id = "pid"\n')
+    (site / "schema.toml").write_text(
+        '[dataset]\nname = "new-site"\ntask = "regression"\n'
+        'label = "y"\nfeatures = ["x"]\n\n[columns]\n'
+        'record_id = "pid"\n'
+    )
     qx = np.linspace(-5, 5, unlabelled)
     new = root / "sine-new.csv"
     new.write_text("pid,x\n" + "\n".join(f"q{i},{v:.6f}" for i, v in enumerate(qx)) + "\n")
@@ -246,21 +296,39 @@ def sine_site(root: Path, amp: float = 3.0, phase: float = 1.0, labelled: int = 
 
 def test_a_regression_model_adapts_and_predicts_values(tmp_path):
     run = tmp_path / "sine-run"
-    run_inline(run, task="sine", sites=3, rounds=6, fraction_train=1.0, eval_every=0,
-               eval_episodes=2)
+    run_inline(
+        run, task="sine", sites=3, rounds=6, fraction_train=1.0, eval_every=0, eval_episodes=2
+    )
     site, new, qx, truth = sine_site(tmp_path)
-    res = fedmeta("adapt", str(run), "--data", str(site), "--shots", "8",
-                  "--out", str(tmp_path / "sine.pt"), isolate=False)
+    res = fedmeta(
+        "adapt",
+        str(run),
+        "--data",
+        str(site),
+        "--shots",
+        "8",
+        "--out",
+        str(tmp_path / "sine.pt"),
+        isolate=False,
+    )
     assert res.returncode == 0, res.stderr
     assert "adapted (regression) on 8 labelled examples" in res.stdout
     assert "mean squared error on the 2 held-back labelled examples" in res.stdout
-    res = fedmeta("predict", str(tmp_path / "sine.pt"), "--data", str(new),
-                  "--out", str(tmp_path / "values.csv"), isolate=False)
+    res = fedmeta(
+        "predict",
+        str(tmp_path / "sine.pt"),
+        "--data",
+        str(new),
+        "--out",
+        str(tmp_path / "values.csv"),
+        isolate=False,
+    )
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader((tmp_path / "values.csv").open()))
     assert list(rows[0]) == ["record_id", "prediction"] and len(rows) == len(qx)
-    adapted = float(np.mean([(float(r["prediction"]) - t) ** 2
-                             for r, t in zip(rows, truth, strict=True)]))
+    adapted = float(
+        np.mean([(float(r["prediction"]) - t) ** 2 for r, t in zip(rows, truth, strict=True)])
+    )
     # the federation's model as received (no fine-tuning): its prediction for the same x
     saved = torch.load(run / "final_model.pt", weights_only=True)
     net = build_task(RunConfig.load(run / "config.json")).build_model(saved["out_dim"])
@@ -273,8 +341,9 @@ def test_a_regression_model_adapts_and_predicts_values(tmp_path):
     saved = torch.load(tmp_path / "sine.pt", weights_only=True)
     assert saved["kind"] == "regression" and saved["classes"] == []
     # labels of the wrong kind: one line naming the data and what to change
-    (site / "schema.toml").write_text('[dataset]\nname = "new-site"\ntask = "classification"'
-                                      '\nlabel = "k"\nfeatures = ["x"]\n')
+    (site / "schema.toml").write_text(
+        '[dataset]\nname = "new-site"\ntask = "classification"\nlabel = "k"\nfeatures = ["x"]\n'
+    )
     (site / "data.csv").write_text("x,k\n0.5,0\n1.5,1\n2.5,0\n")
     from fedmeta.data.loaders import DataError
 

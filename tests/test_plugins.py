@@ -50,17 +50,38 @@ MODEL = "fedmeta_example_plugin.models:wide_mlp"
 def plugin_installed() -> None:
     """pip-install the example plug-in (editable, no dependencies) into this venv once."""
     if not any(ep.name == TASK_EP for ep in entry_points(group="fedmeta.tasks")):
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                        "--no-build-isolation", "-e", str(PLUGIN)], check=True,
-                       capture_output=True, timeout=300)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "-e",
+                str(PLUGIN),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         site.addsitedir(sysconfig.get_paths()["purelib"])  # this process: run the new .pth
         importlib.invalidate_caches()
     assert any(ep.name == TASK_EP for ep in entry_points(group="fedmeta.tasks"))
 
 
 def test_entry_point_task_with_a_model_factory_trains_inline(tmp_path):
-    summary = run_inline(tmp_path / "run", task=TASK_EP, model=MODEL, sites=3, rounds=2,
-                         fraction_train=1.0, eval_every=0, eval_episodes=5)
+    summary = run_inline(
+        tmp_path / "run",
+        task=TASK_EP,
+        model=MODEL,
+        sites=3,
+        rounds=2,
+        fraction_train=1.0,
+        eval_every=0,
+        eval_episodes=5,
+    )
     assert set(summary["epsilon"]) == {"site-0", "site-1", "site-2"}
     assert not summary["declined_rounds"] and summary["eval"]["metric"] == "accuracy"
     state = torch.load(tmp_path / "run" / "final_model.pt", weights_only=True)["state_dict"]
@@ -68,16 +89,25 @@ def test_entry_point_task_with_a_model_factory_trains_inline(tmp_path):
 
 
 def test_module_path_task_trains_inline(tmp_path):
-    summary = run_inline(tmp_path / "run", task=TASK_PATH, sites=2, rounds=1,
-                         fraction_train=1.0, eval_every=0, eval_episodes=3)
+    summary = run_inline(
+        tmp_path / "run",
+        task=TASK_PATH,
+        sites=2,
+        rounds=1,
+        fraction_train=1.0,
+        eval_every=0,
+        eval_episodes=3,
+    )
     assert set(summary["epsilon"]) == {"site-0", "site-1"} and not summary["declined_rounds"]
 
 
 def test_bad_specs_fail_in_one_line():
-    for spec, text in (("no-such-task", "unknown task 'no-such-task'"),
-                       ("nowhere.mod:Task", "cannot import 'nowhere.mod'"),
-                       ("fedmeta_example_plugin.blobs:Missing", "has no 'Missing'"),
-                       ("fedmeta_example_plugin.models:wide_mlp", "not a subclass")):
+    for spec, text in (
+        ("no-such-task", "unknown task 'no-such-task'"),
+        ("nowhere.mod:Task", "cannot import 'nowhere.mod'"),
+        ("fedmeta_example_plugin.blobs:Missing", "has no 'Missing'"),
+        ("fedmeta_example_plugin.models:wide_mlp", "not a subclass"),
+    ):
         with pytest.raises(TaskError, match=text):
             get_task(spec)
     with pytest.raises(TaskError, match="installed plug-in \\['blobs-fewshot'\\]"):
@@ -91,10 +121,18 @@ SITE = "site-plugin-01"
 
 def deployed_message(cfg: RunConfig, run: str) -> Message:
     theta = build_task(cfg).build_model(5).state_dict()
-    config = {**cfg.to_flat(), "run-id": run, "server-round": 1, "server-head": "",
-              "declaration-json": run_declaration(cfg).model_dump_json()}
-    return Message(RecordDict({"arrays": ArrayRecord(theta), "config": ConfigRecord(config)}),
-                   dst_node_id=1, message_type=MessageType.TRAIN)
+    config = {
+        **cfg.to_flat(),
+        "run-id": run,
+        "server-round": 1,
+        "server-head": "",
+        "declaration-json": run_declaration(cfg).model_dump_json(),
+    }
+    return Message(
+        RecordDict({"arrays": ArrayRecord(theta), "config": ConfigRecord(config)}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
 
 
 @pytest.mark.parametrize("task", [TASK_EP, TASK_PATH])
@@ -110,8 +148,13 @@ def test_a_deployed_site_resolves_the_plugin_and_reads_its_own_npz(tmp_path, tas
     site_dir.mkdir()
     SitePaths(site_dir).manifest.write_text(example_site_on_bundled_data())
     approve(site_dir, run_declaration(cfg))
-    ctx = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir), "site-id": SITE},
-                  state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-dir": str(site_dir), "site-id": SITE},
+        state=RecordDict(),
+        run_config={},
+    )
     reply = make_client_app()(deployed_message(cfg, "run-plugin"), ctx)
     assert not reply.has_error(), reply.error
     assert reply.content["metrics"]["declined"] == 0, dict(reply.content["info"])
@@ -122,13 +165,20 @@ def test_a_deployed_site_resolves_the_plugin_and_reads_its_own_npz(tmp_path, tas
     keep = np.isin(y, class_split()["train"][:6])
     npz = tmp_path / "elsewhere" / "scans.npz"
     npz.parent.mkdir()
-    np.savez(npz, train_images=(x[keep][:, 0] * 255).astype(np.uint8),
-             train_labels=y[keep].reshape(-1, 1))
+    np.savez(
+        npz,
+        train_images=(x[keep][:, 0] * 255).astype(np.uint8),
+        train_labels=y[keep].reshape(-1, 1),
+    )
     digits = RunConfig(sites=3, inner_steps=2)
     approve(site_dir, run_declaration(digits))
-    ctx = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir), "site-id": SITE,
-                                                    "data": str(npz)},
-                  state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-dir": str(site_dir), "site-id": SITE, "data": str(npz)},
+        state=RecordDict(),
+        run_config={},
+    )
     reply = make_client_app()(deployed_message(digits, "run-npz"), ctx)
     assert not reply.has_error(), reply.error
     assert reply.content["metrics"]["declined"] == 0, dict(reply.content["info"])
@@ -139,9 +189,14 @@ def test_a_deployed_site_resolves_the_plugin_and_reads_its_own_npz(tmp_path, tas
     assert len(records) == int(keep.sum()) and records.record_ids[0] == "train-0"
 
 
-@pytest.mark.parametrize("option, spec", [("model", "os:getcwd"),
-                                           ("task", "subprocess:Popen"),
-                                           ("model", "fedmeta.audit.keys:create_key")])
+@pytest.mark.parametrize(
+    "option, spec",
+    [
+        ("model", "os:getcwd"),
+        ("task", "subprocess:Popen"),
+        ("model", "fedmeta.audit.keys:create_key"),
+    ],
+)
 def test_a_deployed_site_refuses_code_it_did_not_install(tmp_path, option, spec):
     """The coordinator names the task and model; a deployed site imports only what it
     installed as a fedmeta plug-in, and declines anything else on record."""
@@ -157,8 +212,13 @@ def test_a_deployed_site_refuses_code_it_did_not_install(tmp_path, option, spec)
     approve(site_dir, run_declaration(cfg))
     msg = deployed_message(cfg, "run-evil")
     msg.content["config"][option] = spec
-    ctx = Context(run_id=1, node_id=1, node_config={"site-dir": str(site_dir), "site-id": SITE},
-                  state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-dir": str(site_dir), "site-id": SITE},
+        state=RecordDict(),
+        run_config={},
+    )
     reply = make_client_app()(msg, ctx)
     assert not reply.has_error(), reply.error
     info = dict(reply.content["info"])
@@ -172,17 +232,36 @@ def test_a_deployed_site_refuses_code_it_did_not_install(tmp_path, option, spec)
 @pytest.mark.slow
 def test_entry_point_task_in_ray_workers(tmp_path):
     """The run-time failure of the issue: Ray site processes must resolve the task too."""
-    res = fedmeta("simulate", "--task", TASK_EP, "--sites", "2", "--rounds", "1",
-                  "--out", str(tmp_path / "run"), "--set", "fraction-train=1.0",
-                  "--set", "eval-episodes=3", "--set", f"model={MODEL}", timeout=400)
+    res = fedmeta(
+        "simulate",
+        "--task",
+        TASK_EP,
+        "--sites",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "fraction-train=1.0",
+        "--set",
+        "eval-episodes=3",
+        "--set",
+        f"model={MODEL}",
+        timeout=400,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["epsilon"]) == {"site-0", "site-1"} and not summary["declined_rounds"]
 
 
 def _flwr_env(home: Path) -> dict[str, str]:
-    return {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return {
+        **os.environ,
+        **OFFLINE_ENV,
+        "FLWR_HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
 
 
 def stop_local_superlink(home: Path) -> None:
@@ -190,14 +269,20 @@ def stop_local_superlink(home: Path) -> None:
         os.kill(pid, signal.SIGTERM)
 
 
-def run_flwr(app: Path, cwd: Path, run_config: str, home: Path) -> tuple[
-        subprocess.CompletedProcess[str], Path]:
+def run_flwr(
+    app: Path, cwd: Path, run_config: str, home: Path
+) -> tuple[subprocess.CompletedProcess[str], Path]:
     """`flwr run APP` from ``cwd``; the ServerApp's relative out-dir is relative to ``cwd``."""
     runs = cwd / "runs" / "flwr"  # out-dir = "runs/flwr/{run}": a directory per run
     try:
-        res = subprocess.run([*loopback_only(), "flwr", "run", str(app), "--stream",
-                              "--run-config", run_config], cwd=cwd, env=_flwr_env(home),
-                             capture_output=True, text=True, timeout=400)
+        res = subprocess.run(
+            [*loopback_only(), "flwr", "run", str(app), "--stream", "--run-config", run_config],
+            cwd=cwd,
+            env=_flwr_env(home),
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         deadline = time.monotonic() + 60
         while not list(runs.glob("*/summary.json")) and time.monotonic() < deadline:
             time.sleep(1)
@@ -214,8 +299,12 @@ def test_plugin_through_flwr_run_from_a_directory_with_its_own_modules(tmp_path)
     ClientApps resolve the plug-in and import fedmeta's own packages, never the user's."""
     app = copy_project(tmp_path / "app")
     user_dir = shadowing_project(tmp_path / "my-flower-project")
-    res, summary = run_flwr(app, user_dir, f'rounds=1 eval-episodes=3 task="{TASK_EP}" '
-                            f'model="{MODEL}"', tmp_path / "flwr-home")
+    res, summary = run_flwr(
+        app,
+        user_dir,
+        f'rounds=1 eval-episodes=3 task="{TASK_EP}" model="{MODEL}"',
+        tmp_path / "flwr-home",
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     data = json.loads(summary.read_text())
     assert data["task"] == TASK_EP and set(data["epsilon"]) == {"site-0", "site-1"}

@@ -16,8 +16,16 @@ from fedmeta.checkpoints import CheckpointError, checkpoint_files
 from fedmeta.paths import RunPaths
 from fedmeta.privacy.ledger import PrivacyLedger
 
-SETTINGS = {"task": "digits-fewshot", "sites": 3, "rounds": 5, "fraction-train": 1.0,
-            "eval-every": 0, "eval-episodes": 2, "inner-steps": 2, "seed": 3}
+SETTINGS = {
+    "task": "digits-fewshot",
+    "sites": 3,
+    "rounds": 5,
+    "fraction-train": 1.0,
+    "eval-every": 0,
+    "eval-episodes": 2,
+    "inner-steps": 2,
+    "seed": 3,
+}
 
 
 class Stop(Exception):
@@ -28,6 +36,7 @@ def stop_after(n: int):
     def callback(m: api.RoundMetrics) -> None:
         if m.round == n:
             raise Stop(f"stopped after round {n}")
+
     return callback
 
 
@@ -44,8 +53,9 @@ def charges(out: Path, site: int) -> list[tuple[str, int]]:
 
 def stop_midway(out: Path, n: int, **extra) -> str:
     with pytest.raises(Stop):
-        api.simulate({**SETTINGS, **extra}, out_dir=str(out), backend="inline",
-                     on_round=stop_after(n))
+        api.simulate(
+            {**SETTINGS, **extra}, out_dir=str(out), backend="inline", on_round=stop_after(n)
+        )
     return json.loads(RunPaths(out).metrics.read_text().splitlines()[0])["run"]
 
 
@@ -60,18 +70,27 @@ def test_a_stopped_run_resumes_with_the_same_run_id_and_no_double_charge(tmp_pat
     result = api.simulate(resume=out, backend="inline")
     assert result.ok and result.run_id == run_id and result.aggregated_rounds == 5
     assert [m.round for m in result.rounds] == [0, 1, 2, 3, 4, 5]
-    assert result.rounds[3].raw["resumed"] == {"checkpoint_round": 2, "next_round": 3,
-                                               "rolled_back": []}
+    assert result.rounds[3].raw["resumed"] == {
+        "checkpoint_round": 2,
+        "next_round": 3,
+        "rolled_back": [],
+    }
     for i in range(3):
         after = charges(out, i)
         assert after == [(run_id, r) for r in range(1, 6)]  # each round charged once
         assert result.epsilon[f"site-{i}"] == pytest.approx(
-            PrivacyLedger.read(RunPaths(out).site(f"site-{i}").ledger).epsilon())
+            PrivacyLedger.read(RunPaths(out).site(f"site-{i}").ledger).epsilon()
+        )
         site_log = RunPaths(out).site(f"site-{i}").audit_log
         assert verify_log(site_log).ok
         trained = [json.loads(x) for x in site_log.read_text().splitlines()]
-        assert sorted(e["round"] for e in trained if e["action"] == "round.train") == \
-            [1, 2, 3, 4, 5]
+        assert sorted(e["round"] for e in trained if e["action"] == "round.train") == [
+            1,
+            2,
+            3,
+            4,
+            5,
+        ]
         assert {e["run_id"] for e in trained if e["action"] == "round.train"} == {run_id}
     entries = server_entries(out)
     acts = [(e["action"], e["round"]) for e in entries]
@@ -80,8 +99,11 @@ def test_a_stopped_run_resumes_with_the_same_run_id_and_no_double_charge(tmp_pat
     assert [r for a, r in acts if a == "round.start"] == [1, 2, 3, 4, 5]
     assert {e["run_id"] for e in entries if e["action"] != "log.created"} == {run_id}
     # every checkpoint's hash is signed in the server's log
-    signed = {e["details"]["file"]: e["details"]["file_sha256"] for e in entries
-              if e["action"] == "model.checkpoint"}
+    signed = {
+        e["details"]["file"]: e["details"]["file_sha256"]
+        for e in entries
+        if e["action"] == "model.checkpoint"
+    }
     assert {f"checkpoints/{p.name}" for p in checkpoint_files(out)} <= set(signed)
     # the report still reads the resumed run
     res = fedmeta("report", str(out), "--format", "json", isolate=False)
@@ -93,8 +115,7 @@ def test_rounds_after_the_last_checkpoint_are_not_trained_again(tmp_path):
     run_id = stop_midway(out, 3, **{"checkpoint-every": 2})  # checkpoint at 2, stop after 3
     result = api.simulate(resume=out, backend="inline")
     resumed = [m for m in result.rounds if "resumed" in m.raw]
-    assert resumed[0].raw["resumed"] == {"checkpoint_round": 2, "next_round": 4,
-                                         "rolled_back": [3]}
+    assert resumed[0].raw["resumed"] == {"checkpoint_round": 2, "next_round": 4, "rolled_back": [3]}
     for i in range(3):
         # round 3's update was lost with the stop, its epsilon stays spent: never re-run
         assert charges(out, i) == [(run_id, r) for r in range(1, 6)]
@@ -144,8 +165,9 @@ def test_a_flwr_run_resume_key_continues_the_stopped_run(tmp_path):
 
     from server.app import config_for
 
-    plain = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                    run_config=dict(table["config"]))
+    plain = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(table["config"])
+    )
     assert config_for(plain).rounds == table["config"]["rounds"]  # '' = a new run
     run_inline(server_app, client_app, 3, {**table["config"], "resume": str(out)})
     summary = json.loads((out / "summary.json").read_text())
@@ -158,5 +180,6 @@ def test_a_flwr_run_resume_key_continues_the_stopped_run(tmp_path):
     from fedmeta.simulation import RunDirError
 
     with pytest.raises(RunDirError, match="no config.json"):
-        run_inline(server_app, client_app, 3, {**table["config"],
-                                               "resume": str(tmp_path / "nowhere")})
+        run_inline(
+            server_app, client_app, 3, {**table["config"], "resume": str(tmp_path / "nowhere")}
+        )

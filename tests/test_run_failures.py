@@ -22,8 +22,14 @@ from fedmeta.paths import LEDGER_FILE, RunPaths, SitePaths
 from policies import EXAMPLE_RUN
 
 EXAMPLES = Path(__import__("fedmeta.data", fromlist=["x"]).__path__[0]) / "examples"
-SMALL = {"sites": 3, "rounds": 6, "fraction-train": 1.0, "eval-episodes": 2,
-         "eval-every": 0, "inner-steps": 2}
+SMALL = {
+    "sites": 3,
+    "rounds": 6,
+    "fraction-train": 1.0,
+    "eval-episodes": 2,
+    "eval-every": 0,
+    "inner-steps": 2,
+}
 
 
 def lines(out: Path) -> list[dict]:
@@ -34,8 +40,6 @@ def actions(out: Path) -> list[str]:
     log = RunPaths(out).server_log
     assert verify_log(log).ok
     return [json.loads(x)["action"] for x in log.read_text().splitlines()]
-
-
 
 
 def csv_sites(out: Path, n: int = 3) -> None:
@@ -51,16 +55,19 @@ def csv_sites(out: Path, n: int = 3) -> None:
 # ---- pure parts ----------------------------------------------------------------------
 RAY_REASON = (
     "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
-    ".run()\x1b[39m (pid=4242, ip=127.0.0.1, actor_id=ab12)\n  File \"/x/ray_actor.py\", line "
+    '.run()\x1b[39m (pid=4242, ip=127.0.0.1, actor_id=ab12)\n  File "/x/ray_actor.py", line '
     "65, in run\n    raise ClientAppException(str(ex)) from ex\nflwr.clientapp.client_app."
     "ClientAppException: \nException ClientAppException occurred. Message: data.csv: 3 "
-    "feature columns, the run expects 5'>")
+    "feature columns, the run expects 5'>"
+)
 
 
 def test_a_ray_error_reason_is_reduced_to_the_sites_own_line():
     assert one_line_error(RAY_REASON) == "data.csv: 3 feature columns, the run expects 5"
-    inline = ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'TaskError: "
-              "data.csv: labels outside 0..1'>")
+    inline = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'TaskError: "
+        "data.csv: labels outside 0..1'>"
+    )
     assert one_line_error(inline) == "TaskError: data.csv: labels outside 0..1"
 
 
@@ -77,12 +84,16 @@ def test_the_watch_stops_on_each_rule():
     assert watch.observe([], {}, {"a": "norm"}, {}, aggregated=False) is None
     assert "3 consecutive" in watch.observe([], {}, {"a": "norm"}, {}, aggregated=False)
     lost = RunWatch(["a", "b"])
-    assert lost.observe([], {"a": "policy"}, {}, {"b": "error 2: bad"}, False) == \
-        "every site is lost or declined"
+    assert (
+        lost.observe([], {"a": "policy"}, {}, {"b": "error 2: bad"}, False)
+        == "every site is lost or declined"
+    )
     spent = RunWatch(["a", "b"])
     budget = "privacy budget: this round would bring epsilon to 0.6 > epsilon_max 0.5"
-    assert spent.observe([], {"a": budget, "b": budget}, {}, {}, False) == \
-        "every site's privacy budget is spent"
+    assert (
+        spent.observe([], {"a": budget, "b": budget}, {}, {}, False)
+        == "every site's privacy budget is spent"
+    )
     partly = RunWatch(["a", "b", "c"])  # site c not heard from yet: no verdict on "every"
     assert partly.observe([], {"a": budget, "b": budget}, {}, {}, False) is None
 
@@ -91,17 +102,37 @@ def test_summaries_never_crash_on_nan():
     from fedmeta.cli import _print_summary
     from fedmeta.rounds import RoundMetrics
 
-    summary = {"run": "r", "strategy": "reptile", "task": "sine", "sites": ["site-0"],
-               "epsilon": {"site-0": math.nan}, "declined_rounds": {}, "dp": True,
-               "eval": {"metric": "mse", "adapted": math.nan, "adapted_ci95": None,
-                        "unadapted": math.inf, "episodes": 2, "shots": 5, "n_way": 1},
-               "wall_s": math.nan, "status": "failed",
-               "failure": {"reason": "x", "sites": {"site-0": "lost: y"}}}
+    summary = {
+        "run": "r",
+        "strategy": "reptile",
+        "task": "sine",
+        "sites": ["site-0"],
+        "epsilon": {"site-0": math.nan},
+        "declined_rounds": {},
+        "dp": True,
+        "eval": {
+            "metric": "mse",
+            "adapted": math.nan,
+            "adapted_ci95": None,
+            "unadapted": math.inf,
+            "episodes": 2,
+            "shots": 5,
+            "n_way": 1,
+        },
+        "wall_s": math.nan,
+        "status": "failed",
+        "failure": {"reason": "x", "sites": {"site-0": "lost: y"}},
+    }
     _print_summary(summary, "runs/x")
     assert "site-0: lost: y" in failure_text(summary)
-    m = RoundMetrics.from_line({"round": 1, "run": "r", "eval": {"metric": "mse",
-                                                                 "adapted": math.nan},
-                                "epsilon": {"site-0": math.nan, "site-1": 0.5}})
+    m = RoundMetrics.from_line(
+        {
+            "round": 1,
+            "run": "r",
+            "eval": {"metric": "mse", "adapted": math.nan},
+            "epsilon": {"site-0": math.nan, "site-1": 0.5},
+        }
+    )
     assert m.eval.adapted is None and m.epsilon == {"site-1": 0.5}
     assert all(math.isfinite(v) for v in m.scalars().values())
 
@@ -111,9 +142,24 @@ def test_every_site_lost_on_bad_data_fails_with_each_sites_line(tmp_path):
     out = tmp_path / "run"
     csv_sites(out)
     # the sites' CSV has 3 feature columns; the federation asks for 5
-    res = fedmeta("simulate", "--backend", "inline", "--task", "tabular-csv", "--sites", "3",
-                  "--rounds", "20", "--set", "features=5", "--set", "fraction-train=1.0",
-                  "--out", str(out), isolate=False)
+    res = fedmeta(
+        "simulate",
+        "--backend",
+        "inline",
+        "--task",
+        "tabular-csv",
+        "--sites",
+        "3",
+        "--rounds",
+        "20",
+        "--set",
+        "features=5",
+        "--set",
+        "fraction-train=1.0",
+        "--out",
+        str(out),
+        isolate=False,
+    )
     assert res.returncode == 1, res.stderr[-2000:]
     summary = json.loads(RunPaths(out).summary.read_text())
     assert summary["status"] == "failed" and not summary["trained"]
@@ -153,9 +199,17 @@ def test_the_run_stops_when_every_sites_budget_is_spent(tmp_path):
     declaration = tmp_path / "run.toml"
     declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 0.5"))
     (tmp_path / "dpia.toml").write_text(EXAMPLE_RUN.with_name("dpia.toml").read_text())
-    summary = run_inline(out, task="digits-fewshot", **{
-        **SMALL, "inner-steps": 8, "rounds": 30, "epsilon-max": 0.5,
-        "declaration": str(declaration)})
+    summary = run_inline(
+        out,
+        task="digits-fewshot",
+        **{
+            **SMALL,
+            "inner-steps": 8,
+            "rounds": 30,
+            "epsilon-max": 0.5,
+            "declaration": str(declaration),
+        },
+    )
     assert summary["failure"]["reason"] == "every site's privacy budget is spent"
     got = lines(out)
     assert len(got) < 10 and got[-1]["stopped"] == "every site's privacy budget is spent"
@@ -166,8 +220,11 @@ def test_the_run_stops_when_every_sites_budget_is_spent(tmp_path):
 def test_no_usable_reply_for_max_failed_rounds_stops_the_run(tmp_path):
     out = tmp_path / "run"
     # every update exceeds the server's norm bound: dropped, neither lost nor declined
-    summary = run_inline(out, task="digits-fewshot", **{
-        **SMALL, "rounds": 20, "max-update-norm": 1e-9, "max-failed-rounds": 2})
+    summary = run_inline(
+        out,
+        task="digits-fewshot",
+        **{**SMALL, "rounds": 20, "max-update-norm": 1e-9, "max-failed-rounds": 2},
+    )
     assert summary["failure"]["reason"].startswith("no usable reply for 2 consecutive")
     assert [x["round"] for x in lines(out)] == [0, 1, 2]
     assert not RunPaths(out).model.exists()
@@ -177,8 +234,9 @@ def test_no_usable_reply_for_max_failed_rounds_stops_the_run(tmp_path):
 class BatchNormNet(nn.Module):
     def __init__(self, out_dim: int) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16),
-                                      nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU()
+        )
         self.head = nn.Linear(16, out_dim)
 
     def forward(self, x):
@@ -217,9 +275,23 @@ def test_the_bundled_models_pass_the_set_up_check():
 def test_on_flowers_ray_engine_the_site_error_is_one_line(tmp_path):
     out = tmp_path / "run"
     csv_sites(out, 2)
-    res = fedmeta("simulate", "--task", "tabular-csv", "--sites", "2", "--rounds", "5",
-                  "--set", "features=5", "--set", "fraction-train=1.0",
-                  "--set", "node-wait-s=30", "--out", str(out))
+    res = fedmeta(
+        "simulate",
+        "--task",
+        "tabular-csv",
+        "--sites",
+        "2",
+        "--rounds",
+        "5",
+        "--set",
+        "features=5",
+        "--set",
+        "fraction-train=1.0",
+        "--set",
+        "node-wait-s=30",
+        "--out",
+        str(out),
+    )
     assert res.returncode == 1, res.stderr[-3000:]
     summary = json.loads(RunPaths(out).summary.read_text())
     for i in range(2):

@@ -44,16 +44,21 @@ def metrics(run_dir):
 def stable(lines):
     """Metrics without what legitimately differs: run id, timing, and audit receipts
     (hashes of log entries, which carry their time)."""
-    return [{k: v for k, v in line.items() if k not in ("run", "elapsed_s", "receipts")}
-            for line in lines]
+    return [
+        {k: v for k, v in line.items() if k not in ("run", "elapsed_s", "receipts")}
+        for line in lines
+    ]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Inline runs that tests only read."""
     base = tmp_path_factory.mktemp("runs")
-    for name, strategy in (("reptile", "reptile"), ("reptile-again", "reptile"),
-                           ("fedavg", "fedavg")):
+    for name, strategy in (
+        ("reptile", "reptile"),
+        ("reptile-again", "reptile"),
+        ("fedavg", "fedavg"),
+    ):
         run_inline(base / name, strategy=strategy, **COMMON)
     return base
 
@@ -63,7 +68,8 @@ def test_ray_simulation_writes_a_complete_run_directory(ray_run):
     """The suite's Ray run (tests/conftest.py)."""
     run, res = ray_run.out, ray_run.res
     assert {"config.json", "metrics.jsonl", "final_model.pt", "summary.json"} <= {
-        p.name for p in run.iterdir()}
+        p.name for p in run.iterdir()
+    }
     lines = metrics(run)
     assert [x["round"] for x in lines] == [0, 1, 2, 3]
     assert "eval" in lines[0] and "eval" in lines[-1]
@@ -75,11 +81,11 @@ def test_ray_simulation_writes_a_complete_run_directory(ray_run):
     assert "epsilon spent" in res.stdout and "site-2" in res.stdout and "adapted" in res.stdout
     # quiet on Ray too: nothing of Flower's or Ray's on the console (see test_logging.py)
     err = " ".join(res.stderr.split())  # only fedmeta's note that simulated noise is seeded
-    assert re.sub(r"note: DP noise is seeded .*? use their own CSPRNG", "", err).strip() == "", \
+    assert re.sub(r"note: DP noise is seeded .*? use their own CSPRNG", "", err).strip() == "", (
         res.stderr[-2000:]
+    )
     assert "INFO" not in res.stdout
-    server = [json.loads(x) for x in
-              RunPaths(run).server_log.read_text().splitlines()]
+    server = [json.loads(x) for x in RunPaths(run).server_log.read_text().splitlines()]
     start = next(e for e in server if e["action"] == "run.start")
     assert start["details"]["transport"] == "simulation"
 
@@ -129,20 +135,24 @@ def test_ray_and_inline_backends_give_the_same_metrics(ray_run, runs):
         for key in ("epsilon", "epsilon_round"):  # absent from round 0
             ray_eps, inline_eps = ray_line.pop(key, None), inline_line.pop(key, None)
             assert (ray_eps is None and inline_eps is None) or ray_eps == pytest.approx(
-                inline_eps, rel=1e-9)
+                inline_eps, rel=1e-9
+            )
     assert ray_lines == inline_lines
 
 
 def test_same_seed_same_metrics(runs):
     assert stable(metrics(runs / "reptile")) == stable(metrics(runs / "reptile-again"))
-    models = {name: [x["model_sha256"] for x in metrics(runs / name)]
-              for name in ("reptile", "fedavg")}
+    models = {
+        name: [x["model_sha256"] for x in metrics(runs / name)] for name in ("reptile", "fedavg")
+    }
     assert not set(models["reptile"][1:]) & set(models["fedavg"][1:])
 
 
 def test_inline_run_is_recorded_as_a_simulation(runs):
-    server = [json.loads(x) for x in
-              (runs / "reptile" / "audit" / "server-audit-log.jsonl").read_text().splitlines()]
+    server = [
+        json.loads(x)
+        for x in (runs / "reptile" / "audit" / "server-audit-log.jsonl").read_text().splitlines()
+    ]
     start = next(e for e in server if e["action"] == "run.start")
     assert start["details"]["transport"] == "simulation"
     assert start["details"]["serverapp_tls"] is None
@@ -159,21 +169,43 @@ def test_ledger_show_json_matches_metrics(runs):
     assert joined and [e["round"] for e in doc["entries"]] == joined
     last = [x for x in metrics(runs / "reptile") if "site-1" in x.get("epsilon", {})][-1]
     assert doc["entries"][-1]["epsilon_after"] == pytest.approx(last["epsilon"]["site-1"])
-    assert set(doc["entries"][0]) == {"run", "round", "noise_multiplier", "sample_rate", "steps",
-                                      "epsilon_after"}
+    assert set(doc["entries"][0]) == {
+        "run",
+        "round",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "epsilon_after",
+    }
 
 
 def test_evaluate_draws_the_shots_curve_and_reptile_beats_chance_and_scratch(
-        runs, tmp_path_factory):
+    runs, tmp_path_factory
+):
     # a trained Reptile initialisation (12 rounds, every site, no DP) against the
     # 3-round FedAvg run; all evaluation episodes are seeded, so the numbers are fixed
     trained = tmp_path_factory.mktemp("trained") / "reptile"
-    run_inline(trained, **{**COMMON, "rounds": 12, "fraction-train": 1.0, "dp": False,
-                           "strategy": "reptile"})
+    run_inline(
+        trained,
+        **{**COMMON, "rounds": 12, "fraction-train": 1.0, "dp": False, "strategy": "reptile"},
+    )
     base = runs.parent
-    res = fedmeta("evaluate", str(trained), str(runs / "fedavg"), "--shots", "1,5",
-                  "--episodes", "30", "--lr-grid", "0.1", "--steps", "5",
-                  "--out", str(base / "curve"), isolate=False)
+    res = fedmeta(
+        "evaluate",
+        str(trained),
+        str(runs / "fedavg"),
+        "--shots",
+        "1,5",
+        "--episodes",
+        "30",
+        "--lr-grid",
+        "0.1",
+        "--steps",
+        "5",
+        "--out",
+        str(base / "curve"),
+        isolate=False,
+    )
     assert res.returncode == 0, res.stderr
     curve = json.loads((base / "curve.json").read_text())
     points = {(p["method"], p["shots"]): p for p in curve["points"]}
@@ -197,16 +229,19 @@ def test_budget_declines_and_is_never_reset_by_a_new_run(tmp_path):
     declaration = tmp_path / "run.toml"
     declaration.write_text(EXAMPLE_RUN.read_text().replace("epsilon = 8.0", "epsilon = 0.55"))
     (tmp_path / "dpia.toml").write_text(EXAMPLE_RUN.with_name("dpia.toml").read_text())
-    settings = {**COMMON, "fraction-train": 1.0, "epsilon-max": 0.55,
-                "declaration": str(declaration)}
+    settings = {
+        **COMMON,
+        "fraction-train": 1.0,
+        "epsilon-max": 0.55,
+        "declaration": str(declaration),
+    }
     summary = run_inline(out, **settings)
     lines = metrics(out)
     assert lines[1]["used"] == ["site-0", "site-1", "site-2"]
     assert all(0.5 < e <= 0.55 for e in lines[1]["epsilon"].values())
     assert set(lines[2]["declined"]) == {"site-0", "site-1", "site-2"}
     # the site's run cap (the declared 0.55) or its ledger's epsilon_max (0.55) stops it
-    assert all("privacy budget" in r or "run's epsilon" in r
-               for r in lines[2]["declined"].values())
+    assert all("privacy budget" in r or "run's epsilon" in r for r in lines[2]["declined"].values())
     assert lines[2]["model_sha256"] == lines[1]["model_sha256"]  # nothing to aggregate
     assert summary["declined_rounds"] == {"site-0": 1, "site-1": 1, "site-2": 1}
     assert summary["failure"]["reason"] == "every site's privacy budget is spent"
@@ -222,9 +257,23 @@ def test_budget_declines_and_is_never_reset_by_a_new_run(tmp_path):
 
 def test_sine_without_dp_is_explicit_and_reported(tmp_path):
     out = tmp_path / "sine"
-    res = fedmeta("simulate", "--backend", "inline", "--task", "sine", "--sites", "2",
-                  "--rounds", "2", "--no-dp", "--set", "eval-episodes=5", "--out", str(out),
-                  isolate=False)
+    res = fedmeta(
+        "simulate",
+        "--backend",
+        "inline",
+        "--task",
+        "sine",
+        "--sites",
+        "2",
+        "--rounds",
+        "2",
+        "--no-dp",
+        "--set",
+        "eval-episodes=5",
+        "--out",
+        str(out),
+        isolate=False,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "differential privacy is OFF" in res.stderr
     summary = json.loads(RunPaths(out).summary.read_text())
@@ -233,16 +282,19 @@ def test_sine_without_dp_is_explicit_and_reported(tmp_path):
     assert "DP off" in res.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--rounds", "0"], "rounds"),
-    (["--task", "mnist"], "unknown task"),
-    (["--set", "inner-steps=abc"], "inner-steps"),
-    (["--set", "nonsense"], "KEY=VALUE"),
-    (["--strategy", "fedprox"], "strategy"),
-    (["--set", "target-epsilon=50"], "declared epsilon"),
-    (["--set", "declaration=/no/such/run.toml"], "run.toml"),
-    (["--backend", "threads"], "--backend"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--rounds", "0"], "rounds"),
+        (["--task", "mnist"], "unknown task"),
+        (["--set", "inner-steps=abc"], "inner-steps"),
+        (["--set", "nonsense"], "KEY=VALUE"),
+        (["--strategy", "fedprox"], "strategy"),
+        (["--set", "target-epsilon=50"], "declared epsilon"),
+        (["--set", "declaration=/no/such/run.toml"], "run.toml"),
+        (["--backend", "threads"], "--backend"),
+    ],
+)
 def test_bad_options_are_one_line_errors(tmp_path, args, needle):
     # in-process through typer's runner; the subprocess path is the budget test's refusal
     res = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "x"), *args])

@@ -27,7 +27,8 @@ def entries(site_dir):
 
 def test_a_site_denied_by_policy_declines_with_rule_and_reference(tmp_path):
     manifest = default_site_manifest("site-0").model_copy(
-        update={"approved_purposes": frozenset({"care.treatment"})})
+        update={"approved_purposes": frozenset({"care.treatment"})}
+    )
     site = Site("site-0", 0, tmp_path, CFG, manifest=manifest)
     reply = site.train_round(theta(), "run-1", 1, example_run_declaration())
     assert reply.declined and reply.state is None
@@ -43,8 +44,7 @@ def test_an_allowed_round_is_audited_before_and_after_training(tmp_path):
     reply = site.train_round(theta(), "run-1", 1, example_run_declaration(), "7:" + "a" * 64)
     assert not reply.declined and reply.epsilon_total > 0
     actions = [e["action"] for e in entries(tmp_path)]
-    assert actions == ["log.created", "policy.site", "policy.records", "round.train",
-                       "round.reply"]
+    assert actions == ["log.created", "policy.site", "policy.records", "round.train", "round.reply"]
     train = entries(tmp_path)[3]
     assert train["details"]["server_head"] == "7:" + "a" * 64 and train["model_in"]
     seq, digest = reply.receipt.split(":")
@@ -63,12 +63,15 @@ def test_all_records_excluded_declines(tmp_path):
     assert reply.excluded == {"GDPR-17": len(ids)}
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("record_id,shoe_size\nx,3\n", "line 1"),
-    ("record_id,age\nnot-a-record,30\n", "line 2, column 'record_id'"),
-    ("record_id,age\n{rid},old\n", "line 2"),
-    ("record_id,guardian_consent\n{rid},maybe\n", "line 2"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("record_id,shoe_size\nx,3\n", "line 1"),
+        ("record_id,age\nnot-a-record,30\n", "line 2, column 'record_id'"),
+        ("record_id,age\n{rid},old\n", "line 2"),
+        ("record_id,guardian_consent\n{rid},maybe\n", "line 2"),
+    ],
+)
 def test_malformed_record_metadata_is_a_one_line_error(tmp_path, content, needle):
     rid = build_task(CFG).site_records(0).record_ids[0]
     (tmp_path / "records-meta.csv").write_text(content.format(rid=rid))
@@ -80,18 +83,26 @@ def test_malformed_record_metadata_is_a_one_line_error(tmp_path, content, needle
 
 def test_target_epsilon_is_planned_over_expected_participation_and_capped(tmp_path):
     """A site sampled every round spends the target by its planned round, then declines."""
-    cfg = RunConfig(sites=4, fraction_train=0.5, min_sites=2, rounds=40, inner_steps=2,
-                    target_epsilon=8.0, epsilon_max=8.0)  # what the example declaration offers
+    cfg = RunConfig(
+        sites=4,
+        fraction_train=0.5,
+        min_sites=2,
+        rounds=40,
+        inner_steps=2,
+        target_epsilon=8.0,
+        epsilon_max=8.0,
+    )  # what the example declaration offers
     planned = planned_rounds(cfg)
     assert planned == 30  # 20 expected + 3 standard deviations (sqrt(10)), not all 40
     assert planned_rounds(cfg.model_copy(update={"fraction_train": 1.0})) == 40
     site = Site("site-0", 0, tmp_path, cfg)
-    replies = [site.train_round(theta(), "run-1", r, example_run_declaration())
-               for r in range(1, 41)]
+    replies = [
+        site.train_round(theta(), "run-1", r, example_run_declaration()) for r in range(1, 41)
+    ]
     trained = [r for r in replies if not r.declined]
     assert planned - 1 <= len(trained) <= planned
     assert 0.95 * 8.0 <= trained[-1].epsilon_total <= 8.0
-    assert all("privacy budget" in r.reason for r in replies[len(trained):])
+    assert all("privacy budget" in r.reason for r in replies[len(trained) :])
 
 
 def test_a_model_dp_cannot_train_is_declined_before_any_charge(tmp_path):
@@ -107,15 +118,15 @@ def test_a_model_dp_cannot_train_is_declined_before_any_charge(tmp_path):
     site = Site("site-0", 0, tmp_path, CFG, simulated=True)
 
     def with_batchnorm(out_dim: int) -> nn.Module:
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                             nn.Linear(16, out_dim))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, out_dim)
+        )
 
     site.task.build_model = with_batchnorm  # type: ignore[method-assign]
     theta = with_batchnorm(site.task.out_dim(CFG.strategy)).state_dict()
     reply = site.train_round(theta, "run-1", 1, run_declaration(CFG))
     assert reply.declined and "DP model check" in reply.reason and "GroupNorm" in reply.reason
     assert not (tmp_path / LEDGER_FILE).exists()  # nothing was charged
-    entries = [json.loads(x) for x in SitePaths(tmp_path).audit_log.read_text()
-               .splitlines()]
+    entries = [json.loads(x) for x in SitePaths(tmp_path).audit_log.read_text().splitlines()]
     (deny,) = [e for e in entries if e["decision"] == "deny"]
     assert deny["rule_ids"] == ["PRIV-MODEL"] and "BatchNorm" in deny["details"]["reason"]

@@ -57,13 +57,16 @@ def entries(site_dir: Path) -> list[dict]:
 
 
 # ---- the [privacy] table ------------------------------------------------------------------
-@pytest.mark.parametrize("table, needle", [
-    ('accountants = ["gdp"]', "field 'privacy.accountants': gdp is an approximation"),
-    ("min_noise_multiplier = -1.0", "field 'privacy.min_noise_multiplier'"),
-    ("max_sample_rate = 1.5", "field 'privacy.max_sample_rate'"),
-    ("dp_requird = false", "field 'privacy.dp_requird': is not a known field"),
-    ('max_inner_steps = "many"', "field 'privacy.max_inner_steps'"),
-])
+@pytest.mark.parametrize(
+    "table, needle",
+    [
+        ('accountants = ["gdp"]', "field 'privacy.accountants': gdp is an approximation"),
+        ("min_noise_multiplier = -1.0", "field 'privacy.min_noise_multiplier'"),
+        ("max_sample_rate = 1.5", "field 'privacy.max_sample_rate'"),
+        ("dp_requird = false", "field 'privacy.dp_requird': is not a known field"),
+        ('max_inner_steps = "many"', "field 'privacy.max_inner_steps'"),
+    ],
+)
 def test_a_bad_privacy_table_is_a_one_line_error(tmp_path, table, needle):
     site_dir = deployed(tmp_path, table + "\n")
     with pytest.raises(DeclarationError) as err:
@@ -79,16 +82,36 @@ def test_the_example_manifest_documents_every_setting():
 
 
 @settings(max_examples=60, deadline=None)
-@given(sigma=st.floats(0, 5), clip=st.floats(0.01, 50), steps=st.integers(1, 500),
-       batch=st.integers(1, 1000), q=st.floats(0.001, 1.0), acct=st.sampled_from(
-           ["prv", "rdp", "gdp"]), dp=st.booleans())
+@given(
+    sigma=st.floats(0, 5),
+    clip=st.floats(0.01, 50),
+    steps=st.integers(1, 500),
+    batch=st.integers(1, 1000),
+    q=st.floats(0.001, 1.0),
+    acct=st.sampled_from(["prv", "rdp", "gdp"]),
+    dp=st.booleans(),
+)
 def test_a_round_passes_only_if_every_setting_holds(sigma, clip, steps, batch, q, acct, dp):
     policy = SitePrivacyPolicy()
-    req = RoundRequest(dp=dp, noise_multiplier=sigma, max_grad_norm=clip, inner_steps=steps,
-                       batch_size=batch, sample_rate=q, accountant=acct, delta=1e-5)
-    ok = (dp and acct in policy.accountants and sigma >= policy.min_noise_multiplier
-          and clip <= policy.max_grad_norm and steps <= policy.max_inner_steps
-          and batch <= policy.max_batch_size and q <= policy.max_sample_rate)
+    req = RoundRequest(
+        dp=dp,
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        inner_steps=steps,
+        batch_size=batch,
+        sample_rate=q,
+        accountant=acct,
+        delta=1e-5,
+    )
+    ok = (
+        dp
+        and acct in policy.accountants
+        and sigma >= policy.min_noise_multiplier
+        and clip <= policy.max_grad_norm
+        and steps <= policy.max_inner_steps
+        and batch <= policy.max_batch_size
+        and q <= policy.max_sample_rate
+    )
     refusal = check_round(policy, req, 1e-5)
     assert (refusal is None) == ok
     if refusal is not None:
@@ -98,16 +121,16 @@ def test_a_round_passes_only_if_every_setting_holds(sigma, clip, steps, batch, q
 def test_a_site_that_allows_no_dp_may_train_without_it(tmp_path):
     """dp_required = false and epsilon_max = inf: the site's choice, not the server's."""
     site_dir = deployed(tmp_path, "dp_required = false\n")
-    text = SitePaths(site_dir).manifest.read_text().replace("epsilon_max = 10.0",
-                                                            "epsilon_max = inf")
+    text = (
+        SitePaths(site_dir).manifest.read_text().replace("epsilon_max = 10.0", "epsilon_max = inf")
+    )
     SitePaths(site_dir).manifest.write_text(text)
     cfg = CFG.model_copy(update={"dp": False})
     (site_dir / APPROVALS_FILE).unlink(missing_ok=True)
     from fedmeta.approvals import approve
 
     approve(site_dir, run_declaration(cfg))
-    reply = Site("site-de-01", 0, site_dir, cfg).train_round(theta(), "r", 1,
-                                                             run_declaration(cfg))
+    reply = Site("site-de-01", 0, site_dir, cfg).train_round(theta(), "r", 1, run_declaration(cfg))
     assert not reply.declined and not reply.dp
 
 
@@ -137,8 +160,9 @@ def test_a_damaged_approvals_file_is_a_one_line_error(tmp_path):
 
 # ---- budget arithmetic -------------------------------------------------------------------
 def _charge(site_dir: str, run: str, barrier, out) -> None:
-    ledger = PrivacyLedger.open(Path(site_dir), site="s", epsilon_max=2.0, delta=1e-5,
-                                accountant="prv")
+    ledger = PrivacyLedger.open(
+        Path(site_dir), site="s", epsilon_max=2.0, delta=1e-5, accountant="prv"
+    )
     step = (1.0, 0.05, 16)  # 1.88 alone fits under 2.0; two make 2.30
     barrier.wait()
     with ledger.locked():
@@ -152,8 +176,10 @@ def test_two_processes_cannot_both_pass_the_budget_check(tmp_path):
     PrivacyLedger.open(tmp_path, site="s", epsilon_max=2.0, delta=1e-5, accountant="prv")
     ctx = mp.get_context("fork")
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_charge, args=(str(tmp_path), f"run-{i}", barrier, out))
-             for i in range(2)]
+    procs = [
+        ctx.Process(target=_charge, args=(str(tmp_path), f"run-{i}", barrier, out))
+        for i in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -172,8 +198,9 @@ def test_the_declared_run_epsilon_is_enforced(tmp_path):
     low = run_declaration(CFG).model_copy(update={"epsilon": 2.0})
     approve(site_dir, low)
     # a pool is every record of the episode's classes (~900): batch 50 gives q ~ 1/19
-    site = Site("site-de-01", 0, site_dir,
-                CFG.model_copy(update={"inner_steps": 8, "batch_size": 50}))
+    site = Site(
+        "site-de-01", 0, site_dir, CFG.model_copy(update={"inner_steps": 8, "batch_size": 50})
+    )
     replies = [site.train_round(theta(), "run-1", r, low) for r in range(1, 9)]
     trained = [r for r in replies if not r.declined]
     declined = [r for r in replies if r.declined]
@@ -193,8 +220,7 @@ def test_the_site_policy_caps_one_round(tmp_path):
 
     approve(site_dir, run_declaration(CFG))
     cfg = CFG.model_copy(update={"inner_steps": 8, "batch_size": 50})
-    reply = Site("site-de-01", 0, site_dir, cfg).train_round(theta(), "r", 1,
-                                                             run_declaration(CFG))
+    reply = Site("site-de-01", 0, site_dir, cfg).train_round(theta(), "r", 1, run_declaration(CFG))
     assert reply.declined and "round_epsilon_max" in reply.reason
 
 
@@ -208,7 +234,8 @@ def test_an_erasure_written_mid_run_applies_from_the_next_round(tmp_path):
     assert not site.train_round(theta(), "run-1", 1, run_declaration(CFG)).declined
     ids = site.records.record_ids[:7]
     (site_dir / "records-meta.csv").write_text(
-        "record_id,erasure_requested\n" + "".join(f"{r},true\n" for r in ids))
+        "record_id,erasure_requested\n" + "".join(f"{r},true\n" for r in ids)
+    )
     reply = site.train_round(theta(), "run-1", 2, run_declaration(CFG))
     assert reply.excluded == {"GDPR-17": 7}
     records = [e for e in entries(site_dir) if e["action"] == "policy.records"]
@@ -226,7 +253,8 @@ def test_small_exclusion_counts_leave_suppressed(tmp_path):
     reply = site.train_round(theta(), "run-1", 1, run_declaration(CFG))
     assert reply.excluded == {"GDPR-17": "<5"}  # min_cohort_size = 5 in the manifest
     assert [e for e in entries(site_dir) if e["action"] == "policy.records"][0]["counts"] == {
-        "GDPR-17": 1}  # the exact count stays in the site's own log
+        "GDPR-17": 1
+    }  # the exact count stays in the site's own log
 
 
 def test_round_train_carries_the_contract_fields(tmp_path):
@@ -252,8 +280,10 @@ def test_round_train_carries_the_contract_fields(tmp_path):
     assert d["declaration_sha256"] == run_declaration(CFG).sha256()
     import hashlib
 
-    assert d["manifest_sha256"] == hashlib.sha256(
-        SitePaths(site_dir).manifest.read_bytes()).hexdigest()
+    assert (
+        d["manifest_sha256"]
+        == hashlib.sha256(SitePaths(site_dir).manifest.read_bytes()).hexdigest()
+    )
     assert len(d["site_policy_sha256"]) == 64 and d["privacy_unit"] == "image"
     assert ledger.privacy_unit == "image"
     assert d["transport"] == "simulation" and "server_head" in d
@@ -291,16 +321,23 @@ def _exact_round(randomness, seed: int = 3):
     clipped = [torch.zeros_like(p) for p in model.parameters()]
     for i in range(16):  # per-sample gradients, clipped to C = 1 as Opacus does
         model.zero_grad()
-        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         grads = [p.grad.clone() for p in model.parameters()]
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
         for c, g in zip(clipped, grads, strict=True):
             c += g * min(1.0, 1.0 / (float(norm) + 1e-6))
     model.load_state_dict(theta)
     pool = Pool(x.numpy(), y.numpy())
-    train_steps(model, pool, loss_fn=nn.CrossEntropyLoss(), steps=1, lr=0.5, batch_size=16,
-                dp=DPSettings(1.0, 1.0, randomness=randomness, grad_sample_mode="hooks"),
-                seed=seed)
+    train_steps(
+        model,
+        pool,
+        loss_fn=nn.CrossEntropyLoss(),
+        steps=1,
+        lr=0.5,
+        batch_size=16,
+        dp=DPSettings(1.0, 1.0, randomness=randomness, grad_sample_mode="hooks"),
+        seed=seed,
+    )
     return theta, model.state_dict(), clipped
 
 
@@ -316,7 +353,7 @@ def test_the_server_recovers_the_clipped_sum_only_from_seeded_noise(mode):
         errs.append(float((recovered - s).norm()) ** 2)
         sizes.append(float(s.norm()) ** 2)
     rel = (sum(errs) / sum(sizes)) ** 0.5
-    noise_rel = (21 ** 0.5) / sum(sizes) ** 0.5  # ||N|| / ||S|| for d = 21, sigma C = 1
+    noise_rel = (21**0.5) / sum(sizes) ** 0.5  # ||N|| / ||S|| for d = 21, sigma C = 1
     if mode == "seeded":
         assert rel < 1e-4, rel
     else:
@@ -331,9 +368,12 @@ def test_secure_rng_is_gone_with_a_pointer():
 
 def test_a_simulated_site_keeps_seeded_reproducible_noise(tmp_path):
     t0 = theta()
-    replies = [Site("site-0", 0, tmp_path / str(i), CFG).train_round(
-        {k: v.clone() for k, v in t0.items()}, "run-1", 1, run_declaration(CFG))
-        for i in range(2)]
+    replies = [
+        Site("site-0", 0, tmp_path / str(i), CFG).train_round(
+            {k: v.clone() for k, v in t0.items()}, "run-1", 1, run_declaration(CFG)
+        )
+        for i in range(2)
+    ]
     assert all(not r.declined for r in replies)
     assert all(torch.equal(replies[0].state[k], replies[1].state[k]) for k in replies[0].state)
     train = next(e for e in entries(tmp_path / "0") if e["action"] == "round.train")

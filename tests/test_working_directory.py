@@ -14,8 +14,18 @@ from pathlib import Path
 import pytest
 from helpers import fedmeta, shadowing_project
 
-SMALL = ["--task", "breast-cancer-sites", "--sites", "2", "--rounds", "1",
-         "--set", "eval-episodes=3", "--set", "fraction-train=1.0"]
+SMALL = [
+    "--task",
+    "breast-cancer-sites",
+    "--sites",
+    "2",
+    "--rounds",
+    "1",
+    "--set",
+    "eval-episodes=3",
+    "--set",
+    "fraction-train=1.0",
+]
 
 
 @pytest.fixture
@@ -25,14 +35,23 @@ def user_dir(tmp_path) -> Path:
 
 def test_the_user_modules_would_shadow_ours(user_dir):
     """The control: plain Python in that directory imports the user's modules."""
-    res = subprocess.run([sys.executable, "-c", "import policies"], cwd=user_dir,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", "import policies"], cwd=user_dir, capture_output=True, text=True
+    )
     assert "the user policies/ was imported" in res.stderr
 
 
 def test_cli_from_a_directory_with_its_own_server_clients_policies(user_dir, tmp_path):
-    res = fedmeta("simulate", *SMALL, "--backend", "inline", "--out", str(tmp_path / "run"),
-                  cwd=user_dir, isolate=False)
+    res = fedmeta(
+        "simulate",
+        *SMALL,
+        "--backend",
+        "inline",
+        "--out",
+        str(tmp_path / "run"),
+        cwd=user_dir,
+        isolate=False,
+    )
     assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-1500:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epsilon"]
 
@@ -44,8 +63,10 @@ def test_api_script_in_such_a_directory(user_dir, tmp_path):
         "from fedmeta.simulation import simulate\n"
         f"cfg = RunConfig(task='breast-cancer-sites', sites=2, rounds=1, eval_episodes=3,\n"
         f"                fraction_train=1.0, out_dir={str(tmp_path / 'api')!r})\n"
-        "print(sorted(simulate(cfg, backend='inline')['epsilon']))\n")
-    res = subprocess.run([sys.executable, "run.py"], cwd=user_dir, capture_output=True,
-                         text=True, timeout=300)
+        "print(sorted(simulate(cfg, backend='inline')['epsilon']))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "run.py"], cwd=user_dir, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-1500:]
     assert "['site-0', 'site-1']" in res.stdout

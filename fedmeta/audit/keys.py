@@ -75,7 +75,7 @@ def fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
 def grouped(fp: str) -> str:
     """A fingerprint for reading aloud: the same 64 digits in groups of 8."""
     hexpart = fp.removeprefix("sha256:")
-    return "sha256:" + " ".join(hexpart[i:i + 8] for i in range(0, len(hexpart), 8))
+    return "sha256:" + " ".join(hexpart[i : i + 8] for i in range(0, len(hexpart), 8))
 
 
 def _write_public(private_path: Path, key: Ed25519PrivateKey) -> Path:

@@ -316,8 +316,10 @@ def read_log_bytes(path: Path) -> tuple[bytes, int | None]:
         raise AuditReadError(f"cannot read audit log {path}: {e.strerror or e}") from e
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise AuditReadError(f"{path}: not a regular file (a FIFO, device or directory); "
-                                 "give the path of the log file itself")
+            raise AuditReadError(
+                f"{path}: not a regular file (a FIFO, device or directory); "
+                "give the path of the log file itself"
+            )
         os.set_blocking(fd, True)
         parts: list[bytes] = []
         with os.fdopen(fd, "rb", closefd=False) as fh:
@@ -345,8 +347,10 @@ def read_log(
     if overlong is not None and scan.problem is None:
         scan.partial_tail = False
         scan.first_bad_seq = overlong
-        scan.problem = (f"{_where(overlong)}: longer than {MAX_LINE_BYTES} bytes, not an audit "
-                        "entry (reading stopped there)")
+        scan.problem = (
+            f"{_where(overlong)}: longer than {MAX_LINE_BYTES} bytes, not an audit "
+            "entry (reading stopped there)"
+        )
     if scan.problem is not None and scan.first_bad_seq is not None:
         candidates.append((scan.first_bad_seq, 0, scan.problem))
     elif not data:

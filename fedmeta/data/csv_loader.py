@@ -478,8 +478,12 @@ def _load(
         if unit_idx is not None:
             unit = row[unit_idx].strip()
             if not unit:
-                raise err("privacy unit id is empty; every row must name its unit "
-                          f"(the {ds.unit_column!r} column)", line, ds.unit_column)
+                raise err(
+                    "privacy unit id is empty; every row must name its unit "
+                    f"(the {ds.unit_column!r} column)",
+                    line,
+                    ds.unit_column,
+                )
         meta_row: dict[str, Any] = {}
         for role, (col, idx) in meta_idx.items():
             try:
@@ -585,8 +589,13 @@ def _load(
         groups=groups,
         record_ids=np.array(rids, dtype=str),
         meta={role: meta_array(role, vals) for role, vals in meta_values.items()},
-        units=(np.unique(np.array(unit_values, dtype=str), return_inverse=True)[1]
-               .astype(np.int64).reshape(n) if unit_idx is not None else None),
+        units=(
+            np.unique(np.array(unit_values, dtype=str), return_inverse=True)[1]
+            .astype(np.int64)
+            .reshape(n)
+            if unit_idx is not None
+            else None
+        ),
     )
     report = LoadReport(
         source=name,

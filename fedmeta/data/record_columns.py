@@ -58,8 +58,13 @@ __all__ = [
 
 TRUE_WORDS = frozenset({"true", "yes", "y", "1"})
 FALSE_WORDS = frozenset({"false", "no", "n", "0"})
-DATE_COLUMNS = ("consent_withdrawn_at", "collected_at", "objected_at", "restricted_at",
-                "opted_out_at")
+DATE_COLUMNS = (
+    "consent_withdrawn_at",
+    "collected_at",
+    "objected_at",
+    "restricted_at",
+    "opted_out_at",
+)
 _RENAMED = {"consented_purposes": "consent_purposes"}
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
@@ -76,8 +81,7 @@ class CellError(Exception):
 class MetaReadError(ValueError):
     """A metadata CSV that cannot be read; one line naming the file, line and column."""
 
-    def __init__(self, message: str, *, path: Path | None = None,
-                 line: int | None = None) -> None:
+    def __init__(self, message: str, *, path: Path | None = None, line: int | None = None) -> None:
         super().__init__(" ".join(message.split()))
         self.path = path
         self.line = line
@@ -93,8 +97,9 @@ def _yes_no(cell: str) -> bool:
         return True
     if low in FALSE_WORDS or not cell:
         return False
-    raise CellError("value is not a boolean",
-                    "write true/false, yes/no, y/n, 1/0 or leave it empty")
+    raise CellError(
+        "value is not a boolean", "write true/false, yes/no, y/n, 1/0 or leave it empty"
+    )
 
 
 def _date(cell: str) -> datetime | None:
@@ -103,8 +108,9 @@ def _date(cell: str) -> datetime | None:
     try:
         dt = datetime.fromisoformat(cell)
     except (ValueError, OverflowError):
-        raise CellError("value is not an ISO date",
-                        "write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS, or leave it empty") from None
+        raise CellError(
+            "value is not an ISO date", "write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS, or leave it empty"
+        ) from None
     if dt.tzinfo is not None:
         try:
             dt = dt.astimezone(UTC).replace(tzinfo=None)
@@ -123,8 +129,8 @@ def _erasure(cell: str) -> bool:
     except CellError:
         raise CellError(
             "value is neither a boolean nor an ISO date",
-            "write true/false, yes/no, y/n, 1/0, the request date (YYYY-MM-DD) or leave "
-            "it empty") from None
+            "write true/false, yes/no, y/n, 1/0, the request date (YYYY-MM-DD) or leave it empty",
+        ) from None
     return True
 
 
@@ -177,7 +183,8 @@ def meta_array(column: str, values: list[Any]) -> np.ndarray:
     if column in DATE_COLUMNS:
         return np.array(
             [np.datetime64("NaT", "s") if v is None else np.datetime64(v, "s") for v in values],
-            dtype="datetime64[s]")
+            dtype="datetime64[s]",
+        )
     if column == "age":
         return np.array(values, dtype=np.float64)
     return np.array(values, dtype=bool)
@@ -186,8 +193,9 @@ def meta_array(column: str, values: list[Any]) -> np.ndarray:
 # ---------------------------------------------------------------- files
 
 
-def read_meta_csv(path: Path, record_ids: np.ndarray, *, allow_unit: bool = True,
-                  shown: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def read_meta_csv(
+    path: Path, record_ids: np.ndarray, *, allow_unit: bool = True, shown: str | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """(``Records.meta``, units) from a metadata CSV. Records without a row get empty
     cells (no consent on file, unknown age) and, with a ``unit`` column, their own
     unit. A missing file gives ({}, None). ``shown`` is how messages name the file
@@ -220,12 +228,18 @@ def read_meta_csv(path: Path, record_ids: np.ndarray, *, allow_unit: bool = True
             raise fail(f"unreadable ({exc}); save it as UTF-8 CSV", 1) from None
         renamed = [h for h in header if h in _RENAMED]
         if renamed:
-            raise fail(f"column {renamed[0]!r} is called {_RENAMED[renamed[0]]!r}: rename it "
-                       "in the header", 1)
+            raise fail(
+                f"column {renamed[0]!r} is called {_RENAMED[renamed[0]]!r}: rename it "
+                "in the header",
+                1,
+            )
         unknown = [h for h in header if h not in allowed]
         if "record_id" not in header or unknown or len(set(header)) != len(header):
-            raise fail(f"the header needs record_id and may name {', '.join(allowed[1:])} "
-                       f"once each (unknown: {unknown})", 1)
+            raise fail(
+                f"the header needs record_id and may name {', '.join(allowed[1:])} "
+                f"once each (unknown: {unknown})",
+                1,
+            )
         columns = [h for h in header if h in _PARSERS]
         values: dict[str, list[Any]] = {c: [_PARSERS[c]("")] * n for c in columns}
         units: list[str] | None = None if "unit" not in header else [""] * n
@@ -240,9 +254,13 @@ def read_meta_csv(path: Path, record_ids: np.ndarray, *, allow_unit: bool = True
                 cells = dict(zip(header, (c.strip() for c in row), strict=True))
                 rid = cells["record_id"]
                 if rid not in index:
-                    raise fail("not a record of this site's data (ids are file paths "
-                               "relative to the folder, <split>-<index>, or the bundled "
-                               "task's ids)", line, "record_id")
+                    raise fail(
+                        "not a record of this site's data (ids are file paths "
+                        "relative to the folder, <split>-<index>, or the bundled "
+                        "task's ids)",
+                        line,
+                        "record_id",
+                    )
                 if rid in seen:
                     raise fail("duplicate record id", line, "record_id")
                 seen.add(rid)
@@ -260,8 +278,9 @@ def read_meta_csv(path: Path, record_ids: np.ndarray, *, allow_unit: bool = True
     unit_arr = None
     if units is not None:
         # a record without a unit is its own unit
-        unit_arr = np.array([u or f"record:{record_ids[i]}" for i, u in enumerate(units)],
-                            dtype=str)
+        unit_arr = np.array(
+            [u or f"record:{record_ids[i]}" for i, u in enumerate(units)], dtype=str
+        )
     return meta, unit_arr
 
 

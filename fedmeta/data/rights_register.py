@@ -22,8 +22,18 @@ from fedmeta.data.record_columns import FALSE_WORDS, TRUE_WORDS
 from policies.rights import RightsRequest
 
 REGISTER_FILE = "rights-register.csv"
-COLUMNS = ("request_id", "type", "law", "received", "decision", "ground", "decided",
-           "extended", "erased_at_source", "effect_on_models")
+COLUMNS = (
+    "request_id",
+    "type",
+    "law",
+    "received",
+    "decision",
+    "ground",
+    "decided",
+    "extended",
+    "erased_at_source",
+    "effect_on_models",
+)
 
 
 class RightsRegisterError(ValueError):
@@ -56,12 +66,17 @@ def _request(row: dict[str, str]) -> RightsRequest:
     if not cell.get("request_id"):
         raise ValueError("column 'request_id': required (a pseudonymous request id)")
     return RightsRequest(
-        request_id=cell["request_id"], type=cell.get("type", ""), law=cell.get("law", ""),
-        received=received, decision=cell.get("decision") or "pending",
-        ground=cell.get("ground") or None, decided=_date("decided", cell.get("decided", "")),
+        request_id=cell["request_id"],
+        type=cell.get("type", ""),
+        law=cell.get("law", ""),
+        received=received,
+        decision=cell.get("decision") or "pending",
+        ground=cell.get("ground") or None,
+        decided=_date("decided", cell.get("decided", "")),
         extended=_bool("extended", cell.get("extended", "")),
         erased_at_source=_bool("erased_at_source", cell.get("erased_at_source", "")),
-        effect_on_models=cell.get("effect_on_models") or None)
+        effect_on_models=cell.get("effect_on_models") or None,
+    )
 
 
 def load_rights_register(site_dir: Path) -> list[RightsRequest] | None:
@@ -80,7 +95,8 @@ def load_rights_register(site_dir: Path) -> list[RightsRequest] | None:
             if missing or unknown:
                 raise RightsRegisterError(
                     f"{path} line 1: header must have {', '.join(COLUMNS[:4])} and only "
-                    f"{', '.join(COLUMNS)} (missing: {missing}, unknown: {unknown})")
+                    f"{', '.join(COLUMNS)} (missing: {missing}, unknown: {unknown})"
+                )
             for line, row in enumerate(reader, start=2):
                 try:
                     req = _request(row)
@@ -89,7 +105,8 @@ def load_rights_register(site_dir: Path) -> list[RightsRequest] | None:
                 if req.request_id in seen:
                     raise RightsRegisterError(
                         f"{path} line {line}, column 'request_id': duplicate of line "
-                        f"{seen[req.request_id]}")
+                        f"{seen[req.request_id]}"
+                    )
                 seen[req.request_id] = line
                 out.append(req)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:

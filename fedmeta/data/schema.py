@@ -119,8 +119,9 @@ class DatasetSpec(BaseModel):
         if unit == info.data.get("label"):
             raise ValueError(f"{unit!r} is the label column")
         if unit in (info.data.get("features") or []):
-            raise ValueError(f"{unit!r} is also a feature: an identifier must never reach "
-                             "the trainer")
+            raise ValueError(
+                f"{unit!r} is also a feature: an identifier must never reach the trainer"
+            )
         return unit
 
     @field_validator("delimiter")

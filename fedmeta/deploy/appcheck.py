@@ -62,15 +62,17 @@ class AppNotApproved(RuntimeError):  # noqa: N818 (Flower shows the class name t
 def normalize_hash(value: str, what: str = "--fab-hash") -> str:
     """``value`` as 64 lowercase hex digits, or a one-line error."""
     if not isinstance(value, str):
-        raise AppApprovalError(f"{what}: expected a SHA-256 (64 hex digits), got "
-                               f"{type(value).__name__}")
+        raise AppApprovalError(
+            f"{what}: expected a SHA-256 (64 hex digits), got {type(value).__name__}"
+        )
     text = value.strip().lower()
     if text.startswith("sha256:"):
-        text = text[len("sha256:"):]
+        text = text[len("sha256:") :]
     if not _HEX64.fullmatch(text):
         shown = value if len(value) <= 80 else value[:77] + "..."
-        raise AppApprovalError(f"{what}: {shown!r} is not a SHA-256 (64 hex digits, as "
-                               "`sha256sum FILE.fab` prints)")
+        raise AppApprovalError(
+            f"{what}: {shown!r} is not a SHA-256 (64 hex digits, as `sha256sum FILE.fab` prints)"
+        )
     return text
 
 
@@ -96,17 +98,28 @@ def release_digest(fab: bytes) -> str:
             if name.startswith(SERVER_ONLY):
                 continue
             if name.endswith(".py") or name.startswith(SITE_PACKAGES):
-                h.update(f"{name}\0{hashlib.sha256(archive.read(info)).hexdigest()}\n"
-                         .encode())
+                h.update(f"{name}\0{hashlib.sha256(archive.read(info)).hexdigest()}\n".encode())
     except AppApprovalError:
         raise
-    except (zipfile.BadZipFile, KeyError, TypeError, ValueError, UnicodeDecodeError,
-            tomllib.TOMLDecodeError, OSError, EOFError, RuntimeError) as exc:
-        raise AppApprovalError(f"not a readable Flower app bundle ({type(exc).__name__}: "
-                               f"{exc})") from None
+    except (
+        zipfile.BadZipFile,
+        KeyError,
+        TypeError,
+        ValueError,
+        UnicodeDecodeError,
+        tomllib.TOMLDecodeError,
+        OSError,
+        EOFError,
+        RuntimeError,
+    ) as exc:
+        raise AppApprovalError(
+            f"not a readable Flower app bundle ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(ref, str):
-        raise AppApprovalError("not a Flower app bundle: its pyproject.toml names no "
-                               "[tool.flwr.app.components] clientapp")
+        raise AppApprovalError(
+            "not a Flower app bundle: its pyproject.toml names no "
+            "[tool.flwr.app.components] clientapp"
+        )
     h.update(f"clientapp\0{ref}\n".encode())
     return h.hexdigest()
 
@@ -123,7 +136,8 @@ def build_release_fab(root: Path) -> bytes:
         raise AppApprovalError(
             f"{root}: not a fedmeta source tree (no pyproject.toml with [tool.flwr.app]): "
             "give the unpacked release with --release DIR, or approve the coordinator's "
-            "app with --fab FILE or --fab-hash HEX") from None
+            "app with --fab FILE or --fab-hash HEX"
+        ) from None
     from flwr.cli.build import build_fab_from_disk
 
     try:
@@ -156,12 +170,19 @@ def read_approvals(site_dir: Path) -> list[Approval]:
         try:
             row = json.loads(line)
             kind = next(k for k in KINDS if k in row)
-            out.append(Approval(kind, normalize_hash(row[kind], f"{path} line {n}"),
-                                str(row.get("source", "")), float(row.get("approved_at", 0))))
+            out.append(
+                Approval(
+                    kind,
+                    normalize_hash(row[kind], f"{path} line {n}"),
+                    str(row.get("source", "")),
+                    float(row.get("approved_at", 0)),
+                )
+            )
         except (ValueError, TypeError, StopIteration, AttributeError):
             raise AppApprovalError(
                 f"{path} line {n}: not an approval (a JSON object with fab_sha256 or "
-                "release_sha256): fix or remove the line, then approve again") from None
+                "release_sha256): fix or remove the line, then approve again"
+            ) from None
     return out
 
 
@@ -192,8 +213,13 @@ def check_fab(site_dir: Path, fab: bytes, claimed_hash: str | None = None) -> De
     """May this site run ``fab``? Never raises for a bad FAB or store: it refuses."""
     digest = fab_sha256(fab)
     if claimed_hash is not None and claimed_hash.lower() != digest:
-        return Decision(False, digest, None, f"the FAB's content hashes to {digest}, not "
-                        f"to the hash it was sent under ({claimed_hash[:80]})")
+        return Decision(
+            False,
+            digest,
+            None,
+            f"the FAB's content hashes to {digest}, not "
+            f"to the hash it was sent under ({claimed_hash[:80]})",
+        )
     try:
         release = release_digest(fab)
     except AppApprovalError as exc:
@@ -206,26 +232,48 @@ def check_fab(site_dir: Path, fab: bytes, claimed_hash: str | None = None) -> De
         return Decision(False, digest, release, f"approval store unusable: {exc}")
     if any(a.kind == "fab_sha256" and a.sha256 == digest for a in approvals):
         return Decision(True, digest, release, "approved FAB hash")
-    if release is not None and any(a.kind == "release_sha256" and a.sha256 == release
-                                   for a in approvals):
+    if release is not None and any(
+        a.kind == "release_sha256" and a.sha256 == release for a in approvals
+    ):
         return Decision(True, digest, release, "approved release")
     why = f" ({problem})" if problem else ""
-    return Decision(False, digest, release, f"app sha256 {digest} is not approved by this "
-                    f"site{why}: if its DPO accepts it, `fedmeta node approve-app SITE_DIR "
-                    f"--fab-hash {digest}`")
+    return Decision(
+        False,
+        digest,
+        release,
+        f"app sha256 {digest} is not approved by this "
+        f"site{why}: if its DPO accepts it, `fedmeta node approve-app SITE_DIR "
+        f"--fab-hash {digest}`",
+    )
 
 
-def record_refusal(site_dir: Path, site_id: str, run_id: str, decision: Decision,
-                   fab_id: str = "", fab_version: str = "") -> str | None:
+def record_refusal(
+    site_dir: Path,
+    site_id: str,
+    run_id: str,
+    decision: Decision,
+    fab_id: str = "",
+    fab_version: str = "",
+) -> str | None:
     """Append ``app.refuse`` to the site's signed audit log; its receipt, if any."""
     from fedmeta.audit import AuditLog
 
-    with AuditLog.open(Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY,
-                       actor=site_id) as log:
-        log.append("app.refuse", run_id=run_id, decision="deny", rule_ids=[RULE], details={
-            "fab_sha256": decision.fab_sha256, "release_sha256": decision.release_sha256,
-            "fab_id": fab_id[:200], "fab_version": fab_version[:100],
-            "reason": decision.reason[:500]})
+    with AuditLog.open(
+        Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY, actor=site_id
+    ) as log:
+        log.append(
+            "app.refuse",
+            run_id=run_id,
+            decision="deny",
+            rule_ids=[RULE],
+            details={
+                "fab_sha256": decision.fab_sha256,
+                "release_sha256": decision.release_sha256,
+                "fab_id": fab_id[:200],
+                "fab_version": fab_version[:100],
+                "reason": decision.reason[:500],
+            },
+        )
         head = log.head()
     return str(head) if head else None
 
@@ -235,11 +283,15 @@ def install_in_clientapp() -> None:
     run's FAB before Flower installs it; refuse, on record, an unapproved one."""
     import flwr.supernode.runtime.run_clientapp as rc
 
-    if not (callable(getattr(rc, "pull_task_input", None))
-            and callable(getattr(rc, "install_from_fab", None))):
-        raise RuntimeError("the installed Flower's ClientApp process pulls or installs the "
-                           "app differently: this fedmeta release cannot check it; install "
-                           "the Flower version of the coordinator's constraints file")
+    if not (
+        callable(getattr(rc, "pull_task_input", None))
+        and callable(getattr(rc, "install_from_fab", None))
+    ):
+        raise RuntimeError(
+            "the installed Flower's ClientApp process pulls or installs the "
+            "app differently: this fedmeta release cannot check it; install "
+            "the Flower version of the coordinator's constraints file"
+        )
     pull, install = rc.pull_task_input, rc.install_from_fab
     task: dict[str, Any] = {}
 
@@ -254,20 +306,29 @@ def install_in_clientapp() -> None:
         node_config = dict(getattr(context, "node_config", None) or {})
         run_id = str(getattr(run, "run_id", "-"))
         if "site-dir" not in node_config:
-            raise AppNotApproved("this node has no site-dir in its --node-config: it cannot "
-                                 "check the app and refuses it")
+            raise AppNotApproved(
+                "this node has no site-dir in its --node-config: it cannot "
+                "check the app and refuses it"
+            )
         site_dir = Path(str(node_config["site-dir"]))
         site_id = str(node_config.get("site-id", site_dir.name))
         decision = check_fab(site_dir, content, getattr(fab, "hash_str", None))
         if not decision.approved:
             try:
-                record_refusal(site_dir, site_id, run_id, decision,
-                               str(getattr(run, "fab_id", "")),
-                               str(getattr(run, "fab_version", "")))
+                record_refusal(
+                    site_dir,
+                    site_id,
+                    run_id,
+                    decision,
+                    str(getattr(run, "fab_id", "")),
+                    str(getattr(run, "fab_version", "")),
+                )
             except Exception as exc:  # noqa: BLE001 (refuse all the same, and say why)
-                raise AppNotApproved(f"site {site_id} refuses run {run_id}: "
-                                     f"{decision.reason}; its audit log could not record "
-                                     f"it: {exc}") from None
+                raise AppNotApproved(
+                    f"site {site_id} refuses run {run_id}: "
+                    f"{decision.reason}; its audit log could not record "
+                    f"it: {exc}"
+                ) from None
             raise AppNotApproved(f"site {site_id} refuses run {run_id}: {decision.reason}")
         return install(fab_file, *args, **kwargs)
 

@@ -30,9 +30,10 @@ def bind_site(node_id: int, reported: str) -> tuple[str | None, str]:
         return None, f"node registry unreadable ({exc})"[:300]
     site = by_node.get(int(node_id))
     if site is None:
-        return None, (f"node {node_id} is not registered for any site in the coordinator's "
-                      f"registry (it reported {reported!r})")[:300]
+        return None, (
+            f"node {node_id} is not registered for any site in the coordinator's "
+            f"registry (it reported {reported!r})"
+        )[:300]
     if reported != site:
-        return None, (f"node {node_id} is registered for {site!r} but reported "
-                      f"{reported!r}")[:300]
+        return None, (f"node {node_id} is registered for {site!r} but reported {reported!r}")[:300]
     return site, ""

@@ -82,10 +82,10 @@ def _ledger_lines(path: Path, run_id: str, runs_in_log: set[str]) -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
-            raise EvidenceError(f"{path} line {no}: not JSON; the ledger is damaged "
-                                "(fedmeta ledger show SITE_DIR)") from None
-        if obj.get("kind") != "charge" or obj.get("run") == run_id \
-                or obj.get("run") in runs_in_log:
+            raise EvidenceError(
+                f"{path} line {no}: not JSON; the ledger is damaged (fedmeta ledger show SITE_DIR)"
+            ) from None
+        if obj.get("kind") != "charge" or obj.get("run") == run_id or obj.get("run") in runs_in_log:
             out.append(line)
     return out
 
@@ -96,8 +96,9 @@ def export_evidence(site_dir: Path, run_id: str, out: Path | None = None) -> tup
     run_id = _run_id(run_id)
     log_path, key_path = site_dir / SITE_LOG, site_dir / SITE_PUBKEY
     if not log_path.is_file():
-        raise EvidenceError(f"{log_path}: missing; is {site_dir} a site directory that took "
-                            "part in a run?")
+        raise EvidenceError(
+            f"{log_path}: missing; is {site_dir} a site directory that took part in a run?"
+        )
     try:
         entries, result = read_log(log_path, public_key=key_path if key_path.is_file() else None)
     except AuditError as exc:
@@ -105,12 +106,16 @@ def export_evidence(site_dir: Path, run_id: str, out: Path | None = None) -> tup
     mine = [e for e in entries if e.run_id == run_id]
     if not mine:
         runs = sorted({e.run_id for e in entries if e.run_id != "-"})
-        raise EvidenceError(f"{log_path}: no entry of run {run_id} in the site's verified log "
-                            f"(runs it holds: {', '.join(runs[-5:]) or 'none'})")
+        raise EvidenceError(
+            f"{log_path}: no entry of run {run_id} in the site's verified log "
+            f"(runs it holds: {', '.join(runs[-5:]) or 'none'})"
+        )
     last = mine[-1].seq
     if not result.ok and (result.first_bad_seq is None or result.first_bad_seq <= last):
-        raise EvidenceError(f"{log_path}: does not verify ({result.problem}); repair or "
-                            "restore it before exporting (fedmeta audit verify)")
+        raise EvidenceError(
+            f"{log_path}: does not verify ({result.problem}); repair or "
+            "restore it before exporting (fedmeta audit verify)"
+        )
     lines = log_path.read_bytes().split(b"\n")[: last + 1]
     runs_before = {e.run_id for e in entries[: last + 1]}
     pem = key_path.read_text(encoding="ascii") if key_path.is_file() else None
@@ -118,17 +123,23 @@ def export_evidence(site_dir: Path, run_id: str, out: Path | None = None) -> tup
     manifest = site_dir / MANIFEST
     manifest_text = manifest.read_text(encoding="utf-8") if manifest.is_file() else None
     bundle = {
-        "format": FORMAT, "site": site, "run": run_id,
+        "format": FORMAT,
+        "site": site,
+        "run": run_id,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "audit_public_key": pem, "key_fingerprint": result.key_fingerprint,
-        "log": [x.decode("utf-8") for x in lines], "log_head": str(entries[last].receipt()),
+        "audit_public_key": pem,
+        "key_fingerprint": result.key_fingerprint,
+        "log": [x.decode("utf-8") for x in lines],
+        "log_head": str(entries[last].receipt()),
         "ledger": _ledger_lines(site_dir / LEDGER_FILE, run_id, runs_before),
         "manifest_toml": manifest_text,
         "manifest_sha256": _sha(manifest_text.encode()) if manifest_text is not None else None,
-        "signed_manifest_sha256": sorted({str(e.details["manifest_sha256"]) for e in mine
-                                          if e.details.get("manifest_sha256")}),
-        "rounds_trained": sorted({e.round for e in mine if e.action == "round.train"
-                                  and e.round is not None}),
+        "signed_manifest_sha256": sorted(
+            {str(e.details["manifest_sha256"]) for e in mine if e.details.get("manifest_sha256")}
+        ),
+        "rounds_trained": sorted(
+            {e.round for e in mine if e.action == "round.train" and e.round is not None}
+        ),
     }
     if out is None:
         out = site_dir / EXPORTS_DIR / f"evidence-{site}-{run_id}.json"
@@ -152,8 +163,9 @@ class Imported:
 def _load_bundle(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise EvidenceError(f"{path}: not a file; give the evidence-<site>-<run>.json the site "
-                            "exported")
+        raise EvidenceError(
+            f"{path}: not a file; give the evidence-<site>-<run>.json the site exported"
+        )
     if path.stat().st_size > MAX_BUNDLE_BYTES:
         raise EvidenceError(f"{path}: larger than {MAX_BUNDLE_BYTES} bytes; not an evidence file")
     try:
@@ -162,8 +174,13 @@ def _load_bundle(path: Path) -> dict[str, Any]:
         raise EvidenceError(f"{path}: not an evidence file (not JSON: {exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise EvidenceError(f"{path}: not a {FORMAT} file (field 'format')")
-    for field, kind in (("site", str), ("run", str), ("log", list), ("ledger", list),
-                        ("audit_public_key", str)):
+    for field, kind in (
+        ("site", str),
+        ("run", str),
+        ("log", list),
+        ("ledger", list),
+        ("audit_public_key", str),
+    ):
         if not isinstance(data.get(field), kind):
             raise EvidenceError(f"{path}: field '{field}': missing or not a {kind.__name__}")
     try:
@@ -183,8 +200,9 @@ def _run_of(run_dir: Path) -> str:
     try:
         run = json.loads(path.read_text(encoding="utf-8")).get("run")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise EvidenceError(f"{path}: cannot tell the run of {run_dir} ({exc}); is it the "
-                            "run's out-dir?") from None
+        raise EvidenceError(
+            f"{path}: cannot tell the run of {run_dir} ({exc}); is it the run's out-dir?"
+        ) from None
     if not isinstance(run, str) or not run:
         raise EvidenceError(f"{path}: field 'run': missing")
     return run
@@ -195,15 +213,20 @@ def _registered_key(keys: Path | None, site: str) -> Path | None:
         return None
     path = Path(keys) / f"{site}.pub.pem" if Path(keys).is_dir() else Path(keys)
     if not path.is_file():
-        raise EvidenceError(f"{path}: no audit key registered for {site} (option '--keys': the "
-                            "coordinator kit's site-audit-keys/)")
+        raise EvidenceError(
+            f"{path}: no audit key registered for {site} (option '--keys': the "
+            "coordinator kit's site-audit-keys/)"
+        )
     return path
 
 
 def _same_files(a: Path, b: Path) -> bool:
     names = [SITE_LOG, SITE_PUBKEY, Path(LEDGER_FILE), Path(MANIFEST)]
-    return all((a / n).is_file() == (b / n).is_file() and (
-        not (a / n).is_file() or (a / n).read_bytes() == (b / n).read_bytes()) for n in names)
+    return all(
+        (a / n).is_file() == (b / n).is_file()
+        and (not (a / n).is_file() or (a / n).read_bytes() == (b / n).read_bytes())
+        for n in names
+    )
 
 
 def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) -> Imported:
@@ -212,14 +235,18 @@ def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) 
     data = _load_bundle(bundle_path)
     run, site = _run_of(run_dir), data["site"]
     if data["run"] != run:
-        raise EvidenceError(f"{bundle_path}: evidence of run {data['run']}, but {run_dir} holds "
-                            f"run {run}; export the site's evidence with --run {run}")
+        raise EvidenceError(
+            f"{bundle_path}: evidence of run {data['run']}, but {run_dir} holds "
+            f"run {run}; export the site's evidence with --run {run}"
+        )
     registered = _registered_key(keys, site)
     try:
         given = fingerprint(load_public_key(data["audit_public_key"].encode("ascii")))
         if registered is not None and fingerprint(load_public_key(registered)) != given:
-            raise EvidenceError(f"{bundle_path}: signed with key {given}, not the audit key "
-                                f"{site} registered ({registered}); refused")
+            raise EvidenceError(
+                f"{bundle_path}: signed with key {given}, not the audit key "
+                f"{site} registered ({registered}); refused"
+            )
     except (AuditError, UnicodeEncodeError) as exc:
         raise EvidenceError(f"{bundle_path}: field 'audit_public_key': {exc}") from None
     staging = Path(tempfile.mkdtemp(prefix=f".import-{site}-", dir=run_dir))
@@ -229,8 +256,9 @@ def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) 
         (staging / SITE_LOG).write_text("".join(x + "\n" for x in data["log"]), encoding="utf-8")
         (staging / SITE_PUBKEY).write_text(data["audit_public_key"], encoding="ascii")
         if data["ledger"]:
-            (staging / LEDGER_FILE).write_text("".join(x + "\n" for x in data["ledger"]),
-                                               encoding="utf-8")
+            (staging / LEDGER_FILE).write_text(
+                "".join(x + "\n" for x in data["ledger"]), encoding="utf-8"
+            )
         if data.get("manifest_toml") is not None:
             (staging / MANIFEST).write_text(data["manifest_toml"], encoding="utf-8")
         try:
@@ -238,11 +266,11 @@ def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) 
         except AuditError as exc:
             raise EvidenceError(f"{bundle_path}: the site's log: {exc}") from None
         if not result.ok:
-            raise EvidenceError(f"{bundle_path}: the site's log does not verify: "
-                                f"{result.problem}")
+            raise EvidenceError(f"{bundle_path}: the site's log does not verify: {result.problem}")
         if result.actor != site:
-            raise EvidenceError(f"{bundle_path}: the log's actor is {result.actor!r}, not the "
-                                f"file's site {site!r}")
+            raise EvidenceError(
+                f"{bundle_path}: the log's actor is {result.actor!r}, not the file's site {site!r}"
+            )
         if not any(e.run_id == run for e in entries):
             raise EvidenceError(f"{bundle_path}: the log holds no entry of run {run}")
         if (staging / LEDGER_FILE).exists():
@@ -253,16 +281,20 @@ def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) 
             except (LedgerError, ValueError) as exc:
                 raise EvidenceError(f"{bundle_path}: field 'ledger': {exc}") from None
         if data.get("manifest_toml") is not None and data.get("manifest_sha256") != _sha(
-                data["manifest_toml"].encode()):
+            data["manifest_toml"].encode()
+        ):
             raise EvidenceError(f"{bundle_path}: field 'manifest_sha256' is not the manifest's")
         target = RunPaths(run_dir).site(site).root
         if target.exists():
             if _same_files(target, staging):
                 shutil.rmtree(staging)
-                return Imported(site, result.entries, list(data.get("rounds_trained") or []),
-                                given, target)
-            raise EvidenceError(f"{target}: holds other evidence of {site} already; move it "
-                                "aside to import this file")
+                return Imported(
+                    site, result.entries, list(data.get("rounds_trained") or []), given, target
+                )
+            raise EvidenceError(
+                f"{target}: holds other evidence of {site} already; move it "
+                "aside to import this file"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(target)
     finally:
@@ -272,20 +304,30 @@ def import_evidence(run_dir: Path, bundle_path: Path, keys: Path | None = None) 
 
 
 # ---- the site's own report -----------------------------------------------------------
-def site_report(site_dir: Path, run_id: str, fmt: str = "html", out: Path | None = None,
-                allow_unverified: bool = False) -> tuple[Path, Any]:
+def site_report(
+    site_dir: Path,
+    run_id: str,
+    fmt: str = "html",
+    out: Path | None = None,
+    allow_unverified: bool = False,
+) -> tuple[Path, Any]:
     """The report of ``run_id`` for the site in ``site_dir``, from its own directory."""
     from fedmeta.report import SUFFIX, generate
 
     site_dir = Path(site_dir)
     run_id = _run_id(run_id)
     record = run_record_dir(site_dir, run_id)
-    missing = [rel for rel in RECORD_FILES.values() if rel != SERVER_AUDIT_PUBKEY.as_posix()
-               and not (record / rel).is_file()]
+    missing = [
+        rel
+        for rel in RECORD_FILES.values()
+        if rel != SERVER_AUDIT_PUBKEY.as_posix() and not (record / rel).is_file()
+    ]
     if missing:
-        raise EvidenceError(f"{record}: no run record of run {run_id} at this site (missing "
-                            f"{', '.join(missing)}): the site keeps it when the server ends the "
-                            "run (run.record in its audit log)")
+        raise EvidenceError(
+            f"{record}: no run record of run {run_id} at this site (missing "
+            f"{', '.join(missing)}): the site keeps it when the server ends the "
+            "run (run.record in its audit log)"
+        )
     key = site_dir / SITE_PUBKEY
     if not key.is_file():
         raise EvidenceError(f"{key}: missing; the site's audit public key")
@@ -309,5 +351,6 @@ def site_report(site_dir: Path, run_id: str, fmt: str = "html", out: Path | None
             if (site_dir / rel).is_file():
                 (mine / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(site_dir / rel, mine / rel)
-        return generate(view, fmt, out=out, site=site, allow_unverified=allow_unverified,
-                        trust=tuple(trust))
+        return generate(
+            view, fmt, out=out, site=site, allow_unverified=allow_unverified, trust=tuple(trust)
+        )

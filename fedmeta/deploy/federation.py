@@ -53,8 +53,10 @@ class FederationError(ValueError):
 
 def _name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", value):
-        raise ValueError("must start with a letter and hold at most 64 letters, digits, "
-                         f"'-' or '_' (got {value!r})")
+        raise ValueError(
+            "must start with a letter and hold at most 64 letters, digits, "
+            f"'-' or '_' (got {value!r})"
+        )
     return value
 
 
@@ -62,8 +64,13 @@ def _host(value: str) -> str:
     if is_ip(value):
         return value
     labels = value.rstrip(".").split(".")
-    if not value or len(value) > 253 or not all(
-            re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", lab) for lab in labels):
+    if (
+        not value
+        or len(value) > 253
+        or not all(
+            re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", lab) for lab in labels
+        )
+    ):
         raise ValueError(f"must be a DNS name or an IP address (got {value!r})")
     return value
 
@@ -98,8 +105,10 @@ class SuperLinkAddress(_Model):
     @model_validator(mode="after")
     def _ports_differ(self) -> SuperLinkAddress:
         if self.local_port == self.port:
-            raise ValueError("local_port must differ from port (the "
-                             "proxy listens on port, the SuperLink on 127.0.0.1:local_port)")
+            raise ValueError(
+                "local_port must differ from port (the "
+                "proxy listens on port, the SuperLink on 127.0.0.1:local_port)"
+            )
         return self
 
     @property
@@ -171,8 +180,9 @@ def parse_federation(data: dict, source: str = "<federation>") -> Federation:
     try:
         return Federation.model_validate(data)
     except ValidationError as exc:
-        raise FederationError(format_validation_error(exc, source, model=Federation,
-                                             whole="federation")) from None
+        raise FederationError(
+            format_validation_error(exc, source, model=Federation, whole="federation")
+        ) from None
 
 
 def load_federation(path: Path) -> Federation:

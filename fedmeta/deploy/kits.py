@@ -67,8 +67,11 @@ NOT_KIT = {"state", "state-insecure"}  # what a coordinator kit grows once it ru
 
 
 def kit_files(kit: Path) -> list[Path]:
-    return sorted(p for p in Path(kit).rglob("*") if p.is_file() and p.name != SUMS
-                  and not NOT_KIT & set(p.relative_to(kit).parts))
+    return sorted(
+        p
+        for p in Path(kit).rglob("*")
+        if p.is_file() and p.name != SUMS and not NOT_KIT & set(p.relative_to(kit).parts)
+    )
 
 
 def write_sums(kit: Path) -> str:
@@ -76,8 +79,10 @@ def write_sums(kit: Path) -> str:
     the SHA-256 of that file: read it out over a second channel to check the transfer."""
     import hashlib
 
-    lines = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  "
-                    f"{p.relative_to(kit).as_posix()}\n" for p in kit_files(kit))
+    lines = "".join(
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(kit).as_posix()}\n"
+        for p in kit_files(kit)
+    )
     pki.write_public(Path(kit) / SUMS, lines.encode())
     return hashlib.sha256(lines.encode()).hexdigest()
 
@@ -93,9 +98,11 @@ def verify_kit(kit: Path, fingerprint: str) -> None:
     except FileNotFoundError:
         raise ProvisionError(f"{sums}: missing: this kit cannot be verified") from None
     if hashlib.sha256(data).hexdigest() != fingerprint.strip().lower():
-        raise ProvisionError(f"{sums}: fingerprint {hashlib.sha256(data).hexdigest()[:16]}... "
-                             f"is not {fingerprint.strip()[:16]}...: the kit was altered or "
-                             "is another one; get it again")
+        raise ProvisionError(
+            f"{sums}: fingerprint {hashlib.sha256(data).hexdigest()[:16]}... "
+            f"is not {fingerprint.strip()[:16]}...: the kit was altered or "
+            "is another one; get it again"
+        )
     listed = {}
     for line in data.decode().splitlines():
         digest, _, name = line.partition("  ")
@@ -106,8 +113,9 @@ def verify_kit(kit: Path, fingerprint: str) -> None:
     for name, digest in sorted(listed.items()):
         path = kit / name
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise ProvisionError(f"{path}: missing or altered since provisioning: get the kit "
-                                 "again")
+            raise ProvisionError(
+                f"{path}: missing or altered since provisioning: get the kit again"
+            )
 
 
 @dataclass
@@ -172,13 +180,17 @@ def _ca(fed: Federation, out: Path, force: bool, report: ProvisionReport):
         key = pki.load_ec_private_pem(key_path)
         cert = pki.load_cert(cert_path)
         if not pki.same_public_key(cert.public_key(), key.public_key()):
-            raise ProvisionError(f"{cert_path}: does not belong to {key_path}; restore the "
-                                 "pair from backup (or --force for a new CA and new kits)")
+            raise ProvisionError(
+                f"{cert_path}: does not belong to {key_path}; restore the "
+                "pair from backup (or --force for a new CA and new kits)"
+            )
         report.kept.append(_rel(report, key_path))
         return key, cert
     if (key_path.exists() or cert_path.exists()) and not force:
-        raise ProvisionError(f"{d}: holds only half of the CA (ca.key and ca.pem go together); "
-                             "restore it from backup or use --force")
+        raise ProvisionError(
+            f"{d}: holds only half of the CA (ca.key and ca.pem go together); "
+            "restore it from backup or use --force"
+        )
     _private_dir(d)
     key, cert = pki.create_ca(fed.name, fed.ca_validity_days)
     pki.write_private(key_path, pki.key_pem(key))
@@ -188,11 +200,13 @@ def _ca(fed: Federation, out: Path, force: bool, report: ProvisionReport):
 
 
 # ---- coordinator ---------------------------------------------------------------------
-def _server_cert(fed: Federation, kit: Path, ca_key, ca_cert, force: bool,
-                 report: ProvisionReport) -> None:
+def _server_cert(
+    fed: Federation, kit: Path, ca_key, ca_cert, force: bool, report: ProvisionReport
+) -> None:
     key_path, cert_path = kit / "superlink.key", kit / "superlink.pem"
-    key = _kept_or_new_key(key_path, force, report, pki.load_ec_private_pem, pki.new_tls_key,
-                           pki.key_pem)
+    key = _kept_or_new_key(
+        key_path, force, report, pki.load_ec_private_pem, pki.new_tls_key, pki.key_pem
+    )
     names = fed.superlink.certificate_names()
     reason = "new" if force or not cert_path.exists() else ""
     if not reason:
@@ -212,15 +226,20 @@ def _server_cert(fed: Federation, kit: Path, ca_key, ca_cert, force: bool,
     pki.write_public(cert_path, pki.cert_pem(cert))
     report.created.append(_rel(report, cert_path))
     if reason != "new":
-        report.notes.append(f"re-issued the SuperLink certificate ({reason}): restart the "
-                            "SuperLink with the new coordinator/superlink.pem")
+        report.notes.append(
+            f"re-issued the SuperLink certificate ({reason}): restart the "
+            "SuperLink with the new coordinator/superlink.pem"
+        )
 
 
-def _site_public_files(fed: Federation, kit: Path, requests: dict[str, SiteRequest],
-                       report: ProvisionReport) -> None:
+def _site_public_files(
+    fed: Federation, kit: Path, requests: dict[str, SiteRequest], report: ProvisionReport
+) -> None:
     """coordinator/site-keys/ and site-audit-keys/ from the accepted requests, nothing else."""
-    for sub, suffix, field_name in ((SITE_NODE_KEYS_DIR, ".pub", "supernode_public_key"),
-                                    (SITE_AUDIT_KEYS_DIR, ".pub.pem", "audit_public_key")):
+    for sub, suffix, field_name in (
+        (SITE_NODE_KEYS_DIR, ".pub", "supernode_public_key"),
+        (SITE_AUDIT_KEYS_DIR, ".pub.pem", "audit_public_key"),
+    ):
         d = kit / sub
         d.mkdir(exist_ok=True)
         wanted = {f"{s.id}{suffix}" for s in fed.sites}
@@ -235,15 +254,24 @@ def _site_public_files(fed: Federation, kit: Path, requests: dict[str, SiteReque
             path = d / f"{s.id}{suffix}"
             data = (getattr(req, field_name).strip() + "\n").encode()
             if path.exists() and path.read_bytes() != data and sub == SITE_NODE_KEYS_DIR:
-                report.notes.append(f"site {s.id}'s SuperNode key changed: run "
-                                    f"./register-sites.sh CONNECTION {s.id} on the "
-                                    "coordinator (its old node is unregistered)")
+                report.notes.append(
+                    f"site {s.id}'s SuperNode key changed: run "
+                    f"./register-sites.sh CONNECTION {s.id} on the "
+                    "coordinator (its old node is unregistered)"
+                )
             pki.write_public(path, data)
 
 
-def _coordinator(fed: Federation, federation_file: Path, out: Path, ca_key, ca_cert,
-                 force: bool, report: ProvisionReport,
-                 requests: dict[str, SiteRequest]) -> None:
+def _coordinator(
+    fed: Federation,
+    federation_file: Path,
+    out: Path,
+    ca_key,
+    ca_cert,
+    force: bool,
+    report: ProvisionReport,
+    requests: dict[str, SiteRequest],
+) -> None:
     kit = out / COORDINATOR_DIR
     _private_dir(kit)
     pki.write_public(kit / CA_CERT, pki.cert_pem(ca_cert))
@@ -252,33 +280,59 @@ def _coordinator(fed: Federation, federation_file: Path, out: Path, ca_key, ca_c
     pki.write_public(kit / FEDERATION_FILE, federation_file.read_bytes())
     pki.write_public(kit / t.ENV_FILE, t.env_file_text().encode())
     pki.write_public(kit / "nginx.conf", nginx_conf(fed).encode())
-    pki.write_public(kit / "flwr-connection.toml", t.render(
-        t.CONNECTION_TOML, federation=fed.name, address=fed.superlink.local_address).encode())
-    common = dict(env_file=t.ENV_FILE, secure=t.TRANSPORT_SECURE,
-                  insecure=t.TRANSPORT_INSECURE, federation=fed.name,
-                  bind=fed.superlink.bind, port=fed.superlink.port,
-                  local_port=fed.superlink.local_port)
-    for name, template in (("start-superlink.sh", t.START_SUPERLINK),
-                           ("start-proxy.sh", t.START_PROXY),
-                           ("register-sites.sh", t.REGISTER_SITES),
-                           ("unregister-site.sh", t.UNREGISTER_SITE)):
+    pki.write_public(
+        kit / "flwr-connection.toml",
+        t.render(
+            t.CONNECTION_TOML, federation=fed.name, address=fed.superlink.local_address
+        ).encode(),
+    )
+    common = dict(
+        env_file=t.ENV_FILE,
+        secure=t.TRANSPORT_SECURE,
+        insecure=t.TRANSPORT_INSECURE,
+        federation=fed.name,
+        bind=fed.superlink.bind,
+        port=fed.superlink.port,
+        local_port=fed.superlink.local_port,
+    )
+    for name, template in (
+        ("start-superlink.sh", t.START_SUPERLINK),
+        ("start-proxy.sh", t.START_PROXY),
+        ("register-sites.sh", t.REGISTER_SITES),
+        ("unregister-site.sh", t.UNREGISTER_SITE),
+    ):
         pki.write_public(kit / name, t.render(template, **common).encode(), SCRIPT_MODE)
     pki.write_public(kit / "constraints.txt", t.constraints_text().encode())
     for unit, what, script, after in (
-            ("fedmeta-superlink.service", f"Flower SuperLink of federation {fed.name} "
-             "(fedmeta, 127.0.0.1 only)", "start-superlink.sh", ""),
-            ("fedmeta-proxy.service", f"nginx front of federation {fed.name} (Fleet API "
-             "only, mutual TLS)", "start-proxy.sh", "fedmeta-superlink.service")):
-        pki.write_public(kit / "systemd" / unit, t.systemd_unit(unit, what, script,
-                                                                after).encode())
-    pki.write_public(kit / "README.md", t.render(
-        t.COORDINATOR_README, names=", ".join(fed.superlink.certificate_names()),
-        command=t.start_superlink_command(fed.superlink.local_port), **common).encode())
+        (
+            "fedmeta-superlink.service",
+            f"Flower SuperLink of federation {fed.name} (fedmeta, 127.0.0.1 only)",
+            "start-superlink.sh",
+            "",
+        ),
+        (
+            "fedmeta-proxy.service",
+            f"nginx front of federation {fed.name} (Fleet API only, mutual TLS)",
+            "start-proxy.sh",
+            "fedmeta-superlink.service",
+        ),
+    ):
+        pki.write_public(kit / "systemd" / unit, t.systemd_unit(unit, what, script, after).encode())
+    pki.write_public(
+        kit / "README.md",
+        t.render(
+            t.COORDINATOR_README,
+            names=", ".join(fed.superlink.certificate_names()),
+            command=t.start_superlink_command(fed.superlink.local_port),
+            **common,
+        ).encode(),
+    )
 
 
 # ---- sites ---------------------------------------------------------------------------
-def _accepted_requests(fed: Federation, out: Path, new: list[Path],
-                       report: ProvisionReport) -> dict[str, SiteRequest]:
+def _accepted_requests(
+    fed: Federation, out: Path, new: list[Path], report: ProvisionReport
+) -> dict[str, SiteRequest]:
     """The stored requests (``requests/<id>.json``) updated with the ``new`` ones."""
     d = out / REQUESTS_DIR
     ids = {s.id for s in fed.sites}
@@ -291,8 +345,10 @@ def _accepted_requests(fed: Federation, out: Path, new: list[Path],
     for path in new:
         req = load_request(path, fed.name, ids)
         if req.site_id in seen:
-            raise ProvisionError(f"{path}: a second request for site {req.site_id} (first: "
-                                 f"{seen[req.site_id]}): pass only the site's latest one")
+            raise ProvisionError(
+                f"{path}: a second request for site {req.site_id} (first: "
+                f"{seen[req.site_id]}): pass only the site's latest one"
+            )
         seen[req.site_id] = path
         old = accepted.get(req.site_id)
         accepted[req.site_id] = req
@@ -301,29 +357,37 @@ def _accepted_requests(fed: Federation, out: Path, new: list[Path],
         if old is None:
             report.created.append(f"{REQUESTS_DIR}/{req.site_id}.json (accepted {path.name})")
         elif old != req:
-            report.created.append(f"{REQUESTS_DIR}/{req.site_id}.json (replaces the site's "
-                                  "earlier request)")
+            report.created.append(
+                f"{REQUESTS_DIR}/{req.site_id}.json (replaces the site's earlier request)"
+            )
             if old.audit_public_key != req.audit_public_key:
-                report.notes.append(f"site {req.site_id}'s audit key changed: its new key "
-                                    "starts a new audit log")
+                report.notes.append(
+                    f"site {req.site_id}'s audit key changed: its new key starts a new audit log"
+                )
         else:
             report.kept.append(f"{REQUESTS_DIR}/{req.site_id}.json")
     return accepted
 
 
-def _client_cert(kit: Path, site_id: str, req: SiteRequest | None, ca_key, ca_cert,
-                 report: ProvisionReport) -> None:
+def _client_cert(
+    kit: Path, site_id: str, req: SiteRequest | None, ca_key, ca_cert, report: ProvisionReport
+) -> None:
     path = kit / CLIENT_CERT
     if req is None:
-        report.notes.append(f"site {site_id}: no request yet: the site runs `fedmeta node "
-                            f"init` and sends request-{site_id}.json (--request FILE)")
+        report.notes.append(
+            f"site {site_id}: no request yet: the site runs `fedmeta node "
+            f"init` and sends request-{site_id}.json (--request FILE)"
+        )
         return
     csr = pki.load_csr(req.tls_csr.encode(), f"{REQUESTS_DIR}/{site_id}.json")
     if path.exists():
         cert = pki.load_cert(path)
-        if (pki.signed_by(cert, ca_cert) and pki.days_left(cert) >= RENEW_DAYS
-                and pki.same_public_key(cert.public_key(), csr.public_key())
-                and pki.cert_common_name(cert) == site_id):
+        if (
+            pki.signed_by(cert, ca_cert)
+            and pki.days_left(cert) >= RENEW_DAYS
+            and pki.same_public_key(cert.public_key(), csr.public_key())
+            and pki.cert_common_name(cert) == site_id
+        ):
             report.kept.append(_rel(report, path))
             return
     cert = pki.issue_client_cert(ca_key, ca_cert, csr, site_id, CLIENT_VALIDITY_DAYS)
@@ -331,44 +395,80 @@ def _client_cert(kit: Path, site_id: str, req: SiteRequest | None, ca_key, ca_ce
     report.created.append(_rel(report, path))
 
 
-def _site(fed: Federation, out: Path, site_id: str, ca_key, ca_cert, force: bool,
-          report: ProvisionReport, req: SiteRequest | None) -> None:
+def _site(
+    fed: Federation,
+    out: Path,
+    site_id: str,
+    ca_key,
+    ca_cert,
+    force: bool,
+    report: ProvisionReport,
+    req: SiteRequest | None,
+) -> None:
     kit = out / SITES_DIR / site_id
     _private_dir(kit)
-    if (kit / KEYS_DIR).is_dir() and any(p.suffix == ".key" or p.name == AUDIT_KEY.name
-                                       for p in (kit / KEYS_DIR).iterdir()):
-        raise ProvisionError(f"{kit / 'keys'}: holds a site's private keys (written by an "
-                             "older fedmeta): move them to the site, delete them here, and "
-                             "let the site send a request (fedmeta node init)")
+    if (kit / KEYS_DIR).is_dir() and any(
+        p.suffix == ".key" or p.name == AUDIT_KEY.name for p in (kit / KEYS_DIR).iterdir()
+    ):
+        raise ProvisionError(
+            f"{kit / 'keys'}: holds a site's private keys (written by an "
+            "older fedmeta): move them to the site, delete them here, and "
+            "let the site send a request (fedmeta node init)"
+        )
     pki.write_public(kit / CA_CERT, pki.cert_pem(ca_cert))
     pki.write_public(kit / t.ENV_FILE, t.env_file_text().encode())
     _client_cert(kit, site_id, req, ca_key, ca_cert, report)
-    values = dict(site_id=site_id, federation=fed.name, superlink=fed.superlink.address,
-                  site_index=fed.site_index(site_id), runtime_port=fed.runtime_port(site_id),
-                  env_file=t.ENV_FILE)
+    values = dict(
+        site_id=site_id,
+        federation=fed.name,
+        superlink=fed.superlink.address,
+        site_index=fed.site_index(site_id),
+        runtime_port=fed.runtime_port(site_id),
+        env_file=t.ENV_FILE,
+    )
     pki.write_public(kit / "node.toml", t.render(t.NODE_TOML, **values).encode())
-    pki.write_public(kit / "start-node.sh", t.render(
-        t.START_NODE, secure=t.TRANSPORT_SECURE, insecure=t.TRANSPORT_INSECURE,
-        **values).encode(), SCRIPT_MODE)
-    pki.write_public(kit / "README.md", t.render(
-        t.SITE_README, command=t.start_node_command(
-            fed.superlink.address, site_id, values["site_index"], values["runtime_port"]),
-        **values).encode())
+    pki.write_public(
+        kit / "start-node.sh",
+        t.render(
+            t.START_NODE, secure=t.TRANSPORT_SECURE, insecure=t.TRANSPORT_INSECURE, **values
+        ).encode(),
+        SCRIPT_MODE,
+    )
+    pki.write_public(
+        kit / "README.md",
+        t.render(
+            t.SITE_README,
+            command=t.start_node_command(
+                fed.superlink.address, site_id, values["site_index"], values["runtime_port"]
+            ),
+            **values,
+        ).encode(),
+    )
     pki.write_public(kit / "constraints.txt", t.constraints_text().encode())
-    pki.write_public(kit / "systemd" / "fedmeta-node.service", t.systemd_unit(
-        "fedmeta-node.service", f"fedmeta SuperNode of site {site_id} (federation "
-        f"{fed.name})", "start-node.sh").encode())
+    pki.write_public(
+        kit / "systemd" / "fedmeta-node.service",
+        t.systemd_unit(
+            "fedmeta-node.service",
+            f"fedmeta SuperNode of site {site_id} (federation {fed.name})",
+            "start-node.sh",
+        ).encode(),
+    )
     manifest = kit / MANIFEST_FILE
     if manifest.exists() and not force:
         report.kept.append(_rel(report, manifest))
     else:
-        pki.write_public(manifest, t.manifest_template(
-            site_id, fed.site(site_id).country, fed).encode())
+        pki.write_public(
+            manifest, t.manifest_template(site_id, fed.site(site_id).country, fed).encode()
+        )
         report.created.append(_rel(report, manifest))
 
 
-def provision(federation_file: Path, out: Path, force: bool = False,
-              requests: list[Path] | tuple[Path, ...] = ()) -> ProvisionReport:
+def provision(
+    federation_file: Path,
+    out: Path,
+    force: bool = False,
+    requests: list[Path] | tuple[Path, ...] = (),
+) -> ProvisionReport:
     """Create or update the CA, the coordinator kit and one kit per site under ``out``;
     accept the sites' ``requests`` (files from ``fedmeta node init``)."""
     fed = load_federation(federation_file)
@@ -384,17 +484,26 @@ def provision(federation_file: Path, out: Path, force: bool = False,
     _coordinator(fed, Path(federation_file), out, ca_key, ca_cert, force, report, accepted)
     prints = {"coordinator": write_sums(out / COORDINATOR_DIR)}
     prints.update({s.id: write_sums(out / SITES_DIR / s.id) for s in fed.sites})
-    pki.write_public(out / FINGERPRINTS, "".join(
-        f"{name} {digest}\n" for name, digest in prints.items()).encode())
+    pki.write_public(
+        out / FINGERPRINTS,
+        "".join(f"{name} {digest}\n" for name, digest in prints.items()).encode(),
+    )
     report.fingerprints = prints
     listed = {s.id for s in fed.sites}
     if (out / SITES_DIR).is_dir():
         for d in sorted((out / SITES_DIR).iterdir()):
             if d.is_dir() and d.name not in listed:
-                report.notes.append(f"sites/{d.name} is no longer in the federation: "
-                                    "unregister its node, then delete the kit")
+                report.notes.append(
+                    f"sites/{d.name} is no longer in the federation: "
+                    "unregister its node, then delete the kit"
+                )
     if fed.superlink.bind in ("127.0.0.1", "::1", "localhost") and fed.superlink.host not in (
-            "127.0.0.1", "::1", "localhost"):
-        report.notes.append(f"the SuperLink binds {fed.superlink.bind} only: sites elsewhere "
-                            "cannot reach it (set superlink.bind)")
+        "127.0.0.1",
+        "::1",
+        "localhost",
+    ):
+        report.notes.append(
+            f"the SuperLink binds {fed.superlink.bind} only: sites elsewhere "
+            "cannot reach it (set superlink.bind)"
+        )
     return report

@@ -49,10 +49,12 @@ def die_with_parent(parent_pid: int | None) -> None:
 def routed(kind: str) -> Callable[[list[str]], list[str]]:
     """Rewrite Flower's ``flower-superexec``/``flwr-clientapp`` command to run through
     this module (same arguments); any other command is left alone."""
+
     def rewrite(args: list[str]) -> list[str]:
         if args and Path(str(args[0])).name == FLOWER_COMMANDS[kind]:
             return [sys.executable, "-m", MODULE, kind, *map(str, args[1:])]
         return args
+
     return rewrite
 
 
@@ -75,8 +77,10 @@ def install_in_supernode() -> None:
     import flwr.supernode.start_client_internal as start
 
     if not hasattr(start, "subprocess"):
-        raise RuntimeError("the installed Flower starts its SuperExec differently: install "
-                           "the Flower version of the coordinator's constraints file")
+        raise RuntimeError(
+            "the installed Flower starts its SuperExec differently: install "
+            "the Flower version of the coordinator's constraints file"
+        )
     start.subprocess = RoutedSubprocess(routed("superexec"))  # type: ignore[attr-defined]
 
 
@@ -92,8 +96,7 @@ def _parent_pid(args: list[str]) -> int | None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in FLOWER_COMMANDS:
-        print(f"usage: python -m {MODULE} superexec|clientapp FLOWER-ARGS...",
-              file=sys.stderr)
+        print(f"usage: python -m {MODULE} superexec|clientapp FLOWER-ARGS...", file=sys.stderr)
         sys.exit(2)
     kind, args = argv[0], argv[1:]
     die_with_parent(_parent_pid(args))

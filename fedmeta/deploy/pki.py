@@ -76,8 +76,10 @@ def read_private(path: Path) -> bytes:
         raise PkiError(f"{path}: private key is not a regular file")
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
-        raise PkiError(f"{path}: private key has mode {mode:04o}; it must be 0600 "
-                       f"(check nobody copied it, then 'chmod 600 {path}')")
+        raise PkiError(
+            f"{path}: private key has mode {mode:04o}; it must be 0600 "
+            f"(check nobody copied it, then 'chmod 600 {path}')"
+        )
     return path.read_bytes()
 
 
@@ -95,73 +97,118 @@ def _general_name(name: str) -> x509.GeneralName:
 def create_ca(federation: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A new federation CA (key, self-signed certificate)."""
     key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{federation} federation CA"),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, federation)])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{federation} federation CA"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, federation),
+        ]
+    )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                           critical=False)
-            .sign(key, hashes.SHA384()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA384())
+    )
     return key, cert
 
 
-def _leaf_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, public_key,
-               common_name: str, usage: x509.ObjectIdentifier, days: int,
-               names: tuple[str, ...] = ()) -> x509.Certificate:
+def _leaf_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    public_key,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    days: int,
+    names: tuple[str, ...] = (),
+) -> x509.Certificate:
     """A CA-signed end-entity certificate: ``usage`` (server or client auth) only, valid for
     ``days`` but never past the CA, with subject alternative names ``names`` if given."""
     not_after = min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-               .issuer_name(ca_cert.subject).public_key(public_key)
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(_now() - dt.timedelta(minutes=5))
-               .not_valid_after(not_after))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+    )
     if names:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
-    return (builder
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False,
-                                         crl_sign=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                ca_ski), critical=False)
-            .sign(ca_key, hashes.SHA384()))
+            x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
+        )
+    return (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
 
 
-def issue_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-                      key: ec.EllipticCurvePrivateKey, names: tuple[str, ...],
-                      days: int) -> x509.Certificate:
+def issue_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    names: tuple[str, ...],
+    days: int,
+) -> x509.Certificate:
     """The SuperLink's TLS certificate for ``names`` (DNS names and IPs), signed by the CA."""
     if not names:
         raise PkiError("the SuperLink certificate needs at least one DNS name or IP address")
-    return _leaf_cert(ca_key, ca_cert, key.public_key(), names[0],
-                      ExtendedKeyUsageOID.SERVER_AUTH, days, names)
+    return _leaf_cert(
+        ca_key, ca_cert, key.public_key(), names[0], ExtendedKeyUsageOID.SERVER_AUTH, days, names
+    )
 
 
 def site_csr(key: ec.EllipticCurvePrivateKey, site_id: str) -> x509.CertificateSigningRequest:
     """The site's certificate signing request for its TLS client certificate (CN = site id)."""
-    return (x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site_id)]))
-            .sign(key, hashes.SHA256()))
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site_id)]))
+        .sign(key, hashes.SHA256())
+    )
 
 
 def load_csr(data: bytes, source: str) -> x509.CertificateSigningRequest:
@@ -174,8 +221,7 @@ def load_csr(data: bytes, source: str) -> x509.CertificateSigningRequest:
         valid = csr.is_signature_valid
         key = csr.public_key()
     except ValueError as exc:  # an altered key or signature may not even parse
-        raise PkiError(f"{source}: the CSR cannot be read ({exc}): altered in transit?"
-                       ) from None
+        raise PkiError(f"{source}: the CSR cannot be read ({exc}): altered in transit?") from None
     if not valid:
         raise PkiError(f"{source}: the CSR's signature does not verify (altered in transit?)")
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NIST_CURVES):
@@ -183,14 +229,19 @@ def load_csr(data: bytes, source: str) -> x509.CertificateSigningRequest:
     return csr
 
 
-def issue_client_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-                      csr: x509.CertificateSigningRequest, site_id: str,
-                      days: int) -> x509.Certificate:
+def issue_client_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    csr: x509.CertificateSigningRequest,
+    site_id: str,
+    days: int,
+) -> x509.Certificate:
     """A TLS client certificate (clientAuth only, CN = site id) for the CSR's public key.
 
     The subject is set from ``site_id`` (the federation file), never copied from the CSR."""
-    return _leaf_cert(ca_key, ca_cert, csr.public_key(), site_id,
-                      ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    return _leaf_cert(
+        ca_key, ca_cert, csr.public_key(), site_id, ExtendedKeyUsageOID.CLIENT_AUTH, days
+    )
 
 
 def csr_common_name(csr: x509.CertificateSigningRequest) -> str:
@@ -209,8 +260,9 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     """PKCS#8 PEM, unencrypted (what uvicorn's ``ssl_keyfile`` and Flower read)."""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def new_tls_key() -> ec.EllipticCurvePrivateKey:
@@ -244,7 +296,8 @@ def cert_names(cert: x509.Certificate) -> tuple[str, ...]:
     except x509.ExtensionNotFound:
         return ()
     return tuple(san.get_values_for_type(x509.DNSName)) + tuple(
-        str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+    )
 
 
 def days_left(cert: x509.Certificate) -> float:
@@ -266,12 +319,16 @@ def new_node_key() -> ec.EllipticCurvePrivateKey:
 
 def node_private_openssh(key: ec.EllipticCurvePrivateKey) -> bytes:
     """OpenSSH private key format, unencrypted (``--auth-supernode-private-key``)."""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
 
 
-def node_public_openssh(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey,
-                        comment: str = "") -> bytes:
+def node_public_openssh(
+    key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey, comment: str = ""
+) -> bytes:
     """One OpenSSH public key line (``flwr supernode register KEY.pub``)."""
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     line = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -285,8 +342,7 @@ def load_node_private(path: Path) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise PkiError(f"{path}: not an unencrypted OpenSSH private key ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve,
-                                                                           NIST_CURVES):
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, NIST_CURVES):
         raise PkiError(f"{path}: not an ECDSA key on a NIST curve (Flower needs one)")
     return key
 
@@ -313,6 +369,9 @@ def node_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
     import base64
     import hashlib
 
-    blob = base64.b64decode(key.public_bytes(serialization.Encoding.OpenSSH,
-                                             serialization.PublicFormat.OpenSSH).split()[1])
+    blob = base64.b64decode(
+        key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        ).split()[1]
+    )
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

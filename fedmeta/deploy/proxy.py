@@ -22,6 +22,14 @@ def nginx_conf(fed: Federation) -> str:
     """nginx.conf for the coordinator kit (paths relative to the kit; see the template)."""
     sl = fed.superlink
     listen = f"[{sl.bind}]:{sl.port}" if ":" in sl.bind else f"{sl.bind}:{sl.port}"
-    return render(TEMPLATE.read_text(encoding="utf-8"), federation=fed.name, listen=listen,
-                  upstream=sl.local_address, upstream_name=LOOPBACK_NAME, cert="superlink.pem",
-                  key="superlink.key", ca="ca.pem", max_body=MAX_BODY)
+    return render(
+        TEMPLATE.read_text(encoding="utf-8"),
+        federation=fed.name,
+        listen=listen,
+        upstream=sl.local_address,
+        upstream_name=LOOPBACK_NAME,
+        cert="superlink.pem",
+        key="superlink.key",
+        ca="ca.pem",
+        max_body=MAX_BODY,
+    )

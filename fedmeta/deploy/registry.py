@@ -51,8 +51,10 @@ def read_registry(path: Path) -> dict[str, Entry]:
             continue
         parts = line.split()
         if len(parts) != 3 or not parts[1].isdigit() or not parts[2].startswith("SHA256:"):
-            raise RegistryError(f"{path}:{no}: expected 'SITE_ID NODE_ID SHA256:FINGERPRINT', "
-                                f"got {line.strip()!r}: fix or remove the line")
+            raise RegistryError(
+                f"{path}:{no}: expected 'SITE_ID NODE_ID SHA256:FINGERPRINT', "
+                f"got {line.strip()!r}: fix or remove the line"
+            )
         if parts[0] in entries:
             raise RegistryError(f"{path}:{no}: site {parts[0]} appears twice")
         entries[parts[0]] = Entry(parts[0], int(parts[1]), parts[2])
@@ -61,8 +63,10 @@ def read_registry(path: Path) -> dict[str, Entry]:
 
 def write_registry(path: Path, entries: dict[str, Entry]) -> None:
     lines = ["# site node-id key-fingerprint (written by register-sites.sh; do not edit)"]
-    lines += [f"{e.site_id} {e.node_id} {e.fingerprint}" for e in
-              sorted(entries.values(), key=lambda e: e.site_id)]
+    lines += [
+        f"{e.site_id} {e.node_id} {e.fingerprint}"
+        for e in sorted(entries.values(), key=lambda e: e.site_id)
+    ]
     pki.write_public(Path(path), ("\n".join(lines) + "\n").encode())
 
 
@@ -70,19 +74,26 @@ def _flwr(args: list[str]) -> subprocess.CompletedProcess:
     from fedmeta.offline import OFFLINE_ENV
 
     try:
-        return subprocess.run(["flwr", *args], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, **OFFLINE_ENV})
+        return subprocess.run(
+            ["flwr", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **OFFLINE_ENV},
+        )
     except FileNotFoundError:
-        raise RegistryError("flwr not found: activate the environment fedmeta is installed "
-                            "in") from None
+        raise RegistryError(
+            "flwr not found: activate the environment fedmeta is installed in"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise RegistryError(f"flwr {' '.join(args[:2])}: no answer within 120 s: is the "
-                            "SuperLink running?") from None
+        raise RegistryError(
+            f"flwr {' '.join(args[:2])}: no answer within 120 s: is the SuperLink running?"
+        ) from None
 
 
 def _json(out: str) -> dict:
     try:
-        return json.loads(out[out.index("{"):])
+        return json.loads(out[out.index("{") :])
     except ValueError:
         return {}
 
@@ -90,13 +101,15 @@ def _json(out: str) -> dict:
 def _why(res: subprocess.CompletedProcess) -> str:
     data = _json(res.stdout)
     text = str(data.get("error-message") or data.get("error") or "") or (
-        res.stderr.strip() or res.stdout.strip())
+        res.stderr.strip() or res.stdout.strip()
+    )
     return " ".join(text.split())[-300:] or f"exit code {res.returncode}"
 
 
 def flwr_register(key: Path, connection: str, site_id: str) -> int:
-    res = _flwr(["supernode", "register", str(key), connection, "--name", site_id,
-                 "--format", "json"])
+    res = _flwr(
+        ["supernode", "register", str(key), connection, "--name", site_id, "--format", "json"]
+    )
     data = _json(res.stdout)
     node = str(data.get("node-id", ""))
     if res.returncode != 0 or not data.get("success", True) or not re.fullmatch(r"\d+", node):
@@ -128,8 +141,10 @@ def register_sites(kit: Path, connection: str, sites: list[str]) -> list[str]:
             raise RegistryError(f"site {site}: not in {kit / 'federation.toml'}")
         key_path = kit / SITE_NODE_KEYS_DIR / f"{site}.pub"
         if not key_path.exists():
-            raise RegistryError(f"site {site}: no key at {key_path}: provision with the site's "
-                                "request (fedmeta provision ... --request FILE)")
+            raise RegistryError(
+                f"site {site}: no key at {key_path}: provision with the site's "
+                "request (fedmeta provision ... --request FILE)"
+            )
         fingerprint = pki.node_fingerprint(pki.load_node_public(key_path))
         old = entries.get(site)
         if old is not None and old.fingerprint == fingerprint:

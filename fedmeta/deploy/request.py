@@ -56,18 +56,23 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def build_request(federation: str, site_id: str, node_pub: bytes, audit_pub_pem: bytes,
-                  tls_key) -> SiteRequest:
+def build_request(
+    federation: str, site_id: str, node_pub: bytes, audit_pub_pem: bytes, tls_key
+) -> SiteRequest:
     csr = pki.site_csr(tls_key, site_id)
     return SiteRequest(
-        format=FORMAT, federation=federation, site_id=site_id,
+        format=FORMAT,
+        federation=federation,
+        site_id=site_id,
         supernode_public_key=node_pub.decode().strip(),
         audit_public_key=audit_pub_pem.decode().strip(),
-        tls_csr=csr.public_bytes(serialization.Encoding.PEM).decode().strip())
+        tls_csr=csr.public_bytes(serialization.Encoding.PEM).decode().strip(),
+    )
 
 
-def load_request(path: Path, federation: str | None = None,
-                 site_ids: set[str] | None = None) -> SiteRequest:
+def load_request(
+    path: Path, federation: str | None = None, site_ids: set[str] | None = None
+) -> SiteRequest:
     """Read and check a request file; RequestError (one line) names the file and the field."""
     path = Path(path)
     try:
@@ -77,36 +82,46 @@ def load_request(path: Path, federation: str | None = None,
     except (OSError, UnicodeDecodeError) as exc:
         raise RequestError(f"{path}: cannot read the request file ({exc})") from None
     if "PRIVATE KEY" in text:
-        raise RequestError(f"{path}: holds a PRIVATE KEY: never send one; the site runs "
-                           "`fedmeta node init` and sends only request-<site-id>.json")
+        raise RequestError(
+            f"{path}: holds a PRIVATE KEY: never send one; the site runs "
+            "`fedmeta node init` and sends only request-<site-id>.json"
+        )
     try:
         req = SiteRequest.model_validate_json(text)
     except ValidationError as exc:
-        raise RequestError(format_validation_error(exc, str(path), model=SiteRequest,
-                                          whole="not a request file")) from None
+        raise RequestError(
+            format_validation_error(exc, str(path), model=SiteRequest, whole="not a request file")
+        ) from None
     if req.format != FORMAT:
         raise RequestError(f"{path}: field 'format': {req.format!r} is not {FORMAT!r}")
     if federation is not None and req.federation != federation:
-        raise RequestError(f"{path}: field 'federation': {req.federation!r} is not this "
-                           f"federation ({federation!r}): a request for another federation")
+        raise RequestError(
+            f"{path}: field 'federation': {req.federation!r} is not this "
+            f"federation ({federation!r}): a request for another federation"
+        )
     if site_ids is not None and req.site_id not in site_ids:
-        raise RequestError(f"{path}: field 'site_id': {req.site_id!r} is not a site of the "
-                           "federation file: add its [[sites]] entry first")
+        raise RequestError(
+            f"{path}: field 'site_id': {req.site_id!r} is not a site of the "
+            "federation file: add its [[sites]] entry first"
+        )
     try:
         key = serialization.load_ssh_public_key(req.supernode_public_key.encode())
         if not isinstance(key, pki.ec.EllipticCurvePublicKey) or not isinstance(
-                key.curve, pki.NIST_CURVES):
+            key.curve, pki.NIST_CURVES
+        ):
             raise ValueError("not ECDSA on a NIST curve")
     except (ValueError, TypeError) as exc:
-        raise RequestError(f"{path}: field 'supernode_public_key': not an OpenSSH ECDSA "
-                           f"public key ({exc})") from None
+        raise RequestError(
+            f"{path}: field 'supernode_public_key': not an OpenSSH ECDSA public key ({exc})"
+        ) from None
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     try:
         audit = serialization.load_pem_public_key(req.audit_public_key.encode())
     except (ValueError, TypeError) as exc:
-        raise RequestError(f"{path}: field 'audit_public_key': not a PEM public key "
-                           f"({exc})") from None
+        raise RequestError(
+            f"{path}: field 'audit_public_key': not a PEM public key ({exc})"
+        ) from None
     if not isinstance(audit, ed25519.Ed25519PublicKey):
         raise RequestError(f"{path}: field 'audit_public_key': not an Ed25519 key")
     try:

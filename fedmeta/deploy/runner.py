@@ -37,8 +37,9 @@ def progress_line(line: dict[str, Any], rounds: int) -> str:
     for key in ("declined", "lost", "dropped"):
         items = line.get(key) or {}
         if items:
-            why = "; ".join(f"{s}: {' '.join(str(r).split())[:120]}" for s, r in
-                            sorted(items.items()))
+            why = "; ".join(
+                f"{s}: {' '.join(str(r).split())[:120]}" for s, r in sorted(items.items())
+            )
             parts.append(f"{key} {len(items)} ({why})")
     ev = line.get("eval") or {}
     if ev.get("adapted") is not None:
@@ -47,9 +48,20 @@ def progress_line(line: dict[str, Any], rounds: int) -> str:
 
 
 def end_line(summary: dict[str, Any], out_dir: str, rounds_used: int) -> str:
-    return END_MARKER + " " + json.dumps({
-        "run": summary.get("run"), "out_dir": out_dir, "rounds_used": rounds_used,
-        "rounds": summary.get("rounds"), "stopped": summary.get("stopped")}, sort_keys=True)
+    return (
+        END_MARKER
+        + " "
+        + json.dumps(
+            {
+                "run": summary.get("run"),
+                "out_dir": out_dir,
+                "rounds_used": rounds_used,
+                "rounds": summary.get("rounds"),
+                "stopped": summary.get("stopped"),
+            },
+            sort_keys=True,
+        )
+    )
 
 
 @dataclass
@@ -64,21 +76,31 @@ def judge(flwr_code: int, end: dict[str, Any] | None) -> Outcome:
     if flwr_code != 0:
         return Outcome(flwr_code, f"flwr run exited {flwr_code}: the run was not started", end)
     if end is None:
-        return Outcome(1, "the run ended without fedmeta's end line: it failed or was stopped "
-                          "(flwr stop); see the output above", None)
+        return Outcome(
+            1,
+            "the run ended without fedmeta's end line: it failed or was stopped "
+            "(flwr stop); see the output above",
+            None,
+        )
     where = f" (out-dir {end.get('out_dir')})"
     if not end.get("rounds_used"):
         why = end.get("stopped") or "every site declined or was lost"
-        return Outcome(1, f"run {end.get('run')} refused: no round used any site ({why})"
-                          f"{where}", end)
+        return Outcome(
+            1, f"run {end.get('run')} refused: no round used any site ({why}){where}", end
+        )
     if end.get("stopped"):
         return Outcome(1, f"run {end.get('run')} stopped: {end['stopped']}{where}", end)
-    return Outcome(0, f"run {end.get('run')} finished: {end['rounds_used']} round(s) with "
-                      f"sites{where}", end)
+    return Outcome(
+        0, f"run {end.get('run')} finished: {end['rounds_used']} round(s) with sites{where}", end
+    )
 
 
-def run(app: Path, federation: str, run_config: str | None,
-        echo: Callable[[str], None] = lambda s: print(s, flush=True)) -> Outcome:
+def run(
+    app: Path,
+    federation: str,
+    run_config: str | None,
+    echo: Callable[[str], None] = lambda s: print(s, flush=True),
+) -> Outcome:
     """Run ``flwr run APP FEDERATION --stream [--run-config ...]``, echoing its output."""
     cmd = ["flwr", "run", str(app), federation, "--stream"]
     if run_config:
@@ -86,8 +108,9 @@ def run(app: Path, federation: str, run_config: str | None,
     env = {**os.environ, **OFFLINE_ENV}
     end: dict[str, Any] | None = None
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
     except FileNotFoundError:
         return Outcome(2, "flwr: not found; install fedmeta's constraints (Flower) first", None)
     assert proc.stdout is not None
@@ -96,7 +119,7 @@ def run(app: Path, federation: str, run_config: str | None,
         at = line.find(END_MARKER + " ")
         if at >= 0:
             try:
-                end = json.loads(line[at + len(END_MARKER) + 1:])
+                end = json.loads(line[at + len(END_MARKER) + 1 :])
             except json.JSONDecodeError:
                 end = None
             continue
@@ -107,6 +130,9 @@ def run(app: Path, federation: str, run_config: str | None,
 
 def main(app: Path, federation: str, run_config: str | None) -> int:
     outcome = run(app, federation, run_config)
-    print(("" if outcome.code == 0 else "error: ") + outcome.message,
-          file=sys.stderr if outcome.code else sys.stdout, flush=True)
+    print(
+        ("" if outcome.code == 0 else "error: ") + outcome.message,
+        file=sys.stderr if outcome.code else sys.stdout,
+        flush=True,
+    )
     return outcome.code

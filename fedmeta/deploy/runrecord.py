@@ -64,8 +64,9 @@ def out_dir_for(out_dir: str, run_id: str) -> str:
 def check_run_id(run_id: str) -> str:
     """A run id safe as a directory name (never ``.``/``..`` or a path)."""
     if not _RUN_ID.fullmatch(run_id or "") or set(run_id) <= {"."}:
-        raise RunRecordError(f"run id {run_id!r}: not a fedmeta run id (letters, digits, "
-                             "'._:+-', at most 128)")
+        raise RunRecordError(
+            f"run id {run_id!r}: not a fedmeta run id (letters, digits, '._:+-', at most 128)"
+        )
     return run_id
 
 
@@ -88,8 +89,7 @@ def _pinned_server_key(site_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def keep_run_record(site_dir: Path, run_id: str, head: Receipt, sent: Any,
-                    log: AuditLog) -> str:
+def keep_run_record(site_dir: Path, run_id: str, head: Receipt, sent: Any, log: AuditLog) -> str:
     """Check and keep the run record the server sent with its final head; audit the outcome
     (``run.record``) in the site's ``log``. Returns '' when kept, else why not (the site
     keeps nothing then)."""
@@ -136,10 +136,16 @@ def keep_run_record(site_dir: Path, run_id: str, head: Receipt, sent: Any,
                 tmp.rmdir()
             else:
                 tmp.rename(target)
-    log.append("run.record", run_id=run_id if target is not None else "-",
-               decision="deny" if problem else "allow", details={
-                   "server_head": str(head), "server_log_sha256": digest or None,
-                   "server_key": "pinned" if _pinned_server_key(site_dir) else "embedded",
-                   "kept_in": f"{RUNS_DIR}/{run_id}" if not problem else None,
-                   "reason": problem[:500] or None})
+    log.append(
+        "run.record",
+        run_id=run_id if target is not None else "-",
+        decision="deny" if problem else "allow",
+        details={
+            "server_head": str(head),
+            "server_log_sha256": digest or None,
+            "server_key": "pinned" if _pinned_server_key(site_dir) else "embedded",
+            "kept_in": f"{RUNS_DIR}/{run_id}" if not problem else None,
+            "reason": problem[:500] or None,
+        },
+    )
     return problem

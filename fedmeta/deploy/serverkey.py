@@ -52,15 +52,23 @@ def _entry(sent: Any, key: str, pinned, what: str) -> Entry:
     except (AuditError, ValueError) as exc:
         raise ValueError(f"the server's {what} is not an audit entry ({exc})") from None
     if not entry.verify_signature(pinned):
-        raise ValueError(f"the server's {what} is not signed by the federation's server key "
-                         f"{fingerprint(pinned)} pinned in {SITE_PINNED_KEY}")
+        raise ValueError(
+            f"the server's {what} is not signed by the federation's server key "
+            f"{fingerprint(pinned)} pinned in {SITE_PINNED_KEY}"
+        )
     if entry.actor != "server":
         raise ValueError(f"the {what} was signed for {entry.actor!r}, not the server")
     return entry
 
 
-def check_round(site_dir: Path, sent: Any, run_id: str, server_round: int,
-                declaration_sha256: str | None, model_sha256: str) -> str | None:
+def check_round(
+    site_dir: Path,
+    sent: Any,
+    run_id: str,
+    server_round: int,
+    declaration_sha256: str | None,
+    model_sha256: str,
+) -> str | None:
     """None if the round is the pinned server's, else why the site refuses it. Without a
     pinned key (a simulation, or a site set up before the key existed) nothing is checked."""
     path = Path(site_dir) / SITE_PINNED_KEY
@@ -77,30 +85,38 @@ def check_round(site_dir: Path, sent: Any, run_id: str, server_round: int,
         return str(exc)
     if start.action != "run.start" or start.run_id != run_id:
         return f"the signed run.start is for run {start.run_id!r}, not {run_id!r}"
-    if declaration_sha256 is not None and start.details.get(
-            "declaration_sha256") != declaration_sha256:
-        return ("the declaration sent is not the one the server signed in run.start "
-                f"({start.details.get('declaration_sha256')})")
+    if (
+        declaration_sha256 is not None
+        and start.details.get("declaration_sha256") != declaration_sha256
+    ):
+        return (
+            "the declaration sent is not the one the server signed in run.start "
+            f"({start.details.get('declaration_sha256')})"
+        )
     if entry.action != "round.start" or entry.run_id != run_id or entry.round != server_round:
-        return (f"the signed round entry is {entry.action} of run {entry.run_id} round "
-                f"{entry.round}, not round.start of round {server_round}")
+        return (
+            f"the signed round entry is {entry.action} of run {entry.run_id} round "
+            f"{entry.round}, not round.start of round {server_round}"
+        )
     if entry.model_out != model_sha256:
-        return ("the model sent is not the one the server signed in round.start "
-                f"({entry.model_out}, received {model_sha256})")
+        return (
+            "the model sent is not the one the server signed in round.start "
+            f"({entry.model_out}, received {model_sha256})"
+        )
     head = sent.get("server-head")
     if head:
         try:
             receipt = Receipt.parse(str(head))
         except (AuditError, ValueError):
             return f"malformed server head {str(head)[:80]!r}"
-        if entry.seq <= receipt.seq or (entry.seq == receipt.seq + 1
-                                        and entry.prev != receipt.hash):
+        if entry.seq <= receipt.seq or (
+            entry.seq == receipt.seq + 1 and entry.prev != receipt.hash
+        ):
             return f"the signed round.start does not follow the server head {receipt} sent"
     return None
 
 
-def decline_round(site_dir: Path, site_id: str, run_id: str, server_round: int,
-                  reason: str) -> Any:
+def decline_round(site_dir: Path, site_id: str, run_id: str, server_round: int, reason: str) -> Any:
     """Refuse the round on record (``round.decline``, rule ``SITE-SERVER-KEY``) before
     anything of it is used; returns the site's reply (a decline with its receipt)."""
     from fedmeta.audit import AuditLog
@@ -108,10 +124,18 @@ def decline_round(site_dir: Path, site_id: str, run_id: str, server_round: int,
     from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
     from fedmeta.site import SiteReply
 
-    with AuditLog.open(Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY,
-                       actor=site_id) as log:
-        log.append("round.decline", run_id=run_id, round=server_round, decision="deny",
-                   rule_ids=[RULE], details={"reason": reason[:500]})
+    with AuditLog.open(
+        Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY, actor=site_id
+    ) as log:
+        log.append(
+            "round.decline",
+            run_id=run_id,
+            round=server_round,
+            decision="deny",
+            rule_ids=[RULE],
+            details={"reason": reason[:500]},
+        )
         head = log.head()
-    return SiteReply(site_id, declined=True, reason=f"{RULE}: {reason}",
-                     receipt=str(head) if head else "")
+    return SiteReply(
+        site_id, declined=True, reason=f"{RULE}: {reason}", receipt=str(head) if head else ""
+    )

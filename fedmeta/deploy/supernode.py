@@ -38,16 +38,14 @@ from fedmeta.paths import TLS_CLIENT_KEY_ENV as KEY_ENV
 # missed ones; Flower's default is 30 s, so a killed node is noticed after 40-60 s
 HEARTBEAT_RANGE = (10.0, 1800.0)  # what Flower's SuperLink accepts
 _HEARTBEAT_MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
-_HOOK_PARAMS = ["server_address", "insecure", "root_certificates", "interceptors",
-                "retry_invoker"]
+_HOOK_PARAMS = ["server_address", "insecure", "root_certificates", "interceptors", "retry_invoker"]
 
 
 class LauncherError(RuntimeError):
     """The SuperNode cannot be started with a client certificate; one line."""
 
 
-def client_context(root_certificates: bytes | str | None, cert: Path, key: Path
-                   ) -> ssl.SSLContext:
+def client_context(root_certificates: bytes | str | None, cert: Path, key: Path) -> ssl.SSLContext:
     """A TLS 1.2+ client context verifying the server against ``root_certificates``
     (PEM bytes or a file; None: the system store) and presenting ``cert``/``key``."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -59,9 +57,11 @@ def client_context(root_certificates: bytes | str | None, cert: Path, key: Path
     try:
         ctx.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as exc:
-        raise LauncherError(f"{cert} / {key}: cannot load the TLS client certificate and key "
-                            f"({exc}); run `fedmeta node init` with the kit that holds "
-                            "client.pem") from None
+        raise LauncherError(
+            f"{cert} / {key}: cannot load the TLS client certificate and key "
+            f"({exc}); run `fedmeta node init` with the kit that holds "
+            "client.pem"
+        ) from None
     return ctx
 
 
@@ -76,16 +76,27 @@ def install_client_certificate(cert: Path, key: Path) -> None:
             "the installed Flower's FleetHttpClient.from_server_address takes "
             f"({', '.join(params)}), not ({', '.join(_HOOK_PARAMS)}): this fedmeta release "
             "cannot add the TLS client certificate; install the Flower version of the "
-            "coordinator's constraints file")
+            "coordinator's constraints file"
+        )
 
-    def from_server_address(cls, server_address, insecure, root_certificates, interceptors,
-                            *, retry_invoker=None):
+    def from_server_address(
+        cls, server_address, insecure, root_certificates, interceptors, *, retry_invoker=None
+    ):
         if insecure:
-            return original.__func__(cls, server_address, insecure, root_certificates,
-                                     interceptors, retry_invoker=retry_invoker)
-        return cls(f"https://{server_address}", interceptors=interceptors,
-                   verify=client_context(root_certificates, cert, key),
-                   retry_invoker=retry_invoker)
+            return original.__func__(
+                cls,
+                server_address,
+                insecure,
+                root_certificates,
+                interceptors,
+                retry_invoker=retry_invoker,
+            )
+        return cls(
+            f"https://{server_address}",
+            interceptors=interceptors,
+            verify=client_context(root_certificates, cert, key),
+            retry_invoker=retry_invoker,
+        )
 
     FleetHttpClient.from_server_address = classmethod(from_server_address)
 
@@ -103,17 +114,21 @@ def set_heartbeat_interval(value: str | None) -> None:
         seconds = float("nan")
     low, high = HEARTBEAT_RANGE
     if not low <= seconds <= high:
-        raise LauncherError(f"{HEARTBEAT_ENV}={value!r}: give seconds between {low:g} and "
-                            f"{high:g} (the SuperLink refuses other intervals), or unset it")
+        raise LauncherError(
+            f"{HEARTBEAT_ENV}={value!r}: give seconds between {low:g} and "
+            f"{high:g} (the SuperLink refuses other intervals), or unset it"
+        )
     import importlib
 
     modules = [importlib.import_module(name) for name in _HEARTBEAT_MODULES]
     missing = [m.__name__ for m in modules if not hasattr(m, "HEARTBEAT_DEFAULT_INTERVAL")]
     if missing:
-        raise LauncherError(f"{HEARTBEAT_ENV} is set but the installed Flower's "
-                            f"{', '.join(missing)} no longer reads HEARTBEAT_DEFAULT_INTERVAL: "
-                            "unset it, or install the Flower version of the coordinator's "
-                            "constraints file")
+        raise LauncherError(
+            f"{HEARTBEAT_ENV} is set but the installed Flower's "
+            f"{', '.join(missing)} no longer reads HEARTBEAT_DEFAULT_INTERVAL: "
+            "unset it, or install the Flower version of the coordinator's "
+            "constraints file"
+        )
     for module in modules:
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds
 
@@ -133,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``flower-supernode`` with ``argv``, presenting the client certificate."""
     args = list(sys.argv[1:] if argv is None else argv)
     if isolation(args) not in (None, "subprocess"):
-        print("error: --isolation process would let a ClientApp process started elsewhere "
-              "run the app unchecked: fedmeta node supernode starts every ClientApp itself "
-              "(subprocess isolation) and checks its app against the site's approvals "
-              "(fedmeta node approve-app)", file=sys.stderr)
+        print(
+            "error: --isolation process would let a ClientApp process started elsewhere "
+            "run the app unchecked: fedmeta node supernode starts every ClientApp itself "
+            "(subprocess isolation) and checks its app against the site's approvals "
+            "(fedmeta node approve-app)",
+            file=sys.stderr,
+        )
         return 2
     try:
         set_heartbeat_interval(os.environ.get(HEARTBEAT_ENV))
@@ -146,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     cert, key = os.environ.get(CERT_ENV), os.environ.get(KEY_ENV)
     if "--insecure" not in args:
         if not cert or not key:
-            print(f"error: set {CERT_ENV} and {KEY_ENV} (start-node.sh does) to the site's "
-                  "client.pem and keys/tls-client.key", file=sys.stderr)
+            print(
+                f"error: set {CERT_ENV} and {KEY_ENV} (start-node.sh does) to the site's "
+                "client.pem and keys/tls-client.key",
+                file=sys.stderr,
+            )
             return 2
         try:
             from fedmeta.deploy.pki import read_private

@@ -47,8 +47,9 @@ def toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
-                          keep_trailing_newline=True)
+_ENV = jinja2.Environment(
+    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
+)
 _ENV.filters["toml"] = toml_value
 
 
@@ -146,12 +147,14 @@ The exact command the script runs:
 
 def start_node_command(superlink: str, site_id: str, site_index: int, runtime_port: int) -> str:
     node_config = f'site-dir="$SITE_DIR" site-id="{site_id}" site-index={site_index}'
-    return ("FEDMETA_TLS_CLIENT_CERT=$SITE_DIR/client.pem "
-            "FEDMETA_TLS_CLIENT_KEY=$SITE_DIR/keys/tls-client.key "
-            f"fedmeta node supernode --superlink {superlink} "
-            "--root-certificates $SITE_DIR/ca.pem "
-            f"--auth-supernode-private-key $SITE_DIR/keys/supernode-auth.key "
-            f"--host 127.0.0.1 --port {runtime_port} --node-config '{node_config}'")
+    return (
+        "FEDMETA_TLS_CLIENT_CERT=$SITE_DIR/client.pem "
+        "FEDMETA_TLS_CLIENT_KEY=$SITE_DIR/keys/tls-client.key "
+        f"fedmeta node supernode --superlink {superlink} "
+        "--root-certificates $SITE_DIR/ca.pem "
+        f"--auth-supernode-private-key $SITE_DIR/keys/supernode-auth.key "
+        f"--host 127.0.0.1 --port {runtime_port} --node-config '{node_config}'"
+    )
 
 
 # ---- coordinator kit -------------------------------------------------------------------
@@ -271,10 +274,12 @@ The exact command `start-superlink.sh` runs:
 
 
 def start_superlink_command(local_port: int) -> str:
-    return ("flower-superlink --ssl-ca-certfile $KIT/ca.pem --ssl-certfile $KIT/superlink.pem "
-            "--ssl-keyfile $KIT/superlink.key --enable-supernode-auth "
-            f"--host 127.0.0.1 --port {local_port} --database $STATE/superlink.db "
-            "--disable-runtime-dependency-installation")
+    return (
+        "flower-superlink --ssl-ca-certfile $KIT/ca.pem --ssl-certfile $KIT/superlink.pem "
+        "--ssl-keyfile $KIT/superlink.key --enable-supernode-auth "
+        f"--host 127.0.0.1 --port {local_port} --database $STATE/superlink.db "
+        "--disable-runtime-dependency-installation"
+    )
 
 
 # ---- manifest template -----------------------------------------------------------------
@@ -320,10 +325,12 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
         if key in data:
             data[key] = f"{base.country}: {TODO}: the law your institution relies on"
     data["collection_dates_recorded"] = True
-    lines = [f"# Site manifest of {site_id} (federation {federation.name}), written by",
-             "# `fedmeta provision`. Your DPO decides every value; replace each TODO.",
-             "# Fields: policies/declarations.py (SiteManifest); example: "
-             "policies/examples/site.toml.", ""]
+    lines = [
+        f"# Site manifest of {site_id} (federation {federation.name}), written by",
+        "# `fedmeta provision`. Your DPO decides every value; replace each TODO.",
+        "# Fields: policies/declarations.py (SiteManifest); example: policies/examples/site.toml.",
+        "",
+    ]
     data.pop("privacy", None)
     privacy = SitePrivacyPolicy().model_dump(mode="json")  # the cautious defaults, spelled out
     order = list(FIELD_NOTES) + [k for k in data if k not in FIELD_NOTES]
@@ -333,11 +340,13 @@ def manifest_template(site_id: str, country: str, federation: Federation) -> str
         if key in FIELD_NOTES:
             lines.append(f"# {FIELD_NOTES[key]}")
         lines.append(f"{key} = {toml_value(data[key])}")
-    lines += ["", "# The site's own privacy policy, enforced at this site every round whatever",
-              "# the coordinator asks (docs/threat-model.md; fields: policies/site_policy.py).",
-              "[privacy]"]
-    lines += [f"{key} = {toml_value(value)}" for key, value in privacy.items()
-              if value is not None]
+    lines += [
+        "",
+        "# The site's own privacy policy, enforced at this site every round whatever",
+        "# the coordinator asks (docs/threat-model.md; fields: policies/site_policy.py).",
+        "[privacy]",
+    ]
+    lines += [f"{key} = {toml_value(value)}" for key, value in privacy.items() if value is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -380,8 +389,14 @@ RESTART_SEC = 75  # > Flower's ~60 s reactivation lockout
 
 
 def systemd_unit(name: str, what: str, script: str, after: str = "") -> str:
-    return render(SYSTEMD_UNIT, name=name, what=what, script=script,
-                  after=f" {after}" if after else "", restart_sec=RESTART_SEC)
+    return render(
+        SYSTEMD_UNIT,
+        name=name,
+        what=what,
+        script=script,
+        after=f" {after}" if after else "",
+        restart_sec=RESTART_SEC,
+    )
 
 
 def constraints_text() -> str:
@@ -409,7 +424,9 @@ def constraints_text() -> str:
             envs = [{"extra": e} for e in extras] or [{"extra": ""}]
             if req.marker is None or any(req.marker.evaluate(env) for env in envs):
                 todo.append((req.name, frozenset(req.extras)))
-    lines = ["# Exact versions of the coordinator's release (written by `fedmeta provision`).",
-             "# Install a site with the same ones:  pip install -c constraints.txt fedmeta",
-             "# (torch's build, CPU or CUDA, is the site's choice; its version is pinned)."]
+    lines = [
+        "# Exact versions of the coordinator's release (written by `fedmeta provision`).",
+        "# Install a site with the same ones:  pip install -c constraints.txt fedmeta",
+        "# (torch's build, CPU or CUDA, is the site's choice; its version is pinned).",
+    ]
     return "\n".join(lines + [f"{k}=={v}" for k, v in sorted(pins.items())]) + "\n"

@@ -46,20 +46,38 @@ def clocks(incident: Incident, on: datetime) -> list[Clock]:
     aware = incident.aware_at
     day = on.date()
     out = [
-        Clock("GDPR", "GDPR Art. 33(1)", "notify the supervisory authority, where feasible "
-              "within 72 hours of awareness, unless unlikely to result in a risk",
-              aware + HOURS_72, legal_status(("GDPR Art. 33(1)",), day).describe()),
-        Clock("GDPR", "GDPR Art. 34(1)", "tell the data subjects without undue delay where "
-              "the breach is likely to result in a high risk to them", None,
-              legal_status(("GDPR Art. 34(1)",), day).describe()),
+        Clock(
+            "GDPR",
+            "GDPR Art. 33(1)",
+            "notify the supervisory authority, where feasible "
+            "within 72 hours of awareness, unless unlikely to result in a risk",
+            aware + HOURS_72,
+            legal_status(("GDPR Art. 33(1)",), day).describe(),
+        ),
+        Clock(
+            "GDPR",
+            "GDPR Art. 34(1)",
+            "tell the data subjects without undue delay where "
+            "the breach is likely to result in a high risk to them",
+            None,
+            legal_status(("GDPR Art. 34(1)",), day).describe(),
+        ),
     ]
     if incident.dpdp:
         out += [
-            Clock("DPDP", "DPDP Rules 2025 r.7(1)", "intimate the Board and each affected "
-                  "Data Principal without delay", None,
-                  legal_status(("DPDP Rules 2025 r.7(1)",), day).describe()),
-            Clock("DPDP", "DPDP Rules 2025 r.7(2)(b)", "detailed report to the Board within "
-                  "72 hours of becoming aware", aware + HOURS_72,
-                  legal_status(("DPDP Rules 2025 r.7(2)(b)",), day).describe()),
+            Clock(
+                "DPDP",
+                "DPDP Rules 2025 r.7(1)",
+                "intimate the Board and each affected Data Principal without delay",
+                None,
+                legal_status(("DPDP Rules 2025 r.7(1)",), day).describe(),
+            ),
+            Clock(
+                "DPDP",
+                "DPDP Rules 2025 r.7(2)(b)",
+                "detailed report to the Board within 72 hours of becoming aware",
+                aware + HOURS_72,
+                legal_status(("DPDP Rules 2025 r.7(2)(b)",), day).describe(),
+            ),
         ]
     return out

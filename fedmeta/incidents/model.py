@@ -9,9 +9,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Kind = Literal["log-verification-failed", "receipt-mismatch", "model-hash-mismatch",
-               "evidence-mismatch", "epsilon-overspend", "unknown-node", "insecure-transport",
-               "update-rejected", "unapproved-code", "server-key-mismatch"]
+Kind = Literal[
+    "log-verification-failed",
+    "receipt-mismatch",
+    "model-hash-mismatch",
+    "evidence-mismatch",
+    "epsilon-overspend",
+    "unknown-node",
+    "insecure-transport",
+    "update-rejected",
+    "unapproved-code",
+    "server-key-mismatch",
+]
 
 KIND_TEXT: dict[str, str] = {
     "log-verification-failed": "an audit log failed verification (possible tampering)",
@@ -23,9 +32,9 @@ KIND_TEXT: dict[str, str] = {
     "insecure-transport": "the run used transport without TLS or node authentication",
     "update-rejected": "a site's update was rejected (norm bound, shape or values)",
     "unapproved-code": "a site was sent code it had not approved (an app, task or model) "
-                       "and refused it",
+    "and refused it",
     "server-key-mismatch": "a site received a round not signed by the federation's pinned "
-                           "server key and refused it",
+    "server key and refused it",
 }
 
 
@@ -75,8 +84,17 @@ class Incident(_Model):
         if self.decision is None:
             return "open: decision pending"
         d = self.decision
-        told = [w for w, yes in (("authority", d.notify_authority),
-                                 ("data subjects", d.notify_subjects),
-                                 ("DPDP Board", d.notify_dpdp_board)) if yes]
-        return "decided: notify " + ", ".join(told) if told else \
-            "decided: not notified (reasons recorded, Art. 33(5))"
+        told = [
+            w
+            for w, yes in (
+                ("authority", d.notify_authority),
+                ("data subjects", d.notify_subjects),
+                ("DPDP Board", d.notify_dpdp_board),
+            )
+            if yes
+        ]
+        return (
+            "decided: notify " + ", ".join(told)
+            if told
+            else "decided: not notified (reasons recorded, Art. 33(5))"
+        )

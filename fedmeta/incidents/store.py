@@ -38,9 +38,11 @@ class IncidentStore:
         try:
             return _LIST.validate_json(self.path.read_bytes())
         except ValidationError as exc:
-            raise IncidentError(f"{self.path}: not a valid incident file "
-                                f"({format_validation_error(exc, '')}): restore it from the audit "
-                                "log or a backup") from None
+            raise IncidentError(
+                f"{self.path}: not a valid incident file "
+                f"({format_validation_error(exc, '')}): restore it from the audit "
+                "log or a backup"
+            ) from None
 
     def _save(self, incidents: list[Incident]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -56,8 +58,9 @@ class IncidentStore:
         for i in self.load():
             if i.id == incident_id:
                 return i
-        raise IncidentError(f"no incident {incident_id!r} in {self.path}: see "
-                            "`fedmeta incident list`")
+        raise IncidentError(
+            f"no incident {incident_id!r} in {self.path}: see `fedmeta incident list`"
+        )
 
     def open_new(self, found: list[Incident]) -> list[Incident]:
         """Record the incidents in ``found`` not seen before (same id); audit each, durably,
@@ -69,10 +72,18 @@ class IncidentStore:
             return []
         log = self._log()
         for i in new:
-            log.append("incident.open", run_id=i.run_id, details={
-                "incident": i.id, "kind": i.kind, "site": i.site_id,
-                "aware_at": i.aware_at.isoformat(), "summary": i.summary[:500],
-                "source": i.source[:300]})
+            log.append(
+                "incident.open",
+                run_id=i.run_id,
+                details={
+                    "incident": i.id,
+                    "kind": i.kind,
+                    "site": i.site_id,
+                    "aware_at": i.aware_at.isoformat(),
+                    "summary": i.summary[:500],
+                    "source": i.source[:300],
+                },
+            )
         self._save(known + new)
         return new
 
@@ -80,18 +91,30 @@ class IncidentStore:
         known = self.load()
         target = self.get(incident_id)
         if target.decision is not None:
-            raise IncidentError(f"{incident_id} was decided on "
-                                f"{target.decision.decided_at.isoformat()}: a decision is "
-                                "not overwritten; open a review in the audit trail instead")
+            raise IncidentError(
+                f"{incident_id} was decided on "
+                f"{target.decision.decided_at.isoformat()}: a decision is "
+                "not overwritten; open a review in the audit trail instead"
+            )
         updated = target.model_copy(update={"decision": decision})
-        self._log().append("incident.decide", run_id=target.run_id, details={
-            "outcome": "notify" if decision.notify_authority or decision.notify_subjects
-            or decision.notify_dpdp_board else "do-not-notify",
-            "incident": incident_id, "notify_authority": decision.notify_authority,
-            "notify_subjects": decision.notify_subjects,
-            "notify_dpdp_board": decision.notify_dpdp_board,
-            "reasons": decision.reasons[:1000], "decided_by": decision.decided_by,
-            "decided_at": decision.decided_at.isoformat()})
+        self._log().append(
+            "incident.decide",
+            run_id=target.run_id,
+            details={
+                "outcome": "notify"
+                if decision.notify_authority
+                or decision.notify_subjects
+                or decision.notify_dpdp_board
+                else "do-not-notify",
+                "incident": incident_id,
+                "notify_authority": decision.notify_authority,
+                "notify_subjects": decision.notify_subjects,
+                "notify_dpdp_board": decision.notify_dpdp_board,
+                "reasons": decision.reasons[:1000],
+                "decided_by": decision.decided_by,
+                "decided_at": decision.decided_at.isoformat(),
+            },
+        )
         self._save([updated if i.id == incident_id else i for i in known])
         return updated
 

@@ -32,8 +32,9 @@ def score(model: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, device: st
     return float(((out.view_as(target) - target) ** 2).mean())
 
 
-def adapt(model: nn.Module, task: Task, episode: Episode, steps: int, lr: float,
-          device: str) -> nn.Module:
+def adapt(
+    model: nn.Module, task: Task, episode: Episode, steps: int, lr: float, device: str
+) -> nn.Module:
     """Full-batch SGD on the support set, in place; returns the model."""
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -49,8 +50,9 @@ def adapt(model: nn.Module, task: Task, episode: Episode, steps: int, lr: float,
     return model
 
 
-def initial_model(task: Task, state: Mapping[str, torch.Tensor] | None, trained_out_dim: int,
-                  seed: int) -> nn.Module:
+def initial_model(
+    task: Task, state: Mapping[str, torch.Tensor] | None, trained_out_dim: int, seed: int
+) -> nn.Module:
     """The model adaptation starts from: a trained state, or scratch when ``state`` is None."""
     torch.manual_seed(seed)
     if state is None:
@@ -109,9 +111,9 @@ def meta_evaluate(
     drawn = draw_episodes(task, split, episodes, shots, query, seed)
     method = Method("scratch", "scratch") if state is None else Method("init", "init")
     init = (state, trained_out_dim)
-    adapted = episode_scores(task, method, init, drawn, steps=steps, lr=lr, seed=seed,
-                             device=device)
-    before = episode_scores(task, method, init, drawn, steps=0, lr=lr, seed=seed,
-                            device=device)
+    adapted = episode_scores(
+        task, method, init, drawn, steps=steps, lr=lr, seed=seed, device=device
+    )
+    before = episode_scores(task, method, init, drawn, steps=0, lr=lr, seed=seed, device=device)
     mean, ci = mean_ci95(adapted)
     return EvalResult(task.metric_name, mean, ci, float(np.mean(before)), episodes)

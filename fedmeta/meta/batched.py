@@ -26,20 +26,31 @@ CHUNK = 100
 def same_shapes(episodes: Sequence[Episode]) -> bool:
     """Whether the episodes can be stacked (equal support and query shapes)."""
     first = episodes[0]
-    return all(e.support_x.shape == first.support_x.shape
-               and e.query_x.shape == first.query_x.shape
-               and e.support_y.shape == first.support_y.shape
-               and e.query_y.shape == first.query_y.shape for e in episodes)
+    return all(
+        e.support_x.shape == first.support_x.shape
+        and e.query_x.shape == first.query_x.shape
+        and e.support_y.shape == first.support_y.shape
+        and e.query_y.shape == first.query_y.shape
+        for e in episodes
+    )
 
 
-def _stack(states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]
-           ) -> dict[str, torch.Tensor]:
+def _stack(
+    states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]
+) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k].detach() for s in states]) for k in names}
 
 
-def adapt_and_score(model: nn.Module, task: Task, states: Sequence[Mapping[str, torch.Tensor]],
-                    episodes: Sequence[Episode], *, steps: int, lr: float,
-                    device: str = "cpu") -> list[float]:
+def adapt_and_score(
+    model: nn.Module,
+    task: Task,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    episodes: Sequence[Episode],
+    *,
+    steps: int,
+    lr: float,
+    device: str = "cpu",
+) -> list[float]:
     """Each episode's query score after ``steps`` full-batch SGD steps from its state.
 
     ``model`` gives the architecture (its buffers are shared); ``states[i]`` holds
@@ -56,12 +67,10 @@ def adapt_and_score(model: nn.Module, task: Task, states: Sequence[Mapping[str, 
     loss_fn = task.loss_fn()
     classification = task.kind == "classification"
 
-    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-             ) -> torch.Tensor:
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss_fn(functional_call(model, {**params, **buffers}, (x,)), y)
 
-    def metric(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-               ) -> torch.Tensor:
+    def metric(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, {**params, **buffers}, (x,))
         if classification:
             return (out.argmax(1) == y).float().mean()
@@ -70,8 +79,8 @@ def adapt_and_score(model: nn.Module, task: Task, states: Sequence[Mapping[str, 
     step_grad = vmap(grad(loss))
     scores: list[float] = []
     for lo in range(0, len(episodes), CHUNK):
-        part = episodes[lo:lo + CHUNK]
-        params = {k: v.to(device) for k, v in _stack(states[lo:lo + CHUNK], names).items()}
+        part = episodes[lo : lo + CHUNK]
+        params = {k: v.to(device) for k, v in _stack(states[lo : lo + CHUNK], names).items()}
         sx = torch.from_numpy(np.stack([e.support_x for e in part])).to(device)
         sy = torch.from_numpy(np.stack([e.support_y for e in part])).to(device)
         for _ in range(steps):

@@ -37,8 +37,12 @@ from fedmeta.metrics import load_model
 from fedmeta.paths import CONFIG_FILE
 
 METHOD_OF_STRATEGY = BASE_OF_STRATEGY
-LABELS = {"scratch": "from scratch (traditional ML)", "transfer": "FedAvg + fine-tuning (transfer)",
-          "meta": "Reptile (meta-learning)", "fomaml": "FOMAML (meta-learning)"}
+LABELS = {
+    "scratch": "from scratch (traditional ML)",
+    "transfer": "FedAvg + fine-tuning (transfer)",
+    "meta": "Reptile (meta-learning)",
+    "fomaml": "FOMAML (meta-learning)",
+}
 MIN_VAL_EPISODES = 100
 
 
@@ -62,8 +66,9 @@ class Point:
     val_episodes: int = 0
 
 
-def load_initialisations(run_dirs: Sequence[Path], bases: Sequence[str] | None = None
-                         ) -> tuple[RunConfig, dict[str, Any]]:
+def load_initialisations(
+    run_dirs: Sequence[Path], bases: Sequence[str] | None = None
+) -> tuple[RunConfig, dict[str, Any]]:
     """(config of the first run, base method -> (state, out_dim, run_dir)) incl. scratch;
     with ``bases``, only those runs' models are read."""
     inits: dict[str, Any] = {"scratch": (None, 0, None)}
@@ -71,8 +76,10 @@ def load_initialisations(run_dirs: Sequence[Path], bases: Sequence[str] | None =
     for run_dir in run_dirs:
         cfg = RunConfig.load(Path(run_dir) / CONFIG_FILE)
         if first and (cfg.task, cfg.n_way) != (first.task, first.n_way):
-            raise CurveError(f"{run_dir}: task {cfg.task} ({cfg.n_way}-way) differs from "
-                             f"{first.task} ({first.n_way}-way); compare runs of one task")
+            raise CurveError(
+                f"{run_dir}: task {cfg.task} ({cfg.n_way}-way) differs from "
+                f"{first.task} ({first.n_way}-way); compare runs of one task"
+            )
         first = first or cfg
         method = METHOD_OF_STRATEGY[cfg.strategy]
         if method in inits:
@@ -94,14 +101,17 @@ def evaluation_task(cfg: RunConfig, shift: bool) -> Task:
     from fedmeta.data.tasks.shifted import ShiftedDigits
 
     if not isinstance(task, DigitsFewShot):
-        raise CurveError(f"--shift: acquisition shifts are defined for digits-fewshot runs, "
-                         f"not {cfg.task}")
-    return ShiftedDigits(n_way=task.n_way, pool_per_class=task.pool_per_class,
-                         num_sites=task.num_sites)
+        raise CurveError(
+            f"--shift: acquisition shifts are defined for digits-fewshot runs, not {cfg.task}"
+        )
+    return ShiftedDigits(
+        n_way=task.n_way, pool_per_class=task.pool_per_class, num_sites=task.num_sites
+    )
 
 
-def choose_lr(task: Task, method: Method, init, val_eps, lr_grid: Sequence[float], steps: int,
-              seed: int) -> tuple[float | None, float | None]:
+def choose_lr(
+    task: Task, method: Method, init, val_eps, lr_grid: Sequence[float], steps: int, seed: int
+) -> tuple[float | None, float | None]:
     """(chosen rate, its validation score); (None, score) for a method without steps."""
     grid = episode_scores_grid(task, method, init, val_eps, steps=steps, lrs=lr_grid, seed=seed)
     means = {lr: mean_ci95(v)[0] for lr, v in grid.items()}
@@ -140,18 +150,48 @@ def shots_curve(
                 continue
             state, out_dim, run_dir = inits[method.base]
             init = (state, out_dim)
-            lr, val = (choose_lr(task, method, init, val_eps, lr_grid, budget, seed)
-                       if len(lr_grid) > 1 or not method.fine_tune else (lr_grid[0], None))
-            scores = episode_scores(task, method, init, test_eps,
-                                    steps=budget if method.fine_tune else 0,
-                                    lr=lr or 0.0, seed=seed)
+            lr, val = (
+                choose_lr(task, method, init, val_eps, lr_grid, budget, seed)
+                if len(lr_grid) > 1 or not method.fine_tune
+                else (lr_grid[0], None)
+            )
+            scores = episode_scores(
+                task,
+                method,
+                init,
+                test_eps,
+                steps=budget if method.fine_tune else 0,
+                lr=lr or 0.0,
+                seed=seed,
+            )
             mean, ci = mean_ci95(scores)
-            points.append(Point(method.name, k, task.metric_name, mean, ci, lr, episodes,
-                                run_dir, method.label, budget if method.fine_tune else 0,
-                                val, val_episodes if val is not None else 0))
-    return {"task": cfg.task, "shift": shift, "n_way": task.meta_out_dim(), "steps": budget,
-            "lr_grid": list(lr_grid), "episodes": episodes, "val_episodes": val_episodes,
-            "query_per_class": query, "points": [asdict(p) for p in points]}
+            points.append(
+                Point(
+                    method.name,
+                    k,
+                    task.metric_name,
+                    mean,
+                    ci,
+                    lr,
+                    episodes,
+                    run_dir,
+                    method.label,
+                    budget if method.fine_tune else 0,
+                    val,
+                    val_episodes if val is not None else 0,
+                )
+            )
+    return {
+        "task": cfg.task,
+        "shift": shift,
+        "n_way": task.meta_out_dim(),
+        "steps": budget,
+        "lr_grid": list(lr_grid),
+        "episodes": episodes,
+        "val_episodes": val_episodes,
+        "query_per_class": query,
+        "points": [asdict(p) for p in points],
+    }
 
 
 def plot_curve(curve: dict[str, Any], path: Path) -> Path:
@@ -179,8 +219,9 @@ def plot_curve(curve: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("labelled examples per class at the new site")
     ax.set_ylabel(metric)
     shifted = ", shifted new sites" if curve.get("shift") else ""
-    ax.set_title(f"{curve['task']}{shifted}: {curve['n_way']}-way, "
-                 f"{curve['steps']} adaptation steps")
+    ax.set_title(
+        f"{curve['task']}{shifted}: {curve['n_way']}-way, {curve['steps']} adaptation steps"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

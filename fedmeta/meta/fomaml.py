@@ -30,8 +30,9 @@ from fedmeta.privacy.dp_training import StepsResult, train_steps
 HELD_OUT_FRACTION = 0.5
 
 
-def split_episode(pool: Pool, rng: np.random.Generator,
-                  held_out_fraction: float = HELD_OUT_FRACTION) -> tuple[Pool, Pool]:
+def split_episode(
+    pool: Pool, rng: np.random.Generator, held_out_fraction: float = HELD_OUT_FRACTION
+) -> tuple[Pool, Pool]:
     """(support, held-out) parts of an episode's pool.
 
     Classification pools are split within each label, so both parts hold
@@ -41,13 +42,18 @@ def split_episode(pool: Pool, rng: np.random.Generator,
     if not 0.0 < held_out_fraction < 1.0:
         raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
     y = np.asarray(pool.y)
-    groups = [np.flatnonzero(y == c) for c in np.unique(y)] if y.dtype.kind in "iu" \
+    groups = (
+        [np.flatnonzero(y == c) for c in np.unique(y)]
+        if y.dtype.kind in "iu"
         else [np.arange(len(y))]
+    )
     support, held = [], []
     for members in groups:
         if len(members) < 2:
-            raise ValueError("FOMAML needs at least 2 records per class in an episode "
-                             "(one to adapt on, one held out)")
+            raise ValueError(
+                "FOMAML needs at least 2 records per class in an episode "
+                "(one to adapt on, one held out)"
+            )
         members = rng.permutation(members)
         n_held = min(len(members) - 1, max(1, round(held_out_fraction * len(members))))
         held.append(members[:n_held])
@@ -61,24 +67,36 @@ def split_episode(pool: Pool, rng: np.random.Generator,
     return part(s), part(h)
 
 
-def held_out_gradient(model: nn.Module, held_out: Pool, loss_fn: nn.Module,
-                      device: str = "cpu") -> dict[str, torch.Tensor]:
+def held_out_gradient(
+    model: nn.Module, held_out: Pool, loss_fn: nn.Module, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Gradient of the mean loss on ``held_out`` at the model's current weights."""
     model.to(device).train()
     model.zero_grad(set_to_none=True)
     x = torch.from_numpy(np.ascontiguousarray(held_out.x)).to(device)
     y = torch.from_numpy(np.ascontiguousarray(held_out.y)).to(device)
     loss_fn(model(x), y).backward()
-    grads = {name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-             for name, p in model.named_parameters()}
+    grads = {
+        name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for name, p in model.named_parameters()
+    }
     model.zero_grad(set_to_none=True)
     return grads
 
 
-def fomaml_site_update(model: nn.Module, pool: Pool, rng: np.random.Generator, *,
-                       loss_fn: nn.Module, steps: int, lr: float, batch_size: int,
-                       device: str = "cpu", seed: int = 0, scale: float | None = None
-                       ) -> tuple[dict[str, torch.Tensor], StepsResult]:
+def fomaml_site_update(
+    model: nn.Module,
+    pool: Pool,
+    rng: np.random.Generator,
+    *,
+    loss_fn: nn.Module,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    device: str = "cpu",
+    seed: int = 0,
+    scale: float | None = None,
+) -> tuple[dict[str, torch.Tensor], StepsResult]:
     """FOMAML's reply ``theta - scale * g`` for the model's current weights theta.
 
     ``steps`` SGD steps (batch ``batch_size``) on the support part give phi;
@@ -88,9 +106,17 @@ def fomaml_site_update(model: nn.Module, pool: Pool, rng: np.random.Generator, *
     scale = lr * steps if scale is None else scale
     theta = {k: v.detach().clone() for k, v in model.state_dict().items()}
     support, held_out = split_episode(pool, rng)
-    result = train_steps(model, support, loss_fn=loss_fn, steps=steps, lr=lr,
-                         batch_size=min(batch_size, len(support.x)), dp=None, device=device,
-                         seed=seed)
+    result = train_steps(
+        model,
+        support,
+        loss_fn=loss_fn,
+        steps=steps,
+        lr=lr,
+        batch_size=min(batch_size, len(support.x)),
+        dp=None,
+        device=device,
+        seed=seed,
+    )
     grads = held_out_gradient(model, held_out, loss_fn, device)
     reply = {k: (v - scale * grads[k].to(v.device) if k in grads else v) for k, v in theta.items()}
     return {k: v.detach().cpu() for k, v in reply.items()}, result

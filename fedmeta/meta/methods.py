@@ -32,8 +32,12 @@ from fedmeta.meta.prototypes import prototype_head
 
 Head = Literal["own", "proto"]
 BASE_OF_STRATEGY = {"fedavg": "transfer", "reptile": "meta", "fomaml": "fomaml"}
-BASE_LABELS = {"scratch": "from scratch", "transfer": "FedAvg-transfer", "meta": "Reptile",
-               "fomaml": "FOMAML"}
+BASE_LABELS = {
+    "scratch": "from scratch",
+    "transfer": "FedAvg-transfer",
+    "meta": "Reptile",
+    "fomaml": "FOMAML",
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,9 @@ class Method:
         return text
 
 
-def methods_for(bases: Sequence[str], prototypes: bool = True,
-                kind: str = "classification") -> list[Method]:
+def methods_for(
+    bases: Sequence[str], prototypes: bool = True, kind: str = "classification"
+) -> list[Method]:
     """Scratch, each trained base, and (classification) its two prototype variants."""
     out = [Method("scratch", "scratch")]
     for base in bases:
@@ -68,22 +73,28 @@ def methods_for(bases: Sequence[str], prototypes: bool = True,
     return out
 
 
-def draw_episodes(task: Task, split: str, n: int, shots: int, query: int,
-                  seed: int) -> list[Episode]:
+def draw_episodes(
+    task: Task, split: str, n: int, shots: int, query: int, seed: int
+) -> list[Episode]:
     """``n`` episodes fixed by ``seed``: every method sees exactly these."""
     rng = np.random.default_rng(seed)
     return [task.eval_episode(split, rng, shots, query) for _ in range(n)]  # type: ignore[arg-type]
 
 
-def initial_states(task: Task, method: Method,
-                   init: tuple[Mapping[str, torch.Tensor] | None, int],
-                   episodes: Sequence[Episode], seed: int,
-                   device: str = "cpu") -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+def initial_states(
+    task: Task,
+    method: Method,
+    init: tuple[Mapping[str, torch.Tensor] | None, int],
+    episodes: Sequence[Episode],
+    seed: int,
+    device: str = "cpu",
+) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
     """(architecture, the parameters each episode starts from) for ``method``."""
     state, out_dim = init
     if method.base == "scratch":
-        states = [dict(initial_model(task, None, 0, seed + e).state_dict())
-                  for e in range(len(episodes))]
+        states = [
+            dict(initial_model(task, None, 0, seed + e).state_dict()) for e in range(len(episodes))
+        ]
         return task.build_model(task.meta_out_dim()), states
     base = initial_model(task, state, out_dim, seed).to(device)
     shared = {k: v.detach() for k, v in base.state_dict().items()}
@@ -92,11 +103,20 @@ def initial_states(task: Task, method: Method,
     states = []
     for episode in episodes:
         model = copy.deepcopy(base)
-        prototype_head(model, torch.from_numpy(episode.support_x).to(device),
-                       torch.from_numpy(episode.support_y).to(device), task.meta_out_dim(),
-                       method.temperature)
-        states.append({**shared, "head.weight": model.head.weight.detach(),
-                       "head.bias": model.head.bias.detach()})
+        prototype_head(
+            model,
+            torch.from_numpy(episode.support_x).to(device),
+            torch.from_numpy(episode.support_y).to(device),
+            task.meta_out_dim(),
+            method.temperature,
+        )
+        states.append(
+            {
+                **shared,
+                "head.weight": model.head.weight.detach(),
+                "head.bias": model.head.bias.detach(),
+            }
+        )
     return base, states
 
 
@@ -118,8 +138,9 @@ def episode_scores_grid(
     out: dict[float, list[float]] = {}
     if episodes and same_shapes(episodes):  # the same SGD, all episodes at once
         for lr in lrs:
-            out[lr] = adapt_and_score(model, task, states, episodes, steps=steps, lr=lr,
-                                      device=device)
+            out[lr] = adapt_and_score(
+                model, task, states, episodes, steps=steps, lr=lr, device=device
+            )
         return out
     for lr in lrs:
         scores = []
@@ -145,6 +166,7 @@ def episode_scores(
     device: str = "cpu",
 ) -> list[float]:
     """The method's query score (accuracy or MSE) on each episode."""
-    grid = episode_scores_grid(task, method, init, episodes, steps=steps, lrs=[lr], seed=seed,
-                               device=device)
+    grid = episode_scores_grid(
+        task, method, init, episodes, steps=steps, lrs=[lr], seed=seed, device=device
+    )
     return next(iter(grid.values()))

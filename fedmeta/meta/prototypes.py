@@ -48,8 +48,13 @@ def prototype_spread(protos: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def prototype_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int,
-                   temperature: float | Literal["spread"] = 1.0) -> nn.Module:
+def prototype_head(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    temperature: float | Literal["spread"] = 1.0,
+) -> nn.Module:
     """Replace ``model.head`` by the prototype classifier of the support set ``(x, y)``.
 
     Works for any number of classes (the head is rebuilt with ``n_classes``
@@ -75,8 +80,9 @@ def prototype_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes
         raise ValueError(
             f"embedding has {protos.shape[1]} dimensions, head expects {old.in_features}"
         )
-    head = nn.Linear(old.in_features, n_classes).to(device=old.weight.device,
-                                                       dtype=old.weight.dtype)
+    head = nn.Linear(old.in_features, n_classes).to(
+        device=old.weight.device, dtype=old.weight.dtype
+    )
     t = prototype_spread(protos) if temperature == "spread" else float(temperature)
     if not t > 0:
         raise ValueError(f"prototype temperature must be > 0, got {temperature}")

@@ -12,10 +12,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmeta.newsite.predicting import Predictions
 
 
-def adapt(model: Path | str, data: Path | str, *, shots: int | None = None,
-          out: Path | str | None = None, steps: int | None = None, lr: float | None = None,
-          seed: int = 0, public_key: Path | str | None = None,
-          audit_log: Path | str | None = None) -> Adapted:
+def adapt(
+    model: Path | str,
+    data: Path | str,
+    *,
+    shots: int | None = None,
+    out: Path | str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    public_key: Path | str | None = None,
+    audit_log: Path | str | None = None,
+) -> Adapted:
     """Adapt a federation's final model (run directory or ``final_model.pt``) to the
     labelled data at ``data`` (image folder, MedMNIST .npz, or data.csv + schema.toml).
 
@@ -29,13 +37,22 @@ def adapt(model: Path | str, data: Path | str, *, shots: int | None = None,
     """
     from fedmeta.newsite.adapting import adapt_model
 
-    return adapt_model(model, data, shots=shots, out=out, steps=steps, lr=lr, seed=seed,
-                       public_key=Path(public_key) if public_key else None,
-                       audit_log=Path(audit_log) if audit_log else None)
+    return adapt_model(
+        model,
+        data,
+        shots=shots,
+        out=out,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        public_key=Path(public_key) if public_key else None,
+        audit_log=Path(audit_log) if audit_log else None,
+    )
 
 
-def predict(adapted: Path | str, data: Path | str, *, out: Path | str | None = None,
-            split: str = "test") -> Predictions:
+def predict(
+    adapted: Path | str, data: Path | str, *, out: Path | str | None = None, split: str = "test"
+) -> Predictions:
     """Class probabilities for every record at ``data`` (no labels needed) with an
     adapted model; writes ``record_id, prediction, p_<class>...`` CSV to ``out``."""
     from fedmeta.newsite.predicting import predict_records

@@ -58,15 +58,17 @@ def support_split(y: np.ndarray, shots: int | None, seed: int) -> tuple[np.ndarr
     for c in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == c))
         if len(members) < shots:
-            raise DataError(f"class {int(c)} has {len(members)} labelled examples, fewer than "
-                            f"--shots {shots}")
+            raise DataError(
+                f"class {int(c)} has {len(members)} labelled examples, fewer than --shots {shots}"
+            )
         sup.append(members[:shots])
         rest.append(members[shots:])
     return np.sort(np.concatenate(sup)), np.sort(np.concatenate(rest))
 
 
-def site_data(task: Task, data: Path | str | Loaded, *, labelled: bool = True,
-              split: str = "train") -> Loaded:
+def site_data(
+    task: Task, data: Path | str | Loaded, *, labelled: bool = True, split: str = "train"
+) -> Loaded:
     """The site's data read for this task's model (images resized to its input)."""
     if isinstance(data, Loaded):
         return data
@@ -74,8 +76,10 @@ def site_data(task: Task, data: Path | str | Loaded, *, labelled: bool = True,
     loaded = load_data(Path(data), shape, labelled=labelled, split=split)
     got = tuple(loaded.records.x.shape[1:])
     if got != shape:
-        raise DataError(f"{data}: records have shape {got}, the model expects {shape} "
-                        "(for a CSV: the same feature columns as the federation)")
+        raise DataError(
+            f"{data}: records have shape {got}, the model expects {shape} "
+            "(for a CSV: the same feature columns as the federation)"
+        )
     return loaded
 
 
@@ -118,8 +122,9 @@ class Choice:
     cv_accuracy: float | None
 
 
-def start_from(net: nn.Module, head: str, x: np.ndarray, y: np.ndarray,
-               n_classes: int) -> nn.Module:
+def start_from(
+    net: nn.Module, head: str, x: np.ndarray, y: np.ndarray, n_classes: int
+) -> nn.Module:
     """A copy of ``net`` with its meta-learned head, or with a (tempered) prototype head
     built from ``(x, y)``."""
     net = copy.deepcopy(net)
@@ -133,9 +138,16 @@ def start_from(net: nn.Module, head: str, x: np.ndarray, y: np.ndarray,
     return net
 
 
-def tune(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, steps: int, lr: float,
-         check: tuple[np.ndarray, np.ndarray] | None = None,
-         at: tuple[int, ...] = ()) -> dict[int, float]:
+def tune(
+    net: nn.Module,
+    task: Task,
+    x: np.ndarray,
+    y: np.ndarray,
+    steps: int,
+    lr: float,
+    check: tuple[np.ndarray, np.ndarray] | None = None,
+    at: tuple[int, ...] = (),
+) -> dict[int, float]:
     """Full-batch SGD of the whole model on ``(x, y)`` for ``steps`` steps, in place;
     with ``check``, its accuracy after each step count in ``at`` (0 = before tuning)."""
     scores: dict[int, float] = {}
@@ -173,8 +185,17 @@ def folds(y: np.ndarray, n_classes: int, seed: int) -> np.ndarray | None:
     return fold
 
 
-def choose(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, n_classes: int,
-           steps: int, lr: float, meta_head: bool, seed: int) -> Choice:
+def choose(
+    net: nn.Module,
+    task: Task,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    steps: int,
+    lr: float,
+    meta_head: bool,
+    seed: int,
+) -> Choice:
     """The head (prototypes, or the meta-learned head when ``meta_head``) and the number of
     fine-tuning steps, by two-fold cross-validation on the support set (each class split
     in half; the head is built and tuned on one half and scored on the other; ties go
@@ -195,8 +216,9 @@ def choose(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, n_classes: 
         for train in (fold, ~fold):
             for head, rate in {(h, r) for h, _, r in candidates}:
                 tuned = start_from(net, head, x[train], y[train], n_classes)
-                got = tune(tuned, task, x[train], y[train], steps, rate,
-                           (x[~train], y[~train]), grid)
+                got = tune(
+                    tuned, task, x[train], y[train], steps, rate, (x[~train], y[~train]), grid
+                )
                 for k, acc in got.items():
                     if (head, k, rate) in score:
                         score[(head, k, rate)] += acc / (2 * len(splits))
@@ -204,10 +226,19 @@ def choose(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, n_classes: 
     return Choice(best[0], best[1], best[2], score[best])
 
 
-def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | None = None,
-                out: Path | str | None = None, steps: int | None = None,
-                lr: float | None = None, seed: int = 0, public_key: Path | None = None,
-                audit_log: Path | None = None, init: Init = "federated") -> Adapted:
+def adapt_model(
+    model: Path | str,
+    data: Path | str | Loaded,
+    *,
+    shots: int | None = None,
+    out: Path | str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    public_key: Path | None = None,
+    audit_log: Path | None = None,
+    init: Init = "federated",
+) -> Adapted:
     """Adapt the run's final model (a run directory or its ``final_model.pt``) to the
     labelled data at ``data``; see the module docstring. ``init="scratch"`` runs the same
     procedure from a fresh random model (the baseline a site would have without the
@@ -222,8 +253,18 @@ def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | No
     if task.kind == "regression":
         from fedmeta.newsite.regression import adapt_regression
 
-        return adapt_regression(received, cfg, task, loaded, shots=shots, out=out,
-                                steps=steps, lr=lr, seed=seed, init=init)
+        return adapt_regression(
+            received,
+            cfg,
+            task,
+            loaded,
+            shots=shots,
+            out=out,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            init=init,
+        )
     sup, rest = support_split(records.y, shots, seed)
     n_classes = len(loaded.classes) or int(records.y.max()) + 1
     torch.manual_seed(seed)
@@ -235,22 +276,41 @@ def adapt_model(model: Path | str, data: Path | str | Loaded, *, shots: int | No
     # a model meta-learned (Reptile, FOMAML) for N-way episodes is an initialisation for
     # fine-tuning its own head; with N classes at the site it competes with the prototype
     # head, and two-fold cross-validation on the support set decides (never the test data)
-    meta_ok = (init == "federated" and cfg.strategy in ("reptile", "fomaml")
-               and n_classes == task.meta_out_dim())
+    meta_ok = (
+        init == "federated"
+        and cfg.strategy in ("reptile", "fomaml")
+        and n_classes == task.meta_out_dim()
+    )
     x_sup, y_sup = records.x[sup], records.y[sup]
     chosen = choose(net, task, x_sup, y_sup, n_classes, steps, lr, meta_ok, seed)
     net = start_from(net, chosen.head, x_sup, y_sup, n_classes)
     tune(net, task, x_sup, y_sup, chosen.steps, chosen.lr)
     held = accuracy(net, records.x[rest], records.y[rest]) if len(rest) else None
     provenance = {**received.provenance, "init": init}
-    result = Adapted(None, tuple(loaded.classes), len(sup), len(rest), held, provenance,
-                     net, chosen)
+    result = Adapted(
+        None, tuple(loaded.classes), len(sup), len(rest), held, provenance, net, chosen
+    )
     if out is not None:
-        path = save_adapted(Path(out), net, cfg, loaded, provenance, {
-            "shots": shots, "support_examples": int(len(sup)), "steps": steps, "lr": lr,
-            "seed": seed, "head": chosen.head, "steps_used": chosen.steps,
-            "lr_used": chosen.lr, "cv_accuracy": chosen.cv_accuracy,
-            "held_back_examples": int(len(rest)), "held_back_accuracy": held})
+        path = save_adapted(
+            Path(out),
+            net,
+            cfg,
+            loaded,
+            provenance,
+            {
+                "shots": shots,
+                "support_examples": int(len(sup)),
+                "steps": steps,
+                "lr": lr,
+                "seed": seed,
+                "head": chosen.head,
+                "steps_used": chosen.steps,
+                "lr_used": chosen.lr,
+                "cv_accuracy": chosen.cv_accuracy,
+                "held_back_examples": int(len(rest)),
+                "held_back_accuracy": held,
+            },
+        )
         result = replace(result, path=path)
     return result
 
@@ -259,28 +319,45 @@ def check_labels(task: Task, task_name: str, loaded: Loaded, data: object) -> No
     """The site's labels are of the model's kind: class labels for a classifier, numbers
     for a regression model (one line naming the data and what to change)."""
     if task.kind == "regression" and loaded.classes:
-        raise DataError(f"{data}: labelled with classes, but the federation's model "
-                        f"(task {task_name!r}) predicts a number; give numeric labels "
-                        "(a CSV schema with task = \"regression\")")
+        raise DataError(
+            f"{data}: labelled with classes, but the federation's model "
+            f"(task {task_name!r}) predicts a number; give numeric labels "
+            '(a CSV schema with task = "regression")'
+        )
     if task.kind == "classification" and loaded.records.y.dtype.kind == "f":
-        raise DataError(f"{data}: labelled with numbers, but the federation's model "
-                        f"(task {task_name!r}) predicts classes; give class labels (a CSV "
-                        "schema with task = \"classification\")")
+        raise DataError(
+            f"{data}: labelled with numbers, but the federation's model "
+            f"(task {task_name!r}) predicts classes; give class labels (a CSV "
+            'schema with task = "classification")'
+        )
 
 
-def save_adapted(path: Path, net: nn.Module, cfg: RunConfig, loaded: Loaded,
-                 provenance: dict[str, Any], adaptation: dict[str, Any],
-                 kind: str = "classification") -> Path:
+def save_adapted(
+    path: Path,
+    net: nn.Module,
+    cfg: RunConfig,
+    loaded: Loaded,
+    provenance: dict[str, Any],
+    adaptation: dict[str, Any],
+    kind: str = "classification",
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "format": ADAPTED_FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in copy.deepcopy(net).state_dict().items()},
-        "config": cfg.to_flat(), "task": cfg.task, "model": cfg.model,
-        "kind": kind,
-        "classes": list(loaded.classes), "preprocessing": loaded.preprocessing,
-        "provenance": provenance, "adaptation": adaptation,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }, path)
+    torch.save(
+        {
+            "format": ADAPTED_FORMAT,
+            "state_dict": {k: v.detach().cpu() for k, v in copy.deepcopy(net).state_dict().items()},
+            "config": cfg.to_flat(),
+            "task": cfg.task,
+            "model": cfg.model,
+            "kind": kind,
+            "classes": list(loaded.classes),
+            "preprocessing": loaded.preprocessing,
+            "provenance": provenance,
+            "adaptation": adaptation,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+        path,
+    )
     return path
 
 

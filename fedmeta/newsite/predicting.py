@@ -48,18 +48,22 @@ def load_adapted(path: Path | str) -> dict[str, Any]:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise AdaptedModelError(f"{path}: no such file; give the file `fedmeta adapt` "
-                                "wrote") from None
+        raise AdaptedModelError(
+            f"{path}: no such file; give the file `fedmeta adapt` wrote"
+        ) from None
     except Exception as exc:
         raise AdaptedModelError(f"{path}: not an adapted model ({type(exc).__name__})") from None
     if not isinstance(saved, dict) or saved.get("format") != ADAPTED_FORMAT:
-        raise AdaptedModelError(f"{path}: not an adapted model (write one with `fedmeta "
-                                "adapt`; a run's final_model.pt must be adapted first)")
+        raise AdaptedModelError(
+            f"{path}: not an adapted model (write one with `fedmeta "
+            "adapt`; a run's final_model.pt must be adapted first)"
+        )
     return saved
 
 
-def unlabelled_records(saved: dict[str, Any], data: Path | str, split: str = "test"
-                       ) -> tuple[Records, Any]:
+def unlabelled_records(
+    saved: dict[str, Any], data: Path | str, split: str = "test"
+) -> tuple[Records, Any]:
     cfg = RunConfig.from_flat(saved["config"], source="adapted model")
     task = build_task(cfg)
     prep = saved["preprocessing"]
@@ -69,21 +73,24 @@ def unlabelled_records(saved: dict[str, Any], data: Path | str, split: str = "te
     return load_data(Path(data), shape, labelled=False, split=split).records, task
 
 
-def predict_records(adapted: Path | str, data: Path | str, *, out: Path | str | None = None,
-                    split: str = "test") -> Predictions:
+def predict_records(
+    adapted: Path | str, data: Path | str, *, out: Path | str | None = None, split: str = "test"
+) -> Predictions:
     """Class probabilities of every record at ``data`` (written as CSV to ``out``)."""
     saved = load_adapted(adapted)
     records, task = unlabelled_records(saved, data, split)
     if saved.get("kind") == "regression":
         return predict_values(saved, adapted, records, task, out)
     classes = tuple(saved["classes"]) or tuple(
-        str(i) for i in range(saved["state_dict"]["head.weight"].shape[0]))
+        str(i) for i in range(saved["state_dict"]["head.weight"].shape[0])
+    )
     net = task.build_model(len(classes))
     try:
         net.load_state_dict(saved["state_dict"])
     except RuntimeError as exc:
-        raise AdaptedModelError(f"{adapted}: weights do not fit the task's model "
-                                f"({str(exc).splitlines()[0]})") from None
+        raise AdaptedModelError(
+            f"{adapted}: weights do not fit the task's model ({str(exc).splitlines()[0]})"
+        ) from None
     net.eval()
     with torch.no_grad():
         probs = torch.softmax(net(torch.from_numpy(records.x)), dim=1).numpy()
@@ -100,20 +107,27 @@ def predict_records(adapted: Path | str, data: Path | str, *, out: Path | str | 
     return result
 
 
-def predict_values(saved: dict[str, Any], adapted: Path | str, records: Records, task: Any,
-                   out: Path | str | None) -> Predictions:
+def predict_values(
+    saved: dict[str, Any], adapted: Path | str, records: Records, task: Any, out: Path | str | None
+) -> Predictions:
     """A regression model's predicted value of every record (``record_id,prediction``)."""
     net = task.build_model(int(saved["state_dict"]["head.weight"].shape[0]))
     try:
         net.load_state_dict(saved["state_dict"])
     except RuntimeError as exc:
-        raise AdaptedModelError(f"{adapted}: weights do not fit the task's model "
-                                f"({str(exc).splitlines()[0]})") from None
+        raise AdaptedModelError(
+            f"{adapted}: weights do not fit the task's model ({str(exc).splitlines()[0]})"
+        ) from None
     net.eval()
     with torch.no_grad():
         values = net(torch.from_numpy(records.x)).reshape(len(records), -1)[:, 0].numpy()
-    result = Predictions(tuple(str(r) for r in records.record_ids), (),
-                         np.empty((len(values), 0), np.float32), None, values)
+    result = Predictions(
+        tuple(str(r) for r in records.record_ids),
+        (),
+        np.empty((len(values), 0), np.float32),
+        None,
+        values,
+    )
     if out is None:
         return result
     path = Path(out)

@@ -45,8 +45,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return model_digest({k: v.detach().cpu().numpy() for k, v in state.items()})
 
 
-def receive(model: Path, public_key: Path | None = None,
-            audit_log: Path | None = None) -> Received:
+def receive(model: Path, public_key: Path | None = None, audit_log: Path | None = None) -> Received:
     """Load the federation's model and verify it against the run's signed audit log."""
     from fedmeta.audit.errors import AuditError
     from fedmeta.audit.verify import read_log
@@ -54,21 +53,27 @@ def receive(model: Path, public_key: Path | None = None,
     model_file, config_path, default_log = run_files(model)
     log_path = Path(audit_log) if audit_log else default_log
     if not model_file.is_file():
-        raise ProvenanceError(f"{model_file}: no model file; give a run directory or its "
-                              f"{MODEL_FILE}")
+        raise ProvenanceError(
+            f"{model_file}: no model file; give a run directory or its {MODEL_FILE}"
+        )
     if not config_path.is_file():
-        raise ProvenanceError(f"{config_path}: the run's config is missing; it names the "
-                              "task and model the weights belong to")
+        raise ProvenanceError(
+            f"{config_path}: the run's config is missing; it names the "
+            "task and model the weights belong to"
+        )
     try:
         saved = torch.load(model_file, map_location="cpu", weights_only=True)
         state = saved["state_dict"]
     except Exception as exc:
-        raise ProvenanceError(f"{model_file}: not a fedmeta model file "
-                              f"({type(exc).__name__})") from None
+        raise ProvenanceError(
+            f"{model_file}: not a fedmeta model file ({type(exc).__name__})"
+        ) from None
     if not log_path.is_file():
-        raise ProvenanceError(f"{log_path}: the run's server audit log is missing; the model's "
-                              "hash must be checked against its signed run.end entry "
-                              "(pass --audit-log)")
+        raise ProvenanceError(
+            f"{log_path}: the run's server audit log is missing; the model's "
+            "hash must be checked against its signed run.end entry "
+            "(pass --audit-log)"
+        )
     try:
         entries, result = read_log(log_path, public_key)
     except (AuditError, OSError, ValueError) as exc:
@@ -82,14 +87,19 @@ def receive(model: Path, public_key: Path | None = None,
     end = ends[-1]
     digest = state_digest(state)
     if end.model_out != digest:
-        raise ProvenanceError(f"{model_file}: weights hash to {digest[:16]}..., the signed "
-                              f"run.end entry of run {run_id} names {str(end.model_out)[:16]}...;"
-                              " this is not the federation's final model")
+        raise ProvenanceError(
+            f"{model_file}: weights hash to {digest[:16]}..., the signed "
+            f"run.end entry of run {run_id} names {str(end.model_out)[:16]}...;"
+            " this is not the federation's final model"
+        )
     provenance = {
-        "run_id": run_id, "final_model_sha256": digest,
+        "run_id": run_id,
+        "final_model_sha256": digest,
         "audit_entry": {"seq": end.seq, "hash": end.hash, "sig": end.sig, "time": end.time},
-        "audit_key_fingerprint": result.key_fingerprint, "audit_key_source": result.key_source,
+        "audit_key_fingerprint": result.key_fingerprint,
+        "audit_key_source": result.key_source,
         "audit_head": str(result.head) if result.head else None,
-        "task": str(saved.get("task", "")), "strategy": str(saved.get("strategy", "")),
+        "task": str(saved.get("task", "")),
+        "strategy": str(saved.get("strategy", "")),
     }
     return Received(state, saved, config_path, provenance)

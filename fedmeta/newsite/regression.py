@@ -36,9 +36,19 @@ def mse(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float(((out.view(len(y), -1).squeeze(1) - torch.from_numpy(y)) ** 2).mean())
 
 
-def adapt_regression(received: Any, cfg: RunConfig, task: Task, loaded: Loaded, *,
-                     shots: int | None, out: Path | str | None, steps: int | None,
-                     lr: float | None, seed: int, init: Init) -> Adapted:
+def adapt_regression(
+    received: Any,
+    cfg: RunConfig,
+    task: Task,
+    loaded: Loaded,
+    *,
+    shots: int | None,
+    out: Path | str | None,
+    steps: int | None,
+    lr: float | None,
+    seed: int,
+    init: Init,
+) -> Adapted:
     """A regression model keeps its output (no classes, no prototypes): the whole model is
     fine-tuned on ``shots`` labelled records (all if None) with full-batch SGD for the
     run's adaptation steps and rate, as ``fedmeta evaluate`` adapts it; the rest are held
@@ -58,16 +68,33 @@ def adapt_regression(received: Any, cfg: RunConfig, task: Task, loaded: Loaded, 
     provenance = {**received.provenance, "init": init}
     result = Adapted(None, (), len(sup), len(rest), None, provenance, net, chosen, held)
     if out is not None:
-        path = save_adapted(Path(out), net, cfg, loaded, provenance, {
-            "shots": shots, "support_examples": int(len(sup)), "steps": steps, "lr": lr,
-            "seed": seed, "head": "own", "steps_used": steps, "lr_used": lr,
-            "held_back_examples": int(len(rest)), "held_back_mse": held}, kind="regression")
+        path = save_adapted(
+            Path(out),
+            net,
+            cfg,
+            loaded,
+            provenance,
+            {
+                "shots": shots,
+                "support_examples": int(len(sup)),
+                "steps": steps,
+                "lr": lr,
+                "seed": seed,
+                "head": "own",
+                "steps_used": steps,
+                "lr_used": lr,
+                "held_back_examples": int(len(rest)),
+                "held_back_mse": held,
+            },
+            kind="regression",
+        )
         result = replace(result, path=path)
     return result
 
 
-def tune_regression(net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, steps: int,
-                    lr: float) -> None:
+def tune_regression(
+    net: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, steps: int, lr: float
+) -> None:
     """Full-batch SGD of the whole model on numeric targets ``y`` ([N, outputs])."""
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     loss_fn = task.loss_fn()

@@ -66,8 +66,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
             continue
         label = f"layer {name or '<model>'!r} ({type(module).__name__})"
         if type(module) not in SUPPORTED:
-            kind = "a subclass of Linear/Conv2d" if isinstance(module, SUPPORTED) else (
-                "a module with child modules" if list(module.children()) else "a layer")
+            kind = (
+                "a subclass of Linear/Conv2d"
+                if isinstance(module, SUPPORTED)
+                else ("a module with child modules" if list(module.children()) else "a layer")
+            )
             return f"{label} is {kind} with trainable parameters"
         if any(n not in ("weight", "bias") for n, _ in own):
             return f"{label} has parameters other than weight and bias"
@@ -107,8 +110,8 @@ class FlatGrads:
         offset = 0
         for p in params:
             n = p.numel()
-            self.grads.append(self.buffer[offset:offset + n].view(p.shape))
-            self.noises.append(self.noise_buffer[offset:offset + n].view(p.shape))
+            self.grads.append(self.buffer[offset : offset + n].view(p.shape))
+            self.noises.append(self.noise_buffer[offset : offset + n].view(p.shape))
             offset += n
         self._index = {id(p): i for i, p in enumerate(params)}
 
@@ -120,7 +123,8 @@ class FlatGrads:
     def holds(self, tensors: list[torch.Tensor]) -> bool:
         """Whether ``tensors`` (one per parameter, in order) are the buffer's views."""
         return len(tensors) == len(self.grads) and all(
-            t is v for t, v in zip(tensors, self.grads, strict=True))
+            t is v for t, v in zip(tensors, self.grads, strict=True)
+        )
 
     @staticmethod
     def fresh(view: torch.Tensor) -> torch.Tensor:
@@ -146,12 +150,14 @@ class BookKeepingClipper:
     into its buffer and ``p.grad`` is the tensor's view of it.
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float,
-                 grads: FlatGrads | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, max_grad_norm: float, grads: FlatGrads | None = None
+    ) -> None:
         reason = unsupported_reason(model)
         if reason:
-            raise BookKeepingError(f"book-keeping clipping: {reason}; use grad-sample-mode "
-                                   "hooks or ew")
+            raise BookKeepingError(
+                f"book-keeping clipping: {reason}; use grad-sample-mode hooks or ew"
+            )
         self.max_grad_norm = float(max_grad_norm)
         self.grads = grads
         self.layers = [m for m in model.modules() if isinstance(m, SUPPORTED) and _trainable(m)]
@@ -165,8 +171,10 @@ class BookKeepingClipper:
             return
         if module in self._seen:
             self._seen.clear()
-            raise BookKeepingError("book-keeping clipping: a layer ran twice in one forward "
-                                   "pass; use grad-sample-mode hooks")
+            raise BookKeepingError(
+                "book-keeping clipping: a layer ran twice in one forward "
+                "pass; use grad-sample-mode hooks"
+            )
         # kept as is (``backward`` computes under no_grad): a detach would be one more op
         self._seen[module] = (inputs[0], output, inputs[0]._version, output._version)
 
@@ -176,8 +184,9 @@ class BookKeepingClipper:
         self._handles = []
         self._seen.clear()
 
-    def backward(self, loss_sum: torch.Tensor, units: torch.Tensor | None = None,
-                 n_units: int = 0) -> torch.Tensor | None:
+    def backward(
+        self, loss_sum: torch.Tensor, units: torch.Tensor | None = None, n_units: int = 0
+    ) -> torch.Tensor | None:
         """Set ``p.grad`` = sum over samples (or units) of clipped gradients.
 
         ``loss_sum`` must be the *sum* of per-sample losses of the batch that
@@ -195,7 +204,8 @@ class BookKeepingClipper:
                 raise BookKeepingError(
                     f"book-keeping clipping: an in-place operation changed the input or "
                     f"output of a {type(m).__name__} layer after it ran (e.g. "
-                    "ReLU(inplace=True)); make it out-of-place or use grad-sample-mode hooks")
+                    "ReLU(inplace=True)); make it out-of-place or use grad-sample-mode hooks"
+                )
         grads_out = torch.autograd.grad(loss_sum, [z for _, z, _, _ in kept])
         with torch.no_grad():
             return self._clip(layers, kept, grads_out, units, n_units)
@@ -214,18 +224,21 @@ class BookKeepingClipper:
             if m not in layers:
                 for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
                     if p is not None and p.requires_grad:
-                        p.grad = torch.zeros_like(p) if view is None else self.grads.fresh(
-                            view).zero_()
+                        p.grad = (
+                            torch.zeros_like(p) if view is None else self.grads.fresh(view).zero_()
+                        )
         if sq_norms is None:
             return None
         norms = sq_norms.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for module, clipped_sum in sums:
             weight, bias = module.weight, module.bias
-            weight_out = self._out(weight, self._views[module][0]) \
-                if weight.requires_grad else None
-            bias_out = self._out(bias, self._views[module][1]) \
-                if bias is not None and bias.requires_grad else None
+            weight_out = self._out(weight, self._views[module][0]) if weight.requires_grad else None
+            bias_out = (
+                self._out(bias, self._views[module][1])
+                if bias is not None and bias.requires_grad
+                else None
+            )
             clipped_sum(factor, weight_out, bias_out)
             if weight_out is not None:
                 weight.grad = weight_out
@@ -265,8 +278,10 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         super().__init__(optimizer, **kwargs)
         self._param_list = super().params  # fixed for the optimizer's life: list it once
         self.grads = grads
-        if grads is not None and (len(grads.params) != len(self._param_list) or any(
-                a is not b for a, b in zip(grads.params, self._param_list, strict=False))):
+        if grads is not None and (
+            len(grads.params) != len(self._param_list)
+            or any(a is not b for a, b in zip(grads.params, self._param_list, strict=False))
+        ):
             raise ValueError("FlatGrads must hold the optimizer's parameters in its order")
         self._flat_step = False
 
@@ -300,8 +315,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             if std > 0:
-                noise = torch.empty_like(p.summed_grad).normal_(0.0, std,
-                                                                generator=self.generator)
+                noise = torch.empty_like(p.summed_grad).normal_(0.0, std, generator=self.generator)
                 p.summed_grad.add_(noise)
             p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
@@ -310,8 +324,12 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         """Opacus's ``p.grad /= expected_batch_size * accumulated_iterations``, on the whole
         buffer at once when the gradients are its views."""
         flat, self._flat_step = self._flat_step, False
-        if (flat and self.loss_reduction == "mean" and self.grads is not None
-                and self.grads.holds([p.grad for p in self.params])):
+        if (
+            flat
+            and self.loss_reduction == "mean"
+            and self.grads is not None
+            and self.grads.holds([p.grad for p in self.params])
+        ):
             self.grads.buffer /= self.expected_batch_size * self.accumulated_iterations
             return
         super().scale_grad()
@@ -329,14 +347,21 @@ def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     (kh, kw), (dh, dw), (th, tw) = conv.kernel_size, conv.dilation, conv.stride
     out_h = (height - dh * (kh - 1) - 1) // th + 1
     out_w = (width - dw * (kw - 1) - 1) // tw + 1
-    windows = a.as_strided((batch, channels, kh, kw, out_h, out_w),
-                           (s_b, s_c, s_h * dh, s_w * dw, s_h * th, s_w * tw),
-                           a.storage_offset())
+    windows = a.as_strided(
+        (batch, channels, kh, kw, out_h, out_w),
+        (s_b, s_c, s_h * dh, s_w * dw, s_h * th, s_w * tw),
+        a.storage_offset(),
+    )
     return windows.reshape(batch, channels * kh * kw, out_h * out_w)
 
 
-def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
-                 units: torch.Tensor | None = None, members: torch.Tensor | None = None):
+def _layer_grads(
+    module: nn.Module,
+    a: torch.Tensor,
+    dz: torch.Tensor,
+    units: torch.Tensor | None = None,
+    members: torch.Tensor | None = None,
+):
     """(per-sample squared gradient norms [B], (factor, weight_out, bias_out) -> None).
 
     The second writes the clipped weight and bias sums into ``weight_out`` /
@@ -372,8 +397,11 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor,
         if w_on:
             inputs = a @ a.t()
             gram = gram * (inputs + 1.0 if b_on else inputs)
-        sq = torch.linalg.vecdot(members @ gram, members) if (w_on or b_on) else \
-            dz.new_zeros(members.shape[0])
+        sq = (
+            torch.linalg.vecdot(members @ gram, members)
+            if (w_on or b_on)
+            else dz.new_zeros(members.shape[0])
+        )
 
         def unit_rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
             scaled_t = dz.t() * factor[units]  # [out, B]

@@ -56,9 +56,11 @@ class BudgetError(ValueError):
 def require_bound(accountant: str) -> str:
     """``accountant`` if it upper-bounds epsilon, else BudgetError naming the fix."""
     if accountant not in BOUNDING_ACCOUNTANTS:
-        raise BudgetError(f"accountant {accountant!r} is an approximation, not an upper bound "
-                          "on epsilon, and cannot decide a privacy budget; use 'prv' (default) "
-                          "or 'rdp'")
+        raise BudgetError(
+            f"accountant {accountant!r} is an approximation, not an upper bound "
+            "on epsilon, and cannot decide a privacy budget; use 'prv' (default) "
+            "or 'rdp'"
+        )
     return accountant
 
 
@@ -71,8 +73,9 @@ def compact(history: Iterable[Step]) -> list[Step]:
     return [(s, q, n) for (s, q), n in sorted(merged.items())]
 
 
-def epsilon(history: Iterable[Step], delta: float, accountant: str = "prv",
-            grid_steps: int = 0) -> float:
+def epsilon(
+    history: Iterable[Step], delta: float, accountant: str = "prv", grid_steps: int = 0
+) -> float:
     """Cumulative epsilon of ``history`` at ``delta`` (0.0 for an empty history).
 
     An upper bound: ``accountant`` must be 'prv' or 'rdp' (BudgetError otherwise).
@@ -80,12 +83,14 @@ def epsilon(history: Iterable[Step], delta: float, accountant: str = "prv",
     that many steps (wider and finer than this history needs: the same bound, and
     one grid for every history up to that length).
     """
-    return _epsilon(tuple(compact(history)), float(delta), require_bound(accountant),
-                    int(grid_steps))
+    return _epsilon(
+        tuple(compact(history)), float(delta), require_bound(accountant), int(grid_steps)
+    )
 
 
-def gdp_beside_bound(history: Iterable[Step], delta: float,
-                     bound: str = "prv") -> dict[str, float | str]:
+def gdp_beside_bound(
+    history: Iterable[Step], delta: float, bound: str = "prv"
+) -> dict[str, float | str]:
     """GDP's approximate epsilon, for display only, beside a bounding accountant's value."""
     hist = compact(history)
     approx = 0.0
@@ -95,13 +100,17 @@ def gdp_beside_bound(history: Iterable[Step], delta: float,
             acc = create_accountant("gdp")
             acc.history = list(hist)
             approx = float(acc.get_epsilon(delta=delta))
-    return {"gdp_approximation": approx, "bound": epsilon(hist, delta, bound),
-            "bound_accountant": bound}
+    return {
+        "gdp_approximation": approx,
+        "bound": epsilon(hist, delta, bound),
+        "bound_accountant": bound,
+    }
 
 
 @lru_cache(maxsize=1024)
-def _epsilon(history: tuple[Step, ...], delta: float, accountant: str,
-             grid_steps: int = 0) -> float:
+def _epsilon(
+    history: tuple[Step, ...], delta: float, accountant: str, grid_steps: int = 0
+) -> float:
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
@@ -120,8 +129,9 @@ ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 @lru_cache(maxsize=256)
 def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
     """Opacus's RDP of one Poisson-subsampled Gaussian step at every default order."""
-    return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
-                                               orders=list(ORDERS)))
+    return np.asarray(
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ORDERS))
+    )
 
 
 #: integer orders: their RDP has a closed form (fast); a bound over fewer orders is larger
@@ -130,8 +140,9 @@ WIDTH_ORDERS = tuple(range(2, 65))
 
 @lru_cache(maxsize=256)
 def _rdp_width_per_step(sigma: float, q: float) -> np.ndarray:
-    return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
-                                               orders=list(WIDTH_ORDERS)))
+    return np.asarray(
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(WIDTH_ORDERS))
+    )
 
 
 def _rdp_width(history: tuple[Step, ...], delta: float) -> float:
@@ -181,8 +192,9 @@ class BoundedPRVAccountant(PRVAccountant):
         self._grid: tuple[float, float, int] | None = None
         self._shift = 0.0
 
-    def get_epsilon(self, delta: float, *, eps_error: float = 0.01,
-                    delta_error: float | None = None, **kwargs) -> float:
+    def get_epsilon(
+        self, delta: float, *, eps_error: float = 0.01, delta_error: float | None = None, **kwargs
+    ) -> float:
         """Opacus's ``PRVAccountant.get_epsilon``: the upper end of the error interval."""
         if delta_error is None:
             delta_error = delta / 1000
@@ -200,13 +212,14 @@ class BoundedPRVAccountant(PRVAccountant):
         the grid stays put as rounds are added, so each (sigma, q)'s spectrum is kept."""
         steps = sum(num_self_compositions)
         bucket = 4 ** math.ceil(math.log(max(steps, self.grid_steps), 4))
-        history = [(p.noise_multiplier, p.sample_rate, math.ceil(n * bucket / steps))
-                   for p, n in zip(prvs, num_self_compositions, strict=True)]
+        history = [
+            (p.noise_multiplier, p.sample_rate, math.ceil(n * bucket / steps))
+            for p, n in zip(prvs, num_self_compositions, strict=True)
+        ]
         total = sum(n for _, _, n in history)
         half_width = _rdp_width(tuple(history), delta_error / 4)
         for sigma, q, _ in history:
-            half_width = max(half_width, _rdp_width(((sigma, q, 1),),
-                                                    delta_error / (8 * total)))
+            half_width = max(half_width, _rdp_width(((sigma, q, 1),), delta_error / (8 * total)))
         half_width = max(half_width, eps_error) + 3
         # Opacus's mesh rule at the bucket's step count (>= steps: a finer mesh)
         mesh = eps_error / np.sqrt(bucket * np.log(12 / delta_error) / 2)
@@ -253,8 +266,11 @@ def _composed_spectrum(grid: tuple, history: tuple[Step, ...]) -> np.ndarray:
     base, base_counts = None, {}
     for (kept_grid, kept_hist), spec in _COMPOSED.items():
         done = {(sigma, q): n for sigma, q, n in kept_hist}
-        if kept_grid == grid and all(counts.get(k, -1) >= n for k, n in done.items()) and (
-                base is None or sum(done.values()) > sum(base_counts.values())):
+        if (
+            kept_grid == grid
+            and all(counts.get(k, -1) >= n for k, n in done.items())
+            and (base is None or sum(done.values()) > sum(base_counts.values()))
+        ):
             base, base_counts = spec, done
     spectrum = np.ones(grid[2] // 2 + 1, dtype=complex) if base is None else base
     for (sigma, q), n in counts.items():
@@ -268,8 +284,9 @@ def _composed_spectrum(grid: tuple, history: tuple[Step, ...]) -> np.ndarray:
     return spectrum
 
 
-def _upper_epsilon(dprv: DiscretePRV, grid: tuple, shift: float, delta: float,
-                   delta_error: float, eps_error: float) -> float:
+def _upper_epsilon(
+    dprv: DiscretePRV, grid: tuple, shift: float, delta: float, delta_error: float, eps_error: float
+) -> float:
     """Opacus's ``DiscretePRV.compute_epsilon``, its upper end, with less work per call.
 
     The same quantities: suffix sums d1 = sum_{j>=i} p_j and d2 = sum_{j>=i} p_j e^{-t_j},
@@ -283,8 +300,10 @@ def _upper_epsilon(dprv: DiscretePRV, grid: tuple, shift: float, delta: float,
         return math.inf
     size = dprv.domain.size
     if np.finfo(np.longdouble).eps * size > delta - delta_error:
-        raise ValueError("Floating point errors will dominate for such small values of delta. "
-                         "Increase delta or reduce domain size.")
+        raise ValueError(
+            "Floating point errors will dominate for such small values of delta. "
+            "Increase delta or reduce domain size."
+        )
     p = dprv.pmf
     d1 = np.cumsum(p[::-1])[::-1]
     d2 = np.cumsum((p * _neg_exp_grid(*grid) * math.exp(-shift))[::-1])[::-1]
@@ -313,8 +332,9 @@ def _spectrum_power(sigma: float, q: float, grid: tuple, n: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=48)
-def _spectrum(sigma: float, q: float, t_min: float, t_max: float,
-              size: int) -> tuple[np.ndarray, float]:
+def _spectrum(
+    sigma: float, q: float, t_min: float, t_max: float, size: int
+) -> tuple[np.ndarray, float]:
     """(rfft of the discretised truncated PRV, its mean-preserving shift) on a grid."""
     dprv = _discrete_prv(sigma, q, t_min, t_max, size)
     return np.fft.rfft(dprv.pmf), float(dprv.domain.shifts)
@@ -371,10 +391,13 @@ def expected_batch_size(n_records: int, batch_size: int) -> int:
     floating point can be 0 (n = 49, B = 1 gives 0.999...), which made NaN weights.
     """
     if n_records <= 0 or batch_size <= 0:
-        raise ValueError(f"expected batch size: {n_records} records at batch size {batch_size}; "
-                         "a DP round needs at least one record and batch-size >= 1")
+        raise ValueError(
+            f"expected batch size: {n_records} records at batch size {batch_size}; "
+            "a DP round needs at least one record and batch-size >= 1"
+        )
     expected = n_records // math.ceil(n_records / batch_size)
     if expected < 1:  # pragma: no cover - n // ceil(n / B) >= 1 whenever n, B >= 1
-        raise ValueError(f"expected batch size {expected} < 1 for {n_records} records; "
-                         "raise batch-size")
+        raise ValueError(
+            f"expected batch size {expected} < 1 for {n_records} records; raise batch-size"
+        )
     return expected

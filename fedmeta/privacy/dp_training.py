@@ -65,8 +65,9 @@ class StepsResult:
     dp_step: Step | None  # (sigma, q, steps) as Opacus's accountant recorded it
 
 
-def _make_private_bookkeeping(engine: PrivacyEngine, model: nn.Module, optimizer, loss_fn,
-                              loader, dp: DPSettings, noise_gen):
+def _make_private_bookkeeping(
+    engine: PrivacyEngine, model: nn.Module, optimizer, loss_fn, loader, dp: DPSettings, noise_gen
+):
     """Opacus's Poisson loader, noise, optimizer and accountant around book-keeping clipping.
 
     The same pieces ``PrivacyEngine.make_private`` assembles for its ghost
@@ -75,8 +76,9 @@ def _make_private_bookkeeping(engine: PrivacyEngine, model: nn.Module, optimizer
     """
     engine.validate(module=model, optimizer=optimizer, data_loader=loader)
     if getattr(loss_fn, "reduction", None) != "mean":
-        raise BookKeepingError("book-keeping clipping needs a loss averaged over the batch "
-                               "(reduction='mean')")
+        raise BookKeepingError(
+            "book-keeping clipping needs a loss averaged over the batch (reduction='mean')"
+        )
     trainable = optimizer_params(optimizer)
     try:  # one gradient buffer: the noise is added and scaled in one operation each
         grads: FlatGrads | None = FlatGrads(trainable)
@@ -88,9 +90,14 @@ def _make_private_bookkeeping(engine: PrivacyEngine, model: nn.Module, optimizer
         dp_loader = poisson_loader(loader.dataset, dp_loader.sample_rate, dp.randomness.sampling)
     expected_batch = expected_batch_size(len(dp_loader.dataset), loader.batch_size)
     dp_optimizer = BookKeepingDPOptimizer(
-        optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen,
-        grads=grads)
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=expected_batch,
+        loss_reduction="mean",
+        generator=noise_gen,
+        grads=grads,
+    )
     if dp.randomness is not None:
         use_site_noise(dp_optimizer, dp.randomness)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(dp_loader.sample_rate))
@@ -148,14 +155,17 @@ def train_steps(
         if pool.units is not None:  # refused whenever units are declared, not by the draw
             mode = check_mode(mode)
         expected_batch_size(n_units, min(batch_size, n_units))
-    tensors = [torch.from_numpy(np.ascontiguousarray(pool.x)),
-               torch.from_numpy(np.ascontiguousarray(pool.y))]
+    tensors = [
+        torch.from_numpy(np.ascontiguousarray(pool.x)),
+        torch.from_numpy(np.ascontiguousarray(pool.y)),
+    ]
     if per_unit:
         tensors.append(torch.from_numpy(unit_of))
     dataset = TensorDataset(*tensors)
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=dp is None,
-                        generator=gen)
+    loader = DataLoader(
+        dataset, batch_size=min(batch_size, len(dataset)), shuffle=dp is None, generator=gen
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     criterion = loss_fn
     engine = None
@@ -171,16 +181,19 @@ def train_steps(
             noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         if mode == "bk":
             clipper, optimizer, loader = _make_private_bookkeeping(
-                engine, model, optimizer, loss_fn, loader, dp, noise_gen)
+                engine, model, optimizer, loss_fn, loader, dp, noise_gen
+            )
         else:
             net, optimizer, criterion, loader = _make_private_opacus(
-                engine, model, optimizer, loss_fn, loader, dp, mode, noise_gen)
+                engine, model, optimizer, loss_fn, loader, dp, mode, noise_gen
+            )
             if dp.randomness is not None:
                 loader = poisson_loader(dataset, loader.sample_rate, dp.randomness.sampling)
                 use_site_noise(optimizer, dp.randomness)
         if per_unit:
-            loader = _unit_loader(engine, optimizer, dataset, unit_of, n_units,
-                                  min(batch_size, n_units), dp, seed)
+            loader = _unit_loader(
+                engine, optimizer, dataset, unit_of, n_units, min(batch_size, n_units), dp, seed
+            )
         expected_q = poisson_rate(n_units, min(batch_size, n_units))
         assert abs(loader.sample_rate - expected_q) < 1e-12, (loader.sample_rate, expected_q)
 
@@ -194,8 +207,7 @@ def train_steps(
             optimizer.zero_grad(set_to_none=True)
             if len(xb):
                 loss = criterion(net(xb), yb)
-                unit, batch_n_units = (batch_units(batch[2]) if per_unit
-                                       else (None, 0))
+                unit, batch_n_units = batch_units(batch[2]) if per_unit else (None, 0)
                 if unit is not None and batch_n_units == len(xb):
                     unit = None  # every unit of this batch holds one record: clip per record
                 if clipper is not None:  # criterion is a mean over the batch's samples
@@ -229,12 +241,21 @@ def train_steps(
         assert len(history) == 1, history
         sigma, q, n = history[0]
         dp_step = (float(sigma), float(q), int(n))
-    return StepsResult(steps=steps, examples_used=used,
-                       mean_loss=loss_sum / max(1, n_loss), dp_step=dp_step)
+    return StepsResult(
+        steps=steps, examples_used=used, mean_loss=loss_sum / max(1, n_loss), dp_step=dp_step
+    )
 
 
-def _unit_loader(engine: PrivacyEngine, optimizer, dataset: TensorDataset, unit_of: np.ndarray,
-                 n_units: int, batch_size: int, dp: DPSettings, seed: int):
+def _unit_loader(
+    engine: PrivacyEngine,
+    optimizer,
+    dataset: TensorDataset,
+    unit_of: np.ndarray,
+    n_units: int,
+    batch_size: int,
+    dp: DPSettings,
+    seed: int,
+):
     """Poisson sampling over units (all of a unit's records together), at q = 1/ceil(U/B).
 
     Replaces the per-record loader Opacus built; the optimizer's accountant hook
@@ -251,15 +272,29 @@ def _unit_loader(engine: PrivacyEngine, optimizer, dataset: TensorDataset, unit_
     return poisson_loader(dataset, q, batch_sampler=sampler)
 
 
-def _make_private_opacus(engine: PrivacyEngine, model: nn.Module, optimizer, loss_fn, loader,
-                         dp: DPSettings, mode: str, noise_gen):
+def _make_private_opacus(
+    engine: PrivacyEngine,
+    model: nn.Module,
+    optimizer,
+    loss_fn,
+    loader,
+    dp: DPSettings,
+    mode: str,
+    noise_gen,
+):
     """(module, optimizer, criterion, loader) from Opacus's own ``make_private``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = engine.make_private(
-            module=model, optimizer=optimizer, criterion=loss_fn, data_loader=loader,
-            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True, noise_generator=noise_gen, grad_sample_mode=mode,
+            module=model,
+            optimizer=optimizer,
+            criterion=loss_fn,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=noise_gen,
+            grad_sample_mode=mode,
         )
     # E[B] by integer arithmetic (Opacus's int(n * q) can round 49 * (1/49) down to 0)
     wrapped[1].expected_batch_size = expected_batch_size(len(loader.dataset), loader.batch_size)

@@ -81,8 +81,9 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
 class PrivacyLedger:
     """Append-only record of every DP release of one site."""
 
-    def __init__(self, path: Path, header: dict[str, Any], charges: list[Charge],
-                 epsilon_max: float) -> None:
+    def __init__(
+        self, path: Path, header: dict[str, Any], charges: list[Charge], epsilon_max: float
+    ) -> None:
         self.path = path
         self.site: str = header["site"]
         self.delta: float = float(header["delta"])
@@ -97,8 +98,16 @@ class PrivacyLedger:
 
     # ---- opening ---------------------------------------------------------
     @classmethod
-    def open(cls, site_dir: Path, *, site: str, epsilon_max: float, delta: float,
-             accountant: str, privacy_unit: str = RECORD) -> PrivacyLedger:
+    def open(
+        cls,
+        site_dir: Path,
+        *,
+        site: str,
+        epsilon_max: float,
+        delta: float,
+        accountant: str,
+        privacy_unit: str = RECORD,
+    ) -> PrivacyLedger:
         """Open the site's ledger, creating it (and the site marker) on first use."""
         site_dir = Path(site_dir)
         path = site_dir / LEDGER_FILE
@@ -110,9 +119,15 @@ class PrivacyLedger:
                     "trained before; restore the ledger from backup — refusing to train"
                 )
             site_dir.mkdir(parents=True, exist_ok=True)
-            header = {"kind": "header", "site": site, "epsilon_max": epsilon_max,
-                      "delta": delta, "accountant": accountant,
-                      "privacy_unit": privacy_unit, "created": _now()}
+            header = {
+                "kind": "header",
+                "site": site,
+                "epsilon_max": epsilon_max,
+                "delta": delta,
+                "accountant": accountant,
+                "privacy_unit": privacy_unit,
+                "created": _now(),
+            }
             _append_line(path, header)
             marker.write_text(json.dumps({"site": site, "ledger": LEDGER_FILE}) + "\n")
             fsync_dir(site_dir)
@@ -159,14 +174,17 @@ class PrivacyLedger:
             raw = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise LedgerError(
-                f"{path}: cannot read privacy ledger ({exc}); refusing to train") from None
+                f"{path}: cannot read privacy ledger ({exc}); refusing to train"
+            ) from None
         header: dict[str, Any] | None = None
         charges: list[Charge] = []
         epsilon_max = None
         lines = raw.split("\n")
         if lines[-1] != "":
-            raise LedgerError(f"{path} line {len(lines)}: incomplete last line (interrupted "
-                              "write?); inspect the file — refusing to train")
+            raise LedgerError(
+                f"{path} line {len(lines)}: incomplete last line (interrupted "
+                "write?); inspect the file — refusing to train"
+            )
         for no, line in enumerate(lines[:-1], start=1):
             try:
                 obj = json.loads(line)
@@ -190,8 +208,9 @@ class PrivacyLedger:
                 else:
                     raise ValueError(f"unknown kind {kind!r}")
             except (ValueError, KeyError, TypeError) as exc:
-                raise LedgerError(f"{path} line {no}: unreadable ledger entry ({exc}); "
-                                  "refusing to train") from None
+                raise LedgerError(
+                    f"{path} line {no}: unreadable ledger entry ({exc}); refusing to train"
+                ) from None
         if header is None or epsilon_max is None:
             raise LedgerError(f"{path}: empty privacy ledger; refusing to train")
         ledger = cls(path, header, charges, epsilon_max)
@@ -240,8 +259,9 @@ class PrivacyLedger:
 
     def epsilon(self, extra: list[Step] | None = None) -> float:
         """Cumulative epsilon over every charge (plus ``extra`` if given)."""
-        return epsilon(self.history + list(extra or []), self.delta, self.accountant,
-                       self.grid_steps)
+        return epsilon(
+            self.history + list(extra or []), self.delta, self.accountant, self.grid_steps
+        )
 
     def would_exceed(self, step: Step) -> tuple[bool, float]:
         """(True if charging ``step`` would pass epsilon_max, epsilon after it)."""
@@ -251,15 +271,25 @@ class PrivacyLedger:
     def charge(self, run: str, round: int, step: Step) -> Charge:
         """Durably record one round's DP release; returns the entry."""
         sigma, q, steps = step
-        c = Charge(run=run, round=round, noise_multiplier=float(sigma), sample_rate=float(q),
-                   steps=int(steps), delta=self.delta, accountant=self.accountant,
-                   epsilon_after=self.epsilon([step]), time=_now())
+        c = Charge(
+            run=run,
+            round=round,
+            noise_multiplier=float(sigma),
+            sample_rate=float(q),
+            steps=int(steps),
+            delta=self.delta,
+            accountant=self.accountant,
+            epsilon_after=self.epsilon([step]),
+            time=_now(),
+        )
         size = _append_line(self.path, {"kind": "charge", **asdict(c)})
         self.charges.append(c)
         # still what the file holds if the file grew by exactly this line
         after = _stamp(os.stat(self.path))
-        if self._stamp is not None and (after[0], after[1]) == (self._stamp[0],
-                                                                 self._stamp[1] + size):
+        if self._stamp is not None and (after[0], after[1]) == (
+            self._stamp[0],
+            self._stamp[1] + size,
+        ):
             self._stamp = after
         else:
             self._stamp = None
@@ -275,8 +305,17 @@ class PrivacyLedger:
             "privacy_unit": self.privacy_unit,
             "epsilon": self.epsilon(),
             "entries": [
-                {k: getattr(c, k) for k in ("run", "round", "noise_multiplier", "sample_rate",
-                                             "steps", "epsilon_after")}
+                {
+                    k: getattr(c, k)
+                    for k in (
+                        "run",
+                        "round",
+                        "noise_multiplier",
+                        "sample_rate",
+                        "steps",
+                        "epsilon_after",
+                    )
+                }
                 for c in self.charges
             ],
         }

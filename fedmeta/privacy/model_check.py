@@ -37,13 +37,21 @@ from torch import nn
 from fedmeta.data.tasks.base import SampleMSELoss
 from fedmeta.privacy.bookkeeping import BookKeepingClipper, BookKeepingError, unsupported_reason
 
-EW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm,
-             nn.GroupNorm)
+EW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
 MODES = ("auto", "bk", "hooks", "ew", "functorch", "ghost")
 PROBE_BATCH = 3
 #: losses whose reduction='mean' value is the mean of one term per sample
-PER_SAMPLE_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss,
-                     nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss, SampleMSELoss)
+PER_SAMPLE_LOSSES = (
+    nn.CrossEntropyLoss,
+    nn.NLLLoss,
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    SampleMSELoss,
+)
 NORM_FIX = "replace it with GroupNorm or LayerNorm (no running statistics)"
 
 
@@ -51,8 +59,9 @@ class DPModelError(ValueError):
     """The model, loss or clipping mode cannot be trained under DP (one line, names the fix)."""
 
 
-def check_dp_model(model: nn.Module, loss_fn: nn.Module, requested_mode: str,
-                   example_input: torch.Tensor) -> str:
+def check_dp_model(
+    model: nn.Module, loss_fn: nn.Module, requested_mode: str, example_input: torch.Tensor
+) -> str:
     """The grad-sample mode to train ``model`` with under DP, or DPModelError.
 
     ``example_input`` is one batch (or one record with its batch dimension)
@@ -81,28 +90,48 @@ def check_dp_model(model: nn.Module, loss_fn: nn.Module, requested_mode: str,
 _VERDICTS: dict[tuple, str | DPModelError] = {}
 
 
-def _structure_key(model: nn.Module, loss_fn: nn.Module, mode: str,
-                   example: torch.Tensor) -> tuple:
-    modules = tuple((n, f"{type(m).__module__}.{type(m).__qualname__}", _settings(m))
-                    for n, m in model.named_modules())
-    params = tuple((n, tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
-                   for n, p in model.named_parameters())
+def _structure_key(model: nn.Module, loss_fn: nn.Module, mode: str, example: torch.Tensor) -> tuple:
+    modules = tuple(
+        (n, f"{type(m).__module__}.{type(m).__qualname__}", _settings(m))
+        for n, m in model.named_modules()
+    )
+    params = tuple(
+        (n, tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
+        for n, p in model.named_parameters()
+    )
     buffers = tuple((n, tuple(b.shape)) for n, b in model.named_buffers())
-    loss = (f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}", _settings(loss_fn),
-            getattr(loss_fn, "weight", None) is not None)
-    return (id(type(model)), modules, params, buffers, loss, mode, tuple(example.shape[1:]),
-            example.dtype)
+    loss = (
+        f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}",
+        _settings(loss_fn),
+        getattr(loss_fn, "weight", None) is not None,
+    )
+    return (
+        id(type(model)),
+        modules,
+        params,
+        buffers,
+        loss,
+        mode,
+        tuple(example.shape[1:]),
+        example.dtype,
+    )
 
 
 def _settings(obj: object) -> tuple:
     """An object's public plain-valued attributes (a layer's settings, a custom flag)."""
     plain = (bool, int, float, str, tuple, type(None))
-    return tuple(sorted((k, repr(v)) for k, v in vars(obj).items()
-                        if not k.startswith("_") and isinstance(v, plain)))
+    return tuple(
+        sorted(
+            (k, repr(v))
+            for k, v in vars(obj).items()
+            if not k.startswith("_") and isinstance(v, plain)
+        )
+    )
 
 
-def _check(model: nn.Module, loss_fn: nn.Module, requested_mode: str,
-           example_input: torch.Tensor) -> str:
+def _check(
+    model: nn.Module, loss_fn: nn.Module, requested_mode: str, example_input: torch.Tensor
+) -> str:
     if requested_mode not in MODES:
         raise DPModelError(f"grad-sample-mode {requested_mode!r}: use one of {', '.join(MODES)}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -115,26 +144,31 @@ def _check(model: nn.Module, loss_fn: nn.Module, requested_mode: str,
         if reason is None:
             return "bk"
         if requested_mode == "bk":
-            raise DPModelError(f"book-keeping clipping: {reason}; use grad-sample-mode auto "
-                               "or hooks")
+            raise DPModelError(
+                f"book-keeping clipping: {reason}; use grad-sample-mode auto or hooks"
+            )
         for mode in _fallbacks(model):
             if opacus_problem(model, probe, mode) is None:
                 return mode
         problem = opacus_problem(model, probe, "hooks")
-        raise DPModelError(f"no clipping mode computes this model's per-sample gradients "
-                           f"({reason}; Opacus hooks: {problem}); use standard layers")
+        raise DPModelError(
+            f"no clipping mode computes this model's per-sample gradients "
+            f"({reason}; Opacus hooks: {problem}); use standard layers"
+        )
     if requested_mode in ("hooks", "ew"):
         problem = opacus_problem(model, probe, requested_mode)
         if problem is not None:
-            raise DPModelError(f"grad-sample-mode {requested_mode}: {problem}; use "
-                               "grad-sample-mode auto")
+            raise DPModelError(
+                f"grad-sample-mode {requested_mode}: {problem}; use grad-sample-mode auto"
+            )
     return requested_mode
 
 
 def _fallbacks(model: nn.Module) -> tuple[str, ...]:
     """Opacus's expanded weights first where all trainable layers are standard (faster)."""
-    trainable = [m for m in model.modules()
-                 if any(p.requires_grad for p in m.parameters(recurse=False))]
+    trainable = [
+        m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
     return ("ew", "hooks") if all(type(m) in EW_LAYERS for m in trainable) else ("hooks", "ew")
 
 
@@ -143,19 +177,27 @@ def check_loss(loss_fn: nn.Module) -> None:
     """DPModelError unless ``loss_fn`` is a mean of one term per sample."""
     name = type(loss_fn).__name__
     if not isinstance(loss_fn, PER_SAMPLE_LOSSES):
-        raise DPModelError(f"loss {name} is not known to be a mean of per-sample terms; use "
-                           "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss or another torch "
-                           "per-sample loss")
+        raise DPModelError(
+            f"loss {name} is not known to be a mean of per-sample terms; use "
+            "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss or another torch "
+            "per-sample loss"
+        )
     if getattr(loss_fn, "reduction", None) != "mean":
-        raise DPModelError(f"loss {name}(reduction={loss_fn.reduction!r}): DP training needs "
-                           "reduction='mean' (the batch's sum is taken from it)")
+        raise DPModelError(
+            f"loss {name}(reduction={loss_fn.reduction!r}): DP training needs "
+            "reduction='mean' (the batch's sum is taken from it)"
+        )
     if getattr(loss_fn, "weight", None) is not None:
-        raise DPModelError(f"loss {name}(weight=...): class or element weights make the loss "
-                           "depend on the whole batch; drop weight= (resample or use "
-                           "per-sample losses instead)")
+        raise DPModelError(
+            f"loss {name}(weight=...): class or element weights make the loss "
+            "depend on the whole batch; drop weight= (resample or use "
+            "per-sample losses instead)"
+        )
     if isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss) and loss_fn.ignore_index != -100:
-        raise DPModelError(f"loss {name}(ignore_index={loss_fn.ignore_index}): ignored labels "
-                           "make the mean depend on the batch; drop ignore_index")
+        raise DPModelError(
+            f"loss {name}(ignore_index={loss_fn.ignore_index}): ignored labels "
+            "make the mean depend on the batch; drop ignore_index"
+        )
 
 
 # ---- buffers --------------------------------------------------------------------
@@ -164,12 +206,16 @@ def check_buffers(model: nn.Module, probe: torch.Tensor) -> None:
     for name, m in model.named_modules():
         label = f"layer {name or '<model>'!r} ({type(m).__name__})"
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise DPModelError(f"{label}: BatchNorm mixes samples and its running statistics "
-                               f"leave the site without noise; {NORM_FIX}")
+            raise DPModelError(
+                f"{label}: BatchNorm mixes samples and its running statistics "
+                f"leave the site without noise; {NORM_FIX}"
+            )
         if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
-            raise DPModelError(f"{label}: track_running_stats=True sends statistics of private "
-                               f"batches to the server; set track_running_stats=False or "
-                               f"{NORM_FIX}")
+            raise DPModelError(
+                f"{label}: track_running_stats=True sends statistics of private "
+                f"batches to the server; set track_running_stats=False or "
+                f"{NORM_FIX}"
+            )
     buffers = dict(model.named_buffers())
     if not buffers:
         return
@@ -178,9 +224,11 @@ def check_buffers(model: nn.Module, probe: torch.Tensor) -> None:
     _scalar_output(twin, probe).backward()
     for k, v in twin.named_buffers():
         if k not in before or before[k].shape != v.shape or not torch.equal(before[k], v):
-            raise DPModelError(f"buffer {k!r} changes during training and would leave the site "
-                               f"without noise; make it a constant or a parameter ({NORM_FIX} "
-                               "for normalisation)")
+            raise DPModelError(
+                f"buffer {k!r} changes during training and would leave the site "
+                f"without noise; make it a constant or a parameter ({NORM_FIX} "
+                "for normalisation)"
+            )
 
 
 # ---- clipping modes ---------------------------------------------------------------
@@ -219,8 +267,9 @@ def opacus_problem(model: nn.Module, probe: torch.Tensor, mode: str) -> str | No
             else:
                 from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
-                wrapped = call_for_per_sample_grads(twin, batch_size=len(probe),
-                                                    loss_reduction="sum")
+                wrapped = call_for_per_sample_grads(
+                    twin, batch_size=len(probe), loss_reduction="sum"
+                )
             _scalar_output(wrapped, probe).backward()
         samples = {n: p.__dict__.get("grad_sample") for n, p in named}
     except Exception as exc:  # noqa: BLE001 - Opacus/torch refuse with many exception types
@@ -245,15 +294,22 @@ def per_example_grads(model: nn.Module, probe: torch.Tensor) -> dict[str, torch.
     for i in range(len(probe)):
         out = _scalar_output(model, probe[i : i + 1])
         rows.append(torch.autograd.grad(out, [p for _, p in named], allow_unused=True))
-    grads = {n: torch.stack([g if g is not None else torch.zeros_like(p)
-                             for g in (row[j] for row in rows)])
-             for j, (n, p) in enumerate(named)}
+    grads = {
+        n: torch.stack(
+            [g if g is not None else torch.zeros_like(p) for g in (row[j] for row in rows)]
+        )
+        for j, (n, p) in enumerate(named)
+    }
     grads["norms"] = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
     return grads
 
 
-def _compare(ref: dict[str, torch.Tensor], norms: torch.Tensor | None,
-             got: dict[str, torch.Tensor | None], clip: float) -> str | None:
+def _compare(
+    ref: dict[str, torch.Tensor],
+    norms: torch.Tensor | None,
+    got: dict[str, torch.Tensor | None],
+    clip: float,
+) -> str | None:
     if norms is None or not torch.allclose(norms, ref["norms"], rtol=1e-3, atol=1e-6):
         return "per-sample gradient norms differ from a per-example computation"
     factor = (clip / (ref["norms"] + 1e-6)).clamp(max=1.0)

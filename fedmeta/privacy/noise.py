@@ -60,12 +60,16 @@ def load_or_create_secret(site_dir: Path) -> bytes:
             os.close(fd)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise NoiseSecretError(f"{path}: mode {oct(mode)} lets others read the site's noise "
-                               "secret; run chmod 600 on it — refusing to train")
+        raise NoiseSecretError(
+            f"{path}: mode {oct(mode)} lets others read the site's noise "
+            "secret; run chmod 600 on it — refusing to train"
+        )
     data = path.read_bytes()
     if len(data) != SECRET_BYTES:
-        raise NoiseSecretError(f"{path}: expected {SECRET_BYTES} bytes, found {len(data)}; "
-                               "delete it to draw a new one — refusing to train")
+        raise NoiseSecretError(
+            f"{path}: expected {SECRET_BYTES} bytes, found {len(data)}; "
+            "delete it to draw a new one — refusing to train"
+        )
     return data
 
 
@@ -93,8 +97,9 @@ class KeyStream:
         np.subtract(2.0, u, out=u)  # (0, 1]: never 0, so log(u) is finite
         return u
 
-    def normals(self, n: int, dtype: torch.dtype = torch.float64,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+    def normals(
+        self, n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """``n`` standard normals by Box-Muller on consecutive pairs of uniforms.
 
         The radius sqrt(-2 ln u1) is computed in float64 (tails to ~8.5 sigma), then
@@ -148,8 +153,12 @@ class PoissonSampler(Sampler[list[int]]):
             yield np.flatnonzero(mask).tolist()
 
 
-def poisson_loader(dataset: Dataset, sample_rate: float, stream: KeyStream | None = None,
-                   batch_sampler: Sampler[list[int]] | None = None):
+def poisson_loader(
+    dataset: Dataset,
+    sample_rate: float,
+    stream: KeyStream | None = None,
+    batch_sampler: Sampler[list[int]] | None = None,
+):
     """An Opacus ``DPDataLoader`` (empty batches included) drawing from ``stream``, or
     taking its batches from ``batch_sampler`` (e.g. Poisson sampling over units)."""
     if batch_sampler is None:
@@ -165,11 +174,17 @@ def poisson_loader(dataset: Dataset, sample_rate: float, stream: KeyStream | Non
             self.sample_rate = sample_rate
             self.distributed = False
             DataLoader.__init__(
-                self, dataset, batch_sampler=batch_sampler,
+                self,
+                dataset,
+                batch_sampler=batch_sampler,
                 collate_fn=wrap_collate_with_empty(
-                    collate_fn=default_collate, batch_first=True, rand_on_empty=False,
+                    collate_fn=default_collate,
+                    batch_first=True,
+                    rand_on_empty=False,
                     sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
-                    dtypes=[dtype_safe(x) for x in first]))
+                    dtypes=[dtype_safe(x) for x in first],
+                ),
+            )
 
     return _SiteDPDataLoader()
 
@@ -195,8 +210,12 @@ def use_site_noise(optimizer, randomness: SiteRandomness) -> None:
 def noise_statement(noise_source: str, transport: str) -> str:
     """What a run's summary says about where its DP noise came from."""
     if transport == "simulation" and noise_source != SITE_CSPRNG:
-        return ("seeded from the run seed at simulated sites: reproducible, for experiments "
-                "only; it gives no guarantee against the coordinator (a site with its own "
-                "manifest.toml always uses its CSPRNG)")
-    return ("site-csprng: each site's own secret (HKDF-SHA256 + ChaCha20); the coordinator "
-            "cannot regenerate the noise")
+        return (
+            "seeded from the run seed at simulated sites: reproducible, for experiments "
+            "only; it gives no guarantee against the coordinator (a site with its own "
+            "manifest.toml always uses its CSPRNG)"
+        )
+    return (
+        "site-csprng: each site's own secret (HKDF-SHA256 + ChaCha20); the coordinator "
+        "cannot regenerate the noise"
+    )

@@ -55,9 +55,11 @@ def count_units(units: np.ndarray | None, n_records: int) -> int:
 def check_mode(mode: str) -> str:
     """``mode`` if it can clip per unit, else UnitError naming the modes that can."""
     if mode == "ghost":
-        raise UnitError("grad-sample-mode 'ghost' clips each record inside its backward pass "
-                        "and cannot clip a privacy unit's summed gradient; use 'auto', 'bk', "
-                        "'hooks' or 'ew'")
+        raise UnitError(
+            "grad-sample-mode 'ghost' clips each record inside its backward pass "
+            "and cannot clip a privacy unit's summed gradient; use 'auto', 'bk', "
+            "'hooks' or 'ew'"
+        )
     return mode
 
 
@@ -66,8 +68,13 @@ class UnitPoissonSampler(Sampler[list[int]]):
     all of its records. ``draw(m)`` returns ``m`` uniforms in [0, 1] (a site keystream or
     a seeded torch generator); one batch of record indices per step, possibly empty."""
 
-    def __init__(self, unit_of_record: np.ndarray, n_units: int, sample_rate: float,
-                 draw: Callable[[int], np.ndarray]) -> None:
+    def __init__(
+        self,
+        unit_of_record: np.ndarray,
+        n_units: int,
+        sample_rate: float,
+        draw: Callable[[int], np.ndarray],
+    ) -> None:
         self.unit_of_record = np.asarray(unit_of_record, dtype=np.int64)
         self.n_units = int(n_units)
         self.sample_rate = float(sample_rate)
@@ -104,7 +111,9 @@ def sum_grad_samples(params: list[torch.nn.Parameter], unit: torch.Tensor, n_uni
         if gs is None:
             continue
         if isinstance(gs, list):  # accumulation is impossible under Poisson sampling
-            raise UnitError("per-sample gradients were accumulated over several batches; "
-                            "call zero_grad every step")
+            raise UnitError(
+                "per-sample gradients were accumulated over several batches; "
+                "call zero_grad every step"
+            )
         summed = gs.new_zeros((n_units, *gs.shape[1:]))
         p.grad_sample = summed.index_add_(0, unit, gs)

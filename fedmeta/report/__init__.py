@@ -39,8 +39,16 @@ from fedmeta.report.collect import ReportError
 from fedmeta.report.model import Report
 from fedmeta.report.render import FORMATS, render
 
-__all__ = ["FORMATS", "Report", "ReportError", "UnverifiedRunError", "build_report",
-           "default_path", "generate", "write_report"]
+__all__ = [
+    "FORMATS",
+    "Report",
+    "ReportError",
+    "UnverifiedRunError",
+    "build_report",
+    "default_path",
+    "generate",
+    "write_report",
+]
 
 SUFFIX = {"html": ".html", "json": ".json", "md": ".md"}
 
@@ -51,11 +59,16 @@ def default_path(run_dir: Path, fmt: str, site: str | None = None) -> Path:
     return Path(run_dir) / f"{name}{SUFFIX[fmt]}"
 
 
-def generate(run_dir: Path, fmt: str = "html", out: Path | None = None,
-             site: str | None = None, allow_unverified: bool = False,
-             baseline: Path | None = None,
-             trust: list[str] | tuple[str, ...] = (),
-             epsilon_warn: float | None = None) -> tuple[Path, Report]:
+def generate(
+    run_dir: Path,
+    fmt: str = "html",
+    out: Path | None = None,
+    site: str | None = None,
+    allow_unverified: bool = False,
+    baseline: Path | None = None,
+    trust: list[str] | tuple[str, ...] = (),
+    epsilon_warn: float | None = None,
+) -> tuple[Path, Report]:
     """Like :func:`write_report`, also returning the :class:`Report` written."""
     from fedmeta.report.trust import TrustError, load_trust
 
@@ -66,17 +79,29 @@ def generate(run_dir: Path, fmt: str = "html", out: Path | None = None,
     if fmt not in FORMATS:
         raise ReportError(f"option '--format': {fmt!r} is not one of {', '.join(FORMATS)}")
     if baseline is not None and not RunPaths(baseline).metrics.is_file():
-        raise ReportError(f"option '--baseline': {baseline}: not a run directory "
-                          "(no metrics.jsonl)")
-    report = build_report(Path(run_dir), site=site, allow_unverified=allow_unverified,
-                          baseline=baseline, trust=anchors,
-                          **({} if epsilon_warn is None else {"epsilon_warn": epsilon_warn}))
+        raise ReportError(
+            f"option '--baseline': {baseline}: not a run directory (no metrics.jsonl)"
+        )
+    report = build_report(
+        Path(run_dir),
+        site=site,
+        allow_unverified=allow_unverified,
+        baseline=baseline,
+        trust=anchors,
+        **({} if epsilon_warn is None else {"epsilon_warn": epsilon_warn}),
+    )
     return render(report, fmt, out or default_path(run_dir, fmt, site)), report
 
 
-def write_report(run_dir: Path, fmt: str = "html", out: Path | None = None,
-                 site: str | None = None, allow_unverified: bool = False,
-                 baseline: Path | None = None, trust: list[str] | tuple[str, ...] = ()) -> Path:
+def write_report(
+    run_dir: Path,
+    fmt: str = "html",
+    out: Path | None = None,
+    site: str | None = None,
+    allow_unverified: bool = False,
+    baseline: Path | None = None,
+    trust: list[str] | tuple[str, ...] = (),
+) -> Path:
     """Build the report of ``run_dir`` and write it as ``fmt``; returns the file written.
 
     Raises :class:`ReportError` (unusable run directory or option) and

@@ -23,32 +23,62 @@ def _err() -> Console:
 
 
 def report_command(
-    run_dir: Annotated[Path | None, typer.Argument(
-        help="a run directory (fedmeta simulate --out; a deployment's out-dir)")] = None,
-    site: Annotated[str | None, typer.Option(
-        help="a site-level report: only this site's data and what the federation shared "
-             "with it")] = None,
-    format_: Annotated[str, typer.Option(
-        "--format", help=choices_help("report format", FORMATS),
-        callback=choice("--format", "format", lambda: FORMATS))] = "html",
-    out: Annotated[Path | None, typer.Option(
-        help="output file (default RUN_DIR/report[-SITE].html|json|md)")] = None,
-    baseline: Annotated[Path | None, typer.Option(
-        help="a baseline run directory (e.g. FedAvg) to plot beside this run")] = None,
-    trust: Annotated[list[str] | None, typer.Option(
-        "--trust", help="the parties' public keys from outside the run directory "
-                        "(repeatable): a directory of <party>.pub.pem (the coordinator "
-                        "kit's site-audit-keys/), a key file, a trust file of "
-                        "'PARTY = KEY-OR-SHA256-FINGERPRINT' lines, or PARTY=VALUE")] = None,
-    epsilon_warn: Annotated[float, typer.Option(
-        "--epsilon-warn", min=0.0, help="warn where a site's epsilon this run is above this "
-                                        "(default 4)")] = 4.0,
-    allow_unverified: Annotated[bool, typer.Option(
-        "--allow-unverified", help="write the report even if an audit log fails "
-                                   "verification (with a red banner)")] = False,
-    site_dir: Annotated[Path | None, typer.Option(
-        "--site-dir", help="a deployed site's own report, from its site directory (with "
-                           "--run)")] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Argument(help="a run directory (fedmeta simulate --out; a deployment's out-dir)"),
+    ] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            help="a site-level report: only this site's data and what the federation shared with it"
+        ),
+    ] = None,
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help=choices_help("report format", FORMATS),
+            callback=choice("--format", "format", lambda: FORMATS),
+        ),
+    ] = "html",
+    out: Annotated[
+        Path | None, typer.Option(help="output file (default RUN_DIR/report[-SITE].html|json|md)")
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(help="a baseline run directory (e.g. FedAvg) to plot beside this run"),
+    ] = None,
+    trust: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trust",
+            help="the parties' public keys from outside the run directory "
+            "(repeatable): a directory of <party>.pub.pem (the coordinator "
+            "kit's site-audit-keys/), a key file, a trust file of "
+            "'PARTY = KEY-OR-SHA256-FINGERPRINT' lines, or PARTY=VALUE",
+        ),
+    ] = None,
+    epsilon_warn: Annotated[
+        float,
+        typer.Option(
+            "--epsilon-warn",
+            min=0.0,
+            help="warn where a site's epsilon this run is above this (default 4)",
+        ),
+    ] = 4.0,
+    allow_unverified: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unverified",
+            help="write the report even if an audit log fails verification (with a red banner)",
+        ),
+    ] = False,
+    site_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--site-dir", help="a deployed site's own report, from its site directory (with --run)"
+        ),
+    ] = None,
     run: Annotated[str | None, typer.Option("--run", help="the run (with --site-dir)")] = None,
 ) -> None:
     """Compliance report for a data protection officer: Art. 30 record, DPIA summary,
@@ -66,9 +96,16 @@ def report_command(
             except EvidenceError as exc:
                 raise ReportError(str(exc)) from None
         else:
-            path, report = generate(run_dir, format_, out=out, site=site,
-                                    allow_unverified=allow_unverified, baseline=baseline,
-                                    trust=tuple(trust or ()), epsilon_warn=epsilon_warn)
+            path, report = generate(
+                run_dir,
+                format_,
+                out=out,
+                site=site,
+                allow_unverified=allow_unverified,
+                baseline=baseline,
+                trust=tuple(trust or ()),
+                epsilon_warn=epsilon_warn,
+            )
     except ReportError as exc:
         raise _fail(str(exc), 2) from None
     except UnverifiedRunError as exc:

@@ -97,8 +97,12 @@ class LogRead:
     def ok(self) -> bool:
         if not self.exists:
             return not self.needed
-        return (self.error is None and self.result is not None and self.result.ok
-                and not self.bad_receipts)
+        return (
+            self.error is None
+            and self.result is not None
+            and self.result.ok
+            and not self.bad_receipts
+        )
 
 
 @dataclass
@@ -189,8 +193,9 @@ def _text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ReportError(f"{path}: not UTF-8 text (byte {exc.start}); restore the file "
-                          "written by the run") from None
+        raise ReportError(
+            f"{path}: not UTF-8 text (byte {exc.start}); restore the file written by the run"
+        ) from None
     except OSError as exc:
         raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -203,13 +208,13 @@ def _json(path: Path, required: bool = True, kind: type = dict) -> Any:
     try:
         data = json.loads(_text(path))
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}; truncated?)"
-                          ) from None
+        raise ReportError(
+            f"{path}: not JSON ({exc.msg} at line {exc.lineno}; truncated?)"
+        ) from None
     except RecursionError:
         raise ReportError(f"{path}: not JSON (nested too deeply)") from None
     if not isinstance(data, kind):
-        raise ReportError(f"{path}: expected a JSON {kind.__name__}, found "
-                          f"{type(data).__name__}")
+        raise ReportError(f"{path}: expected a JSON {kind.__name__}, found {type(data).__name__}")
     return data
 
 
@@ -224,8 +229,11 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
             raise ReportError(f"{path} line {no}: not JSON ({exc.msg})") from None
         except RecursionError:
             raise ReportError(f"{path} line {no}: not JSON (nested too deeply)") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("round"), int) \
-                or isinstance(rec.get("round"), bool):
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("round"), int)
+            or isinstance(rec.get("round"), bool)
+        ):
             raise ReportError(f"{path} line {no}: not a metrics line (no round)")
         problem = check_line(rec)
         if problem:
@@ -234,8 +242,12 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _site_ids(run_dir: Path, metrics: list[dict], manifests: dict, summary: dict | None,
-              ) -> list[str]:
+def _site_ids(
+    run_dir: Path,
+    metrics: list[dict],
+    manifests: dict,
+    summary: dict | None,
+) -> list[str]:
     ids = set(manifests)
     for m in metrics:
         for key in ("sampled", "used"):
@@ -251,8 +263,9 @@ def _site_ids(run_dir: Path, metrics: list[dict], manifests: dict, summary: dict
     return sorted(i for i in ids if not i.startswith("node-"))
 
 
-def _read_site(run_dir: Path, site_id: str, manifests: dict[str, SiteManifest],
-               anchor: Anchor | None = None) -> SiteFiles:
+def _read_site(
+    run_dir: Path, site_id: str, manifests: dict[str, SiteManifest], anchor: Anchor | None = None
+) -> SiteFiles:
     site_dir = run_dir / SITES_DIR / site_id
     manifest = manifests.get(site_id)
     if manifest is None and (site_dir / SITE_MANIFEST).exists():
@@ -260,8 +273,10 @@ def _read_site(run_dir: Path, site_id: str, manifests: dict[str, SiteManifest],
         try:
             manifest = load_site_manifest(site_dir / SITE_MANIFEST)
         except (DeclarationError, ValueError, OSError) as exc:
-            raise ReportError(f"{site_dir / SITE_MANIFEST}: unreadable site manifest "
-                              f"({str(exc).splitlines()[0][:200]})") from None
+            raise ReportError(
+                f"{site_dir / SITE_MANIFEST}: unreadable site manifest "
+                f"({str(exc).splitlines()[0][:200]})"
+            ) from None
     ledger, ledger_error = None, None
     if (site_dir / LEDGER_FILE).exists() and not (site_dir / LEDGER_FILE).is_file():
         ledger_error = f"{site_dir / LEDGER_FILE}: not a regular file"
@@ -279,20 +294,23 @@ def _read_site(run_dir: Path, site_id: str, manifests: dict[str, SiteManifest],
 
 def _read(log: LogRead, receipts: list[Receipt]) -> None:
     try:
-        key = None if log.anchor is not None else (
-            log.key_path if log.key_path.exists() else None)
+        key = None if log.anchor is not None else (log.key_path if log.key_path.exists() else None)
         log.entries, log.result = read_log(log.path, public_key=key, receipts=receipts)
     except AuditError as exc:
         log.error = str(exc)
         return
     result = log.result
     if log.anchor is not None and result.key_fingerprint not in (None, log.anchor.fingerprint):
-        log.error = (f"the log was created with key {result.key_fingerprint}, not the key "
-                     f"given for {log.party} by --trust ({log.anchor.fingerprint}, "
-                     f"{log.anchor.source}): key substituted and the log re-signed")
+        log.error = (
+            f"the log was created with key {result.key_fingerprint}, not the key "
+            f"given for {log.party} by --trust ({log.anchor.fingerprint}, "
+            f"{log.anchor.source}): key substituted and the log re-signed"
+        )
     elif result.actor is not None and result.actor != log.party:
-        log.error = (f"the log's actor is {result.actor!r} but it is filed as "
-                     f"{log.party!r} (a copied or misfiled log)")
+        log.error = (
+            f"the log's actor is {result.actor!r} but it is filed as "
+            f"{log.party!r} (a copied or misfiled log)"
+        )
     if log.error is not None:
         log.entries = []  # a log of the wrong key or party contributes nothing
 
@@ -331,13 +349,16 @@ def verify_logs(files: RunFiles) -> None:
         if e.action == "round.receipt":
             site = files.sites.get(str(e.details.get("site")))
             if site is not None:
-                _add_receipt(site.log, e.details.get("receipt"),
-                             f"server log entry {e.seq} (round {e.round})")
+                _add_receipt(
+                    site.log,
+                    e.details.get("receipt"),
+                    f"server log entry {e.seq} (round {e.round})",
+                )
     head = (files.summary or {}).get("audit_head")
     if head:
         _add_receipt(server, head, "summary.json audit_head")
     anchors = (files.summary or {}).get("anchors")
-    for site_id, text in (anchors.items() if isinstance(anchors, dict) else ()):
+    for site_id, text in anchors.items() if isinstance(anchors, dict) else ():
         site = files.sites.get(str(site_id))
         if site is not None and ":" in str(text) and not str(text).startswith("not "):
             _add_receipt(site.log, text, "summary.json anchors (the site's run.anchor entry)")
@@ -347,8 +368,9 @@ def verify_logs(files: RunFiles) -> None:
                 continue
             if e.action in ("round.train", "run.anchor") and e.details.get("server_head"):
                 where = f"round {e.round}" if e.action == "round.train" else "run.anchor"
-                _add_receipt(server, e.details["server_head"],
-                             f"{site.site_id} log entry {e.seq} ({where})")
+                _add_receipt(
+                    server, e.details["server_head"], f"{site.site_id} log entry {e.seq} ({where})"
+                )
     _second_pass(server)
     for site in files.sites.values():
         _second_pass(site.log)
@@ -358,13 +380,13 @@ def _private_keys(run_dir: Path) -> list[str]:
     found = [run_dir / SERVER_AUDIT_KEY]
     sites_dir = run_dir / SITES_DIR
     if sites_dir.is_dir():
-        found += sorted(d / SITE_AUDIT_KEY
-                        for d in sites_dir.iterdir() if d.is_dir())
+        found += sorted(d / SITE_AUDIT_KEY for d in sites_dir.iterdir() if d.is_dir())
     return [str(f.relative_to(run_dir)) for f in found if f.is_file()]
 
 
-def read_run(run_dir: Path, site: str | None = None,
-             trust: dict[str, Anchor] | None = None) -> RunFiles:
+def read_run(
+    run_dir: Path, site: str | None = None, trust: dict[str, Anchor] | None = None
+) -> RunFiles:
     """Load a run directory (and only ``site``'s files when given) and verify its logs,
     each against the key ``trust`` gives for its party where it gives one."""
     run_dir = Path(run_dir)
@@ -384,37 +406,60 @@ def read_run(run_dir: Path, site: str | None = None,
     doc = _json(run_dir / DECISIONS_FILE)
     try:
         declaration = RunDeclaration.model_validate(doc["declaration"])
-        manifests = {k: SiteManifest.model_validate(v)
-                     for k, v in (doc.get("manifests") or {}).items()}
+        manifests = {
+            k: SiteManifest.model_validate(v) for k, v in (doc.get("manifests") or {}).items()
+        }
         decisions = [Decision.from_dict(d) for d in doc.get("decisions") or []]
         eligible = [str(x) for x in doc.get("eligible") or []]
         unusable = {str(k): str(v) for k, v in dict(doc.get("unusable") or {}).items()}
     except ValidationError as exc:
-        raise ReportError(f"{run_dir / DECISIONS_FILE}: unreadable "
-                          f"({format_validation_error(exc, '')})") from None
+        raise ReportError(
+            f"{run_dir / DECISIONS_FILE}: unreadable ({format_validation_error(exc, '')})"
+        ) from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         first = (str(exc).splitlines() or [repr(exc)])[0]
         raise ReportError(f"{run_dir / DECISIONS_FILE}: unreadable ({first})") from None
     ids = _site_ids(run_dir, metrics, manifests, summary)
     if site is not None:
         if site not in ids:
-            raise ReportError(f"option '--site': {site!r} is not a site of this run "
-                              f"(sites: {', '.join(ids) or 'none'})")
+            raise ReportError(
+                f"option '--site': {site!r} is not a site of this run "
+                f"(sites: {', '.join(ids) or 'none'})"
+            )
         ids = [site]
-    run_id = str(doc.get("run") or (summary or {}).get("run")
-                 or (metrics[0].get("run") if metrics else "") or "unknown")
+    run_id = str(
+        doc.get("run")
+        or (summary or {}).get("run")
+        or (metrics[0].get("run") if metrics else "")
+        or "unknown"
+    )
     # a reused out-dir's metrics.jsonl also holds earlier runs: only this run's lines count
     metrics = [m for m in metrics if m.get("run") in (None, run_id)]
     server_path = run_dir / SERVER_LOG
     files = RunFiles(
-        run_dir=run_dir, run_id=run_id, config=config,
-        config_raw=config_raw, metrics=metrics, summary=summary,
-        declaration=declaration, declaration_raw=dict(doc["declaration"]),
-        manifests=manifests, decisions=decisions, eligible=eligible, unusable=unusable,
-        server_log=LogRead("server", server_path, run_dir / SERVER_PUBKEY, server_path.exists(),
-                           anchor=trust.get("server")),
+        run_dir=run_dir,
+        run_id=run_id,
+        config=config,
+        config_raw=config_raw,
+        metrics=metrics,
+        summary=summary,
+        declaration=declaration,
+        declaration_raw=dict(doc["declaration"]),
+        manifests=manifests,
+        decisions=decisions,
+        eligible=eligible,
+        unusable=unusable,
+        server_log=LogRead(
+            "server",
+            server_path,
+            run_dir / SERVER_PUBKEY,
+            server_path.exists(),
+            anchor=trust.get("server"),
+        ),
         sites={i: _read_site(run_dir, i, manifests, trust.get(i)) for i in ids},
-        model_path=run_dir / MODEL_FILE, trust=trust, private_keys=_private_keys(run_dir),
+        model_path=run_dir / MODEL_FILE,
+        trust=trust,
+        private_keys=_private_keys(run_dir),
     )
     if not files.server_log.exists:
         raise ReportError(f"{server_path}: missing; the run has no server audit log")

@@ -29,8 +29,15 @@ from fedmeta.paths import RunPaths, SitePaths
 from fedmeta.report.collect import RunFiles, SiteFiles
 
 # ledger field -> (signed details key, how to read it from the entry)
-LEDGER_FIELDS = ("noise_multiplier", "sample_rate", "steps", "delta", "accountant",
-                 "epsilon_after", "epsilon_max")
+LEDGER_FIELDS = (
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "delta",
+    "accountant",
+    "epsilon_after",
+    "epsilon_max",
+)
 
 
 @dataclass
@@ -81,25 +88,34 @@ def ledger_evidence(files: RunFiles, site: SiteFiles) -> LedgerEvidence:
             continue
         out.rounds += c.run == files.run_id
         if e is None or e.details.get("dp") is False:
-            out.problems.append(f"ledger charge of run {c.run} round {c.round} has no "
-                                "signed DP round.train entry")
+            out.problems.append(
+                f"ledger charge of run {c.run} round {c.round} has no signed DP round.train entry"
+            )
             continue
-        values = {"noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate,
-                  "steps": c.steps, "delta": site.ledger.delta,
-                  "accountant": site.ledger.accountant, "epsilon_after": c.epsilon_after,
-                  "epsilon_max": site.ledger.epsilon_max}
+        values = {
+            "noise_multiplier": c.noise_multiplier,
+            "sample_rate": c.sample_rate,
+            "steps": c.steps,
+            "delta": site.ledger.delta,
+            "accountant": site.ledger.accountant,
+            "epsilon_after": c.epsilon_after,
+            "epsilon_max": site.ledger.epsilon_max,
+        }
         for name in LEDGER_FIELDS:
             signed, value = _signed_value(e, name)
             if not signed:
                 out.unsigned.add(name)
             elif not _close(value, values[name]):
-                out.problems.append(f"round {c.round}: ledger {name} {values[name]!r}, the "
-                                    f"site signed {value!r}")
+                out.problems.append(
+                    f"round {c.round}: ledger {name} {values[name]!r}, the site signed {value!r}"
+                )
     for (run, r), e in sorted((k, e) for k, e in trains.items() if k[1] is not None):
         if e.details.get("dp") and e.epsilon is not None and (run, r) not in charged:
-            out.problems.append(f"run {run} round {r}: the site signed a DP round (epsilon "
-                                f"{e.epsilon:.6g}) that the ledger does not hold (a charge "
-                                "was dropped)")
+            out.problems.append(
+                f"run {run} round {r}: the site signed a DP round (epsilon "
+                f"{e.epsilon:.6g}) that the ledger does not hold (a charge "
+                "was dropped)"
+            )
     return out
 
 
@@ -140,12 +156,17 @@ def model_evidence(files: RunFiles) -> ModelEvidence | None:
     path = files.model_path
     if end is None:
         if path.exists():
-            return ModelEvidence(False, True, f"{path.name} exists but the server's signed log "
-                                              "has no run.end entry naming a final model")
+            return ModelEvidence(
+                False,
+                True,
+                f"{path.name} exists but the server's signed log "
+                "has no run.end entry naming a final model",
+            )
         return None
     if not path.exists():
-        return ModelEvidence(True, False, f"no {path.name} (run.end names model "
-                                          f"{end.model_out or '-'})")
+        return ModelEvidence(
+            True, False, f"no {path.name} (run.end names model {end.model_out or '-'})"
+        )
     if not path.is_file():
         return ModelEvidence(False, True, f"{path.name}: not a regular file")
     signed = end.details.get("model_file_sha256")
@@ -153,18 +174,30 @@ def model_evidence(files: RunFiles) -> ModelEvidence | None:
         got = file_sha256(path)
         if got == signed:
             return ModelEvidence(True, False, f"file sha256 {got} = the signed run.end")
-        return ModelEvidence(False, True, f"{path.name} hashes to {got}, the server signed "
-                                          f"{signed} in run.end: the model file was replaced")
+        return ModelEvidence(
+            False,
+            True,
+            f"{path.name} hashes to {got}, the server signed "
+            f"{signed} in run.end: the model file was replaced",
+        )
     digest, error = weights_digest(path)
     if error:
         return ModelEvidence(False, True, error)
     if digest == end.model_out:
-        return ModelEvidence(True, False, f"weights digest {digest} = the signed run.end "
-                                          "model_out (the file's own hash is not signed in "
-                                          "this log)")
-    return ModelEvidence(False, True, f"the weights in {path.name} digest to {digest}, the "
-                                      f"server signed {end.model_out} in run.end: the model "
-                                      "file was replaced")
+        return ModelEvidence(
+            True,
+            False,
+            f"weights digest {digest} = the signed run.end "
+            "model_out (the file's own hash is not signed in "
+            "this log)",
+        )
+    return ModelEvidence(
+        False,
+        True,
+        f"the weights in {path.name} digest to {digest}, the "
+        f"server signed {end.model_out} in run.end: the model "
+        "file was replaced",
+    )
 
 
 def metrics_signed(files: RunFiles) -> bool | None:
@@ -187,14 +220,20 @@ def manifest_hashes(files: RunFiles, site: SiteFiles) -> set[str]:
     m = files.manifests.get(site.site_id) or site.manifest
     if m is not None:
         doc = m.model_dump(mode="json")
-        for text in (m.model_dump_json(),
-                     json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
-                     json.dumps(doc, sort_keys=True)):
+        for text in (
+            m.model_dump_json(),
+            json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
+            json.dumps(doc, sort_keys=True),
+        ):
             out.add(hashlib.sha256(text.encode()).hexdigest())
     return out
 
 
 def signed_manifest_hashes(files: RunFiles, site: SiteFiles) -> set[str]:
-    return {str(e.details["manifest_sha256"]) for e in site.log.entries
-            if e.action == "round.train" and e.run_id == files.run_id
-            and e.details.get("manifest_sha256")}
+    return {
+        str(e.details["manifest_sha256"])
+        for e in site.log.entries
+        if e.action == "round.train"
+        and e.run_id == files.run_id
+        and e.details.get("manifest_sha256")
+    }

@@ -113,12 +113,25 @@ def _sites(values: Any, every: Any = None) -> str:
 @cache
 def _env(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=autoescape,
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-        keep_trailing_newline=True)
-    env.filters.update(num=_num, md=_md, short=_short, join_list=_join, css=_css,
-                       ranges=_ranges, sites=_sites, group_decisions=group_decisions,
-                       site_records_view=site_records_view, group_checks=group_checks)
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(
+        num=_num,
+        md=_md,
+        short=_short,
+        join_list=_join,
+        css=_css,
+        ranges=_ranges,
+        sites=_sites,
+        group_decisions=group_decisions,
+        site_records_view=site_records_view,
+        group_checks=group_checks,
+    )
     return env
 
 

@@ -28,8 +28,9 @@ from policies.rights import DEADLINE_REFERENCES, RightsRequest, summarise
 SOURCE = "the site's rights register (rights-register.csv; kept by the site, not signed)"
 
 
-def register_rows(site_id: str, site_dir: Path, k: int, on: date
-                  ) -> tuple[list[RightsRegisterRow], RegisterFacts | None]:
+def register_rows(
+    site_id: str, site_dir: Path, k: int, on: date
+) -> tuple[list[RightsRegisterRow], RegisterFacts | None]:
     """Suppressed counts of one site's register (none when it keeps no register)."""
     requests = load_rights_register(site_dir)
     if requests is None:
@@ -37,12 +38,22 @@ def register_rows(site_id: str, site_dir: Path, k: int, on: date
     summary = summarise(requests, on)
     cells = {f"{t}/{d}": n for (t, d), n in summary.by_type_decision.items()}
     shown = suppress_small_counts(cells, k)
-    rows = [RightsRegisterRow(site_id=site_id, type=key.split("/")[0],
-                              decision=key.split("/")[1], count=shown[key], source=SOURCE)
-            for key in cells]
+    rows = [
+        RightsRegisterRow(
+            site_id=site_id,
+            type=key.split("/")[0],
+            decision=key.split("/")[1],
+            count=shown[key],
+            source=SOURCE,
+        )
+        for key in cells
+    ]
     facts = RegisterFacts(
-        overdue=_suppress(summary.overdue, k), pending=_suppress(summary.pending, k),
-        erased_at_source=summary.erased_at_source, erasure_requests=summary.erasure_requests)
+        overdue=_suppress(summary.overdue, k),
+        pending=_suppress(summary.pending, k),
+        erased_at_source=summary.erased_at_source,
+        erasure_requests=summary.erasure_requests,
+    )
     return rows, facts
 
 
@@ -65,8 +76,9 @@ def _suppress(n: int, k: int) -> Count:
 
 def rights_command(
     site_dir: Annotated[Path, typer.Argument(help="a site's state directory")],
-    on: Annotated[str | None, typer.Option(
-        help="the date to check deadlines on (YYYY-MM-DD; default today)")] = None,
+    on: Annotated[
+        str | None, typer.Option(help="the date to check deadlines on (YYYY-MM-DD; default today)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Show a site's rights register: every request with its legal deadline, late ones first."""
@@ -74,8 +86,11 @@ def rights_command(
     try:
         when = date.fromisoformat(on) if on else datetime.now(UTC).date()
     except ValueError:
-        err.print(f"error: option '--on': {on!r} is not a date (YYYY-MM-DD)", style="bold red",
-                  markup=False)
+        err.print(
+            f"error: option '--on': {on!r} is not a date (YYYY-MM-DD)",
+            style="bold red",
+            markup=False,
+        )
         raise typer.Exit(2) from None
     try:
         requests = load_rights_register(site_dir)
@@ -83,22 +98,32 @@ def rights_command(
         err.print(f"error: {exc}", style="bold red", markup=False)
         raise typer.Exit(1) from None
     if requests is None:
-        err.print(f"error: {site_dir}: no rights-register.csv (see fedmeta.data.rights_register"
-                  " for the format)", style="bold red", markup=False)
+        err.print(
+            f"error: {site_dir}: no rights-register.csv (see fedmeta.data.rights_register"
+            " for the format)",
+            style="bold red",
+            markup=False,
+        )
         raise typer.Exit(2)
     ordered = sorted(requests, key=lambda r: (not r.overdue(when), r.deadline))
     if as_json:
         typer.echo(json.dumps([_as_dict(r, when) for r in ordered], indent=2))
         return
     table = Table(title=f"rights register of {site_dir} on {when.isoformat()}")
-    for col in ("request", "type", "law", "received", "deadline", "decision", "decided",
-                "late"):
+    for col in ("request", "type", "law", "received", "deadline", "decision", "decided", "late"):
         table.add_column(col)
     for r in ordered:
         late = "LATE" if r.overdue(when) else ""
-        table.add_row(r.request_id, r.type, r.law, r.received.isoformat(),
-                      r.deadline.isoformat(), r.decision + (f" ({r.ground})" if r.ground else ""),
-                      r.decided.isoformat() if r.decided else "-", late)
+        table.add_row(
+            r.request_id,
+            r.type,
+            r.law,
+            r.received.isoformat(),
+            r.deadline.isoformat(),
+            r.decision + (f" ({r.ground})" if r.ground else ""),
+            r.decided.isoformat() if r.decided else "-",
+            late,
+        )
     console = Console(highlight=False)
     console.print(table)
     for law, ref in DEADLINE_REFERENCES.items():
@@ -109,9 +134,17 @@ def rights_command(
 
 
 def _as_dict(r: RightsRequest, on: date) -> dict:
-    return {"request_id": r.request_id, "type": r.type, "law": r.law,
-            "received": r.received.isoformat(), "deadline": r.deadline.isoformat(),
-            "decision": r.decision, "ground": r.ground,
-            "decided": r.decided.isoformat() if r.decided else None,
-            "extended": r.extended, "erased_at_source": r.erased_at_source,
-            "effect_on_models": r.effect_on_models, "overdue": r.overdue(on)}
+    return {
+        "request_id": r.request_id,
+        "type": r.type,
+        "law": r.law,
+        "received": r.received.isoformat(),
+        "deadline": r.deadline.isoformat(),
+        "decision": r.decision,
+        "ground": r.ground,
+        "decided": r.decided.isoformat() if r.decided else None,
+        "extended": r.extended,
+        "erased_at_source": r.erased_at_source,
+        "effect_on_models": r.effect_on_models,
+        "overdue": r.overdue(on),
+    }

@@ -74,8 +74,10 @@ def _value(value: str, base: Path | None, where: str) -> str:
     if m:
         return "sha256:" + m.group(1).lower()
     if value.startswith("sha256:"):
-        raise TrustError(f"{where}: {value!r} is not a full SHA-256 fingerprint (sha256: and "
-                         "64 hex digits; a shortened fingerprint is not accepted)")
+        raise TrustError(
+            f"{where}: {value!r} is not a full SHA-256 fingerprint (sha256: and "
+            "64 hex digits; a shortened fingerprint is not accepted)"
+        )
     path = Path(value)
     if base is not None and not path.is_absolute():
         path = base / path
@@ -84,8 +86,10 @@ def _value(value: str, base: Path | None, where: str) -> str:
     try:
         return fingerprint(load_public_key(value.encode("ascii")))
     except (AuditError, UnicodeEncodeError):
-        raise TrustError(f"{where}: {value!r} is neither a key file, a base64 Ed25519 key nor "
-                         "a full sha256 fingerprint") from None
+        raise TrustError(
+            f"{where}: {value!r} is neither a key file, a base64 Ed25519 key nor "
+            "a full sha256 fingerprint"
+        ) from None
 
 
 def _check_party(party: str, where: str) -> str:
@@ -121,8 +125,11 @@ def _trust_file(path: Path) -> list[Anchor]:
 def _one(spec: str) -> list[Anchor]:
     path = Path(spec)
     if path.is_dir():
-        out = [Anchor(p, _key_file(f, str(f)), str(f)) for f in sorted(path.iterdir())
-               if f.is_file() and (p := _party_of_file(f)) is not None]
+        out = [
+            Anchor(p, _key_file(f, str(f)), str(f))
+            for f in sorted(path.iterdir())
+            if f.is_file() and (p := _party_of_file(f)) is not None
+        ]
         if not out:
             raise TrustError(f"--trust {spec}: no <party>.pub.pem key file in the directory")
         return out
@@ -134,16 +141,20 @@ def _one(spec: str) -> list[Anchor]:
         if head.lstrip().startswith(b"-----BEGIN"):
             party = _party_of_file(path)
             if party is None:
-                raise TrustError(f"--trust {spec}: cannot tell whose key this is from its name; "
-                                 "give it as PARTY=FILE")
+                raise TrustError(
+                    f"--trust {spec}: cannot tell whose key this is from its name; "
+                    "give it as PARTY=FILE"
+                )
             return [Anchor(party, _key_file(path, f"--trust {spec}"), str(path))]
         return _trust_file(path)
     party, sep, value = spec.partition("=")
     if sep:
         where = f"--trust {spec}"
         return [Anchor(_check_party(party.strip(), where), _value(value, None, where), where)]
-    raise TrustError(f"--trust {spec}: no such file or directory (give a key file, a directory "
-                     "of <party>.pub.pem, a trust file or PARTY=KEY-OR-FINGERPRINT)")
+    raise TrustError(
+        f"--trust {spec}: no such file or directory (give a key file, a directory "
+        "of <party>.pub.pem, a trust file or PARTY=KEY-OR-FINGERPRINT)"
+    )
 
 
 def load_trust(specs: list[str] | tuple[str, ...]) -> dict[str, Anchor]:
@@ -154,7 +165,8 @@ def load_trust(specs: list[str] | tuple[str, ...]) -> dict[str, Anchor]:
         for anchor in _one(str(spec)):
             old = out.get(anchor.party)
             if old is not None and old.fingerprint != anchor.fingerprint:
-                raise TrustError(f"{anchor.source}: gives {anchor.party} another key than "
-                                 f"{old.source}")
+                raise TrustError(
+                    f"{anchor.source}: gives {anchor.party} another key than {old.source}"
+                )
             out.setdefault(anchor.party, anchor)
     return out

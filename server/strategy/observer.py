@@ -20,38 +20,64 @@ class RoundObserver:
 
     def run_stopped(self, server_round: int, reason: str) -> None:
         if self.audit:
-            self.audit.append("run.stop", run_id=self.run_id, round=server_round,
-                              decision="deny", rule_ids=["PRIV-MIN-SITES"],
-                              details={"reason": reason[:500]})
+            self.audit.append(
+                "run.stop",
+                run_id=self.run_id,
+                round=server_round,
+                decision="deny",
+                rule_ids=["PRIV-MIN-SITES"],
+                details={"reason": reason[:500]},
+            )
 
-    def round_started(self, server_round: int, arrays: ArrayRecord, log_: RoundLog,
-                      sampled: int) -> str | None:
+    def round_started(
+        self, server_round: int, arrays: ArrayRecord, log_: RoundLog, sampled: int
+    ) -> str | None:
         """The signed ``round.start`` entry's line (durable before the messages leave),
         or None without a log."""
         if not self.audit:
             return None
-        started = self.audit.append("round.start", run_id=self.run_id, round=server_round,
-                                    decision="allow", model_out=digest(arrays),
-                                    counts={"sampled": sampled},
-                                    details={"sites": ",".join(log_.sampled)[:500],
-                                             "beta": log_.beta})
+        started = self.audit.append(
+            "round.start",
+            run_id=self.run_id,
+            round=server_round,
+            decision="allow",
+            model_out=digest(arrays),
+            counts={"sampled": sampled},
+            details={"sites": ",".join(log_.sampled)[:500], "beta": log_.beta},
+        )
         return entry_line(started)
 
-    def round_ended(self, server_round: int, log_: RoundLog, theta: ArrayRecord | None,
-                    arrays: ArrayRecord | None) -> None:
+    def round_ended(
+        self,
+        server_round: int,
+        log_: RoundLog,
+        theta: ArrayRecord | None,
+        arrays: ArrayRecord | None,
+    ) -> None:
         """The sites' receipts, ``round.end`` and the round's signed checkpoint."""
         if not self.audit:
             return
         for site, receipt in sorted(log_.receipts.items()):
-            self.audit.append("round.receipt", run_id=self.run_id, round=server_round,
-                              details={"site": site, "receipt": receipt})
+            self.audit.append(
+                "round.receipt",
+                run_id=self.run_id,
+                round=server_round,
+                details={"site": site, "receipt": receipt},
+            )
         self.audit.append(
-            "round.end", run_id=self.run_id, round=server_round,
+            "round.end",
+            run_id=self.run_id,
+            round=server_round,
             decision="allow" if arrays is not None else "deny",
             model_in=digest(theta) if theta else None,
             model_out=digest(arrays) if arrays is not None else None,
-            counts={"used": len(log_.used), "declined": len(log_.declined),
-                    "dropped": len(log_.dropped), "lost": len(log_.lost),
-                    "examples": log_.examples},
-            details=outcome_details(log_))
+            counts={
+                "used": len(log_.used),
+                "declined": len(log_.declined),
+                "dropped": len(log_.dropped),
+                "lost": len(log_.lost),
+                "examples": log_.examples,
+            },
+            details=outcome_details(log_),
+        )
         self.server_head = str(self.audit.checkpoint(self.run_id, server_round))

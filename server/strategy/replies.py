@@ -24,8 +24,14 @@ class ReplyClassifier:
     def __init__(self, site_of_node: dict[int, str], max_update_norm: float) -> None:
         self.site_of_node, self.max_update_norm = site_of_node, max_update_norm
 
-    def classify(self, server_round: int, log_: RoundLog, replies: Iterable[Message],
-                 theta_arrays: ArrayRecord | None, sent: dict[str, str]) -> list[Message]:
+    def classify(
+        self,
+        server_round: int,
+        log_: RoundLog,
+        replies: Iterable[Message],
+        theta_arrays: ArrayRecord | None,
+        sent: dict[str, str],
+    ) -> list[Message]:
         """``sent``: message id -> site of the round's messages (lost nodes reply
         through the SuperLink: they are mapped back by ``reply_to``)."""
         theta = {k: a.numpy() for k, a in theta_arrays.items()} if theta_arrays else {}
@@ -48,12 +54,20 @@ class ReplyClassifier:
         log_.used.sort()
         # a fixed order makes the weighted sum (and so the run) bit-for-bit reproducible
         usable.sort(key=lambda m: self.site_of_node.get(m.metadata.src_node_id, ""))
-        log(INFO, "round %s: used %s, declined %s, dropped %s, lost %s", server_round,
-            len(log_.used), len(log_.declined), len(log_.dropped), len(log_.lost))
+        log(
+            INFO,
+            "round %s: used %s, declined %s, dropped %s, lost %s",
+            server_round,
+            len(log_.used),
+            len(log_.declined),
+            len(log_.dropped),
+            len(log_.lost),
+        )
         return usable
 
-    def _usable(self, server_round: int, log_: RoundLog, site: str, msg: Message,
-                theta: dict) -> bool:
+    def _usable(
+        self, server_round: int, log_: RoundLog, site: str, msg: Message, theta: dict
+    ) -> bool:
         """Note one site's (non-error) reply as declined, dropped or used."""
         content = msg.content
         metrics = next(iter(content.metric_records.values()), None)
@@ -72,8 +86,9 @@ class ReplyClassifier:
             return False
         phi = next(iter(content.array_records.values()))
         try:
-            reason = check_update(theta, {k: a.numpy() for k, a in phi.items()},
-                                  self.max_update_norm)
+            reason = check_update(
+                theta, {k: a.numpy() for k, a in phi.items()}, self.max_update_norm
+            )
         except Exception as exc:  # malformed arrays must never crash the server
             reason = f"unreadable arrays ({type(exc).__name__})"
         n = metrics.get("num-examples", 0)
@@ -95,8 +110,9 @@ def note_evidence(log_: RoundLog, site: str, info) -> None:
         counts = json.loads(str(info.get("exclusions", "{}")))
         if isinstance(counts, dict) and counts:
             # a site sends counts below its minimum cohort size as "<k"
-            log_.exclusions[site] = {str(k): v if isinstance(v, str) else int(v)
-                                     for k, v in counts.items()}
+            log_.exclusions[site] = {
+                str(k): v if isinstance(v, str) else int(v) for k, v in counts.items()
+            }
     except (ValueError, TypeError):
         log(WARNING, "site %s sent unreadable exclusion counts", site)
     receipt = str(info.get("receipt", ""))

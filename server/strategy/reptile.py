@@ -17,10 +17,15 @@ from server.strategy.sites import SiteAwareMixin
 
 
 class Reptile(SiteAwareMixin, FedAvgM):
-    def __init__(self, *, beta0: float, beta_final: float, num_rounds: int,
-                 fraction_train: float = 1.0) -> None:
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
-                         server_learning_rate=beta0, server_momentum=0.0)
+    def __init__(
+        self, *, beta0: float, beta_final: float, num_rounds: int, fraction_train: float = 1.0
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,
+            server_learning_rate=beta0,
+            server_momentum=0.0,
+        )
         self.beta0, self.beta_final, self.num_rounds = beta0, beta_final, num_rounds
         self.server_opt = True  # also when beta == 1.0, so current_arrays tracks theta
 

@@ -43,8 +43,11 @@ def outcome_details(log_: RoundLog) -> dict[str, str | int]:
     out: dict[str, str | int] = {}
     left = 0
     size = 0
-    for kind, items in (("lost", log_.lost), ("dropped", log_.dropped),
-                        ("declined", log_.declined)):
+    for kind, items in (
+        ("lost", log_.lost),
+        ("dropped", log_.dropped),
+        ("declined", log_.declined),
+    ):
         for site, reason in sorted(items.items()):
             key, value = f"{kind}:{site}"[:64], " ".join(str(reason).split())[:200]
             cost = len(json.dumps({key: value}))

@@ -18,8 +18,15 @@ class RunStopped(RuntimeError):
 class SiteSampler:
     """Chooses each round's sites: seeded by (seed, round) over the sites' ids only."""
 
-    def __init__(self, site_of_node: dict[int, str], *, seed: int, min_sites: int,
-                 node_wait_s: float, fraction_train: float) -> None:
+    def __init__(
+        self,
+        site_of_node: dict[int, str],
+        *,
+        seed: int,
+        min_sites: int,
+        node_wait_s: float,
+        fraction_train: float,
+    ) -> None:
         self.site_of_node = site_of_node
         self.seed, self.min_sites = seed, min_sites
         self.node_wait_s, self.fraction_train = node_wait_s, fraction_train
@@ -38,8 +45,10 @@ class SiteSampler:
         wanted = sites_per_round(n_known, self.fraction_train, self.min_sites)
         nodes = self.available_nodes(grid, min(wanted, n_known))
         if len(nodes) < self.min_sites:
-            raise RunStopped(f"round {server_round}: {len(nodes)} site(s) connected, fewer than "
-                             f"the declared minimum of {self.min_sites}; stopping the run")
+            raise RunStopped(
+                f"round {server_round}: {len(nodes)} site(s) connected, fewer than "
+                f"the declared minimum of {self.min_sites}; stopping the run"
+            )
         ordered = sorted(nodes, key=lambda n: self.site_of_node[n])
         rng = random.Random(f"{self.seed}:{server_round}")
         chosen = rng.sample(ordered, min(wanted, len(ordered)))

@@ -28,8 +28,14 @@ from server.strategy.replies import ReplyClassifier
 from server.strategy.roundlog import DETAILS_BUDGET, RoundLog, digest, outcome_details
 from server.strategy.sampler import RunStopped, SiteSampler
 
-__all__ = ["DETAILS_BUDGET", "RoundLog", "RunStopped", "SiteAwareMixin", "digest",
-           "outcome_details"]
+__all__ = [
+    "DETAILS_BUDGET",
+    "RoundLog",
+    "RunStopped",
+    "SiteAwareMixin",
+    "digest",
+    "outcome_details",
+]
 
 log = getLogger(__name__).log
 
@@ -41,12 +47,25 @@ class SiteAwareMixin:
     arrayrecord_key: str
     configrecord_key: str
 
-    def setup_sites(self, *, sites: dict[int, str], seed: int, min_sites: int,
-                    node_wait_s: float, max_update_norm: float,
-                    audit: AuditLog | None = None, run_id: str = "-") -> None:
+    def setup_sites(
+        self,
+        *,
+        sites: dict[int, str],
+        seed: int,
+        min_sites: int,
+        node_wait_s: float,
+        max_update_norm: float,
+        audit: AuditLog | None = None,
+        run_id: str = "-",
+    ) -> None:
         self.site_of_node = dict(sites)
-        self.sampler = SiteSampler(self.site_of_node, seed=seed, min_sites=min_sites,
-                                   node_wait_s=node_wait_s, fraction_train=self.fraction_train)
+        self.sampler = SiteSampler(
+            self.site_of_node,
+            seed=seed,
+            min_sites=min_sites,
+            node_wait_s=node_wait_s,
+            fraction_train=self.fraction_train,
+        )
         self.classifier = ReplyClassifier(self.site_of_node, max_update_norm)
         self.observer = RoundObserver(audit, run_id)
         self.min_sites = min_sites
@@ -84,8 +103,9 @@ class SiteAwareMixin:
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         return self.sampler.sample(server_round, grid)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         log_ = self.rounds.setdefault(server_round, RoundLog(server_round))
         self.theta = arrays
         if self.stopped:
@@ -108,8 +128,13 @@ class SiteAwareMixin:
         config["server-round"] = server_round
         config["server-head"] = self.server_head
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        self._out = [(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n),
-                      self.site_of_node[n]) for n in nodes]
+        self._out = [
+            (
+                Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n),
+                self.site_of_node[n],
+            )
+            for n in nodes
+        ]
         return [m for m, _ in self._out]
 
     def before_send(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> None:
@@ -127,8 +152,10 @@ class SiteAwareMixin:
         log_ = self.rounds[server_round]
         arrays, metrics = None, None
         if len(usable) < self.min_sites and usable:
-            log_.stopped = (f"round {server_round}: {len(usable)} usable replies, fewer than "
-                            f"the minimum of {self.min_sites}; not aggregated")
+            log_.stopped = (
+                f"round {server_round}: {len(usable)} usable replies, fewer than "
+                f"the minimum of {self.min_sites}; not aggregated"
+            )
             log(WARNING, log_.stopped)
         elif usable:
             arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]

@@ -39,5 +39,5 @@ def test_concurrent_appends_from_two_processes(tmp_path: Path) -> None:
         assert seen == list(range(N))
     # interleaved: every pair of consecutive appends holds one entry of each writer
     for k in range(N):
-        pair = entries[1 + 2 * k: 3 + 2 * k]
+        pair = entries[1 + 2 * k : 3 + 2 * k]
         assert {(e.details["worker"], e.details["i"]) for e in pair} == {(0, k), (1, k)}

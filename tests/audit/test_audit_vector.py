@@ -21,17 +21,27 @@ BODY = (
     '"model_out":null,"prev":"' + "ab" * 32 + '","round":2,"rule_ids":["GDPR-6"],'
     '"run_id":"run-1","seq":1,"time":"2026-01-02T03:04:05.000006Z"}'
 ).encode()
-SIG = ("hCNGyYbEJwFI7vLrGHkBOoMej5POzwbaf/BwFJTihPlm1lqYBzkI4B"
-       "/BGkb/2mr83OFQIoAbFRRhWT2sOokfDA==")
+SIG = "hCNGyYbEJwFI7vLrGHkBOoMej5POzwbaf/BwFJTihPlm1lqYBzkI4B/BGkb/2mr83OFQIoAbFRRhWT2sOokfDA=="
 HASH = "fbd8a63dbb222c3d4ece54ddb937cd2558e7b6d53bb64e24a394476f1c060d77"
 
 
 def vector() -> Entry:
     return Entry.create(
-        Ed25519PrivateKey.from_private_bytes(SEED), seq=1, prev="ab" * 32, actor="site-3",
-        action="round.train", run_id="run-1", round=2, decision="allow", rule_ids=["GDPR-6"],
-        counts={"examples": 200}, model_in="cd" * 32, epsilon=0.5,
-        details={"dp": True, "noise_multiplier": 1.1}, time="2026-01-02T03:04:05.000006Z")
+        Ed25519PrivateKey.from_private_bytes(SEED),
+        seq=1,
+        prev="ab" * 32,
+        actor="site-3",
+        action="round.train",
+        run_id="run-1",
+        round=2,
+        decision="allow",
+        rule_ids=["GDPR-6"],
+        counts={"examples": 200},
+        model_in="cd" * 32,
+        epsilon=0.5,
+        details={"dp": True, "noise_multiplier": 1.1},
+        time="2026-01-02T03:04:05.000006Z",
+    )
 
 
 def test_the_documented_vector() -> None:
@@ -53,8 +63,15 @@ def test_the_documented_vector() -> None:
 def test_openssl_verifies_an_entry_of_a_real_log(tmp_path: Path) -> None:
     log = AuditLog.open(tmp_path / "log.jsonl", tmp_path / "site-1.pem", "site-1")
     with log:
-        entry = log.append("round.train", run_id="run-1", round=1, decision="allow",
-                           counts={"examples": 10}, epsilon=1.5, details={"dp": True})
+        entry = log.append(
+            "round.train",
+            run_id="run-1",
+            round=1,
+            decision="allow",
+            counts={"examples": 10},
+            epsilon=1.5,
+            details={"dp": True},
+        )
     assert verify_log(log.path).ok
     pub = tmp_path / "site-1.pub.pem"
     body, sig = tmp_path / "body.bin", tmp_path / "sig.bin"
@@ -62,9 +79,24 @@ def test_openssl_verifies_an_entry_of_a_real_log(tmp_path: Path) -> None:
     sig.write_bytes(base64.b64decode(entry.sig))
 
     def openssl_verify(data: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(pub),
-                               "-rawin", "-in", str(data), "-sigfile", str(sig)],
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [
+                "openssl",
+                "pkeyutl",
+                "-verify",
+                "-pubin",
+                "-inkey",
+                str(pub),
+                "-rawin",
+                "-in",
+                str(data),
+                "-sigfile",
+                str(sig),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     res = openssl_verify(body)
     if "rawin" in res.stderr and "unknown" in res.stderr.lower():

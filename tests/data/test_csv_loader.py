@@ -827,7 +827,8 @@ def test_rights_columns_reach_the_record_rules(tmp_path: Path) -> None:
     records, _ = load_csv(csv_file(tmp_path, [header, *rows]), schema_file(tmp_path, text=text))
     meta = load_record_meta(tmp_path, records)
     assert meta[0].objected_at == datetime(2025, 1, 1, tzinfo=UTC)
-    verdict = evaluate_records(example_run_declaration(), example_site_manifest(), meta,
-                               datetime(2026, 1, 1, tzinfo=UTC))
+    verdict = evaluate_records(
+        example_run_declaration(), example_site_manifest(), meta, datetime(2026, 1, 1, tzinfo=UTC)
+    )
     assert verdict.allowed_mask == (False, False, False, True)
     assert [verdict.excluded_by_rule[r] for r in ("GDPR-21", "GDPR-18", "GDPR-OPT-OUT")] == [1] * 3

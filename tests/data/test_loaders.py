@@ -30,8 +30,9 @@ from fedmeta.data.record_meta import load_record_meta
 EXAMPLES = Path(__import__("fedmeta.data", fromlist=["x"]).__path__[0]) / "examples"
 
 
-def image_folder(root: Path, mode: str = "L", size: int = 16, n: int = 3,
-                 suffix: str = ".png") -> Path:
+def image_folder(
+    root: Path, mode: str = "L", size: int = 16, n: int = 3, suffix: str = ".png"
+) -> Path:
     rng = np.random.default_rng(0)
     for c, name in enumerate(("benign", "malignant")):
         (root / name).mkdir(parents=True)
@@ -67,7 +68,8 @@ def test_sidecar_gives_policy_columns_and_units(tmp_path):
         "record_id,unit,consent_purposes,age,erasure_requested\n"
         "benign/img-0.png,patient-1,research.model-training,54,\n"
         "benign/img-1.png,patient-1,research.model-training,54,true\n"
-        "malignant/img-2.png,,,12,\n")
+        "malignant/img-2.png,,,12,\n"
+    )
     r = load_imagefolder(root, (1, 8, 8)).records
     assert r.units is not None and r.units[0] == r.units[1] == "patient-1"
     assert len(set(r.units)) == 5  # rows without a unit are their own unit
@@ -78,12 +80,15 @@ def test_sidecar_gives_policy_columns_and_units(tmp_path):
     assert "research.model-training" in by_id["benign/img-0.png"].consented_purposes
 
 
-@pytest.mark.parametrize("text, where", [
-    ("record_id,unit\nbenign/nope.png,p1\n", "records.csv line 2, column 'record_id'"),
-    ("record_id,age\nbenign/img-0.png,200\n", "records.csv line 2, column 'age'"),
-    ("record_id,colour\n", "records.csv line 1"),
-    ("record_id,unit\nbenign/img-0.png,p\nbenign/img-0.png,p\n", "records.csv line 3"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("record_id,unit\nbenign/nope.png,p1\n", "records.csv line 2, column 'record_id'"),
+        ("record_id,age\nbenign/img-0.png,200\n", "records.csv line 2, column 'age'"),
+        ("record_id,colour\n", "records.csv line 1"),
+        ("record_id,unit\nbenign/img-0.png,p\nbenign/img-0.png,p\n", "records.csv line 3"),
+    ],
+)
 def test_sidecar_errors_name_file_and_line(tmp_path, text, where):
     root = image_folder(tmp_path / "imgs")
     (root / "records.csv").write_text(text)
@@ -113,10 +118,13 @@ def test_image_folder_shape_errors(tmp_path):
 def medmnist(path: Path, n: int = 12, rgb: bool = False) -> Path:
     rng = np.random.default_rng(1)
     shape = (n, 28, 28, 3) if rgb else (n, 28, 28)
-    np.savez(path, train_images=rng.integers(0, 255, shape, dtype=np.uint8),
-             train_labels=(np.arange(n) % 3).reshape(n, 1).astype(np.int64) * 2,
-             test_images=rng.integers(0, 255, shape, dtype=np.uint8),
-             test_labels=np.zeros((n, 1), np.int64))
+    np.savez(
+        path,
+        train_images=rng.integers(0, 255, shape, dtype=np.uint8),
+        train_labels=(np.arange(n) % 3).reshape(n, 1).astype(np.int64) * 2,
+        test_images=rng.integers(0, 255, shape, dtype=np.uint8),
+        test_labels=np.zeros((n, 1), np.int64),
+    )
     return path
 
 
@@ -131,18 +139,32 @@ def test_npz_medmnist_layout(tmp_path):
     assert load_npz(path, (1, 8, 8)).records.units[5] == "p1"
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"x": np.zeros(3)}, "no array 'train_images'"),
-    ({"train_images": np.zeros((2, 4, 4), np.uint8)}, "no array 'train_labels'"),
-    ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros((3, 1))},
-     "train_labels has shape (3, 1)"),
-    ({"train_images": np.zeros((2, 4, 4), np.uint8),
-      "train_labels": np.array([[0.5], [1.0]])}, "not integer class ids"),
-    ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.array([0, -1])},
-     "entry train_labels[1]: negative"),
-    ({"train_images": np.full((2, 4, 4), 2.0), "train_labels": np.array([0, 1])},
-     "entry train_images[0]: float pixel values"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.zeros(3)}, "no array 'train_images'"),
+        ({"train_images": np.zeros((2, 4, 4), np.uint8)}, "no array 'train_labels'"),
+        (
+            {"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros((3, 1))},
+            "train_labels has shape (3, 1)",
+        ),
+        (
+            {
+                "train_images": np.zeros((2, 4, 4), np.uint8),
+                "train_labels": np.array([[0.5], [1.0]]),
+            },
+            "not integer class ids",
+        ),
+        (
+            {"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.array([0, -1])},
+            "entry train_labels[1]: negative",
+        ),
+        (
+            {"train_images": np.full((2, 4, 4), 2.0), "train_labels": np.array([0, 1])},
+            "entry train_images[0]: float pixel values",
+        ),
+    ],
+)
 def test_npz_errors_name_file_and_entry(tmp_path, arrays, message):
     path = tmp_path / "site.npz"
     np.savez(path, **arrays)
@@ -151,8 +173,9 @@ def test_npz_errors_name_file_and_entry(tmp_path, arrays, message):
     assert str(err.value).startswith("site.npz") and message in str(err.value)
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(blob=st.binary(max_size=300))
 def test_arbitrary_bytes_as_npz_or_image_fail_in_one_line(tmp_path, blob):
     npz = tmp_path / "x.npz"
@@ -170,15 +193,27 @@ def test_arbitrary_bytes_as_npz_or_image_fail_in_one_line(tmp_path, blob):
     assert "\n" not in str(err.value) and "a/b.png" in str(err.value)
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(names=st.lists(st.sampled_from(["train_images", "train_labels", "train_units", "junk"]),
-                      min_size=1, max_size=3, unique=True),
-       n=st.integers(0, 3), width=st.integers(0, 3), dtype=st.sampled_from(
-           ["uint8", "int64", "float64", "bool", "U3"]))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    names=st.lists(
+        st.sampled_from(["train_images", "train_labels", "train_units", "junk"]),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    ),
+    n=st.integers(0, 3),
+    width=st.integers(0, 3),
+    dtype=st.sampled_from(["uint8", "int64", "float64", "bool", "U3"]),
+)
 def test_malformed_npz_arrays_fail_in_one_line(tmp_path, names, n, width, dtype):
-    arrays = {name: np.zeros((n, width, width), dtype=dtype) if "images" in name
-              else np.zeros((n,), dtype=dtype) for name in names}
+    arrays = {
+        name: np.zeros((n, width, width), dtype=dtype)
+        if "images" in name
+        else np.zeros((n,), dtype=dtype)
+        for name in names
+    }
     path = tmp_path / "m.npz"
     np.savez(path, **arrays)
     try:
@@ -218,7 +253,7 @@ def test_dicom_folder(tmp_path):
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         arr = np.zeros((16, 16), np.uint16)
-        arr[:, : value] = 4000
+        arr[:, :value] = 4000
         ds.PixelData = arr.tobytes()
         ds.save_as(path, enforce_file_format=True)
 
@@ -249,8 +284,10 @@ record_id = "pid"
 
 def test_csv_standardised_per_site_and_read_without_labels(tmp_path):
     rng = np.random.default_rng(2)
-    rows = [f"P{i},{20 + 5 * rng.random():.2f},{4 + rng.random():.3f},"
-            f"{('benign', 'malignant')[i % 2]}" for i in range(30)]
+    rows = [
+        f"P{i},{20 + 5 * rng.random():.2f},{4 + rng.random():.3f},{('benign', 'malignant')[i % 2]}"
+        for i in range(30)
+    ]
     (tmp_path / "schema.toml").write_text(SCHEMA)
     (tmp_path / "data.csv").write_text("pid,bmi,glucose,diagnosis\n" + "\n".join(rows) + "\n")
     loaded = load_tabular(tmp_path)
@@ -259,8 +296,9 @@ def test_csv_standardised_per_site_and_read_without_labels(tmp_path):
     assert loaded.classes == ("benign", "malignant") and loaded.read_columns == ("bmi", "glucose")
     prep = loaded.preprocessing
     # the same records without the label column (and columns reordered): same scaling
-    unlabelled = ["glucose,pid,bmi"] + [f"{r.split(',')[2]},{r.split(',')[0]},{r.split(',')[1]}"
-                                        for r in rows]
+    unlabelled = ["glucose,pid,bmi"] + [
+        f"{r.split(',')[2]},{r.split(',')[0]},{r.split(',')[1]}" for r in rows
+    ]
     (tmp_path / "new.csv").write_text("\n".join(unlabelled) + "\n")
     unl = read_features(tmp_path / "new.csv", prep)
     assert np.allclose(unl.x, x, atol=1e-5) and unl.record_ids[0] == "P0"
@@ -284,10 +322,10 @@ def test_find_site_data_by_conventional_names(tmp_path):
         load_data(tmp_path / "empty", (1, 8, 8))
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.text(alphabet=st.sampled_from(list("record_idunitage,;\n\"x0159-T: ")),
-                    max_size=120))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.text(alphabet=st.sampled_from(list('record_idunitage,;\n"x0159-T: ')), max_size=120))
 def test_malformed_sidecar_loads_or_fails_in_one_line(tmp_path, text):
     root = tmp_path / "imgs"
     if not root.exists():

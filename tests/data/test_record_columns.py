@@ -32,8 +32,13 @@ IDS = np.array([f"r-{i}" for i in range(6)])
 
 def records(meta: dict | None = None) -> Records:
     n = len(IDS)
-    return Records(x=np.zeros((n, 1), np.float32), y=np.zeros(n, np.int64),
-                   groups=np.zeros(n, np.int64), record_ids=IDS, meta=meta or {})
+    return Records(
+        x=np.zeros((n, 1), np.float32),
+        y=np.zeros(n, np.int64),
+        groups=np.zeros(n, np.int64),
+        record_ids=IDS,
+        meta=meta or {},
+    )
 
 
 def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
@@ -52,11 +57,19 @@ def test_every_reader_knows_the_same_columns():
 
 
 def test_records_meta_csv_and_a_sidecar_mean_the_same(tmp_path):
-    header = ["record_id", "consent_purposes", "age", "minor", "guardian_consent",
-              "erasure_requested", "collected_at"]
-    rows = [["r-0", "research.model-training; care.treatment", "17.9", "", "Y", "n",
-             "2024-01-02"],
-            ["r-1", "", "", "yes", "no", "2025-02-03", "2024-01-02T10:00:00+02:00"]]
+    header = [
+        "record_id",
+        "consent_purposes",
+        "age",
+        "minor",
+        "guardian_consent",
+        "erasure_requested",
+        "collected_at",
+    ]
+    rows = [
+        ["r-0", "research.model-training; care.treatment", "17.9", "", "Y", "n", "2024-01-02"],
+        ["r-1", "", "", "yes", "no", "2025-02-03", "2024-01-02T10:00:00+02:00"],
+    ]
     site = tmp_path / "site"
     site.mkdir()
     write_rows(site / "records-meta.csv", header, rows)
@@ -74,17 +87,22 @@ def test_records_meta_csv_and_a_sidecar_mean_the_same(tmp_path):
 
 
 def test_the_old_column_name_is_refused_with_the_new_one(tmp_path):
-    write_rows(tmp_path / "records-meta.csv", ["record_id", "consented_purposes"],
-               [["r-0", "research.model-training"]])
-    with pytest.raises(RecordMetaError, match="'consented_purposes' is called "
-                                              "'consent_purposes': rename it"):
+    write_rows(
+        tmp_path / "records-meta.csv",
+        ["record_id", "consented_purposes"],
+        [["r-0", "research.model-training"]],
+    )
+    with pytest.raises(
+        RecordMetaError, match="'consented_purposes' is called 'consent_purposes': rename it"
+    ):
         load_record_meta(tmp_path, records())
 
 
 def test_a_csv_schema_accepts_the_same_words(tmp_path):
     (tmp_path / "s.toml").write_text(
         '[dataset]\nname = "c"\ntask = "classification"\nlabel = "y"\nfeatures = ["a"]\n'
-        '[columns]\nguardian_consent = "g"\nminor = "m"\nage = "age"\n')
+        '[columns]\nguardian_consent = "g"\nminor = "m"\nage = "age"\n'
+    )
     (tmp_path / "d.csv").write_text("a,y,g,m,age\n1,0,y,N,54.5\n2,1,n,Y,\n")
     recs, _ = load_csv(tmp_path / "d.csv", tmp_path / "s.toml")
     assert recs.meta["guardian_consent"].tolist() == [True, False]
@@ -93,24 +111,36 @@ def test_a_csv_schema_accepts_the_same_words(tmp_path):
 
 
 YES_NO = st.sampled_from(sorted(TRUE_WORDS | FALSE_WORDS)).flatmap(
-    lambda w: st.sampled_from([w, w.upper(), w.capitalize()]))
+    lambda w: st.sampled_from([w, w.upper(), w.capitalize()])
+)
 CELL = {
-    "consent_purposes": st.lists(st.sampled_from(["research.model-training", "care.x", "a.b"]),
-                                 max_size=3).map(";".join),
-    "age": st.one_of(st.just(""), st.integers(0, 150).map(str),
-                     st.floats(0, 150, allow_nan=False).map(repr)),
+    "consent_purposes": st.lists(
+        st.sampled_from(["research.model-training", "care.x", "a.b"]), max_size=3
+    ).map(";".join),
+    "age": st.one_of(
+        st.just(""), st.integers(0, 150).map(str), st.floats(0, 150, allow_nan=False).map(repr)
+    ),
     "minor": YES_NO | st.just(""),
     "guardian_consent": YES_NO | st.just(""),
     "erasure_requested": YES_NO | st.just("") | st.dates().map(date.isoformat),
-    **{c: st.just("") | st.dates(date(1900, 1, 1), date(2100, 1, 1)).map(date.isoformat)
-       for c in ("consent_withdrawn_at", "collected_at", "objected_at", "restricted_at",
-                 "opted_out_at")},
+    **{
+        c: st.just("") | st.dates(date(1900, 1, 1), date(2100, 1, 1)).map(date.isoformat)
+        for c in (
+            "consent_withdrawn_at",
+            "collected_at",
+            "objected_at",
+            "restricted_at",
+            "opted_out_at",
+        )
+    },
 }
 
 
 @settings(max_examples=60, **QUIET)
-@given(data=st.data(), columns=st.lists(st.sampled_from(META_COLUMNS), min_size=1,
-                                        max_size=5, unique=True))
+@given(
+    data=st.data(),
+    columns=st.lists(st.sampled_from(META_COLUMNS), min_size=1, max_size=5, unique=True),
+)
 def test_well_formed_cells_are_read(tmp_path, data, columns):
     rows = [[rid, *(data.draw(CELL[c]) for c in columns)] for rid in IDS[:4]]
     path = write_rows(tmp_path / "ok.csv", ["record_id", *columns], rows)
@@ -120,7 +150,7 @@ def test_well_formed_cells_are_read(tmp_path, data, columns):
         for c, cell in zip(columns, row[1:], strict=True):
             got = meta[c][row_i]
             if c == "age":
-                assert (math.isnan(got) if cell == "" else got == math.floor(float(cell)))
+                assert math.isnan(got) if cell == "" else got == math.floor(float(cell))
             elif c in ("minor", "guardian_consent"):
                 assert bool(got) == (cell.lower() in TRUE_WORDS)
             elif c == "erasure_requested":
@@ -128,8 +158,10 @@ def test_well_formed_cells_are_read(tmp_path, data, columns):
 
 
 @settings(max_examples=150, **QUIET)
-@given(column=st.sampled_from(META_COLUMNS),
-       cell=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30))
+@given(
+    column=st.sampled_from(META_COLUMNS),
+    cell=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30),
+)
 def test_any_cell_is_read_or_refused_in_one_line_without_echo(tmp_path, column, cell):
     path = write_rows(tmp_path / "any.csv", ["record_id", column], [["r-1", cell]])
     try:

@@ -11,7 +11,7 @@ def test_digits_has_40_classes_split_without_overlap():
     split = class_split()
     parts = [set(split[k]) for k in ("train", "val", "test")]
     assert sum(map(len, parts)) == 40 and set.union(*parts) == set(range(40))
-    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1 :])
 
 
 def test_digits_sites_are_non_iid_and_disjoint():

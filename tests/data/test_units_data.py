@@ -45,8 +45,7 @@ def test_digits_rotations_of_one_image_share_a_unit():
             seen_multi += len(members) > 1
             base = records.x[members[0], 0]
             for m in members[1:]:  # every member is a rotation of the same image
-                assert any(np.array_equal(records.x[m, 0], np.rot90(base, k=k))
-                           for k in range(4))
+                assert any(np.array_equal(records.x[m, 0], np.rot90(base, k=k)) for k in range(4))
             # the 4 rotations fall in 4 different classes (d, d+10, d+20, d+30)
             assert len(set(records.y[members] % 10)) == 1
             assert len(set(records.y[members])) == len(members)
@@ -71,11 +70,14 @@ def test_a_csv_unit_column_fills_units_without_keeping_the_ids(tmp_path):
     assert plain.units is None
 
 
-@pytest.mark.parametrize("unit, needle", [
-    ('unit_column = "a"', "also a feature"),
-    ('unit_column = "y"', "label column"),
-    ('unit_column = ""', "empty"),
-])
+@pytest.mark.parametrize(
+    "unit, needle",
+    [
+        ('unit_column = "a"', "also a feature"),
+        ('unit_column = "y"', "label column"),
+        ('unit_column = ""', "empty"),
+    ],
+)
 def test_a_bad_unit_column_is_a_one_line_error(unit, needle):
     with pytest.raises(DataError, match=needle) as info:
         parse_schema(SCHEMA.format(unit=unit))
@@ -84,8 +86,9 @@ def test_a_bad_unit_column_is_a_one_line_error(unit, needle):
 
 def test_an_empty_unit_cell_is_a_one_line_error(tmp_path):
     schema = parse_schema(SCHEMA.format(unit='unit_column = "patient_id"'))
-    with pytest.raises(DataError, match=r"line 3, column 'patient_id'.*every row must name") \
-            as info:
+    with pytest.raises(
+        DataError, match=r"line 3, column 'patient_id'.*every row must name"
+    ) as info:
         load_csv(_csv(tmp_path / "d.csv", ["r1,P1,1,2,no", "r2,,1,2,no"]), schema)
     assert "\n" not in str(info.value)
 
@@ -96,14 +99,24 @@ def test_a_csv_site_accounts_per_patient(tmp_path):
     site_dir = tmp_path / "site-0"
     site_dir.mkdir()
     rng = np.random.default_rng(0)
-    rows = [f"r{i},P{i // 3},{rng.normal():.3f},{rng.normal():.3f},{'yes' if i % 2 else 'no'}"
-            for i in range(90)]  # 30 patients, 3 records each
+    rows = [
+        f"r{i},P{i // 3},{rng.normal():.3f},{rng.normal():.3f},{'yes' if i % 2 else 'no'}"
+        for i in range(90)
+    ]  # 30 patients, 3 records each
     _csv(site_dir / "data.csv", rows)
     (site_dir / "schema.toml").write_text(SCHEMA.format(unit='unit_column = "patient_id"'))
-    cfg = RunConfig(task="tabular-csv", features=2, classes=2, sites=2, inner_steps=3,
-                    batch_size=8, out_dir=str(tmp_path))
+    cfg = RunConfig(
+        task="tabular-csv",
+        features=2,
+        classes=2,
+        sites=2,
+        inner_steps=3,
+        batch_size=8,
+        out_dir=str(tmp_path),
+    )
     manifest = load_manifest(site_dir, "site-0", cfg).model_copy(
-        update={"feature_columns": ("a", "b")})  # data minimisation: what the trainer reads
+        update={"feature_columns": ("a", "b")}
+    )  # data minimisation: what the trainer reads
     site = Site("site-0", 0, site_dir, cfg, manifest=manifest, simulated=True)
     assert site.privacy_unit == "patient_id"
     t = build_task(cfg)
@@ -114,8 +127,11 @@ def test_a_csv_site_accounts_per_patient(tmp_path):
     ledger = PrivacyLedger.read(site_dir / LEDGER_FILE)
     assert ledger.privacy_unit == "patient_id" and ledger.summary()["privacy_unit"] == "patient_id"
     assert ledger.charges[-1].sample_rate == poisson_rate(30, 8) == 0.25  # not 1/ceil(90/8)
-    train = [json.loads(x) for x in (site_dir / AUDIT_LOG).read_text().splitlines()
-             if '"round.train"' in x][-1]
+    train = [
+        json.loads(x)
+        for x in (site_dir / AUDIT_LOG).read_text().splitlines()
+        if '"round.train"' in x
+    ][-1]
     assert train["details"]["privacy_unit"] == "patient_id"
     assert train["details"]["sample_rate"] == 0.25
     # the ledger is kept per patient: data that drop the unit column cannot reuse it

@@ -95,9 +95,14 @@ class Deployment:
         # process): the guide's commands get them only by sourcing a kit's env file
         # (:meth:`source`), the kits' scripts by sourcing theirs, fedmeta by itself
         base = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV}
-        self.env = {**base, TAG: self.tag, "COLUMNS": "200",
-                    "PYTHONUNBUFFERED": "1", "FLWR_HOME": str(self.flwr_home),
-                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.env = {
+            **base,
+            TAG: self.tag,
+            "COLUMNS": "200",
+            "PYTHONUNBUFFERED": "1",
+            "FLWR_HOME": str(self.flwr_home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
         self.offline = {**self.env, **OFFLINE_ENV}  # for the test's own flwr calls
         self.ran: list[str] = []
         self.procs: dict[str, subprocess.Popen] = {}
@@ -115,18 +120,32 @@ class Deployment:
         assert "<" not in re.sub(r"<<|>>|2>&1", "", cmd), f"unfilled placeholder in {cmd!r}"
         return cmd
 
-    def run(self, template: str, cwd: Path, *, expect: int | None = 0, timeout: float = 120,
-            env: dict[str, str | None] | None = None, **subs: object
-            ) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        template: str,
+        cwd: Path,
+        *,
+        expect: int | None = 0,
+        timeout: float = 120,
+        env: dict[str, str | None] | None = None,
+        **subs: object,
+    ) -> subprocess.CompletedProcess:
         """Run one command (bash -c) and record its template."""
         self.ran.append(" ".join(template.split()))
         cmd = self.expand(template, subs)
-        res = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=self._env(env),
-                             capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(
+            ["bash", "-c", cmd],
+            cwd=cwd,
+            env=self._env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if expect is not None:
             assert res.returncode == expect, (
                 f"{cmd!r} exited {res.returncode}, expected {expect}:\n"
-                f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+                f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+            )
         return res
 
     def source(self, template: str, cwd: Path, **subs: object) -> dict[str, str]:
@@ -134,25 +153,46 @@ class Deployment:
         command of this deployment (as in the shell session the guide describes)."""
         self.ran.append(" ".join(template.split()))
         cmd = self.expand(template, subs)
-        res = subprocess.run(["bash", "-c", f"{cmd} && env -0"], cwd=cwd, env=self.env,
-                             capture_output=True, timeout=60)
+        res = subprocess.run(
+            ["bash", "-c", f"{cmd} && env -0"],
+            cwd=cwd,
+            env=self.env,
+            capture_output=True,
+            timeout=60,
+        )
         assert res.returncode == 0, f"{cmd!r} failed: {res.stderr.decode()[-2000:]}"
         after = dict(x.split("=", 1) for x in res.stdout.decode().split("\0") if "=" in x)
-        added = {k: v for k, v in after.items() if self.env.get(k) != v and not k.startswith(
-            ("_", "SHLVL", "PWD", "OLDPWD"))}
+        added = {
+            k: v
+            for k, v in after.items()
+            if self.env.get(k) != v and not k.startswith(("_", "SHLVL", "PWD", "OLDPWD"))
+        }
         self.env.update(added)
         return added
 
-    def start(self, name: str, template: str, cwd: Path, *, record: bool = True,
-              env: dict[str, str | None] | None = None, **subs: object) -> subprocess.Popen:
+    def start(
+        self,
+        name: str,
+        template: str,
+        cwd: Path,
+        *,
+        record: bool = True,
+        env: dict[str, str | None] | None = None,
+        **subs: object,
+    ) -> subprocess.Popen:
         """Start a long-running command in its own session; output to logs/<name>.log."""
         if record:
             self.ran.append(" ".join(template.split()))
         cmd = self.expand(template, subs)
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, stdout=log,
-                                stderr=subprocess.STDOUT, env=self._env(env),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-c", f"exec {cmd}"],
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._env(env),
+            start_new_session=True,
+        )
         log.close()
         self.procs[name] = proc
         return proc
@@ -162,10 +202,15 @@ class Deployment:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def flwr_nodes(self, federation: str) -> list[dict]:
-        res = subprocess.run(["flwr", "supernode", "ls", federation, "--format", "json"],
-                             env=self.offline, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            ["flwr", "supernode", "ls", federation, "--format", "json"],
+            env=self.offline,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         try:
-            return json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
+            return json.loads(res.stdout[res.stdout.index("{") :])["nodes"]
         except (ValueError, KeyError):
             return []
 
@@ -189,8 +234,9 @@ class Deployment:
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             # our direct children too: nginx overwrites its environment with its process
             # title, so its master is not found by the tag (its workers follow the master)
-            pids = set(self.tagged_pids()) | {p.pid for p in self.procs.values()
-                                              if p.poll() is None}
+            pids = set(self.tagged_pids()) | {
+                p.pid for p in self.procs.values() if p.poll() is None
+            }
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
@@ -234,7 +280,7 @@ def _address(hex_addr: str, v6: bool) -> str:
     ip_hex, port_hex = hex_addr.split(":")
     raw = bytes.fromhex(ip_hex)
     if v6:
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
         ip = socket.inet_ntop(socket.AF_INET6, raw)
     else:
         ip = socket.inet_ntop(socket.AF_INET, raw[::-1])

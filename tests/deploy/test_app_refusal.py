@@ -32,7 +32,7 @@ from fedmeta.paths import SitePaths
 
 pytestmark = pytest.mark.deploy
 
-CLIENT = '''from pathlib import Path
+CLIENT = """from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,9 +45,9 @@ app = ClientApp()
 def query(msg, context):
     Path({ran!r}).write_text("ran")
     return Message(RecordDict({{"c": ConfigRecord({{"ok": 1}})}}), reply_to=msg)
-'''
+"""
 
-SERVER = '''import json
+SERVER = """import json
 import time
 from pathlib import Path
 
@@ -70,7 +70,7 @@ def main(grid, context):
     out = [{{"error": r.error.reason if r.has_error() else None,
              "code": r.error.code if r.has_error() else None}} for r in replies]
     Path({result!r}).write_text(json.dumps({{"run": context.run_id, "replies": out}}))
-'''
+"""
 
 PYPROJECT = """[build-system]
 requires = ["hatchling"]
@@ -97,8 +97,9 @@ def write_app(root: Path, marks: Path, result: Path) -> Path:
     pkg.mkdir(parents=True)
     (root / "pyproject.toml").write_text(PYPROJECT)
     (pkg / "__init__.py").write_text("")
-    (pkg / "client_app.py").write_text(CLIENT.format(imported=str(marks / "imported"),
-                                                     ran=str(marks / "ran")))
+    (pkg / "client_app.py").write_text(
+        CLIENT.format(imported=str(marks / "imported"), ran=str(marks / "ran"))
+    )
     (pkg / "server_app.py").write_text(SERVER.format(result=str(result)))
     return root
 
@@ -110,8 +111,14 @@ def listening(port: int) -> bool:
 
 def flwr_run(d: Deployment, app: Path, result: Path) -> dict:
     result.unlink(missing_ok=True)
-    res = subprocess.run([str(BIN / "flwr"), "run", str(app), "local"], env=d.offline,
-                         cwd=app, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(BIN / "flwr"), "run", str(app), "local"],
+        env=d.offline,
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     wait_for(result.exists, 90, f"the ServerApp's result ({d.logs})")
     return json.loads(result.read_text())
@@ -129,20 +136,34 @@ def test_an_unapproved_app_never_runs_at_the_site_and_an_approved_one_does(tmp_p
     port, node_port = free_ports(2)
     d.flwr_home.mkdir()
     (d.flwr_home / "config.toml").write_text(
-        f'[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
     site_home = tmp_path / "site-flwr-home"
     try:
-        d.start("superlink", f"flower-superlink --insecure --host 127.0.0.1 --port {port} "
-                f"--database {tmp_path / 'superlink.db'} "
-                "--disable-runtime-dependency-installation", tmp_path, record=False,
-                env={**OFFLINE_ENV, "FLWR_HOME": str(tmp_path / "superlink-flwr-home")})
+        d.start(
+            "superlink",
+            f"flower-superlink --insecure --host 127.0.0.1 --port {port} "
+            f"--database {tmp_path / 'superlink.db'} "
+            "--disable-runtime-dependency-installation",
+            tmp_path,
+            record=False,
+            env={**OFFLINE_ENV, "FLWR_HOME": str(tmp_path / "superlink-flwr-home")},
+        )
         wait_for(lambda: listening(port), 60, f"the SuperLink on port {port}")
         node_config = f'site-dir="{site}" site-id="site-a" site-index=0'
-        d.start("node", f"fedmeta node supernode --insecure --superlink 127.0.0.1:{port} "
-                f"--host 127.0.0.1 --port {node_port} --node-config '{node_config}'",
-                tmp_path, record=False, env={**OFFLINE_ENV, "FLWR_HOME": str(site_home)})
-        wait_for(lambda: any(n["status"] == "online" for n in d.flwr_nodes("local")), 60,
-                 f"the site's node online ({d.logs})")
+        d.start(
+            "node",
+            f"fedmeta node supernode --insecure --superlink 127.0.0.1:{port} "
+            f"--host 127.0.0.1 --port {node_port} --node-config '{node_config}'",
+            tmp_path,
+            record=False,
+            env={**OFFLINE_ENV, "FLWR_HOME": str(site_home)},
+        )
+        wait_for(
+            lambda: any(n["status"] == "online" for n in d.flwr_nodes("local")),
+            60,
+            f"the site's node online ({d.logs})",
+        )
 
         # 1. not approved: refused before anything of it is installed or imported
         refused = flwr_run(d, app, result)
@@ -163,16 +184,29 @@ def test_an_unapproved_app_never_runs_at_the_site_and_an_approved_one_does(tmp_p
 
         # 2. approved by the site (the .fab the coordinator sent it): it runs
         (tmp_path / "markerapp.fab").write_bytes(fab)
-        res = subprocess.run([str(BIN / "fedmeta"), "node", "approve-app", str(site), "--fab",
-                              str(tmp_path / "markerapp.fab")], env=d.offline,
-                             capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [
+                str(BIN / "fedmeta"),
+                "node",
+                "approve-app",
+                str(site),
+                "--fab",
+                str(tmp_path / "markerapp.fab"),
+            ],
+            env=d.offline,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 0 and digest in res.stdout, res.stdout + res.stderr
         ran = flwr_run(d, app, result)
         assert ran["replies"] == [{"error": None, "code": None}], (ran, d.log("node")[-3000:])
         assert (marks / "ran").read_text() == "ran"
         entries = [json.loads(x) for x in log.read_text().splitlines()]
         assert [e["action"] for e in entries if e["action"].startswith("app.")] == [
-            "app.refuse", "app.approve"]
+            "app.refuse",
+            "app.approve",
+        ]
         assert verify_log(log, public_key=SitePaths(site).audit_pubkey).ok
     finally:
         d.stop_all()

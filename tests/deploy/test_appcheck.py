@@ -53,15 +53,25 @@ rounds = {rounds}
 """
 
 
-def make_app(root: Path, *, client: str = "x = 1\n", server: str = "y = 2\n",
-             clientapp: str = "clients.app:app", rounds: int = 1,
-             extra: dict[str, str] | None = None) -> bytes:
+def make_app(
+    root: Path,
+    *,
+    client: str = "x = 1\n",
+    server: str = "y = 2\n",
+    clientapp: str = "clients.app:app",
+    rounds: int = 1,
+    extra: dict[str, str] | None = None,
+) -> bytes:
     """Write a small app under ``root`` and return its FAB (Flower's builder)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "pyproject.toml").write_text(PYPROJECT.format(clientapp=clientapp, rounds=rounds))
-    for name, text in {"clients/__init__.py": "", "clients/app.py": client,
-                       "server/__init__.py": "", "server/app.py": server,
-                       **(extra or {})}.items():
+    for name, text in {
+        "clients/__init__.py": "",
+        "clients/app.py": client,
+        "server/__init__.py": "",
+        "server/app.py": server,
+        **(extra or {}),
+    }.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     return build_fab_from_disk(root)
@@ -88,8 +98,7 @@ def test_release_digest_covers_what_runs_at_a_site_only(tmp_path):
         "a new file in a site package": {"extra": {"clients/data/rules.json": "{}"}},
         "test-named code outside server/": {"extra": {"clients/helper.py": "z = 0"}},
     }.items():
-        assert release_digest(make_app(tmp_path / name.replace(" ", "-"), **kwargs)) != base, \
-            name
+        assert release_digest(make_app(tmp_path / name.replace(" ", "-"), **kwargs)) != base, name
 
 
 def test_not_a_fab_is_a_one_line_error():
@@ -121,24 +130,34 @@ def test_approvals_are_appended_once_and_read_back(tmp_path):
     assert not approve(tmp_path, "fab_sha256", fab_sha256(fab), "again")
     assert approve(tmp_path, "release_sha256", release_digest(fab), "release")
     got = read_approvals(tmp_path)
-    assert [(a.kind, a.sha256) for a in got] == [("fab_sha256", fab_sha256(fab)),
-                                                  ("release_sha256", release_digest(fab))]
+    assert [(a.kind, a.sha256) for a in got] == [
+        ("fab_sha256", fab_sha256(fab)),
+        ("release_sha256", release_digest(fab)),
+    ]
     with pytest.raises(AppApprovalError, match="not a directory"):
         approve(tmp_path / "missing", "fab_sha256", fab_sha256(fab), "x")
 
 
 @settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(line=st.one_of(st.text(max_size=80),
-                      st.dictionaries(st.sampled_from(["fab_sha256", "release_sha256", "x"]),
-                                      st.one_of(st.text(max_size=70), st.integers(),
-                                                st.none())).map(json.dumps)))
+@given(
+    line=st.one_of(
+        st.text(max_size=80),
+        st.dictionaries(
+            st.sampled_from(["fab_sha256", "release_sha256", "x"]),
+            st.one_of(st.text(max_size=70), st.integers(), st.none()),
+        ).map(json.dumps),
+    )
+)
 def test_a_damaged_store_refuses_every_app(tmp_path, line):
     """Whatever a line of the store holds, the check never raises and never lets an app
     through on a line it cannot read."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
-    fab = make_app(tmp_path / "app") if not (tmp_path / "fab").exists() else \
-        (tmp_path / "fab").read_bytes()
+    fab = (
+        make_app(tmp_path / "app")
+        if not (tmp_path / "fab").exists()
+        else (tmp_path / "fab").read_bytes()
+    )
     (tmp_path / "fab").write_bytes(fab)
     (site / APPROVALS_FILE).write_text(line + "\n")
     decision = check_fab(site, fab)
@@ -148,8 +167,9 @@ def test_a_damaged_store_refuses_every_app(tmp_path, line):
         assert not decision.approved and "approval store unusable" in decision.reason
         assert "\n" not in str(exc)
     else:
-        assert decision.approved == any(a.sha256 in (fab_sha256(fab), release_digest(fab))
-                                         for a in approvals)
+        assert decision.approved == any(
+            a.sha256 in (fab_sha256(fab), release_digest(fab)) for a in approvals
+        )
 
 
 def test_the_check_passes_approved_apps_only(tmp_path):
@@ -168,8 +188,9 @@ def test_the_check_passes_approved_apps_only(tmp_path):
     assert not lied.approved and "not to the hash it was sent under" in lied.reason
     # the release digest admits a rebuilt app with other run settings, not other code
     approve(site, "release_sha256", release_digest(other), "release")
-    assert check_fab(site, make_app(tmp_path / "other2", rounds=9,
-                                    client="import os\nos.system('id')\n")).approved
+    assert check_fab(
+        site, make_app(tmp_path / "other2", rounds=9, client="import os\nos.system('id')\n")
+    ).approved
     assert not check_fab(site, make_app(tmp_path / "other3", client="pass\n")).approved
 
 
@@ -182,8 +203,7 @@ def test_a_refusal_is_signed_in_the_site_log(tmp_path):
     assert receipt
     log = site / AUDIT_LOG
     assert verify_log(log, public_key=SitePaths(site).audit_pubkey).ok
-    (entry,) = [json.loads(x) for x in log.read_text().splitlines()
-                if '"app.refuse"' in x]
+    (entry,) = [json.loads(x) for x in log.read_text().splitlines() if '"app.refuse"' in x]
     assert entry["decision"] == "deny" and entry["rule_ids"] == ["SITE-APP"]
     assert entry["run_id"] == "42" and entry["details"]["fab_sha256"] == fab_sha256(fab)
 
@@ -200,17 +220,18 @@ def test_approve_app_command(tmp_path):
     assert res.exit_code == 2 and "not a SHA-256" in res.output
     res = runner.invoke(app, ["node", "approve-app", str(site)])
     assert res.exit_code == 2 and "exactly one of" in res.output
-    res = runner.invoke(app, ["node", "approve-app", str(site), "--fab",
-                              str(tmp_path / "app.fab")])
+    res = runner.invoke(app, ["node", "approve-app", str(site), "--fab", str(tmp_path / "app.fab")])
     assert res.exit_code == 0, res.output
     assert fab_sha256(fab) in res.output
-    res = runner.invoke(app, ["node", "approve-app", str(site), "--release-dir",
-                              str(tmp_path / "app")])
+    res = runner.invoke(
+        app, ["node", "approve-app", str(site), "--release-dir", str(tmp_path / "app")]
+    )
     assert res.exit_code == 0, res.output
     assert release_digest(fab) in res.output
     assert check_fab(site, fab).approved
-    approvals = [json.loads(x) for x in (site / AUDIT_LOG).read_text().splitlines()
-                 if '"app.approve"' in x]
+    approvals = [
+        json.loads(x) for x in (site / AUDIT_LOG).read_text().splitlines() if '"app.approve"' in x
+    ]
     assert len(approvals) == 2  # each approval is signed in the site's log
 
 

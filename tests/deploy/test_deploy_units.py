@@ -55,8 +55,9 @@ country = "in"
 """
 
 
-def make(tmp: Path, text: str = FED, sites: tuple[str, ...] = ("site-de-01", "site-in-01")
-         ) -> tuple[Path, Path]:
+def make(
+    tmp: Path, text: str = FED, sites: tuple[str, ...] = ("site-de-01", "site-in-01")
+) -> tuple[Path, Path]:
     """Provision, let each site create its keys (``tmp/state/<id>``), accept the requests."""
     fed = tmp / "federation.toml"
     fed.write_text(text)
@@ -76,20 +77,26 @@ def mode(path: Path) -> int:
 def fill(site_dir: Path) -> None:
     p = SitePaths(site_dir).manifest
     text = re.sub(r'"([A-Z]{2}): TODO[^"]*"', r'"\1: Filled In"', p.read_text())  # laws
-    p.write_text(re.sub(r'"TODO[^"]*"', '"Filled In"', text)
-                 .replace('dpo_contact = "Filled In"', 'dpo_contact = "dpo@x.example"'))
+    p.write_text(
+        re.sub(r'"TODO[^"]*"', '"Filled In"', text).replace(
+            'dpo_contact = "Filled In"', 'dpo_contact = "dpo@x.example"'
+        )
+    )
 
 
 # ---- federation file -------------------------------------------------------------------
-@pytest.mark.parametrize(("edit", "field"), [
-    (lambda t: t.replace('country = "in"', 'country = "XX"'), "sites[1].country"),
-    (lambda t: t.replace('id = "site-in-01"', 'id = "site-de-01"'), "sites"),
-    (lambda t: t.replace('host = "fl.example.org"\n', ""), "superlink.host"),
-    (lambda t: t.replace("port = 9093", "port = 70000"), "superlink.port"),
-    (lambda t: t.replace("bind =", "bnd ="), "superlink.bnd"),
-    (lambda t: t.replace('"10.20.0.5"', '"not a host!"'), "superlink.sans[1]"),
-    (lambda t: t.replace('name = "unitfed"', 'name = "has space"'), "name"),
-])
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda t: t.replace('country = "in"', 'country = "XX"'), "sites[1].country"),
+        (lambda t: t.replace('id = "site-in-01"', 'id = "site-de-01"'), "sites"),
+        (lambda t: t.replace('host = "fl.example.org"\n', ""), "superlink.host"),
+        (lambda t: t.replace("port = 9093", "port = 70000"), "superlink.port"),
+        (lambda t: t.replace("bind =", "bnd ="), "superlink.bnd"),
+        (lambda t: t.replace('"10.20.0.5"', '"not a host!"'), "superlink.sans[1]"),
+        (lambda t: t.replace('name = "unitfed"', 'name = "has space"'), "name"),
+    ],
+)
 def test_federation_errors_name_file_and_field(tmp_path, edit, field):
     path = tmp_path / "fed.toml"
     path.write_text(edit(FED))
@@ -105,8 +112,12 @@ def test_federation_defaults(tmp_path):
     fed = load_federation(path)
     assert fed.sites[1].country == "IN"
     assert fed.runtime_port("site-in-01") == 9095 and fed.site_index("site-in-01") == 1
-    assert fed.superlink.certificate_names() == ("fl.example.org", "10.20.0.5", "127.0.0.1",
-                                                 "localhost")
+    assert fed.superlink.certificate_names() == (
+        "fl.example.org",
+        "10.20.0.5",
+        "127.0.0.1",
+        "localhost",
+    )
     assert fed.superlink.local_address == "127.0.0.1:9091"
     path.write_text(FED.replace("port = 9093", "port = 9093\nlocal_port = 9093"))
     with pytest.raises(FederationError, match="local_port must differ"):
@@ -119,41 +130,65 @@ def test_federation_defaults(tmp_path):
 # ---- provisioning ----------------------------------------------------------------------
 def test_kits_hold_no_site_private_key_and_sites_hold_theirs(tmp_path):
     _, kits = make(tmp_path)
-    private = [p for p in kits.rglob("*") if p.is_file() and (
-        p.suffix == ".key" or p.name == "audit-signing.pem")]
+    private = [
+        p
+        for p in kits.rglob("*")
+        if p.is_file() and (p.suffix == ".key" or p.name == "audit-signing.pem")
+    ]
     assert sorted(str(p.relative_to(kits)) for p in private) == [
-        "ca/ca.key", "coordinator/superlink.key"]
+        "ca/ca.key",
+        "coordinator/superlink.key",
+    ]
     assert all(mode(p) == 0o600 for p in private)
     # no file anywhere under kits/ holds a site's private key, in any encoding
     site_secrets = []
     for site in ("site-de-01", "site-in-01"):
         keys = tmp_path / "state" / site / "keys"
         assert {p.name for p in keys.iterdir() if p.is_file()} >= {
-            "supernode-auth.key", "audit-signing.pem", "tls-client.key"}
+            "supernode-auth.key",
+            "audit-signing.pem",
+            "tls-client.key",
+        }
         for name in ("supernode-auth.key", "audit-signing.pem", "tls-client.key"):
             assert mode(keys / name) == 0o600
             site_secrets.append((keys / name).read_bytes())
     blobs = [p.read_bytes() for p in kits.rglob("*") if p.is_file()]
     assert not [1 for secret in site_secrets for b in blobs if secret.strip() in b]
-    holders = sorted(str(p.relative_to(kits)) for p in kits.rglob("*")
-                     if p.is_file() and b"PRIVATE KEY" in p.read_bytes())
+    holders = sorted(
+        str(p.relative_to(kits))
+        for p in kits.rglob("*")
+        if p.is_file() and b"PRIVATE KEY" in p.read_bytes()
+    )
     # the coordinator's own: TLS and the federation's one server audit key
-    assert holders == ["ca/ca.key", "coordinator/keys/server-audit-signing.pem",
-                       "coordinator/superlink.key"]
+    assert holders == [
+        "ca/ca.key",
+        "coordinator/keys/server-audit-signing.pem",
+        "coordinator/superlink.key",
+    ]
     assert mode(kits / "coordinator" / "keys" / "server-audit-signing.pem") == 0o600
     pinned = kits / "coordinator" / "keys" / "server-audit-signing.pub.pem"
     for site in ("site-de-01", "site-in-01"):  # pinned in every site kit, copied by init
-        assert (kits / "sites" / site / PINNED_SERVER_KEY).read_bytes() == \
-            pinned.read_bytes() == (tmp_path / "state" / site / PINNED_SERVER_KEY).read_bytes()
+        assert (
+            (kits / "sites" / site / PINNED_SERVER_KEY).read_bytes()
+            == pinned.read_bytes()
+            == (tmp_path / "state" / site / PINNED_SERVER_KEY).read_bytes()
+        )
     coord = kits / "coordinator"
     assert sorted(p.name for p in (coord / "site-keys").iterdir()) == [
-        "site-de-01.pub", "site-in-01.pub"]
+        "site-de-01.pub",
+        "site-in-01.pub",
+    ]
     for site in ("site-de-01", "site-in-01"):  # the public halves the sites created
         assert (coord / "site-keys" / f"{site}.pub").read_bytes() == (
-            tmp_path / "state" / site / NODE_PUB).read_bytes()
-    for script in (coord / "start-superlink.sh", coord / "register-sites.sh",
-                   coord / "start-proxy.sh", coord / "unregister-site.sh",
-                   kits / "sites" / "site-de-01" / "start-node.sh"):
+            tmp_path / "state" / site / NODE_PUB
+        ).read_bytes()
+    for script in (
+        coord / "start-superlink.sh",
+        coord / "register-sites.sh",
+        coord / "start-proxy.sh",
+        coord / "unregister-site.sh",
+        kits / "sites" / "site-de-01" / "start-node.sh",
+    ):
         assert mode(script) & 0o111
         assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
     connection = (coord / "flwr-connection.toml").read_text()
@@ -172,14 +207,28 @@ def test_provisioner_refuses_bad_requests(tmp_path):
     cases = {
         "another-federation": ({**data, "federation": "other"}, "another federation"),
         "unknown-site": ({**data, "site_id": "site-xx-01"}, "not a site of the federation"),
-        "private-key": ({**data, "audit_public_key": (tmp_path / "state/site-de-01/keys/"
-                                                     "audit-signing.pem").read_text()},
-                        "PRIVATE KEY"),
-        "bad-node-key": ({**data, "supernode_public_key": "ssh-ed25519 AAAA"},
-                         "supernode_public_key"),
-        "csr-for-other-site": ({**data, "tls_csr": json.loads((
-            tmp_path / "state/site-in-01/request-site-in-01.json").read_text())["tls_csr"]},
-            "CN=site-de-01"),
+        "private-key": (
+            {
+                **data,
+                "audit_public_key": (
+                    tmp_path / "state/site-de-01/keys/audit-signing.pem"
+                ).read_text(),
+            },
+            "PRIVATE KEY",
+        ),
+        "bad-node-key": (
+            {**data, "supernode_public_key": "ssh-ed25519 AAAA"},
+            "supernode_public_key",
+        ),
+        "csr-for-other-site": (
+            {
+                **data,
+                "tls_csr": json.loads(
+                    (tmp_path / "state/site-in-01/request-site-in-01.json").read_text()
+                )["tls_csr"],
+            },
+            "CN=site-de-01",
+        ),
     }
     for name, (content, message) in cases.items():
         bad = tmp_path / f"{name}.json"
@@ -196,8 +245,17 @@ def test_provisioner_refuses_bad_requests(tmp_path):
     bad.write_text(json.dumps(tampered))
     with pytest.raises((RequestError, pki.PkiError)):
         provision(fed, kits, requests=[bad])
-    res = CliRunner().invoke(app, ["provision", str(fed), "--out", str(kits), "--request",
-                                   str(tmp_path / "unknown-site.json")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "provision",
+            str(fed),
+            "--out",
+            str(kits),
+            "--request",
+            str(tmp_path / "unknown-site.json"),
+        ],
+    )
     assert res.exit_code == 2 and "not a site of the federation" in res.output
 
 
@@ -213,7 +271,8 @@ def test_client_certificate_is_issued_for_the_sites_key(tmp_path):
         key = pki.load_ec_private_pem(tmp_path / "state" / site / TLS_KEY)
         assert pki.same_public_key(cert.public_key(), key.public_key())
         assert (tmp_path / "state" / site / "client.pem").read_bytes() == (
-            kits / "sites" / site / "client.pem").read_bytes()
+            kits / "sites" / site / "client.pem"
+        ).read_bytes()
 
 
 def test_nginx_conf_exposes_only_the_fleet_api_with_mutual_tls(tmp_path):
@@ -225,19 +284,31 @@ def test_nginx_conf_exposes_only_the_fleet_api_with_mutual_tls(tmp_path):
     assert locations == ["/v1/fleet/", "/"]
     assert "proxy_pass https://superlink/v1/fleet/;" in conf
     assert "server 127.0.0.1:9091;" in conf and conf.count("proxy_pass") == 1
-    root = conf[conf.index("location / {"):]
+    root = conf[conf.index("location / {") :]
     assert "return 404;" in root.split("}")[0]
     start = (kits / "coordinator/start-superlink.sh").read_text()
-    secure = start[start.index('STATE="${SUPERLINK_STATE:-$KIT/state}"'):]
+    secure = start[start.index('STATE="${SUPERLINK_STATE:-$KIT/state}"') :]
     assert "--host 127.0.0.1 --port 9091" in secure and "0.0.0.0" not in secure
     import shutil
 
     if shutil.which("nginx"):  # the real parser, where nginx is installed (make nginx)
         state = tmp_path / "nginx-state"
         (state / "tmp").mkdir(parents=True)
-        res = subprocess.run(["nginx", "-t", "-e", "stderr", "-p", f"{state}/", "-c",
-                              str(kits / "coordinator/nginx.conf")],
-                             capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [
+                "nginx",
+                "-t",
+                "-e",
+                "stderr",
+                "-p",
+                f"{state}/",
+                "-c",
+                str(kits / "coordinator/nginx.conf"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 0, res.stderr
 
 
@@ -250,8 +321,9 @@ def test_keys_in_the_formats_flower_reads(tmp_path):
     key = load_ssh_private_key((site / NODE_KEY).read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     # the very functions flower-supernode and `flwr supernode register` call
-    args = argparse.Namespace(auth_supernode_private_key=str(site / NODE_KEY),
-                              auth_supernode_public_key=None)
+    args = argparse.Namespace(
+        auth_supernode_private_key=str(site / NODE_KEY), auth_supernode_public_key=None
+    )
     private, public = _try_setup_client_authentication(args)
     assert try_load_public_key(kits / "coordinator/site-keys/site-de-01.pub")
     assert pki.same_public_key(public, pki.load_node_public(site / NODE_PUB))
@@ -262,8 +334,7 @@ def test_superlink_certificate(tmp_path):
     ca = x509.load_pem_x509_certificate((kits / "ca/ca.pem").read_bytes())
     cert = x509.load_pem_x509_certificate((kits / "coordinator/superlink.pem").read_bytes())
     cert.verify_directly_issued_by(ca)
-    assert set(pki.cert_names(cert)) == {"fl.example.org", "10.20.0.5", "127.0.0.1",
-                                         "localhost"}
+    assert set(pki.cert_names(cert)) == {"fl.example.org", "10.20.0.5", "127.0.0.1", "localhost"}
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -286,11 +357,15 @@ def test_rerun_keeps_keys_force_replaces_them(tmp_path):
     changed = {p for p in secrets if p.read_bytes() != before[p]}
     assert changed == {kits / "coordinator/superlink.pem"}
     provision(fed, kits, force=True)
-    for p in (kits / "ca/ca.key", kits / "coordinator/superlink.key",
-              kits / "coordinator/keys/server-audit-signing.pem"):
+    for p in (
+        kits / "ca/ca.key",
+        kits / "coordinator/superlink.key",
+        kits / "coordinator/keys/server-audit-signing.pem",
+    ):
         assert p.read_bytes() != before[p] and mode(p) == 0o600
     assert (kits / "sites/site-de-01/server-audit.pub.pem").read_bytes() == (
-        kits / "coordinator/keys/server-audit-signing.pub.pem").read_bytes()  # re-pinned
+        kits / "coordinator/keys/server-audit-signing.pub.pem"
+    ).read_bytes()  # re-pinned
     # a new CA: the client certificates are re-issued from the stored requests
     client = kits / "sites/site-de-01/client.pem"
     assert client.read_bytes() != before[client]
@@ -325,7 +400,7 @@ def test_kit_with_site_private_keys_is_refused(tmp_path):
 
 def test_removed_site_leaves_the_coordinator_kit(tmp_path):
     fed, kits = make(tmp_path)
-    fed.write_text(FED.split("\n[[sites]]\nid = \"site-in-01\"")[0])
+    fed.write_text(FED.split('\n[[sites]]\nid = "site-in-01"')[0])
     report = provision(fed, kits)
     assert not (kits / "coordinator/site-keys/site-in-01.pub").exists()
     assert any("site-in-01 is no longer in the federation" in n for n in report.notes)
@@ -334,12 +409,18 @@ def test_removed_site_leaves_the_coordinator_kit(tmp_path):
 def test_scripts_use_only_flags_the_installed_flower_has(tmp_path):
     _, kits = make(tmp_path)
     bin_dir = Path(sys.executable).parent  # the venv's flower-superlink / flower-supernode
-    for script, binary in ((kits / "coordinator/start-superlink.sh", "flower-superlink"),
-                           (kits / "sites/site-de-01/start-node.sh", "flower-supernode")):
-        helptext = subprocess.run([str(bin_dir / binary), "--help"], capture_output=True,
-                                  text=True, timeout=60).stdout
-        text = "\n".join(line for line in script.read_text().splitlines()
-                         if not line.lstrip().startswith(("echo", '"then run', "#")))
+    for script, binary in (
+        (kits / "coordinator/start-superlink.sh", "flower-superlink"),
+        (kits / "sites/site-de-01/start-node.sh", "flower-supernode"),
+    ):
+        helptext = subprocess.run(
+            [str(bin_dir / binary), "--help"], capture_output=True, text=True, timeout=60
+        ).stdout
+        text = "\n".join(
+            line
+            for line in script.read_text().splitlines()
+            if not line.lstrip().startswith(("echo", '"then run', "#"))
+        )
         used = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", text))
         assert len(used) >= 6 and not sorted(f for f in used if f not in helptext)
 
@@ -363,8 +444,11 @@ def test_node_init_creates_keys_request_then_check(tmp_path):
     site_dir = tmp_path / "s" / "site-de-01"
     report = init_site(site_dir, kits / "sites/site-de-01")
     assert "manifest.toml" in report.copied and "client.pem" not in report.copied
-    assert set(report.created) == {"keys/supernode-auth.key", "keys/audit-signing.pem",
-                                   "keys/tls-client.key"}
+    assert set(report.created) == {
+        "keys/supernode-auth.key",
+        "keys/audit-signing.pem",
+        "keys/tls-client.key",
+    }
     assert mode(site_dir / NODE_KEY) == 0o600
     assert mode(site_dir / "keys") == 0o700 and (site_dir / "audit").is_dir()
     assert not SitePaths(site_dir).ledger.exists()
@@ -449,6 +533,7 @@ def _tls_server(cert: Path, key: Path) -> tuple[int, threading.Thread]:
                         tls.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 except (ssl.SSLError, OSError):
                     pass
+
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return sock.getsockname()[1], thread
@@ -467,8 +552,14 @@ def test_tls_probe_verifies_chain_and_name(tmp_path):
     ca_key = pki.load_ec_private_pem(kits / "ca/ca.key")
     key = pki.new_tls_key()
     pki.write_private(tmp_path / "named.key", pki.key_pem(key))
-    pki.write_public(tmp_path / "named.pem", pki.cert_pem(pki.issue_server_cert(
-        ca_key, pki.load_cert(kits / "ca/ca.pem"), key, ("fl.example.org",), 30)))
+    pki.write_public(
+        tmp_path / "named.pem",
+        pki.cert_pem(
+            pki.issue_server_cert(
+                ca_key, pki.load_cert(kits / "ca/ca.pem"), key, ("fl.example.org",), 30
+            )
+        ),
+    )
     port, _ = _tls_server(tmp_path / "named.pem", tmp_path / "named.key")
     with pytest.raises(ssl.SSLCertVerificationError, match="mismatch|match"):
         tls_probe("127.0.0.1", port, kits / "ca/ca.pem")  # not among the names
@@ -477,15 +568,15 @@ def test_tls_probe_verifies_chain_and_name(tmp_path):
 # ---- command line ------------------------------------------------------------------------
 def test_cli_user_errors_are_one_red_line(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["provision", str(tmp_path / "nope.toml"), "--out",
-                              str(tmp_path / "k")])
+    res = runner.invoke(
+        app, ["provision", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "k")]
+    )
     assert res.exit_code == 2 and "file not found" in res.output
     _, kits = make(tmp_path)
     res = runner.invoke(app, ["node", "init", str(tmp_path / "s"), "--kit", str(tmp_path)])
     assert res.exit_code == 2 and "node.toml" in res.output
     site = tmp_path / "state/site-de-01"
-    res = runner.invoke(app, ["node", "init", str(site), "--kit",
-                              str(kits / "sites/site-de-01")])
+    res = runner.invoke(app, ["node", "init", str(site), "--kit", str(kits / "sites/site-de-01")])
     assert res.exit_code == 0 and "sha256" in res.output and "request-site-de-01.json" in res.output
     # node init approved the installed release's app (fedmeta.deploy.appcheck)
     from fedmeta.deploy.appcheck import build_release_fab, read_approvals, release_digest
@@ -540,9 +631,15 @@ def flower_commands_without_offline_env(text: str) -> list[str]:
         for line in doc_commands(f"```sh\n{block}```"):
             if SOURCES_ENV.match(line):
                 sourced = True
-            elif CALLS_FLOWER.search(line) and not sourced and not re.search(
+            elif (
+                CALLS_FLOWER.search(line)
+                and not sourced
+                and not re.search(
                     r"FLWR_DISABLE_UPDATE_CHECK=1\b.*FLWR_TELEMETRY_ENABLED=0|"
-                    r"FLWR_TELEMETRY_ENABLED=0\b.*FLWR_DISABLE_UPDATE_CHECK=1", line):
+                    r"FLWR_TELEMETRY_ENABLED=0\b.*FLWR_DISABLE_UPDATE_CHECK=1",
+                    line,
+                )
+            ):
                 bad.append(line)
     return bad
 
@@ -557,28 +654,41 @@ def test_no_flower_command_in_the_guide_runs_without_the_offline_env():
     assert flower_commands_without_offline_env(broken)
     assert flower_commands_without_offline_env("```sh\nfedmeta x\nflwr run . f\n```\n")
     assert not flower_commands_without_offline_env(
-        "```sh\n. <kit>/flwr-offline.env\nflwr run . f\n```\n")
+        "```sh\n. <kit>/flwr-offline.env\nflwr run . f\n```\n"
+    )
 
 
 def test_env_file_switches_flower_off_in_every_kit_and_script(tmp_path):
     from fedmeta.offline import OFFLINE_ENV
 
     _, kits = make(tmp_path)
-    env_files = [kits / "coordinator/flwr-offline.env", kits / "sites/site-de-01/flwr-offline.env",
-                 tmp_path / "state/site-de-01/flwr-offline.env"]
+    env_files = [
+        kits / "coordinator/flwr-offline.env",
+        kits / "sites/site-de-01/flwr-offline.env",
+        tmp_path / "state/site-de-01/flwr-offline.env",
+    ]
     for path in env_files:
-        res = subprocess.run(["sh", "-c", f'. "{path}" && env'], capture_output=True,
-                             text=True, env={"PATH": "/usr/bin:/bin"}, check=True)
+        res = subprocess.run(
+            ["sh", "-c", f'. "{path}" && env'],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin"},
+            check=True,
+        )
         env = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
         assert {k: env.get(k) for k in OFFLINE_ENV} == OFFLINE_ENV, path
     assert OFFLINE_ENV["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     assert OFFLINE_ENV["FLWR_TELEMETRY_ENABLED"] == "0"
     for script in [*(kits / "coordinator").glob("*.sh"), kits / "sites/site-de-01/start-node.sh"]:
         text = script.read_text()
-        if "flwr" in text.replace("flwr-offline", "").replace("flwr-home", "") or \
-                "flower-" in text or "fedmeta registry" in text:
-            assert '. "$KIT/flwr-offline.env"' in text or '. "$SITE_DIR/flwr-offline.env"' \
-                in text, script
+        if (
+            "flwr" in text.replace("flwr-offline", "").replace("flwr-home", "")
+            or "flower-" in text
+            or "fedmeta registry" in text
+        ):
+            assert (
+                '. "$KIT/flwr-offline.env"' in text or '. "$SITE_DIR/flwr-offline.env"' in text
+            ), script
 
 
 # ---- registry and binding ----------------------------------------------------------------
@@ -586,8 +696,9 @@ def fake_flwr(tmp_path: Path, script: str) -> dict[str, str]:
     """A `flwr` on PATH that answers like Flower's CLI (see script) and logs its calls."""
     bin_dir = tmp_path / "fakebin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "flwr").write_text("#!/bin/sh\necho \"$@\" >> " + str(tmp_path / "calls.log")
-                                  + "\n" + script)
+    (bin_dir / "flwr").write_text(
+        '#!/bin/sh\necho "$@" >> ' + str(tmp_path / "calls.log") + "\n" + script
+    )
     (bin_dir / "flwr").chmod(0o755)
     import os
 
@@ -606,36 +717,47 @@ def test_registry_register_is_idempotent_rotates_and_fails_loudly(tmp_path, monk
     coord = kits / "coordinator"
     counter = tmp_path / "n"
     counter.write_text("100")
-    env = fake_flwr(tmp_path, f"""
+    env = fake_flwr(
+        tmp_path,
+        f"""
 case "$2" in
   register) n=$(cat {counter}); echo $((n+1)) > {counter}
             printf '{{"success": true, "node-id": %s}}\\n' "$n";;
   unregister) printf '{{"success": true, "node-id": %s}}\\n' "$3";;
 esac
-""")
+""",
+    )
     monkeypatch.setenv("PATH", env["PATH"])
     lines = register_sites(coord, "unitfed", [])
     assert lines == ["registered site-de-01 as node 100", "registered site-in-01 as node 101"]
     reg = read_registry(coord / NODE_REGISTRY)
     assert {s: e.node_id for s, e in reg.items()} == {"site-de-01": 100, "site-in-01": 101}
     assert register_sites(coord, "unitfed", []) == [
-        "site-de-01: already registered as node 100", "site-in-01: already registered as node 101"]
+        "site-de-01: already registered as node 100",
+        "site-in-01: already registered as node 101",
+    ]
     # rotation: a new key gets a new node id, the old node is unregistered
     report = init_site(tmp_path / "state/site-de-01", new_auth_key=True)
     provision(fed, kits, requests=[report.request])
     lines = register_sites(coord, "unitfed", ["site-de-01"])
-    assert lines == ["registered site-de-01 as node 102",
-                     "unregistered site-de-01's former node 100 (key rotated)"]
+    assert lines == [
+        "registered site-de-01 as node 102",
+        "unregistered site-de-01's former node 100 (key rotated)",
+    ]
     assert "supernode unregister 100 unitfed" in (tmp_path / "calls.log").read_text()
     assert read_registry(coord / NODE_REGISTRY)["site-de-01"].node_id == 102
     assert unregister_sites(coord, "unitfed", ["site-in-01"]) == [
-        "unregistered site-in-01 (node 101)"]
+        "unregistered site-in-01 (node 101)"
+    ]
     assert "site-in-01" not in read_registry(coord / NODE_REGISTRY)
     # a failing registration: non-zero, no empty id written, the registry unchanged
     before = (coord / NODE_REGISTRY).read_bytes()
-    env = fake_flwr(tmp_path, """printf '{"success": false, "error-message": "boom"}\\n'
+    env = fake_flwr(
+        tmp_path,
+        """printf '{"success": false, "error-message": "boom"}\\n'
 exit 1
-""")
+""",
+    )
     monkeypatch.setenv("PATH", env["PATH"])
     with pytest.raises(RegistryError, match="site-in-01.*failed: boom"):
         register_sites(coord, "unitfed", ["site-in-01"])
@@ -648,10 +770,13 @@ exit 1
     with pytest.raises(RegistryError, match="not in"):
         unregister_sites(coord, "unitfed", ["site-in-01"])
     # the script exits non-zero too
-    res = subprocess.run([str(coord / "register-sites.sh"), "unitfed", "site-in-01"],
-                         capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}"
-                              f":{env['PATH']}"})
+    res = subprocess.run(
+        [str(coord / "register-sites.sh"), "unitfed", "site-in-01"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+    )
     assert res.returncode == 1 and "failed" in res.stderr
     assert (coord / NODE_REGISTRY).read_bytes() == before
 
@@ -660,8 +785,12 @@ def test_registry_rejects_malformed_lines(tmp_path):
     from fedmeta.deploy.registry import RegistryError, read_registry
 
     path = tmp_path / "node-ids.txt"
-    for bad in ("site-a\n", "site-a  SHA256:x\n", "site-a 12\n", "site-a 1 SHA256:x\nsite-a 2 "
-                "SHA256:y\n"):
+    for bad in (
+        "site-a\n",
+        "site-a  SHA256:x\n",
+        "site-a 12\n",
+        "site-a 1 SHA256:x\nsite-a 2 SHA256:y\n",
+    ):
         path.write_text(bad)
         with pytest.raises(RegistryError, match="node-ids.txt"):
             read_registry(path)
@@ -675,8 +804,9 @@ def test_server_binds_nodes_to_sites_from_the_registry(tmp_path, monkeypatch):
     monkeypatch.delenv(REGISTRY_ENV, raising=False)
     assert bind_site(7, "site-x") == ("site-x", "")
     path = tmp_path / "node-ids.txt"
-    write_registry(path, {"site-a": Entry("site-a", 11, "SHA256:a"),
-                          "site-b": Entry("site-b", 22, "SHA256:b")})
+    write_registry(
+        path, {"site-a": Entry("site-a", 11, "SHA256:a"), "site-b": Entry("site-b", 22, "SHA256:b")}
+    )
     monkeypatch.setenv(REGISTRY_ENV, str(path))
     assert bind_site(11, "site-a") == ("site-a", "")
     site, why = bind_site(22, "site-a")  # site b's node claims to be site a
@@ -701,24 +831,35 @@ def test_discover_sites_refuses_and_reports_unbound_nodes(tmp_path, monkeypatch)
 
     def reply_from(node: int, site: str) -> Message:
         manifest = default_site_manifest(site, country="DE").model_dump_json()
-        query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
-                        message_type=MessageType.QUERY)
-        return Message(RecordDict({"site": ConfigRecord({
-            "site-id": site, "site-index": 0, "manifest-json": manifest})}), reply_to=query)
+        query = Message(
+            RecordDict({"config": ConfigRecord({})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        return Message(
+            RecordDict(
+                {
+                    "site": ConfigRecord(
+                        {"site-id": site, "site-index": 0, "manifest-json": manifest}
+                    )
+                }
+            ),
+            reply_to=query,
+        )
 
     class Grid:
         def get_node_ids(self):
             return [11, 22, 33]
 
         def send_and_receive(self, msgs, timeout):
-            return [reply_from(11, "site-a"), reply_from(22, "site-a"),
-                    reply_from(33, "site-z")]
+            return [reply_from(11, "site-a"), reply_from(22, "site-a"), reply_from(33, "site-z")]
 
     for attr in ("_task_id", "_run_id", "_node_id"):  # as tests/server/test_strategy.py
         monkeypatch.setattr(TaskIdentity, attr, 1)
     path = tmp_path / "node-ids.txt"
-    write_registry(path, {"site-a": Entry("site-a", 11, "SHA256:a"),
-                          "site-b": Entry("site-b", 22, "SHA256:b")})
+    write_registry(
+        path, {"site-a": Entry("site-a", 11, "SHA256:a"), "site-b": Entry("site-b", 22, "SHA256:b")}
+    )
     monkeypatch.setenv(REGISTRY_ENV, str(path))
     cfg = RunConfig.from_flat({"sites": 3, "node-wait-s": 0.1})
     sites, manifests, problems = discover_sites(Grid(), cfg, ConfigRecord({}))
@@ -753,15 +894,18 @@ def _mtls_server(cert: Path, key: Path, ca: Path, seen: list[str]) -> int:
                         seen.append(subject["commonName"])
                         data = b""
                         while b"\r\n\r\n" not in data:  # read the whole request before
-                            data += tls.recv(65536)       # answering (no RST on close)
+                            data += tls.recv(65536)  # answering (no RST on close)
                         head, _, body = data.partition(b"\r\n\r\n")
                         length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
                         while len(body) < length:
                             body += tls.recv(65536)
-                        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/protobuf\r\n"
-                                    b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                        tls.sendall(
+                            b"HTTP/1.1 200 OK\r\nContent-Type: application/protobuf\r\n"
+                            b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
                 except (ssl.SSLError, OSError):
                     seen.append("refused")
+
     threading.Thread(target=serve, daemon=True).start()
     return sock.getsockname()[1]
 
@@ -790,8 +934,10 @@ def _launcher_checks(FleetHttpClient, supernode, site, port, seen, monkeypatch):
 
     ca = (site / "ca.pem").read_bytes()
     # stock Flower: no client certificate, refused
-    with FleetHttpClient.from_server_address(f"127.0.0.1:{port}", False, ca, []) as client, \
-            pytest.raises((httpx.HTTPError, ssl.SSLError)):
+    with (
+        FleetHttpClient.from_server_address(f"127.0.0.1:{port}", False, ca, []) as client,
+        pytest.raises((httpx.HTTPError, ssl.SSLError)),
+    ):
         client.GetRun(GetRunRequest(run_id=1))
     # the launcher's hook: the site's certificate, the server still verified against ca.pem
     supernode.install_client_certificate(site / "client.pem", site / TLS_KEY)
@@ -811,10 +957,12 @@ def test_systemd_units_outlast_flowers_lockout_and_kill_the_whole_group(tmp_path
     import configparser
 
     _, kits = make(tmp_path)
-    units = [kits / "coordinator/systemd/fedmeta-superlink.service",
-             kits / "coordinator/systemd/fedmeta-proxy.service",
-             kits / "sites/site-de-01/systemd/fedmeta-node.service",
-             tmp_path / "state/site-de-01/systemd/fedmeta-node.service"]
+    units = [
+        kits / "coordinator/systemd/fedmeta-superlink.service",
+        kits / "coordinator/systemd/fedmeta-proxy.service",
+        kits / "sites/site-de-01/systemd/fedmeta-node.service",
+        tmp_path / "state/site-de-01/systemd/fedmeta-node.service",
+    ]
     for path in units:
         unit = configparser.ConfigParser(interpolation=None, strict=False)
         unit.read_string(path.read_text())
@@ -828,10 +976,16 @@ def test_systemd_units_outlast_flowers_lockout_and_kill_the_whole_group(tmp_path
 
     if shutil.which("systemd-analyze"):
         filled = tmp_path / "fedmeta-node.service"
-        filled.write_text(units[2].read_text().replace("@DIR@", str(tmp_path)).replace(
-            "@VENV@", sys.prefix).replace("@USER@", "root"))
-        res = subprocess.run(["systemd-analyze", "verify", str(filled)], capture_output=True,
-                             text=True, timeout=60)
+        filled.write_text(
+            units[2]
+            .read_text()
+            .replace("@DIR@", str(tmp_path))
+            .replace("@VENV@", sys.prefix)
+            .replace("@USER@", "root")
+        )
+        res = subprocess.run(
+            ["systemd-analyze", "verify", str(filled)], capture_output=True, text=True, timeout=60
+        )
         assert "RestartSec" not in res.stderr and "KillMode" not in res.stderr, res.stderr
 
 
@@ -856,8 +1010,11 @@ def test_kit_fingerprint_detects_any_change(tmp_path):
     kits = tmp_path / "kits"
     report = provision(fed, kits)
     prints = dict(line.split() for line in (kits / "fingerprints.txt").read_text().splitlines())
-    assert prints == report.fingerprints and set(prints) == {"coordinator", "site-de-01",
-                                                              "site-in-01"}
+    assert prints == report.fingerprints and set(prints) == {
+        "coordinator",
+        "site-de-01",
+        "site-in-01",
+    }
     kit = kits / "sites/site-de-01"
     verify_kit(kit, prints["site-de-01"])
     assert init_site(tmp_path / "s", kit, fingerprint=prints["site-de-01"]).request
@@ -872,8 +1029,18 @@ def test_kit_fingerprint_detects_any_change(tmp_path):
     (kit / "extra.sh").write_text("echo\n")
     with pytest.raises(ProvisionError, match="extra.sh: not part of the kit"):
         verify_kit(kit, prints["site-de-01"])
-    res = CliRunner().invoke(app, ["node", "init", str(tmp_path / "t"), "--kit", str(kit),
-                                   "--fingerprint", prints["site-de-01"]])
+    res = CliRunner().invoke(
+        app,
+        [
+            "node",
+            "init",
+            str(tmp_path / "t"),
+            "--kit",
+            str(kit),
+            "--fingerprint",
+            prints["site-de-01"],
+        ],
+    )
     assert res.exit_code == 2 and "not part of the kit" in res.output
     assert not (tmp_path / "t").exists()  # refused before anything was laid out
     # the coordinator kit running in place (state/) keeps its fingerprint

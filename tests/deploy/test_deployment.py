@@ -63,14 +63,19 @@ HEARTBEAT_S = 10
 RUN_OVERRIDES = {"eval-episodes": 3, "node-wait-s": 60.0, "round-timeout-s": 120.0}
 
 
-def federation_toml(port: int, local_port: int, runtime: list[int],
-                    sites: list[tuple[str, str]]) -> str:
-    text = (f'name = "{FED}"\n\n[superlink]\nhost = "127.0.0.1"\nport = {port}\n'
-            f'bind = "127.0.0.1"\nlocal_port = {local_port}\n'
-            'sans = ["localhost", "127.0.0.1"]\n')
+def federation_toml(
+    port: int, local_port: int, runtime: list[int], sites: list[tuple[str, str]]
+) -> str:
+    text = (
+        f'name = "{FED}"\n\n[superlink]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'bind = "127.0.0.1"\nlocal_port = {local_port}\n'
+        'sans = ["localhost", "127.0.0.1"]\n'
+    )
     for i, (site, country) in enumerate(sites):
-        text += (f'\n[[sites]]\nid = "{site}"\ncountry = "{country}"\nindex = {i}\n'
-                 f"runtime_port = {runtime[i]}\n")
+        text += (
+            f'\n[[sites]]\nid = "{site}"\ncountry = "{country}"\nindex = {i}\n'
+            f"runtime_port = {runtime[i]}\n"
+        )
     return text
 
 
@@ -150,10 +155,15 @@ def test_deployment(tmp_path: Path) -> None:
     finally:
         t = time.monotonic()
         d.stop_all()
-        leftovers = d.tagged_pids() + [
-            p.pid for p in d.procs.values() if p.poll() is None] + [
-            int(p) for p in os.listdir("/proc") if p.isdigit()
-            and str(tmp_path) in cmdline(int(p)) and "nginx" in cmdline(int(p))]
+        leftovers = (
+            d.tagged_pids()
+            + [p.pid for p in d.procs.values() if p.poll() is None]
+            + [
+                int(p)
+                for p in os.listdir("/proc")
+                if p.isdigit() and str(tmp_path) in cmdline(int(p)) and "nginx" in cmdline(int(p))
+            ]
+        )
         d.timings["stop all"] = round(time.monotonic() - t, 1)
         (tmp_path / "timings.json").write_text(json.dumps(d.timings, indent=2))
         print("deployment timings (s):", json.dumps(d.timings))
@@ -166,8 +176,11 @@ def test_deployment(tmp_path: Path) -> None:
 
 def site_secrets(site_dir: Path) -> list[bytes]:
     keys = site_dir / "keys"
-    return [p.read_bytes().strip() for p in keys.rglob("*") if p.is_file() and (
-        p.suffix == ".key" or p.name == "audit-signing.pem")]
+    return [
+        p.read_bytes().strip()
+        for p in keys.rglob("*")
+        if p.is_file() and (p.suffix == ".key" or p.name == "audit-signing.pem")
+    ]
 
 
 def registry(coord: Path) -> dict[str, str]:
@@ -192,16 +205,25 @@ def init_and_request(d: Deployment, prov: Path, kits: Path, site_dir: Path, site
     """A site creates its keys and request; the provisioner accepts it; the site picks up its
     client certificate from the returned kit."""
     with KITS:
-        d.run("fedmeta node init <site-dir> --kit <kit>", site_dir.parent, **{
-            "site-dir": site_dir, "kit": kits / "sites" / site})
+        d.run(
+            "fedmeta node init <site-dir> --kit <kit>",
+            site_dir.parent,
+            **{"site-dir": site_dir, "kit": kits / "sites" / site},
+        )
     request = site_dir / f"request-{site}.json"
     assert b"PRIVATE" not in request.read_bytes()
     with KITS:
-        d.run("fedmeta provision federation.toml --out kits --request <request>", prov,
-              request=request)
+        d.run(
+            "fedmeta provision federation.toml --out kits --request <request>",
+            prov,
+            request=request,
+        )
     with KITS:
-        res = d.run("fedmeta node init <site-dir> --kit <kit>", site_dir.parent, **{
-            "site-dir": site_dir, "kit": kits / "sites" / site})
+        res = d.run(
+            "fedmeta node init <site-dir> --kit <kit>",
+            site_dir.parent,
+            **{"site-dir": site_dir, "kit": kits / "sites" / site},
+        )
     assert "copied client.pem" in res.stdout, res.stdout
 
 
@@ -219,16 +241,24 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     coord = kits / "coordinator"
     site_dirs = {site: tmp / "sites" / site for site, _ in SITES}
     (tmp / "sites").mkdir()
+
     def site_setup(site: str) -> None:  # each site on its own machine: concurrently
         assert not (kits / "sites" / site / "keys").exists()  # no key is born here
         init_and_request(d, prov, kits, site_dirs[site], site)
-        res = d.run("fedmeta node check <site-dir> --no-connect", tmp, expect=1,
-                    **{"site-dir": site_dirs[site]})
+        res = d.run(
+            "fedmeta node check <site-dir> --no-connect",
+            tmp,
+            expect=1,
+            **{"site-dir": site_dirs[site]},
+        )
         assert "TODO placeholders" in res.stdout  # the template must be filled in first
         fill_manifest(site_dirs[site], site)
         # the site's DPO accepts the run declaration the coordinator will send
-        d.run("fedmeta node approve <site-dir> <declaration>", tmp, **{
-            "site-dir": site_dirs[site], "declaration": EXAMPLE_RUN})
+        d.run(
+            "fedmeta node approve <site-dir> <declaration>",
+            tmp,
+            **{"site-dir": site_dirs[site], "declaration": EXAMPLE_RUN},
+        )
 
     in_parallel(*(lambda s=site: site_setup(s) for site, _ in SITES))
     # the provisioner never held a site's private key: no byte of one anywhere in its tree
@@ -236,9 +266,11 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     for site, _ in SITES:
         secrets = site_secrets(site_dirs[site])
         assert len(secrets) == 3 and not [1 for k in secrets for b in blobs if k in b], site
-    assert sorted(str(p.relative_to(kits)) for p in kits.rglob("*") if p.is_file() and (
-        b"PRIVATE KEY" in p.read_bytes())) == [
-        "ca/ca.key", "coordinator/keys/server-audit-signing.pem", "coordinator/superlink.key"]
+    assert sorted(
+        str(p.relative_to(kits))
+        for p in kits.rglob("*")
+        if p.is_file() and (b"PRIVATE KEY" in p.read_bytes())
+    ) == ["ca/ca.key", "coordinator/keys/server-audit-signing.pem", "coordinator/superlink.key"]
     d.timings["provision+init+requests"] = round(time.monotonic() - t, 1)
 
     # ---- 3. insecure mode, asked for by name: own state, loopback ----------------------------
@@ -248,18 +280,23 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     wait_for(lambda: port_open(port), 60, "the insecure SuperLink")
     assert env_of(link.pid)["FEDMETA_TRANSPORT"] == "insecure"
     assert env_of(link.pid)["FLWR_DISABLE_UPDATE_CHECK"] == "1"  # sourced by the script
-    node = d.start("node-insecure", "<site-dir>/start-node.sh --insecure", tmp,
-                   env=OWN_HOME, **{"site-dir": first})
+    node = d.start(
+        "node-insecure",
+        "<site-dir>/start-node.sh --insecure",
+        tmp,
+        env=OWN_HOME,
+        **{"site-dir": first},
+    )
     d.run("fedmeta node check <site-dir> --insecure", tmp, **{"site-dir": first})
     wait_for(lambda: "SuperNode ID" in d.log("node-insecure"), 60, "the insecure node")
-    assert "WITHOUT TLS" in d.log("node-insecure") and "WITHOUT TLS" in d.log(
-        "superlink-insecure")
+    assert "WITHOUT TLS" in d.log("node-insecure") and "WITHOUT TLS" in d.log("superlink-insecure")
     assert env_of(node.pid)["FEDMETA_TRANSPORT"] == "insecure"
     assert (coord / "state-insecure" / "superlink.db").exists()
     assert not (coord / "state" / "superlink.db").exists()  # never the production database
     listening = d.listening()
     assert f"127.0.0.1:{port}" in listening and all(
-        a.startswith("127.0.0.1:") for a in listening), listening
+        a.startswith("127.0.0.1:") for a in listening
+    ), listening
     stop(d, "node-insecure")
     stop(d, "superlink-insecure")
     wait_for(lambda: not port_open(port), 30, "the insecure SuperLink to stop")
@@ -281,8 +318,9 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     offline = d.source(". ./flwr-offline.env", coord)
     assert offline["FLWR_DISABLE_UPDATE_CHECK"] == "1" and offline["FLWR_TELEMETRY_ENABLED"] == "0"
     d.run('mkdir -p "${FLWR_HOME:-$HOME/.flwr}"', coord)
-    d.run('sed "s|@KIT@|$PWD|" flwr-connection.toml >> "${FLWR_HOME:-$HOME/.flwr}/config.toml"',
-          coord)
+    d.run(
+        'sed "s|@KIT@|$PWD|" flwr-connection.toml >> "${FLWR_HOME:-$HOME/.flwr}/config.toml"', coord
+    )
     d.run("./register-sites.sh <federation>", coord, federation=FED)
     node_ids = registry(coord)
     assert sorted(node_ids) == sorted(s for s, _ in SITES) and all(node_ids.values())
@@ -297,32 +335,62 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     pki.write_private(tmp / "rogue.key", pki.node_private_openssh(rogue))
     pki.write_public(tmp / "rogue.pub", pki.node_public_openssh(rogue))
     site0_key = first / "keys" / "supernode-auth.key"
-    with_cert = {"FEDMETA_TLS_CLIENT_CERT": str(client[0]),
-                 "FEDMETA_TLS_CLIENT_KEY": str(client[1])}
+    with_cert = {
+        "FEDMETA_TLS_CLIENT_CERT": str(client[0]),
+        "FEDMETA_TLS_CLIENT_KEY": str(client[1]),
+    }
     unregistered = d.start(
-        "node-unregistered", "fedmeta node supernode --superlink 127.0.0.1:<port> "
-        "--root-certificates <ca> --auth-supernode-private-key <key> --port <rport>", tmp,
-        record=False, env={"FLWR_HOME": str(tmp / "rogue-home"), **with_cert}, port=port,
-        ca=coord / "ca.pem", key=tmp / "rogue.key", rport=runtime[-1])
+        "node-unregistered",
+        "fedmeta node supernode --superlink 127.0.0.1:<port> "
+        "--root-certificates <ca> --auth-supernode-private-key <key> --port <rport>",
+        tmp,
+        record=False,
+        env={"FLWR_HOME": str(tmp / "rogue-home"), **with_cert},
+        port=port,
+        ca=coord / "ca.pem",
+        key=tmp / "rogue.key",
+        rport=runtime[-1],
+    )
     no_ca = d.start(
-        "node-no-ca", "fedmeta node supernode --superlink 127.0.0.1:<port> "
-        "--auth-supernode-private-key <key> --port <rport>", tmp, record=False,
-        env={"FLWR_HOME": str(tmp / "no-ca-home"), **with_cert}, port=port, key=site0_key,
-        rport=runtime[-2])
+        "node-no-ca",
+        "fedmeta node supernode --superlink 127.0.0.1:<port> "
+        "--auth-supernode-private-key <key> --port <rport>",
+        tmp,
+        record=False,
+        env={"FLWR_HOME": str(tmp / "no-ca-home"), **with_cert},
+        port=port,
+        key=site0_key,
+        rport=runtime[-2],
+    )
     no_cert = d.start(
-        "node-no-client-cert", "flower-supernode --superlink 127.0.0.1:<port> "
-        "--root-certificates <ca> --auth-supernode-private-key <key> --port <rport>", tmp,
-        record=False, env={"FLWR_HOME": str(tmp / "no-cert-home"), **OFFLINE_ENV}, port=port,
-        ca=coord / "ca.pem", key=site0_key, rport=runtime[-4])
+        "node-no-client-cert",
+        "flower-supernode --superlink 127.0.0.1:<port> "
+        "--root-certificates <ca> --auth-supernode-private-key <key> --port <rport>",
+        tmp,
+        record=False,
+        env={"FLWR_HOME": str(tmp / "no-cert-home"), **OFFLINE_ENV},
+        port=port,
+        ca=coord / "ca.pem",
+        key=site0_key,
+        rport=runtime[-4],
+    )
 
     # ---- 5. the three sites start their nodes ----------------------------------------------
     for site, _ in SITES:
-        d.start(f"node-{site}", "<site-dir>/start-node.sh", tmp, env=OWN_HOME,
-                **{"site-dir": site_dirs[site]})
+        d.start(
+            f"node-{site}",
+            "<site-dir>/start-node.sh",
+            tmp,
+            env=OWN_HOME,
+            **{"site-dir": site_dirs[site]},
+        )
 
     for site, _ in SITES:  # logged once the SuperLink accepted the node
-        wait_for(lambda s=site: f"SuperNode ID: {node_ids[s]}" in d.log(f"node-{s}"), 90,
-                 f"{site} online")
+        wait_for(
+            lambda s=site: f"SuperNode ID: {node_ids[s]}" in d.log(f"node-{s}"),
+            90,
+            f"{site} online",
+        )
     d.run("flwr supernode ls <federation>", coord, federation=FED)
     wait_for(lambda: unregistered.poll() is not None, 60, "the unregistered node")
     assert unregistered.returncode != 0
@@ -331,14 +399,16 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     assert no_ca.returncode != 0
     assert "CERTIFICATE_VERIFY_FAILED" in d.log("node-no-ca"), d.log("node-no-ca")[-2000:]
     wait_for(lambda: no_cert.poll() is not None, 60, "the node without a client certificate")
-    assert no_cert.returncode != 0 and "400 Bad Request" in d.log("node-no-client-cert"), \
-        d.log("node-no-client-cert")[-2000:]
+    assert no_cert.returncode != 0 and "400 Bad Request" in d.log("node-no-client-cert"), d.log(
+        "node-no-client-cert"
+    )[-2000:]
     for site, _ in SITES:  # inherited by the node's SuperExec, hence by every ClientApp
         node_pid = d.procs[f"node-{site}"].pid
         assert env_of(node_pid)["FEDMETA_TRANSPORT"] == "tls+supernode-auth"
         assert env_of(node_pid)["FLWR_DISABLE_UPDATE_CHECK"] == "1"
-        assert all(env_of(c)["FEDMETA_TRANSPORT"] == "tls+supernode-auth"
-                   for c in children(node_pid))
+        assert all(
+            env_of(c)["FEDMETA_TRANSPORT"] == "tls+supernode-auth" for c in children(node_pid)
+        )
     addresses = d.listening()
     assert addresses and all(a.startswith(("127.0.0.1:", "::1:")) for a in addresses), addresses
     assert f"127.0.0.1:{local_port}" in addresses and f"127.0.0.1:{port}" in addresses
@@ -346,33 +416,34 @@ def _scenario(d: Deployment, tmp: Path) -> None:
 
     # ---- 5b. what a site can do through the proxy: nothing but the Fleet API ----------------
     t = time.monotonic()
-    app = copy_project(tmp / "app", {**tomllib.loads(doc_block(doc, "toml", "run.toml")),
-                                     **RUN_OVERRIDES})
+    app = copy_project(
+        tmp / "app", {**tomllib.loads(doc_block(doc, "toml", "run.toml")), **RUN_OVERRIDES}
+    )
     d.timings["copy project"] = round(time.monotonic() - t, 1)
     site_attacks(d, tmp, app, coord, port, first, node_ids)
     assert registry(coord) == node_ids
-    assert sorted(str(n["node-id"]) for n in d.flwr_nodes(FED)
-                  if n["status"] == "online") == sorted(node_ids.values())
+    assert sorted(
+        str(n["node-id"]) for n in d.flwr_nodes(FED) if n["status"] == "online"
+    ) == sorted(node_ids.values())
 
     # ---- 6. run A: two rounds of Reptile with DP, all three sites --------------------------
     run_cfg = tomllib.loads(doc_block(doc, "toml", "run.toml"))
     assert run_cfg["out-dir"].endswith("/{run}")  # the guide's: one directory per run
     runs_a = tmp / "runs-a"
-    write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES,
-                                  "out-dir": str(runs_a / "{run}")})
+    write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES, "out-dir": str(runs_a / "{run}")})
     t = time.monotonic()
     d.source(". <coordinator-kit>/flwr-offline.env", app, **{"coordinator-kit": coord})
-    res = d.run("flwr run . <federation> --stream --run-config run.toml", app, timeout=400,
-                federation=FED)
-    out_a = wait_for(lambda: next(iter(runs_a.glob("*/summary.json")), None), 60,
-                     "run A's summary").parent
+    res = d.run(
+        "flwr run . <federation> --stream --run-config run.toml", app, timeout=400, federation=FED
+    )
+    out_a = wait_for(
+        lambda: next(iter(runs_a.glob("*/summary.json")), None), 60, "run A's summary"
+    ).parent
     run_a = json.loads((out_a / "summary.json").read_text())["run"]
     assert out_a.name == run_a
     d.timings["two-round deployed run (flwr run wall)"] = round(time.monotonic() - t, 1)
-    d.run("fedmeta audit verify <out-dir>/audit/server-audit-log.jsonl", tmp,
-          **{"out-dir": out_a})
-    d.timings["provisioning to a verified run (3 sites)"] = round(
-        time.monotonic() - t_provision, 1)
+    d.run("fedmeta audit verify <out-dir>/audit/server-audit-log.jsonl", tmp, **{"out-dir": out_a})
+    d.timings["provisioning to a verified run (3 sites)"] = round(time.monotonic() - t_provision, 1)
     summary = json.loads((out_a / "summary.json").read_text())
     d.timings["two-round deployed run (server wall_s)"] = summary["wall_s"]
     assert summary["sites"] == sorted(s for s, _ in SITES), summary
@@ -381,10 +452,12 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     assert [m["round"] for m in rounds_a] == [1, 2]
     for m in rounds_a:
         assert m["used"] == sorted(s for s, _ in SITES) and not m["lost"], m
-    assert not [x for x in (out_a / "audit" / "server-audit-log.jsonl").read_text().splitlines()
-                if '"site.unusable"' in x]  # every node bound to its site by the registry
-    receipts = {site: [Receipt.parse(m["receipts"][site]) for m in rounds_a]
-                for site, _ in SITES}
+    assert not [
+        x
+        for x in (out_a / "audit" / "server-audit-log.jsonl").read_text().splitlines()
+        if '"site.unusable"' in x
+    ]  # every node bound to its site by the registry
+    receipts = {site: [Receipt.parse(m["receipts"][site]) for m in rounds_a] for site, _ in SITES}
 
     # ---- 6b. a coordinator that turns DP off: every site declines, nothing is charged -------
     # (its own server skips the run-level rules, which would stop it there: PRIV-DP)
@@ -395,13 +468,22 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     assert ELIGIBLE in text
     run_py.write_text(text.replace(ELIGIBLE, "    eligible = set(manifests)"))
     out_h = tmp / "server-hostile"
-    charges = {site: len(PrivacyLedger.read(site_dirs[site] / "privacy-ledger.jsonl").charges)
-               for site, _ in SITES}
+    charges = {
+        site: len(PrivacyLedger.read(site_dirs[site] / "privacy-ledger.jsonl").charges)
+        for site, _ in SITES
+    }
     # flwr takes a TOML file or key=value pairs, not both: dp = false goes in the file
-    write_toml(hostile / "run.toml", {**run_cfg, **RUN_OVERRIDES, "rounds": 1, "dp": False,
-                                      "out-dir": str(out_h)})
-    res = d.run("fedmeta run . <federation> --run-config run.toml", hostile, timeout=400,
-                expect=1, federation=FED)  # refused by every site: a non-zero exit
+    write_toml(
+        hostile / "run.toml",
+        {**run_cfg, **RUN_OVERRIDES, "rounds": 1, "dp": False, "out-dir": str(out_h)},
+    )
+    res = d.run(
+        "fedmeta run . <federation> --run-config run.toml",
+        hostile,
+        timeout=400,
+        expect=1,
+        federation=FED,
+    )  # refused by every site: a non-zero exit
     assert "fedmeta: round 1/1: used 0, declined 3" in res.stdout, res.stdout[-2000:]
     assert "refused" in res.stderr, res.stderr[-2000:]
     wait_for(lambda: (out_h / "summary.json").exists(), 60, "the dp=false run's summary")
@@ -426,33 +508,49 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     out_b = tmp / "server-b"
     write_toml(app / "run.toml", {**run_cfg, **RUN_OVERRIDES, "out-dir": str(out_b)})
     t = time.monotonic()
-    run_b = d.start("flwr-run-b", "fedmeta run . <federation> --run-config run.toml",
-                    app, record=False, federation=FED)
-    wait_for(lambda: any(m["round"] == 1 for m in metrics(out_b)), 300, "run B's round 1",
-             every=0.2)
+    run_b = d.start(
+        "flwr-run-b",
+        "fedmeta run . <federation> --run-config run.toml",
+        app,
+        record=False,
+        federation=FED,
+    )
+    wait_for(
+        lambda: any(m["round"] == 1 for m in metrics(out_b)), 300, "run B's round 1", every=0.2
+    )
     # the ServerApp's process shows how it reaches the SuperLink: TLS, never --insecure
     serverapp = [cmdline(p) for p in d.tagged_pids() if "flwr-serverapp" in cmdline(p)]
-    assert serverapp and all("--root-certificates" in c and "--insecure" not in c
-                             for c in serverapp), serverapp
+    assert serverapp and all(
+        "--root-certificates" in c and "--insecure" not in c for c in serverapp
+    ), serverapp
     node_pid = d.procs[f"node-{LOST}"].pid
     # kill it while it trains round 2 (a ClientApp process below it), not between rounds
     import psutil
 
     def training() -> list[psutil.Process]:
         try:
-            return [c for c in psutil.Process(node_pid).children(recursive=True)
-                    if "lifeline clientapp" in " ".join(c.cmdline())]  # flwr-clientapp
+            return [
+                c
+                for c in psutil.Process(node_pid).children(recursive=True)
+                if "lifeline clientapp" in " ".join(c.cmdline())
+            ]  # flwr-clientapp
         except psutil.Error:
             return []
+
     def alive(p: psutil.Process) -> bool:
         try:
             return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
+
     below = wait_for(training, 120, f"{LOST}'s round-2 ClientApp", every=0.1)
     d.procs[f"node-{LOST}"].send_signal(signal.SIGKILL)  # a crash, not a goodbye
-    wait_for(lambda: not [p for p in below if alive(p)], 10,
-             f"no training process of the killed node {LOST} left", every=0.2)
+    wait_for(
+        lambda: not [p for p in below if alive(p)],
+        10,
+        f"no training process of the killed node {LOST} left",
+        every=0.2,
+    )
     t_kill = t_add = time.monotonic()  # meanwhile (the SuperLink notices the loss after
     # two missed heartbeats, at most 2 * HEARTBEAT_S):
     add_and_remove_site(d, prov, tmp, port, local_port, runtime)
@@ -469,36 +567,53 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     assert rounds_b[2]["lost"][LOST].startswith("error "), rounds_b[2]
     assert rounds_b[2]["used"] == sorted(s for s, _ in SITES if s != LOST), rounds_b[2]
     assert not json.loads((out_b / "summary.json").read_text())["stopped"]
-    ends = [json.loads(x) for x in (out_b / "audit" / "server-audit-log.jsonl").read_text()
-            .splitlines() if '"round.end"' in x]  # the signed log names the lost site, why
+    ends = [
+        json.loads(x)
+        for x in (out_b / "audit" / "server-audit-log.jsonl").read_text().splitlines()
+        if '"round.end"' in x
+    ]  # the signed log names the lost site, why
     assert any(e["round"] == 2 and e["details"].get(f"lost:{LOST}") for e in ends), ends
 
     # ---- 8. the evidence: server and site logs, ledgers --------------------------------------
     for out in (out_a, out_b):
-        d.run("fedmeta audit verify <out-dir>/audit/server-audit-log.jsonl", tmp,
-              **{"out-dir": out})
+        d.run(
+            "fedmeta audit verify <out-dir>/audit/server-audit-log.jsonl", tmp, **{"out-dir": out}
+        )
     # the transport the start scripts declared is on record at both ends
-    start = next(json.loads(x) for x in (out_a / "audit" / "server-audit-log.jsonl")
-                 .read_text().splitlines() if json.loads(x)["action"] == "run.start")
+    start = next(
+        json.loads(x)
+        for x in (out_a / "audit" / "server-audit-log.jsonl").read_text().splitlines()
+        if json.loads(x)["action"] == "run.start"
+    )
     assert start["details"]["transport"] == "tls+supernode-auth", start["details"]
     assert start["details"]["serverapp_tls"] is True
     for site, _ in SITES:
-        trains = [json.loads(x) for x in (site_dirs[site] / "audit" / "audit-log.jsonl")
-                  .read_text().splitlines() if '"round.train"' in x]
-        assert trains and all(e["details"]["transport"] == "tls+supernode-auth"
-                              for e in trains), site
+        trains = [
+            json.loads(x)
+            for x in (site_dirs[site] / "audit" / "audit-log.jsonl").read_text().splitlines()
+            if '"round.train"' in x
+        ]
+        assert trains and all(e["details"]["transport"] == "tls+supernode-auth" for e in trains), (
+            site
+        )
     for site, _ in SITES:
         ledger = PrivacyLedger.read(site_dirs[site] / "privacy-ledger.jsonl")
         # the lost site trained in run B's round 1, maybe started round 2 before the crash
         assert len(ledger.charges) in ((3, 4) if site == LOST else (4,)), site
         assert 0 < ledger.epsilon() <= ledger.epsilon_max
-        result = verify_log(site_dirs[site] / "audit" / "audit-log.jsonl",
-                            public_key=coord / "site-audit-keys" / f"{site}.pub.pem",
-                            receipts=receipts[site])
+        result = verify_log(
+            site_dirs[site] / "audit" / "audit-log.jsonl",
+            public_key=coord / "site-audit-keys" / f"{site}.pub.pem",
+            receipts=receipts[site],
+        )
         assert result.ok and all(good for _, good in result.receipts_checked), result.summary()
     d.run("fedmeta ledger show <site-dir>", tmp, **{"site-dir": first})
-    d.run("fedmeta audit verify <site-dir>/audit/audit-log.jsonl --public-key "
-          "<site-dir>/keys/audit-signing.pub.pem", tmp, **{"site-dir": first})
+    d.run(
+        "fedmeta audit verify <site-dir>/audit/audit-log.jsonl --public-key "
+        "<site-dir>/keys/audit-signing.pub.pem",
+        tmp,
+        **{"site-dir": first},
+    )
     res = d.run("fedmeta node check <site-dir>", tmp, **{"site-dir": first})
     assert "charge(s)" in res.stdout
 
@@ -508,14 +623,22 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     for out in (out_a, out_b):  # signed with the federation's key, pinned at every site
         assert verify_log(out / "audit" / "server-audit-log.jsonl", public_key=server_pub).ok
     for site, _ in SITES:
-        records = [json.loads(x) for x in (site_dirs[site] / "audit" / "audit-log.jsonl")
-                   .read_text().splitlines() if '"run.record"' in x]
+        records = [
+            json.loads(x)
+            for x in (site_dirs[site] / "audit" / "audit-log.jsonl").read_text().splitlines()
+            if '"run.record"' in x
+        ]
         kept = [e for e in records if e["run_id"] == run_a]
         assert [(e["decision"], e["details"]["server_key"]) for e in kept] == [
-            ("allow", "pinned")], records
+            ("allow", "pinned")
+        ], records
+
     def export(site: str) -> Path:
-        res = d.run("fedmeta node export-evidence <site-dir> --run <run-id>", tmp,
-                    **{"site-dir": site_dirs[site], "run-id": run_a})
+        res = d.run(
+            "fedmeta node export-evidence <site-dir> --run <run-id>",
+            tmp,
+            **{"site-dir": site_dirs[site], "run-id": run_a},
+        )
         evidence = site_dirs[site] / "exports" / f"evidence-{site}-{run_a}.json"
         assert evidence.is_file() and "sha256" in res.stdout
         return evidence
@@ -524,27 +647,42 @@ def _scenario(d: Deployment, tmp: Path) -> None:
 
     def coordinator_report() -> None:
         for site, _ in SITES:
-            d.run("fedmeta evidence import <out-dir> <evidence> --keys "
-                  "<coordinator-kit>/site-audit-keys", tmp, **{
-                      "out-dir": out_a, "evidence": evidence.get(site) or export(site),
-                      "coordinator-kit": coord})
-        res = d.run("fedmeta report <out-dir> --trust <coordinator-kit>/site-audit-keys "
-                    "--trust <coordinator-kit>/keys/server-audit-signing.pub.pem", tmp,
-                    timeout=180, **{"out-dir": out_a, "coordinator-kit": coord})
+            d.run(
+                "fedmeta evidence import <out-dir> <evidence> --keys "
+                "<coordinator-kit>/site-audit-keys",
+                tmp,
+                **{
+                    "out-dir": out_a,
+                    "evidence": evidence.get(site) or export(site),
+                    "coordinator-kit": coord,
+                },
+            )
+        res = d.run(
+            "fedmeta report <out-dir> --trust <coordinator-kit>/site-audit-keys "
+            "--trust <coordinator-kit>/keys/server-audit-signing.pub.pem",
+            tmp,
+            timeout=180,
+            **{"out-dir": out_a, "coordinator-kit": coord},
+        )
         assert "wrote" in res.stdout and "warning" not in res.stderr
         assert "note:" not in res.stderr
         assert (out_a / "report.html").is_file()
 
     def site_report() -> None:  # the site's, from its own files: meanwhile
-        res = d.run("fedmeta report --site-dir <site-dir> --run <run-id>", tmp, timeout=180,
-                    **{"site-dir": first, "run-id": run_a})
+        res = d.run(
+            "fedmeta report --site-dir <site-dir> --run <run-id>",
+            tmp,
+            timeout=180,
+            **{"site-dir": first, "run-id": run_a},
+        )
         assert "warning" not in res.stderr and "note:" not in res.stderr, res.stderr
         assert (first / "runs" / run_a / f"report-{first.name}.html").is_file()
 
     in_parallel(coordinator_report, site_report)
     d.timings["evidence export/import + both reports"] = round(time.monotonic() - t, 1)
     d.timings["provisioning to both reports verified (3 sites, runs A, dp=false, B)"] = round(
-        time.monotonic() - t_provision, 1)
+        time.monotonic() - t_provision, 1
+    )
 
     # ---- 9. rotate site-de-01's SuperNode key ----------------------------------------------
     t = time.monotonic()
@@ -552,46 +690,87 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     old_pub = (rot / "keys" / "supernode-auth.pub").read_bytes()
     d.run("fedmeta node init <site-dir> --new-auth-key", tmp, **{"site-dir": rot})
     assert (rot / "keys" / "supernode-auth.pub").read_bytes() != old_pub
-    d.run("fedmeta provision federation.toml --out kits --request <request>", prov,
-          request=rot / f"request-{ROTATED}.json")
-    res = d.run("./register-sites.sh <federation> <site-id>", coord,
-                **{"federation": FED, "site-id": ROTATED})
+    d.run(
+        "fedmeta provision federation.toml --out kits --request <request>",
+        prov,
+        request=rot / f"request-{ROTATED}.json",
+    )
+    res = d.run(
+        "./register-sites.sh <federation> <site-id>",
+        coord,
+        **{"federation": FED, "site-id": ROTATED},
+    )
     new_id = registry(coord)[ROTATED]
     assert new_id != node_ids[ROTATED] and f"former node {node_ids[ROTATED]}" in res.stdout
     stop(d, f"node-{ROTATED}")
-    d.start(f"node-{ROTATED}-rotated", "<site-dir>/start-node.sh", tmp, env=OWN_HOME,
-            **{"site-dir": rot})
+    d.start(
+        f"node-{ROTATED}-rotated",
+        "<site-dir>/start-node.sh",
+        tmp,
+        env=OWN_HOME,
+        **{"site-dir": rot},
+    )
     # meanwhile, the old key (unregistered above) tries to come back
     retired = next((rot / "keys" / "retired").glob("*.key"))
-    old = d.start("node-retired-key", "fedmeta node supernode --superlink 127.0.0.1:<port> "
-                  "--root-certificates <ca> --auth-supernode-private-key <key> --port <rport>",
-                  tmp, record=False, env={"FLWR_HOME": str(tmp / "retired-home"),
-                                          "FEDMETA_TLS_CLIENT_CERT": str(rot / "client.pem"),
-                                          "FEDMETA_TLS_CLIENT_KEY": str(
-                                              rot / "keys" / "tls-client.key")},
-                  port=port, ca=coord / "ca.pem", key=retired, rport=runtime[-3])
-    wait_for(lambda: f"SuperNode ID: {new_id}" in d.log(f"node-{ROTATED}-rotated"), 90,
-             "the rotated node online")
+    old = d.start(
+        "node-retired-key",
+        "fedmeta node supernode --superlink 127.0.0.1:<port> "
+        "--root-certificates <ca> --auth-supernode-private-key <key> --port <rport>",
+        tmp,
+        record=False,
+        env={
+            "FLWR_HOME": str(tmp / "retired-home"),
+            "FEDMETA_TLS_CLIENT_CERT": str(rot / "client.pem"),
+            "FEDMETA_TLS_CLIENT_KEY": str(rot / "keys" / "tls-client.key"),
+        },
+        port=port,
+        ca=coord / "ca.pem",
+        key=retired,
+        rport=runtime[-3],
+    )
+    wait_for(
+        lambda: f"SuperNode ID: {new_id}" in d.log(f"node-{ROTATED}-rotated"),
+        90,
+        "the rotated node online",
+    )
     nodes = d.flwr_nodes(FED)
     assert any(n["node-id"] == new_id and n["status"] == "online" for n in nodes)
-    assert not any(str(n["node-id"]) == node_ids[ROTATED] and n["status"] != "unregistered"
-                   for n in nodes), nodes  # the old node was unregistered
+    assert not any(
+        str(n["node-id"]) == node_ids[ROTATED] and n["status"] != "unregistered" for n in nodes
+    ), nodes  # the old node was unregistered
     wait_for(lambda: old.poll() is not None, 60, "the retired key's node")
     assert old.returncode != 0 and "2004" in d.log("node-retired-key")
     d.timings["rotate"] = round(time.monotonic() - t, 1)
 
 
 CONTROL_AND_RUNTIME = [
-    "/v1/control/start-run", "/v1/control/stop-run", "/v1/control/register-node",
-    "/v1/control/unregister-node", "/v1/control/stream-logs", "/v1/control/list-runs",
-    "/v1/control/list-nodes", "/v1/runtime/acquire-task", "/v1/runtime/get-nodes",
-    "/v1/runtime/pull-messages", "/v1/fleet/../control/list-runs",
-    "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/..%2fcontrol/list-runs",
-    "//v1/control/list-runs", "/v1/fleet/../runtime/acquire-task"]
+    "/v1/control/start-run",
+    "/v1/control/stop-run",
+    "/v1/control/register-node",
+    "/v1/control/unregister-node",
+    "/v1/control/stream-logs",
+    "/v1/control/list-runs",
+    "/v1/control/list-nodes",
+    "/v1/runtime/acquire-task",
+    "/v1/runtime/get-nodes",
+    "/v1/runtime/pull-messages",
+    "/v1/fleet/../control/list-runs",
+    "/v1/fleet/%2e%2e/control/list-runs",
+    "/v1/fleet/..%2fcontrol/list-runs",
+    "//v1/control/list-runs",
+    "/v1/fleet/../runtime/acquire-task",
+]
 
 
-def site_attacks(d: Deployment, tmp: Path, app: Path, coord: Path, port: int, site_dir: Path,
-                 node_ids: dict[str, str]) -> None:
+def site_attacks(
+    d: Deployment,
+    tmp: Path,
+    app: Path,
+    coord: Path,
+    port: int,
+    site_dir: Path,
+    node_ids: dict[str, str],
+) -> None:
     """A site (its kit, its keys, its client certificate, Flower's CLI) against the proxy."""
     other_site = next(s for s in node_ids if s != site_dir.name)
     attempts = {
@@ -599,10 +778,15 @@ def site_attacks(d: Deployment, tmp: Path, app: Path, coord: Path, port: int, si
         "flwr stop": ["stop", "1", "attack"],
         "flwr log": ["log", "1", "attack", "--show"],
         "flwr ls": ["ls", "attack"],
-        "flwr supernode register": ["supernode", "register", str(tmp / "rogue.pub"), "attack",
-                                    "--name", other_site],
-        "flwr supernode unregister": ["supernode", "unregister", node_ids[other_site],
-                                      "attack"],
+        "flwr supernode register": [
+            "supernode",
+            "register",
+            str(tmp / "rogue.pub"),
+            "attack",
+            "--name",
+            other_site,
+        ],
+        "flwr supernode unregister": ["supernode", "unregister", node_ids[other_site], "attack"],
     }
     write_toml(app / "run.toml", {"out-dir": str(tmp / "attack-out")})
 
@@ -611,13 +795,21 @@ def site_attacks(d: Deployment, tmp: Path, app: Path, coord: Path, port: int, si
         home.mkdir()
         (home / "config.toml").write_text(
             f'[superlink.attack]\naddress = "127.0.0.1:{port}"\n'
-            f'root-certificates = "{site_dir / "ca.pem"}"\n')
-        res = subprocess.run(["flwr", *args], cwd=app, env={**d.offline, "FLWR_HOME": str(home)},
-                             capture_output=True, text=True, timeout=120)
+            f'root-certificates = "{site_dir / "ca.pem"}"\n'
+        )
+        res = subprocess.run(
+            ["flwr", *args],
+            cwd=app,
+            env={**d.offline, "FLWR_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode != 0, f"{what} from a site succeeded: {res.stdout[-1500:]}"
 
-    in_parallel(*(lambda i=i, w=w, a=a: attempt(i, w, a)
-                  for i, (w, a) in enumerate(attempts.items())))
+    in_parallel(
+        *(lambda i=i, w=w, a=a: attempt(i, w, a) for i, (w, a) in enumerate(attempts.items()))
+    )
     assert not (tmp / "attack-out").exists()
     # with the site's own client certificate, straight at the proxy: only /v1/fleet/ exists
     cert = (str(site_dir / "client.pem"), str(site_dir / "keys" / "tls-client.key"))
@@ -628,13 +820,17 @@ def site_attacks(d: Deployment, tmp: Path, app: Path, coord: Path, port: int, si
     base = f"https://127.0.0.1:{port}"
     with httpx.Client(verify=ctx, timeout=30) as client:
         for path in CONTROL_AND_RUNTIME:
-            res = client.post(base + path, content=b"",
-                              headers={"content-type": "application/protobuf"})
+            res = client.post(
+                base + path, content=b"", headers={"content-type": "application/protobuf"}
+            )
             assert res.status_code == 404, (path, res.status_code, res.text[:300])
         assert client.get(base + "/v1/fleet/pull-messages").status_code == 403
         # the Fleet API's self-registration is off: a client certificate is not a node
-        res = client.post(base + "/v1/fleet/register-node", content=b"",
-                          headers={"content-type": "application/protobuf"})
+        res = client.post(
+            base + "/v1/fleet/register-node",
+            content=b"",
+            headers={"content-type": "application/protobuf"},
+        )
         assert res.status_code >= 400, res.status_code
     # without a certificate of the federation CA: no Fleet API
     bare = ssl.create_default_context(cafile=str(site_dir / "ca.pem"))
@@ -642,11 +838,14 @@ def site_attacks(d: Deployment, tmp: Path, app: Path, coord: Path, port: int, si
     foreign.mkdir()
     ca_key, ca_cert = pki.create_ca("foreign", 30)
     key = pki.new_tls_key()
-    req = pki.load_csr(pki.site_csr(key, site_dir.name).public_bytes(
-        pki.serialization.Encoding.PEM), "foreign")
+    req = pki.load_csr(
+        pki.site_csr(key, site_dir.name).public_bytes(pki.serialization.Encoding.PEM), "foreign"
+    )
     pki.write_private(foreign / "c.key", pki.key_pem(key))
-    pki.write_public(foreign / "c.pem", pki.cert_pem(pki.issue_client_cert(
-        ca_key, ca_cert, req, site_dir.name, 30)))
+    pki.write_public(
+        foreign / "c.pem",
+        pki.cert_pem(pki.issue_client_cert(ca_key, ca_cert, req, site_dir.name, 30)),
+    )
     other = ssl.create_default_context(cafile=str(site_dir / "ca.pem"))
     other.load_cert_chain(str(foreign / "c.pem"), str(foreign / "c.key"))
     for ctx_ in (bare, other):
@@ -661,30 +860,46 @@ def site_attacks(d: Deployment, tmp: Path, app: Path, coord: Path, port: int, si
     assert control and not [x for x in control if '" 200 ' in x], control[:5]
 
 
-def add_and_remove_site(d: Deployment, prov: Path, tmp: Path, port: int, local_port: int,
-                        runtime: list[int]) -> None:
+def add_and_remove_site(
+    d: Deployment, prov: Path, tmp: Path, port: int, local_port: int, runtime: list[int]
+) -> None:
     """Coordinator: add a site to the federation (keys of the others kept), the site makes
     its keys and request, register it; then remove it again (unregister its node)."""
     kits = prov / "kits"
     coord = kits / "coordinator"
     before = {p: p.read_bytes() for p in kits.rglob("*") if p.is_file() and p.suffix == ".key"}
     (prov / "federation.toml").write_text(
-        federation_toml(port, local_port, runtime, [*SITES, NEW_SITE]))
+        federation_toml(port, local_port, runtime, [*SITES, NEW_SITE])
+    )
     d.run("fedmeta provision federation.toml --out kits", prov)
     assert all(p.read_bytes() == data for p, data in before.items()), "a key was replaced"
     site_dir = tmp / "sites" / NEW_SITE[0]
     init_and_request(d, prov, kits, site_dir, NEW_SITE[0])
     assert (coord / "site-keys" / f"{NEW_SITE[0]}.pub").exists()
-    d.run("./register-sites.sh <federation> <site-id>", coord, federation=FED,
-          **{"site-id": NEW_SITE[0]})
+    d.run(
+        "./register-sites.sh <federation> <site-id>",
+        coord,
+        federation=FED,
+        **{"site-id": NEW_SITE[0]},
+    )
     node = registry(coord)[NEW_SITE[0]]
     assert node.isdigit()
-    d.run("./unregister-site.sh <federation> <site-id>", coord,
-          **{"site-id": NEW_SITE[0], "federation": FED})
+    d.run(
+        "./unregister-site.sh <federation> <site-id>",
+        coord,
+        **{"site-id": NEW_SITE[0], "federation": FED},
+    )
     assert NEW_SITE[0] not in registry(coord)
-    assert not any(str(n["node-id"]) == node and n["status"] != "unregistered"
-                   for n in d.flwr_nodes(FED))
+    assert not any(
+        str(n["node-id"]) == node and n["status"] != "unregistered" for n in d.flwr_nodes(FED)
+    )
     # unregistering it again fails loudly
-    res = subprocess.run([str(coord / "unregister-site.sh"), FED, NEW_SITE[0]], cwd=coord,
-                         env=d.env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(coord / "unregister-site.sh"), FED, NEW_SITE[0]],
+        cwd=coord,
+        env=d.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1 and "not in" in res.stderr

@@ -46,20 +46,31 @@ host = "127.0.0.1"
 port = 9093
 bind = "127.0.0.1"
 sans = ["127.0.0.1"]
-""" + "".join(f'\n[[sites]]\nid = "{s}"\ncountry = "{c}"\nindex = {i}\n'
-              for i, (s, c) in enumerate(SITES))
-RUN = {"sites": 2, "rounds": 2, "min-sites": 2, "fraction-train": 1.0, "dp": True,
-       "node-wait-s": 5.0, "round-timeout-s": 60.0, "eval-episodes": 2}
+""" + "".join(
+    f'\n[[sites]]\nid = "{s}"\ncountry = "{c}"\nindex = {i}\n' for i, (s, c) in enumerate(SITES)
+)
+RUN = {
+    "sites": 2,
+    "rounds": 2,
+    "min-sites": 2,
+    "fraction-train": 1.0,
+    "dp": True,
+    "node-wait-s": 5.0,
+    "round-timeout-s": 60.0,
+    "eval-episodes": 2,
+}
 
 
 def fill_manifest(site_dir: Path, site: str) -> None:
     path = SitePaths(site_dir).manifest
-    text = re.sub(r'institution = "TODO[^"]*"', f'institution = "Hospital {site}"',
-                  path.read_text())
+    text = re.sub(
+        r'institution = "TODO[^"]*"', f'institution = "Hospital {site}"', path.read_text()
+    )
     text = re.sub(r'dpo_contact = "TODO[^"]*"', f'dpo_contact = "dpo@{site}.example.org"', text)
     text = re.sub(r'"([A-Z]{2}): TODO[^"]*"', r'"\1: research provision (test)"', text)
-    path.write_text(text.replace("collection_dates_recorded = true",
-                                 "collection_dates_recorded = false"))
+    path.write_text(
+        text.replace("collection_dates_recorded = true", "collection_dates_recorded = false")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +92,14 @@ def federation(tmp_path_factory):
     return tmp, kits, dirs
 
 
-def deployed_run(tmp: Path, kits: Path, dirs: dict[str, Path], monkeypatch,
-                 server_key: Path | None = None, **overrides) -> Path:
+def deployed_run(
+    tmp: Path,
+    kits: Path,
+    dirs: dict[str, Path],
+    monkeypatch,
+    server_key: Path | None = None,
+    **overrides,
+) -> Path:
     """One run of the real ServerApp against the sites' real ClientApp; returns its out-dir."""
     client_app = make_client_app()
     grid = InlineGrid(client_app, len(SITES))
@@ -90,18 +107,29 @@ def deployed_run(tmp: Path, kits: Path, dirs: dict[str, Path], monkeypatch,
         site = SITES[i][0]
         ctx.node_config = {"site-dir": str(dirs[site]), "site-id": site, "site-index": i}
     registry = tmp / "node-ids.txt"
-    write_registry(registry, {SITES[i][0]: Entry(SITES[i][0], node, "SHA256:x")
-                              for i, node in enumerate(sorted(grid.contexts))})
+    write_registry(
+        registry,
+        {
+            SITES[i][0]: Entry(SITES[i][0], node, "SHA256:x")
+            for i, node in enumerate(sorted(grid.contexts))
+        },
+    )
     monkeypatch.setenv(REGISTRY_ENV, str(registry))
-    monkeypatch.setenv(SERVER_KEY_ENV, str(server_key or kits / "coordinator" / "keys" /
-                                           "server-audit-signing.pem"))
+    monkeypatch.setenv(
+        SERVER_KEY_ENV,
+        str(server_key or kits / "coordinator" / "keys" / "server-audit-signing.pem"),
+    )
     runs = tmp / "runs"
     cfg = RunConfig.from_flat({**RUN, **overrides, "out-dir": str(runs / "{run}")})
     before = set(runs.iterdir()) if runs.is_dir() else set()
     TaskIdentity.task_id, TaskIdentity.run_id = 1, grid.run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    make_server_app(cfg)(grid, Context(
-        run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    make_server_app(cfg)(
+        grid,
+        Context(
+            run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+        ),
+    )
     (out,) = set(runs.iterdir()) - before  # the run's own directory, runs/<run id>
     assert RunPaths(out).summary.exists() and "{run}" not in str(out)
     return out
@@ -136,8 +164,9 @@ def test_each_run_gets_its_own_directory_signed_with_the_federation_key(federati
     for out in two_runs:
         assert verify_log(RunPaths(out).server_log, public_key=pub).ok
         assert not RunPaths(out).server_key.exists()  # no per-run key
-        assert {json.loads(x)["run"] for x in RunPaths(out).metrics.read_text()
-                .splitlines()} == {run_id(out)}
+        assert {json.loads(x)["run"] for x in RunPaths(out).metrics.read_text().splitlines()} == {
+            run_id(out)
+        }
     for site, _ in SITES:  # the kit pinned the federation's key at the site
         assert (dirs[site] / SITE_PINNED_KEY).read_bytes() == pub.read_bytes()
 
@@ -145,8 +174,7 @@ def test_each_run_gets_its_own_directory_signed_with_the_federation_key(federati
 def test_sites_keep_the_run_record_and_log_the_declaration(federation, two_runs):
     tmp, kits, dirs = federation
     for site, _ in SITES:
-        log = [json.loads(x) for x in (SitePaths(dirs[site]).audit_log)
-               .read_text().splitlines()]
+        log = [json.loads(x) for x in (SitePaths(dirs[site]).audit_log).read_text().splitlines()]
         for out in two_runs:
             rid = run_id(out)
             record = [e for e in log if e["action"] == "run.record" and e["run_id"] == rid]
@@ -157,13 +185,11 @@ def test_sites_keep_the_run_record_and_log_the_declaration(federation, two_runs)
             trains = [e for e in log if e["action"] == "round.train" and e["run_id"] == rid]
             assert trains and all(e["details"]["declaration_sha256"] for e in trains)
             # which code and which declaration, once per run, as the server's run.start says
-            start = json.loads(RunPaths(out).server_log.read_text()
-                               .splitlines()[1])
+            start = json.loads(RunPaths(out).server_log.read_text().splitlines()[1])
             assert start["action"] == "run.start"
             (app,) = [e for e in log if e["action"] == "run.app" and e["run_id"] == rid]
             assert app["details"]["app_sha256"] == start["details"]["app_sha256"]
-            assert app["details"]["declaration_sha256"] == start["details"][
-                "declaration_sha256"]
+            assert app["details"]["declaration_sha256"] == start["details"]["declaration_sha256"]
 
 
 def test_coordinator_report_from_exported_evidence(federation, two_runs, tmp_path):
@@ -174,8 +200,9 @@ def test_coordinator_report_from_exported_evidence(federation, two_runs, tmp_pat
     out_a, out_b = two_runs
     rid = run_id(out_a)
     runner = CliRunner()
-    before = generate(out_a, "json", out=tmp_path / "r0.json", trust=trust(kits),
-                      allow_unverified=True)[1]
+    before = generate(
+        out_a, "json", out=tmp_path / "r0.json", trust=trust(kits), allow_unverified=True
+    )[1]
     assert not before.checks_passed  # the sites' evidence is not there yet
     bundles = []
     for site, _ in SITES:
@@ -186,31 +213,44 @@ def test_coordinator_report_from_exported_evidence(federation, two_runs, tmp_pat
         data = json.loads(bundle.read_text())
         assert all(json.loads(x)["run_id"] != run_id(out_b) for x in data["log"])
         bundles.append(bundle)
-    res = runner.invoke(cli, ["evidence", "import", str(out_a), *map(str, bundles),
-                              "--keys", str(kits / "coordinator" / "site-audit-keys")])
+    res = runner.invoke(
+        cli,
+        [
+            "evidence",
+            "import",
+            str(out_a),
+            *map(str, bundles),
+            "--keys",
+            str(kits / "coordinator" / "site-audit-keys"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     path, report = generate(out_a, "json", out=tmp_path / "r.json", trust=trust(kits))
     assert report.checks_passed and report.keys_trusted, [
-        (c.check, c.detail) for c in report.audit.cross_checks if not c.ok]
+        (c.check, c.detail) for c in report.audit.cross_checks if not c.ok
+    ]
     assert {lg.party: lg.status for lg in report.audit.logs} == {
-        "server": "verified", **{s: "verified" for s, _ in SITES}}
+        "server": "verified",
+        **{s: "verified" for s, _ in SITES},
+    }
     # importing the same file again is a no-op; the whole site log (with run B) also verifies
     assert import_evidence(out_a, bundles[0]).site == SITES[0][0]
     whole = tmp_path / "whole"
     import shutil
+
     shutil.copytree(out_a, whole)
     for rel in ("audit/audit-log.jsonl", "privacy-ledger.jsonl"):  # as the site holds them
         shutil.copyfile(dirs[SITES[0][0]] / rel, whole / "sites" / SITES[0][0] / rel)
     assert generate(whole, "json", out=tmp_path / "w.json", trust=trust(kits))[1].checks_passed
 
 
-def test_import_refuses_another_run_a_foreign_key_and_an_edited_log(federation, two_runs,
-                                                                   tmp_path):
+def test_import_refuses_another_run_a_foreign_key_and_an_edited_log(federation, two_runs, tmp_path):
     tmp, kits, dirs = federation
     out_a, out_b = two_runs
     site = SITES[0][0]
     bundle, _ = export_evidence(dirs[site], run_id(out_a), tmp_path / "e.json")
     import shutil
+
     b_copy = tmp_path / "b"
     shutil.copytree(out_b, b_copy)
     with pytest.raises(EvidenceError, match="holds run"):
@@ -221,8 +261,11 @@ def test_import_refuses_another_run_a_foreign_key_and_an_edited_log(federation, 
     with pytest.raises(EvidenceError, match="not the audit key"):
         import_evidence(a_copy, bundle, other)
     data = json.loads(bundle.read_text())
-    data["log"][3] = data["log"][3].replace('"allow"', '"deny"', 1) if '"allow"' in \
-        data["log"][3] else data["log"][3].replace("round", "rounD", 1)
+    data["log"][3] = (
+        data["log"][3].replace('"allow"', '"deny"', 1)
+        if '"allow"' in data["log"][3]
+        else data["log"][3].replace("round", "rounD", 1)
+    )
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(data))
     with pytest.raises(EvidenceError, match="does not verify"):
@@ -237,8 +280,9 @@ def test_a_site_reports_on_a_run_from_its_own_directory(federation, two_runs, tm
     out_a, _ = two_runs
     rid = run_id(out_a)
     site = SITES[1][0]
-    res = CliRunner().invoke(cli, ["report", "--site-dir", str(dirs[site]), "--run", rid,
-                                   "--format", "json"])
+    res = CliRunner().invoke(
+        cli, ["report", "--site-dir", str(dirs[site]), "--run", rid, "--format", "json"]
+    )
     assert res.exit_code == 0, res.output
     path = dirs[site] / "runs" / rid / f"report-{site}.json"
     doc = json.loads(path.read_text())
@@ -252,28 +296,30 @@ def test_a_site_reports_on_a_run_from_its_own_directory(federation, two_runs, tm
     assert res.exit_code == 2 and "--run" in res.output
 
 
-def test_a_round_signed_by_another_server_key_is_refused_and_audited(federation, two_runs,
-                                                                     tmp_path, monkeypatch):
+def test_a_round_signed_by_another_server_key_is_refused_and_audited(
+    federation, two_runs, tmp_path, monkeypatch
+):
     """A coordinator (or anyone who can start a run) signing with a key of its own: every
     site declines before anything is charged, on record."""
     tmp, kits, dirs = federation
     rogue = tmp_path / "rogue" / "server-audit-signing.pem"
     AuditLog.open(tmp_path / "rogue" / "x.jsonl", rogue, actor="server").close()
-    charges = {s: SitePaths(dirs[s]).ledger.read_text().count('"charge"')
-               for s, _ in SITES}
+    charges = {s: SitePaths(dirs[s]).ledger.read_text().count('"charge"') for s, _ in SITES}
     out = deployed_run(tmp, kits, dirs, monkeypatch, server_key=rogue, rounds=1)
-    (line,) = [json.loads(x) for x in RunPaths(out).metrics.read_text().splitlines()
-               if json.loads(x)["round"] == 1]
+    (line,) = [
+        json.loads(x)
+        for x in RunPaths(out).metrics.read_text().splitlines()
+        if json.loads(x)["round"] == 1
+    ]
     assert not line["used"] and sorted(line["declined"]) == [s for s, _ in SITES], line
     for site, _ in SITES:
-        log = [json.loads(x) for x in (SitePaths(dirs[site]).audit_log)
-               .read_text().splitlines()]
+        log = [json.loads(x) for x in (SitePaths(dirs[site]).audit_log).read_text().splitlines()]
         mine = [e for e in log if e["run_id"] == run_id(out)]
-        assert [e["rule_ids"] for e in mine if e["decision"] == "deny"][0] == [
-            "SITE-SERVER-KEY"], mine
+        assert [e["rule_ids"] for e in mine if e["decision"] == "deny"][0] == ["SITE-SERVER-KEY"], (
+            mine
+        )
         assert not [e for e in mine if e["action"] == "round.train"]
-        assert SitePaths(dirs[site]).ledger.read_text().count('"charge"') == \
-            charges[site]
+        assert SitePaths(dirs[site]).ledger.read_text().count('"charge"') == charges[site]
         # its run record is refused too: the server log is not the pinned key's
         assert [e["decision"] for e in mine if e["action"] == "run.record"] == ["deny"]
         assert not (dirs[site] / "runs" / run_id(out)).exists()

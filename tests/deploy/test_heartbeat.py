@@ -15,8 +15,7 @@ MODULES = [importlib.import_module(m) for m in supernode._HEARTBEAT_MODULES]
 @pytest.fixture(autouse=True)
 def restore_flower(monkeypatch):
     for module in MODULES:  # undone after each test: Flower's own value again
-        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL",
-                            module.HEARTBEAT_DEFAULT_INTERVAL)
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
 
 
 def test_the_interval_reaches_both_of_flowers_readers():

@@ -34,18 +34,28 @@ time.sleep(600)
 
 def test_flower_commands_are_routed_through_the_lifeline():
     assert routed("superexec")(["flower-superexec", "--parent-pid", "7"]) == [
-        sys.executable, "-m", "fedmeta.deploy.lifeline", "superexec", "--parent-pid", "7"]
+        sys.executable,
+        "-m",
+        "fedmeta.deploy.lifeline",
+        "superexec",
+        "--parent-pid",
+        "7",
+    ]
     assert routed("clientapp")(["/x/bin/flwr-clientapp", "-a"])[3:] == ["clientapp", "-a"]
     assert routed("clientapp")(["flwr-serverapp", "-a"]) == ["flwr-serverapp", "-a"]
 
 
-@pytest.mark.parametrize(("kind", "flower", "api"), [
-    ("clientapp", "flwr-clientapp", "--runtime-api-address"),  # below the SuperExec
-    ("superexec", "flower-superexec", "--runtime-api-address"),    # below the SuperNode
-])
+@pytest.mark.parametrize(
+    ("kind", "flower", "api"),
+    [
+        ("clientapp", "flwr-clientapp", "--runtime-api-address"),  # below the SuperExec
+        ("superexec", "flower-superexec", "--runtime-api-address"),  # below the SuperNode
+    ],
+)
 def test_a_killed_parent_leaves_no_flower_process(kind, flower, api):
-    node = subprocess.Popen([sys.executable, "-c", NODE, kind, flower, api],
-                            stdout=subprocess.PIPE, text=True)
+    node = subprocess.Popen(
+        [sys.executable, "-c", NODE, kind, flower, api], stdout=subprocess.PIPE, text=True
+    )
     child = None
     try:
         child = psutil.Process(int(node.stdout.readline()))

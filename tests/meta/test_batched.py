@@ -16,8 +16,9 @@ from fedmeta.meta.methods import Method, draw_episodes, initial_states
 DIGITS = DigitsFewShot()
 
 
-@pytest.mark.parametrize("method", [Method("scratch", "scratch"),
-                                    Method("meta+proto-ft", "meta", "proto", True)])
+@pytest.mark.parametrize(
+    "method", [Method("scratch", "scratch"), Method("meta+proto-ft", "meta", "proto", True)]
+)
 def test_batched_adaptation_matches_the_loop(method: Method) -> None:
     episodes = draw_episodes(DIGITS, "val", 3, 2, 3, seed=4)
     torch.manual_seed(0)
@@ -42,14 +43,17 @@ def test_batched_regression_is_the_mse_of_the_loop() -> None:
     for ep, st in zip(episodes, states, strict=True):
         m = task.build_model(1)
         m.load_state_dict(st)
-        want.append(score(adapt(m, task, ep, 3, 0.01, "cpu"), task, ep.query_x, ep.query_y,
-                          "cpu"))
+        want.append(score(adapt(m, task, ep, 3, 0.01, "cpu"), task, ep.query_x, ep.query_y, "cpu"))
     assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_episodes_of_different_shapes_are_refused() -> None:
-    a = Episode(np.zeros((5, 1, 8, 8), np.float32), np.arange(5), np.zeros((5, 1, 8, 8),
-                np.float32), np.arange(5))
+    a = Episode(
+        np.zeros((5, 1, 8, 8), np.float32),
+        np.arange(5),
+        np.zeros((5, 1, 8, 8), np.float32),
+        np.arange(5),
+    )
     b = Episode(np.zeros((10, 1, 8, 8), np.float32), np.arange(10) % 5, a.query_x, a.query_y)
     assert not same_shapes([a, b])
     with pytest.raises(ValueError, match="different shapes"):

@@ -13,8 +13,9 @@ from fedmeta.meta.reptile import reptile_update
 from fedmeta.privacy.dp_training import train_steps
 from fedmeta.site import Site, round_seed
 
-CFG = RunConfig(strategy="fomaml", dp=False, sites=3, inner_steps=3, n_way=5, inner_lr=0.2,
-                batch_size=20)
+CFG = RunConfig(
+    strategy="fomaml", dp=False, sites=3, inner_steps=3, n_way=5, inner_lr=0.2, batch_size=20
+)
 
 
 def _pool(n_per_class: int = 6, classes: int = 5) -> Pool:
@@ -40,16 +41,24 @@ def test_reply_is_theta_minus_scaled_held_out_gradient_at_adapted_weights() -> N
     model = task.build_model(5)
     theta = {k: v.clone() for k, v in model.state_dict().items()}
     pool = _pool()
-    reply, result = fomaml_site_update(model, pool, np.random.default_rng(7),
-                                       loss_fn=task.loss_fn(), steps=3, lr=0.2,
-                                       batch_size=20, seed=11)
+    reply, result = fomaml_site_update(
+        model,
+        pool,
+        np.random.default_rng(7),
+        loss_fn=task.loss_fn(),
+        steps=3,
+        lr=0.2,
+        batch_size=20,
+        seed=11,
+    )
     assert result.steps == 3
     # the same thing by hand: adapt on the support part, differentiate on the held-out part
     support, held = split_episode(pool, np.random.default_rng(7))
     ref = task.build_model(5)
     ref.load_state_dict(theta)
-    train_steps(ref, support, loss_fn=task.loss_fn(), steps=3, lr=0.2, batch_size=20,
-                dp=None, seed=11)
+    train_steps(
+        ref, support, loss_fn=task.loss_fn(), steps=3, lr=0.2, batch_size=20, dp=None, seed=11
+    )
     loss = task.loss_fn()(ref(torch.from_numpy(held.x)), torch.from_numpy(held.y))
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     for (name, _), g in zip(ref.named_parameters(), grads, strict=True):
@@ -80,8 +89,16 @@ def test_a_site_round_under_fomaml_replies_theta_minus_gradient(tmp_path) -> Non
     pool = site.pool(site.records, rng)
     model = task.build_model(5)
     model.load_state_dict(theta)
-    expected, _ = fomaml_site_update(model, pool, rng, loss_fn=task.loss_fn(), steps=3, lr=0.2,
-                                     batch_size=20, seed=round_seed(CFG.seed, 1, 1))
+    expected, _ = fomaml_site_update(
+        model,
+        pool,
+        rng,
+        loss_fn=task.loss_fn(),
+        steps=3,
+        lr=0.2,
+        batch_size=20,
+        seed=round_seed(CFG.seed, 1, 1),
+    )
     for k in theta:
         torch.testing.assert_close(reply.state[k], expected[k])
 

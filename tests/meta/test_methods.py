@@ -38,8 +38,9 @@ def test_prototype_classifier_takes_no_step_and_knows_its_support_set() -> None:
     scores = episode_scores(TASK, proto, _state(), [episode], steps=20, lr=1.0, seed=0)
     assert scores == [1.0]
     # the zero head of plain transfer is chance (all logits equal: argmax picks class 0)
-    plain = episode_scores(TASK, Method("transfer", "transfer"), _state(), [episode], steps=0,
-                           lr=0.1, seed=0)
+    plain = episode_scores(
+        TASK, Method("transfer", "transfer"), _state(), [episode], steps=0, lr=0.1, seed=0
+    )
     assert plain == pytest.approx([0.2])
 
 
@@ -60,8 +61,9 @@ def test_lr_is_chosen_on_validation_and_none_for_a_prototype_classifier() -> Non
     val = draw_episodes(TASK, "val", 4, 1, 3, seed=1)
     lr, best = choose_lr(TASK, Method("scratch", "scratch"), (None, 0), val, [1e-6, 0.3], 5, 0)
     assert lr in (1e-6, 0.3) and 0.0 <= best <= 1.0
-    lr, best = choose_lr(TASK, Method("meta+proto", "meta", "proto", False), _state(), val,
-                         [0.1, 0.3], 5, 0)
+    lr, best = choose_lr(
+        TASK, Method("meta+proto", "meta", "proto", False), _state(), val, [0.1, 0.3], 5, 0
+    )
     assert lr is None and 0.2 <= best <= 1.0
 
 

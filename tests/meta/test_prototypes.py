@@ -44,12 +44,22 @@ def test_mlp_head_keeps_device_and_dtype() -> None:
 def test_records_units_follow_subsets() -> None:
     import numpy as np
 
-    recs = Records(x=np.zeros((4, 1)), y=np.zeros(4), groups=np.zeros(4),
-                   record_ids=np.arange(4), units=np.array([7, 7, 8, 9]))
+    recs = Records(
+        x=np.zeros((4, 1)),
+        y=np.zeros(4),
+        groups=np.zeros(4),
+        record_ids=np.arange(4),
+        units=np.array([7, 7, 8, 9]),
+    )
     assert list(recs.subset(np.array([1, 3])).units) == [7, 9]
     with pytest.raises(ValueError, match="units"):
-        Records(x=np.zeros((2, 1)), y=np.zeros(2), groups=np.zeros(2),
-                record_ids=np.arange(2), units=np.arange(3))
+        Records(
+            x=np.zeros((2, 1)),
+            y=np.zeros(2),
+            groups=np.zeros(2),
+            record_ids=np.arange(2),
+            units=np.arange(3),
+        )
 
 
 def test_spread_temperature_keeps_predictions_and_tames_the_logits() -> None:

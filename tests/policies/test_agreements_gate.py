@@ -17,9 +17,11 @@ TODAY = date(2026, 11, 30)
 COORD, DE, IN = "LEI-EXAMPLE-CONSORTIUM-0001", "DE-HRB-EXAMPLE-0002", "IN-CIN-EXAMPLE-0003"
 
 
-def registry(parties: dict[str, dict[str, Any]] | None = None,
-             documents: list[dict[str, Any]] | None = None,
-             drop: tuple[str, ...] = ()) -> dict[str, Any]:
+def registry(
+    parties: dict[str, dict[str, Any]] | None = None,
+    documents: list[dict[str, Any]] | None = None,
+    drop: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """The example registry, with parties changed (by entity id) and documents replaced."""
     data = example_run_declaration().registry.model_dump()  # type: ignore[union-attr]
     for p in data["parties"]:
@@ -59,8 +61,9 @@ def test_a_site_no_party_runs_is_refused_and_a_manifest_may_link_itself():
 def test_missing_scc_names_the_party_and_the_document():
     d, eligible = gate(registry(drop=("scc",)))
     assert d.denied and eligible == []
-    assert d.reason.startswith(f"Example Institute of Medical Sciences ({IN}): no standard "
-                               "contractual clauses")
+    assert d.reason.startswith(
+        f"Example Institute of Medical Sciences ({IN}): no standard contractual clauses"
+    )
     assert "(module C2C)" in d.reason and "\n" not in d.reason
     # without the Indian site, nobody in a third country receives the model
     assert gate(registry(drop=("scc",)), [make_site("site")])[0].allowed
@@ -80,8 +83,10 @@ def test_an_scc_module_that_does_not_fit_the_roles_is_refused():
 
 def test_expiry_on_both_sides_of_the_date():
     docs = registry()["documents"]
-    ending = [dict(d, expires_on=date(2026, 12, 31)) if d["kind"] == "art26-arrangement"
-              else d for d in docs]
+    ending = [
+        dict(d, expires_on=date(2026, 12, 31)) if d["kind"] == "art26-arrangement" else d
+        for d in docs
+    ]
     assert gate(registry(documents=ending), today=date(2026, 12, 31))[0].allowed
     d, eligible = gate(registry(documents=ending), today=date(2027, 1, 1))
     assert d.denied and eligible == []
@@ -92,8 +97,10 @@ def test_expiry_on_both_sides_of_the_date():
 def test_joint_controllers_need_an_arrangement_binding_all_of_them():
     d, _ = gate(registry(drop=("art26-arrangement",)))
     assert d.denied and "no GDPR Art. 26 joint-controller arrangement" in d.reason
-    partial = [dict(d, parties=[COORD, DE]) if d["kind"] == "art26-arrangement" else d
-               for d in registry()["documents"]]
+    partial = [
+        dict(d, parties=[COORD, DE]) if d["kind"] == "art26-arrangement" else d
+        for d in registry()["documents"]
+    ]
     assert gate(registry(documents=partial))[0].denied  # the Indian party is not bound
     assert gate(registry(documents=partial), [make_site("site")])[0].allowed
 
@@ -102,8 +109,12 @@ def test_a_processor_needs_its_contracts():
     procs = {DE: {"role": "processor"}}
     d, _ = gate(registry(procs), [make_site("site")])
     assert d.denied and "no GDPR Art. 28(3) processor contract with a controller" in d.reason
-    contract = {"kind": "art28-contract", "ref": "DPA-1", "parties": [COORD, DE],
-                "signed_on": date(2026, 1, 1)}
+    contract = {
+        "kind": "art28-contract",
+        "ref": "DPA-1",
+        "parties": [COORD, DE],
+        "signed_on": date(2026, 1, 1),
+    }
     docs = [*registry()["documents"], contract]
     assert gate(registry(procs, documents=docs), [make_site("site")])[0].allowed
     # at a DPDP site the processor also needs the s.8(2) contract (the gate is in the GDPR
@@ -116,15 +127,22 @@ def test_a_processor_needs_its_contracts():
 def test_missing_dpo_and_representative_are_findings_not_refusals():
     reg = PartyRegistry.model_validate(registry())
     lines = registry_findings(reg, [IN])
-    assert any(line.startswith("Example Institute of Medical Sciences") and "DPO" in line
-               for line in lines)
+    assert any(
+        line.startswith("Example Institute of Medical Sciences") and "DPO" in line for line in lines
+    )
     assert any("Art. 27" in line and IN in line for line in lines)
     assert registry_findings(reg, [IN], involved=[COORD, DE]) == []
     assert gate(registry())[0].allowed  # the example's Indian party lacks both: still allowed
 
 
-@pytest.mark.parametrize(("exporter", "importer", "module"), [
-    ("controller", "joint-controller", "C2C"), ("joint-controller", "processor", "C2P"),
-    ("processor", "processor", "P2P"), ("processor", "controller", "P2C")])
+@pytest.mark.parametrize(
+    ("exporter", "importer", "module"),
+    [
+        ("controller", "joint-controller", "C2C"),
+        ("joint-controller", "processor", "C2P"),
+        ("processor", "processor", "P2P"),
+        ("processor", "controller", "P2C"),
+    ],
+)
 def test_scc_modules_follow_the_roles(exporter, importer, module):
     assert scc_module(exporter, importer) == module

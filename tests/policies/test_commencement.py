@@ -57,8 +57,11 @@ def test_status_on_both_sides_of_a_date():
     children = legal_status(RULES["DPDP-9-1"].references, BEFORE_DPDP)
     assert children.status == PARTLY
     assert ("DPDP Act 2023 s.9(1)", date(2027, 5, 13)) in children.pending
-    assert all(legal_status(r.references, BEFORE_DPDP).status == BINDING
-               for r in RULES.values() if r.pack == "gdpr")
+    assert all(
+        legal_status(r.references, BEFORE_DPDP).status == BINDING
+        for r in RULES.values()
+        if r.pack == "gdpr"
+    )
 
 
 def test_corrected_citations():

@@ -50,17 +50,34 @@ def test_the_example_dpia_is_approved_current_and_lets_the_example_run_start():
     assert d.references[0] == "GDPR Art. 35(1)"
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    ({"sites": [make_site("site", site_id="site-new")]}, "new site(s) not assessed: site-new"),
-    ({"sites": [make_site("site", site_id="site-0", country="IT", art6_3_law="IT: a law",
-                          art9_law="IT: a law", minors_law="IT: a law")]},
-     "new country(ies) not assessed: IT"),
-    ({"run": make_run(epsilon=9.0)}, "epsilon 9 is higher than the 8 assessed"),
-    ({"run": make_run(purpose="public-health.surveillance", special_category_condition="i")},
-     "new purpose not assessed: public-health.surveillance"),
-    ({"transport": "insecure"}, "transport 'insecure' was not assessed"),
-    ({"today": date(2027, 12, 1)}, "its review date 2027-11-30 has passed"),
-])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"sites": [make_site("site", site_id="site-new")]}, "new site(s) not assessed: site-new"),
+        (
+            {
+                "sites": [
+                    make_site(
+                        "site",
+                        site_id="site-0",
+                        country="IT",
+                        art6_3_law="IT: a law",
+                        art9_law="IT: a law",
+                        minors_law="IT: a law",
+                    )
+                ]
+            },
+            "new country(ies) not assessed: IT",
+        ),
+        ({"run": make_run(epsilon=9.0)}, "epsilon 9 is higher than the 8 assessed"),
+        (
+            {"run": make_run(purpose="public-health.surveillance", special_category_condition="i")},
+            "new purpose not assessed: public-health.surveillance",
+        ),
+        ({"transport": "insecure"}, "transport 'insecure' was not assessed"),
+        ({"today": date(2027, 12, 1)}, "its review date 2027-11-30 has passed"),
+    ],
+)
 def test_a_change_outside_the_scope_makes_the_dpia_stale_and_stops_the_run(change, expected):
     d, decisions, sites = gate(**change)
     assert d.denied and d.site_id is None
@@ -81,24 +98,31 @@ def test_a_lower_epsilon_and_fewer_sites_stay_covered():
 def test_a_non_private_run_needs_a_dpia_that_assessed_one():
     run = make_run(dp_enabled=False, epsilon=None, delta=None, allow_non_private=True)
     assert gate(run=run)[0].allowed  # the example assessed --no-dp on public data
-    strict = make_run(dp_enabled=False, epsilon=None, delta=None, allow_non_private=True,
-                      dpia=dpia(scope={"non_private": False}).model_dump())
+    strict = make_run(
+        dp_enabled=False,
+        epsilon=None,
+        delta=None,
+        allow_non_private=True,
+        dpia=dpia(scope={"non_private": False}).model_dump(),
+    )
     d = gate(run=strict)[0]
-    assert d.denied and "non-private (no differential privacy), which was not assessed" in \
-        d.reason
+    assert d.denied and "non-private (no differential privacy), which was not assessed" in d.reason
 
 
 def test_unknown_transport_is_left_to_whoever_knows_it():
     assert gate(transport=None)[0].allowed
 
 
-@pytest.mark.parametrize(("changes", "expected"), [
-    ({"status": "draft"}, "its status is draft, not approved"),
-    ({"decision": "refer-art-36"}, "referred to the supervisory authority (GDPR Art. 36"),
-    ({"decision": "reject"}, "it was rejected"),
-    ({"dpo_advice": None}, "no DPO advice and date are recorded (GDPR Art. 35(2))"),
-    ({"conditions": ()}, "approved with conditions but names none"),
-])
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"status": "draft"}, "its status is draft, not approved"),
+        ({"decision": "refer-art-36"}, "referred to the supervisory authority (GDPR Art. 36"),
+        ({"decision": "reject"}, "it was rejected"),
+        ({"dpo_advice": None}, "no DPO advice and date are recorded (GDPR Art. 35(2))"),
+        ({"conditions": ()}, "approved with conditions but names none"),
+    ],
+)
 def test_an_unapproved_dpia_stops_the_run(changes, expected):
     d, decisions, sites = gate(run=make_run(dpia=dpia(**changes).model_dump()))
     assert d.denied and "is not approved" in d.reason and expected in d.reason
@@ -119,8 +143,7 @@ def test_a_site_refused_by_another_rule_does_not_make_the_dpia_stale():
     cn = make_site("site", site_id="site-cn", country="CN", transfer_safeguards=())
     d, decisions, _ = gate(sites=[make_site("site"), cn])
     assert d.allowed, d.reason
-    assert [s.site_id for s in eligible_sites(decisions, [make_site("site"), cn])] == [
-        "site-de-01"]
+    assert [s.site_id for s in eligible_sites(decisions, [make_site("site"), cn])] == ["site-de-01"]
 
 
 def test_the_declaration_carries_the_dpia_and_its_hash_survives_the_wire():
@@ -148,14 +171,16 @@ def test_dpia_file_errors_are_one_line_naming_the_file_and_field(tmp_path):
         load_run_declaration(_declaration(tmp_path, None))
     assert "dpia_file" in str(err.value) and "dpia.toml" in str(err.value)
     assert "not found" in str(err.value) and "\n" not in str(err.value)
-    bad = DPIA_TOML.read_text(encoding="utf-8").replace('likelihood_before = "probable"',
-                                                        'likelihood_before = "often"', 1)
+    bad = DPIA_TOML.read_text(encoding="utf-8").replace(
+        'likelihood_before = "probable"', 'likelihood_before = "often"', 1
+    )
     with pytest.raises(DeclarationError) as err:
         load_run_declaration(_declaration(tmp_path, bad))
     assert "risks[0].likelihood_before" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DeclarationError, match="dpia_id"):
-        load_run_declaration(_declaration(tmp_path, DPIA_TOML.read_text(encoding="utf-8"),
-                                          dpia_id='"DPIA-OTHER"'))
+        load_run_declaration(
+            _declaration(tmp_path, DPIA_TOML.read_text(encoding="utf-8"), dpia_id='"DPIA-OTHER"')
+        )
 
 
 def test_risk_levels_follow_likelihood_times_severity():

@@ -69,7 +69,8 @@ def test_default_site_manifest_accepts_the_example_run(country):
     (gate,) = [d for d in decisions if d.rule_id == "GDPR-35"]
     assert gate.denied and "new site(s) not assessed: sim-0, sim-1" in gate.reason
     assert (f"new country(ies) not assessed: {country}" in gate.reason) == (
-        country not in ("DE", "FR", "IN"))
+        country not in ("DE", "FR", "IN")
+    )
     assert sites[0].country == country
     assert sites[0].law_packs == (("dpdp",) if country == "IN" else ("gdpr",))
 

@@ -242,8 +242,14 @@ def test_objection_restriction_and_opt_out_exclude_from_their_date_on():
     verdict = evaluate_records(care, consent_site, [record(objected_at=AT)], AT)
     assert "GDPR-21" not in verdict.excluded_by_rule
     # the columns round-trip through the columnar reader
-    (rec,) = records_from_columns({"record_id": ["x"], "objected_at": ["2026-05-01"],
-                                   "restricted_at": [None], "opted_out_at": [""]})
+    (rec,) = records_from_columns(
+        {
+            "record_id": ["x"],
+            "objected_at": ["2026-05-01"],
+            "restricted_at": [None],
+            "opted_out_at": [""],
+        }
+    )
     assert rec.objected_at == datetime(2026, 5, 1, tzinfo=UTC) and rec.restricted_at is None
 
 

@@ -46,13 +46,18 @@ CASES: dict[str, tuple[Case, Case]] = {
     ),
     "GDPR-26-28": (
         lambda: decide("GDPR-26-28", make_run(), _de(), sites=[_de(), _in()]),
-        lambda: decide("GDPR-26-28", make_run(), _de(site_id="site-unregistered"),
-                       sites=[_de(site_id="site-unregistered"), _in()]),
+        lambda: decide(
+            "GDPR-26-28",
+            make_run(),
+            _de(site_id="site-unregistered"),
+            sites=[_de(site_id="site-unregistered"), _in()],
+        ),
     ),
     "GDPR-35": (
         lambda: decide("GDPR-35", make_run(), _de(), sites=[_de(), _in()]),
-        lambda: decide("GDPR-35", make_run(), _de(site_id="site-new"),
-                       sites=[_de(site_id="site-new"), _in()]),
+        lambda: decide(
+            "GDPR-35", make_run(), _de(site_id="site-new"), sites=[_de(site_id="site-new"), _in()]
+        ),
     ),
     "GDPR-6": (
         lambda: decide("GDPR-6", make_run(), _de()),
@@ -80,9 +85,7 @@ CASES: dict[str, tuple[Case, Case]] = {
     ),
     "GDPR-7-3": (
         lambda: decide("GDPR-7-3", make_run(), _de(**CONSENT_SITE), records=[record()]),
-        lambda: decide(
-            "GDPR-7-3", make_run(), _de(**CONSENT_SITE), records=[record(**WITHDRAWN)]
-        ),
+        lambda: decide("GDPR-7-3", make_run(), _de(**CONSENT_SITE), records=[record(**WITHDRAWN)]),
     ),
     "GDPR-21": (
         lambda: decide("GDPR-21", make_run(), _de(), records=[record()]),
@@ -160,9 +163,7 @@ CASES: dict[str, tuple[Case, Case]] = {
     ),
     "PRIV-DATE-UNKNOWN": (
         lambda: decide("PRIV-DATE-UNKNOWN", make_run(), _de(), records=[record()]),
-        lambda: decide(
-            "PRIV-DATE-UNKNOWN", make_run(), _de(), records=[record(collected_at=None)]
-        ),
+        lambda: decide("PRIV-DATE-UNKNOWN", make_run(), _de(), records=[record(collected_at=None)]),
     ),
     "PRIV-MIN-SITES": (
         lambda: check_min_sites(make_run(), 2),

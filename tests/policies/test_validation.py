@@ -34,8 +34,12 @@ SITE_ID_CHARS = string.ascii_letters + string.digits + "._-"
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=80))
 def test_any_text_is_a_site_id_exactly_when_it_matches_the_one_pattern(text):
-    ok = (0 < len(text) <= 64 and text[0].isascii() and text[0].isalnum()
-          and all(c in SITE_ID_CHARS for c in text))
+    ok = (
+        0 < len(text) <= 64
+        and text[0].isascii()
+        and text[0].isalnum()
+        and all(c in SITE_ID_CHARS for c in text)
+    )
     try:
         assert check_site_id(text) == text and ok
     except ValueError as exc:
@@ -44,8 +48,12 @@ def test_any_text_is_a_site_id_exactly_when_it_matches_the_one_pattern(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=6) | st.sampled_from(sorted(iso_countries())).map(
-    lambda c: st.sampled_from([c, c.lower(), f" {c} "])).flatmap(lambda s: s))
+@given(
+    st.text(max_size=6)
+    | st.sampled_from(sorted(iso_countries()))
+    .map(lambda c: st.sampled_from([c, c.lower(), f" {c} "]))
+    .flatmap(lambda s: s)
+)
 def test_any_text_is_a_country_exactly_when_it_is_an_iso_code(text):
     code = text.strip().upper()
     try:
@@ -81,18 +89,27 @@ def test_the_types_are_the_ones_every_model_uses():
     assert DpiaScope.model_fields["countries"].annotation == frozenset[Country]
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    ({"id": "s-1", "country": "de", "roundz": 2},
-     "site.toml: field 'roundz': is not a known field: remove it or fix its spelling "
-     "(did you mean 'rounds'?)"),
-    ({"country": "DE"}, "site.toml: field 'id': is required: add it"),
-    ({"id": "-x", "country": "XX", "rounds": 0},
-     "site.toml: field 'id': must be a pseudonymous id of at most 64 letters, digits, '.', "
-     "'_' or '-' such as site-de-01 (got '-x') (and 2 more problem(s))"),
-    ({"id": "s", "country": "DE", "rounds": "many"},
-     "site.toml: field 'rounds': must be a valid integer, unable to parse string as an "
-     "integer (got 'many')"),
-])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"id": "s-1", "country": "de", "roundz": 2},
+            "site.toml: field 'roundz': is not a known field: remove it or fix its spelling "
+            "(did you mean 'rounds'?)",
+        ),
+        ({"country": "DE"}, "site.toml: field 'id': is required: add it"),
+        (
+            {"id": "-x", "country": "XX", "rounds": 0},
+            "site.toml: field 'id': must be a pseudonymous id of at most 64 letters, digits, '.', "
+            "'_' or '-' such as site-de-01 (got '-x') (and 2 more problem(s))",
+        ),
+        (
+            {"id": "s", "country": "DE", "rounds": "many"},
+            "site.toml: field 'rounds': must be a valid integer, unable to parse string as an "
+            "integer (got 'many')",
+        ),
+    ],
+)
 def test_one_line_names_the_file_the_field_and_what_to_do(data, expected):
     with pytest.raises(ValidationError) as exc:
         Site.model_validate(data)
@@ -100,9 +117,13 @@ def test_one_line_names_the_file_the_field_and_what_to_do(data, expected):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["id", "country", "rounds", "other", "x\ny"]),
-                       st.none() | st.integers() | st.text(max_size=300) | st.lists(st.text()),
-                       max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "country", "rounds", "other", "x\ny"]),
+        st.none() | st.integers() | st.text(max_size=300) | st.lists(st.text()),
+        max_size=4,
+    )
+)
 def test_any_document_gives_a_model_or_one_bounded_line_naming_the_file(data):
     try:
         Site.model_validate(data)

@@ -57,17 +57,18 @@ def test_charged_epsilon_bounds_the_mechanism_that_ran(tmp_path, task):
         # sampling is over the pool's privacy units (all of a unit's records together)
         n_units = len(pool.x) if pool.units is None else len(np.unique(pool.units))
         assert (pool.units is not None) == (task == "digits-fewshot")
-        assert train["details"]["privacy_unit"] == ("image" if pool.units is not None
-                                                    else "record")
-        reference.history.append((cfg.noise_multiplier, opacus_rate(n_units, cfg.batch_size),
-                                  cfg.inner_steps))
+        assert train["details"]["privacy_unit"] == ("image" if pool.units is not None else "record")
+        reference.history.append(
+            (cfg.noise_multiplier, opacus_rate(n_units, cfg.batch_size), cfg.inner_steps)
+        )
     ledger = PrivacyLedger.read(tmp_path / "site-1" / LEDGER_FILE)
     assert len(ledger.charges) == ROUNDS
     for charge, (sigma, rate, steps) in zip(ledger.charges, reference.history, strict=True):
         assert charge.noise_multiplier <= sigma and charge.sample_rate >= rate
         assert charge.steps >= steps
     estimate = reference._get_dprv(eps_error=0.01, delta_error=cfg.delta / 1000).compute_epsilon(
-        cfg.delta, cfg.delta / 1000, 0.01)[1]
+        cfg.delta, cfg.delta / 1000, 0.01
+    )[1]
     assert ledger.epsilon() >= estimate > 0
 
 
@@ -76,7 +77,8 @@ def test_the_loader_includes_each_record_independently_at_the_charged_rate():
     n, batch, draws = 300, 10, 600
     loader = DPDataLoader.from_data_loader(
         DataLoader(TensorDataset(torch.arange(n)), batch_size=batch),
-        generator=torch.Generator().manual_seed(0))
+        generator=torch.Generator().manual_seed(0),
+    )
     q = loader.sample_rate
     counts = np.zeros(n)
     sizes = []

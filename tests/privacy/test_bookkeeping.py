@@ -33,20 +33,34 @@ def reference_clipped_sum(model, x, y, loss_fn, clip):
     per_sample = [p.grad_sample for p in params]  # Opacus rescales a mean loss per sample
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample]).norm(dim=0)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-    out = {id(p): torch.einsum("b,b...->...", factor, g)
-           for p, g in zip(params, per_sample, strict=True)}
+    out = {
+        id(p): torch.einsum("b,b...->...", factor, g)
+        for p, g in zip(params, per_sample, strict=True)
+    }
     gsm._close()
     return out, norms
 
 
 CASES = {
-    "cnn": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(4, 6, 3, stride=2, dilation=1), nn.ReLU(),
-                                  nn.Flatten(), nn.Linear(24, 5)),
-            lambda g: torch.rand(7, 2, 6, 6, generator=g), 5),
-    "dilated": (lambda: nn.Sequential(nn.Conv2d(1, 3, 3, dilation=2, bias=False),
-                                      nn.Flatten(), nn.Linear(48, 4)),
-                lambda g: torch.rand(5, 1, 8, 8, generator=g), 4),
+    "cnn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 3, stride=2, dilation=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(24, 5),
+        ),
+        lambda g: torch.rand(7, 2, 6, 6, generator=g),
+        5,
+    ),
+    "dilated": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 3, 3, dilation=2, bias=False), nn.Flatten(), nn.Linear(48, 4)
+        ),
+        lambda g: torch.rand(5, 1, 8, 8, generator=g),
+        4,
+    ),
     "sequence": (TokenModel, lambda g: torch.randn(6, 4, 6, generator=g), 3),
 }
 
@@ -79,8 +93,9 @@ def test_clipped_sum_equals_opacus_per_sample_clipping(case, clip):
 def test_unsupported_models_are_named():
     assert "LayerNorm" in unsupported_reason(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
     assert "grouped" in unsupported_reason(nn.Conv2d(2, 2, 3, groups=2))
-    assert "BatchNorm1d" in unsupported_reason(nn.Sequential(nn.Linear(2, 2),
-                                                             nn.BatchNorm1d(2, affine=False)))
+    assert "BatchNorm1d" in unsupported_reason(
+        nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, affine=False))
+    )
     tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     tied[1].weight = tied[0].weight
     assert "shares a parameter" in unsupported_reason(tied)
@@ -103,8 +118,15 @@ def test_a_layer_run_twice_is_refused():
 def test_train_steps_requires_a_mean_loss():
     pool = Pool(np.zeros((8, 2), np.float32), np.zeros(8, np.int64))
     with pytest.raises(DPModelError, match="reduction"):
-        train_steps(nn.Linear(2, 2), pool, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-                    steps=1, lr=0.1, batch_size=4, dp=DPSettings(1.0, 1.0, grad_sample_mode="bk"))
+        train_steps(
+            nn.Linear(2, 2),
+            pool,
+            loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+            steps=1,
+            lr=0.1,
+            batch_size=4,
+            dp=DPSettings(1.0, 1.0, grad_sample_mode="bk"),
+        )
 
 
 class CountingLoss(nn.CrossEntropyLoss):
@@ -117,14 +139,23 @@ class CountingLoss(nn.CrossEntropyLoss):
 
 def test_empty_poisson_batches_still_get_noise_and_are_charged():
     """Expected batch 1 (q = 1/640): about a third of 40 steps draw no record."""
-    pool = Pool(np.random.default_rng(0).normal(size=(640, 4)).astype(np.float32),
-                np.zeros(640, np.int64))
+    pool = Pool(
+        np.random.default_rng(0).normal(size=(640, 4)).astype(np.float32), np.zeros(640, np.int64)
+    )
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
     loss = CountingLoss()
-    res = train_steps(model, pool, loss_fn=loss, steps=40, lr=0.1, batch_size=1,
-                      dp=DPSettings(1.0, 1.0, grad_sample_mode="bk"), seed=0)
+    res = train_steps(
+        model,
+        pool,
+        loss_fn=loss,
+        steps=40,
+        lr=0.1,
+        batch_size=1,
+        dp=DPSettings(1.0, 1.0, grad_sample_mode="bk"),
+        seed=0,
+    )
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert loss.calls < 40  # some batches were empty: no forward pass, yet a step
     assert res.dp_step == (1.0, 1 / 640, 40)  # every step charged

@@ -26,8 +26,7 @@ def test_prv_epsilon_is_opacus_prv_and_bounds_its_estimate(history):
     acc = PRVAccountant()
     acc.history = list(history)
     opacus_upper = acc.get_epsilon(delta=1e-5)
-    estimate = acc._get_dprv(eps_error=0.01, delta_error=1e-8).compute_epsilon(
-        1e-5, 1e-8, 0.01)[1]
+    estimate = acc._get_dprv(eps_error=0.01, delta_error=1e-8).compute_epsilon(1e-5, 1e-8, 0.01)[1]
     ours = epsilon(history, 1e-5, "prv")
     assert ours >= estimate
     assert ours == pytest.approx(opacus_upper, rel=1e-3, abs=1e-3)
@@ -37,8 +36,7 @@ def test_prv_epsilon_is_opacus_prv_and_bounds_its_estimate(history):
 def test_rdp_epsilon_is_opacus_rdp(history):
     acc = RDPAccountant()
     acc.history = list(history)
-    assert epsilon(history, 1e-5, "rdp") == pytest.approx(acc.get_epsilon(delta=1e-5),
-                                                          rel=1e-9)
+    assert epsilon(history, 1e-5, "rdp") == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
 
 
 def test_gdp_never_decides_a_budget_but_can_be_shown_beside_a_bound():
@@ -57,8 +55,8 @@ def test_check_and_charge_share_one_evaluation():
     """The budget check and the charge ask for the same compacted history: one evaluation."""
     hist = [(1.1, 1 / 29, 8)] * 3
     budget._epsilon.cache_clear()
-    epsilon(hist + [(1.1, 1 / 29, 8)], 1e-5)   # the check: history + this round
-    epsilon([(1.1, 1 / 29, 32)], 1e-5)         # the charge, compacted the same way
+    epsilon(hist + [(1.1, 1 / 29, 8)], 1e-5)  # the check: history + this round
+    epsilon([(1.1, 1 / 29, 32)], 1e-5)  # the charge, compacted the same way
     info = budget._epsilon.cache_info()
     assert (info.misses, info.hits) == (1, 1)
 
@@ -76,8 +74,7 @@ def test_a_grid_for_the_whole_run_gives_the_same_bound(history):
     history needs: still at least Opacus's estimate, and Opacus's upper end to 1e-3."""
     acc = PRVAccountant()
     acc.history = list(history)
-    estimate = acc._get_dprv(eps_error=0.01, delta_error=1e-8).compute_epsilon(
-        1e-5, 1e-8, 0.01)[1]
+    estimate = acc._get_dprv(eps_error=0.01, delta_error=1e-8).compute_epsilon(1e-5, 1e-8, 0.01)[1]
     steps = sum(n for _, _, n in history)
     for grid_steps in (steps, 4 * steps + 1, 1000):
         ours = epsilon(history, 1e-5, "prv", grid_steps=grid_steps)

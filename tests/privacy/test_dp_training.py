@@ -14,8 +14,10 @@ from fedmeta.privacy.model_check import check_dp_model
 
 def big_gradient_pool(n=64, d=8):
     rng = np.random.default_rng(0)
-    return Pool(rng.normal(size=(n, d)).astype(np.float32) * 100,
-                rng.normal(size=(n, 1)).astype(np.float32) * 100)
+    return Pool(
+        rng.normal(size=(n, d)).astype(np.float32) * 100,
+        rng.normal(size=(n, 1)).astype(np.float32) * 100,
+    )
 
 
 def flat(model):
@@ -29,16 +31,25 @@ def test_per_sample_clipping_bounds_the_update(mode):
     torch.manual_seed(0)
     model = nn.Linear(8, 1)
     before = flat(model).clone()
-    res = train_steps(model, pool, loss_fn=SampleMSELoss(), steps=1, lr=1.0, batch_size=16,
-                      dp=DPSettings(0.0, max_grad_norm=0.5, grad_sample_mode=mode), seed=1)
+    res = train_steps(
+        model,
+        pool,
+        loss_fn=SampleMSELoss(),
+        steps=1,
+        lr=1.0,
+        batch_size=16,
+        dp=DPSettings(0.0, max_grad_norm=0.5, grad_sample_mode=mode),
+        seed=1,
+    )
     moved = float((flat(model) - before).norm())
     bound = 1.0 * 0.5 * res.examples_used / 16
     assert 0 < moved <= bound + 1e-5
     # without DP the same step is orders of magnitude larger
     torch.manual_seed(0)
     plain = nn.Linear(8, 1)
-    train_steps(plain, pool, loss_fn=SampleMSELoss(), steps=1, lr=1.0, batch_size=16, dp=None,
-                seed=1)
+    train_steps(
+        plain, pool, loss_fn=SampleMSELoss(), steps=1, lr=1.0, batch_size=16, dp=None, seed=1
+    )
     assert float((flat(plain) - before).norm()) > 100 * bound
 
 
@@ -50,8 +61,16 @@ def test_noise_is_present_and_scaled_by_sigma(mode):
         torch.manual_seed(0)
         m = nn.Linear(8, 1)
         b = flat(m).clone()
-        train_steps(m, pool, loss_fn=SampleMSELoss(), steps=1, lr=1.0, batch_size=16,
-                    dp=DPSettings(sigma, 1.0, grad_sample_mode=mode), seed=seed)
+        train_steps(
+            m,
+            pool,
+            loss_fn=SampleMSELoss(),
+            steps=1,
+            lr=1.0,
+            batch_size=16,
+            dp=DPSettings(sigma, 1.0, grad_sample_mode=mode),
+            seed=seed,
+        )
         return flat(m) - b
 
     a, b = update(2.0, 1), update(2.0, 2)
@@ -65,8 +84,16 @@ def test_opacus_records_what_the_ledger_charges():
     task = get_task("digits-fewshot")
     pool = task.episode_pool(task.site_records(0), np.random.default_rng(0))
     model = task.build_model(5)
-    res = train_steps(model, pool, loss_fn=task.loss_fn(), steps=4, lr=0.1, batch_size=10,
-                      dp=DPSettings(1.3, 1.0), seed=0)
+    res = train_steps(
+        model,
+        pool,
+        loss_fn=task.loss_fn(),
+        steps=4,
+        lr=0.1,
+        batch_size=10,
+        dp=DPSettings(1.3, 1.0),
+        seed=0,
+    )
     assert res.dp_step == (1.3, poisson_rate(len(pool.x), 10), 4)
     assert res.dp_step[1] == pytest.approx(10 / len(pool.x), rel=0.05)  # E[B] ~ 10
 
@@ -78,8 +105,16 @@ def test_same_seed_same_result():
     def run():
         torch.manual_seed(0)
         m = task.build_model(1)
-        train_steps(m, pool, loss_fn=task.loss_fn(), steps=5, lr=0.01, batch_size=10,
-                    dp=DPSettings(1.0, 1.0), seed=7)
+        train_steps(
+            m,
+            pool,
+            loss_fn=task.loss_fn(),
+            steps=5,
+            lr=0.01,
+            batch_size=10,
+            dp=DPSettings(1.0, 1.0),
+            seed=7,
+        )
         return flat(m)
 
     assert torch.equal(run(), run())
@@ -93,8 +128,16 @@ def test_modes_compute_the_same_clipped_update():
     def update(mode, p=pool):
         torch.manual_seed(0)
         m = task.build_model(5)
-        train_steps(m, p, loss_fn=task.loss_fn(), steps=2, lr=0.1, batch_size=10,
-                    dp=DPSettings(0.0, 0.5, grad_sample_mode=mode), seed=3)
+        train_steps(
+            m,
+            p,
+            loss_fn=task.loss_fn(),
+            steps=2,
+            lr=0.1,
+            batch_size=10,
+            dp=DPSettings(0.0, 0.5, grad_sample_mode=mode),
+            seed=3,
+        )
         return flat(m)
 
     ref = update("hooks")

@@ -29,14 +29,26 @@ CLIP, LR = 0.05, 0.5
 
 
 def conv_linear():
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(54, 8), nn.ReLU(), nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(54, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
 
 
 def conv_groupnorm_linear():
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    )
 
 
 MODELS = {"conv+linear": conv_linear, "conv+groupnorm+linear": conv_groupnorm_linear}
@@ -64,8 +76,9 @@ def reference_step(model, data: Pool, sigma, seed):
         _, unit = np.unique(data.units, return_inverse=True)
         index = torch.from_numpy(unit.reshape(-1))
         n_units = int(index.max()) + 1
-        per_sample = [g.new_zeros((n_units, *g.shape[1:])).index_add_(0, index, g)
-                      for g in per_sample]
+        per_sample = [
+            g.new_zeros((n_units, *g.shape[1:])).index_add_(0, index, g) for g in per_sample
+        ]
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample]).norm(dim=0)
     factor = (CLIP / (norms + 1e-6)).clamp(max=1.0)
     noise = torch.Generator().manual_seed(seed + 1)  # Opacus's optimizer, in its order
@@ -90,8 +103,16 @@ def test_one_step_equals_opacus_per_sample_clipping_and_noise(name, per_unit, si
     expected, largest = reference_step(twin, data, sigma, seed=5)
     assert largest > CLIP  # clipping is active
     n = 8 if per_unit else 12  # E[B] = every unit: q = 1, the batch is the whole pool
-    res = train_steps(model, data, loss_fn=nn.CrossEntropyLoss(), steps=1, lr=LR,
-                      batch_size=n, dp=DPSettings(sigma, CLIP), seed=5)
+    res = train_steps(
+        model,
+        data,
+        loss_fn=nn.CrossEntropyLoss(),
+        steps=1,
+        lr=LR,
+        batch_size=n,
+        dp=DPSettings(sigma, CLIP),
+        seed=5,
+    )
     assert res.dp_step == (sigma, 1.0, 1) and res.examples_used == 12
     torch.testing.assert_close(flat(model), expected, rtol=1e-5, atol=1e-6)
 
@@ -108,9 +129,16 @@ def test_bookkeeping_matches_opacus_hooks_over_noisy_poisson_steps(per_unit):
     def run(mode):
         torch.manual_seed(0)
         model = conv_linear()
-        res = train_steps(model, data, loss_fn=nn.CrossEntropyLoss(), steps=5, lr=LR,
-                          batch_size=4, dp=DPSettings(1.0, CLIP, grad_sample_mode=mode),
-                          seed=3)
+        res = train_steps(
+            model,
+            data,
+            loss_fn=nn.CrossEntropyLoss(),
+            steps=5,
+            lr=LR,
+            batch_size=4,
+            dp=DPSettings(1.0, CLIP, grad_sample_mode=mode),
+            seed=3,
+        )
         return flat(model), res
 
     (fast, r_fast), (ref, r_ref) = run("bk"), run("hooks")

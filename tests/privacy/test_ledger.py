@@ -9,8 +9,9 @@ from fedmeta.privacy.ledger import LedgerError, PrivacyLedger
 
 
 def open_ledger(site_dir, eps_max=10.0, accountant="prv"):
-    return PrivacyLedger.open(site_dir, site="site-x", epsilon_max=eps_max, delta=1e-5,
-                              accountant=accountant)
+    return PrivacyLedger.open(
+        site_dir, site="site-x", epsilon_max=eps_max, delta=1e-5, accountant=accountant
+    )
 
 
 def test_composes_across_process_restarts_like_one_opacus_accountant(tmp_path):
@@ -94,8 +95,14 @@ def test_summary_document_shape(tmp_path):
     ledger.charge("run-1", 3, (1.0, 0.05, 8))
     doc = ledger.summary()
     assert set(doc) >= {"site", "epsilon_max", "delta", "accountant", "entries"}
-    assert set(doc["entries"][0]) == {"run", "round", "noise_multiplier", "sample_rate", "steps",
-                                      "epsilon_after"}
+    assert set(doc["entries"][0]) == {
+        "run",
+        "round",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "epsilon_after",
+    }
 
 
 def test_a_charge_by_another_process_is_seen_under_the_lock(tmp_path):

@@ -25,10 +25,16 @@ CLASSES = 3
 def loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=CE):
     """Per-sample gradients by a plain loop over records: name -> [B, *shape]."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    rows = [torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), [p for _, p in named],
-                                allow_unused=True) for i in range(len(x))]
-    return {n: torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
-            for j, (n, p) in enumerate(named)}
+    rows = [
+        torch.autograd.grad(
+            loss_fn(model(x[i : i + 1]), y[i : i + 1]), [p for _, p in named], allow_unused=True
+        )
+        for i in range(len(x))
+    ]
+    return {
+        n: torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
+        for j, (n, p) in enumerate(named)
+    }
 
 
 def norms_of(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -95,14 +101,24 @@ def stacks(draw):
             groups = 2 if c == 2 and out % 2 == 0 and draw(st.booleans()) else 1
             reflect = padding == 1 and size >= 2
             mode = draw(st.sampled_from(["zeros", "reflect"])) if reflect else "zeros"
-            layers.append(nn.Conv2d(c, out, k, padding=padding, groups=groups,
-                                    padding_mode=mode, bias=draw(st.booleans())))
+            layers.append(
+                nn.Conv2d(
+                    c,
+                    out,
+                    k,
+                    padding=padding,
+                    groups=groups,
+                    padding_mode=mode,
+                    bias=draw(st.booleans()),
+                )
+            )
             if groups != 1:
                 risky.append(layers[-1])
             layers += act()
             c = out
-            size = size + 2 - k + 1 if padding == 1 else (size if padding == "same"
-                                                          else size - k + 1)
+            size = (
+                size + 2 - k + 1 if padding == 1 else (size if padding == "same" else size - k + 1)
+            )
         layers.append(nn.Flatten())
     width = _flat_width(layers, shape) if image else shape[0]
     if draw(st.booleans()):
@@ -146,8 +162,9 @@ def test_auto_accepts_only_what_it_computes_exactly(case, clip):
     ref = loop_grads(model, x, y)
     if mode != "bk":
         assert mode in ("hooks", "ew")
-        torch.testing.assert_close(opacus_norms(model, x, y, mode), norms_of(ref),
-                                   rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(
+            opacus_norms(model, x, y, mode), norms_of(ref), rtol=1e-3, atol=1e-5
+        )
         return
     assert not risky, "auto chose book-keeping for a stack it cannot handle"
     norms, got = bk_clipped(model, x, y, clip)
@@ -213,8 +230,7 @@ def test_routes_what_book_keeping_cannot_do_to_a_correct_opacus_mode():
     grouped = nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Flatten(), nn.Linear(8, 3))
     assert pick(grouped, x=torch.zeros(1, 2, 2, 2)) == "ew"
     for padding in ("same", "valid"):  # supported by book-keeping
-        conv = nn.Sequential(nn.Conv2d(1, 2, 3, padding=padding), nn.Flatten(),
-                             nn.LazyLinear(3))
+        conv = nn.Sequential(nn.Conv2d(1, 2, 3, padding=padding), nn.Flatten(), nn.LazyLinear(3))
         conv(torch.zeros(1, 1, 4, 4))
         assert pick(conv, x=torch.zeros(1, 1, 4, 4)) == "bk"
 
@@ -228,10 +244,14 @@ def test_an_explicit_bk_request_it_cannot_honour_is_an_error():
         pick(nn.Linear(4, 3), mode="fast")
 
 
-@pytest.mark.parametrize("norm", [
-    nn.BatchNorm1d(3), nn.BatchNorm1d(3, affine=False),
-    nn.BatchNorm1d(3, track_running_stats=False),
-])
+@pytest.mark.parametrize(
+    "norm",
+    [
+        nn.BatchNorm1d(3),
+        nn.BatchNorm1d(3, affine=False),
+        nn.BatchNorm1d(3, track_running_stats=False),
+    ],
+)
 def test_batchnorm_in_any_form_is_refused_with_the_fix(norm):
     model = nn.Sequential(nn.Linear(4, 3), norm)
     norm.requires_grad_(False)
@@ -240,9 +260,13 @@ def test_batchnorm_in_any_form_is_refused_with_the_fix(norm):
 
 
 def test_training_time_buffers_are_refused_constant_ones_are_not():
-    tracked = nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 1),
-                            nn.InstanceNorm2d(2, track_running_stats=True), nn.Flatten(),
-                            nn.Linear(8, 3))
+    tracked = nn.Sequential(
+        nn.Unflatten(1, (1, 2, 2)),
+        nn.Conv2d(1, 2, 1),
+        nn.InstanceNorm2d(2, track_running_stats=True),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
     with pytest.raises(DPModelError, match="track_running_stats"):
         pick(tracked)
     tracked[2].track_running_stats = False
@@ -254,20 +278,27 @@ def test_training_time_buffers_are_refused_constant_ones_are_not():
     assert pick(Counter(changes=False)) == "bk"
 
 
-@pytest.mark.parametrize(("loss", "match"), [
-    (nn.CrossEntropyLoss(weight=torch.ones(3)), "weight"),
-    (nn.CrossEntropyLoss(reduction="sum"), "reduction"),
-    (nn.NLLLoss(ignore_index=0), "ignore_index"),
-    (nn.KLDivLoss(reduction="batchmean"), "not known"),
-])
+@pytest.mark.parametrize(
+    ("loss", "match"),
+    [
+        (nn.CrossEntropyLoss(weight=torch.ones(3)), "weight"),
+        (nn.CrossEntropyLoss(reduction="sum"), "reduction"),
+        (nn.NLLLoss(ignore_index=0), "ignore_index"),
+        (nn.KLDivLoss(reduction="batchmean"), "not known"),
+    ],
+)
 def test_losses_that_are_not_a_mean_of_per_sample_terms_are_refused(loss, match):
     with pytest.raises(DPModelError, match=match):
         pick(nn.Linear(4, 3), loss=loss)
 
 
 def test_per_sample_losses_pass():
-    for loss in (nn.CrossEntropyLoss(label_smoothing=0.1), nn.MSELoss(), SampleMSELoss(),
-                 nn.BCEWithLogitsLoss(pos_weight=torch.ones(3))):
+    for loss in (
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.MSELoss(),
+        SampleMSELoss(),
+        nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)),
+    ):
         assert pick(nn.Linear(4, 3), loss=loss) == "bk"
 
 
@@ -276,30 +307,47 @@ def test_train_steps_refuses_before_building_anything():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(DPModelError, match="BatchNorm"):
-        train_steps(model, pool, loss_fn=CE, steps=2, lr=0.1, batch_size=4,
-                    dp=DPSettings(1.0, 1.0))
+        train_steps(model, pool, loss_fn=CE, steps=2, lr=0.1, batch_size=4, dp=DPSettings(1.0, 1.0))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_frozen_tensors_get_no_gradient_and_stay_put():
-    pool = Pool(np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32),
-                np.zeros(32, np.int64))
+    pool = Pool(
+        np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32), np.zeros(32, np.int64)
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     model[0].weight.requires_grad_(False)
     model[2].bias.requires_grad_(False)
     w0, b2 = model[0].weight.detach().clone(), model[2].bias.detach().clone()
-    train_steps(model, pool, loss_fn=CE, steps=3, lr=0.5, batch_size=8,
-                dp=DPSettings(1.0, 1.0, grad_sample_mode="bk"), seed=1)
+    train_steps(
+        model,
+        pool,
+        loss_fn=CE,
+        steps=3,
+        lr=0.5,
+        batch_size=8,
+        dp=DPSettings(1.0, 1.0, grad_sample_mode="bk"),
+        seed=1,
+    )
     assert torch.equal(model[0].weight, w0) and torch.equal(model[2].bias, b2)
 
 
 def test_expected_batch_of_one_record_gives_finite_weights():
     """n = 49, B = 1: int(49 * (1/49)) is 0 in floating point, which made NaN weights."""
-    pool = Pool(np.random.default_rng(0).normal(size=(49, 4)).astype(np.float32),
-                np.zeros(49, np.int64))
+    pool = Pool(
+        np.random.default_rng(0).normal(size=(49, 4)).astype(np.float32), np.zeros(49, np.int64)
+    )
     for mode in ("bk", "hooks"):
         model = nn.Linear(4, 3)
-        train_steps(model, pool, loss_fn=CE, steps=3, lr=0.1, batch_size=1,
-                    dp=DPSettings(1.0, 1.0, grad_sample_mode=mode), seed=0)
+        train_steps(
+            model,
+            pool,
+            loss_fn=CE,
+            steps=3,
+            lr=0.1,
+            batch_size=1,
+            dp=DPSettings(1.0, 1.0, grad_sample_mode=mode),
+            seed=0,
+        )
         assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -24,18 +24,27 @@ MODES = ["bk", "hooks", "ew"]
 
 def cnn() -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(3 * 5 * 5, 8), nn.Tanh(), nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
 
 
 def data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, 1, 5, 5)).astype(np.float32) * 3,
-            rng.integers(0, 3, size=n).astype(np.int64))
+    return (
+        rng.normal(size=(n, 1, 5, 5)).astype(np.float32) * 3,
+        rng.integers(0, 3, size=n).astype(np.int64),
+    )
 
 
-def unit_loop(model: nn.Module, x: np.ndarray, y: np.ndarray, units: np.ndarray,
-              clip: float) -> dict[str, torch.Tensor]:
+def unit_loop(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, units: np.ndarray, clip: float
+) -> dict[str, torch.Tensor]:
     """sum over units of clip(grad of the unit's summed loss), one autograd call per unit."""
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
@@ -51,17 +60,25 @@ def unit_loop(model: nn.Module, x: np.ndarray, y: np.ndarray, units: np.ndarray,
     return total
 
 
-def noiseless_sum(mode: str, x: np.ndarray, y: np.ndarray, units: np.ndarray,
-                  clip: float = CLIP) -> dict[str, torch.Tensor]:
+def noiseless_sum(
+    mode: str, x: np.ndarray, y: np.ndarray, units: np.ndarray, clip: float = CLIP
+) -> dict[str, torch.Tensor]:
     """The clipped sum one full-batch (q = 1) noiseless DP-SGD step of ``train_steps`` applied,
     recovered from the update: delta = -lr * sum / E[B], E[B] = number of units."""
     model = cnn()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     n_units = len(np.unique(units))
     lr = 1.0
-    result = train_steps(model, Pool(x, y, units), loss_fn=nn.CrossEntropyLoss(), steps=1,
-                         lr=lr, batch_size=n_units,
-                         dp=DPSettings(0.0, clip, grad_sample_mode=mode), seed=0)
+    result = train_steps(
+        model,
+        Pool(x, y, units),
+        loss_fn=nn.CrossEntropyLoss(),
+        steps=1,
+        lr=lr,
+        batch_size=n_units,
+        dp=DPSettings(0.0, clip, grad_sample_mode=mode),
+        seed=0,
+    )
     assert result.examples_used == len(x)  # q = 1: every unit, every record
     return {n: (before[n] - p.detach()) * n_units / lr for n, p in model.named_parameters()}
 
@@ -101,12 +118,17 @@ def test_bookkeeping_per_unit_norms_equal_the_loop_on_a_linear_stack():
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(2, 10), n_units=st.integers(1, 5), seed=st.integers(0, 2**16),
-       mode=st.sampled_from(["bk", "hooks"]), data_=st.data())
-def test_adding_or_removing_one_unit_moves_the_noiseless_sum_by_at_most_c(n, n_units, seed,
-                                                                          mode, data_):
-    units = np.array(data_.draw(st.lists(st.integers(0, n_units - 1), min_size=n,
-                                         max_size=n)))
+@given(
+    n=st.integers(2, 10),
+    n_units=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["bk", "hooks"]),
+    data_=st.data(),
+)
+def test_adding_or_removing_one_unit_moves_the_noiseless_sum_by_at_most_c(
+    n, n_units, seed, mode, data_
+):
+    units = np.array(data_.draw(st.lists(st.integers(0, n_units - 1), min_size=n, max_size=n)))
     x, y = data(n, seed)
     drop = data_.draw(st.sampled_from(sorted(set(units.tolist()))))
     keep = units != drop
@@ -134,8 +156,11 @@ def test_units_are_sampled_together_at_the_charged_rate(source):
     raw_units = rng.integers(0, 60, size=200) * 7 + 1000  # 200 records of <= 60 units
     unit_of, n_units = unit_index(raw_units, len(raw_units))
     q = poisson_rate(n_units, 6)
-    draw = (torch_draw(torch.Generator().manual_seed(0)) if source == "seeded"
-            else SiteRandomness(b"k" * 32, "run", 1).sampling.uniforms)
+    draw = (
+        torch_draw(torch.Generator().manual_seed(0))
+        if source == "seeded"
+        else SiteRandomness(b"k" * 32, "run", 1).sampling.uniforms
+    )
     sampler = UnitPoissonSampler(unit_of, n_units, q, draw)
     batches = [b for _ in range(40) for b in sampler]
     counts = _check_whole_units(batches, unit_of)
@@ -158,9 +183,16 @@ def test_train_steps_samples_whole_units_and_records_the_unit_rate():
             seen.append(inp.detach().reshape(len(inp), -1)[:, 0].numpy().copy())
 
     model.register_forward_pre_hook(spy)
-    result = train_steps(model, Pool(x, y, units), loss_fn=nn.CrossEntropyLoss(), steps=12,
-                         lr=0.1, batch_size=3, dp=DPSettings(1.0, 1.0, grad_sample_mode="hooks"),
-                         seed=4)
+    result = train_steps(
+        model,
+        Pool(x, y, units),
+        loss_fn=nn.CrossEntropyLoss(),
+        steps=12,
+        lr=0.1,
+        batch_size=3,
+        dp=DPSettings(1.0, 1.0, grad_sample_mode="hooks"),
+        seed=4,
+    )
     assert result.dp_step == (1.0, poisson_rate(10, 3), 12) == (1.0, 0.25, 12)
     first = x.reshape(40, -1)[:, 0]
     assert len(seen) >= 8  # batches can be empty (Poisson), most are not
@@ -175,9 +207,15 @@ def test_ghost_clipping_is_refused_with_units_before_anything_runs():
         check_mode("ghost")
     x, y = data(8)
     with pytest.raises(UnitError, match="ghost"):
-        train_steps(cnn(), Pool(x, y, np.arange(8) // 2), loss_fn=nn.CrossEntropyLoss(),
-                    steps=1, lr=0.1, batch_size=2,
-                    dp=DPSettings(1.0, 1.0, grad_sample_mode="ghost"))
+        train_steps(
+            cnn(),
+            Pool(x, y, np.arange(8) // 2),
+            loss_fn=nn.CrossEntropyLoss(),
+            steps=1,
+            lr=0.1,
+            batch_size=2,
+            dp=DPSettings(1.0, 1.0, grad_sample_mode="ghost"),
+        )
 
 
 def test_without_units_each_record_is_its_own_unit():

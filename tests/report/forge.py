@@ -30,8 +30,7 @@ Edit = Callable[[str, dict[str, Any]], dict[str, Any] | None]
 
 def log_paths(run: Path) -> dict[str, tuple[Path, Path]]:
     """party -> (log, private key) of every log in the run directory."""
-    out = {"server": (RunPaths(run).server_log,
-                      RunPaths(run).server_key)}
+    out = {"server": (RunPaths(run).server_log, RunPaths(run).server_key)}
     for d in sorted((run / "sites").iterdir()):
         if SitePaths(d).audit_log.exists():
             out[d.name] = (SitePaths(d).audit_log, SitePaths(d).audit_key)
@@ -45,8 +44,12 @@ def _map_receipt(text: Any, mapping: dict[str, str]) -> Any:
     return f"{seq}:{mapping.get(h, h)}"
 
 
-def rewrite_run(run: Path, keys: dict[str, Ed25519PrivateKey] | None = None,
-                edit: Edit | None = None, only: set[str] | None = None) -> None:
+def rewrite_run(
+    run: Path,
+    keys: dict[str, Ed25519PrivateKey] | None = None,
+    edit: Edit | None = None,
+    only: set[str] | None = None,
+) -> None:
     """Re-sign every log of ``run`` (with ``keys[party]`` or the run's own key), or only
     the logs of the parties in ``only`` (an attacker who holds only those keys)."""
     paths = log_paths(run)
@@ -86,20 +89,35 @@ def rewrite_run(run: Path, keys: dict[str, Ed25519PrivateKey] | None = None,
             metrics_done = True
             if "metrics_sha256" in details:
                 details["metrics_sha256"] = hashlib.sha256(
-                    RunPaths(run).metrics.read_bytes()).hexdigest()
+                    RunPaths(run).metrics.read_bytes()
+                ).hexdigest()
         d["details"] = details
         if edit is not None:
             d = edit(party, d)
             if d is None:
                 continue
         seq = len(out[party])
-        new = Entry.create(
-            keys[party], seq=seq, prev=prev[party], actor=d["actor"], action=d["action"],
-            run_id=d["run_id"], round=d["round"], decision=d["decision"],
-            rule_ids=d["rule_ids"], counts=d["counts"], model_in=d["model_in"],
-            model_out=d["model_out"], epsilon=d["epsilon"], details=d["details"],
-            time=d["time"]) if d["action"] not in ("log.created", "checkpoint") else \
-            _reserved(keys[party], seq, prev[party], d)
+        new = (
+            Entry.create(
+                keys[party],
+                seq=seq,
+                prev=prev[party],
+                actor=d["actor"],
+                action=d["action"],
+                run_id=d["run_id"],
+                round=d["round"],
+                decision=d["decision"],
+                rule_ids=d["rule_ids"],
+                counts=d["counts"],
+                model_in=d["model_in"],
+                model_out=d["model_out"],
+                epsilon=d["epsilon"],
+                details=d["details"],
+                time=d["time"],
+            )
+            if d["action"] not in ("log.created", "checkpoint")
+            else _reserved(keys[party], seq, prev[party], d)
+        )
         maps[party][e.hash] = new.hash
         prev[party] = new.hash
         out[party].append(new.line_bytes() + b"\n")
@@ -112,8 +130,9 @@ def rewrite_run(run: Path, keys: dict[str, Ed25519PrivateKey] | None = None,
         doc = json.loads(summary.read_text())
         doc["audit_head"] = _map_receipt(doc.get("audit_head"), maps["server"])
         if isinstance(doc.get("anchors"), dict):
-            doc["anchors"] = {s: _map_receipt(r, maps.get(s, {}))
-                              for s, r in doc["anchors"].items()}
+            doc["anchors"] = {
+                s: _map_receipt(r, maps.get(s, {})) for s, r in doc["anchors"].items()
+            }
         summary.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
@@ -122,8 +141,17 @@ def _reserved(key: Ed25519PrivateKey, seq: int, prev: str, d: dict[str, Any]) ->
     details = dict(d["details"])
     if d["action"] == "checkpoint":
         details = {"head_seq": seq - 1, "head_hash": prev}
-    return Entry.create(key, seq=seq, prev=prev, actor=d["actor"], action=d["action"],
-                        run_id=d["run_id"], round=d["round"], details=details, time=d["time"])
+    return Entry.create(
+        key,
+        seq=seq,
+        prev=prev,
+        actor=d["actor"],
+        action=d["action"],
+        run_id=d["run_id"],
+        round=d["round"],
+        details=details,
+        time=d["time"],
+    )
 
 
 def _rewrite_metrics(run: Path, maps: dict[str, dict[str, str]]) -> None:
@@ -132,8 +160,9 @@ def _rewrite_metrics(run: Path, maps: dict[str, dict[str, str]]) -> None:
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         if isinstance(rec.get("receipts"), dict):
-            rec["receipts"] = {s: _map_receipt(r, maps.get(s, {}))
-                               for s, r in rec["receipts"].items()}
+            rec["receipts"] = {
+                s: _map_receipt(r, maps.get(s, {})) for s, r in rec["receipts"].items()
+            }
         lines.append(json.dumps(rec, sort_keys=True))
     path.write_text("\n".join(lines) + "\n")
 
@@ -144,23 +173,37 @@ def contract_fields(run: Path) -> Edit:
     site audit-log fields sites sign from now on)."""
     from fedmeta.privacy.ledger import PrivacyLedger
 
-    ledgers = {d.name: PrivacyLedger.read(SitePaths(d).ledger)
-               for d in (run / "sites").iterdir() if SitePaths(d).ledger.exists()}
-    manifests = {d.name: hashlib.sha256(SitePaths(d).manifest.read_bytes()).hexdigest()
-                 for d in (run / "sites").iterdir() if SitePaths(d).manifest.exists()}
+    ledgers = {
+        d.name: PrivacyLedger.read(SitePaths(d).ledger)
+        for d in (run / "sites").iterdir()
+        if SitePaths(d).ledger.exists()
+    }
+    manifests = {
+        d.name: hashlib.sha256(SitePaths(d).manifest.read_bytes()).hexdigest()
+        for d in (run / "sites").iterdir()
+        if SitePaths(d).manifest.exists()
+    }
 
     def edit(party: str, d: dict[str, Any]) -> dict[str, Any]:
         if party == "server" or d["action"] != "round.train" or not d["details"].get("dp"):
             return d
         ledger = ledgers[party]
         charge = next(c for c in ledger.charges if c.round == d["round"] and c.run == d["run_id"])
-        before = [c.epsilon_after for c in ledger.charges if c.round < d["round"]
-                  and c.run == d["run_id"]]
-        d["details"] = {**d["details"], "delta": ledger.delta, "accountant": ledger.accountant,
-                        "epsilon_max": ledger.epsilon_max, "steps": charge.steps,
-                        "epsilon_round": charge.epsilon_after - (before[-1] if before else 0.0),
-                        "run_epsilon_max": None, "noise_source": "site-csprng",
-                        "manifest_sha256": manifests.get(party), "privacy_unit": "record"}
+        before = [
+            c.epsilon_after for c in ledger.charges if c.round < d["round"] and c.run == d["run_id"]
+        ]
+        d["details"] = {
+            **d["details"],
+            "delta": ledger.delta,
+            "accountant": ledger.accountant,
+            "epsilon_max": ledger.epsilon_max,
+            "steps": charge.steps,
+            "epsilon_round": charge.epsilon_after - (before[-1] if before else 0.0),
+            "run_epsilon_max": None,
+            "noise_source": "site-csprng",
+            "manifest_sha256": manifests.get(party),
+            "privacy_unit": "record",
+        }
         return d
 
     return edit

@@ -36,18 +36,45 @@ def build_run(out: Path, declaration_dir: Path) -> subprocess.CompletedProcess[s
     (in-process backend: the report reads a run's files, not how sites were reached)."""
     write_site(out, 0, manifest("site-0"), SITE0)
     write_site(out, 1, manifest("site-1"))
-    write_site(out, 2, manifest("site-2", "IN", '["SCC-2021/914-C2C"]', '["gdpr", "dpdp"]',
-                                'dpdp_ground = "consent"\nminor_age = 16', log_days=200), SITE2)
+    write_site(
+        out,
+        2,
+        manifest(
+            "site-2",
+            "IN",
+            '["SCC-2021/914-C2C"]',
+            '["gdpr", "dpdp"]',
+            'dpdp_ground = "consent"\nminor_age = 16',
+            log_days=200,
+        ),
+        SITE2,
+    )
     write_site(out, 3, manifest("site-3", "CN"))
     decl = consent_declaration(declaration_dir / "run.toml")
     if str(ROOT / "tests") not in sys.path:
         sys.path.insert(0, str(ROOT / "tests"))
     from helpers import fedmeta
 
-    return fedmeta("simulate", "--sites", "4", "--rounds", "2", "--out", str(out),
-                   "--set", "fraction-train=1.0", "--set", "eval-every=1",
-                   "--set", "eval-episodes=3", "--set", f"declaration={decl}",
-                   "--backend", "inline", isolate=False)
+    return fedmeta(
+        "simulate",
+        "--sites",
+        "4",
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        "fraction-train=1.0",
+        "--set",
+        "eval-every=1",
+        "--set",
+        "eval-episodes=3",
+        "--set",
+        f"declaration={decl}",
+        "--backend",
+        "inline",
+        isolate=False,
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,7 @@ def test_a_tampered_log_opens_one_incident_with_the_legal_clocks(run_dir, tmp_pa
     assert "0 new incident(s)" in cli("scan", str(run)).output
     log = run / "incidents" / "audit-log.jsonl"
     entries = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [e["action"] for e in entries if not e["action"].startswith("log.")] == [
-        "incident.open"]
+    assert [e["action"] for e in entries if not e["action"].startswith("log.")] == ["incident.open"]
     assert verify_log(log).ok
 
 
@@ -84,12 +83,28 @@ def test_the_decision_is_recorded_with_reasons_audited_and_final(run_dir, tmp_pa
     (incident,) = IncidentStore(run).load()
     short = cli("decide", str(run), incident.id, "--no-notify", "--reasons", "no", "--by", "x")
     assert short.exit_code == 2 and "--reasons" in short.output
-    res = cli("decide", str(run), incident.id, "--no-notify", "--reasons",
-              "an edited count in a site's own log: no personal data disclosed or lost; "
-              "integrity restored from the server's receipts", "--by", "DPO of site-1")
+    res = cli(
+        "decide",
+        str(run),
+        incident.id,
+        "--no-notify",
+        "--reasons",
+        "an edited count in a site's own log: no personal data disclosed or lost; "
+        "integrity restored from the server's receipts",
+        "--by",
+        "DPO of site-1",
+    )
     assert res.exit_code == 0 and "not notified (reasons recorded, Art. 33(5))" in res.output
-    again = cli("decide", str(run), incident.id, "--notify", "--reasons", "changed my mind",
-                "--by", "someone")
+    again = cli(
+        "decide",
+        str(run),
+        incident.id,
+        "--notify",
+        "--reasons",
+        "changed my mind",
+        "--by",
+        "someone",
+    )
     assert again.exit_code == 2 and "not overwritten" in again.output
     decided = IncidentStore(run).get(incident.id)
     assert decided.decision is not None and not decided.decision.notify_authority
@@ -122,7 +137,7 @@ def test_an_undecided_incident_is_a_finding_and_overdue_is_an_error(run_dir, tmp
 def test_a_corrupt_incident_file_is_one_line(run_dir, tmp_path):
     run = tampered(run_dir, tmp_path, "site-1")
     (run / "incidents").mkdir()
-    (run / "incidents" / "incidents.json").write_text("[{\"id\": 1}]")
+    (run / "incidents" / "incidents.json").write_text('[{"id": 1}]')
     res = cli("list", str(run))
     assert res.exit_code == 2 and "incidents.json: not a valid incident file" in res.output
     assert Incident.make_id("a", "r", None, "s") == Incident.make_id("a", "r", None, "s")
@@ -138,13 +153,29 @@ def test_a_sites_refusal_of_code_or_of_a_foreign_server_key_opens_an_incident(ru
     run_id = json.loads(RunPaths(run).summary.read_text())["run"]
     site = RunPaths(run).site("site-2").root
     with AuditLog.open(site / AUDIT_LOG, site / AUDIT_KEY, actor="site-2") as log:
-        log.append("round.decline", run_id=run_id, round=3, decision="deny",
-                   rule_ids=["SITE-SERVER-KEY"],
-                   details={"reason": "round.start is not signed by the pinned server key"})
-        log.append("round.decline", run_id=run_id, round=4, decision="deny",
-                   rule_ids=["SITE-CONFIG"], details={"reason": "task os:getcwd not installed"})
+        log.append(
+            "round.decline",
+            run_id=run_id,
+            round=3,
+            decision="deny",
+            rule_ids=["SITE-SERVER-KEY"],
+            details={"reason": "round.start is not signed by the pinned server key"},
+        )
+        log.append(
+            "round.decline",
+            run_id=run_id,
+            round=4,
+            decision="deny",
+            rule_ids=["SITE-CONFIG"],
+            details={"reason": "task os:getcwd not installed"},
+        )
         # an app refused after this run ended belongs to another run: no incident here
-        log.append("app.refuse", run_id="flwr-99", decision="deny", rule_ids=["SITE-APP"],
-                   details={"reason": "app sha256 00ab is not approved"})
+        log.append(
+            "app.refuse",
+            run_id="flwr-99",
+            decision="deny",
+            rule_ids=["SITE-APP"],
+            details={"reason": "app sha256 00ab is not approved"},
+        )
     found = {(i.kind, i.site_id) for i in signals(run, datetime.now(UTC))}
     assert found == {("server-key-mismatch", "site-2"), ("unapproved-code", "site-2")}

@@ -17,11 +17,16 @@ from fedmeta.report import ReportError, UnverifiedRunError, build_report
 pytestmark = pytest.mark.slow
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 10**6)
+    | st.floats(allow_nan=False)
     | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                 max_size=3),
-    max_leaves=6)
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +53,16 @@ def _paths(doc: object, prefix: list) -> list[list]:
     return out
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_any_value_in_an_unsigned_file_is_written_or_refused(run_dir, scratch, data):
-    name = data.draw(st.sampled_from(["metrics.jsonl", "summary.json",
-                                      "policy-decisions.json", "config.json"]))
+    name = data.draw(
+        st.sampled_from(["metrics.jsonl", "summary.json", "policy-decisions.json", "config.json"])
+    )
     run = scratch / "run"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*"))

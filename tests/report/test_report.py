@@ -38,11 +38,9 @@ def trust(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The parties' public keys registered out of band: a directory laid out like the
     coordinator kit's site-audit-keys/ (plus the server's key)."""
     keys = tmp_path_factory.mktemp("registered-keys")
-    shutil.copyfile(RunPaths(run_dir).server_pubkey,
-                    keys / "server-audit-signing.pub.pem")
+    shutil.copyfile(RunPaths(run_dir).server_pubkey, keys / "server-audit-signing.pub.pem")
     for site in SITES:
-        shutil.copyfile(RunPaths(run_dir).site(site).audit_pubkey,
-                        keys / f"{site}.pub.pem")
+        shutil.copyfile(RunPaths(run_dir).site(site).audit_pubkey, keys / f"{site}.pub.pem")
     return str(keys)
 
 
@@ -55,8 +53,9 @@ def report(run_dir: Path, trust: str, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def html(run_dir: Path, trust: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_report(run_dir, "html", out=tmp_path_factory.mktemp("html") / "report.html",
-                        trust=[trust])
+    return write_report(
+        run_dir, "html", out=tmp_path_factory.mktemp("html") / "report.html", trust=[trust]
+    )
 
 
 def test_json_follows_the_schema_kept_in_the_repo(report):
@@ -71,14 +70,18 @@ def test_epsilon_per_site_equals_the_ledgers(run_dir, report):
     privacy = {p["site_id"]: p for p in report["privacy"]}
     assert set(privacy) == set(SITES)
     # what each site enforced, as it signed it: noise source, policy, approved declaration
-    start = next(json.loads(x) for x in (RunPaths(run_dir).server_log)
-                 .read_text().splitlines() if '"run.start"' in x)
+    start = next(
+        json.loads(x)
+        for x in (RunPaths(run_dir).server_log).read_text().splitlines()
+        if '"run.start"' in x
+    )
     for site in SITES:
         p = privacy[site]
         assert p["noise_source"] == "seeded" and len(p["site_policy_sha256"]) == 64
         assert p["declaration_sha256"] == start["details"]["declaration_sha256"]
-        assert "The site enforced" in p["statement"] and "seeded from the run seed" in \
-            p["statement"]
+        assert (
+            "The site enforced" in p["statement"] and "seeded from the run seed" in p["statement"]
+        )
     for site in SITES:
         ledger = PrivacyLedger.read(RunPaths(run_dir).site(site).ledger)
         summary = ledger.summary()
@@ -88,8 +91,7 @@ def test_epsilon_per_site_equals_the_ledgers(run_dir, report):
         assert p["epsilon_max"] == summary["epsilon_max"] == 10.0
         assert p["budget_left"] == pytest.approx(10.0 - summary["epsilon"])
         assert p["rounds_joined"] == [e["round"] for e in summary["entries"]] == [1, 2]
-        assert p["noise_multipliers"] == sorted({e["noise_multiplier"]
-                                                 for e in summary["entries"]})
+        assert p["noise_multipliers"] == sorted({e["noise_multiplier"] for e in summary["entries"]})
         assert p["accountant"] == summary["accountant"] and p["delta"] == summary["delta"]
         assert p["privacy_unit"].startswith("one image")  # digits: an image's 4 rotations
         assert f"({p['epsilon_run']:.3g}, {p['delta']:g})" in p["statement"]
@@ -149,12 +151,21 @@ def test_min_cohort_below_5_is_a_warning(tmp_path):
     run = tmp_path / "run"
     write_site(run, 0, manifest("site-0"), num_sites=2)
     write_site(run, 1, manifest("site-1", extra="min_cohort_size = 1"), num_sites=2)
-    run_inline(run, sites=2, rounds=1, fraction_train=1.0, eval_every=0, eval_episodes=2,
-               declaration=str(consent_declaration(tmp_path / "run.toml")))
+    run_inline(
+        run,
+        sites=2,
+        rounds=1,
+        fraction_train=1.0,
+        eval_every=0,
+        eval_episodes=2,
+        declaration=str(consent_declaration(tmp_path / "run.toml")),
+    )
     out = write_report(run, "json", out=tmp_path / "r.json")
     findings = json.loads(out.read_text())["findings"]
-    assert any(f["severity"] == "warning" and "site-1 sets min_cohort_size 1" in f["message"]
-               for f in findings)
+    assert any(
+        f["severity"] == "warning" and "site-1 sets min_cohort_size 1" in f["message"]
+        for f in findings
+    )
 
 
 def test_rights_and_declines(report):
@@ -180,7 +191,8 @@ def test_every_decision_by_rule_and_reference(run_dir, report):
     assert [(r["rule_id"], r["site_id"]) for r in conflict] == [("DPDP-R6-1-e", "site-2")]
     site_rows = [r for r in report["policy"]["site_decisions"] if r["site_id"] == "site-0"]
     assert {r["rule_id"] for r in site_rows} == set(
-        lines(site_log(run_dir, "site-0"))[1]["rule_ids"])
+        lines(site_log(run_dir, "site-0"))[1]["rule_ids"]
+    )
     assert all(r["rounds"] == [1, 2] and r["outcome"] == "allow" for r in site_rows)
 
 
@@ -198,9 +210,11 @@ def test_audit_heads_and_receipts_equal_independent_verification(run_dir, report
         receipts[site].append(anchors[site])
     for site in SITES:
         lg = logs[site]
-        result = verify_log(site_log(run_dir, site),
-                            public_key=RunPaths(run_dir).site(site).audit_pubkey,
-                            receipts=receipts[site])
+        result = verify_log(
+            site_log(run_dir, site),
+            public_key=RunPaths(run_dir).site(site).audit_pubkey,
+            receipts=receipts[site],
+        )
         assert result.ok and lg["status"] == "verified" and lg["key_pinned"]
         assert lg["head"] == str(result.head) and lg["entries"] == result.entries
         assert sorted(r["receipt"] for r in lg["receipts"]) == sorted(receipts[site])
@@ -216,15 +230,19 @@ def test_records_of_processing_dpia_and_dpdp(report):
     site2 = next(r for r in records if r["party"]["site_id"] == "site-2")
     measures = {m["measure"]: m for m in site2["measures"]}
     assert measures["Transport encryption (TLS)"]["detail"].startswith(
-        "not applicable: simulation on one machine")
+        "not applicable: simulation on one machine"
+    )
     assert measures["Secure aggregation"]["status"] == "off"
     assert "epsilon" in measures["Differential privacy (sample level)"]["detail"]
     assert any("SCC-2021/914-C2C" in t["ground"] for t in site2["transfers"])
     assert {x["category"] for x in site2["data_categories"]} == {"health"}
     assert any(x["item"] == "site audit log" and x["days"] == 200 for x in site2["retention"])
     risks = {x["risk"] for x in report["dpia"]["risks"]}
-    assert {"Leakage from model updates; membership inference", "Cross-border aggregation",
-            "Erasure and consent withdrawal on trained models"} <= risks
+    assert {
+        "Leakage from model updates; membership inference",
+        "Cross-border aggregation",
+        "Erasure and consent withdrawal on trained models",
+    } <= risks
     assert report["dpia"]["required"].startswith("likely required")
     dpdp = report["dpdp"]["sites"]
     assert [d["site_id"] for d in dpdp] == ["site-2"]
@@ -275,9 +293,18 @@ def _chromium() -> str:
 
 
 def _chromium_args(profile: Path) -> list[str]:
-    return [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={profile}"]
+    return [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]
 
 
 @pytest.mark.browser
@@ -285,19 +312,37 @@ def test_html_is_one_self_contained_file_that_chromium_renders(html, tmp_path):
     text = html.read_text()
     assert not re.search(r"""(src|href)=["'](?!data:|#)""", text)  # no external asset
     assert "@media print" in text and text.count("data:image/png;base64,") == 2
-    dom = subprocess.run([*_chromium_args(tmp_path / "p1"), "--dump-dom", html.as_uri()],
-                         capture_output=True, text=True, timeout=60)
+    dom = subprocess.run(
+        [*_chromium_args(tmp_path / "p1"), "--dump-dom", html.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
-    for needle in ("Record of processing (GDPR Art. 30)", "DPIA-ready summary",
-                   "Privacy statement per site", "India: DPDP Act 2023",
-                   "Audit log verification", "all logs verified against trusted keys",
-                   "&lt;5", "GDPR-MINORS"):
+    for needle in (
+        "Record of processing (GDPR Art. 30)",
+        "DPIA-ready summary",
+        "Privacy statement per site",
+        "India: DPDP Act 2023",
+        "Audit log verification",
+        "all logs verified against trusted keys",
+        "&lt;5",
+        "GDPR-MINORS",
+    ):
         assert needle in dom.stdout, needle
     assert 'id="unverified-banner"' not in dom.stdout
     png = tmp_path / "shot.png"
-    shot = subprocess.run([*_chromium_args(tmp_path / "p2"), f"--screenshot={png}",
-                           "--window-size=1280,2000", html.as_uri()],
-                          capture_output=True, text=True, timeout=60)
+    shot = subprocess.run(
+        [
+            *_chromium_args(tmp_path / "p2"),
+            f"--screenshot={png}",
+            "--window-size=1280,2000",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert shot.returncode == 0 and png.exists(), shot.stderr[-2000:]
     from PIL import Image
 
@@ -323,9 +368,12 @@ def test_tampered_log_refuses_and_allow_unverified_shows_the_banner(run_dir, tmp
     assert len(err) == 1 and "sites/site-1/audit/audit-log.jsonl" in err[0], res.stderr
     assert not list(run.glob("report*"))
     text = write_report(run, "html", allow_unverified=True).read_text()
-    body = text[text.index("<body>"):]
-    assert re.match(r'<body>\s*<p class="banner" id="evidence-basis">SELF-ASSERTED[^<]*</p>\s*'
-                    r'<div class="banner" id="unverified-banner"', body)
+    body = text[text.index("<body>") :]
+    assert re.match(
+        r'<body>\s*<p class="banner" id="evidence-basis">SELF-ASSERTED[^<]*</p>\s*'
+        r'<div class="banner" id="unverified-banner"',
+        body,
+    )
     assert "sites/site-1/audit/audit-log.jsonl" in body[:2000]
     for fmt in ("json", "md"):
         write_report(run, fmt, out=tmp_path / f"u.{fmt}", allow_unverified=True)

@@ -36,11 +36,9 @@ SITES = ("site-0", "site-1", "site-2")
 @pytest.fixture(scope="module")
 def registered(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     keys = tmp_path_factory.mktemp("registered")
-    shutil.copyfile(RunPaths(run_dir).server_pubkey,
-                    keys / "server-audit-signing.pub.pem")
+    shutil.copyfile(RunPaths(run_dir).server_pubkey, keys / "server-audit-signing.pub.pem")
     for site in SITES:
-        shutil.copyfile(RunPaths(run_dir).site(site).audit_pubkey,
-                        keys / f"{site}.pub.pem")
+        shutil.copyfile(RunPaths(run_dir).site(site).audit_pubkey, keys / f"{site}.pub.pem")
     return keys
 
 
@@ -78,13 +76,13 @@ def site(run: Path, name: str) -> Path:
 
 
 def ledger_lines(run: Path, name: str) -> list[dict]:
-    return [json.loads(x) for x in SitePaths(site(run, name)).ledger.read_text()
-            .splitlines()]
+    return [json.loads(x) for x in SitePaths(site(run, name)).ledger.read_text().splitlines()]
 
 
 def write_ledger(run: Path, name: str, lines: list[dict]) -> None:
     SitePaths(site(run, name)).ledger.write_text(
-        "".join(json.dumps(x, sort_keys=True, separators=(",", ":")) + "\n" for x in lines))
+        "".join(json.dumps(x, sort_keys=True, separators=(",", ":")) + "\n" for x in lines)
+    )
 
 
 # ---- clean runs: no false alarm ------------------------------------------------------------
@@ -212,8 +210,10 @@ def forge_ledger(run: Path, name: str, field: str, value: object) -> None:
 
 def signs(run: Path, name: str, field: str) -> bool:
     log = SitePaths(site(run, name)).audit_log
-    return any(e["action"] == "round.train" and field in e["details"]
-               for e in map(json.loads, log.read_text().splitlines()))
+    return any(
+        e["action"] == "round.train" and field in e["details"]
+        for e in map(json.loads, log.read_text().splitlines())
+    )
 
 
 @pytest.mark.parametrize(("field", "value"), [("epsilon_max", 100.0), ("delta", 1e-9)])
@@ -228,10 +228,11 @@ def test_ledger_header_forged(run, field, value):
     assert any(field in f.message and "unsigned" in f.message for f in r.findings)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("epsilon_max", 100.0), ("delta", 1e-9), ("noise_multiplier", 4.0), ("accountant", "rdp")])
-def test_ledger_forged_against_signed_site_fields(contract_run, tmp_path, registered,
-                                                 field, value):
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epsilon_max", 100.0), ("delta", 1e-9), ("noise_multiplier", 4.0), ("accountant", "rdp")],
+)
+def test_ledger_forged_against_signed_site_fields(contract_run, tmp_path, registered, field, value):
     run = tmp_path / "run"
     shutil.copytree(contract_run, run)
     forge_ledger(run, "site-2", field, value)
@@ -279,13 +280,16 @@ def test_learning_results_edited(run):
     assert "metrics.jsonl" in refused(run)
 
 
-@pytest.mark.parametrize(("name", "data", "needle"), [
-    ("metrics.jsonl", b"\xff\xfe not utf-8\n", "not UTF-8"),
-    ("config.json", b"\xff\xfe", "not UTF-8"),
-    ("policy-decisions.json", b'{"run": "x", "declaration": {', "not JSON"),
-    ("summary.json", b"[1, 2]", "expected a JSON dict"),
-    ("metrics.jsonl", b'{"round": 1, "used": "site-0"}\n', "'used'"),
-])
+@pytest.mark.parametrize(
+    ("name", "data", "needle"),
+    [
+        ("metrics.jsonl", b"\xff\xfe not utf-8\n", "not UTF-8"),
+        ("config.json", b"\xff\xfe", "not UTF-8"),
+        ("policy-decisions.json", b'{"run": "x", "declaration": {', "not JSON"),
+        ("summary.json", b"[1, 2]", "expected a JSON dict"),
+        ("metrics.jsonl", b'{"round": 1, "used": "site-0"}\n', "'used'"),
+    ],
+)
 def test_malformed_unsigned_file_is_one_line_naming_it(run, name, data, needle):
     (run / name).write_bytes(data)
     with pytest.raises(ReportError) as exc:
@@ -297,9 +301,15 @@ def test_malformed_unsigned_file_is_one_line_naming_it(run, name, data, needle):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "final_model.pt",
-                                  "sites/site-1/privacy-ledger.jsonl",
-                                  "sites/site-1/audit/audit-log.jsonl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "metrics.jsonl",
+        "final_model.pt",
+        "sites/site-1/privacy-ledger.jsonl",
+        "sites/site-1/audit/audit-log.jsonl",
+    ],
+)
 def test_a_fifo_in_place_of_a_file_never_blocks(run, name):
     import os
 
@@ -365,8 +375,7 @@ def test_server_tail_rewritten_with_the_servers_key(run, registered):
     def edit(party, d):
         if party == "server" and d["action"] == "run.end":
             d["model_out"] = digest
-            d["details"] = {**d["details"],
-                            "model_file_sha256": file_sha256(RunPaths(run).model)}
+            d["details"] = {**d["details"], "model_file_sha256": file_sha256(RunPaths(run).model)}
         return d
 
     for name in ("summary.json",):
@@ -394,8 +403,14 @@ def test_edited_last_line_is_a_failure_not_a_crash(run):
     r = verify_log(log)
     assert not r.ok and not r.partial_tail
     assert "site-1" in refused(run)
-    res = fedmeta("audit", "repair", str(log), "--key",
-                  str(SitePaths(site(run, "site-1")).audit_key), isolate=False)
+    res = fedmeta(
+        "audit",
+        "repair",
+        str(log),
+        "--key",
+        str(SitePaths(site(run, "site-1")).audit_key),
+        isolate=False,
+    )
     assert res.returncode == 1 and "nothing to repair" in res.stderr
     assert log.read_bytes() == b"".join(lines)
 
@@ -407,7 +422,13 @@ def test_torn_last_line_is_a_crash_that_repair_handles(run):
     r = verify_log(log)
     assert not r.ok and r.partial_tail
     assert "site-1" in refused(run)
-    res = fedmeta("audit", "repair", str(log), "--key",
-                  str(SitePaths(site(run, "site-1")).audit_key), isolate=False)
+    res = fedmeta(
+        "audit",
+        "repair",
+        str(log),
+        "--key",
+        str(SitePaths(site(run, "site-1")).audit_key),
+        isolate=False,
+    )
     assert res.returncode == 0, res.stderr
     assert verify_log(log).ok

@@ -38,8 +38,9 @@ def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for site in ("site-de-01", "site-in-01"):
         site_dir = tmp / "sites" / site
         init_site(site_dir, kit=tmp / "kits" / "sites" / site)
-        provision(tmp / "federation.toml", tmp / "kits",
-                  requests=[site_dir / f"request-{site}.json"])
+        provision(
+            tmp / "federation.toml", tmp / "kits", requests=[site_dir / f"request-{site}.json"]
+        )
     return tmp / "kits"
 
 
@@ -70,19 +71,24 @@ def test_trust_file_with_keys_and_fingerprints(kits: Path, tmp_path: Path) -> No
     de = kits / "coordinator" / "site-audit-keys" / "site-de-01.pub.pem"
     raw = load_public_key(own_key(kits, "site-in-01"))
     f = tmp_path / "trust.txt"
-    f.write_text(f"# registered at the kick-off\nsite-de-01 = {fp(de)}\n"
-                 f"site-in-01 = {public_raw_b64(raw)}\nserver = {de}\n")
+    f.write_text(
+        f"# registered at the kick-off\nsite-de-01 = {fp(de)}\n"
+        f"site-in-01 = {public_raw_b64(raw)}\nserver = {de}\n"
+    )
     trust = load_trust([str(f)])
     assert trust["site-de-01"].fingerprint == fp(de) == trust["server"].fingerprint
     assert trust["site-in-01"].fingerprint == fingerprint(raw)
 
 
-@pytest.mark.parametrize(("spec", "needle"), [
-    ("nothing-here", "no such file"),
-    ("site-1=sha256:abcd", "full SHA-256"),
-    ("site-1=not-a-key", "neither a key file"),
-    ("bad party!=sha256:" + "0" * 64, "not a party id"),
-])
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("nothing-here", "no such file"),
+        ("site-1=sha256:abcd", "full SHA-256"),
+        ("site-1=not-a-key", "neither a key file"),
+        ("bad party!=sha256:" + "0" * 64, "not a party id"),
+    ],
+)
 def test_bad_trust_arguments_are_one_line(spec: str, needle: str) -> None:
     with pytest.raises(TrustError) as exc:
         load_trust([spec])

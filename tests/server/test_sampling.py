@@ -16,17 +16,28 @@ from server.strategy.reptile import Reptile
 from server.strategy.sites import RunStopped
 
 
-def strategy_on(grid: InlineGrid, *, seed: int, fraction: float, min_sites: int = 1,
-                known: int | None = None, cls: type = Reptile):
+def strategy_on(
+    grid: InlineGrid,
+    *,
+    seed: int,
+    fraction: float,
+    min_sites: int = 1,
+    known: int | None = None,
+    cls: type = Reptile,
+):
     """A strategy whose known sites are the grid's nodes (site-i = partition i), plus
     ``known - len(nodes)`` sites that never connect."""
     sites = {n: f"site-{c.node_config['partition-id']}" for n, c in grid.contexts.items()}
     for extra in range(len(sites), known or len(sites)):
         sites[-1 - extra] = f"site-{extra}"
-    strat = (Reptile(beta0=1.0, beta_final=0.5, num_rounds=10, fraction_train=fraction)
-             if cls is Reptile else FedAvgBaseline(fraction_train=fraction))
-    strat.setup_sites(sites=sites, seed=seed, min_sites=min_sites, node_wait_s=0.0,
-                      max_update_norm=100.0)
+    strat = (
+        Reptile(beta0=1.0, beta_final=0.5, num_rounds=10, fraction_train=fraction)
+        if cls is Reptile
+        else FedAvgBaseline(fraction_train=fraction)
+    )
+    strat.setup_sites(
+        sites=sites, seed=seed, min_sites=min_sites, node_wait_s=0.0, max_update_norm=100.0
+    )
     return strat
 
 
@@ -35,14 +46,19 @@ def sampled(strat, grid: InlineGrid, server_round: int) -> list[str]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 12), fraction=st.floats(0.05, 1.0), seed=st.integers(0, 2**31),
-       server_round=st.integers(1, 500))
+@given(
+    n=st.integers(1, 12),
+    fraction=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31),
+    server_round=st.integers(1, 500),
+)
 def test_the_sample_depends_on_seed_round_and_site_ids_only(n, fraction, seed, server_round):
     # two grids: other node ids, other strategy class; the same sites and seed
     a, b = InlineGrid(ClientApp(), n), InlineGrid(ClientApp(), n)
     first = sampled(strategy_on(a, seed=seed, fraction=fraction), a, server_round)
-    second = sampled(strategy_on(b, seed=seed, fraction=fraction, cls=FedAvgBaseline), b,
-                     server_round)
+    second = sampled(
+        strategy_on(b, seed=seed, fraction=fraction, cls=FedAvgBaseline), b, server_round
+    )
     assert first == second
     assert len(first) == min(n, sites_per_round(n, fraction, 1))
     assert first == sorted(set(first))  # no site twice, in site order

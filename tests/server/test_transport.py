@@ -18,8 +18,7 @@ from server.run import serverapp_tls
 
 
 def context(node_config: dict) -> Context:
-    return Context(run_id=1, node_id=0, node_config=node_config, state=RecordDict(),
-                   run_config={})
+    return Context(run_id=1, node_id=0, node_config=node_config, state=RecordDict(), run_config={})
 
 
 @pytest.fixture
@@ -42,14 +41,16 @@ def test_nothing_stated_is_not_recorded_whatever_argv_holds(inline_grid, monkeyp
 
 def test_flowers_simulation_runtime_is_a_simulation(monkeypatch):
     monkeypatch.delenv(TRANSPORT_ENV, raising=False)
-    grid = InMemoryGrid(LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
-                                         ObjectStoreFactory()))
+    grid = InMemoryGrid(
+        LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    )
     assert transport_for(grid, context({})) == "simulation"
     monkeypatch.setenv(TRANSPORT_ENV, "insecure")  # stated: wins over the grid's kind
     assert transport_for(grid, context({})) == "insecure"
 
 
-@pytest.mark.parametrize(("transport", "tls"), [
-    ("simulation", None), ("tls+supernode-auth", True), ("insecure", False)])
+@pytest.mark.parametrize(
+    ("transport", "tls"), [("simulation", None), ("tls+supernode-auth", True), ("insecure", False)]
+)
 def test_serverapp_tls_follows_the_stated_transport(transport, tls):
     assert serverapp_tls(transport) is tls

@@ -45,11 +45,13 @@ class BlobsFewShot(Task):
         if not 0 <= site < self.num_sites:
             raise TaskError(f"site index {site} outside 0..{self.num_sites - 1}")
         x, y = _blobs()
-        mine = [c for c in SPLITS["train"]
-                if site in {c % self.num_sites, (c + 1) % self.num_sites}]
+        mine = [
+            c for c in SPLITS["train"] if site in {c % self.num_sites, (c + 1) % self.num_sites}
+        ]
         idx = np.flatnonzero(np.isin(y, mine))
-        return Records(x=x[idx], y=y[idx], groups=y[idx],
-                       record_ids=np.array([f"blob-{i}" for i in idx]))
+        return Records(
+            x=x[idx], y=y[idx], groups=y[idx], record_ids=np.array([f"blob-{i}" for i in idx])
+        )
 
     def episode_pool(self, records: Records, rng: np.random.Generator) -> Pool:
         classes = np.unique(records.groups)
@@ -62,8 +64,9 @@ class BlobsFewShot(Task):
         keep = label >= 0
         return Pool(records.x[keep], label[keep])
 
-    def eval_episode(self, split: Split, rng: np.random.Generator, shots: int,
-                     query: int) -> Episode:
+    def eval_episode(
+        self, split: Split, rng: np.random.Generator, shots: int, query: int
+    ) -> Episode:
         x, y = _blobs()
         chosen = rng.choice(np.array(SPLITS[split]), size=self.n_way, replace=False)
         sx, sy, qx, qy = [], [], [], []
@@ -73,5 +76,9 @@ class BlobsFewShot(Task):
             qx.append(x[members[shots:]])
             sy.append(np.full(shots, label))
             qy.append(np.full(len(members) - shots, label))
-        return Episode(np.concatenate(sx), np.concatenate(sy).astype(np.int64),
-                       np.concatenate(qx), np.concatenate(qy).astype(np.int64))
+        return Episode(
+            np.concatenate(sx),
+            np.concatenate(sy).astype(np.int64),
+            np.concatenate(qx),
+            np.concatenate(qy).astype(np.int64),
+        )

@@ -22,15 +22,24 @@ from fedmeta.data.loaders.imagefolder import is_imagefolder, load_imagefolder
 from fedmeta.data.loaders.npz import load_npz
 from fedmeta.data.loaders.tabular import DATA_FILE, SCHEMA_FILE, load_tabular, read_features
 
-__all__ = ["DataError", "Loaded", "find_site_data", "load_data", "load_imagefolder",
-           "load_npz", "load_tabular", "read_features"]
+__all__ = [
+    "DataError",
+    "Loaded",
+    "find_site_data",
+    "load_data",
+    "load_imagefolder",
+    "load_npz",
+    "load_tabular",
+    "read_features",
+]
 
 NPZ_FILE = "data.npz"
 IMAGES_DIR = "images"
 
 
-def load_data(path: Path | str, shape: tuple[int, ...] | None, *, labelled: bool = True,
-              split: str = "train") -> Loaded:
+def load_data(
+    path: Path | str, shape: tuple[int, ...] | None, *, labelled: bool = True, split: str = "train"
+) -> Loaded:
     """Records from whatever is at ``path`` (see the module docstring); ``shape`` is the
     model's input shape, which images are resized to."""
     path = Path(path)
@@ -41,14 +50,16 @@ def load_data(path: Path | str, shape: tuple[int, ...] | None, *, labelled: bool
     if path.is_file() and path.suffix.lower() == ".csv" or (path / DATA_FILE).is_file():
         return load_tabular(path)
     if path.is_dir() and (path / NPZ_FILE).is_file():
-        return load_npz(path / NPZ_FILE, _image_shape(shape, path), split=split,
-                        labelled=labelled)
+        return load_npz(path / NPZ_FILE, _image_shape(shape, path), split=split, labelled=labelled)
     if path.is_dir() and is_imagefolder(path / IMAGES_DIR):
         return load_imagefolder(path / IMAGES_DIR, _image_shape(shape, path), labelled=labelled)
     if is_imagefolder(path):
         return load_imagefolder(path, _image_shape(shape, path), labelled=labelled)
-    raise DataError(f"{path}: no data found; expected {DATA_FILE} + {SCHEMA_FILE}, an .npz "
-                    "file, or an image folder (one sub-folder per class)", path=path)
+    raise DataError(
+        f"{path}: no data found; expected {DATA_FILE} + {SCHEMA_FILE}, an .npz "
+        "file, or an image folder (one sub-folder per class)",
+        path=path,
+    )
 
 
 def _image_shape(shape: tuple[int, ...] | None, path: Path) -> tuple[int, ...]:
@@ -64,8 +75,12 @@ def find_site_data(path: Path | str, shape_of: object) -> Loaded | None:
     path = Path(path)
     if not path.exists():
         return None
-    conventional = (path.is_file() or (path / DATA_FILE).is_file()
-                    or (path / NPZ_FILE).is_file() or is_imagefolder(path / IMAGES_DIR))
+    conventional = (
+        path.is_file()
+        or (path / DATA_FILE).is_file()
+        or (path / NPZ_FILE).is_file()
+        or is_imagefolder(path / IMAGES_DIR)
+    )
     if not conventional:
         return None
     tabular = path.suffix.lower() == ".csv" or (path / DATA_FILE).is_file()

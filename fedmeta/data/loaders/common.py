@@ -56,8 +56,9 @@ class Loaded:
         return str(self.preprocessing.get("unit_column") or "unit")
 
 
-def read_sidecar(path: Path, record_ids: np.ndarray) -> tuple[dict[str, np.ndarray],
-                                                               np.ndarray | None]:
+def read_sidecar(
+    path: Path, record_ids: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """(Records.meta, units) from a sidecar CSV (:func:`fedmeta.data.record_columns.
     read_meta_csv`); records without a row get empty cells (no consent on file, unknown
     age) and their own unit. Missing file: ({}, None)."""

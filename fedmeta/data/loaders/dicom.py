@@ -20,15 +20,19 @@ def read_dicom(path: Path, where: str) -> np.ndarray:
     try:
         import pydicom
     except ImportError:
-        raise DataError(f"{where}: reading DICOM needs pydicom; install the extra "
-                        "`pip install 'fedmeta[dicom]'`", path=path) from None
+        raise DataError(
+            f"{where}: reading DICOM needs pydicom; install the extra "
+            "`pip install 'fedmeta[dicom]'`",
+            path=path,
+        ) from None
     try:
         ds = pydicom.dcmread(path)
         arr = np.asarray(ds.pixel_array, dtype=np.float64)
     except Exception as exc:  # pydicom raises many types for a malformed file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{where}: not a readable DICOM image ({first}); replace or remove "
-                        "the file", path=path) from None
+        raise DataError(
+            f"{where}: not a readable DICOM image ({first}); replace or remove the file", path=path
+        ) from None
     samples = int(getattr(ds, "SamplesPerPixel", 1))
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -36,7 +40,8 @@ def read_dicom(path: Path, where: str) -> np.ndarray:
     if samples == 1 and arr.ndim != 2:
         raise DataError(f"{where}: DICOM pixel data of shape {arr.shape} is not one image")
     arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
-        getattr(ds, "RescaleIntercept", 0) or 0)
+        getattr(ds, "RescaleIntercept", 0) or 0
+    )
     lo, hi = float(arr.min()), float(arr.max())
     out = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":

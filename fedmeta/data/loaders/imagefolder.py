@@ -29,37 +29,50 @@ SIDECAR = "records.csv"
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def is_imagefolder(path: Path) -> bool:
     return Path(path).is_dir() and bool(_images(Path(path)))
 
 
-def load_imagefolder(root: Path | str, shape: tuple[int, ...], *, labelled: bool = True
-                     ) -> Loaded:
+def load_imagefolder(root: Path | str, shape: tuple[int, ...], *, labelled: bool = True) -> Loaded:
     """Read an image folder as records shaped for a model with input ``shape`` (C, H, W)."""
     root = Path(root)
     check_shape(shape)
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder; give the folder holding one sub-folder per "
-                        "class", path=root)
+        raise DataError(
+            f"{root}: not a folder; give the folder holding one sub-folder per class", path=root
+        )
     files = _images(root)
     if not files:
-        raise DataError(f"{root}: no PNG/JPEG/DICOM images found; put each class's images "
-                        "in a sub-folder named after the class", path=root)
+        raise DataError(
+            f"{root}: no PNG/JPEG/DICOM images found; put each class's images "
+            "in a sub-folder named after the class",
+            path=root,
+        )
     names: list[str] = []
     if labelled:
         loose = [f for f in files if f.parent == root]
         if loose:
-            raise DataError(f"{root / loose[0].name}: an image directly in the folder has no "
-                            "class; move it into its class's sub-folder", path=loose[0])
+            raise DataError(
+                f"{root / loose[0].name}: an image directly in the folder has no "
+                "class; move it into its class's sub-folder",
+                path=loose[0],
+            )
         names = [f.relative_to(root).parts[0] for f in files]
         if len(set(names)) < 2:
-            raise DataError(f"{root}: found images of {len(set(names))} class; labelled data "
-                            "needs at least two class sub-folders", path=root)
+            raise DataError(
+                f"{root}: found images of {len(set(names))} class; labelled data "
+                "needs at least two class sub-folders",
+                path=root,
+            )
     x = np.stack([read_image(f, shape, root) for f in files])
     ids = np.array([f.relative_to(root).as_posix() for f in files], dtype=str)
     if labelled:
@@ -68,5 +81,8 @@ def load_imagefolder(root: Path | str, shape: tuple[int, ...], *, labelled: bool
         y, classes = np.zeros(len(files), dtype=np.int64), ()
     meta, units = read_sidecar(root / SIDECAR, ids)
     records = Records(x=x, y=y, groups=y.copy(), record_ids=ids, meta=meta, units=units)
-    return Loaded(records, classes, {"loader": "imagefolder", "shape": list(shape),
-                                     "pixels": "[0, 1], resized bilinearly"})
+    return Loaded(
+        records,
+        classes,
+        {"loader": "imagefolder", "shape": list(shape), "pixels": "[0, 1], resized bilinearly"},
+    )

@@ -21,9 +21,14 @@ def site_data_folder(data_dir: str | Path, site_index: int) -> Path:
     return Path(data_dir) / f"site-{site_index}"
 
 
-def load_site_records(task: Any, site_dir: Path, site_index: int, cfg: Any,
-                      data_path: Path | str | None = None, simulated: bool | None = None
-                      ) -> Loaded | None:
+def load_site_records(
+    task: Any,
+    site_dir: Path,
+    site_index: int,
+    cfg: Any,
+    data_path: Path | str | None = None,
+    simulated: bool | None = None,
+) -> Loaded | None:
     """The site's records, or None when it has no data of its own (a bundled task).
     Checked against the task's agreed shape when the task has a ``check`` method."""
     if data_path:
@@ -31,8 +36,11 @@ def load_site_records(task: Any, site_dir: Path, site_index: int, cfg: Any,
     elif cfg.data_dir and simulated is not False:
         folder = site_data_folder(cfg.data_dir, site_index)
         if not folder.is_dir():
-            raise DataError(f"{folder}: no data folder for site {site_index} in data-dir; "
-                            f"create site-0 .. site-{cfg.sites - 1} there", path=folder)
+            raise DataError(
+                f"{folder}: no data folder for site {site_index} in data-dir; "
+                f"create site-0 .. site-{cfg.sites - 1} there",
+                path=folder,
+            )
         loaded = load_data(folder, _shape_now(task, folder))
     else:
         loaded = find_site_data(site_dir, lambda: tuple(task.input_shape()))

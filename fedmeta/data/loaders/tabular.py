@@ -67,17 +67,31 @@ def load_tabular(path: Path | str, schema: CsvSchema | None = None) -> Loaded:
     else:
         records, _ = load_csv(data, schema)
     ds = schema.dataset
-    classes = (tuple(ds.classes) if ds.classes is not None
-               else tuple(str(c) for c in range(int(records.y.max()) + 1))
-               if ds.task == "classification" else ())
-    prep: dict = {"loader": "csv", "features": list(ds.features), "delimiter": ds.delimiter,
-                  "record_id": schema.columns.record_id}
+    classes = (
+        tuple(ds.classes)
+        if ds.classes is not None
+        else tuple(str(c) for c in range(int(records.y.max()) + 1))
+        if ds.task == "classification"
+        else ()
+    )
+    prep: dict = {
+        "loader": "csv",
+        "features": list(ds.features),
+        "delimiter": ds.delimiter,
+        "record_id": schema.columns.record_id,
+    }
     if ds.unit_column is not None:
         prep["unit_column"] = ds.unit_column
     if ds.standardise:
         scaler = Standardiser.fit(records.x)
-        records = Records(scaler.apply(records.x), records.y, records.groups,
-                          records.record_ids, records.meta, records.units)
+        records = Records(
+            scaler.apply(records.x),
+            records.y,
+            records.groups,
+            records.record_ids,
+            records.meta,
+            records.units,
+        )
         prep["standardise"] = scaler.to_dict()
     return Loaded(records, classes, prep, read_columns=tuple(ds.features))
 
@@ -94,8 +108,9 @@ def read_features(path: Path | str, prep: dict) -> Records:
     try:
         fh = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115
     except OSError as exc:
-        raise DataError(f"{path.name}: cannot open data file ({exc.strerror}); check the "
-                        "path", path=path) from None
+        raise DataError(
+            f"{path.name}: cannot open data file ({exc.strerror}); check the path", path=path
+        ) from None
     rows: list[list[float]] = []
     ids: list[str] = []
     with fh:
@@ -103,15 +118,19 @@ def read_features(path: Path | str, prep: dict) -> Records:
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
-            raise DataError(f"{path.name}: file is empty; it needs a header line",
-                            path=path) from None
+            raise DataError(
+                f"{path.name}: file is empty; it needs a header line", path=path
+            ) from None
         except csv.Error as exc:
             raise DataError(f"{path.name} line 1: malformed CSV ({exc})", path=path) from None
         absent = [f for f in features if f not in header]
         if absent:
-            raise DataError(f"{path.name} line 1: header lacks feature column(s) "
-                            f"{', '.join(map(repr, absent))} the model was adapted on",
-                            path=path, line=1)
+            raise DataError(
+                f"{path.name} line 1: header lacks feature column(s) "
+                f"{', '.join(map(repr, absent))} the model was adapted on",
+                path=path,
+                line=1,
+            )
         idx = [header.index(f) for f in features]
         rid_col = prep.get("record_id")
         rid_idx = header.index(rid_col) if rid_col and rid_col in header else None
@@ -121,21 +140,28 @@ def read_features(path: Path | str, prep: dict) -> Records:
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue
                 if len(row) != len(header):
-                    raise DataError(f"{path.name} line {line}: row has {len(row)} fields but "
-                                    f"the header has {len(header)}", path=path, line=line)
+                    raise DataError(
+                        f"{path.name} line {line}: row has {len(row)} fields but "
+                        f"the header has {len(header)}",
+                        path=path,
+                        line=line,
+                    )
                 vals = []
                 for f, i in zip(features, idx, strict=True):
                     try:
                         vals.append(_parse_number(row[i].strip(), echo=True))
                     except _CellError as exc:
-                        raise DataError(f"{path.name} line {line}, column {f!r}: "
-                                        f"{exc.problem}; {exc.fix}", path=path,
-                                        line=line) from None
+                        raise DataError(
+                            f"{path.name} line {line}, column {f!r}: {exc.problem}; {exc.fix}",
+                            path=path,
+                            line=line,
+                        ) from None
                 rows.append(vals)
                 ids.append(row[rid_idx].strip() if rid_idx is not None else f"row-{len(ids) + 1}")
         except csv.Error as exc:
-            raise DataError(f"{path.name} line {reader.line_num}: malformed CSV ({exc})",
-                            path=path) from None
+            raise DataError(
+                f"{path.name} line {reader.line_num}: malformed CSV ({exc})", path=path
+            ) from None
     if not rows:
         raise DataError(f"{path.name}: has a header but no data rows", path=path)
     x = np.asarray(rows, dtype=np.float32)

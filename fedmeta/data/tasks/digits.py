@@ -127,8 +127,9 @@ class DigitsFewShot(Task):
 
     def supervised_pool(self, records: Records) -> Pool:
         index = {c: i for i, c in enumerate(class_split()["train"])}
-        return Pool(records.x, np.array([index[int(c)] for c in records.y], dtype=np.int64),
-                    records.units)
+        return Pool(
+            records.x, np.array([index[int(c)] for c in records.y], dtype=np.int64), records.units
+        )
 
     def eval_episode(
         self, split: Split, rng: np.random.Generator, shots: int, query: int

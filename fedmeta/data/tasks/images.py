@@ -29,9 +29,15 @@ class SmallImageCNN(nn.Module):
     def __init__(self, channels: int, out_dim: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-            nn.Flatten(), nn.Linear(512, 64), nn.ReLU(),
+            nn.Conv2d(channels, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(512, 64),
+            nn.ReLU(),
         )
         self.head = nn.Linear(64, out_dim)
 
@@ -43,12 +49,25 @@ class ImageSites(TabularCsv):
     name = "image-sites"
     kind = "classification"
 
-    def __init__(self, n_way: int = 2, pool_per_class: int = 40, num_sites: int = 10,
-                 num_classes: int = 2, data_dir: str = "", image_size: int = 28,
-                 channels: int = 1) -> None:
+    def __init__(
+        self,
+        n_way: int = 2,
+        pool_per_class: int = 40,
+        num_sites: int = 10,
+        num_classes: int = 2,
+        data_dir: str = "",
+        image_size: int = 28,
+        channels: int = 1,
+    ) -> None:
         self.image_size, self.channels = image_size, channels
-        super().__init__(n_way, pool_per_class, num_sites, num_features=1,
-                         num_classes=num_classes, data_dir=data_dir)
+        super().__init__(
+            n_way,
+            pool_per_class,
+            num_sites,
+            num_features=1,
+            num_classes=num_classes,
+            data_dir=data_dir,
+        )
 
     def build_model(self, out_dim: int) -> nn.Module:
         return SmallImageCNN(self.channels, out_dim)
@@ -58,8 +77,10 @@ class ImageSites(TabularCsv):
 
     def check(self, records: Records) -> None:
         if len(records) and (records.y.min() < 0 or records.y.max() >= self.num_classes):
-            raise TaskError(f"image labels outside 0..{self.num_classes - 1}: the site holds "
-                            f"more classes than the run's classes={self.num_classes}")
+            raise TaskError(
+                f"image labels outside 0..{self.num_classes - 1}: the site holds "
+                f"more classes than the run's classes={self.num_classes}"
+            )
 
     def _load(self, folder: Path) -> Records:
         from fedmeta.data.loaders import DataError, load_data
@@ -75,5 +96,7 @@ class ImageSites(TabularCsv):
         folder = Path(self.data_dir) / f"site-{site}" if self.data_dir else None
         if folder is not None and folder.is_dir():
             return self._load(folder)
-        raise TaskError("image-sites: a site reads its own images (node config data=..., or "
-                        "data-dir/site-<i> in a simulation); none were found")
+        raise TaskError(
+            "image-sites: a site reads its own images (node config data=..., or "
+            "data-dir/site-<i> in a simulation); none were found"
+        )

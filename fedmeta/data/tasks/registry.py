@@ -69,12 +69,15 @@ def check_site_imports(task: str, model: str = "") -> None:
         raise ConfigError(
             f"option '{option}': {spec!r} is neither bundled nor part of a fedmeta plug-in "
             f"installed at this site (installed: {sorted(allowed) or 'none'}); a deployed "
-            "site runs only code it installed itself")
+            "site runs only code it installed itself"
+        )
 
 
 def _choices() -> str:
-    return (f"choose from {sorted(TASKS)}, an installed plug-in "
-            f"{sorted(installed_tasks()) or '(none installed)'} or package.module:Class")
+    return (
+        f"choose from {sorted(TASKS)}, an installed plug-in "
+        f"{sorted(installed_tasks()) or '(none installed)'} or package.module:Class"
+    )
 
 
 def load_object(spec: str, option: str) -> Any:
@@ -88,7 +91,8 @@ def load_object(spec: str, option: str) -> Any:
         raise TaskError(
             f"option '{option}': cannot import {module_name!r} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); install the package where "
-            "the server and every site run, or put it on PYTHONPATH") from None
+            "the server and every site run, or put it on PYTHONPATH"
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -111,11 +115,15 @@ def task_class(spec: str) -> type[Task]:
         try:
             obj = found[0].load()
         except Exception as exc:
-            raise TaskError(f"option 'task': plug-in {spec!r} ({found[0].value}) failed to "
-                            f"load: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            raise TaskError(
+                f"option 'task': plug-in {spec!r} ({found[0].value}) failed to "
+                f"load: {type(exc).__name__}: {exc}".splitlines()[0]
+            ) from None
     if not (inspect.isclass(obj) and issubclass(obj, Task)):
-        raise TaskError(f"option 'task': {spec!r} is not a subclass of fedmeta's Task "
-                        "(fedmeta.data.tasks.base.Task); see docs/plugins.md")
+        raise TaskError(
+            f"option 'task': {spec!r} is not a subclass of fedmeta's Task "
+            "(fedmeta.data.tasks.base.Task); see docs/plugins.md"
+        )
     if inspect.isabstract(obj):
         missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
         raise TaskError(f"option 'task': {spec!r} does not implement {missing}")
@@ -137,8 +145,9 @@ def _with_model(task: Task, spec: str) -> Task:
     def build_model(out_dim: int) -> nn.Module:
         model = factory(out_dim, task)
         if not isinstance(model, nn.Module):
-            raise TaskError(f"option 'model': {spec} returned {type(model).__name__}, "
-                            "not a torch nn.Module")
+            raise TaskError(
+                f"option 'model': {spec} returned {type(model).__name__}, not a torch nn.Module"
+            )
         return model
 
     task.build_model = build_model  # type: ignore[method-assign]
@@ -146,19 +155,34 @@ def _with_model(task: Task, spec: str) -> Task:
     return task
 
 
-def get_task(name: str, n_way: int = 5, pool_per_class: int = 40, num_sites: int = 10,
-             num_features: int = 0, num_classes: int = 2, model: str = "",
-             data_dir: str = "", image_size: int = 28, channels: int = 1) -> Task:
+def get_task(
+    name: str,
+    n_way: int = 5,
+    pool_per_class: int = 40,
+    num_sites: int = 10,
+    num_features: int = 0,
+    num_classes: int = 2,
+    model: str = "",
+    data_dir: str = "",
+    image_size: int = 28,
+    channels: int = 1,
+) -> Task:
     """Build the task ``name`` (see the module docstring for what a name may be).
 
     Settings a task's constructor does not take are not passed (a plug-in may
     accept only ``n_way``, ``pool_per_class`` and ``num_sites``, or none).
     """
     cls = task_class(name)
-    offered: dict[str, Any] = {"n_way": n_way, "pool_per_class": pool_per_class,
-                               "num_sites": num_sites, "num_features": num_features,
-                               "num_classes": num_classes, "data_dir": data_dir,
-                               "image_size": image_size, "channels": channels}
+    offered: dict[str, Any] = {
+        "n_way": n_way,
+        "pool_per_class": pool_per_class,
+        "num_sites": num_sites,
+        "num_features": num_features,
+        "num_classes": num_classes,
+        "data_dir": data_dir,
+        "image_size": image_size,
+        "channels": channels,
+    }
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = offered
@@ -169,7 +193,10 @@ def get_task(name: str, n_way: int = 5, pool_per_class: int = 40, num_sites: int
     except TaskError:
         raise
     except Exception as exc:
-        raise TaskError(f"option 'task': {name!r} could not be built: {type(exc).__name__}: "
-                        f"{exc}".splitlines()[0]) from None
+        raise TaskError(
+            f"option 'task': {name!r} could not be built: {type(exc).__name__}: {exc}".splitlines()[
+                0
+            ]
+        ) from None
     task.spec = name
     return _with_model(task, model) if model else task

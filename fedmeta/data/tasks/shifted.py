@@ -44,17 +44,20 @@ class Acquisition:
 
 def draw_acquisition(rng: np.random.Generator) -> Acquisition:
     """A new site's acquisition, every factor drawn independently."""
-    return Acquisition(stroke=int(rng.choice(STROKES)), blur=float(rng.uniform(0.0, 1.0)),
-                       contrast=float(rng.uniform(0.4, 1.0)),
-                       background=float(rng.uniform(0.0, 0.3)),
-                       noise=float(rng.uniform(0.02, 0.15)))
+    return Acquisition(
+        stroke=int(rng.choice(STROKES)),
+        blur=float(rng.uniform(0.0, 1.0)),
+        contrast=float(rng.uniform(0.4, 1.0)),
+        background=float(rng.uniform(0.0, 0.3)),
+        noise=float(rng.uniform(0.02, 0.15)),
+    )
 
 
 def _neighbourhood(img: np.ndarray, reduce) -> np.ndarray:
     """3x3 max/min filter over the last two axes (edge-padded)."""
     h, w = img.shape[-2:]
     padded = np.pad(img, [(0, 0)] * (img.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
-    stack = [padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    stack = [padded[..., i : i + h, j : j + w] for i in range(3) for j in range(3)]
     return reduce(np.stack(stack), axis=0)
 
 
@@ -67,9 +70,9 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     h, w = img.shape[-2:]
     pad = [(0, 0)] * (img.ndim - 2)
     rows = np.pad(img, pad + [(0, 0), (r, r)], mode="edge")
-    img = sum(k[i] * rows[..., :, i:i + w] for i in range(2 * r + 1))
+    img = sum(k[i] * rows[..., :, i : i + w] for i in range(2 * r + 1))
     cols = np.pad(img, pad + [(r, r), (0, 0)], mode="edge")
-    return sum(k[i] * cols[..., i:i + h, :] for i in range(2 * r + 1))
+    return sum(k[i] * cols[..., i : i + h, :] for i in range(2 * r + 1))
 
 
 def render(x: np.ndarray, acq: Acquisition, rng: np.random.Generator) -> np.ndarray:
@@ -96,5 +99,6 @@ class ShiftedDigits(DigitsFewShot):
     ) -> Episode:
         ep = super().eval_episode(split, rng, shots, query)
         acq = draw_acquisition(rng)
-        return Episode(render(ep.support_x, acq, rng), ep.support_y,
-                       render(ep.query_x, acq, rng), ep.query_y)
+        return Episode(
+            render(ep.support_x, acq, rng), ep.support_y, render(ep.query_x, acq, rng), ep.query_y
+        )

@@ -36,12 +36,21 @@ class TabularCsv(Task):
     kind = "classification"
     server_eval = False
 
-    def __init__(self, n_way: int = 2, pool_per_class: int = 40, num_sites: int = 10,
-                 num_features: int = 0, num_classes: int = 2, data_dir: str = "") -> None:
+    def __init__(
+        self,
+        n_way: int = 2,
+        pool_per_class: int = 40,
+        num_sites: int = 10,
+        num_features: int = 0,
+        num_classes: int = 2,
+        data_dir: str = "",
+    ) -> None:
         super().__init__(n_way, pool_per_class, num_sites)
         if num_features < 1:
-            raise TaskError("option 'features': tabular-csv needs the number of feature "
-                            "columns the federation agreed on (e.g. --set features=3)")
+            raise TaskError(
+                "option 'features': tabular-csv needs the number of feature "
+                "columns the federation agreed on (e.g. --set features=3)"
+            )
         self.num_features = num_features
         self.num_classes = num_classes
         self.data_dir = data_dir
@@ -63,9 +72,11 @@ class TabularCsv(Task):
     def held_out_split(self, split: Split) -> list[Path]:
         sites = self.held_out_sites()
         if not sites:
-            raise TaskError("tabular-csv has no held-out sites to evaluate on: put site "
-                            f"folders site-{self.num_sites}, ... beside the training sites "
-                            "in data-dir (leave-sites-out)")
+            raise TaskError(
+                "tabular-csv has no held-out sites to evaluate on: put site "
+                f"folders site-{self.num_sites}, ... beside the training sites "
+                "in data-dir (leave-sites-out)"
+            )
         half = max(1, len(sites) // 2)
         return sites[:half] if split == "val" or len(sites) == 1 else sites[half:]
 
@@ -94,13 +105,17 @@ class TabularCsv(Task):
         folder = Path(self.data_dir) / f"site-{site}" if self.data_dir else None
         if folder is not None and folder.is_dir():
             return self._load(folder)
-        raise TaskError(f"tabular-csv: a site reads its own {DATA_FILE} and {SCHEMA_FILE} "
-                        "from its site directory; none was found")
+        raise TaskError(
+            f"tabular-csv: a site reads its own {DATA_FILE} and {SCHEMA_FILE} "
+            "from its site directory; none was found"
+        )
 
     def check(self, records: Records) -> None:
         if records.x.shape[1] != self.num_features:
-            raise TaskError(f"{DATA_FILE}: {records.x.shape[1]} feature columns, the run "
-                            f"expects {self.num_features}")
+            raise TaskError(
+                f"{DATA_FILE}: {records.x.shape[1]} feature columns, the run "
+                f"expects {self.num_features}"
+            )
         if len(records) and (records.y.min() < 0 or records.y.max() >= self.num_classes):
             raise TaskError(f"{DATA_FILE}: labels outside 0..{self.num_classes - 1}")
 
@@ -109,8 +124,9 @@ class TabularCsv(Task):
             raise TaskError("fewer than 2 usable records")
         return Pool(records.x, records.y, records.units)
 
-    def eval_episode(self, split: Split, rng: np.random.Generator, shots: int,
-                     query: int) -> Episode:
+    def eval_episode(
+        self, split: Split, rng: np.random.Generator, shots: int, query: int
+    ) -> Episode:
         """K labelled records per class of one held-out site, scored on up to ``query``
         other records per class of the same site."""
         folder = self.held_out_split(split)[int(rng.integers(len(self.held_out_split(split))))]
@@ -120,6 +136,6 @@ class TabularCsv(Task):
             members = rng.permutation(np.flatnonzero(records.y == c))
             take = min(shots, max(1, len(members) - 1))
             sup.append(members[:take])
-            qry.append(members[take: take + query])
+            qry.append(members[take : take + query])
         s, q = np.concatenate(sup), np.concatenate(qry)
         return Episode(records.x[s], records.y[s], records.x[q], records.y[q])
