@@ -322,3 +322,19 @@ def test_without_cap_sys_admin_a_process_makes_its_own_namespaces(threads, tmp_p
         "back True",
     ]
     assert out.stat().st_uid == os.getuid()
+
+
+def test_the_command_line_starts_single_threaded():
+    """Without root, `fedmeta simulate` can enter a user namespace only while its process
+    has one thread: importing the command line must start none (numpy's BLAS pool, torch
+    and Ray start threads), or the confinement is silently refused."""
+    probe = (
+        "import os, sys\n"
+        "import fedmeta.cli\n"
+        "print(len(os.listdir('/proc/self/task')), "
+        "sorted(m for m in ('numpy', 'torch', 'ray', 'flwr') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split("\n")[0] == "1 []", out.stdout + out.stderr

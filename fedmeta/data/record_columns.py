@@ -37,11 +37,12 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from policies import RecordMeta
+
+if TYPE_CHECKING:  # numpy is imported where arrays are built: `fedmeta --help` and the
+    import numpy as np  # CLI's start stay free of numpy's threads (see fedmeta.netns)
 
 __all__ = [
     "DATE_COLUMNS",
@@ -175,6 +176,8 @@ def meta_array(column: str, values: list[Any]) -> np.ndarray:
     """One ``Records.meta`` array from parsed cells: purposes an object array of
     frozensets, dates ``datetime64[s]`` (NaT: empty), ages float64 (nan: unknown),
     yes/no and erasure bool."""
+    import numpy as np
+
     if column == "consent_purposes":
         arr = np.empty(len(values), dtype=object)
         for i, v in enumerate(values):
@@ -200,6 +203,8 @@ def read_meta_csv(
     cells (no consent on file, unknown age) and, with a ``unit`` column, their own
     unit. A missing file gives ({}, None). ``shown`` is how messages name the file
     (default: its name). Every problem is a one-line :class:`MetaReadError`."""
+    import numpy as np
+
     path = Path(path)
     if not path.exists():
         return {}, None
@@ -286,6 +291,8 @@ def read_meta_csv(
 
 def record_metas(record_ids: np.ndarray, meta: dict[str, np.ndarray]) -> list[RecordMeta]:
     """One :class:`policies.RecordMeta` per record id, from ``Records.meta`` arrays."""
+    import numpy as np
+
     out = []
     for i, rid in enumerate(record_ids):
         kw: dict[str, Any] = {"record_id": str(rid)}
