@@ -37,3 +37,25 @@ def ray_run(tmp_path_factory: pytest.TempPathFactory) -> RayRun:
         leftover = {pid: cmd for pid, cmd in own_processes().items() if pid not in before}
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return RayRun(out, res, leftover, cwd)
+
+
+def _weight(item: pytest.Item) -> int:
+    """Run order: the real deployment first (minutes, mostly waiting on its processes),
+    then the other long end-to-end tests, then the quick ones, which fill the gaps."""
+    if item.get_closest_marker("deploy"):
+        return 0
+    if item.get_closest_marker("slow") or item.get_closest_marker("browser"):
+        return 1
+    return 2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long tests first (a stable sort: within a weight, collection order stays), so on
+    two workers the deployment starts at once instead of being the suite's tail. Under
+    ``--dist loadfile`` a module's tests stay together: a module is placed by its
+    heaviest test."""
+    heaviest: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        heaviest[module] = min(heaviest.get(module, 2), _weight(item))
+    items.sort(key=lambda item: heaviest[item.nodeid.split("::")[0]])
