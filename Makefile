@@ -3,7 +3,7 @@
 #   make test   set up and run ruff (lint and format check), mypy (strict on policies/ and fedmeta/audit/) and the whole test suite
 #   make test-fast   the inner loop: skips tests marked slow, deploy or browser
 #   both run the tests on PYTEST_WORKERS=2 processes (pytest-xdist, a module's tests on one
-#   of them: its module-scoped runs are made once); PYTEST_WORKERS=0: in this process
+#   of them: its module-scoped runs are made once; long modules first); PYTEST_WORKERS=0: in this process
 #
 # torch is installed first, on its own, so the build is an install-time choice:
 #   TORCH_SPEC=torch==2.13.0  (default) on a CPU-only machine whose pip finds the local
@@ -16,7 +16,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 STAMP := $(VENV)/.fedmeta-installed
 
 .PHONY: setup run test test-fast browser nginx clean

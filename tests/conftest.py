@@ -53,7 +53,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Long tests first (a stable sort: within a weight, collection order stays), so on
     two workers the deployment starts at once instead of being the suite's tail. Under
     ``--dist loadfile`` a module's tests stay together: a module is placed by its
-    heaviest test."""
+    heaviest test (``make test`` passes ``--no-loadscope-reorder``, or xdist would put
+    the modules with the most tests first and the one-test deployment last)."""
     heaviest: dict[str, int] = {}
     for item in items:
         module = item.nodeid.split("::")[0]

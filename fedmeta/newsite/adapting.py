@@ -290,29 +290,48 @@ def adapt_model(
     result = Adapted(
         None, tuple(loaded.classes), len(sup), len(rest), held, provenance, net, chosen
     )
-    if out is not None:
-        path = save_adapted(
-            Path(out),
-            net,
-            cfg,
-            loaded,
-            provenance,
-            {
-                "shots": shots,
-                "support_examples": int(len(sup)),
-                "steps": steps,
-                "lr": lr,
-                "seed": seed,
-                "head": chosen.head,
-                "steps_used": chosen.steps,
-                "lr_used": chosen.lr,
-                "cv_accuracy": chosen.cv_accuracy,
-                "held_back_examples": int(len(rest)),
-                "held_back_accuracy": held,
-            },
-        )
-        result = replace(result, path=path)
-    return result
+    settings = adaptation_settings(shots, sup, rest, steps, lr, seed, chosen)
+    settings["held_back_accuracy"] = held
+    return saved(result, out, cfg, loaded, settings)
+
+
+def adaptation_settings(
+    shots: int,
+    sup: np.ndarray,
+    rest: np.ndarray,
+    steps: int,
+    lr: float,
+    seed: int,
+    chosen: Choice,
+) -> dict[str, Any]:
+    """What the adapted file records of how it was adapted (both kinds of model)."""
+    return {
+        "shots": shots,
+        "support_examples": int(len(sup)),
+        "steps": steps,
+        "lr": lr,
+        "seed": seed,
+        "head": chosen.head,
+        "steps_used": chosen.steps,
+        "lr_used": chosen.lr,
+        "cv_accuracy": chosen.cv_accuracy,
+        "held_back_examples": int(len(rest)),
+    }
+
+
+def saved(
+    result: Adapted,
+    out: Path | str | None,
+    cfg: RunConfig,
+    loaded: Loaded,
+    settings: dict[str, Any],
+    kind: str = "classification",
+) -> Adapted:
+    """``result``, written to ``out`` (with its path) when one is given."""
+    if out is None:
+        return result
+    path = save_adapted(Path(out), result.model, cfg, loaded, result.provenance, settings, kind)
+    return replace(result, path=path)
 
 
 def check_labels(task: Task, task_name: str, loaded: Loaded, data: object) -> None:

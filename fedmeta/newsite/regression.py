@@ -4,7 +4,6 @@ adapts it, and predicts values."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from torch import nn
 from fedmeta.config import RunConfig, adapt_lr
 from fedmeta.data.loaders import DataError, Loaded
 from fedmeta.data.tasks.base import Task
-from fedmeta.newsite.adapting import Adapted, Choice, Init, save_adapted
+from fedmeta.newsite.adapting import Adapted, Choice, Init, adaptation_settings, saved
 
 
 def regression_split(n: int, shots: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,29 +66,9 @@ def adapt_regression(
     chosen = Choice("own", steps, lr, None)
     provenance = {**received.provenance, "init": init}
     result = Adapted(None, (), len(sup), len(rest), None, provenance, net, chosen, held)
-    if out is not None:
-        path = save_adapted(
-            Path(out),
-            net,
-            cfg,
-            loaded,
-            provenance,
-            {
-                "shots": shots,
-                "support_examples": int(len(sup)),
-                "steps": steps,
-                "lr": lr,
-                "seed": seed,
-                "head": "own",
-                "steps_used": steps,
-                "lr_used": lr,
-                "held_back_examples": int(len(rest)),
-                "held_back_mse": held,
-            },
-            kind="regression",
-        )
-        result = replace(result, path=path)
-    return result
+    settings = adaptation_settings(shots, sup, rest, steps, lr, seed, chosen)
+    settings["held_back_mse"] = held
+    return saved(result, out, cfg, loaded, settings, kind="regression")
 
 
 def tune_regression(
