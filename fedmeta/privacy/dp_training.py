@@ -37,7 +37,6 @@ from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SiteRandomness, poisson_loader, use_site_noise
 from fedmeta.privacy.units import (
     UnitPoissonSampler,
-    batch_units,
     check_mode,
     sum_grad_samples,
     torch_draw,
@@ -105,21 +104,31 @@ def _make_private_bookkeeping(
 
 
 def _batches(loader: DataLoader, tensors: list[torch.Tensor], steps: int, device: str):
-    """``steps`` batches as iterating ``loader`` gives them, a pass after another.
+    """``steps`` batches as iterating ``loader`` gives them, a pass after another:
+    (x, y, each record's unit within the batch or None, the batch's number of units).
 
-    The indices come from the loader's own batch sampler (Poisson sampling, or
-    the shuffling of a plain loader), and each pass first makes the draw a
-    loader's iterator makes for its workers' seed, so a seeded run gets the same
-    batches as before; the records are then fetched by indexing the pool's
-    tensors, one operation per tensor instead of a fetch and a collate per record.
+    The indices come from the loader's own batch sampler (Poisson sampling over
+    records or units, or the shuffling of a plain loader), and each pass first
+    makes the draw a loader's iterator makes for its workers' seed, so a seeded
+    run gets the same batches as before; the records are then fetched by indexing
+    the pool's tensors, one operation per tensor instead of a fetch and a collate
+    per record. The unit labels are None when every unit of the batch drew one
+    record (or without units): such a batch is clipped per record.
     """
+    sampler = loader.batch_sampler
+    by_unit = isinstance(sampler, UnitPoissonSampler)
     done = 0
     while done < steps:
-        indices = iter(loader.batch_sampler)
+        indices = sampler.batches() if by_unit else iter(sampler)
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
         for index in indices:
+            units, n_units = None, 0
+            if by_unit:
+                index, labels, n_units = index
+                if labels is not None:
+                    units = torch.from_numpy(labels).to(device)
             at = torch.as_tensor(index, dtype=torch.int64)
-            yield tuple(t[at].to(device) for t in tensors)
+            yield tensors[0][at].to(device), tensors[1][at].to(device), units, n_units
             done += 1
             if done == steps:
                 return
@@ -159,8 +168,6 @@ def train_steps(
         torch.from_numpy(np.ascontiguousarray(pool.x)),
         torch.from_numpy(np.ascontiguousarray(pool.y)),
     ]
-    if per_unit:
-        tensors.append(torch.from_numpy(unit_of))
     dataset = TensorDataset(*tensors)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -201,15 +208,15 @@ def train_steps(
     warnings.filterwarnings("ignore", message=".*Full backward hook.*")
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # book-keeping's seeded DP step on its flat buffer: Opacus's noise and accountant
+    # hook, without the per-tensor bookkeeping of Opacus's and torch's step
+    flat = isinstance(optimizer, BookKeepingDPOptimizer) and optimizer.can_flat_step()
     try:
-        for batch in _batches(loader, tensors, steps, device):
-            xb, yb = batch[0], batch[1]
-            optimizer.zero_grad(set_to_none=True)
+        for xb, yb, unit, batch_n_units in _batches(loader, tensors, steps, device):
+            if not flat:
+                optimizer.zero_grad(set_to_none=True)
             if len(xb):
                 loss = criterion(net(xb), yb)
-                unit, batch_n_units = batch_units(batch[2]) if per_unit else (None, 0)
-                if unit is not None and batch_n_units == len(xb):
-                    unit = None  # every unit of this batch holds one record: clip per record
                 if clipper is not None:  # criterion is a mean over the batch's samples
                     clipper.backward(loss * len(xb), unit, batch_n_units)
                 else:
@@ -227,7 +234,10 @@ def train_steps(
                         p.grad = torch.zeros_like(p)
                     else:
                         p.grad_sample = torch.zeros((0, *p.shape), device=device)
-            optimizer.step()
+            if flat:
+                optimizer.flat_step()
+            else:
+                optimizer.step()
             used += len(xb)
     finally:
         if engine is not None:
