@@ -168,6 +168,9 @@ class BookKeepingClipper:
         #: each layer's (weight, bias) gradient views in ``grads`` (None: frozen or not held)
         self._views = {m: (_held(grads, m.weight), _held(grads, m.bias)) for m in self.layers}
         self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        #: False: the clipped sums go only into ``grads``'s buffer, ``p.grad`` is not set
+        #: (``BookKeepingDPOptimizer.flat_step`` reads the buffer); True: ``p.grad`` too
+        self.write_grads = True
         self._handles = [m.register_forward_hook(self._keep) for m in self.layers]
 
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
@@ -224,19 +227,29 @@ class BookKeepingClipper:
             sq, clipped_sum = _layer_grads(module, a, dz, units, members)
             sq_norms = sq if sq_norms is None else sq_norms + sq
             sums.append((module, clipped_sum))
+        buffer_only = not self.write_grads and self.grads is not None
         for m in self.layers:  # a layer unused in this forward pass gets a zero gradient
             if m not in layers:
                 for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
                     if p is not None and p.requires_grad:
-                        p.grad = (
-                            torch.zeros_like(p) if view is None else self.grads.fresh(view).zero_()
-                        )
+                        if view is None:
+                            p.grad = torch.zeros_like(p)
+                        elif buffer_only:
+                            view.zero_()
+                        else:
+                            p.grad = self.grads.fresh(view).zero_()
         if sq_norms is None:
             if self.grads is not None:
                 self.grads.filled = True
             return None
         norms = sq_norms.sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        if buffer_only:  # every trainable tensor has its view (FlatGrads holds them all)
+            for module, clipped_sum in sums:
+                weight_view, bias_view = self._views[module]
+                clipped_sum(factor, weight_view, bias_view)
+            self.grads.filled = True
+            return norms
         for module, clipped_sum in sums:
             weight, bias = module.weight, module.bias
             weight_out = self._out(weight, self._views[module][0]) if weight.requires_grad else None

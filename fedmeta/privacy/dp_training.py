@@ -211,6 +211,8 @@ def train_steps(
     # book-keeping's seeded DP step on its flat buffer: Opacus's noise and accountant
     # hook, without the per-tensor bookkeeping of Opacus's and torch's step
     flat = isinstance(optimizer, BookKeepingDPOptimizer) and optimizer.can_flat_step()
+    if flat and clipper is not None:
+        clipper.write_grads = False  # the step reads the buffer; no p.grad to keep
     try:
         for xb, yb, unit, batch_n_units in _batches(loader, tensors, steps, device):
             if not flat:
