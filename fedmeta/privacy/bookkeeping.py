@@ -203,9 +203,12 @@ class BookKeepingClipper:
         per-sample (per-unit) gradient norms before clipping, or None when no
         trainable layer ran.
         """
-        layers = [m for m in self.layers if m in self._seen]
-        kept = [self._seen[m] for m in layers]
-        self._seen.clear()
+        seen = self._seen
+        layers = (
+            self.layers if len(seen) == len(self.layers) else [m for m in self.layers if m in seen]
+        )
+        kept = [seen[m] for m in layers]
+        seen.clear()
         for m, (a, z, va, vz) in zip(layers, kept, strict=True):
             if a._version != va or z._version != vz:
                 raise BookKeepingError(
@@ -228,22 +231,23 @@ class BookKeepingClipper:
             sq_norms = sq if sq_norms is None else sq_norms + sq
             sums.append((module, clipped_sum))
         buffer_only = not self.write_grads and self.grads is not None
-        for m in self.layers:  # a layer unused in this forward pass gets a zero gradient
-            if m not in layers:
-                for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
-                    if p is not None and p.requires_grad:
-                        if view is None:
-                            p.grad = torch.zeros_like(p)
-                        elif buffer_only:
-                            view.zero_()
-                        else:
-                            p.grad = self.grads.fresh(view).zero_()
+        unused = [] if layers is self.layers else [m for m in self.layers if m not in layers]
+        for m in unused:  # a layer unused in this forward pass gets a zero gradient
+            for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
+                if p is not None and p.requires_grad:
+                    if view is None:
+                        p.grad = torch.zeros_like(p)
+                    elif buffer_only:
+                        view.zero_()
+                    else:
+                        p.grad = self.grads.fresh(view).zero_()
         if sq_norms is None:
             if self.grads is not None:
                 self.grads.filled = True
             return None
         norms = sq_norms.sqrt()
-        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        # Opacus's min(1, C / (norm + 1e-6)) (``C / t`` is ``t.reciprocal() * C``), in place
+        factor = (norms + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)
         if buffer_only:  # every trainable tensor has its view (FlatGrads holds them all)
             for module, clipped_sum in sums:
                 weight_view, bias_view = self._views[module]
