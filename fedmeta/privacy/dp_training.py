@@ -65,13 +65,22 @@ class StepsResult:
 
 
 def _make_private_bookkeeping(
-    engine: PrivacyEngine, model: nn.Module, optimizer, loss_fn, loader, dp: DPSettings, noise_gen
+    engine: PrivacyEngine,
+    model: nn.Module,
+    optimizer,
+    loss_fn,
+    loader,
+    dp: DPSettings,
+    noise_gen,
+    per_record: bool = True,
 ):
     """Opacus's Poisson loader, noise, optimizer and accountant around book-keeping clipping.
 
     The same pieces ``PrivacyEngine.make_private`` assembles for its ghost
     mode, minus the model wrapper: the clipped gradient sum comes from
     ``BookKeepingClipper`` instead of ghost clipping's second backward pass.
+    ``per_record=False``: the caller samples over units (``_unit_loader`` sets the
+    loader, the rate of the accountant's hook and E[B]); no record loader is built.
     """
     engine.validate(module=model, optimizer=optimizer, data_loader=loader)
     if getattr(loss_fn, "reduction", None) != "mean":
@@ -84,10 +93,15 @@ def _make_private_bookkeeping(
     except ValueError:  # parameters of several dtypes or devices: a tensor per parameter
         grads = None
     clipper = BookKeepingClipper(model, dp.max_grad_norm, grads)
-    dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
-    if dp.randomness is not None:
-        dp_loader = poisson_loader(loader.dataset, dp_loader.sample_rate, dp.randomness.sampling)
-    expected_batch = expected_batch_size(len(dp_loader.dataset), loader.batch_size)
+    dp_loader = loader
+    if not per_record:
+        pass
+    elif dp.randomness is not None:
+        q = poisson_rate(len(loader.dataset), loader.batch_size)
+        dp_loader = poisson_loader(loader.dataset, q, dp.randomness.sampling)
+    else:
+        dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
+    expected_batch = expected_batch_size(len(loader.dataset), loader.batch_size)
     dp_optimizer = BookKeepingDPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
@@ -99,7 +113,9 @@ def _make_private_bookkeeping(
     )
     if dp.randomness is not None:
         use_site_noise(dp_optimizer, dp.randomness)
-    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(dp_loader.sample_rate))
+    if per_record:
+        hook = engine.accountant.get_optimizer_hook_fn(dp_loader.sample_rate)
+        dp_optimizer.attach_step_hook(hook)
     return clipper, dp_optimizer, dp_loader
 
 
@@ -188,7 +204,7 @@ def train_steps(
             noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         if mode == "bk":
             clipper, optimizer, loader = _make_private_bookkeeping(
-                engine, model, optimizer, loss_fn, loader, dp, noise_gen
+                engine, model, optimizer, loss_fn, loader, dp, noise_gen, not per_unit
             )
         else:
             net, optimizer, criterion, loader = _make_private_opacus(
