@@ -93,13 +93,11 @@ def _make_private_bookkeeping(
     except ValueError:  # parameters of several dtypes or devices: a tensor per parameter
         grads = None
     clipper = BookKeepingClipper(model, dp.max_grad_norm, grads)
-    dp_loader = loader
-    if not per_record:
-        pass
-    elif dp.randomness is not None:
+    dp_loader = loader  # per unit: replaced by the caller's unit loader
+    if per_record and dp.randomness is not None:
         q = poisson_rate(len(loader.dataset), loader.batch_size)
         dp_loader = poisson_loader(loader.dataset, q, dp.randomness.sampling)
-    else:
+    elif per_record:
         dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
     expected_batch = expected_batch_size(len(loader.dataset), loader.batch_size)
     dp_optimizer = BookKeepingDPOptimizer(
