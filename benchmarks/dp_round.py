@@ -14,6 +14,7 @@ time of a DP round goes (the clipping/noise inside training, the accountant).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         private, cfg_dp = federation(Path(tmp) / "dp", args.sites, True, args.rounds)
         plain, cfg_plain = federation(Path(tmp) / "plain", args.sites, False, args.rounds)
@@ -92,6 +94,8 @@ def main() -> None:
             acc_dp.append(account.seconds)
             train_dp.append(train.seconds)
 
+    load_after = os.getloadavg()[0]
+
     def median(times, which):  # rounds 2..R: round 1 includes the one-off model check
         return statistics.median(t[which] for t in times[1:])
 
@@ -110,7 +114,9 @@ def main() -> None:
         "charge, audit log, training, reply), DP and non-private federations alternating "
         "round by round in one process. Median over rounds 2..R (round 1 includes the "
         "one-off model check). CPU time is this process's (robust to other load on the "
-        "machine); wall time beside it.",
+        "machine, though a saturated machine slows every operation); wall time beside it. "
+        f"The machine was shared with other jobs: load average {load_before:.1f} at the "
+        f"start, {load_after:.1f} at the end, on {os.cpu_count()} cores.",
         "",
         "| whole round, all sites | non-private | DP | DP / non-private | "
         "accountant per DP round (mean; median) |",
@@ -125,7 +131,9 @@ def main() -> None:
         f"First round (CPU): non-private {1000 * t_plain[0][1]:.0f} ms, "
         f"DP {1000 * t_dp[0][1]:.0f} ms. The accountant column is the CPU time of the "
         "epsilon evaluations that were not already cached (one per site and round: the "
-        "budget check and the charge share it).",
+        "budget check and the charge share it). Target (issue 12): a whole DP round at "
+        "most 1.3x the non-private round; where the rest of the time goes: "
+        "docs/privacy-accounting.md (Cost).",
     ]
     body = "\n".join(lines)
     print(body)

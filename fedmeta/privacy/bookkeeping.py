@@ -114,6 +114,9 @@ class FlatGrads:
             self.noises.append(self.noise_buffer[offset : offset + n].view(p.shape))
             offset += n
         self._index = {id(p): i for i, p in enumerate(params)}
+        #: the buffer holds a clipped sum not yet noised (set by the clipper and ``zero``,
+        #: cleared by ``BookKeepingDPOptimizer.flat_step``: one noisy step per clipped sum)
+        self.filled = False
 
     def view(self, p: torch.Tensor) -> torch.Tensor | None:
         """``p``'s gradient view (None if the buffer does not hold ``p``)."""
@@ -139,6 +142,7 @@ class FlatGrads:
         self.buffer.zero_()
         for p, view in zip(self.params, self.grads, strict=True):
             p.grad = self.fresh(view)
+        self.filled = True
 
 
 class BookKeepingClipper:
@@ -164,6 +168,9 @@ class BookKeepingClipper:
         #: each layer's (weight, bias) gradient views in ``grads`` (None: frozen or not held)
         self._views = {m: (_held(grads, m.weight), _held(grads, m.bias)) for m in self.layers}
         self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        #: False: the clipped sums go only into ``grads``'s buffer, ``p.grad`` is not set
+        #: (``BookKeepingDPOptimizer.flat_step`` reads the buffer); True: ``p.grad`` too
+        self.write_grads = True
         self._handles = [m.register_forward_hook(self._keep) for m in self.layers]
 
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
@@ -196,9 +203,12 @@ class BookKeepingClipper:
         per-sample (per-unit) gradient norms before clipping, or None when no
         trainable layer ran.
         """
-        layers = [m for m in self.layers if m in self._seen]
-        kept = [self._seen[m] for m in layers]
-        self._seen.clear()
+        seen = self._seen
+        layers = (
+            self.layers if len(seen) == len(self.layers) else [m for m in self.layers if m in seen]
+        )
+        kept = [seen[m] for m in layers]
+        seen.clear()
         for m, (a, z, va, vz) in zip(layers, kept, strict=True):
             if a._version != va or z._version != vz:
                 raise BookKeepingError(
@@ -220,17 +230,30 @@ class BookKeepingClipper:
             sq, clipped_sum = _layer_grads(module, a, dz, units, members)
             sq_norms = sq if sq_norms is None else sq_norms + sq
             sums.append((module, clipped_sum))
-        for m in self.layers:  # a layer unused in this forward pass gets a zero gradient
-            if m not in layers:
-                for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
-                    if p is not None and p.requires_grad:
-                        p.grad = (
-                            torch.zeros_like(p) if view is None else self.grads.fresh(view).zero_()
-                        )
+        buffer_only = not self.write_grads and self.grads is not None
+        unused = [] if layers is self.layers else [m for m in self.layers if m not in layers]
+        for m in unused:  # a layer unused in this forward pass gets a zero gradient
+            for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
+                if p is not None and p.requires_grad:
+                    if view is None:
+                        p.grad = torch.zeros_like(p)
+                    elif buffer_only:
+                        view.zero_()
+                    else:
+                        p.grad = self.grads.fresh(view).zero_()
         if sq_norms is None:
+            if self.grads is not None:
+                self.grads.filled = True
             return None
         norms = sq_norms.sqrt()
-        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        # Opacus's min(1, C / (norm + 1e-6)) (``C / t`` is ``t.reciprocal() * C``), in place
+        factor = (norms + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)
+        if buffer_only:  # every trainable tensor has its view (FlatGrads holds them all)
+            for module, clipped_sum in sums:
+                weight_view, bias_view = self._views[module]
+                clipped_sum(factor, weight_view, bias_view)
+            self.grads.filled = True
+            return norms
         for module, clipped_sum in sums:
             weight, bias = module.weight, module.bias
             weight_out = self._out(weight, self._views[module][0]) if weight.requires_grad else None
@@ -244,6 +267,8 @@ class BookKeepingClipper:
                 weight.grad = weight_out
             if bias_out is not None:
                 bias.grad = bias_out
+        if self.grads is not None:
+            self.grads.filled = True
         return norms
 
     @staticmethod
@@ -288,6 +313,47 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     @property
     def params(self) -> list[torch.Tensor]:
         return self._param_list if self._param_list is not None else super().params
+
+    def can_flat_step(self) -> bool:
+        """Whether ``flat_step`` computes exactly what ``step`` would: the gradients are
+        the flat buffer's, the noise is Opacus's seeded draw (not secure mode, not a
+        site's CSPRNG, which replaces ``add_noise`` on the instance), and the wrapped
+        optimizer is plain SGD (one group; no momentum, weight decay or maximize)."""
+        if self.grads is None or self.secure_mode or "add_noise" in self.__dict__:
+            return False
+        opt = self.original_optimizer
+        if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
+            return False
+        group = opt.param_groups[0]
+        plain = {"momentum": 0, "weight_decay": 0, "maximize": False, "nesterov": False}
+        return all(group.get(k, v) == v for k, v in plain.items()) and not group.get("fused")
+
+    def flat_step(self) -> None:
+        """One DP-SGD step on the clipped sum in the flat buffer (``can_flat_step`` only).
+
+        What ``step`` does through Opacus's ``pre_step`` and ``torch.optim.SGD``,
+        without their per-tensor bookkeeping: noise N(0, (sigma C)^2) drawn per
+        tensor in Opacus's order (the same generator gives the same noise), the sum
+        divided by the expected batch size, the accountant's step hook, then
+        ``p -= lr * grad`` for every parameter in one call. Refuses a buffer the
+        clipper has not refilled since the last step (noise is added once per sum).
+        """
+        flat = self.grads
+        assert flat is not None
+        if not flat.filled:
+            raise RuntimeError("flat_step: no new clipped gradient sum since the last step")
+        flat.filled = False
+        std = self.noise_multiplier * self.max_grad_norm
+        if std > 0:
+            for noise in flat.noises:  # Opacus's draw, tensor by tensor, into the buffer
+                noise.normal_(0.0, std, generator=self.generator)
+            flat.buffer.add_(flat.noise_buffer)
+        flat.buffer /= self.expected_batch_size * self.accumulated_iterations
+        if self.step_hook:
+            self.step_hook(self)
+        lr = self.original_optimizer.param_groups[0]["lr"]
+        with torch.no_grad():
+            torch._foreach_add_(self.params, flat.grads, alpha=-lr)
 
     def accumulate(self) -> None:
         for p in self.params:
@@ -355,6 +421,37 @@ def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return windows.reshape(batch, channels * kh * kw, out_h * out_w)
 
 
+def _unfold_wide(
+    conv: nn.Conv2d, a: torch.Tensor, dz: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unfolded input [B, in*k*k, L], output gradient [B, out, L]) of a stride-1 conv
+    whose product over L is the per-sample weight gradient, as ``_unfold`` gives it.
+
+    The output rows are taken as wide as the padded input (W_p columns instead of
+    W_out: L = H_out * W_p), so that each kernel offset's window is one contiguous
+    run of the padded input's memory and the unfold copies runs of L values
+    instead of W_out; the extra columns' gradients are zero (``dz`` is padded with
+    zeros), so they add exactly nothing. One zero row under the input keeps the
+    last window inside it.
+    """
+    pads = conv._reversed_padding_repeated_twice  # what Conv2d applies, 'same' included
+    if conv.padding_mode == "zeros":
+        a = F.pad(a, (pads[0], pads[1], pads[2], pads[3] + 1))
+    else:
+        a = F.pad(F.pad(a, pads, mode=conv.padding_mode), (0, 0, 0, 1))
+    batch, channels, height, width = a.shape
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    out_h, out_w = dz.shape[2], dz.shape[3]
+    length = out_h * width
+    s_b, s_c = a.stride(0), a.stride(1)
+    windows = a.as_strided(
+        (batch, channels, kh, kw, length), (s_b, s_c, dh * width, dw, 1), a.storage_offset()
+    )
+    unfolded = windows.reshape(batch, channels * kh * kw, length)
+    dz_wide = F.pad(dz, (0, width - out_w)).reshape(batch, dz.shape[1], length)
+    return unfolded, dz_wide
+
+
 def _layer_grads(
     module: nn.Module,
     a: torch.Tensor,
@@ -420,8 +517,11 @@ def _layer_grads(
         dz3 = dz.reshape(batch, dz.shape[1], -1)  # [B, out, P]
         per_sample = None
         if w_on:
-            unfolded = _unfold(module, a)  # [B, in*k*k, P]
-            per_sample = torch.bmm(dz3, unfolded.transpose(1, 2))  # [B, out, in*k*k]
+            if module.stride == (1, 1) and a.is_contiguous():
+                unfolded, dz_wide = _unfold_wide(module, a, dz)  # [B, in*k*k, L], [B, out, L]
+            else:
+                unfolded, dz_wide = _unfold(module, a), dz3  # [B, in*k*k, P], [B, out, P]
+            per_sample = torch.bmm(dz_wide, unfolded.transpose(1, 2))  # [B, out, in*k*k]
         bias_rows = dz3.sum(2) if b_on else None
     rows = per_sample.reshape(batch, -1) if w_on else None
     if members is not None:  # a unit's gradient: the sum of its samples'

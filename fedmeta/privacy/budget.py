@@ -304,21 +304,27 @@ def _upper_epsilon(
             "Floating point errors will dominate for such small values of delta. "
             "Increase delta or reduce domain size."
         )
-    p = dprv.pmf
-    d1 = np.cumsum(p[::-1])[::-1]
-    d2 = np.cumsum((p * _neg_exp_grid(*grid) * math.exp(-shift))[::-1])[::-1]
     t0, dt = dprv.domain.t_min, dprv.domain.dt
     target = delta - delta_error
-    lo, hi = 0, size
+    # the suffix sums from the middle of the grid (t ~ 0) on: the same sums, bit for
+    # bit, as over the whole grid (both accumulate from the last point); the whole grid
+    # only when epsilon lies below that point
+    for start in (size // 2, 0):
+        p = dprv.pmf[start:]
+        d1 = np.cumsum(p[::-1])[::-1]
+        d2 = np.cumsum((p * _neg_exp_grid(*grid)[start:] * math.exp(-shift))[::-1])[::-1]
+        if start == 0 or math.exp(t0 + start * dt) * d2[0] - d1[0] < -target:
+            break
+    lo, hi = start, size
     while lo < hi:  # np.searchsorted(ndelta, -target, side="left"), ndelta = e^t d2 - d1
         mid = (lo + hi) // 2
-        if math.exp(t0 + mid * dt) * d2[mid] - d1[mid] < -target:
+        if math.exp(t0 + mid * dt) * d2[mid - start] - d1[mid - start] < -target:
             lo = mid + 1
         else:
             hi = mid
     if lo <= 0:
         raise RuntimeError("Cannot compute epsilon")
-    return float(math.log((d1[lo] - target) / d2[lo]) + eps_error)
+    return float(math.log((d1[lo - start] - target) / d2[lo - start]) + eps_error)
 
 
 @lru_cache(maxsize=16)
@@ -351,7 +357,9 @@ def _discrete_prv(sigma: float, q: float, t_min: float, t_max: float, size: int)
     domain = Domain(t_min, t_max, size)
     prv = TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma), t_min, t_max)
     ts = domain.ts
-    pmf = prv.cdf(ts + domain.dt / 2) - prv.cdf(ts - domain.dt / 2)
+    # the cdf at every interval edge once: interval i is [t_i - dt/2, t_i + dt/2]
+    edges = np.append(ts - domain.dt / 2, ts[-1] + domain.dt / 2)
+    pmf = np.diff(prv.cdf(edges))
     shift = _truncated_mean(sigma, q, t_min, t_max) - float(np.dot(ts, pmf))
     if abs(shift) >= domain.dt / 2:
         raise RuntimeError("Discrete mean differs significantly from continuous mean.")

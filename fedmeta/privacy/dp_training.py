@@ -37,7 +37,6 @@ from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SiteRandomness, poisson_loader, use_site_noise
 from fedmeta.privacy.units import (
     UnitPoissonSampler,
-    batch_units,
     check_mode,
     sum_grad_samples,
     torch_draw,
@@ -66,13 +65,22 @@ class StepsResult:
 
 
 def _make_private_bookkeeping(
-    engine: PrivacyEngine, model: nn.Module, optimizer, loss_fn, loader, dp: DPSettings, noise_gen
+    engine: PrivacyEngine,
+    model: nn.Module,
+    optimizer,
+    loss_fn,
+    loader,
+    dp: DPSettings,
+    noise_gen,
+    per_record: bool = True,
 ):
     """Opacus's Poisson loader, noise, optimizer and accountant around book-keeping clipping.
 
     The same pieces ``PrivacyEngine.make_private`` assembles for its ghost
     mode, minus the model wrapper: the clipped gradient sum comes from
     ``BookKeepingClipper`` instead of ghost clipping's second backward pass.
+    ``per_record=False``: the caller samples over units (``_unit_loader`` sets the
+    loader, the rate of the accountant's hook and E[B]); no record loader is built.
     """
     engine.validate(module=model, optimizer=optimizer, data_loader=loader)
     if getattr(loss_fn, "reduction", None) != "mean":
@@ -85,10 +93,13 @@ def _make_private_bookkeeping(
     except ValueError:  # parameters of several dtypes or devices: a tensor per parameter
         grads = None
     clipper = BookKeepingClipper(model, dp.max_grad_norm, grads)
-    dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
-    if dp.randomness is not None:
-        dp_loader = poisson_loader(loader.dataset, dp_loader.sample_rate, dp.randomness.sampling)
-    expected_batch = expected_batch_size(len(dp_loader.dataset), loader.batch_size)
+    dp_loader = loader  # per unit: replaced by the caller's unit loader
+    if per_record and dp.randomness is not None:
+        q = poisson_rate(len(loader.dataset), loader.batch_size)
+        dp_loader = poisson_loader(loader.dataset, q, dp.randomness.sampling)
+    elif per_record:
+        dp_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
+    expected_batch = expected_batch_size(len(loader.dataset), loader.batch_size)
     dp_optimizer = BookKeepingDPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
@@ -100,26 +111,38 @@ def _make_private_bookkeeping(
     )
     if dp.randomness is not None:
         use_site_noise(dp_optimizer, dp.randomness)
-    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(dp_loader.sample_rate))
+    if per_record:
+        hook = engine.accountant.get_optimizer_hook_fn(dp_loader.sample_rate)
+        dp_optimizer.attach_step_hook(hook)
     return clipper, dp_optimizer, dp_loader
 
 
 def _batches(loader: DataLoader, tensors: list[torch.Tensor], steps: int, device: str):
-    """``steps`` batches as iterating ``loader`` gives them, a pass after another.
+    """``steps`` batches as iterating ``loader`` gives them, a pass after another:
+    (x, y, each record's unit within the batch or None, the batch's number of units).
 
-    The indices come from the loader's own batch sampler (Poisson sampling, or
-    the shuffling of a plain loader), and each pass first makes the draw a
-    loader's iterator makes for its workers' seed, so a seeded run gets the same
-    batches as before; the records are then fetched by indexing the pool's
-    tensors, one operation per tensor instead of a fetch and a collate per record.
+    The indices come from the loader's own batch sampler (Poisson sampling over
+    records or units, or the shuffling of a plain loader), and each pass first
+    makes the draw a loader's iterator makes for its workers' seed, so a seeded
+    run gets the same batches as before; the records are then fetched by indexing
+    the pool's tensors, one operation per tensor instead of a fetch and a collate
+    per record. The unit labels are None when every unit of the batch drew one
+    record (or without units): such a batch is clipped per record.
     """
+    sampler = loader.batch_sampler
+    by_unit = isinstance(sampler, UnitPoissonSampler)
     done = 0
     while done < steps:
-        indices = iter(loader.batch_sampler)
+        indices = sampler.batches() if by_unit else iter(sampler)
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
         for index in indices:
+            units, n_units = None, 0
+            if by_unit:
+                index, labels, n_units = index
+                if labels is not None:
+                    units = torch.from_numpy(labels).to(device)
             at = torch.as_tensor(index, dtype=torch.int64)
-            yield tuple(t[at].to(device) for t in tensors)
+            yield tensors[0][at].to(device), tensors[1][at].to(device), units, n_units
             done += 1
             if done == steps:
                 return
@@ -159,8 +182,6 @@ def train_steps(
         torch.from_numpy(np.ascontiguousarray(pool.x)),
         torch.from_numpy(np.ascontiguousarray(pool.y)),
     ]
-    if per_unit:
-        tensors.append(torch.from_numpy(unit_of))
     dataset = TensorDataset(*tensors)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -181,7 +202,7 @@ def train_steps(
             noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         if mode == "bk":
             clipper, optimizer, loader = _make_private_bookkeeping(
-                engine, model, optimizer, loss_fn, loader, dp, noise_gen
+                engine, model, optimizer, loss_fn, loader, dp, noise_gen, not per_unit
             )
         else:
             net, optimizer, criterion, loader = _make_private_opacus(
@@ -201,15 +222,17 @@ def train_steps(
     warnings.filterwarnings("ignore", message=".*Full backward hook.*")
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # book-keeping's seeded DP step on its flat buffer: Opacus's noise and accountant
+    # hook, without the per-tensor bookkeeping of Opacus's and torch's step
+    flat = isinstance(optimizer, BookKeepingDPOptimizer) and optimizer.can_flat_step()
+    if flat and clipper is not None:
+        clipper.write_grads = False  # the step reads the buffer; no p.grad to keep
     try:
-        for batch in _batches(loader, tensors, steps, device):
-            xb, yb = batch[0], batch[1]
-            optimizer.zero_grad(set_to_none=True)
+        for xb, yb, unit, batch_n_units in _batches(loader, tensors, steps, device):
+            if not flat:
+                optimizer.zero_grad(set_to_none=True)
             if len(xb):
                 loss = criterion(net(xb), yb)
-                unit, batch_n_units = batch_units(batch[2]) if per_unit else (None, 0)
-                if unit is not None and batch_n_units == len(xb):
-                    unit = None  # every unit of this batch holds one record: clip per record
                 if clipper is not None:  # criterion is a mean over the batch's samples
                     clipper.backward(loss * len(xb), unit, batch_n_units)
                 else:
@@ -227,7 +250,10 @@ def train_steps(
                         p.grad = torch.zeros_like(p)
                     else:
                         p.grad_sample = torch.zeros((0, *p.shape), device=device)
-            optimizer.step()
+            if flat:
+                optimizer.flat_step()
+            else:
+                optimizer.step()
             used += len(xb)
     finally:
         if engine is not None:

@@ -165,28 +165,46 @@ def poisson_loader(
         if stream is None:
             raise ValueError("poisson_loader needs a keystream or a batch sampler")
         batch_sampler = PoissonSampler(len(dataset), sample_rate, stream)
-    from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
-    from torch.utils.data import DataLoader, default_collate
+    return _site_loader_class()(dataset, sample_rate, batch_sampler)
 
-    class _SiteDPDataLoader(DPDataLoader):
-        def __init__(self) -> None:  # DPDataLoader's own __init__, with our batch sampler
-            first = dataset[0]
-            self.sample_rate = sample_rate
-            self.distributed = False
-            DataLoader.__init__(
-                self,
-                dataset,
-                batch_sampler=batch_sampler,
-                collate_fn=wrap_collate_with_empty(
-                    collate_fn=default_collate,
-                    batch_first=True,
-                    rand_on_empty=False,
-                    sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
-                    dtypes=[dtype_safe(x) for x in first],
-                ),
-            )
 
-    return _SiteDPDataLoader()
+_SITE_LOADER: type | None = None
+
+
+def _site_loader_class() -> type:
+    """Opacus's ``DPDataLoader`` with a batch sampler of ours (defined once, on first use:
+    Opacus is imported only when a DP round needs it)."""
+    global _SITE_LOADER
+    if _SITE_LOADER is None:
+        from opacus.data_loader import (
+            DPDataLoader,
+            dtype_safe,
+            shape_safe,
+            wrap_collate_with_empty,
+        )
+        from torch.utils.data import DataLoader, default_collate
+
+        class SiteDPDataLoader(DPDataLoader):
+            def __init__(self, dataset, sample_rate, batch_sampler) -> None:
+                # DPDataLoader's own __init__, with our batch sampler
+                first = dataset[0]
+                self.sample_rate = sample_rate
+                self.distributed = False
+                DataLoader.__init__(
+                    self,
+                    dataset,
+                    batch_sampler=batch_sampler,
+                    collate_fn=wrap_collate_with_empty(
+                        collate_fn=default_collate,
+                        batch_first=True,
+                        rand_on_empty=False,
+                        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                        dtypes=[dtype_safe(x) for x in first],
+                    ),
+                )
+
+        _SITE_LOADER = SiteDPDataLoader
+    return _SITE_LOADER
 
 
 def use_site_noise(optimizer, randomness: SiteRandomness) -> None:

@@ -85,9 +85,25 @@ class UnitPoissonSampler(Sampler[list[int]]):
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        for records, _, _ in self.batches():
+            yield records.tolist()
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
+        """Per step: (the batch's record indices, each record's unit within the batch as
+        0..U_b-1 in unit order, or None when every unit drew one record; U_b).
+
+        The same draws as iterating the sampler; the labels are what ``batch_units``
+        computes from the records' unit ids, found from the draw instead.
+        """
         for _ in range(self.steps):
             chosen = self.draw(self.n_units) < self.sample_rate
-            yield np.flatnonzero(chosen[self.unit_of_record]).tolist()
+            records = np.flatnonzero(chosen[self.unit_of_record])
+            n_batch_units = int(np.count_nonzero(chosen))
+            if n_batch_units == len(records):
+                yield records, None, n_batch_units
+                continue
+            rank = np.cumsum(chosen) - 1  # a chosen unit's place among the chosen
+            yield records, rank[self.unit_of_record[records]], n_batch_units
 
 
 def torch_draw(generator: torch.Generator) -> Callable[[int], np.ndarray]:
