@@ -107,6 +107,7 @@ class Deployment:
         self.ran: list[str] = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.timings: dict[str, float] = {}
+        self.t0 = time.monotonic()
 
     def _env(self, extra: dict[str, str | None] | None) -> dict[str, str]:
         """Our environment with ``extra`` applied; a None value removes the variable."""
@@ -133,6 +134,7 @@ class Deployment:
         """Run one command (bash -c) and record its template."""
         self.ran.append(" ".join(template.split()))
         cmd = self.expand(template, subs)
+        t = time.monotonic()
         res = subprocess.run(
             ["bash", "-c", cmd],
             cwd=cwd,
@@ -141,12 +143,24 @@ class Deployment:
             text=True,
             timeout=timeout,
         )
+        self.note(template, t)
         if expect is not None:
             assert res.returncode == expect, (
                 f"{cmd!r} exited {res.returncode}, expected {expect}:\n"
                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
             )
         return res
+
+    def note(self, what: str, since: float) -> None:
+        """One line of ``commands.jsonl``: what ran, when it started and how long it took
+        (seconds since the deployment began), to see where the test's time goes."""
+        line = {
+            "at": round(since - self.t0, 1),
+            "s": round(time.monotonic() - since, 1),
+            "what": " ".join(what.split()),
+        }
+        with open(self.tmp / "commands.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def source(self, template: str, cwd: Path, **subs: object) -> dict[str, str]:
         """Run a guide's ``. FILE`` line: the variables it exports stay set for every later
@@ -194,6 +208,7 @@ class Deployment:
             start_new_session=True,
         )
         log.close()
+        self.note(f"start {name}", time.monotonic())
         self.procs[name] = proc
         return proc
 
