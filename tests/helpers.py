@@ -288,3 +288,7 @@ class RayRun(NamedTuple):
     res: subprocess.CompletedProcess[str]  # the CLI's exit status and output
     leftover: dict[int, str]  # processes it left running (pid -> command line)
     cwd: Path  # where the CLI ran: a directory with modules that would shadow ours
+    # as root (netcheck.CAN_ADDRESS), what its processes listened on (netcheck.watch_run)
+    exposed: set[str]
+    seen: set[str]
+    userns: set[str]
