@@ -44,6 +44,10 @@ CAN_ADDRESS = (
     and os.geteuid() == 0
     and bool(shutil.which("unshare") and shutil.which("ip"))
 )
+# root without CAP_SYS_ADMIN: what an unprivileged user has for namespaces (it can make
+# a user namespace, not a network namespace in the machine's); the test's files stay
+# readable, as they would not be to another uid
+NO_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
 root_only = pytest.mark.skipif(not CAN_ADDRESS, reason="needs Linux, root, unshare and ip")
 NETWORK_MARK = " [ns with a network]"
 

@@ -6,6 +6,8 @@ site's ClientApp (the code a SuperNode runs) and `flwr run` (test_flwr_run.py ru
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,18 +15,29 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import (
+    FEDMETA,
     MODEL,
+    ROOT,
     TASK_EP,
     example_site_on_bundled_data,
     fedmeta,
     install_example_plugin,
     run_inline,
 )
+from netcheck import (
+    ADDRESSED,
+    CAN_ADDRESS,
+    NETWORK_MARK,
+    NO_SYS_ADMIN,
+    Watched,
+    root_only,
+    watch_run,
+)
 
 from fedmeta.approvals import approve
 from fedmeta.config import RunConfig, build_task, run_declaration
 from fedmeta.data.tasks import TaskError, get_task
-from fedmeta.paths import SitePaths
+from fedmeta.paths import ALLOW_NETWORK_ENV, SitePaths
 
 TASK_PATH = "fedmeta_example_plugin.blobs:BlobsFewShot"
 
@@ -192,10 +205,13 @@ def test_a_deployed_site_refuses_code_it_did_not_install(tmp_path, option, spec)
     assert verify_log(site_dir / AUDIT_LOG).ok
 
 
-@pytest.mark.slow
-def test_entry_point_task_in_ray_workers(tmp_path):
-    """The run-time failure of the issue: Ray site processes must resolve the task too."""
-    res = fedmeta(
+@pytest.fixture(scope="module")
+def ray_plugin_run(tmp_path_factory: pytest.TempPathFactory, plugin_installed: None) -> Watched:
+    """A real Ray simulation of the plug-in through the CLI; as root, without
+    CAP_SYS_ADMIN (what an unprivileged user has) in a namespace of the test's own that
+    looks like a networked machine, its listening sockets listed while it runs."""
+    out = tmp_path_factory.mktemp("ray-plugin") / "run"
+    args = [
         "simulate",
         "--task",
         TASK_EP,
@@ -204,15 +220,44 @@ def test_entry_point_task_in_ray_workers(tmp_path):
         "--rounds",
         "1",
         "--out",
-        str(tmp_path / "run"),
+        str(out),
         "--set",
         "fraction-train=1.0",
         "--set",
         "eval-episodes=3",
         "--set",
         f"model={MODEL}",
-        timeout=400,
-    )
+    ]
+    if CAN_ADDRESS:
+        return watch_run(
+            [*ADDRESSED, *NO_SYS_ADMIN, *FEDMETA, *args], {ALLOW_NETWORK_ENV: "0"}, cwd=ROOT
+        )
+    return Watched(fedmeta(*args, timeout=400), set(), set(), set())
+
+
+@pytest.mark.slow
+def test_entry_point_task_in_ray_workers(ray_plugin_run: Watched):
+    """The run-time failure of the issue: Ray site processes must resolve the task too."""
+    res = ray_plugin_run.res
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    out = Path(res.args[res.args.index("--out") + 1])
+    summary = json.loads((out / "summary.json").read_text())
     assert set(summary["epsilon"]) == {"site-0", "site-1"} and not summary["declined_rounds"]
+
+
+@root_only
+@pytest.mark.slow
+def test_without_cap_sys_admin_the_ray_run_listens_on_loopback_only(ray_plugin_run: Watched):
+    """Without CAP_SYS_ADMIN the whole command runs in a user namespace of its own, and Ray
+    in a loopback-only network namespace in it (as root: the suite's shared Ray run,
+    test_simulation.py; README: what a simulation exposes)."""
+    res, exposed, seen, userns = ray_plugin_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = " ".join(seen)
+    assert "gcs_server" in names and "raylet" in names, f"the check saw no Ray: {seen}"
+    assert not exposed, f"listening on a non-loopback address: {sorted(exposed)}"
+    # and confined: a Ray component binding 0.0.0.0 would be reachable on loopback only
+    assert not [x for x in seen if x.endswith(NETWORK_MARK)], sorted(seen)
+    assert "open in this machine's network" not in res.stderr
+    ours = os.readlink("/proc/self/ns/user")
+    assert userns - {ours} == userns and userns, userns
