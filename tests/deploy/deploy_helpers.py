@@ -115,9 +115,11 @@ class Deployment:
         return {k: v for k, v in merged.items() if v is not None}
 
     def expand(self, template: str, subs: dict[str, object]) -> str:
+        """The command with its placeholders filled in (a list fills in several words)."""
         cmd = template
         for key, val in subs.items():
-            cmd = cmd.replace(f"<{key}>", shlex.quote(str(val)))
+            words = val if isinstance(val, list) else [val]
+            cmd = cmd.replace(f"<{key}>", " ".join(shlex.quote(str(v)) for v in words))
         assert "<" not in re.sub(r"<<|>>|2>&1", "", cmd), f"unfilled placeholder in {cmd!r}"
         return cmd
 
