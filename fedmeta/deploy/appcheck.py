@@ -162,9 +162,7 @@ def _app_files(root: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
-        dirnames[:] = [
-            d for d in dirnames if d not in anywhere and not (here == root and d in top)
-        ]
+        dirnames[:] = [d for d in dirnames if d not in anywhere and not (here == root and d in top)]
         for filename in filenames:
             path = here / filename
             if path.is_symlink() or not path.resolve().is_relative_to(root):
