@@ -23,12 +23,10 @@ STAMP := $(VENV)/.fedmeta-installed
 
 setup: $(STAMP)
 
-# --no-compile: Python writes the bytecode of the modules it imports when it first imports
-# them; compiling all ~17,000 files of the environment up front took most of a minute
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --no-compile $(TORCH_SPEC)
-	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 run: setup
