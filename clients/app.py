@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmeta.config import ConfigError, RunConfig
-from fedmeta.data.tasks.registry import check_site_imports
 from fedmeta.deploy.runrecord import RECORD_FILES
 from fedmeta.netns import ray_on_loopback
 from fedmeta.offline import no_call_home
 from fedmeta.paths import simulated_site_id
-from fedmeta.site import (
-    Site,
-    SiteReply,
-    decline_unreadable_round,
-    load_manifest,
-    simulation_site_dir,
-)
+from fedmeta.site_files import load_manifest, simulation_site_dir, site_audit_log
 from policies import RunDeclaration
+
+if TYPE_CHECKING:  # a deployed node starts a process per message: only training imports
+    import torch  # torch and Opacus (fedmeta.site), which take seconds
+
+    from fedmeta.site import Site, SiteReply
 
 no_call_home()
 # `flwr run` (local simulation): Flower's flwr-simulation process loads this module, then
@@ -58,6 +56,8 @@ def site_identity(context: Context, cfg_out_dir: str) -> tuple[str, int, Path]:
 
 
 def get_site(context: Context, cfg: RunConfig) -> Site:
+    from fedmeta.site import Site
+
     site_id, index, site_dir = site_identity(context, cfg.out_dir)
     key = (str(site_dir), cfg.model_dump_json())
     if key not in _SITES:
@@ -181,6 +181,11 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        import torch
+
+        from fedmeta.data.tasks.registry import check_site_imports
+        from fedmeta.site import decline_unreadable_round
+
         torch.set_num_threads(1)
         sent = msg.content["config"]
         try:
@@ -227,18 +232,18 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
         sent = msg.content["config"]
         head = Receipt.parse(str(sent.get("server-head", "")))  # one-line error if malformed
-        site = get_site(context, run_config(msg))
-        with site.audit_log() as log:
+        site_id, _, site_dir = site_identity(context, run_config(msg).out_dir)
+        with site_audit_log(site_dir, site_id) as log:
             entry = log.append(
                 "run.anchor", run_id=str(sent["run-id"]), details={"server_head": str(head)}
             )
             if "site-dir" in context.node_config:  # keep the run's public record
                 from fedmeta.deploy.runrecord import keep_run_record
 
-                keep_run_record(site.site_dir, str(sent["run-id"]), head, sent, log)
+                keep_run_record(site_dir, str(sent["run-id"]), head, sent, log)
         return Message(
             RecordDict(
-                {"info": ConfigRecord({"site-id": site.site_id, "receipt": str(entry.receipt())})}
+                {"info": ConfigRecord({"site-id": site_id, "receipt": str(entry.receipt())})}
             ),
             reply_to=msg,
         )

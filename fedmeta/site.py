@@ -48,7 +48,7 @@ from fedmeta.data.records import Records
 from fedmeta.data.tasks.base import Pool, Task
 from fedmeta.meta.fomaml import fomaml_site_update
 from fedmeta.meta.updates import model_digest
-from fedmeta.paths import MANIFEST_FILE, TRANSPORT_ENV, RunPaths, simulated_site_id
+from fedmeta.paths import MANIFEST_FILE, TRANSPORT_ENV
 from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
 from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 from fedmeta.privacy.budget import expected_batch_size, noise_for_target, poisson_rate
@@ -57,11 +57,11 @@ from fedmeta.privacy.ledger import PrivacyLedger
 from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SEEDED, SITE_CSPRNG, SiteRandomness, load_or_create_secret
 from fedmeta.privacy.units import RECORD, check_mode, count_units
+from fedmeta.site_files import load_manifest
 from policies import (
     RecordMeta,
     RunDeclaration,
     SiteManifest,
-    default_site_manifest,
     evaluate_records,
     evaluate_site,
     load_site_manifest,
@@ -123,19 +123,6 @@ def planned_rounds(cfg: RunConfig) -> int:
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
     return model_digest({k: v.detach().cpu().numpy() for k, v in state.items()})
-
-
-def load_manifest(site_dir: Path, site_id: str, cfg: RunConfig) -> SiteManifest:
-    """``<site-dir>/manifest.toml`` if present, else a simulated hospital's defaults."""
-    path = Path(site_dir) / MANIFEST_FILE
-    if path.exists():
-        return load_site_manifest(path)
-    # a simulated site on bundled public data accepts what the run config asks for,
-    # a non-private run (--no-dp) included: it is then declared and reported as such
-    budget = float(cfg.epsilon_max) if cfg.dp else math.inf
-    return default_site_manifest(site_id, country=cfg.site_country).model_copy(
-        update={"epsilon_max": budget, "delta": float(cfg.delta)}
-    )
 
 
 def simulated_policy(cfg: RunConfig) -> SitePrivacyPolicy:
@@ -826,7 +813,3 @@ def decline_unreadable_round(
 
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
-
-
-def simulation_site_dir(out_dir: str | Path, site_index: int) -> Path:
-    return RunPaths(out_dir).site(simulated_site_id(site_index)).root

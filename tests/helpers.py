@@ -22,6 +22,10 @@ from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDMETA = [sys.executable, "-m", "fedmeta.cli"]
+# the example plug-in (examples/plugin): a task by entry point, a model factory
+PLUGIN = ROOT / "examples" / "plugin"
+TASK_EP = "blobs-fewshot"
+MODEL = "fedmeta_example_plugin.models:wide_mlp"
 
 
 def loopback_only() -> list[str]:
@@ -288,3 +292,46 @@ class RayRun(NamedTuple):
     res: subprocess.CompletedProcess[str]  # the CLI's exit status and output
     leftover: dict[int, str]  # processes it left running (pid -> command line)
     cwd: Path  # where the CLI ran: a directory with modules that would shadow ours
+    # as root (netcheck.CAN_ADDRESS), what its processes listened on (netcheck.watch_run)
+    exposed: set[str]
+    seen: set[str]
+    userns: set[str]
+
+
+def install_example_plugin() -> None:
+    """pip-install the example plug-in (editable, no dependencies) into this venv once;
+    one worker at a time (a lock file next to the venv's packages)."""
+    import fcntl
+    import importlib
+    import site
+    import sysconfig
+    from importlib.metadata import entry_points
+
+    def installed() -> bool:
+        return any(ep.name == TASK_EP for ep in entry_points(group="fedmeta.tasks"))
+
+    purelib = sysconfig.get_paths()["purelib"]
+    if not installed():
+        with open(Path(purelib) / ".fedmeta-test-plugin.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            importlib.invalidate_caches()
+            if not installed():
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "install",
+                        "-q",
+                        "--no-deps",
+                        "--no-build-isolation",
+                        "-e",
+                        str(PLUGIN),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=300,
+                )
+    site.addsitedir(purelib)  # this process: run its .pth if another process installed it
+    importlib.invalidate_caches()
+    assert installed()

@@ -18,8 +18,12 @@ import ipaddress
 import os
 import shutil
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -40,6 +44,10 @@ CAN_ADDRESS = (
     and os.geteuid() == 0
     and bool(shutil.which("unshare") and shutil.which("ip"))
 )
+# root without CAP_SYS_ADMIN: what an unprivileged user has for namespaces (it can make
+# a user namespace, not a network namespace in the machine's); the test's files stay
+# readable, as they would not be to another uid
+NO_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
 root_only = pytest.mark.skipif(not CAN_ADDRESS, reason="needs Linux, root, unshare and ip")
 NETWORK_MARK = " [ns with a network]"
 
@@ -100,3 +108,43 @@ def exposed_listeners(pids: Iterable[int]) -> tuple[list[str], list[str]]:
                 if (wildcard and own) or (not wildcard and _non_loopback(ip)):
                     exposed.append(where)
     return exposed, seen
+
+
+class Watched(NamedTuple):
+    """A command run by :func:`watch_run` and what its processes listened on."""
+
+    res: subprocess.CompletedProcess[str]
+    exposed: set[str]  # listening where another machine could reach it
+    seen: set[str]  # every listening socket ("pid name addr:port")
+    userns: set[str]  # the user namespaces of its main process
+
+
+def watch_run(
+    cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 300
+) -> Watched:
+    """Run ``cmd`` (root: typically in ``ADDRESSED``) and list its listening sockets every
+    half second; also the user namespaces of its main process once something listens."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1", **env},
+    )
+    exposed: set[str] = set()
+    seen: set[str] = set()
+    userns: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        found, listening = exposed_listeners([proc.pid])
+        exposed.update(found)
+        seen.update(listening)
+        if listening:  # Ray is up: the command has made its namespaces by now
+            with contextlib.suppress(OSError):
+                userns.add(os.readlink(f"/proc/{proc.pid}/ns/user"))
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate(timeout=60)
+    print("listening:", *sorted(seen), sep="\n  ")
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return Watched(res, exposed, seen, userns)

@@ -1,6 +1,10 @@
-"""`flwr run .`: the same ServerApp/ClientApp through Flower's own CLI and local SuperLink;
-while it runs, none of its processes (the local SuperLink, Flower's flwr-simulation
-process, Ray's services and workers) listens where another machine could reach it."""
+"""`flwr run APP`: the same ServerApp/ClientApp through Flower's own CLI and local SuperLink,
+for a plug-in task (examples/plugin), started from a directory whose ``server.py``,
+``clients/`` and ``policies/`` would shadow fedmeta's (test_working_directory.py): the
+ServerApp and the ClientApps in Ray's workers resolve the plug-in and import fedmeta's own
+packages, never the user's. While it runs, none of its processes (the local SuperLink,
+Flower's flwr-simulation process, Ray's services and workers) listens where another
+machine could reach it."""
 
 from __future__ import annotations
 
@@ -13,7 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, copy_project, processes_with_env
+from helpers import (
+    MODEL,
+    ROOT,
+    TASK_EP,
+    copy_project,
+    install_example_plugin,
+    processes_with_env,
+    shadowing_project,
+    shadows_in,
+)
 from netcheck import ADDRESSED, CAN_ADDRESS, exposed_listeners
 
 from fedmeta.offline import OFFLINE_ENV
@@ -22,8 +35,10 @@ from fedmeta.paths import RunPaths
 pytestmark = pytest.mark.slow
 
 
-def test_flwr_run_local_simulation(tmp_path):
+def test_flwr_run_local_simulation_of_a_plugin_from_a_directory_with_its_own_modules(tmp_path):
+    install_example_plugin()
     app = copy_project(tmp_path / "app")
+    user_dir = shadowing_project(tmp_path / "my-flower-project")
     flwr_home = str(tmp_path / "flwr-home")
     env = {
         **os.environ,
@@ -36,10 +51,10 @@ def test_flwr_run_local_simulation(tmp_path):
         *(ADDRESSED if CAN_ADDRESS else []),
         "flwr",
         "run",
-        ".",
+        str(app),
         "--stream",
         "--run-config",
-        'rounds=2 eval-episodes=5 task="breast-cancer-sites"',
+        f'rounds=2 eval-episodes=3 task="{TASK_EP}" model="{MODEL}"',
     ]
     exposed: set[str] = set()
     seen: set[str] = set()
@@ -49,11 +64,12 @@ def test_flwr_run_local_simulation(tmp_path):
         exposed.update(found)
         seen.update(listening)
 
-    runs = app / "runs" / "flwr"  # out-dir = "runs/flwr/{run}": a directory per run
+    # out-dir = "runs/flwr/{run}": a directory per run, relative to where flwr was started
+    runs = user_dir / "runs" / "flwr"
     proc: subprocess.Popen[str] | None = None
     try:
         with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-            proc = subprocess.Popen(cmd, cwd=app, env=env, stdout=out, stderr=err, text=True)
+            proc = subprocess.Popen(cmd, cwd=user_dir, env=env, stdout=out, stderr=err, text=True)
             deadline = time.monotonic() + 400
             while proc.poll() is None and time.monotonic() < deadline:
                 look(proc.pid)
@@ -79,12 +95,13 @@ def test_flwr_run_local_simulation(tmp_path):
     )
     assert not exposed, f"listening on a non-loopback address: {sorted(exposed)}"
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    (summary,) = runs.glob("*/summary.json")
+    (summary,) = runs.glob("*/summary.json")  # Flower runs the app in the caller's cwd
     data = json.loads(summary.read_text())
     assert summary.parent.name == data["run"]
-    assert data["task"] == "breast-cancer-sites" and data["rounds"] == 2
+    assert data["task"] == TASK_EP and data["rounds"] == 2
     assert data["sites"] == ["site-0", "site-1"] and data["dp"] is True
     assert set(data["epsilon"]) == {"site-0", "site-1"}
     lines = RunPaths(summary.parent).metrics.read_text().splitlines()
     assert len(lines) == 3
     assert (app / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
+    assert shadows_in(user_dir)

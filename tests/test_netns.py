@@ -2,7 +2,9 @@
 
 The listing (``netcheck``) enters each process's network namespace: a socket bound
 to 0.0.0.0 is exposed where that namespace has an interface other than loopback, and
-confined where it has none.
+confined where it has none. The real Ray runs it lists: the suite's shared run as root
+(test_simulation.py), the plug-in's Ray run without CAP_SYS_ADMIN (test_plugins.py) and
+`flwr run` (test_flwr_run.py); here the check itself and the confinement's parts.
 """
 
 from __future__ import annotations
@@ -14,97 +16,16 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import FEDMETA, ROOT
-from netcheck import ADDRESSED, NETWORK_MARK, exposed_listeners, root_only
+from helpers import ROOT
+from netcheck import ADDRESSED, NETWORK_MARK, NO_SYS_ADMIN, exposed_listeners, root_only
 
 from fedmeta import netns, simulation
 from fedmeta.netns import THREAD_NET_NS, NamespaceUnavailable, loopback_only
 from fedmeta.paths import ALLOW_NETWORK_ENV
-
-RUN = [
-    "simulate",
-    "--task",
-    "digits-fewshot",
-    "--sites",
-    "2",
-    "--rounds",
-    "1",
-    "--seed",
-    "3",
-    "--set",
-    "eval-every=0",
-    "--set",
-    "eval-episodes=2",
-    "--set",
-    "adapt-steps=2",
-]
-# root without CAP_SYS_ADMIN: what an unprivileged user has for namespaces (it can make
-# a user namespace, not a network namespace in the machine's); the test's files stay
-# readable, as they would not be to another uid
-NO_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
-
-
-def watch_run(
-    out: Path,
-    env: dict[str, str],
-    wrap: list[str] | None = None,
-) -> tuple[subprocess.CompletedProcess[str], set[str], set[str], set[str]]:
-    """Run a small Ray simulation (in ``ADDRESSED``, under ``wrap``) and list its
-    listening sockets every half second; also the user namespaces of its main process."""
-    proc = subprocess.Popen(
-        [*ADDRESSED, *(wrap or []), *FEDMETA, *RUN, "--out", str(out)],
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "COLUMNS": "200", **env},
-    )
-    exposed: set[str] = set()
-    seen: set[str] = set()
-    userns: set[str] = set()
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        found, listening = exposed_listeners([proc.pid])
-        exposed.update(found)
-        seen.update(listening)
-        if listening:  # Ray is up: the command has made its namespaces by now
-            with contextlib.suppress(OSError):
-                userns.add(os.readlink(f"/proc/{proc.pid}/ns/user"))
-        time.sleep(0.5)
-    stdout, stderr = proc.communicate(timeout=60)
-    print("listening:", *sorted(seen), sep="\n  ")
-    return (
-        subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
-        exposed,
-        seen,
-        userns,
-    )
-
-
-@root_only
-@pytest.mark.slow
-@pytest.mark.parametrize("who", ["root", "without CAP_SYS_ADMIN"])
-def test_a_ray_simulation_listens_on_loopback_only(who, tmp_path):
-    """As root the Ray run gets a namespace of its own; without CAP_SYS_ADMIN (an
-    unprivileged user) the whole command runs in a user namespace of its own."""
-    res, exposed, seen, userns = watch_run(
-        tmp_path / "run", {ALLOW_NETWORK_ENV: "0"}, NO_SYS_ADMIN if who != "root" else None
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    names = " ".join(seen)
-    assert "gcs_server" in names and "raylet" in names, f"the check saw no Ray: {seen}"
-    assert not exposed, f"listening on a non-loopback address: {sorted(exposed)}"
-    # and confined: a Ray component binding 0.0.0.0 would be reachable on loopback only
-    assert not [x for x in seen if x.endswith(NETWORK_MARK)], sorted(seen)
-    assert "open in this machine's network" not in res.stderr
-    ours = os.readlink("/proc/self/ns/user")
-    assert userns == ({ours} if who == "root" else userns - {ours}) and userns, userns
-
 
 LISTEN = (
     "import socket, sys\n"

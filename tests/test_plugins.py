@@ -1,20 +1,12 @@
 """Plug-in tasks and models from an installed package (examples/plugin): named by entry
 point (group ``fedmeta.tasks``) and by ``package.module:Class``, with a ``--model``
 factory; resolved the same way by the server, the inline and Ray simulations, a deployed
-site's ClientApp (the code a SuperNode runs) and `flwr run`."""
+site's ClientApp (the code a SuperNode runs) and `flwr run` (test_flwr_run.py runs it)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import signal
-import site
-import subprocess
-import sys
-import sysconfig
-import time
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -23,52 +15,36 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import (
+    FEDMETA,
+    MODEL,
     ROOT,
-    copy_project,
+    TASK_EP,
     example_site_on_bundled_data,
     fedmeta,
-    loopback_only,
-    processes_with_env,
+    install_example_plugin,
     run_inline,
-    shadowing_project,
-    shadows_in,
+)
+from netcheck import (
+    ADDRESSED,
+    CAN_ADDRESS,
+    NETWORK_MARK,
+    NO_SYS_ADMIN,
+    Watched,
+    root_only,
+    watch_run,
 )
 
 from fedmeta.approvals import approve
 from fedmeta.config import RunConfig, build_task, run_declaration
 from fedmeta.data.tasks import TaskError, get_task
-from fedmeta.offline import OFFLINE_ENV
-from fedmeta.paths import SitePaths
+from fedmeta.paths import ALLOW_NETWORK_ENV, SitePaths
 
-PLUGIN = ROOT / "examples" / "plugin"
-TASK_EP = "blobs-fewshot"
 TASK_PATH = "fedmeta_example_plugin.blobs:BlobsFewShot"
-MODEL = "fedmeta_example_plugin.models:wide_mlp"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def plugin_installed() -> None:
-    """pip-install the example plug-in (editable, no dependencies) into this venv once."""
-    if not any(ep.name == TASK_EP for ep in entry_points(group="fedmeta.tasks")):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--no-deps",
-                "--no-build-isolation",
-                "-e",
-                str(PLUGIN),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        site.addsitedir(sysconfig.get_paths()["purelib"])  # this process: run the new .pth
-        importlib.invalidate_caches()
-    assert any(ep.name == TASK_EP for ep in entry_points(group="fedmeta.tasks"))
+    install_example_plugin()
 
 
 def test_entry_point_task_with_a_model_factory_trains_inline(tmp_path):
@@ -229,10 +205,13 @@ def test_a_deployed_site_refuses_code_it_did_not_install(tmp_path, option, spec)
     assert verify_log(site_dir / AUDIT_LOG).ok
 
 
-@pytest.mark.slow
-def test_entry_point_task_in_ray_workers(tmp_path):
-    """The run-time failure of the issue: Ray site processes must resolve the task too."""
-    res = fedmeta(
+@pytest.fixture(scope="module")
+def ray_plugin_run(tmp_path_factory: pytest.TempPathFactory, plugin_installed: None) -> Watched:
+    """A real Ray simulation of the plug-in through the CLI; as root, without
+    CAP_SYS_ADMIN (what an unprivileged user has) in a namespace of the test's own that
+    looks like a networked machine, its listening sockets listed while it runs."""
+    out = tmp_path_factory.mktemp("ray-plugin") / "run"
+    args = [
         "simulate",
         "--task",
         TASK_EP,
@@ -241,72 +220,44 @@ def test_entry_point_task_in_ray_workers(tmp_path):
         "--rounds",
         "1",
         "--out",
-        str(tmp_path / "run"),
+        str(out),
         "--set",
         "fraction-train=1.0",
         "--set",
         "eval-episodes=3",
         "--set",
         f"model={MODEL}",
-        timeout=400,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(summary["epsilon"]) == {"site-0", "site-1"} and not summary["declined_rounds"]
-
-
-def _flwr_env(home: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        **OFFLINE_ENV,
-        "FLWR_HOME": str(home),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-
-
-def stop_local_superlink(home: Path) -> None:
-    for pid in processes_with_env("FLWR_HOME", str(home)):
-        os.kill(pid, signal.SIGTERM)
-
-
-def run_flwr(
-    app: Path, cwd: Path, run_config: str, home: Path
-) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """`flwr run APP` from ``cwd``; the ServerApp's relative out-dir is relative to ``cwd``."""
-    runs = cwd / "runs" / "flwr"  # out-dir = "runs/flwr/{run}": a directory per run
-    try:
-        res = subprocess.run(
-            [*loopback_only(), "flwr", "run", str(app), "--stream", "--run-config", run_config],
-            cwd=cwd,
-            env=_flwr_env(home),
-            capture_output=True,
-            text=True,
-            timeout=400,
+    ]
+    if CAN_ADDRESS:
+        return watch_run(
+            [*ADDRESSED, *NO_SYS_ADMIN, *FEDMETA, *args], {ALLOW_NETWORK_ENV: "0"}, cwd=ROOT
         )
-        deadline = time.monotonic() + 60
-        while not list(runs.glob("*/summary.json")) and time.monotonic() < deadline:
-            time.sleep(1)
-    finally:
-        stop_local_superlink(home)
-    found = list(runs.glob("*/summary.json"))
-    return res, found[0] if len(found) == 1 else runs / "(no single run)" / "summary.json"
+    return Watched(fedmeta(*args, timeout=400), set(), set(), set())
 
 
 @pytest.mark.slow
-def test_plugin_through_flwr_run_from_a_directory_with_its_own_modules(tmp_path):
-    """`flwr run APP` of a plug-in task, from a directory whose ``server.py``, ``clients/``
-    and ``policies/`` would shadow fedmeta's (test_working_directory.py): the ServerApp and
-    ClientApps resolve the plug-in and import fedmeta's own packages, never the user's."""
-    app = copy_project(tmp_path / "app")
-    user_dir = shadowing_project(tmp_path / "my-flower-project")
-    res, summary = run_flwr(
-        app,
-        user_dir,
-        f'rounds=1 eval-episodes=3 task="{TASK_EP}" model="{MODEL}"',
-        tmp_path / "flwr-home",
-    )
+def test_entry_point_task_in_ray_workers(ray_plugin_run: Watched):
+    """The run-time failure of the issue: Ray site processes must resolve the task too."""
+    res = ray_plugin_run.res
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    data = json.loads(summary.read_text())
-    assert data["task"] == TASK_EP and set(data["epsilon"]) == {"site-0", "site-1"}
-    assert summary.is_relative_to(user_dir)  # Flower runs the app in the caller's cwd
-    assert shadows_in(user_dir)
+    out = Path(res.args[res.args.index("--out") + 1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["epsilon"]) == {"site-0", "site-1"} and not summary["declined_rounds"]
+
+
+@root_only
+@pytest.mark.slow
+def test_without_cap_sys_admin_the_ray_run_listens_on_loopback_only(ray_plugin_run: Watched):
+    """Without CAP_SYS_ADMIN the whole command runs in a user namespace of its own, and Ray
+    in a loopback-only network namespace in it (as root: the suite's shared Ray run,
+    test_simulation.py; README: what a simulation exposes)."""
+    res, exposed, seen, userns = ray_plugin_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = " ".join(seen)
+    assert "gcs_server" in names and "raylet" in names, f"the check saw no Ray: {seen}"
+    assert not exposed, f"listening on a non-loopback address: {sorted(exposed)}"
+    # and confined: a Ray component binding 0.0.0.0 would be reachable on loopback only
+    assert not [x for x in seen if x.endswith(NETWORK_MARK)], sorted(seen)
+    assert "open in this machine's network" not in res.stderr
+    ours = os.readlink("/proc/self/ns/user")
+    assert userns - {ours} == userns and userns, userns

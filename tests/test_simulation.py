@@ -2,8 +2,9 @@
 
 The round logic runs on the in-process grid (``backend="inline"``, no Ray); the
 suite's real Ray simulation through the CLI (``ray_run``, tests/conftest.py) checks
-the run directory, the console output, that no process outlives the run, and that
-both backends give the same metrics for the same seed.
+the run directory, the console output, that no process outlives the run, that it
+listens on loopback only, and that both backends give the same metrics for the same
+seed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from helpers import (
     run_inline,
     shadows_in,
 )
+from netcheck import NETWORK_MARK, root_only
 from typer.testing import CliRunner
 
 from fedmeta.cli import app
@@ -103,6 +105,22 @@ def test_ray_workers_from_such_a_directory(ray_run: RayRun):
     assert ray_run.res.returncode == 0, ray_run.res.stdout[-1500:] + ray_run.res.stderr[-1500:]
     summary = json.loads((ray_run.out / "summary.json").read_text())
     assert set(summary["epsilon"]) == {f"site-{i}" for i in range(RAY_RUN_SETTINGS["sites"])}
+
+
+@root_only
+@pytest.mark.slow
+def test_the_ray_run_listens_on_loopback_only(ray_run: RayRun):
+    """As root the Ray run gets a network namespace of its own (README: what a simulation
+    exposes), although it started in one that looks like a networked machine; without
+    CAP_SYS_ADMIN: test_netns.py."""
+    assert ray_run.res.returncode == 0, ray_run.res.stderr[-3000:]
+    names = " ".join(ray_run.seen)
+    assert "gcs_server" in names and "raylet" in names, f"the check saw no Ray: {ray_run.seen}"
+    assert not ray_run.exposed, f"listening on a non-loopback address: {sorted(ray_run.exposed)}"
+    # and confined: a Ray component binding 0.0.0.0 would be reachable on loopback only
+    assert not [x for x in ray_run.seen if x.endswith(NETWORK_MARK)], sorted(ray_run.seen)
+    assert "open in this machine's network" not in ray_run.res.stderr
+    assert ray_run.userns == {os.readlink("/proc/self/ns/user")}, ray_run.userns
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="child subreapers are Linux-only")

@@ -9,6 +9,7 @@ never by the shell at run time; values in TOML files go through the ``toml`` fil
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import jinja2
@@ -399,9 +400,11 @@ def systemd_unit(name: str, what: str, script: str, after: str = "") -> str:
     )
 
 
+@lru_cache(maxsize=1)
 def constraints_text() -> str:
     """``constraints.txt``: fedmeta and every distribution it needs, pinned to the versions
-    installed where `fedmeta provision` runs (the coordinator's release)."""
+    installed where `fedmeta provision` runs (the coordinator's release). Read once per
+    process (every kit gets the same; each look-up scans the installed distributions)."""
     from importlib import metadata
 
     from packaging.requirements import Requirement

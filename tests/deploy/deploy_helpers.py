@@ -107,6 +107,7 @@ class Deployment:
         self.ran: list[str] = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.timings: dict[str, float] = {}
+        self.t0 = time.monotonic()
 
     def _env(self, extra: dict[str, str | None] | None) -> dict[str, str]:
         """Our environment with ``extra`` applied; a None value removes the variable."""
@@ -114,9 +115,11 @@ class Deployment:
         return {k: v for k, v in merged.items() if v is not None}
 
     def expand(self, template: str, subs: dict[str, object]) -> str:
+        """The command with its placeholders filled in (a list fills in several words)."""
         cmd = template
         for key, val in subs.items():
-            cmd = cmd.replace(f"<{key}>", shlex.quote(str(val)))
+            words = val if isinstance(val, list) else [val]
+            cmd = cmd.replace(f"<{key}>", " ".join(shlex.quote(str(v)) for v in words))
         assert "<" not in re.sub(r"<<|>>|2>&1", "", cmd), f"unfilled placeholder in {cmd!r}"
         return cmd
 
@@ -133,6 +136,7 @@ class Deployment:
         """Run one command (bash -c) and record its template."""
         self.ran.append(" ".join(template.split()))
         cmd = self.expand(template, subs)
+        t = time.monotonic()
         res = subprocess.run(
             ["bash", "-c", cmd],
             cwd=cwd,
@@ -141,12 +145,24 @@ class Deployment:
             text=True,
             timeout=timeout,
         )
+        self.note(template, t)
         if expect is not None:
             assert res.returncode == expect, (
                 f"{cmd!r} exited {res.returncode}, expected {expect}:\n"
                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
             )
         return res
+
+    def note(self, what: str, since: float) -> None:
+        """One line of ``commands.jsonl``: what ran, when it started and how long it took
+        (seconds since the deployment began), to see where the test's time goes."""
+        line = {
+            "at": round(since - self.t0, 1),
+            "s": round(time.monotonic() - since, 1),
+            "what": " ".join(what.split()),
+        }
+        with open(self.tmp / "commands.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def source(self, template: str, cwd: Path, **subs: object) -> dict[str, str]:
         """Run a guide's ``. FILE`` line: the variables it exports stay set for every later
@@ -194,6 +210,7 @@ class Deployment:
             start_new_session=True,
         )
         log.close()
+        self.note(f"start {name}", time.monotonic())
         self.procs[name] = proc
         return proc
 

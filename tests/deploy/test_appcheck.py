@@ -6,6 +6,7 @@ Real FABs built by Flower's own builder from small app directories; real audit l
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fedmeta.audit.keys import create_key
 from fedmeta.deploy.appcheck import (
     AppApprovalError,
     approve,
+    build_release_fab,
     check_fab,
     fab_sha256,
     normalize_hash,
@@ -81,6 +83,36 @@ def test_flower_builds_the_same_fab_twice_and_its_hash_is_the_file_hash(tmp_path
     a, b = make_app(tmp_path / "a"), make_app(tmp_path / "b")
     assert a == b  # deterministic: a site can rebuild the coordinator's FAB
     assert fab_sha256(a) == hashlib.sha256(a).hexdigest()
+
+
+def test_the_release_fab_is_flowers_own_without_walking_what_flower_leaves_out(tmp_path):
+    """``build_release_fab`` skips the directories Flower's publish rules drop (a source
+    tree's .venv, .flwr, __pycache__): the FAB is byte for byte what ``flwr build`` makes,
+    files that would be included elsewhere, symlinks and a .gitignore'd file included."""
+    root = tmp_path / "app"
+    skipped = {
+        ".venv/lib/site-packages/pkg/mod.py": "a = 1\n",
+        ".venv/pyvenv.cfg.toml": "x = 1\n",
+        ".flwr/config.toml": "y = 1\n",
+        "clients/__pycache__/app.py": "z = 1\n",
+        "__pycache__/top.py": "w = 1\n",
+    }
+    kept = {
+        "clients/venv/.venv/deep.py": "v = 1\n",  # only the app's own .venv is left out
+        "fedmeta/data/rules.json": "{}",
+        "ignored.py": "i = 1\n",
+        ".gitignore": "ignored.py\n",
+    }
+    make_app(root, extra={**skipped, **kept})
+    (root / "linked.py").symlink_to(root / "clients" / "app.py")
+    (root / "outside").symlink_to(tmp_path, target_is_directory=True)
+    fab = build_release_fab(root)
+    assert fab == build_fab_from_disk(root)
+    import zipfile
+
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    assert "clients/venv/.venv/deep.py" in names and "fedmeta/data/rules.json" in names
+    assert not names & set(skipped) and "ignored.py" not in names
 
 
 def test_release_digest_covers_what_runs_at_a_site_only(tmp_path):

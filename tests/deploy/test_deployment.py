@@ -22,7 +22,6 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -189,11 +188,6 @@ def registry(coord: Path) -> dict[str, str]:
     return {p[0]: p[1] for p in (x.split() for x in lines if x and not x.startswith("#"))}
 
 
-# the kits directory is rewritten by every `fedmeta provision` and read by `fedmeta node
-# init --kit`: one such command at a time (the sites' other steps run concurrently)
-KITS = threading.Lock()
-
-
 def in_parallel(*calls: Callable[[], object]) -> list[object]:
     """Run independent steps (each a site's or a check's own) at once; re-raise the first
     failure in the test's thread."""
@@ -201,30 +195,40 @@ def in_parallel(*calls: Callable[[], object]) -> list[object]:
         return [f.result() for f in [pool.submit(c) for c in calls]]
 
 
-def init_and_request(d: Deployment, prov: Path, kits: Path, site_dir: Path, site: str) -> None:
-    """A site creates its keys and request; the provisioner accepts it; the site picks up its
-    client certificate from the returned kit."""
-    with KITS:
-        d.run(
-            "fedmeta node init <site-dir> --kit <kit>",
-            site_dir.parent,
-            **{"site-dir": site_dir, "kit": kits / "sites" / site},
-        )
+# The kits directory is rewritten by every `fedmeta provision` and read by `fedmeta node
+# init --kit`: the sites' inits run at once, the provisioner's commands one at a time
+# between them (never while a site reads its kit).
+def init_site(d: Deployment, kits: Path, site_dir: Path, site: str) -> Path:
+    """A site creates its keys and request (public keys only); returns the request."""
+    d.run(
+        "fedmeta node init <site-dir> --kit <kit>",
+        site_dir.parent,
+        **{"site-dir": site_dir, "kit": kits / "sites" / site},
+    )
     request = site_dir / f"request-{site}.json"
     assert b"PRIVATE" not in request.read_bytes()
-    with KITS:
-        d.run(
-            "fedmeta provision federation.toml --out kits --request <request>",
-            prov,
-            request=request,
-        )
-    with KITS:
-        res = d.run(
-            "fedmeta node init <site-dir> --kit <kit>",
-            site_dir.parent,
-            **{"site-dir": site_dir, "kit": kits / "sites" / site},
-        )
+    return request
+
+
+def accept_request(d: Deployment, prov: Path, request: Path) -> None:
+    """The provisioner accepts a site's request: its client certificate is in the kit."""
+    d.run("fedmeta provision federation.toml --out kits --request <request>", prov, request=request)
+
+
+def pick_up_certificate(d: Deployment, kits: Path, site_dir: Path, site: str) -> None:
+    """The site picks up its client certificate from the returned kit."""
+    res = d.run(
+        "fedmeta node init <site-dir> --kit <kit>",
+        site_dir.parent,
+        **{"site-dir": site_dir, "kit": kits / "sites" / site},
+    )
     assert "copied client.pem" in res.stdout, res.stdout
+
+
+def init_and_request(d: Deployment, prov: Path, kits: Path, site_dir: Path, site: str) -> None:
+    """One site: keys and request, accepted, certificate picked up."""
+    accept_request(d, prov, init_site(d, kits, site_dir, site))
+    pick_up_certificate(d, kits, site_dir, site)
 
 
 def _scenario(d: Deployment, tmp: Path) -> None:
@@ -242,9 +246,15 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     site_dirs = {site: tmp / "sites" / site for site, _ in SITES}
     (tmp / "sites").mkdir()
 
-    def site_setup(site: str) -> None:  # each site on its own machine: concurrently
+    for site, _ in SITES:
         assert not (kits / "sites" / site / "keys").exists()  # no key is born here
-        init_and_request(d, prov, kits, site_dirs[site], site)
+    # each site on its own machine: concurrently
+    requests = in_parallel(*(lambda s=s: init_site(d, kits, site_dirs[s], s) for s, _ in SITES))
+    for request in requests:
+        accept_request(d, prov, request)
+
+    def site_setup(site: str) -> None:
+        pick_up_certificate(d, kits, site_dirs[site], site)
         res = d.run(
             "fedmeta node check <site-dir> --no-connect",
             tmp,
@@ -385,23 +395,30 @@ def _scenario(d: Deployment, tmp: Path) -> None:
             **{"site-dir": site_dirs[site]},
         )
 
-    for site, _ in SITES:  # logged once the SuperLink accepted the node
-        wait_for(
-            lambda s=site: f"SuperNode ID: {node_ids[s]}" in d.log(f"node-{s}"),
-            90,
-            f"{site} online",
-        )
-    d.run("flwr supernode ls <federation>", coord, federation=FED)
-    wait_for(lambda: unregistered.poll() is not None, 60, "the unregistered node")
-    assert unregistered.returncode != 0
-    assert "2004" in d.log("node-unregistered"), d.log("node-unregistered")[-2000:]
-    wait_for(lambda: no_ca.poll() is not None, 60, "the node without the CA")
-    assert no_ca.returncode != 0
-    assert "CERTIFICATE_VERIFY_FAILED" in d.log("node-no-ca"), d.log("node-no-ca")[-2000:]
-    wait_for(lambda: no_cert.poll() is not None, 60, "the node without a client certificate")
-    assert no_cert.returncode != 0 and "400 Bad Request" in d.log("node-no-client-cert"), d.log(
-        "node-no-client-cert"
-    )[-2000:]
+    def nodes_online() -> None:
+        for site, _ in SITES:  # logged once the SuperLink accepted the node
+            wait_for(
+                lambda s=site: f"SuperNode ID: {node_ids[s]}" in d.log(f"node-{s}"),
+                90,
+                f"{site} online",
+            )
+        d.run("flwr supernode ls <federation>", coord, federation=FED)
+        wait_for(lambda: unregistered.poll() is not None, 60, "the unregistered node")
+        assert unregistered.returncode != 0
+        assert "2004" in d.log("node-unregistered"), d.log("node-unregistered")[-2000:]
+        wait_for(lambda: no_ca.poll() is not None, 60, "the node without the CA")
+        assert no_ca.returncode != 0
+        assert "CERTIFICATE_VERIFY_FAILED" in d.log("node-no-ca"), d.log("node-no-ca")[-2000:]
+        wait_for(lambda: no_cert.poll() is not None, 60, "the node without a client certificate")
+        assert no_cert.returncode != 0 and "400 Bad Request" in d.log("node-no-client-cert"), d.log(
+            "node-no-client-cert"
+        )[-2000:]
+
+    # ---- 5b. meanwhile, what a site can do through the proxy: nothing but the Fleet API -----
+    app = copy_project(
+        tmp / "app", {**tomllib.loads(doc_block(doc, "toml", "run.toml")), **RUN_OVERRIDES}
+    )
+    in_parallel(nodes_online, lambda: site_attacks(d, tmp, app, coord, port, first, node_ids))
     for site, _ in SITES:  # inherited by the node's SuperExec, hence by every ClientApp
         node_pid = d.procs[f"node-{site}"].pid
         assert env_of(node_pid)["FEDMETA_TRANSPORT"] == "tls+supernode-auth"
@@ -412,19 +429,13 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     addresses = d.listening()
     assert addresses and all(a.startswith(("127.0.0.1:", "::1:")) for a in addresses), addresses
     assert f"127.0.0.1:{local_port}" in addresses and f"127.0.0.1:{port}" in addresses
-    d.timings["superlink+proxy+register+nodes"] = round(time.monotonic() - t, 1)
-
-    # ---- 5b. what a site can do through the proxy: nothing but the Fleet API ----------------
-    t = time.monotonic()
-    app = copy_project(
-        tmp / "app", {**tomllib.loads(doc_block(doc, "toml", "run.toml")), **RUN_OVERRIDES}
-    )
-    d.timings["copy project"] = round(time.monotonic() - t, 1)
-    site_attacks(d, tmp, app, coord, port, first, node_ids)
     assert registry(coord) == node_ids
     assert sorted(
         str(n["node-id"]) for n in d.flwr_nodes(FED) if n["status"] == "online"
     ) == sorted(node_ids.values())
+    d.timings["superlink+proxy+register+nodes (and the sites' attempts)"] = round(
+        time.monotonic() - t, 1
+    )
 
     # ---- 6. run A: two rounds of Reptile with DP, all three sites --------------------------
     run_cfg = tomllib.loads(doc_block(doc, "toml", "run.toml"))
@@ -646,17 +657,20 @@ def _scenario(d: Deployment, tmp: Path) -> None:
     evidence = {first.name: export(first.name)}  # before the site's own report, below
 
     def coordinator_report() -> None:
-        for site, _ in SITES:
-            d.run(
-                "fedmeta evidence import <out-dir> <evidence> --keys "
-                "<coordinator-kit>/site-audit-keys",
-                tmp,
-                **{
-                    "out-dir": out_a,
-                    "evidence": evidence.get(site) or export(site),
-                    "coordinator-kit": coord,
-                },
-            )
+        others = [s for s, _ in SITES if s not in evidence]  # each site on its own machine
+        evidence.update(
+            zip(others, in_parallel(*(lambda s=s: export(s) for s in others)), strict=True)
+        )
+        res = d.run(  # the files the sites sent, in one import
+            "fedmeta evidence import <out-dir> <evidence> --keys <coordinator-kit>/site-audit-keys",
+            tmp,
+            **{
+                "out-dir": out_a,
+                "evidence": [evidence[s] for s, _ in SITES],
+                "coordinator-kit": coord,
+            },
+        )
+        assert all(f"imported {s}:" in res.stdout for s, _ in SITES), res.stdout
         res = d.run(
             "fedmeta report <out-dir> --trust <coordinator-kit>/site-audit-keys "
             "--trust <coordinator-kit>/keys/server-audit-signing.pub.pem",
