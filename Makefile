@@ -19,14 +19,20 @@ PYTEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 STAMP := $(VENV)/.fedmeta-installed
 
+# Bytecode: pip does not compile every installed module up front (torch alone has thousands
+# that are never imported); Python writes each module's bytecode when it is first imported,
+# also where the environment sets PYTHONDONTWRITEBYTECODE (it would make every process
+# compile torch and Opacus from source again).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup run test test-fast browser nginx clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-compile $(TORCH_SPEC)
+	$(BIN)/pip install -q --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 run: setup
