@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -335,3 +335,24 @@ def install_example_plugin() -> None:
     site.addsitedir(purelib)  # this process: run its .pth if another process installed it
     importlib.invalidate_caches()
     assert installed()
+
+
+def built_once_per_session(tmp_path_factory: Any, name: str, build: Callable[[Path], None]) -> Path:
+    """``tmp/<name>/``, built by ``build(path)`` once per test session, whichever pytest-xdist
+    worker asks first; another worker waits for it (a lock file) and reads the same files.
+    For runs that tests only read. A build that fails leaves no "built" mark, so the next
+    asker builds again and fails the same way. Without xdist: once in this session's tmp."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's tmp root, shared by its workers
+    path, done = base / name, base / f"{name}.built"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path

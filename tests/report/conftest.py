@@ -1,4 +1,5 @@
-"""One real simulated run shared by every report test (built once per session, ~25 s)."""
+"""One real simulated run shared by every report test (built once per session, whichever
+worker asks first; ~25 s)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `import report_helpers`
 
+from helpers import built_once_per_session  # noqa: E402
 from report_helpers import build_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("report")
-    out = base / "run"
-    res = build_run(out, base)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+    def build(base: Path) -> None:
+        res = build_run(base / "run", base)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    return built_once_per_session(tmp_path_factory, "report-run", build) / "run"
