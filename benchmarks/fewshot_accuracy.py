@@ -105,11 +105,11 @@ LEVERS: dict[str, tuple[str, list[str], int, str]] = {
         100,
         "DP with the non-private site settings: batch 50, inner lr 0.3",
     ),
-    "dp-b25": (
+    "dp-b50-lr01": (
         "dp",
-        DP + ["--set", "batch-size=25", "--set", "inner-lr=0.2"],
+        DP + ["--set", "batch-size=50"],
         100,
-        "DP, batch 25, inner lr 0.2",
+        "DP, batch 50, inner lr 0.1 (the DP default rate)",
     ),
 }
 
