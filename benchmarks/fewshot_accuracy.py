@@ -409,48 +409,70 @@ def val_cell(p: dict | None) -> str:
     return f"{100 * p['val_mean']:.1f} (lr {p['lr']:g})" if p.get("lr") else "—"
 
 
-def levers_section(seed: int) -> list[str]:
-    """Reptile variants tried for the targets: validation first (the choice), then test."""
-    rows = []
+def mean_cell(values: list[float]) -> str:
+    return f"{100 * sum(values) / len(values):.1f}" if values else "not run"
+
+
+def levers_section(seeds: list[int]) -> list[str]:
+    """Reptile variants tried for the targets: validation first (the choice), then test;
+    every training seed that has the variant's run, and the mean over those seeds."""
+    variants = []
     for privacy, base in (
         ("np", "the benchmark's non-private run"),
         ("dp", "the benchmark's DP run"),
     ):
-        rows.append((privacy, f"{privacy}-reptile-s{seed}", f"{privacy}-s{seed}", base))
-        rows += [
-            (privacy, f"lever-{n}-s{seed}", f"lever-{n}-s{seed}", what)
+        variants.append((privacy, f"{privacy}-reptile-s{{}}", f"{privacy}-s{{}}", base))
+        variants += [
+            (privacy, f"lever-{n}-s{{}}", f"lever-{n}-s{{}}", what)
             for n, (kind, _, _, what) in LEVERS.items()
             if kind == privacy
         ]
     lines = [
-        f"**Reptile variants tried for the targets** (training seed {seed}; judged on the "
-        "validation classes: the server's 5-shot validation accuracy at the last round and "
-        "the best of the lr grid on 100 validation episodes per shot count; the test "
-        "columns are the 400 test episodes at that rate, read only after the choice)",
+        "**Reptile variants tried for the targets** (judged on the validation classes: the "
+        "server's 5-shot validation accuracy at the last round and the best of the lr grid "
+        "on 100 validation episodes per shot count; the test columns are the 400 test "
+        "episodes at that rate, read only after the choice)",
         "",
-        "| run | privacy | val, last round | val 1-shot | val 5-shot | test 1-shot | test 5-shot |",
-        "|---|---|---|---|---|---|---|",
+        "| run | training seed | privacy | val, last round | val 1-shot | val 5-shot "
+        "| test 1-shot | test 5-shot |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     shown = 0
-    for base, run, stem, what in rows:
-        c = curve_of(run)
-        pts = points(sorted(RESULTS.glob(f"{stem}-k*-meta.json")))
-        if c is None and not pts:
-            continue
-        shown += 1
-        last = (
-            f"{100 * c['curve'][-1][1]:.1f} (round {c['curve'][-1][0]})"
-            if c and c["curve"]
-            else "not run"
-        )
-        eps = f" (spent at most {c['epsilon'][1]:.2f})" if c and c["epsilon"] else ""
-        lines.append(
-            f"| {what} | {'epsilon 8' if base == 'dp' else 'none'}{eps} | {last} | "
-            + " | ".join(val_cell(pts.get(("meta", k))) for k in (1, 5))
-            + " | "
-            + " | ".join(cell(pts.get(("meta", k))) for k in (1, 5))
-            + " |"
-        )
+    for privacy, run, stem, what in variants:
+        got = []
+        for seed in seeds:
+            c = curve_of(run.format(seed))
+            pts = points(sorted(RESULTS.glob(f"{stem.format(seed)}-k*-meta.json")))
+            if c is None and not pts:
+                continue
+            got.append(pts)
+            last = (
+                f"{100 * c['curve'][-1][1]:.1f} (round {c['curve'][-1][0]})"
+                if c and c["curve"]
+                else "not run"
+            )
+            eps = f" (spent at most {c['epsilon'][1]:.2f})" if c and c["epsilon"] else ""
+            lines.append(
+                f"| {what} | {seed} | {'epsilon 8' if privacy == 'dp' else 'none'}{eps} | "
+                f"{last} | "
+                + " | ".join(val_cell(pts.get(("meta", k))) for k in (1, 5))
+                + " | "
+                + " | ".join(cell(pts.get(("meta", k))) for k in (1, 5))
+                + " |"
+            )
+        shown += bool(got)
+        if len(got) > 1:
+            val = [
+                mean_cell([p[("meta", k)]["val_mean"] for p in got if ("meta", k) in p])
+                for k in (1, 5)
+            ]
+            test = [
+                mean_cell([p[("meta", k)]["mean"] for p in got if ("meta", k) in p]) for k in (1, 5)
+            ]
+            lines.append(
+                f"| {what} | mean of {len(got)} seeds | | | {val[0]} | {val[1]} | "
+                f"{test[0]} | {test[1]} |"
+            )
     return [*lines, ""] if shown > 2 else []
 
 
@@ -652,7 +674,7 @@ def main() -> None:
     ]
     lines += held_out_sites(s, args.rounds, shot_args, args.train)
     lines += rounds_section(seeds, s)
-    lines += levers_section(s)
+    lines += levers_section(seeds)
     body = "\n".join(lines)
     print(body)
     sine = sine_section(sorted(RESULTS.glob("sine-gap*.json")))

@@ -83,17 +83,23 @@ def test_levers_show_validation_beside_test_and_only_when_a_lever_ran(bench):
     put(bench, "np-s1-k1-meta", [point("meta", 1, 0.77, 0.3, val=0.83)])
     put_curve(bench, "np-reptile-s1", [[0, 0.6, 0.02], [100, 0.939, 0.01]])
     put_curve(bench, "dp-reptile-s1", [[0, 0.6, 0.02], [100, 0.80, 0.01]], (6.5, 7.8))
-    assert bench.levers_section(1) == []  # no lever measured: no table
+    assert bench.levers_section([1, 2]) == []  # no lever measured: no table
     put(bench, "lever-inner16-s1-k1-meta", [point("meta", 1, 0.78, 0.1, val=0.85)])
-    text = "\n".join(bench.levers_section(1))
-    assert "| the benchmark's non-private run | none | 93.9 (round 100) | 83.0 (lr 0.3) |" in text
+    put(bench, "lever-inner16-s2-k1-meta", [point("meta", 1, 0.70, 0.3, val=0.80)])
+    text = "\n".join(bench.levers_section([1, 2]))
     assert (
-        "| the benchmark's DP run | epsilon 8 (spent at most 7.80) | 80.0 (round 100) | not run |"
+        "| the benchmark's non-private run | 1 | none | 93.9 (round 100) | 83.0 (lr 0.3) |" in text
+    )
+    assert (
+        "| the benchmark's DP run | 1 | epsilon 8 (spent at most 7.80) | 80.0 (round 100) "
+        "| not run |"
     ) in text
     assert (
-        "| 16 inner steps per site round | none | not run | 85.0 (lr 0.1) | not run "
+        "| 16 inner steps per site round | 1 | none | not run | 85.0 (lr 0.1) | not run "
         "| 78.0 ± 1.0 (lr 0.1) | not run |"
     ) in text
+    assert "| 16 inner steps per site round | mean of 2 seeds | | | 82.5 | not run | 74.0 |" in text
+    assert "non-private run | mean of" not in text  # one seed: no mean row
 
 
 def test_keep_run_records_curve_and_epsilon_once(bench, tmp_path):
