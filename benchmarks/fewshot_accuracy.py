@@ -372,17 +372,23 @@ def sine_section(paths: list[Path]) -> list[str]:
     return [*lines, ""]
 
 
-def seed_table(seeds: list[int], shots: list[int]) -> list[str]:
+def seed_table(
+    seeds: list[int],
+    shots: list[int],
+    prefix: str = "np",
+    methods: tuple[str, ...] = ("meta", "transfer", "fomaml"),
+    title: str = "**Per training seed**",
+) -> list[str]:
     """Every strategy per training seed, and the mean of the seeds' means."""
-    per = {seed: points(sorted(RESULTS.glob(f"np-s{seed}-k*.json"))) for seed in seeds}
+    per = {seed: points(sorted(RESULTS.glob(f"{prefix}-s{seed}-k*.json"))) for seed in seeds}
     lines = [
-        "**Per training seed** (the target's protocol: 400 test episodes per seed, lr "
+        f"{title} (the target's protocol: 400 test episodes per seed, lr "
         "chosen per seed on validation; the 100-round runs of each seed)",
         "",
         "| method | training seed | " + " | ".join(f"{k}-shot" for k in shots) + " |",
         "|---|---|" + "---|" * len(shots),
     ]
-    for m in ("meta", "transfer", "fomaml"):
+    for m in methods:
         if not any((m, k) in per[seed] for seed in seeds for k in shots):
             continue
         for seed in seeds:
@@ -596,6 +602,11 @@ def main() -> None:
                         k,
                         ["--methods", FAMILIES[name]],
                     )
+        for other in seeds if args.dp else []:  # Reptile under DP per seed
+            if other != s:
+                run = train(f"dp-reptile-s{other}", "reptile", other, args.rounds, DP)
+                for k in LONG_SHOTS:
+                    evaluate(f"dp-s{other}-k{k}-meta", [run], k, ["--methods", FAMILIES["meta"]])
         for other in seeds:  # every strategy per seed: the per-seed table and its ratios
             if other == s:
                 continue
@@ -665,11 +676,20 @@ def main() -> None:
         "",
     ]
     lines += dp_epsilon({strat: run.name for strat, run in dp_runs.items()})
+    if any(RESULTS.glob(f"dp-s{x}-k*.json") for x in seeds if x != s):
+        lines += seed_table(
+            seeds,
+            [k for k in shots if str(k) in LONG_SHOTS],
+            "dp",
+            ("meta", "meta+proto", "meta+proto-ft", "transfer"),
+            "**DP at epsilon 8 per training seed**",
+        )
     lines += [
         f"Cells marked *not run* did not fit the session's compute; `python "
         f"benchmarks/fewshot_accuracy.py --train --seeds {args.seeds} --dp --levers --write` "
-        "fills them (it reuses every measurement kept). FOMAML is refused under DP (its "
-        "held-out gradient is not privatised).",
+        "fills them (it reuses every measurement kept; the 100-step rows are measured at 1 "
+        "and 5 shots only). FOMAML is refused under DP (its held-out gradient is not "
+        "privatised).",
         "",
     ]
     lines += held_out_sites(s, args.rounds, shot_args, args.train)
