@@ -125,3 +125,25 @@ def test_keep_run_records_curve_and_epsilon_once(bench, tmp_path):
         "- reptile: epsilon spent per site 6.10 .. 7.50",
         "",
     ]
+
+
+def test_dp_target_picks_the_use_with_the_best_validation_score_not_the_best_test(bench):
+    put(
+        bench,
+        "dp-s1-k5-meta",
+        [
+            point("meta", 5, 0.95, 0.3, val=0.80),  # best on test, worst on validation
+            point("meta+proto", 5, 0.85, None, val=0.85),
+            point("meta+proto-ft", 5, 0.90, 0.03, val=0.90),
+        ],
+    )
+    put(bench, "np-s1-k5-meta", [point("meta", 5, 0.92, 0.3, val=0.93)])
+    put(bench, "dp-s2-k5-meta", [point("meta", 5, 0.80, 0.3, val=0.80)])  # no non-private
+    lines = bench.dp_target_table([1, 2], [5])
+    assert (
+        "| 1 | Reptile + prototype-initialised fine-tuning (val 90.0): 90.0 vs 92.0 (-2.0) |"
+        in lines
+    )
+    assert not any(line.startswith("| 2 |") for line in lines)
+    assert "| mean of the seeds | 90.0 vs 92.0 (-2.0; 1 seed) |" in lines
+    assert bench.dp_target_table([3], [5]) == []
