@@ -5,16 +5,22 @@ the same ServerApp/ClientApp, sites called in one process), records a
 per-round validation curve for each (server evaluation on validation classes,
 5-shot), evaluates every method with `fedmeta evaluate`'s protocol
 (`benchmarks/fewshot_eval.py` slices, which can run in parallel) and writes the
-section of docs/benchmarks.md. Runs and evaluations already on disk are reused.
+section of docs/benchmarks.md. Runs (`benchmarks/.runs`, not kept in git) and
+measurements already on disk are reused; the measurements the section is written
+from (each evaluation slice's JSON, each run's per-round curve and epsilon) are
+kept in `benchmarks/results/fewshot/`, so `--write` alone rewrites the section
+and a later session adds cells without re-running the others.
 
     python benchmarks/fewshot_accuracy.py [--train] [--rounds 100] [--seed 1] \
-        [--seeds 1,2,3] [--shots 1,5,10] [--dp] [--write]
+        [--seeds 1,2,3] [--shots 1,5,10] [--dp] [--levers] [--write]
 
 The protocol (stated again in docs/benchmarks.md): per shot count and per
 method, the adaptation lr is chosen from one grid on 100 episodes of the 6
 validation classes (the same episodes for every method), then measured on the
 same 400 test episodes; 20 adaptation steps for every method that takes steps
-(scratch also at 100). ``--seeds``: the training seeds of Reptile's target table.
+(scratch, FedAvg-transfer and Reptile also at 100, on 100 test episodes, 1 and 5
+shots). ``--seeds``: the training seeds of the per-seed table (every strategy).
+``--levers``: the variants tried for the targets, each chosen on validation.
 """
 
 from __future__ import annotations
@@ -29,8 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import machine, write_section  # noqa: E402
 
 WORK = Path("benchmarks/.runs")
+RESULTS = Path("benchmarks/results/fewshot")
 PY = sys.executable
 SCRATCH_STEPS = (20, 100)
+# the 100-step rows (5x the adaptation): rate from {0.1, 0.3}, 100 test episodes, 1 and 5 shots
+LONG = ["--steps", "100", "--lr-grid", "0.1,0.3", "--episodes", "100"]
+LONG_SHOTS = ("1", "5")
 ORDER = [
     "scratch-20",
     "scratch-100",
@@ -77,6 +87,31 @@ FAMILIES = {
     "fomaml": "fomaml,fomaml+proto,fomaml+proto-ft",
 }
 FAMILY_RUN = {"transfer": "fedavg", "meta": "reptile", "fomaml": "fomaml"}
+STRATEGY_OF = {"meta": "reptile", "transfer": "fedavg", "fomaml": "fomaml"}
+# Variants tried for the targets (item 3), each run with training seed 1 and judged on the
+# validation classes: name -> (base run it varies, extra settings, rounds, what it changes)
+LEVERS: dict[str, tuple[str, list[str], int, str]] = {
+    "inner16": ("np", NP + ["--set", "inner-steps=16"], 100, "16 inner steps per site round"),
+    "rounds300": ("np", NP, 300, "300 rounds"),
+    "beta05": (
+        "np",
+        NP + ["--set", "meta-lr=0.5", "--set", "meta-lr-final=0.125"],
+        100,
+        "outer step beta 0.5 -> 0.125 (default 1 -> 0.25)",
+    ),
+    "dp-b50": (
+        "dp",
+        DP + ["--set", "batch-size=50", "--set", "inner-lr=0.3"],
+        100,
+        "DP with the non-private site settings: batch 50, inner lr 0.3",
+    ),
+    "dp-b50-lr01": (
+        "dp",
+        DP + ["--set", "batch-size=50"],
+        100,
+        "DP, batch 50, inner lr 0.1 (the DP default rate)",
+    ),
+}
 
 
 def sh(cmd: list[str]) -> None:
@@ -121,11 +156,55 @@ def train(name: str, strategy: str, seed: int, rounds: int, extra: list[str]) ->
                 *extra,
             ]
         )
+    keep_run(out)
     return out
 
 
+def keep_run(run: Path) -> Path:
+    """The run's per-round validation curve and epsilon, kept beside the evaluations."""
+    kept = RESULTS / "curves" / f"{run.name}.json"
+    if not kept.exists() and (run / "summary.json").exists():
+        summary = json.loads((run / "summary.json").read_text())
+        config = json.loads((run / "config.json").read_text())
+        eps = sorted(summary.get("epsilon", {}).values())
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(
+            json.dumps(
+                {
+                    "run": run.name,
+                    "strategy": summary["strategy"],
+                    "rounds": summary["rounds"],
+                    "dp": summary["dp"],
+                    "settings": {
+                        k: config.get(k)
+                        for k in (
+                            "seed",
+                            "inner-steps",
+                            "inner-lr",
+                            "batch-size",
+                            "meta-lr",
+                            "meta-lr-final",
+                            "max-grad-norm",
+                            "target-epsilon",
+                        )
+                    },
+                    "epsilon": [eps[0], eps[-1]] if eps else [],
+                    "curve": [list(t) for t in round_curve(run)],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+    return kept
+
+
+def curve_of(name: str) -> dict | None:
+    path = RESULTS / "curves" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def evaluate(name: str, runs: list[Path], shots: str, extra: list[str] = ()) -> Path:
-    out = WORK / "eval" / f"{name}.json"
+    out = RESULTS / f"{name}.json"
     if not out.exists():
         sh(
             [
@@ -184,15 +263,36 @@ def round_curve(run: Path) -> list[tuple[int, float, float]]:
     return out
 
 
-def rounds_section(runs: dict[str, Path]) -> list[str]:
-    curves = {s: round_curve(r) for s, r in runs.items() if (r / "metrics.jsonl").exists()}
-    if "fedavg" not in curves or not curves["fedavg"]:
+def ratio_line(curves: dict[str, list]) -> tuple[str, dict[str, int | None]]:
+    """FedAvg's final validation accuracy and the first round each strategy reaches it."""
+    target_round, target = curves["fedavg"][-1][0], curves["fedavg"][-1][1]
+    hits = {
+        s: next((r for r, a, _ in c if a >= target and r > 0), None)
+        for s, c in curves.items()
+        if s != "fedavg"
+    }
+    return f"{100 * target:.1f}% at round {target_round}", hits
+
+
+def rounds_section(seeds: list[int], main_seed: int) -> list[str]:
+    """The per-round validation curve (main seed) and rounds-to-target for every seed."""
+    per_seed = {
+        seed: {
+            strat: c["curve"]
+            for strat in ("reptile", "fedavg", "fomaml")
+            if (c := curve_of(f"np-{strat}-s{seed}")) and c["curve"]
+        }
+        for seed in seeds
+    }
+    curves = per_seed.get(main_seed, {})
+    if "fedavg" not in curves:
         return []
     rounds = sorted({r for c in curves.values() for r, _, _ in c})
     lines = [
         "**Per-round validation curve** (server evaluation of the global model on the "
         "validation classes, 5-way 5-shot, 100 episodes, 20 steps at a fixed lr per "
-        f"strategy: {', '.join(f'{s} {CURVE_LR[s]:g}' for s in curves)})",
+        f"strategy: {', '.join(f'{s} {CURVE_LR[s]:g}' for s in curves)}; training seed "
+        f"{main_seed})",
         "",
         "| round | " + " | ".join(curves) + " |",
         "|---|" + "---|" * len(curves),
@@ -203,38 +303,45 @@ def rounds_section(runs: dict[str, Path]) -> list[str]:
             for s in curves
         ]
         lines.append(f"| {r} | " + " | ".join(row) + " |")
-    target_round, target = curves["fedavg"][-1][0], curves["fedavg"][-1][1]
+    others = [s for s in ("reptile", "fomaml") if any(s in c for c in per_seed.values())]
     lines += [
         "",
-        f"Rounds to reach FedAvg-transfer's final validation accuracy "
-        f"({100 * target:.1f}% at round {target_round}):",
+        "**Rounds to reach FedAvg-transfer's final validation accuracy** (the same runs; "
+        "ratio = FedAvg's rounds / the strategy's first round at or above that accuracy; "
+        f"evaluated every {rounds[1] - rounds[0] if len(rounds) > 1 else 0} rounds, so a "
+        "ratio is a lower bound at that resolution)",
+        "",
+        "| training seed | FedAvg's final | " + " | ".join(others) + " |",
+        "|---|---|" + "---|" * len(others),
     ]
-    for s, c in curves.items():
-        best = max(c, key=lambda t: t[1])
-        hit = next((r for r, a, _ in c if a >= target and r > 0), None)
-        if s == "fedavg":
-            reached = f"round {target_round} (by definition)"
-        elif hit:
-            reached = f"round {hit}: {target_round / hit:.1f}x fewer rounds than FedAvg"
-        else:
-            reached = f"not reached in {target_round} rounds"
-        lines.append(
-            f"- {s}: {reached}; best validation accuracy {100 * best[1]:.1f}% at round {best[0]}"
-        )
-    lines.append(
-        f"(evaluated every {rounds[1] - rounds[0] if len(rounds) > 1 else 0} rounds, "
-        "so a ratio is a lower bound at that resolution)"
-    )
+    for seed, c in per_seed.items():
+        if "fedavg" not in c:
+            continue
+        target, hits = ratio_line(c)
+        final = c["fedavg"][-1][0]
+        cells = []
+        for s in others:
+            if s not in c:
+                cells.append("not run")
+            elif hits[s] is None:
+                best = max(c[s], key=lambda t: t[1])
+                cells.append(
+                    f"not reached in {final} rounds (best {100 * best[1]:.1f}% at round {best[0]})"
+                )
+            else:
+                cells.append(f"round {hits[s]}: {final / hits[s]:.1f}x fewer")
+        lines.append(f"| {seed} | {target} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
-def dp_epsilon(runs: dict[str, Path]) -> list[str]:
+def dp_epsilon(names: dict[str, str]) -> list[str]:
     out = []
-    for strat, run in runs.items():
-        if (run / "summary.json").exists():
-            eps = sorted(json.loads((run / "summary.json").read_text())["epsilon"].values())
-            if eps:
-                out.append(f"- {strat}: epsilon spent per site {eps[0]:.2f} .. {eps[-1]:.2f}")
+    for strat, name in names.items():
+        c = curve_of(name)
+        if c and c["epsilon"]:
+            out.append(
+                f"- {strat}: epsilon spent per site {c['epsilon'][0]:.2f} .. {c['epsilon'][1]:.2f}"
+            )
     return [*out, ""] if out else []
 
 
@@ -265,28 +372,165 @@ def sine_section(paths: list[Path]) -> list[str]:
     return [*lines, ""]
 
 
-def seed_table(ev: Path, seeds: list[int], shots: list[int]) -> list[str]:
-    """Reptile (the best method) per training seed and the mean of the seeds' means."""
-    per = {s: points(sorted(ev.glob(f"np-s{s}-k*-meta.json"))) for s in seeds}
+def seed_table(
+    seeds: list[int],
+    shots: list[int],
+    prefix: str = "np",
+    methods: tuple[str, ...] = ("meta", "transfer", "fomaml"),
+    title: str = "**Per training seed**",
+) -> list[str]:
+    """Every strategy per training seed, and the mean of the seeds' means."""
+    per = {seed: points(sorted(RESULTS.glob(f"{prefix}-s{seed}-k*.json"))) for seed in seeds}
     lines = [
-        "**Reptile per training seed** (the target's protocol: 400 test episodes per "
-        "seed, lr chosen per seed on validation)",
+        f"{title} (the target's protocol: 400 test episodes per seed, lr "
+        "chosen per seed on validation; the 100-round runs of each seed)",
+        "",
+        "| method | training seed | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+        "|---|---|" + "---|" * len(shots),
+    ]
+    for m in methods:
+        if not any((m, k) in per[seed] for seed in seeds for k in shots):
+            continue
+        for seed in seeds:
+            lines.append(
+                f"| {LABEL[m]} | {seed} | "
+                + " | ".join(cell(per[seed].get((m, k))) for k in shots)
+                + " |"
+            )
+        means = []
+        for k in shots:
+            got = [per[seed][(m, k)]["mean"] for seed in seeds if (m, k) in per[seed]]
+            means.append(
+                f"{100 * sum(got) / len(got):.1f} ({len(got)} seed{'s' if len(got) > 1 else ''})"
+                if got
+                else "not run"
+            )
+        lines.append(f"| {LABEL[m]} | mean of the seeds | " + " | ".join(means) + " |")
+    return [*lines, ""]
+
+
+USES = ("meta", "meta+proto", "meta+proto-ft")
+
+
+def dp_target_table(seeds: list[int], shots: list[int]) -> list[str]:
+    """The DP target: per seed and shot count, the use of Reptile's DP model with the best
+    validation score (own head, prototypes, prototype-initialised head), its test accuracy,
+    and Reptile's non-private test accuracy of the same seed."""
+    rows, chosen, plain = [], {k: [] for k in shots}, {k: [] for k in shots}
+    for seed in seeds:
+        dp = points(sorted(RESULTS.glob(f"dp-s{seed}-k*-meta.json")))
+        np_ = points(sorted(RESULTS.glob(f"np-s{seed}-k*-meta.json")))
+        cells = []
+        for k in shots:
+            uses = [dp[m, k] for m in USES if (m, k) in dp and dp[m, k].get("val_mean") is not None]
+            if not uses or ("meta", k) not in np_:
+                cells.append("not run")
+                continue
+            best = max(uses, key=lambda p: p["val_mean"])
+            ref = np_["meta", k]["mean"]
+            chosen[k].append(best["mean"])
+            plain[k].append(ref)
+            cells.append(
+                f"{LABEL[best['method']]} (val {100 * best['val_mean']:.1f}): "
+                f"{100 * best['mean']:.1f} vs {100 * ref:.1f} ({100 * (best['mean'] - ref):+.1f})"
+            )
+        if any(c != "not run" for c in cells):
+            rows.append(f"| {seed} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    means = [
+        f"{mean_cell(chosen[k])} vs {mean_cell(plain[k])} "
+        f"({100 * (sum(chosen[k]) / len(chosen[k]) - sum(plain[k]) / len(plain[k])):+.1f}; "
+        f"{len(chosen[k])} seed{'s' if len(chosen[k]) > 1 else ''})"
+        if chosen[k]
+        else "not run"
+        for k in shots
+    ]
+    return [
+        "**The DP target** (epsilon 8 per unit against non-private, per training seed: the "
+        "use of Reptile's DP model with the best validation score among its own head, "
+        "prototypes and the prototype-initialised head, its test accuracy vs non-private "
+        "Reptile's, difference in points)",
         "",
         "| training seed | " + " | ".join(f"{k}-shot" for k in shots) + " |",
         "|---|" + "---|" * len(shots),
+        *rows,
+        "| mean of the seeds | " + " | ".join(means) + " |",
+        "",
     ]
-    for s in seeds:
-        lines.append(f"| {s} | " + " | ".join(cell(per[s].get(("meta", k))) for k in shots) + " |")
-    means = []
-    for k in shots:
-        got = [per[s][("meta", k)]["mean"] for s in seeds if ("meta", k) in per[s]]
-        means.append(
-            f"{100 * sum(got) / len(got):.1f} ({len(got)} seed{'s' if len(got) > 1 else ''})"
-            if got
-            else "not run"
-        )
-    lines.append("| mean of the seeds | " + " | ".join(means) + " |")
-    return [*lines, ""]
+
+
+def val_cell(p: dict | None) -> str:
+    if p is None or p.get("val_mean") is None:
+        return "not run"
+    return f"{100 * p['val_mean']:.1f} (lr {p['lr']:g})" if p.get("lr") else "—"
+
+
+def mean_cell(values: list[float]) -> str:
+    return f"{100 * sum(values) / len(values):.1f}" if values else "not run"
+
+
+def levers_section(seeds: list[int]) -> list[str]:
+    """Reptile variants tried for the targets: validation first (the choice), then test;
+    every training seed that has the variant's run, and the mean over those seeds."""
+    variants = []
+    for privacy, base in (
+        ("np", "the benchmark's non-private run"),
+        ("dp", "the benchmark's DP run"),
+    ):
+        variants.append((privacy, f"{privacy}-reptile-s{{}}", f"{privacy}-s{{}}", base))
+        variants += [
+            (privacy, f"lever-{n}-s{{}}", f"lever-{n}-s{{}}", what)
+            for n, (kind, _, _, what) in LEVERS.items()
+            if kind == privacy
+        ]
+    lines = [
+        "**Reptile variants tried for the targets** (judged on the validation classes: the "
+        "server's 5-shot validation accuracy at the last round and the best of the lr grid "
+        "on 100 validation episodes per shot count; the test columns are the 400 test "
+        "episodes at that rate, read only after the choice)",
+        "",
+        "| run | training seed | privacy | val, last round | val 1-shot | val 5-shot "
+        "| test 1-shot | test 5-shot |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    shown = 0
+    for privacy, run, stem, what in variants:
+        got = []
+        for seed in seeds:
+            c = curve_of(run.format(seed))
+            pts = points(sorted(RESULTS.glob(f"{stem.format(seed)}-k*-meta.json")))
+            if c is None and not pts:
+                continue
+            got.append(pts)
+            last = (
+                f"{100 * c['curve'][-1][1]:.1f} (round {c['curve'][-1][0]})"
+                if c and c["curve"]
+                else "not run"
+            )
+            eps = f" (spent at most {c['epsilon'][1]:.2f})" if c and c["epsilon"] else ""
+            lines.append(
+                f"| {what} | {seed} | {'epsilon 8' if privacy == 'dp' else 'none'}{eps} | "
+                f"{last} | "
+                + " | ".join(val_cell(pts.get(("meta", k))) for k in (1, 5))
+                + " | "
+                + " | ".join(cell(pts.get(("meta", k))) for k in (1, 5))
+                + " |"
+            )
+        shown += bool(got)
+        if len(got) > 1:
+            val = [
+                mean_cell([p[("meta", k)]["val_mean"] for p in got if ("meta", k) in p])
+                for k in (1, 5)
+            ]
+            test = [
+                mean_cell([p[("meta", k)]["mean"] for p in got if ("meta", k) in p]) for k in (1, 5)
+            ]
+            lines.append(
+                f"| {what} | mean of {len(got)} seeds | | | {val[0]} | {val[1]} | "
+                f"{test[0]} | {test[1]} |"
+            )
+    return [*lines, ""] if shown > 2 else []
 
 
 BC_METHODS = "scratch,transfer,transfer+proto,transfer+proto-ft,meta,meta+proto,meta+proto-ft"
@@ -296,7 +540,7 @@ def held_out_sites(seed: int, rounds: int, shots: list[str], run: bool) -> list[
     """breast-cancer-sites: new sites are held-out hospitals (their own patients and
     calibration), not new classes."""
     bc = {strat: WORK / f"bc-{strat}-s{seed}" for strat in ("reptile", "fedavg")}
-    out = WORK / "eval" / f"bc-s{seed}.json"
+    out = RESULTS / f"bc-s{seed}.json"
     if run:
         for strat, path in bc.items():
             if not (path / "summary.json").exists():
@@ -342,11 +586,11 @@ def held_out_sites(seed: int, rounds: int, shots: list[str], run: bool) -> list[
     ]
 
 
-def budget_note(ev: Path, seed: int) -> list[str]:
+def budget_note(seed: int) -> list[str]:
     """How the 100-step rows were measured (their grid may differ from the common one)."""
     grids = {
         tuple(json.loads(p.read_text())["lr_grid"])
-        for p in [*ev.glob("scratch-100-k*.json"), *ev.glob(f"steps100-s{seed}-k*.json")]
+        for p in [*RESULTS.glob("scratch-100-k*.json"), *RESULTS.glob(f"steps100-s{seed}-k*.json")]
     }
     if not grids:
         return []
@@ -362,48 +606,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1, help="training seed of the main tables")
-    ap.add_argument("--seeds", default="1,2,3", help="training seeds of Reptile's target table")
+    ap.add_argument("--seeds", default="1,2,3", help="training seeds of the per-seed table")
     ap.add_argument("--shots", default="1,5,10")
     ap.add_argument("--dp", action="store_true", help="also the DP runs (epsilon 8)")
+    ap.add_argument("--levers", action="store_true", help="also the variants tried for targets")
     ap.add_argument("--train", action="store_true", help="train/evaluate what is missing")
     ap.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = ap.parse_args()
     s = args.seed
     seeds = [int(x) for x in args.seeds.split(",")]
     shot_args = args.shots.split(",")
-    runs = {
-        "reptile": WORK / f"np-reptile-s{s}",
-        "fedavg": WORK / f"np-fedavg-s{s}",
-        "fomaml": WORK / f"np-fomaml-s{s}",
-    }
+    runs = {strat: WORK / f"np-{strat}-s{s}" for strat in ("reptile", "fedavg", "fomaml")}
     dp_runs = {"reptile": WORK / f"dp-reptile-s{s}", "fedavg": WORK / f"dp-fedavg-s{s}"}
+    for run in [*WORK.glob("np-*"), *WORK.glob("dp-*"), *WORK.glob("lever-*")]:
+        keep_run(run)  # runs trained before their curves were kept
     if args.train:
         for strat, run in runs.items():
             train(run.name, strat, s, args.rounds, NP + (FOMAML if strat == "fomaml" else []))
         for k in shot_args:
-            for steps in SCRATCH_STEPS:
-                evaluate(
-                    f"scratch-{steps}-k{k}",
-                    [runs["reptile"]],
-                    k,
-                    ["--methods", "scratch", "--steps", str(steps)],
-                )
-        for k in shot_args:  # the budget that fits scratch, for the trained models too
-            for name, strat in (("meta", "reptile"), ("transfer", "fedavg")):
-                evaluate(
-                    f"steps100-s{s}-k{k}-{name}",
-                    [runs[strat]],
-                    k,
-                    ["--methods", name, "--steps", "100"],
-                )
+            evaluate(f"scratch-20-k{k}", [runs["reptile"]], k, ["--methods", "scratch"])
         for k in shot_args:  # one slice per family: they can run in parallel
             for name, strat in FAMILY_RUN.items():
                 evaluate(f"np-s{s}-k{k}-{name}", [runs[strat]], k, ["--methods", FAMILIES[name]])
-        for other in seeds:
-            if other != s:
-                run = train(f"np-reptile-s{other}", "reptile", other, args.rounds, NP)
-                for k in shot_args:
-                    evaluate(f"np-s{other}-k{k}-meta", [run], k, ["--methods", "meta"])
         for k in shot_args:
             evaluate(
                 f"shift-s{s}-k{k}-scratch",
@@ -429,22 +653,52 @@ def main() -> None:
                         k,
                         ["--methods", FAMILIES[name]],
                     )
-    ev = WORK / "eval"
+        for other in seeds if args.dp else []:  # Reptile and FedAvg under DP per seed
+            for name in ("meta", "transfer") if other != s else ():
+                strat = FAMILY_RUN[name]
+                run = train(f"dp-{strat}-s{other}", strat, other, args.rounds, DP)
+                for k in LONG_SHOTS:
+                    evaluate(f"dp-s{other}-k{k}-{name}", [run], k, ["--methods", FAMILIES[name]])
+        for other in seeds:  # every strategy per seed: the per-seed table and its ratios
+            if other == s:
+                continue
+            for name, strat in FAMILY_RUN.items():
+                extra = NP + (FOMAML if strat == "fomaml" else [])
+                run = train(f"np-{strat}-s{other}", strat, other, args.rounds, extra)
+                for k in shot_args:
+                    if k in LONG_SHOTS:
+                        evaluate(f"np-s{other}-k{k}-{name}", [run], k, ["--methods", name])
+        for k in shot_args:  # the budget that fits scratch, for the trained models too
+            if k in LONG_SHOTS:
+                evaluate(f"scratch-100-k{k}", [runs["reptile"]], k, ["--methods", "scratch", *LONG])
+                for name, strat in (("meta", "reptile"), ("transfer", "fedavg")):
+                    evaluate(
+                        f"steps100-s{s}-k{k}-{name}", [runs[strat]], k, ["--methods", name, *LONG]
+                    )
+        if args.levers:
+            for lever, (base, extra, rounds, _) in LEVERS.items():
+                if base == "dp" and not args.dp:
+                    continue
+                run = train(f"lever-{lever}-s{s}", "reptile", s, rounds, extra)
+                for k in LONG_SHOTS:
+                    evaluate(f"lever-{lever}-s{s}-k{k}-meta", [run], k, ["--methods", "meta"])
     shots = [int(k) for k in shot_args]
-    np_pts = points(sorted(ev.glob(f"np-s{s}-k*.json")))
+    np_pts = points(sorted(RESULTS.glob(f"np-s{s}-k*.json")))
     for steps in SCRATCH_STEPS:
-        for (m, k), p in points(sorted(ev.glob(f"scratch-{steps}-k*.json"))).items():
+        for (m, k), p in points(sorted(RESULTS.glob(f"scratch-{steps}-k*.json"))).items():
             np_pts[f"{m}-{steps}", k] = p
-    for (m, k), p in points(sorted(ev.glob(f"steps100-s{s}-k*.json"))).items():
+    for (m, k), p in points(sorted(RESULTS.glob(f"steps100-s{s}-k*.json"))).items():
         np_pts[f"{m}-100", k] = p
-    shift_pts = points(sorted(ev.glob(f"shift-s{s}-k*.json")))
-    dp_pts = points(sorted(ev.glob(f"dp-s{s}-k*.json")))
+    shift_pts = points(sorted(RESULTS.glob(f"shift-s{s}-k*.json")))
+    dp_pts = points(sorted(RESULTS.glob(f"dp-s{s}-k*.json")))
     lines = [
         "## Few-shot accuracy at a new site (`benchmarks/fewshot_accuracy.py`)",
         "",
         f"Machine: {machine()}. `digits-fewshot`, 10 sites, {args.rounds} rounds, 5 sites "
         f"per round, training seed {s} unless a table says otherwise; 5-way episodes of the "
-        "10 held-out test classes.",
+        "10 held-out test classes. Measurements: `benchmarks/results/fewshot/` (one JSON "
+        "per evaluation slice, with the chosen rate and its validation score; each run's "
+        "per-round curve and epsilon).",
         "",
         *PROTOCOL,
         "",
@@ -452,43 +706,57 @@ def main() -> None:
         f"test episodes, training seed {s}; lr = the rate chosen on validation)",
         "",
         *table(np_pts, shots),
-        *budget_note(ev, s),
+        *budget_note(s),
         "",
-        *seed_table(ev, seeds, shots),
+        *seed_table(seeds, shots),
     ]
-    if shift_pts:
-        lines += [
-            "**Shifted new sites, non-private**: the same held-out classes, each episode "
-            "a new site with its own acquisition (stroke width, blur, contrast over a "
-            "grey background, sensor noise; `fedmeta/data/tasks/shifted.py`), never seen "
-            "in training; lr chosen on shifted validation sites",
-            "",
-            *table(shift_pts, shots),
-            "",
-        ]
-    if dp_pts:
-        lines += [
-            "**DP, target epsilon 8 per site, privacy unit = one image with its 4 "
-            "rotations** (delta 1e-5; sites: inner lr 0.1, batch 10, 8 steps)",
-            "",
-            *table(dp_pts, shots),
-            "",
-        ]
-        lines += dp_epsilon(dp_runs)
     lines += [
-        f"Cells marked *not run* did not fit this session's compute; `python "
-        f"benchmarks/fewshot_accuracy.py --train --seeds {args.seeds} --write` fills "
-        "them (and `--dp` the DP rows: epsilon 8 per site). FOMAML is refused under DP "
-        "(its held-out gradient is not privatised).",
+        "**Shifted new sites, non-private**: the same held-out classes, each episode "
+        "a new site with its own acquisition (stroke width, blur, contrast over a "
+        "grey background, sensor noise; `fedmeta/data/tasks/shifted.py`), never seen "
+        f"in training; lr chosen on shifted validation sites; training seed {s}",
+        "",
+        *(table(shift_pts, shots) if shift_pts else ["not run"]),
+        "",
+    ]
+    lines += [
+        "**DP, target epsilon 8 per site, privacy unit = one image with its 4 "
+        "rotations** (delta 1e-5; sites: inner lr 0.1, batch 10, 8 steps, clipping norm 1; "
+        f"training seed {s})",
+        "",
+        *(table(dp_pts, shots) if dp_pts else ["not run"]),
+        "",
+    ]
+    lines += dp_epsilon({strat: run.name for strat, run in dp_runs.items()})
+    if any(RESULTS.glob(f"dp-s{x}-k*.json") for x in seeds if x != s):
+        lines += seed_table(
+            seeds,
+            [k for k in shots if str(k) in LONG_SHOTS],
+            "dp",
+            ("meta", "meta+proto", "meta+proto-ft", "transfer"),
+            "**DP at epsilon 8 per training seed**",
+        )
+    lines += dp_target_table(seeds, [k for k in shots if str(k) in LONG_SHOTS])
+    lines += [
+        f"Cells marked *not run* did not fit the session's compute; `python "
+        f"benchmarks/fewshot_accuracy.py --train --seeds {args.seeds} --dp --levers --write` "
+        "fills them (it reuses every measurement kept; the 100-step rows are measured at 1 "
+        "and 5 shots only). FOMAML is refused under DP (its held-out gradient is not "
+        "privatised).",
         "",
     ]
     lines += held_out_sites(s, args.rounds, shot_args, args.train)
-    lines += rounds_section(runs)
-    lines += sine_section(sorted(WORK.glob("sine-gap*.json")))
+    lines += rounds_section(seeds, s)
+    lines += levers_section(seeds)
     body = "\n".join(lines)
     print(body)
+    sine = sine_section(sorted(RESULTS.glob("sine-gap*.json")))
+    if sine:
+        print("\n".join(sine))
     if args.write:
         write_section("fewshot-accuracy", body)
+        if sine:
+            write_section("fewshot-sine", "\n".join(sine))
 
 
 PROTOCOL = [

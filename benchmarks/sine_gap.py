@@ -91,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--meta-steps", type=int, default=300)
     ap.add_argument("--federated", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/.runs/sine-gap.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fewshot/sine-gap.json"))
     ap.add_argument("--mults", default="1,10", help="multiples of --meta-steps to train")
     ap.add_argument("--sources", default="same,unlimited", help="task supplies to train on")
     args = ap.parse_args()

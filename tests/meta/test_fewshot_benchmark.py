@@ -1,0 +1,149 @@
+"""The few-shot benchmark writes its tables from the measurements it keeps (real files)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "fewshot_accuracy_under_test", ROOT / "benchmarks" / "fewshot_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "WORK", tmp_path / "runs")
+    return module
+
+
+def point(method: str, shots: int, mean: float, lr: float | None = 0.3, val=None, episodes=400):
+    return {
+        "method": method,
+        "shots": shots,
+        "mean": mean,
+        "ci95": 0.01,
+        "lr": lr,
+        "episodes": episodes,
+        "val_mean": val,
+    }
+
+
+def put(bench, name: str, pts: list[dict]) -> None:
+    bench.RESULTS.mkdir(parents=True, exist_ok=True)
+    (bench.RESULTS / f"{name}.json").write_text(json.dumps({"points": pts}))
+
+
+def put_curve(bench, name: str, curve, epsilon=()) -> None:
+    (bench.RESULTS / "curves").mkdir(parents=True, exist_ok=True)
+    (bench.RESULTS / "curves" / f"{name}.json").write_text(
+        json.dumps({"run": name, "curve": curve, "epsilon": list(epsilon)})
+    )
+
+
+def test_seed_table_means_each_strategy_over_the_seeds_it_has(bench):
+    put(bench, "np-s1-k1-meta", [point("meta", 1, 0.70), point("meta+proto", 1, 0.5, None)])
+    put(bench, "np-s2-k1-meta", [point("meta", 1, 0.80)])
+    put(bench, "np-s1-k1-transfer", [point("transfer", 1, 0.60)])
+    lines = bench.seed_table([1, 2, 3], [1, 5])
+    assert "| Reptile | 3 | not run | not run |" in lines
+    assert "| Reptile | mean of the seeds | 75.0 (2 seeds) | not run |" in lines
+    assert "| FedAvg-transfer (fine-tuned) | mean of the seeds | 60.0 (1 seed) | not run |" in lines
+    assert not any(line.startswith("| FOMAML") for line in lines)
+
+
+def test_rounds_to_target_per_seed_from_the_kept_curves(bench):
+    fedavg = [[0, 0.6, 0.02], [20, 0.85, 0.01], [40, 0.9, 0.01]]
+    put_curve(bench, "np-fedavg-s1", fedavg)
+    put_curve(bench, "np-reptile-s1", [[0, 0.6, 0.02], [20, 0.91, 0.01], [40, 0.93, 0.01]])
+    put_curve(bench, "np-fomaml-s1", [[0, 0.6, 0.02], [20, 0.7, 0.01], [40, 0.88, 0.01]])
+    put_curve(bench, "np-fedavg-s2", fedavg)
+    put_curve(bench, "np-reptile-s2", [[0, 0.6, 0.02], [20, 0.8, 0.01], [40, 0.9, 0.01]])
+    text = "\n".join(bench.rounds_section([1, 2], 1))
+    assert "| 1 | 90.0% at round 40 | round 20: 2.0x fewer | not reached in 40 rounds" in text
+    assert "| 2 | 90.0% at round 40 | round 40: 1.0x fewer | not run |" in text
+    assert "| 20 | 91.0 ± 1.0 | 85.0 ± 1.0 | 70.0 ± 1.0 |" in text
+
+
+def test_rounds_section_needs_fedavg(bench):
+    put_curve(bench, "np-reptile-s1", [[0, 0.6, 0.02], [20, 0.91, 0.01]])
+    assert bench.rounds_section([1], 1) == []
+
+
+def test_levers_show_validation_beside_test_and_only_when_a_lever_ran(bench):
+    put(bench, "np-s1-k1-meta", [point("meta", 1, 0.77, 0.3, val=0.83)])
+    put_curve(bench, "np-reptile-s1", [[0, 0.6, 0.02], [100, 0.939, 0.01]])
+    put_curve(bench, "dp-reptile-s1", [[0, 0.6, 0.02], [100, 0.80, 0.01]], (6.5, 7.8))
+    assert bench.levers_section([1, 2]) == []  # no lever measured: no table
+    put(bench, "lever-inner16-s1-k1-meta", [point("meta", 1, 0.78, 0.1, val=0.85)])
+    put(bench, "lever-inner16-s2-k1-meta", [point("meta", 1, 0.70, 0.3, val=0.80)])
+    text = "\n".join(bench.levers_section([1, 2]))
+    assert (
+        "| the benchmark's non-private run | 1 | none | 93.9 (round 100) | 83.0 (lr 0.3) |" in text
+    )
+    assert (
+        "| the benchmark's DP run | 1 | epsilon 8 (spent at most 7.80) | 80.0 (round 100) "
+        "| not run |"
+    ) in text
+    assert (
+        "| 16 inner steps per site round | 1 | none | not run | 85.0 (lr 0.1) | not run "
+        "| 78.0 ± 1.0 (lr 0.1) | not run |"
+    ) in text
+    assert "| 16 inner steps per site round | mean of 2 seeds | | | 82.5 | not run | 74.0 |" in text
+    assert "non-private run | mean of" not in text  # one seed: no mean row
+
+
+def test_keep_run_records_curve_and_epsilon_once(bench, tmp_path):
+    run = bench.WORK / "dp-reptile-s1"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(
+        json.dumps(
+            {"strategy": "reptile", "rounds": 20, "dp": True, "epsilon": {"a": 7.5, "b": 6.1}}
+        )
+    )
+    (run / "config.json").write_text(json.dumps({"seed": 1, "batch-size": 10}))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"round": 0, "eval": {"adapted": 0.5, "adapted_ci95": 0.1}})
+        + "\n"
+        + json.dumps({"round": 1, "eval": None})
+        + "\n"
+    )
+    kept = json.loads(bench.keep_run(run).read_text())
+    assert kept["epsilon"] == [6.1, 7.5]
+    assert kept["curve"] == [[0, 0.5, 0.1]]
+    assert kept["settings"]["batch-size"] == 10
+    assert bench.dp_epsilon({"reptile": "dp-reptile-s1"}) == [
+        "- reptile: epsilon spent per site 6.10 .. 7.50",
+        "",
+    ]
+
+
+def test_dp_target_picks_the_use_with_the_best_validation_score_not_the_best_test(bench):
+    put(
+        bench,
+        "dp-s1-k5-meta",
+        [
+            point("meta", 5, 0.95, 0.3, val=0.80),  # best on test, worst on validation
+            point("meta+proto", 5, 0.85, None, val=0.85),
+            point("meta+proto-ft", 5, 0.90, 0.03, val=0.90),
+        ],
+    )
+    put(bench, "np-s1-k5-meta", [point("meta", 5, 0.92, 0.3, val=0.93)])
+    put(bench, "dp-s2-k5-meta", [point("meta", 5, 0.80, 0.3, val=0.80)])  # no non-private
+    lines = bench.dp_target_table([1, 2], [5])
+    assert (
+        "| 1 | Reptile + prototype-initialised fine-tuning (val 90.0): 90.0 vs 92.0 (-2.0) |"
+        in lines
+    )
+    assert not any(line.startswith("| 2 |") for line in lines)
+    assert "| mean of the seeds | 90.0 vs 92.0 (-2.0; 1 seed) |" in lines
+    assert bench.dp_target_table([3], [5]) == []
