@@ -115,7 +115,7 @@ def main() -> None:
         "round by round in one process. Median over rounds 2..R (round 1 includes the "
         "one-off model check). CPU time is this process's (robust to other load on the "
         "machine, though a saturated machine slows every operation); wall time beside it. "
-        f"The machine was shared with other jobs: load average {load_before:.1f} at the "
+        f"Load average of the machine (other jobs included): {load_before:.1f} at the "
         f"start, {load_after:.1f} at the end, on {os.cpu_count()} cores.",
         "",
         "| whole round, all sites | non-private | DP | DP / non-private | "
