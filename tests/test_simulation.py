@@ -112,7 +112,7 @@ def test_ray_workers_from_such_a_directory(ray_run: RayRun):
 def test_the_ray_run_listens_on_loopback_only(ray_run: RayRun):
     """As root the Ray run gets a network namespace of its own (README: what a simulation
     exposes), although it started in one that looks like a networked machine; without
-    CAP_SYS_ADMIN: test_netns.py."""
+    CAP_SYS_ADMIN: the plug-in's Ray run in test_plugins.py."""
     assert ray_run.res.returncode == 0, ray_run.res.stderr[-3000:]
     names = " ".join(ray_run.seen)
     assert "gcs_server" in names and "raylet" in names, f"the check saw no Ray: {ray_run.seen}"
