@@ -49,15 +49,13 @@ from fedmeta.data.tasks.base import Pool, Task
 from fedmeta.meta.fomaml import fomaml_site_update
 from fedmeta.meta.updates import model_digest
 from fedmeta.paths import MANIFEST_FILE, TRANSPORT_ENV
-from fedmeta.paths import SITE_AUDIT_KEY as AUDIT_KEY
-from fedmeta.paths import SITE_AUDIT_LOG as AUDIT_LOG
 from fedmeta.privacy.budget import expected_batch_size, noise_for_target, poisson_rate
 from fedmeta.privacy.dp_training import DPSettings, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
 from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SEEDED, SITE_CSPRNG, SiteRandomness, load_or_create_secret
 from fedmeta.privacy.units import RECORD, check_mode, count_units
-from fedmeta.site_files import load_manifest
+from fedmeta.site_files import load_manifest, site_audit_log
 from policies import (
     RecordMeta,
     RunDeclaration,
@@ -259,9 +257,7 @@ class Site:
         return kept or self.cfg.accountant
 
     def audit_log(self) -> AuditLog:
-        return AuditLog.open(
-            self.site_dir / AUDIT_LOG, self.site_dir / AUDIT_KEY, actor=self.site_id
-        )
+        return site_audit_log(self.site_dir, self.site_id)
 
     def pool(self, records: Records, rng: np.random.Generator) -> Pool:
         if self.cfg.strategy in META_STRATEGIES:
@@ -796,9 +792,7 @@ def decline_unreadable_round(
 ) -> SiteReply:
     """A deployed site refuses a round whose config it cannot accept (an unknown key such
     as a request for the training loss, a value out of range): signed in its log."""
-    with AuditLog.open(
-        Path(site_dir) / AUDIT_LOG, Path(site_dir) / AUDIT_KEY, actor=site_id
-    ) as log:
+    with site_audit_log(Path(site_dir), site_id) as log:
         log.append(
             "round.decline",
             run_id=run_id,
