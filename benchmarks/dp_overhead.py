@@ -162,7 +162,7 @@ def main() -> None:
         "",
         "Ratios are DP round time / non-private round time, measured side by side in "
         "one run. Target: <= 2x, never worse than Opacus's best mode. Measured on a "
-        "2-core machine shared with other jobs: compare the columns of one row; `bk` "
+        "2-core machine that may run other jobs: compare the columns of one row; `bk` "
         "and `fedmeta auto (bk)` run the same code, so their difference shows the "
         "noise.",
     ]
