@@ -119,8 +119,8 @@ def sh(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def train(name: str, strategy: str, seed: int, rounds: int, extra: list[str]) -> Path:
-    out = WORK / name
+def simulate(out: Path, task: str, strategy: str, seed: int, rounds: int, extra: list[str]) -> None:
+    """Train one federation on ``task`` (in process, 10 sites) unless ``out`` holds it."""
     if not (out / "summary.json").exists():
         sh(
             [
@@ -131,7 +131,7 @@ def train(name: str, strategy: str, seed: int, rounds: int, extra: list[str]) ->
                 "--backend",
                 "inline",
                 "--task",
-                "digits-fewshot",
+                task,
                 "--strategy",
                 strategy,
                 "--sites",
@@ -143,19 +143,17 @@ def train(name: str, strategy: str, seed: int, rounds: int, extra: list[str]) ->
                 "--out",
                 str(out),
                 "--overwrite",
-                "--set",
-                "eval-every=20",
-                "--set",
-                "eval-episodes=100",
-                "--set",
-                "eval-shots=5",
-                "--set",
-                "eval-split=val",
-                "--set",
-                f"adapt-lr={CURVE_LR[strategy]}",
                 *extra,
             ]
         )
+
+
+def train(name: str, strategy: str, seed: int, rounds: int, extra: list[str]) -> Path:
+    out = WORK / name
+    curve = ["eval-every=20", "eval-episodes=100", "eval-shots=5", "eval-split=val"]
+    curve.append(f"adapt-lr={CURVE_LR[strategy]}")
+    sets = [arg for value in curve for arg in ("--set", value)]
+    simulate(out, "digits-fewshot", strategy, seed, rounds, [*sets, *extra])
     keep_run(out)
     return out
 
@@ -543,33 +541,8 @@ def held_out_sites(seed: int, rounds: int, shots: list[str], run: bool) -> list[
     out = RESULTS / f"bc-s{seed}.json"
     if run:
         for strat, path in bc.items():
-            if not (path / "summary.json").exists():
-                sh(
-                    [
-                        PY,
-                        "-m",
-                        "fedmeta.cli",
-                        "simulate",
-                        "--backend",
-                        "inline",
-                        "--task",
-                        "breast-cancer-sites",
-                        "--strategy",
-                        strat,
-                        "--sites",
-                        "10",
-                        "--rounds",
-                        str(rounds),
-                        "--seed",
-                        str(seed),
-                        "--out",
-                        str(path),
-                        "--overwrite",
-                        "--no-dp",
-                        "--set",
-                        "eval-every=0",
-                    ]
-                )
+            extra = ["--no-dp", "--set", "eval-every=0"]
+            simulate(path, "breast-cancer-sites", strat, seed, rounds, extra)
         evaluate(out.stem, list(bc.values()), ",".join(shots), ["--methods", BC_METHODS])
     if not out.exists():
         return []

@@ -22,7 +22,7 @@ import calendar
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Literal
+from typing import Literal, get_args
 
 RightType = Literal[
     "access",
@@ -35,17 +35,7 @@ RightType = Literal[
     "portability",
     "grievance",
 ]
-RIGHT_TYPES: tuple[str, ...] = (
-    "access",
-    "rectification",
-    "erasure",
-    "restriction",
-    "objection",
-    "withdrawal",
-    "opt-out",
-    "portability",
-    "grievance",
-)
+RIGHT_TYPES: tuple[str, ...] = get_args(RightType)
 DECISIONS: tuple[str, ...] = ("pending", "granted", "partly-granted", "refused")
 LAWS: tuple[str, ...] = ("gdpr", "dpdp")
 DPDP_GRIEVANCE_DAYS = 90
