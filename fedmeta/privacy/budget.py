@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 import numpy as np
@@ -145,6 +145,7 @@ def _rdp_width_per_step(sigma: float, q: float) -> np.ndarray:
     )
 
 
+@lru_cache(maxsize=1024)
 def _rdp_width(history: tuple[Step, ...], delta: float) -> float:
     """An RDP upper bound on epsilon over integer orders (>= Opacus's RDP over its default
     orders): a PRV domain at least this wide is at least as wide as Opacus's."""
@@ -198,9 +199,20 @@ class BoundedPRVAccountant(PRVAccountant):
         """Opacus's ``PRVAccountant.get_epsilon``: the upper end of the error interval."""
         if delta_error is None:
             delta_error = delta / 1000
-        dprv = self._get_dprv(eps_error=eps_error, delta_error=delta_error)
+        pmf, roll, domain = self._composed_pmf(eps_error, delta_error)
         assert self._grid is not None
-        return _upper_epsilon(dprv, self._grid, self._shift, delta, delta_error, eps_error)
+        size = domain.size
+
+        def tail(start: int) -> np.ndarray:  # Opacus's pmf (``pmf`` rolled by ``roll``)[start:]
+            first, length = (start - roll) % size, size - start
+            if first + length <= size:
+                return pmf[first : first + length]
+            return np.concatenate((pmf[first:], pmf[: first + length - size]))
+
+        shifted = domain.shift_right(self._shift)  # Opacus's domain for its pmf
+        grid, shift = self._grid, self._shift
+        t_min, dt = shifted.t_min, shifted.dt
+        return _search_epsilon(tail, size, t_min, dt, grid, shift, delta, delta_error, eps_error)
 
     def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
         """Opacus's safe domain (Gopi et al., remark 5.6), on a grid that serves a site for
@@ -228,13 +240,20 @@ class BoundedPRVAccountant(PRVAccountant):
         return Domain(-(size // 2 - 1) * mesh, (size // 2) * mesh, size)
 
     def _get_dprv(self, eps_error, delta_error):
-        """Opacus's discretised, composed PRV; composition in the Fourier domain at once.
+        """Opacus's discretised, composed PRV (``DiscretePRV``), as ``_composed_pmf`` gives it."""
+        pmf, roll, domain = self._composed_pmf(eps_error, delta_error)
+        return DiscretePRV(pmf=np.roll(pmf, roll), domain=domain.shift_right(self._shift))
+
+    def _composed_pmf(self, eps_error, delta_error) -> tuple[np.ndarray, int, Domain]:
+        """(the composed pmf before Opacus's roll, the roll, the unshifted domain).
 
         Opacus composes each ``(sigma, q)`` entry as ``irfft(rfft(pmf) ** n)``
         (circular, on the safe domain) and convolves the entries; here every
         entry's spectrum is kept per domain and the whole history is one
         product of powers and one inverse FFT, with Opacus's index and domain
-        bookkeeping. A new round on the same domain costs one inverse FFT.
+        bookkeeping (its pmf is this one rolled by ``roll``, on the domain shifted
+        right by ``self._shift``). A new round on the same domain costs one inverse
+        FFT; the roll is left to the reader (``get_epsilon`` reads only the upper half).
         """
         prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in self.history]
         counts = [n for _, _, n in self.history]
@@ -246,8 +265,8 @@ class BoundedPRVAccountant(PRVAccountant):
         self._grid, self._shift = grid, shift
         pmf = np.fft.irfft(spectrum, n=domain.size)
         # index of a sum of `total` grid points on the same grid (Opacus's _compose_fourier)
-        pmf = np.roll(pmf, total - 1 + (domain.size // 2 if total % 2 == 0 else 0))
-        return DiscretePRV(pmf=pmf, domain=domain.shift_right(shift))
+        roll = (total - 1 + (domain.size // 2 if total % 2 == 0 else 0)) % domain.size
+        return pmf, roll, domain
 
 
 #: (grid, compacted history) -> composed spectrum (~2 MB at 2^18 points); the latest kept
@@ -287,7 +306,36 @@ def _composed_spectrum(grid: tuple, history: tuple[Step, ...]) -> np.ndarray:
 def _upper_epsilon(
     dprv: DiscretePRV, grid: tuple, shift: float, delta: float, delta_error: float, eps_error: float
 ) -> float:
-    """Opacus's ``DiscretePRV.compute_epsilon``, its upper end, with less work per call.
+    """Opacus's ``DiscretePRV.compute_epsilon``, its upper end, with less work per call
+    (``_search_epsilon`` over ``dprv``'s pmf)."""
+    domain = dprv.domain
+    return _search_epsilon(
+        lambda start: dprv.pmf[start:],
+        domain.size,
+        domain.t_min,
+        domain.dt,
+        grid,
+        shift,
+        delta,
+        delta_error,
+        eps_error,
+    )
+
+
+def _search_epsilon(
+    tail: Callable[[int], np.ndarray],
+    size: int,
+    t0: float,
+    dt: float,
+    grid: tuple,
+    shift: float,
+    delta: float,
+    delta_error: float,
+    eps_error: float,
+) -> float:
+    """The upper end of Opacus's ``DiscretePRV.compute_epsilon`` for the pmf whose entries
+    from ``start`` on are ``tail(start)``, on ``size`` points from ``t0`` (the shifted
+    grid) in steps of ``dt``.
 
     The same quantities: suffix sums d1 = sum_{j>=i} p_j and d2 = sum_{j>=i} p_j e^{-t_j},
     delta(t_i) = d1 - e^{t_i} d2 (non-increasing in t), the first grid point where it
@@ -298,21 +346,21 @@ def _upper_epsilon(
     """
     if delta <= 0:
         return math.inf
-    size = dprv.domain.size
     if np.finfo(np.longdouble).eps * size > delta - delta_error:
         raise ValueError(
             "Floating point errors will dominate for such small values of delta. "
             "Increase delta or reduce domain size."
         )
-    t0, dt = dprv.domain.t_min, dprv.domain.dt
     target = delta - delta_error
     # the suffix sums from the middle of the grid (t ~ 0) on: the same sums, bit for
     # bit, as over the whole grid (both accumulate from the last point); the whole grid
     # only when epsilon lies below that point
     for start in (size // 2, 0):
-        p = dprv.pmf[start:]
+        p = tail(start)
         d1 = np.cumsum(p[::-1])[::-1]
-        d2 = np.cumsum((p * _neg_exp_grid(*grid)[start:] * math.exp(-shift))[::-1])[::-1]
+        weighted = np.multiply(p, _neg_exp_grid(*grid)[start:])
+        weighted *= math.exp(-shift)
+        d2 = np.cumsum(weighted[::-1])[::-1]
         if start == 0 or math.exp(t0 + start * dt) * d2[0] - d1[0] < -target:
             break
     lo, hi = start, size

@@ -90,3 +90,16 @@ def test_rounds_of_a_run_share_one_grid():
     for rounds in range(1, 8):
         epsilon([step] * rounds, 1e-5, "prv", grid_steps=240)
     assert budget._spectrum.cache_info().misses == 1  # the first round's discretisation
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+@pytest.mark.parametrize("grid_steps", [0, 240])
+def test_epsilon_read_from_the_unrolled_pmf_is_the_rolled_pmfs(history, grid_steps):
+    """get_epsilon reads Opacus's rolled pmf through an index shift (no roll of the whole
+    grid): the same epsilon, bit for bit, as the search over the rolled ``DiscretePRV``."""
+    acc = budget.BoundedPRVAccountant(grid_steps)
+    acc.history = list(history)
+    fast = acc.get_epsilon(delta=1e-5)
+    dprv = acc._get_dprv(eps_error=0.01, delta_error=1e-8)
+    assert fast == budget._upper_epsilon(dprv, acc._grid, acc._shift, 1e-5, 1e-8, 0.01)
+    assert fast >= dprv.compute_epsilon(1e-5, 1e-8, 0.01)[1]
