@@ -224,6 +224,7 @@ class Site:
         self.noise_source = (
             SITE_CSPRNG if not self.simulated or cfg.noise_source == SITE_CSPRNG else SEEDED
         )
+        self._ledger: PrivacyLedger | None = None  # the ledger as last read or written
 
     # ---- state -----------------------------------------------------------------
     def refresh(self) -> None:
@@ -242,17 +243,24 @@ class Site:
         return self._setup_approvals | set(approved(self.site_dir))
 
     def ledger(self, accountant: str | None = None) -> PrivacyLedger:
-        return PrivacyLedger.open(
+        """The site's ledger, checked as opened; re-read only when the file changed since
+        this site last read or wrote it."""
+        self._ledger = PrivacyLedger.open(
             self.site_dir,
             site=self.site_id,
             epsilon_max=float(self.manifest.epsilon_max),
             delta=float(self.manifest.delta),
             accountant=accountant or self.ledger_accountant(),
             privacy_unit=self.privacy_unit,
+            reuse=self._ledger,
         )
+        return self._ledger
 
     def ledger_accountant(self) -> str:
         """The ledger's accountant once it exists, else the round's (if the site allows it)."""
+        last = self._ledger
+        if last is not None and last.path.parent == self.site_dir and last.unchanged():
+            return last.accountant
         kept = PrivacyLedger.kept_accountant(self.site_dir)
         return kept or self.cfg.accountant
 

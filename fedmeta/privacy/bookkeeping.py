@@ -114,6 +114,9 @@ class FlatGrads:
             self.noises.append(self.noise_buffer[offset : offset + n].view(p.shape))
             offset += n
         self._index = {id(p): i for i, p in enumerate(params)}
+        #: the noise buffer cut where one ``normal_`` call draws exactly what the calls
+        #: for each tensor would (``noise_groups``); fewer calls, the same numbers
+        self.noise_draws = noise_groups(self.noise_buffer, [p.numel() for p in params])
         #: the buffer holds a clipped sum not yet noised (set by the clipper and ``zero``,
         #: cleared by ``BookKeepingDPOptimizer.flat_step``: one noisy step per clipped sum)
         self.filled = False
@@ -279,6 +282,36 @@ class BookKeepingClipper:
         return torch.empty(p.shape, dtype=p.dtype, device=p.device)
 
 
+#: torch's CPU ``normal_`` on a contiguous float tensor of n >= 16 values fills it with n
+#: uniforms, then turns each aligned run of 16 into normals (Box-Muller within the run) and
+#: redraws the last 16 when 16 does not divide n; below 16 values it draws one by one
+NORMAL_RUN = 16
+
+
+def noise_groups(buffer: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """``buffer`` (the tensors of ``sizes`` back to back) cut into views, each of which one
+    ``normal_`` call fills exactly as one call per tensor would, in order, from the same
+    generator state (and leaving the same state).
+
+    On the CPU, consecutive tensors of at least 16 values draw as one when every one but
+    the last holds a multiple of 16 values: the uniforms are drawn in the same order, the
+    runs of 16 start at the same places, and only the last tensor's end can be redrawn,
+    as it would be alone. Anything else (fewer than 16 values, another device, another
+    dtype) keeps a call of its own.
+    """
+    if buffer.device.type != "cpu" or buffer.dtype not in (torch.float32, torch.float64):
+        return list(buffer.split(sizes))
+    groups: list[int] = []
+    mergeable = False  # whether the open group may take the next tensor
+    for n in sizes:
+        if mergeable and n >= NORMAL_RUN:
+            groups[-1] += n
+        else:
+            groups.append(n)
+        mergeable = n >= NORMAL_RUN and groups[-1] % NORMAL_RUN == 0
+    return list(buffer.split(groups))
+
+
 def _held(grads: FlatGrads | None, p: torch.Tensor | None) -> torch.Tensor | None:
     return None if grads is None or p is None or not p.requires_grad else grads.view(p)
 
@@ -345,7 +378,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         flat.filled = False
         std = self.noise_multiplier * self.max_grad_norm
         if std > 0:
-            for noise in flat.noises:  # Opacus's draw, tensor by tensor, into the buffer
+            for noise in flat.noise_draws:  # Opacus's draws, tensor by tensor, into the buffer
                 noise.normal_(0.0, std, generator=self.generator)
             flat.buffer.add_(flat.noise_buffer)
         flat.buffer /= self.expected_batch_size * self.accumulated_iterations

@@ -107,8 +107,14 @@ class PrivacyLedger:
         delta: float,
         accountant: str,
         privacy_unit: str = RECORD,
+        reuse: PrivacyLedger | None = None,
     ) -> PrivacyLedger:
-        """Open the site's ledger, creating it (and the site marker) on first use."""
+        """Open the site's ledger, creating it (and the site marker) on first use.
+
+        ``reuse``: the ledger this process opened last time; it is taken instead of
+        re-reading the file when the file is unchanged since (``unchanged``), then
+        checked like a freshly read one.
+        """
         site_dir = Path(site_dir)
         path = site_dir / LEDGER_FILE
         marker = site_dir / MARKER_FILE
@@ -131,7 +137,10 @@ class PrivacyLedger:
             _append_line(path, header)
             marker.write_text(json.dumps({"site": site, "ledger": LEDGER_FILE}) + "\n")
             fsync_dir(site_dir)
-        ledger = cls.read(path)
+        if reuse is not None and reuse.path == path and reuse.unchanged():
+            ledger = reuse
+        else:
+            ledger = cls.read(path)
         if ledger.delta != delta or ledger.accountant != accountant:
             raise LedgerError(
                 f"{path}: ledger is kept at delta={ledger.delta} with the "
@@ -149,6 +158,14 @@ class PrivacyLedger:
             _append_line(path, {"kind": "budget", "epsilon_max": epsilon_max, "time": _now()})
             ledger.epsilon_max = epsilon_max
         return ledger
+
+    def unchanged(self) -> bool:
+        """Whether the file still is what this object last read or wrote (append-only:
+        the same inode, size and modification time mean the same lines)."""
+        try:
+            return self._stamp is not None and _stamp(os.stat(self.path)) == self._stamp
+        except OSError:
+            return False
 
     @staticmethod
     def kept_accountant(site_dir: Path) -> str | None:

@@ -5,7 +5,8 @@
   plain unfold, for every padding, dilation and kernel shape;
 * the flat DP step is Opacus's step (the same noise draws and parameter update, one
   accountant step each), refuses to noise a clipped sum twice, and is not used where
-  it would differ (a site's CSPRNG, momentum);
+  it would differ (a site's CSPRNG, momentum); its noise, drawn for several tensors at
+  once where torch's draw allows it, is the per-tensor draw bit for bit;
 * the epsilon search over half the grid returns what Opacus's full search returns.
 """
 
@@ -25,6 +26,7 @@ from fedmeta.privacy.bookkeeping import (
     FlatGrads,
     _unfold,
     _unfold_wide,
+    noise_groups,
 )
 from fedmeta.privacy.noise import SiteRandomness, use_site_noise
 from fedmeta.privacy.units import UnitPoissonSampler, batch_units, torch_draw, unit_index
@@ -160,3 +162,30 @@ def test_epsilon_search_from_the_middle_is_opacus_search(steps):
     _, _, opacus_upper = dprv.compute_epsilon(delta, delta / 1000, eps_error)
     ours = budget._upper_epsilon(dprv, acc._grid, acc._shift, delta, delta / 1000, eps_error)
     assert math.isclose(ours, opacus_upper, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sizes=st.lists(
+        st.one_of(st.integers(1, 40), st.sampled_from([16, 32, 48, 144, 320, 4608])),
+        min_size=1,
+        max_size=8,
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_noise_draws_are_the_per_tensor_draws(sizes, dtype, seed):
+    """One normal_ call per group fills the buffer exactly as one call per tensor (Opacus's
+    draw) does, and leaves the generator where the per-tensor calls leave it."""
+    per_tensor = torch.Generator().manual_seed(seed)
+    want = [torch.empty(n, dtype=dtype).normal_(0.0, 1.7, generator=per_tensor) for n in sizes]
+    buffer = torch.empty(sum(sizes), dtype=dtype)
+    grouped = torch.Generator().manual_seed(seed)
+    draws = noise_groups(buffer, sizes)
+    assert sum(d.numel() for d in draws) == buffer.numel()
+    for d in draws:
+        d.normal_(0.0, 1.7, generator=grouped)
+    assert torch.equal(buffer, torch.cat(want))
+    assert torch.equal(torch.rand(4, generator=grouped), torch.rand(4, generator=per_tensor))
+    if all(n >= 16 and n % 16 == 0 for n in sizes[:-1]) and sizes[-1] >= 16:
+        assert len(draws) == 1  # the site models' case: one call for every tensor

@@ -128,3 +128,33 @@ def test_plan_run_grid_counts_other_runs_and_this_runs_most(tmp_path):
     ledger.plan_run("run-a", 30 * 8)
     assert ledger.grid_steps == 8 + 240
     assert ledger.epsilon() == pytest.approx(epsilon(ledger.history, 1e-5), rel=1e-4)
+
+
+def test_a_reused_ledger_is_the_file_or_is_read_again(tmp_path):
+    """A site keeps the ledger it last read or wrote and reopens it without re-reading the
+    file only while the file is unchanged; any other write, a missing ledger or a changed
+    setting is seen as with a fresh read."""
+    ledger = open_ledger(tmp_path)
+    ledger.charge("run", 1, (1.0, 0.05, 8))
+    again = PrivacyLedger.open(
+        tmp_path, site="site-x", epsilon_max=10.0, delta=1e-5, accountant="prv", reuse=ledger
+    )
+    assert again is ledger and ledger.unchanged()
+    on_disk = PrivacyLedger.read(ledger.path).charges
+    assert [c.step for c in again.charges] == [c.step for c in on_disk]
+    open_ledger(tmp_path).charge("run", 2, (1.0, 0.05, 8))  # another process
+    assert not ledger.unchanged()
+    fresh = PrivacyLedger.open(
+        tmp_path, site="site-x", epsilon_max=10.0, delta=1e-5, accountant="prv", reuse=ledger
+    )
+    assert fresh is not ledger and [c.round for c in fresh.charges] == [1, 2]
+    with pytest.raises(LedgerError, match="delta"):
+        PrivacyLedger.open(
+            tmp_path, site="site-x", epsilon_max=10.0, delta=1e-6, accountant="prv", reuse=fresh
+        )
+    (tmp_path / LEDGER_FILE).unlink()
+    assert not fresh.unchanged()
+    with pytest.raises(LedgerError, match="missing"):
+        PrivacyLedger.open(
+            tmp_path, site="site-x", epsilon_max=10.0, delta=1e-5, accountant="prv", reuse=fresh
+        )
