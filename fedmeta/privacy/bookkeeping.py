@@ -220,7 +220,11 @@ class BookKeepingClipper:
                     "ReLU(inplace=True)); make it out-of-place or use grad-sample-mode hooks"
                 )
         grads_out = torch.autograd.grad(loss_sum, [z for _, z, _, _ in kept])
-        with torch.no_grad():
+        # writing only into the flat buffer, the arithmetic runs in inference mode (no
+        # autograd or version bookkeeping on its temporaries); a gradient tensor of its
+        # own (``p.grad``) must stay an ordinary tensor, so that path keeps no_grad
+        buffer_only = not self.write_grads and self.grads is not None
+        with torch.inference_mode() if buffer_only else torch.no_grad():
             return self._clip(layers, kept, grads_out, units, n_units)
 
     def _clip(self, layers, kept, grads_out, units, n_units) -> torch.Tensor | None:
