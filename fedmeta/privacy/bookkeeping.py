@@ -231,12 +231,14 @@ class BookKeepingClipper:
         members = None  # [U, B]: 1 where sample b belongs to unit u
         if units is not None and grads_out:
             members = F.one_hot(units, n_units).t().to(grads_out[0].dtype)
-        sq_norms: torch.Tensor | None = None
+        parts: list[torch.Tensor] = []  # per-sample squared norms, tensor by tensor
         sums = []
         for module, (a, _, _, _), dz in zip(layers, kept, grads_out, strict=True):
             sq, clipped_sum = _layer_grads(module, a, dz, units, members)
-            sq_norms = sq if sq_norms is None else sq_norms + sq
+            parts.extend(sq)
             sums.append((module, clipped_sum))
+        # one sum over every part (instead of an addition per part)
+        sq_norms = torch.stack(parts).sum(0) if len(parts) > 1 else (parts or [None])[0]
         buffer_only = not self.write_grads and self.grads is not None
         unused = [] if layers is self.layers else [m for m in self.layers if m not in layers]
         for m in unused:  # a layer unused in this forward pass gets a zero gradient
@@ -496,7 +498,8 @@ def _layer_grads(
     units: torch.Tensor | None = None,
     members: torch.Tensor | None = None,
 ):
-    """(per-sample squared gradient norms [B], (factor, weight_out, bias_out) -> None).
+    """(per-sample squared gradient norms [B] of its trainable tensors, summed over a list
+    (empty when none is trainable), (factor, weight_out, bias_out) -> None).
 
     The second writes the clipped weight and bias sums into ``weight_out`` /
     ``bias_out`` (None for a frozen tensor). Only trainable tensors enter the
@@ -511,9 +514,9 @@ def _layer_grads(
         dz_sq = torch.linalg.vecdot(dz, dz)  # rank-one per-sample gradients
         if w_on:
             a_sq = torch.linalg.vecdot(a, a)
-            sq = torch.addcmul(dz_sq, dz_sq, a_sq) if b_on else dz_sq * a_sq
+            sq = [torch.addcmul(dz_sq, dz_sq, a_sq) if b_on else dz_sq * a_sq]
         else:
-            sq = dz_sq if b_on else torch.zeros_like(dz_sq)
+            sq = [dz_sq] if b_on else []
 
         def rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
             scaled_t = dz.t() * factor  # [out, B]
@@ -531,11 +534,7 @@ def _layer_grads(
         if w_on:
             inputs = a @ a.t()
             gram = gram * (inputs + 1.0 if b_on else inputs)
-        sq = (
-            torch.linalg.vecdot(members @ gram, members)
-            if (w_on or b_on)
-            else dz.new_zeros(members.shape[0])
-        )
+        sq = [torch.linalg.vecdot(members @ gram, members)] if (w_on or b_on) else []
 
         def unit_rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
             scaled_t = dz.t() * factor[units]  # [out, B]
@@ -562,15 +561,11 @@ def _layer_grads(
         bias_rows = dz3.sum(2) if b_on else None
     rows = per_sample.reshape(batch, -1) if w_on else None
     if members is not None:  # a unit's gradient: the sum of its samples'
-        batch = members.shape[0]
         rows = members @ rows if w_on else None
         bias_rows = members @ bias_rows if b_on else None
-    if w_on:
-        sq = torch.linalg.vecdot(rows, rows)
-        if b_on:
-            sq = sq + torch.linalg.vecdot(bias_rows, bias_rows)
-    else:
-        sq = torch.linalg.vecdot(bias_rows, bias_rows) if b_on else dz.new_zeros(batch)
+    sq = [torch.linalg.vecdot(rows, rows)] if w_on else []
+    if b_on:
+        sq.append(torch.linalg.vecdot(bias_rows, bias_rows))
 
     def materialised_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
         if weight_out is not None:
