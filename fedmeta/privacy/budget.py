@@ -44,6 +44,7 @@ from opacus.accountants.analysis.prv import (
 from opacus.accountants.analysis.prv.prvs import DiscretePRV
 from opacus.accountants.rdp import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from scipy.fft import irfft, rfft
 
 Step = tuple[float, float, int]
 BOUNDING_ACCOUNTANTS = ("prv", "rdp")
@@ -263,7 +264,7 @@ class BoundedPRVAccountant(PRVAccountant):
         shift = sum(n * _spectrum(sigma, q, *grid)[1] for sigma, q, n in self.history)
         total = sum(counts)
         self._grid, self._shift = grid, shift
-        pmf = np.fft.irfft(spectrum, n=domain.size)
+        pmf = irfft(spectrum, n=domain.size)  # scipy's, as Opacus's composition uses
         # index of a sum of `total` grid points on the same grid (Opacus's _compose_fourier)
         roll = (total - 1 + (domain.size // 2 if total % 2 == 0 else 0)) % domain.size
         return pmf, roll, domain
@@ -391,7 +392,7 @@ def _spectrum(
 ) -> tuple[np.ndarray, float]:
     """(rfft of the discretised truncated PRV, its mean-preserving shift) on a grid."""
     dprv = _discrete_prv(sigma, q, t_min, t_max, size)
-    return np.fft.rfft(dprv.pmf), float(dprv.domain.shifts)
+    return rfft(dprv.pmf), float(dprv.domain.shifts)
 
 
 @lru_cache(maxsize=256)
