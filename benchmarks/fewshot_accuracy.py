@@ -320,13 +320,21 @@ def rounds_section(seeds: list[int], main_seed: int, window: int = 10) -> list[s
     if "fedavg" not in curves:
         return []
     rounds = sorted({r for c in curves.values() for r, _, _ in c})
-    every = min((b - a for a, b in zip(rounds, rounds[1:], strict=False)), default=0)
+    gaps: dict[str, int] = {}
+    for c in per_seed.values():
+        for strat, curve in c.items():
+            rs = [t[0] for t in curve]
+            gap = min((b - a for a, b in zip(rs, rs[1:], strict=False)), default=0)
+            gaps[strat] = max(gaps.get(strat, 0), gap)
+    every = min(gaps.values())
+    coarser = [f"{s} {g}" for s, g in gaps.items() if g != every]
+    every_text = f"every {every} rounds" + (f" ({', '.join(coarser)})" if coarser else "")
     shown = [r for r in rounds if r % max(every, window) == 0]
     lines = [
         "**Per-round validation curve** (server evaluation of the global model on the "
         "validation classes, 5-way 5-shot, the same 100 episodes at every evaluation, 20 "
         f"steps at a fixed lr per strategy: {', '.join(f'{s} {CURVE_LR[s]:g}' for s in curves)}"
-        f"; training seed {main_seed}; evaluated every {every} rounds"
+        f"; training seed {main_seed}; evaluated {every_text}"
         + (
             f", every {max(every, window)}th round shown; every evaluation is in "
             "`benchmarks/results/fewshot/curves/`)"
@@ -347,7 +355,7 @@ def rounds_section(seeds: list[int], main_seed: int, window: int = 10) -> list[s
     lines += [
         "",
         "**Rounds to reach FedAvg-transfer's final validation accuracy** (the same runs and "
-        f"episodes; evaluated every {every} rounds, the rule applied at that resolution to "
+        f"episodes; evaluated {every_text}, the rule applied at that resolution to "
         "every strategy, FedAvg included: a curve's level at round r is the mean of its "
         f"evaluations in rounds r-{window - 1}..r (r >= {window}), so no single 100-episode "
         "evaluation decides; the target is FedAvg's level at its last round ± the mean of "
