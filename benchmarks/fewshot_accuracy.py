@@ -367,8 +367,11 @@ def rounds_section(seeds: list[int], main_seed: int, window: int = 10) -> list[s
         "|---|---|---|" + "---|" * len(others),
     ]
 
-    def when(r: int | None, final: int) -> str:
-        return f"{r}" if r is not None else f"> {final}"
+    def when(res: dict, s: str, key: str) -> str:
+        r, base = res["reach"][s][key], res["reach"]["fedavg"][key]
+        if r is None:
+            return f"> {res['final_round']}"
+        return f"{r}" if s == "fedavg" or base is None else f"{r}, {base / r:.1f}x"
 
     for seed, c in per_seed.items():
         if "fedavg" not in c:
@@ -383,7 +386,7 @@ def rounds_section(seeds: list[int], main_seed: int, window: int = 10) -> list[s
                 cells.append("not run")
                 continue
             got = res["reach"][s]
-            lo, hi = when(got["at_minus_ci"], final), when(got["at_plus_ci"], final)
+            lo, hi = when(res, s, "at_minus_ci"), when(res, s, "at_plus_ci")
             band = f" (-CI: {lo}; +CI: {hi})"
             if got["at"] is None:
                 r, v = got["best"]

@@ -104,6 +104,10 @@ def test_rounds_section_renders_ratio_and_band_from_curve_files(tmp_path, monkey
     assert (f_at, r_at) == (38, 16)
     assert f"round {r_at}: {f_at / r_at:.1f}x fewer" in text
     assert "| 1 | 90.0 ± 1.0% (rounds 92-100) | round 38" in text
+    # the band: the same rule at the target minus its CI, FedAvg's rounds there as the base
+    f_lo, r_lo = res["reach"]["fedavg"]["at_minus_ci"], res["reach"]["reptile"]["at_minus_ci"]
+    assert f_lo < f_at and r_lo <= r_at
+    assert f"(-CI: {r_lo}, {f_lo / r_lo:.1f}x; +CI: > 100)" in text
     # 51 evaluations, every 10th round in the table
     assert "evaluated every 2 rounds, every 10th round shown" in text
     assert "| 10 | " in text and "| 12 | " not in text
