@@ -107,7 +107,11 @@ def test_rounds_section_renders_ratio_and_band_from_curve_files(tmp_path, monkey
     # the band: the same rule at the target minus its CI, FedAvg's rounds there as the base
     f_lo, r_lo = res["reach"]["fedavg"]["at_minus_ci"], res["reach"]["reptile"]["at_minus_ci"]
     assert f_lo < f_at and r_lo <= r_at
-    assert f"(-CI: {r_lo}, {f_lo / r_lo:.1f}x; +CI: > 100)" in text
+    # FedAvg (capped at 0.90) never reaches the target plus its CI: no ratio there
+    assert res["reach"]["fedavg"]["at_plus_ci"] is None
+    r_hi = res["reach"]["reptile"]["at_plus_ci"]
+    assert f"round 38 (-CI: {f_lo}; +CI: > 100)" in text
+    assert f"(-CI: {r_lo}, {f_lo / r_lo:.1f}x; +CI: {r_hi})" in text
     # 51 evaluations, every 10th round in the table
     assert "evaluated every 2 rounds, every 10th round shown" in text
     assert "| 10 | " in text and "| 12 | " not in text
