@@ -317,6 +317,7 @@ def rounds_section(seeds: list[int], main_seed: int, window: int = 10) -> list[s
         for seed in seeds
     }
     curves = per_seed.get(main_seed, {})
+    name = {"reptile": "Reptile", "fedavg": "FedAvg-transfer", "fomaml": "FOMAML"}
     if "fedavg" not in curves:
         return []
     rounds = sorted({r for c in curves.values() for r, _, _ in c})
@@ -342,7 +343,7 @@ def rounds_section(seeds: list[int], main_seed: int, window: int = 10) -> list[s
             else ")"
         ),
         "",
-        "| round | " + " | ".join(curves) + " |",
+        "| round | " + " | ".join(name[s] for s in curves) + " |",
         "|---|" + "---|" * len(curves),
     ]
     for r in shown:
@@ -363,7 +364,9 @@ def rounds_section(seeds: list[int], main_seed: int, window: int = 10) -> list[s
         "or above it; ratio = FedAvg's rounds / the strategy's rounds; in brackets the "
         "rounds to reach the target minus and plus its CI)",
         "",
-        "| training seed | target: FedAvg's final | FedAvg | " + " | ".join(others) + " |",
+        "| training seed | target: FedAvg's final | FedAvg | "
+        + " | ".join(name[s] for s in others)
+        + " |",
         "|---|---|---|" + "---|" * len(others),
     ]
 
