@@ -394,7 +394,7 @@ def rounds_section(seeds: list[int], main_seed: int, window: int = 10) -> list[s
             if got["at"] is None:
                 r, v = got["best"]
                 cells.append(
-                    f"not reached in {final} rounds (best {100 * v:.1f}% at round {r})" + band
+                    f"not reached in {final} rounds (best level {100 * v:.1f}% at round {r})" + band
                 )
             elif s == "fedavg":
                 cells.append(f"round {got['at']}" + band)

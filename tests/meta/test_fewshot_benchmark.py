@@ -71,7 +71,7 @@ def test_rounds_to_target_per_seed_from_the_kept_curves(bench):
     text = "\n".join(bench.rounds_section([1, 2], 1))
     assert "| 1 | 90.0 ± 1.0% (round 40) | round 40 (-CI: 40; +CI: > 40) | round 20: 2.0x" in text
     assert "| 2 | 90.0 ± 1.0% (round 40) | round 40 (-CI: 40; +CI: > 40) | round 40: 1.0x" in text
-    assert "not reached in 40 rounds (best 88.0% at round 40)" in text
+    assert "not reached in 40 rounds (best level 88.0% at round 40)" in text
     assert "| 20 | 91.0 ± 1.0 | 85.0 ± 1.0 | 70.0 ± 1.0 |" in text
 
 
