@@ -12,11 +12,16 @@ inner loop (8 SGD steps, batch 10, inner lr 0.01) and the server's meta step
 * ``centralized, unlimited tasks``: a fresh sinusoid from the full range every time,
 
 each for the federated run's number of meta steps and for 10x as many, and
-scores them (and a federated run's model, if given) with the same protocol as
+scores them (and the federated runs' models, if given) with the same protocol as
 ``fedmeta evaluate`` (10 support points, 32 steps, lr chosen on 100 validation
-episodes, 400 test episodes).
+episodes, 400 test episodes). A federated run is one of `fedmeta simulate --task sine
+--strategy reptile --sites 10 --no-dp` (5 sites per round, the task's site settings);
+its rounds play the part of the meta steps (beta is annealed over the run's rounds, as
+over the centralized run's steps), and its server validation curve, if it evaluated
+during training, is kept beside its score.
 
-    python benchmarks/sine_gap.py [--meta-steps 300] [--federated RUN_DIR] [--out X.json]
+    python benchmarks/sine_gap.py [--meta-steps 300] [--mults 1,10] \
+        [--federated RUN_DIR [RUN_DIR ...]] [--out X.json]
 """
 
 from __future__ import annotations
@@ -87,10 +92,36 @@ def score(task: Sine, state, grid, val, test) -> dict:
     return {"mse": mean, "ci95": ci, "lr": lr}
 
 
+def federated_row(run: Path, task: Sine, grid, val, test) -> tuple[str, dict]:
+    """A federated run's score, its rounds, training time and server validation curve."""
+    summary = json.loads((run / "summary.json").read_text())
+    if summary.get("task") != "sine" or summary.get("dp"):
+        raise SystemExit(
+            f"{run}: not a non-private sine run; give a `fedmeta simulate --task sine"
+            " --no-dp` run directory"
+        )
+    row = score(task, load_model(run)["state_dict"], grid, val, test)
+    row["rounds"] = summary["rounds"]
+    row["train_wall_s"] = summary.get("wall_s")
+    curve = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if isinstance(m.get("eval"), dict) and m["eval"].get("metric") == "mse":
+            curve.append([m["round"], m["eval"]["adapted"], m["eval"]["adapted_ci95"]])
+    if len(curve) > 2:
+        config = json.loads((run / "config.json").read_text())
+        row["val_curve"] = curve
+        row["val_curve_protocol"] = {
+            k: config.get(k)
+            for k in ("eval-split", "eval-shots", "eval-episodes", "adapt-steps", "adapt-lr")
+        }
+    return f"federated (sites), {summary['rounds']} rounds", row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--meta-steps", type=int, default=300)
-    ap.add_argument("--federated", type=Path, default=None)
+    ap.add_argument("--federated", type=Path, nargs="*", default=[])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fewshot/sine-gap.json"))
     ap.add_argument("--mults", default="1,10", help="multiples of --meta-steps to train")
     ap.add_argument("--sources", default="same,unlimited", help="task supplies to train on")
@@ -102,15 +133,18 @@ def main() -> None:
     test = draw_episodes(task, "test", 400, 10, 15, 10_000)
     out: dict = {"meta_steps": args.meta_steps, "grid": grid, "rows": {}}
     started = time.time()
-    if args.federated:
-        saved = load_model(args.federated)
-        out["rows"]["federated (sites)"] = score(task, saved["state_dict"], grid, val, test)
-    for source in args.sources.split(","):
+    for run in args.federated:
+        name, row = federated_row(run, task, grid, val, test)
+        out["rows"][name] = row
+        print(name, {k: v for k, v in row.items() if k != "val_curve"}, flush=True)
+    for source in filter(None, args.sources.split(",")):
         for mult in (int(m) for m in args.mults.split(",")):
             steps = args.meta_steps * mult
+            t0 = time.time()
             state = meta_train(task, steps, source, seed=1)
+            train_s = round(time.time() - t0, 1)
             name = f"centralized, {source} tasks, {steps} meta steps"
-            out["rows"][name] = score(task, state, grid, val, test)
+            out["rows"][name] = {**score(task, state, grid, val, test), "train_wall_s": train_s}
             print(name, out["rows"][name], flush=True)
     out["wall_s"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,8 +69,9 @@ def test_rounds_to_target_per_seed_from_the_kept_curves(bench):
     put_curve(bench, "np-fedavg-s2", fedavg)
     put_curve(bench, "np-reptile-s2", [[0, 0.6, 0.02], [20, 0.8, 0.01], [40, 0.9, 0.01]])
     text = "\n".join(bench.rounds_section([1, 2], 1))
-    assert "| 1 | 90.0% at round 40 | round 20: 2.0x fewer | not reached in 40 rounds" in text
-    assert "| 2 | 90.0% at round 40 | round 40: 1.0x fewer | not run |" in text
+    assert "| 1 | 90.0 ± 1.0% (round 40) | round 40 (-CI: 40; +CI: > 40) | round 20: 2.0x" in text
+    assert "| 2 | 90.0 ± 1.0% (round 40) | round 40 (-CI: 40; +CI: > 40) | round 40: 1.0x" in text
+    assert "not reached in 40 rounds (best level 88.0% at round 40)" in text
     assert "| 20 | 91.0 ± 1.0 | 85.0 ± 1.0 | 70.0 ± 1.0 |" in text
 
 
