@@ -34,12 +34,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import machine, write_section  # noqa: E402
 
+from fedmeta.meta.curve import LR_RULE, SCHEDULE  # noqa: E402
+
 WORK = Path("benchmarks/.runs")
 RESULTS = Path("benchmarks/results/fewshot")
 PY = sys.executable
 SCRATCH_STEPS = (20, 100)
-# the 100-step rows (5x the adaptation): rate from {0.1, 0.3}, 100 test episodes, 1 and 5 shots
-LONG = ["--steps", "100", "--lr-grid", "0.1,0.3", "--episodes", "100"]
+# the adaptation rates tried on validation (every method, every shot count)
+GRID = "0.03,0.1,0.3,0.5"
+# the 100-step rows (5x the adaptation): rate from {0.1, 0.3, 0.5}, 100 test episodes
+LONG_GRID = "0.1,0.3,0.5"
+LONG = ["--steps", "100", "--lr-grid", LONG_GRID, "--episodes", "100"]
 LONG_SHOTS = ("1", "5")
 ORDER = [
     "scratch-20",
@@ -201,9 +206,20 @@ def curve_of(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def current(path: Path) -> bool:
+    """Whether a kept evaluation was measured under the current protocol (rate-selection
+    rule and step schedule)."""
+    if not path.exists():
+        return False
+    kept = json.loads(path.read_text())
+    return (kept.get("lr_rule"), kept.get("schedule")) == (LR_RULE, SCHEDULE)
+
+
 def evaluate(name: str, runs: list[Path], shots: str, extra: list[str] = ()) -> Path:
+    """One evaluation slice, unless kept under the current protocol (an older one is
+    measured again by `fewshot_eval.py`, reusing only what would repeat exactly)."""
     out = RESULTS / f"{name}.json"
-    if not out.exists():
+    if not current(out):
         sh(
             [
                 PY,
@@ -217,6 +233,40 @@ def evaluate(name: str, runs: list[Path], shots: str, extra: list[str] = ()) -> 
             ]
         )
     return out
+
+
+def rechoose_command(path: Path) -> list[str] | None:
+    """The `fewshot_eval.py` command that measures a kept slice again under the current
+    protocol (its own runs, methods, shots, episodes and step budget; the current
+    grid); None when it is current or not an evaluation slice."""
+    kept = json.loads(path.read_text())
+    if "points" not in kept or current(path):
+        return None
+    pts = kept["points"]
+    runs = sorted({p["run_dir"] for p in pts if p.get("run_dir")}) or [
+        str(WORK / "np-reptile-s1")  # scratch alone: the run only gives the task's settings
+    ]
+    cmd = [PY, "benchmarks/fewshot_eval.py", *runs, "--out", str(path)]
+    cmd += ["--shots", ",".join(str(k) for k in sorted({p["shots"] for p in pts}))]
+    cmd += ["--methods", ",".join(dict.fromkeys(p["method"] for p in pts))]
+    cmd += ["--lr-grid", LONG_GRID if kept["steps"] != 20 else GRID]
+    cmd += ["--episodes", str(kept["episodes"]), "--val-episodes", str(kept["val_episodes"])]
+    cmd += ["--steps", str(kept["steps"])]
+    return [*cmd, "--shift"] if kept["shift"] else cmd
+
+
+def rechoose(paths: list[Path], jobs: int) -> None:
+    """Measure again every kept slice of an earlier protocol, ``jobs`` at a time."""
+    cmds = [c for path in paths if (c := rechoose_command(path))]
+    running: list[subprocess.Popen] = []
+    for cmd in cmds:
+        while len(running) >= jobs:
+            running[0].wait()
+            running = [r for r in running if r.poll() is None]
+        print("$", " ".join(cmd), flush=True)
+        running.append(subprocess.Popen(cmd))
+    for r in running:
+        r.wait()
 
 
 def points(paths: list[Path]) -> dict[tuple[str, int], dict]:
@@ -585,7 +635,17 @@ def main() -> None:
     ap.add_argument("--levers", action="store_true", help="also the variants tried for targets")
     ap.add_argument("--train", action="store_true", help="train/evaluate what is missing")
     ap.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
+    ap.add_argument(
+        "--rechoose",
+        nargs="*",
+        metavar="SLICE",
+        help="measure kept slices (names, default all) again under the current protocol",
+    )
+    ap.add_argument("--jobs", type=int, default=2, help="slices re-chosen side by side")
     args = ap.parse_args()
+    if args.rechoose is not None:
+        names = args.rechoose or [p.stem for p in sorted(RESULTS.glob("*.json"))]
+        rechoose([RESULTS / f"{n}.json" for n in names], args.jobs)
     s = args.seed
     seeds = [int(x) for x in args.seeds.split(",")]
     shot_args = args.shots.split(",")
