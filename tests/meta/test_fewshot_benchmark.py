@@ -147,3 +147,55 @@ def test_dp_target_picks_the_use_with_the_best_validation_score_not_the_best_tes
     assert not any(line.startswith("| 2 |") for line in lines)
     assert "| mean of the seeds | 90.0 vs 92.0 (-2.0; 1 seed) |" in lines
     assert bench.dp_target_table([3], [5]) == []
+
+
+def test_one_se_rule_keeps_the_smaller_rate_unless_a_larger_is_clearly_better() -> None:
+    from fedmeta.meta.curve import grid_summary, one_se_choice
+
+    # 0.3 is best by 0.5 points, less than its standard error (1 point): the smaller 0.1 is kept
+    assert one_se_choice({0.03: (0.80, 0.01), 0.1: (0.915, 0.01), 0.3: (0.92, 0.01)}) == 0.1
+    # 0.3 is better by 3 standard errors: it is kept
+    assert one_se_choice({0.03: (0.80, 0.01), 0.1: (0.89, 0.01), 0.3: (0.92, 0.01)}) == 0.3
+    # the smallest rate within reach wins even when a middle one is closer to the best
+    assert one_se_choice({0.03: (0.912, 0.01), 0.1: (0.919, 0.01), 0.3: (0.92, 0.01)}) == 0.03
+    # regression: lower is better, and the rule reads the same way
+    assert one_se_choice({0.01: (0.26, 0.02), 0.03: (0.25, 0.02)}, higher_is_better=False) == 0.01
+    assert one_se_choice({0.01: (0.40, 0.02), 0.03: (0.25, 0.02)}, higher_is_better=False) == 0.03
+    with pytest.raises(ValueError, match="no learning rate"):
+        one_se_choice({})
+    # the standard error is the episodes' sample standard deviation over sqrt(n)
+    summary = grid_summary({0.1: [0.0, 1.0, 0.0, 1.0], 0.3: [1.0, 1.0, 1.0, 1.0]})
+    assert summary[0.1] == pytest.approx((0.5, (1 / 3) ** 0.5 / 2))
+    assert summary[0.3] == (1.0, 0.0)
+    assert one_se_choice(summary) == 0.3
+
+
+def test_a_slice_of_an_earlier_protocol_is_measured_again_with_its_own_settings(bench):
+    old = {
+        "lr_grid": [0.03, 0.1, 0.3],
+        "episodes": 400,
+        "val_episodes": 100,
+        "steps": 20,
+        "shift": True,
+        "points": [
+            {**point("meta", 1, 0.7), "run_dir": "benchmarks/.runs/np-reptile-s1"},
+            {**point("meta+proto", 1, 0.6, None), "run_dir": "benchmarks/.runs/np-reptile-s1"},
+            {**point("meta", 5, 0.9), "run_dir": "benchmarks/.runs/np-reptile-s1"},
+        ],
+    }
+    put(bench, "shift-s1-k1-meta", [])
+    path = bench.RESULTS / "shift-s1-k1-meta.json"
+    path.write_text(json.dumps(old))
+    assert not bench.current(path)
+    cmd = bench.rechoose_command(path)
+    assert cmd[1:3] == ["benchmarks/fewshot_eval.py", "benchmarks/.runs/np-reptile-s1"]
+    text = " ".join(cmd)
+    assert "--shots 1,5 --methods meta,meta+proto" in text
+    assert f"--lr-grid {bench.GRID} --episodes 400 --val-episodes 100 --steps 20" in text
+    assert cmd[-1] == "--shift"
+    path.write_text(json.dumps({**old, "lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE}))
+    assert bench.current(path) and bench.rechoose_command(path) is None
+    # a slice of scratch alone names no run: the main seed's Reptile run gives the settings
+    path.write_text(json.dumps({**old, "shift": False, "points": [point("scratch", 1, 0.5)]}))
+    cmd = bench.rechoose_command(path)
+    assert cmd[2] == str(bench.WORK / "np-reptile-s1") and "--shift" not in cmd
