@@ -38,9 +38,11 @@ def point(method: str, shots: int, mean: float, lr: float | None = 0.3, val=None
     }
 
 
-def put(bench, name: str, pts: list[dict]) -> None:
+def put(bench, name: str, pts: list[dict], current: bool = True) -> None:
+    """A kept slice, of the current protocol unless ``current`` is False."""
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
-    (bench.RESULTS / f"{name}.json").write_text(json.dumps({"points": pts}))
+    now = {"lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE} if current else {}
+    (bench.RESULTS / f"{name}.json").write_text(json.dumps({**now, "points": pts}))
 
 
 def put_curve(bench, name: str, curve, epsilon=()) -> None:
@@ -199,3 +201,44 @@ def test_a_slice_of_an_earlier_protocol_is_measured_again_with_its_own_settings(
     path.write_text(json.dumps({**old, "shift": False, "points": [point("scratch", 1, 0.5)]}))
     cmd = bench.rechoose_command(path)
     assert cmd[2] == str(bench.WORK / "np-reptile-s1") and "--shift" not in cmd
+
+
+def test_tables_mark_earlier_protocol_cells_and_show_the_change_and_the_evidence(bench):
+    now = {"lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE}
+    grid = {"0.03": [0.30, 0.01], "0.1": [0.61, 0.015], "0.3": [0.76, 0.017], "0.5": [0.82, 0.014]}
+    new = {**point("scratch", 5, 0.759, 0.5, val=0.82), "val_grid": grid}
+    old = {**point("scratch", 5, 0.541, 0.3, val=0.64), "ci95": 0.018}
+    bench.RESULTS.mkdir(parents=True)
+    (bench.RESULTS / "scratch-20-k5.json").write_text(
+        json.dumps({**now, "points": [new], "previous": {"points": [old]}})
+    )
+    put(bench, "scratch-20-k1", [point("scratch", 1, 0.565, 0.3)], current=False)
+    pts = bench.points(sorted(bench.RESULTS.glob("scratch-20-k*.json")))
+    lines = bench.table(pts, [1, 5])
+    assert (
+        "| scratch (20 steps, the common budget) | 56.5 ± 1.0 (lr 0.3; earlier protocol) "
+        "| 75.9 ± 1.0 (lr 0.5) |"
+    ) in lines
+    change = bench.change_table(pts, [1, 5])
+    assert "| scratch (20 steps, the common budget) | — | 54.1 → 75.9 (lr 0.3 → 0.5; +21.8) |" in (
+        change
+    )
+    evidence = bench.grid_table(pts, [1, 5], ("scratch",))
+    assert (
+        "| scratch (20 steps, the common budget) | 5 | 30.0 ± 1.0 | 61.0 ± 1.5 | 76.0 ± 1.7 "
+        "| **82.0 ± 1.4** |"
+    ) in evidence
+    assert not any("| 1 |" in line for line in evidence)  # the earlier cell has no grid
+    assert bench.change_table(bench.points([bench.RESULTS / "scratch-20-k1.json"]), [1]) == []
+
+
+def test_breast_cancer_shot_counts_the_test_hospitals_cannot_supply_say_why(bench):
+    why = bench.bc_infeasible([1, 5, 10])
+    assert set(why) == {10}
+    assert why[10].startswith("not feasible: the test hospitals hold 1 and 6 patients")
+    put(bench, "bc-s1", [point("scratch", 1, 0.6), point("scratch", 5, 0.9)])
+    lines = bench.held_out_sites(1, 100, ["1", "5", "10"], run=False)
+    assert any(
+        "| 60.0 ± 1.0 (lr 0.3) | 90.0 ± 1.0 (lr 0.3) | not feasible: the test hospitals" in line
+        for line in lines
+    )
