@@ -595,7 +595,10 @@ def dp_target_table(seeds: list[int], shots: list[int]) -> list[str]:
 def val_cell(p: dict | None) -> str:
     if p is None or p.get("val_mean") is None:
         return "not run"
-    return f"{100 * p['val_mean']:.1f} (lr {p['lr']:g})" if p.get("lr") else "—"
+    if not p.get("lr"):
+        return "—"
+    old = "; earlier protocol" if p.get("current") is False else ""
+    return f"{100 * p['val_mean']:.1f} (lr {p['lr']:g}{old})"
 
 
 def mean_cell(values: list[float]) -> str:
@@ -618,9 +621,10 @@ def levers_section(seeds: list[int]) -> list[str]:
         ]
     lines = [
         "**Reptile variants tried for the targets** (judged on the validation classes: the "
-        "server's 5-shot validation accuracy at the last round and the best of the lr grid "
-        "on 100 validation episodes per shot count; the test columns are the 400 test "
-        "episodes at that rate, read only after the choice)",
+        "server's 5-shot validation accuracy at the last round, and the validation accuracy "
+        "of the rate kept on 100 validation episodes per shot count (the earlier protocol "
+        "kept the best of its grid); the test columns are the 400 test episodes at that "
+        "rate, read only after the choice)",
         "",
         "| run | training seed | privacy | val, last round | val 1-shot | val 5-shot "
         "| test 1-shot | test 5-shot |",
