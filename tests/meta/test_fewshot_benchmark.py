@@ -242,3 +242,15 @@ def test_breast_cancer_shot_counts_the_test_hospitals_cannot_supply_say_why(benc
         "| 60.0 ± 1.0 (lr 0.3) | 90.0 ± 1.0 (lr 0.3) | not feasible: the test hospitals" in line
         for line in lines
     )
+
+
+def test_rule_note_counts_the_cells_where_the_rule_kept_a_smaller_rate(bench):
+    grid = {"0.1": [0.80, 0.01], "0.3": [0.805, 0.01]}  # 0.3 best by less than one SE
+    put(bench, "np-s1-k1-meta", [{**point("meta", 1, 0.7, 0.1), "val_grid": grid}])
+    clear = {"0.1": [0.70, 0.01], "0.3": [0.80, 0.01]}
+    put(bench, "np-s1-k5-meta", [{**point("meta", 5, 0.9, 0.3), "val_grid": clear}])
+    put(bench, "np-s1-k10-meta", [point("meta", 10, 0.9, 0.3)], current=False)
+    (bench.RESULTS / "sine-gap.json").write_text(json.dumps({"grid": [0.01], "rows": {}}))
+    note = bench.rule_note(sorted(bench.RESULTS.glob("*.json")))
+    assert note[0].startswith("Over all 2 cells measured under this protocol")
+    assert "smaller rate than the best validation rate in 1;" in note[0]
