@@ -322,13 +322,12 @@ def change_table(pts: dict, shots: list[int]) -> list[str]:
     pts = {(m if m != "scratch" else "scratch-20", k): p for (m, k), p in pts.items()}
 
     def one(p: dict | None) -> str:
-        if p is None or not p.get("current") or p.get("before") is None:
-            return "—"
+        if p is None or not p.get("current") or p.get("before") is None or not p.get("lr"):
+            return "—"  # a prototype classifier takes no step: nothing changed
         b = p["before"]
-        lrs = f"lr {b['lr']:g} → {p['lr']:g}; " if p.get("lr") else ""
         return (
             f"{100 * b['mean']:.1f} → {100 * p['mean']:.1f} "
-            f"({lrs}{100 * (p['mean'] - b['mean']):+.1f})"
+            f"(lr {b['lr']:g} → {p['lr']:g}; {100 * (p['mean'] - b['mean']):+.1f})"
         )
 
     rows = [
@@ -396,9 +395,7 @@ def grid_table(pts: dict, shots: list[int], methods: tuple[str, ...]) -> list[st
         "| method | shots | " + " | ".join(f"lr {x}" for x in head) + " |",
         "|---|---|" + "---|" * len(head),
         *[
-            f"| {LABEL.get(m if m != 'scratch' else 'scratch-20', m)} | {k} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {LABEL.get(m, m)} | {k} | " + " | ".join(cells) + " |"
             for m, k, g, cells in rows
             if tuple(g) == head
         ],
@@ -868,7 +865,7 @@ def main() -> None:
         *budget_note(s),
         "",
         *change_table(np_pts, shots),
-        *grid_table(np_pts, shots, ("scratch", "transfer", "meta", "fomaml")),
+        *grid_table(np_pts, shots, ("scratch-20", "transfer", "meta", "fomaml")),
         *rule_note(sorted(RESULTS.glob("*.json"))),
         *seed_table(seeds, shots),
     ]

@@ -223,7 +223,9 @@ def test_tables_mark_earlier_protocol_cells_and_show_the_change_and_the_evidence
     assert "| scratch (20 steps, the common budget) | — | 54.1 → 75.9 (lr 0.3 → 0.5; +21.8) |" in (
         change
     )
-    evidence = bench.grid_table(pts, [1, 5], ("scratch",))
+    evidence = bench.grid_table(
+        {("scratch-20", k): p for (_, k), p in pts.items()}, [1, 5], ("scratch-20",)
+    )
     assert (
         "| scratch (20 steps, the common budget) | 5 | 30.0 ± 1.0 | 61.0 ± 1.5 | 76.0 ± 1.7 "
         "| **82.0 ± 1.4** |"
