@@ -12,15 +12,18 @@ kept in `benchmarks/results/fewshot/`, so `--write` alone rewrites the section
 and a later session adds cells without re-running the others.
 
     python benchmarks/fewshot_accuracy.py [--train] [--rounds 100] [--seed 1] \
-        [--seeds 1,2,3] [--shots 1,5,10] [--dp] [--levers] [--write]
+        [--seeds 1,2,3] [--shots 1,5,10] [--dp] [--levers] [--write] \
+        [--rechoose [SLICE ...]] [--jobs 2]
 
-The protocol (stated again in docs/benchmarks.md): per shot count and per
-method, the adaptation lr is chosen from one grid on 100 episodes of the 6
-validation classes (the same episodes for every method), then measured on the
-same 400 test episodes; 20 adaptation steps for every method that takes steps
-(scratch, FedAvg-transfer and Reptile also at 100, on 100 test episodes, 1 and 5
-shots). ``--seeds``: the training seeds of the per-seed table (every strategy).
+The protocol (stated in full in docs/benchmarks.md, ``PROTOCOL``): per shot
+count and per method, every adaptation lr of one grid is scored on 100 episodes
+of the 6 validation classes (the same episodes for every method); the smallest
+within one standard error of the best is kept and measured on the same 400 test
+episodes; 20 adaptation steps, cosine-decayed, for every method that takes steps
+(scratch, FedAvg-transfer and Reptile also at 100, on 100 test episodes).
+``--seeds``: the training seeds of the per-seed table (every strategy).
 ``--levers``: the variants tried for the targets, each chosen on validation.
+``--rechoose``: measure kept slices of an earlier protocol again (all by default).
 """
 
 from __future__ import annotations
@@ -822,15 +825,11 @@ def main() -> None:
                 extra = NP + (FOMAML if strat == "fomaml" else [])
                 run = train(f"np-{strat}-s{other}", strat, other, args.rounds, extra)
                 for k in shot_args:
-                    if k in LONG_SHOTS:
-                        evaluate(f"np-s{other}-k{k}-{name}", [run], k, ["--methods", name])
+                    evaluate(f"np-s{other}-k{k}-{name}", [run], k, ["--methods", name])
         for k in shot_args:  # the budget that fits scratch, for the trained models too
-            if k in LONG_SHOTS:
-                evaluate(f"scratch-100-k{k}", [runs["reptile"]], k, ["--methods", "scratch", *LONG])
-                for name, strat in (("meta", "reptile"), ("transfer", "fedavg")):
-                    evaluate(
-                        f"steps100-s{s}-k{k}-{name}", [runs[strat]], k, ["--methods", name, *LONG]
-                    )
+            evaluate(f"scratch-100-k{k}", [runs["reptile"]], k, ["--methods", "scratch", *LONG])
+            for name, strat in (("meta", "reptile"), ("transfer", "fedavg")):
+                evaluate(f"steps100-s{s}-k{k}-{name}", [runs[strat]], k, ["--methods", name, *LONG])
         if args.levers:
             for lever, (base, extra, rounds, _) in LEVERS.items():
                 if base == "dp" and not args.dp:
@@ -899,8 +898,8 @@ def main() -> None:
     lines += [
         f"Cells marked *not run* did not fit the session's compute; `python "
         f"benchmarks/fewshot_accuracy.py --train --seeds {args.seeds} --dp --levers --write` "
-        "fills them (it reuses every measurement kept; the 100-step rows are measured at 1 "
-        "and 5 shots only). FOMAML is refused under DP (its held-out gradient is not "
+        "fills them (it reuses every measurement kept, and measures again what an earlier "
+        "protocol measured). FOMAML is refused under DP (its held-out gradient is not "
         "privatised).",
         "",
     ]
