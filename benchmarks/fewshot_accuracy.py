@@ -733,7 +733,7 @@ def bc_infeasible(shots: list[int]) -> dict[int, str]:
     }
 
 
-def budget_note(seed: int) -> list[str]:
+def budget_note(seed: int, any_earlier: bool = True) -> list[str]:
     """How the 100-step rows were measured (their grid may differ from the common one)."""
     grids = {
         tuple(json.loads(p.read_text())["lr_grid"])
@@ -746,8 +746,13 @@ def budget_note(seed: int) -> list[str]:
         "",
         f"Rows at 100 steps: the rate chosen on the same 100 validation episodes from "
         f"{shown}; 100 test episodes (the first 100 of the 400) where the cell says so "
-        "(compute). A cell marked *earlier protocol* was measured with a constant step size "
-        "and the best validation rate of its grid, and has not been measured again.",
+        "(compute)."
+        + (
+            " A cell marked *earlier protocol* was measured with a constant step size and the "
+            "best validation rate of its grid, and has not been measured again."
+            if any_earlier
+            else ""
+        ),
     ]
 
 
@@ -861,7 +866,10 @@ def main() -> None:
         f"test episodes, training seed {s}; lr = the rate chosen on validation)",
         "",
         *table(np_pts, shots),
-        *budget_note(s),
+        *budget_note(
+            s,
+            any(p.get("current") is False for p in points(sorted(RESULTS.glob("*.json"))).values()),
+        ),
         "",
         *change_table(np_pts, shots),
         *grid_table(np_pts, shots, ("scratch-20", "transfer", "meta", "fomaml")),
