@@ -6,6 +6,13 @@ protocol (``fedmeta.meta.curve.shots_curve``).
 
     python benchmarks/fewshot_eval.py RUN_DIR... --shots 1,5 --methods scratch,meta \
         [--shift] [--lr-grid 0.03,0.1,0.3] [--episodes 400] [--val-episodes 100] --out X.json
+
+An existing ``--out`` measured under the current protocol (rate-selection rule
+and step schedule) is left as it is. One measured under an earlier protocol is
+measured again: the validation grid is scored again, and a test cell is taken
+from the old file only where the schedule, step budget and test episodes are the
+same and the chosen rate did not move (it would repeat exactly); the earlier
+choices are kept in the file under ``previous``.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from fedmeta.meta.curve import shots_curve
+from fedmeta.meta.curve import LR_RULE, SCHEDULE, shots_curve
 
 
 def main() -> None:
@@ -24,14 +31,38 @@ def main() -> None:
     ap.add_argument("--shots", default="1,5,10")
     ap.add_argument("--methods", default=None, help="comma-separated method names (all)")
     ap.add_argument("--shift", action="store_true")
-    ap.add_argument("--lr-grid", default="0.03,0.1,0.3")
+    ap.add_argument("--lr-grid", default="0.03,0.1,0.3,0.5")
     ap.add_argument("--episodes", type=int, default=400)
     ap.add_argument("--val-episodes", type=int, default=100)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    grid = [float(x) for x in args.lr_grid.split(",")]
+    measured, previous = {}, None
     if args.out.exists():
-        return
+        old = json.loads(args.out.read_text())
+        protocol = (old.get("lr_rule", "best"), old.get("schedule", "constant"))
+        if protocol == (LR_RULE, SCHEDULE):
+            return
+        same = (old.get("schedule", "constant"), old["episodes"], bool(old["shift"])) == (
+            SCHEDULE,
+            args.episodes,
+            args.shift,
+        ) and (args.steps is None or old["steps"] == args.steps)
+        measured = {
+            (p["method"], p["shots"], p["lr"]): (p["mean"], p["ci95"])
+            for p in old["points"]
+            if same
+        }
+        previous = {
+            "lr_rule": protocol[0],
+            "schedule": protocol[1],
+            "lr_grid": old["lr_grid"],
+            "points": [
+                {k: p[k] for k in ("method", "shots", "lr", "mean", "ci95", "val_mean")}
+                for p in old["points"]
+            ],
+        }
     started = time.time()
     curve = shots_curve(
         args.runs,
@@ -39,11 +70,14 @@ def main() -> None:
         episodes=args.episodes,
         val_episodes=args.val_episodes,
         steps=args.steps,
-        lr_grid=[float(x) for x in args.lr_grid.split(",")],
+        lr_grid=grid,
         shift=args.shift,
         methods=args.methods.split(",") if args.methods else None,
+        measured=measured,
     )
     curve["wall_s"] = round(time.time() - started, 1)
+    if previous:
+        curve["previous"] = previous
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(curve, indent=2) + "\n")

@@ -447,9 +447,10 @@ def evaluate(
     lr_grid: Annotated[
         str,
         typer.Option(
-            help="adaptation learning rates tried on validation classes, per method and shot count"
+            help="adaptation learning rates tried on validation classes, per method and shot "
+            "count (kept: the smallest within one standard error of the best)"
         ),
-    ] = "0.01,0.03,0.1,0.3,1",
+    ] = "0.03,0.1,0.3,0.5",
     prototypes: Annotated[
         bool, typer.Option(help="also prototype classifiers on each federated model's embedding")
     ] = True,
@@ -498,8 +499,8 @@ def evaluate(
     png = plot_curve(curve, prefix.with_suffix(".png"))
     table = Table(
         title=f"{curve['task']}: {curve['n_way']}-way, {curve['steps']} steps, "
-        f"{episodes} episodes (mean ± 95% CI; lr chosen on "
-        f"{val_episodes} validation episodes)"
+        f"{episodes} episodes (mean ± 95% CI; cosine-decayed steps; lr chosen on "
+        f"{val_episodes} validation episodes, one-standard-error rule)"
     )
     table.add_column("method")
     for k in shot_list:

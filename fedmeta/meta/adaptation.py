@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,8 +33,27 @@ def score(model: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, device: st
     return float(((out.view_as(target) - target) ** 2).mean())
 
 
+Schedule = Literal["constant", "cosine"]
+
+
+def step_size(lr: float, step: int, steps: int, schedule: Schedule = "constant") -> float:
+    """The rate of step ``step`` (0-based) of ``steps``: ``lr`` throughout, or cosine-decayed
+    from ``lr`` at the first step towards 0 after the last (half a cosine period)."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    raise ValueError(f"schedule {schedule!r}: expected 'constant' or 'cosine'")
+
+
 def adapt(
-    model: nn.Module, task: Task, episode: Episode, steps: int, lr: float, device: str
+    model: nn.Module,
+    task: Task,
+    episode: Episode,
+    steps: int,
+    lr: float,
+    device: str,
+    schedule: Schedule = "constant",
 ) -> nn.Module:
     """Full-batch SGD on the support set, in place; returns the model."""
     model.to(device).train()
@@ -41,7 +61,9 @@ def adapt(
     loss_fn = task.loss_fn()
     x = torch.from_numpy(episode.support_x).to(device)
     y = torch.from_numpy(episode.support_y).to(device)
-    for _ in range(steps):
+    for t in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = step_size(lr, t, steps, schedule)
         opt.zero_grad(set_to_none=True)
         out = model(x)
         loss = loss_fn(out, y)

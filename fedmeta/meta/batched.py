@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedmeta.data.tasks.base import Episode, Task
+from fedmeta.meta.adaptation import Schedule, step_size
 
 CHUNK = 100
 
@@ -50,8 +51,10 @@ def adapt_and_score(
     steps: int,
     lr: float,
     device: str = "cpu",
+    schedule: Schedule = "constant",
 ) -> list[float]:
-    """Each episode's query score after ``steps`` full-batch SGD steps from its state.
+    """Each episode's query score after ``steps`` full-batch SGD steps from its state
+    (step t at ``adaptation.step_size(lr, t, steps, schedule)``).
 
     ``model`` gives the architecture (its buffers are shared); ``states[i]`` holds
     episode i's starting parameters. Scores as ``adaptation.score``: accuracy for
@@ -83,9 +86,10 @@ def adapt_and_score(
         params = {k: v.to(device) for k, v in _stack(states[lo : lo + CHUNK], names).items()}
         sx = torch.from_numpy(np.stack([e.support_x for e in part])).to(device)
         sy = torch.from_numpy(np.stack([e.support_y for e in part])).to(device)
-        for _ in range(steps):
+        for t in range(steps):
             g = step_grad(params, sx, sy)
-            params = {k: (p - lr * g[k]).detach() for k, p in params.items()}
+            rate = step_size(lr, t, steps, schedule)
+            params = {k: (p - rate * g[k]).detach() for k, p in params.items()}
         qx = torch.from_numpy(np.stack([e.query_x for e in part])).to(device)
         qy = torch.from_numpy(np.stack([e.query_y for e in part])).to(device)
         with torch.no_grad():

@@ -5,26 +5,30 @@ FedAvg-transfer, Reptile, FOMAML, and prototype classifiers on the federated
 models' embeddings) is measured with the same step budget on the same N-way
 K-shot test episodes of held-out classes.
 
-The protocol, per shot count and per method: the adaptation learning rate is
-chosen from one grid on ``val_episodes`` (>= 100 by default) episodes of the
-validation classes, the same validation episodes for every method; the chosen
-rate is then measured once on the test episodes. A prototype classifier takes
-no step and so has no rate to choose. With ``shift`` the new sites also differ
-in acquisition (``fedmeta.data.tasks.shifted``), for validation and test alike.
+The protocol, per shot count and per method: every adaptation learning rate
+of one grid is scored on ``val_episodes`` (>= 100 by default) episodes of the
+validation classes, the same validation episodes for every method; the rate
+kept is the smallest whose validation score is within one standard error of
+the best rate's (the one-standard-error rule, ``one_se_choice``); it is then
+measured once on the test episodes. A prototype classifier takes no step and so
+has no rate to choose. With ``shift`` the new sites also differ in acquisition
+(``fedmeta.data.tasks.shifted``), for validation and test alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedmeta.config import RunConfig, build_task
 from fedmeta.data.tasks.base import Task
-from fedmeta.meta.adaptation import mean_ci95
+from fedmeta.meta.adaptation import Schedule, mean_ci95
 from fedmeta.meta.methods import (
     BASE_OF_STRATEGY,
     Method,
@@ -44,6 +48,9 @@ LABELS = {
     "fomaml": "FOMAML (meta-learning)",
 }
 MIN_VAL_EPISODES = 100
+LR_RULE = "one-se"  # the smallest rate within one standard error of the best (validation)
+#: the step size over the adaptation steps (``adaptation.step_size``): cosine-decayed to 0
+SCHEDULE: Schedule = "cosine"
 
 
 class CurveError(ValueError):
@@ -64,6 +71,8 @@ class Point:
     steps: int = 0
     val_mean: float | None = None
     val_episodes: int = 0
+    #: every rate tried: "lr" -> [validation mean, standard error] (empty without steps)
+    val_grid: dict[str, list[float]] = field(default_factory=dict)
 
 
 def load_initialisations(
@@ -109,15 +118,70 @@ def evaluation_task(cfg: RunConfig, shift: bool) -> Task:
     )
 
 
+def grid_summary(grid: Mapping[float, Sequence[float]]) -> dict[float, tuple[float, float]]:
+    """rate -> (mean validation score, its standard error over the episodes)."""
+    out = {}
+    for lr, scores in grid.items():
+        arr = np.asarray(scores, dtype=np.float64)
+        se = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else 0.0
+        out[lr] = (float(arr.mean()), se)
+    return out
+
+
+def one_se_choice(
+    summary: Mapping[float, tuple[float, float]], higher_is_better: bool = True
+) -> float:
+    """The smallest rate whose mean is within one standard error of the best rate's.
+
+    The one-standard-error rule of model selection (Breiman et al. 1984; Hastie,
+    Tibshirani and Friedman, *Elements of Statistical Learning*, 7.10): rates the
+    validation episodes cannot tell apart from the best are settled in favour of
+    the most conservative one, the smallest step, which moves least from the
+    initialisation and is the least likely to overshoot on classes it was not
+    chosen on. A rate better by more than one standard error is kept.
+    """
+    if not summary:
+        raise ValueError("no learning rate to choose from")
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(summary, key=lambda lr: (sign * summary[lr][0], -lr))
+    mean, se = summary[best]
+    return min(lr for lr, (m, _) in summary.items() if sign * (mean - m) <= se)
+
+
 def choose_lr(
-    task: Task, method: Method, init, val_eps, lr_grid: Sequence[float], steps: int, seed: int
+    task: Task,
+    method: Method,
+    init,
+    val_eps,
+    lr_grid: Sequence[float],
+    steps: int,
+    seed: int,
+    schedule: Schedule = "constant",
 ) -> tuple[float | None, float | None]:
     """(chosen rate, its validation score); (None, score) for a method without steps."""
-    grid = episode_scores_grid(task, method, init, val_eps, steps=steps, lrs=lr_grid, seed=seed)
-    means = {lr: mean_ci95(v)[0] for lr, v in grid.items()}
-    pick = max if task.kind == "classification" else min
-    best = pick(means, key=lambda lr: means[lr])
-    return (best if method.fine_tune and steps > 0 else None), means[best]
+    lr, val, _ = choose_lr_grid(task, method, init, val_eps, lr_grid, steps, seed, schedule)
+    return lr, val
+
+
+def choose_lr_grid(
+    task: Task,
+    method: Method,
+    init,
+    val_eps,
+    lr_grid: Sequence[float],
+    steps: int,
+    seed: int,
+    schedule: Schedule = "constant",
+) -> tuple[float | None, float, dict[float, tuple[float, float]]]:
+    """``choose_lr`` with every rate's (validation mean, standard error) beside it."""
+    grid = episode_scores_grid(
+        task, method, init, val_eps, steps=steps, lrs=lr_grid, seed=seed, schedule=schedule
+    )
+    summary = grid_summary(grid)
+    if not (method.fine_tune and steps > 0):
+        return None, next(iter(summary.values()))[0], {}
+    lr = one_se_choice(summary, task.kind == "classification")
+    return lr, summary[lr][0], summary
 
 
 def shots_curve(
@@ -133,8 +197,15 @@ def shots_curve(
     prototypes: bool = True,
     shift: bool = False,
     methods: Sequence[str] | None = None,
+    measured: Mapping[tuple[str, int, float | None], tuple[float, float]] | None = None,
+    schedule: Schedule = SCHEDULE,
 ) -> dict[str, Any]:
-    """Every method's score per shot count (``methods``: only those, by name)."""
+    """Every method's score per shot count (``methods``: only those, by name).
+
+    ``measured``: test scores (mean, ci95) already taken with these same settings,
+    by (method, shots, rate); a choice that lands on one is not measured again
+    (the episodes and the adaptation are deterministic, so it would repeat it).
+    """
     torch.set_num_threads(1)
     wanted = None if methods is None else {m.split("+")[0] for m in methods}
     cfg, inits = load_initialisations(run_dirs, None if wanted is None else sorted(wanted))
@@ -150,21 +221,25 @@ def shots_curve(
                 continue
             state, out_dim, run_dir = inits[method.base]
             init = (state, out_dim)
-            lr, val = (
-                choose_lr(task, method, init, val_eps, lr_grid, budget, seed)
+            lr, val, summary = (
+                choose_lr_grid(task, method, init, val_eps, lr_grid, budget, seed, schedule)
                 if len(lr_grid) > 1 or not method.fine_tune
-                else (lr_grid[0], None)
+                else (lr_grid[0], None, {})
             )
-            scores = episode_scores(
-                task,
-                method,
-                init,
-                test_eps,
-                steps=budget if method.fine_tune else 0,
-                lr=lr or 0.0,
-                seed=seed,
-            )
-            mean, ci = mean_ci95(scores)
+            if measured and (method.name, k, lr) in measured:
+                mean, ci = measured[method.name, k, lr]
+            else:
+                scores = episode_scores(
+                    task,
+                    method,
+                    init,
+                    test_eps,
+                    steps=budget if method.fine_tune else 0,
+                    lr=lr or 0.0,
+                    seed=seed,
+                    schedule=schedule,
+                )
+                mean, ci = mean_ci95(scores)
             points.append(
                 Point(
                     method.name,
@@ -179,6 +254,7 @@ def shots_curve(
                     budget if method.fine_tune else 0,
                     val,
                     val_episodes if val is not None else 0,
+                    {f"{r:g}": [m, se] for r, (m, se) in summary.items()},
                 )
             )
     return {
@@ -187,6 +263,8 @@ def shots_curve(
         "n_way": task.meta_out_dim(),
         "steps": budget,
         "lr_grid": list(lr_grid),
+        "lr_rule": LR_RULE,
+        "schedule": schedule,
         "episodes": episodes,
         "val_episodes": val_episodes,
         "query_per_class": query,

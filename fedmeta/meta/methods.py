@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fedmeta.data.tasks.base import Episode, Task
-from fedmeta.meta.adaptation import adapt, initial_model, score
+from fedmeta.meta.adaptation import Schedule, adapt, initial_model, score
 from fedmeta.meta.batched import adapt_and_score, same_shapes
 from fedmeta.meta.prototypes import prototype_head
 
@@ -130,8 +130,10 @@ def episode_scores_grid(
     lrs: Sequence[float],
     seed: int,
     device: str = "cpu",
+    schedule: Schedule = "constant",
 ) -> dict[float, list[float]]:
-    """The method's query score (accuracy or MSE) on each episode, for each rate in ``lrs``."""
+    """The method's query score (accuracy or MSE) on each episode, for each rate in ``lrs``
+    (``schedule``: the step size over the steps, ``adaptation.step_size``)."""
     model, states = initial_states(task, method, init, episodes, seed, device)
     if not method.fine_tune:
         steps, lrs = 0, [0.0]
@@ -139,7 +141,7 @@ def episode_scores_grid(
     if episodes and same_shapes(episodes):  # the same SGD, all episodes at once
         for lr in lrs:
             out[lr] = adapt_and_score(
-                model, task, states, episodes, steps=steps, lr=lr, device=device
+                model, task, states, episodes, steps=steps, lr=lr, device=device, schedule=schedule
             )
         return out
     for lr in lrs:
@@ -148,7 +150,7 @@ def episode_scores_grid(
             m = copy.deepcopy(model)
             m.load_state_dict(st)
             if steps:
-                adapt(m, task, episode, steps, lr, device)
+                adapt(m, task, episode, steps, lr, device, schedule)
             scores.append(score(m, task, episode.query_x, episode.query_y, device))
         out[lr] = scores
     return out
@@ -164,9 +166,18 @@ def episode_scores(
     lr: float,
     seed: int,
     device: str = "cpu",
+    schedule: Schedule = "constant",
 ) -> list[float]:
     """The method's query score (accuracy or MSE) on each episode."""
     grid = episode_scores_grid(
-        task, method, init, episodes, steps=steps, lrs=[lr], seed=seed, device=device
+        task,
+        method,
+        init,
+        episodes,
+        steps=steps,
+        lrs=[lr],
+        seed=seed,
+        device=device,
+        schedule=schedule,
     )
     return next(iter(grid.values()))

@@ -38,9 +38,11 @@ def point(method: str, shots: int, mean: float, lr: float | None = 0.3, val=None
     }
 
 
-def put(bench, name: str, pts: list[dict]) -> None:
+def put(bench, name: str, pts: list[dict], current: bool = True) -> None:
+    """A kept slice, of the current protocol unless ``current`` is False."""
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
-    (bench.RESULTS / f"{name}.json").write_text(json.dumps({"points": pts}))
+    now = {"lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE} if current else {}
+    (bench.RESULTS / f"{name}.json").write_text(json.dumps({**now, "points": pts}))
 
 
 def put_curve(bench, name: str, curve, epsilon=()) -> None:
@@ -148,3 +150,110 @@ def test_dp_target_picks_the_use_with_the_best_validation_score_not_the_best_tes
     assert not any(line.startswith("| 2 |") for line in lines)
     assert "| mean of the seeds | 90.0 vs 92.0 (-2.0; 1 seed) |" in lines
     assert bench.dp_target_table([3], [5]) == []
+
+
+def test_one_se_rule_keeps_the_smaller_rate_unless_a_larger_is_clearly_better() -> None:
+    from fedmeta.meta.curve import grid_summary, one_se_choice
+
+    # 0.3 is best by 0.5 points, less than its standard error (1 point): the smaller 0.1 is kept
+    assert one_se_choice({0.03: (0.80, 0.01), 0.1: (0.915, 0.01), 0.3: (0.92, 0.01)}) == 0.1
+    # 0.3 is better by 3 standard errors: it is kept
+    assert one_se_choice({0.03: (0.80, 0.01), 0.1: (0.89, 0.01), 0.3: (0.92, 0.01)}) == 0.3
+    # the smallest rate within reach wins even when a middle one is closer to the best
+    assert one_se_choice({0.03: (0.912, 0.01), 0.1: (0.919, 0.01), 0.3: (0.92, 0.01)}) == 0.03
+    # regression: lower is better, and the rule reads the same way
+    assert one_se_choice({0.01: (0.26, 0.02), 0.03: (0.25, 0.02)}, higher_is_better=False) == 0.01
+    assert one_se_choice({0.01: (0.40, 0.02), 0.03: (0.25, 0.02)}, higher_is_better=False) == 0.03
+    with pytest.raises(ValueError, match="no learning rate"):
+        one_se_choice({})
+    # the standard error is the episodes' sample standard deviation over sqrt(n)
+    summary = grid_summary({0.1: [0.0, 1.0, 0.0, 1.0], 0.3: [1.0, 1.0, 1.0, 1.0]})
+    assert summary[0.1] == pytest.approx((0.5, (1 / 3) ** 0.5 / 2))
+    assert summary[0.3] == (1.0, 0.0)
+    assert one_se_choice(summary) == 0.3
+
+
+def test_a_slice_of_an_earlier_protocol_is_measured_again_with_its_own_settings(bench):
+    old = {
+        "lr_grid": [0.03, 0.1, 0.3],
+        "episodes": 400,
+        "val_episodes": 100,
+        "steps": 20,
+        "shift": True,
+        "points": [
+            {**point("meta", 1, 0.7), "run_dir": "benchmarks/.runs/np-reptile-s1"},
+            {**point("meta+proto", 1, 0.6, None), "run_dir": "benchmarks/.runs/np-reptile-s1"},
+            {**point("meta", 5, 0.9), "run_dir": "benchmarks/.runs/np-reptile-s1"},
+        ],
+    }
+    put(bench, "shift-s1-k1-meta", [])
+    path = bench.RESULTS / "shift-s1-k1-meta.json"
+    path.write_text(json.dumps(old))
+    assert not bench.current(path)
+    cmd = bench.rechoose_command(path)
+    assert cmd[1:3] == ["benchmarks/fewshot_eval.py", "benchmarks/.runs/np-reptile-s1"]
+    text = " ".join(cmd)
+    assert "--shots 1,5 --methods meta,meta+proto" in text
+    assert f"--lr-grid {bench.GRID} --episodes 400 --val-episodes 100 --steps 20" in text
+    assert cmd[-1] == "--shift"
+    path.write_text(json.dumps({**old, "lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE}))
+    assert bench.current(path) and bench.rechoose_command(path) is None
+    # a slice of scratch alone names no run: the main seed's Reptile run gives the settings
+    path.write_text(json.dumps({**old, "shift": False, "points": [point("scratch", 1, 0.5)]}))
+    cmd = bench.rechoose_command(path)
+    assert cmd[2] == str(bench.WORK / "np-reptile-s1") and "--shift" not in cmd
+
+
+def test_tables_mark_earlier_protocol_cells_and_show_the_change_and_the_evidence(bench):
+    now = {"lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE}
+    grid = {"0.03": [0.30, 0.01], "0.1": [0.61, 0.015], "0.3": [0.76, 0.017], "0.5": [0.82, 0.014]}
+    new = {**point("scratch", 5, 0.759, 0.5, val=0.82), "val_grid": grid}
+    old = {**point("scratch", 5, 0.541, 0.3, val=0.64), "ci95": 0.018}
+    bench.RESULTS.mkdir(parents=True)
+    (bench.RESULTS / "scratch-20-k5.json").write_text(
+        json.dumps({**now, "points": [new], "previous": {"points": [old]}})
+    )
+    put(bench, "scratch-20-k1", [point("scratch", 1, 0.565, 0.3)], current=False)
+    pts = bench.points(sorted(bench.RESULTS.glob("scratch-20-k*.json")))
+    lines = bench.table(pts, [1, 5])
+    assert (
+        "| scratch (20 steps, the common budget) | 56.5 ± 1.0 (lr 0.3; earlier protocol) "
+        "| 75.9 ± 1.0 (lr 0.5) |"
+    ) in lines
+    change = bench.change_table(pts, [1, 5])
+    assert "| scratch (20 steps, the common budget) | — | 54.1 → 75.9 (lr 0.3 → 0.5; +21.8) |" in (
+        change
+    )
+    evidence = bench.grid_table(
+        {("scratch-20", k): p for (_, k), p in pts.items()}, [1, 5], ("scratch-20",)
+    )
+    assert (
+        "| scratch (20 steps, the common budget) | 5 | 30.0 ± 1.0 | 61.0 ± 1.5 | 76.0 ± 1.7 "
+        "| **82.0 ± 1.4** |"
+    ) in evidence
+    assert not any("| 1 |" in line for line in evidence)  # the earlier cell has no grid
+    assert bench.change_table(bench.points([bench.RESULTS / "scratch-20-k1.json"]), [1]) == []
+
+
+def test_breast_cancer_shot_counts_the_test_hospitals_cannot_supply_say_why(bench):
+    why = bench.bc_infeasible([1, 5, 10])
+    assert set(why) == {10}
+    assert why[10].startswith("not feasible: the test hospitals hold 1 and 6 patients")
+    put(bench, "bc-s1", [point("scratch", 1, 0.6), point("scratch", 5, 0.9)])
+    lines = bench.held_out_sites(1, 100, ["1", "5", "10"], run=False)
+    assert any(
+        "| 60.0 ± 1.0 (lr 0.3) | 90.0 ± 1.0 (lr 0.3) | not feasible: the test hospitals" in line
+        for line in lines
+    )
+
+
+def test_rule_note_counts_the_cells_where_the_rule_kept_a_smaller_rate(bench):
+    grid = {"0.1": [0.80, 0.01], "0.3": [0.805, 0.01]}  # 0.3 best by less than one SE
+    put(bench, "np-s1-k1-meta", [{**point("meta", 1, 0.7, 0.1), "val_grid": grid}])
+    clear = {"0.1": [0.70, 0.01], "0.3": [0.80, 0.01]}
+    put(bench, "np-s1-k5-meta", [{**point("meta", 5, 0.9, 0.3), "val_grid": clear}])
+    put(bench, "np-s1-k10-meta", [point("meta", 10, 0.9, 0.3)], current=False)
+    (bench.RESULTS / "sine-gap.json").write_text(json.dumps({"grid": [0.01], "rows": {}}))
+    note = bench.rule_note(sorted(bench.RESULTS.glob("*.json")))
+    assert note[0].startswith("Over all 2 cells measured under this protocol")
+    assert "smaller rate than the best validation rate in 1;" in note[0]
