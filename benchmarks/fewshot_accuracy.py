@@ -572,14 +572,23 @@ def dp_epsilon(names: dict[str, str]) -> list[str]:
     return [*out, ""] if out else []
 
 
+SINE_RULE = {
+    "best": "the rate of lowest validation MSE",
+    "one-se": "the smallest rate within one standard error of the lowest validation MSE",
+}
+
+
 def sine_section(paths: list[Path]) -> list[str]:
     """The sine gap rows of every `benchmarks/sine_gap.py` output (runs may be split), and
     the validation curve of any federated run that evaluated during training."""
     rows: dict[str, dict] = {}
     grid: list[float] = []
+    rules: set[str] = set()
     for path in paths:
         gap = json.loads(path.read_text())
         grid = gap["grid"]
+        # files written before the one-standard-error rule carry no "rule": the best rate
+        rules.add(gap.get("rule", "best"))
         rows.update({k: v for k, v in gap["rows"].items() if ", none tasks" not in k})
     if not rows:
         return []
@@ -591,8 +600,10 @@ def sine_section(paths: list[Path]) -> list[str]:
         "1, one round = one meta step; centralized: the same loop in one process, on the "
         "sites' own sinusoids (same tasks) or a fresh sinusoid from the full range each "
         "time (unlimited tasks); adapted MSE after 32 steps on 10 support points, lr chosen "
-        f"on 100 validation sinusoids from {{{', '.join(f'{x:g}' for x in grid)}}}, 400 "
-        "test sinusoids, mean ± 95% CI; lower is better; the MAML paper's K=10 figure is "
+        f"on 100 validation sinusoids from {{{', '.join(f'{x:g}' for x in grid)}}} "
+        f"({SINE_RULE[rules.pop()] if len(rules) == 1 else 'rules differ between rows'}; "
+        "a constant step), 400 test sinusoids, "
+        "mean ± 95% CI; lower is better; the MAML paper's K=10 figure is "
         "about 0.1-0.2)",
         "",
         "| training | adapted MSE | lr |",

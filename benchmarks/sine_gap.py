@@ -131,7 +131,7 @@ def main() -> None:
     grid = [0.003, 0.01, 0.03, 0.1]
     val = draw_episodes(task, "val", 100, 10, 15, 10_001)
     test = draw_episodes(task, "test", 400, 10, 15, 10_000)
-    out: dict = {"meta_steps": args.meta_steps, "grid": grid, "rows": {}}
+    out: dict = {"meta_steps": args.meta_steps, "grid": grid, "rule": "one-se", "rows": {}}
     started = time.time()
     for run in args.federated:
         name, row = federated_row(run, task, grid, val, test)

@@ -87,3 +87,16 @@ def test_sine_rows_sort_by_steps_as_numbers(tmp_path):
         "| centralized, same tasks, 300 meta steps",
         "| centralized, same tasks, 1000 meta steps",
     ]
+
+
+def test_sine_block_names_the_rate_rule_each_file_was_measured_with(tmp_path):
+    bench = load("fewshot_accuracy_sine_rule", "fewshot_accuracy.py")
+    row = {"mse": 0.5, "ci95": 0.1, "lr": 0.01}
+    old, new = tmp_path / "sine-gap.json", tmp_path / "sine-gap-new.json"
+    old.write_text(json.dumps({"grid": [0.01], "rows": {"federated (sites), 300 rounds": row}}))
+    new.write_text(
+        json.dumps({"grid": [0.01], "rule": "one-se", "rows": {"federated (sites), 9 rounds": row}})
+    )
+    assert "the rate of lowest validation MSE" in bench.sine_section([old])[0]
+    assert "within one standard error" in bench.sine_section([new])[0]
+    assert "rules differ between rows" in bench.sine_section([old, new])[0]
