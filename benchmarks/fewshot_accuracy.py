@@ -38,13 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import machine, write_section  # noqa: E402
 
 from fedmeta.meta.curve import LR_RULE, SCHEDULE  # noqa: E402
+from fedmeta.meta.protocol import LR_GRID, grid_text  # noqa: E402
 
 WORK = Path("benchmarks/.runs")
 RESULTS = Path("benchmarks/results/fewshot")
 PY = sys.executable
 SCRATCH_STEPS = (20, 100)
 # the adaptation rates tried on validation (every method, every shot count)
-GRID = "0.03,0.1,0.3,0.5"
+GRID = grid_text(LR_GRID)
 # the 100-step rows (5x the adaptation): rate from {0.1, 0.3, 0.5}, 100 test episodes
 LONG_GRID = "0.1,0.3,0.5"
 LONG = ["--steps", "100", "--lr-grid", LONG_GRID, "--episodes", "100"]
@@ -209,13 +210,21 @@ def curve_of(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def grid_of(kept: dict) -> list[float]:
+    """The grid a kept slice should have been chosen from (by its step budget)."""
+    text = GRID if kept.get("steps") == 20 else LONG_GRID
+    return [float(x) for x in text.split(",")]
+
+
 def current(path: Path) -> bool:
     """Whether a kept evaluation was measured under the current protocol (rate-selection
-    rule and step schedule)."""
+    rule, step schedule and grid)."""
     if not path.exists():
         return False
     kept = json.loads(path.read_text())
-    return (kept.get("lr_rule"), kept.get("schedule")) == (LR_RULE, SCHEDULE)
+    return (kept.get("lr_rule"), kept.get("schedule")) == (LR_RULE, SCHEDULE) and kept.get(
+        "lr_grid"
+    ) == grid_of(kept)
 
 
 def evaluate(name: str, runs: list[Path], shots: str, extra: list[str] = ()) -> Path:
@@ -280,12 +289,23 @@ def points(paths: list[Path]) -> dict[tuple[str, int], dict]:
         if path.exists():
             kept = json.loads(path.read_text())
             now = (kept.get("lr_rule"), kept.get("schedule")) == (LR_RULE, SCHEDULE)
+            grid_now = kept.get("lr_grid") == grid_of(kept)
+            grid_before = {
+                (q["method"], q["shots"]): q
+                for q in kept.get("grid_previous", {}).get("points", [])
+            }
             before = {
                 (q["method"], q["shots"]): q for q in kept.get("previous", {}).get("points", [])
             }
             for p in kept.get("points", []):  # a sine-gap file has rows, not points
                 key = (p["method"], p["shots"])
-                out[key] = {**p, "current": now, "before": before.get(key)}
+                out[key] = {
+                    **p,
+                    "current": now,
+                    "grid_current": grid_now,
+                    "before": before.get(key),
+                    "grid_before": grid_before.get(key),
+                }
     return out
 
 
@@ -297,6 +317,8 @@ def cell(p: dict | None, missing: str = "not run") -> str:
         notes.append(f"{p['episodes']} episodes")
     if p.get("current") is False:
         notes.append("earlier protocol")
+    elif p.get("grid_current") is False:
+        notes.append("earlier grid, without 0.01")
     note = f" ({'; '.join(notes)})" if notes else ""
     return f"{100 * p['mean']:.1f} ± {100 * p['ci95']:.1f}{note}"
 
