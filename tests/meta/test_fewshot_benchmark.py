@@ -310,3 +310,9 @@ def test_a_cell_of_the_earlier_grid_says_so_and_keeps_its_earlier_choice(bench):
     new = bench.points([bench.RESULTS / "dp-s2-k5-transfer.json"])[("transfer", 5)]
     assert bench.cell(new) == "85.2 ± 1.0 (lr 0.01)"
     assert new["grid_before"]["lr"] == 0.03
+    moves = bench.grid_moves(sorted(bench.RESULTS.glob("*.json")))
+    assert (
+        "| dp-s2-k5-transfer | FedAvg-transfer (fine-tuned) | 5 | 75.3 (lr 0.03) "
+        "| 85.2 ± 1.0 (lr 0.01) | +9.9 |"
+    ) in moves
+    assert any(line.endswith("`--rechoose` extends them): dp-s1-k5-transfer.") for line in moves)
