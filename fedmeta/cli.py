@@ -20,6 +20,7 @@ from rich.table import Table
 from fedmeta.cli_common import choice, choices_help, err_console, fail, one_of
 from fedmeta.config import BACKENDS, choices, default
 from fedmeta.data.task_names import task_names
+from fedmeta.meta.protocol import grid_text
 from fedmeta.offline import no_call_home
 
 no_call_home()
@@ -450,7 +451,7 @@ def evaluate(
             help="adaptation learning rates tried on validation classes, per method and shot "
             "count (kept: the smallest within one standard error of the best)"
         ),
-    ] = "0.03,0.1,0.3,0.5",
+    ] = grid_text(),
     prototypes: Annotated[
         bool, typer.Option(help="also prototype classifiers on each federated model's embedding")
     ] = True,

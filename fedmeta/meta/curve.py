@@ -37,6 +37,7 @@ from fedmeta.meta.methods import (
     episode_scores_grid,
     methods_for,
 )
+from fedmeta.meta.protocol import LR_GRID
 from fedmeta.metrics import load_model
 from fedmeta.paths import CONFIG_FILE
 
@@ -172,14 +173,28 @@ def choose_lr_grid(
     steps: int,
     seed: int,
     schedule: Schedule = "constant",
+    known: Mapping[float, Sequence[float]] | None = None,
 ) -> tuple[float | None, float, dict[float, tuple[float, float]]]:
-    """``choose_lr`` with every rate's (validation mean, standard error) beside it."""
-    grid = episode_scores_grid(
-        task, method, init, val_eps, steps=steps, lrs=lr_grid, seed=seed, schedule=schedule
+    """``choose_lr`` with every rate's (validation mean, standard error) beside it.
+
+    ``known``: rate -> (validation mean, standard error) already scored on these same
+    validation episodes with these settings; only the other rates are scored (each
+    rate's adaptation is independent of the others', so the summary is the same).
+    """
+    fine_tune = method.fine_tune and steps > 0
+    have = {lr: tuple(known[lr]) for lr in lr_grid if fine_tune and known and lr in known}
+    todo = [lr for lr in lr_grid if lr not in have]
+    grid = (
+        episode_scores_grid(
+            task, method, init, val_eps, steps=steps, lrs=todo, seed=seed, schedule=schedule
+        )
+        if todo
+        else {}
     )
-    summary = grid_summary(grid)
-    if not (method.fine_tune and steps > 0):
-        return None, next(iter(summary.values()))[0], {}
+    scored = grid_summary(grid)
+    if not fine_tune:
+        return None, next(iter(scored.values()))[0], {}
+    summary = {lr: have[lr] if lr in have else scored[lr] for lr in lr_grid}
     lr = one_se_choice(summary, task.kind == "classification")
     return lr, summary[lr][0], summary
 
@@ -191,7 +206,7 @@ def shots_curve(
     episodes: int = 400,
     val_episodes: int = MIN_VAL_EPISODES,
     steps: int | None = None,
-    lr_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
+    lr_grid: Sequence[float] = LR_GRID,
     query: int = 15,
     seed: int = 0,
     prototypes: bool = True,
@@ -199,8 +214,12 @@ def shots_curve(
     methods: Sequence[str] | None = None,
     measured: Mapping[tuple[str, int, float | None], tuple[float, float]] | None = None,
     schedule: Schedule = SCHEDULE,
+    val_measured: Mapping[tuple[str, int], Mapping[float, Sequence[float]]] | None = None,
 ) -> dict[str, Any]:
     """Every method's score per shot count (``methods``: only those, by name).
+
+    ``val_measured``: validation (mean, standard error) per rate already taken with these
+    same settings, by (method, shots); only the grid's other rates are scored.
 
     ``measured``: test scores (mean, ci95) already taken with these same settings,
     by (method, shots, rate); a choice that lands on one is not measured again
@@ -222,7 +241,17 @@ def shots_curve(
             state, out_dim, run_dir = inits[method.base]
             init = (state, out_dim)
             lr, val, summary = (
-                choose_lr_grid(task, method, init, val_eps, lr_grid, budget, seed, schedule)
+                choose_lr_grid(
+                    task,
+                    method,
+                    init,
+                    val_eps,
+                    lr_grid,
+                    budget,
+                    seed,
+                    schedule,
+                    (val_measured or {}).get((method.name, k)),
+                )
                 if len(lr_grid) > 1 or not method.fine_tune
                 else (lr_grid[0], None, {})
             )

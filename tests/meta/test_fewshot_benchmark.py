@@ -41,7 +41,16 @@ def point(method: str, shots: int, mean: float, lr: float | None = 0.3, val=None
 def put(bench, name: str, pts: list[dict], current: bool = True) -> None:
     """A kept slice, of the current protocol unless ``current`` is False."""
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
-    now = {"lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE} if current else {}
+    now = (
+        {
+            "lr_rule": bench.LR_RULE,
+            "schedule": bench.SCHEDULE,
+            "steps": 20,
+            "lr_grid": list(bench.LR_GRID),
+        }
+        if current
+        else {}
+    )
     (bench.RESULTS / f"{name}.json").write_text(json.dumps({**now, "points": pts}))
 
 
@@ -196,8 +205,18 @@ def test_a_slice_of_an_earlier_protocol_is_measured_again_with_its_own_settings(
     assert "--shots 1,5 --methods meta,meta+proto" in text
     assert f"--lr-grid {bench.GRID} --episodes 400 --val-episodes 100 --steps 20" in text
     assert cmd[-1] == "--shift"
-    path.write_text(json.dumps({**old, "lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE}))
+    # the current rule and schedule with an earlier grid: measured again with the current one
+    now = {"lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE}
+    path.write_text(json.dumps({**old, **now}))
+    assert not bench.current(path)
+    assert f"--lr-grid {bench.GRID} " in " ".join(bench.rechoose_command(path))
+    assert 0.01 in bench.LR_GRID and bench.GRID.startswith("0.01,0.03,")
+    path.write_text(json.dumps({**old, **now, "lr_grid": list(bench.LR_GRID)}))
     assert bench.current(path) and bench.rechoose_command(path) is None
+    # the 100-step rows keep their own grid
+    long = {**old, **now, "steps": 100, "lr_grid": [0.1, 0.3, 0.5]}
+    path.write_text(json.dumps(long))
+    assert bench.current(path)
     # a slice of scratch alone names no run: the main seed's Reptile run gives the settings
     path.write_text(json.dumps({**old, "shift": False, "points": [point("scratch", 1, 0.5)]}))
     cmd = bench.rechoose_command(path)
@@ -205,7 +224,12 @@ def test_a_slice_of_an_earlier_protocol_is_measured_again_with_its_own_settings(
 
 
 def test_tables_mark_earlier_protocol_cells_and_show_the_change_and_the_evidence(bench):
-    now = {"lr_rule": bench.LR_RULE, "schedule": bench.SCHEDULE}
+    now = {
+        "lr_rule": bench.LR_RULE,
+        "schedule": bench.SCHEDULE,
+        "steps": 20,
+        "lr_grid": list(bench.LR_GRID),
+    }
     grid = {"0.03": [0.30, 0.01], "0.1": [0.61, 0.015], "0.3": [0.76, 0.017], "0.5": [0.82, 0.014]}
     new = {**point("scratch", 5, 0.759, 0.5, val=0.82), "val_grid": grid}
     old = {**point("scratch", 5, 0.541, 0.3, val=0.64), "ci95": 0.018}
@@ -257,3 +281,38 @@ def test_rule_note_counts_the_cells_where_the_rule_kept_a_smaller_rate(bench):
     note = bench.rule_note(sorted(bench.RESULTS.glob("*.json")))
     assert note[0].startswith("Over all 2 cells measured under this protocol")
     assert "smaller rate than the best validation rate in 1;" in note[0]
+
+
+def test_a_cell_of_the_earlier_grid_says_so_and_keeps_its_earlier_choice(bench):
+    kept = {
+        "lr_rule": bench.LR_RULE,
+        "schedule": bench.SCHEDULE,
+        "steps": 20,
+        "lr_grid": [0.03, 0.1, 0.3, 0.5],
+    }
+    bench.RESULTS.mkdir(parents=True)
+    (bench.RESULTS / "dp-s1-k5-transfer.json").write_text(
+        json.dumps({**kept, "points": [point("transfer", 5, 0.753, 0.03)]})
+    )
+    moved = {**point("transfer", 5, 0.852, 0.01), "val_grid": {"0.01": [0.87, 0.006]}}
+    (bench.RESULTS / "dp-s2-k5-transfer.json").write_text(
+        json.dumps(
+            {
+                **kept,
+                "lr_grid": list(bench.LR_GRID),
+                "points": [moved],
+                "grid_previous": {"points": [point("transfer", 5, 0.753, 0.03)]},
+            }
+        )
+    )
+    old = bench.points([bench.RESULTS / "dp-s1-k5-transfer.json"])[("transfer", 5)]
+    assert bench.cell(old) == "75.3 ± 1.0 (lr 0.03; earlier grid, without 0.01)"
+    new = bench.points([bench.RESULTS / "dp-s2-k5-transfer.json"])[("transfer", 5)]
+    assert bench.cell(new) == "85.2 ± 1.0 (lr 0.01)"
+    assert new["grid_before"]["lr"] == 0.03
+    moves = bench.grid_moves(sorted(bench.RESULTS.glob("*.json")))
+    assert (
+        "| dp-s2-k5-transfer | FedAvg-transfer (fine-tuned) | 5 | 75.3 (lr 0.03) "
+        "| 85.2 ± 1.0 (lr 0.01) | +9.9 |"
+    ) in moves
+    assert any(line.endswith("`--rechoose` extends them): dp-s1-k5-transfer.") for line in moves)
