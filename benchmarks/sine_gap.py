@@ -87,7 +87,7 @@ def meta_train(task: Sine, meta_steps: int, source: str, seed: int) -> dict:
 
 def score(task: Sine, state, grid, val, test) -> dict:
     method = Method("meta", "meta")
-    lr, _ = choose_lr(task, method, (state, 1), val, grid, 32, 0)
+    lr, _, _ = choose_lr(task, method, (state, 1), val, grid, 32, 0)
     mean, ci = mean_ci95(episode_scores(task, method, (state, 1), test, steps=32, lr=lr, seed=0))
     return {"mse": mean, "ci95": ci, "lr": lr}
 

@@ -158,24 +158,10 @@ def choose_lr(
     steps: int,
     seed: int,
     schedule: Schedule = "constant",
-) -> tuple[float | None, float | None]:
-    """(chosen rate, its validation score); (None, score) for a method without steps."""
-    lr, val, _ = choose_lr_grid(task, method, init, val_eps, lr_grid, steps, seed, schedule)
-    return lr, val
-
-
-def choose_lr_grid(
-    task: Task,
-    method: Method,
-    init,
-    val_eps,
-    lr_grid: Sequence[float],
-    steps: int,
-    seed: int,
-    schedule: Schedule = "constant",
     known: Mapping[float, Sequence[float]] | None = None,
 ) -> tuple[float | None, float, dict[float, tuple[float, float]]]:
-    """``choose_lr`` with every rate's (validation mean, standard error) beside it.
+    """(chosen rate, its validation score, every rate's (validation mean, standard error));
+    (None, score, {}) for a method without steps.
 
     ``known``: rate -> (validation mean, standard error) already scored on these same
     validation episodes with these settings; only the other rates are scored (each
@@ -241,7 +227,7 @@ def shots_curve(
             state, out_dim, run_dir = inits[method.base]
             init = (state, out_dim)
             lr, val, summary = (
-                choose_lr_grid(
+                choose_lr(
                     task,
                     method,
                     init,

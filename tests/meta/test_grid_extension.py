@@ -7,7 +7,7 @@ import inspect
 import torch
 
 from fedmeta.data.tasks.digits import DigitsFewShot
-from fedmeta.meta.curve import choose_lr_grid
+from fedmeta.meta.curve import choose_lr
 from fedmeta.meta.methods import Method, draw_episodes
 from fedmeta.meta.protocol import LR_GRID, grid_text
 
@@ -23,9 +23,9 @@ def _init() -> tuple[dict, int]:
 def test_extending_a_grid_scores_only_the_new_rate_and_matches_the_full_grid() -> None:
     episodes = draw_episodes(DIGITS, "val", 4, 2, 3, seed=4)
     init = _init()
-    full = choose_lr_grid(DIGITS, TRANSFER, init, episodes, [0.01, 0.1, 0.5], 3, 0, "cosine")
+    full = choose_lr(DIGITS, TRANSFER, init, episodes, [0.01, 0.1, 0.5], 3, 0, "cosine")
     kept = {lr: full[2][lr] for lr in (0.1, 0.5)}
-    extended = choose_lr_grid(
+    extended = choose_lr(
         DIGITS, TRANSFER, init, episodes, [0.01, 0.1, 0.5], 3, 0, "cosine", known=kept
     )
     assert extended[0] == full[0]
@@ -33,7 +33,7 @@ def test_extending_a_grid_scores_only_the_new_rate_and_matches_the_full_grid() -
     assert list(extended[2]) == [0.01, 0.1, 0.5]  # in the grid's order
     # the kept rates are taken as given, not scored again: a kept score decides the choice
     rigged = {0.1: full[2][0.1], 0.5: (2.0, 0.0)}
-    chosen = choose_lr_grid(
+    chosen = choose_lr(
         DIGITS, TRANSFER, init, episodes, [0.01, 0.1, 0.5], 3, 0, "cosine", known=rigged
     )
     assert chosen[0] == 0.5 and chosen[2][0.5] == (2.0, 0.0)

@@ -59,9 +59,9 @@ def test_fine_tuning_is_plain_sgd_from_the_method_head() -> None:
 
 def test_lr_is_chosen_on_validation_and_none_for_a_prototype_classifier() -> None:
     val = draw_episodes(TASK, "val", 4, 1, 3, seed=1)
-    lr, best = choose_lr(TASK, Method("scratch", "scratch"), (None, 0), val, [1e-6, 0.3], 5, 0)
+    lr, best, _ = choose_lr(TASK, Method("scratch", "scratch"), (None, 0), val, [1e-6, 0.3], 5, 0)
     assert lr in (1e-6, 0.3) and 0.0 <= best <= 1.0
-    lr, best = choose_lr(
+    lr, best, _ = choose_lr(
         TASK, Method("meta+proto", "meta", "proto", False), _state(), val, [0.1, 0.3], 5, 0
     )
     assert lr is None and 0.2 <= best <= 1.0
