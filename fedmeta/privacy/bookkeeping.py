@@ -89,7 +89,7 @@ def _trainable(module: nn.Module) -> bool:
 
 class FlatGrads:
     """One contiguous buffer for the gradients of ``params`` (in this order), and one for
-    their noise: ``grads[i]`` / ``noises[i]`` are views shaped like ``params[i]``.
+    their noise: ``grads[i]`` is a view shaped like ``params[i]``.
 
     The DP optimizer's per-step work on every tensor (add the noise, divide by the
     expected batch size) becomes one operation on the buffer.
@@ -106,12 +106,10 @@ class FlatGrads:
         self.buffer = torch.empty(total, dtype=first.dtype, device=first.device)
         self.noise_buffer = torch.empty_like(self.buffer)
         self.grads: list[torch.Tensor] = []
-        self.noises: list[torch.Tensor] = []
         offset = 0
         for p in params:
             n = p.numel()
             self.grads.append(self.buffer[offset : offset + n].view(p.shape))
-            self.noises.append(self.noise_buffer[offset : offset + n].view(p.shape))
             offset += n
         self._index = {id(p): i for i, p in enumerate(params)}
         #: the noise buffer cut where one ``normal_`` call draws exactly what the calls
@@ -120,6 +118,13 @@ class FlatGrads:
         #: the buffer holds a clipped sum not yet noised (set by the clipper and ``zero``,
         #: cleared by ``BookKeepingDPOptimizer.flat_step``: one noisy step per clipped sum)
         self.filled = False
+
+    def add_noise(self, std: float, generator: torch.Generator | None) -> None:
+        """Add N(0, std^2) noise to the buffer: Opacus's draws, tensor by tensor in order
+        from ``generator`` (in ``noise_draws``' fewer calls, the same numbers)."""
+        for noise in self.noise_draws:
+            noise.normal_(0.0, std, generator=generator)
+        self.buffer.add_(self.noise_buffer)
 
     def view(self, p: torch.Tensor) -> torch.Tensor | None:
         """``p``'s gradient view (None if the buffer does not hold ``p``)."""
@@ -384,9 +389,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         flat.filled = False
         std = self.noise_multiplier * self.max_grad_norm
         if std > 0:
-            for noise in flat.noise_draws:  # Opacus's draws, tensor by tensor, into the buffer
-                noise.normal_(0.0, std, generator=self.generator)
-            flat.buffer.add_(flat.noise_buffer)
+            flat.add_noise(std, self.generator)
         flat.buffer /= self.expected_batch_size * self.accumulated_iterations
         if self.step_hook:
             self.step_hook(self)
@@ -409,9 +412,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
             if std > 0:
-                for noise in flat.noises:  # Opacus's draw, tensor by tensor, into the buffer
-                    noise.normal_(0.0, std, generator=self.generator)
-                flat.buffer.add_(flat.noise_buffer)
+                flat.add_noise(std, self.generator)
             for p in self.params:
                 p.grad = p.summed_grad
                 _mark_as_processed(p.summed_grad)
