@@ -1,7 +1,11 @@
 """Budgets: upper bounds only, the same values as Opacus's accountants, cheap to repeat."""
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.prv.prvs import DiscretePRV
 
 from fedmeta.privacy import budget
 from fedmeta.privacy.budget import (
@@ -92,14 +96,99 @@ def test_rounds_of_a_run_share_one_grid():
     assert budget._spectrum.cache_info().misses == 1  # the first round's discretisation
 
 
+def fft_path_only(monkeypatch) -> None:
+    """Make get_epsilon take the inverse FFT of the whole grid (no band-limited path)."""
+    monkeypatch.setattr(budget, "_band_limited_epsilon", lambda *args: None)
+    budget._COMPOSED.clear()  # spectra kept by earlier calls may be truncated
+
+
 @pytest.mark.parametrize("history", HISTORIES)
 @pytest.mark.parametrize("grid_steps", [0, 240])
-def test_epsilon_read_from_the_unrolled_pmf_is_the_rolled_pmfs(history, grid_steps):
-    """get_epsilon reads Opacus's rolled pmf through an index shift (no roll of the whole
-    grid): the same epsilon, bit for bit, as the search over the rolled ``DiscretePRV``."""
+def test_epsilon_read_from_the_unrolled_pmf_is_the_rolled_pmfs(history, grid_steps, monkeypatch):
+    """get_epsilon's FFT path reads Opacus's rolled pmf through an index shift (no roll
+    of the whole grid): the same epsilon, bit for bit, as the search over the rolled
+    ``DiscretePRV``."""
+    fft_path_only(monkeypatch)
     acc = budget.BoundedPRVAccountant(grid_steps)
     acc.history = list(history)
     fast = acc.get_epsilon(delta=1e-5)
     dprv = acc._get_dprv(eps_error=0.01, delta_error=1e-8)
     assert fast == budget._upper_epsilon(dprv, acc._grid, acc._shift, 1e-5, 1e-8, 0.01)
     assert fast >= dprv.compute_epsilon(1e-5, 1e-8, 0.01)[1]
+
+
+def fft_epsilon(history, grid_steps: int, delta: float) -> float:
+    """The FFT path's epsilon of ``history``, from spectra composed afresh."""
+    kept = dict(budget._COMPOSED)
+    budget._COMPOSED.clear()
+    try:
+        acc = budget.BoundedPRVAccountant(grid_steps)
+        acc.history = list(history)
+        pmf, roll, domain = acc._composed_pmf(0.01, delta / 1000)
+        return budget._upper_epsilon(
+            DiscretePRV(pmf=np.roll(pmf, roll), domain=domain.shift_right(acc._shift)),
+            acc._grid,
+            acc._shift,
+            delta,
+            delta / 1000,
+            0.01,
+        )
+    finally:
+        budget._COMPOSED.clear()
+        budget._COMPOSED.update(kept)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    history=st.lists(
+        st.tuples(
+            st.sampled_from([0.7, 1.0, 1.3, 2.0]),
+            st.sampled_from([0.005, 1 / 46, 1 / 30, 0.05, 0.1]),
+            st.integers(1, 160),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    grid_steps=st.sampled_from([0, 240, 1000]),
+    delta=st.sampled_from([1e-5, 1e-6]),
+)
+def test_band_limited_epsilon_is_the_fft_paths(history, grid_steps, delta):
+    """Where the composed spectrum is band-limited (a few dozen steps on), epsilon is read
+    from ~100 frequencies in closed form instead of an inverse FFT of the whole grid: the
+    same epsilon as the FFT path (to rounding), never below it by more than rounding, and
+    the path is taken for the long histories a site accumulates."""
+    calls: list[float | None] = []
+    band = budget._band_limited_epsilon
+
+    def spy(*args):
+        calls.append(band(*args))
+        return calls[-1]
+
+    budget._COMPOSED.clear()
+    acc = budget.BoundedPRVAccountant(grid_steps)
+    acc.history = list(history)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(budget, "_band_limited_epsilon", spy)
+        ours = acc.get_epsilon(delta=delta)
+    reference = fft_epsilon(history, grid_steps, delta)
+    assert ours == pytest.approx(reference, rel=1e-9, abs=1e-12)
+    assert ours >= reference - 1e-9 * reference
+    if sum(n for _, _, n in history) >= 40:
+        assert calls and calls[0] is not None
+
+
+def test_band_limited_spectra_are_kept_truncated():
+    """A composed spectrum keeps only its band (the rest sums to <= SPECTRAL_TAIL), and a
+    round multiplied into a truncated spectrum gives the epsilon of a fresh composition."""
+    budget._COMPOSED.clear()
+    history = [(1.0, 1 / 46, 80)]
+    acc = budget.BoundedPRVAccountant(240)
+    acc.history = history
+    acc.get_epsilon(delta=1e-5)
+    (spectrum, left_out), *_ = budget._COMPOSED.values()
+    assert len(spectrum) < acc._grid[2] // 64 and 0 < left_out <= budget.SPECTRAL_TAIL
+    longer = [(1.0, 1 / 46, 88)]
+    acc = budget.BoundedPRVAccountant(240)
+    acc.history = longer
+    extended = acc.get_epsilon(delta=1e-5)
+    assert extended == pytest.approx(fft_epsilon(longer, 240, 1e-5), rel=1e-9)
