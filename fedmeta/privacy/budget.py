@@ -473,20 +473,14 @@ def _band_limited_epsilon(
     if kept < 1 or kept > size * BAND_FRACTION or coarse > power or size % coarse:
         return None
     k = np.arange(band)
-    # w^{-roll k} and w^k with integer phases (exact reduction mod N)
+    # A_k = S_k w^{-roll k}, the phase reduced mod N in integers (exact)
     a = spectrum[:band] * np.exp(-2j * math.pi * ((roll * k) % size) / size)
-    # 1 - w^k and 1 - e^{-dt} w^k without cancellation (w^k is within 1e-4 of 1 here):
-    # 1 - e^{-dt} cos(theta) = 2 sin^2(theta / 2) - expm1(-dt) cos(theta)
-    theta = 2 * math.pi * k / size
-    half_chord = 2 * np.sin(theta / 2) ** 2
-    sin = np.sin(theta)
-    c = np.zeros(band, dtype=complex)
-    c[1:] = a[1:] / (half_chord[1:] - 1j * sin[1:])
-    e = a / (half_chord - math.expm1(-dt) * np.cos(theta) - 1j * math.exp(-dt) * sin)
     spacing = size // coarse
+    kernel, ring = _band_kernels(size, dt, spacing, 2 ** math.ceil(math.log2(band)))
+    ce = a * kernel[:, :band]  # rows: c_k = A_k / (1 - w^k) (c_0 = 0), e_k
     # C and E at i = m * spacing (m = 0..coarse-1): w_N^{m spacing k} = w_coarse^{mk}
     padded = np.zeros((2, coarse // 2 + 1), dtype=complex)
-    padded[0, :band], padded[1, :band] = c, e
+    padded[:, :band] = ce
     values = irfft(padded, n=coarse, axis=1) * coarse
     c_at, e_at = values[0], values[1]
     c0, e0 = c_at[0], e_at[0]
@@ -506,14 +500,15 @@ def _band_limited_epsilon(
         return None
     # the exact first point lies in (points[first - 1], points[first - 1] + spacing]
     base = int(points[first - 1])
-    steps = np.arange(1, spacing + 1)
-    steps = steps[base + steps < size]
+    rows = min(spacing, size - 1 - base)
+    steps = np.arange(1, rows + 1)
     phase = np.exp(2j * math.pi * ((base * k) % size) / size)
-    ring = np.exp(2j * math.pi * ((np.outer(steps, k)) % size) / size)  # [s, K + 1]
-    # elementwise products and sums, not ``@``: a matrix product goes to the BLAS, whose
-    # idle worker threads then spin for tens of milliseconds of CPU time
-    c_i = 2.0 * np.multiply(ring, c * phase).sum(axis=1).real - c[0].real
-    e_i = 2.0 * np.multiply(ring, e * phase).sum(axis=1).real - e[0].real
+    # C and E at base + 1..base + rows: sums over k of their terms times w^{(base + r) k}
+    # (elementwise products and sums, not ``@``: a matrix product goes to the BLAS, whose
+    # idle worker threads then spin for tens of milliseconds of CPU time)
+    sums = np.multiply(ring[:rows, :band], (ce * phase)[:, None, :]).sum(axis=2).real
+    c_i = 2.0 * sums[0] - ce[0, 0].real
+    e_i = 2.0 * sums[1] - ce[1, 0].real
     i = base + steps
     passed = np.flatnonzero(deltas(i, c_i, e_i) <= strict)
     if not len(passed):
@@ -529,6 +524,25 @@ def _band_limited_epsilon(
     if d2 - slack_d2 <= 0 or d1 + slack_d1 - target <= 0:
         return None
     return float(math.log((d1 + slack_d1 - target) / (d2 - slack_d2)) + eps_error)
+
+
+@lru_cache(maxsize=8)
+def _band_kernels(size: int, dt: float, spacing: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """For frequencies k < ``width`` of an N = ``size`` grid: [1 / (1 - w^k) (0 at k = 0),
+    1 / (1 - e^{-dt} w^k)] and w^{rk} for r = 1..``spacing`` (w = e^{2 pi i / N}).
+
+    1 - w^k and 1 - e^{-dt} w^k are taken without cancellation (w^k is within 1e-3 of
+    1 here): 1 - e^{-dt} cos(theta) = 2 sin^2(theta / 2) - expm1(-dt) cos(theta).
+    """
+    k = np.arange(width)
+    theta = 2 * math.pi * k / size
+    half_chord = 2 * np.sin(theta / 2) ** 2
+    sin = np.sin(theta)
+    kernel = np.zeros((2, width), dtype=complex)
+    kernel[0, 1:] = 1.0 / (half_chord[1:] - 1j * sin[1:])
+    kernel[1] = 1.0 / (half_chord - math.expm1(-dt) * np.cos(theta) - 1j * math.exp(-dt) * sin)
+    ring = np.exp(2j * math.pi * (np.outer(np.arange(1, spacing + 1), k) % size) / size)
+    return kernel, ring
 
 
 @lru_cache(maxsize=16)
