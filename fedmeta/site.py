@@ -551,12 +551,13 @@ class Site:
                 torch.from_numpy(np.ascontiguousarray(pool.x[:1])),
             )
             if pool.units is not None:
-                check_mode(mode)
+                mode = check_mode(mode)
             expected_batch_size(plan.n_units, plan.batch)
         except ValueError as exc:  # DPModelError, UnitError and the E[B] >= 1 check
             raise self._declined(
                 rnd, "round.decline", f"DP model check: {exc}", ("PRIV-MODEL",), excluded=released
             ) from None
+        plan.mode = mode  # train_steps trains this model object with it, unchecked again
         plan.accountant = self.ledger_accountant()
         plan.q = poisson_rate(plan.n_units, plan.batch)
         plan.sigma = self.noise_multiplier(plan.q, declaration, plan.accountant)
@@ -642,6 +643,7 @@ class Site:
             plan.accountant,
             randomness,
             cfg.grad_sample_mode,
+            checked_mode=plan.mode,
         )
 
     def _dp_details(self, plan: _Plan) -> dict:
@@ -780,6 +782,7 @@ class _Plan:
         self.ledger: PrivacyLedger | None = None
         self.run_cap: float | None = None
         self.dp: DPSettings | None = None
+        self.mode: str | None = None  # the clipping mode check_dp_model returned
         self.eps_round = self.eps_total = 0.0
 
     @property

@@ -54,6 +54,10 @@ class DPSettings:
     """The site's CSPRNG streams for noise and sampling; None: seeded from ``seed``
     (simulations only: whoever knows the seed can regenerate the noise)."""
     grad_sample_mode: str = "auto"
+    checked_mode: str | None = None
+    """The mode ``check_dp_model`` (and, with units, ``check_mode``) returned for the very
+    model object being trained, by a caller that checked it before charging the round
+    (``Site``): ``train_steps`` then does not run the check again. None: it checks."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,10 @@ def _make_private_bookkeeping(
     ``per_record=False``: the caller samples over units (``_unit_loader`` sets the
     loader, the rate of the accountant's hook and E[B]); no record loader is built.
     """
-    engine.validate(module=model, optimizer=optimizer, data_loader=loader)
+    # a checked model passed check_dp_model's book-keeping rules, stricter than Opacus's
+    # validator (only plain Linear/Conv2d train, no buffer changes)
+    if dp.checked_mode is None:
+        engine.validate(module=model, optimizer=optimizer, data_loader=loader)
     if getattr(loss_fn, "reduction", None) != "mean":
         raise BookKeepingError(
             "book-keeping clipping needs a loss averaged over the batch (reduction='mean')"
@@ -172,11 +179,14 @@ def train_steps(
     # a pool whose units each hold one record is sampled and clipped per record: the same
     # mechanism (q = 1/ceil(n/B) over n = U units), without the per-unit bookkeeping
     per_unit = dp is not None and n_units < len(pool.x)
-    if dp is not None:  # before anything is built: refusals are one-line errors
+    if dp is not None and dp.checked_mode is not None:  # the caller checked this model
+        mode = dp.checked_mode
+    elif dp is not None:  # before anything is built: refusals are one-line errors
         example = torch.from_numpy(np.ascontiguousarray(pool.x[:1])).to(device)
         mode = check_dp_model(model, loss_fn, dp.grad_sample_mode, example)
         if pool.units is not None:  # refused whenever units are declared, not by the draw
             mode = check_mode(mode)
+    if dp is not None:
         expected_batch_size(n_units, min(batch_size, n_units))
     tensors = [
         torch.from_numpy(np.ascontiguousarray(pool.x)),
