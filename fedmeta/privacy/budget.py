@@ -279,13 +279,15 @@ class BoundedPRVAccountant(PRVAccountant):
         bookkeeping (its pmf is this one rolled by ``roll``, on the domain shifted
         right by ``self._shift``). A new round on the same domain costs one inverse
         FFT; the roll is left to the reader (``get_epsilon`` reads only the upper half).
+        With the spectrum's band only, the reader needs no inverse FFT at all.
         """
-        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in self.history]
-        counts = [n for _, _, n in self.history]
+        history = compact(self.history)  # equal (sigma, q) entries merged, as epsilon() does
+        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+        counts = [n for _, _, n in history]
         domain = self._get_domain(prvs, counts, eps_error, delta_error)
         grid = (domain.t_min, domain.t_max, domain.size)
-        spectrum, self._left_out = _composed_spectrum(grid, tuple(self.history))
-        shift = sum(n * _spectrum(sigma, q, *grid)[1] for sigma, q, n in self.history)
+        spectrum, self._left_out = _composed_spectrum(grid, tuple(history))
+        shift = sum(n * _spectrum(sigma, q, *grid)[1] for sigma, q, n in history)
         total = sum(counts)
         self._grid, self._shift = grid, shift
         # index of a sum of `total` grid points on the same grid (Opacus's _compose_fourier)
@@ -293,8 +295,9 @@ class BoundedPRVAccountant(PRVAccountant):
         return spectrum, roll, domain
 
 
-#: (grid, compacted history) -> composed spectrum (~2 MB at 2^18 points); the latest kept
-_COMPOSED: OrderedDict[tuple, np.ndarray] = OrderedDict()
+#: (grid, compacted history) -> (composed spectrum, the magnitude left out of it): the
+#: whole spectrum (~2 MB at 2^18 points) or, once band-limited, its band; the latest kept
+_COMPOSED: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
 COMPOSED_KEPT = 12  # a process serving 10 simulated sites keeps each one's latest
 
 
@@ -501,8 +504,9 @@ def _band_limited_epsilon(
         d2t = e_i - np.exp((i - size) * dt) * e0
         return (d1 - d2t) / size
 
-    points = np.arange(coarse) * spacing
-    passed = np.flatnonzero(deltas(points, c_at, e_at) <= strict)
+    points, left, decay = _coarse_grid(size, coarse, dt)
+    # delta(t_i) = (d1 - e^{t_i} d2) on the coarse grid, as ``deltas`` computes it
+    passed = np.flatnonzero(((a0 * left + c_at - c0) - (e_at - decay * e0)) / size <= strict)
     first = int(passed[0]) if len(passed) else coarse
     if first == 0:  # the first grid point already passes: Opacus cannot compute epsilon
         return None
@@ -532,6 +536,13 @@ def _band_limited_epsilon(
     if d2 - slack_d2 <= 0 or d1 + slack_d1 - target <= 0:
         return None
     return float(math.log((d1 + slack_d1 - target) / (d2 - slack_d2)) + eps_error)
+
+
+@lru_cache(maxsize=8)
+def _coarse_grid(size: int, coarse: int, dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The coarse grid's points i = m N / coarse, N - i and e^{(i - N) dt}."""
+    points = np.arange(coarse) * (size // coarse)
+    return points, (size - points).astype(float), np.exp((points - size) * dt)
 
 
 @lru_cache(maxsize=8)
