@@ -163,9 +163,16 @@ class BookKeepingClipper:
     """
 
     def __init__(
-        self, model: nn.Module, max_grad_norm: float, grads: FlatGrads | None = None
+        self,
+        model: nn.Module,
+        max_grad_norm: float,
+        grads: FlatGrads | None = None,
+        *,
+        checked: bool = False,
     ) -> None:
-        reason = unsupported_reason(model)
+        # ``checked``: the caller's check_dp_model chose book-keeping for this very model,
+        # which includes these structural rules (and more); they are not walked again
+        reason = None if checked else unsupported_reason(model)
         if reason:
             raise BookKeepingError(
                 f"book-keeping clipping: {reason}; use grad-sample-mode hooks or ew"

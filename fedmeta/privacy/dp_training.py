@@ -99,7 +99,7 @@ def _make_private_bookkeeping(
         grads: FlatGrads | None = FlatGrads(trainable)
     except ValueError:  # parameters of several dtypes or devices: a tensor per parameter
         grads = None
-    clipper = BookKeepingClipper(model, dp.max_grad_norm, grads)
+    clipper = BookKeepingClipper(model, dp.max_grad_norm, grads, checked=dp.checked_mode == "bk")
     dp_loader = loader  # per unit: replaced by the caller's unit loader
     if per_record and dp.randomness is not None:
         q = poisson_rate(len(loader.dataset), loader.batch_size)
