@@ -91,22 +91,15 @@ _VERDICTS: dict[tuple, str | DPModelError] = {}
 
 
 def _structure_key(model: nn.Module, loss_fn: nn.Module, mode: str, example: torch.Tensor) -> tuple:
-    modules = tuple(
-        (n, f"{type(m).__module__}.{type(m).__qualname__}", _settings(m))
-        for n, m in model.named_modules()
-    )
+    # classes themselves (not their names: two classes of one name stay apart)
+    modules = tuple((n, type(m), _settings(m)) for n, m in model.named_modules())
     params = tuple(
-        (n, tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
-        for n, p in model.named_parameters()
+        (n, p.shape, p.requires_grad, p.dtype, p.device) for n, p in model.named_parameters()
     )
-    buffers = tuple((n, tuple(b.shape)) for n, b in model.named_buffers())
-    loss = (
-        f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}",
-        _settings(loss_fn),
-        getattr(loss_fn, "weight", None) is not None,
-    )
-    return (
-        id(type(model)),
+    buffers = tuple((n, b.shape) for n, b in model.named_buffers())
+    loss = (type(loss_fn), _settings(loss_fn), getattr(loss_fn, "weight", None) is not None)
+    key = (
+        type(model),
         modules,
         params,
         buffers,
@@ -115,17 +108,23 @@ def _structure_key(model: nn.Module, loss_fn: nn.Module, mode: str, example: tor
         tuple(example.shape[1:]),
         example.dtype,
     )
+    try:
+        hash(key)
+    except TypeError:  # a settings tuple holding a list or dict: compare its text
+        return (repr(key),)
+    return key
+
+
+_PLAIN = (bool, int, float, str, tuple, type(None))
 
 
 def _settings(obj: object) -> tuple:
-    """An object's public plain-valued attributes (a layer's settings, a custom flag)."""
-    plain = (bool, int, float, str, tuple, type(None))
+    """An object's public plain-valued attributes (a layer's settings, a custom flag), by
+    name in the order the object set them: an attribute set in another order only
+    misses the cache (a fresh check), never hits a wrong verdict. ``(type, value)``
+    pairs, so that 1, 1.0 and True stay apart."""
     return tuple(
-        sorted(
-            (k, repr(v))
-            for k, v in vars(obj).items()
-            if not k.startswith("_") and isinstance(v, plain)
-        )
+        (k, type(v), v) for k, v in vars(obj).items() if k[0] != "_" and isinstance(v, _PLAIN)
     )
 
 
