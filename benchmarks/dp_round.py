@@ -28,8 +28,37 @@ from doc import machine, write_section  # noqa: E402
 
 from fedmeta import site as site_module  # noqa: E402
 from fedmeta.config import RunConfig, build_task, run_declaration  # noqa: E402
-from fedmeta.privacy import budget  # noqa: E402
+from fedmeta.privacy import bookkeeping, budget, dp_training  # noqa: E402
+from fedmeta.privacy.ledger import PrivacyLedger  # noqa: E402
 from fedmeta.site import Site  # noqa: E402
+
+#: the parts of a DP round that a non-private round does not run, timed where they run
+#: (label, object, attribute); the accountant is timed apart (its uncached evaluations)
+DP_PARTS = (
+    ("model check before the charge (`check_dp_model`)", site_module, "check_dp_model"),
+    ("ledger charge (line written and fsync'd)", PrivacyLedger, "charge"),
+    (
+        "DP set-up in training (flat buffer, clipper, DP optimizer)",
+        dp_training,
+        "_make_private_bookkeeping",
+    ),
+    ("unit sampler set-up", dp_training, "_unit_loader"),
+    (
+        "clipped backward (autograd to layer outputs, per-sample norms, clipped sums)",
+        bookkeeping.BookKeepingClipper,
+        "backward",
+    ),
+    (
+        "DP step (noise, scaling, accountant hook, update)",
+        bookkeeping.BookKeepingDPOptimizer,
+        "flat_step",
+    ),
+)
+#: what the non-private inner loop runs in place of the last two (same row order)
+PLAIN_PARTS = (
+    ("backward pass (`loss.backward()`)", torch.Tensor, ("backward",)),
+    ("SGD step and `zero_grad`", torch.optim.SGD, ("step", "zero_grad")),
+)
 
 
 def federation(root: Path, sites: int, dp: bool, rounds: int) -> tuple[list[Site], RunConfig]:
@@ -84,15 +113,37 @@ def main() -> None:
         budget._epsilon = budget.lru_cache(maxsize=1024)(account)
         train = timed(site_module.train_steps)  # the inner loop, DP-SGD or SGD
         site_module.train_steps = train
+        parts = []
+        for _, owner, name in DP_PARTS:
+            parts.append(timed(getattr(owner, name)))
+            setattr(owner, name, parts[-1])
+        plain_parts = []
+        for _, owner, names in PLAIN_PARTS:
+            group = []
+            for name in names:
+                group.append(timed(getattr(owner, name)))
+                setattr(owner, name, group[-1])
+            plain_parts.append(group)
         t_dp, t_plain, acc_dp, train_dp, train_plain = [], [], [], [], []
+        part_dp: list[list[float]] = [[] for _ in DP_PARTS]
+        part_plain: list[list[float]] = [[] for _ in PLAIN_PARTS]
         for rnd in range(1, args.rounds + 1):
             train.seconds = 0.0
+            for group in plain_parts:
+                for part in group:
+                    part.seconds = 0.0
             t_plain.append(one_round(plain, cfg_plain, theta, rnd, decl_plain))
             train_plain.append(train.seconds)
+            for times, group in zip(part_plain, plain_parts, strict=True):
+                times.append(sum(part.seconds for part in group))
             account.seconds = train.seconds = 0.0
+            for part in parts:
+                part.seconds = 0.0
             t_dp.append(one_round(private, cfg_dp, theta, rnd, decl_dp))
             acc_dp.append(account.seconds)
             train_dp.append(train.seconds)
+            for times, part in zip(part_dp, parts, strict=True):
+                times.append(part.seconds)
 
     load_after = os.getloadavg()[0]
 
@@ -105,6 +156,7 @@ def main() -> None:
     acc_median_ms = 1000 * statistics.median(acc_dp[1:])
     train_plain_ms = 1000 * statistics.median(train_plain[1:])
     train_dp_ms = 1000 * statistics.median(train_dp[1:])
+    offset = len(DP_PARTS) - len(PLAIN_PARTS)
     lines = [
         "## A whole DP round beside a non-private round (`benchmarks/dp_round.py`)",
         "",
@@ -127,6 +179,26 @@ def main() -> None:
         f"{dp_wall / plain_wall:.2f}x | |",
         f"| of which the inner loop (`train_steps`, CPU) | {train_plain_ms:.0f} ms | "
         f"{train_dp_ms:.0f} ms | {train_dp_ms / train_plain_ms:.2f}x | |",
+        "",
+        "Where a DP round's extra time goes: the CPU time of the parts only a DP round "
+        f"runs, median per round over rounds 2..R ({args.sites} sites; each part timed "
+        "where it runs, none inside another). The last two replace the non-private "
+        "inner loop's backward pass and step, shown beside them.",
+        "",
+        "| part of the DP round | DP round | in the non-private round |",
+        "|---|---|---|",
+        f"| accountant (epsilon for the budget check and the charge) | "
+        f"{acc_median_ms:.1f} ms | - |",
+        *(
+            f"| {label} | {1000 * statistics.median(times[1:]):.1f} ms | "
+            + (
+                f"{PLAIN_PARTS[i - offset][0]}: "
+                f"{1000 * statistics.median(part_plain[i - offset][1:]):.1f} ms |"
+                if i >= offset
+                else "- |"
+            )
+            for i, ((label, _, _), times) in enumerate(zip(DP_PARTS, part_dp, strict=True))
+        ),
         "",
         f"First round (CPU): non-private {1000 * t_plain[0][1]:.0f} ms, "
         f"DP {1000 * t_dp[0][1]:.0f} ms. The accountant column is the CPU time of the "
