@@ -21,8 +21,11 @@ grid — a domain at least as wide and a mesh at least as fine as Opacus's, whic
 only shrinks the truncation and discretisation errors its bound accounts for —
 so a new round costs one discretisation and one FFT composition. A site passes
 ``grid_steps`` (the most steps it can have spent by the end of the run), so one
-grid serves the whole run: each new ``(sigma, q)`` is discretised once, and a
-round's epsilon is one inverse FFT and a few passes over the grid.
+grid serves the whole run: each new ``(sigma, q)`` is discretised once. Once the
+composed spectrum is band-limited (a few dozen steps on), a round multiplies in
+only its band and reads epsilon from it in closed form (``_band_limited_epsilon``,
+~0.2 ms); before that, a round's epsilon is one inverse FFT of the whole grid and
+a few passes over it (~1 ms at the default run's 81,920 points).
 """
 
 from __future__ import annotations
@@ -275,11 +278,11 @@ class BoundedPRVAccountant(PRVAccountant):
         Opacus composes each ``(sigma, q)`` entry as ``irfft(rfft(pmf) ** n)``
         (circular, on the safe domain) and convolves the entries; here every
         entry's spectrum is kept per domain and the whole history is one
-        product of powers and one inverse FFT, with Opacus's index and domain
-        bookkeeping (its pmf is this one rolled by ``roll``, on the domain shifted
-        right by ``self._shift``). A new round on the same domain costs one inverse
-        FFT; the roll is left to the reader (``get_epsilon`` reads only the upper half).
-        With the spectrum's band only, the reader needs no inverse FFT at all.
+        product of powers, with Opacus's index and domain bookkeeping (its pmf is the
+        inverse FFT of this spectrum rolled by ``roll``, on the domain shifted right
+        by ``self._shift``). A new round on the same domain costs one product; the
+        reader takes the inverse FFT (``get_epsilon`` reads only the upper half of the
+        pmf) or, once the spectrum is band-limited, none (``_band_limited_epsilon``).
         """
         history = compact(self.history)  # equal (sigma, q) entries merged, as epsilon() does
         prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
