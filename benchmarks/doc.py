@@ -10,6 +10,17 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun it to refresh.\n"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU model unknown"
+
+
 def machine() -> str:
     import os
 
@@ -17,8 +28,8 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}, "
-        f"{datetime.now(UTC).strftime('%Y-%m-%d')}"
+        f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, {gpu}, "
+        f"torch {torch.__version__}, {datetime.now(UTC).strftime('%Y-%m-%d')}"
     )
 
 
