@@ -40,7 +40,7 @@ from fedmeta.site import Site  # noqa: E402
 #: the parts of a DP round that a non-private round does not run, timed where they run
 #: (label, object, attribute); the accountant is timed apart (its uncached evaluations)
 DP_PARTS = (
-    ("model check before the charge (`check_dp_model`)", site_module, "check_dp_model"),
+    ("model check before the charge (`check_dp_model`)", dp_training, "check_dp_model"),
     ("ledger charge (line written and fsync'd)", PrivacyLedger, "charge"),
     (
         "DP set-up in training (flat buffer, clipper, DP optimizer)",

@@ -50,11 +50,10 @@ from fedmeta.meta.fomaml import fomaml_site_update
 from fedmeta.meta.updates import model_digest
 from fedmeta.paths import MANIFEST_FILE, TRANSPORT_ENV
 from fedmeta.privacy.budget import expected_batch_size, noise_for_target, poisson_rate
-from fedmeta.privacy.dp_training import DPSettings, train_steps
+from fedmeta.privacy.dp_training import DPSettings, dp_mode, train_steps
 from fedmeta.privacy.ledger import PrivacyLedger
-from fedmeta.privacy.model_check import check_dp_model
 from fedmeta.privacy.noise import SEEDED, SITE_CSPRNG, SiteRandomness, load_or_create_secret
-from fedmeta.privacy.units import RECORD, check_mode, count_units
+from fedmeta.privacy.units import RECORD, count_units
 from fedmeta.site_files import load_manifest, site_audit_log
 from policies import (
     RecordMeta,
@@ -544,14 +543,7 @@ class Site:
         cannot train soundly is declined, never half-run), then the site's policy."""
         cfg = self.cfg
         try:
-            mode = check_dp_model(
-                model,
-                self.task.loss_fn(),
-                cfg.grad_sample_mode,
-                torch.from_numpy(np.ascontiguousarray(pool.x[:1])),
-            )
-            if pool.units is not None:
-                mode = check_mode(mode)
+            mode = dp_mode(model, self.task.loss_fn(), cfg.grad_sample_mode, pool)
             expected_batch_size(plan.n_units, plan.batch)
         except ValueError as exc:  # DPModelError, UnitError and the E[B] >= 1 check
             raise self._declined(
@@ -782,7 +774,7 @@ class _Plan:
         self.ledger: PrivacyLedger | None = None
         self.run_cap: float | None = None
         self.dp: DPSettings | None = None
-        self.mode: str | None = None  # the clipping mode check_dp_model returned
+        self.mode: str | None = None  # the clipping mode dp_mode returned
         self.eps_round = self.eps_total = 0.0
 
     @property

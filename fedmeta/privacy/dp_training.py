@@ -68,6 +68,19 @@ class StepsResult:
     dp_step: Step | None  # (sigma, q, steps) as Opacus's accountant recorded it
 
 
+def dp_mode(
+    model: nn.Module, loss_fn: nn.Module, grad_sample_mode: str, pool: Pool, device: str = "cpu"
+) -> str:
+    """The clipping mode DP-SGD trains ``model`` with on ``pool`` (``check_dp_model`` on
+    one of its records; with declared units, only a mode that clips per unit): a model,
+    loss or mode DP-SGD cannot train soundly raises a one-line ValueError."""
+    example = torch.from_numpy(np.ascontiguousarray(pool.x[:1])).to(device)
+    mode = check_dp_model(model, loss_fn, grad_sample_mode, example)
+    if pool.units is not None:  # refused whenever units are declared, not by the draw
+        mode = check_mode(mode)
+    return mode
+
+
 def _make_private_bookkeeping(
     engine: PrivacyEngine,
     model: nn.Module,
@@ -182,10 +195,7 @@ def train_steps(
     if dp is not None and dp.checked_mode is not None:  # the caller checked this model
         mode = dp.checked_mode
     elif dp is not None:  # before anything is built: refusals are one-line errors
-        example = torch.from_numpy(np.ascontiguousarray(pool.x[:1])).to(device)
-        mode = check_dp_model(model, loss_fn, dp.grad_sample_mode, example)
-        if pool.units is not None:  # refused whenever units are declared, not by the draw
-            mode = check_mode(mode)
+        mode = dp_mode(model, loss_fn, dp.grad_sample_mode, pool, device)
     if dp is not None:
         expected_batch_size(n_units, min(batch_size, n_units))
     tensors = [
