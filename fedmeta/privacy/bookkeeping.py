@@ -88,11 +88,18 @@ def _trainable(module: nn.Module) -> bool:
 
 
 class FlatGrads:
-    """One contiguous buffer for the gradients of ``params`` (in this order), and one for
-    their noise: ``grads[i]`` is a view shaped like ``params[i]``.
+    """One contiguous buffer for the gradients of ``params`` (in this order):
+    ``grads[i]`` is a view shaped like ``params[i]``.
 
-    The DP optimizer's per-step work on every tensor (add the noise, divide by the
-    expected batch size) becomes one operation on the buffer.
+    The DP optimizer's per-step work on every tensor becomes one operation on the
+    buffer. Two ways to fill it:
+
+    * **noise first** (``start_noisy``, then the clipper *adds* the clipped sum, as
+      ``BookKeepingDPOptimizer.flat_step`` uses it): the step's noise is drawn straight
+      into the buffer before the forward pass, so no separate noise buffer is kept
+      and the noise is never added in a pass of its own;
+    * **clipped sum first** (the clipper writes it and sets ``p.grad`` to the views,
+      Opacus's ``step`` then adds noise with ``add_noise``).
     """
 
     def __init__(self, params: list[torch.Tensor]) -> None:
@@ -102,29 +109,45 @@ class FlatGrads:
         if any(p.dtype != first.dtype or p.device != first.device for p in params):
             raise ValueError("parameters of several dtypes or devices")
         self.params = list(params)
-        total = sum(p.numel() for p in params)
-        self.buffer = torch.empty(total, dtype=first.dtype, device=first.device)
-        self.noise_buffer = torch.empty_like(self.buffer)
-        self.grads: list[torch.Tensor] = []
-        offset = 0
-        for p in params:
-            n = p.numel()
-            self.grads.append(self.buffer[offset : offset + n].view(p.shape))
-            offset += n
+        self.sizes = [p.numel() for p in params]
+        self.buffer = torch.empty(sum(self.sizes), dtype=first.dtype, device=first.device)
+        parts = self.buffer.split(self.sizes)
+        self.grads: list[torch.Tensor] = [
+            part.view(p.shape) for part, p in zip(parts, params, strict=True)
+        ]
         self._index = {id(p): i for i, p in enumerate(params)}
-        #: the noise buffer cut where one ``normal_`` call draws exactly what the calls
-        #: for each tensor would (``noise_groups``); fewer calls, the same numbers
-        self.noise_draws = noise_groups(self.noise_buffer, [p.numel() for p in params])
-        #: the buffer holds a clipped sum not yet noised (set by the clipper and ``zero``,
-        #: cleared by ``BookKeepingDPOptimizer.flat_step``: one noisy step per clipped sum)
+        #: the buffer cut where one ``normal_`` call draws exactly what the calls for each
+        #: tensor would (``noise_groups``); fewer calls, the same numbers
+        self.noise_draws = noise_groups(self.buffer, self.sizes)
+        self._noise_buffer: torch.Tensor | None = None  # ``add_noise``'s, made on first use
+        self._noise_apart: list[torch.Tensor] = []  # its cut, as ``noise_draws``
+        #: the buffer holds this step's noise, and the clipped sum is to be added to it
+        #: (set by ``start_noisy``, cleared by ``BookKeepingDPOptimizer.flat_step``)
+        self.noised = False
+        #: the step's clipped sum is in the buffer (set by the clipper and ``empty_batch``,
+        #: cleared by ``flat_step``: one noisy step per clipped sum)
         self.filled = False
 
+    def start_noisy(self, std: float, generator: torch.Generator | None) -> None:
+        """Begin a step whose clipped sum is added to its noise: the buffer becomes
+        N(0, std^2) noise, drawn tensor by tensor in order from ``generator`` as Opacus
+        draws it (in ``noise_draws``' fewer calls, the same numbers); zeros when std is 0."""
+        if std > 0:
+            for noise in self.noise_draws:
+                noise.normal_(0.0, std, generator=generator)
+        else:
+            self.buffer.zero_()
+        self.noised, self.filled = True, False
+
     def add_noise(self, std: float, generator: torch.Generator | None) -> None:
-        """Add N(0, std^2) noise to the buffer: Opacus's draws, tensor by tensor in order
-        from ``generator`` (in ``noise_draws``' fewer calls, the same numbers)."""
-        for noise in self.noise_draws:
+        """Add N(0, std^2) noise to the clipped sum in the buffer, drawn as
+        ``start_noisy`` draws it."""
+        if self._noise_buffer is None:
+            self._noise_buffer = torch.empty_like(self.buffer)
+            self._noise_apart = noise_groups(self._noise_buffer, self.sizes)
+        for noise in self._noise_apart:
             noise.normal_(0.0, std, generator=generator)
-        self.buffer.add_(self.noise_buffer)
+        self.buffer.add_(self._noise_buffer)
 
     def view(self, p: torch.Tensor) -> torch.Tensor | None:
         """``p``'s gradient view (None if the buffer does not hold ``p``)."""
@@ -145,11 +168,14 @@ class FlatGrads:
             del view._processed
         return view
 
-    def zero(self) -> None:
-        """Zero gradients in the buffer (a step without records: noise only)."""
-        self.buffer.zero_()
-        for p, view in zip(self.params, self.grads, strict=True):
-            p.grad = self.fresh(view)
+    def empty_batch(self) -> None:
+        """A step without records: its clipped sum is zero, so the step is noise only
+        (after ``start_noisy`` the buffer already is; otherwise it is zeroed and
+        ``p.grad`` set to the views for Opacus's step to noise)."""
+        if not self.noised:
+            self.buffer.zero_()
+            for p, view in zip(self.params, self.grads, strict=True):
+                p.grad = self.fresh(view)
         self.filled = True
 
 
@@ -183,9 +209,6 @@ class BookKeepingClipper:
         #: each layer's (weight, bias) gradient views in ``grads`` (None: frozen or not held)
         self._views = {m: (_held(grads, m.weight), _held(grads, m.bias)) for m in self.layers}
         self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
-        #: False: the clipped sums go only into ``grads``'s buffer, ``p.grad`` is not set
-        #: (``BookKeepingDPOptimizer.flat_step`` reads the buffer); True: ``p.grad`` too
-        self.write_grads = True
         self._handles = [m.register_forward_hook(self._keep) for m in self.layers]
 
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
@@ -232,10 +255,10 @@ class BookKeepingClipper:
                     "ReLU(inplace=True)); make it out-of-place or use grad-sample-mode hooks"
                 )
         grads_out = torch.autograd.grad(loss_sum, [z for _, z, _, _ in kept])
-        # writing only into the flat buffer, the arithmetic runs in inference mode (no
-        # autograd or version bookkeeping on its temporaries); a gradient tensor of its
-        # own (``p.grad``) must stay an ordinary tensor, so that path keeps no_grad
-        buffer_only = not self.write_grads and self.grads is not None
+        # adding only into the noised flat buffer, the arithmetic runs in inference mode
+        # (no autograd or version bookkeeping on its temporaries); a gradient tensor of
+        # its own (``p.grad``) must stay an ordinary tensor, so that path keeps no_grad
+        buffer_only = self.grads is not None and self.grads.noised
         with torch.inference_mode() if buffer_only else torch.no_grad():
             return self._clip(layers, kept, grads_out, units, n_units)
 
@@ -251,15 +274,15 @@ class BookKeepingClipper:
             sums.append((module, clipped_sum))
         # one sum over every part (instead of an addition per part)
         sq_norms = torch.stack(parts).sum(0) if len(parts) > 1 else (parts or [None])[0]
-        buffer_only = not self.write_grads and self.grads is not None
+        # noise first: the clipped sums are added to the step's noise in the buffer, and
+        # ``p.grad`` is not set (``BookKeepingDPOptimizer.flat_step`` reads the buffer)
+        buffer_only = self.grads is not None and self.grads.noised
         unused = [] if layers is self.layers else [m for m in self.layers if m not in layers]
         for m in unused:  # a layer unused in this forward pass gets a zero gradient
             for p, view in zip((m.weight, m.bias), self._views[m], strict=True):
-                if p is not None and p.requires_grad:
+                if p is not None and p.requires_grad and not buffer_only:  # else: noise only
                     if view is None:
                         p.grad = torch.zeros_like(p)
-                    elif buffer_only:
-                        view.zero_()
                     else:
                         p.grad = self.grads.fresh(view).zero_()
         if sq_norms is None:
@@ -272,7 +295,7 @@ class BookKeepingClipper:
         if buffer_only:  # every trainable tensor has its view (FlatGrads holds them all)
             for module, clipped_sum in sums:
                 weight_view, bias_view = self._views[module]
-                clipped_sum(factor, weight_view, bias_view)
+                clipped_sum(factor, weight_view, bias_view, add=True)
             self.grads.filled = True
             return norms
         for module, clipped_sum in sums:
@@ -379,30 +402,40 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
         plain = {"momentum": 0, "weight_decay": 0, "maximize": False, "nesterov": False}
         return all(group.get(k, v) == v for k, v in plain.items()) and not group.get("fused")
 
+    def begin_flat_step(self) -> None:
+        """Draw this step's noise N(0, (sigma C)^2) into the flat buffer, before the forward
+        pass (``can_flat_step`` only): per tensor in Opacus's order from the optimizer's
+        generator, so the same generator gives the noise Opacus's ``step`` would add.
+        The clipper then adds the step's clipped sum to it and ``flat_step`` applies it."""
+        flat = self.grads
+        assert flat is not None
+        flat.start_noisy(self.noise_multiplier * self.max_grad_norm, self.generator)
+
     def flat_step(self) -> None:
-        """One DP-SGD step on the clipped sum in the flat buffer (``can_flat_step`` only).
+        """One DP-SGD step on the noisy clipped sum in the flat buffer (``can_flat_step``
+        only; the noise drawn by ``begin_flat_step``, the clipped sum added by the clipper
+        or declared empty by ``FlatGrads.empty_batch``).
 
         What ``step`` does through Opacus's ``pre_step`` and ``torch.optim.SGD``,
-        without their per-tensor bookkeeping: noise N(0, (sigma C)^2) drawn per
-        tensor in Opacus's order (the same generator gives the same noise), the sum
-        divided by the expected batch size, the accountant's step hook, then
-        ``p -= lr * grad`` for every parameter in one call. Refuses a buffer the
-        clipper has not refilled since the last step (noise is added once per sum).
+        without their per-tensor bookkeeping: the accountant's step hook, then
+        ``p -= lr / (expected batch size) * (clipped sum + noise)`` for every parameter
+        in one call. Refuses a buffer without a new noisy sum (a sum is noised and
+        applied once).
         """
         flat = self.grads
         assert flat is not None
-        if not flat.filled:
-            raise RuntimeError("flat_step: no new clipped gradient sum since the last step")
-        flat.filled = False
-        std = self.noise_multiplier * self.max_grad_norm
-        if std > 0:
-            flat.add_noise(std, self.generator)
-        flat.buffer /= self.expected_batch_size * self.accumulated_iterations
+        if not (flat.noised and flat.filled):
+            raise RuntimeError(
+                "flat_step: no new noisy clipped gradient sum since the last step "
+                "(begin_flat_step, then the clipper's backward)"
+            )
+        flat.noised = flat.filled = False
         if self.step_hook:
             self.step_hook(self)
         lr = self.original_optimizer.param_groups[0]["lr"]
+        scale = lr / (self.expected_batch_size * self.accumulated_iterations)
         with torch.no_grad():
-            torch._foreach_add_(self.params, flat.grads, alpha=-lr)
+            torch._foreach_add_(self.params, flat.grads, alpha=-scale)
 
     def accumulate(self) -> None:
         for p in self.params:
@@ -526,12 +559,8 @@ def _layer_grads(
         else:
             sq = [dz_sq] if b_on else []
 
-        def rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
-            scaled_t = dz.t() * factor  # [out, B]
-            if weight_out is not None:
-                torch.mm(scaled_t, a, out=weight_out)
-            if bias_out is not None:
-                torch.sum(scaled_t, 1, out=bias_out)
+        def rank_one_sum(factor: torch.Tensor, weight_out, bias_out, add: bool = False) -> None:
+            _scaled_outer_sum(dz.t() * factor, a, weight_out, bias_out, add)
 
         return sq, rank_one_sum
     if isinstance(module, nn.Linear) and a.dim() == 2:
@@ -544,12 +573,10 @@ def _layer_grads(
             gram = gram * (inputs + 1.0 if b_on else inputs)
         sq = [torch.linalg.vecdot(members @ gram, members)] if (w_on or b_on) else []
 
-        def unit_rank_one_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
-            scaled_t = dz.t() * factor[units]  # [out, B]
-            if weight_out is not None:
-                torch.mm(scaled_t, a, out=weight_out)
-            if bias_out is not None:
-                torch.sum(scaled_t, 1, out=bias_out)
+        def unit_rank_one_sum(
+            factor: torch.Tensor, weight_out, bias_out, add: bool = False
+        ) -> None:
+            _scaled_outer_sum(dz.t() * factor[units], a, weight_out, bias_out, add)
 
         return sq, unit_rank_one_sum
     if isinstance(module, nn.Linear):
@@ -575,10 +602,37 @@ def _layer_grads(
     if b_on:
         sq.append(torch.linalg.vecdot(bias_rows, bias_rows))
 
-    def materialised_sum(factor: torch.Tensor, weight_out, bias_out) -> None:
+    def materialised_sum(factor: torch.Tensor, weight_out, bias_out, add: bool = False) -> None:
         if weight_out is not None:
-            torch.mv(rows.t(), factor, out=weight_out.view(-1))
+            _weighted_rows(rows, factor, weight_out.view(-1), add)
         if bias_out is not None:
-            torch.mv(bias_rows.t(), factor, out=bias_out)
+            _weighted_rows(bias_rows, factor, bias_out, add)
 
     return sq, materialised_sum
+
+
+def _scaled_outer_sum(
+    scaled_t: torch.Tensor, a: torch.Tensor, weight_out, bias_out, add: bool
+) -> None:
+    """A Linear layer's clipped sums from its output gradients already scaled by each
+    sample's factor ([out, B]): ``weight_out`` = (or +=, with ``add``) ``scaled_t @ a``,
+    ``bias_out`` = (or +=) ``scaled_t`` summed over the samples."""
+    if weight_out is not None:
+        if add:
+            weight_out.addmm_(scaled_t, a)
+        else:
+            torch.mm(scaled_t, a, out=weight_out)
+    if bias_out is not None:
+        if add:
+            bias_out.add_(scaled_t.sum(1))
+        else:
+            torch.sum(scaled_t, 1, out=bias_out)
+
+
+def _weighted_rows(rows: torch.Tensor, factor: torch.Tensor, out: torch.Tensor, add: bool) -> None:
+    """``out`` = (or +=, with ``add``) the per-sample (per-unit) gradient rows ([B, n])
+    weighted by their clipping factors and summed."""
+    if add:
+        out.addmv_(rows.t(), factor)
+    else:
+        torch.mv(rows.t(), factor, out=out)

@@ -433,8 +433,8 @@ def _check_delta(size: int, delta: float, delta_error: float) -> None:
 SPECTRAL_TAIL = 1e-20
 #: the band-limited evaluation is used while its band is at most this fraction of the grid
 BAND_FRACTION = 1 / 16
-#: the coarse grid's spacing, in grid points (the exact answer is then found among them)
-COARSE_SPACING = 32
+#: points evaluated directly per refinement of the bracket around the first passing point
+REFINE_POINTS = 32
 
 
 def _band_limited_epsilon(
@@ -462,10 +462,11 @@ def _band_limited_epsilon(
     * e^{t_i} d2(i) = e^{t_i} sum_{j>=i} p_j e^{-t_j} = (1/N) [E(i) - e^{t_i - t_N} E(0)],
       E(i) = sum_k A_k w^{ik} / (1 - e^{-dt} w^k).
 
-    C and E are real trigonometric polynomials of degree K: one inverse FFT of a few
-    thousand points gives them on every 32nd grid point, which brackets the first point
-    where delta(t_i) = d1 - e^{t_i} d2 drops to delta - delta_error (non-increasing in
-    i); the <= 32 points of the bracket are then summed directly. epsilon =
+    C and E are real trigonometric polynomials of degree K: one inverse FFT of the
+    smallest power of two above 2K + 1 points gives them exactly on a coarse grid, which
+    brackets the first point where delta(t_i) = d1 - e^{t_i} d2 drops to delta -
+    delta_error (non-increasing in i); the bracket is then narrowed by direct sums at
+    <= 32 evenly spaced points of it at a time, down to single grid points. epsilon =
     log((d1 - delta') / d2) + eps_error at that point, as Opacus computes it. The left-out
     frequencies move delta(t) by at most 4 x their summed magnitude (<= SPECTRAL_TAIL):
     the search asks for that much below the target and the final ratio is taken at its
@@ -482,17 +483,15 @@ def _band_limited_epsilon(
     if kept >= size // 2:  # the Nyquist frequency is its own conjugate: not this path
         return None
     power = size & -size  # the largest power of two dividing N
-    coarse = max(2 ** math.ceil(math.log2(2 * kept + 2)), size // COARSE_SPACING, 8)
-    coarse = 2 ** math.ceil(math.log2(coarse))
-    if kept < 1 or kept > size * BAND_FRACTION or coarse > power or size % coarse:
+    coarse = 2 ** math.ceil(math.log2(max(2 * kept + 2, 8)))
+    if kept < 1 or kept > size * BAND_FRACTION or coarse > power:
         return None
     k = np.arange(band)
     # A_k = S_k w^{-roll k}, the phase reduced mod N in integers (exact)
     a = spectrum[:band] * np.exp(-2j * math.pi * ((roll * k) % size) / size)
-    spacing = size // coarse
-    kernel, ring = _band_kernels(size, dt, spacing, 2 ** math.ceil(math.log2(band)))
-    ce = a * kernel[:, :band]  # rows: c_k = A_k / (1 - w^k) (c_0 = 0), e_k
-    # C and E at i = m * spacing (m = 0..coarse-1): w_N^{m spacing k} = w_coarse^{mk}
+    width = 2 ** math.ceil(math.log2(band))  # the kernels' cache key: a band's power of two
+    ce = a * _band_kernels(size, dt, width)[:, :band]  # rows: c_k = A_k / (1 - w^k), e_k
+    # C and E at i = m N / coarse (m = 0..coarse-1): w_N^{m (N / coarse) k} = w_coarse^{mk}
     padded = np.zeros((2, coarse // 2 + 1), dtype=complex)
     padded[:, :band] = ce
     values = irfft(padded, n=coarse, axis=1) * coarse
@@ -513,21 +512,29 @@ def _band_limited_epsilon(
     first = int(passed[0]) if len(passed) else coarse
     if first == 0:  # the first grid point already passes: Opacus cannot compute epsilon
         return None
-    # the exact first point lies in (points[first - 1], points[first - 1] + spacing]
-    base = int(points[first - 1])
-    rows = min(spacing, size - 1 - base)
-    steps = np.arange(1, rows + 1)
-    phase = np.exp(2j * math.pi * ((base * k) % size) / size)
-    # C and E at base + 1..base + rows: sums over k of their terms times w^{(base + r) k}
-    # (elementwise products and sums, not ``@``: a matrix product goes to the BLAS, whose
-    # idle worker threads then spin for tens of milliseconds of CPU time)
-    sums = np.multiply(ring[:rows, :band], (ce * phase)[:, None, :]).sum(axis=2).real
-    c_i = 2.0 * sums[0] - ce[0, 0].real
-    e_i = 2.0 * sums[1] - ce[1, 0].real
-    i = base + steps
-    passed = np.flatnonzero(deltas(i, c_i, e_i) <= strict)
-    if not len(passed):
-        return None
+    # the exact first point lies in (base, base + span]; narrow it down
+    base, span = int(points[first - 1]), size // coarse
+    while True:
+        sub = -(-span // REFINE_POINTS)  # the step between the points evaluated now
+        count = min(-(-span // sub), (size - 1 - base) // sub)
+        if count < 1:
+            return None
+        # C and E at base + sub * m (m = 1..count): sums over k of their terms times
+        # w^{(base + sub m) k} (elementwise products and sums, not ``@``: a matrix
+        # product goes to the BLAS, whose idle worker threads then spin for tens of
+        # milliseconds of CPU time)
+        phase = np.exp(2j * math.pi * ((base * k) % size) / size)
+        ring = _ring(size, sub, count, width)
+        sums = np.multiply(ring[:, :band], (ce * phase)[:, None, :]).sum(axis=2).real
+        c_i = 2.0 * sums[0] - ce[0, 0].real
+        e_i = 2.0 * sums[1] - ce[1, 0].real
+        i = base + sub * np.arange(1, count + 1)
+        passed = np.flatnonzero(deltas(i, c_i, e_i) <= strict)
+        if not len(passed):
+            return None
+        if sub == 1:
+            break
+        base, span = base + sub * int(passed[0]), sub
     j = int(passed[0])
     lo = int(i[j])
     d1 = (a0 * (size - lo) + c_i[j] - c0) / size
@@ -549,9 +556,9 @@ def _coarse_grid(size: int, coarse: int, dt: float) -> tuple[np.ndarray, np.ndar
 
 
 @lru_cache(maxsize=8)
-def _band_kernels(size: int, dt: float, spacing: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _band_kernels(size: int, dt: float, width: int) -> np.ndarray:
     """For frequencies k < ``width`` of an N = ``size`` grid: [1 / (1 - w^k) (0 at k = 0),
-    1 / (1 - e^{-dt} w^k)] and w^{rk} for r = 1..``spacing`` (w = e^{2 pi i / N}).
+    1 / (1 - e^{-dt} w^k)] (w = e^{2 pi i / N}).
 
     1 - w^k and 1 - e^{-dt} w^k are taken without cancellation (w^k is within 1e-3 of
     1 here): 1 - e^{-dt} cos(theta) = 2 sin^2(theta / 2) - expm1(-dt) cos(theta).
@@ -563,8 +570,15 @@ def _band_kernels(size: int, dt: float, spacing: int, width: int) -> tuple[np.nd
     kernel = np.zeros((2, width), dtype=complex)
     kernel[0, 1:] = 1.0 / (half_chord[1:] - 1j * sin[1:])
     kernel[1] = 1.0 / (half_chord - math.expm1(-dt) * np.cos(theta) - 1j * math.exp(-dt) * sin)
-    ring = np.exp(2j * math.pi * (np.outer(np.arange(1, spacing + 1), k) % size) / size)
-    return kernel, ring
+    return kernel
+
+
+@lru_cache(maxsize=16)
+def _ring(size: int, sub: int, count: int, width: int) -> np.ndarray:
+    """w^{sub m k} for m = 1..``count`` and k < ``width`` (w = e^{2 pi i / N}), the phase
+    reduced mod N in integers."""
+    m = np.arange(1, count + 1)
+    return np.exp(2j * math.pi * (np.outer(sub * m, np.arange(width)) % size) / size)
 
 
 @lru_cache(maxsize=16)

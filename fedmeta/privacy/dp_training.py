@@ -243,13 +243,14 @@ def train_steps(
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
     trainable = [p for p in model.parameters() if p.requires_grad]
     # book-keeping's seeded DP step on its flat buffer: Opacus's noise and accountant
-    # hook, without the per-tensor bookkeeping of Opacus's and torch's step
+    # hook, without the per-tensor bookkeeping of Opacus's and torch's step; the noise
+    # is drawn into the buffer first and the clipper adds the clipped sum to it
     flat = isinstance(optimizer, BookKeepingDPOptimizer) and optimizer.can_flat_step()
-    if flat and clipper is not None:
-        clipper.write_grads = False  # the step reads the buffer; no p.grad to keep
     try:
         for xb, yb, unit, batch_n_units in _batches(loader, tensors, steps, device):
-            if not flat:
+            if flat:
+                optimizer.begin_flat_step()
+            else:
                 optimizer.zero_grad(set_to_none=True)
             if len(xb):
                 loss = criterion(net(xb), yb)
@@ -262,7 +263,7 @@ def train_steps(
                 loss_sum += float(loss.detach())
                 n_loss += 1
             elif clipper is not None and clipper.grads is not None:
-                clipper.grads.zero()  # an empty Poisson batch: noise only
+                clipper.grads.empty_batch()  # an empty Poisson batch: noise only
             elif engine is not None:
                 # an empty Poisson batch: Opacus still adds noise; no gradient to compute
                 for p in (p for p in model.parameters() if p.requires_grad):

@@ -120,9 +120,10 @@ def test_flat_step_is_opacus_step():
         model, x, y = model_and_batch()
         opt, grads, steps = dp_optimizer(model)
         clipper = BookKeepingClipper(model, 0.5, grads)
-        clipper.write_grads = not lean
         for _ in range(3):
-            if not lean:
+            if lean:  # noise first, the clipped sum added to it
+                opt.begin_flat_step()
+            else:
                 opt.zero_grad(set_to_none=True)
             clipper.backward(nn.CrossEntropyLoss(reduction="sum")(model(x), y))
             opt.flat_step() if lean else opt.step()
@@ -138,11 +139,18 @@ def test_flat_step_refuses_to_noise_a_sum_twice_and_is_kept_for_plain_sgd():
     opt, grads, _ = dp_optimizer(model)
     assert opt.can_flat_step()
     clipper = BookKeepingClipper(model, 0.5, grads)
+    opt.begin_flat_step()
     clipper.backward(nn.CrossEntropyLoss(reduction="sum")(model(x), y))
+    assert all(p.grad is None for p in model.parameters())  # the sum is only in the buffer
     opt.flat_step()
-    with pytest.raises(RuntimeError, match="no new clipped gradient sum"):
+    with pytest.raises(RuntimeError, match="no new noisy clipped gradient sum"):
         opt.flat_step()
-    grads.zero()  # an empty Poisson batch: a zero sum, then noise only
+    opt.begin_flat_step()
+    with pytest.raises(RuntimeError, match="no new noisy clipped gradient sum"):
+        opt.flat_step()  # noise drawn, but no clipped sum added to it
+    before = grads.buffer.clone()
+    grads.empty_batch()  # an empty Poisson batch: the step is its noise only
+    torch.testing.assert_close(grads.buffer, before, rtol=0, atol=0)
     opt.flat_step()
     clipper.close()
     momentum, _, _ = dp_optimizer(model_and_batch()[0], momentum=0.9)
