@@ -2,9 +2,10 @@
 
 The run's metrics, a site's approvals (of run declarations and of app hashes) and its
 privacy ledger are append-only JSON-lines files that must survive a crash right
-after a write: :func:`append_line` writes the whole line with one ``write`` on a
-file opened for appending, flushes and ``fsync``-s it, and when the call created
-the file, ``fsync``-s its directory too (so the new name survives as well).
+after a write: :func:`append_line` writes the whole line on a descriptor opened
+for appending and ``fsync``-s it (:func:`write_line`, which the privacy ledger also
+uses on the descriptor it holds locked), and when the call created the file,
+``fsync``-s its directory too (so the new name survives as well).
 The signed audit log has its own locked writer (:mod:`fedmeta.audit.log`) built on
 the same :func:`fsync_dir`.
 """
@@ -16,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_json_line", "append_line", "fsync_dir"]
+__all__ = ["append_json_line", "append_line", "fsync_dir", "write_line"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -31,18 +32,37 @@ def fsync_dir(directory: Path) -> None:
 def append_line(path: Path, line: str) -> int:
     """Append ``line`` (a newline is added; it must not hold one) and fsync it; returns
     the bytes written."""
-    if "\n" in line or "\r" in line:
-        raise ValueError("append_line: the line holds a line break")
+    data = _line_bytes(line)  # refused before the file is touched
     path = Path(path)
     created = not path.exists()
-    data = (line + "\n").encode("utf-8")
-    with open(path, "ab") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        size = _write_all(fd, data)
+    finally:
+        os.close(fd)
     if created:
         fsync_dir(path.parent)
-    return len(data)
+    return size
+
+
+def write_line(fd: int, line: str) -> int:
+    """Write ``line`` and a newline to ``fd`` (opened for appending) and fsync it; returns
+    the bytes written. A line break inside ``line`` is refused before anything is written."""
+    return _write_all(fd, _line_bytes(line))
+
+
+def _line_bytes(line: str) -> bytes:
+    if "\n" in line or "\r" in line:
+        raise ValueError("append_line: the line holds a line break")
+    return (line + "\n").encode("utf-8")
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    view, done = memoryview(data), 0
+    while done < len(data):
+        done += os.write(fd, view[done:])
+    os.fsync(fd)
+    return done
 
 
 def append_json_line(path: Path, record: Any, *, compact: bool = False) -> int:

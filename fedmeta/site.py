@@ -224,6 +224,8 @@ class Site:
             SITE_CSPRNG if not self.simulated or cfg.noise_source == SITE_CSPRNG else SEEDED
         )
         self._ledger: PrivacyLedger | None = None  # the ledger as last read or written
+        #: the clipping mode ``dp_mode`` chose for the model this site builds (``_dp_mode``)
+        self._dp_modes: dict[tuple, str] = {}
 
     # ---- state -----------------------------------------------------------------
     def refresh(self) -> None:
@@ -541,9 +543,8 @@ class Site:
         """The DP round's sampling rate, noise, accountant and caps, checked before
         anything is charged: the model, its loss and the clipping mode (a model DP-SGD
         cannot train soundly is declined, never half-run), then the site's policy."""
-        cfg = self.cfg
         try:
-            mode = dp_mode(model, self.task.loss_fn(), cfg.grad_sample_mode, pool)
+            mode = self._dp_mode(model, pool)
             expected_batch_size(plan.n_units, plan.batch)
         except ValueError as exc:  # DPModelError, UnitError and the E[B] >= 1 check
             raise self._declined(
@@ -560,6 +561,27 @@ class Site:
             raise self._refused(rnd, refusal, excluded=released)
         plan.ledger = self.ledger(plan.accountant)
         plan.run_cap = self.run_cap(declaration)
+
+    def _dp_mode(self, model: torch.nn.Module, pool: Pool) -> str:
+        """``dp_mode`` for the round's model, checked once per site process: the site builds
+        its model itself every round, with its task's builder (theta, loaded strictly, only
+        fills in values), so the verdict holds for every model that builder makes for
+        inputs of this shape, with or without declared units. A refusal is not kept (the
+        next round checks again)."""
+        build = self.task.build_model
+        key = (
+            getattr(build, "__func__", build),
+            type(model),
+            pool.x.shape[1:],
+            pool.x.dtype.str,
+            pool.units is not None,
+            self.cfg.grad_sample_mode,
+        )
+        mode = self._dp_modes.get(key)
+        if mode is None:
+            mode = dp_mode(model, self.task.loss_fn(), self.cfg.grad_sample_mode, pool)
+            self._dp_modes[key] = mode
+        return mode
 
     def _charge(self, rnd: _Round, plan: _Plan, released: dict[str, int | str]) -> None:
         """4. the privacy budget, checked and charged under the ledger's lock (durable

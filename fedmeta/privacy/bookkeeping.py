@@ -560,7 +560,7 @@ def _layer_grads(
             sq = [dz_sq] if b_on else []
 
         def rank_one_sum(factor: torch.Tensor, weight_out, bias_out, add: bool = False) -> None:
-            _scaled_outer_sum(dz.t() * factor, a, weight_out, bias_out, add)
+            _clipped_outer_sum(dz.t(), factor, a, weight_out, bias_out, add)
 
         return sq, rank_one_sum
     if isinstance(module, nn.Linear) and a.dim() == 2:
@@ -570,13 +570,14 @@ def _layer_grads(
         gram = dz @ dz.t()
         if w_on:
             inputs = a @ a.t()
-            gram = gram * (inputs + 1.0 if b_on else inputs)
+            # (dz . dz)(a . a + 1) with a bias, (dz . dz)(a . a) without
+            gram = torch.addcmul(gram, gram, inputs) if b_on else gram * inputs
         sq = [torch.linalg.vecdot(members @ gram, members)] if (w_on or b_on) else []
 
         def unit_rank_one_sum(
             factor: torch.Tensor, weight_out, bias_out, add: bool = False
         ) -> None:
-            _scaled_outer_sum(dz.t() * factor[units], a, weight_out, bias_out, add)
+            _clipped_outer_sum(dz.t(), factor[units], a, weight_out, bias_out, add)
 
         return sq, unit_rank_one_sum
     if isinstance(module, nn.Linear):
@@ -611,22 +612,23 @@ def _layer_grads(
     return sq, materialised_sum
 
 
-def _scaled_outer_sum(
-    scaled_t: torch.Tensor, a: torch.Tensor, weight_out, bias_out, add: bool
+def _clipped_outer_sum(
+    dz_t: torch.Tensor, factor: torch.Tensor, a: torch.Tensor, weight_out, bias_out, add: bool
 ) -> None:
-    """A Linear layer's clipped sums from its output gradients already scaled by each
-    sample's factor ([out, B]): ``weight_out`` = (or +=, with ``add``) ``scaled_t @ a``,
-    ``bias_out`` = (or +=) ``scaled_t`` summed over the samples."""
+    """A Linear layer's clipped sums from its output gradients ([out, B]) and each
+    sample's clipping factor ([B]): ``weight_out`` = (or +=, with ``add``)
+    ``(dz_t * factor) @ a``, ``bias_out`` = (or +=) ``dz_t @ factor``."""
     if weight_out is not None:
+        scaled_t = dz_t * factor
         if add:
             weight_out.addmm_(scaled_t, a)
         else:
             torch.mm(scaled_t, a, out=weight_out)
     if bias_out is not None:
         if add:
-            bias_out.add_(scaled_t.sum(1))
+            bias_out.addmv_(dz_t, factor)
         else:
-            torch.sum(scaled_t, 1, out=bias_out)
+            torch.mv(dz_t, factor, out=bias_out)
 
 
 def _weighted_rows(rows: torch.Tensor, factor: torch.Tensor, out: torch.Tensor, add: bool) -> None:

@@ -68,13 +68,22 @@ def require_bound(accountant: str) -> str:
     return accountant
 
 
-def compact(history: Iterable[Step]) -> list[Step]:
-    """Merge entries with equal (sigma, q); order-independent, same epsilon."""
-    merged: dict[tuple[float, float], int] = {}
+def merge_steps(
+    history: Iterable[Step], into: dict[tuple[float, float], int] | None = None
+) -> dict[tuple[float, float], int]:
+    """Steps per (sigma, q) of ``history`` (entries without steps left out), added to
+    ``into`` (changed in place) when given."""
+    merged: dict[tuple[float, float], int] = {} if into is None else into
     for sigma, q, steps in history:
         if steps:
-            merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
-    return [(s, q, n) for (s, q), n in sorted(merged.items())]
+            key = (float(sigma), float(q))
+            merged[key] = merged.get(key, 0) + int(steps)
+    return merged
+
+
+def compact(history: Iterable[Step]) -> list[Step]:
+    """Merge entries with equal (sigma, q); order-independent, same epsilon."""
+    return [(s, q, n) for (s, q), n in sorted(merge_steps(history).items())]
 
 
 def epsilon(
@@ -90,6 +99,21 @@ def epsilon(
     return _epsilon(
         tuple(compact(history)), float(delta), require_bound(accountant), int(grid_steps)
     )
+
+
+def epsilon_merged(
+    merged: dict[tuple[float, float], int],
+    extra: Iterable[Step],
+    delta: float,
+    accountant: str = "prv",
+    grid_steps: int = 0,
+) -> float:
+    """``epsilon`` of a history given as its steps per (sigma, q) (``merge_steps``; a
+    ledger keeps them between calls instead of merging every entry again) plus
+    ``extra``: the same value, and the same cache entry, as ``epsilon`` of the whole."""
+    steps = merge_steps(extra, dict(merged))
+    history = tuple((s, q, n) for (s, q), n in sorted(steps.items()))
+    return _epsilon(history, float(delta), require_bound(accountant), int(grid_steps))
 
 
 def gdp_beside_bound(
@@ -150,16 +174,27 @@ def _rdp_width_per_step(sigma: float, q: float) -> np.ndarray:
 
 
 _WIDTH_ALPHAS = np.asarray(WIDTH_ORDERS, dtype=float)
+#: the conversion's terms that depend on the order alone: 1 / (alpha - 1) and
+#: log((alpha - 1) / alpha) - log(alpha) / (alpha - 1)
+_INV_ALPHA_M1 = 1.0 / (_WIDTH_ALPHAS - 1)
+_ORDER_TERM = np.log((_WIDTH_ALPHAS - 1) / _WIDTH_ALPHAS) - np.log(_WIDTH_ALPHAS) * _INV_ALPHA_M1
 
 
 def _rdp_widths(rdp_rows: np.ndarray, delta: float) -> np.ndarray:
     """For each row of RDP values over the integer orders, the epsilon at ``delta`` by
     Opacus's ``get_privacy_spent`` formula (Balle et al. 2020, Theorem 21; inf where no
     order gives a number), all rows in one pass: an upper bound >= Opacus's RDP over its
-    default orders, so a PRV domain at least this wide is at least as wide as Opacus's."""
-    alphas = _WIDTH_ALPHAS
-    eps = rdp_rows - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
-    return np.where(np.isnan(eps), np.inf, eps).min(axis=1)
+    default orders, so a PRV domain at least this wide is at least as wide as Opacus's.
+    (rdp - (log delta + log alpha) / (alpha - 1) + log((alpha - 1) / alpha), the terms of
+    the order alone computed once.)"""
+    eps = rdp_rows - math.log(delta) * _INV_ALPHA_M1 + _ORDER_TERM
+    return np.where(np.isnan(eps), np.inf, eps).min(axis=-1)
+
+
+@lru_cache(maxsize=64)
+def _width_rows(pairs: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """The per-step RDP of each (sigma, q) of ``pairs`` over the integer orders, stacked."""
+    return np.stack([_rdp_width_per_step(sigma, q) for sigma, q in pairs])
 
 
 def _fft_size(points: float) -> int:
@@ -180,6 +215,38 @@ def _rdp_epsilon(history: Iterable[Step], delta: float) -> float:
 
 
 # ---- PRV with reusable pieces -----------------------------------------------------
+def safe_domain(
+    pairs: tuple[tuple[float, float], ...],
+    counts: tuple[int, ...],
+    grid_steps: int,
+    eps_error: float,
+    delta_error: float,
+) -> Domain:
+    """Opacus's safe domain (Gopi et al., remark 5.6) for ``counts[i]`` steps of each
+    (sigma, q) of ``pairs``, on a grid that serves a site for many rounds: the width and
+    the mesh are Opacus's rules for the history scaled up to the next power of 4 of its
+    steps (or of ``grid_steps``; wider and finer than Opacus's choice for the history
+    itself, never less), the width's RDP bound taken over integer orders only (a larger
+    epsilon, so a wider domain), the number of points rounded up to an FFT-friendly size
+    (1, 1.25, 1.5 or 1.75 times a power of two). Within a bucket the grid stays put as
+    rounds are added, so each (sigma, q)'s spectrum is kept."""
+    steps = sum(counts)
+    bucket = 4 ** math.ceil(math.log(max(steps, grid_steps), 4))
+    scaled = [math.ceil(n * bucket / steps) for n in counts]
+    total = sum(scaled)
+    per_step = _width_rows(pairs)
+    history_rdp = (np.asarray(scaled, dtype=float)[:, None] * per_step).sum(0)
+    # the history's RDP bound at delta_error / 4, and each step's at delta_error / 8k
+    half_width = float(_rdp_widths(history_rdp, delta_error / 4))
+    half_width = max(half_width, float(_rdp_widths(per_step, delta_error / (8 * total)).max()))
+    half_width = max(half_width, eps_error) + 3
+    # Opacus's mesh rule at the bucket's step count (>= steps: a finer mesh)
+    mesh = eps_error / math.sqrt(bucket * math.log(12 / delta_error) / 2)
+    # an FFT-friendly size, symmetric as Opacus's aligned domain: [-(S/2 - 1) dt, S/2 dt]
+    size = _fft_size(2 * half_width / mesh + 2)
+    return Domain(-(size // 2 - 1) * mesh, (size // 2) * mesh, size)
+
+
 class BoundedPRVAccountant(PRVAccountant):
     """Opacus's PRV accountant with its step-count-independent work kept between calls.
 
@@ -214,8 +281,9 @@ class BoundedPRVAccountant(PRVAccountant):
         spectrum, roll, domain = self._composed(eps_error, delta_error)
         assert self._grid is not None
         size = domain.size
-        shifted = domain.shift_right(self._shift)  # Opacus's domain for its pmf
-        t_min, dt = shifted.t_min, shifted.dt
+        # Opacus's domain for its pmf, ``domain.shift_right(self._shift)``: its start and step
+        t_min = domain.t_min + self._shift
+        dt = (domain.t_max + self._shift - t_min) / (size - 1)
         _check_delta(size, delta, delta_error)
         band = _band_limited_epsilon(
             spectrum, self._left_out, roll, size, t_min, dt, delta, delta_error, eps_error
@@ -234,33 +302,10 @@ class BoundedPRVAccountant(PRVAccountant):
         return _search_epsilon(tail, size, t_min, dt, grid, shift, delta, delta_error, eps_error)
 
     def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
-        """Opacus's safe domain (Gopi et al., remark 5.6), on a grid that serves a site for
-        many rounds: the width and the mesh are Opacus's rules for the history scaled up
-        to the next power of 4 of its steps (wider and finer than Opacus's choice for the
-        history itself, never less), the width's RDP bound taken over integer orders only
-        (a larger epsilon, so a wider domain), the number of points rounded up to an
-        FFT-friendly size (1, 1.25, 1.5 or 1.75 times a power of two). Within a bucket
-        the grid stays put as rounds are added, so each (sigma, q)'s spectrum is kept."""
-        steps = sum(num_self_compositions)
-        bucket = 4 ** math.ceil(math.log(max(steps, self.grid_steps), 4))
-        history = [
-            (p.noise_multiplier, p.sample_rate, math.ceil(n * bucket / steps))
-            for p, n in zip(prvs, num_self_compositions, strict=True)
-        ]
-        total = sum(n for _, _, n in history)
-        per_step = np.stack([_rdp_width_per_step(sigma, q) for sigma, q, _ in history])
-        counts = np.array([[n] for _, _, n in history], dtype=float)
-        # the history's RDP bound at delta_error / 4, and each step's at delta_error / 8k
-        half_width = float(
-            _rdp_widths((counts * per_step).sum(0, keepdims=True), delta_error / 4)[0]
-        )
-        half_width = max(half_width, float(_rdp_widths(per_step, delta_error / (8 * total)).max()))
-        half_width = max(half_width, eps_error) + 3
-        # Opacus's mesh rule at the bucket's step count (>= steps: a finer mesh)
-        mesh = eps_error / np.sqrt(bucket * np.log(12 / delta_error) / 2)
-        # an FFT-friendly size, symmetric as Opacus's aligned domain: [-(S/2 - 1) dt, S/2 dt]
-        size = _fft_size(2 * half_width / mesh + 2)
-        return Domain(-(size // 2 - 1) * mesh, (size // 2) * mesh, size)
+        """Opacus's method, on the grid ``safe_domain`` chooses for these PRVs."""
+        pairs = tuple((p.noise_multiplier, p.sample_rate) for p in prvs)
+        counts = tuple(num_self_compositions)
+        return safe_domain(pairs, counts, self.grid_steps, eps_error, delta_error)
 
     def _get_dprv(self, eps_error, delta_error):
         """Opacus's discretised, composed PRV (``DiscretePRV``), as ``_composed_pmf`` gives it."""
@@ -285,9 +330,9 @@ class BoundedPRVAccountant(PRVAccountant):
         pmf) or, once the spectrum is band-limited, none (``_band_limited_epsilon``).
         """
         history = compact(self.history)  # equal (sigma, q) entries merged, as epsilon() does
-        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
-        counts = [n for _, _, n in history]
-        domain = self._get_domain(prvs, counts, eps_error, delta_error)
+        pairs = tuple((sigma, q) for sigma, q, _ in history)
+        counts = tuple(n for _, _, n in history)
+        domain = safe_domain(pairs, counts, self.grid_steps, eps_error, delta_error)
         grid = (domain.t_min, domain.t_max, domain.size)
         spectrum, self._left_out = _composed_spectrum(grid, tuple(history))
         shift = sum(n * _spectrum(sigma, q, *grid)[1] for sigma, q, n in history)
@@ -302,6 +347,8 @@ class BoundedPRVAccountant(PRVAccountant):
 #: whole spectrum (~2 MB at 2^18 points) or, once band-limited, its band; the latest kept
 _COMPOSED: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
 COMPOSED_KEPT = 12  # a process serving 10 simulated sites keeps each one's latest
+#: each kept entry's steps per (sigma, q) and their total (the search for a base reads them)
+_COMPOSED_COUNTS: dict[tuple, tuple[dict[tuple[float, float], int], int]] = {}
 
 
 def _composed_spectrum(grid: tuple, history: tuple[Step, ...]) -> np.ndarray:
@@ -312,15 +359,15 @@ def _composed_spectrum(grid: tuple, history: tuple[Step, ...]) -> np.ndarray:
     difference (one cached power per entry, usually one round's steps).
     """
     counts = {(sigma, q): n for sigma, q, n in history}
-    base, base_counts = None, {}
-    for (kept_grid, kept_hist), spec in _COMPOSED.items():
-        done = {(sigma, q): n for sigma, q, n in kept_hist}
+    base, base_counts, base_total = None, {}, 0
+    for key, spec in _COMPOSED.items():
+        done, total = _COMPOSED_COUNTS[key]
         if (
-            kept_grid == grid
+            key[0] == grid
+            and total > base_total
             and all(counts.get(k, -1) >= n for k, n in done.items())
-            and (base is None or sum(done.values()) > sum(base_counts.values()))
         ):
-            base, base_counts = spec, done
+            base, base_counts, base_total = spec, done, total
     spectrum, left_out = (np.ones(grid[2] // 2 + 1, dtype=complex), 0.0) if base is None else base
     for (sigma, q), n in counts.items():
         extra = n - base_counts.get((sigma, q), 0)
@@ -329,8 +376,9 @@ def _composed_spectrum(grid: tuple, history: tuple[Step, ...]) -> np.ndarray:
     spectrum, left_out = _truncated(spectrum, left_out)
     _COMPOSED[(grid, history)] = (spectrum, left_out)
     _COMPOSED.move_to_end((grid, history))
+    _COMPOSED_COUNTS[(grid, history)] = (counts, sum(counts.values()))
     while len(_COMPOSED) > COMPOSED_KEPT:
-        _COMPOSED.popitem(last=False)
+        _COMPOSED_COUNTS.pop(_COMPOSED.popitem(last=False)[0], None)
     return spectrum, left_out
 
 
@@ -418,9 +466,12 @@ def _search_epsilon(
     return float(math.log((d1[lo - start] - target) / d2[lo - start]) + eps_error)
 
 
+_LONGDOUBLE_EPS = float(np.finfo(np.longdouble).eps)
+
+
 def _check_delta(size: int, delta: float, delta_error: float) -> None:
     """Opacus's guard: a delta this small drowns in the floating-point error of the sums."""
-    if np.finfo(np.longdouble).eps * size > delta - delta_error:
+    if _LONGDOUBLE_EPS * size > delta - delta_error:
         raise ValueError(
             "Floating point errors will dominate for such small values of delta. "
             "Increase delta or reduce domain size."
@@ -433,8 +484,8 @@ def _check_delta(size: int, delta: float, delta_error: float) -> None:
 SPECTRAL_TAIL = 1e-20
 #: the band-limited evaluation is used while its band is at most this fraction of the grid
 BAND_FRACTION = 1 / 16
-#: points evaluated directly per refinement of the bracket around the first passing point
-REFINE_POINTS = 32
+#: the coarse grid's spacing, in grid points (the exact answer is then found among them)
+COARSE_SPACING = 32
 
 
 def _band_limited_epsilon(
@@ -451,6 +502,8 @@ def _band_limited_epsilon(
     """Opacus's epsilon (``_search_epsilon``'s) for the pmf ``irfft(spectrum)`` rolled by
     ``roll``, on ``size`` points from ``t0`` in steps of ``dt``, without the inverse FFT;
     None when the spectrum is not band-limited enough (then the FFT path is used).
+    ``spectrum`` is a composed spectrum as ``_composed_spectrum`` keeps it: its band (the
+    frequencies left out, ``left_out`` in all, cut by ``_truncated``) or the whole of it.
 
     After a few dozen steps the composed PRV is smooth: its spectrum falls below 1e-30
     within ~100 of the grid's N/2 frequencies. With only frequencies 0..K, the pmf is
@@ -462,11 +515,10 @@ def _band_limited_epsilon(
     * e^{t_i} d2(i) = e^{t_i} sum_{j>=i} p_j e^{-t_j} = (1/N) [E(i) - e^{t_i - t_N} E(0)],
       E(i) = sum_k A_k w^{ik} / (1 - e^{-dt} w^k).
 
-    C and E are real trigonometric polynomials of degree K: one inverse FFT of the
-    smallest power of two above 2K + 1 points gives them exactly on a coarse grid, which
-    brackets the first point where delta(t_i) = d1 - e^{t_i} d2 drops to delta -
-    delta_error (non-increasing in i); the bracket is then narrowed by direct sums at
-    <= 32 evenly spaced points of it at a time, down to single grid points. epsilon =
+    C and E are real trigonometric polynomials of degree K: one inverse FFT of a few
+    thousand points gives them on every 32nd grid point, which brackets the first point
+    where delta(t_i) = d1 - e^{t_i} d2 drops to delta - delta_error (non-increasing in
+    i); the <= 32 points of the bracket are then summed directly. epsilon =
     log((d1 - delta') / d2) + eps_error at that point, as Opacus computes it. The left-out
     frequencies move delta(t) by at most 4 x their summed magnitude (<= SPECTRAL_TAIL):
     the search asks for that much below the target and the final ratio is taken at its
@@ -474,24 +526,22 @@ def _band_limited_epsilon(
     moves it by ~1e-11 relative, as it moves the FFT path's (the two agree to that,
     ``tests/privacy/test_budget.py``).
     """
-    tail = np.cumsum(np.abs(spectrum[::-1]))[::-1]  # tail[k] = sum_{j >= k} |S_j|
-    below = np.flatnonzero(tail <= SPECTRAL_TAIL - left_out)
-    band = int(below[0]) if len(below) else len(spectrum)  # frequencies 0..band-1 kept
-    if band < len(spectrum):
-        left_out += float(tail[band])
+    band = len(spectrum)  # frequencies 0..band-1, as ``_truncated`` kept them
     kept = band - 1  # the largest kept frequency K
     if kept >= size // 2:  # the Nyquist frequency is its own conjugate: not this path
         return None
     power = size & -size  # the largest power of two dividing N
-    coarse = 2 ** math.ceil(math.log2(max(2 * kept + 2, 8)))
-    if kept < 1 or kept > size * BAND_FRACTION or coarse > power:
+    coarse = max(2 ** math.ceil(math.log2(2 * kept + 2)), size // COARSE_SPACING, 8)
+    coarse = 2 ** math.ceil(math.log2(coarse))
+    if kept < 1 or kept > size * BAND_FRACTION or coarse > power or size % coarse:
         return None
     k = np.arange(band)
     # A_k = S_k w^{-roll k}, the phase reduced mod N in integers (exact)
     a = spectrum[:band] * np.exp(-2j * math.pi * ((roll * k) % size) / size)
-    width = 2 ** math.ceil(math.log2(band))  # the kernels' cache key: a band's power of two
-    ce = a * _band_kernels(size, dt, width)[:, :band]  # rows: c_k = A_k / (1 - w^k), e_k
-    # C and E at i = m N / coarse (m = 0..coarse-1): w_N^{m (N / coarse) k} = w_coarse^{mk}
+    spacing = size // coarse
+    kernel, ring = _band_kernels(size, dt, spacing, 2 ** math.ceil(math.log2(band)))
+    ce = a * kernel[:, :band]  # rows: c_k = A_k / (1 - w^k) (c_0 = 0), e_k
+    # C and E at i = m * spacing (m = 0..coarse-1): w_N^{m spacing k} = w_coarse^{mk}
     padded = np.zeros((2, coarse // 2 + 1), dtype=complex)
     padded[:, :band] = ce
     values = irfft(padded, n=coarse, axis=1) * coarse
@@ -512,29 +562,21 @@ def _band_limited_epsilon(
     first = int(passed[0]) if len(passed) else coarse
     if first == 0:  # the first grid point already passes: Opacus cannot compute epsilon
         return None
-    # the exact first point lies in (base, base + span]; narrow it down
-    base, span = int(points[first - 1]), size // coarse
-    while True:
-        sub = -(-span // REFINE_POINTS)  # the step between the points evaluated now
-        count = min(-(-span // sub), (size - 1 - base) // sub)
-        if count < 1:
-            return None
-        # C and E at base + sub * m (m = 1..count): sums over k of their terms times
-        # w^{(base + sub m) k} (elementwise products and sums, not ``@``: a matrix
-        # product goes to the BLAS, whose idle worker threads then spin for tens of
-        # milliseconds of CPU time)
-        phase = np.exp(2j * math.pi * ((base * k) % size) / size)
-        ring = _ring(size, sub, count, width)
-        sums = np.multiply(ring[:, :band], (ce * phase)[:, None, :]).sum(axis=2).real
-        c_i = 2.0 * sums[0] - ce[0, 0].real
-        e_i = 2.0 * sums[1] - ce[1, 0].real
-        i = base + sub * np.arange(1, count + 1)
-        passed = np.flatnonzero(deltas(i, c_i, e_i) <= strict)
-        if not len(passed):
-            return None
-        if sub == 1:
-            break
-        base, span = base + sub * int(passed[0]), sub
+    # the exact first point lies in (points[first - 1], points[first - 1] + spacing]
+    base = int(points[first - 1])
+    rows = min(spacing, size - 1 - base)
+    steps = np.arange(1, rows + 1)
+    phase = np.exp(2j * math.pi * ((base * k) % size) / size)
+    # C and E at base + 1..base + rows: sums over k of their terms times w^{(base + r) k}
+    # (elementwise products and sums, not ``@``: a matrix product goes to the BLAS, whose
+    # idle worker threads then spin for tens of milliseconds of CPU time)
+    sums = np.multiply(ring[:rows, :band], (ce * phase)[:, None, :]).sum(axis=2).real
+    c_i = 2.0 * sums[0] - ce[0, 0].real
+    e_i = 2.0 * sums[1] - ce[1, 0].real
+    i = base + steps
+    passed = np.flatnonzero(deltas(i, c_i, e_i) <= strict)
+    if not len(passed):
+        return None
     j = int(passed[0])
     lo = int(i[j])
     d1 = (a0 * (size - lo) + c_i[j] - c0) / size
@@ -556,9 +598,9 @@ def _coarse_grid(size: int, coarse: int, dt: float) -> tuple[np.ndarray, np.ndar
 
 
 @lru_cache(maxsize=8)
-def _band_kernels(size: int, dt: float, width: int) -> np.ndarray:
+def _band_kernels(size: int, dt: float, spacing: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """For frequencies k < ``width`` of an N = ``size`` grid: [1 / (1 - w^k) (0 at k = 0),
-    1 / (1 - e^{-dt} w^k)] (w = e^{2 pi i / N}).
+    1 / (1 - e^{-dt} w^k)] and w^{rk} for r = 1..``spacing`` (w = e^{2 pi i / N}).
 
     1 - w^k and 1 - e^{-dt} w^k are taken without cancellation (w^k is within 1e-3 of
     1 here): 1 - e^{-dt} cos(theta) = 2 sin^2(theta / 2) - expm1(-dt) cos(theta).
@@ -570,15 +612,8 @@ def _band_kernels(size: int, dt: float, width: int) -> np.ndarray:
     kernel = np.zeros((2, width), dtype=complex)
     kernel[0, 1:] = 1.0 / (half_chord[1:] - 1j * sin[1:])
     kernel[1] = 1.0 / (half_chord - math.expm1(-dt) * np.cos(theta) - 1j * math.exp(-dt) * sin)
-    return kernel
-
-
-@lru_cache(maxsize=16)
-def _ring(size: int, sub: int, count: int, width: int) -> np.ndarray:
-    """w^{sub m k} for m = 1..``count`` and k < ``width`` (w = e^{2 pi i / N}), the phase
-    reduced mod N in integers."""
-    m = np.arange(1, count + 1)
-    return np.exp(2j * math.pi * (np.outer(sub * m, np.arange(width)) % size) / size)
+    ring = np.exp(2j * math.pi * (np.outer(np.arange(1, spacing + 1), k) % size) / size)
+    return kernel, ring
 
 
 @lru_cache(maxsize=16)

@@ -277,8 +277,9 @@ def train_steps(
                 optimizer.step()
             used += len(xb)
     finally:
-        if engine is not None:
+        if engine is not None and not flat:  # the flat step sets no p.grad: none to drop
             optimizer.zero_grad(set_to_none=True)
+        if engine is not None:
             net._close() if hasattr(net, "_close") else None
         if clipper is not None:
             clipper.close()

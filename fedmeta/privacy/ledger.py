@@ -38,9 +38,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedmeta.durable import append_json_line, fsync_dir
+from fedmeta.durable import append_json_line, fsync_dir, write_line
 from fedmeta.paths import LEDGER_FILE, MARKER_FILE
-from fedmeta.privacy.budget import Step, epsilon
+from fedmeta.privacy.budget import Step, epsilon_merged, merge_steps
 from fedmeta.privacy.units import RECORD
 
 
@@ -95,6 +95,11 @@ class PrivacyLedger:
         self.grid_steps = 0
         #: (inode, size, mtime) of the file when ``charges`` were read from it
         self._stamp: tuple[int, int, int] | None = None
+        #: the descriptor ``locked`` holds (``charge`` writes through it), else None
+        self._locked_fd: int | None = None
+        #: steps per (sigma, q), of every charge (key None) or of one run, with the
+        #: ``charges`` list and the number of its entries they cover (``_merged``)
+        self._merged_cache: dict[str | None, tuple[int, int, dict[tuple[float, float], int]]] = {}
 
     # ---- opening ---------------------------------------------------------
     @classmethod
@@ -248,8 +253,10 @@ class PrivacyLedger:
             if self._stamp is None or _stamp(os.fstat(fd)) != self._stamp:
                 fresh = PrivacyLedger.read(self.path)
                 self.charges, self._stamp = fresh.charges, fresh._stamp
+            self._locked_fd = fd
             yield self
         finally:
+            self._locked_fd = None
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -263,8 +270,21 @@ class PrivacyLedger:
 
     def run_epsilon(self, run: str, extra: list[Step] | None = None) -> float:
         """Epsilon spent in one run (plus ``extra``), by the same accountant."""
-        steps = [c.step for c in self.charges if c.run == run]
-        return epsilon(steps + list(extra or []), self.delta, self.accountant, self.grid_steps)
+        merged = self._merged(run)
+        return epsilon_merged(merged, extra or (), self.delta, self.accountant, self.grid_steps)
+
+    def _merged(self, run: str | None = None) -> dict[tuple[float, float], int]:
+        """Steps per (sigma, q) over every charge (or ``run``'s), kept between calls:
+        ``charges`` only grows at its end until it is replaced by a fresh read."""
+        kept = self._merged_cache.get(run)
+        if kept is not None and kept[0] == id(self.charges) and kept[1] <= len(self.charges):
+            merged = kept[2]
+            new = self.charges[kept[1] :]
+        else:
+            merged, new = {}, self.charges
+        merge_steps((c.step for c in new if run is None or c.run == run), merged)
+        self._merged_cache[run] = (id(self.charges), len(self.charges), merged)
+        return merged
 
     def charged(self, run: str, round: int) -> bool:
         """Whether this run's round has been charged already (a replayed round)."""
@@ -276,8 +296,8 @@ class PrivacyLedger:
 
     def epsilon(self, extra: list[Step] | None = None) -> float:
         """Cumulative epsilon over every charge (plus ``extra`` if given)."""
-        return epsilon(
-            self.history + list(extra or []), self.delta, self.accountant, self.grid_steps
+        return epsilon_merged(
+            self._merged(), extra or (), self.delta, self.accountant, self.grid_steps
         )
 
     def would_exceed(self, step: Step) -> tuple[bool, float]:
@@ -299,10 +319,15 @@ class PrivacyLedger:
             epsilon_after=self.epsilon([step]),
             time=_now(),
         )
-        size = _append_line(self.path, {"kind": "charge", **asdict(c)})
+        record = {"kind": "charge", **asdict(c)}
+        fd = self._locked_fd
+        if fd is None:
+            size = _append_line(self.path, record)
+        else:  # under ``locked``: through the descriptor it holds
+            size = write_line(fd, json.dumps(record, sort_keys=True, separators=(",", ":")))
         self.charges.append(c)
         # still what the file holds if the file grew by exactly this line
-        after = _stamp(os.stat(self.path))
+        after = _stamp(os.stat(self.path) if fd is None else os.fstat(fd))
         if self._stamp is not None and (after[0], after[1]) == (
             self._stamp[0],
             self._stamp[1] + size,
