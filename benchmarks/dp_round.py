@@ -40,7 +40,11 @@ from fedmeta.site import Site  # noqa: E402
 #: the parts of a DP round that a non-private round does not run, timed where they run
 #: (label, object, attribute); the accountant is timed apart (its uncached evaluations)
 DP_PARTS = (
-    ("model check before the charge (`check_dp_model`)", dp_training, "check_dp_model"),
+    (
+        "model check before the charge (`check_dp_model`; once per site process)",
+        dp_training,
+        "check_dp_model",
+    ),
     ("ledger charge (line written and fsync'd)", PrivacyLedger, "charge"),
     (
         "DP set-up in training (flat buffer, clipper, DP optimizer)",
@@ -49,12 +53,18 @@ DP_PARTS = (
     ),
     ("unit sampler set-up", dp_training, "_unit_loader"),
     (
-        "clipped backward (autograd to layer outputs, per-sample norms, clipped sums)",
+        "noise (each step's Gaussian noise drawn into the flat gradient buffer)",
+        bookkeeping.BookKeepingDPOptimizer,
+        "begin_flat_step",
+    ),
+    (
+        "clipped backward (autograd to layer outputs, per-sample norms, clipped sums "
+        "added to the noise)",
         bookkeeping.BookKeepingClipper,
         "backward",
     ),
     (
-        "DP step (noise, scaling, accountant hook, update)",
+        "DP step (accountant hook, update by the noisy sum / E[B])",
         bookkeeping.BookKeepingDPOptimizer,
         "flat_step",
     ),
