@@ -130,3 +130,42 @@ def test_a_model_dp_cannot_train_is_declined_before_any_charge(tmp_path):
     entries = [json.loads(x) for x in SitePaths(tmp_path).audit_log.read_text().splitlines()]
     (deny,) = [e for e in entries if e["decision"] == "deny"]
     assert deny["rule_ids"] == ["PRIV-MODEL"] and "BatchNorm" in deny["details"]["reason"]
+
+
+def test_the_model_is_checked_once_per_site_process_and_a_refusal_is_not_kept(
+    tmp_path, monkeypatch
+):
+    """The site builds every round's model with its task's builder (theta only fills in
+    values), so the clipping mode found for round 1 serves the rounds after it; a model
+    the check refuses is checked again the next round (a fixed builder then trains)."""
+    from torch import nn
+
+    from fedmeta import site as site_module
+    from fedmeta.config import run_declaration
+
+    calls = []
+    real = site_module.dp_mode
+
+    def counted(*args, **kwargs):
+        calls.append(type(args[0]).__name__)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(site_module, "dp_mode", counted)
+    declaration = run_declaration(CFG)
+    site = Site("site-0", 0, tmp_path, CFG, simulated=True)
+    built = site.task.build_model
+
+    def with_batchnorm(out_dim: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, out_dim)
+        )
+
+    site.task.build_model = with_batchnorm  # type: ignore[method-assign]
+    bad = with_batchnorm(site.task.out_dim(CFG.strategy)).state_dict()
+    for rnd in (1, 2):
+        assert site.train_round(bad, "run-1", rnd, declaration).declined
+    site.task.build_model = built  # type: ignore[method-assign]
+    for rnd in (3, 4, 5):
+        reply = site.train_round(theta(), "run-1", rnd, declaration)
+        assert not reply.declined and reply.dp
+    assert calls == ["Sequential", "Sequential", "SmallCNN"]
