@@ -99,7 +99,9 @@ class PrivacyLedger:
         self._locked_fd: int | None = None
         #: steps per (sigma, q), of every charge (key None) or of one run, with the
         #: ``charges`` list and the number of its entries they cover (``_merged``)
-        self._merged_cache: dict[str | None, tuple[int, int, dict[tuple[float, float], int]]] = {}
+        self._merged_cache: dict[
+            str | None, tuple[list[Charge], int, dict[tuple[float, float], int]]
+        ] = {}
 
     # ---- opening ---------------------------------------------------------
     @classmethod
@@ -277,13 +279,14 @@ class PrivacyLedger:
         """Steps per (sigma, q) over every charge (or ``run``'s), kept between calls:
         ``charges`` only grows at its end until it is replaced by a fresh read."""
         kept = self._merged_cache.get(run)
-        if kept is not None and kept[0] == id(self.charges) and kept[1] <= len(self.charges):
+        # the very list (held, not its id: a new list could reuse a freed one's id)
+        if kept is not None and kept[0] is self.charges and kept[1] <= len(self.charges):
             merged = kept[2]
             new = self.charges[kept[1] :]
         else:
             merged, new = {}, self.charges
         merge_steps((c.step for c in new if run is None or c.run == run), merged)
-        self._merged_cache[run] = (id(self.charges), len(self.charges), merged)
+        self._merged_cache[run] = (self.charges, len(self.charges), merged)
         return merged
 
     def charged(self, run: str, round: int) -> bool:

@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedmeta.paths import LEDGER_FILE
@@ -158,3 +160,30 @@ def test_a_reused_ledger_is_the_file_or_is_read_again(tmp_path):
         PrivacyLedger.open(
             tmp_path, site="site-x", epsilon_max=10.0, delta=1e-5, accountant="prv", reuse=fresh
         )
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    writes=st.lists(
+        st.tuples(st.booleans(), st.sampled_from(["run-a", "run-b"]), st.sampled_from([20, 25])),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_kept_step_counts_give_the_epsilon_of_the_whole_history(tmp_path_factory, writes):
+    """A ledger keeps its steps per (sigma, q) between epsilon calls, per run and for all
+    charges, while its list of charges only grows; a fresh read under the lock (another
+    writer's charge) replaces them. Whatever the order of the two writers' charges, its
+    epsilons equal those of the whole history on disk, merged anew."""
+    site_dir = tmp_path_factory.mktemp("ledger")
+    mine, other = open_ledger(site_dir), open_ledger(site_dir)
+    for rnd, (by_me, run, pool) in enumerate(writes, start=1):
+        ledger = mine if by_me else other
+        with ledger.locked():
+            ledger.charge(run, rnd, (1.0, 1 / pool, 8))
+        with mine.locked():  # re-read when the other writer charged
+            on_disk = PrivacyLedger.read(mine.path).charges
+            assert mine.epsilon() == epsilon([c.step for c in on_disk], 1e-5)
+            for name in ("run-a", "run-b"):
+                steps = [c.step for c in on_disk if c.run == name]
+                assert mine.run_epsilon(name) == epsilon(steps, 1e-5)
