@@ -361,7 +361,11 @@ def _composed_spectrum(grid: tuple, history: tuple[Step, ...]) -> np.ndarray:
     counts = {(sigma, q): n for sigma, q, n in history}
     base, base_counts, base_total = None, {}, 0
     for key, spec in _COMPOSED.items():
-        done, total = _COMPOSED_COUNTS[key]
+        kept = _COMPOSED_COUNTS.get(key)
+        if kept is None:  # an entry put back from outside (tests): count its history
+            done = merge_steps(key[1])
+            kept = _COMPOSED_COUNTS[key] = (done, sum(done.values()))
+        done, total = kept
         if (
             key[0] == grid
             and total > base_total
