@@ -25,10 +25,12 @@ uses, which expects exactly that) adds noise and steps the accountant.
 
 The site models are small (a step is a fraction of a millisecond of arithmetic),
 so a step's cost is mostly the number of tensor operations. ``FlatGrads`` keeps
-every trainable tensor's gradient in one buffer: the clipper writes each
-layer's clipped sum straight into its slice, and the optimizer adds the noise
-(drawn per tensor, in Opacus's order, so the same generator gives the same
-noise) and divides by the expected batch size in one operation each.
+every trainable tensor's gradient in one buffer. In the seeded step with plain
+SGD the optimizer first draws the step's noise into it (per tensor, in Opacus's
+order, so the same generator gives the same noise), the clipper adds each
+layer's clipped sum to its slice, and the update applies lr / E[B] times the
+buffer in one call; otherwise the clipper writes the sums and Opacus's step
+adds the noise and divides by the expected batch size, one operation each.
 """
 
 from __future__ import annotations
@@ -365,9 +367,10 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     those copies cost a tenth of a step. Here the clipped sum (a fresh tensor
     every step, never accumulated: Poisson sampling forbids accumulation) is
     used as ``summed_grad`` and the noise is added in place. With ``grads`` (the
-    ``FlatGrads`` the clipper writes into) the noise is drawn per tensor into the
-    noise buffer, in Opacus's order and with Opacus's ``normal_`` call (the same
-    generator gives the same noise), and added and scaled in one operation each.
+    ``FlatGrads`` the clipper writes into) the noise is drawn per tensor in Opacus's
+    order and with Opacus's ``normal_`` call (the same generator gives the same
+    noise), and added and scaled in one operation each; ``begin_flat_step`` and
+    ``flat_step`` draw it into the gradient buffer before the clipper adds the sum.
     Noise, its scale (std = sigma * C, then / expected batch size) and the
     accountant hook are Opacus's; secure mode uses Opacus's own noise path unchanged.
     """
