@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_json_line", "append_line", "fsync_dir", "write_line"]
+__all__ = ["append_json_line", "append_line", "fsync_dir", "json_line", "write_line"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -68,5 +68,10 @@ def _write_all(fd: int, data: bytes) -> int:
 def append_json_line(path: Path, record: Any, *, compact: bool = False) -> int:
     """Append ``record`` as one JSON line (keys sorted; ``compact``: no spaces) and
     fsync it; returns the bytes written."""
+    return append_line(path, json_line(record, compact=compact))
+
+
+def json_line(record: Any, *, compact: bool = False) -> str:
+    """``record`` as the one JSON line ``append_json_line`` writes."""
     separators = (",", ":") if compact else None
-    return append_line(path, json.dumps(record, sort_keys=True, separators=separators))
+    return json.dumps(record, sort_keys=True, separators=separators)

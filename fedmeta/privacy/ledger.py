@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedmeta.durable import append_json_line, fsync_dir, write_line
+from fedmeta.durable import append_json_line, fsync_dir, json_line, write_line
 from fedmeta.paths import LEDGER_FILE, MARKER_FILE
 from fedmeta.privacy.budget import Step, epsilon_merged, merge_steps
 from fedmeta.privacy.units import RECORD
@@ -327,7 +327,7 @@ class PrivacyLedger:
         if fd is None:
             size = _append_line(self.path, record)
         else:  # under ``locked``: through the descriptor it holds
-            size = write_line(fd, json.dumps(record, sort_keys=True, separators=(",", ":")))
+            size = write_line(fd, json_line(record, compact=True))
         self.charges.append(c)
         # still what the file holds if the file grew by exactly this line
         after = _stamp(os.stat(self.path) if fd is None else os.fstat(fd))
