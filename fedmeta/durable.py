@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_json_line", "append_line", "fsync_dir", "json_line", "write_line"]
+__all__ = ["append_json_line", "append_line", "fsync_dir", "json_line", "write_all", "write_line"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -58,11 +58,19 @@ def _line_bytes(line: str) -> bytes:
 
 
 def _write_all(fd: int, data: bytes) -> int:
-    view, done = memoryview(data), 0
-    while done < len(data):
-        done += os.write(fd, view[done:])
+    write_all(fd, data)
     os.fsync(fd)
-    return done
+    return len(data)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a regular file may take a short write)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - os.write raises instead on real errors
+            raise OSError("write returned 0 bytes")
+        view = view[n:]
 
 
 def append_json_line(path: Path, record: Any, *, compact: bool = False) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedmeta.durable import fsync_dir
+from fedmeta.durable import fsync_dir, write_all
 
 __all__ = ["fsync_dir", "make_dirs", "write_all", "write_new_file"]
 
@@ -21,16 +21,6 @@ def make_dirs(directory: Path, mode: int = 0o777) -> None:
         Path(directory).mkdir(mode=mode, parents=True, exist_ok=True)
         for m in reversed(missing):
             fsync_dir(m.parent)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is written (a regular file may take a short write)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        if n <= 0:  # pragma: no cover - os.write raises instead on real errors
-            raise OSError("write returned 0 bytes")
-        view = view[n:]
 
 
 def write_new_file(path: Path, data: bytes, mode: int) -> None:

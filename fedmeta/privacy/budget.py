@@ -96,9 +96,7 @@ def epsilon(
     that many steps (wider and finer than this history needs: the same bound, and
     one grid for every history up to that length).
     """
-    return _epsilon(
-        tuple(compact(history)), float(delta), require_bound(accountant), int(grid_steps)
-    )
+    return epsilon_merged({}, history, delta, accountant, grid_steps)
 
 
 def epsilon_merged(
@@ -110,7 +108,8 @@ def epsilon_merged(
 ) -> float:
     """``epsilon`` of a history given as its steps per (sigma, q) (``merge_steps``; a
     ledger keeps them between calls instead of merging every entry again) plus
-    ``extra``: the same value, and the same cache entry, as ``epsilon`` of the whole."""
+    ``extra``: the same value, and the same cache entry, as ``epsilon`` of the whole
+    (the compacted history is the cache key)."""
     steps = merge_steps(extra, dict(merged))
     history = tuple((s, q, n) for (s, q), n in sorted(steps.items()))
     return _epsilon(history, float(delta), require_bound(accountant), int(grid_steps))
