@@ -255,7 +255,7 @@ def train_steps(
             if len(xb):
                 loss = criterion(net(xb), yb)
                 if clipper is not None:  # criterion is a mean over the batch's samples
-                    clipper.backward(loss * len(xb), unit, batch_n_units)
+                    clipper.backward(loss, unit, batch_n_units, scale=len(xb))
                 else:
                     loss.backward()
                     if unit is not None:  # Opacus clips the rows of grad_sample: units

@@ -90,6 +90,48 @@ def test_clipped_sum_equals_opacus_per_sample_clipping(case, clip):
         assert float(norms.min()) > clip  # every sample really was clipped
 
 
+def test_a_scaled_mean_loss_gives_the_multiplied_loss_numbers():
+    """``scale`` starts autograd from the batch size instead of multiplying the loss by
+    it: the same clipped sums and norms, bit for bit."""
+    build, make_x, classes = CASES["cnn"]
+    g = torch.Generator().manual_seed(3)
+    x = make_x(g)
+    y = torch.randint(0, classes, (len(x),), generator=g)
+    torch.manual_seed(4)
+    model = build()
+    twin = build()
+    twin.load_state_dict(model.state_dict())
+    loss_fn = nn.CrossEntropyLoss()
+    multiplied, scaled = BookKeepingClipper(twin, 0.3), BookKeepingClipper(model, 0.3)
+    norms_multiplied = multiplied.backward(loss_fn(twin(x), y) * len(x))
+    norms_scaled = scaled.backward(loss_fn(model(x), y), scale=len(x))
+    assert torch.equal(norms_scaled, norms_multiplied)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_close_gives_each_layer_its_own_forward_back():
+    """The clipper keeps activations by replacing each layer's ``forward`` on the
+    instance; closing it restores what was there, a forward set on the instance by
+    someone else included, and the layers keep nothing afterwards."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    own = model[2].forward
+    model[2].forward = lambda x: own(x) * 2.0  # an instance-level forward set before
+    before = model[2].forward
+    x = torch.randn(5, 3)
+    expected = model(x).detach()
+    clipper = BookKeepingClipper(model, 1.0)
+    assert "forward" in model[0].__dict__
+    torch.testing.assert_close(model(x), expected)  # the capture changes no output
+    assert len(clipper._seen) == 2
+    clipper.close()
+    assert "forward" not in model[0].__dict__
+    assert model[2].forward is before
+    model(x)
+    assert clipper._seen == {}
+    torch.testing.assert_close(model(x), expected)
+
+
 def test_unsupported_models_are_named():
     assert "LayerNorm" in unsupported_reason(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
     assert "grouped" in unsupported_reason(nn.Conv2d(2, 2, 3, groups=2))
