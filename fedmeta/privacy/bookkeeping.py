@@ -89,6 +89,10 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+#: released buffers by layout (shapes, dtype, device), with their views and noise cut
+_RELEASED: dict[tuple, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
+
+
 class FlatGrads:
     """One contiguous buffer for the gradients of ``params`` (in this order):
     ``grads[i]`` is a view shaped like ``params[i]``.
@@ -112,15 +116,19 @@ class FlatGrads:
             raise ValueError("parameters of several dtypes or devices")
         self.params = list(params)
         self.sizes = [p.numel() for p in params]
-        self.buffer = torch.empty(sum(self.sizes), dtype=first.dtype, device=first.device)
-        parts = self.buffer.split(self.sizes)
-        self.grads: list[torch.Tensor] = [
-            part.view(p.shape) for part, p in zip(parts, params, strict=True)
-        ]
+        self._layout = (tuple(p.shape for p in params), first.dtype, first.device)
+        released = _RELEASED.pop(self._layout, None)
+        if released is None:
+            buffer = torch.empty(sum(self.sizes), dtype=first.dtype, device=first.device)
+            parts = buffer.split(self.sizes)
+            views = [part.view(p.shape) for part, p in zip(parts, params, strict=True)]
+            # the buffer cut where one ``normal_`` call draws exactly what the calls for
+            # each tensor would (``noise_groups``); fewer calls, the same numbers
+            released = buffer, views, noise_groups(buffer, self.sizes)
+        self.buffer: torch.Tensor = released[0]
+        self.grads: list[torch.Tensor] = released[1]
+        self.noise_draws: list[torch.Tensor] = released[2]
         self._index = {id(p): i for i, p in enumerate(params)}
-        #: the buffer cut where one ``normal_`` call draws exactly what the calls for each
-        #: tensor would (``noise_groups``); fewer calls, the same numbers
-        self.noise_draws = noise_groups(self.buffer, self.sizes)
         self._noise_buffer: torch.Tensor | None = None  # ``add_noise``'s, made on first use
         self._noise_apart: list[torch.Tensor] = []  # its cut, as ``noise_draws``
         #: the buffer holds this step's noise, and the clipped sum is to be added to it
@@ -150,6 +158,14 @@ class FlatGrads:
         for noise in self._noise_apart:
             noise.normal_(0.0, std, generator=generator)
         self.buffer.add_(self._noise_buffer)
+
+    def release(self) -> None:
+        """Hand the buffer on to the next ``FlatGrads`` of the same layout (a site trains
+        a model of the same shape every round): call it once nothing reads the buffer or
+        its views any more. Its contents are not kept: every step overwrites them."""
+        for view in self.grads:
+            self.fresh(view)
+        _RELEASED[self._layout] = (self.buffer, self.grads, self.noise_draws)
 
     def view(self, p: torch.Tensor) -> torch.Tensor | None:
         """``p``'s gradient view (None if the buffer does not hold ``p``)."""
@@ -551,7 +567,7 @@ def _unfold_wide(
     """
     pads = conv._reversed_padding_repeated_twice  # what Conv2d applies, 'same' included
     if conv.padding_mode == "zeros":
-        a = F.pad(a, (pads[0], pads[1], pads[2], pads[3] + 1))
+        a = torch.constant_pad_nd(a, (pads[0], pads[1], pads[2], pads[3] + 1))
     else:
         a = F.pad(F.pad(a, pads, mode=conv.padding_mode), (0, 0, 0, 1))
     batch, channels, height, width = a.shape
@@ -563,7 +579,7 @@ def _unfold_wide(
         (batch, channels, kh, kw, length), (s_b, s_c, dh * width, dw, 1), a.storage_offset()
     )
     unfolded = windows.reshape(batch, channels * kh * kw, length)
-    dz_wide = F.pad(dz, (0, width - out_w)).reshape(batch, dz.shape[1], length)
+    dz_wide = torch.constant_pad_nd(dz, (0, width - out_w)).reshape(batch, dz.shape[1], length)
     return unfolded, dz_wide
 
 
@@ -584,8 +600,9 @@ def _layer_grads(
     and a unit's gradient is the sum of its samples'.
     """
     batch = a.shape[0]
+    bias = module.bias
     w_on = module.weight.requires_grad
-    b_on = module.bias is not None and module.bias.requires_grad
+    b_on = bias is not None and bias.requires_grad
     if isinstance(module, nn.Linear) and a.dim() == 2 and units is None:
         dz_sq = torch.linalg.vecdot(dz, dz)  # rank-one per-sample gradients
         if w_on:

@@ -283,6 +283,8 @@ def train_steps(
             net._close() if hasattr(net, "_close") else None
         if clipper is not None:
             clipper.close()
+            if flat and clipper.grads is not None:  # no p.grad points into it
+                clipper.grads.release()
     dp_step: Step | None = None
     if engine is not None:
         history = engine.accountant.history

@@ -197,3 +197,44 @@ def test_grouped_noise_draws_are_the_per_tensor_draws(sizes, dtype, seed):
     assert torch.equal(torch.rand(4, generator=grouped), torch.rand(4, generator=per_tensor))
     if all(n >= 16 and n % 16 == 0 for n in sizes[:-1]) and sizes[-1] >= 16:
         assert len(draws) == 1  # the site models' case: one call for every tensor
+
+
+def test_a_released_buffer_serves_the_next_training_and_changes_nothing():
+    """A site trains a model of the same shape every round: the flat gradient buffer of
+    one training is handed to the next (``FlatGrads.release``), never to two at once,
+    and a training on a handed-on buffer ends where one on a new buffer ends."""
+    from fedmeta.data.tasks.base import Pool
+    from fedmeta.privacy import bookkeeping
+    from fedmeta.privacy.dp_training import DPSettings, train_steps
+
+    rng = np.random.default_rng(5)
+    pool = Pool(rng.normal(size=(60, 6)).astype(np.float32), rng.integers(0, 3, 60))
+
+    def train() -> list[torch.Tensor]:
+        torch.manual_seed(7)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        train_steps(
+            model,
+            pool,
+            loss_fn=nn.CrossEntropyLoss(),
+            steps=6,
+            lr=0.2,
+            batch_size=10,
+            dp=DPSettings(1.0, 0.5, grad_sample_mode="bk"),
+            seed=3,
+        )
+        return [p.detach().clone() for p in model.parameters()]
+
+    bookkeeping._RELEASED.clear()
+    fresh = train()  # on a new buffer, released at the end
+    assert len(bookkeeping._RELEASED) == 1
+    (held,) = bookkeeping._RELEASED.values()
+    held[0].fill_(float("nan"))  # whatever the last training left there
+    again = train()  # on the released one
+    for a, b in zip(fresh, again, strict=True):
+        assert torch.equal(a, b)
+    params = [torch.zeros(4, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    first, second = FlatGrads(params), FlatGrads(params)
+    assert first.buffer.data_ptr() != second.buffer.data_ptr()  # one owner at a time
+    first.release()
+    assert FlatGrads(params).buffer.data_ptr() == first.buffer.data_ptr()
