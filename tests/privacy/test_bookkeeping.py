@@ -65,17 +65,23 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("clip", [1e-3, 0.5, 1e6])  # every sample clipped / some / none
-def test_clipped_sum_equals_opacus_per_sample_clipping(case, clip):
+def batch_and_twins(case: str, data_seed: int, model_seed: int):
+    """(x, y, a model of ``case``, its twin with the same weights)."""
     build, make_x, classes = CASES[case]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(data_seed)
     x = make_x(g)
     y = torch.randint(0, classes, (len(x),), generator=g)
-    torch.manual_seed(1)
+    torch.manual_seed(model_seed)
     model = build()
     twin = build()
     twin.load_state_dict(model.state_dict())
+    return x, y, model, twin
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("clip", [1e-3, 0.5, 1e6])  # every sample clipped / some / none
+def test_clipped_sum_equals_opacus_per_sample_clipping(case, clip):
+    x, y, model, twin = batch_and_twins(case, 0, 1)
     loss_fn = nn.CrossEntropyLoss()
     expected, norms = reference_clipped_sum(twin, x, y, loss_fn, clip)
     clipper = BookKeepingClipper(model, clip)
@@ -93,14 +99,7 @@ def test_clipped_sum_equals_opacus_per_sample_clipping(case, clip):
 def test_a_scaled_mean_loss_gives_the_multiplied_loss_numbers():
     """``scale`` starts autograd from the batch size instead of multiplying the loss by
     it: the same clipped sums and norms, bit for bit."""
-    build, make_x, classes = CASES["cnn"]
-    g = torch.Generator().manual_seed(3)
-    x = make_x(g)
-    y = torch.randint(0, classes, (len(x),), generator=g)
-    torch.manual_seed(4)
-    model = build()
-    twin = build()
-    twin.load_state_dict(model.state_dict())
+    x, y, model, twin = batch_and_twins("cnn", 3, 4)
     loss_fn = nn.CrossEntropyLoss()
     multiplied, scaled = BookKeepingClipper(twin, 0.3), BookKeepingClipper(model, 0.3)
     norms_multiplied = multiplied.backward(loss_fn(twin(x), y) * len(x))
