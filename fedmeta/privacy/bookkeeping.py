@@ -230,13 +230,16 @@ class BookKeepingClipper:
         self._views = {m: (_held(grads, m.weight), _held(grads, m.bias)) for m in self.layers}
         self._seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         #: each layer's own ``forward`` attribute before the capture replaced it (None: the
-        #: class's method)
-        self._forwards = {m: m.__dict__.get("forward") for m in self.layers}
+        #: class's method), and the capture put in its place
+        self._forwards: dict[nn.Module, tuple[object, object]] = {}
+        self._open = True
         for m in self.layers:
-            m.forward = self._capturing(m)
+            before, capture = m.__dict__.get("forward"), self._capturing(m)
+            m.forward = capture
+            self._forwards[m] = (before, capture)
 
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
-        if not torch.is_grad_enabled():
+        if not self._open or not torch.is_grad_enabled():
             return
         if module in self._seen:
             self._seen.clear()
@@ -263,9 +266,15 @@ class BookKeepingClipper:
         return capture
 
     def close(self) -> None:
-        for m, before in self._forwards.items():
+        """Stop keeping activations and give each layer its forward back. A layer whose
+        forward was replaced again after ours (another wrapper around it) keeps that
+        wrapper; our capture inside it no longer keeps anything."""
+        self._open = False
+        for m, (before, capture) in self._forwards.items():
+            if m.__dict__.get("forward") is not capture:
+                continue
             if before is None:
-                m.__dict__.pop("forward", None)
+                del m.__dict__["forward"]
             else:
                 m.forward = before
         self._forwards = {}

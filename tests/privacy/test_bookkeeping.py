@@ -129,6 +129,19 @@ def test_close_gives_each_layer_its_own_forward_back():
     model(x)
     assert clipper._seen == {}
     torch.testing.assert_close(model(x), expected)
+    # two clippers at once, the first closed first: the second's capture wraps the
+    # first's, which stays in the chain but keeps nothing (no "ran twice" later)
+    outer, inner = BookKeepingClipper(model, 1.0), BookKeepingClipper(model, 1.0)
+    outer.close()
+    for _ in range(2):
+        torch.testing.assert_close(model(x), expected)
+        assert outer._seen == {} and len(inner._seen) == 2
+        inner._seen.clear()
+    inner.close()
+    assert "forward" in model[0].__dict__  # the first's capture, now inert
+    model(x)
+    model(x)
+    assert outer._seen == {} and inner._seen == {}
 
 
 def test_unsupported_models_are_named():
